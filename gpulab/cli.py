@@ -1,0 +1,147 @@
+"""The ``gpulab`` command: one root Typer app whose command groups are imported lazily.
+
+Each entry of :data:`COMMANDS` names the module and attribute of a Typer app (or click command)
+and a one-line help. ``gpulab --help`` lists them from that table without importing any of
+them, so it imports no torch; ``gpulab sort ...`` imports ``gpulab.sort.cli`` only then.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from gpulab.core.clickcompat import click
+import typer
+from typer.core import TyperGroup
+
+from gpulab.core import options
+from gpulab.core.errors import GpulabError
+
+# name -> (module:attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "probe": ("gpulab.core.probe_cli:app", "Probe this machine's device (GPU, L2, versions) and write it as YAML."),
+    "serve": ("gpulab.vajra.cli:serve_app", "Serve an FP8/BF16 Llama-family model over an OpenAI-compatible API."),
+    "serve-bench": ("gpulab.vajra.cli:bench_app", "Benchmark the vajra engine: TTFT, TPOT, throughput, roofline."),
+    "generate": ("gpulab.vajra.cli:generate_app", "Generate text offline with the vajra engine."),
+    "quantize": ("gpulab.vajra.quantize_cli:app", "Write a compressed-tensors FP8 checkpoint from a bf16/fp16 one."),
+    "kvstitch": ("gpulab.stitchkv.cli:app", "KV-cache stitching: a large model prefills, a small one decodes."),
+    "seam": ("gpulab.seam.cli:app", "Stitched ResNet34/ResNet50 families: train, evaluate, select."),
+    "l2": ("gpulab.l2.cli:app", "L2 persistence and next-layer prefetch policies for DNN inference."),
+    "join": ("gpulab.dbjoin.cli:app", "Hash join on tensor cores (Triton) against a CUDA hash table."),
+    "sort": ("gpulab.sort.cli:app", "CUDA bitonic sorts, transfers and CPU/library baselines."),
+    "run": ("gpulab.core.experiment_cli:app", "Run an experiment file (experiments/*.yaml); lists expand to sweeps."),
+    "report": ("gpulab.core.report_cli:app", "Aggregate result YAML files into one table (rich or markdown)."),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """Import and convert the command registered under ``name``."""
+    target, _ = COMMANDS[name]
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise GpulabError(f"'gpulab {name}' is not available in this build ({module_name} is missing)") from None
+        raise GpulabError(f"'gpulab {name}' needs the package '{e.name}', which is not installed") from None
+    obj = getattr(module, attr)
+    cmd = typer.main.get_command(obj) if isinstance(obj, typer.Typer) else obj
+    cmd.name = name
+    return cmd
+
+
+class LazyGroup(TyperGroup):
+    """A TyperGroup that imports registered subcommands on first use."""
+
+    _listing = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(dict.fromkeys([*self.commands, *COMMANDS]))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        if cmd_name not in COMMANDS:
+            return None
+        if self._listing:  # help listing: a stand-in carrying the help text, nothing imported
+            return click.Command(cmd_name, help=COMMANDS[cmd_name][1], short_help=COMMANDS[cmd_name][1])
+        cmd = load_command(cmd_name)
+        self.commands[cmd_name] = cmd
+        return cmd
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+app = typer.Typer(
+    cls=LazyGroup,
+    name="gpulab",
+    help="gpulab: GPU systems experiments, each one command, checked against a reference, written as YAML.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu", envvar="GPULAB_DEVICE"),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for result YAML files.", envvar="GPULAB_OUT"),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+) -> None:
+    if device not in options.DEVICE_CHOICES:
+        raise typer.BadParameter(f"must be one of {', '.join(options.DEVICE_CHOICES)}", param_hint="--device")
+    options.set_options(device=device, out=out, debug=debug)
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: known errors become one line and exit 1; usage errors exit 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or options.get().debug
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="gpulab", standalone_mode=False)
+    except Exception as e:
+        kind = type(e).__name__
+        if kind == "Abort":
+            _error("aborted")
+            sys.exit(130)
+        if kind == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if hasattr(e, "show") and hasattr(e, "exit_code") and not isinstance(e, GpulabError):  # usage errors
+            if debug:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        _report(e, debug)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _report(e: Exception, debug: bool) -> None:
+    if debug:
+        raise e
+    if isinstance(e, GpulabError):
+        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        sys.exit(1)
+    msg = str(e).strip().splitlines()
+    _error(f"{type(e).__name__}: {msg[0] if msg else ''} (rerun with --debug for the traceback)")
+    sys.exit(1)
+
+
+def invoke(args: list[str]) -> Any:
+    """Run a gpulab command line in this process (used by ``gpulab run``); errors propagate."""
+    command = typer.main.get_command(app)
+    return command.main(args=list(args), prog_name="gpulab", standalone_mode=False)

@@ -1,0 +1,83 @@
+"""``gpulab run EXPERIMENT.yaml``: validate, run every invocation, print a summary table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def run(
+    experiment: Path = typer.Argument(..., help="An experiment file, e.g. experiments/smoke.yaml."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and list the command lines only."),
+    keep_going: bool = typer.Option(True, "--keep-going/--stop-on-error", help="Continue after a failed run."),
+) -> None:
+    """Run an experiment file; every run writes its own result YAML, the summary goes to run-*.yaml."""
+    import time
+
+    from rich.console import Console
+
+    from gpulab.cli import invoke
+    from gpulab.core import experiment as exp
+    from gpulab.core import options, results
+    from gpulab.core.errors import GpulabError
+
+    data = exp.load_file(experiment)
+    if "device" in data and options.get().device == "auto":
+        options.set_options(device=data["device"])
+    invocations = exp.plan(data, source=str(experiment))
+    console = Console()
+    if dry_run:
+        for inv in invocations:
+            console.print("gpulab " + " ".join(inv.argv))
+        return
+    summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
+                                                  "invocations": [" ".join(i.argv) for i in invocations]})
+    failures = 0
+    for inv in invocations:
+        console.rule(f"[bold]{inv.label}")
+        before = len(results.written)
+        t0 = time.perf_counter()
+        error = None
+        try:
+            invoke(inv.argv)
+        except SystemExit as e:  # a command that exits non-zero itself
+            if e.code not in (0, None):
+                error = f"exit {e.code}"
+        except GpulabError as e:
+            error = str(e).splitlines()[0]
+        except Exception as e:  # keep going, but say what broke
+            if options.get().debug:
+                raise
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        seconds = time.perf_counter() - t0
+        files = results.written[before:]
+        row = {"run": inv.label, "seconds": round(seconds, 2)}
+        ok = error is None
+        for f in files:
+            data_f = results.load(f)
+            ok = ok and bool(data_f.get("ok", True))
+            for k, v in (data_f.get("summary") or {}).items():
+                if isinstance(v, (int, float, str, bool)) or v is None:
+                    row.setdefault(k, v)
+        row["ok"] = ok if inv.expect_ok else (not ok)
+        row["result"] = ", ".join(Path(f).name for f in files) or "-"
+        if error:
+            row["error"] = error
+            console.print(f"[red]error:[/] {error}")
+        summary.rows.append(row)
+        summary.check(inv.label, row["ok"], error)
+        if not row["ok"]:
+            failures += 1
+            if not keep_going:
+                break
+    path = summary.save()
+    console.rule("[bold]summary")
+    cols = ["run", "ok", "seconds"]
+    extras = list(dict.fromkeys(k for r in summary.rows for k in r if k not in cols + ["result", "error"]))
+    console.print(results.rows_table(summary.rows, title=f"{data.get('name') or experiment}", columns=cols + extras[:6]))
+    console.print(f"wrote {path}")
+    if failures:
+        raise GpulabError(f"{failures} of {len(summary.rows)} runs failed (see {path})")

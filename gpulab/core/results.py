@@ -1,0 +1,222 @@
+"""Result records: what every gpulab command writes.
+
+A :class:`Record` holds name, config, device probe, metrics, table rows, correctness checks,
+notes, started/finished UTC and the git commit; :meth:`Record.save` writes it atomically as
+YAML to ``<out>/<name>-<UTC time>.yaml``; :meth:`Record.print` shows it as a rich table.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpulab.core import options
+from gpulab.core.errors import InputError
+
+SCHEMA = "gpulab.result/1"
+# Paths written by this process, in order (``gpulab run`` summarises them).
+written: list[Path] = []
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _iso(t: _dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any] | None:
+    """Commit and dirty flag of the checkout gpulab runs from, or None outside a checkout."""
+    where = cwd or Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plain(obj: Any) -> Any:
+    """Convert numpy/torch scalars, tuples, paths and dataclasses into YAML-safe Python values."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "as_dict"):
+        return plain(obj.as_dict())
+    if hasattr(obj, "item") and getattr(obj, "shape", None) in ((), None):
+        try:
+            return plain(obj.item())
+        except Exception:
+            pass
+    if hasattr(obj, "tolist"):
+        return plain(obj.tolist())
+    return str(obj)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text to path through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_yaml(path: Path, data: Any) -> Path:
+    return atomic_write_text(path, yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=120))
+
+
+@dataclass
+class Record:
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    device: dict[str, Any] | None = None
+    started: _dt.datetime = field(default_factory=utc_now)
+    finished: _dt.datetime | None = None
+    argv: list[str] = field(default_factory=lambda: list(sys.argv[1:]))
+
+    def check(self, name: str, passed: bool, detail: Any = None) -> bool:
+        """Record a correctness check; returns ``passed`` so callers can branch on it."""
+        entry: dict[str, Any] = {"passed": bool(passed)}
+        if detail is not None:
+            entry["detail"] = detail
+        self.checks[name] = entry
+        return bool(passed)
+
+    @property
+    def ok(self) -> bool:
+        return all(c["passed"] for c in self.checks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        from gpulab import __version__
+        from gpulab.core.device import probe
+
+        finished = self.finished or utc_now()
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "ok": self.ok,
+            "summary": self.summary,
+            "config": self.config,
+            "metrics": self.metrics,
+            "rows": self.rows,
+            "checks": self.checks,
+            "notes": self.notes,
+            "device": self.device if self.device is not None else probe(),
+            "started_utc": _iso(self.started),
+            "finished_utc": _iso(finished),
+            "duration_s": round((finished - self.started).total_seconds(), 3),
+            "argv": self.argv,
+            "gpulab_version": __version__,
+            "git": git_state(),
+        }
+
+    def save(self, out: Path | str | None = None) -> Path:
+        """Write ``<out>/<name>-<UTC>.yaml`` atomically (out defaults to the global --out)."""
+        self.finished = self.finished or utc_now()
+        folder = Path(out) if out is not None else options.get().out
+        stamp = self.finished.strftime("%Y%m%dT%H%M%S.%fZ")
+        path = folder / f"{self.name}-{stamp}.yaml"
+        atomic_write_yaml(path, self.as_dict())
+        written.append(path)
+        return path
+
+    def print(self, title: str | None = None) -> None:
+        from rich.console import Console
+
+        console = Console()
+        if self.rows:
+            console.print(rows_table(self.rows, title=title or self.name))
+        if self.summary:
+            console.print(rows_table([self.summary], title=f"{self.name}: summary"))
+        failed = [k for k, c in self.checks.items() if not c["passed"]]
+        if self.checks:
+            status = "[green]all checks passed[/]" if not failed else f"[red]FAILED checks: {', '.join(failed)}[/]"
+            console.print(f"{len(self.checks)} checks: {status}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def rows_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None):
+    from rich.table import Table
+
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    table = Table(title=title, show_lines=False)
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*(fmt(r.get(c)) for c in cols))
+    return table
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """Read a result file; a missing or malformed file is a one-line InputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"result file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise InputError(f"{p}: not a gpulab result file (no 'schema: {SCHEMA}')")
+    return data
