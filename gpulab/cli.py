@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from gpulab.core.clickcompat import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from gpulab.core import options
 from gpulab.core.errors import GpulabError
@@ -65,7 +65,7 @@ class LazyGroup(TyperGroup):
         if cmd_name not in COMMANDS:
             return None
         if self._listing:  # help listing: a stand-in carrying the help text, nothing imported
-            return click.Command(cmd_name, help=COMMANDS[cmd_name][1], short_help=COMMANDS[cmd_name][1])
+            return TyperCommand(name=cmd_name, help=COMMANDS[cmd_name][1], short_help=COMMANDS[cmd_name][1])
         cmd = load_command(cmd_name)
         self.commands[cmd_name] = cmd
         return cmd

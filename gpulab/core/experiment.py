@@ -94,10 +94,14 @@ def _resolve(root: click.Command, words: list[str], where: str) -> click.Command
     return cmd
 
 
+def _is_option(p: Any) -> bool:
+    return getattr(p, "param_type_name", "") == "option"
+
+
 def _option_for(cmd: click.Command, key: str) -> click.Parameter | None:
     norm = key.replace("-", "_")
     for p in cmd.params:
-        if isinstance(p, click.Option) and (p.name == norm or any(o.lstrip("-").replace("-", "_") == norm
+        if _is_option(p) and (p.name == norm or any(o.lstrip("-").replace("-", "_") == norm
                                                                    for o in p.opts + p.secondary_opts)):
             return p
     return None
@@ -108,7 +112,7 @@ def _to_argv(cmd: click.Command, params: dict[str, Any], where: str) -> list[str
     for key, value in params.items():
         opt = _option_for(cmd, key)
         if opt is None:
-            known = sorted(p.name for p in cmd.params if isinstance(p, click.Option) and p.name != "help")
+            known = sorted(p.name for p in cmd.params if _is_option(p) and p.name != "help")
             raise InputError(f"{where}: unknown parameter '{key}' (known: {', '.join(known)})")
         flag = max(opt.opts, key=len)
         if opt.is_flag:
@@ -122,12 +126,18 @@ def _to_argv(cmd: click.Command, params: dict[str, Any], where: str) -> list[str
         if isinstance(value, (dict, list)):
             raise InputError(f"{where}: parameter '{key}' must be a single value, got {type(value).__name__}")
         text = str(value).lower() if isinstance(value, bool) else str(value)
-        try:
-            opt.type.convert(text, opt, None)
-        except click.BadParameter as e:
-            raise InputError(f"{where}: parameter '{key}': {e.format_message()}") from None
         argv += [flag, text]
     return argv
+
+
+def _validate(cmd: click.Command, args: list[str], params: dict[str, Any], where: str) -> None:
+    """Parse (not run) the command line, so that every value is converted by the command's own types."""
+    try:
+        cmd.make_context(cmd.name or "command", list(args), resilient_parsing=False)
+    except Exception as e:  # click's usage errors (Typer may vendor its own click)
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        key = next((k for k in params if f"--{k.replace('_', '-')}" in msg or f"--{k}" in msg), None)
+        raise InputError(f"{where}: {'parameter ' + repr(key) + ': ' if key else ''}{msg}") from None
 
 
 def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
@@ -161,7 +171,9 @@ def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
             raise InputError(f"{where}: 'expect_ok' must be true or false")
         cmd = _resolve(root, words, where)
         for combo in expand(params):
-            argv = [*words, *[str(a) for a in args], *_to_argv(cmd, combo, where)]
+            tail = [*[str(a) for a in args], *_to_argv(cmd, combo, where)]
+            _validate(cmd, tail, combo, where)
+            argv = [*words, *tail]
             label = run.get("name") or command
             if len(combo) and any(isinstance(v, list) for v in params.values()):
                 label += " [" + ", ".join(f"{k}={combo[k]}" for k, v in params.items() if isinstance(v, list)) + "]"

@@ -18,6 +18,7 @@ def run(
     import time
 
     from rich.console import Console
+    from rich.markup import escape
 
     from gpulab.cli import invoke
     from gpulab.core import experiment as exp
@@ -36,13 +37,15 @@ def run(
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})
     failures = 0
+    opts = options.get()  # every run inherits this run's global options
+    global_args = ["--device", opts.device, "--out", str(opts.out)] + (["--debug"] if opts.debug else [])
     for inv in invocations:
-        console.rule(f"[bold]{inv.label}")
+        console.rule(f"[bold]{escape(inv.label)}")
         before = len(results.written)
         t0 = time.perf_counter()
         error = None
         try:
-            invoke(inv.argv)
+            invoke(global_args + inv.argv)
         except SystemExit as e:  # a command that exits non-zero itself
             if e.code not in (0, None):
                 error = f"exit {e.code}"
@@ -66,7 +69,7 @@ def run(
         row["result"] = ", ".join(Path(f).name for f in files) or "-"
         if error:
             row["error"] = error
-            console.print(f"[red]error:[/] {error}")
+            console.print(f"[red]error:[/] {escape(error)}")
         summary.rows.append(row)
         summary.check(inv.label, row["ok"], error)
         if not row["ok"]:

@@ -26,8 +26,15 @@ def report(
         raise InputError(f"no such folder or file: {folder}")
     files = [folder] if folder.is_file() else sorted(folder.rglob("*.yaml"))
     rows = []
+    skipped = 0
     for f in files:
-        data = results.load(f)
+        try:
+            data = results.load(f)
+        except InputError:
+            if folder.is_file():
+                raise
+            skipped += 1  # other YAML in the folder (configs, checkpoints' metadata)
+            continue
         if name and not str(data.get("name", "")).startswith(name):
             continue
         row = {"file": f.name, "name": data.get("name"), "finished_utc": data.get("finished_utc"),
@@ -42,3 +49,5 @@ def report(
         typer.echo(results.markdown_table(rows))
     else:
         Console().print(results.rows_table(rows, title=f"{len(rows)} results from {folder}"))
+        if skipped:
+            Console(stderr=True).print(f"skipped {skipped} YAML files that are not gpulab results")

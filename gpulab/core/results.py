@@ -160,6 +160,7 @@ class Record:
 
     def print(self, title: str | None = None) -> None:
         from rich.console import Console
+        from rich.markup import escape
 
         console = Console()
         if self.rows:
@@ -168,10 +169,10 @@ class Record:
             console.print(rows_table([self.summary], title=f"{self.name}: summary"))
         failed = [k for k, c in self.checks.items() if not c["passed"]]
         if self.checks:
-            status = "[green]all checks passed[/]" if not failed else f"[red]FAILED checks: {', '.join(failed)}[/]"
+            status = "[green]all checks passed[/]" if not failed else f"[red]FAILED: {escape(', '.join(failed))}[/]"
             console.print(f"{len(self.checks)} checks: {status}")
         for note in self.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {escape(note)}")
 
 
 def fmt(value: Any) -> str:
@@ -189,14 +190,15 @@ def fmt(value: Any) -> str:
 
 
 def rows_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None):
+    from rich.markup import escape
     from rich.table import Table
 
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     table = Table(title=title, show_lines=False)
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column(escape(c), overflow="fold")
     for r in rows:
-        table.add_row(*(fmt(r.get(c)) for c in cols))
+        table.add_row(*(escape(fmt(r.get(c))) for c in cols))
     return table
 
 

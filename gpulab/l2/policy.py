@@ -1,0 +1,246 @@
+"""L2 policy planning: pure functions, no CUDA (tested on the CPU).
+
+* :func:`parse_policies` validates ``--policy`` (``default``, ``persist``, ``prefetch``,
+  ``persist+prefetch``, ``auto``; ``all`` expands to every one).
+* :func:`plan_persist` chooses the L2 set-aside and the access-policy window over the hottest
+  weights of a packed weight arena: the window is capped by ``accessPolicyMaxWindowSize``, the
+  set-aside by ``persistingL2CacheMaxSize``, and ``hitRatio = min(1, set_aside / window)`` so that
+  the persisting lines of one window do not thrash the set-aside.
+* :func:`prefetch_schedule` says, for each layer i, which byte ranges of the next layers a side
+  stream prefetches into L2 while layer i computes (lookahead, capped by an L2 budget).
+* :func:`choose_auto` picks the fastest measured policy only when it beats ``default`` by more
+  than the measured noise; otherwise it keeps ``default``.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from gpulab.core.errors import InputError
+
+BASE_POLICIES = ("default", "persist", "prefetch", "persist+prefetch")
+ALL_POLICIES = BASE_POLICIES + ("auto",)
+_ALIASES = {"prefetch+persist": "persist+prefetch", "none": "default"}
+
+
+def parse_policies(text: str) -> list[str]:
+    """``"default,persist,auto"`` -> validated, de-duplicated list (``all`` = every policy)."""
+    if text is None or not str(text).strip():
+        raise InputError("--policy is empty; name one or more of " + ", ".join(ALL_POLICIES) + " (or 'all')")
+    out: list[str] = []
+    for raw in str(text).split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            out.extend(ALL_POLICIES)
+            continue
+        name = _ALIASES.get(name, name)
+        if name not in ALL_POLICIES:
+            raise InputError(f"unknown policy '{raw.strip()}' (known: {', '.join(ALL_POLICIES)}, all)")
+        out.append(name)
+    if not out:
+        raise InputError("--policy names no policy; use one or more of " + ", ".join(ALL_POLICIES))
+    return list(dict.fromkeys(out))
+
+
+def uses_persist(policy: str) -> bool:
+    return "persist" in policy.split("+")
+
+
+def uses_prefetch(policy: str) -> bool:
+    return "prefetch" in policy.split("+")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A byte range of a weight arena: one layer's parameters (offset relative to the arena)."""
+
+    name: str
+    offset: int
+    nbytes: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+@dataclass(frozen=True)
+class PersistPlan:
+    set_aside_bytes: int  # cudaLimitPersistingL2CacheSize
+    window_offset: int  # window start, relative to the arena base
+    window_bytes: int  # accessPolicyWindow.num_bytes
+    hit_ratio: float  # accessPolicyWindow.hitRatio
+    covered_bytes: int  # arena bytes inside the window
+    total_bytes: int  # arena bytes
+
+    @property
+    def coverage(self) -> float:
+        return self.covered_bytes / self.total_bytes if self.total_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        return {"set_aside_bytes": self.set_aside_bytes, "window_offset": self.window_offset,
+                "window_bytes": self.window_bytes, "hit_ratio": round(self.hit_ratio, 6),
+                "covered_bytes": self.covered_bytes, "total_bytes": self.total_bytes,
+                "coverage": round(self.coverage, 6)}
+
+
+def hit_ratio(set_aside_bytes: int, window_bytes: int) -> float:
+    """``min(1, set_aside / window)``; 0 for an empty window."""
+    if window_bytes <= 0:
+        return 0.0
+    if set_aside_bytes < 0:
+        raise InputError(f"set-aside must be >= 0 bytes, got {set_aside_bytes}")
+    return min(1.0, set_aside_bytes / window_bytes)
+
+
+def plan_persist(
+    total_bytes: int,
+    *,
+    persisting_max_bytes: int,
+    max_window_bytes: int,
+    set_aside_bytes: int | None = None,
+    window_bytes: int | None = None,
+    granularity: int = 1 << 20,
+) -> PersistPlan:
+    """Plan the persisting set-aside and window over ``[0, total_bytes)`` of an arena laid out hottest first.
+
+    ``set_aside_bytes`` defaults to the device maximum, rounded down to ``granularity`` (the driver
+    sets it aside in such units; asking for more than the maximum is an error). The window covers
+    the hottest prefix: ``min(total, max_window)`` bytes unless ``window_bytes`` asks for fewer.
+    """
+    if total_bytes <= 0:
+        raise InputError(f"nothing to persist: the weight arena is {total_bytes} bytes")
+    if persisting_max_bytes <= 0:
+        raise InputError("this GPU has no persisting L2 (persistingL2CacheMaxSize is 0); policy 'persist' needs one")
+    if max_window_bytes <= 0:
+        raise InputError("this GPU reports accessPolicyMaxWindowSize 0; policy 'persist' needs an access-policy window")
+    if set_aside_bytes is None:
+        set_aside = (persisting_max_bytes // granularity) * granularity or persisting_max_bytes
+    else:
+        if set_aside_bytes <= 0:
+            raise InputError(f"--set-aside must be > 0 bytes, got {set_aside_bytes}")
+        if set_aside_bytes > persisting_max_bytes:
+            raise InputError(f"--set-aside {set_aside_bytes} B exceeds this GPU's persisting L2 maximum "
+                             f"{persisting_max_bytes} B")
+        set_aside = int(set_aside_bytes)
+    win = min(total_bytes, max_window_bytes)
+    if window_bytes is not None:
+        if window_bytes <= 0:
+            raise InputError(f"--window must be > 0 bytes, got {window_bytes}")
+        win = min(win, int(window_bytes))
+    return PersistPlan(set_aside_bytes=set_aside, window_offset=0, window_bytes=win,
+                       hit_ratio=hit_ratio(set_aside, win), covered_bytes=win, total_bytes=total_bytes)
+
+
+def hotness_order(use_counts: dict[str, int], sizes: dict[str, int]) -> list[str]:
+    """Arena order for parameters: most used first; among equals, smaller first (more reuse per byte),
+    then by name for a deterministic layout."""
+    missing = set(use_counts) ^ set(sizes)
+    if missing:
+        raise InputError(f"hotness_order: counts and sizes name different parameters ({sorted(missing)[0]!r})")
+    return sorted(use_counts, key=lambda k: (-use_counts[k], sizes[k], k))
+
+
+@dataclass(frozen=True)
+class PrefetchOp:
+    at_layer: int  # issued when this layer starts on the compute stream
+    target_layer: int  # whose weights are prefetched
+    offset: int  # relative to the start of the target layer's range
+    nbytes: int
+
+
+def prefetch_schedule(
+    layer_bytes: Sequence[int],
+    *,
+    l2_budget_bytes: int,
+    lookahead: int = 1,
+) -> list[PrefetchOp]:
+    """Which ranges to prefetch while each layer runs.
+
+    While layer i computes, prefetch layers i+1 .. i+lookahead. The bytes in flight (the current
+    layer's weights plus everything prefetched for later layers and not yet consumed) stay within
+    ``l2_budget_bytes`` so that prefetching does not evict the weights being used; a layer larger
+    than what is left is prefetched in part (its first bytes). Layer 0 is never prefetched (nothing
+    runs before it to hide the transfer). Each target layer is prefetched at most once.
+    """
+    if lookahead < 1:
+        raise InputError(f"--lookahead must be >= 1, got {lookahead}")
+    if l2_budget_bytes <= 0:
+        raise InputError(f"prefetch L2 budget must be > 0 bytes, got {l2_budget_bytes}")
+    sizes = [int(b) for b in layer_bytes]
+    if any(b < 0 for b in sizes):
+        raise InputError("layer sizes must be >= 0 bytes")
+    n = len(sizes)
+    ops: list[PrefetchOp] = []
+    done = [0] * n  # bytes of each layer already scheduled for prefetch
+    for i in range(n - 1):
+        # In L2 while layer i runs: layer i itself, plus prefetched bytes of layers after i.
+        in_flight = sizes[i] + sum(done[j] for j in range(i + 1, n))
+        for j in range(i + 1, min(n, i + 1 + lookahead)):
+            want = sizes[j] - done[j]
+            room = l2_budget_bytes - in_flight
+            if want <= 0:
+                continue
+            if room <= 0:
+                break
+            take = min(want, room)
+            ops.append(PrefetchOp(at_layer=i, target_layer=j, offset=done[j], nbytes=take))
+            done[j] += take
+            in_flight += take
+    return ops
+
+
+def group_by_layer(ops: Iterable[PrefetchOp], n_layers: int) -> list[list[PrefetchOp]]:
+    out: list[list[PrefetchOp]] = [[] for _ in range(n_layers)]
+    for op in ops:
+        out[op.at_layer].append(op)
+    return out
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    policy: str
+    noise: float  # relative noise of default's round medians
+    gain: float  # relative latency gain of the chosen policy over default (0 for default)
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "noise": round(self.noise, 6), "gain": round(self.gain, 6),
+                "reason": self.reason}
+
+
+def relative_noise(round_medians: Sequence[float], floor: float = 0.01) -> float:
+    """Spread of repeated measurements of one policy: (max - min) / median, at least ``floor``."""
+    vals = [float(v) for v in round_medians]
+    if not vals:
+        raise InputError("no measurements to estimate noise from")
+    med = statistics.median(vals)
+    if med <= 0:
+        return floor
+    return max(floor, (max(vals) - min(vals)) / med)
+
+
+def choose_auto(round_medians: dict[str, Sequence[float]], floor: float = 0.01) -> AutoChoice:
+    """Pick the policy for ``auto`` from per-round median latencies (ms) of each candidate.
+
+    The candidate with the lowest median of round medians wins only if it beats ``default`` by more
+    than the noise (the spread of default's rounds, and of the candidate's own rounds); otherwise
+    ``default`` is kept. So auto is never chosen slower than default beyond measured noise.
+    """
+    if "default" not in round_medians or not round_medians["default"]:
+        raise InputError("auto needs measurements of 'default'")
+    med = {p: statistics.median(v) for p, v in round_medians.items() if len(v)}
+    base = med["default"]
+    noise = relative_noise(round_medians["default"], floor)
+    best = min(med, key=lambda p: (med[p], p != "default"))
+    if best == "default":
+        return AutoChoice("default", noise, 0.0, "no policy was faster than default")
+    gain = (base - med[best]) / base if base > 0 else 0.0
+    own = relative_noise(round_medians[best], floor)
+    threshold = max(noise, own)
+    if gain > threshold:
+        return AutoChoice(best, noise, gain, f"{best} is {gain:.1%} faster than default (noise {threshold:.1%})")
+    return AutoChoice("default", noise, 0.0,
+                      f"best candidate {best} gains {gain:.1%}, within noise {threshold:.1%}: kept default")

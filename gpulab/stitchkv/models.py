@@ -1,0 +1,211 @@
+"""Model pairs: loading and validating a (large, small) pair of Hugging Face causal LMs, the
+accessors the stitch code needs (decoder layers, rotary embedding, cache keyword), and the tiny
+from-scratch Llama pair with one shared byte-level BPE tokenizer (``gpulab kvstitch pretrain``).
+
+Supported families are the ones whose attention is Llama-style (``k_proj``/``v_proj`` Linear
+layers, optional per-head ``k_norm``, rotate-half RoPE applied to keys before they enter the
+cache): llama (Llama 2/3, Llama-fied Minitron), qwen2, qwen3, mistral. Other model types are a
+one-line InputError.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpulab.core.errors import InputError
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+# --------------------------------------------------------------------------- accessors
+def base_model(model: Any) -> Any:
+    """The *ForCausalLM under a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def decoder_layers(model: Any) -> Any:
+    return base_model(model).model.layers
+
+
+def rotary(model: Any) -> Any:
+    return base_model(model).model.rotary_emb
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers >= 5.2x calls the cache argument ``cache``; earlier releases ``past_key_values``."""
+    params = inspect.signature(base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
+
+
+def shape_of(model: Any) -> dict[str, int]:
+    """Layer count, hidden size, KV heads and head_dim of a causal LM."""
+    cfg = base_model(model).config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {
+        "layers": int(cfg.num_hidden_layers),
+        "hidden": int(cfg.hidden_size),
+        "heads": int(heads),
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+        "vocab": int(cfg.vocab_size),
+    }
+
+
+# --------------------------------------------------------------------------- loading and validation
+def _read_config(folder: Path, role: str) -> dict[str, Any]:
+    if not folder.exists():
+        raise InputError(f"--{role} folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"--{role} must be a model folder, got a file: {folder}")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise InputError(f"--{role} {folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--{role} {cfg}: malformed config.json ({str(e).splitlines()[0]})") from None
+    mtype = data.get("model_type")
+    if mtype not in SUPPORTED_TYPES:
+        raise InputError(f"--{role} {folder}: model_type {mtype!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise InputError(f"--{role} {folder}: no weights (*.safetensors or *.bin)")
+    return data
+
+
+def load_tokenizer(folder: Path, role: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad folder
+        msg = str(e).strip().splitlines()
+        raise InputError(f"--{role} {folder}: no usable tokenizer ({msg[0] if msg else type(e).__name__})") from None
+
+
+def check_shared_tokenizer(tok_large: Any, tok_small: Any, large: Path, small: Path) -> None:
+    """A pair must tokenize identically: same vocabulary (token -> id) and special tokens."""
+    vl, vs = tok_large.get_vocab(), tok_small.get_vocab()
+    if vl != vs:
+        only = sorted(set(vl.items()) ^ set(vs.items()))
+        example = f"; e.g. {only[0][0]!r}" if only else ""
+        raise InputError(f"{large} and {small} do not share a tokenizer "
+                         f"({len(vl)} vs {len(vs)} tokens, {len(only)} entries differ{example})")
+    if (tok_large.bos_token_id, tok_large.eos_token_id) != (tok_small.bos_token_id, tok_small.eos_token_id):
+        raise InputError(f"{large} and {small} do not share a tokenizer (different bos/eos token ids)")
+
+
+@dataclass
+class Pair:
+    large: Any
+    small: Any
+    tokenizer: Any
+    large_path: Path
+    small_path: Path
+
+
+def load_pair(large: Path | str, small: Path | str, device: str = "cpu", dtype: str = "float32") -> Pair:
+    """Load and validate a pair; every problem is a one-line InputError naming it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    large, small = Path(large), Path(small)
+    cl = _read_config(large, "large")
+    cs = _read_config(small, "small")
+    tl, ts = load_tokenizer(large, "large"), load_tokenizer(small, "small")
+    check_shared_tokenizer(tl, ts, large, small)
+    if cl.get("vocab_size") != cs.get("vocab_size"):
+        raise InputError(f"{large} and {small}: vocab_size differs ({cl.get('vocab_size')} vs {cs.get('vocab_size')})")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    models = []
+    for folder, role in ((large, "large"), (small, "small")):
+        try:
+            m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()
+            raise InputError(f"--{role} {folder}: cannot load the model ({msg[0] if msg else type(e).__name__})") from None
+        m.config._attn_implementation = "sdpa"
+        models.append(m.to(device).eval())
+    for m in models:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return Pair(large=models[0], small=models[1], tokenizer=tl, large_path=large, small_path=small)
+
+
+# --------------------------------------------------------------------------- tiny pair (from scratch)
+TINY_SIZES: dict[str, dict[str, int]] = {
+    # name: hidden, layers, heads, kv_heads, intermediate
+    "nano-large": dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128),
+    "nano-small": dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+    "tiny-large": dict(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),
+    "tiny-small": dict(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=384),
+}
+
+
+def train_tokenizer(text: str, vocab_size: int = 512) -> Any:
+    """A byte-level BPE tokenizer trained on ``text`` in code (no download), as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 260:
+        raise InputError(f"--vocab must be >= 260 (256 bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text[i:i + 4096] for i in range(0, len(text), 4096)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|eos|>", clean_up_tokenization_spaces=False)
+
+
+def tiny_llama(size: str | dict[str, int], vocab_size: int, max_len: int, seed: int, rope_theta: float = 10000.0) -> Any:
+    """A random-init LlamaForCausalLM of one of :data:`TINY_SIZES` (or an explicit shape dict)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = TINY_SIZES[size] if isinstance(size, str) else size
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv_heads"], max_position_embeddings=max_len,
+                      rope_theta=rope_theta, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                      pad_token_id=1, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """save_pretrained into a temporary sibling folder, then rename (no half-written model folders)."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,151 @@
+"""Sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, per-request seeds).
+
+:class:`SamplingParams` is what a request asks for; :meth:`SamplingParams.validate` raises a
+one-line :class:`~gpulab.core.errors.InputError` for bad values (the server turns it into a 400).
+:class:`Sampler` turns the model's last-token logits ``[B, vocab]`` (float32) into one token per row:
+rows with ``temperature == 0`` take the argmax; the others are scaled by the temperature, cut to the
+top-k and the top-p nucleus and sampled with the exponential-race trick
+(``argmax(p / q)``, ``q ~ Exp(1)``), which equals a multinomial draw. A row with a ``seed`` draws its
+noise from its own ``torch.Generator`` so that its samples do not depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from gpulab.core.errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def bad(msg: str) -> None:
+            raise InputError(msg)
+
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        if not _is_number(self.temperature) or not (0.0 <= float(self.temperature) <= 100.0):
+            bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if not _is_number(self.top_p) or not (0.0 < float(self.top_p) <= 1.0):
+            bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        self.top_p = float(self.top_p)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop must be a non-empty string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab_size is None or t < vocab_size)
+            for t in self.stop_token_ids
+        ):
+            bad(f"stop_token_ids must be token ids in [0, {vocab_size}), got {self.stop_token_ids!r}")
+        return self
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+class Sampler:
+    """Batched sampling on the logits' device; per-request generators for seeded rows."""
+
+    def __init__(self, device: Any):
+        import torch
+
+        self.device = torch.device(device)
+        self._generators: dict[int, Any] = {}  # seq_id -> torch.Generator
+
+    def forget(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+
+    def _generator(self, seq_id: int, seed: int):
+        import torch
+
+        g = self._generators.get(seq_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+            self._generators[seq_id] = g
+        return g
+
+    def __call__(self, logits, params: list[SamplingParams], seq_ids: list[int]):
+        """Tokens (int64 [B]) for logits float32 [B, V]."""
+        import torch
+
+        b = logits.shape[0]
+        if b != len(params):
+            raise ValueError(f"{b} logit rows for {len(params)} sampling params")
+        logits = logits.float()
+        out = torch.argmax(logits, dim=-1)
+        rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rand_rows:
+            return out
+        idx = torch.tensor(rand_rows, device=logits.device, dtype=torch.long)
+        sub = logits.index_select(0, idx)
+        temps = torch.tensor([params[i].temperature for i in rand_rows], device=logits.device, dtype=torch.float32)
+        sub = sub / temps[:, None]
+        sub = apply_top_k_top_p(
+            sub,
+            [params[i].top_k for i in rand_rows],
+            [params[i].top_p for i in rand_rows],
+        )
+        probs = torch.softmax(sub, dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [j for j, i in enumerate(rand_rows) if params[i].seed is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
+        for j, i in enumerate(rand_rows):
+            if params[i].seed is not None:
+                g = self._generator(seq_ids[i], params[i].seed)
+                noise[j].exponential_(generator=g)
+        picked = torch.argmax(probs / noise, dim=-1)
+        out[idx] = picked
+        return out
+
+
+def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):
+    """Mask logits outside each row's top-k and top-p nucleus with -inf (the most likely token always stays)."""
+    import torch
+
+    need_k = any(k > 0 for k in top_k)
+    need_p = any(p < 1.0 for p in top_p)
+    if not need_k and not need_p:
+        return logits
+    vocab = logits.shape[1]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if need_k:
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+        ks = ks.clamp(max=vocab)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        mask |= ranks >= ks[:, None]
+    if need_p:
+        ps = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+        probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        # drop a token when the mass before it already reaches top_p
+        mask |= (cum - probs) >= ps[:, None]
+    mask[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)

@@ -1,0 +1,107 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpulab import cli
+from gpulab.core import results
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "gpulab", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_help_lists_every_group_without_torch():
+    code = ("import sys; from gpulab import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert p.stdout.strip().endswith("NO-TORCH"), p.stdout + p.stderr
+    for group in ("probe", "serve", "kvstitch", "seam", "l2", "join", "sort", "run", "report"):
+        assert f" {group} " in p.stdout, group
+
+
+def test_import_cli_imports_no_torch():
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import gpulab.cli"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 0
+    assert "torch" not in p.stderr
+
+
+def test_probe_writes_yaml(tmp_path):
+    p = run("--out", str(tmp_path), "probe")
+    assert p.returncode == 0, p.stderr
+    files = list(tmp_path.glob("probe-*.yaml"))
+    assert len(files) == 1
+    data = results.load(files[0])
+    import torch
+
+    assert data["device"]["backend"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert data["device"]["cpu"]["cores"] >= 1
+    assert "torch" in data["device"]["versions"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "does-not-exist.yaml"], "experiment file not found: does-not-exist.yaml"),
+])
+def test_known_errors_are_one_line(args, message):
+    p = run(*args)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"error: {message}"
+    assert "Traceback" not in p.stderr
+
+
+def test_malformed_yaml_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs: [\n")
+    p = run("run", str(bad))
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "malformed YAML" in lines[0] and str(bad) in lines[0]
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = run("--debug", "run", str(tmp_path / "nope.yaml"))
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run("--device", "tpu", "probe").returncode == 2
+    assert run("probe", "--bogus").returncode == 2
+    assert run("no-such-group").returncode == 2
+
+
+def test_report_markdown(tmp_path):
+    assert run("--out", str(tmp_path), "probe").returncode == 0
+    (tmp_path / "unrelated.yaml").write_text("a: 1\n")  # not a result: skipped in a folder scan
+    p = run("report", str(tmp_path), "--format", "markdown")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("| file | name |") and "| probe |" in p.stdout
+    p = run("report", str(tmp_path / "empty"))
+    assert p.returncode == 1 and "no such folder" in p.stderr
+
+
+def test_missing_subsystem_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "ghost", ("gpulab.ghost.cli:app", "missing"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["ghost"])
+    assert e.value.code == 1
+    assert "not available in this build" in capsys.readouterr().err
+
+
+def test_resolve_device_errors(monkeypatch):
+    from gpulab.core import options
+    from gpulab.core.errors import DeviceError
+
+    monkeypatch.setattr(options, "cuda_available", lambda: False)
+    assert options.resolve_device("auto") == "cpu"
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        options.resolve_device("cuda")
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+        options.resolve_device("auto", need_gpu=True, what="the L2 policies")

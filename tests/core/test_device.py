@@ -1,0 +1,53 @@
+import builtins
+
+import pytest
+
+from gpulab.core import device
+
+
+def test_probe_fields():
+    rec = device.probe()
+    for key in ("backend", "gpu", "cpu", "python", "versions", "os"):
+        assert key in rec
+    assert rec["backend"] in ("cpu", "cuda")
+    assert set(device.PACKAGES) <= set(rec["versions"])
+    assert "CPU" in device.describe({"backend": "cpu", "cpu": {"model": "X", "usable_cores": 2}})
+    assert device.describe({"backend": "cuda", "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}}) \
+        == "NVIDIA H100 (sm_90)"
+
+
+def test_probe_survives_missing_packages(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_gpu_packages(name, *args, **kwargs):
+        if name.split(".")[0] in ("torch", "pynvml", "cuda"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gpu_packages)
+    device.probe.cache_clear()
+    try:
+        rec = device.probe()
+    finally:
+        device.probe.cache_clear()
+    assert rec["backend"] == "cpu" and rec["gpu"] is None
+
+
+def test_package_version_of_missing_package():
+    assert device.package_version("surely-not-installed-pkg") is None
+
+
+@pytest.mark.gpu
+def test_probe_on_gpu_reports_l2():
+    rec = device.probe()
+    gpu = rec["gpu"]
+    assert rec["backend"] == "cuda"
+    assert gpu["l2_bytes"] and gpu["sm_count"] > 0 and gpu["compute_capability"]
+
+
+@pytest.mark.gpu
+def test_ceilings_on_gpu():
+    from gpulab.core import ceilings
+
+    assert ceilings.copy_bandwidth_gbs("cuda", nbytes=64 << 20, reps=3) > 0
+    assert ceilings.h2d_bandwidth_gbs(True, nbytes=16 << 20, reps=3) > 0

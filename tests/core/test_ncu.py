@@ -1,0 +1,78 @@
+"""The ncu CSV parser on a sample written to the documented `ncu --csv --page raw` format.
+
+The fixture was written by hand to Nsight Compute's documented raw-page CSV layout (header row, units row,
+one row per profiled launch, ==PROF== lines around it); it is not yet a recording from the GPU machine.
+"""
+from pathlib import Path
+
+import pytest
+
+from gpulab.core import ncu
+from gpulab.core.errors import ToolError
+
+SAMPLE = (Path(__file__).parent / "fixtures" / "ncu_raw_sample.csv").read_text()
+
+
+def test_parse_records_and_units():
+    recs = ncu.parse_csv_raw(SAMPLE)
+    assert [r.id for r in recs] == [0, 1, 2]
+    r0 = recs[0]
+    assert r0.kernel.startswith("void bitonic_sort_shared<")
+    assert r0.metrics["dram__bytes_read.sum"] == pytest.approx(40.12e6)
+    assert r0.units["dram__bytes_read.sum"] == "byte"
+    assert r0.metrics["gpu__time_duration.sum"] == pytest.approx(61250.0)  # usecond -> ns
+    assert r0.units["gpu__time_duration.sum"] == "nsecond"
+    assert r0.metrics["sm__warps_active.avg.pct_of_peak_sustained_active"] == pytest.approx(93.21)
+    assert r0.launch["Grid Size"] == "(9766, 1, 1)"
+    # thousands separators and n/a
+    assert recs[1].metrics["dram__bytes_read.sum"] == pytest.approx(1040e6)
+    assert recs[1].metrics["gpu__time_duration.sum"] == pytest.approx(1234.5e3)
+    assert recs[1].metrics["lts__t_sector_hit_rate.pct"] is None
+
+
+def test_summarize_by_kernel_sums_and_averages():
+    rows = {r["kernel"]: r for r in ncu.summarize_by_kernel(ncu.parse_csv_raw(SAMPLE))}
+    assert set(rows) == {"bitonic_sort_shared", "bitonic_merge_global"}
+    g = rows["bitonic_merge_global"]
+    assert g["launches"] == 2
+    assert g["dram__bytes_read.sum"] == pytest.approx(1120e6)
+    assert g["gpu__time_duration.sum"] == pytest.approx(1285e3)
+    assert g["sm__warps_active.avg.pct_of_peak_sustained_active"] == pytest.approx(67.0)
+    assert g["lts__t_sector_hit_rate.pct"] == pytest.approx(10.0)  # n/a ignored
+
+
+def test_parse_without_table_is_empty():
+    assert ncu.parse_csv_raw("==PROF== No kernels were profiled.\n") == []
+
+
+@pytest.mark.parametrize("text", ["==ERROR== ERR_NVGPUCTRPERM - The user does not have permission", ""])
+def test_permission_error_is_one_line(text):
+    if not text:
+        ncu.check_output_for_errors("all fine")
+        return
+    with pytest.raises(ToolError, match="ERR_NVGPUCTRPERM"):
+        ncu.check_output_for_errors(text)
+
+
+def test_build_command_flags():
+    cmd = ncu.build_command(["python", "-m", "gpulab"], kernel_regex="bitonic", cache_control="none",
+                            clock_control="none", nvtx_include="step/", launch_count=5, log_file="/tmp/x.csv")
+    s = " ".join(cmd)
+    for part in ("--csv", "--page raw", "--cache-control none", "--clock-control none", "regex:bitonic",
+                 "--nvtx-include step/", "--launch-count 5", "--log-file /tmp/x.csv", "gpu__time_duration.sum"):
+        assert part in s
+    assert cmd[-3:] == ["python", "-m", "gpulab"]
+    with pytest.raises(ValueError):
+        ncu.build_command(["x"], cache_control="some")
+
+
+def test_missing_ncu_is_a_tool_error(monkeypatch):
+    monkeypatch.setattr(ncu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(ncu.os.path, "exists", lambda p: False)
+    with pytest.raises(ToolError, match="ncu"):
+        ncu.find_ncu()
+
+
+def test_short_kernel_name():
+    assert ncu.short_kernel_name("void at::native::foo<float, 4>(float*, int)") == "at::native::foo"
+    assert ncu.short_kernel_name("plain_kernel") == "plain_kernel"

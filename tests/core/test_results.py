@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import yaml
+
+from gpulab.core import results
+from gpulab.core.errors import InputError
+
+
+def test_save_and_load_round_trip(out_dir):
+    rec = results.Record(name="unit-bench", config={"n": np.int64(5), "dtype": "int32", "sizes": (1, 2)})
+    rec.metrics["median_ms"] = np.float32(1.5)
+    rec.rows.append({"impl": "numpy", "median_ms": 2.0, "correct": True})
+    rec.summary = {"best": "numpy"}
+    assert rec.check("numpy_equal", True)
+    path = rec.save()
+    assert path.parent == out_dir and path.name.startswith("unit-bench-") and path.suffix == ".yaml"
+    assert [p.name for p in out_dir.iterdir()] == [path.name]  # no temp files left behind
+    data = results.load(path)
+    assert data["ok"] is True
+    assert data["config"] == {"n": 5, "dtype": "int32", "sizes": [1, 2]}
+    assert data["metrics"]["median_ms"] == pytest.approx(1.5)
+    assert data["device"]["backend"] in ("cpu", "cuda")
+    for key in ("started_utc", "finished_utc", "argv", "git", "gpulab_version", "schema"):
+        assert key in data
+    assert path in results.written
+
+
+def test_failed_check_marks_result_not_ok(out_dir):
+    rec = results.Record(name="x")
+    rec.check("a", True)
+    assert not rec.check("b", False, detail="mismatch at 3")
+    data = results.load(rec.save())
+    assert data["ok"] is False
+    assert data["checks"]["b"] == {"passed": False, "detail": "mismatch at 3"}
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.yaml"
+    results.atomic_write_yaml(target, {"a": 1})
+
+    class Boom:
+        def as_dict(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        results.atomic_write_yaml(target, {"a": Boom()})
+    assert yaml.safe_load(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.yaml"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        results.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        results.load(bad)
+    other = tmp_path / "other.yaml"
+    other.write_text("a: 1\n")
+    with pytest.raises(InputError, match="not a gpulab result"):
+        results.load(other)
+
+
+def test_markdown_table_and_fmt():
+    md = results.markdown_table([{"a": 1.23456, "b": True}, {"a": None, "b": "x|y"}])
+    lines = md.splitlines()
+    assert lines[0] == "| a | b |"
+    assert lines[2] == "| 1.235 | true |"
+    assert lines[3] == "| - | x\\|y |"
+    assert results.fmt(float("nan")) == "nan"
+    assert results.fmt(1e-5) == "1.000e-05"

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from gpulab.core import timing
+
+
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9, 0.0, 1.0])
+def test_quantile_matches_numpy(q):
+    rng = np.random.default_rng(0)
+    vals = sorted(rng.random(17).tolist())
+    assert timing.quantile(vals, q) == pytest.approx(float(np.quantile(vals, q)))
+
+
+def test_benchmark_cpu_uses_fake_clock(monkeypatch):
+    """Each call advances a fake clock by a known amount; the summary must reproduce those numbers."""
+    clock = {"t": 0.0}
+    durations = iter([0.5, 0.5, 0.5] + [0.001 * k for k in range(1, 11)])  # 3 warm-up, 10 timed (seconds)
+
+    def fake_perf_counter():
+        return clock["t"]
+
+    def fn():
+        clock["t"] += next(durations)
+
+    monkeypatch.setattr(timing.time, "perf_counter", fake_perf_counter)
+    t = timing.benchmark(fn, device="cpu", warmup=3, reps=10)
+    assert t.reps == 10
+    assert t.median == pytest.approx(5.5)
+    assert t.min == pytest.approx(1.0)
+    assert t.p10 == pytest.approx(float(np.quantile(np.arange(1, 11), 0.1)))
+    assert t.p90 == pytest.approx(float(np.quantile(np.arange(1, 11), 0.9)))
+    assert t.unit == "ms"
+
+
+def test_setup_runs_outside_timed_region(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def setup():
+        clock["t"] += 100.0  # must not be counted
+
+    def fn():
+        clock["t"] += 0.002
+
+    t = timing.benchmark(fn, device="cpu", warmup=0, reps=5, setup=setup)
+    assert t.median == pytest.approx(2.0)
+
+
+def test_benchmark_rejects_zero_reps():
+    with pytest.raises(ValueError):
+        timing.benchmark(lambda: None, reps=0)
+
+
+def test_summarize_empty_raises():
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+@pytest.mark.gpu
+def test_benchmark_cuda_events():
+    import torch
+
+    x = torch.randn(1 << 24, device="cuda")
+    t = timing.benchmark(lambda: x.mul_(1.0), device="cuda", warmup=2, reps=10, flush_l2=True)
+    assert t.reps == 10 and t.median > 0 and t.p10 <= t.median <= t.p90
