@@ -59,12 +59,15 @@ def run(
         files = results.written[before:]
         row = {"run": inv.label, "seconds": round(seconds, 2)}
         ok = error is None
+        headline: list[str] = []
         for f in files:
             data_f = results.load(f)
             ok = ok and bool(data_f.get("ok", True))
             for k, v in (data_f.get("summary") or {}).items():
                 if isinstance(v, (int, float, str, bool)) or v is None:
                     row.setdefault(k, v)
+                    headline.append(f"{k}={results.fmt(v)}")
+        row["summary"] = "; ".join(headline[:8])
         row["ok"] = ok if inv.expect_ok else (not ok)
         row["result"] = ", ".join(Path(f).name for f in files) or "-"
         if error:
@@ -78,9 +81,10 @@ def run(
                 break
     path = summary.save()
     console.rule("[bold]summary")
-    cols = ["run", "ok", "seconds"]
-    extras = list(dict.fromkeys(k for r in summary.rows for k in r if k not in cols + ["result", "error"]))
-    console.print(results.rows_table(summary.rows, title=f"{data.get('name') or experiment}", columns=cols + extras[:6]))
+    table_rows = [{k: r.get(k) for k in ("run", "ok", "seconds", "summary", "error")} for r in summary.rows]
+    if not any(r.get("error") for r in table_rows):
+        table_rows = [{k: v for k, v in r.items() if k != "error"} for r in table_rows]
+    console.print(results.rows_table(table_rows, title=f"{data.get('name') or experiment}"))
     console.print(f"wrote {path}")
     if failures:
         raise GpulabError(f"{failures} of {len(summary.rows)} runs failed (see {path})")
