@@ -1,0 +1,293 @@
+"""``gpulab sort bench``: every requested implementation on one input, against numpy, as a Record.
+
+Rows: median/p10/p90 (ms), Gkeys/s, effective GB/s (keys read once + written once, + indices
+written with --kv) and its fraction of the copy ceiling measured in the same run, speedup over
+numpy.sort, end-to-end time with host transfers, launches (bitonic), and ``correct`` from an
+exact comparison with the numpy reference (reference.py). Without a GPU the bitonic variants
+run their exact numpy model (schedule.py) at n <= MODEL_MAX_N as a correctness check and are
+not timed; cupy and the transfers are skipped; the notes say so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from gpulab.core import options, results, timing
+from gpulab.core.errors import DeviceError, InputError
+from gpulab.sort import keys as K
+from gpulab.sort import reference as ref
+
+BITONIC = ("bitonic-global", "bitonic-shared", "bitonic-fused")
+IMPLS = (*BITONIC, "numpy", "cpu-parallel", "torch", "cupy")
+GPU_ONLY = (*BITONIC, "cupy")
+DISTS = ("uniform", "sorted", "reversed", "few-unique", "all-equal")
+TRANSFERS = ("none", "pageable", "pinned")
+MODEL_MAX_N = 1 << 16
+
+
+@dataclass
+class BenchArgs:
+    n: int = 1_000_000
+    dtype: str = "int32"
+    dist: str = "uniform"
+    impl: str | None = None
+    order: str = "asc"
+    transfer: str = "none"
+    reps: int = 20
+    kv: bool = False
+    seed: int = 0
+    ncu: bool = False
+    impls: list[str] = field(default_factory=list)
+
+
+def validate(a: BenchArgs) -> BenchArgs:
+    if a.n < 0:
+        raise InputError(f"--n must be >= 0, got {a.n}")
+    if a.n >= 2**31:
+        raise InputError(f"--n must be < 2**31, got {a.n}")
+    if a.dtype not in K.DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(K.DTYPES)}, got {a.dtype!r}")
+    if a.dist not in DISTS:
+        raise InputError(f"--dist must be one of {', '.join(DISTS)}, got {a.dist!r}")
+    if a.order not in K.ORDERS:
+        raise InputError(f"--order must be asc or desc, got {a.order!r}")
+    if a.transfer not in TRANSFERS:
+        raise InputError(f"--transfer must be one of {', '.join(TRANSFERS)}, got {a.transfer!r}")
+    if a.reps < 1:
+        raise InputError(f"--reps must be >= 1, got {a.reps}")
+    if a.impl is None or a.impl.strip() in ("", "all"):
+        a.impls = list(IMPLS)
+    else:
+        names = [s.strip() for s in a.impl.split(",") if s.strip()]
+        unknown = [s for s in names if s not in IMPLS]
+        if unknown:
+            raise InputError(f"unknown implementation {unknown[0]!r}; known: {', '.join(IMPLS)}")
+        if not names:
+            raise InputError("--impl names no implementation")
+        a.impls = list(dict.fromkeys(names))
+    return a
+
+
+def make_data(n: int, dtype: str, dist: str, seed: int = 0) -> np.ndarray:
+    """Deterministic input of one distribution (uniform over the dtype's range; float32 in +-1e6)."""
+    if dtype not in K.DTYPES:
+        raise InputError(f"unsupported dtype {dtype!r}; supported: {', '.join(K.DTYPES)}")
+    if dist not in DISTS:
+        raise InputError(f"unknown distribution {dist!r}; known: {', '.join(DISTS)}")
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+
+    def uniform(size: int) -> np.ndarray:
+        if dt.kind == "f":
+            return rng.uniform(-1e6, 1e6, size).astype(dt)
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max, size, endpoint=True, dtype=dt)
+
+    if dist == "uniform":
+        return uniform(n)
+    if dist == "sorted":
+        return np.sort(uniform(n))
+    if dist == "reversed":
+        return np.sort(uniform(n))[::-1].copy()
+    if dist == "few-unique":
+        return rng.choice(uniform(16), n) if n else uniform(0)
+    return np.full(n, uniform(1)[0], dtype=dt)
+
+
+def _cupy():
+    try:
+        import cupy as cp
+
+        return cp if cp.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:
+        return None
+
+
+def _row_metrics(t: timing.Timing, n: int, nbytes: int, copy_gbs: float | None) -> dict[str, Any]:
+    sec = t.median * 1e-3
+    gbs = nbytes / sec / 1e9 if sec > 0 and n else None
+    return {"median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
+            "gkeys_s": (n / sec / 1e9) if sec > 0 and n else None, "eff_gbs": gbs,
+            "frac_copy": (gbs / copy_gbs) if gbs and copy_gbs else None}
+
+
+def run(a: BenchArgs) -> results.Record:
+    a = validate(a)
+    from gpulab.core import ncu as ncu_mod
+
+    device = options.resolve_device(what="gpulab sort bench")
+    under_ncu = ncu_mod.under_ncu()
+    if a.ncu and device != "cuda":
+        raise DeviceError("--ncu needs a CUDA GPU, and none is selected or visible")
+    import torch
+
+    x = make_data(a.n, a.dtype, a.dist, a.seed)
+    itemsize = x.dtype.itemsize
+    nbytes = 2 * a.n * itemsize + (8 * a.n if a.kv else 0)
+    rec = results.Record(name="sort-bench", config={
+        "n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "kv": a.kv, "transfer": a.transfer,
+        "reps": a.reps, "seed": a.seed, "impls": a.impls, "device": device})
+    want_keys = ref.sort(x, a.order)
+    want_perm = ref.argsort(x, a.order) if a.kv else None
+    warmup = 0 if under_ncu else 2
+    reps = 1 if under_ncu else a.reps
+
+    copy_gbs = None
+    if not under_ncu and a.n:
+        from gpulab.core import ceilings
+
+        copy_gbs = (ceilings.copy_bandwidth_gbs("cuda") if device == "cuda"
+                    else ceilings.copy_bandwidth_gbs("cpu", nbytes=64 << 20, reps=3))
+    rec.metrics["copy_ceiling_gbs"] = copy_gbs
+
+    cp = _cupy() if device == "cuda" else None
+    bitonic = None
+    if device == "cuda" and cp is not None and any(i in BITONIC for i in a.impls):
+        from gpulab.sort.cuda_sort import BitonicCuda
+
+        bitonic = BitonicCuda()
+
+    def check(impl: str, got_keys, got_perm) -> bool:
+        problem = ref.mismatch(np.asarray(got_keys), want_keys)
+        if problem is None and a.kv:
+            problem = ref.mismatch(np.asarray(got_perm).astype(np.int64), want_perm)
+        rec.check(f"{impl}.correct", problem is None, problem)
+        return problem is None
+
+    # -- implementations: each returns (fn returning device/host outputs, to_host, where it runs)
+    rows: list[dict[str, Any]] = []
+    gpu_fns: dict[str, Callable[[Any], Any]] = {}  # impl -> sort of a torch cuda tensor (for end to end)
+    numpy_ms = None
+    for impl in a.impls:
+        row: dict[str, Any] = {"impl": impl}
+        if impl == "numpy":
+            fn = (lambda: np.argsort(x, kind="stable")) if a.kv else (lambda: np.sort(x))
+            t = timing.benchmark(fn, device="cpu", warmup=1, reps=reps)
+            row.update(backend="cpu (1 thread)", **_row_metrics(t, a.n, nbytes, None if device == "cuda" else copy_gbs))
+            if a.kv:
+                p = np.argsort(x, kind="stable") if a.order == "asc" else ref.argsort(x, a.order)
+                row["correct"] = check(impl, x[p], p)
+            else:
+                row["correct"] = check(impl, ref.sort(x, a.order), None)
+            numpy_ms = t.median
+        elif impl == "cpu-parallel":
+            if a.kv:
+                row.update(status="skipped")
+                rec.notes.append("cpu-parallel: key-value (--kv) is not implemented for the CPU sample sort")
+                rows.append(row)
+                continue
+            from gpulab.sort import cpu_parallel
+
+            t = timing.benchmark(lambda: cpu_parallel.sort(x, a.order), device="cpu", warmup=1, reps=reps)
+            threads = cpu_parallel.threads()
+            row.update(backend=f"cpu ({threads} threads)", **_row_metrics(t, a.n, nbytes, None if device == "cuda" else copy_gbs))
+            rec.metrics["cpu_parallel_threads"] = threads
+            row["correct"] = check(impl, cpu_parallel.sort(x, a.order), None)
+        elif impl == "torch":
+            desc = a.order == "desc"
+            try:
+                xt = torch.from_numpy(x).to(device)
+                tfn = lambda t_: torch.sort(t_, descending=desc, stable=True)  # noqa: E731
+                out = tfn(xt)
+            except (RuntimeError, TypeError, NotImplementedError) as e:
+                row.update(status="skipped")
+                rec.notes.append(f"torch: torch.sort does not support {a.dtype} on {device} "
+                                 f"({str(e).splitlines()[0][:120]})")
+                rows.append(row)
+                continue
+            t = timing.benchmark(lambda: tfn(xt), device=device, warmup=warmup, reps=reps)
+            row.update(backend=f"torch {device}", **_row_metrics(t, a.n, nbytes, copy_gbs))
+            row["correct"] = check(impl, out.values.cpu().numpy(), out.indices.cpu().numpy() if a.kv else None)
+            if device == "cuda":
+                gpu_fns[impl] = lambda t_: tfn(t_).values
+        elif impl in GPU_ONLY:
+            if device != "cuda" or cp is None:
+                why = "no CUDA GPU" if device != "cuda" else "cupy is not installed"
+                row.update(status="skipped")
+                if impl in BITONIC and a.n <= MODEL_MAX_N:
+                    from gpulab.sort.schedule import run_model
+
+                    kk, pp = run_model(K.to_ukey(x, a.order == "desc"), impl, kv=a.kv)
+                    ok = check(f"{impl}.model", K.from_ukey(kk, a.dtype, a.order == "desc"), pp)
+                    row.update(status="model only", correct=ok)
+                    rec.notes.append(f"{impl}: not timed ({why}); its exact launch schedule ran as a numpy "
+                                     f"model here and was compared with numpy")
+                else:
+                    rec.notes.append(f"{impl}: skipped ({why})"
+                                     + (f"; the numpy model runs only at n <= {MODEL_MAX_N}" if impl in BITONIC else ""))
+                rows.append(row)
+                continue
+            xc = cp.asarray(x)
+            if impl == "cupy":
+                def cfn(c, desc=a.order == "desc"):
+                    if a.kv:
+                        p = cp.argsort(c) if not desc else (c.shape[0] - 1 - cp.argsort(c[::-1])[::-1])
+                        return c[p], p
+                    s = cp.sort(c)
+                    return (s[::-1] if desc else s), None
+                row["backend"] = "cupy (CUB radix)"
+            else:
+                def cfn(c, impl=impl):
+                    return bitonic.sort(c, impl, a.order, a.kv)
+                from gpulab.sort.cuda_sort import launches
+
+                row["backend"] = "CUDA C"
+                row["launches"] = launches(a.n, impl)
+            out_k, out_p = cfn(xc)
+            t = timing.benchmark(lambda: cfn(xc), device="cuda", warmup=warmup, reps=reps)
+            row.update(_row_metrics(t, a.n, nbytes, copy_gbs))
+            row["correct"] = check(impl, cp.asnumpy(out_k), cp.asnumpy(out_p) if a.kv else None)
+            gpu_fns[impl] = lambda t_, cfn=cfn: torch.from_dlpack(cp.ascontiguousarray(cfn(cp.from_dlpack(t_))[0]))
+        rows.append(row)
+    for row in rows:
+        if numpy_ms and row.get("median_ms"):
+            row["speedup_vs_numpy"] = numpy_ms / row["median_ms"]
+
+    # -- transfers: host -> device -> host, timed separately and end to end per GPU implementation
+    if a.transfer != "none":
+        if device != "cuda":
+            rec.notes.append(f"--transfer {a.transfer}: skipped (no CUDA GPU)")
+        elif a.n and not under_ncu:
+            pinned = a.transfer == "pinned"
+            host_in = torch.empty(a.n, dtype=getattr(torch, a.dtype), pin_memory=pinned)
+            host_in.numpy()[:] = x
+            host_out = torch.empty_like(host_in, pin_memory=pinned) if pinned else torch.empty_like(host_in)
+            dev = torch.empty(a.n, dtype=host_in.dtype, device="cuda")
+            h2d = timing.benchmark(lambda: dev.copy_(host_in, non_blocking=pinned), device="cuda", warmup=2, reps=reps)
+            d2h = timing.benchmark(lambda: host_out.copy_(dev, non_blocking=pinned), device="cuda", warmup=2, reps=reps)
+            nb = a.n * itemsize
+            rec.metrics["transfer"] = {"host_memory": a.transfer, "bytes": nb,
+                                       "h2d_ms": h2d.median, "h2d_gbs": nb / (h2d.median * 1e-3) / 1e9,
+                                       "d2h_ms": d2h.median, "d2h_gbs": nb / (d2h.median * 1e-3) / 1e9}
+            for row in rows:
+                f = gpu_fns.get(row["impl"])
+                if f is None:
+                    continue
+
+                def e2e(f=f):
+                    dev.copy_(host_in, non_blocking=pinned)
+                    host_out.copy_(f(dev), non_blocking=pinned)
+
+                w = timing.wall(e2e, reps=max(3, min(reps, 10)), warmup=1, sync_cuda=True)
+                row["h2d_ms"], row["d2h_ms"], row["e2e_ms"] = h2d.median, d2h.median, w.median
+                if row["impl"] == "bitonic-fused":
+                    rec.check("bitonic-fused.e2e.correct", ref.keys_equal(host_out.numpy(), want_keys))
+    rec.rows = rows
+    if a.ncu:
+        argv = ["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--order", a.order,
+                "--impl", ",".join(i for i in a.impls if i in GPU_ONLY), "--reps", "1"] + (["--kv"] if a.kv else [])
+        metrics = (*ncu_mod.DEFAULT_METRICS, "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+                   "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+                   "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")
+        recs = ncu_mod.profile_gpulab(argv, kernel_regex="bitonic|cub|sort|Sort", metrics=metrics)
+        rec.metrics["ncu"] = ncu_mod.summarize_by_kernel(recs)
+    timed = [r for r in rows if r.get("median_ms") is not None]
+    fused = next((r for r in rows if r["impl"] == "bitonic-fused" and r.get("median_ms")), None)
+    rec.summary = {"n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "device": device,
+                   "best": min(timed, key=lambda r: r["median_ms"])["impl"] if timed else None,
+                   "fused_ms": fused["median_ms"] if fused else None,
+                   "fused_vs_numpy": fused.get("speedup_vs_numpy") if fused else None,
+                   "all_correct": rec.ok}
+    return rec

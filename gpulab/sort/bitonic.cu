@@ -1,0 +1,244 @@
+// Bitonic sorts of unsigned keys (uint32 / uint64), optionally with uint32 values (the input
+// index: argsort), for any n: positions >= n are virtual padding with the maximal key.
+//
+// The network (see schedule.py): stage m merges sorted runs of 2^(m-1) keys; its first step
+// pairs i with i ^ (2^m - 1) (the "flip"), the rest pair i with i ^ 2^b; every comparator puts
+// the smaller (key, value) at the lower index, so padding never moves and is never stored.
+// A step fuses fp strides: a thread loads the 2^fp keys of one group into registers, runs the
+// fp strides there (`network`) and stores them back.
+//
+// Kernels (extern "C", instantiated at the bottom; the host walks schedule.schedule()):
+//   bitonic_to_key_{32,64}    input bits -> order-preserving unsigned keys (+ values = index)
+//   bitonic_from_key_{32,64}  keys -> output bits (in place)
+//   bitonic_pass_k{32,64}_kv{0,1}_f{F}        one fused step over global memory
+//   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}   mode 0: sort a 2^T-key tile in shared memory
+//                                              (stages 1..arg); mode 1: strides < 2^T of a merge
+// Compiled by NVRTC through cupy.RawModule on the GPU, by nvcc -cubin in the tests.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ u32 key_max(u32) { return 0xFFFFFFFFu; }
+__device__ __forceinline__ u64 key_max(u64) { return 0xFFFFFFFFFFFFFFFFull; }
+
+// dtype codes: 0 uint32, 1 int32, 2 float32, 3 int64 (keys.DTYPE_CODE)
+__device__ __forceinline__ u32 to_key(u32 b, int code, int desc) {
+    u32 k = b;
+    if (code == 1) {
+        k = b ^ 0x80000000u;
+    } else if (code == 2) {
+        if ((b & 0x7FFFFFFFu) > 0x7F800000u) k = 0xFFFFFFFFu;        // NaN last
+        else if (b == 0x80000000u) k = 0x80000000u;                   // -0.0 == +0.0
+        else k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    }
+    return desc ? ~k : k;
+}
+__device__ __forceinline__ u64 to_key(u64 b, int code, int desc) {
+    u64 k = (code == 3) ? (b ^ 0x8000000000000000ull) : b;
+    return desc ? ~k : k;
+}
+__device__ __forceinline__ u32 from_key(u32 k, int code, int desc) {
+    if (desc) k = ~k;
+    if (code == 1) return k ^ 0x80000000u;
+    if (code == 2) return (k & 0x80000000u) ? (k ^ 0x80000000u) : ~k;
+    return k;
+}
+__device__ __forceinline__ u64 from_key(u64 k, int code, int desc) {
+    if (desc) k = ~k;
+    return (code == 3) ? (k ^ 0x8000000000000000ull) : k;
+}
+
+template <typename K, bool KV>
+__device__ __forceinline__ void cmpswap(K& ka, u32& va, K& kb, u32& vb) {
+    if (KV) {
+        const bool sw = (kb < ka) || (kb == ka && vb < va);
+        const K k0 = sw ? kb : ka, k1 = sw ? ka : kb;
+        const u32 v0 = sw ? vb : va, v1 = sw ? va : vb;
+        ka = k0; kb = k1; va = v0; vb = v1;
+    } else {
+        const K lo = min(ka, kb), hi = max(ka, kb);
+        ka = lo; kb = hi;
+    }
+}
+
+// Index of key h (0 <= h < 2^fp) of group `rest`: the fp bits p_lo.. hold h; in a flip step the
+// upper half of the group has its bits below p_lo complemented.
+__device__ __forceinline__ u32 group_index(u32 rest, u32 h, int p_lo, int fp, bool flip) {
+    const u32 low = (1u << p_lo) - 1u;
+    u32 i = ((rest >> p_lo) << (p_lo + fp)) | (h << p_lo) | (rest & low);
+    if (flip && ((h >> (fp - 1)) & 1u)) i ^= low;
+    return i;
+}
+
+// The fp strides of one step on 2^F registers (2^(F-fp) independent groups of 2^fp keys).
+template <typename K, bool KV, int F>
+__device__ __forceinline__ void network(K (&k)[1 << F], u32 (&v)[1 << F], int fp, bool flip) {
+#pragma unroll
+    for (int b = F - 1; b >= 0; --b) {
+        if (b >= fp) continue;
+        const bool fl = flip && (b == fp - 1);
+#pragma unroll
+        for (int e = 0; e < (1 << F); ++e) {
+            if (e & (1 << b)) continue;
+            if (fl) {
+                const int p = e ^ ((2 << b) - 1);
+                cmpswap<K, KV>(k[e], v[e], k[p], v[p]);
+            } else {
+                const int p = e | (1 << b);
+                cmpswap<K, KV>(k[e], v[e], k[p], v[p]);
+            }
+        }
+    }
+}
+
+template <typename In, typename K>
+__device__ __forceinline__ void to_key_body(const In* in, K* keys, u32* vals, u32 n, int code, int desc, int kv) {
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        keys[i] = to_key((K)in[i], code, desc);
+        if (kv) vals[i] = i;
+    }
+}
+template <typename K>
+__device__ __forceinline__ void from_key_body(const K* keys, K* out, u32 n, int code, int desc) {
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = from_key(keys[i], code, desc);
+}
+
+// One fused step (strides 2^p_hi .. 2^(p_hi-F+1)) over global memory; thread = group.
+template <typename K, bool KV, int F>
+__device__ __forceinline__ void pass_body(K* __restrict__ keys, u32* __restrict__ vals, u32 n, int p_hi, int flip) {
+    constexpr int R = 1 << F;
+    const int p_lo = p_hi - F + 1;
+    const u32 rest = blockIdx.x * blockDim.x + threadIdx.x;
+    if (group_index(rest, 0, p_lo, F, false) >= n) return;  // the group's lowest index
+    K k[R];
+    u32 v[R];
+    u32 idx[R];
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+        idx[e] = group_index(rest, (u32)e, p_lo, F, flip != 0);
+        const bool in = idx[e] < n;
+        k[e] = in ? keys[idx[e]] : key_max(K(0));
+        if (KV) v[e] = in ? vals[idx[e]] : idx[e];
+    }
+    network<K, KV, F>(k, v, F, flip != 0);
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+        if (idx[e] < n) {
+            keys[idx[e]] = k[e];
+            if (KV) vals[idx[e]] = v[e];
+        }
+    }
+}
+
+// Shared-memory index with one pad word per 32 (breaks bank conflicts of strided groups).
+__device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
+
+template <typename K, bool KV, int F>
+__device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, bool flip) {
+    constexpr int R = 1 << F;
+    const int p_lo = p_hi - fp + 1;
+    K k[R];
+    u32 v[R];
+    u32 idx[R];
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+        const u32 h = (u32)e & ((1u << fp) - 1u);
+        const u32 rest = ((u32)threadIdx.x << (F - fp)) | ((u32)e >> fp);
+        idx[e] = spad(group_index(rest, h, p_lo, fp, flip));
+        k[e] = sk[idx[e]];
+        if (KV) v[e] = sv[idx[e]];
+    }
+    network<K, KV, F>(k, v, fp, flip);
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+        sk[idx[e]] = k[e];
+        if (KV) sv[idx[e]] = v[e];
+    }
+    __syncthreads();
+}
+
+// mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
+template <typename K, bool KV, int T, int F>
+__device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, u32 n, int mode, int arg) {
+    constexpr u32 TILE = 1u << T;
+    constexpr u32 THREADS = TILE >> F;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    K* sk = reinterpret_cast<K*>(smem_raw);
+    u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
+    const u32 base = blockIdx.x * TILE;
+    for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
+        const u32 g = base + i;
+        const bool in = g < n;
+        sk[spad(i)] = in ? keys[g] : key_max(K(0));
+        if (KV) sv[spad(i)] = in ? vals[g] : g;
+    }
+    __syncthreads();
+    if (mode == 0) {
+        for (int m = 1; m <= arg; ++m) {       // schedule.tile_steps: chunks(m-1, 0, F, flip first)
+            int p = m - 1;
+            bool first = true;
+            while (p >= 0) {
+                const int fp = min(F, p + 1);
+                tile_chunk<K, KV, F>(sk, sv, p, fp, first);
+                p -= fp;
+                first = false;
+            }
+        }
+    } else {
+        int p = T - 1;                          // chunks(T-1, 0, F, no flip)
+        while (p >= 0) {
+            const int fp = min(F, p + 1);
+            tile_chunk<K, KV, F>(sk, sv, p, fp, false);
+            p -= fp;
+        }
+    }
+    for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
+        const u32 g = base + i;
+        if (g < n) {
+            keys[g] = sk[spad(i)];
+            if (KV) vals[g] = sv[spad(i)];
+        }
+    }
+}
+
+extern "C" {
+__global__ void bitonic_to_key_32(const u32* in, u32* keys, u32* vals, u32 n, int code, int desc, int kv) {
+    to_key_body<u32, u32>(in, keys, vals, n, code, desc, kv);
+}
+__global__ void bitonic_to_key_64(const u64* in, u64* keys, u32* vals, u32 n, int code, int desc, int kv) {
+    to_key_body<u64, u64>(in, keys, vals, n, code, desc, kv);
+}
+__global__ void bitonic_from_key_32(const u32* keys, u32* out, u32 n, int code, int desc) {
+    from_key_body<u32>(keys, out, n, code, desc);
+}
+__global__ void bitonic_from_key_64(const u64* keys, u64* out, u32 n, int code, int desc) {
+    from_key_body<u64>(keys, out, n, code, desc);
+}
+
+#define BITONIC_PASS(BITS, K, KV, F)                                                                  \
+    __global__ void __launch_bounds__(256) bitonic_pass_k##BITS##_kv##KV##_f##F(                      \
+        K* keys, u32* vals, u32 n, int p_hi, int flip) {                                              \
+        pass_body<K, KV, F>(keys, vals, n, p_hi, flip);                                               \
+    }
+#define BITONIC_PASSES(BITS, K, KV) \
+    BITONIC_PASS(BITS, K, KV, 1) BITONIC_PASS(BITS, K, KV, 2) BITONIC_PASS(BITS, K, KV, 3) BITONIC_PASS(BITS, K, KV, 4)
+BITONIC_PASSES(32, u32, 0)
+BITONIC_PASSES(32, u32, 1)
+BITONIC_PASSES(64, u64, 0)
+BITONIC_PASSES(64, u64, 1)
+
+#define BITONIC_TILE(BITS, K, KV, T, F)                                                               \
+    __global__ void __launch_bounds__((1 << T) >> F) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F(     \
+        K* keys, u32* vals, u32 n, int mode, int arg) {                                               \
+        tile_body<K, KV, T, F>(keys, vals, n, mode, arg);                                             \
+    }
+// schedule.TILE_CONFIGS
+#define BITONIC_TILES(BITS, K, KV) \
+    BITONIC_TILE(BITS, K, KV, 11, 1) BITONIC_TILE(BITS, K, KV, 12, 3) BITONIC_TILE(BITS, K, KV, 13, 3)
+BITONIC_TILES(32, u32, 0)
+BITONIC_TILES(32, u32, 1)
+BITONIC_TILES(64, u64, 0)
+BITONIC_TILES(64, u64, 1)
+}

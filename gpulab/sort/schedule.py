@@ -1,0 +1,184 @@
+"""The launch schedule of each bitonic variant, and an exact numpy model of it.
+
+All variants run the same comparator network on ``N = next_pow2(n)`` virtual keys: the
+bitonic sort whose merge stages start with a *flip* step (partner ``i ^ (2^m - 1)``) followed
+by half-cleaners (partner ``i ^ 2^b``), so that every comparator puts the smaller key at the
+lower index. Keys at positions >= n are virtual padding with the maximal key; with all
+comparators ascending they never move, so the kernels skip them instead of allocating them.
+
+A *step* fuses ``fp`` consecutive strides (bits ``p_hi .. p_lo``) of one stage: every thread
+loads the ``2^fp`` keys of one group (their indices differ only in those bits; in a flip step
+the upper half's lower bits are complemented), runs the ``fp`` strides in registers and stores
+them back. Launch kinds:
+
+* ``global``: one step over global memory (``bitonic_pass_*`` kernels);
+* ``tile_sort``: a block sorts a tile of ``2^tile_log`` keys, stages 1..m_end, in shared memory;
+* ``tile_merge``: a block runs the strides ``< 2^tile_log`` of stage m in shared memory.
+
+``bitonic.cu`` implements exactly these steps (``group_index``, ``network``, ``tile_chunk``); the
+cupy driver (``cuda_sort.py``) walks the list that :func:`schedule` returns, and :func:`run_model`
+executes the same list in numpy so that the schedule and index arithmetic are checked here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpulab.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tile_log: int | None  # log2 keys per shared-memory tile (None: global memory only)
+    tile_fuse: int        # strides fused per shared-memory step (2^tile_fuse keys per thread)
+    global_fuse: int      # strides fused per global pass (2^global_fuse keys per thread)
+    block: int = 256      # threads per block of the global passes
+
+    @property
+    def tile_threads(self) -> int:
+        return (1 << self.tile_log) >> self.tile_fuse if self.tile_log else 0
+
+
+VARIANTS = {
+    "bitonic-global": Variant("bitonic-global", None, 1, 1),
+    "bitonic-shared": Variant("bitonic-shared", 11, 1, 1),
+    "bitonic-fused": Variant("bitonic-fused", 13, 3, 4),
+}
+# Instantiated in bitonic.cu (tile_log, tile_fuse): the fused variant falls back to a 4096-key
+# tile where the device's opt-in shared memory is too small for 8192 keys.
+TILE_CONFIGS = ((11, 1), (12, 3), (13, 3))
+GLOBAL_FUSES = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Launch:
+    kind: str        # global | tile_sort | tile_merge
+    stage: int       # m: the stage merges sorted runs of 2^(m-1) into 2^m (tile_sort: last stage)
+    p_hi: int = 0    # global: highest bit (stride 2^p_hi) of the fused strides
+    fp: int = 0      # global: number of fused strides
+    flip: bool = False
+
+
+def next_pow2_log(n: int) -> int:
+    """log2 of the smallest power of two >= n (0 for n <= 1)."""
+    return max(0, int(n - 1).bit_length())
+
+
+def chunks(p_hi: int, p_stop: int, fuse: int, flip_first: bool) -> list[tuple[int, int, bool]]:
+    """Split the strides 2^p_hi .. 2^p_stop into fused steps (p_hi, fp, flip), greedily from the top."""
+    out = []
+    first = True
+    while p_hi >= p_stop:
+        fp = min(fuse, p_hi - p_stop + 1)
+        out.append((p_hi, fp, flip_first and first))
+        p_hi -= fp
+        first = False
+    return out
+
+
+def schedule(n: int, variant: Variant | str) -> list[Launch]:
+    """Every kernel launch (besides the key transforms) of ``variant`` for n keys, in order."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    L = next_pow2_log(n)
+    out: list[Launch] = []
+    if n <= 1:
+        return out
+    if v.tile_log is None:
+        for m in range(1, L + 1):
+            out += [Launch("global", m, p, f, fl) for p, f, fl in chunks(m - 1, 0, v.global_fuse, True)]
+        return out
+    T = v.tile_log
+    out.append(Launch("tile_sort", min(T, L)))
+    for m in range(T + 1, L + 1):
+        out += [Launch("global", m, p, f, fl) for p, f, fl in chunks(m - 1, T, v.global_fuse, True)]
+        out.append(Launch("tile_merge", m))
+    return out
+
+
+def tile_steps(launch: Launch, v: Variant) -> list[tuple[int, int, bool]]:
+    """The shared-memory steps inside one tile launch (mirrors the loops of ``tile_kernel``)."""
+    T, F = v.tile_log, v.tile_fuse
+    if launch.kind == "tile_sort":
+        return [c for m in range(1, launch.stage + 1) for c in chunks(m - 1, 0, F, True)]
+    if launch.kind == "tile_merge":
+        return chunks(T - 1, 0, F, False)
+    raise ValueError(launch.kind)
+
+
+def global_groups(n: int, p_hi: int, fp: int) -> int:
+    """Threads a global pass needs: groups whose lowest index is < n (the kernel's grid)."""
+    if n <= 0:
+        return 0
+    p_lo = p_hi - fp + 1
+    hi, r = (n - 1) >> (p_lo + fp), (n - 1) & ((1 << (p_lo + fp)) - 1)
+    return (hi << p_lo) + min(r, (1 << p_lo) - 1) + 1
+
+
+def group_index(rest: np.ndarray, h: int, p_lo: int, fp: int, flip: bool) -> np.ndarray:
+    """Index of key h of group ``rest`` (as ``group_index`` in bitonic.cu)."""
+    low = (1 << p_lo) - 1
+    i = ((rest >> p_lo) << (p_lo + fp)) | (h << p_lo) | (rest & low)
+    if flip and (h >> (fp - 1)) & 1:
+        i = i ^ low
+    return i
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise InputError(f"unknown bitonic variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int, flip: bool,
+          groups: int | None = None) -> None:
+    p_lo = p_hi - fp + 1
+    R = 1 << fp
+    G = (1 << next_pow2_log(n)) >> fp if groups is None else groups
+    rest = np.arange(G, dtype=np.int64)
+    idx = np.stack([group_index(rest, h, p_lo, fp, flip) for h in range(R)], axis=1)  # [G, R]
+    inside = idx < n
+    kmax = np.iinfo(keys.dtype).max
+    k = np.where(inside, keys[np.minimum(idx, n - 1)], keys.dtype.type(kmax))
+    v = None
+    if vals is not None:
+        v = np.where(inside, vals[np.minimum(idx, n - 1)].astype(np.int64), idx)
+    for b in range(fp - 1, -1, -1):  # the register network (``network`` in bitonic.cu)
+        fl = flip and b == fp - 1
+        for e in range(R):
+            if e & (1 << b):
+                continue
+            p = e ^ ((2 << b) - 1) if fl else e | (1 << b)
+            if v is None:
+                lo, hi = np.minimum(k[:, e], k[:, p]), np.maximum(k[:, e], k[:, p])
+                k[:, e], k[:, p] = lo, hi
+            else:
+                sw = (k[:, p] < k[:, e]) | ((k[:, p] == k[:, e]) & (v[:, p] < v[:, e]))
+                ke, kp, ve, vp = k[:, e].copy(), k[:, p].copy(), v[:, e].copy(), v[:, p].copy()
+                k[:, e], k[:, p] = np.where(sw, kp, ke), np.where(sw, ke, kp)
+                v[:, e], v[:, p] = np.where(sw, vp, ve), np.where(sw, ve, vp)
+    keys[idx[inside]] = k[inside]
+    if vals is not None:
+        vals[idx[inside]] = v[inside].astype(vals.dtype)
+
+
+def run_model(ukeys: np.ndarray, variant: Variant | str, kv: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Execute the variant's schedule on unsigned keys in numpy; returns (keys, permutation or None)."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    keys = np.array(ukeys, copy=True)
+    n = keys.shape[0]
+    vals = np.arange(n, dtype=np.uint32) if kv else None
+    for launch in schedule(n, v):
+        if launch.kind == "global":
+            _step(keys, vals, n, launch.p_hi, launch.fp, launch.flip,
+                  groups=global_groups(n, launch.p_hi, launch.fp))
+        else:
+            for p_hi, fp, flip in tile_steps(launch, v):
+                _step(keys, vals, n, p_hi, fp, flip)
+    return keys, vals
+
+
+def passes_over_memory(n: int, variant: Variant | str) -> int:
+    """Kernel launches that read and write all n keys (schedule + the two key transforms)."""
+    return len(schedule(n, variant)) + (2 if n > 0 else 0)

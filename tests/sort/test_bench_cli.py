@@ -1,0 +1,89 @@
+"""``gpulab sort bench`` end to end on this machine, and its one-line errors."""
+import numpy as np
+import pytest
+import yaml
+
+from gpulab.cli import main
+from gpulab.sort.bench import BenchArgs, DISTS, make_data, run, validate
+from gpulab.core.errors import InputError
+
+
+def gpulab(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_bench_writes_result(out_dir, capsys):
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", "--n", "3000", "--reps", "2",
+                            "--dtype", "float32", "--order", "desc", "--kv",
+                            "--impl", "numpy,torch,bitonic-fused,bitonic-global")
+    assert code == 0, err
+    files = list(out_dir.glob("sort-bench-*.yaml"))
+    assert len(files) == 1
+    data = yaml.safe_load(files[0].read_text())
+    assert data["ok"] is True
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"numpy", "torch", "bitonic-fused", "bitonic-global"}
+    assert rows["numpy"]["correct"] is True and rows["numpy"]["median_ms"] > 0
+    assert rows["torch"]["correct"] is True
+    if data["device"]["backend"] == "cpu":  # the bitonic variants ran as their numpy model
+        assert rows["bitonic-fused"]["status"] == "model only" and rows["bitonic-fused"]["correct"] is True
+        assert "bitonic-fused.model.correct" in data["checks"]
+        assert any("bitonic-fused" in n for n in data["notes"])
+    assert "sort-bench" in out
+
+
+def test_bench_all_dists_default_impls_cpu(out_dir):
+    for dist in DISTS:
+        rec = run(BenchArgs(n=1500, dtype="int32", dist=dist, reps=1, impl="numpy,cpu-parallel,bitonic-shared"))
+        assert rec.ok, rec.checks
+        assert rec.rows[0]["speedup_vs_numpy"] == pytest.approx(1.0)
+
+
+def test_bench_n_zero(out_dir):
+    rec = run(BenchArgs(n=0, reps=1, impl="numpy,torch,bitonic-fused"))
+    assert rec.ok
+    assert rec.rows[0]["gkeys_s"] is None
+
+
+def test_make_data_distributions():
+    x = make_data(1000, "int64", "sorted")
+    assert (np.diff(x) >= 0).all()
+    assert (np.diff(make_data(1000, "uint32", "reversed").astype(np.int64)) <= 0).all()
+    assert len(np.unique(make_data(1000, "float32", "few-unique"))) <= 16
+    assert len(np.unique(make_data(1000, "int32", "all-equal"))) == 1
+    assert np.array_equal(make_data(50, "int32", "uniform", 1), make_data(50, "int32", "uniform", 1))
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--n", "-3"], "--n must be >= 0, got -3"),
+    (["--dtype", "float16"], "--dtype must be one of"),
+    (["--dist", "zipf"], "--dist must be one of"),
+    (["--impl", "numpy,quicksort"], "unknown implementation 'quicksort'"),
+    (["--order", "up"], "--order must be asc or desc"),
+    (["--transfer", "dma"], "--transfer must be one of"),
+    (["--reps", "0"], "--reps must be >= 1"),
+])
+def test_bad_input_is_one_line(capsys, out_dir, args, msg):
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", *args)
+    assert code == 1
+    assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not list(out_dir.glob("*.yaml"))
+
+
+def test_ncu_without_gpu(capsys, out_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", "--n", "10", "--ncu")
+    assert code == 1 and "--ncu needs a CUDA GPU" in err
+
+
+def test_validate_defaults_to_all():
+    a = validate(BenchArgs(impl=None))
+    assert a.impls[0] == "bitonic-global" and "cupy" in a.impls
+    with pytest.raises(InputError):
+        validate(BenchArgs(impl=" , "))

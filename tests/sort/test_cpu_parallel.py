@@ -1,0 +1,30 @@
+"""The numba/threaded sample sort baseline against numpy."""
+import numpy as np
+import pytest
+
+from gpulab.sort import cpu_parallel
+from gpulab.sort import reference as ref
+from gpulab.sort.bench import make_data
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint32", "float32", "int64"])
+def test_sample_sort_matches_numpy(dtype):
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 1000, 70001):  # 70001 > the 65536 threshold: partition + bucket sorts
+        x = make_data(n, dtype, "uniform", seed=n)
+        if dtype == "float32" and n > 10:
+            x[rng.integers(0, n, 50)] = np.nan
+            x[:3] = [-0.0, np.inf, -np.inf]
+        for order in ("asc", "desc"):
+            got = cpu_parallel.sort(x, order)
+            assert ref.mismatch(got, ref.sort(x, order)) is None, (dtype, n, order)
+
+
+@pytest.mark.parametrize("dist", ["few-unique", "all-equal", "reversed"])
+def test_sample_sort_skewed_inputs(dist):
+    x = make_data(100_000, "int32", dist, seed=1)
+    assert ref.mismatch(cpu_parallel.sort(x), ref.sort(x)) is None
+
+
+def test_thread_count_is_positive():
+    assert cpu_parallel.threads() >= 1
