@@ -134,13 +134,13 @@ def plan_persist(
                        hit_ratio=hit_ratio(set_aside, win), covered_bytes=win, total_bytes=total_bytes)
 
 
-def hotness_order(use_counts: dict[str, int], sizes: dict[str, int]) -> list[str]:
-    """Arena order for parameters: most used first; among equals, smaller first (more reuse per byte),
-    then by name for a deterministic layout."""
-    missing = set(use_counts) ^ set(sizes)
+def hotness_order(use_counts: dict[str, int], position: dict[str, int]) -> list[str]:
+    """Arena order for parameters: most used first; among equally used ones, in ``position`` order
+    (the layer order), so that one layer's parameters stay contiguous (one prefetch range)."""
+    missing = set(use_counts) ^ set(position)
     if missing:
-        raise InputError(f"hotness_order: counts and sizes name different parameters ({sorted(missing)[0]!r})")
-    return sorted(use_counts, key=lambda k: (-use_counts[k], sizes[k], k))
+        raise InputError(f"hotness_order: counts and positions name different parameters ({sorted(missing)[0]!r})")
+    return sorted(use_counts, key=lambda k: (-use_counts[k], position[k], k))
 
 
 @dataclass(frozen=True)

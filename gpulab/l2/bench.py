@@ -1,0 +1,492 @@
+"""``gpulab l2 run``: latency per inference under each L2 policy, checked against the default run.
+
+On a GPU, for each policy: ``default`` (hardware policy), ``persist`` (set-aside + a persisting
+access-policy window over the hottest weights on the compute stream and the side stream),
+``prefetch`` (before layer i is launched, a side stream waits on an event recorded on the compute
+stream and prefetches the weights of layer i+1.. into L2; the compute stream joins the side stream
+at the end of the inference), ``persist+prefetch`` and ``auto`` (measures the others and keeps the
+fastest only when it beats ``default`` by more than the measured noise). Policies are measured in
+interleaved rounds (order rotated each round) so that drift hits all of them alike. Optionally a
+pollution kernel (other tenants' traffic) runs between inferences, outside the timed region.
+
+On the CPU the workload runs (torch), the Triton kernels are checked under the interpreter at
+small sizes, and the policies are reported as needing a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gpulab.core import ncu, options, results, timing
+from gpulab.core.errors import DeviceError, GpulabError, InputError
+from gpulab.l2 import policy as P
+
+PREFETCH_KINDS = {"auto": None, "ptx": "prefetch_l2", "evict_last": "prefetch_l2_evict_last",
+                  "bulk": "prefetch_l2_bulk", "read": "read"}
+INTERPRETER_MAX_MACS = 3e7  # Triton-interpreter checks on the CPU only below this size
+MIB = 1 << 20
+
+
+@dataclass
+class RunConfig:
+    workload: str = "mlp"
+    policies: tuple[str, ...] = ("default", "persist", "prefetch", "auto")
+    batch: int = 8
+    width: int | None = None  # mlp width / cnn channels
+    width_mult: float = 1.0  # ofa
+    layers: int | None = None
+    image: int | None = None
+    subnets: int = 8
+    dtype: str = "float16"
+    impl: str = "triton"
+    reps: int = 30
+    rounds: int = 5
+    warmup: int = 3
+    pollute_mib: float = 0.0
+    set_aside_mib: float | None = None
+    window_mib: float | None = None
+    prefetch_kernel: str = "auto"
+    lookahead: int = 1
+    prefetch_budget: float = 0.5
+    seed: int = 0
+    graph: bool = False
+    ncu: bool = False
+
+    def validate(self) -> None:
+        if self.workload not in ("mlp", "cnn", "ofa"):
+            raise InputError(f"unknown --workload '{self.workload}' (known: mlp, cnn, ofa)")
+        for name in ("batch", "reps", "rounds", "subnets", "lookahead"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise InputError(f"--warmup must be >= 0, got {self.warmup}")
+        for name in ("width", "layers", "image"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise InputError(f"--{name} must be >= 1, got {v}")
+        if self.width_mult <= 0:
+            raise InputError(f"--width-mult must be > 0, got {self.width_mult}")
+        if self.pollute_mib < 0:
+            raise InputError(f"--pollute-mib must be >= 0, got {self.pollute_mib}")
+        if not 0 < self.prefetch_budget <= 1:
+            raise InputError(f"--prefetch-budget must be in (0, 1] (a fraction of the L2), got {self.prefetch_budget}")
+        if self.prefetch_kernel not in PREFETCH_KINDS:
+            raise InputError(f"unknown --prefetch-kernel '{self.prefetch_kernel}' (known: {', '.join(PREFETCH_KINDS)})")
+        if self.impl not in ("triton", "torch"):
+            raise InputError(f"unknown --impl '{self.impl}' (known: triton, torch)")
+        if self.workload == "ofa" and self.impl == "triton":
+            self.impl = "torch"  # the supernet runs on torch/cuDNN ops
+        from gpulab.l2.models import dtype_of
+        dtype_of(self.dtype)
+
+
+def build_workload(cfg: RunConfig, device: str, dtype):
+    from gpulab.l2.models import MLP, ConvNet
+    from gpulab.l2.supernet import OFASupernet, SubnetConfig, sample_subnets
+
+    if cfg.workload == "mlp":
+        return MLP(cfg.width or 2048, cfg.layers or 8, cfg.batch, dtype, device, seed=cfg.seed)
+    if cfg.workload == "cnn":
+        return ConvNet(cfg.width or 256, cfg.layers or 8, cfg.batch, cfg.image or 28, dtype, device, seed=cfg.seed)
+    subs = sample_subnets(max(1, cfg.subnets - 1), cfg.seed) + [SubnetConfig.largest()]
+    return OFASupernet(cfg.width_mult, subs[:cfg.subnets], cfg.batch, cfg.image or 224, dtype, device, seed=cfg.seed)
+
+
+def workload_macs(cfg: RunConfig, model) -> float:
+    if cfg.workload == "mlp":
+        return float(model.batch * model.width * model.width * model.n_layers)
+    if cfg.workload == "cnn":
+        return float(model.batch * model.image ** 2 * 9 * model.channels * model.channels * model.n_layers)
+    return 0.0
+
+
+# --- GPU: policies ------------------------------------------------------------------------------
+
+class PolicyRunner:
+    """Runs a workload's requests under a policy on the current CUDA stream (+ a side stream)."""
+
+    def __init__(self, cfg: RunConfig, model, requests, limits: dict[str, int], notes: list[str]):
+        import torch
+
+        self.torch = torch
+        self.cfg, self.model, self.requests, self.limits, self.notes = cfg, model, requests, limits, notes
+        # All work runs on a dedicated compute stream (a CUDA graph cannot be captured on the legacy one).
+        torch.cuda.synchronize()
+        self.main = torch.cuda.Stream()
+        self.graphs: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.side = torch.cuda.Stream()
+        n_max = max(len(r.layers) for r in requests)
+        self.events = [torch.cuda.Event() for _ in range(n_max)]
+        budget = int(cfg.prefetch_budget * limits["l2_bytes"])
+        self.schedules = [P.group_by_layer(P.prefetch_schedule([l.region.nbytes for l in r.layers],
+                                                               l2_budget_bytes=budget, lookahead=cfg.lookahead),
+                                           len(r.layers)) for r in requests]
+        self.prefetch_kind, self._kernels = None, None
+        self.persist_plan = None
+        self.pollute_buf = None
+        if cfg.pollute_mib > 0:
+            self.pollute_buf = torch.zeros(int(cfg.pollute_mib * MIB) // 4, dtype=torch.int32, device="cuda")
+        self._next = 0
+
+    # prefetch
+    def _ensure_prefetcher(self) -> None:
+        if self.prefetch_kind is not None:
+            return
+        want = PREFETCH_KINDS[self.cfg.prefetch_kernel]
+        if want == "read":
+            self.prefetch_kind = "read"
+            return
+        from gpulab.l2 import cuda_l2
+        try:
+            self._kernels = cuda_l2.PrefetchKernels()
+        except DeviceError as e:
+            if want is not None:
+                raise
+            self.notes.append(f"PTX prefetch kernels unavailable ({e}); prefetch uses the Triton read kernel")
+            self.prefetch_kind = "read"
+            return
+        if want is None:
+            want = "prefetch_l2_bulk" if self._kernels.available("prefetch_l2_bulk") else "prefetch_l2"
+        if not self._kernels.available(want):
+            raise DeviceError(f"--prefetch-kernel {self.cfg.prefetch_kernel} needs a newer GPU "
+                              f"(this one is sm_{self._kernels.arch})")
+        self.prefetch_kind = want
+
+    def _launch_prefetch(self, start: int, nbytes: int) -> None:
+        base = self.model.arena.base_ptr
+        if self.prefetch_kind == "read":
+            from gpulab.l2 import kernels
+            n = nbytes // 4
+            if n:
+                words = self.model.arena.buffer[start:start + 4 * n].view(self.torch.int32)
+                with self.torch.cuda.stream(self.side):
+                    kernels.touch(words, programs=8)
+        else:
+            lead = start % 256  # the arena is 256-byte aligned: align down (bulk prefetch needs 16 B)
+            self._kernels.launch(self.prefetch_kind, base + start - lead, nbytes + lead, self.side.cuda_stream)
+
+    def infer(self, req_index: int, policy: str):
+        from gpulab.l2.models import run_layers
+
+        req = self.requests[req_index]
+        if not P.uses_prefetch(policy):
+            return run_layers(req.x, req.layers)
+        sched = self.schedules[req_index]
+        if not any(sched):
+            return run_layers(req.x, req.layers)
+
+        def before(i: int) -> None:
+            if not sched[i]:
+                return
+            ev = self.events[i]
+            ev.record(self.main)
+            self.side.wait_event(ev)
+            for op in sched[i]:
+                region = req.layers[op.target_layer].region
+                self._launch_prefetch(region.offset + op.offset, op.nbytes)
+
+        y = run_layers(req.x, req.layers, before)
+        self.main.wait_stream(self.side)
+        return y
+
+    def infer_graph(self, req_index: int, policy: str):
+        """Replay this request's CUDA graph for the policy, capturing it on first use (while the policy
+        is installed: captured kernel nodes take the stream's access-policy window)."""
+        key = (policy, req_index)
+        if key not in self.graphs:
+            torch = self.torch
+            for _ in range(2):  # warm up outside the capture (Triton compiles, cuDNN picks algorithms)
+                self.infer(req_index, policy)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=self.main):
+                out = self.infer(req_index, policy)
+            self.graphs[key] = (g, out)
+        g, out = self.graphs[key]
+        g.replay()
+        return out
+
+    def next_inference(self, policy: str) -> Callable[[], Any]:
+        run_one = self.infer_graph if self.cfg.graph else self.infer
+
+        def fn():
+            i = self._next
+            self._next = (self._next + 1) % len(self.requests)
+            return run_one(i, policy)
+        return fn
+
+    def pollute(self) -> None:
+        if self.pollute_buf is not None:
+            from gpulab.l2 import kernels
+            kernels.pollute(self.pollute_buf)
+
+    # persist
+    def plan_persist(self) -> P.PersistPlan:
+        if self.persist_plan is None:
+            mib = lambda v: None if v is None else int(v * MIB)  # noqa: E731
+            self.persist_plan = P.plan_persist(self.model.arena.total_bytes,
+                                               persisting_max_bytes=self.limits["persisting_l2_max_bytes"],
+                                               max_window_bytes=self.limits["access_policy_max_window_bytes"],
+                                               set_aside_bytes=mib(self.cfg.set_aside_mib),
+                                               window_bytes=mib(self.cfg.window_mib))
+        return self.persist_plan
+
+    def installed(self, policy: str):
+        if P.uses_prefetch(policy):
+            self._ensure_prefetcher()
+        if not P.uses_persist(policy):
+            return contextlib.nullcontext()
+        from gpulab.l2 import cuda_l2
+        plan = self.plan_persist()
+        return cuda_l2.PersistingL2(plan.set_aside_bytes, self.model.arena.base_ptr + plan.window_offset,
+                                    plan.window_bytes, plan.hit_ratio, [self.main.cuda_stream, self.side.cuda_stream])
+
+    def sample(self, policy: str, reps: int) -> list[float]:
+        """Per-inference latencies (ms, CUDA events on the compute stream); pollution runs before each."""
+        torch = self.torch
+        fn = self.next_inference(policy)
+        self._next = 0
+        self._policy = policy
+        with torch.cuda.stream(self.main):
+            return self._sample(fn, reps)
+
+    def _sample(self, fn, reps: int) -> list[float]:
+        torch = self.torch
+        for _ in range(self.cfg.warmup):
+            self.pollute()
+            fn()
+        self._next = 0
+        torch.cuda.synchronize()
+        pairs = []
+        nvtx = ncu.under_ncu() and self._policy == getattr(self, "ncu_policy", None)
+        if nvtx:
+            torch.cuda.nvtx.range_push("l2-measure")
+        for _ in range(reps):
+            self.pollute()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(self.main)
+            fn()
+            b.record(self.main)
+            pairs.append((a, b))
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in pairs]
+
+    def measure(self, policies: list[str], rounds: int, reps: int) -> dict[str, dict[str, list[float]]]:
+        out = {p: {"samples": [], "round_medians": []} for p in policies}
+        for r in range(rounds):
+            k = r % len(policies)
+            for p in policies[k:] + policies[:k]:
+                with self.installed(p):
+                    s = self.sample(p, reps)
+                out[p]["samples"] += s
+                out[p]["round_medians"].append(statistics.median(s))
+        return out
+
+    def outputs(self, policy: str) -> list:
+        run_one = self.infer_graph if self.cfg.graph else self.infer
+        with self.installed(policy), self.torch.cuda.stream(self.main):
+            ys = [run_one(i, policy).clone() for i in range(len(self.requests))]
+        self.torch.cuda.synchronize()
+        return ys
+
+
+def _row(policy: str, samples: list[float], base_med: float | None, extra: dict | None = None) -> dict:
+    t = timing.summarize(samples)
+    row = {"policy": policy, "median_ms": t.median, "p90_ms": t.p90, "p10_ms": t.p10, "n": t.reps,
+           "speedup_vs_default": (base_med / t.median) if base_med and t.median > 0 else None}
+    row.update(extra or {})
+    return row
+
+
+def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
+    args = ["l2", "run", "--workload", cfg.workload, "--policy", pol, "--batch", str(cfg.batch),
+            "--width-mult", str(cfg.width_mult), "--subnets", str(cfg.subnets), "--dtype", cfg.dtype,
+            "--impl", cfg.impl, "--reps", str(reps), "--rounds", "1", "--warmup", "2",
+            "--pollute-mib", str(cfg.pollute_mib), "--prefetch-kernel", cfg.prefetch_kernel,
+            "--lookahead", str(cfg.lookahead), "--graph" if cfg.graph else "--no-graph", "--prefetch-budget", str(cfg.prefetch_budget), "--seed", str(cfg.seed)]
+    for name in ("width", "layers", "image", "set_aside_mib", "window_mib"):
+        v = getattr(cfg, name)
+        if v is not None:
+            args += ["--" + name.replace("_", "-"), str(v)]
+    recs = ncu.profile_gpulab(args, cache_control="none", nvtx_include="l2-measure/")
+    recs = [r for r in recs if "pollute" not in r.kernel]
+    read = sum(r.metrics.get("dram__bytes_read.sum") or 0.0 for r in recs)
+    write = sum(r.metrics.get("dram__bytes_write.sum") or 0.0 for r in recs)
+    hits = [r.metrics.get("lts__t_sector_hit_rate.pct") for r in recs if r.metrics.get("lts__t_sector_hit_rate.pct") is not None]
+    return {"policy": pol, "kernels_per_inference": len(recs) / reps, "dram_read_bytes_per_inference": read / reps,
+            "dram_write_bytes_per_inference": write / reps,
+            "l2_hit_rate_pct_mean": sum(hits) / len(hits) if hits else None,
+            "by_kernel": ncu.summarize_by_kernel(recs)}
+
+
+def run(cfg: RunConfig) -> results.Record:
+    cfg.validate()
+    policies = P.parse_policies(",".join(cfg.policies))
+    device = options.resolve_device(what="gpulab l2 run")
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before gpulab.l2.kernels imports triton's jit
+    import torch
+
+    rec = results.Record(name=f"l2-{cfg.workload}", config={**cfg.__dict__, "policies": policies, "device": device})
+    rec.summary.update({"workload": cfg.workload, "batch": cfg.batch})
+    if device == "cpu":
+        _run_cpu(cfg, policies, rec)
+    else:
+        _run_gpu(cfg, policies, rec)
+    return rec
+
+
+def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
+    import torch
+    from gpulab.l2.models import run_layers
+
+    if cfg.dtype != "float32":
+        rec.notes.append(f"--dtype {cfg.dtype} is for the GPU; the CPU run uses float32")
+    model = build_workload(cfg, "cpu", torch.float32)
+    rec.metrics["workload"] = model.describe()
+    reqs = model.requests("torch")
+    ref = [run_layers(r.x, r.layers) for r in reqs]
+    for r, y in zip(reqs, ref):
+        rec.check(f"finite[{r.label}]", bool(torch.isfinite(y).all()))
+    idx = {"i": 0}
+
+    def fn():
+        i = idx["i"]
+        idx["i"] = (i + 1) % len(reqs)
+        return run_layers(reqs[i].x, reqs[i].layers)
+
+    t = timing.benchmark(fn, device="cpu", warmup=min(cfg.warmup, 2), reps=max(len(reqs), min(cfg.reps, 10)),
+                         max_seconds=5.0)
+    rec.rows.append({"policy": "cpu-baseline", "impl": "torch", "median_ms": t.median, "p90_ms": t.p90,
+                     "n": t.reps, "status": "measured (CPU: no L2 policy)"})
+    macs = workload_macs(cfg, model)
+    if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            rec.notes.append("Triton kernels not checked: TRITON_INTERPRET is off and there is no GPU")
+        elif macs > INTERPRETER_MAX_MACS:
+            rec.notes.append(f"Triton kernels not checked here: {macs:.2g} MACs is too large for the interpreter "
+                             f"(limit {INTERPRETER_MAX_MACS:.0g}); the GPU run checks them")
+        else:
+            t0 = time.perf_counter()
+            tri = [run_layers(r.x, r.layers) for r in model.requests("triton")]
+            err = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(tri, ref))
+            rec.check("triton_interpreter_vs_torch", err < 1e-4, {"max_rel_err": err})
+            rec.notes.append(f"Triton kernels ran under the interpreter ({time.perf_counter() - t0:.2f} s, "
+                             "correctness only, not timed)")
+    for p in policies:
+        rec.rows.append({"policy": p, "impl": cfg.impl, "median_ms": None, "p90_ms": None, "n": 0,
+                         "status": "skipped: needs a CUDA GPU"})
+    rec.notes.append("L2 policies (persist, prefetch, auto) need a CUDA GPU with persisting L2; none is visible, "
+                     "so only the CPU baseline was measured (use --device cuda on a GPU machine)")
+    rec.summary.update({"device": "cpu", "cpu_median_ms": t.median, "policies": "need a GPU"})
+
+
+def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
+    import torch
+    from gpulab.l2 import cuda_l2
+    from gpulab.l2.models import dtype_of, run_layers
+
+    limits = cuda_l2.device_limits()
+    rec.metrics["device_l2"] = limits
+    wants_persist = any(P.uses_persist(p) for p in policies if p != "auto")
+    if wants_persist and limits["persisting_l2_max_bytes"] <= 0:
+        raise DeviceError("policy 'persist' needs a GPU with persisting L2 (persistingL2CacheMaxSize is 0 here)")
+    dtype = dtype_of(cfg.dtype)
+    model = build_workload(cfg, "cuda", dtype)
+    rec.metrics["workload"] = model.describe()
+    reqs = model.requests(cfg.impl)
+    runner = PolicyRunner(cfg, model, reqs, limits, rec.notes)
+    wb = model.arena.total_bytes
+    rec.summary.update({"device": "cuda", "weight_mib": round(wb / MIB, 2),
+                        "fits_persisting_l2": wb <= limits["persisting_l2_max_bytes"],
+                        "fits_l2": wb <= limits["l2_bytes"]})
+
+    # correctness: the kernels against torch, every policy against default (bit-identical)
+    base = runner.outputs("default")
+    if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
+        ref = [run_layers(r.x, r.layers) for r in model.requests("torch")]
+    else:
+        ref32 = build_workload(cfg, "cuda", torch.float32)
+        ref = [run_layers(r.x, r.layers).to(dtype) for r in ref32.requests(cfg.impl)]
+        del ref32
+    err = max(float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-6)) for a, b in zip(base, ref))
+    tol = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}[dtype]
+    rec.check("kernels_vs_reference", err < tol, {"max_rel_err": err, "tolerance": tol})
+    base_policies = [p for p in policies if p != "auto"]
+    candidates = list(dict.fromkeys(["default"] + base_policies + (
+        [p for p in P.BASE_POLICIES if not (P.uses_persist(p) and limits["persisting_l2_max_bytes"] <= 0)]
+        if "auto" in policies else [])))
+    for p in candidates:
+        if p == "default":
+            continue
+        ys = runner.outputs(p)
+        diff = max(float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-6)) for a, b in zip(ys, base))
+        # Triton kernels are deterministic: bit-identical; cuDNN may pick other algorithms: 1e-3
+        rec.check(f"{p}_same_output_as_default", diff == 0.0 if cfg.impl == "triton" else diff < 1e-3,
+                  {"max_rel_diff": diff})
+    if runner.persist_plan is not None or any(P.uses_persist(p) for p in candidates):
+        rec.metrics["persist_plan"] = runner.plan_persist().as_dict()
+    if any(P.uses_prefetch(p) for p in candidates):
+        rec.metrics["prefetch"] = {"kernel": runner.prefetch_kind, "lookahead": cfg.lookahead,
+                                   "budget_bytes": int(cfg.prefetch_budget * limits["l2_bytes"]),
+                                   "ops_per_inference": [sum(len(s) for s in sch) for sch in runner.schedules]}
+
+    reps = -(-cfg.reps // len(reqs)) * len(reqs)  # whole passes over the request stream
+    if ncu.under_ncu() and len(base_policies) == 1:
+        runner.ncu_policy = base_policies[0]  # only its timed inferences are inside the profiled NVTX range
+    meas = runner.measure(candidates, 1 if ncu.under_ncu() else cfg.rounds, reps)
+    base_med = statistics.median(meas["default"]["samples"])
+    shown = [p for p in candidates if p in policies or p == "default"]
+    for p in shown:
+        rec.rows.append(_row(p, meas[p]["samples"], base_med,
+                             {"noise": P.relative_noise(meas[p]["round_medians"])}))
+    rec.metrics["round_medians_ms"] = {p: meas[p]["round_medians"] for p in candidates}
+    if "auto" in policies:
+        choice = P.choose_auto({p: meas[p]["round_medians"] for p in candidates})
+        rec.metrics["auto"] = choice.as_dict()
+        confirm_set = ["default"] if choice.policy == "default" else ["default", choice.policy]
+        conf = runner.measure(confirm_set, max(2, cfg.rounds // 2) if not ncu.under_ncu() else 1, reps)
+        d_med = statistics.median(conf["default"]["samples"])
+        a_samples = conf[choice.policy]["samples"]
+        rec.rows.append(_row("auto", a_samples, d_med, {"noise": choice.noise, "chose": choice.policy}))
+        a_med = statistics.median(a_samples)
+        tol = max(choice.noise, P.relative_noise(conf["default"]["round_medians"]))
+        rec.check("auto_not_slower_than_default", a_med <= d_med * (1 + tol),
+                  {"auto_ms": a_med, "default_ms": d_med, "noise": tol, "chose": choice.policy})
+        rec.summary["auto_choice"] = choice.policy
+        rec.summary["auto_speedup"] = round(d_med / a_med, 4) if a_med > 0 else None
+    best = min((r for r in rec.rows if r["policy"] != "auto"), key=lambda r: r["median_ms"])
+    rec.summary.update({"default_ms": round(base_med, 5), "best_policy": best["policy"],
+                        "best_speedup": round(base_med / best["median_ms"], 4)})
+    rec.notes.append("latency per inference = one request of the stream (CUDA events on the compute stream, "
+                     "including the join with the prefetch stream); speedup = default median / policy median")
+    if cfg.pollute_mib:
+        rec.notes.append(f"{cfg.pollute_mib:g} MiB of other traffic (read+write) ran before every inference, untimed")
+    rec.notes.append("CUDA graphs: one per request and policy, captured while the policy is installed (kernel "
+                     "nodes carry the window)" if cfg.graph else
+                     "CUDA graphs are not used (--graph): eager launches, so small layers may be launch-bound")
+
+    if cfg.ncu and not ncu.under_ncu():
+        rows = []
+        for p in base_policies or ["default"]:
+            try:
+                rows.append(_ncu_dram(cfg, p, reps=-(-2 // len(reqs)) * len(reqs)))
+            except GpulabError as e:
+                rec.check(f"ncu[{p}]", False, str(e))
+        rec.metrics["ncu"] = rows
+        d = next((r for r in rows if r["policy"] == "default"), None)
+        for r in rows:
+            for row in rec.rows:
+                if row["policy"] == r["policy"]:
+                    row["dram_read_mib"] = r["dram_read_bytes_per_inference"] / MIB
+                    row["dram_write_mib"] = r["dram_write_bytes_per_inference"] / MIB
+                    row["l2_hit_pct"] = r["l2_hit_rate_pct_mean"]
+        if d:
+            rec.notes.append("ncu: --cache-control none, kernels inside the timed NVTX range only, pollution kernel "
+                             "left out; ncu serializes kernels, so overlap is judged from the timings")

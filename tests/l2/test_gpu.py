@@ -1,0 +1,102 @@
+"""GPU-only paths (run on the device machine with `pytest -m gpu tests/l2`)."""
+import pytest
+import torch
+import yaml
+
+from gpulab.core.errors import InputError
+from gpulab.l2 import cuda_l2
+
+pytestmark = pytest.mark.gpu
+MIB = 1 << 20
+
+
+def test_persisting_limit_set_and_restored():
+    lim = cuda_l2.device_limits()
+    assert lim["l2_bytes"] > 0
+    if lim["persisting_l2_max_bytes"] <= 0:
+        pytest.skip("this GPU has no persisting L2")
+    old = cuda_l2.get_persisting_limit()
+    want = min(lim["persisting_l2_max_bytes"], 4 * MIB)
+    cuda_l2.set_persisting_limit(want)
+    try:
+        assert abs(cuda_l2.get_persisting_limit() - want) <= MIB  # the driver rounds to its granularity
+    finally:
+        cuda_l2.set_persisting_limit(old)
+    assert cuda_l2.get_persisting_limit() == old
+    cuda_l2.reset_persisting_lines()
+
+
+def test_access_policy_window_on_torch_stream():
+    lim = cuda_l2.device_limits()
+    if lim["persisting_l2_max_bytes"] <= 0:
+        pytest.skip("this GPU has no persisting L2")
+    buf = torch.empty(8 * MIB, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.Stream()
+    old = cuda_l2.get_persisting_limit()
+    with cuda_l2.PersistingL2(min(lim["persisting_l2_max_bytes"], 4 * MIB), buf.data_ptr(), 8 * MIB, 0.5,
+                              [s.cuda_stream]):
+        w = cuda_l2.get_access_policy_window(s.cuda_stream)
+        assert (w["base_ptr"], w["num_bytes"]) == (buf.data_ptr(), 8 * MIB)
+        assert w["hit_ratio"] == pytest.approx(0.5) and "Persisting" in w["hit_prop"]
+        with torch.cuda.stream(s):
+            buf.add_(1)  # kernels run under the window
+        torch.cuda.synchronize()
+    assert cuda_l2.get_access_policy_window(s.cuda_stream)["num_bytes"] == 0
+    assert cuda_l2.get_persisting_limit() == old
+    assert int(buf[0]) == 1
+
+
+def test_prefetch_kernels_launch_and_leave_data_unchanged():
+    k = cuda_l2.PrefetchKernels()
+    buf = torch.randint(0, 255, (3 * MIB + 256,), dtype=torch.uint8, device="cuda")
+    ref = buf.clone()
+    s = torch.cuda.Stream()
+    for kind in cuda_l2.PREFETCH_KERNELS:
+        if k.available(kind):
+            k.launch(kind, buf.data_ptr(), buf.numel(), s.cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.equal(buf, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_kernels_on_gpu(dtype):
+    from gpulab.l2 import kernels as K, reference as R
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(70, 300, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(260, 300, device="cuda", generator=g) / 17).to(dtype)
+    b = torch.randn(260, device="cuda", generator=g).to(dtype)
+    y, r = K.linear(x, w, b, relu=True).float(), R.linear(x, w, b, relu=True).float()
+    assert float((y - r).abs().max()) <= 2e-2 * float(r.abs().max())
+    x = torch.randn(3, 40, 15, 17, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(72, 40, 3, 3, device="cuda", generator=g) / 19).to(dtype)
+    y, r = K.conv2d(x, w, b[:72], stride=1, padding=1, relu=True).float(), R.conv2d(x, w, b[:72], 1, 1, True).float()
+    assert float((y - r).abs().max()) <= 2e-2 * float(r.abs().max())
+    words = torch.randint(-2**31, 2**31 - 1, (1 << 20,), dtype=torch.int32, device="cuda")
+    import numpy as np
+    assert int(np.bitwise_xor.reduce(K.touch(words).cpu().numpy())) == R.xor_all(words)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--workload", "mlp", "--width", "1024", "--layers", "4", "--batch", "16", "--pollute-mib", "64"],
+    ["--workload", "mlp", "--width", "512", "--layers", "4", "--batch", "8", "--graph", "--pollute-mib", "64"],
+    ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3", "--graph"],
+    ["--workload", "cnn", "--width", "64", "--layers", "3", "--batch", "4", "--image", "16"],
+    ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3"],
+])
+def test_gpu_run_all_policies(argv, out_dir):
+    from gpulab.cli import invoke
+    invoke(["--device", "cuda", "--out", str(out_dir), "l2", "run", *argv, "--policy", "all", "--reps", "6", "--rounds", "2"])
+    rec = yaml.safe_load(next(out_dir.glob("l2-*.yaml")).read_text())
+    failed = {k: v for k, v in rec["checks"].items() if not v["passed"] and k != "auto_not_slower_than_default"}
+    assert not failed, failed
+    pols = [r["policy"] for r in rec["rows"]]
+    assert pols[:4] == ["default", "persist", "prefetch", "persist+prefetch"] and pols[-1] == "auto"
+    assert all(r["median_ms"] > 0 for r in rec["rows"])
+    assert rec["metrics"]["persist_plan"]["hit_ratio"] <= 1.0
+
+
+def test_gpu_bad_set_aside_is_input_error(out_dir):
+    from gpulab.cli import invoke
+    with pytest.raises(InputError):
+        invoke(["--device", "cuda", "--out", str(out_dir), "l2", "run", "--width", "256", "--layers", "2", "--policy", "persist",
+                "--set-aside-mib", "100000", "--reps", "2", "--rounds", "1"])

@@ -1,0 +1,65 @@
+"""Triton kernels against the torch reference (under TRITON_INTERPRET=1 on the CPU, fp32)."""
+import numpy as np
+import pytest
+import torch
+
+from gpulab.l2 import kernels as K
+from gpulab.l2 import reference as R
+
+
+def _close(a, b, tol=1e-4):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("m,n,k,bias,relu", [(1, 8, 8, True, True), (37, 50, 70, True, False), (20, 33, 17, False, True)])
+def test_linear(m, n, k, bias, relu):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    assert _close(K.linear(x, w, b, relu=relu), R.linear(x, w, b, relu=relu))
+
+
+def test_linear_strided_input_and_shape_errors():
+    x = torch.randn(40, 24)[::2]  # non-contiguous rows
+    w = torch.randn(16, 24)
+    assert _close(K.linear(x, w), R.linear(x, w))
+    with pytest.raises(ValueError):
+        K.linear(torch.randn(3, 5), torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("stride,pad,ks,bias", [(1, 1, 3, True), (2, 1, 3, False), (1, 0, 1, True), (2, 2, 5, True)])
+def test_conv2d(stride, pad, ks, bias):
+    g = torch.Generator().manual_seed(ks * 10 + stride)
+    x = torch.randn(2, 5, 9, 11, generator=g)
+    w = torch.randn(7, 5, ks, ks, generator=g)
+    b = torch.randn(7, generator=g) if bias else None
+    for relu in (False, True):
+        assert _close(K.conv2d(x, w, b, stride=stride, padding=pad, relu=relu),
+                      R.conv2d(x, w, b, stride=stride, padding=pad, relu=relu))
+
+
+def test_conv2d_errors():
+    with pytest.raises(ValueError):
+        K.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError):
+        K.conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError):
+        K.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).transpose(2, 3))
+
+
+@pytest.mark.parametrize("n,programs", [(1, 1), (1000, 3), (5000, 8)])
+def test_touch_reads_every_word(n, programs):
+    words = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    out = K.touch(words, programs=programs)
+    assert int(np.bitwise_xor.reduce(out.numpy())) == R.xor_all(words)
+    words[n // 2] ^= 1  # a changed word changes the result: nothing is skipped
+    out = K.touch(words, programs=programs)
+    assert int(np.bitwise_xor.reduce(out.numpy())) == R.xor_all(words)
+    with pytest.raises(ValueError):
+        K.touch(words.float())
+
+
+def test_pollute_rewrites_every_word():
+    w = torch.arange(1000, dtype=torch.int32)
+    K.pollute(w)
+    assert torch.equal(w, torch.arange(1, 1001, dtype=torch.int32))

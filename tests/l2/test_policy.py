@@ -1,0 +1,135 @@
+"""Policy planning: pure functions (window, hitRatio, prefetch schedule, auto choice)."""
+import itertools
+
+import pytest
+
+from gpulab.core.errors import InputError
+from gpulab.l2 import policy as P
+
+MIB = 1 << 20
+
+
+def test_parse_policies():
+    assert P.parse_policies("default, persist,auto") == ["default", "persist", "auto"]
+    assert P.parse_policies("all") == list(P.ALL_POLICIES)
+    assert P.parse_policies("prefetch+persist,persist+prefetch") == ["persist+prefetch"]
+    for bad in ("", " , ", "persist,lru"):
+        with pytest.raises(InputError):
+            P.parse_policies(bad)
+    assert P.uses_persist("persist+prefetch") and P.uses_prefetch("persist+prefetch")
+    assert not P.uses_persist("prefetch") and not P.uses_prefetch("default")
+
+
+def test_hit_ratio():
+    assert P.hit_ratio(30 * MIB, 60 * MIB) == pytest.approx(0.5)
+    assert P.hit_ratio(30 * MIB, 10 * MIB) == 1.0
+    assert P.hit_ratio(30 * MIB, 0) == 0.0
+    with pytest.raises(InputError):
+        P.hit_ratio(-1, 10)
+
+
+def test_plan_persist_h100_numbers():
+    # H100 here: persisting max 32.8 MB (31.25 MiB), max window 128 MiB - 4 KiB
+    pmax, wmax = 32_768_000, 134_213_632
+    small = P.plan_persist(20 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
+    assert small.window_bytes == 20 * MIB and small.hit_ratio == 1.0 and small.coverage == 1.0
+    assert small.set_aside_bytes == 31 * MIB and small.set_aside_bytes <= pmax
+    big = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
+    assert big.window_bytes == 96 * MIB
+    assert big.hit_ratio == pytest.approx(31 / 96)
+    huge = P.plan_persist(300 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
+    assert huge.window_bytes == wmax and huge.coverage == pytest.approx(wmax / (300 * MIB))
+    capped = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax,
+                            set_aside_bytes=8 * MIB, window_bytes=16 * MIB)
+    assert (capped.window_bytes, capped.hit_ratio) == (16 * MIB, 0.5)
+    d = capped.as_dict()
+    assert d["window_bytes"] == 16 * MIB and d["coverage"] == pytest.approx(1 / 6, abs=1e-5)
+
+
+def test_plan_persist_errors():
+    with pytest.raises(InputError, match="no persisting L2"):
+        P.plan_persist(MIB, persisting_max_bytes=0, max_window_bytes=MIB)
+    with pytest.raises(InputError, match="exceeds"):
+        P.plan_persist(MIB, persisting_max_bytes=MIB, max_window_bytes=MIB, set_aside_bytes=2 * MIB)
+    with pytest.raises(InputError):
+        P.plan_persist(0, persisting_max_bytes=MIB, max_window_bytes=MIB)
+    with pytest.raises(InputError):
+        P.plan_persist(MIB, persisting_max_bytes=MIB, max_window_bytes=0)
+    with pytest.raises(InputError):
+        P.plan_persist(MIB, persisting_max_bytes=MIB, max_window_bytes=MIB, window_bytes=0)
+
+
+def test_hotness_order():
+    counts = {"a": 1, "b": 3, "c": 3, "d": 2}
+    pos = {"a": 0, "b": 2, "c": 1, "d": 3}
+    assert P.hotness_order(counts, pos) == ["c", "b", "d", "a"]
+    with pytest.raises(InputError):
+        P.hotness_order({"a": 1}, {"b": 0})
+
+
+def _check_schedule(sizes, budget, lookahead):
+    ops = P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead)
+    done = [0] * len(sizes)
+    for op in ops:
+        assert op.target_layer > op.at_layer and op.target_layer - op.at_layer <= lookahead
+        assert op.target_layer != 0 and op.nbytes > 0
+        assert op.offset == done[op.target_layer]  # consecutive pieces, no overlap
+        done[op.target_layer] += op.nbytes
+    assert all(d <= s for d, s in zip(done, sizes))
+    for i in range(len(sizes)):  # in flight while layer i runs stays within the budget (when it fits at all)
+        in_flight = sizes[i] + sum(op.nbytes for op in ops if op.at_layer <= i < op.target_layer)
+        if any(op.at_layer == i for op in ops):
+            assert in_flight <= max(budget, sizes[i])
+    return ops, done
+
+
+def test_prefetch_schedule_basic():
+    ops = P.prefetch_schedule([4, 4, 4, 4], l2_budget_bytes=100, lookahead=1)
+    assert [(o.at_layer, o.target_layer, o.offset, o.nbytes) for o in ops] == [(0, 1, 0, 4), (1, 2, 0, 4), (2, 3, 0, 4)]
+    ops = P.prefetch_schedule([4, 4, 4, 4], l2_budget_bytes=100, lookahead=2)
+    assert [(o.at_layer, o.target_layer) for o in ops] == [(0, 1), (0, 2), (1, 3)]
+    # budget forces partial prefetches: layer 0 (6) + room 4 of layer 1
+    ops = P.prefetch_schedule([6, 10, 2], l2_budget_bytes=10, lookahead=1)
+    assert [(o.at_layer, o.target_layer, o.offset, o.nbytes) for o in ops] == [(0, 1, 0, 4)]
+    assert P.prefetch_schedule([8], l2_budget_bytes=10) == []
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_prefetch_schedule_properties(lookahead):
+    for sizes in itertools.product([0, 3, 7, 20], repeat=4):
+        for budget in (5, 12, 40):
+            _check_schedule(list(sizes), budget, lookahead)
+
+
+def test_prefetch_schedule_errors_and_grouping():
+    with pytest.raises(InputError):
+        P.prefetch_schedule([1, 2], l2_budget_bytes=0)
+    with pytest.raises(InputError):
+        P.prefetch_schedule([1, 2], l2_budget_bytes=10, lookahead=0)
+    with pytest.raises(InputError):
+        P.prefetch_schedule([1, -2], l2_budget_bytes=10)
+    groups = P.group_by_layer(P.prefetch_schedule([1, 1, 1], l2_budget_bytes=10), 3)
+    assert [len(g) for g in groups] == [1, 1, 0]
+
+
+def test_choose_auto():
+    # persist clearly faster than default (noise ~2%)
+    c = P.choose_auto({"default": [10.0, 10.2, 10.1], "persist": [8.0, 8.1, 8.05], "prefetch": [10.5, 10.4, 10.6]})
+    assert c.policy == "persist" and c.gain == pytest.approx((10.1 - 8.05) / 10.1)
+    # a 1% gain inside 5% noise keeps default
+    c = P.choose_auto({"default": [10.0, 10.5, 9.99], "persist": [9.9, 9.95, 9.9]})
+    assert c.policy == "default" and "within noise" in c.reason
+    # noisy candidate: its own spread counts too
+    c = P.choose_auto({"default": [10.0, 10.0, 10.0], "prefetch": [9.0, 12.0, 6.0]})
+    assert c.policy == "default"
+    # everything slower: default
+    assert P.choose_auto({"default": [1.0], "persist": [2.0]}).policy == "default"
+    with pytest.raises(InputError):
+        P.choose_auto({"persist": [1.0]})
+
+
+def test_relative_noise():
+    assert P.relative_noise([10.0, 10.0]) == 0.01
+    assert P.relative_noise([9.0, 10.0, 11.0]) == pytest.approx(0.2)
+    with pytest.raises(InputError):
+        P.relative_noise([])

@@ -1,0 +1,95 @@
+"""The prefetch ordering of PolicyRunner.infer, with recording stand-ins for streams, events and kernels."""
+import torch
+
+from gpulab.l2 import policy as P
+from gpulab.l2.bench import PolicyRunner, RunConfig
+from gpulab.l2.models import Layer, Request
+from gpulab.l2.policy import Region
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log, self.cuda_stream = name, log, hash(name)
+
+    def wait_event(self, ev):
+        self.log.append(("wait", self.name, ev.i))
+
+    def wait_stream(self, other):
+        self.log.append(("join", self.name, other.name))
+
+
+class _Event:
+    def __init__(self, i, log):
+        self.i, self.log = i, log
+
+    def record(self, stream):
+        self.log.append(("record", stream.name, self.i))
+
+
+class _Kernels:
+    def __init__(self, log):
+        self.log = log
+
+    def launch(self, kind, ptr, nbytes, stream):
+        self.log.append(("prefetch", kind, ptr, nbytes))
+
+
+class _Arena:
+    base_ptr = 1 << 30
+
+
+class _Model:
+    arena = _Arena()
+
+
+def _runner(sizes, budget, lookahead=1):
+    log = []
+    layers = []
+    off = 0
+    for i, n in enumerate(sizes):
+        layers.append(Layer(f"l{i}", (lambda x, i=i: (log.append(("layer", i)), x + 1)[1]), Region(f"l{i}", off, n)))
+        off += n
+    r = PolicyRunner.__new__(PolicyRunner)
+    r.cfg = RunConfig(lookahead=lookahead)
+    r.model = _Model()
+    r.requests = [Request(torch.zeros(2), layers)]
+    r.main, r.side = _Stream("main", log), _Stream("side", log)
+    r.events = [_Event(i, log) for i in range(len(sizes))]
+    r.schedules = [P.group_by_layer(P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead),
+                                    len(sizes))]
+    r.prefetch_kind, r._kernels = "prefetch_l2", _Kernels(log)
+    return r, log
+
+
+def test_prefetch_next_layer_while_current_runs():
+    r, log = _runner([256, 512, 768], budget=10_000)
+    y = r.infer(0, "prefetch")
+    assert float(y[0]) == 3.0
+    base = _Arena.base_ptr
+    assert log == [
+        ("record", "main", 0), ("wait", "side", 0), ("prefetch", "prefetch_l2", base + 256, 512), ("layer", 0),
+        ("record", "main", 1), ("wait", "side", 1), ("prefetch", "prefetch_l2", base + 768, 768), ("layer", 1),
+        ("layer", 2),
+        ("join", "main", "side"),
+    ]
+
+
+def test_no_prefetch_for_default_and_persist():
+    for pol in ("default", "persist"):
+        r, log = _runner([256, 512], budget=10_000)
+        r.infer(0, pol)
+        assert log == [("layer", 0), ("layer", 1)]
+
+
+def test_budget_limits_prefetch_bytes():
+    r, log = _runner([256, 512, 768], budget=640)  # room for 384 of layer 1, then 128 of layer 2
+    r.infer(0, "persist+prefetch")
+    pf = [e for e in log if e[0] == "prefetch"]
+    assert pf == [("prefetch", "prefetch_l2", _Arena.base_ptr + 256, 384),
+                  ("prefetch", "prefetch_l2", _Arena.base_ptr + 768, 128)]
+
+
+def test_unaligned_piece_is_aligned_down_inside_the_arena():
+    r, log = _runner([256, 512], budget=10_000)
+    r._launch_prefetch(256 + 40, 100)
+    assert log[-1] == ("prefetch", "prefetch_l2", _Arena.base_ptr + 256, 140)
