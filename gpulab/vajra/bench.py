@@ -1,0 +1,336 @@
+"""``gpulab serve-bench``: the vajra engine under a synthetic serving load, FP8 against BF16, HF as the floor.
+
+For each weight precision of ``--compare`` (``fp8``: the config's compressed-tensors FP8 scheme, added
+when the folder has none; ``bf16``: no quantization, weights in the activation dtype, which is fp32 on
+the CPU) the model is loaded (``--load-format dummy``: random weights of the real shapes), warmed up,
+and served ``--num-prompts`` requests of ``--input-len`` random token ids (or a prompts file) with
+``--output-len`` greedy tokens each (EOS ignored), arriving as a Poisson process of ``--request-rate``
+(``inf``: all at once) with at most ``--max-concurrency`` in flight. Per request: TTFT, TPOT, ITL and
+end-to-end latency from its arrival; per run: output tok/s and requests/s. Then one request alone
+measures the batch-1 decode step against the HBM roofline (weight bytes + KV bytes read, over the
+copy bandwidth measured in the same run). A naive transformers ``generate`` loop gives the floor.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import random
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional
+
+from gpulab.core.errors import InputError
+
+FP8_SCHEME = {  # what llm-compressor writes for FP8_DYNAMIC (Llama-3.1-8B-Instruct-FP8 and friends)
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True,
+                              "dynamic": True},
+    }},
+    "ignore": ["lm_head"],
+}
+# HBM bandwidth from the vendors' data sheets (bytes/s), for the spec roofline next to the measured one
+SPEC_HBM = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
+            "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12,
+            "L40S": 0.864e12}
+
+
+ROW_COLUMNS = ["impl", "act_dtype", "cuda_graphs", "output_tok_s", "requests_s", "ttft_median_ms", "ttft_p99_ms",
+               "tpot_median_ms", "itl_p99_ms", "e2e_median_ms", "decode_b1_ms", "roofline_ms", "roofline_frac"]
+
+
+def pct(values: list[float], q: float) -> float:
+    from gpulab.core.timing import quantile
+
+    return quantile(sorted(values), q) if values else float("nan")
+
+
+def stats(name: str, values_ms: list[float]) -> dict[str, float]:
+    if not values_ms:
+        return {f"{name}_mean_ms": float("nan"), f"{name}_median_ms": float("nan"), f"{name}_p99_ms": float("nan")}
+    return {f"{name}_mean_ms": sum(values_ms) / len(values_ms), f"{name}_median_ms": pct(values_ms, 0.5),
+            f"{name}_p99_ms": pct(values_ms, 0.99)}
+
+
+def variant_dir(model_dir: Path, precision: str, load_format: str, tmp: Path) -> tuple[Optional[Path], str]:
+    """A folder whose config.json asks for ``precision``; (None, reason) where that cannot be made."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    has_q = bool(cfg.get("quantization_config"))
+    if (precision == "fp8") == has_q:
+        return model_dir, ""
+    if load_format != "dummy":
+        return None, (f"{precision} needs a {'quantized' if precision == 'fp8' else 'bf16'} checkpoint; "
+                      f"{model_dir} is {'FP8' if has_q else 'not quantized'} (use --load-format dummy to compare)")
+    d = tmp / precision
+    d.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "config.json" and not f.name.endswith(".safetensors"):
+            (d / f.name).symlink_to(f.resolve())
+    new = copy.deepcopy(cfg)
+    if precision == "fp8":
+        new["quantization_config"] = FP8_SCHEME
+    else:
+        new.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(new))
+    return d, ""
+
+
+def make_prompts(args: dict[str, Any], vocab: int, tokenizer) -> list[list[int]]:
+    rng = random.Random(args["seed"])
+    if args.get("prompts_file"):
+        p = Path(args["prompts_file"])
+        if not p.is_file():
+            raise InputError(f"prompts file not found: {p}")
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise InputError(f"{p}: no prompts (one per line, plain text or JSON {{\"prompt\": ...}})")
+        if tokenizer is None:
+            raise InputError(f"{p}: text prompts need the model folder's tokenizer")
+        out = []
+        for i, ln in enumerate(lines):
+            text = ln
+            if ln.lstrip().startswith("{"):
+                try:
+                    text = json.loads(ln)["prompt"]
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(f"{p}: line {i + 1} is not JSON with a 'prompt' string") from None
+            out.append(tokenizer.encode(text)[: args["input_len"]])
+        return [out[i % len(out)] for i in range(args["num_prompts"])]
+    return [[rng.randrange(vocab) for _ in range(args["input_len"])] for _ in range(args["num_prompts"])]
+
+
+def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float, max_concurrency: Optional[int],
+          seed: int) -> dict[str, Any]:
+    """Serve ``prompts`` in-process with Poisson arrivals; per-request latencies and throughput."""
+    from gpulab.vajra.sampling import SamplingParams
+
+    rng = random.Random(seed + 1)
+    t, arrivals = 0.0, []
+    for _ in prompts:
+        arrivals.append(t)
+        if math.isfinite(request_rate):
+            t += rng.expovariate(request_rate)
+    pending = deque(zip(arrivals, prompts))
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    seqs, inflight = [], 0
+    start = time.perf_counter()
+    engine.step_log = []
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now and (max_concurrency is None or inflight < max_concurrency):
+            _, ids = pending.popleft()
+            seqs.append(engine.add_request(ids, sp))
+            inflight += 1
+        if not engine.has_unfinished():
+            if pending:
+                time.sleep(max(0.0, min(pending[0][0] - (time.perf_counter() - start), 0.05)))
+            continue
+        for o in engine.step():
+            if o.finished:
+                inflight -= 1
+    duration = time.perf_counter() - start
+    ttft, tpot, itl, e2e = [], [], [], []
+    for s in seqs:
+        tt = s.token_times
+        ttft.append((tt[0] - s.arrival_time) * 1e3)
+        e2e.append((tt[-1] - s.arrival_time) * 1e3)
+        if len(tt) > 1:
+            tpot.append((tt[-1] - tt[0]) / (len(tt) - 1) * 1e3)
+            itl += [(b - a) * 1e3 for a, b in zip(tt, tt[1:])]
+    n_out = sum(s.num_output for s in seqs)
+    res = {"duration_s": duration, "completed": sum(1 for s in seqs if s.finish_reason == "length"),
+           "output_tokens": n_out, "output_tok_s": n_out / duration, "requests_s": len(seqs) / duration,
+           "total_tok_s": (n_out + sum(s.prompt_len for s in seqs)) / duration,
+           "preemptions": engine.scheduler.num_preemptions, "steps": len(engine.step_log),
+           "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs)}
+    res.update(stats("ttft", ttft))
+    res.update(stats("tpot", tpot))
+    res.update(stats("itl", itl))
+    res.update(stats("e2e", e2e))
+    return res
+
+
+def decode_batch1(engine, input_len: int, steps: int, vocab: int, seed: int) -> dict[str, Any]:
+    """Median decode-step time of one sequence alone, and the KV bytes that step reads."""
+    from gpulab.vajra.sampling import SamplingParams
+
+    rng = random.Random(seed + 2)
+    ids = [rng.randrange(vocab) for _ in range(input_len)]
+    engine.step_log = []
+    engine.add_request(ids, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    dec = [s["ms"] for s in engine.step_log if s["decode_only"]]
+    info = engine.model.info
+    kv_token = engine.model.kv_bytes_per_block(1, engine.config.kv_cache_dtype)
+    ctx = input_len + steps / 2
+    return {"decode_b1_ms": pct(dec, 0.5) if dec else float("nan"), "decode_b1_steps": len(dec),
+            "kv_bytes_read": kv_token * ctx, "num_layers": info.num_layers}
+
+
+def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[int]], output_len: int
+             ) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    if getattr(cfg, "quantization_config", None):
+        if load_format != "dummy":
+            raise RuntimeError("an FP8 checkpoint needs the compressed-tensors package in transformers")
+        cfg.quantization_config = None
+        del cfg.quantization_config
+    if load_format == "dummy":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).to(device)
+    model.eval()
+    n = len(prompts[0])
+    batch = torch.tensor([p[:n] for p in prompts if len(p) >= n], device=device)
+    kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+              pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    with torch.no_grad():
+        model.generate(batch[:1, : min(n, 8)], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(batch, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    produced = int((out.shape[1] - n) * out.shape[0])
+    del model
+    return {"output_tok_s": produced / dt, "requests_s": out.shape[0] / dt, "duration_s": dt,
+            "num_prompts": int(out.shape[0]), "e2e_mean_ms": dt * 1e3}
+
+
+def run(model_dir: Path, args: dict[str, Any]):
+    import torch
+
+    from gpulab.core import ceilings, options, results
+    from gpulab.core.device import probe
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    device = options.resolve_device()
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise InputError(f"model folder not found or without config.json: {model_dir}")
+    compare = [c.strip() for c in args["compare"].split(",") if c.strip()]
+    bad = [c for c in compare if c not in ("fp8", "bf16")]
+    if bad or not compare:
+        raise InputError(f"--compare takes fp8 and/or bf16, got {args['compare']!r}")
+    for k in ("input_len", "output_len", "num_prompts", "decode_steps"):
+        if args[k] < 1:
+            raise InputError(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
+    if not (args["request_rate"] > 0):
+        raise InputError(f"--request-rate must be > 0 or inf, got {args['request_rate']}")
+    if args["max_concurrency"] is not None and args["max_concurrency"] < 1:
+        raise InputError(f"--max-concurrency must be >= 1, got {args['max_concurrency']}")
+
+    rec = results.Record(name="serve-bench", config={"model_dir": str(model_dir), "device": device, **args})
+    if device != "cuda":
+        rec.notes.append("no GPU: CPU run at small size (fp32 activations; FP8 weights dequantized on the CPU); "
+                         "CUDA graphs, Triton/FlashInfer attention and the H100 goals are not measured here")
+    bw = ceilings.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda" else (64 << 20))
+    rec.metrics["copy_bandwidth_gbs"] = bw
+    gpu_name = ((probe() or {}).get("gpu") or {}).get("name", "") if device == "cuda" else ""
+    spec_bw = next((v for k, v in SPEC_HBM.items() if k.lower() in gpu_name.lower()), None)
+    rec.metrics["spec_hbm_bandwidth_gbs"] = spec_bw / 1e9 if spec_bw else None
+
+    cfg = EngineConfig(max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
+                       block_size=args["block_size"], num_blocks=args["num_blocks"],
+                       gpu_memory_utilization=args["gpu_memory_utilization"], kv_cache_dtype=args["kv_cache_dtype"],
+                       cuda_graphs=args["cuda_graphs"]).validate()
+    per_variant: dict[str, dict[str, Any]] = {}
+    prompts = None
+    with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
+        for precision in compare:
+            vdir, why = variant_dir(model_dir, precision, args["load_format"], Path(tmp))
+            if vdir is None:
+                rec.notes.append(f"vajra-{precision} skipped: {why}")
+                continue
+            engine = load_engine(vdir, device=device, config=copy.deepcopy(cfg), load_format=args["load_format"],
+                                 attention_backend=args["attention_backend"])
+            rec.notes += [f"vajra-{precision}: {n}" for n in engine.notes]
+            vocab = engine.vocab_size
+            if prompts is None:
+                prompts = make_prompts(args, vocab, engine.tokenizer)
+            # warm-up: compile / autotune every path once (prefill chunks and decodes)
+            engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
+                            SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            res = drive(engine, prompts, args["output_len"], args["request_rate"], args["max_concurrency"],
+                        args["seed"])
+            rec.check(f"vajra-{precision}: every request completed with --output-len tokens",
+                      res["lengths_ok"] and res["completed"] == len(prompts))
+            rec.check(f"vajra-{precision}: KV blocks all returned", engine.block_manager.num_used == 0,
+                      {"used": engine.block_manager.num_used})
+            # same prompts, a different chunking (budget 1/4, at least one block): same greedy tokens?
+            k = min(4, len(prompts))
+            engine.scheduler.max_num_batched_tokens = max(engine.config.block_size, cfg.max_num_batched_tokens // 4)
+            again = engine.generate(prompts[:k], SamplingParams(max_tokens=args["output_len"], temperature=0.0,
+                                                                ignore_eos=True))
+            engine.scheduler.max_num_batched_tokens = cfg.max_num_batched_tokens
+            pairs = [(a, b) for o, ref in zip(again, res["outputs"][:k]) for a, b in zip(o.output_token_ids, ref)]
+            agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
+            res["rechunk_token_agreement"] = agree
+            exact = engine.model.info.dtype == torch.float32
+            rec.check(f"vajra-{precision}: greedy tokens independent of chunking",
+                      agree == 1.0 if exact else agree >= 0.5,
+                      {"agreement": agree, "rule": "exact (fp32)" if exact else ">= 0.5 (bf16 numerics depend on "
+                                                                                  "the batch)"})
+            dec = decode_batch1(engine, args["input_len"], args["decode_steps"], vocab, args["seed"])
+            wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None
+            row = {"impl": f"vajra-{precision}", "act_dtype": str(engine.model.info.dtype).replace("torch.", ""),
+                   "kv_cache": args["kv_cache_dtype"], "cuda_graphs": engine.graphs is not None,
+                   "num_blocks": engine.num_blocks, **{k2: v for k2, v in res.items() if k2 != "outputs"}, **dec}
+            if wbytes:
+                moved = wbytes + dec["kv_bytes_read"]
+                row["weight_bytes"] = wbytes
+                row["roofline_ms"] = moved / (bw * 1e9) * 1e3
+                row["roofline_frac"] = row["roofline_ms"] / dec["decode_b1_ms"]
+                if spec_bw:
+                    row["spec_roofline_ms"] = moved / spec_bw * 1e3
+                    row["spec_roofline_frac"] = row["spec_roofline_ms"] / dec["decode_b1_ms"]
+            per_variant[precision] = row
+            rec.metrics.setdefault("variants", {})[row["impl"]] = row
+            rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
+            del engine
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if args["hf_baseline"] and prompts:
+        hp = prompts[: max(1, min(args["hf_num_prompts"], len(prompts)))]
+        try:
+            hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])
+            hrow = {"impl": "hf-generate", "act_dtype": "bfloat16" if device == "cuda" else "float32", **hf}
+            rec.metrics.setdefault("variants", {})["hf-generate"] = hrow
+            rec.rows.append({c: hrow.get(c) for c in ROW_COLUMNS})
+            rec.notes.append(f"hf-generate: one static batch of {hf['num_prompts']} prompts through "
+                             "transformers generate (no continuous batching, no paged cache): the floor")
+        except Exception as e:  # noqa: BLE001 - the floor is optional; say why it is missing
+            rec.notes.append(f"hf-generate skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for p, row in per_variant.items():
+        rec.summary[f"{p}_output_tok_s"] = round(row["output_tok_s"], 2)
+        rec.summary[f"{p}_decode_b1_ms"] = round(row["decode_b1_ms"], 4)
+        if "roofline_frac" in row:
+            rec.summary[f"{p}_roofline_frac"] = round(row["roofline_frac"], 3)
+    if "fp8" in per_variant and "bf16" in per_variant:
+        rec.summary["fp8_over_bf16"] = round(per_variant["fp8"]["output_tok_s"] / per_variant["bf16"]["output_tok_s"], 3)
+    hf_row = next((r for r in rec.rows if r["impl"] == "hf-generate"), None)
+    if hf_row and per_variant:
+        best = max(r["output_tok_s"] for r in per_variant.values())
+        rec.summary["best_over_hf"] = round(best / hf_row["output_tok_s"], 2)
+    if not per_variant:
+        rec.check("at least one vajra variant ran", False, "; ".join(rec.notes))
+    return rec

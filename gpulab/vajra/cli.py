@@ -1,0 +1,166 @@
+"""Typer apps of the vajra serving side: ``gpulab serve``, ``gpulab generate``, ``gpulab serve-bench``.
+
+Each is a Typer app with one command (the root CLI registers them lazily). torch, transformers,
+fastapi and uvicorn are imported inside the commands, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from gpulab.core.errors import InputError
+
+_SETTINGS = {"help_option_names": ["-h", "--help"]}
+serve_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pretty_exceptions_enable=False)
+generate_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pretty_exceptions_enable=False)
+bench_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pretty_exceptions_enable=False)
+
+_MODEL = typer.Argument(..., help="Model folder (config.json, tokenizer, *.safetensors unless --load-format dummy).")
+
+
+def _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
+                   kv_cache_dtype, cuda_graphs, max_model_len=None):
+    from gpulab.vajra.engine import EngineConfig
+
+    return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        block_size=block_size, num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                        kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs, max_model_len=max_model_len).validate()
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise InputError(f"model folder not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir}: no config.json in the model folder")
+
+
+@serve_app.command()
+def serve(
+    model_dir: Path = _MODEL,
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)."),
+    max_num_seqs: int = typer.Option(256, help="Most sequences in one batch."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step (prefill chunk size)."),
+    max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
+    block_size: int = typer.Option(16, help="Tokens per KV-cache block."),
+    num_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: from free GPU memory)."),
+    gpu_memory_utilization: float = typer.Option(0.90, help="Fraction of GPU memory for weights + cache."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
+    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
+    load_format: str = typer.Option("auto", help="auto | dummy (random weights of the config's shapes)"),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps."),
+) -> None:
+    """Serve a Llama-family model (FP8 or BF16) over an OpenAI-compatible HTTP API."""
+    from gpulab.core import options
+
+    _check_model_dir(model_dir)
+    if not (0 < port < 65536):
+        raise InputError(f"--port must be in 1..65535, got {port}")
+    cfg = _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
+                         kv_cache_dtype, cuda_graphs, max_model_len)
+    from gpulab.vajra.engine import load_engine
+    from gpulab.vajra.server import serve as run_server
+
+    engine = load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=load_format,
+                         attention_backend=attention_backend)
+    name = served_model_name or model_dir.resolve().name
+    typer.echo(f"vajra: serving '{name}' on http://{host}:{port}/v1 ({engine.num_blocks} KV blocks of "
+               f"{block_size}, max {engine.max_model_len} tokens, CUDA graphs "
+               f"{'on' if engine.graphs is not None else 'off'})", err=True)
+    for note in engine.notes:
+        typer.echo(f"note: {note}", err=True)
+    run_server(engine, name, host=host, port=port)
+
+
+@generate_app.command()
+def generate(
+    model_dir: Path = _MODEL,
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text (repeat for several)."),
+    max_tokens: int = typer.Option(64, help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(-1, help="-1: off."),
+    seed: Optional[int] = typer.Option(None),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message (chat template)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+    max_num_seqs: int = typer.Option(64),
+    max_num_batched_tokens: int = typer.Option(2048),
+    block_size: int = typer.Option(16),
+    num_blocks: Optional[int] = typer.Option(None),
+    gpu_memory_utilization: float = typer.Option(0.90),
+    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
+    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
+    load_format: str = typer.Option("auto", help="auto | dummy"),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
+) -> None:
+    """Generate text for one or more prompts offline and print it."""
+    from gpulab.core import options
+
+    _check_model_dir(model_dir)
+    if any(not p for p in prompt):
+        raise InputError("--prompt must not be empty")
+    cfg = _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
+                         kv_cache_dtype, cuda_graphs)
+    from gpulab.vajra.engine import load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    engine = load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=load_format,
+                         attention_backend=attention_backend)
+    if engine.tokenizer is None:
+        raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                        stop=list(stop), ignore_eos=ignore_eos).validate(engine.vocab_size)
+    inputs = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompt]
+    outs = engine.generate(inputs, sp)
+    for p, o in zip(prompt, outs):
+        if len(prompt) > 1:
+            typer.echo(f"--- {p!r} ({o.num_output_tokens} tokens, {o.finish_reason})")
+        typer.echo(o.text)
+
+
+@bench_app.command()
+def bench(
+    model_dir: Path = _MODEL,
+    input_len: int = typer.Option(1000, help="Prompt tokens per request (random ids unless --prompts-file)."),
+    output_len: int = typer.Option(1000, help="Generated tokens per request (EOS ignored)."),
+    num_prompts: int = typer.Option(200, help="Requests."),
+    request_rate: float = typer.Option(float("inf"), help="Poisson arrivals per second; inf: all at once."),
+    max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text prompts, one per line (or JSON {\"prompt\": ...})."),
+    compare: str = typer.Option("fp8,bf16", help="Weight precisions to run: fp8, bf16 or both."),
+    hf_baseline: bool = typer.Option(True, "--hf-baseline/--no-hf-baseline", help="Run the transformers floor."),
+    hf_num_prompts: int = typer.Option(8, help="Prompts in the transformers generate batch."),
+    decode_steps: int = typer.Option(64, help="Decode steps timed at batch 1."),
+    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: int = typer.Option(2048),
+    block_size: int = typer.Option(16),
+    num_blocks: Optional[int] = typer.Option(None),
+    gpu_memory_utilization: float = typer.Option(0.90),
+    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
+    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
+    load_format: str = typer.Option("dummy", help="auto | dummy"),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Serving benchmark: TTFT/TPOT/ITL/e2e, tok/s, batch-1 decode vs roofline; FP8 vs BF16 vs HF generate."""
+    import math
+
+    _check_model_dir(model_dir)
+    if math.isnan(request_rate):
+        raise InputError("--request-rate must be a number > 0 or inf")
+    from gpulab.vajra.bench import run
+
+    args = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, request_rate=request_rate,
+                max_concurrency=max_concurrency, prompts_file=str(prompts_file) if prompts_file else None,
+                compare=compare, hf_baseline=hf_baseline, hf_num_prompts=hf_num_prompts, decode_steps=decode_steps,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_dtype=kv_cache_dtype, attention_backend=attention_backend, load_format=load_format,
+                cuda_graphs=cuda_graphs, seed=seed)
+    rec = run(model_dir, args)
+    rec.save()
+    rec.print()

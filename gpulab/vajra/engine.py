@@ -1,0 +1,448 @@
+"""The vajra engine: requests in, tokens and text out, one scheduler step at a time.
+
+:class:`LLMEngine` owns the model (any :class:`~gpulab.vajra.interface.VajraModelProtocol`), the paged
+KV cache, the :class:`~gpulab.vajra.block_manager.BlockManager`, the Sarathi-style
+:class:`~gpulab.vajra.scheduler.Scheduler`, the :class:`~gpulab.vajra.sampling.Sampler` and one
+:class:`~gpulab.vajra.detokenizer.IncrementalDetokenizer` per request. :meth:`LLMEngine.step` schedules
+a batch (decodes first, chunked prefills after), builds the :class:`ForwardBatch`, runs the model
+(decode-only batches through captured CUDA graphs on a GPU), samples and returns the new
+tokens/text of each request as :class:`RequestOutput` deltas.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence as Seq
+
+from gpulab.core.errors import InputError
+from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
+from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
+from gpulab.vajra.sampling import Sampler, SamplingParams
+from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence, Status
+
+CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_blocks: Optional[int] = None  # None: from free memory (GPU) or CPU_DEFAULT_KV_BYTES
+    gpu_memory_utilization: float = 0.90
+    kv_cache_dtype: str = "auto"
+    cuda_graphs: bool = True
+    max_model_len: Optional[int] = None  # None: the model's
+    watermark: float = 0.01
+    max_prefill_chunk: Optional[int] = None
+
+    def validate(self) -> "EngineConfig":
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise InputError(f"--num-blocks must be >= 2, got {self.num_blocks}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise InputError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InputError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        return self
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    delta_text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: Optional[str]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    text: str = ""  # all output text so far
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: Any, tokenizer: Optional[Tokenizer], config: EngineConfig | None = None):
+        import torch
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = (config or EngineConfig()).validate()
+        self.device = torch.device(getattr(model, "device", "cpu"))
+        info = model.info
+        self.vocab_size = int(info.vocab_size)
+        self.max_model_len = int(min(self.config.max_model_len or info.max_model_len, info.max_model_len))
+        eos = set(int(t) for t in (info.eos_token_ids or ()))
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+        bs = self.config.block_size
+        self.max_blocks_per_seq = -(-self.max_model_len // bs)
+        self.num_blocks = self._size_cache()
+        self.kv = model.allocate_kv_cache(self.num_blocks, bs, self.config.kv_cache_dtype)
+        self.block_manager = BlockManager(self.num_blocks, bs)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                   watermark=self.config.watermark,
+                                   max_prefill_chunk=self.config.max_prefill_chunk)
+        self.sampler = Sampler(self.device)
+        self._seq_ids = itertools.count()
+        self._by_request: dict[str, Sequence] = {}
+        self.graphs: Optional[DecodeGraphRunner] = None
+        self.notes: list[str] = []
+        if self.config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphRunner.try_capture(self)
+        self.step_log: Optional[list[dict[str, Any]]] = None  # set to [] to record every step
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _size_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_blocks is not None:
+            return int(cfg.num_blocks)
+        if self.device.type != "cuda":
+            per_block = int(self.model.kv_bytes_per_block(cfg.block_size, cfg.kv_cache_dtype))
+            return max(2, min(CPU_DEFAULT_KV_BYTES // per_block, cfg.max_num_seqs * self.max_blocks_per_seq + 1))
+        self._profile_peak_memory()
+        return num_blocks_for_memory(self.model, cfg.block_size, cfg.kv_cache_dtype,
+                                     utilization=cfg.gpu_memory_utilization, device=self.device)
+
+    def _profile_peak_memory(self) -> None:
+        """Run one step of the largest size on a scratch cache, so that sizing leaves room for activations."""
+        import torch
+
+        bs = self.config.block_size
+        total = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        lens = []
+        while total > 0:
+            lens.append(min(total, self.max_model_len))
+            total -= lens[-1]
+        nblocks = sum(-(-n // bs) for n in lens) + 1
+        kv = self.model.allocate_kv_cache(nblocks, bs, self.config.kv_cache_dtype)
+        ids, pos, slots, tables, block = [], [], [], [], 1
+        width = max(-(-n // bs) for n in lens)
+        for n in lens:
+            nb = -(-n // bs)
+            table = list(range(block, block + nb))
+            block += nb
+            ids += [0] * n
+            pos += list(range(n))
+            slots += [table[p // bs] * bs + p % bs for p in range(n)]
+            tables.append(table + [NULL_BLOCK] * (width - nb))
+        dev = self.device
+        batch = _forward_batch(ids, pos, lens, lens, slots, tables, dev, False)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.model.forward(batch, kv)
+        torch.cuda.synchronize(dev)
+        del kv
+        torch.cuda.empty_cache()
+
+    # --- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model folder has no tokenizer: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InputError when the request can never be served (the server answers 400)."""
+        params.validate(self.vocab_size)
+        n = len(prompt_ids)
+        if n == 0:
+            raise InputError("the prompt is empty")
+        bad = next((t for t in prompt_ids if not (0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise InputError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if n + params.max_tokens > self.max_model_len:
+            raise InputError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{n + params.max_tokens} ({n} in the prompt, {params.max_tokens} to generate)")
+        need = self.block_manager.blocks_for(n + params.max_tokens)
+        if need > self.block_manager.capacity_blocks:
+            raise InputError(f"the request needs {need} KV-cache blocks; the cache holds "
+                             f"{self.block_manager.capacity_blocks}")
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        self.check_request(ids, params)
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._by_request:
+            raise InputError(f"request id {rid!r} is already in use")
+        seq = Sequence(next(self._seq_ids), rid, ids, params,
+                       arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        self._by_request[rid] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._by_request.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self.sampler.forget(seq.seq_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # --- one step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        import torch
+
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        batch = self._build_batch(sched)
+        with torch.inference_mode():
+            if sched.is_decode_only and self.graphs is not None and self.graphs.fits(batch.num_seqs):
+                logits = self.graphs.run(batch)
+            else:
+                logits = self.model.forward(batch, self.kv)
+            rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
+            outs: list[RequestOutput] = []
+            if rows:
+                if len(rows) != logits.shape[0]:
+                    logits = logits[torch.tensor(rows, device=logits.device)]
+                seqs = [sched.scheduled[i].seq for i in rows]
+                tokens = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs]).tolist()
+            else:
+                seqs, tokens = [], []
+        now = time.perf_counter()
+        for s in sched.scheduled:
+            s.seq.num_computed += s.num_tokens
+        for seq, tok in zip(seqs, tokens):
+            outs.append(self._append(seq, int(tok), now))
+        if self.step_log is not None:
+            self.step_log.append({"tokens": sched.num_tokens, "seqs": len(sched.scheduled),
+                                  "decode_only": sched.is_decode_only, "ms": (now - t0) * 1e3,
+                                  "preempted": len(sched.preempted)})
+        return outs
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+        p = seq.params
+        seq.token_ids.append(tok)
+        seq.token_times.append(now)
+        seq.detok.add(tok)
+        n = seq.num_output
+        reason = None
+        if n >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                reason = "stop"
+            elif tok in p.stop_token_ids:
+                reason = "stop"
+            elif seq.detok.stopped is not None:
+                reason = "stop"
+        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.detok.flush()
+            self.scheduler.finish(seq, reason)
+            self.sampler.forget(seq.seq_id)
+            self._by_request.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
+                             seq.prompt_len, n, seq.detok.text, seq.output_token_ids if reason else [])
+
+    def _build_batch(self, sched: SchedulerOutput):
+        bm = self.block_manager
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qlens: list[int] = []
+        clens: list[int] = []
+        tables: list[list[int]] = []
+        for s in sched.scheduled:
+            seq, start, n = s.seq, s.start, s.num_tokens
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += bm.slots(seq.seq_id, start, start + n)
+            qlens.append(n)
+            clens.append(start + n)
+            tables.append(bm.table(seq.seq_id))
+        import numpy as np
+
+        width = max(len(t) for t in tables)
+        padded = np.full((len(tables), width), NULL_BLOCK, dtype=np.int32)
+        for i, t in enumerate(tables):
+            padded[i, :len(t)] = t
+        return _forward_batch(ids, pos, qlens, clens, slots, padded, self.device, sched.is_decode_only)
+
+    # --- offline use -----------------------------------------------------------------------------
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to the end; returns the final outputs in prompt order."""
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        ids = [self.add_request(p, sp).request_id for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+
+def _forward_batch(ids, pos, qlens, clens, slots, tables, device, decode_only):
+    import torch
+
+    from gpulab.vajra.interface import ForwardBatch
+
+    pin = device.type == "cuda"
+
+    def t(x, dtype):
+        v = torch.from_numpy(x) if hasattr(x, "dtype") else torch.tensor(x, dtype=dtype)
+        if pin:
+            v = v.pin_memory()
+        return v.to(device, non_blocking=pin)
+
+    return ForwardBatch(
+        input_ids=t(ids, torch.int64),
+        positions=t(pos, torch.int64),
+        query_lens=t(qlens, torch.int32),
+        context_lens=t(clens, torch.int32),
+        slot_mapping=t(slots, torch.int64),
+        block_tables=t(tables, torch.int32),
+        is_decode_only=decode_only,
+    )
+
+
+class DecodeGraphRunner:
+    """CUDA graphs of the decode step for batch sizes 1, 2, 4, 8, 16, 24, ... up to max_num_seqs.
+
+    A decode batch of B sequences replays the graph of the smallest captured size >= B; the padded
+    rows decode token 0 at position 0 into the null block and their logits are dropped.
+    """
+
+    def __init__(self, engine: LLMEngine, sizes: list[int]):
+        import torch
+
+        self.engine = engine
+        self.sizes = sizes
+        dev = engine.device
+        n = max(sizes)
+        w = engine.max_blocks_per_seq
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.query_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(n, w, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, Any] = {}
+        self.outputs: dict[int, Any] = {}
+
+    @staticmethod
+    def capture_sizes(max_num_seqs: int) -> list[int]:
+        sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs] + list(range(16, max_num_seqs + 1, 8))
+        if max_num_seqs not in sizes:
+            sizes.append(max_num_seqs)
+        return sizes
+
+    @classmethod
+    def try_capture(cls, engine: LLMEngine) -> Optional["DecodeGraphRunner"]:
+        try:
+            runner = cls(engine, cls.capture_sizes(engine.config.max_num_seqs))
+            runner.capture()
+            return runner
+        except Exception as e:  # a model whose forward cannot be captured: run eagerly
+            import torch
+
+            torch.cuda.synchronize()
+            engine.notes.append(f"CUDA graphs off: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            return None
+
+    def _batch(self, b: int):
+        from gpulab.vajra.interface import ForwardBatch
+
+        return ForwardBatch(self.input_ids[:b], self.positions[:b], self.query_lens[:b], self.context_lens[:b],
+                            self.slot_mapping[:b], self.block_tables[:b], is_decode_only=True)
+
+    def capture(self) -> None:
+        import torch
+
+        model, kv = self.engine.model, self.engine.kv
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for b in sorted(self.sizes, reverse=True):
+                batch = self._batch(b)
+                for _ in range(2):
+                    model.forward(batch, kv)  # warm up (autotuning, lazy init) outside the graph
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    out = model.forward(batch, kv)
+                pool = g.pool()
+                self.graphs[b] = g
+                self.outputs[b] = out
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def fits(self, b: int) -> bool:
+        return b <= self.sizes[-1] if self.sizes else False
+
+    def run(self, batch):
+        b = batch.num_seqs
+        size = next(s for s in sorted(self.graphs) if s >= b)
+        w = batch.block_tables.shape[1]
+        self.input_ids[:b].copy_(batch.input_ids)
+        self.positions[:b].copy_(batch.positions)
+        self.context_lens[:b].copy_(batch.context_lens)
+        self.slot_mapping[:b].copy_(batch.slot_mapping)
+        self.block_tables[:b, :w].copy_(batch.block_tables)
+        self.block_tables[:b, w:].zero_()
+        if size > b:  # padding rows: token 0 at position 0 in the null block
+            self.input_ids[b:size].zero_()
+            self.positions[b:size].zero_()
+            self.context_lens[b:size].fill_(1)
+            self.slot_mapping[b:size].fill_(NULL_BLOCK * self.engine.config.block_size)
+            self.block_tables[b:size].fill_(NULL_BLOCK)
+        self.graphs[size].replay()
+        return self.outputs[size][:b]
+
+
+def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, load_format: str = "auto",
+                attention_backend: str = "auto", dtype: Any = None, tokenizer: bool = True,
+                linear_backend: str = "auto") -> LLMEngine:
+    """Load a model folder with vajra's loader and wrap it in an engine (tokenizer when present)."""
+    from gpulab.vajra.detokenizer import load_tokenizer
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise InputError(f"model folder not found: {d}")
+    if not (d / "config.json").is_file():
+        raise InputError(f"{d}: no config.json in the model folder")
+    if load_format not in ("auto", "dummy"):
+        raise InputError(f"--load-format must be auto or dummy, got {load_format!r}")
+    if attention_backend not in ("auto", "torch", "triton", "flashinfer"):
+        raise InputError(f"--attention-backend must be auto, torch, triton or flashinfer, got {attention_backend!r}")
+    config.validate()
+    tok = None
+    if tokenizer and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        tok = load_tokenizer(d)
+    try:
+        from gpulab.vajra.load import load_model
+    except ImportError as e:
+        raise InputError(f"the vajra model loader is not available in this build ({e})") from None
+    kwargs: dict[str, Any] = dict(device=device, dtype=dtype, load_format=load_format,
+                                  attention_backend=attention_backend, kv_cache_dtype=config.kv_cache_dtype)
+    if linear_backend != "auto":
+        kwargs["linear_backend"] = linear_backend
+    model = load_model(d, **kwargs)
+    return LLMEngine(model, tok, config)

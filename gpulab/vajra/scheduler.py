@@ -1,0 +1,236 @@
+"""Sarathi-style scheduler: continuous batching, decodes first, prefills chunked to a token budget.
+
+Every step gets a budget of ``max_num_batched_tokens`` tokens and at most ``max_num_seqs`` running
+sequences. The step is filled in this order (stall-free batching, Sarathi-Serve):
+
+1. every running sequence in the decode phase gets its one token; if the cache has no block for it,
+   the most recently admitted running sequence is *preempted by recomputation* (its blocks are
+   freed, its prompt and generated tokens will be prefilled again) until the block fits;
+2. running sequences whose prefill is not finished get the next chunk (as much of the budget as is left);
+3. waiting sequences are admitted first come, first served (the head of the queue blocks the rest,
+   so nobody is overtaken), each with a chunk of what is left of the budget.
+
+A sequence's tokens are ``prompt + output``; ``num_computed`` of them have K/V in the cache. A
+scheduled chunk that reaches the last token yields logits that are sampled; earlier chunks do not.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from gpulab.vajra.block_manager import BlockManager
+from gpulab.vajra.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.perf_counter)
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    stop_reason: Optional[object] = None
+    num_preemptions: int = 0
+    first_scheduled_time: Optional[float] = None
+    token_times: list[float] = field(default_factory=list)  # wall time of each output token
+    detok: object = None  # IncrementalDetokenizer, set by the engine
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # query tokens this step
+    start: int  # first position
+    sample: bool  # this chunk reaches the last token: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return bool(self.scheduled) and all(s.num_tokens == 1 and s.sample for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 watermark: float = 0.01, max_prefill_chunk: int | None = None):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_chunk = max_prefill_chunk or max_num_batched_tokens
+        self.watermark_blocks = int(watermark * block_manager.capacity_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self.num_preemptions = 0
+
+    # --- queue management ------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark ``seq`` finished, drop it from its queue and free its blocks."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # back into the queue in arrival order: it was admitted before everybody still waiting
+        self.waiting.appendleft(seq)
+        if len(self.waiting) > 1 and self.waiting[1].arrival_time < seq.arrival_time:
+            self.waiting = deque(sorted(self.waiting, key=lambda s: (s.arrival_time, s.seq_id)))
+
+    # --- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        done: set[int] = set()
+
+        # 1. decodes, oldest first; preempt the newest to make room
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.remaining != 1:
+                i += 1
+                continue
+            target = seq.num_computed + 1
+            while not self.bm.can_allocate(seq.seq_id, target):
+                victim = self.running[-1]
+                if victim.seq_id in done:  # only unscheduled sequences can be preempted
+                    victim = seq
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # seq itself was preempted; running[i] is now the next one
+            self.bm.allocate(seq.seq_id, target)
+            out.append(ScheduledSeq(seq, 1, seq.num_computed, True))
+            done.add(seq.seq_id)
+            budget -= 1
+            i += 1
+
+        # 2. unfinished prefills of running sequences, oldest first
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.seq_id in done or seq.remaining <= 1:
+                continue
+            want = min(seq.remaining, budget, self.max_prefill_chunk)
+            chunk = self._fit_chunk(seq, want, reserve=0)
+            while chunk <= 0 and self.running[-1] is not seq and self.running[-1].seq_id not in done:
+                # no block for the oldest unfinished prefill: preempt the newest (no deadlock when the
+                # cache is full of half-prefilled sequences)
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                chunk = self._fit_chunk(seq, want, reserve=0)
+            if chunk <= 0:
+                continue
+            self._schedule_chunk(seq, chunk, out)
+            done.add(seq.seq_id)
+            budget -= chunk
+
+        # 3. admit waiting sequences, first come first served
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = min(seq.remaining, budget, self.max_prefill_chunk)
+            # keep a few blocks back so that running decodes do not preempt right away
+            chunk = self._fit_chunk(seq, chunk, reserve=self.watermark_blocks if self.running else 0)
+            if chunk <= 0:
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
+            self.running.append(seq)
+            self._schedule_chunk(seq, chunk, out)
+            done.add(seq.seq_id)
+            budget -= chunk
+        return SchedulerOutput(out, preempted)
+
+    def _fit_chunk(self, seq: Sequence, chunk: int, reserve: int) -> int:
+        if chunk <= 0:
+            return 0
+        if self.bm.can_allocate(seq.seq_id, seq.num_computed + chunk, reserve):
+            return chunk
+        room = self.bm.max_tokens_fitting(seq.seq_id, reserve) - seq.num_computed
+        return max(0, min(chunk, room))
+
+    def _schedule_chunk(self, seq: Sequence, chunk: int, out: list[ScheduledSeq]) -> None:
+        self.bm.allocate(seq.seq_id, seq.num_computed + chunk)
+        out.append(ScheduledSeq(seq, chunk, seq.num_computed, seq.num_computed + chunk == seq.num_tokens))

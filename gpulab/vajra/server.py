@@ -1,0 +1,473 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) around the vajra engine.
+
+:class:`AsyncEngine` runs :class:`~gpulab.vajra.engine.LLMEngine` in one background thread (the
+engine and the model are used by that thread only); request handlers submit work through a locked
+inbox and receive each request's deltas on an ``asyncio.Queue`` fed with
+``loop.call_soon_threadsafe``. A handler that goes away (client disconnect) aborts its request,
+which frees its KV blocks.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(chat template from the tokenizer config), ``stream: true`` as server-sent events ending in
+``data: [DONE]``. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with
+status 400 (malformed JSON, bad parameters, too long a prompt), 404 (unknown model or route),
+405, 500 (the engine failed: every request in flight gets the error, none hangs).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+
+from gpulab.core.errors import InputError
+from gpulab.vajra.engine import LLMEngine, RequestOutput
+from gpulab.vajra.sampling import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+class EngineFailed(Exception):
+    pass
+
+
+class AsyncEngine:
+    """The engine in a background thread; one asyncio.Queue of RequestOutput per request."""
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._idle = idle_wait_s
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="vajra-engine", daemon=True)
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        """Validate (InputError -> 400 in the caller) and queue a request; returns its output queue."""
+        if not self.alive:
+            raise EngineFailed(f"the engine is not running ({self.error!r})")
+        self.engine.check_request(prompt_ids, params)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._adds.append((request_id, prompt_ids, params))
+        self._wake.set()
+        return q
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    # --- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            with self._lock:
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+            for rid, ids, params in adds:
+                try:
+                    eng.add_request(ids, params, request_id=rid)
+                except Exception as e:  # raced validation: hand the error to the request
+                    self._deliver([(rid, e)])
+            for rid in aborts:
+                eng.abort(rid)
+            if not eng.has_unfinished():
+                self._wake.wait(self._idle)
+                self._wake.clear()
+                continue
+            try:
+                outs = eng.step()
+            except BaseException as e:  # noqa: BLE001 - every waiting request must learn of it
+                self.error = e
+                with self._lock:
+                    rids = list(self._streams)
+                self._deliver([(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}")) for rid in rids])
+                return
+            if outs:
+                self._deliver([(o.request_id, o) for o in outs])
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for rid, item in items:
+                target = self._streams.get(rid)
+                if target is None:
+                    continue
+                if isinstance(item, BaseException) or item.finished:
+                    self._streams.pop(rid, None)
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        """Async iterator of RequestOutput for one request; aborts it when the consumer goes away."""
+        q = self.submit(request_id, prompt_ids, params)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
+# --- request parsing ---------------------------------------------------------------------------
+
+_UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
+
+
+def _get(body: dict[str, Any], key: str, types: tuple, default: Any = None) -> Any:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+        names = "/".join(t.__name__ for t in types)
+        raise APIError(400, f"'{key}' must be of type {names}, got {type(v).__name__}", param=key)
+    return v
+
+
+def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int) -> SamplingParams:
+    n = _get(body, "n", (int,), 1)
+    if n != 1:
+        raise APIError(400, f"only n=1 is supported, got n={n}", param="n")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if body.get("echo"):
+        raise APIError(400, "echo is not supported by this server", param="echo")
+    if body.get("best_of") not in (None, 1):
+        raise APIError(400, "best_of is not supported by this server", param="best_of")
+    for k in _UNSUPPORTED_NONZERO:
+        if _get(body, k, (int, float), 0) != 0:
+            raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    sp = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_get(body, "temperature", (int, float), 1.0),
+        top_p=_get(body, "top_p", (int, float), 1.0),
+        top_k=_get(body, "top_k", (int,), -1),
+        seed=_get(body, "seed", (int,), None),
+        stop=stop,
+        stop_token_ids=_get(body, "stop_token_ids", (list,), []),
+        ignore_eos=_get(body, "ignore_eos", (bool,), False),
+        min_tokens=_get(body, "min_tokens", (int,), 0),
+        skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
+    )
+    try:
+        sp.validate(vocab)
+    except InputError as e:
+        param = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=param if param in body or param == "max_tokens" else None) from None
+    return sp
+
+
+def _completion_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return engine.tokenizer.encode(p)
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return list(p)
+    if isinstance(p, list) and len(p) > 1:
+        raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
+    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", param="prompt")
+
+
+def _chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for part in c:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+                parts.append(part["text"])
+            c = "".join(parts)
+        if c is None:
+            c = ""
+        if not isinstance(c, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        clean.append({"role": m["role"], "content": c})
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
+    try:
+        return engine.tokenizer.apply_chat_template(clean)
+    except InputError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+def build_app(async_engine: AsyncEngine, model_name: str):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    engine = async_engine.engine
+    app = FastAPI(title="gpulab vajra", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                            status_code=status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, e: APIError):
+        return err(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return err(e.status_code, str(e.detail), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, e):
+        return err(400, f"invalid request: {e.errors()[0].get('msg', 'bad body') if e.errors() else 'bad body'}")
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, e):
+        return err(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "'model' is required", param="model")
+        if model != model_name:
+            raise APIError(404, f"The model '{model}' does not exist (this server serves '{model_name}')",
+                           param="model", code="model_not_found")
+        if not isinstance(body.get("stream", False), bool):
+            raise APIError(400, "'stream' must be true or false", param="stream")
+        return body
+
+    def usage(o: RequestOutput) -> dict[str, int]:
+        return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": o.num_output_tokens,
+                "total_tokens": o.num_prompt_tokens + o.num_output_tokens}
+
+    def validate(ids: list[int], sp: SamplingParams, param: str) -> None:
+        try:
+            engine.check_request(ids, sp)
+        except InputError as e:
+            code = "context_length_exceeded" if "context length" in str(e) or "KV-cache" in str(e) else None
+            raise APIError(400, str(e), param=param, code=code) from None
+        if not async_engine.alive:
+            raise APIError(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
+
+    async def run(rid, ids, sp, stream: bool, make_chunk, make_final, include_usage: bool, first_chunk=None):
+        gen = async_engine.stream(rid, ids, sp)
+        if not stream:
+            text, last = [], None
+            try:
+                async for o in gen:
+                    text.append(o.delta_text)
+                    last = o
+            except EngineFailed as e:
+                raise APIError(500, str(e), "internal_error") from None
+            return JSONResponse(make_final("".join(text), last))
+
+        async def sse():
+            try:
+                if first_chunk is not None:
+                    yield f"data: {json.dumps(first_chunk)}\n\n"
+                last = None
+                async for o in gen:
+                    last = o
+                    if o.delta_text or o.finished:
+                        yield f"data: {json.dumps(make_chunk(o))}\n\n"
+                if include_usage and last is not None:
+                    yield f"data: {json.dumps(make_chunk(None, usage(last)))}\n\n"
+                yield "data: [DONE]\n\n"
+            except EngineFailed as e:
+                payload = {"error": {"message": str(e), "type": "internal_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(payload)}\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.alive:
+            return err(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
+        return {"status": "ok", "running": engine.num_unfinished}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "gpulab", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        ids = _completion_prompt(engine, body)
+        sp = parse_sampling(body, 16, engine.vocab_size)
+        validate(ids, sp, "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        opts = body.get("stream_options") or {}
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+
+        def chunk(o: Optional[RequestOutput], use=None):
+            choices = [] if o is None else [{"index": 0, "text": o.delta_text, "logprobs": None,
+                                             "finish_reason": o.finish_reason}]
+            c = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices}
+            if use is not None:
+                c["usage"] = use
+            return c
+
+        def final(text: str, o: RequestOutput):
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": o.finish_reason}],
+                    "usage": usage(o)}
+
+        return await run(rid, ids, sp, body.get("stream", False), chunk, final, include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request)
+        ids = _chat_prompt(engine, body)
+        default_max = max(1, engine.max_model_len - len(ids))
+        sp = parse_sampling(body, default_max, engine.vocab_size)
+        validate(ids, sp, "messages")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        opts = body.get("stream_options") or {}
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+
+        def chunk(o: Optional[RequestOutput], use=None):
+            if o is None:
+                choices = []
+            else:
+                delta = {"content": o.delta_text} if o.delta_text else {}
+                choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": o.finish_reason}]
+            c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                 "choices": choices}
+            if use is not None:
+                c["usage"] = use
+            return c
+
+        first = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]}
+
+        def final(text: str, o: RequestOutput):
+            return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": o.finish_reason}],
+                    "usage": usage(o)}
+
+        return await run(rid, ids, sp, body.get("stream", False), chunk, final, include_usage, first_chunk=first)
+
+    return app
+
+
+class ServerThread:
+    """uvicorn serving ``app`` from a background thread on an already-bound socket (tests, benches)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted (the ``gpulab serve`` command)."""
+    import uvicorn
+
+    ae = AsyncEngine(engine).start()
+    app = build_app(ae, model_name)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        ae.shutdown()

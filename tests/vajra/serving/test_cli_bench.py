@@ -1,0 +1,64 @@
+"""The three commands: serve-bench writes a YAML record; generate prints greedy text; bad input is one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from gpulab.cli import invoke
+from gpulab.core.errors import GpulabError
+
+
+def test_serve_bench_writes_yaml(out_dir, tiny_assets):
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "24",
+            "--output-len", "6", "--num-prompts", "4", "--num-blocks", "48", "--decode-steps", "4",
+            "--hf-num-prompts", "2", "--request-rate", "200", "--max-concurrency", "3"])
+    files = list(out_dir.glob("serve-bench-*.yaml"))
+    assert len(files) == 1
+    rec = yaml.safe_load(files[0].read_text())
+    assert rec["ok"] is True
+    impls = [r["impl"] for r in rec["rows"]]
+    assert impls == ["vajra-fp8", "vajra-bf16", "hf-generate"]
+    v = rec["metrics"]["variants"]["vajra-fp8"]
+    assert v["output_tokens"] == 24 and v["completed"] == 4
+    for k in ("ttft_p99_ms", "tpot_median_ms", "itl_mean_ms", "e2e_p99_ms", "decode_b1_ms", "roofline_frac"):
+        assert v[k] > 0
+    assert rec["summary"]["fp8_over_bf16"] > 0
+
+
+def test_generate_prints_greedy_text(tiny_llama, capsys):
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    eng = load_engine(tiny_llama, device="cpu", config=EngineConfig(num_blocks=32))
+    want = eng.generate(["My lord"], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+    invoke(["--device", "cpu", "generate", str(tiny_llama), "--prompt", "My lord", "--max-tokens", "8",
+            "--num-blocks", "32"])
+    assert capsys.readouterr().out == want + "\n"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["generate", "/nonexistent/model", "--prompt", "x"], "model folder not found"),
+    (["serve-bench", "{assets}", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["serve-bench", "{assets}", "--compare", "int4"], "--compare takes fp8"),
+    (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
+    (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
+    (["serve", "{assets}", "--port", "70000"], "--port must be in"),
+    (["generate", "{assets}", "--prompt", "x", "--temperature", "-1", "--load-format", "dummy"], "temperature"),
+])
+def test_bad_input_is_one_line(tiny_assets, argv, msg):
+    argv = [a.replace("{assets}", str(tiny_assets)) for a in argv]
+    with pytest.raises(GpulabError, match=msg.replace("-", r"\-")):
+        invoke(["--device", "cpu", *argv])
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from gpulab.cli import main\n"
+            "sys.argv=['gpulab','serve-bench','--help']\n"
+            "try: main()\nexcept SystemExit: pass\n"
+            "bad=[m for m in ('torch','transformers','fastapi','uvicorn') if m in sys.modules]\n"
+            "print('HEAVY', bad)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in r.stdout and "--input-len" in r.stdout

@@ -1,0 +1,152 @@
+"""The OpenAI-compatible server end to end with the official openai client (fake model + real tokenizer)."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from gpulab.vajra.engine import EngineConfig, LLMEngine
+from gpulab.vajra.sampling import SamplingParams
+from gpulab.vajra.server import AsyncEngine, ServerThread, build_app
+
+from .fake_model import FakeModel, reference_greedy
+
+openai = pytest.importorskip("openai")
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    model = FakeModel(tokenizer.vocab_size, max_model_len=256)
+    eng = LLMEngine(model, tokenizer, EngineConfig(num_blocks=300, block_size=8, max_num_seqs=32,
+                                                   max_num_batched_tokens=96))
+    ae = AsyncEngine(eng).start()
+    with ServerThread(build_app(ae, NAME)) as srv:
+        srv.engine = eng
+        srv.ae = ae
+        yield srv
+    ae.shutdown()
+
+
+def ref_text(tokenizer, prompt_ids, n):
+    out = reference_greedy(prompt_ids, n, tokenizer.vocab_size, eos=(tokenizer.eos_token_id,))
+    return tokenizer.decode(out), out
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_models_health_and_completion(server, tokenizer):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [NAME]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    prompt = "Good morrow, sweet"
+    want, ids = ref_text(tokenizer, tokenizer.encode(prompt), 12)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt)) and r.usage.completion_tokens == len(ids)
+    # token-id prompts and streaming give the same text
+    pieces = [ch.choices[0].text for ch in c.completions.create(
+        model=NAME, prompt=tokenizer.encode(prompt), max_tokens=12, temperature=0, stream=True) if ch.choices]
+    assert "".join(pieces) == want
+
+
+def test_chat_and_chat_stream(server, tokenizer):
+    c = client(server)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    ids = tokenizer.apply_chat_template(msgs)
+    want, _ = ref_text(tokenizer, ids, 10)
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == len(ids)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("length", "stop")
+
+
+def test_errors_are_openai_style(server):
+    c = client(server)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="hi " * 400, max_tokens=2)
+    assert "maximum context length" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
+    for bad in (dict(temperature=-1), dict(top_p=2), dict(max_tokens=0), dict(n=2), dict(logprobs=2)):
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model=NAME, prompt="hi", **{"max_tokens": 2, **bad})
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=NAME, messages=[], max_tokens=2)
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": "many"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    # the server is still healthy and the cache is empty once idle
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_64_concurrent_streams(server, tokenizer):
+    prompts = [f"Request {i}: to be or not" for i in range(64)]
+    lens = [4 + (i % 9) for i in range(64)]
+    want = [ref_text(tokenizer, tokenizer.encode(p), n)[0] for p, n in zip(prompts, lens)]
+    ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    async def one(p, n):
+        text = []
+        stream = await ac.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0, stream=True)
+        async for ch in stream:
+            if ch.choices:
+                text.append(ch.choices[0].text)
+        return "".join(text)
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lens)))
+        finally:
+            await ac.close()
+
+    got = asyncio.run(main())
+    assert got == want
+    import time
+
+    deadline = time.time() + 10
+    while server.engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.block_manager.num_used == 0
+
+
+def test_disconnect_aborts_request(server):
+    import time
+
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"model": NAME, "prompt": "abc", "max_tokens": 200, "stream": True,
+                            "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    deadline = time.time() + 10
+    while server.engine.has_unfinished() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.has_unfinished() and server.engine.block_manager.num_used == 0
+
+
+def test_engine_failure_reaches_every_request(tokenizer):
+    class Broken(FakeModel):
+        def forward(self, batch, kv):
+            raise RuntimeError("boom")
+
+    eng = LLMEngine(Broken(tokenizer.vocab_size), tokenizer, EngineConfig(num_blocks=50, block_size=8))
+    ae = AsyncEngine(eng).start()
+    with ServerThread(build_app(ae, NAME)) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 503
+    ae.shutdown()
