@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("gpulab.core.probe_cli:app", "Probe this machine's device (GPU, L2, versions) and write it as YAML."),
     "serve": ("gpulab.vajra.cli:serve_app", "Serve an FP8/BF16 Llama-family model over an OpenAI-compatible API."),
     "serve-bench": ("gpulab.vajra.cli:bench_app", "Benchmark the vajra engine: TTFT, TPOT, throughput, roofline."),
+    "serve-kernels": ("gpulab.vajra.kernel_bench:app",
+                      "Benchmark vajra's kernels: FP8 GEMMs (W8A8/W8A16/bf16), attention, decode roofline."),
     "generate": ("gpulab.vajra.cli:generate_app", "Generate text offline with the vajra engine."),
     "quantize": ("gpulab.vajra.quantize_cli:app", "Write a compressed-tensors FP8 checkpoint from a bf16/fp16 one."),
     "kvstitch": ("gpulab.stitchkv.cli:app", "KV-cache stitching: a large model prefills, a small one decodes."),

@@ -23,7 +23,7 @@ def test_help_lists_every_group_without_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                        env={**os.environ, "COLUMNS": "200"})
     assert p.stdout.strip().endswith("NO-TORCH"), p.stdout + p.stderr
-    for group in ("probe", "serve", "kvstitch", "seam", "l2", "join", "sort", "run", "report"):
+    for group in ("probe", "serve", "serve-kernels", "kvstitch", "seam", "l2", "join", "sort", "run", "report"):
         assert f" {group} " in p.stdout, group
 
 

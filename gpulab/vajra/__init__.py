@@ -1,0 +1,1 @@
+"""vajra: FP8 Llama-family serving (model side: loader, kernels, attention; engine side: scheduler, server)."""

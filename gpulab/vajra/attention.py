@@ -1,0 +1,140 @@
+"""Attention backends over the paged KV cache, behind one interface.
+
+``backend.begin(batch, kv)`` runs once per forward step (metadata, flashinfer's plan) and returns
+a state; ``backend(layer_idx, q, k, v, cache_layer, kv, state)`` writes this step's K/V into the
+cache layer (``[num_blocks, 2, block_size, Hkv, D]``, NHD pages) and returns the attention output
+``[T, Hq, D]``.
+
+* ``torch``: the SDPA reference, sequence by sequence (any device; the CPU default).
+* ``triton``: the Triton paged-attention kernel (``paged_attention.py``); on the CPU only under
+  ``TRITON_INTERPRET=1`` (tests).
+* ``flashinfer``: BatchPrefill/BatchDecodeWithPagedKVCacheWrapper (GPU only, imported lazily).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from gpulab.core.errors import DeviceError, InputError
+from gpulab.vajra import reference as ref
+from gpulab.vajra.interface import ForwardBatch, KVCache
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
+def flashinfer_available() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class TorchAttention:
+    name = "torch"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.hq, self.hkv, self.d, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
+        return None
+
+    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+        ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+
+    def __call__(self, q, k, v, cache_layer, batch: ForwardBatch, kv: KVCache, state: Any) -> torch.Tensor:
+        self.write(k, v, cache_layer, batch, kv)
+        return ref.paged_attention(q, cache_layer, batch.query_lens, batch.context_lens, batch.block_tables,
+                                   self.scale, kv.k_scale, kv.v_scale)
+
+
+class TritonAttention(TorchAttention):
+    name = "triton"
+
+    def __init__(self, *a, device: torch.device, **kw):
+        super().__init__(*a, **kw)
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+            raise DeviceError("attention backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+
+    def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
+        from gpulab.vajra.paged_attention import make_metadata
+
+        return make_metadata(batch.query_lens, batch.context_lens)
+
+    def __call__(self, q, k, v, cache_layer, batch, kv, state):
+        from gpulab.vajra.paged_attention import paged_attention
+
+        self.write(k, v, cache_layer, batch, kv)
+        return paged_attention(q, cache_layer, batch.block_tables, state, self.scale, kv.k_scale, kv.v_scale)
+
+
+class FlashInferAttention(TorchAttention):
+    """flashinfer's paged prefill (mixed batches) and decode (decode-only batches) wrappers."""
+
+    name = "flashinfer"
+    WORKSPACE_BYTES = 128 << 20
+
+    def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, **kw):
+        super().__init__(*a, **kw)
+        if device.type != "cuda":
+            raise DeviceError("attention backend 'flashinfer' needs a CUDA GPU")
+        try:
+            import flashinfer
+        except Exception as e:
+            raise DeviceError(f"attention backend 'flashinfer' needs the flashinfer package ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'not importable'}); "
+                              "install the 'flashinfer' extra or use --attention-backend triton") from None
+        self.fi = flashinfer
+        self.act_dtype = act_dtype
+        self.workspace = torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+
+    def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
+        bs = kv.block_size
+        ql = batch.query_lens.to("cpu", torch.int32)
+        cl = batch.context_lens.to("cpu", torch.int32)
+        nblk = (cl + bs - 1) // bs
+        kv_indptr = torch.zeros(len(cl) + 1, dtype=torch.int32)
+        kv_indptr[1:] = torch.cumsum(nblk, 0)
+        bt = batch.block_tables.to("cpu", torch.int32)
+        indices = torch.cat([bt[i, : int(n)] for i, n in enumerate(nblk.tolist())]) if len(cl) else bt.new_zeros(0)
+        last = cl - (nblk - 1) * bs
+        dev = batch.input_ids.device
+        kv_indptr, indices, last = kv_indptr.to(dev), indices.to(dev), last.to(dev)
+        decode = bool(batch.is_decode_only or bool((ql == 1).all()))
+        if decode:
+            self.decode.plan(kv_indptr, indices, last, self.hq, self.hkv, self.d, bs,
+                             pos_encoding_mode="NONE", sm_scale=self.scale,
+                             q_data_type=self.act_dtype, kv_data_type=kv.dtype)
+            return self.decode
+        qo = torch.zeros(len(ql) + 1, dtype=torch.int32)
+        qo[1:] = torch.cumsum(ql, 0)
+        self.prefill.plan(qo.to(dev), kv_indptr, indices, last, self.hq, self.hkv, self.d, bs, causal=True,
+                          sm_scale=self.scale, q_data_type=self.act_dtype, kv_data_type=kv.dtype)
+        return self.prefill
+
+    def __call__(self, q, k, v, cache_layer, batch, kv, state):
+        self.write(k, v, cache_layer, batch, kv)
+        if cache_layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return state.run(q.contiguous(), cache_layer, k_scale=kv.k_scale, v_scale=kv.v_scale)
+        return state.run(q.contiguous(), cache_layer)
+
+
+def make_backend(name: str, *, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float, act_dtype: torch.dtype):
+    if name not in ATTENTION_BACKENDS:
+        raise InputError(f"attention backend {name!r} is unknown (choose from {', '.join(ATTENTION_BACKENDS)})")
+    if name == "auto":
+        if device.type != "cuda":
+            name = "torch"
+        else:
+            name = "flashinfer" if flashinfer_available() else "triton"
+    args = (num_heads, num_kv_heads, head_dim)
+    if name == "torch":
+        return TorchAttention(*args, scale=scale)
+    if name == "triton":
+        return TritonAttention(*args, scale=scale, device=device)
+    return FlashInferAttention(*args, scale=scale, device=device, act_dtype=act_dtype)

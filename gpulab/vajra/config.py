@@ -1,0 +1,161 @@
+"""The model configuration vajra reads from a Hugging Face ``config.json`` (Llama family).
+
+Handles the transformers 4.x layout (``rope_theta`` + ``rope_scaling``) and the 5.x layout
+(``rope_parameters``), Llama 3.x RoPE scaling, tied embeddings, Qwen2-style q/k/v biases.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpulab.core.errors import InputError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    model_type: str = "llama"
+    name: str = ""
+    quantization_config: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _req(cfg: dict[str, Any], key: str, where: str, *alts: str) -> Any:
+    for k in (key, *alts):
+        if k in cfg and cfg[k] is not None:
+            return cfg[k]
+    raise InputError(f"{where}: missing '{key}'")
+
+
+def _positive_int(v: Any, key: str, where: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise InputError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+    return v
+
+
+def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig:
+    """Validate a config.json dict and return a :class:`LlamaConfig` (one-line errors)."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    mt = cfg.get("model_type", "llama")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise InputError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise InputError(f"{where}: hidden_act {act!r} is not supported (Llama family uses silu)")
+    hidden = _positive_int(_req(cfg, "hidden_size", where), "hidden_size", where)
+    heads = _positive_int(_req(cfg, "num_attention_heads", where), "num_attention_heads", where)
+    kv_heads = _positive_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", where)
+    if heads % kv_heads:
+        raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = _positive_int(head_dim, "head_dim", where)
+    rope = cfg.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None)
+    if scaling:
+        rt = scaling.get("rope_type", scaling.get("type", "default"))
+        if rt not in ("default", "llama3", "linear"):
+            raise InputError(f"{where}: rope scaling type {rt!r} is not supported (default, linear, llama3)")
+        if rt == "default":
+            scaling = None
+        else:
+            scaling = dict(scaling, rope_type=rt)
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    qc = cfg.get("quantization_config") or cfg.get("compression_config")
+    return LlamaConfig(
+        vocab_size=_positive_int(_req(cfg, "vocab_size", where), "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_positive_int(_req(cfg, "intermediate_size", where), "intermediate_size", where),
+        num_layers=_positive_int(_req(cfg, "num_hidden_layers", where), "num_hidden_layers", where),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", False)) or mt == "qwen2",
+        o_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        eos_token_ids=eos_ids,
+        torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        model_type=mt,
+        name=str(cfg.get("_name_or_path", "")),
+        quantization_config=qc,
+        raw=cfg,
+    )
+
+
+def read_config(model_dir: Path | str) -> LlamaConfig:
+    p = Path(model_dir)
+    if not p.exists():
+        raise InputError(f"model folder not found: {p}")
+    if not p.is_dir():
+        raise InputError(f"{p}: not a folder (expected a Hugging Face model folder with config.json)")
+    f = p / "config.json"
+    if not f.is_file():
+        raise InputError(f"{p}: no config.json")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{f}: malformed JSON ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    c = parse_config(cfg, where=str(f))
+    if not c.name:
+        c.name = p.name
+    return c
+
+
+def rope_inv_freq(cfg: LlamaConfig):
+    """Inverse frequencies [head_dim/2] (float32 math, as transformers), with llama3/linear scaling."""
+    import torch
+
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "llama3":
+        factor = float(s["factor"])
+        lo = float(s.get("low_freq_factor", 1.0))
+        hi = float(s.get("high_freq_factor", 4.0))
+        old = float(s.get("original_max_position_embeddings", 8192))
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        out = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        inv = torch.where(medium, smoothed, out)
+    elif s and s["rope_type"] == "linear":
+        inv = inv / float(s["factor"])
+    return inv.to(torch.float32)

@@ -1,0 +1,212 @@
+"""Linear layers over dense or FP8 weights, and the fusion of q/k/v and gate/up shards.
+
+Backends for an FP8 weight (``QuantWeight``):
+
+* ``dequant``: dequantize once at load into the activation dtype (CPU, and a fallback anywhere).
+* ``w8a8``: activations quantized to FP8 (dynamic per token, or the checkpoint's static per-tensor
+  ``input_scale``), then ``torch._scaled_mm`` (tensor/row-wise scales; CUDA compute capability >= 8.9,
+  also runs on the CPU).
+* ``w8a16``: the Triton weight-only GEMM/GEMV (``w8a16.py``): bf16/fp32 activations, FP8 weights
+  dequantized in registers; per-tensor, per-channel and block scales.
+* ``dequant-jit``: dequantize into a temporary with the Triton kernel, then a dense GEMM (large
+  batches on GPUs without FP8 tensor cores, and block scales at large M).
+* ``auto``: per call, by the number of tokens M: ``w8a16`` for M <= 64 on a GPU, else ``w8a8`` where
+  the GPU has FP8 tensor cores and the scales are tensor/channel, else ``dequant-jit``; ``dequant`` on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gpulab.core.errors import DeviceError, InputError
+from gpulab.vajra import reference as ref
+from gpulab.vajra.checkpoint import QuantWeight
+
+LINEAR_BACKENDS = ("auto", "dequant", "w8a8", "w8a16", "dequant-jit")
+W8A16_MAX_M = 64
+
+
+def triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def fp8_tensor_cores(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ---------------------------------------------------------------------------- FP8 ops with dispatch
+
+
+def quantize(x: torch.Tensor, strategy: str, block=None):
+    """Triton on CUDA, the torch reference elsewhere (same rounding)."""
+    if x.is_cuda:
+        from gpulab.vajra import fp8_kernels as K
+
+        return K.quantize(x, strategy, block)
+    return ref.quantize(x, strategy, block)
+
+
+def dequantize(qw: QuantWeight, out_dtype: torch.dtype) -> torch.Tensor:
+    if qw.q.is_cuda:
+        from gpulab.vajra import fp8_kernels as K
+
+        return K.dequantize(qw.q, qw.scale, qw.block, out_dtype=out_dtype)
+    return ref.dequantize(qw.q, qw.scale, qw.block, out_dtype=out_dtype)
+
+
+def requantize_rows(q: torch.Tensor, row_scale: torch.Tensor, new_scale: torch.Tensor) -> torch.Tensor:
+    if q.is_cuda:
+        from gpulab.vajra import fp8_kernels as K
+
+        return K.requantize_rows(q, row_scale, new_scale)
+    return ref.requantize_rows(q, row_scale, new_scale)
+
+
+def fuse(parts: list, names: list[str]):
+    """Concatenate shards along the output dim: dense tensors, or FP8 weights onto one layout.
+
+    Per-tensor shards with different scales are requantized onto the largest scale (the error is at
+    most half an FP8 step at that scale); block shards whose row count is not a multiple of the block
+    are dequantized, concatenated and requantized per block.
+    """
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, 0)
+    if not all(isinstance(p, QuantWeight) for p in parts):
+        dense = [n for n, p in zip(names, parts) if not isinstance(p, QuantWeight)]
+        raise InputError(f"tensor {dense[0]!r} is not FP8 while the other shards of its fused layer are "
+                         "(q/k/v and gate/up must share one format)")
+    strat = {p.strategy for p in parts}
+    if len(strat) != 1:
+        raise InputError(f"tensor {names[0]!r}: shards {', '.join(names)} mix scale strategies {sorted(strat)}")
+    p0 = parts[0]
+    ks = {p.q.shape[1] for p in parts}
+    if len(ks) != 1:
+        raise InputError(f"tensor {names[0]!r}: shards have different input sizes {sorted(ks)}")
+    if p0.input_scale is not None:
+        in_scale = torch.stack([p.input_scale for p in parts]).amax()
+    else:
+        in_scale = None
+    q = torch.cat([p.q for p in parts], 0)
+    if p0.strategy == "channel":
+        return QuantWeight(q, torch.cat([p.scale for p in parts]), "channel", None, p0.act, in_scale)
+    if p0.strategy == "tensor":
+        scales = torch.stack([p.scale.reshape(()) for p in parts])
+        new = scales.amax()
+        if bool((scales == new).all()):
+            return QuantWeight(q, new, "tensor", None, p0.act, in_scale)
+        rows = torch.cat([s.expand(p.q.shape[0]) for s, p in zip(scales, parts)])
+        return QuantWeight(requantize_rows(q, rows, new), new, "tensor", None, p0.act, in_scale)
+    bn, bk = p0.block
+    if all(p.q.shape[0] % bn == 0 for p in parts[:-1]):
+        return QuantWeight(q, torch.cat([p.scale for p in parts], 0), "block", p0.block, p0.act, in_scale)
+    full = torch.cat([dequantize(p, torch.float32) for p in parts], 0)
+    q2, s2 = quantize(full, "block", p0.block)
+    return QuantWeight(q2, s2, "block", p0.block, p0.act, in_scale)
+
+
+# ------------------------------------------------------------------------------------------ the layer
+
+
+class Linear:
+    """``y = x @ W^T (+ b)`` over a dense weight or a :class:`QuantWeight`."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, act_dtype: torch.dtype, backend: str = "auto"):
+        if backend not in LINEAR_BACKENDS:
+            raise InputError(f"linear backend {backend!r} is unknown (choose from {', '.join(LINEAR_BACKENDS)})")
+        self.bias = bias
+        self.act_dtype = act_dtype
+        self.observer: Callable[[torch.Tensor], None] | None = None
+        self.qw: QuantWeight | None = None
+        self.w: torch.Tensor | None = None
+        self.backend = backend
+        if isinstance(weight, QuantWeight):
+            dev = weight.q.device
+            self.qw = weight
+            if backend == "auto" and dev.type == "cpu":
+                backend = "dequant"
+            if backend in ("w8a16", "dequant-jit") and not triton_usable(dev):
+                raise DeviceError(f"linear backend {backend!r} needs a CUDA GPU (Triton), or TRITON_INTERPRET=1 on the CPU")
+            if backend == "w8a8" and weight.strategy == "block":
+                raise InputError("linear backend 'w8a8' supports per-tensor and per-channel weight scales, not block "
+                                 "scales (use auto, w8a16 or dequant)")
+            if backend == "dequant":
+                self.w = dequantize(weight, act_dtype)
+                self.qw = None
+            self.backend = backend
+        else:
+            self.w = weight.to(act_dtype)
+            self.backend = "dense"
+        self.out_features = (self.w if self.w is not None else self.qw.q).shape[0]
+        self.in_features = (self.w if self.w is not None else self.qw.q).shape[1]
+
+    @property
+    def weight_bytes(self) -> int:
+        if self.qw is not None:
+            return self.qw.q.numel() + self.qw.scale.numel() * 4
+        return self.w.numel() * self.w.element_size()
+
+    def choose(self, m: int) -> str:
+        if self.qw is None:
+            return "dense"
+        if self.backend != "auto":
+            return self.backend
+        dev = self.qw.q.device
+        if m <= W8A16_MAX_M:
+            return "w8a16"
+        if fp8_tensor_cores(dev) and self.qw.strategy in ("tensor", "channel") and self.w8a8_aligned():
+            return "w8a8"
+        return "dequant-jit"
+
+    def w8a8_aligned(self) -> bool:
+        n, k = self.qw.q.shape
+        return n % 16 == 0 and k % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        kind = self.choose(x2.shape[0])
+        if kind == "dense" or kind == "dequant":
+            y = F.linear(x2, self.w)
+        elif kind == "w8a16":
+            from gpulab.vajra.w8a16 import w8a16_matmul
+
+            y = w8a16_matmul(x2, self.qw.q, self.qw.scale, self.qw.strategy, self.qw.block)
+        elif kind == "w8a8":
+            y = self._w8a8(x2)
+        elif kind == "dequant-jit":
+            y = F.linear(x2, dequantize(self.qw, x2.dtype))
+        else:  # pragma: no cover
+            raise InputError(f"linear backend {kind!r} is unknown")
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.qw
+        if qw.strategy == "block":
+            raise InputError("linear backend 'w8a8' supports per-tensor and per-channel weight scales, not block scales")
+        if not self.w8a8_aligned():
+            raise InputError(f"linear backend 'w8a8' needs both weight dims to be multiples of 16, got {list(qw.q.shape)}")
+        m = x.shape[0]
+        n = qw.q.shape[0]
+        if qw.act == "static":
+            xs = qw.input_scale.reshape(())
+            xq = ref.cast_fp8(x, xs, qw.q.dtype)
+            sa = xs
+        else:
+            xq, xs = quantize(x, "token")
+            sa = xs.reshape(m, 1)
+        sb = qw.scale.reshape(()) if qw.strategy == "tensor" else qw.scale.reshape(1, n)
+        if sa.dim() != sb.dim():  # row-wise on one side needs row-wise on both
+            sa = sa.reshape(1, 1).expand(m, 1).contiguous() if sa.dim() == 0 else sa
+            sb = sb.reshape(1, 1).expand(1, n).contiguous() if sb.dim() == 0 else sb
+        out_dtype = x.dtype if (x.device.type == "cpu" or x.dtype == torch.bfloat16) else torch.bfloat16
+        y = torch._scaled_mm(xq, qw.q.t(), scale_a=sa.float(), scale_b=sb.float(), out_dtype=out_dtype)
+        return y.to(x.dtype)

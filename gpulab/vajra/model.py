@@ -1,0 +1,155 @@
+"""The Llama-family decoder (Llama 2/3.x, Mistral, Qwen2 biases) over a paged KV cache.
+
+One forward takes the step's tokens of all scheduled sequences flattened (varlen) with their
+positions (see :mod:`gpulab.vajra.interface`) and returns the float32 logits of each sequence's
+last token. q/k/v and gate/up are fused into one GEMM each; RMSNorm and RoPE follow transformers'
+numerics (norm in fp32, cos/sin in fp32 cast to the activation dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpulab.core.errors import InputError
+from gpulab.vajra.config import LlamaConfig, rope_inv_freq
+from gpulab.vajra.interface import ForwardBatch, KVCache, ModelInfo
+from gpulab.vajra.linear import Linear
+
+KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    dt = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(dt)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+class LlamaModel:
+    """Implements :class:`gpulab.vajra.interface.VajraModelProtocol`."""
+
+    def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, embed: torch.Tensor,
+                 layers: list[DecoderLayer], norm: torch.Tensor, lm_head: Linear, attention, kv_cache_dtype: str,
+                 max_model_len: int, quant: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.attention = attention
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quant = quant
+        self.info = ModelInfo(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                              vocab_size=cfg.vocab_size, max_model_len=max_model_len, dtype=dtype,
+                              eos_token_ids=cfg.eos_token_ids, name=cfg.name)
+        self.inv_freq = rope_inv_freq(cfg).to(device)
+        self.scale = cfg.head_dim ** -0.5
+
+    # -------------------------------------------------------------------------------- KV cache
+
+    def _kv_dtype(self, dtype: Any) -> torch.dtype:
+        if dtype is None or dtype == "auto":
+            dtype = self.kv_cache_dtype
+        if dtype == "auto":
+            return self.dtype
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        if dtype not in KV_DTYPES:
+            raise InputError(f"kv cache dtype {dtype!r} is unknown (auto, {', '.join(KV_DTYPES)})")
+        return KV_DTYPES[dtype]
+
+    def kv_bytes_per_block(self, block_size: int, dtype: Any = "auto") -> int:
+        dt = self._kv_dtype(dtype)
+        el = torch.empty((), dtype=dt).element_size()
+        return 2 * block_size * self.cfg.num_kv_heads * self.cfg.head_dim * el * self.cfg.num_layers
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: Any = "auto") -> KVCache:
+        if num_blocks <= 0 or block_size <= 0:
+            raise InputError(f"kv cache needs num_blocks > 0 and block_size > 0, got {num_blocks} and {block_size}")
+        dt = self._kv_dtype(dtype)
+        shape = (num_blocks, 2, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        layers = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.cfg.num_layers)]
+        return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt)
+
+    # --------------------------------------------------------------------------------- forward
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    def hidden_states(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The residual stream after the last decoder layer, every token of the step [T, hidden]."""
+        c = self.cfg
+        t = batch.num_tokens
+        if batch.positions.shape[0] != t or batch.slot_mapping.shape[0] != t:
+            raise InputError(f"forward batch: {t} input_ids but {batch.positions.shape[0]} positions and "
+                             f"{batch.slot_mapping.shape[0]} slots")
+        if len(kv.layers) != c.num_layers:
+            raise InputError(f"kv cache has {len(kv.layers)} layers, the model {c.num_layers}")
+        x = F.embedding(batch.input_ids, self.embed)
+        cos, sin = self.rope(batch.positions)
+        state = self.attention.begin(batch, kv)
+        qs, ks = c.q_size, c.kv_size
+        for li, L in enumerate(self.layers):
+            h = rms_norm(x, L.input_norm, c.rms_norm_eps)
+            qkv = L.qkv(h)
+            q = qkv[:, :qs].view(t, c.num_heads, c.head_dim)
+            k = qkv[:, qs:qs + ks].view(t, c.num_kv_heads, c.head_dim)
+            v = qkv[:, qs + ks:].view(t, c.num_kv_heads, c.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            o = self.attention(q, k, v.contiguous(), kv.layers[li], batch, kv, state)
+            x = x + L.o(o.reshape(t, qs))
+            h = rms_norm(x, L.post_norm, c.rms_norm_eps)
+            gu = L.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+        return x
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Float32 logits of the last token of each sequence [B, vocab]."""
+        x = self.hidden_states(batch, kv)
+        last = torch.cumsum(batch.query_lens.to(torch.int64), 0) - 1
+        x = rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)
+        return self.lm_head(x).float()
+
+    __call__ = forward
+
+    def linears(self) -> dict[str, Linear]:
+        out = {}
+        for i, L in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            out[f"{p}.self_attn.qkv_proj"] = L.qkv
+            out[f"{p}.self_attn.o_proj"] = L.o
+            out[f"{p}.mlp.gate_up_proj"] = L.gate_up
+            out[f"{p}.mlp.down_proj"] = L.down
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step streams: every linear weight, the norms, and the lm_head."""
+        n = sum(lin.weight_bytes for lin in self.linears().values()) + self.lm_head.weight_bytes
+        n += sum(L.input_norm.numel() * L.input_norm.element_size() * 2 for L in self.layers)
+        return n

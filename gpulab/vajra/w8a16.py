@@ -1,0 +1,125 @@
+"""Weight-only FP8 GEMM/GEMV (W8A16) in Triton: ``y[M, N] = x[M, K] @ (q[N, K] * scale)^T``.
+
+Built for decode (small M): the FP8 weights are streamed once and dequantized in registers; the
+work is split over N tiles and, when there are too few of them to fill the GPU, over K (split-K
+partial sums in fp32, summed by torch). Per-tensor and per-channel scales are applied to the
+accumulator once at the end; block scales once per K tile (BK divides the scale block).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted
+
+SCALE_MODES = {"tensor": 0, "channel": 1, "block": 2}
+
+
+@triton.jit
+def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k_per_split,
+                  SBR: tl.constexpr, SBC: tl.constexpr, SCALE_MODE: tl.constexpr, SPLIT_K: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr,
+                  EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < k_hi
+        x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        w = _load_fp8(w_ptr + rn[None, :] * s_wn + rk[:, None], (rn[None, :] < N) & kmask[:, None],
+                      NATIVE, EBITS, MBITS, BIAS)
+        if IEEE:
+            part = tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        else:
+            part = tl.dot(x, w.to(x.dtype))
+        if SCALE_MODE == 2:
+            s = tl.load(s_ptr + (rn // SBR) * s_ss + k0 // SBC, mask=rn < N, other=0.0)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    if SCALE_MODE == 0:
+        acc = acc * tl.load(s_ptr)
+    elif SCALE_MODE == 1:
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(o_ptr + rm[:, None] * s_om + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(o_ptr + pid_k * M * N + rm[:, None] * s_om + rn[None, :], acc, mask=omask)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> dict:
+    """A heuristic tile configuration: BM 16/32/64 by M, BN 64 (32 for very small N), BK 128,
+    split-K until there are about two programs per SM (never below 4 K tiles per split)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if n >= 2048 else 32
+    bk = 128
+    if block is not None:
+        bk = min(bk, block[1])
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    split = 1
+    while tiles * split < 2 * sms and k // (bk * split * 2) >= 4:
+        split *= 2
+    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
+
+
+def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy: str, block=None,
+                 config: dict | None = None, native: bool | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ dequant(q [N, K])^T -> [M, N] in x's dtype."""
+    if strategy not in SCALE_MODES:
+        raise ValueError(f"unknown scale strategy {strategy!r}")
+    eb, mb, bias = FORMATS[q.dtype]
+    m, k = x.shape
+    n, k2 = q.shape
+    if k != k2:
+        raise ValueError(f"w8a16: x has {k} columns, the weight {k2}")
+    x = x.contiguous()
+    q = q.contiguous()
+    native = (q.is_cuda and not interpreted()) if native is None else native
+    cfg = dict(choose_config(m, n, k, q.device, block))
+    if config:
+        cfg.update(config)
+    bm, bn, bk, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
+    sbr = sbc = 1
+    s = scale.float().contiguous()
+    s_ss = 0
+    if strategy == "block":
+        sbr, sbc = block
+        if sbc % bk:
+            raise ValueError(f"w8a16: BK {bk} must divide the scale block's K size {sbc}")
+        s_ss = s.stride(0)
+    elif strategy == "channel":
+        s = s.reshape(n)
+    else:
+        s = s.reshape(1)
+    k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per)
+    out_dtype = x.dtype
+    if split == 1:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    extra = {} if interpreted() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    _w8a16_kernel[grid](x, q if native else q.view(torch.uint8), s, out, m, n, k, x.stride(0), q.stride(0), n,
+                        s_ss, k_per, SBR=sbr, SBC=sbc, SCALE_MODE=SCALE_MODES[strategy], SPLIT_K=split,
+                        BM=bm, BN=bn, BK=bk, NATIVE=native, EBITS=eb, MBITS=mb, BIAS=bias,
+                        IEEE=x.dtype == torch.float32, **extra)
+    if split == 1:
+        return out
+    return out.sum(0).to(out_dtype)

@@ -1,0 +1,199 @@
+"""Malformed checkpoints and bad arguments -> one-line errors that name the problem."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gpulab.core.errors import DeviceError, InputError
+from gpulab.vajra.load import load_model
+
+from .helpers import make_tiny, quantize_cli
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("err")
+    _, src = make_tiny(root / "src", num_hidden_layers=1)
+    quantize_cli(src, root / "q", root / "res", "--scheme", "fp8-channel")
+    return root
+
+
+def _copy(base, name, tmp_path):
+    d = tmp_path / name
+    shutil.copytree(base / name, d)
+    return d
+
+
+def _rewrite(d, fn):
+    """Apply fn(dict of tensors) to the single shard of a quantized folder."""
+    from safetensors.torch import load_file, save_file
+
+    shard = next(d.glob("*.safetensors"))
+    t = load_file(str(shard))
+    fn(t)
+    save_file(t, str(shard))
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        idx.write_text(json.dumps({"weight_map": {k: shard.name for k in t}}))
+
+
+def _one_line(exc_info, *words):
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_model(tmp_path / "nope")
+    _one_line(e, "not found")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError) as e:
+        load_model(tmp_path / "empty")
+    _one_line(e, "no config.json")
+
+
+def test_malformed_config(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "malformed JSON")
+    cfg = json.loads((base / "src" / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "gpt2")
+
+
+def test_unknown_quant_method_and_format(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "awq"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "awq")
+    cfg["quantization_config"]["quant_method"] = "compressed-tensors"
+    cfg["quantization_config"]["format"] = "pack-quantized"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "pack-quantized")
+
+
+def test_missing_scale_names_tensor(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+    _rewrite(d, lambda t: t.pop("model.layers.0.mlp.down_proj.weight_scale"))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "model.layers.0.mlp.down_proj.weight_scale", "missing")
+
+
+def test_wrong_scale_shape_names_tensor(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+
+    def f(t):
+        t["model.layers.0.self_attn.k_proj.weight_scale"] = torch.ones(5, 1)
+    _rewrite(d, f)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "model.layers.0.self_attn.k_proj.weight_scale", "[5, 1]")
+
+
+def test_dense_weight_where_fp8_declared(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+
+    def f(t):
+        t["model.layers.0.self_attn.o_proj.weight"] = t["model.layers.0.self_attn.o_proj.weight"].float()
+    _rewrite(d, f)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "model.layers.0.self_attn.o_proj.weight", "F32")
+
+
+def test_e5m2_weight_and_fp8_without_config(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+
+    def f(t):
+        n = "model.layers.0.mlp.up_proj.weight"
+        t[n] = t[n].float().to(torch.float8_e5m2)
+    _rewrite(d, f)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "model.layers.0.mlp.up_proj.weight", "e4m3")
+    d2 = _copy(base, "q", tmp_path / "b")
+    cfg = json.loads((d2 / "config.json").read_text())
+    del cfg["quantization_config"]
+    (d2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d2)
+    _one_line(e, "no quantization_config")
+
+
+def test_shape_mismatch_and_missing_tensor(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "gate_proj.weight", "does not match config.json")
+    d2 = _copy(base, "src", tmp_path / "b")
+    _rewrite(d2, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(InputError) as e:
+        load_model(d2)
+    _one_line(e, "model.norm.weight", "missing")
+
+
+def test_corrupt_safetensors_and_index(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    next(d.glob("*.safetensors")).write_bytes(b"\x00garbage")
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "safetensors")
+    d2 = _copy(base, "q", tmp_path / "b")
+    (d2 / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(InputError) as e:
+        load_model(d2)
+    _one_line(e, "malformed index")
+
+
+def test_bad_arguments(base):
+    with pytest.raises(InputError) as e:
+        load_model(base / "src", attention_backend="xformers")
+    _one_line(e, "xformers")
+    with pytest.raises(InputError) as e:
+        load_model(base / "src", linear_backend="cublaslt")
+    _one_line(e, "cublaslt")
+    with pytest.raises(InputError):
+        load_model(base / "src", load_format="pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError):
+            load_model(base / "src", device="cuda")
+        with pytest.raises(DeviceError):
+            load_model(base / "src", attention_backend="flashinfer")
+
+
+def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
+    from gpulab.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as ex:
+            main(["--device", "cpu", "--out", str(tmp_path / "r"), "quantize", *map(str, args)])
+        err = capsys.readouterr().err.strip()
+        assert ex.value.code == 1 and err.count("\n") == 0 and err.startswith("error: "), err
+        return err
+
+    assert "--scheme" in run(base / "src", tmp_path / "x", "--scheme", "int4")
+    assert "exists" in run(base / "src", base / "q", "--scheme", "fp8-tensor")
+    assert "already quantized" in run(base / "q", tmp_path / "y", "--scheme", "fp8-tensor")
+    assert "--calib-text" in run(base / "src", tmp_path / "z", "--scheme", "fp8-tensor", "--activations", "static")
+    assert "--block" in run(base / "src", tmp_path / "w", "--scheme", "fp8-block", "--block", "16by16")
+    assert "not found" in run(tmp_path / "missing", tmp_path / "v", "--scheme", "fp8-tensor")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))

@@ -1,0 +1,195 @@
+"""Triton FP8 kernels (quantize, dequantize, requantize), W8A16 GEMM and paged attention against
+the torch references: under TRITON_INTERPRET=1 in fp32 on the CPU, natively (bf16, fp8 loads) on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpulab.vajra import reference as R
+
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bytes(t):
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("dt", [E4, E5])
+def test_decode_every_fp8_byte(dt):
+    from gpulab.vajra import fp8_kernels as K
+
+    allb = torch.arange(256, dtype=torch.uint8).view(dt).reshape(2, 128).to(DEV)
+    got = K.dequantize(allb, torch.tensor(1.0, device=DEV), native=False)
+    want = allb.float()
+    fin = torch.isfinite(want)
+    assert torch.equal(got[fin], want[fin])
+
+
+@pytest.mark.parametrize("dt", [E4, E5])
+@pytest.mark.parametrize("strategy,block", [("tensor", None), ("channel", None), ("block", (16, 64)), ("block", (5, 7))])
+def test_quantize_bitwise_equals_reference(dt, strategy, block):
+    from gpulab.vajra import fp8_kernels as K
+
+    g = torch.Generator().manual_seed(0)
+    # values over 8 decades: subnormals, ties, saturation-free maxima
+    x = (torch.randn(37, 150, generator=g) * torch.logspace(-6, 2, 150)).to(DEV)
+    x[3] = 0.0  # an all-zero row gets the minimum scale, not NaN
+    q, s = K.quantize(x, strategy, block, dt)
+    qr, sr = R.quantize(x, strategy, block, dt)
+    assert torch.equal(s.reshape(sr.shape), sr)
+    assert torch.equal(_bytes(q), _bytes(qr))
+    assert torch.equal(K.dequantize(q, s, block), R.dequantize(qr, sr, block))
+
+
+def test_cast_with_static_scale_saturates():
+    from gpulab.vajra import fp8_kernels as K
+
+    x = torch.tensor([[0.0, 1.0, -1.0, 1e6, -1e6, 3.3e-3, 447.9, 449.0]], device=DEV)
+    s = torch.tensor(1.0, device=DEV)
+    assert torch.equal(_bytes(K.cast(x, s)), _bytes(R.cast_fp8(x, s)))
+    assert float(K.cast(x, s).float().abs().max()) == 448.0
+
+
+def test_requantize_onto_common_scale_bounded():
+    """Shards with different per-tensor scales -> the largest scale: bitwise equal to the reference,
+    and within half an FP8 step (at the new scale) of the original values."""
+    from gpulab.vajra import fp8_kernels as K
+
+    g = torch.Generator().manual_seed(1)
+    shards = [torch.randn(16, 96, generator=g) * a for a in (0.5, 2.0, 0.05)]
+    qs = [R.quantize_tensor(w) for w in shards]
+    q = torch.cat([a for a, _ in qs]).to(DEV)
+    rows = torch.cat([s.expand(16) for _, s in qs]).to(DEV)
+    new = rows.max()
+    out = K.requantize_rows(q, rows, new, native=False)
+    assert torch.equal(_bytes(out), _bytes(R.requantize_rows(q, rows, new)))
+    orig = q.float() * rows[:, None]
+    err = (out.float() * new - orig).abs()
+    bound = orig.abs() * 2.0 ** -4 + new * 2.0 ** -10
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    assert float(err.max()) > 0  # it did have to round
+
+
+@pytest.mark.parametrize("strategy,block", [("tensor", None), ("channel", None), ("block", (32, 64))])
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_w8a16_matches_reference(strategy, block, m):
+    from gpulab.vajra.w8a16 import w8a16_matmul
+
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(96, 192, generator=g)
+    q, s = R.quantize(w, strategy, block)
+    x = torch.randn(m, 192, generator=g)
+    want = R.linear_w8a16(x, q, s, block)
+    for split in (1, 3):
+        got = w8a16_matmul(x.to(DEV), q.to(DEV), s.to(DEV), strategy, block,
+                           config={"SPLIT_K": split, "BK": 32, "BN": 32}, native=False)
+        assert float((got.cpu() - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def _attention_case(dt, page, hq=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ql = torch.tensor([5, 1, 20, 1], dtype=torch.int32)
+    cl = torch.tensor([5, 13, 30, 1], dtype=torch.int32)
+    nblocks = 40
+    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
+    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
+    need = [(int(c) + page - 1) // page for c in cl]
+    bt = torch.zeros(len(cl), max(need) + 1, dtype=torch.int32)
+    used = 0
+    ks, vs = (0.5, 0.25) if dt in (E4, E5) else (1.0, 1.0)
+    for i, n in enumerate(need):
+        bt[i, :n] = perm[used:used + n]
+        used += n
+        L = int(cl[i])
+        pos = torch.arange(L)
+        slots = bt[i, pos // page].long() * page + pos % page
+        R.write_kv(cache, torch.randn(L, hkv, d, generator=g), torch.randn(L, hkv, d, generator=g), slots, ks, vs)
+    q = torch.randn(int(ql.sum()), hq, d, generator=g)
+    return q, cache, ql, cl, bt, ks, vs
+
+
+@pytest.mark.parametrize("dt,page", [(torch.float32, 8), (torch.float32, 6), (E4, 16)])
+def test_triton_paged_attention_matches_sdpa(dt, page):
+    from gpulab.vajra.paged_attention import make_metadata, paged_attention
+
+    q, cache, ql, cl, bt, ks, vs = _attention_case(dt, page)
+    want = R.paged_attention(q, cache, ql, cl, bt, 16 ** -0.5, ks, vs)
+    got = paged_attention(q.to(DEV), cache.to(DEV), bt.to(DEV), make_metadata(ql.to(DEV), cl.to(DEV)),
+                          16 ** -0.5, ks, vs, native=False)
+    assert float((got.cpu() - want).abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy,block", [("tensor", None), ("channel", None), ("block", (128, 128))])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_gpu_w8a16_native_bf16(strategy, block, m):
+    from gpulab.vajra.w8a16 import w8a16_matmul
+
+    w = torch.randn(1024, 2048, device="cuda")
+    q, s = R.quantize(w, strategy, block)
+    x = torch.randn(m, 2048, device="cuda").to(torch.bfloat16)
+    want = R.linear_w8a16(x.float(), q, s, block)
+    for native in (True, False):
+        got = w8a16_matmul(x, q, s, strategy, block, native=native).float()
+        assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_kernels_native_paths():
+    from gpulab.vajra import fp8_kernels as K
+
+    w = torch.randn(512, 768, device="cuda")
+    for strategy, block in [("tensor", None), ("channel", None), ("block", (128, 128))]:
+        q, s = K.quantize(w, strategy, block)
+        qr, sr = R.quantize(w, strategy, block)
+        # div.rn on both sides: bitwise on the GPU too
+        assert torch.equal(_bytes(q), _bytes(qr)) and torch.allclose(s.reshape(sr.shape), sr)
+        for native in (True, False):
+            assert torch.equal(K.dequantize(q, s, block, native=native), R.dequantize(qr, sr, block))
+            d16 = K.dequantize(q, s, block, out_dtype=torch.bfloat16, native=native)
+            assert torch.equal(d16, R.dequantize(qr, sr, block).to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_gpu_triton_attention_bf16(kv):
+    from gpulab.vajra.paged_attention import make_metadata, paged_attention
+
+    dt = E4 if kv == "fp8" else torch.bfloat16
+    q, cache, ql, cl, bt, ks, vs = _attention_case(dt if dt == E4 else torch.float32, 16, hq=8, hkv=2, d=128)
+    cache = cache.to(dt).cuda() if dt != E4 else cache.cuda()
+    want = R.paged_attention(q.cuda().float(), cache, ql, cl, bt, 128 ** -0.5, ks, vs)
+    got = paged_attention(q.cuda().to(torch.bfloat16), cache, bt.cuda(), make_metadata(ql.cuda(), cl.cuda()),
+                          128 ** -0.5, ks, vs).float()
+    assert float((got - want).abs().max()) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_gpu_flashinfer_matches_sdpa(kv):
+    pytest.importorskip("flashinfer")
+    from gpulab.vajra.attention import FlashInferAttention
+    from gpulab.vajra.interface import ForwardBatch, KVCache
+
+    dt = E4 if kv == "fp8" else torch.bfloat16
+    q, cache, ql, cl, bt, ks, vs = _attention_case(torch.float32, 16, hq=8, hkv=2, d=128)
+    cache = (cache if dt != E4 else cache).cuda()
+    be = FlashInferAttention(8, 2, 128, scale=128 ** -0.5, device=torch.device("cuda"), act_dtype=torch.bfloat16)
+    # the kernel call writes this step's K/V: rewrite the last query_len positions with their own values
+    pos = [torch.arange(int(c) - int(n), int(c)) for n, c in zip(ql, cl)]
+    slots = torch.cat([bt[i, p // 16].long() * 16 + p % 16 for i, p in enumerate(pos)]).cuda()
+    blk, off = slots // 16, slots % 16
+    k_step, v_step = cache[blk, 0, off].clone(), cache[blk, 1, off].clone()
+    layer = cache.to(dt) if dt != E4 else (cache / torch.tensor([ks, vs], device="cuda").view(1, 2, 1, 1, 1)).to(E4)
+    kvc = KVCache([layer], 16, layer.shape[0], layer.dtype, k_scale=ks if dt == E4 else 1.0, v_scale=vs if dt == E4 else 1.0)
+    batch = ForwardBatch(torch.zeros(int(ql.sum()), dtype=torch.long, device="cuda"), torch.cat(pos).cuda(),
+                         ql.cuda(), cl.cuda(), slots, bt.cuda())
+    qb = q.cuda().to(torch.bfloat16)
+    want = R.paged_attention(qb.float(), layer, ql, cl, bt, 128 ** -0.5, kvc.k_scale, kvc.v_scale)
+    state = be.begin(batch, kvc)
+    got = be(qb, k_step.to(torch.bfloat16), v_step.to(torch.bfloat16), layer, batch, kvc, state).float()
+    assert float((got - want).abs().max()) < 5e-2
