@@ -1,0 +1,264 @@
+"""``gpulab join bench``: every join implementation on one pair of tables, checked against pandas.merge."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from gpulab.core.errors import DeviceError, InputError
+
+IMPLS = ("hash", "hash-cpu", "tensorcore", "torch", "pandas")
+GPU_ONLY = ("hash",)
+DEFAULT_IMPLS = ",".join(IMPLS)
+MAX_PAIRS = 200_000_000  # materialized outputs beyond this need --count-only (1.6 GB of int32 pairs)
+
+
+@dataclass
+class BenchConfig:
+    rows: int = 100_000
+    right_rows: int | None = None
+    match_rate: float = 0.5
+    dup: str = "unique"
+    seed: int = 0
+    key_dtype: str = "int32"
+    left: Path | None = None
+    right: Path | None = None
+    impls: list[str] = field(default_factory=lambda: list(IMPLS))
+    count_only: bool = False
+    reps: int = 20
+    warmup: int = 3
+    load_factor: float = 0.5
+    tc_dtype: str = "fp16"
+    tc_block: int = 64
+    max_interpret_rows: int = 4096
+    ncu: bool = False
+
+
+def parse_impls(text: str) -> list[str]:
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError(f"--impl needs at least one of {', '.join(IMPLS)}")
+    for n in names:
+        if n not in IMPLS:
+            raise InputError(f"unknown implementation '{n}' in --impl (known: {', '.join(IMPLS)})")
+    return list(dict.fromkeys(names))
+
+
+def load_tables(cfg: BenchConfig):
+    from gpulab.dbjoin import tables
+
+    if (cfg.left is None) != (cfg.right is None):
+        raise InputError("--left and --right go together (give both files, or neither to generate tables)")
+    if cfg.left is not None:
+        left, right = tables.load_table(cfg.left), tables.load_table(cfg.right)
+        return tables.align_key_dtypes(left, right)
+    return tables.generate(cfg.rows, cfg.right_rows, cfg.match_rate, cfg.dup, cfg.seed, cfg.key_dtype)
+
+
+def _key_stats(key: np.ndarray) -> dict[str, Any]:
+    if len(key) == 0:
+        return {"rows": 0, "distinct": 0, "max_dup": 0}
+    _, counts = np.unique(key, return_counts=True)
+    return {"rows": int(len(key)), "distinct": int(len(counts)), "max_dup": int(counts.max())}
+
+
+def _cupy_ready() -> str | None:
+    """None when cupy can launch kernels here, else the reason."""
+    try:
+        import cupy as cp
+    except ImportError:
+        return "cupy is not installed (pip install 'gpulab[cuda13]')"
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA GPU visible to cupy"
+    except Exception as e:
+        return f"cupy sees no GPU ({type(e).__name__})"
+    return None
+
+
+def _triton_mode(device: str) -> str | None:
+    """'gpu', 'interpret', or None when Triton cannot run here."""
+    if device == "cuda":
+        return "gpu"
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: the interpreter (set before triton kernels load)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return "interpret"
+
+
+def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
+    """Build the record (not yet saved)."""
+    import torch
+
+    from gpulab.core import ncu as ncu_mod
+    from gpulab.core import options, results, timing
+    from gpulab.dbjoin import reference
+
+    device = options.resolve_device(what="gpulab join bench")
+    impls = cfg.impls
+    if device == "cpu" and all(i in GPU_ONLY for i in impls):
+        raise DeviceError(f"--impl {','.join(impls)} needs a CUDA GPU, and none is "
+                          f"{'selected' if options.cuda_available() else 'visible'}")
+    if cfg.reps < 1:
+        raise InputError(f"--reps must be >= 1, got {cfg.reps}")
+    if cfg.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {cfg.warmup}")
+    under_ncu = ncu_mod.under_ncu()
+    reps, warmup = (1, 1) if under_ncu else (cfg.reps, cfg.warmup)
+
+    left, right = load_tables(cfg)
+    nl, nr = len(left), len(right)
+    lk, rk = left.key, right.key
+    n_pairs = reference.output_size(lk, rk)
+    if not cfg.count_only and n_pairs > MAX_PAIRS:
+        raise InputError(f"the join output has {n_pairs} pairs (more than {MAX_PAIRS}); use --count-only")
+
+    config = {
+        "rows": nl, "right_rows": nr, "key_dtype": str(lk.dtype), "count_only": cfg.count_only,
+        "source": {"left": str(cfg.left), "right": str(cfg.right)} if cfg.left else
+        {"generated": True, "match_rate": cfg.match_rate, "dup": cfg.dup, "seed": cfg.seed},
+        "impls": impls, "reps": reps, "warmup": warmup, "device": device, "load_factor": cfg.load_factor,
+        "tc_dtype": cfg.tc_dtype, "tc_block": cfg.tc_block,
+    }
+    rec = results.Record(name="join-bench", config=config)
+    rec.metrics["left"] = _key_stats(lk)
+    rec.metrics["right"] = _key_stats(rk)
+    rec.metrics["output_rows"] = n_pairs
+
+    if cfg.count_only:
+        ref = reference.JoinResult(n_pairs)
+    else:
+        ref = reference.pandas_join(lk, rk)
+        rec.check("reference-size", ref.count == n_pairs, f"pandas.merge {ref.count} vs counted {n_pairs}")
+
+    key_bytes = lk.dtype.itemsize
+    bytes_once = (nl + nr) * key_bytes + (0 if cfg.count_only else n_pairs * 8)
+    copy_gbs = None
+    if device == "cuda" and not under_ncu:
+        from gpulab.core import ceilings
+
+        copy_gbs = ceilings.copy_bandwidth_gbs("cuda", nbytes=256 << 20)
+        rec.metrics["copy_gbs"] = copy_gbs
+        rec.metrics["bytes_moved_once"] = bytes_once
+        rec.metrics["copy_bound_us"] = bytes_once / (copy_gbs * 1e9) * 1e6
+
+    tdev = torch.device(device)
+    lk_t = torch.from_numpy(lk).to(tdev)
+    rk_t = torch.from_numpy(rk).to(tdev)
+
+    def add_row(impl: str, where: str, fn: Callable[[], Any], *, r: int = reps, w: int = warmup,
+                extra: dict[str, Any] | None = None, check: bool = True) -> None:
+        result = fn()  # one untimed call: its output is the one checked
+        t = timing.benchmark(fn, device=where, warmup=max(w - 1, 0), reps=r)
+        passed, detail = reference.compare(result, ref, lk, rk)
+        if check:
+            rec.check(impl, passed, detail)
+        row = {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
+               "mrows_per_s": (nl + nr) / (t.median * 1e-3) / 1e6 if t.median > 0 else None,
+               "output_rows": result.count, "correct": passed}
+        if copy_gbs and where == "cuda":
+            row["frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
+        row.update(extra or {})
+        rec.rows.append(row)
+
+    def skip(impl: str, why: str) -> None:
+        rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
+        rec.notes.append(f"{impl}: skipped: {why}")
+
+    for impl in impls:
+        if impl == "pandas":
+            if cfg.count_only and n_pairs > MAX_PAIRS:
+                skip(impl, f"pandas.merge would materialize {n_pairs} pairs")
+                continue
+            add_row(impl, "cpu", lambda: reference.pandas_join(lk, rk, cfg.count_only),
+                    r=min(reps, 5), w=min(warmup, 1))
+        elif impl == "torch":
+            add_row(impl, device, lambda: reference_torch(lk_t, rk_t, cfg.count_only))
+        elif impl == "hash-cpu":
+            from gpulab.dbjoin.hash_join_model import ModelHashJoin
+
+            model = ModelHashJoin(cfg.load_factor)
+            add_row(impl, "cpu", lambda: model.join(lk, rk, cfg.count_only), r=min(reps, 10), w=max(warmup, 1))
+        elif impl == "hash":
+            why = "needs a CUDA GPU" if device != "cuda" else _cupy_ready()
+            if why:
+                skip(impl, why)
+                continue
+            import cupy as cp
+
+            from gpulab.dbjoin.hash_join_cuda import CudaHashJoin, table_capacity
+
+            hj = CudaHashJoin(cfg.load_factor)
+            lk_c, rk_c = cp.from_dlpack(lk_t), cp.from_dlpack(rk_t)
+            add_row(impl, "cuda", lambda: hj.join(lk_c, rk_c, cfg.count_only),
+                    extra={"table_slots": table_capacity(max(min(nl, nr), 1), cfg.load_factor)})
+            rec.metrics["hash_retries"] = hj.retries
+        elif impl == "tensorcore":
+            mode = _triton_mode(device)
+            if mode is None:
+                skip(impl, "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)")
+                continue
+            from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+            dtype = cfg.tc_dtype
+            if mode == "interpret":
+                if max(nl, nr) > cfg.max_interpret_rows:
+                    skip(impl, f"no GPU; the Triton interpreter runs only up to --max-interpret-rows "
+                               f"{cfg.max_interpret_rows} rows")
+                    continue
+                if dtype != "fp32":
+                    rec.notes.append(f"tensorcore: the Triton interpreter has no {dtype}; ran fp32 codes")
+                    dtype = "fp32"
+                rec.notes.append("tensorcore: ran under TRITON_INTERPRET=1 (CPU); its time is not a GPU number")
+            tc = TensorCoreJoin(dtype, cfg.tc_block)
+            interp = mode == "interpret"
+            add_row(impl, device, lambda: tc.join(lk_t, rk_t, cfg.count_only),
+                    r=1 if interp else reps, w=0 if interp else warmup,
+                    extra={"code_dtype": dtype, "partitions": None})
+            rec.rows[-1]["partitions"] = tc.last_partitions
+            rec.metrics["tensorcore_retries"] = tc.retries
+
+    # headline numbers
+    by = {r["impl"]: r for r in rec.rows if "median_ms" in r}
+    for impl, row in by.items():
+        rec.summary[f"{impl}_ms"] = row["median_ms"]
+    rec.summary["output_rows"] = n_pairs
+    if "hash" in by and "tensorcore" in by:
+        rec.summary["tensorcore_over_hash"] = by["tensorcore"]["median_ms"] / by["hash"]["median_ms"]
+    rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
+    if device == "cuda":
+        rec.notes.append("GPU times are CUDA-event times of the whole call from the host: table allocation, "
+                         "all kernel launches and the one read of the output size included")
+    if cfg.ncu and not under_ncu:
+        _attach_ncu(rec, argv_for_ncu or [])
+    return rec
+
+
+def reference_torch(lk_t, rk_t, count_only: bool):
+    from gpulab.dbjoin.torch_join import sort_search_join
+
+    return sort_search_join(lk_t, rk_t, count_only)
+
+
+def _attach_ncu(rec, argv: list[str]) -> None:
+    from gpulab.core import ncu
+    from gpulab.core import options
+
+    if options.resolve_device(what="--ncu") != "cuda":
+        raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
+    records = ncu.profile_gpulab(argv, kernel_regex="hj_|tc_join|[Rr]adix")
+    rows = ncu.summarize_by_kernel(records)
+    rec.metrics["ncu"] = rows
+    occ = "sm__warps_active.avg.pct_of_peak_sustained_active"
+    for r in rows:
+        rec.notes.append(f"ncu {r['kernel']}: {r['launches']} launches, "
+                         f"{(r.get('gpu__time_duration.sum') or 0) / 1e3:.1f} us, achieved occupancy "
+                         f"{r.get(occ) if r.get(occ) is None else round(r[occ], 1)} %, DRAM "
+                         f"{((r.get('dram__bytes_read.sum') or 0) + (r.get('dram__bytes_write.sum') or 0)) / 1e6:.1f} MB")

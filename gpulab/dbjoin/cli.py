@@ -1,0 +1,94 @@
+"""``gpulab join``: hash join on tensor cores (Triton) against a CUDA hash table.
+
+Heavy imports (torch, numba, triton, cupy, pandas) happen inside the commands.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Hash join on tensor cores (Triton) against a CUDA hash table.")
+
+
+@app.command()
+def bench(
+    rows: int = typer.Option(100_000, "--rows", help="Rows of the left (probe) table when generating."),
+    right_rows: Optional[int] = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows."),
+    match_rate: float = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table."),
+    dup: str = typer.Option("unique", "--dup", help="Key duplicates: unique | zipf:S (Zipf-skewed on both sides)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the generated tables."),
+    key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
+    left: Optional[Path] = typer.Option(None, "--left", help="Left table file (.npz/.csv/.parquet: columns key, payload)."),
+    right: Optional[Path] = typer.Option(None, "--right", help="Right table file (same format as --left)."),
+    impl: str = typer.Option("hash,hash-cpu,tensorcore,torch,pandas", "--impl",
+                             help="Comma-separated: hash (CUDA C), hash-cpu (numba model of it), tensorcore "
+                                  "(Triton), torch (sort+searchsorted), pandas (merge)."),
+    count_only: bool = typer.Option(False, "--count-only", help="Count the output pairs instead of writing them."),
+    reps: int = typer.Option(20, "--reps", help="Timed repetitions per implementation."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed calls first."),
+    load_factor: float = typer.Option(0.5, "--load-factor", help="Hash table fill (build rows / slots)."),
+    tc_dtype: str = typer.Option("fp16", "--tc-dtype", help="Tensor-core code type: fp16 | bf16 | int8 | fp32."),
+    tc_block: int = typer.Option(64, "--tc-block", help="Tensor-core tile size (BM = BN): 16, 32, 64 or 128."),
+    max_interpret_rows: int = typer.Option(4096, "--max-interpret-rows",
+                                           help="Without a GPU, run the Triton join under the interpreter only "
+                                                "up to this many rows."),
+    ncu: bool = typer.Option(False, "--ncu", help="Also profile the GPU kernels with Nsight Compute."),
+) -> None:
+    """Time every join implementation on one pair of tables; check each against pandas.merge; write YAML."""
+    from gpulab.core import options
+    from gpulab.dbjoin import bench as B
+    from gpulab.dbjoin.tensorcore_join import CODE_DTYPES
+
+    if key_dtype not in ("int32", "int64"):
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--key-dtype must be int32 or int64, got {key_dtype!r}")
+    if tc_dtype not in CODE_DTYPES:
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {tc_dtype!r}")
+    impls = B.parse_impls(impl)
+    cfg = B.BenchConfig(rows=rows, right_rows=right_rows, match_rate=match_rate, dup=dup, seed=seed,
+                        key_dtype=key_dtype, left=left, right=right, impls=impls, count_only=count_only, reps=reps,
+                        warmup=warmup, load_factor=load_factor, tc_dtype=tc_dtype, tc_block=tc_block,
+                        max_interpret_rows=max_interpret_rows, ncu=ncu)
+    argv = []
+    if options.get().device != "auto":
+        argv += ["--device", options.get().device]
+    argv += ["join", "bench", "--rows", str(rows), "--match-rate", str(match_rate), "--dup", dup, "--seed",
+             str(seed), "--key-dtype", key_dtype, "--impl", ",".join(i for i in impls if i in ("hash", "tensorcore",
+                                                                                                 "torch")) or "hash",
+             "--reps", "1", "--warmup", "1", "--load-factor", str(load_factor), "--tc-dtype", tc_dtype,
+             "--tc-block", str(tc_block)]
+    if right_rows is not None:
+        argv += ["--right-rows", str(right_rows)]
+    if left is not None and right is not None:
+        argv += ["--left", str(left.resolve()), "--right", str(right.resolve())]
+    if count_only:
+        argv.append("--count-only")
+    rec = B.run(cfg, argv_for_ncu=argv)
+    rec.save()
+    rec.print()
+
+
+@app.command()
+def gen(
+    left_path: Path = typer.Argument(..., help="Output file of the left table (.npz, .csv, .parquet)."),
+    right_path: Path = typer.Argument(..., help="Output file of the right table."),
+    rows: int = typer.Option(1000, "--rows"),
+    right_rows: Optional[int] = typer.Option(None, "--right-rows"),
+    match_rate: float = typer.Option(0.5, "--match-rate"),
+    dup: str = typer.Option("unique", "--dup"),
+    seed: int = typer.Option(0, "--seed"),
+    key_dtype: str = typer.Option("int32", "--key-dtype"),
+) -> None:
+    """Write a generated pair of tables (the same ones `bench` would generate) to files."""
+    from gpulab.dbjoin import tables
+
+    lt, rt = tables.generate(rows, right_rows, match_rate, dup, seed, key_dtype)
+    for t, p in ((lt, left_path), (rt, right_path)):
+        tables.save_table(t, p)
+        typer.echo(f"wrote {p} ({len(t)} rows, {t.key_dtype} keys)")

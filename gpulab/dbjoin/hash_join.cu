@@ -1,0 +1,203 @@
+// gpulab join: a CUDA hash join (open addressing, linear probing), many-to-many, exact output size.
+//
+// Build (on the smaller table):
+//   hj_fill_*          every slot := {EMPTY, count 0, row -1}
+//   hj_insert_*        one thread per build row: claim the key's slot with atomicCAS (or find it), count += 1;
+//                      the row that takes count 0 -> 1 stores itself in the slot (the common, unique case).
+//   hj_group_alloc_*   for keys with count > 1, the owning row reserves a run of `count` entries
+//   hj_group_scatter   every row of such a key takes the next entry of that run with atomicAdd on its
+//                      offset (so slot_off ends one past the run: the run is grouped[off - count, off))
+// Probe:
+//   hj_probe_*         one thread per probe row finds its slot; a block-wide prefix sum of the match
+//                      counts and one atomicAdd per block reserve the output positions; pairs are written
+//                      while they fit in `capacity`. The counter always ends at the exact output size, so
+//                      the host re-runs only this kernel with that capacity when the first guess was short.
+//
+// The empty-slot marker is the key type's minimum value. A key equal to it is never stored in the
+// table: all such rows share one extra slot at index `cap` (its key field is unused), so that key
+// joins like any other. Slots are found with "fastrange" (hash * cap >> 32), so cap need not be a
+// power of two; cap < 2^32.
+//
+// Compiled by NVRTC through cupy.RawModule at run time, and by nvcc in the CPU tests (no headers).
+
+#define HJ_EMPTY_I32 (-2147483647 - 1)
+#define HJ_EMPTY_I64 (-9223372036854775807LL - 1LL)
+
+struct SlotI32 { int key; int count; int row; int pad; };
+struct SlotI64 { long long key; int count; int row; };
+
+__device__ __forceinline__ unsigned int hj_hash32(int key) {
+    unsigned int h = (unsigned int)key;  // murmur3 fmix32
+    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
+    return h;
+}
+
+__device__ __forceinline__ unsigned int hj_hash64(long long key) {
+    unsigned long long h = (unsigned long long)key;  // murmur3 fmix64, high half
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull; h ^= h >> 33;
+    return (unsigned int)(h >> 32);
+}
+
+__device__ __forceinline__ unsigned int hj_home(unsigned int h, unsigned int cap) {
+    return (unsigned int)(((unsigned long long)h * cap) >> 32);
+}
+
+__device__ __forceinline__ int hj_cas_key(int* addr, int expected, int desired) {
+    return atomicCAS(addr, expected, desired);
+}
+
+__device__ __forceinline__ long long hj_cas_key(long long* addr, long long expected, long long desired) {
+    return (long long)atomicCAS((unsigned long long*)addr, (unsigned long long)expected,
+                                (unsigned long long)desired);
+}
+
+template <typename K, typename Slot>
+__device__ __forceinline__ void hj_fill(Slot* table, unsigned int cap, K empty) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= cap) {  // cap + 1 slots: the last one holds the rows whose key is the empty marker
+        Slot s;
+        s.key = empty; s.count = 0; s.row = -1;
+        table[i] = s;
+    }
+}
+
+template <typename K, typename Slot>
+__device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slot* table, unsigned int cap,
+                                          unsigned int h, K empty, int* __restrict__ build_slot) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    K k = keys[i];
+    unsigned int s;
+    if (k == empty) {
+        s = cap;
+    } else {
+        s = hj_home(h, cap);
+        while (true) {
+            K cur = *((volatile K*)&table[s].key);
+            if (cur == k) break;
+            if (cur == empty) {
+                K prev = hj_cas_key(&table[s].key, empty, k);
+                if (prev == empty || prev == k) break;
+            }
+            s = (s + 1 == cap) ? 0u : s + 1;
+        }
+    }
+    int c = atomicAdd(&table[s].count, 1);
+    if (c == 0) table[s].row = i;
+    build_slot[i] = (int)s;
+}
+
+template <typename Slot>
+__device__ __forceinline__ void hj_group_alloc(int n, const int* __restrict__ build_slot, const Slot* table,
+                                               int* __restrict__ slot_off, unsigned long long* counters) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int s = build_slot[i];
+    int c = table[s].count;
+    if (c > 1 && table[s].row == i) slot_off[s] = (int)atomicAdd(&counters[0], (unsigned long long)c);
+}
+
+template <typename Slot>
+__device__ __forceinline__ void hj_group_scatter(int n, const int* __restrict__ build_slot, const Slot* table,
+                                                 int* slot_off, int* __restrict__ grouped) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int s = build_slot[i];
+    if (table[s].count > 1) grouped[atomicAdd(&slot_off[s], 1)] = i;
+}
+
+__device__ __forceinline__ unsigned long long hj_warp_inclusive(unsigned long long v) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        unsigned long long up = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += up;
+    }
+    return v;
+}
+
+// Block-wide exclusive prefix of `c` plus this block's base in the global output (one atomicAdd per block).
+// Every thread of the block must call it (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ unsigned long long hj_block_reserve(unsigned long long c, unsigned long long* counter) {
+    __shared__ unsigned long long warp_excl[32];
+    __shared__ unsigned long long base;
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    unsigned long long incl = hj_warp_inclusive(c);
+    if (lane == 31) warp_excl[wid] = incl;
+    __syncthreads();
+    if (wid == 0) {
+        unsigned long long v = lane < nwarps ? warp_excl[lane] : 0ull;
+        unsigned long long vi = hj_warp_inclusive(v);
+        if (lane < nwarps) warp_excl[lane] = vi - v;
+        if (lane == 31) base = vi ? atomicAdd(counter, vi) : 0ull;
+    }
+    __syncthreads();
+    return base + warp_excl[wid] + (incl - c);
+}
+
+template <typename K, typename Slot>
+__device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, const Slot* __restrict__ table,
+                                         unsigned int cap, K empty, const int* __restrict__ slot_off,
+                                         const int* __restrict__ grouped, int* __restrict__ out_probe,
+                                         int* __restrict__ out_build, unsigned long long capacity,
+                                         unsigned long long* counter, int count_only) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = 0;
+    unsigned int s = 0;
+    if (i < n) {
+        K k = keys[i];
+        if (k == empty) {
+            s = cap;
+            c = table[cap].count;
+        } else {
+            unsigned int h = sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k);
+            s = hj_home(h, cap);
+            while (true) {
+                K cur = table[s].key;
+                if (cur == k) { c = table[s].count; break; }
+                if (cur == empty) break;
+                s = (s + 1 == cap) ? 0u : s + 1;
+            }
+        }
+    }
+    unsigned long long pos = hj_block_reserve((unsigned long long)c, counter);
+    if (count_only || c == 0) return;
+    if (c == 1) {
+        if (pos < capacity) { out_probe[pos] = i; out_build[pos] = table[s].row; }
+        return;
+    }
+    const int* rows = grouped + (slot_off[s] - c);  // the scatter left slot_off one past the run
+    for (int j = 0; j < c && pos + j < capacity; ++j) {
+        out_probe[pos + j] = i;
+        out_build[pos + j] = rows[j];
+    }
+}
+
+#define HJ_DEFINE(SUFFIX, K, SLOT, EMPTY, HASH)                                                                   \
+extern "C" __global__ void hj_fill_##SUFFIX(SLOT* table, unsigned int cap) { hj_fill<K, SLOT>(table, cap, EMPTY); } \
+extern "C" __global__ void hj_insert_##SUFFIX(const K* __restrict__ keys, int n, SLOT* table, unsigned int cap,  \
+                                              int* __restrict__ build_slot) {                                     \
+    int i = blockIdx.x * blockDim.x + threadIdx.x;                                                                \
+    unsigned int h = i < n ? HASH(keys[i]) : 0u;                                                                  \
+    hj_insert<K, SLOT>(keys, n, table, cap, h, EMPTY, build_slot);                                                \
+}                                                                                                                 \
+extern "C" __global__ void hj_group_alloc_##SUFFIX(int n, const int* __restrict__ build_slot, const SLOT* table, \
+                                                   int* __restrict__ slot_off, unsigned long long* counters) {    \
+    hj_group_alloc<SLOT>(n, build_slot, table, slot_off, counters);                                               \
+}                                                                                                                 \
+extern "C" __global__ void hj_group_scatter_##SUFFIX(int n, const int* __restrict__ build_slot,                  \
+                                                     const SLOT* table, int* slot_off,                           \
+                                                     int* __restrict__ grouped) {                                 \
+    hj_group_scatter<SLOT>(n, build_slot, table, slot_off, grouped);                                              \
+}                                                                                                                 \
+extern "C" __global__ void hj_probe_##SUFFIX(const K* __restrict__ keys, int n, const SLOT* __restrict__ table,  \
+                                             unsigned int cap, const int* __restrict__ slot_off,                  \
+                                             const int* __restrict__ grouped, int* __restrict__ out_probe,        \
+                                             int* __restrict__ out_build, unsigned long long capacity,            \
+                                             unsigned long long* counter, int count_only) {                       \
+    hj_probe<K, SLOT>(keys, n, table, cap, EMPTY, slot_off, grouped, out_probe, out_build, capacity, counter,    \
+                      count_only);                                                                                \
+}
+
+HJ_DEFINE(i32, int, SlotI32, HJ_EMPTY_I32, hj_hash32)
+HJ_DEFINE(i64, long long, SlotI64, HJ_EMPTY_I64, hj_hash64)

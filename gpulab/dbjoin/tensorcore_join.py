@@ -1,0 +1,196 @@
+"""The join as matrix products on tensor cores (Triton).
+
+1. Mix (torch): every key goes through a *bijection* onto 32 or 64 bits (a 3-round Feistel network of
+   murmur3 fmix32 for int64 keys, fmix32 itself for int32 keys), kept as two 32-bit words (lo, hi).
+   Equal mixed words <=> equal keys, so no key value is special.
+2. Partition (torch): the low R bits of ``lo`` pick one of P = 2^R partitions; both tables are sorted
+   by partition (``torch.sort``) with their original row ids, and per-partition start/count computed.
+3. Kernel (Triton, one program per partition): for each BM x BN tile of (left rows, right rows) of its
+   partition, expand the remaining K = 32 - R (+ 32 for int64) mixed bits into +-1 codes in registers,
+   ``tl.dot`` them (fp16/bf16/int8 on the GPU, fp32 in the interpreter) and mark the entries equal to
+   K: a dot product of +-1 codes reaches K exactly when all K bits agree. R and K are runtime
+   arguments, so one compiled kernel serves every table size. Padded rows get all-zero codes
+   (dot 0 < K). Matches are appended to the output with one atomicAdd per tile and a cumsum inside the
+   tile, while they fit in ``capacity``; the counter ends at the exact size, and the host re-runs the
+   kernel with that capacity when the first guess (max of the table sizes) was short.
+
+The products are block-diagonal by construction: only rows of one partition meet, so the work is
+about P tiles of BM x BN x K instead of a dense N x M product.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from gpulab.core.errors import InputError
+from gpulab.dbjoin.reference import JoinResult
+
+CODE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+KERNEL_REGEX = "tc_join"
+_M16 = 0xFFFF
+_M32 = 0xFFFFFFFF
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for int64 tensors x in [0, 2^32) without int64 overflow."""
+    return ((x & _M16) * c + ((((x >> 16) * c) & _M16) << 16)) & _M32
+
+
+def fmix32(x):
+    """murmur3's 32-bit finalizer (a bijection of [0, 2^32)) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def mix_key(key) -> tuple[Any, Any | None]:
+    """Bijective mix of int32/int64 keys into (lo, hi) 32-bit words as int64 tensors (hi None for int32)."""
+    import torch
+
+    if key.dtype == torch.int32:
+        return fmix32(key.to(torch.int64) & _M32), None
+    k = key.to(torch.int64)
+    lo = k & _M32
+    hi = (k >> 32) & _M32  # arithmetic shift, masked: the high word's bits
+    for rnd in range(3):  # Feistel: (hi, lo) -> (lo, hi ^ F(lo ^ c)); bijective for any F
+        hi, lo = lo, hi ^ fmix32(lo ^ (0x9E3779B9 * (rnd + 1) & _M32))
+    return lo, hi
+
+
+def _to_i32(x):
+    """int64 tensor with values in [0, 2^32) -> int32 tensor with the same bit pattern."""
+    import torch
+
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+@dataclass
+class Partitioned:
+    lo: Any  # int32 (bit pattern of the mixed low word), sorted by partition
+    hi: Any  # int32 or a 1-element dummy for int32 keys
+    row: Any  # int32 original row ids in partition order
+    start: Any  # int32 per partition
+    count: Any  # int32 per partition
+
+
+MIX_BLOCK = 1024
+
+
+def mix_fused(key, bits: int):
+    """The Triton form of :func:`mix_key` plus partition ids: (lo int32, hi int32 | None, part int32)."""
+    import torch
+
+    from gpulab.dbjoin.tensorcore_kernel import tc_mix_kernel
+
+    n = key.numel()
+    has_hi = key.dtype == torch.int64
+    lo = torch.empty(n, dtype=torch.int32, device=key.device)
+    hi = torch.empty(n if has_hi else 1, dtype=torch.int32, device=key.device)
+    part = torch.empty(n, dtype=torch.int32, device=key.device)
+    tc_mix_kernel[(triton_cdiv(n, MIX_BLOCK),)](key, lo, hi, part, n, (1 << bits) - 1, HAS_HI=has_hi,
+                                                BLOCK=MIX_BLOCK)
+    return lo, (hi if has_hi else None), part
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return max((a + b - 1) // b, 1)
+
+
+def partition(key, bits: int, fused: bool | None = None) -> Partitioned:
+    """Mix, then sort one table by the low ``bits`` bits of the mixed low word.
+
+    ``fused`` (default: on CUDA) mixes in one Triton kernel instead of ~50 torch element-wise ops.
+    """
+    import torch
+
+    if fused is None:
+        fused = key.is_cuda
+    if fused:
+        lo, hi, part = mix_fused(key, bits)
+    else:
+        lo64, hi64 = mix_key(key)
+        part = (lo64 & ((1 << bits) - 1)).to(torch.int32)
+        lo, hi = _to_i32(lo64), (_to_i32(hi64) if hi64 is not None else None)
+    order = torch.argsort(part)  # partition ids < 2^24 as int32: fewer radix passes than int64
+    counts = torch.bincount(part, minlength=1 << bits)
+    starts = torch.cumsum(counts, 0) - counts
+    lo_s = lo[order]
+    hi_s = hi[order] if hi is not None else torch.zeros(1, dtype=torch.int32, device=key.device)
+    return Partitioned(lo_s, hi_s, order.to(torch.int32), starts.to(torch.int32), counts.to(torch.int32))
+
+
+def _compile():
+    from gpulab.dbjoin.tensorcore_kernel import tc_join_kernel
+
+    return tc_join_kernel
+
+
+def choose_bits(n_left: int, n_right: int, rows_per_partition: int) -> int:
+    """R = log2(partitions) so that a partition holds about ``rows_per_partition`` rows of the larger side."""
+    big = max(n_left, n_right, 1)
+    return int(min(max(math.ceil(math.log2(max(big / rows_per_partition, 1.0))), 0), 24))
+
+
+class TensorCoreJoin:
+    """``join(left_keys, right_keys)`` on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)."""
+
+    def __init__(self, code_dtype: str = "fp16", block: int = 64, rows_per_partition: int | None = None):
+        if code_dtype not in CODE_DTYPES:
+            raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {code_dtype!r}")
+        if block not in (16, 32, 64, 128):
+            raise InputError(f"--tc-block must be 16, 32, 64 or 128, got {block}")
+        self.code_dtype = code_dtype
+        self.block = block
+        self.rows_per_partition = rows_per_partition or block // 2
+        if self.rows_per_partition < 1:
+            raise InputError(f"--tc-rows-per-partition must be >= 1, got {self.rows_per_partition}")
+        self.retries = 0
+        self.last_partitions = 0
+
+    def _dtype(self):
+        import triton.language as tl
+
+        return {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "int8": tl.int8}[self.code_dtype]
+
+    def join(self, left_key, right_key, count_only: bool = False) -> JoinResult:
+        import torch
+
+        dev = left_key.device
+        nl, nr = left_key.numel(), right_key.numel()
+        if nl == 0 or nr == 0:
+            e = torch.empty(0, dtype=torch.int32, device=dev)
+            return JoinResult(0) if count_only else JoinResult(0, e, e)
+        if left_key.dtype != right_key.dtype:
+            left_key, right_key = left_key.to(torch.int64), right_key.to(torch.int64)
+        has_hi = left_key.dtype == torch.int64
+        r = choose_bits(nl, nr, self.rows_per_partition)
+        kused = (32 - r) + (32 if has_hi else 0)
+        kp = 64 if has_hi else 32  # constexpr; R and K are runtime arguments (one compile per key width)
+        L, Rt = partition(left_key, r), partition(right_key, r)
+        self.last_partitions = 1 << r
+        kernel = _compile()
+        counter = torch.zeros(1, dtype=torch.int64, device=dev)
+
+        def launch(capacity: int, out_l, out_r, count_flag: bool) -> int:
+            counter.zero_()
+            kernel[(1 << r,)](L.lo, L.hi, L.row, L.start, L.count, Rt.lo, Rt.hi, Rt.row, Rt.start, Rt.count,
+                              out_l, out_r, capacity, counter, R=r, KUSED=kused, KP=kp, HAS_HI=has_hi,
+                              BM=self.block, BN=self.block, DT=self._dtype(), COUNT_ONLY=count_flag)
+            return int(counter.item())
+
+        if count_only:
+            dummy = torch.empty(1, dtype=torch.int32, device=dev)
+            return JoinResult(launch(0, dummy, dummy, True))
+        capacity = max(nl, nr)  # exact bound whenever one side's keys are unique
+        out_l = torch.empty(capacity, dtype=torch.int32, device=dev)
+        out_r = torch.empty(capacity, dtype=torch.int32, device=dev)
+        total = launch(capacity, out_l, out_r, False)
+        if total > capacity:
+            self.retries += 1
+            capacity = total
+            out_l = torch.empty(capacity, dtype=torch.int32, device=dev)
+            out_r = torch.empty(capacity, dtype=torch.int32, device=dev)
+            total = launch(capacity, out_l, out_r, False)
+        return JoinResult(total, out_l[:total], out_r[:total])

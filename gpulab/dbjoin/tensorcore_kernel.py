@@ -1,0 +1,119 @@
+"""Triton kernel of the tensor-core join (see tensorcore_join.py); imports triton at import time.
+
+Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 codes only).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(lo, hi, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """+-1 codes of the K used mixed bits (0 for padding rows and bits): [rows, KP] or [KP, rows]."""
+    j = tl.arange(0, KP)
+    NLO = 32 - R
+    from_lo = j < NLO
+    shift = tl.where(from_lo, j + R, j - NLO) & 31
+    use = j < KUSED
+    if ROWS_FIRST:
+        word = lo[:, None]
+        if HAS_HI:
+            word = tl.where(from_lo[None, :], lo[:, None], hi[:, None])
+        bit = (word >> shift[None, :]) & 1
+        ok = use[None, :] & valid[:, None]
+    else:
+        word = lo[None, :]
+        if HAS_HI:
+            word = tl.where(from_lo[:, None], lo[None, :], hi[None, :])
+        bit = (word >> shift[:, None]) & 1
+        ok = use[:, None] & valid[None, :]
+    return tl.where(ok, bit * 2 - 1, 0)
+
+@triton.jit
+def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start, r_cnt,
+                   out_l, out_r, capacity, counter,
+                   R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, COUNT_ONLY: tl.constexpr):
+    p = tl.program_id(0)
+    ls = tl.load(l_start + p)
+    ln = tl.load(l_cnt + p)
+    rs = tl.load(r_start + p)
+    rn = tl.load(r_cnt + p)
+    n_mt = tl.cdiv(ln, BM)
+    n_nt = tl.cdiv(rn, BN)
+    for mt in range(0, n_mt):
+        om = mt * BM + tl.arange(0, BM)
+        mm = om < ln
+        a_lo = tl.load(l_lo + ls + om, mask=mm, other=0)
+        a_hi = a_lo
+        if HAS_HI:
+            a_hi = tl.load(l_hi + ls + om, mask=mm, other=0)
+        a = _codes(a_lo, a_hi, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        a_row = tl.load(l_row + ls + om, mask=mm, other=0)
+        for nt in range(0, n_nt):
+            on = nt * BN + tl.arange(0, BN)
+            nm = on < rn
+            b_lo = tl.load(r_lo + rs + on, mask=nm, other=0)
+            b_hi = b_lo
+            if HAS_HI:
+                b_hi = tl.load(r_hi + rs + on, mask=nm, other=0)
+            b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+            acc = tl.dot(a, b)
+            match = (acc == KUSED).to(tl.int32)
+            flat = tl.reshape(match, (BM * BN,))
+            n = tl.sum(flat, axis=0)
+            if n > 0:
+                base = tl.atomic_add(counter, n.to(tl.int64))
+                if not COUNT_ONLY:
+                    b_row = tl.load(r_row + rs + on, mask=nm, other=0)
+                    pos = base + (tl.cumsum(flat, axis=0) - flat).to(tl.int64)
+                    lrow = tl.reshape(a_row[:, None] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
+                    rrow = tl.reshape(b_row[None, :] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
+                    ok = (flat > 0) & (pos < capacity)
+                    tl.store(out_l + pos, lrow, mask=ok)
+                    tl.store(out_r + pos, rrow, mask=ok)
+
+
+
+@triton.jit
+def _mul32(x, c):
+    """(x * c) mod 2^32 in int64 without overflow (x, c in [0, 2^32)); as tensorcore_join._mul32."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+@triton.jit
+def _fmix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _to_i32(x):
+    return tl.where(x >= 2147483648, x - 4294967296, x).to(tl.int32)
+
+
+@triton.jit
+def tc_mix_kernel(key, lo_out, hi_out, part_out, n, PMASK, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass of tensorcore_join.mix_key + the partition id (int64 arithmetic, same results as torch)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    k = tl.load(key + offs, mask=m, other=0).to(tl.int64)
+    lo = k & 0xFFFFFFFF
+    if HAS_HI:
+        hi = (k >> 32) & 0xFFFFFFFF
+        t = lo
+        lo = hi ^ _fmix32(lo ^ 0x9E3779B9)
+        hi = t
+        t = lo
+        lo = hi ^ _fmix32(lo ^ 0x3C6EF372)
+        hi = t
+        t = lo
+        lo = hi ^ _fmix32(lo ^ 0xDAA66D2B)
+        hi = t
+        tl.store(hi_out + offs, _to_i32(hi), mask=m)
+    else:
+        lo = _fmix32(lo)
+    tl.store(lo_out + offs, _to_i32(lo), mask=m)
+    tl.store(part_out + offs, (lo & PMASK).to(tl.int32), mask=m)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# gpulab join on a GPU (run from the repo root; ~3 minutes on an H100). Writes result YAMLs to $OUT.
+#  1. the GPU tests: CUDA C hash join (cupy) and Triton tensor-core join (fp16/bf16/int8/fp32) == pandas.merge
+#     on every corner case (sentinel keys, duplicates, empty tables, int64 high/low bits) and at 200k-1M rows
+#  2. the seed's comparison: 1M x 1M, unique build keys, 50% matches, int32 and int64 keys (all impls)
+#  3. count-only and Zipf-duplicate points of the "where do tensor cores win" map
+#  4. Nsight Compute (achieved occupancy, DRAM bytes per kernel) at 1M (skipped if ncu is absent)
+#  5. a short table of what was measured
+set -u
+OUT="${OUT:-results/device-dbjoin}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+GPULAB=("$PY" -m gpulab --device cuda --out "$OUT")
+rc=0
+
+echo "== pytest -m gpu tests/dbjoin"
+timeout 170 "$PY" -m pytest -q -m gpu tests/dbjoin 2>&1 | tail -25 | tee "$OUT/pytest-gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+
+for dt in int32 int64; do
+  echo "== bench 1M x 1M, unique, match 0.5, $dt"
+  timeout 90 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype "$dt" \
+      --impl hash,tensorcore,torch,pandas,hash-cpu --reps 30 || rc=1
+done
+echo "== bench 1M x 1M count-only (int32)"
+timeout 60 "${GPULAB[@]}" join bench --rows 1000000 --count-only --impl hash,tensorcore,torch --reps 30 || rc=1
+echo "== bench 1M x 1M zipf:0.8 count-only (int32): duplicates on both sides"
+timeout 60 "${GPULAB[@]}" join bench --rows 1000000 --dup zipf:0.8 --count-only --impl hash,tensorcore,torch \
+    --reps 10 || rc=1
+echo "== bench tensorcore int8 codes, 1M (int32)"
+timeout 60 "${GPULAB[@]}" join bench --rows 1000000 --impl tensorcore,hash --tc-dtype int8 --reps 30 || rc=1
+if command -v ncu >/dev/null 2>&1; then
+  echo "== ncu (1M x 1M, hash + tensorcore)"
+  timeout 150 "${GPULAB[@]}" join bench --rows 1000000 --impl hash,tensorcore --reps 3 --ncu \
+      || echo "ncu run failed or timed out (not fatal)"
+fi
+
+echo "== summary"
+"$PY" - "$OUT" <<'PYEOF'
+import glob, sys, yaml
+for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml")):
+    d = yaml.safe_load(open(path))
+    c, m = d["config"], d["metrics"]
+    gpu = (d["device"].get("gpu") or {}).get("name", "cpu")
+    src = c.get("source", {})
+    print(f"\n{path.split('/')[-1]}  {gpu}  {c['rows']}x{c['right_rows']} {c['key_dtype']} dup={src.get('dup')} "
+          f"count_only={c['count_only']} out={m.get('output_rows')} ok={d['ok']} "
+          f"copy_bound_us={m.get('copy_bound_us') and round(m['copy_bound_us'], 1)}")
+    f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>{w}}"
+    print(f"{'impl':12} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} correct")
+    for r in d["rows"]:
+        us = lambda k: r[k] * 1e3 if isinstance(r.get(k), (int, float)) else None
+        print(f"{r['impl']:12} {f(us('median_ms'),10)} {f(us('p10_ms'))} {f(us('p90_ms'))} "
+              f"{f(r.get('mrows_per_s'))} {f(r.get('frac_of_copy_bound'))} {r.get('skipped') or r.get('correct')}")
+    for n in d.get("notes", []):
+        if n.startswith("ncu "):
+            print("  " + n)
+print("\ngoals (H100, 1M x 1M unique 50%): hash <= 30 us, tensorcore <= 250 us")
+PYEOF
+exit $rc

@@ -1,0 +1,93 @@
+"""`gpulab join ...` end to end at small sizes (CPU implementations; the GPU ones report as skipped)."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gpulab.cli import invoke, main
+from gpulab.core.errors import DeviceError, GpulabError, InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _result(out_dir):
+    files = sorted(Path(out_dir).glob("join-bench-*.yaml"))
+    assert len(files) == 1
+    return yaml.safe_load(files[0].read_text())
+
+
+def test_bench_small_all_impls(out_dir):
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "600", "--right-rows", "500", "--dup", "zipf:0.5", "--key-dtype", "int64",
+            "--reps", "2", "--warmup", "1", "--tc-block", "32"])
+    data = _result(out_dir)
+    assert data["ok"] is True
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"hash", "hash-cpu", "tensorcore", "torch", "pandas"}
+    ref = data["metrics"]["output_rows"]
+    for impl in ("hash-cpu", "tensorcore", "torch", "pandas"):
+        if "skipped" not in rows[impl]:
+            assert rows[impl]["correct"] is True and rows[impl]["output_rows"] == ref
+    assert data["checks"]["hash-cpu"]["passed"]
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not data["device"]["gpu"]:
+        assert "skipped" in rows["hash"] and any(n.startswith("hash: skipped") for n in data["notes"])
+
+
+def test_bench_files_and_count_only(out_dir, tmp_path):
+    invoke(["join", "gen", str(tmp_path / "l.csv"), str(tmp_path / "r.npz"), "--rows", "300", "--right-rows", "200",
+            "--key-dtype", "int64"])
+    invoke(["--out", str(out_dir), "join", "bench", "--left", str(tmp_path / "l.csv"), "--right", str(tmp_path / "r.npz"), "--impl",
+            "hash-cpu,torch,pandas", "--count-only", "--reps", "1", "--warmup", "0"])
+    data = _result(out_dir)
+    assert data["ok"] and data["config"]["count_only"] and data["config"]["rows"] == 300
+    assert all(r["output_rows"] == 150 for r in data["rows"])
+
+
+def test_bench_empty_table(out_dir):
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "50", "--right-rows", "0", "--match-rate", "0", "--impl",
+            "hash-cpu,torch,pandas,tensorcore", "--reps", "1", "--warmup", "0"])
+    data = _result(out_dir)
+    assert data["ok"] and data["metrics"]["output_rows"] == 0
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (["--impl", "hash,bogus"], InputError, "unknown implementation 'bogus'"),
+    (["--left", "x.npz"], InputError, "--left and --right go together"),
+    (["--rows", "-5"], InputError, "--rows must be >= 0"),
+    (["--key-dtype", "int16"], InputError, "--key-dtype"),
+    (["--tc-dtype", "fp64"], InputError, "--tc-dtype"),
+    (["--reps", "0", "--impl", "pandas"], InputError, "--reps"),
+    (["--match-rate", "2", "--impl", "pandas"], InputError, "--match-rate"),
+])
+def test_bench_bad_input(out_dir, args, exc, match):
+    with pytest.raises(exc, match=match):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", *args])
+    assert not Path(out_dir).exists() or not list(Path(out_dir).glob("*.yaml"))
+
+
+def test_bench_bad_file_is_one_line_error(out_dir, tmp_path, capsys):
+    np.savez(tmp_path / "l.npz", key=np.arange(3.0), payload=np.arange(3))
+    np.savez(tmp_path / "r.npz", key=np.arange(3), payload=np.arange(3))
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out_dir), "join", "bench", "--left", str(tmp_path / "l.npz"), "--right", str(tmp_path / "r.npz")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: l.npz: column 'key' must be integer (int32 or int64), got float64"]
+
+
+def test_gpu_only_impl_without_gpu(out_dir):
+    from gpulab.core import options
+
+    if options.cuda_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "hash"])
+
+
+def test_experiment_file_validates():
+    from gpulab.core import experiment as exp
+
+    data = exp.load_file(ROOT / "experiments" / "join_1m.yaml")
+    invocations = exp.plan(data, source="join_1m.yaml")
+    assert invocations and all(inv.words == ["join", "bench"] for inv in invocations)

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+from gpulab.core.errors import InputError
+from gpulab.dbjoin import tables
+from gpulab.dbjoin.tables import Table
+
+
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_generate_unique_match_rate(dt):
+    left, right = tables.generate(1000, 800, 0.3, "unique", 5, dt)
+    assert len(left) == 1000 and len(right) == 800 and left.key.dtype == dt and left.payload.dtype == np.int32
+    assert len(np.unique(left.key)) == 1000 and len(np.unique(right.key)) == 800
+    assert int(np.isin(left.key, right.key).sum()) == 300
+    assert left.key.min() < 0 < left.key.max()  # the whole range, negatives included
+    again = tables.generate(1000, 800, 0.3, "unique", 5, dt)
+    assert np.array_equal(again[0].key, left.key) and np.array_equal(again[1].payload, right.payload)
+
+
+def test_generate_zipf_duplicates_on_both_sides():
+    left, right = tables.generate(2000, 1500, 0.5, "zipf:1.2", 1, "int64")
+    assert len(np.unique(right.key)) < 1500 and len(np.unique(left.key)) < 2000
+    assert int(np.isin(left.key, right.key).sum()) == 1000
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rows": -1}, "--rows"), ({"rows": 10, "right_rows": -2}, "--right-rows"),
+    ({"rows": 10, "match_rate": 1.5}, "--match-rate"), ({"rows": 10, "dup": "zipf:0"}, "S > 0"),
+    ({"rows": 10, "dup": "sometimes"}, "--dup"), ({"rows": 10, "dup": "zipf:x"}, "--dup"),
+    ({"rows": 10, "right_rows": 2, "match_rate": 1.0}, "--right-rows"),
+    ({"rows": 10, "right_rows": 0, "match_rate": 0.5, "dup": "zipf:1"}, "non-empty"),
+    ({"rows": 10, "key_dtype": "float32"}, "--key-dtype"),
+])
+def test_generate_rejects_bad_parameters(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        tables.generate(**kwargs)
+
+
+def test_generate_empty_tables():
+    left, right = tables.generate(0, 0, 0.5)
+    assert len(left) == 0 and len(right) == 0
+    left, right = tables.generate(5, 0, 0.0)
+    assert len(left) == 5 and len(right) == 0
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv"])
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_roundtrip(tmp_path, suffix, dt):
+    t = Table(np.array([np.iinfo(dt).min, -1, 0, np.iinfo(dt).max], dt), np.array([1, -2, 3, 2**31 - 1], np.int32))
+    p = tables.save_table(t, tmp_path / f"t{suffix}")
+    back = tables.load_table(p)
+    assert back.key.dtype == dt and np.array_equal(back.key, t.key) and np.array_equal(back.payload, t.payload)
+    assert [f.name for f in tmp_path.iterdir()] == [p.name]  # no temporary files left
+
+
+def test_bad_files(tmp_path):
+    np.savez(tmp_path / "nokey.npz", payload=np.arange(3))
+    with pytest.raises(InputError, match="nokey.npz: missing column 'key'"):
+        tables.load_table(tmp_path / "nokey.npz")
+    np.savez(tmp_path / "float.npz", key=np.array([1.5, 2.0]), payload=np.arange(2))
+    with pytest.raises(InputError, match="column 'key' must be integer"):
+        tables.load_table(tmp_path / "float.npz")
+    np.savez(tmp_path / "pay.npz", key=np.arange(2), payload=np.array([2**40, 1]))
+    with pytest.raises(InputError, match="payload.*int32"):
+        tables.load_table(tmp_path / "pay.npz")
+    np.savez(tmp_path / "len.npz", key=np.arange(3), payload=np.arange(2))
+    with pytest.raises(InputError, match="differ in length"):
+        tables.load_table(tmp_path / "len.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="junk.npz"):
+        tables.load_table(tmp_path / "junk.npz")
+    (tmp_path / "str.csv").write_text("key,payload\na,1\nb,2\n")
+    with pytest.raises(InputError, match="str.csv: column 'key' must be integer"):
+        tables.load_table(tmp_path / "str.csv")
+    (tmp_path / "cols.csv").write_text("k,payload\n1,1\n")
+    with pytest.raises(InputError, match="missing column 'key'"):
+        tables.load_table(tmp_path / "cols.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InputError, match="empty CSV"):
+        tables.load_table(tmp_path / "empty.csv")
+    (tmp_path / "nan.csv").write_text("key,payload\n1,1\n,2\n")
+    with pytest.raises(InputError, match="missing values|must be integer"):
+        tables.load_table(tmp_path / "nan.csv")
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(InputError, match="unknown table format"):
+        tables.load_table(tmp_path / "t.json")
+    with pytest.raises(InputError, match="not found"):
+        tables.load_table(tmp_path / "absent.npz")
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+
+        pytest.skip("pyarrow is installed")
+    except ImportError:
+        pass
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    with pytest.raises(InputError, match="needs pyarrow"):
+        tables.load_table(tmp_path / "t.parquet")
+
+
+def test_align_key_dtypes():
+    a = Table(np.array([1], np.int32), np.array([0], np.int32))
+    b = Table(np.array([2**40], np.int64), np.array([0], np.int32))
+    x, y = tables.align_key_dtypes(a, b)
+    assert x.key.dtype == y.key.dtype == np.int64

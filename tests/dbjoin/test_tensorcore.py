@@ -1,0 +1,157 @@
+"""The Triton tensor-core join: CPU under TRITON_INTERPRET=1 (fp32 codes); fp16/bf16/int8 on a GPU."""
+import os
+
+import numpy as np
+import pytest
+
+from gpulab.dbjoin import reference, tables
+
+from .cases import CASE_IDS, CASES
+from .test_cpu_joins import _check
+
+torch = pytest.importorskip("torch")
+HAS_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="no GPU and TRITON_INTERPRET is not 1")
+
+
+def _np_fmix32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x85EBCA6B)
+        x ^= x >> np.uint32(13)
+        x *= np.uint32(0xC2B2AE35)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def test_fmix32_matches_uint32_arithmetic():
+    from gpulab.dbjoin.tensorcore_join import fmix32
+
+    x = np.concatenate([np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1], np.int64),
+                        np.random.default_rng(0).integers(0, 2**32, 1000)])
+    got = fmix32(torch.from_numpy(x)).numpy()
+    assert np.array_equal(got, _np_fmix32(x).astype(np.int64))
+
+
+def test_mix_is_injective_on_hard_keys():
+    """Distinct keys keep distinct (lo, hi) words: extremes, +-1, keys differing only in high or low halves."""
+    from gpulab.dbjoin.tensorcore_join import mix_key
+
+    i64 = np.iinfo(np.int64)
+    base = np.arange(-500, 500, dtype=np.int64)
+    keys = np.unique(np.concatenate([base, base << 32, (base << 32) + 1, base + (1 << 32), [i64.min, i64.max,
+                                     i64.min + 1, i64.max - 1, -(2**32), 2**32, 2**31, -(2**31)]]))
+    lo, hi = mix_key(torch.from_numpy(keys))
+    words = (hi.numpy().astype(np.uint64) << np.uint64(32)) | lo.numpy().astype(np.uint64)
+    assert len(np.unique(words)) == len(keys)
+    assert lo.min() >= 0 and lo.max() < 2**32 and hi.min() >= 0 and hi.max() < 2**32
+    k32 = np.unique(np.concatenate([np.arange(-1000, 1000), [-(2**31), 2**31 - 1]])).astype(np.int32)
+    lo32, hi32 = mix_key(torch.from_numpy(k32))
+    assert hi32 is None and len(np.unique(lo32.numpy())) == len(k32)
+
+
+def test_partition_layout():
+    from gpulab.dbjoin.tensorcore_join import partition
+
+    key = torch.from_numpy(tables.generate(500, None, 0.5, "unique", 1, "int64")[0].key)
+    p = partition(key, 4)
+    assert int(p.count.sum()) == 500 and len(p.count) == 16
+    assert np.array_equal(np.sort(p.row.numpy()), np.arange(500))
+    starts = p.start.numpy()
+    assert np.array_equal(starts, np.concatenate([[0], np.cumsum(p.count.numpy())[:-1]]))
+    part = p.lo.numpy().astype(np.int64) & 15
+    for q in range(16):  # every row sits in its partition's range
+        assert np.all(part[starts[q]:starts[q] + p.count.numpy()[q]] == q)
+
+
+@interpreted
+@pytest.mark.parametrize("dt,name", CASE_IDS)
+def test_tensorcore_interpreted(dt, name):
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    lk, rk = CASES[dt][name]
+    dev = "cuda" if HAS_CUDA else "cpu"
+    tc = TensorCoreJoin("fp32", block=16, rows_per_partition=8)  # many partitions: several programs per case
+    _check(tc.join(torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev)), lk, rk)
+
+
+@interpreted
+def test_tensorcore_count_only_retry_and_multi_tile_partitions():
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    lk, rk = CASES["int32"]["all-match"]  # 1200 pairs > capacity guess 40: the kernel runs again
+    tc = TensorCoreJoin("fp32", block=16)
+    _check(tc.join(torch.from_numpy(lk), torch.from_numpy(rk)), lk, rk)
+    assert tc.retries == 1
+    assert tc.join(torch.from_numpy(lk), torch.from_numpy(rk), count_only=True).count == 1200
+    # one partition for everything: each program loops over several BM x BN tiles
+    lk, rk = CASES["int64"]["unique-half"]
+    tc = TensorCoreJoin("fp32", block=32, rows_per_partition=1000)
+    _check(tc.join(torch.from_numpy(lk), torch.from_numpy(rk)), lk, rk)
+    assert tc.last_partitions == 1
+
+
+def test_tensorcore_rejects_bad_options():
+    from gpulab.core.errors import InputError
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    with pytest.raises(InputError, match="tc-dtype"):
+        TensorCoreJoin("fp64")
+    with pytest.raises(InputError, match="tc-block"):
+        TensorCoreJoin("fp16", block=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code", ["fp16", "bf16", "int8", "fp32"])
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_tensorcore_gpu_codes(code, dt):
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    for name in ("dup-both-negative", "sentinel", "zipf", "all-match", "no-match", "left-empty"):
+        lk, rk = CASES[dt][name]
+        res = TensorCoreJoin(code, block=64).join(torch.from_numpy(lk).cuda(), torch.from_numpy(rk).cuda())
+        _check(res, lk, rk)
+    for dup in ("unique", "zipf:0.7"):
+        left, right = tables.generate(100_000, 80_000, 0.5, dup, 5, dt)
+        tc = TensorCoreJoin(code, block=64)
+        res = tc.join(torch.from_numpy(left.key).cuda(), torch.from_numpy(right.key).cuda())
+        _check(res, left.key, right.key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_tensorcore_gpu_1m(block):
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    left, right = tables.generate(1_000_000, None, 0.5, "unique", 0, "int32")
+    res = TensorCoreJoin("fp16", block=block).join(torch.from_numpy(left.key).cuda(), torch.from_numpy(right.key).cuda())
+    _check(res, left.key, right.key)
+    cnt = TensorCoreJoin("int8", block=block).join(torch.from_numpy(left.key).cuda(),
+                                                    torch.from_numpy(right.key).cuda(), count_only=True)
+    assert cnt.count == reference.output_size(left.key, right.key)
+
+
+@interpreted
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_fused_mix_kernel_equals_torch_mix(dt):
+    """The Triton mix (used on the GPU) gives the same words and partitions as the torch one."""
+    from gpulab.dbjoin.tensorcore_join import partition
+
+    info = np.iinfo(dt)
+    keys = np.concatenate([CASES[dt]["sentinel"][0], CASES[dt]["unique-half"][0], [info.min, info.max, -1, 0]])
+    key = torch.from_numpy(keys.astype(dt))
+    if HAS_CUDA:
+        key = key.cuda()
+    from gpulab.dbjoin.tensorcore_join import _to_i32, mix_fused, mix_key
+
+    lo, hi, part = mix_fused(key, 5)
+    lo_t, hi_t = mix_key(key.cpu())
+    assert torch.equal(lo.cpu(), _to_i32(lo_t))
+    assert (hi is None) == (hi_t is None) and (hi is None or torch.equal(hi.cpu(), _to_i32(hi_t)))
+    assert torch.equal(part.cpu().to(torch.int64), lo_t & 31)
+    a, b = partition(key, 5, fused=True), partition(key, 5, fused=False)
+    for f in ("start", "count"):
+        assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
+    assert torch.equal(torch.sort(a.row.cpu())[0], torch.arange(len(keys), dtype=torch.int32))
