@@ -1,0 +1,1 @@
+"""KV-cache stitching between a large prefill model and a small decode model (``gpulab kvstitch``)."""

@@ -1,0 +1,253 @@
+"""``gpulab kvstitch``: KV-cache stitching between a large prefill model and a small decode model.
+
+Commands: ``pretrain`` (a tiny Llama pair from scratch with one shared tokenizer), ``train``
+(stage 1 warm-up and/or stage 2 LoRA, resumable), ``eval`` (ROUGE / NLL / TTFT / TPOT / KV bytes
+table + YAML), ``tiny`` (pretrain -> train all -> eval in one command: the smoke and seed-sweep
+experiment). Heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="KV-cache stitching: a large model prefills, a small one decodes from a stitched cache.")
+
+DATA_HELP = "Text corpus (.txt, split 90/10 into train/eval windows) or .jsonl with 'prompt' and 'reference'."
+
+
+def _device() -> str:
+    from gpulab.core import options
+
+    return options.resolve_device(what="kvstitch")
+
+
+@contextmanager
+def _tiny_models_threads(device: str):
+    """Models of the tiny sizes are far too small for intra-op threads: on a shared CPU one is fastest
+    (restored afterwards: ``gpulab run`` runs other commands in the same process)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _quiet_transformers() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _pretrain(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
+              seq_len: int, lr: float, seed: int):
+    from gpulab.core.results import Record
+    from gpulab.stitchkv.pretrain import pretrain_pair
+
+    device = _device()
+    with _tiny_models_threads(device):
+        res = pretrain_pair(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, device)
+    rec = Record(name="kvstitch-pretrain", config={"data": str(data), "out": str(out), "large_size": large_size,
+                                                   "small_size": small_size, "vocab": vocab, "steps": steps,
+                                                   "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
+                                                   "device": device})
+    rec.rows = res["rows"]
+    rec.metrics = {k: v for k, v in res.items() if k != "rows"}
+    import math
+
+    for r in res["rows"]:
+        rec.check(f"{r['model']}_val_loss_below_uniform", math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(res["vocab"]),
+                  {"val_loss": r["val_loss"], "uniform": math.log(res["vocab"])})
+    large, small = res["rows"]
+    rec.summary = {"large_val_loss": large["val_loss"], "small_val_loss": small["val_loss"]}
+    if large["val_loss"] >= small["val_loss"]:
+        rec.notes.append("the large model's validation loss is not below the small one's: train longer")
+    return rec
+
+
+@app.command()
+def pretrain(
+    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
+    out: Path = typer.Option(..., "--pair-dir", "--models", help="Folder to write large/ and small/ (HF format) into."),
+    large_size: str = typer.Option("tiny-large", "--large-size", help="nano-large | tiny-large | nano-small | tiny-small"),
+    small_size: str = typer.Option("tiny-small", "--small-size", help="Size of the small model."),
+    vocab: int = typer.Option(1024, "--vocab", help="BPE vocabulary size of the shared tokenizer."),
+    steps: int = typer.Option(1000, "--steps", help="Training steps per model."),
+    batch: int = typer.Option(32, "--batch"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a tiny large/small Llama pair from scratch with one shared tokenizer."""
+    _quiet_transformers()
+    rec = _pretrain(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed)
+    rec.save()
+    rec.print()
+
+
+def _train_cfg(**kw) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+
+
+def _train(cfg: dict):
+    import math
+
+    from gpulab.core.results import Record
+    from gpulab.stitchkv.train import train as run_train
+
+    device = _device()
+    res = run_train(cfg, device)
+    rec = Record(name="kvstitch-train", config={**cfg, "device": device})
+    rec.metrics = {"alignment": res["align"], "large_shape": res["large_shape"], "small_shape": res["small_shape"]}
+    for st in ("warmup", "lora"):
+        if st in res:
+            r = res[st]
+            rec.metrics[st] = r
+            if "skipped" in r:
+                rec.rows.append({"stage": st, "note": r["skipped"]})
+                continue
+            rec.rows.append({"stage": st, "steps": r["steps"], "loss_first": r["loss_first"], "loss_last": r["loss_last"],
+                             "heldout_nmse": r.get("heldout_nmse"), "seconds": r["seconds"]})
+            hist = r["loss_history"]
+            rec.check(f"{st}_losses_finite", all(math.isfinite(x) for x in hist), {"steps": len(hist)})
+            rec.summary[f"{st}_loss_last"] = r["loss_last"]
+    rec.summary["alignment"] = ",".join(map(str, res["align"]))
+    return rec
+
+
+@app.command()
+def train(
+    large: Path = typer.Option(..., "--large", help="Large (prefill) model folder, Hugging Face format."),
+    small: Path = typer.Option(..., "--small", help="Small (decode) model folder; must share the tokenizer."),
+    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help=DATA_HELP),
+    run: Path = typer.Option(..., "--run", "--run-dir", "--out", help="Run folder for stitches, adapters, checkpoints (resumable)."),
+    stage: str = typer.Option("all", "--stage", help="warmup | lora | all"),
+    steps: int = typer.Option(200, "--steps", help="Stage-1 (warm-up) steps."),
+    lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 (LoRA) steps."),
+    alignment: str = typer.Option("uniform-nearest", "--alignment",
+                                  help="uniform-nearest | last-aligned | first-aligned | comma list of large layers"),
+    stitch_input: str = typer.Option("hidden", "--stitch-input", help="hidden (attention input) | kv (pre-RoPE K/V)"),
+    init: str = typer.Option("ls", "--init", help="ls (closed-form ridge least squares) | random | identity"),
+    loss: str = typer.Option("mse", "--loss", help="Warm-up loss: mse | l1"),
+    batch: int = typer.Option(16, "--batch"),
+    prompt_len: int = typer.Option(64, "--prompt-len"),
+    cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss."),
+    lr: float = typer.Option(1e-3, "--lr", help="Warm-up learning rate."),
+    lora_lr: float = typer.Option(1e-3, "--lora-lr"),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--lora-targets"),
+    ls_batches: int = typer.Option(4, "--ls-batches", help="Batches for the least-squares fit."),
+    ridge: float = typer.Option(1e-3, "--ridge", help="Ridge strength, relative to the mean feature energy."),
+    ckpt_every: int = typer.Option(50, "--ckpt-every", help="Checkpoint every N steps (0: only at stage end)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (model weights)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the stitches (stage 1) and LoRA + stitches end to end (stage 2); rerun to resume."""
+    _quiet_transformers()
+    rec = _train(_train_cfg(large=large, small=small, data=data, run=run, stage=stage, steps=steps,
+                            lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input, init=init,
+                            loss=loss, batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=lr,
+                            lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                            ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype, seed=seed))
+    rec.save()
+    rec.print()
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Option(..., "--run", "--run-dir", help="A 'kvstitch train' run folder."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Override the run's data (" + DATA_HELP + ")"),
+    prompts: int = typer.Option(32, "--prompts", help="Held-out prompts."),
+    prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (0: the run's --prompt-len)."),
+    gen_len: int = typer.Option(32, "--gen-len", help="Tokens generated (and reference length)."),
+    batch: int = typer.Option(16, "--batch"),
+    goal_gap: Optional[float] = typer.Option(None, "--goal-gap", help="Add a check: stitched ROUGE-L recovers >= this fraction of the gap."),
+) -> None:
+    """ROUGE-1/2/L, reference NLL, TTFT/TPOT and KV bytes: small, large, stitched (stage 1, stage 2)."""
+    _quiet_transformers()
+    from gpulab.stitchkv.evaluate import evaluate
+
+    rec = evaluate(run, _device(), prompts, prompt_len or None, gen_len, batch, data, goal_gap)
+    rec.save()
+    rec.print()
+
+
+@app.command()
+def tiny(
+    workdir: Path = typer.Option(Path("results/kvstitch-tiny"), "--workdir", help="Folder for the pair and the run."),
+    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
+    large_size: str = typer.Option("tiny-large", "--large-size"),
+    small_size: str = typer.Option("tiny-small", "--small-size"),
+    vocab: int = typer.Option(1024, "--vocab"),
+    pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
+    pretrain_batch: int = typer.Option(32, "--pretrain-batch"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
+    lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
+    batch: int = typer.Option(16, "--batch", help="Stitch-training batch."),
+    prompt_len: int = typer.Option(64, "--prompt-len"),
+    cont_len: int = typer.Option(32, "--cont-len"),
+    alignment: str = typer.Option("uniform-nearest", "--alignment"),
+    stitch_input: str = typer.Option("hidden", "--stitch-input"),
+    prompts: int = typer.Option(32, "--prompts"),
+    gen_len: int = typer.Option(32, "--gen-len"),
+    goal_gap: Optional[float] = typer.Option(None, "--goal-gap"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """pretrain a tiny pair -> train both stages -> eval, in one command (one record, kvstitch-tiny)."""
+    _quiet_transformers()
+    with _tiny_models_threads(_device()):
+        rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, steps,
+                    lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed)
+    rec.save()
+    rec.print()
+
+
+def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, steps, lora_steps,
+          batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
+    import time
+
+    from gpulab.stitchkv.evaluate import evaluate
+
+    import shutil
+
+    t0 = time.perf_counter()
+    wd = workdir / f"seed{seed}"
+    shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
+    pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, 3e-3, seed)
+    t1 = time.perf_counter()
+    tr = _train(_train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, run=wd / "run",
+                           stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment,
+                           stitch_input=stitch_input, init="ls", loss="mse", batch=batch, prompt_len=prompt_len,
+                           cont_len=cont_len, lr=1e-3, lora_lr=1e-3, lora_r=8, lora_alpha=16,
+                           lora_targets="q_proj,k_proj,v_proj,o_proj", ls_batches=4, ridge=1e-3, ckpt_every=0,
+                           dtype="float32", seed=seed))
+    t2 = time.perf_counter()
+    rec = evaluate(wd / "run", _device(), prompts, prompt_len, gen_len, batch, None, goal_gap, name="kvstitch-tiny")
+    rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {"steps": steps, "lora_steps": lora_steps}})
+    rec.metrics.update({"pretrain": pre.rows, "train": tr.rows,
+                        "seconds": {"pretrain": t1 - t0, "train": t2 - t1, "eval": time.perf_counter() - t2}})
+    for src in (pre, tr):
+        for k, c in src.checks.items():
+            rec.checks[f"{src.name.split('-')[1]}:{k}"] = c
+        rec.notes.extend(src.notes)
+    rec.summary = {"seed": seed, "large_val_loss": pre.summary["large_val_loss"],
+                   "small_val_loss": pre.summary["small_val_loss"], **rec.summary}
+    return rec

@@ -1,0 +1,120 @@
+"""Data for stitching: a plain-text corpus cut into (prompt, continuation) windows, or a JSONL file
+of ``{"prompt": ..., "reference": ...}`` records (summaries, answers).
+
+Text corpora are tokenized once and split by position: the first ``1 - val_fraction`` of the
+tokens for training, the rest for evaluation, so evaluation prompts are never trained on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from gpulab.core.errors import InputError
+
+DEFAULT_DATA = Path("../shared/data/tinyshakespeare.txt")
+
+
+def read_text(path: Path | str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--data file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--data {p}: not readable UTF-8 text ({type(e).__name__})") from None
+    if len(text.strip()) == 0:
+        raise InputError(f"--data {p}: the file is empty")
+    return text
+
+
+@dataclass
+class Corpus:
+    """Tokenized data: ``ids`` (a 1-D LongTensor) for .txt, or ``pairs`` (token lists) for .jsonl."""
+
+    path: Path
+    ids: Any = None
+    split: int = 0
+    pairs: list[tuple[list[int], list[int], str]] | None = None  # (prompt ids, reference ids, reference text)
+
+    @property
+    def kind(self) -> str:
+        return "jsonl" if self.pairs is not None else "text"
+
+
+def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1) -> Corpus:
+    import torch
+
+    p = Path(path)
+    if not 0.0 < val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if p.suffix == ".jsonl":
+        text = read_text(p)
+        pairs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--data {p}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("reference"), str):
+                raise InputError(f"--data {p}:{i}: each line needs string fields 'prompt' and 'reference'")
+            pids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+            rids = tokenizer(rec["reference"], add_special_tokens=False)["input_ids"]
+            if not pids or not rids:
+                raise InputError(f"--data {p}:{i}: empty prompt or reference after tokenization")
+            pairs.append((pids, rids, rec["reference"]))
+        if len(pairs) < 2:
+            raise InputError(f"--data {p}: needs at least 2 records, got {len(pairs)}")
+        split = max(1, int(round(len(pairs) * (1 - val_fraction))))
+        return Corpus(path=p, pairs=pairs, split=min(split, len(pairs) - 1))
+    text = read_text(p)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    split = int(len(ids) * (1 - val_fraction))
+    return Corpus(path=p, ids=ids, split=split)
+
+
+def _need(corpus: Corpus, n: int, part: str) -> None:
+    have = corpus.split if part == "train" else len(corpus.ids) - corpus.split
+    if have < n + 1:
+        raise InputError(f"--data {corpus.path}: the {part} split has {have} tokens, fewer than one window "
+                         f"of {n}; use a longer file or shorter --prompt-len/--cont-len")
+
+
+def train_batches(corpus: Corpus, batch: int, prompt_len: int, cont_len: int, seed: int) -> Iterator[tuple[Any, Any]]:
+    """Endless (prompt [B, P], continuation [B, C]) batches of random windows of the train split."""
+    import torch
+
+    if batch < 1 or prompt_len < 1 or cont_len < 1:
+        raise InputError(f"--batch, --prompt-len and --cont-len must be >= 1 (got {batch}, {prompt_len}, {cont_len})")
+    g = torch.Generator().manual_seed(seed)
+    if corpus.kind == "jsonl":
+        train = corpus.pairs[: corpus.split]
+        while True:  # variable lengths: one record per step, prompt/reference cut to the limits
+            i = int(torch.randint(len(train), (1,), generator=g))
+            pids, rids, _ = train[i]
+            yield (torch.tensor([pids[-prompt_len:]]), torch.tensor([rids[:cont_len]]))
+    n = prompt_len + cont_len
+    _need(corpus, n, "train")
+    while True:
+        starts = torch.randint(0, corpus.split - n, (batch,), generator=g)
+        w = torch.stack([corpus.ids[s: s + n] for s in starts.tolist()])
+        yield w[:, :prompt_len], w[:, prompt_len:]
+
+
+def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int) -> list[tuple[Any, Any]]:
+    """Evenly spaced held-out (prompt [P], reference [C]) windows (deterministic)."""
+    import torch
+
+    if n_prompts < 1:
+        raise InputError(f"--prompts must be >= 1, got {n_prompts}")
+    if corpus.kind == "jsonl":
+        val = corpus.pairs[corpus.split:][:n_prompts]
+        return [(torch.tensor(p[-prompt_len:]), torch.tensor(r[:cont_len])) for p, r, _ in val]
+    n = prompt_len + cont_len
+    _need(corpus, n, "validation")
+    span = len(corpus.ids) - corpus.split - n
+    starts = [corpus.split + (span * i) // max(n_prompts, 1) for i in range(n_prompts)]
+    return [(corpus.ids[s: s + prompt_len], corpus.ids[s + prompt_len: s + n]) for s in starts]

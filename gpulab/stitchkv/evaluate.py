@@ -1,0 +1,252 @@
+"""``gpulab kvstitch eval``: ROUGE, reference NLL, TTFT/TPOT and KV bytes for small-only,
+large-only, stitched after stage 1 and stitched after stage 2, plus the interpolation metrics.
+
+Variants: ``small`` and ``large`` prefill and decode alone; ``stitched-warmup`` and
+``stitched-lora``: the large model prefills and emits the first token, the stitched cache is
+handed over, the small model (with its stage-2 LoRA for ``stitched-lora``) decodes the rest.
+ROUGE-1/2/L are F-measures (rouge-score, Porter stemming) of the decoded continuation against the
+reference text, averaged over prompts. ``ref_nll`` is the teacher-forced mean negative
+log-likelihood per token of the reference continuation along the same path (a low-noise
+companion of ROUGE). ``gap_recovered`` = (stitched - small) / (large - small).
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpulab.core.errors import InputError
+from gpulab.core.results import Record
+
+
+def rouge_scores(preds: list[str], refs: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    tot = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(preds, refs):
+        s = scorer.score(r, p)
+        for k in tot:
+            tot[k] += s[k].fmeasure
+    return {k: v / max(len(preds), 1) for k, v in tot.items()}
+
+
+def _nll_own(model: Any, prompt: Any, ref: Any) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    seq = torch.cat([prompt, ref], 1)
+    logits = model(input_ids=seq[:, :-1], use_cache=False).logits[:, prompt.shape[1] - 1:].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ref.reshape(-1), reduction="sum")
+
+
+def _nll_stitched(large: Any, small: Any, bank: Any, prompt: Any, ref: Any) -> Any:
+    import torch.nn.functional as F
+
+    from gpulab.stitchkv.models import cache_kwarg
+    from gpulab.stitchkv.stitch import stitched_cache
+
+    logits0, cache = stitched_cache(large, small, bank, prompt)
+    total = F.cross_entropy(logits0.float(), ref[:, 0], reduction="sum")
+    if ref.shape[1] > 1:
+        out = small(input_ids=ref[:, :-1], use_cache=True, **{cache_kwarg(small): cache})
+        lg = out.logits.float()
+        total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ref[:, 1:].reshape(-1), reduction="sum")
+    return total
+
+
+def _batches(windows: list[tuple[Any, Any]], batch: int) -> list[tuple[Any, Any, list[int]]]:
+    """Group equal-length windows into batches: (prompts [B, P], refs [B, C], window indices)."""
+    import torch
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (p, r) in enumerate(windows):
+        groups.setdefault((len(p), len(r)), []).append(i)
+    out = []
+    for idx in groups.values():
+        for j in range(0, len(idx), batch):
+            sel = idx[j: j + batch]
+            out.append((torch.stack([windows[i][0] for i in sel]), torch.stack([windows[i][1] for i in sel]), sel))
+    return out
+
+
+def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok: Any, ref_texts: list[str],
+                n_new: int, device: str) -> tuple[dict[str, Any], list]:
+    import torch
+
+    from gpulab.stitchkv.generate import greedy, greedy_stitched
+
+    preds: dict[int, str] = {}
+    prefill, tpot, nbytes, nll, ntok, shapes = [], [], 0, 0.0, 0, []
+    with torch.no_grad():
+        for prompts, refs, sel in batches:
+            prompts, refs = prompts.to(device), refs.to(device)
+            if bank is None:
+                model = pair.large if name == "large" else small
+                g = greedy(model, prompts, n_new)
+                nll += float(_nll_own(model, prompts, refs))
+            else:
+                g = greedy_stitched(pair.large, small, bank, prompts, n_new)
+                nll += float(_nll_stitched(pair.large, small, bank, prompts, refs))
+            ntok += refs.numel()
+            prefill.append(g.prefill_ms)
+            tpot.extend(g.decode_ms)
+            nbytes += g.kv_bytes
+            for row, i in enumerate(sel):
+                preds[i] = tok.decode(g.tokens[row].tolist(), skip_special_tokens=True)
+    order = sorted(preds)
+    r = rouge_scores([preds[i] for i in order], [ref_texts[i] for i in order])
+    row = {"variant": name, "rouge1": r["rouge1"], "rouge2": r["rouge2"], "rougeL": r["rougeL"],
+           "ref_nll": nll / max(ntok, 1), "ttft_ms": statistics.median(prefill),
+           "tpot_ms": statistics.median(tpot) if tpot else None,
+           "kv_bytes_per_seq": nbytes // max(len(ref_texts), 1)}
+    return row, [preds[i] for i in order[:3]]
+
+
+def self_identity_check(small: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
+    """The small model stitched to itself with identity maps must reproduce its own cache and logits."""
+    import torch
+
+    from gpulab.stitchkv.models import cache_kwarg, shape_of
+    from gpulab.stitchkv.reference import own_cache
+    from gpulab.stitchkv.stitch import alignment, build_cache, large_features, make_bank
+
+    sh = shape_of(small)
+    bank = make_bank(sh, sh, alignment("uniform-nearest", sh["layers"], sh["layers"]), "hidden").identity_()
+    bank = bank.to(prompt.device)
+    with torch.no_grad():
+        hs = small(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
+        pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
+        kv = bank(large_features(small, hs, bank.align, "hidden"), small, pos)
+        ref = own_cache(small, prompt)
+        diff = max(float((a - b).abs().max()) for x, y in zip(kv, ref) for a, b in zip(x, y))
+        scale = max(float(b.abs().max()) for y in ref for b in y)
+        nxt = prompt[:, -1:]
+        lg = small(input_ids=nxt, use_cache=True, **{cache_kwarg(small): build_cache(kv)}).logits[:, -1]
+        lg_ref = small(input_ids=torch.cat([prompt, nxt], 1), use_cache=False).logits[:, -1]
+        ldiff = float((lg - lg_ref).abs().max())
+        lscale = float(lg_ref.abs().max())
+    tol = 1e-5 if next(small.parameters()).dtype == torch.float32 else 2e-2
+    ok = diff <= tol * scale and ldiff <= 10 * tol * max(lscale, 1.0)
+    return ok, {"cache_max_abs_diff": diff, "logit_max_abs_diff": ldiff, "tol_rel": tol}
+
+
+def cache_decode_check(model: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
+    """One cached decode step equals the no-cache forward of the whole sequence (the reference)."""
+    import torch
+
+    from gpulab.stitchkv.models import cache_kwarg, output_cache
+
+    with torch.no_grad():
+        out = model(input_ids=prompt[:, :-1], use_cache=True)
+        step = model(input_ids=prompt[:, -1:], use_cache=True, **{cache_kwarg(model): output_cache(out)}).logits[:, -1]
+        ref = model(input_ids=prompt, use_cache=False).logits[:, -1]
+    diff = float((step - ref).abs().max())
+    tol = (1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2) * max(float(ref.abs().max()), 1.0)
+    return diff <= tol, {"logit_max_abs_diff": diff, "tol": tol}
+
+
+def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_len: int, batch: int,
+             data: Path | None = None, goal_gap: float | None = None, name: str = "kvstitch-eval",
+             log: Any = print) -> Record:
+    import torch
+
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_pair
+    from gpulab.stitchkv.train import load_bank, load_stage2
+
+    run = Path(run)
+    cfg_p = run / "run.yaml"
+    if not cfg_p.is_file():
+        raise InputError(f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
+    try:
+        cfg = yaml.safe_load(cfg_p.read_text()) or {}
+    except yaml.YAMLError:
+        raise InputError(f"{cfg_p}: malformed YAML") from None
+    for k in ("large", "small", "data"):
+        if k not in cfg:
+            raise InputError(f"{cfg_p}: missing key '{k}'")
+    if gen_len < 1 or batch < 1:
+        raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
+    have_w = (run / "warmup" / "stitch.safetensors").is_file()
+    have_l = (run / "lora" / "adapter" / "adapter_config.json").is_file()
+    if not have_w:
+        raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
+    pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
+    plen = prompt_len or int(cfg.get("prompt_len", 32))
+    corpus = D.load_corpus(data or cfg["data"], pair.tokenizer)
+    windows = D.eval_windows(corpus, prompts, plen, gen_len)
+    if corpus.kind == "jsonl":
+        ref_texts = [r for _, _, r in corpus.pairs[corpus.split:][:prompts]]
+    else:
+        ref_texts = [pair.tokenizer.decode(r.tolist(), skip_special_tokens=True) for _, r in windows]
+    bt = _batches(windows, batch)
+    rec = Record(name=name, config={"run": str(run), "large": cfg["large"], "small": cfg["small"],
+                                    "data": str(data or cfg["data"]), "prompts": len(windows), "prompt_len": plen,
+                                    "gen_len": gen_len, "batch": batch, "device": device,
+                                    "alignment": cfg.get("alignment"), "stitch_input": cfg.get("stitch_input"),
+                                    "dtype": cfg.get("dtype", "float32")})
+    first = bt[0][0][: min(4, len(bt[0][0]))].to(device)
+    ok, det = self_identity_check(pair.small, first)
+    rec.check("self_stitch_identity_reproduces_cache", ok, det)
+    ok, det = cache_decode_check(pair.small, first)
+    rec.check("cached_decode_matches_no_cache_reference", ok, det)
+
+    samples = {}
+    for variant in ("small", "large"):
+        log(f"eval: {variant}")
+        row, samples[variant] = run_variant(variant, pair, pair.small, None, bt, pair.tokenizer, ref_texts, gen_len, device)
+        rec.rows.append(row)
+    bank_w = load_bank(run / "warmup", device)
+    with torch.no_grad():  # the stitched cache has exactly the small model's own cache layout
+        from gpulab.stitchkv.reference import own_cache
+        from gpulab.stitchkv.stitch import cache_tensors, stitched_cache
+
+        _, c = stitched_cache(pair.large, pair.small, bank_w, first)
+        got = [tuple(t.shape) for kv in cache_tensors(c) for t in kv]
+        want = [tuple(t.shape) for kv in own_cache(pair.small, first) for t in kv]
+    rec.check("stitched_cache_shapes_match_small", got == want, {"stitched": got[:2], "small": want[:2]})
+    log("eval: stitched-warmup")
+    row, samples["stitched-warmup"] = run_variant("stitched-warmup", pair, pair.small, bank_w, bt, pair.tokenizer,
+                                                  ref_texts, gen_len, device)
+    rec.rows.append(row)
+    if have_l:
+        log("eval: stitched-lora")
+        small_l, bank_l = load_stage2(pair.small, run / "lora", device)
+        row, samples["stitched-lora"] = run_variant("stitched-lora", pair, small_l, bank_l, bt, pair.tokenizer,
+                                                    ref_texts, gen_len, device)
+        rec.rows.append(row)
+    else:
+        rec.notes.append("stage 2 (lora) not trained in this run folder: no stitched-lora row")
+
+    by = {r["variant"]: r for r in rec.rows}
+    large_bytes = by["large"]["kv_bytes_per_seq"]
+    for r in rec.rows:
+        r["kv_vs_large"] = r["kv_bytes_per_seq"] / large_bytes if large_bytes else None
+    best = "stitched-lora" if "stitched-lora" in by else "stitched-warmup"
+    gaps = {}
+    for metric, higher in (("rougeL", True), ("ref_nll", False)):
+        s, l = by["small"][metric], by["large"][metric]
+        for v in ("stitched-warmup", "stitched-lora"):
+            if v in by:
+                gap = (l - s)
+                gaps[f"{v}:{metric}"] = (by[v][metric] - s) / gap if gap != 0 else None
+    rec.metrics = {"gap_recovered": gaps, "samples": samples, "references": ref_texts[:3]}
+    gap_l = gaps.get(f"{best}:rougeL")
+    rec.summary = {"small_rougeL": by["small"]["rougeL"], "large_rougeL": by["large"]["rougeL"],
+                   "stitched_rougeL": by[best]["rougeL"], "stitched": best, "gap_recovered_rougeL": gap_l,
+                   "gap_recovered_nll": gaps.get(f"{best}:ref_nll")}
+    rec.metrics["kv_handover_vs_large"] = by[best]["kv_vs_large"]
+    sm, lg, st = by["small"]["rougeL"], by["large"]["rougeL"], by[best]["rougeL"]
+    rec.metrics["interpolates_rougeL"] = bool(min(sm, lg) <= st <= max(sm, lg))
+    if lg <= sm:
+        rec.notes.append(f"large-only ROUGE-L ({lg:.4f}) is not above small-only ({sm:.4f}): the gap is not "
+                         f"meaningful for this pair/size (train the pair longer)")
+    if goal_gap is not None:
+        rec.check(f"gap_recovered_rougeL>={goal_gap}", gap_l is not None and lg > sm and gap_l >= goal_gap,
+                  {"gap_recovered": gap_l, "small": sm, "large": lg, "stitched": st})
+    rec.notes.append("timings: ttft_ms = prefill of a whole batch incl. the first token (stitched: large prefill + "
+                     f"stitches + hand-over), tpot_ms = median decode step of the batch, batch={batch}, on {device}")
+    return rec

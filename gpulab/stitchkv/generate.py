@@ -1,0 +1,99 @@
+"""Greedy decoding from a model's own prefill or from a stitched cache, with prefill/decode timing.
+
+Disaggregated hand-over: the large model prefills the prompt and emits the first token (as a
+prefill node does: that is the TTFT), the stitches turn its states into the small model's cache,
+and the small model decodes every later token from that cache (TPOT). On a GPU the prefill runs
+on one CUDA stream and the decode on another, ordered by an event (the hand-over point).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpulab.stitchkv.models import cache_kwarg, output_cache
+from gpulab.stitchkv.stitch import cache_tensors, kv_bytes, stitched_cache
+
+
+@dataclass
+class Generation:
+    tokens: Any  # [B, n_new]
+    prefill_ms: float = 0.0  # prompt -> first token + cache ready (TTFT of the batch)
+    decode_ms: list[float] = field(default_factory=list)  # per later token (TPOT samples)
+    kv_bytes: int = 0  # cache handed to the decoder (whole batch)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_loop(model: Any, cache: Any, first: Any, n_new: int, stream: Any = None) -> tuple[list[Any], list[float]]:
+    """Feed ``first`` [B] and keep decoding greedily; returns the n_new tokens and per-step ms."""
+    import torch
+
+    kw = cache_kwarg(model)
+    toks, times = [first], []
+    cur = first
+    for _ in range(n_new - 1):
+        t0 = time.perf_counter()
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                out = model(input_ids=cur[:, None], use_cache=True, logits_to_keep=1, **{kw: cache})
+        else:
+            out = model(input_ids=cur[:, None], use_cache=True, logits_to_keep=1, **{kw: cache})
+        cache = output_cache(out)
+        cur = out.logits[:, -1].argmax(-1)
+        _sync(cur.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        toks.append(cur)
+    return toks, times
+
+
+def greedy(model: Any, prompt: Any, n_new: int) -> Generation:
+    """The model alone: prefill (with cache) then cached greedy decode."""
+    import torch
+
+    with torch.no_grad():
+        _sync(prompt.device)
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].argmax(-1)
+        _sync(prompt.device)
+        prefill = (time.perf_counter() - t0) * 1e3
+        cache = output_cache(out)
+        nbytes = kv_bytes(cache_tensors(cache))
+        toks, times = decode_loop(model, cache, first, n_new)
+    return Generation(torch.stack(toks, 1), prefill, times, nbytes)
+
+
+def greedy_stitched(large: Any, small: Any, bank: Any, prompt: Any, n_new: int) -> Generation:
+    """Large prefill + first token, stitched hand-over, small decode."""
+    import torch
+
+    on_gpu = prompt.device.type == "cuda"
+    prefill_stream = torch.cuda.Stream() if on_gpu else None
+    decode_stream = torch.cuda.Stream() if on_gpu else None
+    with torch.no_grad():
+        _sync(prompt.device)
+        t0 = time.perf_counter()
+        if on_gpu:
+            prefill_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(prefill_stream):
+                logits, cache = stitched_cache(large, small, bank, prompt)
+                first = logits.argmax(-1)
+            handed = torch.cuda.Event()
+            handed.record(prefill_stream)
+            decode_stream.wait_event(handed)
+        else:
+            logits, cache = stitched_cache(large, small, bank, prompt)
+            first = logits.argmax(-1)
+        _sync(prompt.device)
+        prefill = (time.perf_counter() - t0) * 1e3
+        nbytes = kv_bytes(cache_tensors(cache))
+        toks, times = decode_loop(small, cache, first, n_new, stream=decode_stream)
+        if on_gpu:
+            torch.cuda.current_stream().wait_stream(decode_stream)
+    return Generation(torch.stack(toks, 1), prefill, times, nbytes)

@@ -1,0 +1,103 @@
+"""Train a tiny Llama pair (large, small) from scratch on a text file with one shared tokenizer.
+
+The tokenizer (byte-level BPE) is trained on the training split of the text; both models get a
+copy of it, so the pair shares the vocabulary exactly. Both models see the same token windows
+(same seed) for the same number of steps; the larger one should reach a clearly lower validation
+loss, which is what makes the small-to-large ROUGE gap that stitching should recover.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from gpulab.core.errors import InputError
+
+
+def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int):
+    import torch
+
+    if hi - lo < seq + 2:
+        raise InputError(f"the text split has {hi - lo} tokens, fewer than one --seq-len window of {seq + 1}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(lo, hi - seq - 1, (batch,), generator=g)
+        yield torch.stack([ids[s: s + seq + 1] for s in starts.tolist()])
+
+
+def val_loss(model: Any, ids: Any, lo: int, hi: int, seq: int, device: str, n_windows: int = 32) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    n = min(n_windows, max(1, (hi - lo - 1) // (seq + 1)))
+    starts = [lo + i * ((hi - lo - seq - 1) // n) for i in range(n)]
+    w = torch.stack([ids[s: s + seq + 1] for s in starts]).to(device)
+    with torch.no_grad():
+        logits = model(input_ids=w[:, :-1], use_cache=False).logits.float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
+
+
+def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int, lr: float, seed: int,
+             device: str, log: Any = print, name: str = "") -> list[float]:
+    import torch
+    import torch.nn.functional as F
+
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
+    hist = []
+    it = lm_batches(ids, 0, split, batch, seq, seed)
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    for step in range(steps):
+        w = next(it).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(input_ids=w[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        hist.append(float(loss.detach()))
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            log(f"pretrain {name} step {step}: loss {hist[-1]:.4f}")
+    model.eval()
+    return hist
+
+
+def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
+                  seq: int, lr: float, seed: int, device: str, log: Any = print) -> dict[str, Any]:
+    import torch
+
+    from gpulab.stitchkv.data import read_text
+    from gpulab.stitchkv.models import TINY_SIZES, save_model, shape_of, tiny_llama, train_tokenizer
+
+    for s in (large_size, small_size):
+        if s not in TINY_SIZES:
+            raise InputError(f"unknown model size {s!r} (known: {', '.join(TINY_SIZES)})")
+    if steps < 1 or batch < 1 or seq < 2:
+        raise InputError(f"--steps and --batch must be >= 1 and --seq-len >= 2 (got {steps}, {batch}, {seq})")
+    text = read_text(data)
+    cut = int(len(text) * 0.9)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(text[:cut], vocab)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    split = len(tok(text[:cut], add_special_tokens=False)["input_ids"])
+    tok_s = time.perf_counter() - t0
+    rows = []
+    for role, size in (("large", large_size), ("small", small_size)):
+        t1 = time.perf_counter()
+        model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
+        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role)
+        vl = val_loss(model, ids, split, len(ids), seq, device)
+        save_model(model.to("cpu"), tok, out / role)
+        sh = shape_of(model)
+        rows.append({"model": role, "size": size, "params": sum(p.numel() for p in model.parameters()),
+                     "layers": sh["layers"], "hidden": sh["hidden"], "kv_heads": sh["kv_heads"],
+                     "head_dim": sh["head_dim"], "steps": steps, "train_loss_last": hist[-1],
+                     "val_loss": vl, "seconds": time.perf_counter() - t1})
+    return {"rows": rows, "vocab": len(tok), "tokens": int(len(ids)), "train_tokens": split,
+            "tokenizer_seconds": tok_s, "large": str(out / "large"), "small": str(out / "small")}

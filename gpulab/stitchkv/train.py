@@ -1,0 +1,305 @@
+"""Two-stage stitch training, resumable from checkpoints in the run folder.
+
+Run folder layout::
+
+    run.yaml                    what was trained (pair, data, alignment, input mode, hyper-parameters)
+    warmup/stitch.safetensors   stage 1 result (+ stitch.yaml: mode, alignment, shapes)
+    lora/stitch.safetensors     stage 2 result, with lora/adapter/ (peft adapter of the small model)
+    checkpoint.pt               in-progress stage: step, stitches, LoRA, optimizer, loss history
+
+Stage 1 (warm-up): both models frozen; the stitches regress the stitched cache onto the small
+model's own cache of the same prompt (MSE or L1 over K and V of every layer).
+Stage 2 (end to end): LoRA on the small model + the stitches; language-modelling loss of the
+continuation decoded by the small model from the stitched cache of the prompt (teacher forcing;
+the first continuation token is the large model's, so the loss covers tokens 2..C).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpulab.core.errors import InputError
+from gpulab.core.results import atomic_write_yaml
+
+STAGES = ("warmup", "lora", "all")
+LOSSES = ("mse", "l1")
+INITS = ("ls", "random", "identity")
+KEY_FIELDS = ("large", "small", "alignment", "stitch_input")
+
+
+def save_bank(bank: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".stitch.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / "stitch.safetensors")
+    atomic_write_yaml(folder / "stitch.yaml", bank.meta())
+
+
+def load_bank(folder: Path, device: Any = "cpu") -> Any:
+    from safetensors.torch import load_file
+
+    from gpulab.stitchkv.stitch import make_bank
+
+    meta_p, w_p = folder / "stitch.yaml", folder / "stitch.safetensors"
+    if not meta_p.is_file() or not w_p.is_file():
+        raise InputError(f"{folder}: no stitch.yaml/stitch.safetensors (stage not trained)")
+    meta = yaml.safe_load(meta_p.read_text())
+    bank = make_bank(meta["large_shape"], meta["small_shape"], meta["align"], meta["mode"])
+    bank.load_state_dict(load_file(str(w_p)))
+    return bank.to(device)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def kv_loss(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]], kind: str = "mse") -> Any:
+    import torch.nn.functional as F
+
+    fn = F.mse_loss if kind == "mse" else F.l1_loss
+    total = 0.0
+    for (pk, pv), (tk, tv) in zip(pred, target):
+        total = total + 0.5 * (fn(pk.float(), tk.float()) + fn(pv.float(), tv.float()))
+    return total / len(pred)
+
+
+def nmse(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> float:
+    """Normalized MSE (1 - R^2) over all stitched K and V tensors."""
+    num = sum(float(((p - t) ** 2).sum()) for pt, tt in zip(pred, target) for p, t in zip(pt, tt))
+    den = sum(float(((t - t.mean()) ** 2).sum()) for tt in target for t in tt)
+    return num / den if den > 0 else float("nan")
+
+
+def lm_loss_stitched(large: Any, small: Any, bank: Any, prompt: Any, cont: Any) -> Any:
+    """Mean next-token cross-entropy of cont[:, 1:] decoded by ``small`` from the stitched cache."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpulab.stitchkv.models import cache_kwarg
+    from gpulab.stitchkv.stitch import build_cache, large_features
+
+    with torch.no_grad():
+        hs = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
+        feats = large_features(large, hs, bank.align, bank.mode)
+    pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
+    cache = build_cache(bank(feats, small, pos))
+    out = small(input_ids=cont[:, :-1], use_cache=True, **{cache_kwarg(small): cache})
+    return F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), cont[:, 1:].reshape(-1))
+
+
+def warmup_step_loss(large: Any, small: Any, bank: Any, prompt: Any, loss: str) -> tuple[Any, list, list]:
+    import torch
+
+    from gpulab.stitchkv.reference import own_cache
+    from gpulab.stitchkv.stitch import large_features
+
+    with torch.no_grad():
+        hs = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
+        feats = large_features(large, hs, bank.align, bank.mode)
+        target = own_cache(small, prompt)
+    pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
+    pred = bank(feats, small, pos)
+    return kv_loss(pred, target, loss), pred, target
+
+
+def _check_run_config(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    p = run / "run.yaml"
+    if p.is_file():
+        try:
+            old = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            raise InputError(f"{p}: malformed run.yaml") from None
+        for k in KEY_FIELDS:
+            if str(old.get(k)) != str(cfg.get(k)):
+                raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
+        old.update({k: v for k, v in cfg.items() if k not in KEY_FIELDS})
+        cfg = old
+    atomic_write_yaml(p, cfg)
+    return cfg
+
+
+def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
+    """Run the requested stage(s); returns per-stage metrics (loss histories, times, steps)."""
+    import torch
+
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_pair, shape_of
+    from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
+
+    stage = cfg["stage"]
+    if stage not in STAGES:
+        raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if cfg["loss"] not in LOSSES:
+        raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
+    if cfg["init"] not in INITS:
+        raise InputError(f"--init must be one of {', '.join(INITS)}, got {cfg['init']!r}")
+    for k in ("steps", "lora_steps"):
+        if cfg[k] < 0:
+            raise InputError(f"--{k.replace('_', '-')} must be >= 0, got {cfg[k]}")
+    run = Path(cfg["run"])
+    pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
+    corpus = D.load_corpus(cfg["data"], pair.tokenizer)
+    cfg = _check_run_config(run, cfg)
+    ls, ss = shape_of(pair.large), shape_of(pair.small)
+    align = alignment(cfg["alignment"], ls["layers"], ss["layers"])
+    torch.manual_seed(cfg["seed"])
+    results: dict[str, Any] = {"align": align, "large_shape": ls, "small_shape": ss}
+    ckpt_p = run / "checkpoint.pt"
+    every = cfg.get("ckpt_every") or 0
+
+    def batches(offset: int, skip: int):
+        it = D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], cfg["seed"] * 1000 + offset)
+        for _ in range(skip):
+            next(it)
+        for p, c in it:
+            yield p.to(device), c.to(device)
+
+    def load_ckpt(name: str) -> dict[str, Any] | None:
+        if not ckpt_p.is_file():
+            return None
+        st = torch.load(ckpt_p, map_location=device, weights_only=False)
+        return st if st.get("stage") == name else None
+
+    # ---------------------------------------------------------------- stage 1
+    if stage in ("warmup", "all"):
+        bank = make_bank(ls, ss, align, cfg["stitch_input"]).to(device)
+        done = (run / "warmup" / "stitch.safetensors").is_file()
+        st = load_ckpt("warmup")
+        if done and st is None and stage == "all":
+            log(f"warmup: already done in {run / 'warmup'}, skipped")
+            results["warmup"] = {"skipped": "already trained"}
+        else:
+            t0 = time.perf_counter()
+            start, hist = 0, []
+            opt = torch.optim.AdamW(bank.parameters(), lr=cfg["lr"], weight_decay=0.0)
+            r2 = None
+            if st is not None:
+                bank.load_state_dict(st["bank"])
+                opt.load_state_dict(st["opt"])
+                start, hist = st["step"], st["hist"]
+                log(f"warmup: resuming at step {start}")
+            elif cfg["init"] == "ls":
+                it = batches(7, 0)
+                r2 = least_squares_init(bank, pair.large, pair.small, [next(it)[0] for _ in range(cfg["ls_batches"])],
+                                        ridge=cfg["ridge"])
+            elif cfg["init"] == "identity":
+                bank.identity_()
+            else:
+                bank.reset_random(cfg["seed"])
+            it = batches(1, start)
+            for step in range(start, cfg["steps"]):
+                prompt, _ = next(it)
+                loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                hist.append(float(loss.detach()))
+                if not math.isfinite(hist[-1]):
+                    raise InputError(f"warmup loss became {hist[-1]} at step {step}; lower --lr")
+                if step % max(1, cfg["steps"] // 10) == 0:
+                    log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
+                if every and (step + 1) % every == 0 and step + 1 < cfg["steps"]:
+                    _atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
+                                        "opt": opt.state_dict(), "hist": hist}, ckpt_p)
+            with torch.no_grad():
+                prompt, _ = next(batches(99, 0))
+                _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
+                final_nmse = nmse(pred, target)
+            save_bank(bank, run / "warmup")
+            ckpt_p.unlink(missing_ok=True)
+            results["warmup"] = {"steps": cfg["steps"], "loss_first": hist[0] if hist else None,
+                                 "loss_last": hist[-1] if hist else None, "loss_history": hist,
+                                 "heldout_nmse": final_nmse, "ls_r2": r2, "seconds": time.perf_counter() - t0}
+
+    # ---------------------------------------------------------------- stage 2
+    if stage in ("lora", "all"):
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        if not (run / "warmup" / "stitch.safetensors").is_file():
+            raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
+        t0 = time.perf_counter()
+        bank = load_bank(run / "warmup", device)
+        targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
+        names = {n.split(".")[-1] for n, _ in pair.small.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise InputError(f"--lora-targets: the small model has no module named {missing[0]!r}")
+        small = get_peft_model(pair.small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                                      target_modules=targets, lora_dropout=0.0, bias="none"))
+        params = [p for p in small.parameters() if p.requires_grad] + list(bank.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
+        start, hist = 0, []
+        st = load_ckpt("lora")
+        if st is not None:
+            bank.load_state_dict(st["bank"])
+            set_peft_model_state_dict(small, st["lora"])
+            opt.load_state_dict(st["opt"])
+            start, hist = st["step"], st["hist"]
+            log(f"lora: resuming at step {start}")
+        it = batches(2, start)
+        for step in range(start, cfg["lora_steps"]):
+            prompt, cont = next(it)
+            loss = lm_loss_stitched(pair.large, small, bank, prompt, cont)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hist.append(float(loss.detach()))
+            if not math.isfinite(hist[-1]):
+                raise InputError(f"lora loss became {hist[-1]} at step {step}; lower --lora-lr")
+            if step % max(1, cfg["lora_steps"] // 10) == 0:
+                log(f"lora step {step}: lm loss {hist[-1]:.4f}")
+            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"]:
+                _atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
+                                    "lora": get_peft_model_state_dict(small), "opt": opt.state_dict(),
+                                    "hist": hist}, ckpt_p)
+        save_stage2(small, bank, run / "lora")
+        ckpt_p.unlink(missing_ok=True)
+        results["lora"] = {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
+                           "loss_last": hist[-1] if hist else None, "loss_history": hist,
+                           "seconds": time.perf_counter() - t0}
+    return results
+
+
+def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
+    """Stitches + peft adapter into ``folder`` through a temporary sibling folder and a rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_bank(bank, tmp)
+        peft_model.save_pretrained(str(tmp / "adapter"))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_stage2(small: Any, folder: Path, device: Any = "cpu") -> tuple[Any, Any]:
+    """(small model with the LoRA adapter applied, stitches) from a stage-2 folder."""
+    from peft import PeftModel
+
+    if not (folder / "adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{folder}: no LoRA adapter (stage 'lora' not trained)")
+    bank = load_bank(folder, device)
+    model = PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
+    return model, bank

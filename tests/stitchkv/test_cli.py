@@ -1,0 +1,132 @@
+"""The kvstitch commands end to end on a tiny pair, and one-line errors for bad pairs and files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from gpulab.cli import main
+from gpulab.core.errors import InputError
+from gpulab.stitchkv.models import load_pair, save_model, tiny_llama, train_tokenizer
+from tests.stitchkv.conftest import SMALL
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def one_line_error(code, err, *needles):
+    assert code == 1, err
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_imports_no_torch():
+    code = ("import sys; from gpulab.stitchkv import cli; "
+            "assert not any(m in sys.modules for m in ('torch', 'transformers', 'peft')), 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
+    large, small = pair_dirs
+    res, run = tmp_path / "results", tmp_path / "run"
+    code, out, err = run_cli(["--out", str(res), "kvstitch", "train", "--large", str(large), "--small", str(small),
+                              "--data", str(corpus_file), "--run", str(run), "--stage", "all", "--steps", "3",
+                              "--lora-steps", "3", "--batch", "4", "--prompt-len", "16", "--cont-len", "8",
+                              "--ckpt-every", "0"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["--out", str(res), "kvstitch", "eval", "--run", str(run), "--prompts", "5",
+                              "--gen-len", "6", "--batch", "2", "--prompt-len", "12"], capsys)
+    assert code == 0, err
+    files = sorted(res.glob("kvstitch-eval-*.yaml"))
+    assert len(files) == 1 and len(list(res.glob("kvstitch-train-*.yaml"))) == 1
+    rec = yaml.safe_load(files[0].read_text())
+    assert rec["ok"] is True and set(rec["checks"]) >= {"self_stitch_identity_reproduces_cache",
+                                                        "cached_decode_matches_no_cache_reference",
+                                                        "stitched_cache_shapes_match_small"}
+    rows = {r["variant"]: r for r in rec["rows"]}
+    assert set(rows) == {"small", "large", "stitched-warmup", "stitched-lora"}
+    for r in rows.values():
+        assert 0.0 <= r["rougeL"] <= 1.0 and r["ref_nll"] > 0 and r["ttft_ms"] > 0 and r["tpot_ms"] > 0
+    # the stitched cache is the small model's cache: same bytes, and fewer than the large model's
+    assert rows["stitched-lora"]["kv_bytes_per_seq"] == rows["small"]["kv_bytes_per_seq"]
+    assert rows["stitched-lora"]["kv_bytes_per_seq"] < rows["large"]["kv_bytes_per_seq"]
+    assert "stitched-lora" in out and "rougeL" in out
+
+
+def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):
+    code, out, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "pretrain", "--data", str(corpus_file),
+                              "--pair-dir", str(tmp_path / "pair"), "--large-size", "nano-large", "--small-size",
+                              "nano-small", "--vocab", "300", "--steps", "40", "--batch", "8", "--seq-len", "32"], capsys)
+    assert code == 0, err
+    pair = load_pair(tmp_path / "pair" / "large", tmp_path / "pair" / "small")
+    assert pair.large.config.num_hidden_layers > pair.small.config.num_hidden_layers
+    rec = yaml.safe_load(next((tmp_path / "res").glob("kvstitch-pretrain-*.yaml")).read_text())
+    assert rec["ok"] and [r["model"] for r in rec["rows"]] == ["large", "small"]
+
+
+def test_pair_without_shared_tokenizer(pair_dirs, corpus_file, tmp_path, capsys):
+    other_tok = train_tokenizer("completely different text, other merges. " * 200 + "xyz qrs tuv\n" * 50, vocab_size=300)
+    save_model(tiny_llama(SMALL, len(other_tok), 128, seed=3), other_tok, tmp_path / "other")
+    with pytest.raises(InputError, match="do not share a tokenizer"):
+        load_pair(pair_dirs[0], tmp_path / "other")
+    code, _, err = run_cli(["--out", str(tmp_path / "r"), "kvstitch", "train", "--large", str(pair_dirs[0]),
+                            "--small", str(tmp_path / "other"), "--data", str(corpus_file), "--run",
+                            str(tmp_path / "run"), "--steps", "1"], capsys)
+    one_line_error(code, err, "do not share a tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_malformed_model_folders(pair_dirs, corpus_file, tmp_path, capsys):
+    code, _, err = run_cli(["kvstitch", "train", "--large", str(tmp_path / "nope"), "--small", str(pair_dirs[1]),
+                            "--data", str(corpus_file), "--run", str(tmp_path / "run")], capsys)
+    one_line_error(code, err, "--large folder not found", "nope")
+    bad = tmp_path / "gpt"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(InputError, match="model_type 'gpt2' is not supported"):
+        load_pair(pair_dirs[0], bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="malformed config.json"):
+        load_pair(pair_dirs[0], bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no config.json"):
+        load_pair(empty, pair_dirs[1])
+
+
+def test_bad_data_and_run_folders(pair_dirs, tmp_path, capsys):
+    code, _, err = run_cli(["kvstitch", "train", "--large", str(pair_dirs[0]), "--small", str(pair_dirs[1]),
+                            "--data", str(tmp_path / "missing.txt"), "--run", str(tmp_path / "run")], capsys)
+    one_line_error(code, err, "--data file not found")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": 3}\n')
+    code, _, err = run_cli(["kvstitch", "train", "--large", str(pair_dirs[0]), "--small", str(pair_dirs[1]),
+                            "--data", str(bad), "--run", str(tmp_path / "run")], capsys)
+    one_line_error(code, err, "bad.jsonl:2")
+    code, _, err = run_cli(["kvstitch", "eval", "--run", str(tmp_path / "nothing")], capsys)
+    one_line_error(code, err, "no run.yaml")
+
+
+def test_jsonl_prompts_and_references(pair_dirs, tmp_path):
+    from gpulab.stitchkv import data as D
+
+    p = tmp_path / "s.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": f"the king {i} and the queen", "reference": f"speak {i} of love"})
+                           for i in range(10)) + "\n")
+    pair = load_pair(*pair_dirs)
+    c = D.load_corpus(p, pair.tokenizer)
+    assert c.kind == "jsonl" and c.split == 9
+    w = D.eval_windows(c, 4, 64, 64)
+    assert len(w) == 1 and pair.tokenizer.decode(w[0][1].tolist()) == "speak 9 of love"
+    prompt, cont = next(D.train_batches(c, 4, 8, 8, 0))
+    assert prompt.shape[0] == 1 and cont.shape[1] <= 8
