@@ -1,0 +1,306 @@
+"""``gpulab seam train | eval | select``: stitched ResNet34/ResNet50 families.
+
+Heavy imports (torch, torchvision, matplotlib) happen inside the commands.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Stitched ResNet34/ResNet50 families: train, evaluate, select.")
+
+FAMILY_HELP = "Family folder (default: <--out>/seam-family)."
+DATA_HELP = "CIFAR-10 npz folder or an ImageNet-style folder with train/ and val/ (default: ../shared/data/cifar10)."
+
+
+def _family(path: Optional[Path]) -> Path:
+    from gpulab.core import options
+
+    return Path(path) if path else options.get().out / "seam-family"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_weights(items: list[str]) -> dict[str, str]:
+    from gpulab.core.errors import InputError
+
+    out = {}
+    for item in items:
+        arch, sep, path = item.partition("=")
+        if not sep or not arch or not path:
+            raise InputError(f"--weights must be ARCH=PATH (e.g. resnet50=weights/resnet50.pth), got {item!r}")
+        out[arch.strip()] = path.strip()
+    return out
+
+
+@app.command()
+def train(
+    family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
+    anchors: str = typer.Option("resnet34,resnet50", "--anchors", help="The two anchors, front,back."),
+    baselines: str = typer.Option("", "--baselines", help="Extra baselines trained alongside, e.g. resnet18."),
+    width: int = typer.Option(64, "--width", help="Base width (64 = torchvision's ResNets)."),
+    stem: str = typer.Option("auto", "--stem", help="auto | cifar (3x3 conv, no max-pool) | imagenet."),
+    cuts: str = typer.Option("all", "--cuts", help="all (every stride-matching p,q) | aligned (p == q)."),
+    stitch_bn: bool = typer.Option(True, "--stitch-bn/--no-stitch-bn", help="BatchNorm after the 1x1 conv."),
+    train_images: int = typer.Option(0, "--train-images", help="Use the first N training images (0: all)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch size."),
+    anchor_epochs: float = typer.Option(30.0, "--anchor-epochs", help="Epochs per anchor trained from scratch."),
+    stitch_epochs: float = typer.Option(10.0, "--stitch-epochs", help="Epochs of stitch fine-tuning."),
+    anchor_steps: Optional[int] = typer.Option(None, "--anchor-steps", help="Steps per anchor (overrides epochs)."),
+    stitch_steps: Optional[int] = typer.Option(None, "--stitch-steps", help="Stitch steps (overrides epochs)."),
+    lr: float = typer.Option(0.1, "--lr", help="Peak SGD learning rate for anchors."),
+    stitch_lr: float = typer.Option(0.01, "--stitch-lr", help="Peak SGD learning rate for fine-tuning."),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    mode: str = typer.Option("joint", "--mode", help="joint (SN-Net: one member per step) | frozen (stitches only)."),
+    calib_images: int = typer.Option(100, "--calib-images", help="Images for the least-squares stitch init."),
+    lstsq_ridge: float = typer.Option(1e-2, "--lstsq-ridge", help="Relative ridge of the least-squares init."),
+    weights: List[str] = typer.Option([], "--weights", help="ARCH=PATH: local pretrained weights (repeatable)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <family>/checkpoint.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing family folder's training."),
+    workers: int = typer.Option(8, "--workers", help="Data-loader workers (ImageNet-style folders)."),
+) -> None:
+    """Train the anchors (or load local weights), init every stitch by least squares, fine-tune the family."""
+    import time
+
+    import torch
+
+    from gpulab.core import options, results
+    from gpulab.core.errors import InputError
+    from gpulab.seam import data as sdata
+    from gpulab.seam import store
+    from gpulab.seam.models import FamilySpec, StitchedFamily
+    from gpulab.seam.train import TrainConfig, Trainer, dist_env
+
+    folder = _family(family)
+    root, fmt = sdata.resolve_data(data)
+    names = _csv(anchors)
+    if len(names) != 2:
+        raise InputError(f"--anchors needs two architectures, got {anchors!r}")
+    if train_images < 0:
+        raise InputError(f"--train-images must be >= 0, got {train_images}")
+    stem_kind = ("cifar" if fmt == "cifar10" else "imagenet") if stem == "auto" else stem
+    spec = FamilySpec(anchors=(names[0], names[1]), width=width, stem=stem_kind,
+                      num_classes=10 if fmt == "cifar10" else 0, cuts=cuts, stitch_bn=stitch_bn,
+                      baselines=_csv(baselines), image_size=32 if fmt == "cifar10" else 224)
+    rank, world, local = dist_env()
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+    device = options.resolve_device(what="seam train")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    if fmt == "cifar10":
+        x, y = sdata.load_cifar10(root, "train", train_images or None)
+        source = sdata.TensorSource(x, y, batch_size, seed, device, train=True, rank=rank, world=world)
+        data_info = {"format": fmt, "path": str(root), "train_images": int(x.shape[0])}
+    else:
+        source = sdata.FolderSource(root, "train", batch_size, seed, device, workers=workers, rank=rank, world=world)
+        spec.num_classes = len(source.ds.classes)
+        data_info = {"format": fmt, "path": str(root), "train_images": len(source.ds)}
+    spec.validate("options")
+    if batch_size % world:
+        raise InputError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+    cfg = TrainConfig(spec=spec, batch_size=batch_size, anchor_epochs=anchor_epochs, stitch_epochs=stitch_epochs,
+                      anchor_steps=anchor_steps, stitch_steps=stitch_steps, lr=lr, stitch_lr=stitch_lr,
+                      weight_decay=weight_decay, mode=mode, calib_images=calib_images, lstsq_ridge=lstsq_ridge, amp=amp, seed=seed,
+                      checkpoint_every=checkpoint_every, weights=_parse_weights(weights))
+    exists = (folder / "family.yaml").exists() or (folder / "checkpoint.pt").exists()
+    if exists and not (resume or overwrite):
+        raise InputError(f"{folder} already holds a family; pass --resume to continue it or --overwrite")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    log = (lambda s: typer.echo(s, err=True)) if rank == 0 else (lambda s: None)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, folder, source, device, log=log)
+    if resume:
+        trainer.resume()
+        log(f"resumed at phase {trainer.phase_index}, step {trainer.step}")
+    elif rank == 0:
+        for stale in ("family.yaml", "weights.safetensors", "eval.yaml", "checkpoint.pt"):
+            (folder / stale).unlink(missing_ok=True)
+    trainer.run()
+    seconds = time.perf_counter() - t0
+    if rank != 0:
+        return
+    store.save_family(folder, trainer.family, trainer.summary_info(data_info))
+    rec = results.Record(name="seam-train", config={**cfg.as_dict(), "family": str(folder), "data": data_info,
+                                                      "device": device, "world_size": world})
+    fam: StitchedFamily = trainer.family
+    for h in trainer.history:
+        rec.rows.append({k: h.get(k) for k in ("phase", "steps", "epochs", "lr", "final_loss", "train_top1_sampled",
+                                              "mean_rel_mse_lstsq", "seconds") if k in h})
+    lst = trainer.lstsq
+    lowered = [k for k, r in lst.items() if r["mse_lstsq"] <= r["mse_init"] + 1e-12]
+    rec.check("lstsq_lowers_activation_mse", len(lowered) == len(lst) and len(lst) == len(fam.cuts),
+              f"{len(lowered)} of {len(fam.cuts)} stitches")
+    rec.check("losses_finite", all(h.get("loss_finite", True) for h in trainer.history))
+    rec.metrics = {"lstsq": lst, "history": trainer.history, "n_stitches": len(fam.cuts),
+                   "n_members": len(fam.members())}
+    rel = [r["mse_lstsq"] / max(r["target_ms"], 1e-12) for r in lst.values()]
+    rec.summary = {"family": str(folder), "stitches": len(fam.cuts), "train_images": data_info["train_images"],
+                   "lstsq_rel_mse_mean": sum(rel) / len(rel) if rel else None, "seconds": round(seconds, 1)}
+    rec.notes += trainer.notes
+    if fmt == "cifar10" and data_info["train_images"] < 50000:
+        rec.notes.append(f"trained on the first {data_info['train_images']} of 50000 CIFAR-10 training images")
+    path = rec.save()
+    rec.print()
+    typer.echo(f"wrote {path} and {folder}/")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@app.command("eval")
+def eval_(
+    family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
+    test_images: int = typer.Option(0, "--test-images", help="Use the first N test images (0: all)."),
+    batch_size: int = typer.Option(500, "--batch-size", help="Evaluation batch size."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency at batch 1 and 64."),
+    latency_reps: int = typer.Option(20, "--latency-reps", help="Timed repetitions per latency."),
+    latency_batches: str = typer.Option("1,64", "--latency-batches", help="Batch sizes whose latency is measured."),
+    verify_flops: int = typer.Option(4, "--verify-flops", help="Stitches per direction whose FLOPs are also "
+                                                               "counted whole (-1: all)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+    workers: int = typer.Option(8, "--workers", help="Data-loader workers (ImageNet-style folders)."),
+) -> None:
+    """Evaluate every model of a family (top-1, FLOPs, params, latency); which stitches interpolate."""
+    import torch
+
+    from gpulab.core import options, results
+    from gpulab.core.errors import InputError
+    from gpulab.seam import data as sdata
+    from gpulab.seam import store
+    from gpulab.seam.evaluate import amp_agreement, evaluate, interpolation
+    from gpulab.seam.measure import autocast_for
+
+    folder = _family(family)
+    if test_images < 0:
+        raise InputError(f"--test-images must be >= 0, got {test_images}")
+    if batch_size < 1 or latency_reps < 1:
+        raise InputError("--batch-size and --latency-reps must be >= 1")
+    try:
+        lat_batches = tuple(int(b) for b in _csv(latency_batches))
+    except ValueError:
+        raise InputError(f"--latency-batches must be comma-separated integers, got {latency_batches!r}") from None
+    if latency and (not lat_batches or min(lat_batches) < 1):
+        raise InputError(f"--latency-batches must be positive integers, got {latency_batches!r}")
+    device = options.resolve_device(what="seam eval")
+    fam, info = store.load_family(folder, device)
+    root, fmt = sdata.resolve_data(data or (info.get("data") or {}).get("path"))
+    if device == "cuda":
+        fam.to(memory_format=torch.channels_last)
+    if fmt == "cifar10":
+        if fam.spec.num_classes != 10:
+            raise InputError(f"{folder}: the family has {fam.spec.num_classes} classes, CIFAR-10 has 10")
+        x, y = sdata.load_cifar10(root, "test", test_images or None)
+        src = sdata.TensorSource(x, y, batch_size, 0, device, train=False)
+        batches = lambda: src.eval_batches(batch_size)  # noqa: E731
+        n_test = int(x.shape[0])
+    else:
+        src = sdata.FolderSource(root, "val", batch_size, 0, device, train=False, workers=workers,
+                                 image_size=fam.spec.image_size)
+        if len(src.ds.classes) != fam.spec.num_classes:
+            raise InputError(f"{root}/val has {len(src.ds.classes)} classes, the family {fam.spec.num_classes}")
+        if test_images:
+            src.ds.samples = src.ds.samples[:test_images]
+        batches = lambda: src.eval_batches(batch_size)  # noqa: E731
+        n_test = len(src.ds)
+    autocast = autocast_for(device, amp)
+    rows, checks = evaluate(fam, batches, device, autocast, amp, latency=latency, latency_reps=latency_reps,
+                            latency_batches=lat_batches, sample=verify_flops, log=lambda s: typer.echo(s, err=True))
+    interp = interpolation(rows)
+    store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp and device == "cuda",
+                             "test_images": n_test, "interpolation": interp, "models": rows})
+    rec = results.Record(name="seam-eval", config={"family": str(folder), "data": str(root), "test_images": n_test,
+                                                     "device": device, "amp": amp, "latency": latency,
+                                                     "latency_reps": latency_reps, "spec": fam.spec.as_dict()})
+    for name, (passed, detail) in checks.items():
+        rec.check(name, passed, detail)
+    if device.startswith("cuda") and amp:
+        first = next(iter(batches()))[0][:64].contiguous(memory_format=torch.channels_last)
+        worst = amp_agreement(fam, first, autocast)
+        rec.check("bf16_logits_close_to_fp32", worst < 0.25, f"max |bf16 - fp32| / std = {worst:.4f}")
+    cols = ["name", "kind", "top1", "gmacs", "params", "latency_b1_ms", "latency_b64_ms", "interpolates"]
+    rec.rows = [{k: r.get(k) for k in cols if k in r} for r in rows]
+    anchors = [r for r in rows if r["kind"] == "anchor"]
+    rec.metrics = {"interpolation": interp, "models": rows}
+    rec.summary = {"models": len(rows), "stitches": interp["stitches"], "interpolating": interp["interpolating"],
+                   "interpolate_fraction": interp["fraction"],
+                   **{f"{a['name']}_top1": a["top1"] for a in anchors}}
+    if n_test < 10000 and fmt == "cifar10":
+        rec.notes.append(f"top-1 on the first {n_test} of 10000 CIFAR-10 test images")
+    if not latency:
+        rec.notes.append("latency not measured (--no-latency)")
+    elif device == "cpu":
+        rec.notes.append("latency measured on the CPU (no GPU visible): not a GPU figure")
+    path = rec.save()
+    rec.print()
+    typer.echo(f"wrote {path} and {folder / 'eval.yaml'}")
+
+
+@app.command("select")
+def select_(
+    accuracy: str = typer.Option("", "--accuracy", help="Top-1 constraint(s) in percent, e.g. 93.5 or 92,93,94; "
+                                                         "empty: every top-1 a model reaches (a sweep)."),
+    metric: str = typer.Option("flops", "--metric", help="flops | params | latency (batch 1) | latency64."),
+    family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP + " Must hold eval.yaml."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the Pareto plot (PNG)."),
+) -> None:
+    """Pick the lightest model meeting an accuracy constraint; compare with the baselines; Pareto plot."""
+    from gpulab.core import results
+    from gpulab.core.results import atomic_write_yaml
+    from gpulab.seam import select as sel
+    from gpulab.seam import store
+
+    folder = _family(family)
+    ev = store.load_eval(folder)
+    models = ev["models"]
+    levels = sel.parse_accuracies(accuracy)
+    rows, key = sel.select(models, levels, metric)
+    front = sel.pareto_front(models, key)
+    rec = results.Record(name="seam-select", config={"family": str(folder), "accuracy": accuracy or "sweep",
+                                                       "metric": metric, "eval": ev["path"]})
+    rec.rows = rows
+    with_base = [r for r in rows if r["lighter"] is not None]
+    lighter = [r for r in with_base if r["lighter"]]
+    # the reference: brute force over all models must agree with the selection at every level
+    from gpulab.seam.reference import lightest_meeting
+
+    agree = all((lightest_meeting(models, r["accuracy"], key) or {}).get(key) == r.get(f"chosen_{metric}")
+                for r in rows)
+    rec.check("selection_matches_brute_force", agree)
+    pareto_names = {m["name"] for m in front}
+    rec.check("selected_on_pareto_front", all(r["chosen"] in pareto_names for r in rows if r["chosen"]))
+    rec.summary = {"constraints": len(rows), "with_baseline": len(with_base), "lighter": len(lighter),
+                   "lighter_fraction": len(lighter) / len(with_base) if with_base else None,
+                   "pareto_models": len(front),
+                   "pareto_stitches": sum(m["kind"] == "stitch" for m in front)}
+    rec.metrics = {"pareto_front": [{"name": m["name"], "top1": m["top1"], key: m[key]} for m in front]}
+    infeasible = [r["accuracy"] for r in rows if r["chosen"] is None]
+    if infeasible:
+        rec.notes.append(f"no model meets accuracy {', '.join(f'{100 * a:.2f}%' for a in infeasible)}")
+    out_yaml = folder / f"select-{metric}.yaml"
+    atomic_write_yaml(out_yaml, {"metric": metric, "key": key, "selections": rows, "pareto_front": rec.metrics["pareto_front"]})
+    if plot:
+        png = sel.plot(models, key, metric, rows, folder / f"select-{metric}.png",
+                       title=f"{folder.name}: {len(models)} models, metric {metric}")
+        rec.metrics["plot"] = str(png)
+    path = rec.save()
+    rec.print()
+    typer.echo(f"wrote {path}, {out_yaml}" + (f", {rec.metrics['plot']}" if plot else ""))

@@ -1,0 +1,106 @@
+"""Per-model cost: FLOPs (torch.utils.flop_counter), parameters, latency at batch 1 and 64.
+
+FLOPs are counted on the ``meta`` device (shapes only, no arithmetic), so counting a full-size
+ResNet50 at 224x224 costs milliseconds. ``torch.utils.flop_counter`` counts 2 FLOPs per
+multiply-accumulate; ``gmacs`` (= flops / 2 / 1e9) is the convention of torchvision's published
+"GFLOPS" (ResNet34 3.66, ResNet50 4.09 at 224x224).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+from gpulab.seam.models import FamilySpec, MemberNet, StitchedFamily, Member
+
+
+def meta_family(spec: FamilySpec) -> StitchedFamily:
+    with torch.device("meta"):
+        return StitchedFamily(spec)
+
+
+def count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Total FLOPs of one forward pass as torch.utils.flop_counter counts them (2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(x)
+    return int(fc.get_total_flops())
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def member_flops(family: StitchedFamily, m: Member, image_size: int, batch: int = 1) -> int:
+    """flop_counter FLOPs of one whole member (the family on any device, meta included; eval mode)."""
+    x = torch.zeros(batch, 3, image_size, image_size, device=_device_of(family))
+    return count_flops(MemberNet(family, m), x)
+
+
+def autocast_for(device: str, amp: bool) -> Callable[[], Any]:
+    if amp and device.startswith("cuda"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def latency_ms(net: torch.nn.Module, batch: int, image_size: int, device: str, amp: bool, reps: int,
+               warmup: int = 3, max_seconds: float = 2.0) -> dict[str, float]:
+    """Median (p10, p90) forward latency of ``net`` in eval mode at this batch size."""
+    from gpulab.core.timing import benchmark
+
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    if device.startswith("cuda"):
+        x = x.to(memory_format=torch.channels_last)
+    ctx = autocast_for(device, amp)
+
+    def fn() -> None:
+        with torch.inference_mode(), ctx():
+            net(x)
+
+    t = benchmark(fn, device=device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+    return {"median": t.median, "p10": t.p10, "p90": t.p90, "reps": t.reps}
+
+
+def count_call(fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+    """FLOPs (flop_counter) of one call, and its result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = fn(*args)
+    return int(fc.get_total_flops()), out
+
+
+def segment_flops(net: torch.nn.Module, image_size: int) -> dict[str, Any]:
+    """flop_counter FLOPs of a (meta) ScaledResNet's stem, each block and the head, counted one
+    segment at a time, plus the activation shape at every position."""
+    x = torch.zeros(1, 3, image_size, image_size, device=_device_of(net))
+    stem, h = count_call(net.forward_stem, x)
+    shapes, blocks = [tuple(h.shape[1:])], []
+    for b in net.blocks:
+        f, h = count_call(b, h)
+        blocks.append(f)
+        shapes.append(tuple(h.shape[1:]))
+    head, _ = count_call(net.forward_head, h)
+    return {"stem": stem, "blocks": blocks, "head": head, "shapes": shapes}
+
+
+def family_flops(meta: StitchedFamily, image_size: int) -> dict[str, int]:
+    """FLOPs of every member (batch 1), composed from per-segment flop_counter counts: a stitch costs
+    front stem + front blocks[:p] + its 1x1 conv + back blocks[q:] + back head. ``meta`` may be the
+    family itself in eval mode on its device (counting needs shapes only; on a real device a batch-1
+    forward is cheaper than meta-device BatchNorm decompositions)."""
+    seg = {a: segment_flops(meta.net(a), image_size) for a in [*meta.spec.anchors, *meta.spec.baselines]}
+    out: dict[str, int] = {}
+    for m in meta.members():
+        if m.cut is None:
+            s = seg[m.arch]
+            out[m.name] = s["stem"] + sum(s["blocks"]) + s["head"]
+            continue
+        c = m.cut
+        f, b = seg[c.front], seg[c.back]
+        shape = f["shapes"][c.p]
+        out[m.name] = (f["stem"] + sum(f["blocks"][:c.p]) + count_flops(meta.stitches[c.key],
+                       torch.zeros(1, *shape, device=_device_of(meta))) + sum(b["blocks"][c.q:]) + b["head"])
+    return out

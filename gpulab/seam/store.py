@@ -1,0 +1,172 @@
+"""A family folder on disk, written atomically.
+
+::
+
+    <family>/family.yaml          schema gpulab.seam.family/1: spec, training summary, data
+    <family>/weights.safetensors  the whole family's state dict (anchors, baselines, stitches)
+    <family>/checkpoint.pt        training state for --resume (model, optimiser, phase, step)
+    <family>/eval.yaml            schema gpulab.seam.eval/1: one entry per model (top1, FLOPs, ...)
+    <family>/select-*.yaml/.png   what `gpulab seam select` wrote
+
+Every reader turns a missing or corrupt file, a missing model or a wrong shape into a one-line
+InputError naming the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gpulab.core.errors import InputError
+from gpulab.core.results import atomic_write_yaml
+from gpulab.seam.models import FamilySpec, StitchedFamily
+
+FAMILY_SCHEMA = "gpulab.seam.family/1"
+EVAL_SCHEMA = "gpulab.seam.eval/1"
+EVAL_FIELDS = ("name", "kind", "top1", "flops", "params")
+
+
+def _atomic_binary(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_family(folder: Path, family: StitchedFamily, info: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in family.state_dict().items()}
+    _atomic_binary(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp))
+    atomic_write_yaml(folder / "family.yaml", {"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info})
+
+
+def _yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path.parent}: no {path.name} ({what})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping")
+    return data
+
+
+def read_family_info(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"family folder not found: {folder}")
+    data = _yaml(folder / "family.yaml", "not a family folder; run `gpulab seam train` first")
+    if data.get("schema") != FAMILY_SCHEMA:
+        raise InputError(f"{folder / 'family.yaml'}: not a seam family (no 'schema: {FAMILY_SCHEMA}')")
+    data["spec_obj"] = FamilySpec.from_dict(data.get("spec"), str(folder / "family.yaml"))
+    return data
+
+
+def load_family(folder: Path, device: str = "cpu") -> tuple[StitchedFamily, dict[str, Any]]:
+    """The trained family of a folder (weights checked key by key and shape by shape)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = read_family_info(folder)
+    family = StitchedFamily(info["spec_obj"])
+    wpath = folder / "weights.safetensors"
+    if not wpath.is_file():
+        raise InputError(f"{folder}: no weights.safetensors (training did not finish?)")
+    try:
+        sd = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{wpath}: corrupt weights file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    own = family.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        model = _model_of_key(missing[0])
+        raise InputError(f"{wpath}: model {model} is missing (no tensor '{missing[0]}')")
+    for k, v in own.items():
+        if sd[k].shape != v.shape:
+            raise InputError(f"{wpath}: '{k}' has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise InputError(f"{wpath}: unexpected tensor '{extra[0]}' (weights of another family?)")
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{wpath}: model {_model_of_key(k)} is corrupt (non-finite values in '{k}')")
+    family.load_state_dict(sd)
+    return family.to(device), info
+
+
+def _model_of_key(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "stitches" and len(parts) > 1:
+        f, p, _, b, q = parts[1].split("_")
+        return f"{f}[:{p}]>{b}[{q}:]"
+    return parts[1] if len(parts) > 1 else key
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
+    _atomic_binary(Path(folder) / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "checkpoint.pt"
+    if not path.is_file():
+        raise InputError(f"{folder}: no checkpoint.pt to resume from")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"{path}: corrupt checkpoint ({type(e).__name__})") from None
+
+
+def save_eval(folder: Path, data: dict[str, Any]) -> Path:
+    return atomic_write_yaml(Path(folder) / "eval.yaml", {"schema": EVAL_SCHEMA, **data})
+
+
+def load_eval(path: Path) -> dict[str, Any]:
+    """An evaluated family (a folder holding eval.yaml, or the file itself), validated model by model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "eval.yaml"
+    if not path.parent.is_dir():
+        raise InputError(f"family folder not found: {path.parent}")
+    data = _yaml(path, "the family is not evaluated; run `gpulab seam eval` first")
+    if data.get("schema") != EVAL_SCHEMA:
+        raise InputError(f"{path}: not a seam evaluation (no 'schema: {EVAL_SCHEMA}')")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise InputError(f"{path}: 'models' must be a non-empty list")
+    names = set()
+    for i, m in enumerate(models):
+        if not isinstance(m, dict):
+            raise InputError(f"{path}: models[{i}] is not a mapping")
+        for f in EVAL_FIELDS:
+            if m.get(f) is None:
+                raise InputError(f"{path}: model {m.get('name', f'#{i}')!s} is missing '{f}'")
+        for f in ("top1", "flops", "params"):
+            v = m[f]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+                raise InputError(f"{path}: model {m['name']}: '{f}' must be a non-negative number, got {v!r}")
+        if m["top1"] > 1:
+            raise InputError(f"{path}: model {m['name']}: 'top1' is a fraction in [0, 1], got {m['top1']}")
+        if m["kind"] not in ("anchor", "stitch", "baseline"):
+            raise InputError(f"{path}: model {m['name']}: unknown kind {m['kind']!r}")
+        if m["name"] in names:
+            raise InputError(f"{path}: model {m['name']} appears twice")
+        names.add(m["name"])
+    if sum(m["kind"] == "anchor" for m in models) != 2:
+        raise InputError(f"{path}: expected exactly 2 anchors, found {sum(m['kind'] == 'anchor' for m in models)}")
+    data["path"] = str(path)
+    return data

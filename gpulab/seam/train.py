@@ -1,0 +1,275 @@
+"""Training a stitched family: anchors (from scratch or local weights), least-squares stitch init,
+then fine-tuning.
+
+Phases, in order, each resumable from ``<family>/checkpoint.pt``:
+
+1. ``anchor:<arch>`` for every anchor and baseline without ``--weights``: SGD (Nesterov, momentum
+   0.9), linear warm-up then cosine decay, label-free cross-entropy, random-crop/flip augmentation.
+2. ``calibrate``: every stitching layer by least squares on ``calib_images`` training images.
+3. ``stitch``: ``joint`` fine-tunes the whole family, sampling one member per step uniformly among
+   the anchors and all stitches (as SN-Net does); ``frozen`` keeps the anchors fixed and trains only
+   the stitching layers (each stitch alone: their parameters are disjoint).
+
+Mixed precision: bf16 autocast on CUDA (fp32 master weights, no loss scaling needed); channels_last.
+Under ``torchrun`` (WORLD_SIZE > 1) every rank takes its share of each global batch, the model is
+wrapped in DistributedDataParallel (find_unused_parameters, since a step runs one member), all ranks
+draw the same member (seeded by the step), and rank 0 alone writes files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpulab.core.errors import InputError
+from gpulab.seam import store
+from gpulab.seam.measure import autocast_for
+from gpulab.seam.models import FamilySpec, StitchedFamily, load_pretrained
+from gpulab.seam.stitch import least_squares_init
+
+MODES = ("joint", "frozen")
+
+
+@dataclass
+class TrainConfig:
+    spec: FamilySpec
+    batch_size: int = 128
+    anchor_epochs: float = 30.0
+    stitch_epochs: float = 10.0
+    anchor_steps: int | None = None
+    stitch_steps: int | None = None
+    lr: float = 0.1
+    stitch_lr: float = 0.01
+    weight_decay: float = 5e-4
+    mode: str = "joint"
+    calib_images: int = 100
+    lstsq_ridge: float = 1e-2
+    amp: bool = True
+    seed: int = 0
+    checkpoint_every: int = 500
+    weights: dict[str, str] = field(default_factory=dict)
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("anchor_epochs", "stitch_epochs"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("anchor_steps", "stitch_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.calib_images < 1:
+            raise InputError(f"--calib-images must be >= 1, got {self.calib_images}")
+        if self.lr <= 0 or self.stitch_lr <= 0:
+            raise InputError("--lr and --stitch-lr must be > 0")
+        if self.lstsq_ridge < 0:
+            raise InputError(f"--lstsq-ridge must be >= 0, got {self.lstsq_ridge}")
+        if self.checkpoint_every < 1:
+            raise InputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        nets = set(self.spec.anchors) | set(self.spec.baselines)
+        for arch in self.weights:
+            if arch not in nets:
+                raise InputError(f"--weights {arch}=...: {arch} is neither an anchor nor a baseline")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.as_dict()
+        return d
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_sgd(params: list[torch.nn.Parameter], lr: float, wd: float) -> torch.optim.SGD:
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.9, nesterov=True)
+
+
+def dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def phases(cfg: TrainConfig) -> list[str]:
+    nets = [*cfg.spec.anchors, *cfg.spec.baselines]
+    return [f"anchor:{a}" for a in nets if a not in cfg.weights] + ["calibrate", "stitch"]
+
+
+def phase_steps(cfg: TrainConfig, phase: str, steps_per_epoch: int) -> int:
+    if phase.startswith("anchor:"):
+        return cfg.anchor_steps if cfg.anchor_steps is not None else int(round(cfg.anchor_epochs * steps_per_epoch))
+    if phase == "stitch":
+        return cfg.stitch_steps if cfg.stitch_steps is not None else int(round(cfg.stitch_epochs * steps_per_epoch))
+    return 0
+
+
+class Trainer:
+    """Runs the phases of :func:`phases` on a family, checkpointing into ``folder``."""
+
+    def __init__(self, cfg: TrainConfig, folder: Path, source, device: str, log=print) -> None:
+        cfg.validate()
+        self.cfg, self.folder, self.source, self.device, self.log = cfg, Path(folder), source, device, log
+        self.rank, self.world, _ = dist_env()
+        torch.manual_seed(cfg.seed)
+        self.family = StitchedFamily(cfg.spec)
+        self.notes: list[str] = []
+        for arch, path in cfg.weights.items():
+            self.notes += load_pretrained(self.family.net(arch), path)
+        self.family.to(device)
+        if device.startswith("cuda"):
+            self.family.to(memory_format=torch.channels_last)
+        self.autocast = autocast_for(device, cfg.amp)
+        self.history: list[dict[str, Any]] = []
+        self.lstsq: dict[str, dict[str, float]] = {}
+        self.phase_index, self.step, self.opt_state = 0, 0, None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+        return {"config": self.cfg.as_dict(), "phase_index": self.phase_index, "step": self.step,
+                "model": {k: v.detach().cpu() for k, v in self.family.state_dict().items()},
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "history": self.history, "lstsq": self.lstsq, "notes": self.notes}
+
+    def save(self, opt: torch.optim.Optimizer | None) -> None:
+        if self.rank == 0:
+            store.save_checkpoint(self.folder, self.state(opt))
+
+    def resume(self) -> None:
+        ck = store.load_checkpoint(self.folder)
+        mine, theirs = self.cfg.as_dict(), ck.get("config") or {}
+        for key in ("spec", "mode", "batch_size", "seed"):
+            if mine.get(key) != theirs.get(key):
+                raise InputError(f"{self.folder}/checkpoint.pt: was trained with another {key} "
+                                 f"({theirs.get(key)!r}, now {mine.get(key)!r}); use --overwrite to start again")
+        try:
+            self.family.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise InputError(f"{self.folder}/checkpoint.pt: does not fit this family ({str(e).splitlines()[0]})") from None
+        self.phase_index, self.step, self.opt_state = ck["phase_index"], ck["step"], ck.get("optimizer")
+        self.history, self.lstsq = ck.get("history", []), ck.get("lstsq", {})
+        self.notes = ck.get("notes", self.notes)
+
+    # -- phases -----------------------------------------------------------------------------
+    def run(self) -> None:
+        names = phases(self.cfg)
+        while self.phase_index < len(names):
+            name = names[self.phase_index]
+            t0 = time.perf_counter()
+            if name == "calibrate":
+                self.calibrate()
+            else:
+                self.train_phase(name)
+            if self.history and self.history[-1]["phase"] == name:
+                self.history[-1]["seconds"] = round(self.history[-1].get("seconds", 0) + time.perf_counter() - t0, 2)
+            self.phase_index += 1
+            self.step, self.opt_state = 0, None
+            self.save(None)
+
+    def calibrate(self) -> None:
+        n = min(self.cfg.calib_images, self.source.x.shape[0]) if self.source.x is not None else self.cfg.calib_images
+        images = self.source.first_images(n)
+        if self.device.startswith("cuda"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.lstsq = least_squares_init(self.family, images, batch_size=max(1, min(50, n)),
+                                         ridge=self.cfg.lstsq_ridge, autocast=self.autocast)
+        rel = [r["mse_lstsq"] / max(r["target_ms"], 1e-12) for r in self.lstsq.values()]
+        self.history.append({"phase": "calibrate", "steps": 0, "images": n, "stitches": len(self.lstsq),
+                             "mean_rel_mse_lstsq": sum(rel) / max(len(rel), 1)})
+        self.log(f"calibrate: {len(self.lstsq)} stitching layers by least squares on {n} images")
+
+    def train_phase(self, name: str) -> None:
+        cfg, fam = self.cfg, self.family
+        total = phase_steps(cfg, name, self.source.steps_per_epoch)
+        if name.startswith("anchor:"):
+            arch = name.split(":", 1)[1]
+            module = fam.net(arch)
+            params = list(module.parameters())
+            members = None
+            base_lr = cfg.lr
+        else:
+            members = fam.members(("anchor", "stitch")) if cfg.mode == "joint" else fam.members(("stitch",))
+            if cfg.mode == "joint":
+                params = [p for a in fam.anchors.values() for p in a.parameters()] + list(fam.stitches.parameters())
+            else:
+                params = list(fam.stitches.parameters())
+            module = fam
+            base_lr = cfg.stitch_lr
+        for p in fam.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = make_sgd(params, base_lr, cfg.weight_decay)
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+        model = module
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(module, device_ids=[torch.cuda.current_device()] if self.device.startswith("cuda") else None,
+                        find_unused_parameters=members is not None)
+        warmup = min(total // 10, 5 * self.source.steps_per_epoch) if name.startswith("anchor:") else total // 20
+        self.source.reseed(cfg.seed * 1000 + self.phase_index)
+        if not (self.history and self.history[-1]["phase"] == name):
+            self.history.append({"phase": name, "steps": total, "lr": base_lr,
+                                 "epochs": round(total / self.source.steps_per_epoch, 3)})
+        rec = self.history[-1]
+        losses, correct, seen = [], 0, 0
+        t_log = time.perf_counter()
+        while self.step < total:
+            fam.train()
+            if members is not None and cfg.mode == "frozen":
+                for a in fam.anchors.values():
+                    a.eval()
+            x, y = self.source.batch(self.step)
+            if self.device.startswith("cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(self.step, total, base_lr, warmup)
+            with self.autocast():
+                if members is None:
+                    logits = model(x)
+                else:
+                    m = members[random.Random(cfg.seed * 1_000_003 + self.step).randrange(len(members))]
+                    logits = model(x, m.name)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.step += 1
+            losses.append(loss.detach())
+            if self.step % 10 == 0 or self.step == total:  # a sampled training accuracy (one sync per 10 steps)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += y.numel()
+            if self.step % cfg.checkpoint_every == 0 and self.step < total:
+                self.save(opt)
+            if time.perf_counter() - t_log > 30 and self.rank == 0:
+                self.log(f"{name}: step {self.step}/{total} loss {float(torch.stack(losses[-50:]).mean()):.4f}")
+                t_log = time.perf_counter()
+        if losses:
+            tail = torch.stack(losses[-max(1, min(50, len(losses) // 4 or 1)):]).float()
+            rec["final_loss"] = float(tail.mean())
+            rec["loss_finite"] = bool(torch.isfinite(torch.stack(losses)).all())
+            rec["train_top1_sampled"] = correct / seen if seen else None
+        self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if losses else ""))
+        for p in fam.parameters():
+            p.requires_grad_(True)
+
+    def summary_info(self, data_info: dict[str, Any]) -> dict[str, Any]:
+        return {"train": self.cfg.as_dict(), "history": self.history, "data": data_info, "notes": self.notes,
+                "lstsq": self.lstsq}

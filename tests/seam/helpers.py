@@ -1,0 +1,42 @@
+"""Small builders shared by the seam tests: tiny families and a synthetic CIFAR-10 folder."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_spec(**kw):
+    from gpulab.seam.models import FamilySpec
+
+    base = dict(anchors=("resnet34", "resnet50"), width=2, stem="cifar", num_classes=10, cuts="all",
+                stitch_bn=True, baselines=[], image_size=8)
+    base.update(kw)
+    return FamilySpec(**base)
+
+
+def write_cifar(folder: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """A CIFAR-10-format folder (npz of JPEG bytes) with class-dependent colours, so it is learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = np.array([f"class{i}" for i in range(10)])
+
+    def make(n: int) -> dict:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        blobs, offsets = [], [0]
+        for lab in labels:
+            img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+            img[:, :, lab % 3] += np.uint8(100 + 15 * lab)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=90)
+            blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+            offsets.append(offsets[-1] + len(blobs[-1]))
+        return {"jpeg": np.concatenate(blobs), "offsets": np.array(offsets, dtype=np.int64), "labels": labels,
+                "classes": classes}
+
+    np.savez(folder / "train-0.npz", **make(n_train))
+    np.savez(folder / "test.npz", **make(n_test))
+    return folder

@@ -1,0 +1,175 @@
+"""train -> eval -> select through the CLI on a synthetic CIFAR folder; resume; one-line errors."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from gpulab.core.errors import InputError
+
+from .helpers import tiny_spec, write_cifar
+
+TRAIN = ["--width", "2", "--cuts", "aligned", "--batch-size", "16", "--anchor-steps", "2", "--stitch-steps", "3",
+         "--calib-images", "16", "--baselines", "resnet18"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained and evaluated family, shared by the tests below (read-only)."""
+    from gpulab.cli import invoke
+    from gpulab.core import options
+
+    root = tmp_path_factory.mktemp("seam")
+    data = write_cifar(root / "cifar", n_train=48, n_test=24)
+    fam = root / "family"
+    old = options.get().out
+    out = ["--out", str(root / "results")]
+    try:
+        invoke([*out, "seam", "train", "--family", str(fam), "--data", str(data), *TRAIN])
+        invoke([*out, "seam", "eval", "--family", str(fam), "--data", str(data), "--latency-batches", "1",
+                "--latency-reps", "1", "--verify-flops", "1"])
+        invoke([*out, "seam", "select", "--family", str(fam), "--metric", "flops"])
+    finally:
+        options.set_options(out=old)
+    return root, data, fam
+
+
+def test_pipeline_writes_family_eval_selection_and_records(trained):
+    root, _, fam = trained
+    for f in ("family.yaml", "weights.safetensors", "checkpoint.pt", "eval.yaml", "select-flops.yaml",
+              "select-flops.png"):
+        assert (fam / f).is_file(), f
+    assert (fam / "select-flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ev = yaml.safe_load((fam / "eval.yaml").read_text())
+    assert len(ev["models"]) == 2 + 34 + 1
+    kinds = {m["kind"] for m in ev["models"]}
+    assert kinds == {"anchor", "stitch", "baseline"}
+    r34 = next(m for m in ev["models"] if m["name"] == "r34")
+    r50 = next(m for m in ev["models"] if m["name"] == "r50")
+    for m in ev["models"]:
+        if m["kind"] == "stitch":
+            between = min(r34["flops"], r50["flops"]) <= m["flops"] <= max(r34["flops"], r50["flops"])
+            assert m["flops_between"] == between
+            assert m["interpolates"] == (between and m["acc_between"])
+    records = {p.name.split("-2")[0]: yaml.safe_load(p.read_text()) for p in (root / "results").glob("seam-*.yaml")}
+    assert set(records) == {"seam-train", "seam-eval", "seam-select"}
+    assert all(r["ok"] for r in records.values()), {k: r["checks"] for k, r in records.items()}
+    assert records["seam-eval"]["summary"]["stitches"] == 34
+    assert records["seam-train"]["checks"]["lstsq_lowers_activation_mse"]["passed"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, trained):
+    from gpulab.seam import data as sdata
+    from gpulab.seam.train import TrainConfig, Trainer
+
+    _, data, _ = trained
+    x, y = sdata.load_cifar10(data, "train")
+    cfg = TrainConfig(spec=tiny_spec(cuts="aligned"), batch_size=8, anchor_steps=3, stitch_steps=5,
+                      calib_images=8, checkpoint_every=2, amp=False)
+
+    def run(folder, stop_at=None):
+        src = sdata.TensorSource(x, y, 8, 0, "cpu")
+        if stop_at is not None:
+            calls = {"n": 0}
+            orig = src.batch
+
+            def batch(step):
+                calls["n"] += 1
+                if calls["n"] > stop_at:
+                    raise KeyboardInterrupt
+                return orig(step)
+
+            src.batch = batch
+        t = Trainer(cfg, folder, src, "cpu", log=lambda s: None)
+        return t
+
+    full = run(tmp_path / "a")
+    full.run()
+    broken = run(tmp_path / "b", stop_at=3 + 3 + 3)  # dies at stitch step 3 (checkpoint at step 2)
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    resumed = run(tmp_path / "b")
+    resumed.resume()
+    assert resumed.step == 2 and resumed.opt_state is not None
+    resumed.run()
+    a, b = full.family.state_dict(), resumed.family.state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_family_folder_errors_are_one_line(tmp_path, trained, capsys):
+    from gpulab.cli import main
+    from gpulab.seam import store
+
+    _, data, fam = trained
+    with pytest.raises(InputError, match="family folder not found"):
+        store.load_family(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    shutil.copytree(fam, bad)
+    (bad / "weights.safetensors").unlink()
+    with pytest.raises(InputError, match="no weights.safetensors"):
+        store.load_family(bad)
+    (bad / "weights.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(InputError, match="corrupt weights"):
+        store.load_family(bad)
+    # a stitch's tensors missing from the weights: the error names the model
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(fam / "weights.safetensors"))
+    key = "stitches.r50_5__r34_5.conv.weight"
+    save_file({k: v for k, v in sd.items() if k != key}, str(bad / "weights.safetensors"))
+    with pytest.raises(InputError, match=r"model r50\[:5\]>r34\[5:\] is missing"):
+        store.load_family(bad)
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(bad / "weights.safetensors"))
+    with pytest.raises(InputError, match="corrupt"):
+        store.load_family(bad)
+    # eval.yaml: a model without its accuracy, a malformed file
+    ev = yaml.safe_load((fam / "eval.yaml").read_text())
+    del ev["models"][3]["top1"]
+    (bad / "eval.yaml").write_text(yaml.safe_dump(ev))
+    with pytest.raises(InputError, match="is missing 'top1'"):
+        store.load_eval(bad)
+    (bad / "eval.yaml").write_text("models: [unclosed\n")
+    with pytest.raises(InputError, match="malformed YAML"):
+        store.load_eval(bad)
+    # through the CLI: one line on stderr, exit 1
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "seam", "select", "--family", str(bad)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "malformed YAML" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "nope"), "--data", str(data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "family folder not found" in err[0]
+
+
+def test_train_input_errors(tmp_path, trained):
+    from gpulab.cli import invoke
+
+    _, data, fam = trained
+    cases = [
+        (["--data", str(tmp_path / "missing")], "data folder not found"),
+        (["--data", str(data), "--anchors", "resnet34"], "two architectures"),
+        (["--data", str(data), "--mode", "solo"], "--mode"),
+        (["--data", str(data), "--cuts", "some"], "cuts"),
+        (["--data", str(data), "--batch-size", "0"], "--batch-size"),
+        (["--data", str(data), "--weights", "resnet34"], "ARCH=PATH"),
+        (["--data", str(data), "--weights", "resnet101=x.pth"], "neither an anchor"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--width", "2",
+                    *extra])
+    with pytest.raises(InputError, match="already holds a family"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(fam), "--data", str(data), *TRAIN])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="neither CIFAR-10"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(empty)])
+    (empty / "train-0.npz").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a readable npz"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(empty)])
