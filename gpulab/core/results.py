@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gpulab.core import options
+from gpulab.core import atomic, options
 from gpulab.core.errors import InputError
 
 SCHEMA = "gpulab.result/1"
@@ -76,22 +74,7 @@ def plain(obj: Any) -> Any:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write text to path through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic.write_text(path, text)
 
 
 def atomic_write_yaml(path: Path, data: Any) -> Path:

@@ -10,13 +10,12 @@ build side (``--right-rows``); the hash join builds on whichever side is smaller
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from gpulab.core import atomic
 from gpulab.core.errors import InputError
 
 KEY_DTYPES = ("int32", "int64")
@@ -234,10 +233,7 @@ def save_table(table: Table, path: Path | str) -> Path:
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
         raise InputError(f"{p.name}: unknown table format '{p.suffix}' (use {', '.join(FORMATS)})")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp" + suffix, dir=p.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         if suffix == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, key=table.key, payload=table.payload)
@@ -255,14 +251,8 @@ def save_table(table: Table, path: Path | str) -> Path:
             import pandas as pd
 
             pd.DataFrame({"key": table.key, "payload": table.payload}).to_parquet(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+
+    return atomic.write_with(p, write, suffix=suffix)
 
 
 def align_key_dtypes(left: Table, right: Table) -> tuple[Table, Table]:

@@ -91,7 +91,7 @@ def plot(models: list[dict[str, Any]], key: str, metric: str, rows: list[dict[st
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from gpulab.seam.store import _atomic_binary
+    from gpulab.core import atomic
 
     label, scale = UNITS[metric]
     fig = Figure(figsize=(7.5, 5.0), dpi=120)
@@ -134,5 +134,5 @@ def plot(models: list[dict[str, Any]], key: str, metric: str, rows: list[dict[st
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic_binary(Path(path), write)
+    atomic.write_with(Path(path), write)
     return Path(path)

@@ -13,14 +13,13 @@ InputError naming the file and the problem.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.core.results import atomic_write_yaml
 from gpulab.seam.models import FamilySpec, StitchedFamily
@@ -30,26 +29,11 @@ EVAL_SCHEMA = "gpulab.seam.eval/1"
 EVAL_FIELDS = ("name", "kind", "top1", "flops", "params")
 
 
-def _atomic_binary(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_family(folder: Path, family: StitchedFamily, info: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().cpu() for k, v in family.state_dict().items()}
-    _atomic_binary(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp))
+    atomic.write_with(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp))
     atomic_write_yaml(folder / "family.yaml", {"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info})
 
 
@@ -118,7 +102,7 @@ def _model_of_key(key: str) -> str:
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
-    _atomic_binary(Path(folder) / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    atomic.write_with(Path(folder) / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:

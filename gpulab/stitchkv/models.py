@@ -188,24 +188,10 @@ def tiny_llama(size: str | dict[str, int], vocab_size: int, max_len: int, seed: 
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> Path:
     """save_pretrained into a temporary sibling folder, then rename (no half-written model folders)."""
-    import shutil
-    import tempfile
+    from gpulab.core import atomic
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic.build_folder(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

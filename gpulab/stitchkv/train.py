@@ -16,15 +16,13 @@ the first continuation token is the large model's, so the loss covers tokens 2..
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.core.results import atomic_write_yaml
 
@@ -37,10 +35,8 @@ KEY_FIELDS = ("large", "small", "alignment", "stitch_input")
 def save_bank(bank: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".stitch.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / "stitch.safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
+    atomic.write_with(folder / "stitch.safetensors", lambda tmp: save_file(state, tmp))
     atomic_write_yaml(folder / "stitch.yaml", bank.meta())
 
 
@@ -61,15 +57,7 @@ def load_bank(folder: Path, device: Any = "cpu") -> Any:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def kv_loss(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]], kind: str = "mse") -> Any:
@@ -281,17 +269,9 @@ def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
 
 def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
     """Stitches + peft adapter into ``folder`` through a temporary sibling folder and a rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic.build_folder(folder) as tmp:
         save_bank(bank, tmp)
         peft_model.save_pretrained(str(tmp / "adapter"))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_stage2(small: Any, folder: Path, device: Any = "cpu") -> tuple[Any, Any]:

@@ -157,13 +157,10 @@ def quantize(
 
 def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, scale_shape: str,
         calib_text: Path | None, calib_samples: int, calib_len: int, shard_mb: int):
-    import os
-    import tempfile
-
     import torch
     from safetensors.torch import save_file
 
-    from gpulab.core import options, results
+    from gpulab.core import atomic, options, results
     from gpulab.vajra import reference as ref
     from gpulab.vajra.checkpoint import FLOAT_NAMES, CheckpointReader
     from gpulab.vajra.config import read_config
@@ -179,9 +176,7 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
     rec = results.Record(name="vajra-quantize", config={
         "src": str(src), "dst": str(dst), "strategy": strategy, "block": list(blk) if blk else None,
         "activations": activations, "format": fmt, "scale_shape": scale_shape, "device": device})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic.build_folder(dst) as tmp:
         shard: dict[str, torch.Tensor] = {}
         shard_bytes, shards, weight_map = 0, [], {}
         limit = shard_mb << 20
@@ -254,16 +249,6 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     rec.metrics.update({"tensors_quantized": n_quant, "shards": len(shards), "bytes_in": bytes_in,
                         "bytes_out": bytes_out, "max_abs_err_over_amax": worst})
     rec.summary.update({"compression": round(bytes_in / max(bytes_out, 1), 3), "tensors": n_quant})

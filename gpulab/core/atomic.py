@@ -1,0 +1,65 @@
+"""Atomic file and folder writes: nothing half-written is ever left at the destination.
+
+A file is written to a temporary name in the same folder and renamed over the target; a folder is
+built under a temporary sibling name and swapped into place. On any failure the temporary is removed
+and an existing target is left as it was.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def write_with(path: Path | str, writer: Callable[[str], object], suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` to write the file, then rename it to ``path``.
+
+    ``suffix`` is appended to the temporary name for writers that choose a format by extension.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    def writer(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_with(path, writer)
+
+
+@contextmanager
+def build_folder(folder: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` (which may exist)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

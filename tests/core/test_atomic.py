@@ -1,0 +1,40 @@
+import pytest
+
+from gpulab.core import atomic
+
+
+def test_write_with_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "a.bin"
+    atomic.write_with(target, lambda tmp: open(tmp, "wb").write(b"one"))
+    assert target.read_bytes() == b"one"
+
+    def failing(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_with(target, failing)
+    assert target.read_bytes() == b"one"
+    assert [p.name for p in target.parent.iterdir()] == ["a.bin"]
+
+
+def test_write_with_suffix_for_format_by_extension(tmp_path):
+    seen = []
+    atomic.write_with(tmp_path / "t.npz", lambda tmp: (seen.append(tmp), open(tmp, "w").write("x")), suffix=".npz")
+    assert seen[0].endswith(".npz")
+
+
+def test_build_folder_swaps_in_and_keeps_old_on_failure(tmp_path):
+    folder = tmp_path / "model"
+    with atomic.build_folder(folder) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (folder / "config.json").read_text() == "{}"
+    with pytest.raises(ValueError):
+        with atomic.build_folder(folder) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise ValueError("bad tensor")
+    assert (folder / "config.json").read_text() == "{}"
+    with atomic.build_folder(folder) as tmp:
+        (tmp / "weights").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["weights"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
