@@ -96,10 +96,10 @@ def train(
         import torch.distributed as dist
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its current device
+            torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
     device = options.resolve_device(what="seam train")
     if device == "cuda" and world > 1:
         device = f"cuda:{local}"

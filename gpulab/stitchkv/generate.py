@@ -39,13 +39,14 @@ def decode_loop(model: Any, cache: Any, first: Any, n_new: int, stream: Any = No
     cur = first
     for _ in range(n_new - 1):
         t0 = time.perf_counter()
-        if stream is not None:
+        if stream is not None:  # the argmax too: it reads logits written on ``stream``
             with torch.cuda.stream(stream):
                 out = model(input_ids=cur[:, None], use_cache=True, logits_to_keep=1, **{kw: cache})
+                cur = out.logits[:, -1].argmax(-1)
         else:
             out = model(input_ids=cur[:, None], use_cache=True, logits_to_keep=1, **{kw: cache})
+            cur = out.logits[:, -1].argmax(-1)
         cache = output_cache(out)
-        cur = out.logits[:, -1].argmax(-1)
         _sync(cur.device)
         times.append((time.perf_counter() - t0) * 1e3)
         toks.append(cur)

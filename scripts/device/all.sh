@@ -4,11 +4,13 @@
 # Installs the flashinfer wheel carried in .whl/ (build it first with ../shared/tools/device-wheels.sh and name
 # .whl in the device call's carry), then runs each subsystem's script in the order given, each under `timeout`
 # at its own budget (seconds, below), skipping a script when the remaining budget cannot hold it.
-# Output: $OUT/<name>.log and $OUT/<name>/ (result YAML), a summary line per script at the end.
+# Each script writes into $WORK/<name>/ (log.txt, result YAML); at the end everything is packed into one file,
+# $OUT/gpulab-device.tgz, beside $OUT/summary.txt (the device tool returns at most 8 files from $OUT).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpulab-out}
+WORK=${WORK:-/tmp/gpulab-work}
 BUDGET=${BUDGET:-540}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 declare -A SECONDS_FOR=([core]=60 [sort]=100 [dbjoin]=100 [l2]=120 [seam]=120 [stitchkv]=100
                         [vajra_model]=150 [vajra_engine]=200)
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,10 +29,12 @@ for n in "${names[@]}"; do
   left=$(( BUDGET - ($(date +%s) - t0) ))
   if [ "$left" -lt "$need" ]; then summary+=("$n: skipped (needs ${need}s, ${left}s left)"); continue; fi
   start=$(date +%s)
-  OUT="$OUT" timeout --kill-after=10 "$need" bash "$script" > "$OUT/$n.log" 2>&1
+  mkdir -p "$WORK/$n"
+  OUT="$WORK/$n" PYTHONUNBUFFERED=1 timeout --kill-after=10 "$need" bash "$script" > "$WORK/$n/log.txt" 2>&1
   rc=$?
   summary+=("$n: exit $rc in $(( $(date +%s) - start ))s$([ $rc -eq 124 ] && echo ' (timed out)')")
-  echo "================ $n (exit $rc)"; tail -15 "$OUT/$n.log"
+  echo "================ $n (exit $rc)"; tail -15 "$WORK/$n/log.txt"
 done
 echo "================ summary"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+tar czf "$OUT/gpulab-device.tgz" -C "$WORK" . && ls -la "$OUT"

@@ -30,7 +30,7 @@ def test_access_policy_window_on_torch_stream():
     lim = cuda_l2.device_limits()
     if lim["persisting_l2_max_bytes"] <= 0:
         pytest.skip("this GPU has no persisting L2")
-    buf = torch.empty(8 * MIB, dtype=torch.uint8, device="cuda")
+    buf = torch.zeros(8 * MIB, dtype=torch.uint8, device="cuda")  # zeros: buf[0] is checked below
     s = torch.cuda.Stream()
     old = cuda_l2.get_persisting_limit()
     with cuda_l2.PersistingL2(min(lim["persisting_l2_max_bytes"], 4 * MIB), buf.data_ptr(), 8 * MIB, 0.5,
@@ -44,6 +44,46 @@ def test_access_policy_window_on_torch_stream():
     assert cuda_l2.get_access_policy_window(s.cuda_stream)["num_bytes"] == 0
     assert cuda_l2.get_persisting_limit() == old
     assert int(buf[0]) == 1
+
+
+def test_captured_kernel_nodes_carry_the_stream_window():
+    """bench's persist policy under --graph relies on stream capture copying the stream's access-policy
+    window into the captured kernel nodes (PersistingL2 is installed before the capture)."""
+    lim = cuda_l2.device_limits()
+    if lim["persisting_l2_max_bytes"] <= 0:
+        pytest.skip("this GPU has no persisting L2")
+    try:
+        g = torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:
+        g = None
+    if g is None or not hasattr(g, "raw_cuda_graph"):
+        pytest.skip("this torch has no CUDAGraph(keep_graph=True) / raw_cuda_graph()")
+    rt = cuda_l2._rt()
+    chk = cuda_l2._check
+    buf = torch.zeros(8 * MIB, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.Stream()
+    with cuda_l2.PersistingL2(min(lim["persisting_l2_max_bytes"], 4 * MIB), buf.data_ptr(), 8 * MIB, 1.0,
+                              [s.cuda_stream]):
+        with torch.cuda.stream(s):
+            buf.add_(1)  # warm up outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            buf.add_(1)
+        graph = rt.cudaGraph_t(int(g.raw_cuda_graph()))
+        n = chk(rt.cudaGraphGetNodes(graph, 0), "cudaGraphGetNodes(count)")[1]
+        nodes = chk(rt.cudaGraphGetNodes(graph, n), "cudaGraphGetNodes")[0]
+        kernel_nodes = [x for x in nodes if chk(rt.cudaGraphNodeGetType(x), "cudaGraphNodeGetType")
+                        == rt.cudaGraphNodeType.cudaGraphNodeTypeKernel]
+        assert kernel_nodes
+        for node in kernel_nodes:
+            v = chk(rt.cudaGraphKernelNodeGetAttribute(
+                node, rt.cudaKernelNodeAttrID.cudaLaunchAttributeAccessPolicyWindow), "cudaGraphKernelNodeGetAttribute")
+            w = v.accessPolicyWindow
+            assert (int(w.base_ptr), int(w.num_bytes)) == (buf.data_ptr(), 8 * MIB), \
+                "captured kernel node lacks the stream's access-policy window: persist under --graph has no effect"
+        g.replay()
+        torch.cuda.synchronize()
+    assert int(buf[0]) == 2
 
 
 def test_prefetch_kernels_launch_and_leave_data_unchanged():
@@ -82,7 +122,7 @@ def test_triton_kernels_on_gpu(dtype):
     ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3", "--graph"],
     ["--workload", "cnn", "--width", "64", "--layers", "3", "--batch", "4", "--image", "16"],
     ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3"],
-])
+], ids=["mlp_eager", "mlp_graph", "ofa_graph", "cnn_eager", "ofa_eager"])
 def test_gpu_run_all_policies(argv, out_dir):
     from gpulab.cli import invoke
     invoke(["--device", "cuda", "--out", str(out_dir), "l2", "run", *argv, "--policy", "all", "--reps", "6", "--rounds", "2"])

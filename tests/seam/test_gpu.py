@@ -38,7 +38,8 @@ def test_bf16_channels_last_forward_matches_fp32_cpu():
             assert float((low - ref).abs().max() / scale) < 0.25, m.name
 
 
-def test_lstsq_init_on_gpu_matches_cpu():
+def test_lstsq_init_on_gpu_matches_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs: residual MSEs are sensitive
     cpu, gpu = _pair(seed=1, cuts="aligned")
     x = torch.randn(24, 3, 32, 32)
     rc = least_squares_init(cpu, x, batch_size=12)
