@@ -28,7 +28,9 @@ def _codes(lo, hi, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr, ROWS
         ok = use[:, None] & valid[None, :]
     return tl.where(ok, bit * 2 - 1, 0)
 
-@triton.jit
+# Runtime sizes are not specialized (no recompiles for R == 1, sizes divisible by 16, ...): one compile per
+# constexpr combination, so the timed calls never hit the compiler.
+@triton.jit(do_not_specialize=["capacity", "R", "KUSED"])
 def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start, r_cnt,
                    out_l, out_r, capacity, counter,
                    R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
@@ -94,7 +96,7 @@ def _to_i32(x):
     return tl.where(x >= 2147483648, x - 4294967296, x).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "PMASK"])
 def tc_mix_kernel(key, lo_out, hi_out, part_out, n, PMASK, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
     """One pass of tensorcore_join.mix_key + the partition id (int64 arithmetic, same results as torch)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
