@@ -122,10 +122,10 @@ def save_eval(folder: Path, data: dict[str, Any]) -> Path:
 def load_eval(path: Path) -> dict[str, Any]:
     """An evaluated family (a folder holding eval.yaml, or the file itself), validated model by model."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"family folder not found: {path}")
     if path.is_dir():
         path = path / "eval.yaml"
-    if not path.parent.is_dir():
-        raise InputError(f"family folder not found: {path.parent}")
     data = _yaml(path, "the family is not evaluated; run `gpulab seam eval` first")
     if data.get("schema") != EVAL_SCHEMA:
         raise InputError(f"{path}: not a seam evaluation (no 'schema: {EVAL_SCHEMA}')")
