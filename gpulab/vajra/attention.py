@@ -34,6 +34,7 @@ def flashinfer_available() -> bool:
 
 class TorchAttention:
     name = "torch"
+    graph_capturable = False  # reads query/context lengths back to the host every step
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.hq, self.hkv, self.d, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -52,6 +53,7 @@ class TorchAttention:
 
 class TritonAttention(TorchAttention):
     name = "triton"
+    graph_capturable = True  # decode-only steps run without a host sync
 
     def __init__(self, *a, device: torch.device, **kw):
         super().__init__(*a, **kw)
@@ -61,7 +63,8 @@ class TritonAttention(TorchAttention):
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         from gpulab.vajra.paged_attention import make_metadata
 
-        return make_metadata(batch.query_lens, batch.context_lens)
+        # decode-only: max query length is 1, known without reading query_lens back (CUDA-graph capture)
+        return make_metadata(batch.query_lens, batch.context_lens, 1 if batch.is_decode_only else None)
 
     def __call__(self, q, k, v, cache_layer, batch, kv, state):
         from gpulab.vajra.paged_attention import paged_attention
@@ -74,12 +77,17 @@ class FlashInferAttention(TorchAttention):
     """flashinfer's paged prefill (mixed batches) and decode (decode-only batches) wrappers."""
 
     name = "flashinfer"
+    graph_capturable = False  # plan() runs on the host every step (fixed-buffer CUDA-graph wrappers not wired up)
     WORKSPACE_BYTES = 128 << 20
+    HEAD_DIMS = (64, 128, 256)  # the head sizes flashinfer's kernels are built for
 
-    def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, **kw):
+    def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, use_tensor_cores: bool = False, **kw):
         super().__init__(*a, **kw)
         if device.type != "cuda":
             raise DeviceError("attention backend 'flashinfer' needs a CUDA GPU")
+        if self.d not in self.HEAD_DIMS:
+            raise InputError(f"attention backend 'flashinfer' supports head_dim {', '.join(map(str, self.HEAD_DIMS))}, "
+                             f"not {self.d} (use --attention-backend triton)")
         try:
             import flashinfer
         except Exception as e:
@@ -89,8 +97,12 @@ class FlashInferAttention(TorchAttention):
         self.fi = flashinfer
         self.act_dtype = act_dtype
         self.workspace = torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        # prefill pinned to the FA2 kernels (auto picks FA3 on Hopper: a second, slower JIT build). Decode uses
+        # the CUDA-core decode kernels by default: their JIT module builds in ~16 s, the tensor-core path
+        # (use_tensor_cores=True) reuses the prefill module instead (~75 s on first use).
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                    use_tensor_cores=use_tensor_cores)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         bs = kv.block_size
@@ -101,9 +113,8 @@ class FlashInferAttention(TorchAttention):
         kv_indptr[1:] = torch.cumsum(nblk, 0)
         bt = batch.block_tables.to("cpu", torch.int32)
         indices = torch.cat([bt[i, : int(n)] for i, n in enumerate(nblk.tolist())]) if len(cl) else bt.new_zeros(0)
-        last = cl - (nblk - 1) * bs
-        dev = batch.input_ids.device
-        kv_indptr, indices, last = kv_indptr.to(dev), indices.to(dev), last.to(dev)
+        last = (cl - (nblk - 1) * bs).to(torch.int32)
+        # host tensors: plan() needs them on the host anyway and copies them to the device itself
         decode = bool(batch.is_decode_only or bool((ql == 1).all()))
         if decode:
             self.decode.plan(kv_indptr, indices, last, self.hq, self.hkv, self.d, bs,
@@ -112,7 +123,7 @@ class FlashInferAttention(TorchAttention):
             return self.decode
         qo = torch.zeros(len(ql) + 1, dtype=torch.int32)
         qo[1:] = torch.cumsum(ql, 0)
-        self.prefill.plan(qo.to(dev), kv_indptr, indices, last, self.hq, self.hkv, self.d, bs, causal=True,
+        self.prefill.plan(qo, kv_indptr, indices, last, self.hq, self.hkv, self.d, bs, causal=True,
                           sm_scale=self.scale, q_data_type=self.act_dtype, kv_data_type=kv.dtype)
         return self.prefill
 
@@ -131,7 +142,8 @@ def make_backend(name: str, *, device: torch.device, num_heads: int, num_kv_head
         if device.type != "cuda":
             name = "torch"
         else:
-            name = "flashinfer" if flashinfer_available() else "triton"
+            fi_ok = head_dim in FlashInferAttention.HEAD_DIMS and flashinfer_available()
+            name = "flashinfer" if fi_ok else "triton"
     args = (num_heads, num_kv_heads, head_dim)
     if name == "torch":
         return TorchAttention(*args, scale=scale)

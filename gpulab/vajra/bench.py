@@ -187,11 +187,17 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
             raise RuntimeError("an FP8 checkpoint needs the compressed-tensors package in transformers")
         cfg.quantization_config = None
         del cfg.quantization_config
+    def load(fn, *a, **kw):  # transformers < 4.56 calls it torch_dtype
+        try:
+            return fn(*a, dtype=dtype, **kw)
+        except TypeError:
+            return fn(*a, torch_dtype=dtype, **kw)
+
     if load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model = load(AutoModelForCausalLM.from_config, cfg)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True).to(device)
+        model = load(AutoModelForCausalLM.from_pretrained, str(model_dir), local_files_only=True).to(device)
     model.eval()
     n = len(prompts[0])
     batch = torch.tensor([p[:n] for p in prompts if len(p) >= n], device=device)

@@ -355,6 +355,12 @@ class DecodeGraphRunner:
 
     @classmethod
     def try_capture(cls, engine: LLMEngine) -> Optional["DecodeGraphRunner"]:
+        attention = getattr(engine.model, "attention", None)
+        if attention is not None and not getattr(attention, "graph_capturable", True):
+            # its per-step metadata syncs with the host: a capture would only fail (and cost warm-up forwards)
+            engine.notes.append(f"CUDA graphs off: attention backend {getattr(attention, 'name', '?')!r} "
+                                "is not capturable (use --attention-backend triton for graphs)")
+            return None
         try:
             runner = cls(engine, cls.capture_sizes(engine.config.max_num_seqs))
             runner.capture()

@@ -228,10 +228,13 @@ def quantize_block(x: torch.Tensor, block, dtype=torch.float8_e4m3fn):
     nb, kb = triton.cdiv(n, bn), triton.cdiv(k, bk)
     out = torch.empty((n, k), dtype=dtype, device=x.device)
     s = torch.empty((nb, kb), dtype=torch.float32, device=x.device)
+    pbn, pbk = triton.next_power_of_2(bn), triton.next_power_of_2(bk)
+    # one program holds a whole block: ~1024 elements per warp (a 128x128 block at 4 warps spills registers
+    # and takes ~14 s to compile; at 16 warps ~1 s)
+    extra = {} if interpreted() else {"num_warps": max(4, min(16, pbn * pbk // 1024))}
     _quant_block_kernel[(nb, kb)](x, out.view(torch.uint8), s, n, k, x.stride(0), k, kb,
                                   FMAX=float(torch.finfo(dtype).max), MIN_SCALE=_min_scale(dtype), BN=bn, BK=bk,
-                                  PBN=triton.next_power_of_2(bn), PBK=triton.next_power_of_2(bk),
-                                  EBITS=eb, MBITS=mb, BIAS=bias)
+                                  PBN=pbn, PBK=pbk, EBITS=eb, MBITS=mb, BIAS=bias, **extra)
     return out, s
 
 

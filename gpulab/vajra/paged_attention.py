@@ -26,10 +26,16 @@ class AttnMetadata:
     max_query_len: int
 
 
-def make_metadata(query_lens: torch.Tensor, context_lens: torch.Tensor) -> AttnMetadata:
+def make_metadata(query_lens: torch.Tensor, context_lens: torch.Tensor,
+                  max_query_len: int | None = None) -> AttnMetadata:
+    """``max_query_len`` given (1 for a decode-only batch) avoids reading ``query_lens`` back to the host:
+    no device sync, so a decode step stays capturable in a CUDA graph."""
     ql = query_lens.to(torch.int32)
     start = (torch.cumsum(ql, 0) - ql).to(torch.int32)
-    mq = int(ql.max()) if ql.numel() else 0
+    if max_query_len is not None:
+        mq = int(max_query_len) if ql.numel() else 0
+    else:
+        mq = int(ql.max()) if ql.numel() else 0
     return AttnMetadata(start.contiguous(), ql.contiguous(), context_lens.to(torch.int32).contiguous(), mq)
 
 

@@ -1,33 +1,57 @@
 #!/usr/bin/env bash
-# vajra engine on the GPU (~3 minutes on an H100): GPU tests, then serve-bench at full size.
-# Run from the repo root; writes result YAML files under $OUT.
-set -u
+# vajra engine on the GPU (run from the repo root; $OUT = output folder). Budget: 200 s on an H100.
+#   1. GPU tests: CUDA graphs vs eager (Triton attention), greedy vs transformers in fp32       (<= 55 s)
+#   2. serve-bench at Llama-3.1-8B shapes, dummy FP8 vs BF16 weights, Triton attention, CUDA
+#      graphs, 64 requests of 512 in / 128 out, batch-1 decode vs roofline, HF generate floor   (the rest)
+# The 8B run uses --attention-backend triton: flashinfer's prefill module is a ~75 s JIT build that does
+# not fit this budget (and flashinfer decode steps cannot be captured in CUDA graphs here). The full-size
+# run (1000 in / 1000 out, 128 requests) takes several minutes per precision; run it by hand:
+#   python -m gpulab --device cuda serve-bench experiments/assets/llama-3.1-8b --load-format dummy \
+#     --input-len 1000 --output-len 1000 --num-prompts 128 --max-num-seqs 128 --max-num-batched-tokens 4096
+set -uo pipefail
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
-PY=${PY:-python}
+PY="${PY:-python}"
+BUDGET=${VAJRA_ENGINE_BUDGET_S:-200}
+T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 status=0
+rows=()
+
+left() { echo $(( BUDGET - 4 - ($(date +%s) - T0) )); }
+
+# step NAME CAP_S LOG CMD...: run CMD under min(CAP_S, budget left); one table row per step
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local lim; lim=$(left); [ "$lim" -gt "$cap" ] && lim=$cap
+  if [ "$lim" -lt 10 ]; then
+    rows+=("$(printf '%-26s %-8s %4s s / %3s s' "$name" "skipped" 0 "$lim")"); return 99
+  fi
+  local s; s=$(date +%s)
+  timeout -k 5 "$lim" "$@" > "$log" 2>&1
+  local rc=$?
+  local what=ok
+  [ $rc -ne 0 ] && what="rc=$rc" && status=1
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && what=TIMEOUT
+  rows+=("$(printf '%-26s %-8s %4s s / %3s s  %s' "$name" "$what" $(( $(date +%s) - s )) "$lim" \
+            "$(grep -E 'passed|failed|error|skipped|checks' "$log" | tail -1 | cut -c1-60)")")
+  echo "== $name: $what"; tail -n 6 "$log"
+  return $rc
+}
+
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
-echo "== GPU tests (CUDA graphs vs eager, greedy vs transformers)"
-timeout 150 $PY -m pytest -q -m gpu tests/vajra/serving 2>&1 | tee "$OUT/vajra_engine_pytest.txt" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "pytest gpu (serving)" 55 "$OUT/vajra_engine_pytest.txt" \
+  "$PY" -m pytest -q -m gpu tests/vajra/serving
+step "serve-bench 8B fp8/bf16" 600 "$OUT/vajra_engine_8b.txt" \
+  "$PY" -m gpulab --device cuda --out "$OUT" serve-bench experiments/assets/llama-3.1-8b \
+  --load-format dummy --attention-backend triton --input-len 512 --output-len 128 --num-prompts 64 \
+  --max-num-seqs 64 --max-num-batched-tokens 4096 --compare fp8,bf16 --hf-num-prompts 4 --decode-steps 64
 
-echo "== serve-bench: tiny model (smoke size)"
-timeout 90 $PY -m gpulab --device cuda --out "$OUT" serve-bench experiments/assets/tiny-llama \
-  --input-len 64 --output-len 32 --num-prompts 32 --decode-steps 16 --hf-num-prompts 4 \
-  > "$OUT/vajra_engine_tiny.txt" 2>&1 || status=1
-tail -5 "$OUT/vajra_engine_tiny.txt"
-
-echo "== serve-bench: Llama-3.1-8B shapes, dummy FP8 vs BF16, 1000 in / 1000 out"
-timeout 300 $PY -m gpulab --device cuda --out "$OUT" serve-bench experiments/assets/llama-3.1-8b \
-  --load-format dummy --input-len 1000 --output-len 1000 --num-prompts 128 --max-num-seqs 128 \
-  --max-num-batched-tokens 4096 --compare fp8,bf16 --hf-num-prompts 8 --decode-steps 128 \
-  > "$OUT/vajra_engine_8b.txt" 2>&1 || status=1
-tail -40 "$OUT/vajra_engine_8b.txt"
-
-echo "== summary"
-$PY - "$OUT" <<'PYEOF'
+echo
+echo "== vajra_engine steps ($(( $(date +%s) - T0 )) s of $BUDGET s)"
+printf '%s\n' "${rows[@]}"
+"$PY" - "$OUT" <<'PYEOF'
 import sys, glob, yaml
 rows = []
 for f in sorted(glob.glob(f"{sys.argv[1]}/serve-bench-*.yaml")):
@@ -36,6 +60,13 @@ for f in sorted(glob.glob(f"{sys.argv[1]}/serve-bench-*.yaml")):
         rows.append((r["config"]["model_dir"].split("/")[-1], row["impl"], row.get("output_tok_s"),
                      row.get("tpot_median_ms"), row.get("decode_b1_ms"), row.get("roofline_frac"), r["ok"]))
     print(f"{f}: summary {r['summary']}")
+    bad = [k for k, c in (r.get("checks") or {}).items() if not c.get("passed")]
+    if bad:
+        print("FAILED checks:", bad)
+    for n in r.get("notes") or []:
+        print("note:", n)
+if not rows:
+    print("no serve-bench result"); sys.exit(0)
 print(f"{'model':<14}{'impl':<14}{'out tok/s':>11}{'TPOT ms':>9}{'b1 ms':>8}{'roofline':>9}  ok")
 for m, i, t, tp, b, rf, ok in rows:
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"

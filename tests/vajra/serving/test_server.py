@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi", reason="the server needs fastapi + uvicorn (not on the GPU machine)")
+pytest.importorskip("uvicorn")
 
 from gpulab.vajra.engine import EngineConfig, LLMEngine
 from gpulab.vajra.sampling import SamplingParams
