@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stitched ResNet34/ResNet50 families: train, evaluate, select.")
 
 FAMILY_HELP = "Family folder (default: <--out>/seam-family)."
-DATA_HELP = "CIFAR-10 npz folder or an ImageNet-style folder with train/ and val/ (default: ../shared/data/cifar10)."
+DATA_HELP = "CIFAR-10 npz folder or an ImageNet-style folder with train/ and val/ (default: ../shared/data/cifar10 beside the checkout, or $GPULAB_DATA/cifar10)."
 
 
 def _family(path: Optional[Path]) -> Path:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from gpulab.core.errors import InputError
+from gpulab.core.paths import shared_data
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+DEFAULT_CIFAR = shared_data("cifar10")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from gpulab.core.paths import shared_data
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="KV-cache stitching: a large model prefills, a small one decodes from a stitched cache.")
 
@@ -83,7 +85,7 @@ def _pretrain(data: Path, out: Path, large_size: str, small_size: str, vocab: in
 
 @app.command()
 def pretrain(
-    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
+    data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
     out: Path = typer.Option(..., "--pair-dir", "--models", help="Folder to write large/ and small/ (HF format) into."),
     large_size: str = typer.Option("tiny-large", "--large-size", help="nano-large | tiny-large | nano-small | tiny-small"),
     small_size: str = typer.Option("tiny-small", "--small-size", help="Size of the small model."),
@@ -135,7 +137,7 @@ def _train(cfg: dict):
 def train(
     large: Path = typer.Option(..., "--large", help="Large (prefill) model folder, Hugging Face format."),
     small: Path = typer.Option(..., "--small", help="Small (decode) model folder; must share the tokenizer."),
-    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help=DATA_HELP),
+    data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help=DATA_HELP),
     run: Path = typer.Option(..., "--run", "--run-dir", "--out", help="Run folder for stitches, adapters, checkpoints (resumable)."),
     stage: str = typer.Option("all", "--stage", help="warmup | lora | all"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 (warm-up) steps."),
@@ -192,7 +194,7 @@ def eval_cmd(
 @app.command()
 def tiny(
     workdir: Path = typer.Option(Path("results/kvstitch-tiny"), "--workdir", help="Folder for the pair and the run."),
-    data: Path = typer.Option(Path("../shared/data/tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
+    data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
     large_size: str = typer.Option("tiny-large", "--large-size"),
     small_size: str = typer.Option("tiny-small", "--small-size"),
     vocab: int = typer.Option(1024, "--vocab"),

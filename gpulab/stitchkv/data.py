@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gpulab.core.errors import InputError
+from gpulab.core.paths import shared_data
 
-DEFAULT_DATA = Path("../shared/data/tinyshakespeare.txt")
+DEFAULT_DATA = shared_data("tinyshakespeare.txt")
 
 
 def read_text(path: Path | str) -> str:
