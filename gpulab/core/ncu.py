@@ -16,6 +16,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -210,15 +211,20 @@ def profile(target: list[str], *, timeout_s: float = 900, env: dict[str, str] | 
         cmd = build_command(target, log_file=log, ncu=ncu, **kwargs)
         child_env = dict(os.environ, **(env or {}))
         child_env[UNDER_NCU_ENV] = "1"
+        # A session of its own, so that a timeout ends ncu and the profiled process together.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env)
+            stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
         text = open(log).read() if os.path.exists(log) else ""
-        check_output_for_errors(proc.stdout + proc.stderr + text)
-        records = parse_csv_raw(text or proc.stdout)
+        check_output_for_errors(stdout + stderr + text)
+        records = parse_csv_raw(text or stdout)
         if proc.returncode != 0 and not records:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             raise ToolError(f"ncu run failed (exit {proc.returncode}): {tail[0]}")
         return records
 

@@ -76,3 +76,40 @@ def test_missing_ncu_is_a_tool_error(monkeypatch):
 def test_short_kernel_name():
     assert ncu.short_kernel_name("void at::native::foo<float, 4>(float*, int)") == "at::native::foo"
     assert ncu.short_kernel_name("plain_kernel") == "plain_kernel"
+
+
+def _fake_ncu(tmp_path, monkeypatch, body):
+    exe = tmp_path / "ncu"
+    exe.write_text("#!/bin/bash\n" + body)
+    exe.chmod(0o755)
+    monkeypatch.setattr(ncu, "find_ncu", lambda: str(exe))
+
+
+def test_profile_reads_the_log_file(tmp_path, monkeypatch):
+    """A stand-in ncu that writes the sample to its --log-file: records come back, the child env is marked."""
+    sample = tmp_path / "sample.csv"
+    sample.write_text(SAMPLE)
+    _fake_ncu(tmp_path, monkeypatch, f'''
+while [ $# -gt 0 ]; do [ "$1" = --log-file ] && log=$2; shift; done
+[ "$GPULAB_UNDER_NCU" = 1 ] || exit 3
+cp {sample} "$log"
+''')
+    recs = ncu.profile(["python", "-c", "pass"])
+    assert len(recs) == 3
+
+
+def test_profile_timeout_kills_the_process_group(tmp_path, monkeypatch):
+    marker = tmp_path / "child-alive"
+    _fake_ncu(tmp_path, monkeypatch, f"(sleep 3; touch {marker}) & sleep 30\n")
+    with pytest.raises(ToolError, match="timed out"):
+        ncu.profile(["python"], timeout_s=0.5)
+    import time
+
+    time.sleep(3.5)
+    assert not marker.exists()  # the profiled child died with ncu
+
+
+def test_profile_permission_error(tmp_path, monkeypatch):
+    _fake_ncu(tmp_path, monkeypatch, 'echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission" >&2; exit 1\n')
+    with pytest.raises(ToolError, match="ERR_NVGPUCTRPERM"):
+        ncu.profile(["python"])
