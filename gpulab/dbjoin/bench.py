@@ -35,6 +35,7 @@ class BenchConfig:
     tc_block: int = 64
     max_interpret_rows: int = 4096
     ncu: bool = False
+    aggregate: str = "none"  # none | count | sum: the join-aggregate (agg_bench.run_aggregate)
 
 
 def parse_impls(text: str) -> list[str]:
@@ -94,7 +95,11 @@ def _triton_mode(device: str) -> str | None:
 
 
 def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
-    """Build the record (not yet saved)."""
+    """Build the record (not yet saved); ``cfg.aggregate`` count|sum runs the join-aggregate instead."""
+    if cfg.aggregate != "none":
+        from gpulab.dbjoin.agg_bench import run_aggregate
+
+        return run_aggregate(cfg, argv_for_ncu)
     import torch
 
     from gpulab.core import ncu as ncu_mod
@@ -247,13 +252,13 @@ def reference_torch(lk_t, rk_t, count_only: bool):
     return sort_search_join(lk_t, rk_t, count_only)
 
 
-def _attach_ncu(rec, argv: list[str]) -> None:
+def _attach_ncu(rec, argv: list[str], kernel_regex: str = "hj_|tc_join|[Rr]adix") -> None:
     from gpulab.core import ncu
     from gpulab.core import options
 
     if options.resolve_device(what="--ncu") != "cuda":
         raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
-    records = ncu.profile_gpulab(argv, kernel_regex="hj_|tc_join|[Rr]adix")
+    records = ncu.profile_gpulab(argv, kernel_regex=kernel_regex)
     rows = ncu.summarize_by_kernel(records)
     rec.metrics["ncu"] = rows
     occ = "sm__warps_active.avg.pct_of_peak_sustained_active"

@@ -36,6 +36,10 @@ def bench(
                                            help="Without a GPU, run the Triton join under the interpreter only "
                                                 "up to this many rows."),
     ncu: bool = typer.Option(False, "--ncu", help="Also profile the GPU kernels with Nsight Compute."),
+    aggregate: str = typer.Option("none", "--aggregate",
+                                  help="none | count | sum: instead of listing pairs, per join key COUNT(*) "
+                                       "(count) and SUM(left.payload), SUM(right.payload) over the join (sum); "
+                                       "impls tensorcore, torch, pandas."),
 ) -> None:
     """Time every join implementation on one pair of tables; check each against pandas.merge; write YAML."""
     from gpulab.core import options
@@ -50,11 +54,15 @@ def bench(
         from gpulab.core.errors import InputError
 
         raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {tc_dtype!r}")
+    if aggregate not in ("none", "count", "sum"):
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--aggregate must be none, count or sum, got {aggregate!r}")
     impls = B.parse_impls(impl)
     cfg = B.BenchConfig(rows=rows, right_rows=right_rows, match_rate=match_rate, dup=dup, seed=seed,
                         key_dtype=key_dtype, left=left, right=right, impls=impls, count_only=count_only, reps=reps,
                         warmup=warmup, load_factor=load_factor, tc_dtype=tc_dtype, tc_block=tc_block,
-                        max_interpret_rows=max_interpret_rows, ncu=ncu)
+                        max_interpret_rows=max_interpret_rows, ncu=ncu, aggregate=aggregate)
     argv = []
     if options.get().device != "auto":
         argv += ["--device", options.get().device]
@@ -69,6 +77,8 @@ def bench(
         argv += ["--left", str(left.resolve()), "--right", str(right.resolve())]
     if count_only:
         argv.append("--count-only")
+    if aggregate != "none":
+        argv += ["--aggregate", aggregate]
     rec = B.run(cfg, argv_for_ncu=argv)
     rec.save()
     rec.print()

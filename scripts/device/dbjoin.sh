@@ -6,7 +6,9 @@
 #  2. the seed's comparison: 1M x 1M, unique build keys, 50% matches, int32 (all impls) and int64 (GPU + torch)
 #  3. a Zipf-duplicate count-only point of the "where do tensor cores win" map
 #  4. Nsight Compute (achieved occupancy, DRAM bytes per kernel) at 1M (skipped if ncu is absent; gets what is left)
-#  5. a short table of what was measured
+#  5. join-aggregate (COUNT/SUM per key, tensor cores vs torch vs pandas) at 1M, only with budget left
+#     (its GPU tests run in step 1)
+#  6. a short table of what was measured
 set -u
 OUT="${OUT:-results/device-dbjoin}"
 mkdir -p "$OUT"
@@ -45,16 +47,21 @@ if command -v ncu >/dev/null 2>&1; then
       || echo "ncu run failed or timed out (exit $?, not fatal)"
 fi
 
+echo "== join-aggregate 1M x 1M, sum, fp16 codes (only if budget is left)"
+step 15 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --aggregate sum \
+    --impl tensorcore,torch,pandas --reps 20 >/dev/null || echo "exit $? (124: out of budget or timed out; not fatal)"
+
 echo "== summary"
 "$PY" - "$OUT" <<'PYEOF'
 import glob, sys, yaml
-for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml")):
+for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{sys.argv[1]}/join-agg-bench-*.yaml")):
     d = yaml.safe_load(open(path))
     c, m = d["config"], d["metrics"]
     gpu = (d["device"].get("gpu") or {}).get("name", "cpu")
     src = c.get("source", {})
     print(f"\n{path.split('/')[-1]}  {gpu}  {c['rows']}x{c['right_rows']} {c['key_dtype']} dup={src.get('dup')} "
-          f"count_only={c['count_only']} out={m.get('output_rows')} ok={d['ok']} "
+          f"count_only={c.get('count_only')} aggregate={c.get('aggregate')} out={m.get('output_rows', m.get('groups'))} "
+          f"ok={d['ok']} "
           f"copy_bound_us={m.get('copy_bound_us') and round(m['copy_bound_us'], 1)}")
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>{w}}"
     print(f"{'impl':12} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} correct")

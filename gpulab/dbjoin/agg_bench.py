@@ -1,0 +1,135 @@
+"""``gpulab join bench --aggregate count|sum``: the join-aggregate (see :mod:`gpulab.dbjoin.aggregate`).
+
+Times the tensor-core aggregate (Triton) against the torch aggregate (same device) and pandas (CPU, groupby
+each side then merge), and checks each one for exact equality against pandas' literal merge + groupby
+(or, when the join has more than ``LITERAL_MAX_PAIRS`` pairs, against pandas' groupby-then-merge).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gpulab.core.errors import DeviceError, InputError
+
+AGG_IMPLS = ("tensorcore", "torch", "pandas")
+LITERAL_MAX_PAIRS = 20_000_000  # the literal reference materializes every pair (3 int64 columns each)
+KERNEL_REGEX = "tc_agg|tc_mix|[Rr]adix"
+
+
+def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
+    """Build the record (not yet saved). ``cfg`` is a :class:`gpulab.dbjoin.bench.BenchConfig`."""
+    import torch
+
+    from gpulab.core import ncu as ncu_mod
+    from gpulab.core import options, results, timing
+    from gpulab.dbjoin import aggregate as A
+    from gpulab.dbjoin import bench as B
+    from gpulab.dbjoin import reference
+
+    mode = cfg.aggregate
+    if mode not in A.AGGREGATES:
+        raise InputError(f"--aggregate must be none, count or sum, got {mode!r}")
+    if cfg.count_only:
+        raise InputError("--count-only and --aggregate exclude each other (--aggregate count counts per key)")
+    device = options.resolve_device(what="gpulab join bench --aggregate")
+    if cfg.reps < 1:
+        raise InputError(f"--reps must be >= 1, got {cfg.reps}")
+    if cfg.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {cfg.warmup}")
+    impls = cfg.impls
+    if not any(i in AGG_IMPLS for i in impls):
+        raise InputError(f"--aggregate needs one of {', '.join(AGG_IMPLS)} in --impl, got {','.join(impls)}")
+    under_ncu = ncu_mod.under_ncu()
+    reps, warmup = (1, 1) if under_ncu else (cfg.reps, cfg.warmup)
+
+    left, right = B.load_tables(cfg)
+    nl, nr = len(left), len(right)
+    lk, lp, rk, rp = left.key, left.payload, right.key, right.payload
+    n_pairs = reference.output_size(lk, rk)
+    literal = n_pairs <= LITERAL_MAX_PAIRS
+    config = {
+        "rows": nl, "right_rows": nr, "key_dtype": str(lk.dtype), "aggregate": mode,
+        "source": {"left": str(cfg.left), "right": str(cfg.right)} if cfg.left else
+        {"generated": True, "match_rate": cfg.match_rate, "dup": cfg.dup, "seed": cfg.seed},
+        "impls": impls, "reps": reps, "warmup": warmup, "device": device, "tc_dtype": cfg.tc_dtype,
+        "tc_block": cfg.tc_block,
+    }
+    rec = results.Record(name="join-agg-bench", config=config)
+    rec.metrics["left"] = B._key_stats(lk)
+    rec.metrics["right"] = B._key_stats(rk)
+    rec.metrics["join_pairs"] = n_pairs
+    rec.metrics["plans"] = {"tensorcore-agg": "partition + tl.dot(E, payload limbs) per partition",
+                            "torch-agg": "unique + index_add per side, searchsorted",
+                            "pandas-agg": "groupby each side, then merge"}
+    ref = A.pandas_aggregate(lk, lp, rk, rp, mode, how="merge" if literal else "pre")
+    rec.metrics["groups"] = len(ref)
+    rec.metrics["reference"] = "pandas merge+groupby" if literal else "pandas groupby+merge (join too large to list)"
+    if literal and n_pairs:
+        pre = A.pandas_aggregate(lk, lp, rk, rp, mode, how="pre")
+        rec.check("reference-plans-agree", *A.compare_agg(pre, ref, mode))
+
+    tdev = torch.device(device)
+    t_in = [torch.from_numpy(a).to(tdev) for a in (lk, lp, rk, rp)]
+
+    def add_row(impl: str, where: str, fn: Callable[[], Any], *, r: int = reps, w: int = warmup,
+                extra: dict[str, Any] | None = None) -> None:
+        result = fn()  # one untimed call: its output is the one checked
+        t = timing.benchmark(fn, device=where, warmup=max(w - 1, 0), reps=r)
+        passed, detail = A.compare_agg(result, ref, mode)
+        rec.check(impl, passed, detail)
+        row = {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
+               "mrows_per_s": (nl + nr) / (t.median * 1e-3) / 1e6 if t.median > 0 else None,
+               "groups": len(result), "correct": passed}
+        row.update(extra or {})
+        rec.rows.append(row)
+
+    def skip(impl: str, why: str) -> None:
+        rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
+        rec.notes.append(f"{impl}: skipped: {why}")
+
+    for impl in impls:
+        name = f"{impl}-agg"
+        if impl not in AGG_IMPLS:
+            skip(name, f"{impl} has no aggregate form (aggregates: {', '.join(AGG_IMPLS)})")
+        elif impl == "pandas":
+            add_row(name, "cpu", lambda: A.pandas_aggregate(lk, lp, rk, rp, mode, how="pre"),
+                    r=min(reps, 5), w=min(warmup, 1))
+        elif impl == "torch":
+            add_row(name, device, lambda: A.torch_aggregate(*t_in, mode=mode))
+        elif impl == "tensorcore":
+            mode_t = B._triton_mode(device)
+            if mode_t is None:
+                skip(name, "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)")
+                continue
+            from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+            dtype = cfg.tc_dtype
+            interp = mode_t == "interpret"
+            if interp:
+                if max(nl, nr) > cfg.max_interpret_rows:
+                    skip(name, f"no GPU; the Triton interpreter runs only up to --max-interpret-rows "
+                               f"{cfg.max_interpret_rows} rows")
+                    continue
+                if dtype != "fp32":
+                    rec.notes.append(f"{name}: the Triton interpreter has no {dtype}; ran fp32 codes")
+                    dtype = "fp32"
+                rec.notes.append(f"{name}: ran under TRITON_INTERPRET=1 (CPU); its time is not a GPU number")
+            tc = TensorCoreAggregate(dtype, cfg.tc_block, mode=mode)
+            add_row(name, device, lambda: tc.aggregate(*t_in), r=1 if interp else reps,
+                    w=0 if interp else warmup, extra={"code_dtype": dtype, "partitions": None})
+            rec.rows[-1]["partitions"] = tc.last_partitions
+
+    by = {r["impl"]: r for r in rec.rows if "median_ms" in r}
+    for impl, row in by.items():
+        rec.summary[f"{impl}_ms"] = row["median_ms"]
+    rec.summary["groups"] = len(ref)
+    if device == "cuda" and "tensorcore-agg" in by and "torch-agg" in by:
+        rec.summary["tensorcore_over_torch"] = by["tensorcore-agg"]["median_ms"] / by["torch-agg"]["median_ms"]
+    rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
+    if device == "cuda":
+        rec.notes.append("GPU times are CUDA-event times of the whole call from the host: partitioning, gathers, "
+                         "output allocation, the kernel and the one read of the group count included")
+    if cfg.ncu and not under_ncu:
+        if device != "cuda":
+            raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
+        B._attach_ncu(rec, argv_for_ncu or [], kernel_regex=KERNEL_REGEX)
+    return rec

@@ -1,0 +1,119 @@
+"""Triton kernel of the tensor-core join-aggregate (see tensorcore_aggregate.py); imports triton at import time.
+
+Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 codes only).
+"""
+import triton
+import triton.language as tl
+
+from gpulab.dbjoin.tensorcore_kernel import _codes
+
+NLIMB = 5  # 7-bit limbs of (payload + 2^31): 35 bits >= 32
+LIMB_BITS = 7
+COUNT_COL = 5  # the all-ones column of the payload matrix: its product is the match count
+PCOLS = 16  # payload matrix width (tl.dot needs N >= 16)
+
+
+@triton.jit
+def _payload_matrix(pay, valid, WITH_SUMS: tl.constexpr, DT: tl.constexpr):
+    """[rows, 16] matrix: 7-bit limbs of pay + 2^31 in columns 0-4 (sums only), 1 in column 5, else 0."""
+    col = tl.arange(0, 16)
+    u = pay.to(tl.int64) + 2147483648
+    limb = (u[:, None] >> (col[None, :] * 7).to(tl.int64)) & 127
+    if WITH_SUMS:
+        m = tl.where(col[None, :] < 5, limb, 0)
+    else:
+        m = tl.zeros_like(limb)
+    m = tl.where(col[None, :] == 5, 1, m)
+    return tl.where(valid[:, None], m, 0).to(DT)
+
+
+@triton.jit
+def _limb_sums(y, WITH_SUMS: tl.constexpr):
+    """(count, payload sum) per row from the [rows, 16] product with the payload matrix, exact in int64."""
+    col = tl.arange(0, 16)
+    yi = y.to(tl.int64)
+    cnt = tl.sum(tl.where(col[None, :] == 5, yi, 0), axis=1)
+    if WITH_SUMS:
+        w = tl.where(col < 5, tl.full([16], 1, tl.int64) << (col * 7).to(tl.int64), 0)
+        w = tl.where(col == 5, -2147483648, w)  # minus the 2^31 offset once per counted row
+        s = tl.sum(yi * w[None, :], axis=1)
+    else:
+        s = cnt * 0
+    return cnt, s
+
+
+# Runtime sizes are not specialized, so one compile serves every table size (see tensorcore_kernel).
+@triton.jit(do_not_specialize=["R", "KUSED"])
+def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r_start, r_cnt,
+                  out_key, out_count, out_suml, out_sumr, counter,
+                  R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
+                  BM: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr, WITH_SUMS: tl.constexpr):
+    """One program per partition; DT: the key codes' type, ADT: the aggregate product's (DT, or fp16 where
+    int8 has too short a reduction: BM 16 < 32). For each BM tile of its left rows (BM = BN):
+
+    1. E = (codes(left tile) . codes(right tile)^T == K) for every right tile; tl.dot(E, P_right) gives
+       per left row cR (column 5) and SR (limb columns): the right count and payload sum of its key.
+    2. Only when some left row of the tile has cR > 0: the same against every left tile of the partition
+       gives cL and SL, and the number of equal keys at earlier left positions (0: the row represents its key).
+    3. Representatives with cR > 0 append (key, cL*cR, SL*cR, SR*cL) with one atomic per tile.
+    """
+    p = tl.program_id(0)
+    ls = tl.load(l_start + p)
+    ln = tl.load(l_cnt + p)
+    rs = tl.load(r_start + p)
+    rn = tl.load(r_cnt + p)
+    n_lt = tl.cdiv(ln, BM)
+    n_rt = tl.cdiv(rn, BM)
+    for mt in range(0, n_lt):
+        om = mt * BM + tl.arange(0, BM)
+        mm = om < ln
+        a_lo = tl.load(l_lo + ls + om, mask=mm, other=0)
+        a_hi = a_lo
+        if HAS_HI:
+            a_hi = tl.load(l_hi + ls + om, mask=mm, other=0)
+        a = _codes(a_lo, a_hi, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        c_r = tl.zeros([BM], tl.int64)
+        s_r = tl.zeros([BM], tl.int64)
+        for nt in range(0, n_rt):
+            on = nt * BM + tl.arange(0, BM)
+            nm = on < rn
+            b_lo = tl.load(r_lo + rs + on, mask=nm, other=0)
+            b_hi = b_lo
+            if HAS_HI:
+                b_hi = tl.load(r_hi + rs + on, mask=nm, other=0)
+            b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+            e = (tl.dot(a, b) == KUSED).to(ADT)
+            pay = tl.load(r_pay + rs + on, mask=nm, other=0)
+            c, s = _limb_sums(tl.dot(e, _payload_matrix(pay, nm, WITH_SUMS, ADT)), WITH_SUMS)
+            c_r += c
+            s_r += s
+        if tl.sum((c_r > 0).to(tl.int32), axis=0) > 0:
+            c_l = tl.zeros([BM], tl.int64)
+            s_l = tl.zeros([BM], tl.int64)
+            earlier = tl.zeros([BM], tl.int32)
+            for nt in range(0, n_lt):
+                on = nt * BM + tl.arange(0, BM)
+                nm = on < ln
+                b_lo = tl.load(l_lo + ls + on, mask=nm, other=0)
+                b_hi = b_lo
+                if HAS_HI:
+                    b_hi = tl.load(l_hi + ls + on, mask=nm, other=0)
+                b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+                eq = tl.dot(a, b) == KUSED
+                earlier += tl.sum((eq & (on[None, :] < om[:, None])).to(tl.int32), axis=1)
+                pay = tl.load(l_pay + ls + on, mask=nm, other=0)
+                c, s = _limb_sums(tl.dot(eq.to(ADT), _payload_matrix(pay, nm, WITH_SUMS, ADT)), WITH_SUMS)
+                c_l += c
+                s_l += s
+            emit = mm & (c_r > 0) & (earlier == 0)
+            flag = emit.to(tl.int32)
+            n = tl.sum(flag, axis=0)
+            if n > 0:
+                base = tl.atomic_add(counter, n.to(tl.int64))
+                pos = base + (tl.cumsum(flag, axis=0) - flag).to(tl.int64)
+                key = tl.load(l_key + ls + om, mask=mm, other=0).to(tl.int64)
+                tl.store(out_key + pos, key, mask=emit)
+                tl.store(out_count + pos, c_l * c_r, mask=emit)
+                if WITH_SUMS:
+                    tl.store(out_suml + pos, s_l * c_r, mask=emit)
+                    tl.store(out_sumr + pos, s_r * c_l, mask=emit)

@@ -1,0 +1,164 @@
+"""Join-aggregate (COUNT/SUM per key): pandas merge+groupby == pandas groupby+merge == torch == Triton."""
+import os
+
+import numpy as np
+import pytest
+
+from gpulab.dbjoin import aggregate as A
+from gpulab.dbjoin import reference, tables
+
+from .cases import CASE_IDS, CASES
+
+torch = pytest.importorskip("torch")
+HAS_CUDA = torch.cuda.is_available()
+interpreted = pytest.mark.skipif(not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="no GPU and TRITON_INTERPRET is not 1")
+I32 = np.iinfo(np.int32)
+
+
+def payloads(n: int, seed: int) -> np.ndarray:
+    """Random int32 payloads with the extremes mixed in (the limb split must be exact at both ends)."""
+    p = np.random.default_rng(seed).integers(I32.min, I32.max, n, dtype=np.int32, endpoint=True)
+    p[: min(n, 3)] = [I32.min, I32.max, -1][: min(n, 3)]
+    return p
+
+
+def case(dt: str, name: str):
+    lk, rk = CASES[dt][name]
+    return lk, payloads(len(lk), 1), rk, payloads(len(rk), 2)
+
+
+def _assert_equal(result, ref, mode="sum"):
+    ok, detail = A.compare_agg(result, ref, mode)
+    assert ok, detail
+
+
+def test_definition_by_hand():
+    """count = cL*cR, sum_left = SL*cR, sum_right = SR*cL; keys on one side only are absent."""
+    lk, lp = np.array([5, 5, -3, 9], np.int32), np.array([10, 20, 7, 1], np.int32)
+    rk, rp = np.array([5, 5, 5, -3, 4], np.int32), np.array([1, 2, 3, -100, 8], np.int32)
+    for res in (A.pandas_aggregate(lk, lp, rk, rp), A.pandas_aggregate(lk, lp, rk, rp, how="pre"),
+                A.torch_aggregate(*(torch.from_numpy(x) for x in (lk, lp, rk, rp)))):
+        c = res.numpy_sorted()
+        assert c["key"].tolist() == [-3, 5]
+        assert c["count"].tolist() == [1, 6]
+        assert c["sum_left"].tolist() == [7, 90]
+        assert c["sum_right"].tolist() == [-100, 12]
+
+
+@pytest.mark.parametrize("dt,name", CASE_IDS)
+def test_pandas_plans_and_torch_agree(dt, name):
+    lk, lp, rk, rp = case(dt, name)
+    ref = A.pandas_aggregate(lk, lp, rk, rp)
+    _assert_equal(A.pandas_aggregate(lk, lp, rk, rp, how="pre"), ref)
+    _assert_equal(A.torch_aggregate(*(torch.from_numpy(x) for x in (lk, lp, rk, rp))), ref)
+    cnt = A.pandas_aggregate(lk, lp, rk, rp, "count")
+    assert cnt.sum_left is None
+    _assert_equal(cnt, ref, "count")
+    _assert_equal(A.torch_aggregate(*(torch.from_numpy(x) for x in (lk, lp, rk, rp)), mode="count"), ref, "count")
+    assert int(np.sum(ref.numpy_sorted()["count"])) == reference.output_size(lk, rk)  # COUNT sums to |join|
+
+
+def test_compare_catches_differences():
+    lk, lp, rk, rp = case("int32", "dup-both-negative")
+    ref = A.pandas_aggregate(lk, lp, rk, rp)
+    c = ref.numpy_sorted()
+    for col in ("count", "sum_left", "sum_right"):
+        bad = {k: v.copy() for k, v in c.items()}
+        bad[col][3] += 1
+        ok, detail = A.compare_agg(A.AggResult(**bad), ref)
+        assert not ok and col in detail
+    ok, _ = A.compare_agg(A.AggResult(c["key"][1:], c["count"][1:], c["sum_left"][1:], c["sum_right"][1:]), ref)
+    assert not ok
+    dup = A.AggResult(np.r_[c["key"][:-1], c["key"][0]], c["count"], c["sum_left"], c["sum_right"])
+    assert not A.compare_agg(dup, ref)[0]
+
+
+def _devs(*arrays):
+    dev = "cuda" if HAS_CUDA else "cpu"
+    return [torch.from_numpy(a).to(dev) for a in arrays]
+
+
+# every corner case, but the large generated ones only once (interpreter time)
+TC_CASES = [(dt, n) for dt, n in CASE_IDS if not (dt == "int64" and n in ("unique-half", "build-larger", "zipf"))]
+
+
+@interpreted
+@pytest.mark.parametrize("dt,name", TC_CASES)
+def test_tensorcore_aggregate_interpreted(dt, name):
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    lk, lp, rk, rp = case(dt, name)
+    ref = A.pandas_aggregate(lk, lp, rk, rp)
+    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=8)  # many partitions
+    _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), ref)
+
+
+@interpreted
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_tensorcore_aggregate_multi_tile_and_count(dt):
+    """One partition of several tiles: duplicates of a key spread over tiles must still give one output row."""
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    rng = np.random.default_rng(3)
+    lk = rng.integers(-6, 6, 90).astype(dt)
+    rk = np.concatenate([rng.integers(-6, 3, 70), [np.iinfo(dt).min] * 3]).astype(dt)
+    lk[:4] = np.iinfo(dt).min
+    lp, rp = payloads(len(lk), 4), payloads(len(rk), 5)
+    ref = A.pandas_aggregate(lk, lp, rk, rp)
+    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=1000)
+    _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), ref)
+    assert tc.last_partitions == 1
+    cnt = TensorCoreAggregate("fp32", block=32, mode="count").aggregate(*_devs(lk, lp, rk, rp))
+    assert cnt.sum_left is None
+    _assert_equal(cnt, ref, "count")
+
+
+def test_tensorcore_aggregate_rejects_bad_options():
+    from gpulab.core.errors import InputError
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    with pytest.raises(InputError, match="--aggregate"):
+        TensorCoreAggregate("fp32", mode="avg")
+    with pytest.raises(InputError, match="tc-block"):
+        TensorCoreAggregate("fp32", block=8)
+    with pytest.raises(InputError, match="--aggregate"):
+        A.pandas_aggregate(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                           np.zeros(1, np.int32), "max")
+    with pytest.raises(InputError, match="lengths differ"):
+        TensorCoreAggregate("fp32").aggregate(*(torch.zeros(n, dtype=torch.int32) for n in (3, 2, 3, 3)))
+
+
+# few (code, key) kernels: each is one Triton compile on the GPU, inside the device script's pytest budget
+@pytest.mark.gpu
+@pytest.mark.parametrize("code,dt", [("fp16", "int32"), ("int8", "int32"), ("fp16", "int64"), ("int8", "int64"),
+                                     ("bf16", "int64")])
+def test_tensorcore_aggregate_gpu_codes(code, dt):
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    tc = TensorCoreAggregate(code, block=64)
+    for name in ("dup-both-negative", "sentinel", "sentinel-only", "zipf", "all-match", "no-match", "left-empty"):
+        lk, lp, rk, rp = case(dt, name)
+        _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), A.pandas_aggregate(lk, lp, rk, rp))
+    for dup in ("unique", "zipf:0.7"):
+        left, right = tables.generate(100_000, 80_000, 0.5, dup, 5, dt)
+        args = (left.key, left.payload, right.key, right.payload)
+        ref = A.pandas_aggregate(*args)
+        _assert_equal(tc.aggregate(*_devs(*args)), ref)
+        _assert_equal(A.torch_aggregate(*_devs(*args)), ref)
+
+
+@pytest.mark.gpu
+def test_tensorcore_aggregate_gpu_1m_count_and_block16():
+    """1M x 1M (fp16 sums, int8 counts at block 128) and int8 keys at block 16 (its aggregate product is fp16)."""
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    left, right = tables.generate(1_000_000, None, 0.5, "unique", 0, "int32")
+    args = (left.key, left.payload, right.key, right.payload)
+    ref = A.pandas_aggregate(*args, how="pre")
+    _assert_equal(TensorCoreAggregate("fp16", block=64).aggregate(*_devs(*args)), ref)
+    _assert_equal(TensorCoreAggregate("int8", block=128, mode="count").aggregate(*_devs(*args)), ref, "count")
+    lk, lp, rk, rp = case("int32", "sentinel")
+    tc = TensorCoreAggregate("int8", block=16, mode="count")
+    assert tc.agg_dtype == "fp16"
+    _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), A.pandas_aggregate(lk, lp, rk, rp), "count")
