@@ -1,7 +1,8 @@
 """``gpulab kvstitch``: KV-cache stitching between a large prefill model and a small decode model.
 
 Commands: ``pretrain`` (a tiny Llama pair from scratch with one shared tokenizer), ``train``
-(stage 1 warm-up and/or stage 2 LoRA, resumable), ``eval`` (ROUGE / NLL / TTFT / TPOT / KV bytes
+(stage 1 warm-up and/or stage 2 LoRA, resumable; DDP under torchrun), ``serve-disagg`` (prefill and
+decode on two ranks over torch.distributed, the stitched cache handed over), ``eval`` (ROUGE / NLL / TTFT / TPOT / KV bytes
 table + YAML), ``tiny`` (pretrain -> train all -> eval in one command: the smoke and seed-sweep
 experiment). Heavy imports happen inside the commands.
 """
@@ -107,16 +108,17 @@ def _train_cfg(**kw) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
 
 
-def _train(cfg: dict):
+def _train(cfg: dict, ctx=None):
     import math
 
     from gpulab.core.results import Record
     from gpulab.stitchkv.train import train as run_train
 
-    device = _device()
-    res = run_train(cfg, device)
+    device = ctx.device if ctx is not None else _device()
+    res = run_train(cfg, device, dist_ctx=ctx)
     rec = Record(name="kvstitch-train", config={**cfg, "device": device})
-    rec.metrics = {"alignment": res["align"], "large_shape": res["large_shape"], "small_shape": res["small_shape"]}
+    rec.metrics = {"alignment": res["align"], "large_shape": res["large_shape"], "small_shape": res["small_shape"],
+                   "distributed": res.get("distributed")}
     for st in ("warmup", "lora"):
         if st in res:
             r = res[st]
@@ -161,15 +163,28 @@ def train(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (model weights)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Train the stitches (stage 1) and LoRA + stitches end to end (stage 2); rerun to resume."""
+    """Train the stitches (stage 1) and LoRA + stitches end to end (stage 2); rerun to resume.
+
+    Under ``torchrun --nproc-per-node N``: DDP over the stitches and the LoRA parameters (nccl on GPUs,
+    gloo on the CPU), each rank its 1/N of every --batch, rank 0 alone writes checkpoints and the record."""
     _quiet_transformers()
-    rec = _train(_train_cfg(large=large, small=small, data=data, run=run, stage=stage, steps=steps,
+    from gpulab.stitchkv import distributed
+
+    ctx = distributed.setup(_device(), what="kvstitch train")
+    try:
+        rec = _train(_train_cfg(large=large, small=small, data=data, run=run, stage=stage, steps=steps,
                             lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input, init=init,
                             loss=loss, batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=lr,
                             lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                            ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype, seed=seed))
-    rec.save()
-    rec.print()
+                            ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype, seed=seed), ctx)
+        if ctx.world > 1:
+            rec.notes.append(f"{ctx.world} ranks ({ctx.backend}): DDP, each rank {batch // ctx.world} of every "
+                             f"global batch of {batch}; losses are means over the ranks")
+        if ctx.is_main:
+            rec.save()
+            rec.print()
+    finally:
+        ctx.close()
 
 
 @app.command("eval")
@@ -189,6 +204,77 @@ def eval_cmd(
     rec = evaluate(run, _device(), prompts, prompt_len or None, gen_len, batch, data, goal_gap)
     rec.save()
     rec.print()
+
+
+@app.command("serve-disagg")
+def serve_disagg(
+    run: Path = typer.Option(..., "--run-dir", "--run", help="A 'kvstitch train' run folder (use --run-dir under torchrun)."),
+    stage: str = typer.Option("auto", "--stage", help="Stitches of: auto (lora if trained, else warmup) | warmup | lora"),
+    prompts: int = typer.Option(16, "--prompts", help="Held-out prompts of the run's data."),
+    prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (0: the run's --prompt-len)."),
+    gen_len: int = typer.Option(32, "--gen-len", help="Tokens generated per prompt (>= 2)."),
+    batch: int = typer.Option(8, "--batch", help="Prompts per prefill batch."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Also decode in one process on rank 0: tokens must match."),
+    timeout: int = typer.Option(600, "--timeout", help="Seconds before a self-launched run (and each collective) gives up."),
+) -> None:
+    """Prefill on rank 0 (large model), stitched KV sent to rank 1, decode there (small): TTFT, TPOT, hand-over.
+
+    One record, from rank 0, with ROUGE and the hand-over bytes/time. Run it under ``torchrun --nproc-per-node 2`` (one GPU per rank: nccl; otherwise gloo); without torchrun it
+    starts the 2 ranks itself on this machine."""
+    _quiet_transformers()
+    import os
+
+    from gpulab.stitchkv import disagg
+
+    if timeout < 1:
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--timeout must be >= 1, got {timeout}")
+    disagg.validate(run, stage, prompts, gen_len, batch)
+    if "WORLD_SIZE" not in os.environ:
+        _launch_two_ranks(["kvstitch", "serve-disagg", "--run-dir", str(run), "--stage", stage, "--prompts", str(prompts),
+                           "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--batch", str(batch),
+                           "--check" if check else "--no-check", "--timeout", str(timeout)], timeout)
+        return
+    os.environ.setdefault("KVSTITCH_DIST_TIMEOUT_S", str(timeout))
+    rec = disagg.serve(run, stage, prompts, prompt_len or None, gen_len, batch, check, _device())
+    if rec is not None:
+        rec.save()
+        rec.print()
+
+
+def _launch_two_ranks(args: list[str], timeout: int) -> None:
+    """``torchrun --standalone --nproc-per-node 2 -m gpulab <global options> <args>``, killed after ``timeout`` s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from gpulab.core import options
+    from gpulab.core.errors import GpulabError
+
+    from gpulab.core import results
+
+    o = options.get()
+    before = set(Path(o.out).glob("kvstitch-disagg-*.yaml"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gpulab",
+           "--device", o.device, "--out", str(o.out), *args]
+    env = {**os.environ, "KVSTITCH_DIST_TIMEOUT_S": str(timeout), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=timeout + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise GpulabError(f"kvstitch serve-disagg: the 2 ranks did not finish within {timeout + 30} s (killed)") from None
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+    if code != 0:
+        raise GpulabError(f"kvstitch serve-disagg: the 2 ranks failed (torchrun exit {code}; their errors are above)")
+    # rank 0 wrote the record in its own process: list it as written here too (``gpulab run`` reads that list)
+    results.written.extend(sorted(set(Path(o.out).glob("kvstitch-disagg-*.yaml")) - before))
 
 
 @app.command()

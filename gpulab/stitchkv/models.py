@@ -116,9 +116,6 @@ class Pair:
 
 def load_pair(large: Path | str, small: Path | str, device: str = "cpu", dtype: str = "float32") -> Pair:
     """Load and validate a pair; every problem is a one-line InputError naming it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     large, small = Path(large), Path(small)
     cl = _read_config(large, "large")
     cs = _read_config(small, "small")
@@ -126,22 +123,31 @@ def load_pair(large: Path | str, small: Path | str, device: str = "cpu", dtype: 
     check_shared_tokenizer(tl, ts, large, small)
     if cl.get("vocab_size") != cs.get("vocab_size"):
         raise InputError(f"{large} and {small}: vocab_size differs ({cl.get('vocab_size')} vs {cs.get('vocab_size')})")
+    models = [load_model(large, "large", device, dtype, checked=True), load_model(small, "small", device, dtype, checked=True)]
+    return Pair(large=models[0], small=models[1], tokenizer=tl, large_path=large, small_path=small)
+
+
+def load_model(folder: Path | str, role: str, device: str = "cpu", dtype: str = "float32", checked: bool = False) -> Any:
+    """One frozen causal LM in eval mode (``checked``: the folder was already validated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not checked:
+        _read_config(folder, role)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    models = []
-    for folder, role in ((large, "large"), (small, "small")):
-        try:
-            m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            msg = str(e).strip().splitlines()
-            raise InputError(f"--{role} {folder}: cannot load the model ({msg[0] if msg else type(e).__name__})") from None
-        m.config._attn_implementation = "sdpa"
-        models.append(m.to(device).eval())
-    for m in models:
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return Pair(large=models[0], small=models[1], tokenizer=tl, large_path=large, small_path=small)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise InputError(f"--{role} {folder}: cannot load the model ({msg[0] if msg else type(e).__name__})") from None
+    m.config._attn_implementation = "sdpa"
+    m = m.to(device).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
 
 
 # --------------------------------------------------------------------------- tiny pair (from scratch)

@@ -12,6 +12,15 @@ model's own cache of the same prompt (MSE or L1 over K and V of every layer).
 Stage 2 (end to end): LoRA on the small model + the stitches; language-modelling loss of the
 continuation decoded by the small model from the stitched cache of the prompt (teacher forcing;
 the first continuation token is the large model's, so the loss covers tokens 2..C).
+
+Several processes (``torchrun --nproc-per-node N``, see :mod:`gpulab.stitchkv.distributed`): every
+rank draws the same global batch of ``--batch`` windows and keeps its own ``batch / N`` rows (a .jsonl
+corpus: N records per step, one per rank); the stitches (stage 1) and the stitches + LoRA (stage 2)
+are wrapped in DistributedDataParallel, which averages the gradients: with equal shards that is the
+gradient of the global batch, so N ranks follow the single-process run up to float rounding. The
+least-squares fit and the held-out NMSE use whole (unsharded) batches on every rank. Rank 0 alone
+writes run.yaml, checkpoints and stage results; every rank reads a checkpoint to resume (the run
+folder must be on a file system all ranks see). Logged losses are means over the ranks.
 """
 from __future__ import annotations
 
@@ -77,24 +86,47 @@ def nmse(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> float:
     return num / den if den > 0 else float("nan")
 
 
-def lm_loss_stitched(large: Any, small: Any, bank: Any, prompt: Any, cont: Any) -> Any:
-    """Mean next-token cross-entropy of cont[:, 1:] decoded by ``small`` from the stitched cache."""
+def stitched_lm(bank: Any, small: Any) -> Any:
+    """An nn.Module holding the stitches and the (LoRA) small model: ``(feats, pos, tokens) -> logits``
+    of ``tokens`` decoded from the stitched cache (one module, so that DDP sees every trainable parameter)."""
+    from torch import nn
+
+    from gpulab.stitchkv.models import cache_kwarg
+    from gpulab.stitchkv.stitch import build_cache
+
+    class StitchedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bank, self.small = bank, small
+            self._kw = cache_kwarg(small)
+
+        def forward(self, feats: Any, pos: Any, tokens: Any) -> Any:
+            cache = build_cache(self.bank(feats, self.small, pos))
+            return self.small(input_ids=tokens, use_cache=True, **{self._kw: cache}).logits
+
+    return StitchedLM()
+
+
+def lm_loss_stitched(large: Any, small: Any, bank: Any, prompt: Any, cont: Any, module: Any = None) -> Any:
+    """Mean next-token cross-entropy of cont[:, 1:] decoded by ``small`` from the stitched cache.
+
+    ``module``: a (DDP-wrapped) :func:`stitched_lm` of this bank and small model to run instead."""
     import torch
     import torch.nn.functional as F
 
-    from gpulab.stitchkv.models import cache_kwarg
-    from gpulab.stitchkv.stitch import build_cache, large_features
+    from gpulab.stitchkv.stitch import large_features
 
     with torch.no_grad():
         hs = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
         feats = large_features(large, hs, bank.align, bank.mode)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
-    cache = build_cache(bank(feats, small, pos))
-    out = small(input_ids=cont[:, :-1], use_cache=True, **{cache_kwarg(small): cache})
-    return F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), cont[:, 1:].reshape(-1))
+    logits = (module or stitched_lm(bank, small))(feats, pos, cont[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1))
 
 
-def warmup_step_loss(large: Any, small: Any, bank: Any, prompt: Any, loss: str) -> tuple[Any, list, list]:
+def warmup_step_loss(large: Any, small: Any, bank: Any, prompt: Any, loss: str,
+                     module: Any = None) -> tuple[Any, list, list]:
+    """Warm-up loss of the stitched cache against the small model's own; ``module``: a DDP-wrapped bank."""
     import torch
 
     from gpulab.stitchkv.reference import own_cache
@@ -105,11 +137,30 @@ def warmup_step_loss(large: Any, small: Any, bank: Any, prompt: Any, loss: str) 
         feats = large_features(large, hs, bank.align, bank.mode)
         target = own_cache(small, prompt)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
-    pred = bank(feats, small, pos)
+    pred = (module or bank)(feats, small, pos)
     return kv_loss(pred, target, loss), pred, target
 
 
-def _check_run_config(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def rank_batches(corpus: Any, cfg: dict[str, Any], seed: int, skip: int, rank: int = 0, world: int = 1):
+    """This rank's share of the single-process run's batches (after ``skip`` steps): rows
+    ``[rank * B/world, (rank + 1) * B/world)`` of each global text batch; for .jsonl (one record per
+    step and process) ``world`` records per step, record ``rank`` of them."""
+    from gpulab.stitchkv import data as D
+
+    it = D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], seed)
+    per = world if corpus.kind == "jsonl" else 1
+    for _ in range(skip * per):
+        next(it)
+    while True:
+        items = [next(it) for _ in range(per)]
+        p, c = items[rank] if per > 1 else items[0]
+        if world > 1 and corpus.kind != "jsonl":
+            b = cfg["batch"] // world
+            p, c = p[rank * b:(rank + 1) * b], c[rank * b:(rank + 1) * b]
+        yield p, c
+
+
+def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dict[str, Any]:
     p = run / "run.yaml"
     if p.is_file():
         try:
@@ -121,15 +172,19 @@ def _check_run_config(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
         old.update({k: v for k, v in cfg.items() if k not in KEY_FIELDS})
         cfg = old
-    atomic_write_yaml(p, cfg)
+    if write:
+        atomic_write_yaml(p, cfg)
     return cfg
 
 
-def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
-    """Run the requested stage(s); returns per-stage metrics (loss histories, times, steps)."""
+def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = None) -> dict[str, Any]:
+    """Run the requested stage(s); returns per-stage metrics (loss histories, times, steps).
+
+    ``dist_ctx``: a :class:`gpulab.stitchkv.distributed.Ctx` of several ranks (None: one process)."""
     import torch
 
     from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.distributed import Ctx, ddp
     from gpulab.stitchkv.models import load_pair, shape_of
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
@@ -143,10 +198,17 @@ def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
     for k in ("steps", "lora_steps"):
         if cfg[k] < 0:
             raise InputError(f"--{k.replace('_', '-')} must be >= 0, got {cfg[k]}")
+    ctx = dist_ctx or Ctx(device=device)
+    rank, world = ctx.rank, ctx.world
+    if world > 1 and cfg["batch"] % world:
+        raise InputError(f"--batch {cfg['batch']} is not divisible by the {world} ranks")
+    if not ctx.is_main:
+        log = lambda m: None  # noqa: E731 - rank 0 alone reports
     run = Path(cfg["run"])
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
     corpus = D.load_corpus(cfg["data"], pair.tokenizer)
-    cfg = _check_run_config(run, cfg)
+    cfg = _check_run_config(run, cfg, write=ctx.is_main)
+    ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
     ls, ss = shape_of(pair.large), shape_of(pair.small)
     align = alignment(cfg["alignment"], ls["layers"], ss["layers"])
     torch.manual_seed(cfg["seed"])
@@ -154,11 +216,13 @@ def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
     ckpt_p = run / "checkpoint.pt"
     every = cfg.get("ckpt_every") or 0
 
-    def batches(offset: int, skip: int):
-        it = D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], cfg["seed"] * 1000 + offset)
-        for _ in range(skip):
-            next(it)
-        for p, c in it:
+    results["distributed"] = {"world_size": world, "backend": ctx.backend,
+                              "global_batch": cfg["batch"] * (world if corpus.kind == "jsonl" else 1),
+                              "per_rank_batch": 1 if corpus.kind == "jsonl" else cfg["batch"] // world}
+
+    def batches(offset: int, skip: int, shard: bool = True):
+        for p, c in rank_batches(corpus, cfg, cfg["seed"] * 1000 + offset, skip, rank if shard else 0,
+                                 world if shard else 1):
             yield p.to(device), c.to(device)
 
     def load_ckpt(name: str) -> dict[str, Any] | None:
@@ -186,34 +250,37 @@ def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
                 start, hist = st["step"], st["hist"]
                 log(f"warmup: resuming at step {start}")
             elif cfg["init"] == "ls":
-                it = batches(7, 0)
+                it = batches(7, 0, shard=False)
                 r2 = least_squares_init(bank, pair.large, pair.small, [next(it)[0] for _ in range(cfg["ls_batches"])],
                                         ridge=cfg["ridge"])
             elif cfg["init"] == "identity":
                 bank.identity_()
             else:
                 bank.reset_random(cfg["seed"])
+            wrapped = ddp(bank, ctx)
             it = batches(1, start)
             for step in range(start, cfg["steps"]):
                 prompt, _ = next(it)
-                loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
+                loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                hist.append(float(loss.detach()))
+                hist.append(ctx.mean(float(loss.detach())))
                 if not math.isfinite(hist[-1]):
                     raise InputError(f"warmup loss became {hist[-1]} at step {step}; lower --lr")
                 if step % max(1, cfg["steps"] // 10) == 0:
                     log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
-                if every and (step + 1) % every == 0 and step + 1 < cfg["steps"]:
+                if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
                     _atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
                                         "opt": opt.state_dict(), "hist": hist}, ckpt_p)
             with torch.no_grad():
-                prompt, _ = next(batches(99, 0))
+                prompt, _ = next(batches(99, 0, shard=False))
                 _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
                 final_nmse = nmse(pred, target)
-            save_bank(bank, run / "warmup")
-            ckpt_p.unlink(missing_ok=True)
+            if ctx.is_main:
+                save_bank(bank, run / "warmup")
+                ckpt_p.unlink(missing_ok=True)
+            ctx.barrier()  # stage 2 of every rank reads warmup/
             results["warmup"] = {"steps": cfg["steps"], "loss_first": hist[0] if hist else None,
                                  "loss_last": hist[-1] if hist else None, "loss_history": hist,
                                  "heldout_nmse": final_nmse, "ls_r2": r2, "seconds": time.perf_counter() - t0}
@@ -243,24 +310,27 @@ def train(cfg: dict[str, Any], device: str, log: Any = print) -> dict[str, Any]:
             opt.load_state_dict(st["opt"])
             start, hist = st["step"], st["hist"]
             log(f"lora: resuming at step {start}")
+        wrapped = ddp(stitched_lm(bank, small), ctx)
         it = batches(2, start)
         for step in range(start, cfg["lora_steps"]):
             prompt, cont = next(it)
-            loss = lm_loss_stitched(pair.large, small, bank, prompt, cont)
+            loss = lm_loss_stitched(pair.large, small, bank, prompt, cont, module=wrapped)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            hist.append(float(loss.detach()))
+            hist.append(ctx.mean(float(loss.detach())))
             if not math.isfinite(hist[-1]):
                 raise InputError(f"lora loss became {hist[-1]} at step {step}; lower --lora-lr")
             if step % max(1, cfg["lora_steps"] // 10) == 0:
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
-            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"]:
+            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
                 _atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
                                     "lora": get_peft_model_state_dict(small), "opt": opt.state_dict(),
                                     "hist": hist}, ckpt_p)
-        save_stage2(small, bank, run / "lora")
-        ckpt_p.unlink(missing_ok=True)
+        if ctx.is_main:
+            save_stage2(small, bank, run / "lora")
+            ckpt_p.unlink(missing_ok=True)
+        ctx.barrier()
         results["lora"] = {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
                            "loss_last": hist[-1] if hist else None, "loss_history": hist,
                            "seconds": time.perf_counter() - t0}

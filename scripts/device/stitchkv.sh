@@ -4,7 +4,8 @@
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
 #   2. the tiny experiment (experiments/kvstitch_tiny.yaml at full size) for seeds 0 1 2, as many as the
 #      budget holds (one seed is ~30-40 s on an H100)
-#   3. a table: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT
+#   3. kvstitch serve-disagg on seed 0's run (2 ranks sharing the GPU over gloo), if >= 30 s are left
+#   4. a table: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT; the disaggregated run
 # Data: tinyshakespeare.txt from $KVSTITCH_DATA, .devdata/, shared/data/ or ../shared/data/ -- on the device
 # machine only what the call carries exists (../shared does not travel): copy it into .devdata/ (git-ignored)
 # and name .devdata in carry. rouge-score is not installed there: evaluate falls back to a built-in ROUGE.
@@ -43,6 +44,19 @@ for SEED in 0 1 2; do
   echo "seed $SEED exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
 done
 
+# disaggregated run over torch.distributed on seed 0's run: 2 ranks on the one GPU (gloo, cache staged through
+# host memory; the nccl path needs one GPU per rank and cannot run here), only if the budget still allows
+LEFT=$(left)
+if [ -d /tmp/kvstitch-tiny/seed0/run/lora ] && [ "$LEFT" -ge 30 ]; then
+  echo "== kvstitch serve-disagg (2 ranks, one GPU)"
+  rm -f "$OUT"/kvstitch-disagg-*.yaml
+  timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch serve-disagg \
+    --run-dir /tmp/kvstitch-tiny/seed0/run --prompts 32 --gen-len 32 --batch 16 --timeout $(( LEFT - 10 )) 2>&1 | tail -12
+  echo "serve-disagg exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
+else
+  echo "serve-disagg skipped: time box (${LEFT}s left) or no seed-0 run"
+fi
+
 timeout 8 "$PY" - "$OUT" <<'PYEOF'
 import glob, statistics, sys, yaml
 files = sorted(glob.glob(f"{sys.argv[1]}/kvstitch-tiny-*.yaml"))
@@ -66,6 +80,12 @@ for f in files:
         print("     failed checks:", ", ".join(failed))
 if files:
     print("rouge:", yaml.safe_load(open(files[0]))["config"].get("rouge"))
+for f in sorted(glob.glob(f"{sys.argv[1]}/kvstitch-disagg-*.yaml")):
+    d = yaml.safe_load(open(f))
+    r = d["rows"][0]
+    print(f"disagg ({d['config']['backend']}, staged={d['config']['host_staged']}): ttft {r['ttft_ms']:.2f} ms, "
+          f"handover {r['handover_ms']:.2f} ms for {r['handover_bytes_per_seq']} B/seq, tpot {r['tpot_ms']:.3f} ms, "
+          f"ok={d['ok']}")
 ok = [g for g in gaps if g is not None]
 if len(ok) > 1:
     print(f"gap recovered (ROUGE-L): mean {statistics.mean(ok):.3f} sd {statistics.stdev(ok):.3f} over {len(ok)} seeds")
