@@ -46,9 +46,12 @@ def train(
     baselines: str = typer.Option("", "--baselines", help="Extra baselines trained alongside, e.g. resnet18."),
     width: int = typer.Option(64, "--width", help="Base width (64 = torchvision's ResNets)."),
     stem: str = typer.Option("auto", "--stem", help="auto | cifar (3x3 conv, no max-pool) | imagenet."),
+    image_size: int = typer.Option(0, "--image-size", help="Crop size for ImageNet-style folders (0: 224); "
+                                                           "CIFAR-10 is always 32."),
     cuts: str = typer.Option("all", "--cuts", help="all (every stride-matching p,q) | aligned (p == q)."),
     stitch_bn: bool = typer.Option(True, "--stitch-bn/--no-stitch-bn", help="BatchNorm after the 1x1 conv."),
-    train_images: int = typer.Option(0, "--train-images", help="Use the first N training images (0: all)."),
+    train_images: int = typer.Option(0, "--train-images", help="Use N training images (0: all; CIFAR-10: the first N, "
+                                                                "image folders: a fixed-seed spread)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Global batch size."),
     anchor_epochs: float = typer.Option(30.0, "--anchor-epochs", help="Epochs per anchor trained from scratch."),
     stitch_epochs: float = typer.Option(10.0, "--stitch-epochs", help="Epochs of stitch fine-tuning."),
@@ -73,11 +76,11 @@ def train(
 
     import torch
 
-    from gpulab.core import options, results
-    from gpulab.core.errors import InputError
+    from gpulab.core import options
+    from gpulab.core.errors import DeviceError, InputError
     from gpulab.seam import data as sdata
-    from gpulab.seam import store
-    from gpulab.seam.models import FamilySpec, StitchedFamily
+    from gpulab.seam import dist as sdist
+    from gpulab.seam.models import FamilySpec
     from gpulab.seam.train import TrainConfig, Trainer, dist_env
 
     folder = _family(family)
@@ -87,59 +90,80 @@ def train(
         raise InputError(f"--anchors needs two architectures, got {anchors!r}")
     if train_images < 0:
         raise InputError(f"--train-images must be >= 0, got {train_images}")
+    if image_size < 0:
+        raise InputError(f"--image-size must be >= 0, got {image_size}")
+    if fmt == "cifar10" and image_size not in (0, 32):
+        raise InputError(f"--image-size {image_size}: CIFAR-10 images are 32x32 (the option is for image folders)")
     stem_kind = ("cifar" if fmt == "cifar10" else "imagenet") if stem == "auto" else stem
     spec = FamilySpec(anchors=(names[0], names[1]), width=width, stem=stem_kind,
                       num_classes=10 if fmt == "cifar10" else 0, cuts=cuts, stitch_bn=stitch_bn,
-                      baselines=_csv(baselines), image_size=32 if fmt == "cifar10" else 224)
+                      baselines=_csv(baselines), image_size=32 if fmt == "cifar10" else (image_size or 224))
+    device = options.resolve_device(what="seam train")
     rank, world, local = dist_env()
     if world > 1:
-        import torch.distributed as dist
+        if batch_size % world:
+            raise InputError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
+        if device == "cuda" and local >= torch.cuda.device_count():
+            raise DeviceError(f"rank {rank}: LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) visible")
+    # torchrun: one process group for the whole command, destroyed on every rank when the block exits
+    pg = sdist.ProcessGroup(world, device, local)
+    with pg:
+        if device == "cuda" and world > 1:
+            device = f"cuda:{local}"
+        if fmt == "cifar10":
+            x, y = sdata.load_cifar10(root, "train", train_images or None)
+            source = sdata.TensorSource(x, y, batch_size, seed, device, train=True, rank=rank, world=world)
+            data_info = {"format": fmt, "path": str(root), "train_images": int(x.shape[0])}
+        else:
+            source = sdata.FolderSource(root, "train", batch_size, seed, device, workers=workers, rank=rank,
+                                        world=world, image_size=spec.image_size)
+            if train_images:
+                source.limit(train_images)
+            spec.num_classes = len(source.ds.classes)
+            data_info = {"format": fmt, "path": str(root), "train_images": len(source.ds),
+                         "image_size": spec.image_size}
+        spec.validate("options")
+        cfg = TrainConfig(spec=spec, batch_size=batch_size, anchor_epochs=anchor_epochs, stitch_epochs=stitch_epochs,
+                          anchor_steps=anchor_steps, stitch_steps=stitch_steps, lr=lr, stitch_lr=stitch_lr,
+                          weight_decay=weight_decay, mode=mode, calib_images=calib_images, lstsq_ridge=lstsq_ridge,
+                          amp=amp, seed=seed, checkpoint_every=checkpoint_every, weights=_parse_weights(weights))
+        exists = (folder / "family.yaml").exists() or (folder / "checkpoint.pt").exists()
+        if exists and not (resume or overwrite):
+            raise InputError(f"{folder} already holds a family; pass --resume to continue it or --overwrite")
+        if resume and overwrite:
+            raise InputError("--resume and --overwrite exclude each other")
+        log = (lambda s: typer.echo(s, err=True)) if rank == 0 else (lambda s: None)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, folder, source, device, log=log)
+        if resume:
+            trainer.resume()
+            log(f"resumed at phase {trainer.phase_index}, step {trainer.step}")
+        # every rank has checked the folder (and read the checkpoint) before rank 0 removes or writes anything
+        pg.barrier()
+        if rank == 0 and not resume:
+            for stale in ("family.yaml", "weights.safetensors", "eval.yaml", "checkpoint.pt"):
+                (folder / stale).unlink(missing_ok=True)
+        pg.barrier()
+        trainer.run()
+        seconds = time.perf_counter() - t0
+        in_sync = pg.params_in_sync(trainer.family)  # collective: every rank takes part
+        if rank == 0:
+            path = _train_record(trainer, folder, cfg, data_info, device, world, seconds, fmt, in_sync)
+        pg.barrier()  # the other ranks leave once rank 0's family folder and record are on disk
+    if rank == 0:
+        typer.echo(f"wrote {path} and {folder}/")
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its current device
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            dist.init_process_group(backend)
-    device = options.resolve_device(what="seam train")
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local}"
-    if fmt == "cifar10":
-        x, y = sdata.load_cifar10(root, "train", train_images or None)
-        source = sdata.TensorSource(x, y, batch_size, seed, device, train=True, rank=rank, world=world)
-        data_info = {"format": fmt, "path": str(root), "train_images": int(x.shape[0])}
-    else:
-        source = sdata.FolderSource(root, "train", batch_size, seed, device, workers=workers, rank=rank, world=world)
-        spec.num_classes = len(source.ds.classes)
-        data_info = {"format": fmt, "path": str(root), "train_images": len(source.ds)}
-    spec.validate("options")
-    if batch_size % world:
-        raise InputError(f"--batch-size {batch_size} is not divisible by the {world} ranks")
-    cfg = TrainConfig(spec=spec, batch_size=batch_size, anchor_epochs=anchor_epochs, stitch_epochs=stitch_epochs,
-                      anchor_steps=anchor_steps, stitch_steps=stitch_steps, lr=lr, stitch_lr=stitch_lr,
-                      weight_decay=weight_decay, mode=mode, calib_images=calib_images, lstsq_ridge=lstsq_ridge, amp=amp, seed=seed,
-                      checkpoint_every=checkpoint_every, weights=_parse_weights(weights))
-    exists = (folder / "family.yaml").exists() or (folder / "checkpoint.pt").exists()
-    if exists and not (resume or overwrite):
-        raise InputError(f"{folder} already holds a family; pass --resume to continue it or --overwrite")
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite exclude each other")
-    log = (lambda s: typer.echo(s, err=True)) if rank == 0 else (lambda s: None)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, folder, source, device, log=log)
-    if resume:
-        trainer.resume()
-        log(f"resumed at phase {trainer.phase_index}, step {trainer.step}")
-    elif rank == 0:
-        for stale in ("family.yaml", "weights.safetensors", "eval.yaml", "checkpoint.pt"):
-            (folder / stale).unlink(missing_ok=True)
-    trainer.run()
-    seconds = time.perf_counter() - t0
-    if rank != 0:
-        return
+
+def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, world: int, seconds: float, fmt: str,
+                  in_sync) -> Path:
+    """Rank 0: the family folder and the seam-train record."""
+    from gpulab.core import results
+    from gpulab.seam import store
+
     store.save_family(folder, trainer.family, trainer.summary_info(data_info))
     rec = results.Record(name="seam-train", config={**cfg.as_dict(), "family": str(folder), "data": data_info,
                                                       "device": device, "world_size": world})
-    fam: StitchedFamily = trainer.family
+    fam = trainer.family
     for h in trainer.history:
         rec.rows.append({k: h.get(k) for k in ("phase", "steps", "epochs", "lr", "final_loss", "train_top1_sampled",
                                               "mean_rel_mse_lstsq", "seconds") if k in h})
@@ -148,28 +172,32 @@ def train(
     rec.check("lstsq_lowers_activation_mse", len(lowered) == len(lst) and len(lst) == len(fam.cuts),
               f"{len(lowered)} of {len(fam.cuts)} stitches")
     rec.check("losses_finite", all(h.get("loss_finite", True) for h in trainer.history))
+    bad = [k for k, v in fam.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    rec.check("weights_finite", not bad, f"non-finite values in {len(bad)} tensors, e.g. {bad[0]}" if bad else "")
+    if in_sync is not None:
+        rec.check("ddp_ranks_hold_equal_parameters", in_sync[0], in_sync[1])
     rec.metrics = {"lstsq": lst, "history": trainer.history, "n_stitches": len(fam.cuts),
                    "n_members": len(fam.members())}
     rel = [r["mse_lstsq"] / max(r["target_ms"], 1e-12) for r in lst.values()]
     rec.summary = {"family": str(folder), "stitches": len(fam.cuts), "train_images": data_info["train_images"],
                    "lstsq_rel_mse_mean": sum(rel) / len(rel) if rel else None, "seconds": round(seconds, 1)}
     rec.notes += trainer.notes
+    if world > 1:
+        rec.notes.append(f"DDP over {world} ranks: BatchNorm statistics are per rank ({cfg.batch_size // world} "
+                         f"images), losses and sampled accuracy are averaged over the ranks")
     if fmt == "cifar10" and data_info["train_images"] < 50000:
         rec.notes.append(f"trained on the first {data_info['train_images']} of 50000 CIFAR-10 training images")
     path = rec.save()
     rec.print()
-    typer.echo(f"wrote {path} and {folder}/")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    return path
 
 
 @app.command("eval")
 def eval_(
     family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP),
     data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
-    test_images: int = typer.Option(0, "--test-images", help="Use the first N test images (0: all)."),
+    test_images: int = typer.Option(0, "--test-images", help="Use N test images (0: all; CIFAR-10: the first N, "
+                                                              "image folders: a fixed-seed spread)."),
     batch_size: int = typer.Option(500, "--batch-size", help="Evaluation batch size."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency at batch 1 and 64."),
     latency_reps: int = typer.Option(20, "--latency-reps", help="Timed repetitions per latency."),
@@ -218,7 +246,7 @@ def eval_(
         if len(src.ds.classes) != fam.spec.num_classes:
             raise InputError(f"{root}/val has {len(src.ds.classes)} classes, the family {fam.spec.num_classes}")
         if test_images:
-            src.ds.samples = src.ds.samples[:test_images]
+            src.limit(test_images)
         batches = lambda: src.eval_batches(batch_size)  # noqa: E731
         n_test = len(src.ds)
     autocast = autocast_for(device, amp)

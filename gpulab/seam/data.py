@@ -97,13 +97,26 @@ def normalize(x_uint8: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Te
     return (x_uint8.float() / 255.0 - m) / s
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop of the reflect-padded batch and horizontal flip (on x's device)."""
+def augment_draws(n: int, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random crop offsets (y, x) and flips of ``n`` images, drawn on the CPU from ``gen``."""
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return oy, ox, flip
+
+
+def augment(x: torch.Tensor, gen: torch.Generator | None, pad: int = 4,
+            draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Random crop of the reflect-padded batch and horizontal flip (on x's device).
+
+    ``draws`` (from :func:`augment_draws`) replaces drawing from ``gen``: under DDP every rank draws
+    for the whole global batch and keeps its own share, so the global batch is augmented exactly as
+    in a single-process run.
+    """
     n, c, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    oy, ox, flip = draws if draws is not None else augment_draws(n, gen, pad)
+    oy, ox, flip = oy.to(x.device), ox.to(x.device), flip.to(x.device)
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
     rows = (oy[:, None] + ar_h[None, :])  # (n, h)
@@ -138,11 +151,14 @@ class TensorSource:
         idx = self._perm[k * self.bs:(k + 1) * self.bs]
         if idx.numel() < self.bs:  # fewer images than one batch: wrap around
             idx = self._perm[torch.arange(k * self.bs, (k + 1) * self.bs, device=self.device) % self._perm.numel()]
-        idx = idx[self.rank::self.world]
+        # the global batch's augmentation is drawn whole (same seed on every rank), then sharded with it
+        draws = augment_draws(idx.numel(), torch.Generator().manual_seed(self.seed * 7_919 + step * 31)) \
+            if self.train else None
+        share = slice(self.rank, None, self.world)
+        idx = idx[share]
         x = normalize(self.x[idx])
-        if self.train:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + step * 31 + self.rank)
-            x = augment(x, g)
+        if draws is not None:
+            x = augment(x, None, draws=tuple(d[share] for d in draws))
         return x, self.y[idx]
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -166,28 +182,54 @@ class _OffsetSampler(torch.utils.data.Sampler):
 
 
 class FolderSource:
-    """ImageNet-style folders through torchvision's ImageFolder (224x224 crops)."""
+    """ImageNet-style folders through torchvision's ImageFolder (``image_size`` crops, 224 for ImageNet).
+
+    Training batches use RandomResizedCrop + flip, drawn in the loader workers: unlike the CIFAR
+    path they are not a pure function of (seed, step). Calibration images and evaluation use the
+    deterministic Resize + CenterCrop transform.
+    """
 
     def __init__(self, root: Path, split: str, batch_size: int, seed: int, device: str, train: bool = True,
                  workers: int = 8, rank: int = 0, world: int = 1, image_size: int = 224) -> None:
         from torchvision import datasets, transforms
 
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+        if image_size < 1:
+            raise InputError(f"--image-size must be >= 1, got {image_size}")
+        if workers < 0:
+            raise InputError(f"--workers must be >= 0, got {workers}")
         norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.eval_tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)),
+                                           transforms.CenterCrop(image_size), transforms.ToTensor(), norm])
         if train:
             tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                      transforms.ToTensor(), norm])
         else:
-            tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
-                                     transforms.ToTensor(), norm])
+            tf = self.eval_tf
         try:
             self.ds = datasets.ImageFolder(str(root / split), transform=tf)
         except (FileNotFoundError, OSError) as e:
-            raise InputError(f"{root / split}: {e}") from None
+            raise InputError(f"{root / split}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if train and len(self.ds) < batch_size:
+            raise InputError(f"{root / split}: {len(self.ds)} images, fewer than one batch (--batch-size {batch_size})")
         self.bs, self.seed, self.device, self.train = batch_size, seed, device, train
         self.workers, self.rank, self.world = workers, rank, world
         self.steps_per_epoch = max(1, len(self.ds) // batch_size)
         self._it, self._next_step = None, -1
         self.x = None
+
+    def limit(self, n: int) -> None:
+        """Keep ``n`` images spread over the whole split (ImageFolder lists them class by class, so the
+        first ``n`` would cover only the first classes): a fixed-seed subset, in folder order."""
+        if 0 < n < len(self.ds):
+            keep = sorted(torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
+            self.ds.samples = [self.ds.samples[i] for i in keep]
+            self.ds.imgs = self.ds.samples
+            self.ds.targets = [t for _, t in self.ds.samples]
+        if self.train and len(self.ds) < self.bs:
+            raise InputError(f"{len(self.ds)} training images, fewer than one batch (--batch-size {self.bs})")
+        self.steps_per_epoch = max(1, len(self.ds) // self.bs)
 
     def reseed(self, seed: int) -> None:
         self.seed, self._it, self._next_step = seed, None, -1
@@ -212,4 +254,10 @@ class FolderSource:
             yield x.to(self.device), y.to(self.device)
 
     def first_images(self, n: int) -> torch.Tensor:
-        return torch.stack([self.ds[i][0] for i in range(min(n, len(self.ds)))]).to(self.device)
+        """The first ``n`` images of a fixed-seed spread over the split, center-cropped (deterministic)."""
+        order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        images = []
+        for i in order:
+            path, _ = self.ds.samples[i]
+            images.append(self.eval_tf(self.ds.loader(path)))
+        return torch.stack(images).to(self.device)

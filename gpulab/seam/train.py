@@ -13,7 +13,8 @@ Phases, in order, each resumable from ``<family>/checkpoint.pt``:
 Mixed precision: bf16 autocast on CUDA (fp32 master weights, no loss scaling needed); channels_last.
 Under ``torchrun`` (WORLD_SIZE > 1) every rank takes its share of each global batch, the model is
 wrapped in DistributedDataParallel (find_unused_parameters, since a step runs one member), all ranks
-draw the same member (seeded by the step), and rank 0 alone writes files.
+draw the same member (seeded by the step), rank 0 alone writes files (the others wait at a barrier
+until it has), and the reported losses and sampled accuracies are averaged over the ranks.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gpulab.core.errors import InputError
+from gpulab.seam import dist as sdist
 from gpulab.seam import store
 from gpulab.seam.measure import autocast_for
 from gpulab.seam.models import FamilySpec, StitchedFamily, load_pretrained
@@ -147,8 +149,10 @@ class Trainer:
                 "history": self.history, "lstsq": self.lstsq, "notes": self.notes}
 
     def save(self, opt: torch.optim.Optimizer | None) -> None:
+        """Rank 0 writes the checkpoint; under DDP every rank waits until it is on disk."""
         if self.rank == 0:
             store.save_checkpoint(self.folder, self.state(opt))
+        sdist.barrier()
 
     def resume(self) -> None:
         ck = store.load_checkpoint(self.folder)
@@ -261,10 +265,13 @@ class Trainer:
             if time.perf_counter() - t_log > 30 and self.rank == 0:
                 self.log(f"{name}: step {self.step}/{total} loss {float(torch.stack(losses[-50:]).mean()):.4f}")
                 t_log = time.perf_counter()
-        if losses:
+        if losses:  # every rank has run the same steps: average the figures over the ranks (DDP)
             tail = torch.stack(losses[-max(1, min(50, len(losses) // 4 or 1)):]).float()
-            rec["final_loss"] = float(tail.mean())
-            rec["loss_finite"] = bool(torch.isfinite(torch.stack(losses)).all())
+            finite = bool(torch.isfinite(torch.stack(losses)).all())
+            loss_sum, n_finite, correct, seen = sdist.all_sum([float(tail.mean()), float(finite), correct, seen])
+            ranks = sdist.world_size()
+            rec["final_loss"] = loss_sum / ranks
+            rec["loss_finite"] = n_finite == ranks
             rec["train_top1_sampled"] = correct / seen if seen else None
         self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if losses else ""))
         for p in fam.parameters():

@@ -7,6 +7,8 @@
 # Data: CIFAR-10 npz (train-0.npz and test.npz suffice, 18.6 MB) from $SEAM_DATA, .devdata/cifar10,
 # shared/data/cifar10 or ../shared/data/cifar10 -- on the device machine only what the call carries exists
 # (../shared does not travel): copy them into .devdata/cifar10 (git-ignored) and name .devdata in carry.
+# The GPU tests include a 2-rank torchrun launch on gloo with --device cpu while CUDA is visible (the
+# backend must follow the device, not torch.cuda.is_available()); 2-rank NCCL needs 2 GPUs (not run).
 # Run from the repo root; writes results to $OUT (default: results/device-seam).
 set -uo pipefail
 OUT="${OUT:-results/device-seam}"
@@ -39,7 +41,7 @@ if [ -z "$DATA" ]; then
   done
 fi
 
-step "pytest -m gpu tests/seam" 40 "$PY" -m pytest -q -m gpu tests/seam -p no:cacheprovider
+step "pytest -m gpu tests/seam" 50 "$PY" -m pytest -q -m gpu tests/seam -p no:cacheprovider
 if [ -z "$DATA" ]; then
   echo "CIFAR-10 (train-0.npz, test.npz) not found in .devdata/cifar10, shared/data/cifar10, ../shared/data/cifar10:"
   echo "family training skipped"

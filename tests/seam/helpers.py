@@ -1,4 +1,4 @@
-"""Small builders shared by the seam tests: tiny families and a synthetic CIFAR-10 folder."""
+"""Small builders shared by the seam tests: tiny families, a synthetic CIFAR-10 folder, an image folder."""
 from __future__ import annotations
 
 import io
@@ -40,3 +40,24 @@ def write_cifar(folder: Path, n_train: int = 64, n_test: int = 32, seed: int = 0
     np.savez(folder / "train-0.npz", **make(n_train))
     np.savez(folder / "test.npz", **make(n_test))
     return folder
+
+
+IMAGE_CLASSES = ("ant", "bee", "cat")
+_COLORS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))
+
+
+def write_image_folder(root: Path, n_train: int = 6, n_val: int = 4, seed: int = 0) -> Path:
+    """An ImageNet-style tree (train/ and val/ of three class folders; PNG and JPEG files of 30-47 px
+    sides) with class-dependent colours."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name, color in zip(IMAGE_CLASSES, _COLORS):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(30, 48)), int(rng.integers(30, 48))
+                img = (rng.integers(0, 50, (h, w, 3)) + np.array(color)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{name}{i}.{'png' if i % 2 else 'jpg'}")
+    return root
