@@ -5,7 +5,7 @@ Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 c
 import triton
 import triton.language as tl
 
-from gpulab.dbjoin.tensorcore_kernel import _codes
+from gpulab.dbjoin.tensorcore_kernel import _tile_codes
 
 NLIMB = 5  # 7-bit limbs of (payload + 2^31): 35 bits >= 32
 LIMB_BITS = 7
@@ -67,21 +67,13 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
     for mt in range(0, n_lt):
         om = mt * BM + tl.arange(0, BM)
         mm = om < ln
-        a_lo = tl.load(l_lo + ls + om, mask=mm, other=0)
-        a_hi = a_lo
-        if HAS_HI:
-            a_hi = tl.load(l_hi + ls + om, mask=mm, other=0)
-        a = _codes(a_lo, a_hi, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        a = _tile_codes(l_lo + ls, l_hi + ls, om, mm, R, KUSED, KP, HAS_HI, True).to(DT)
         c_r = tl.zeros([BM], tl.int64)
         s_r = tl.zeros([BM], tl.int64)
         for nt in range(0, n_rt):
             on = nt * BM + tl.arange(0, BM)
             nm = on < rn
-            b_lo = tl.load(r_lo + rs + on, mask=nm, other=0)
-            b_hi = b_lo
-            if HAS_HI:
-                b_hi = tl.load(r_hi + rs + on, mask=nm, other=0)
-            b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+            b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
             e = (tl.dot(a, b) == KUSED).to(ADT)
             pay = tl.load(r_pay + rs + on, mask=nm, other=0)
             c, s = _limb_sums(tl.dot(e, _payload_matrix(pay, nm, WITH_SUMS, ADT)), WITH_SUMS)
@@ -94,11 +86,7 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
             for nt in range(0, n_lt):
                 on = nt * BM + tl.arange(0, BM)
                 nm = on < ln
-                b_lo = tl.load(l_lo + ls + on, mask=nm, other=0)
-                b_hi = b_lo
-                if HAS_HI:
-                    b_hi = tl.load(l_hi + ls + on, mask=nm, other=0)
-                b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+                b = _tile_codes(l_lo + ls, l_hi + ls, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
                 eq = tl.dot(a, b) == KUSED
                 earlier += tl.sum((eq & (on[None, :] < om[:, None])).to(tl.int32), axis=1)
                 pay = tl.load(l_pay + ls + on, mask=nm, other=0)

@@ -28,6 +28,17 @@ def _codes(lo, hi, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr, ROWS
         ok = use[:, None] & valid[None, :]
     return tl.where(ok, bit * 2 - 1, 0)
 
+
+@triton.jit
+def _tile_codes(lo_ptr, hi_ptr, offs, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
+                ROWS_FIRST: tl.constexpr):
+    """Load one tile's mixed keys (low word, and high word for 64-bit keys) and return their +-1 codes."""
+    lo = tl.load(lo_ptr + offs, mask=valid, other=0)
+    hi = lo
+    if HAS_HI:
+        hi = tl.load(hi_ptr + offs, mask=valid, other=0)
+    return _codes(lo, hi, valid, R, KUSED, KP, HAS_HI, ROWS_FIRST)
+
 # Runtime sizes are not specialized (no recompiles for R == 1, sizes divisible by 16, ...): one compile per
 # constexpr combination, so the timed calls never hit the compiler.
 @triton.jit(do_not_specialize=["capacity", "R", "KUSED"])
@@ -45,20 +56,12 @@ def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start
     for mt in range(0, n_mt):
         om = mt * BM + tl.arange(0, BM)
         mm = om < ln
-        a_lo = tl.load(l_lo + ls + om, mask=mm, other=0)
-        a_hi = a_lo
-        if HAS_HI:
-            a_hi = tl.load(l_hi + ls + om, mask=mm, other=0)
-        a = _codes(a_lo, a_hi, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        a = _tile_codes(l_lo + ls, l_hi + ls, om, mm, R, KUSED, KP, HAS_HI, True).to(DT)
         a_row = tl.load(l_row + ls + om, mask=mm, other=0)
         for nt in range(0, n_nt):
             on = nt * BN + tl.arange(0, BN)
             nm = on < rn
-            b_lo = tl.load(r_lo + rs + on, mask=nm, other=0)
-            b_hi = b_lo
-            if HAS_HI:
-                b_hi = tl.load(r_hi + rs + on, mask=nm, other=0)
-            b = _codes(b_lo, b_hi, nm, R, KUSED, KP, HAS_HI, False).to(DT)
+            b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
             acc = tl.dot(a, b)
             match = (acc == KUSED).to(tl.int32)
             flat = tl.reshape(match, (BM * BN,))
