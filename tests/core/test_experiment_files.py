@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpulab.core import experiment, results
+from gpulab.core.paths import shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -18,6 +19,8 @@ def test_experiment_file_validates(path):
     assert invocations and all(inv.argv for inv in invocations)
 
 
+@pytest.mark.skipif(not (shared_data("tinyshakespeare.txt").is_file() and shared_data("cifar10").is_dir()),
+                    reason="the shared data sets (../shared/data or $GPULAB_DATA) are not here")
 def test_smoke_experiment_runs(tmp_path):
     """What `make demo` runs: every subsystem's small case on this machine's device, all checks passing."""
     out = tmp_path / "results"
