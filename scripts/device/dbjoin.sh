@@ -12,19 +12,10 @@
 set -u
 OUT="${OUT:-results/device-dbjoin}"
 mkdir -p "$OUT"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+source "$(dirname "$0")/lib.sh"
 GPULAB=("$PY" -m gpulab --device cuda --out "$OUT")
-BUDGET="${BUDGET_S:-97}"  # seconds for steps 1-4; the summary takes ~1 s
-deadline=$((SECONDS + BUDGET))
+budget_start 97  # seconds for steps 1-4; the summary takes ~1 s
 rc=0
-# step CAP_S CMD...: run CMD under timeout min(CAP_S, time left); skipped when under 5 s are left
-step() {
-  local cap=$1; shift
-  local left=$((deadline - SECONDS))
-  [ "$left" -lt "$cap" ] && cap=$left
-  if [ "$cap" -lt 5 ]; then echo "   skipped (out of the time budget)"; return 124; fi
-  timeout -k 3 "$cap" "$@"
-}
 
 echo "== pytest -m gpu tests/dbjoin"
 step 45 "$PY" -m pytest -q -rfE -m gpu tests/dbjoin > "$OUT/pytest-gpu.txt" 2>&1
