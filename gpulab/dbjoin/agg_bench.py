@@ -20,7 +20,7 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
     import torch
 
     from gpulab.core import ncu as ncu_mod
-    from gpulab.core import options, results, timing
+    from gpulab.core import options, results
     from gpulab.dbjoin import aggregate as A
     from gpulab.dbjoin import bench as B
     from gpulab.dbjoin import reference
@@ -72,19 +72,15 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
 
     def add_row(impl: str, where: str, fn: Callable[[], Any], *, r: int = reps, w: int = warmup,
                 extra: dict[str, Any] | None = None) -> None:
-        result = fn()  # one untimed call: its output is the one checked
-        t = timing.benchmark(fn, device=where, warmup=max(w - 1, 0), reps=r)
+        result, row = B.timed_row(impl, where, fn, r, w, nl + nr)
         passed, detail = A.compare_agg(result, ref, mode)
         rec.check(impl, passed, detail)
-        row = {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
-               "mrows_per_s": (nl + nr) / (t.median * 1e-3) / 1e6 if t.median > 0 else None,
-               "groups": len(result), "correct": passed}
+        row.update({"groups": len(result), "correct": passed})
         row.update(extra or {})
         rec.rows.append(row)
 
     def skip(impl: str, why: str) -> None:
-        rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
-        rec.notes.append(f"{impl}: skipped: {why}")
+        B.skip_row(rec, impl, why)
 
     for impl in impls:
         name = f"{impl}-agg"

@@ -80,6 +80,22 @@ def _cupy_ready() -> str | None:
     return None
 
 
+def timed_row(impl: str, where: str, fn: Callable[[], Any], reps: int, warmup: int,
+              rows_in: int) -> tuple[Any, dict[str, Any]]:
+    """Run ``fn`` once untimed (that output is the one checked), then time it; returns (output, table row)."""
+    from gpulab.core import timing
+
+    result = fn()
+    t = timing.benchmark(fn, device=where, warmup=max(warmup - 1, 0), reps=reps)
+    return result, {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
+                    "mrows_per_s": rows_in / (t.median * 1e-3) / 1e6 if t.median > 0 else None}
+
+
+def skip_row(rec, impl: str, why: str) -> None:
+    rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
+    rec.notes.append(f"{impl}: skipped: {why}")
+
+
 def _triton_mode(device: str) -> str | None:
     """'gpu', 'interpret', or None when Triton cannot run here."""
     if device == "cuda":
@@ -103,7 +119,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
     import torch
 
     from gpulab.core import ncu as ncu_mod
-    from gpulab.core import options, results, timing
+    from gpulab.core import options, results
     from gpulab.dbjoin import reference
 
     device = options.resolve_device(what="gpulab join bench")
@@ -160,22 +176,18 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
 
     def add_row(impl: str, where: str, fn: Callable[[], Any], *, r: int = reps, w: int = warmup,
                 extra: dict[str, Any] | None = None, check: bool = True) -> None:
-        result = fn()  # one untimed call: its output is the one checked
-        t = timing.benchmark(fn, device=where, warmup=max(w - 1, 0), reps=r)
+        result, row = timed_row(impl, where, fn, r, w, nl + nr)
         passed, detail = reference.compare(result, ref, lk, rk)
         if check:
             rec.check(impl, passed, detail)
-        row = {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
-               "mrows_per_s": (nl + nr) / (t.median * 1e-3) / 1e6 if t.median > 0 else None,
-               "output_rows": result.count, "correct": passed}
+        row.update({"output_rows": result.count, "correct": passed})
         if copy_gbs and where == "cuda":
-            row["frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
+            row["frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (row["median_ms"] * 1e3)
         row.update(extra or {})
         rec.rows.append(row)
 
     def skip(impl: str, why: str) -> None:
-        rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
-        rec.notes.append(f"{impl}: skipped: {why}")
+        skip_row(rec, impl, why)
 
     for impl in impls:
         if impl == "pandas":
