@@ -11,39 +11,15 @@
 set -uo pipefail
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
-PY="${PY:-python}"
-BUDGET=${VAJRA_ENGINE_BUDGET_S:-200}
-T0=$(date +%s)
+source "$(dirname "$0")/lib.sh"
+table_start "${VAJRA_ENGINE_BUDGET_S:-200}" 4 6
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-status=0
-rows=()
-
-left() { echo $(( BUDGET - 4 - ($(date +%s) - T0) )); }
-
-# step NAME CAP_S LOG CMD...: run CMD under min(CAP_S, budget left); one table row per step
-step() {
-  local name=$1 cap=$2 log=$3; shift 3
-  local lim; lim=$(left); [ "$lim" -gt "$cap" ] && lim=$cap
-  if [ "$lim" -lt 10 ]; then
-    rows+=("$(printf '%-26s %-8s %4s s / %3s s' "$name" "skipped" 0 "$lim")"); return 99
-  fi
-  local s; s=$(date +%s)
-  timeout -k 5 "$lim" "$@" > "$log" 2>&1
-  local rc=$?
-  local what=ok
-  [ $rc -ne 0 ] && what="rc=$rc" && status=1
-  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && what=TIMEOUT
-  rows+=("$(printf '%-26s %-8s %4s s / %3s s  %s' "$name" "$what" $(( $(date +%s) - s )) "$lim" \
-            "$(grep -E 'passed|failed|error|skipped|checks' "$log" | tail -1 | cut -c1-60)")")
-  echo "== $name: $what"; tail -n 6 "$log"
-  return $rc
-}
 
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
-step "pytest gpu (serving)" 55 "$OUT/vajra_engine_pytest.txt" \
+table_step "pytest gpu (serving)" 55 "$OUT/vajra_engine_pytest.txt" \
   "$PY" -m pytest -q -m gpu tests/vajra/serving
-step "serve-bench 8B fp8/bf16" 600 "$OUT/vajra_engine_8b.txt" \
+table_step "serve-bench 8B fp8/bf16" 600 "$OUT/vajra_engine_8b.txt" \
   "$PY" -m gpulab --device cuda --out "$OUT" serve-bench experiments/assets/llama-3.1-8b \
   --load-format dummy --attention-backend triton --input-len 512 --output-len 128 --num-prompts 64 \
   --max-num-seqs 64 --max-num-batched-tokens 4096 --compare fp8,bf16 --hf-num-prompts 4 --decode-steps 64

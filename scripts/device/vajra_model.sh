@@ -11,49 +11,25 @@
 set -uo pipefail
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
-PY="${PY:-python}"
-BUDGET=${VAJRA_MODEL_BUDGET_S:-150}
-T0=$(date +%s)
-status=0
-rows=()
+source "$(dirname "$0")/lib.sh"
+table_start "${VAJRA_MODEL_BUDGET_S:-150}" 3 4
 
-left() { echo $(( BUDGET - 3 - ($(date +%s) - T0) )); }
-
-# step NAME CAP_S LOG CMD...: run CMD under min(CAP_S, budget left); one table row per step
-step() {
-  local name=$1 cap=$2 log=$3; shift 3
-  local lim; lim=$(left); [ "$lim" -gt "$cap" ] && lim=$cap
-  if [ "$lim" -lt 10 ]; then
-    rows+=("$(printf '%-26s %-8s %4s s / %3s s' "$name" "skipped" 0 "$lim")"); return 99
-  fi
-  local s; s=$(date +%s)
-  timeout -k 5 "$lim" "$@" > "$log" 2>&1
-  local rc=$?
-  local what=ok
-  [ $rc -ne 0 ] && what="rc=$rc" && status=1
-  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && what=TIMEOUT
-  rows+=("$(printf '%-26s %-8s %4s s / %3s s  %s' "$name" "$what" $(( $(date +%s) - s )) "$lim" \
-            "$(grep -E 'passed|failed|error|skipped|checks' "$log" | tail -1 | cut -c1-60)")")
-  echo "== $name: $what"; tail -n 4 "$log"
-  return $rc
-}
-
-step "pytest gpu (no flashinfer)" 50 "$OUT/vajra_model_pytest.txt" \
+table_step "pytest gpu (no flashinfer)" 50 "$OUT/vajra_model_pytest.txt" \
   "$PY" -m pytest -q -m gpu tests/vajra/model -k "not flashinfer"
 att=triton
 if "$PY" -c "import flashinfer" 2>/dev/null; then
-  step "flashinfer decode bf16" 35 "$OUT/vajra_model_flashinfer.txt" \
+  table_step "flashinfer decode bf16" 35 "$OUT/vajra_model_flashinfer.txt" \
     "$PY" -m pytest -q -m gpu tests/vajra/model -k "flashinfer_decode and bf16" && att=triton,flashinfer
 else
   rows+=("$(printf '%-26s %-8s' "flashinfer decode bf16" "no flashinfer")")
 fi
 # the bench's own budget stops starting new parts in time to save its YAML before the step's timeout
 kb_budget=$(( $(left) - 10 )); [ $kb_budget -gt 45 ] && kb_budget=45; [ $kb_budget -lt 5 ] && kb_budget=5
-step "kernel bench (8B shapes)" 55 "$OUT/vajra_model_bench.txt" \
+table_step "kernel bench (8B shapes)" 55 "$OUT/vajra_model_bench.txt" \
   "$PY" -m gpulab.vajra.kernel_bench --out "$OUT" --size full --reps 20 --no-tilings \
   --attention "$att" --budget-s $kb_budget
 if [ "$att" = "triton,flashinfer" ]; then
-  step "flashinfer decode fp8 KV" 30 "$OUT/vajra_model_flashinfer_fp8.txt" \
+  table_step "flashinfer decode fp8 KV" 30 "$OUT/vajra_model_flashinfer_fp8.txt" \
     "$PY" -m pytest -q -m gpu tests/vajra/model -k "flashinfer_decode and fp8"
 fi
 
