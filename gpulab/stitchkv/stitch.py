@@ -16,7 +16,8 @@ modes:
   (and ``k_norm`` where the family has one) -> small RoPE. The small model's projections stay in
   the loop, so stage-2 LoRA on ``k_proj``/``v_proj`` acts on stitched caches too.
 - ``kv``: the large model's pre-RoPE ``k_proj``/``v_proj`` outputs at layer ``a`` (all its KV heads,
-  flattened) -> ``W^K_l``, ``W^V_l`` -> the small model's pre-RoPE K/V heads -> small RoPE.
+  flattened; before any ``k_norm``) -> ``W^K_l``, ``W^V_l`` -> the small model's pre-RoPE K/V heads
+  (then its ``k_norm`` where the family has one) -> small RoPE.
 
 Both are exact when the models are identical and the maps are identities (tests check this).
 Since RoPE is a per-position rotation, MSE between stitched and actual keys is the same before and
@@ -103,11 +104,9 @@ def large_features(large: Any, hidden_states: tuple, align: list[int], mode: str
     xs = attention_inputs(large, hidden_states, align)
     if mode == "hidden":
         return xs
-    feats = {}
-    for a, x in xs.items():
-        k, v = pre_rope_kv(large, a, x)
-        feats[a] = (k.flatten(-2), v.flatten(-2))
-    return feats
+    # raw k_proj/v_proj outputs (before any k_norm): the bank applies the small model's k_norm after its
+    # map, so a family with k_norm (qwen3) would otherwise normalise twice (identity stitches not exact)
+    return {a: pre_rope_raw(large, a, x) for a, x in xs.items()}
 
 
 def small_rope(small: Any, like: Any, position_ids: Any) -> tuple[Any, Any]:
@@ -260,7 +259,7 @@ def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ri
                 if bank.mode == "hidden":
                     pairs = [("h", feats[a], xs_small[l])]
                 else:
-                    k, v = small_pre_rope_raw(small, l, xs_small[l])
+                    k, v = pre_rope_raw(small, l, xs_small[l])
                     pairs = [("k", feats[a][0], k), ("v", feats[a][1], v)]
                 for name, x, y in pairs:
                     x = x.reshape(-1, x.shape[-1]).double()
@@ -291,8 +290,9 @@ def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ri
     return r2
 
 
-def small_pre_rope_raw(small: Any, layer: int, x: Any) -> tuple[Any, Any]:
-    """Small pre-RoPE K/V *before* any k_norm (the linear-map target of the kv-mode fit)."""
-    attn = decoder_layers(small)[layer].self_attn
-    hd = shape_of(small)["head_dim"]
+def pre_rope_raw(model: Any, layer: int, x: Any) -> tuple[Any, Any]:
+    """A model's pre-RoPE K/V *before* any k_norm, flattened over heads: the kv-mode stitch input (large)
+    and the linear-map target of the kv-mode fit (small)."""
+    attn = decoder_layers(model)[layer].self_attn
+    hd = shape_of(model)["head_dim"]
     return _heads(attn.k_proj(x), hd).flatten(-2), _heads(attn.v_proj(x), hd).flatten(-2)
