@@ -173,18 +173,15 @@ def run(a: BenchArgs) -> results.Record:
                 row["correct"] = check(impl, ref.sort(x, a.order), None)
             numpy_ms = t.median
         elif impl == "cpu-parallel":
-            if a.kv:
-                row.update(status="skipped")
-                rec.notes.append("cpu-parallel: key-value (--kv) is not implemented for the CPU sample sort")
-                rows.append(row)
-                continue
             from gpulab.sort import cpu_parallel
 
-            t = timing.benchmark(lambda: cpu_parallel.sort(x, a.order), device="cpu", warmup=1, reps=reps)
+            cfn = (lambda: cpu_parallel.argsort(x, a.order)) if a.kv else (lambda: cpu_parallel.sort(x, a.order))
+            t = timing.benchmark(cfn, device="cpu", warmup=1, reps=reps)
             threads = cpu_parallel.threads()
             row.update(backend=f"cpu ({threads} threads)", **_row_metrics(t, a.n, nbytes, None if device == "cuda" else copy_gbs))
             rec.metrics["cpu_parallel_threads"] = threads
-            row["correct"] = check(impl, cpu_parallel.sort(x, a.order), None)
+            out = cfn()
+            row["correct"] = check(impl, *(out if a.kv else (out, None)))
         elif impl == "torch":
             desc = a.order == "desc"
             try:

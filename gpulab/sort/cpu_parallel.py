@@ -6,6 +6,11 @@ bucket sorted in place by numpy's ``ndarray.sort`` on a thread pool (it releases
 own quicksort is many times slower than numpy's SIMD sort), and transformed back. Ties with a splitter all land in one
 bucket, so few-unique inputs balance worse (all-equal inputs degenerate to one serial sort of
 equal keys). Thread count: ``numba.get_num_threads()``, recorded by the bench.
+
+Key-value (:func:`argsort`, a stable argsort like the bench's ``--kv``): 32-bit keys are packed with their row
+index into one uint64 (``key << 32 | row``), so the same sample sort orders by key and then by row (stable, in
+both orders since descending flips the key, not the row); int64 keys carry their rows through the partition and
+each bucket is argsorted stably by numpy.
 """
 from __future__ import annotations
 
@@ -109,7 +114,71 @@ def _build():
                 off[b] += 1
         return out, starts
 
+    @njit(parallel=True, cache=True)
+    def pack_rows(k):  # uint32 keys -> (key << 32) | row
+        n = k.shape[0]
+        out = np.empty(n, dtype=np.uint64)
+        for i in prange(n):
+            out[i] = (np.uint64(k[i]) << np.uint64(32)) | np.uint64(i)
+        return out
+
+    @njit(parallel=True, cache=True)
+    def unpack_rows(p):
+        n = p.shape[0]
+        keys = np.empty(n, dtype=np.uint32)
+        rows = np.empty(n, dtype=np.int64)
+        for i in prange(n):
+            keys[i] = np.uint32(p[i] >> np.uint64(32))
+            rows[i] = np.int64(p[i] & np.uint64(0xFFFFFFFF))
+        return keys, rows
+
+    @njit(parallel=True, cache=True)
+    def gather_rows(k, nthreads):  # the partition's bucket order as row indices (stable within a bucket)
+        n = k.shape[0]
+        nb = 4
+        while nb < 4 * nthreads:
+            nb *= 2
+        step = max(1, n // (nb * 64))
+        sample = np.sort(k[::step])
+        splitters = np.empty(nb - 1, dtype=k.dtype)
+        for j in range(nb - 1):
+            splitters[j] = sample[(j + 1) * sample.shape[0] // nb]
+        nchunks = 4 * nthreads
+        counts = np.zeros((nchunks, nb), dtype=np.int64)
+        bucket = np.empty(n, dtype=np.int32)
+        for c in prange(nchunks):
+            lo, hi = c * n // nchunks, (c + 1) * n // nchunks
+            for i in range(lo, hi):
+                key = k[i]
+                b = 0
+                half = nb >> 1
+                while half > 0:
+                    if splitters[b + half - 1] <= key:
+                        b += half
+                    half >>= 1
+                bucket[i] = b
+                counts[c, b] += 1
+        offsets = np.zeros((nchunks, nb), dtype=np.int64)
+        starts = np.zeros(nb + 1, dtype=np.int64)
+        pos = 0
+        for b in range(nb):
+            starts[b] = pos
+            for c in range(nchunks):
+                offsets[c, b] = pos
+                pos += counts[c, b]
+        starts[nb] = pos
+        rows = np.empty(n, dtype=np.int64)
+        for c in prange(nchunks):
+            lo, hi = c * n // nchunks, (c + 1) * n // nchunks
+            off = offsets[c].copy()
+            for i in range(lo, hi):
+                b = bucket[i]
+                rows[off[b]] = i
+                off[b] += 1
+        return rows, starts
+
     _jit.update(to_key32=to_key32, from_key32=from_key32, key64=key64, partition=partition,
+                pack_rows=pack_rows, unpack_rows=unpack_rows, gather_rows=gather_rows,
                 get_num_threads=numba.get_num_threads)
 
 
@@ -146,3 +215,38 @@ def sort(x: np.ndarray, order: str = "asc") -> np.ndarray:
     k = _jit["to_key32"](x.view(np.uint32), code, desc)
     s = sample_sort(k, threads())
     return _jit["from_key32"](s, code, desc).view(x.dtype)
+
+
+def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
+    """(sorted keys, stable argsort as int64 rows) of ``x`` (reference.argsort semantics), on all numba threads."""
+    from gpulab.sort import reference as ref
+
+    K.check_array(x)
+    desc = K.check_order(order)
+    name = K.dtype_name(x)
+    if not _jit:
+        _build()
+    x = np.ascontiguousarray(x)
+    nthreads = threads()
+    if x.shape[0] < 65536 or nthreads < 2:
+        p = ref.argsort(x, order)
+        return x[p], p
+    if name == "int64":
+        k = _jit["key64"](x.view(np.uint64), desc)
+        rows, starts = _jit["gather_rows"](k, nthreads)
+
+        def bucket(b: int) -> None:
+            r = rows[starts[b]:starts[b + 1]]
+            r[:] = r[np.argsort(k[r], kind="stable")]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=nthreads) as pool:
+            list(pool.map(bucket, range(starts.shape[0] - 1)))
+        return x[rows], rows
+    if x.shape[0] >= 2**32:
+        raise ValueError("cpu-parallel key-value sort packs row indices into 32 bits: n must be < 2^32")
+    code = K.DTYPE_CODE[name]
+    k = _jit["to_key32"](x.view(np.uint32), code, desc)
+    keys, rows = _jit["unpack_rows"](sample_sort(_jit["pack_rows"](k), nthreads))
+    return _jit["from_key32"](keys, code, desc).view(x.dtype), rows

@@ -18,15 +18,16 @@ def gpulab(capsys, *args):
 def test_bench_writes_result(out_dir, capsys):
     code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", "--n", "3000", "--reps", "2",
                             "--dtype", "float32", "--order", "desc", "--kv",
-                            "--impl", "numpy,torch,bitonic-fused,bitonic-global")
+                            "--impl", "numpy,cpu-parallel,torch,bitonic-fused,bitonic-global")
     assert code == 0, err
     files = list(out_dir.glob("sort-bench-*.yaml"))
     assert len(files) == 1
     data = yaml.safe_load(files[0].read_text())
     assert data["ok"] is True
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"numpy", "torch", "bitonic-fused", "bitonic-global"}
+    assert set(rows) == {"numpy", "cpu-parallel", "torch", "bitonic-fused", "bitonic-global"}
     assert rows["numpy"]["correct"] is True and rows["numpy"]["median_ms"] > 0
+    assert rows["cpu-parallel"]["correct"] is True and "cpu-parallel.correct" in data["checks"]
     assert rows["torch"]["correct"] is True
     if data["device"]["backend"] == "cpu":  # the bitonic variants ran as their numpy model
         assert rows["bitonic-fused"]["status"] == "model only" and rows["bitonic-fused"]["correct"] is True

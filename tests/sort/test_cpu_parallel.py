@@ -26,5 +26,23 @@ def test_sample_sort_skewed_inputs(dist):
     assert ref.mismatch(cpu_parallel.sort(x), ref.sort(x)) is None
 
 
+@pytest.mark.parametrize("dtype", ["int32", "uint32", "float32", "int64"])
+@pytest.mark.parametrize("dist", ["uniform", "few-unique"])
+def test_key_value_sort_matches_stable_argsort(dtype, dist):
+    """Keys and rows equal numpy's stable argsort (ties in input order, both orders), past the parallel threshold."""
+    rng = np.random.default_rng(7)
+    for n in (0, 5, 70001):
+        x = make_data(n, dtype, dist, seed=n + 3)
+        if dtype == "float32" and n > 10:
+            x[rng.integers(0, n, 50)] = np.nan
+            x[:4] = [-0.0, 0.0, np.inf, -np.inf]
+        for order in ("asc", "desc"):
+            keys, rows = cpu_parallel.argsort(x, order)
+            want = ref.argsort(x, order)
+            assert rows.dtype == np.int64
+            assert ref.mismatch(rows, want) is None, (dtype, dist, n, order)
+            assert ref.mismatch(keys, ref.sort(x, order)) is None, (dtype, dist, n, order)
+
+
 def test_thread_count_is_positive():
     assert cpu_parallel.threads() >= 1
