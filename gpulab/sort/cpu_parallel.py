@@ -70,7 +70,8 @@ def _build():
         return out
 
     @njit(parallel=True, cache=True)
-    def partition(k, nthreads):
+    def buckets(k, nthreads):
+        """Bucket of each key (by splitters from a sorted sample), each chunk's write offsets and bucket starts."""
         n = k.shape[0]
         nb = 4
         while nb < 4 * nthreads:
@@ -104,6 +105,13 @@ def _build():
                 offsets[c, b] = pos
                 pos += counts[c, b]
         starts[nb] = pos
+        return bucket, offsets, starts
+
+    @njit(parallel=True, cache=True)
+    def partition(k, nthreads):  # keys scattered into their buckets
+        n = k.shape[0]
+        bucket, offsets, starts = buckets(k, nthreads)
+        nchunks = offsets.shape[0]
         out = np.empty_like(k)
         for c in prange(nchunks):
             lo, hi = c * n // nchunks, (c + 1) * n // nchunks
@@ -113,6 +121,21 @@ def _build():
                 out[off[b]] = k[i]
                 off[b] += 1
         return out, starts
+
+    @njit(parallel=True, cache=True)
+    def gather_rows(k, nthreads):  # row indices in bucket order (input order within a bucket)
+        n = k.shape[0]
+        bucket, offsets, starts = buckets(k, nthreads)
+        nchunks = offsets.shape[0]
+        rows = np.empty(n, dtype=np.int64)
+        for c in prange(nchunks):
+            lo, hi = c * n // nchunks, (c + 1) * n // nchunks
+            off = offsets[c].copy()
+            for i in range(lo, hi):
+                b = bucket[i]
+                rows[off[b]] = i
+                off[b] += 1
+        return rows, starts
 
     @njit(parallel=True, cache=True)
     def pack_rows(k):  # uint32 keys -> (key << 32) | row
@@ -131,51 +154,6 @@ def _build():
             keys[i] = np.uint32(p[i] >> np.uint64(32))
             rows[i] = np.int64(p[i] & np.uint64(0xFFFFFFFF))
         return keys, rows
-
-    @njit(parallel=True, cache=True)
-    def gather_rows(k, nthreads):  # the partition's bucket order as row indices (stable within a bucket)
-        n = k.shape[0]
-        nb = 4
-        while nb < 4 * nthreads:
-            nb *= 2
-        step = max(1, n // (nb * 64))
-        sample = np.sort(k[::step])
-        splitters = np.empty(nb - 1, dtype=k.dtype)
-        for j in range(nb - 1):
-            splitters[j] = sample[(j + 1) * sample.shape[0] // nb]
-        nchunks = 4 * nthreads
-        counts = np.zeros((nchunks, nb), dtype=np.int64)
-        bucket = np.empty(n, dtype=np.int32)
-        for c in prange(nchunks):
-            lo, hi = c * n // nchunks, (c + 1) * n // nchunks
-            for i in range(lo, hi):
-                key = k[i]
-                b = 0
-                half = nb >> 1
-                while half > 0:
-                    if splitters[b + half - 1] <= key:
-                        b += half
-                    half >>= 1
-                bucket[i] = b
-                counts[c, b] += 1
-        offsets = np.zeros((nchunks, nb), dtype=np.int64)
-        starts = np.zeros(nb + 1, dtype=np.int64)
-        pos = 0
-        for b in range(nb):
-            starts[b] = pos
-            for c in range(nchunks):
-                offsets[c, b] = pos
-                pos += counts[c, b]
-        starts[nb] = pos
-        rows = np.empty(n, dtype=np.int64)
-        for c in prange(nchunks):
-            lo, hi = c * n // nchunks, (c + 1) * n // nchunks
-            off = offsets[c].copy()
-            for i in range(lo, hi):
-                b = bucket[i]
-                rows[off[b]] = i
-                off[b] += 1
-        return rows, starts
 
     _jit.update(to_key32=to_key32, from_key32=from_key32, key64=key64, partition=partition,
                 pack_rows=pack_rows, unpack_rows=unpack_rows, gather_rows=gather_rows,
@@ -200,8 +178,8 @@ def sample_sort(k: np.ndarray, nthreads: int) -> np.ndarray:
     return out
 
 
-def sort(x: np.ndarray, order: str = "asc") -> np.ndarray:
-    """Sorted copy of ``x`` (numpy semantics, see reference.py) using all numba threads."""
+def _ordered_keys(x: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray, bool, int | None]:
+    """(contiguous x, its order-preserving unsigned keys, desc, 32-bit dtype code or None for int64)."""
     K.check_array(x)
     desc = K.check_order(order)
     name = K.dtype_name(x)
@@ -209,30 +187,31 @@ def sort(x: np.ndarray, order: str = "asc") -> np.ndarray:
         _build()
     x = np.ascontiguousarray(x)
     if name == "int64":
-        k = _jit["key64"](x.view(np.uint64), desc)
-        return _jit["key64"](sample_sort(k, threads()), desc).view(np.int64)
+        return x, _jit["key64"](x.view(np.uint64), desc), desc, None
     code = K.DTYPE_CODE[name]
-    k = _jit["to_key32"](x.view(np.uint32), code, desc)
-    s = sample_sort(k, threads())
-    return _jit["from_key32"](s, code, desc).view(x.dtype)
+    return x, _jit["to_key32"](x.view(np.uint32), code, desc), desc, code
+
+
+def sort(x: np.ndarray, order: str = "asc") -> np.ndarray:
+    """Sorted copy of ``x`` (numpy semantics, see reference.py) using all numba threads."""
+    x, k, desc, code = _ordered_keys(x, order)
+    if code is None:
+        return _jit["key64"](sample_sort(k, threads()), desc).view(np.int64)
+    return _jit["from_key32"](sample_sort(k, threads()), code, desc).view(x.dtype)
 
 
 def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
     """(sorted keys, stable argsort as int64 rows) of ``x`` (reference.argsort semantics), on all numba threads."""
     from gpulab.sort import reference as ref
 
-    K.check_array(x)
-    desc = K.check_order(order)
-    name = K.dtype_name(x)
-    if not _jit:
-        _build()
-    x = np.ascontiguousarray(x)
     nthreads = threads()
-    if x.shape[0] < 65536 or nthreads < 2:
+    if x.ndim == 1 and x.shape[0] < 65536 or nthreads < 2:
+        K.check_array(x)
+        K.check_order(order)
         p = ref.argsort(x, order)
         return x[p], p
-    if name == "int64":
-        k = _jit["key64"](x.view(np.uint64), desc)
+    x, k, desc, code = _ordered_keys(x, order)
+    if code is None:
         rows, starts = _jit["gather_rows"](k, nthreads)
 
         def bucket(b: int) -> None:
@@ -246,7 +225,5 @@ def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
         return x[rows], rows
     if x.shape[0] >= 2**32:
         raise ValueError("cpu-parallel key-value sort packs row indices into 32 bits: n must be < 2^32")
-    code = K.DTYPE_CODE[name]
-    k = _jit["to_key32"](x.view(np.uint32), code, desc)
     keys, rows = _jit["unpack_rows"](sample_sort(_jit["pack_rows"](k), nthreads))
     return _jit["from_key32"](keys, code, desc).view(x.dtype), rows
