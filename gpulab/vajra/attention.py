@@ -6,7 +6,8 @@ cache layer (``[num_blocks, 2, block_size, Hkv, D]``, NHD pages) and returns the
 ``[T, Hq, D]``.
 
 * ``torch``: the SDPA reference, sequence by sequence (any device; the CPU default).
-* ``triton``: the Triton paged-attention kernel (``paged_attention.py``); on the CPU only under
+* ``triton``: the Triton paged-attention kernels (``paged_attention.py``): the split-KV decode kernel
+  for decode-only steps, the general varlen kernel for prefill and mixed steps; on the CPU only under
   ``TRITON_INTERPRET=1`` (tests).
 * ``flashinfer``: BatchPrefill/BatchDecodeWithPagedKVCacheWrapper (GPU only, imported lazily).
 """
@@ -67,10 +68,19 @@ class TritonAttention(TorchAttention):
         return make_metadata(batch.query_lens, batch.context_lens, 1 if batch.is_decode_only else None)
 
     def __call__(self, q, k, v, cache_layer, batch, kv, state):
-        from gpulab.vajra.paged_attention import paged_attention
+        from gpulab.vajra.paged_attention import paged_attention, paged_decode_attention
 
         self.write(k, v, cache_layer, batch, kv)
+        if self.uses_decode_kernel(q, state):
+            return paged_decode_attention(q, cache_layer, batch.block_tables, state.context_lens, self.scale,
+                                          kv.k_scale, kv.v_scale)
         return paged_attention(q, cache_layer, batch.block_tables, state, self.scale, kv.k_scale, kv.v_scale)
+
+    @staticmethod
+    def uses_decode_kernel(q, state) -> bool:
+        """Decode-only step (every query length 1: max_query_len, known on the host without a sync for
+        a decode-only batch, and one token per sequence): the split-KV flash-decoding kernel."""
+        return state.max_query_len == 1 and q.shape[0] == state.query_lens.shape[0]
 
 
 class FlashInferAttention(TorchAttention):

@@ -6,6 +6,11 @@ size: each key position looks up its page). Query row r of a sequence with ``q``
 ``c`` cached tokens sits at position ``c - q + r`` and attends to keys at positions <= its own, so
 prefill chunks, decodes and mixed batches are one kernel. FP8 caches are decoded in registers
 (``stored * k_scale``). GQA: query head h reads KV head ``h // (Hq / Hkv)``.
+
+Decode-only batches (one new token per sequence) go to :func:`paged_decode_attention` instead, a
+flash-decoding kernel: one program per (sequence, KV head, KV split) whose rows are the query heads
+sharing that KV head, plus a log-sum-exp merge of the splits (see the section below). The general
+kernel stays for prefill chunks and mixed batches.
 """
 from __future__ import annotations
 
@@ -40,6 +45,38 @@ def make_metadata(query_lens: torch.Tensor, context_lens: torch.Tensor,
 
 
 @triton.jit
+def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
+                 s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
+                 PAGE: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, EBITS: tl.constexpr,
+                 MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over a tile of key positions ``kpos`` of sequence ``seq`` (KV head ``kvh``):
+    gather K/V through the block table (FP8 decoded in registers), scores masked by ``ok``, updated
+    (m_i, l_i, acc) in base 2."""
+    blk = tl.load(bt_ptr + seq * s_bt + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+    kp = (c_ptr + blk * s_cb + (kpos % PAGE) * s_cs + kvh * s_ch)[:, None] + d[None, :]
+    if FP8:
+        k = (_load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * k_scale).to(q.dtype)
+        v = (_load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * v_scale).to(q.dtype)
+    else:
+        k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(ok, s * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
                        s_qt, s_qh, s_ot, s_oh, s_cb, s_ckv, s_cs, s_ch, s_bt,
                        sm_scale_log2, k_scale, v_scale,
@@ -66,31 +103,10 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
         for start in range(0, kv_end, BN):
             kpos = start + tl.arange(0, BN)
             kmask = kpos < kv_end
-            blk = tl.load(bt_ptr + seq * s_bt + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-            base = c_ptr + blk * s_cb + (kpos % PAGE) * s_cs + kvh * s_ch
-            kp = base[:, None] + d[None, :]
-            if FP8:
-                k = (_load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * k_scale).to(q.dtype)
-                v = (_load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * v_scale).to(q.dtype)
-            else:
-                k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
-                v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * sm_scale_log2
             ok = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
+                                         s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
+                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE)
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(o_ptr + (q_start + rows)[:, None] * s_ot + h * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=rmask[:, None])
@@ -124,4 +140,207 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
                              float(scale) * 1.4426950408889634, float(k_scale), float(v_scale),
                              GROUP=hq // hkv, PAGE=page, D=d, BM=BM, BN=BN, FP8=fp8, NATIVE=native,
                              EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- decode
+#
+# Flash-decoding for decode-only batches (one new token per sequence, token i of the step belongs to
+# sequence i). One program per (sequence, KV head, KV split): its rows are the GROUP query heads that
+# share the KV head (padded to BH >= 16, the smallest tl.dot), so each K/V page is read once per KV
+# head, not GROUP times. The split's keys: the sequence's pages are cut into ``num_splits`` chunks of
+# ``_split_pages`` pages each, computed ON THE DEVICE from the sequence's own context length. The grid
+# (B, Hkv, num_splits) depends only on the batch size and the model, never on context lengths, so the
+# step is capturable in a CUDA graph and replays correctly after the lengths change, while every split
+# of a long sequence gets an equal share of its keys (a chunk fixed by the block-table width would
+# leave most splits idle when the table is as wide as max_model_len: 8192 pages for Llama-3.1).
+# A split past the context writes an empty partial (m = -inf, l = 0). The merge kernel combines the
+# partials of the non-empty splits with log-sum-exp weights; with one split the kernel writes the
+# output itself.
+
+DECODE_MAX_SPLITS = 32
+DECODE_CPU_SPLITS = 2  # interpreter / CPU: a fixed small value (tests pass num_splits themselves)
+
+
+@triton.jit
+def _split_pages(cl, NUM_SPLITS, PAGE: tl.constexpr, UNIT: tl.constexpr):
+    """Pages per split for a sequence of ``cl`` tokens: an equal share, rounded up to UNIT pages
+    (UNIT pages = one BN tile of keys when BN >= PAGE), at least UNIT."""
+    npages = (cl + PAGE - 1) // PAGE
+    per = (npages + NUM_SPLITS - 1) // NUM_SPLITS
+    per = (per + UNIT - 1) // UNIT * UNIT
+    return tl.maximum(per, UNIT)
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, cl_ptr, po_ptr, pml_ptr,
+                         s_qt, s_qh, s_ot, s_oh, s_cb, s_ckv, s_cs, s_ch, s_bt,
+                         s_pb, s_ph, s_ps, NUM_SPLITS,
+                         sm_scale_log2, k_scale, v_scale,
+                         GROUP: tl.constexpr, BH: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
+                         BN: tl.constexpr, UNIT: tl.constexpr, DIRECT: tl.constexpr, FP8: tl.constexpr,
+                         NATIVE: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                         IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    cl = tl.load(cl_ptr + seq)
+    per = _split_pages(cl, NUM_SPLITS, PAGE, UNIT)
+    k_lo = split * per * PAGE
+    k_hi = tl.minimum(cl, k_lo + per * PAGE)
+    r = tl.arange(0, BH)
+    rmask = r < GROUP
+    h = kvh * GROUP + r
+    d = tl.arange(0, D)
+    if k_lo < k_hi:
+        q = tl.load(q_ptr + seq * s_qt + h[:, None] * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        m_i = tl.full([BH], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BH], dtype=tl.float32)
+        acc = tl.zeros([BH, D], dtype=tl.float32)
+        for start in range(k_lo, k_hi, BN):
+            kpos = start + tl.arange(0, BN)
+            kmask = kpos < k_hi
+            m_i, l_i, acc = _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, kmask[None, :], d, m_i, l_i, acc,
+                                         s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
+                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE)
+        if DIRECT:
+            out = acc / tl.maximum(l_i, 1e-30)[:, None]
+            tl.store(o_ptr + seq * s_ot + h[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                     mask=rmask[:, None])
+        else:
+            pbase = seq * s_pb + h * s_ph + split * s_ps  # [BH]
+            tl.store(po_ptr + pbase[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+            tl.store(pml_ptr + pbase * 2, m_i, mask=rmask)
+            tl.store(pml_ptr + pbase * 2 + 1, l_i, mask=rmask)
+    else:  # past the context: an empty partial (the merge reads only the non-empty splits)
+        if DIRECT:
+            tl.store(o_ptr + seq * s_ot + h[:, None] * s_oh + d[None, :],
+                     tl.zeros([BH, D], dtype=o_ptr.dtype.element_ty), mask=rmask[:, None])
+        else:
+            pbase = seq * s_pb + h * s_ph + split * s_ps
+            tl.store(pml_ptr + pbase * 2, tl.full([BH], float("-inf"), tl.float32), mask=rmask)
+            tl.store(pml_ptr + pbase * 2 + 1, tl.zeros([BH], dtype=tl.float32), mask=rmask)
+
+
+@triton.jit
+def _decode_merge_kernel(o_ptr, cl_ptr, po_ptr, pml_ptr, s_ot, s_oh, s_pb, s_ph, s_ps, NUM_SPLITS,
+                         PAGE: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr, SP: tl.constexpr):
+    """One program per (sequence, query head): log-sum-exp merge of its non-empty split partials."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    cl = tl.load(cl_ptr + seq)
+    per = _split_pages(cl, NUM_SPLITS, PAGE, UNIT)
+    n_active = (cl + per * PAGE - 1) // (per * PAGE)  # splits whose chunk starts inside the context
+    sp = tl.arange(0, SP)
+    smask = sp < n_active
+    d = tl.arange(0, D)
+    pbase = seq * s_pb + h * s_ph + sp * s_ps
+    m = tl.load(pml_ptr + pbase * 2, mask=smask, other=float("-inf"))
+    l_s = tl.load(pml_ptr + pbase * 2 + 1, mask=smask, other=0.0)
+    acc = tl.load(po_ptr + pbase[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    m_max = tl.maximum(tl.max(m, axis=0), -1.0e30)  # finite even with no split (cl = 0)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    l_tot = tl.sum(l_s * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.maximum(l_tot, 1e-30)
+    tl.store(o_ptr + seq * s_ot + h * s_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:  # a host-side property query: no device sync (safe during graph capture)
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _decode_bn(device: torch.device) -> int:
+    return 64 if (device.type == "cuda" and not interpreted()) else 32
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, page: int, device: torch.device,
+                      BN: int | None = None) -> int:
+    """KV splits per (sequence, KV head): enough programs for about two per SM when batch x Hkv is
+    small, a power of two up to DECODE_MAX_SPLITS, at most one split per BN tile of the block table;
+    1 (no merge pass) once batch x Hkv alone fills the GPU. A fixed small value on the CPU/interpreter.
+    Depends only on the batch size, the model and the block-table width: graph-capturable."""
+    unit_pages = max(1, (BN or _decode_bn(device)) // page)
+    cap = max(1, min(DECODE_MAX_SPLITS, -(-max_blocks // unit_pages)))
+    if device.type != "cuda" or interpreted():
+        return max(1, min(DECODE_CPU_SPLITS, cap))
+    want = -(-2 * _sm_count(device) // max(1, batch * num_kv_heads))
+    s = 1
+    while s * 2 <= min(want, cap):
+        s *= 2
+    return s
+
+
+def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                           num_splits: int | None = None, BN: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, native: bool | None = None) -> torch.Tensor:
+    """Decode-only batch: q [B, Hq, D] (token i = the one new token of sequence i, whose K/V is already
+    in the cache at position context_lens[i] - 1) -> out [B, Hq, D]. cache [num_blocks, 2, page, Hkv, D];
+    block_tables int32 [B, max_blocks]; context_lens int32 [B] (on the device; never read on the host)."""
+    b, hq, d = q.shape
+    nb, two, page, hkv, d2 = cache.shape
+    if d2 != d or two != 2 or hq % hkv:
+        raise ValueError(f"paged decode attention: q {list(q.shape)} does not fit the cache {list(cache.shape)}")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"paged decode attention: head_dim must be a power of two >= 16, got {d}")
+    if context_lens.shape[0] != b or block_tables.shape[0] != b:
+        raise ValueError(f"paged decode attention: {b} queries but {context_lens.shape[0]} context lengths and "
+                         f"{block_tables.shape[0]} block-table rows (one new token per sequence)")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    cuda_native = cache.is_cuda and not interpreted()
+    if BN is None:
+        BN = _decode_bn(q.device)
+    if BN & (BN - 1) or BN < 16:
+        raise ValueError(f"paged decode attention: BN must be a power of two >= 16, got {BN}")
+    fp8 = cache.dtype in FORMATS
+    eb, mb_, bias = FORMATS.get(cache.dtype, (4, 3, 7))
+    native = cuda_native if native is None else native
+    c = cache.view(torch.uint8) if (fp8 and not native) else cache
+    bt = block_tables if (block_tables.dtype == torch.int32 and block_tables.is_contiguous()) \
+        else block_tables.to(torch.int32).contiguous()
+    cl = context_lens if (context_lens.dtype == torch.int32 and context_lens.is_contiguous()) \
+        else context_lens.to(torch.int32).contiguous()
+    group = hq // hkv
+    bh = max(16, triton.next_power_of_2(group))
+    unit = max(1, BN // page)
+    if num_splits is None:
+        num_splits = decode_num_splits(b, hkv, bt.shape[1], page, q.device, BN)
+    num_splits = int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"paged decode attention: num_splits must be >= 1, got {num_splits}")
+    direct = num_splits == 1
+    if direct:
+        po = pml = out  # unused
+        s_pb = s_ph = s_ps = 0
+    else:
+        po = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        pml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
+        s_pb, s_ph, s_ps = hq * num_splits, num_splits, 1  # in partial rows (D floats; 2 floats in pml)
+    kw = {}
+    if num_warps is not None:
+        kw["num_warps"] = num_warps
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    _paged_decode_kernel[(b, hkv, num_splits)](
+        q, out, c, bt, cl, po, pml,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        c.stride(0), c.stride(1), c.stride(2), c.stride(3), bt.stride(0),
+        s_pb, s_ph, s_ps, num_splits,
+        float(scale) * 1.4426950408889634, float(k_scale), float(v_scale),
+        GROUP=group, BH=bh, PAGE=page, D=d, BN=BN, UNIT=unit, DIRECT=direct, FP8=fp8, NATIVE=native,
+        EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32, **kw)
+    if not direct:
+        _decode_merge_kernel[(b, hq)](out, cl, po, pml, out.stride(0), out.stride(1), s_pb, s_ph, s_ps,
+                                      num_splits, PAGE=page, D=d, UNIT=unit,
+                                      SP=triton.next_power_of_2(num_splits))
     return out

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # vajra model side on a GPU (run from the repo root; $OUT = output folder). Budget: 150 s on an H100.
-#   1. GPU tests without flashinfer: native fp8 kernels, bf16 W8A16, Triton paged attention     (<= 50 s)
+#   1. GPU tests without flashinfer: native fp8 kernels, bf16 W8A16, Triton paged attention (varlen and
+#      split-KV decode kernels: bf16/fp8 accuracy, CUDA-graph replay with new context lengths)  (<= 50 s)
 #   2. flashinfer decode wrapper vs SDPA, bf16 KV (JIT build of the decode module, ~16 s)       (<= 35 s)
-#   3. kernel bench at Llama-3.1-8B shapes: bf16 / W8A8 / W8A16 / dequant GEMMs at M = 1, 16, 64, 512,
-#      decode step vs roofline (Triton attention, plus flashinfer when step 2 built its module)  (<= 55 s)
+#   3. kernel bench at Llama-3.1-8B shapes, first the decode attention kernels alone (one layer,
+#      CUDA-graph timed: Triton split-KV decode, Triton varlen, flashinfer decode when step 2 built
+#      its module; B = 1, 32, 256, contexts 1-2k, a 8192-page block table), then bf16 / W8A8 /
+#      W8A16 / dequant GEMMs at M = 1, 16, 64, 512, then the decode step vs roofline, eager and
+#      (Triton) as a CUDA graph                                                                  (<= 65 s)
 #   4. flashinfer decode with an fp8 KV cache (a second ~16 s JIT build), only if time is left
 # The W8A16 tiling sweep (~9 more Triton builds) is left out: gpulab serve-kernels --tilings runs it.
 # flashinfer's prefill wrapper (a ~75 s JIT build per KV dtype) is not built here: run
@@ -24,8 +28,8 @@ else
   rows+=("$(printf '%-26s %-8s' "flashinfer decode bf16" "no flashinfer")")
 fi
 # the bench's own budget stops starting new parts in time to save its YAML before the step's timeout
-kb_budget=$(( $(left) - 10 )); [ $kb_budget -gt 45 ] && kb_budget=45; [ $kb_budget -lt 5 ] && kb_budget=5
-table_step "kernel bench (8B shapes)" 55 "$OUT/vajra_model_bench.txt" \
+kb_budget=$(( $(left) - 10 )); [ $kb_budget -gt 55 ] && kb_budget=55; [ $kb_budget -lt 5 ] && kb_budget=5
+table_step "kernel bench (8B shapes)" 65 "$OUT/vajra_model_bench.txt" \
   "$PY" -m gpulab.vajra.kernel_bench --out "$OUT" --size full --reps 20 --no-tilings \
   --attention "$att" --budget-s $kb_budget
 if [ "$att" = "triton,flashinfer" ]; then
@@ -45,9 +49,18 @@ if not files:
 r = yaml.safe_load(open(files[-1]))
 gpu = ((r.get("device") or {}).get("gpu") or {}).get("name", "?")
 print(f"\n== vajra kernels on {gpu}: copy {r['metrics'].get('copy_bandwidth_gbs')} GB/s")
-print(f"{'gemm':12} {'M':>4} {'impl':16} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
+attn = [row for row in r["rows"] if row["gemm"] == "attn decode"]
+if attn:
+    print("decode attention, one layer (32 q / 8 kv heads, d 128, page 16; GB/s = KV bytes read):")
+    print(f"{'shape':22} {'B':>4} {'impl':18} {'us':>9} {'GB/s':>8} {'of copy':>8} {'splits':>6} timed")
+    for row in attn:
+        print(f"{row['N x K']:22} {row['M']:>4} {row['impl']:18} {row['ms'] * 1e3:>9.2f} {row['KV GB/s']:>8} "
+              f"{row.get('of copy', ''):>8} {row.get('splits', ''):>6} {row.get('timed', '')}")
+print(f"{'gemm':12} {'M':>4} {'impl':26} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
 for row in r["rows"]:
-    print(f"{row['gemm']:12} {row['M']:>4} {row['impl']:16} {row['ms']:>9} {row['weight GB/s']:>8} "
+    if row["gemm"] == "attn decode":
+        continue
+    print(f"{row['gemm']:12} {row['M']:>4} {row['impl']:26} {row['ms']:>9} {row.get('weight GB/s', ''):>8} "
           f"{row.get('of copy', ''):>8}")
 print("summary:", r["summary"], "| checks ok:", r["ok"])
 bad = [k for k, c in (r.get("checks") or {}).items() if not c.get("passed")]

@@ -1,0 +1,244 @@
+"""The split-KV Triton decode kernel (``paged_decode_attention``) against the SDPA reference, and the
+Triton backend's dispatch to it: under TRITON_INTERPRET=1 in fp32 on the CPU; bf16/fp8 accuracy and
+CUDA-graph replay after the context lengths change on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpulab.vajra import reference as R
+
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _decode_case(lens, page, hkv, group, d, dt=torch.float32, extra_cols=2, seed=0, device="cpu"):
+    """A paged cache holding ``lens[i]`` tokens of sequence i (its pages scattered), one query token per
+    sequence (the last cached one). -> q [B, Hq, D], cache, context_lens, block_tables, k_scale, v_scale."""
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    need = [(n + page - 1) // page for n in lens]
+    nblocks = sum(need) + 3
+    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
+    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
+    bt = torch.zeros(len(lens), max(need) + extra_cols, dtype=torch.int32)
+    ks, vs = (0.5, 0.25) if dt in (E4, E5) else (1.0, 1.0)
+    used = 0
+    for i, n in enumerate(need):
+        bt[i, :n] = perm[used:used + n]
+        used += n
+        pos = torch.arange(lens[i])
+        slots = bt[i, pos // page].long() * page + pos % page
+        R.write_kv(cache, torch.randn(lens[i], hkv, d, generator=g), torch.randn(lens[i], hkv, d, generator=g),
+                   slots, ks, vs)
+    q = torch.randn(len(lens), hkv * group, d, generator=g)
+    return q.to(device), cache.to(device), cl.to(device), bt.to(device), ks, vs
+
+
+def _reference(q, cache, cl, bt, ks, vs):
+    d = q.shape[-1]
+    return R.paged_attention(q, cache, torch.ones_like(cl), cl, bt, d ** -0.5, ks, vs)
+
+
+# (group, page, head_dim, BN): GQA 1/2/4, page 1 and 16 (BN below and above the page), head_dim 16 and 64
+SHAPES = [(1, 16, 16, 32), (2, 16, 16, 16), (4, 16, 16, 32), (4, 1, 16, 16), (2, 1, 64, 32), (4, 16, 64, 16)]
+
+
+@pytest.mark.parametrize("group,page,d,bn", SHAPES, ids=[f"g{g}-p{p}-d{d}-bn{b}" for g, p, d, b in SHAPES])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_decode_kernel_matches_sdpa(group, page, d, bn, splits):
+    """Lengths 1, exactly two pages, 37 and 100 in one batch: with several splits the short ones leave
+    splits empty (m = -inf, l = 0 partials the merge must ignore)."""
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    lens = [1, 2 * page, 37, 100]
+    q, cache, cl, bt, ks, vs = _decode_case(lens, page, hkv=2, group=group, d=d)
+    want = _reference(q, cache, cl, bt, ks, vs)
+    got = paged_decode_attention(q, cache, bt, cl, d ** -0.5, ks, vs, num_splits=splits, BN=bn, native=False)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 2e-5
+
+
+@pytest.mark.parametrize("dt", [E4, E5])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel_fp8_cache(dt, splits):
+    """FP8 KV cache (bytes decoded in the kernel, as under the interpreter), k/v scales applied."""
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    q, cache, cl, bt, ks, vs = _decode_case([1, 16, 45], 16, hkv=2, group=4, d=16, dt=dt)
+    want = _reference(q, cache, cl, bt, ks, vs)
+    got = paged_decode_attention(q, cache, bt, cl, 16 ** -0.5, ks, vs, num_splits=splits, native=False)
+    assert float((got - want).abs().max()) < 2e-5
+
+
+def test_decode_kernel_same_grid_new_lengths():
+    """What a CUDA-graph replay relies on: the same buffers, grid and split count (nothing read on the
+    host), new context lengths and queries written in place -> still the reference's output."""
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    q, cache, cl, bt, ks, vs = _decode_case([70, 70, 70], 8, hkv=2, group=2, d=16, extra_cols=0)
+    for lens, seed in (([70, 3, 41], 1), ([1, 64, 17], 2)):
+        cl.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)))
+        want = _reference(q, cache, cl, bt, ks, vs)
+        got = paged_decode_attention(q, cache, bt, cl, 16 ** -0.5, num_splits=4, BN=16, native=False)
+        assert float((got - want).abs().max()) < 2e-5
+
+
+def test_decode_num_splits_heuristic(monkeypatch):
+    """GPU policy (SM count faked): about two programs per SM while batch x Hkv is small, a power of two,
+    1 once batch x Hkv fills the GPU, capped by the block-table width; a fixed small value on the CPU."""
+    from gpulab.vajra import paged_attention as P
+
+    cpu = P.decode_num_splits(1, 8, 8192, 16, torch.device("cpu"))
+    assert cpu == P.DECODE_CPU_SPLITS
+    assert P.decode_num_splits(1, 8, 1, 16, torch.device("cpu")) == 1  # one page: one split
+    monkeypatch.setattr(P, "interpreted", lambda: False)
+    monkeypatch.setattr(P, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    got = {b: P.decode_num_splits(b, 8, 8192, 16, gpu, BN=64) for b in (1, 2, 4, 8, 16, 32, 33, 256)}
+    assert got == {1: 32, 2: 16, 4: 8, 8: 4, 16: 2, 32: 2, 33: 1, 256: 1}
+    assert P.decode_num_splits(1, 8, 8, 16, gpu, BN=64) == 2  # 8 pages = two BN tiles
+    assert P.decode_num_splits(1, 32, 8192, 16, gpu, BN=64) == 8  # MHA: 32 KV heads
+
+
+def test_decode_kernel_rejects_bad_input():
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    q, cache, cl, bt, ks, vs = _decode_case([5, 9], 4, hkv=2, group=2, d=16)
+    with pytest.raises(ValueError, match="one new token per sequence"):
+        paged_decode_attention(q[:1], cache, bt, cl, 0.25)
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_decode_attention(q[:, :3], cache, bt, cl, 0.25)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(q, cache, bt, cl, 0.25, num_splits=0)
+
+
+def _backend_step(ql, cl, page=4, hq=8, hkv=2, d=16, dt=torch.float32, decode_only=True, seed=0):
+    """One attention call through TritonAttention (it writes this step's K/V over the last ``ql[i]``
+    positions of each sequence, then attends), and the reference on the updated cache."""
+    from gpulab.vajra.attention import TritonAttention
+    from gpulab.vajra.interface import ForwardBatch, KVCache
+
+    _, cache, clt, bt, ks, vs = _decode_case(cl, page, hkv, hq // hkv, d, dt=dt, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t = sum(ql)
+    q = torch.randn(t, hq, d, generator=g)
+    k, v = torch.randn(t, hkv, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    pos = torch.cat([torch.arange(c - n, c) for n, c in zip(ql, cl)])
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(ql)])
+    slots = bt[seq, pos // page].long() * page + pos % page
+    qlt = torch.tensor(ql, dtype=torch.int32)
+    batch = ForwardBatch(torch.zeros(t, dtype=torch.long), pos, qlt, clt, slots, bt, is_decode_only=decode_only)
+    kv = KVCache([cache], page, cache.shape[0], cache.dtype, k_scale=ks, v_scale=vs)
+    be = TritonAttention(hq, hkv, d, scale=d ** -0.5, device=torch.device("cpu"))
+    state = be.begin(batch, kv)
+    assert be.uses_decode_kernel(q, state) == all(n == 1 for n in ql)
+    got = be(q, k, v, cache, batch, kv, state)
+    want = R.paged_attention(q, cache, qlt, clt, bt, d ** -0.5, ks, vs)
+    return got, want
+
+
+@pytest.mark.parametrize("dt", [torch.float32, E4])
+def test_triton_backend_dispatches_decode_to_the_split_kernel(dt, monkeypatch):
+    """A decode-only step goes through paged_decode_attention (max_query_len 1, no host read), a mixed
+    step through the varlen kernel; both give the reference's output after writing the step's K/V."""
+    import os
+
+    from gpulab.vajra import paged_attention as P
+
+    if os.environ.get("TRITON_INTERPRET", "") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    calls = []
+    real_decode, real_varlen = P.paged_decode_attention, P.paged_attention
+    monkeypatch.setattr(P, "paged_decode_attention", lambda *a, **k: calls.append("decode") or real_decode(*a, **k))
+    monkeypatch.setattr(P, "paged_attention", lambda *a, **k: calls.append("varlen") or real_varlen(*a, **k))
+    got, want = _backend_step([1, 1, 1], [1, 8, 30], dt=dt)
+    assert calls == ["decode"]
+    assert float((got - want).abs().max()) < 2e-5
+    calls.clear()
+    got, want = _backend_step([3, 1], [3, 21], dt=dt, decode_only=False)
+    assert calls == ["varlen"]
+    assert float((got - want).abs().max()) < 2e-5
+
+
+def test_kernel_bench_attention_rows_under_interpreter(out_dir):
+    """`serve-kernels --no-gemms --no-decode` under the interpreter: the decode-attention rows (tiny size)
+    run and check against the reference."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from gpulab.core import results
+    from gpulab.vajra.kernel_bench import app
+
+    if os.environ.get("TRITON_INTERPRET", "") != "1":
+        pytest.skip("the CPU run of the attention rows needs the Triton interpreter")
+    r = CliRunner().invoke(app, ["--size", "small", "--reps", "1", "--no-gemms", "--no-decode",
+                                 "--attention", "triton"])
+    assert r.exit_code == 0, r.output
+    rec = results.load(sorted(out_dir.glob("vajra-kernels-*.yaml"))[-1])
+    impls = {row["impl"] for row in rec["rows"] if row["gemm"] == "attn decode"}
+    assert impls == {"triton-decode", "triton-varlen", "triton-decode fp8"}
+    assert rec["ok"]
+
+
+# ---------------------------------------------------------------------------------------- GPU only
+
+
+def _lp_bound(got, want32, want_lp, slack=1e-3):
+    """flash-attention's test criterion: the kernel's error against the fp32 reference is at most twice
+    the error of the same reference run in low precision (plus a small absolute slack)."""
+    err = float((got.float() - want32).abs().max())
+    lp = float((want_lp.float() - want32).abs().max())
+    assert err <= 2 * lp + slack, (err, lp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv,group", [("bf16", 4), ("bf16", 1), ("fp8", 4)])
+def test_gpu_decode_kernel_bf16(kv, group):
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    dt = E4 if kv == "fp8" else torch.float32
+    lens = [1, 16, 333, 2048, 4000]
+    q, cache, cl, bt, ks, vs = _decode_case(lens, 16, hkv=8 // group, group=group, d=128,
+                                            dt=dt, device="cuda")
+    if kv == "bf16":
+        cache = cache.to(torch.bfloat16)
+    qb = q.to(torch.bfloat16)
+    want32 = _reference(qb.float(), cache, cl, bt, ks, vs)
+    want_lp = _reference(qb, cache, cl, bt, ks, vs)  # SDPA in bf16 on the same inputs
+    for splits in (None, 1, 7):
+        got = paged_decode_attention(qb, cache, bt, cl, 128 ** -0.5, ks, vs, num_splits=splits)
+        assert got.dtype == torch.bfloat16
+        _lp_bound(got, want32, want_lp)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_kernel_cuda_graph_replay_new_lengths():
+    """Capture one decode call (Llama-3.1-8B heads, a block table as wide as a long max_model_len) in a
+    CUDA graph, then change context lengths and queries in place and replay: the reference's output."""
+    from gpulab.vajra.paged_attention import paged_decode_attention
+
+    lens = [3000, 3000, 3000, 3000]
+    q, cache, cl, bt, ks, vs = _decode_case(lens, 16, hkv=8, group=4, d=128, extra_cols=300, device="cuda")
+    cache = cache.to(torch.bfloat16)
+    q = q.to(torch.bfloat16)
+    fn = lambda: paged_decode_attention(q, cache, bt, cl, 128 ** -0.5)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for new in ([3000, 1, 17, 2048], [1, 1, 1, 1], [16, 32, 1500, 2999]):
+        cl.copy_(torch.tensor(new, dtype=torch.int32, device="cuda"))
+        q.copy_(torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        want32 = _reference(q.float(), cache, cl, bt, ks, vs)
+        _lp_bound(out, want32, _reference(q, cache, cl, bt, ks, vs))
