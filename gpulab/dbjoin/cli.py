@@ -23,8 +23,9 @@ def bench(
     key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
     left: Optional[Path] = typer.Option(None, "--left", help="Left table file (.npz/.csv/.parquet: columns key, payload)."),
     right: Optional[Path] = typer.Option(None, "--right", help="Right table file (same format as --left)."),
-    impl: str = typer.Option("hash,hash-cpu,tensorcore,torch,pandas", "--impl",
-                             help="Comma-separated: hash (CUDA C), hash-cpu (numba model of it), tensorcore "
+    impl: str = typer.Option("hash,hash-graph,hash-cpu,tensorcore,torch,pandas", "--impl",
+                             help="Comma-separated: hash (CUDA C), hash-graph (the same prepared once and "
+                                  "replayed as one CUDA graph), hash-cpu (numba model of it), tensorcore "
                                   "(Triton), torch (sort+searchsorted), pandas (merge)."),
     count_only: bool = typer.Option(False, "--count-only", help="Count the output pairs instead of writing them."),
     reps: int = typer.Option(20, "--reps", help="Timed repetitions per implementation."),

@@ -1,17 +1,26 @@
 // gpulab join: a CUDA hash join (open addressing, linear probing), many-to-many, exact output size.
 //
+// Memory: one allocation holds the table (cap + 1 slots of 16 bytes) followed by HJ_COUNTERS 64-bit
+// counters: [0] grouped rows reserved, [1] output pairs, [2] slots holding more than one build row,
+// [3] unused. The host empties all of it with ONE cudaMemsetAsync(0): a slot's key field stores
+// the key XOR the empty marker (hj_enc), so an empty slot is all zero bytes (encoded key 0, count 0;
+// `row` is only read in slots with count >= 1, where the first inserter wrote it).
+//
 // Build (on the smaller table):
-//   hj_fill_*          every slot := {EMPTY, count 0, row -1}
 //   hj_insert_*        one thread per build row: claim the key's slot with atomicCAS (or find it), count += 1;
-//                      the row that takes count 0 -> 1 stores itself in the slot (the common, unique case).
+//                      the row that takes count 0 -> 1 stores itself in the slot (the common, unique case);
+//                      the row that takes count 1 -> 2 adds one to counters[2] (a duplicated build key).
 //   hj_group_alloc_*   for keys with count > 1, the owning row reserves a run of `count` entries
 //   hj_group_scatter   every row of such a key takes the next entry of that run with atomicAdd on its
 //                      offset (so slot_off ends one past the run: the run is grouped[off - count, off))
+//                      Both group kernels are grid-stride loops that return at once when counters[2] == 0
+//                      (unique build keys: then neither would do anything), so the host may launch them
+//                      with a small fixed grid, and inside a CUDA graph they cost about one launch each.
 // Probe:
 //   hj_probe_*         one thread per probe row finds its slot; a block-wide prefix sum of the match
 //                      counts and one atomicAdd per block reserve the output positions; pairs are written
 //                      while they fit in `capacity`. The counter always ends at the exact output size, so
-//                      the host re-runs only this kernel with that capacity when the first guess was short.
+//                      the host re-runs with that capacity when the first guess was short.
 //
 // The empty-slot marker is the key type's minimum value. A key equal to it is never stored in the
 // table: all such rows share one extra slot at index `cap` (its key field is unused), so that key
@@ -19,9 +28,12 @@
 // power of two; cap < 2^32.
 //
 // Compiled by NVRTC through cupy.RawModule at run time, and by nvcc in the CPU tests (no headers).
+// The Python launch arguments (hash_join_cuda.LAUNCH_ARGS) are checked against the extern "C"
+// signatures below by a CPU test.
 
 #define HJ_EMPTY_I32 (-2147483647 - 1)
 #define HJ_EMPTY_I64 (-9223372036854775807LL - 1LL)
+#define HJ_COUNTERS 4
 
 struct SlotI32 { int key; int count; int row; int pad; };
 struct SlotI64 { long long key; int count; int row; };
@@ -38,6 +50,12 @@ __device__ __forceinline__ unsigned int hj_hash64(long long key) {
     return (unsigned int)(h >> 32);
 }
 
+// The stored form of a key: key XOR empty marker (a bijection; the marker itself encodes to 0 = empty slot).
+__device__ __forceinline__ int hj_enc(int key) { return (int)((unsigned int)key ^ 0x80000000u); }
+__device__ __forceinline__ long long hj_enc(long long key) {
+    return (long long)((unsigned long long)key ^ 0x8000000000000000ull);
+}
+
 __device__ __forceinline__ unsigned int hj_home(unsigned int h, unsigned int cap) {
     return (unsigned int)(((unsigned long long)h * cap) >> 32);
 }
@@ -52,18 +70,9 @@ __device__ __forceinline__ long long hj_cas_key(long long* addr, long long expec
 }
 
 template <typename K, typename Slot>
-__device__ __forceinline__ void hj_fill(Slot* table, unsigned int cap, K empty) {
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i <= cap) {  // cap + 1 slots: the last one holds the rows whose key is the empty marker
-        Slot s;
-        s.key = empty; s.count = 0; s.row = -1;
-        table[i] = s;
-    }
-}
-
-template <typename K, typename Slot>
 __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slot* table, unsigned int cap,
-                                          unsigned int h, K empty, int* __restrict__ build_slot) {
+                                          unsigned int h, K empty, int* __restrict__ build_slot,
+                                          unsigned long long* counters) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     K k = keys[i];
@@ -71,39 +80,46 @@ __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slo
     if (k == empty) {
         s = cap;
     } else {
+        const K ek = hj_enc(k);  // != 0, since k != empty
         s = hj_home(h, cap);
         while (true) {
             K cur = *((volatile K*)&table[s].key);
-            if (cur == k) break;
-            if (cur == empty) {
-                K prev = hj_cas_key(&table[s].key, empty, k);
-                if (prev == empty || prev == k) break;
+            if (cur == ek) break;
+            if (cur == (K)0) {
+                K prev = hj_cas_key(&table[s].key, (K)0, ek);
+                if (prev == (K)0 || prev == ek) break;
             }
             s = (s + 1 == cap) ? 0u : s + 1;
         }
     }
     int c = atomicAdd(&table[s].count, 1);
     if (c == 0) table[s].row = i;
+    else if (c == 1) atomicAdd(&counters[2], 1ull);  // this key has a second build row: grouping needed
     build_slot[i] = (int)s;
 }
 
 template <typename Slot>
 __device__ __forceinline__ void hj_group_alloc(int n, const int* __restrict__ build_slot, const Slot* table,
                                                int* __restrict__ slot_off, unsigned long long* counters) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    int s = build_slot[i];
-    int c = table[s].count;
-    if (c > 1 && table[s].row == i) slot_off[s] = (int)atomicAdd(&counters[0], (unsigned long long)c);
+    if (counters[2] == 0ull) return;  // unique build keys: nothing to group
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int s = build_slot[i];
+        int c = table[s].count;
+        if (c > 1 && table[s].row == (int)i) slot_off[s] = (int)atomicAdd(&counters[0], (unsigned long long)c);
+    }
 }
 
 template <typename Slot>
 __device__ __forceinline__ void hj_group_scatter(int n, const int* __restrict__ build_slot, const Slot* table,
-                                                 int* slot_off, int* __restrict__ grouped) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    int s = build_slot[i];
-    if (table[s].count > 1) grouped[atomicAdd(&slot_off[s], 1)] = i;
+                                                 int* slot_off, int* __restrict__ grouped,
+                                                 const unsigned long long* counters) {
+    if (counters[2] == 0ull) return;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        int s = build_slot[i];
+        if (table[s].count > 1) grouped[atomicAdd(&slot_off[s], 1)] = (int)i;
+    }
 }
 
 __device__ __forceinline__ unsigned long long hj_warp_inclusive(unsigned long long v) {
@@ -150,12 +166,13 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
             s = cap;
             c = table[cap].count;
         } else {
+            const K ek = hj_enc(k);
             unsigned int h = sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k);
             s = hj_home(h, cap);
             while (true) {
                 K cur = table[s].key;
-                if (cur == k) { c = table[s].count; break; }
-                if (cur == empty) break;
+                if (cur == ek) { c = table[s].count; break; }
+                if (cur == (K)0) break;
                 s = (s + 1 == cap) ? 0u : s + 1;
             }
         }
@@ -174,12 +191,11 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
 }
 
 #define HJ_DEFINE(SUFFIX, K, SLOT, EMPTY, HASH)                                                                   \
-extern "C" __global__ void hj_fill_##SUFFIX(SLOT* table, unsigned int cap) { hj_fill<K, SLOT>(table, cap, EMPTY); } \
 extern "C" __global__ void hj_insert_##SUFFIX(const K* __restrict__ keys, int n, SLOT* table, unsigned int cap,  \
-                                              int* __restrict__ build_slot) {                                     \
+                                              int* __restrict__ build_slot, unsigned long long* counters) {      \
     int i = blockIdx.x * blockDim.x + threadIdx.x;                                                                \
     unsigned int h = i < n ? HASH(keys[i]) : 0u;                                                                  \
-    hj_insert<K, SLOT>(keys, n, table, cap, h, EMPTY, build_slot);                                                \
+    hj_insert<K, SLOT>(keys, n, table, cap, h, EMPTY, build_slot, counters);                                      \
 }                                                                                                                 \
 extern "C" __global__ void hj_group_alloc_##SUFFIX(int n, const int* __restrict__ build_slot, const SLOT* table, \
                                                    int* __restrict__ slot_off, unsigned long long* counters) {    \
@@ -187,8 +203,9 @@ extern "C" __global__ void hj_group_alloc_##SUFFIX(int n, const int* __restrict_
 }                                                                                                                 \
 extern "C" __global__ void hj_group_scatter_##SUFFIX(int n, const int* __restrict__ build_slot,                  \
                                                      const SLOT* table, int* slot_off,                           \
-                                                     int* __restrict__ grouped) {                                 \
-    hj_group_scatter<SLOT>(n, build_slot, table, slot_off, grouped);                                              \
+                                                     int* __restrict__ grouped,                                  \
+                                                     const unsigned long long* counters) {                       \
+    hj_group_scatter<SLOT>(n, build_slot, table, slot_off, grouped, counters);                                    \
 }                                                                                                                 \
 extern "C" __global__ void hj_probe_##SUFFIX(const K* __restrict__ keys, int n, const SLOT* __restrict__ table,  \
                                              unsigned int cap, const int* __restrict__ slot_off,                  \

@@ -3,6 +3,14 @@
 :class:`CudaHashJoin` builds on the smaller table and probes with the other; see hash_join.cu for
 the kernels. Inputs are torch or cupy device arrays of int32/int64 keys; the result holds cupy int32
 row-index arrays (or only the count). The only host synchronisation is reading the output size.
+
+:class:`HashJoinPlan` is the prepared form (a "prepared statement"): made once for fixed device key
+arrays, it allocates every buffer up front and captures the whole pipeline (one memset that empties
+the table and its counters, insert, the two grouping kernels, probe, and an 8-byte copy of the
+output size into pinned host memory) into one CUDA graph on its own stream; :meth:`HashJoinPlan.run`
+replays the graph and reads that count. The output arrays have capacity = probe rows (exact for unique
+build keys); when the count says more (duplicate build keys), the plan grows them to the exact size,
+re-captures and re-runs, so every result is exact.
 """
 from __future__ import annotations
 
@@ -19,7 +27,10 @@ from gpulab.dbjoin.reference import JoinResult
 SOURCE_PATH = Path(__file__).with_name("hash_join.cu")
 BLOCK = 256
 SLOT_BYTES = 16  # SlotI32 {key, count, row, pad} and SlotI64 {key, count, row}
+COUNTERS = 4  # uint64 after the slots (HJ_COUNTERS): [0] grouped rows, [1] output pairs, [2] duplicated keys
 KERNEL_REGEX = "hj_"
+KERNELS = ("insert", "group_alloc", "group_scatter", "probe")  # hj_<name>_i32 / hj_<name>_i64
+RESIDENT_BLOCKS_PER_SM = 2048 // BLOCK  # grid of the grid-stride group kernels: one wave of the device
 
 
 def source() -> str:
@@ -36,6 +47,34 @@ def table_capacity(n_build: int, load_factor: float) -> int:
     return cap
 
 
+def table_words(cap: int) -> int:
+    """uint64 words of the one allocation: cap + 1 slots of 16 bytes, then the COUNTERS counters."""
+    return (cap + 1) * SLOT_BYTES // 8 + COUNTERS
+
+
+# The argument tuple of every kernel, in the order of its extern "C" signature in hash_join.cu. Arrays are
+# passed as device pointers, scalars with these exact numpy types (a CPU test checks both against the .cu).
+def _args_insert(keys, n, table, cap, build_slot, counters):
+    return (keys, np.int32(n), table, np.uint32(cap), build_slot, counters)
+
+
+def _args_group_alloc(n, build_slot, table, slot_off, counters):
+    return (np.int32(n), build_slot, table, slot_off, counters)
+
+
+def _args_group_scatter(n, build_slot, table, slot_off, grouped, counters):
+    return (np.int32(n), build_slot, table, slot_off, grouped, counters)
+
+
+def _args_probe(keys, n, table, cap, slot_off, grouped, out_probe, out_build, capacity, counter, count_only):
+    return (keys, np.int32(n), table, np.uint32(cap), slot_off, grouped, out_probe, out_build,
+            np.uint64(capacity), counter, np.int32(count_only))
+
+
+LAUNCH_ARGS = {"insert": _args_insert, "group_alloc": _args_group_alloc, "group_scatter": _args_group_scatter,
+               "probe": _args_probe}
+
+
 @lru_cache(maxsize=1)
 def _module():
     try:
@@ -48,6 +87,19 @@ def _module():
     except cp.cuda.runtime.CUDARuntimeError:
         raise DeviceError("the CUDA hash join needs a CUDA GPU, and none is visible") from None
     return cp.RawModule(code=source(), options=("--std=c++17",))
+
+
+@lru_cache(maxsize=4)
+def _kernels(suffix: str) -> dict[str, Any]:
+    mod = _module()
+    return {name: mod.get_function(f"hj_{name}_{suffix}") for name in KERNELS}
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device: int) -> int:
+    import cupy as cp
+
+    return int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 
 
 def _as_cupy(a: Any):
@@ -66,6 +118,52 @@ def _grid(n: int) -> tuple[int]:
     return (max((n + BLOCK - 1) // BLOCK, 1),)
 
 
+def _group_grid(n: int) -> tuple[int]:
+    import cupy as cp
+
+    return (min(_grid(n)[0], _sm_count(cp.cuda.Device().id) * RESIDENT_BLOCKS_PER_SM),)
+
+
+def _prepare_keys(left_key: Any, right_key: Any):
+    """(suffix, swap, build, probe): cupy key arrays of one dtype, the build side the smaller one."""
+    import cupy as cp
+
+    lk, rk = _as_cupy(left_key), _as_cupy(right_key)
+    if lk.dtype != rk.dtype:
+        lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
+    if lk.dtype not in (cp.int32, cp.int64):
+        raise InputError(f"keys must be int32 or int64, got {lk.dtype}")
+    suffix = "i32" if lk.dtype == cp.int32 else "i64"
+    swap = len(rk) > len(lk)  # build on the smaller side
+    build, probe = (lk, rk) if swap else (rk, lk)
+    return suffix, swap, build, probe
+
+
+def _enqueue_build(k: dict[str, Any], build, table, cap: int, counters, build_slot, slot_off, grouped,
+                   stream_ptr: int) -> None:
+    """Empty the table and counters (one memset), then insert and group, on the current cupy stream."""
+    import cupy as cp
+
+    nb = len(build)
+    cp.cuda.runtime.memsetAsync(table.data.ptr, 0, table.nbytes, stream_ptr)
+    k["insert"](_grid(nb), (BLOCK,), _args_insert(build, nb, table, cap, build_slot, counters))
+    gg = _group_grid(nb)
+    k["group_alloc"](gg, (BLOCK,), _args_group_alloc(nb, build_slot, table, slot_off, counters))
+    k["group_scatter"](gg, (BLOCK,), _args_group_scatter(nb, build_slot, table, slot_off, grouped, counters))
+
+
+def _result(total: int, swap: bool, out_p, out_b) -> JoinResult:
+    out_p, out_b = out_p[:total], out_b[:total]
+    return JoinResult(total, out_b, out_p) if swap else JoinResult(total, out_p, out_b)
+
+
+def _empty_result(count_only: bool) -> JoinResult:
+    import cupy as cp
+
+    empty = cp.empty(0, cp.int32)
+    return JoinResult(0) if count_only else JoinResult(0, empty, empty)
+
+
 class CudaHashJoin:
     """Open-addressing hash join; ``join(left_keys, right_keys)`` -> :class:`JoinResult` of cupy arrays."""
 
@@ -74,57 +172,189 @@ class CudaHashJoin:
         self.retries = 0  # probes re-run because the first output capacity was short
 
     def join(self, left_key: Any, right_key: Any, count_only: bool = False) -> JoinResult:
-        mod = _module()  # a DeviceError without cupy or a GPU
+        _module()  # a DeviceError without cupy or a GPU
         import cupy as cp
 
-        lk, rk = _as_cupy(left_key), _as_cupy(right_key)
-        if lk.dtype != rk.dtype:
-            lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
-        if lk.dtype not in (cp.int32, cp.int64):
-            raise InputError(f"keys must be int32 or int64, got {lk.dtype}")
-        suffix = "i32" if lk.dtype == cp.int32 else "i64"
-        swap = len(rk) > len(lk)  # build on the smaller side
-        build, probe = (lk, rk) if swap else (rk, lk)
+        suffix, swap, build, probe = _prepare_keys(left_key, right_key)
         nb, npr = len(build), len(probe)
         if nb == 0 or npr == 0:
-            empty = cp.empty(0, cp.int32)
-            return JoinResult(0) if count_only else JoinResult(0, empty, empty)
+            return _empty_result(count_only)
+        k = _kernels(suffix)
         cap = table_capacity(nb, self.load_factor)
-        table = cp.empty((cap + 1) * SLOT_BYTES, dtype=cp.uint8)
+        table = cp.empty(table_words(cap), cp.uint64)  # slots, then the counters
+        counters = table[table_words(cap) - COUNTERS:]
+        counter = counters[1:2]
         build_slot = cp.empty(nb, cp.int32)
         slot_off = cp.empty(cap + 1, cp.int32)
         grouped = cp.empty(nb, cp.int32)
-        counters = cp.zeros(2, cp.uint64)  # [0] grouped rows reserved, [1] output pairs
-        ucap = np.uint32(cap)
-        mod.get_function(f"hj_fill_{suffix}")(_grid(cap + 1), (BLOCK,), (table, ucap))
-        mod.get_function(f"hj_insert_{suffix}")(_grid(nb), (BLOCK,), (build, np.int32(nb), table, ucap, build_slot))
-        mod.get_function(f"hj_group_alloc_{suffix}")(_grid(nb), (BLOCK,),
-                                                     (np.int32(nb), build_slot, table, slot_off, counters))
-        mod.get_function(f"hj_group_scatter_{suffix}")(_grid(nb), (BLOCK,),
-                                                       (np.int32(nb), build_slot, table, slot_off, grouped))
-        probe_fn = mod.get_function(f"hj_probe_{suffix}")
-        counter = counters[1:]
+        stream_ptr = cp.cuda.get_current_stream().ptr
+        _enqueue_build(k, build, table, cap, counters, build_slot, slot_off, grouped, stream_ptr)
 
-        def run_probe(capacity: int, out_p, out_b, count_flag: int) -> int:
-            counter.fill(0)
-            probe_fn(_grid(npr), (BLOCK,), (probe, np.int32(npr), table, ucap, slot_off, grouped, out_p, out_b,
-                                             np.uint64(capacity), counter, np.int32(count_flag)))
+        def run_probe(capacity: int, out_p, out_b, count_flag: int, reset: bool) -> int:
+            if reset:  # the first probe finds the counter zeroed by the table memset
+                cp.cuda.runtime.memsetAsync(counter.data.ptr, 0, 8, stream_ptr)
+            k["probe"](_grid(npr), (BLOCK,), _args_probe(probe, npr, table, cap, slot_off, grouped, out_p, out_b,
+                                                         capacity, counter, count_flag))
             return int(counter.get()[0])
 
         if count_only:
             dummy = cp.empty(1, cp.int32)
-            return JoinResult(run_probe(0, dummy, dummy, 1))
+            return JoinResult(run_probe(0, dummy, dummy, 1, False))
         capacity = npr  # exact whenever the build keys are unique; otherwise the counter says how many
         out_p, out_b = cp.empty(capacity, cp.int32), cp.empty(capacity, cp.int32)
-        total = run_probe(capacity, out_p, out_b, 0)
+        total = run_probe(capacity, out_p, out_b, 0, False)
         if total > capacity:
             check_output_size(total)
             self.retries += 1
             capacity = total
             out_p, out_b = cp.empty(capacity, cp.int32), cp.empty(capacity, cp.int32)
-            total = run_probe(capacity, out_p, out_b, 0)
-        out_p, out_b = out_p[:total], out_b[:total]
-        return JoinResult(total, out_b, out_p) if swap else JoinResult(total, out_p, out_b)
+            total = run_probe(capacity, out_p, out_b, 0, True)
+        return _result(total, swap, out_p, out_b)
+
+
+class HashJoinPlan:
+    """The hash join prepared for fixed device key arrays and replayed as one CUDA graph.
+
+    ``HashJoinPlan(left_key, right_key, load_factor, count_only)`` allocates the table (with its counters),
+    build_slot, slot_off, grouped, the output arrays (capacity = probe rows) and a pinned host word, then
+    captures memset -> insert -> group_alloc -> group_scatter -> probe -> copy of the output count to the
+    host into one graph on a stream of its own (blocking: ordered after earlier work on the legacy default
+    stream, which torch and cupy use by default). Nothing in the capture allocates or synchronises.
+
+    The plan binds the key *buffers*: :meth:`run` joins whatever they hold when it is called. It returns a
+    :class:`JoinResult` whose arrays are views of the plan's output buffers, valid until the next ``run()``
+    (copy them to keep them). When the count exceeds the output capacity (duplicate build keys), the
+    plan grows the outputs to the exact count, re-captures the graph and runs again (``retries`` counts
+    this); later runs of the same inputs then fit in one replay. If capture itself fails, ``graph`` is
+    None, ``graph_error`` says why, and ``run()`` launches the same pipeline on the plan's stream without
+    a graph (still exact).
+    """
+
+    def __init__(self, left_key: Any, right_key: Any, load_factor: float = 0.5, count_only: bool = False,
+                 use_graph: bool = True):
+        _module()  # a DeviceError without cupy or a GPU
+        import cupy as cp
+        import cupyx
+
+        self.load_factor = load_factor
+        self.count_only = bool(count_only)
+        self.use_graph = use_graph
+        self.retries = 0
+        self.graph = None
+        self.graph_error: str | None = None
+        self.suffix, self.swap, self._build, self._probe = _prepare_keys(left_key, right_key)
+        self.n_build, self.n_probe = len(self._build), len(self._probe)
+        self.empty = self.n_build == 0 or self.n_probe == 0
+        if self.empty:
+            return
+        self.cap = table_capacity(self.n_build, load_factor)
+        self._k = _kernels(self.suffix)
+        self._table = cp.empty(table_words(self.cap), cp.uint64)
+        self._counters = self._table[table_words(self.cap) - COUNTERS:]
+        self._counter = self._counters[1:2]
+        self._build_slot = cp.empty(self.n_build, cp.int32)
+        self._slot_off = cp.empty(self.cap + 1, cp.int32)
+        self._grouped = cp.empty(self.n_build, cp.int32)
+        self._host = cupyx.empty_pinned((1,), np.uint64)
+        self._host[0] = 0
+        _group_grid(self.n_build)  # caches the SM count: no device query is left for the capture
+        self.stream = cp.cuda.Stream()
+        self._alloc_outputs(0 if self.count_only else self.n_probe)
+        cp.cuda.Device().synchronize()  # the inputs are complete and no allocation is in flight
+        self._capture()
+
+    def _alloc_outputs(self, capacity: int) -> None:
+        import cupy as cp
+
+        self.capacity = capacity
+        self._out_p = cp.empty(max(capacity, 1), cp.int32)
+        self._out_b = cp.empty(max(capacity, 1), cp.int32)
+
+    def _enqueue(self) -> None:
+        """The whole pipeline on self.stream (captured into the graph, or launched directly)."""
+        import cupy as cp
+
+        s = self.stream
+        with s:
+            _enqueue_build(self._k, self._build, self._table, self.cap, self._counters, self._build_slot,
+                           self._slot_off, self._grouped, s.ptr)
+            self._k["probe"](_grid(self.n_probe), (BLOCK,),
+                             _args_probe(self._probe, self.n_probe, self._table, self.cap, self._slot_off,
+                                         self._grouped, self._out_p, self._out_b, self.capacity, self._counter,
+                                         int(self.count_only)))
+            cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, self._counter.data.ptr, 8,
+                                        cp.cuda.runtime.memcpyDeviceToHost, s.ptr)
+
+    def _capture(self) -> None:
+        self.graph = None
+        if not self.use_graph:
+            return
+        s = self.stream
+        err: Exception | None = None
+        graph = None
+        with s:
+            try:
+                s.begin_capture()
+            except Exception as e:  # noqa: BLE001 - reported through graph_error
+                err = e
+            else:
+                try:
+                    self._enqueue()
+                except Exception as e:  # noqa: BLE001
+                    err = e
+                try:  # always end the capture, also after a failed launch (that raises "invalidated")
+                    graph = s.end_capture()
+                except Exception as e:  # noqa: BLE001
+                    err = err or e
+        if err is not None or graph is None:
+            self.graph_error = f"{type(err).__name__}: {err}" if err is not None else "no graph was captured"
+            return
+        upload = getattr(graph, "upload", None)
+        if upload is not None:
+            upload(s)  # instantiate the work on the device now rather than at the first launch
+        self.graph = graph
+        self.graph_error = None
+
+    def _launch(self) -> int:
+        if self.graph is not None:
+            self.graph.launch(self.stream)
+        else:
+            self._enqueue()
+        self.stream.synchronize()
+        return int(self._host[0])
+
+    def run(self) -> JoinResult:
+        if self.empty:
+            return _empty_result(self.count_only)
+        total = self._launch()
+        if self.count_only:
+            return JoinResult(total)
+        while total > self.capacity:  # duplicate build keys: grow to the exact size, re-capture, re-run
+            check_output_size(total)
+            self.retries += 1
+            self._alloc_outputs(total)
+            self._capture()
+            total = self._launch()
+        return _result(total, self.swap, self._out_p, self._out_b)
+
+    def replay_times_ms(self, reps: int = 20) -> list[float]:
+        """GPU time of each graph replay in ms: CUDA events on the plan's stream between replays that are
+        queued back to back (no host synchronisation or count read between them), so host launch latency
+        is hidden. [] without a graph or for empty inputs. The outputs stay valid (every replay writes the
+        same pairs)."""
+        if self.empty or self.graph is None or reps < 1:
+            return []
+        import cupy as cp
+
+        s = self.stream
+        events = [cp.cuda.Event() for _ in range(reps + 1)]
+        self.graph.launch(s)  # one untimed replay first
+        events[0].record(s)
+        for e in events[1:]:
+            self.graph.launch(s)
+            e.record(s)
+        s.synchronize()
+        return [cp.cuda.get_elapsed_time(a, b) for a, b in zip(events[:-1], events[1:])]
 
 
 def check_output_size(total: int, limit_bytes: int | None = None) -> None:

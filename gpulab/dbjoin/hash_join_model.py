@@ -2,10 +2,12 @@
 
 Each ``_k_*`` function is one CUDA kernel with its thread loop written out; atomics become plain
 read-modify-writes because the threads run one after another. It runs the same table layout
-(capacity, fastrange home slot, linear probing, murmur3 finalizers, the extra slot for keys equal to
-the empty marker, grouped runs for duplicate build keys, block-aggregated output reservation with a
-checked capacity and re-run), so tests on this machine exercise the algorithm and its corner cases;
-the CUDA source itself is compiled by nvcc in the tests and run against pandas on a GPU.
+(capacity, fastrange home slot, linear probing, murmur3 finalizers, keys stored XOR the empty marker so
+that an all-zero table (the host's one memset) is empty, the extra slot for keys equal to the empty
+marker, the duplicated-key counter that lets the grouping kernels return at once for unique build keys,
+grouped runs for duplicate build keys, block-aggregated output reservation with a checked capacity and
+re-run), so tests on this machine exercise the algorithm and its corner cases; the CUDA source itself
+is compiled by nvcc in the tests and run against pandas on a GPU.
 """
 from __future__ import annotations
 
@@ -54,36 +56,34 @@ def _compile():
         return np.int64((h * np.uint64(cap)) >> np.uint64(32))
 
     @njit(cache=False)
-    def k_fill(t_key, t_count, t_row, cap, empty):
-        for i in range(cap + 1):  # thread i
-            t_key[i] = empty
-            t_count[i] = 0
-            t_row[i] = -1
-
-    @njit(cache=False)
-    def k_insert(keys, t_key, t_count, t_row, cap, empty, is64, build_slot):
+    def k_insert(keys, t_key, t_count, t_row, cap, empty, is64, build_slot, counters):
         for i in range(keys.shape[0]):  # thread i
             k = keys[i]
             if k == empty:
                 s = cap
             else:
+                ek = k ^ empty  # hj_enc: the stored form, 0 only for the empty marker
                 s = home(k, is64, cap)
                 while True:
                     cur = t_key[s]
-                    if cur == k:
+                    if cur == ek:
                         break
-                    if cur == empty:  # atomicCAS(&key, empty, k) succeeds
-                        t_key[s] = k
+                    if cur == 0:  # atomicCAS(&key, 0, ek) succeeds
+                        t_key[s] = ek
                         break
                     s = 0 if s + 1 == cap else s + 1
             c = t_count[s]  # atomicAdd(&count, 1)
             t_count[s] = c + 1
             if c == 0:
                 t_row[s] = i
+            elif c == 1:
+                counters[2] += 1  # a second build row of this key: grouping needed
             build_slot[i] = s
 
     @njit(cache=False)
     def k_group_alloc(build_slot, t_count, t_row, slot_off, counters):
+        if counters[2] == 0:  # unique build keys: the kernel returns at once
+            return
         for i in range(build_slot.shape[0]):
             s = build_slot[i]
             c = t_count[s]
@@ -92,7 +92,9 @@ def _compile():
                 counters[0] += c
 
     @njit(cache=False)
-    def k_group_scatter(build_slot, t_count, slot_off, grouped):
+    def k_group_scatter(build_slot, t_count, slot_off, grouped, counters):
+        if counters[2] == 0:
+            return
         for i in range(build_slot.shape[0]):
             s = build_slot[i]
             if t_count[s] > 1:
@@ -117,13 +119,14 @@ def _compile():
                         s = cap
                         c = t_count[cap]
                     else:
+                        ek = k ^ empty
                         s = home(k, is64, cap)
                         while True:
                             cur = t_key[s]
-                            if cur == k:
+                            if cur == ek:
                                 c = t_count[s]
                                 break
-                            if cur == empty:
+                            if cur == 0:
                                 break
                             s = 0 if s + 1 == cap else s + 1
                 cs[t] = c
@@ -153,7 +156,7 @@ def _compile():
                         out_build[pos + j] = grouped[start + j]
                 pos += c
 
-    _kernels = (k_fill, k_insert, k_group_alloc, k_group_scatter, k_probe)
+    _kernels = (k_insert, k_group_alloc, k_group_scatter, k_probe)
     return _kernels
 
 
@@ -164,9 +167,10 @@ class ModelHashJoin:
         self.load_factor = load_factor
         self.initial_capacity = initial_capacity  # tests force a short first guess to exercise the re-run
         self.retries = 0
+        self.last_dup_keys = 0  # counters[2] of the last build: build keys with more than one row
 
     def join(self, left_key: np.ndarray, right_key: np.ndarray, count_only: bool = False) -> JoinResult:
-        k_fill, k_insert, k_group_alloc, k_group_scatter, k_probe = _compile()
+        k_insert, k_group_alloc, k_group_scatter, k_probe = _compile()
         lk, rk = np.asarray(left_key), np.asarray(right_key)
         is64 = not (lk.dtype == np.int32 and rk.dtype == np.int32)
         empty = EMPTY_I64 if is64 else EMPTY_I32
@@ -178,17 +182,18 @@ class ModelHashJoin:
             e = np.empty(0, np.int32)
             return JoinResult(0) if count_only else JoinResult(0, e, e)
         cap = table_capacity(nb, self.load_factor)
-        t_key = np.empty(cap + 1, np.int64)
-        t_count = np.empty(cap + 1, np.int32)
-        t_row = np.empty(cap + 1, np.int32)
-        k_fill(t_key, t_count, t_row, cap, empty)
+        # the one memset of the table and its counters: all zero is an empty table
+        t_key = np.zeros(cap + 1, np.int64)
+        t_count = np.zeros(cap + 1, np.int32)
+        t_row = np.zeros(cap + 1, np.int32)
+        counters = np.zeros(3, np.int64)  # [0] grouped rows, [1] unused here (run_probe), [2] duplicated keys
         build_slot = np.empty(nb, np.int64)
-        k_insert(build, t_key, t_count, t_row, cap, empty, is64, build_slot)
-        slot_off = np.zeros(cap + 1, np.int64)
-        counters = np.zeros(2, np.int64)
+        k_insert(build, t_key, t_count, t_row, cap, empty, is64, build_slot, counters)
+        slot_off = np.zeros(cap + 1, np.int64)  # not reset on the GPU: only slots with count > 1 are read
         grouped = np.empty(nb, np.int32)
         k_group_alloc(build_slot, t_count, t_row, slot_off, counters)
-        k_group_scatter(build_slot, t_count, slot_off, grouped)
+        k_group_scatter(build_slot, t_count, slot_off, grouped, counters)
+        self.last_dup_keys = int(counters[2])
 
         def run_probe(capacity: int, count_flag: bool):
             out_p, out_b = np.empty(capacity, np.int32), np.empty(capacity, np.int32)

@@ -24,7 +24,7 @@ def test_bench_small_all_impls(out_dir):
     data = _result(out_dir)
     assert data["ok"] is True
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"hash", "hash-cpu", "tensorcore", "torch", "pandas"}
+    assert set(rows) == {"hash", "hash-graph", "hash-cpu", "tensorcore", "torch", "pandas"}
     ref = data["metrics"]["output_rows"]
     for impl in ("hash-cpu", "tensorcore", "torch", "pandas"):
         if "skipped" not in rows[impl]:
@@ -32,6 +32,26 @@ def test_bench_small_all_impls(out_dir):
     assert data["checks"]["hash-cpu"]["passed"]
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not data["device"]["gpu"]:
         assert "skipped" in rows["hash"] and any(n.startswith("hash: skipped") for n in data["notes"])
+        assert "skipped" in rows["hash-graph"] and any(n.startswith("hash-graph: skipped") for n in data["notes"])
+
+
+def test_bench_hash_graph_skipped_without_gpu(out_dir):
+    """Without cupy or a GPU, hash-graph (like hash) is one row with a one-line reason; the rest still runs."""
+    from gpulab.core import options
+
+    if options.cuda_available():
+        pytest.skip("a GPU is visible")
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "300", "--impl", "hash,hash-graph,torch,pandas",
+            "--reps", "1", "--warmup", "0"])
+    data = _result(out_dir)
+    assert data["ok"] is True
+    rows = {r["impl"]: r for r in data["rows"]}
+    for impl in ("hash", "hash-graph"):
+        why = rows[impl]["skipped"]
+        assert why and "\n" not in why and rows[impl]["correct"] is None
+        assert f"{impl}: skipped: {why}" in data["notes"]
+    assert rows["torch"]["correct"] is True and rows["pandas"]["correct"] is True
+    assert "hash-graph_ms" not in data["summary"]
 
 
 def test_bench_files_and_count_only(out_dir, tmp_path):
@@ -83,6 +103,8 @@ def test_gpu_only_impl_without_gpu(out_dir):
         pytest.skip("a GPU is visible")
     with pytest.raises(DeviceError, match="needs a CUDA GPU"):
         invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "hash"])
+    with pytest.raises(DeviceError, match="needs a CUDA GPU"):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "hash-graph,hash"])
 
 
 def test_experiment_file_validates():
@@ -91,3 +113,9 @@ def test_experiment_file_validates():
     data = exp.load_file(ROOT / "experiments" / "join_1m.yaml")
     invocations = exp.plan(data, source="join_1m.yaml")
     assert invocations and all(inv.words == ["join", "bench"] for inv in invocations)
+    from gpulab.dbjoin.bench import IMPLS
+
+    for run in data["runs"]:  # every impl named there exists, and hash-graph runs wherever hash does
+        impls = str(run["params"].get("impl", "")).split(",")
+        assert set(impls) <= set(IMPLS) | {""}, run["name"]
+        assert ("hash" in impls) == ("hash-graph" in impls), run["name"]

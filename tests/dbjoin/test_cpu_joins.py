@@ -62,3 +62,24 @@ def test_hash_model_rejects_bad_load_factor():
 
     with pytest.raises(InputError, match="load-factor"):
         ModelHashJoin(1.5).join(np.array([1]), np.array([1]))
+
+
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_hash_model_duplicated_key_counter(dt):
+    """counters[2] (build keys with more than one row) decides whether the grouping kernels do anything:
+    0 for unique build keys (they return at once), else the number of duplicated keys, also for the
+    empty-marker key's extra slot."""
+    from gpulab.dbjoin.hash_join_model import ModelHashJoin
+
+    def dup_keys(build):
+        _, counts = np.unique(build, return_counts=True)
+        return int((counts > 1).sum())
+
+    for name in ("unique-half", "sentinel", "zipf", "all-match", "sentinel-only", "no-match"):
+        lk, rk = CASES[dt][name]
+        m = ModelHashJoin()
+        _check(m.join(lk, rk), lk, rk)
+        build = lk if len(rk) > len(lk) else rk
+        assert m.last_dup_keys == dup_keys(build), name
+        if name == "unique-half":
+            assert m.last_dup_keys == 0

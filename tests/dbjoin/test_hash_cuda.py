@@ -1,4 +1,7 @@
-"""The CUDA C hash join: compiled by nvcc here (sm_90, sm_80); run against pandas on a GPU (-m gpu)."""
+"""The CUDA C hash join: compiled by nvcc here (sm_90, sm_80), its launch arguments checked against the
+kernel signatures; run against pandas on a GPU (-m gpu), eager (CudaHashJoin) and as a replayed CUDA graph
+(HashJoinPlan)."""
+import re
 import shutil
 import subprocess
 
@@ -6,13 +9,14 @@ import numpy as np
 import pytest
 
 from gpulab.dbjoin import reference, tables
+from gpulab.dbjoin import hash_join_cuda as hjc
 from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
 
 from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if shutil.os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-KERNELS = [f"hj_{k}_{t}" for k in ("fill", "insert", "group_alloc", "group_scatter", "probe") for t in ("i32", "i64")]
+KERNELS = [f"hj_{k}_{t}" for k in hjc.KERNELS for t in ("i32", "i64")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -27,15 +31,82 @@ def test_nvcc_compiles_every_kernel(arch, tmp_path):
         assert name.encode() in data, f"{name} missing from the {arch} cubin"
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_nvrtc_compiles_source(arch):
+    """What cupy.RawModule does at run time: NVRTC with --std=c++17 and no include path (skipped without
+    cuda-python's nvrtc binding or libnvrtc)."""
+    try:
+        from cuda.bindings import nvrtc
+
+        err, prog = nvrtc.nvrtcCreateProgram(SOURCE_PATH.read_bytes(), b"hash_join.cu", 0, [], [])
+    except Exception as e:  # noqa: BLE001 - no binding or no libnvrtc here
+        pytest.skip(f"NVRTC is unavailable ({type(e).__name__})")
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    opts = [b"--std=c++17", f"-arch={arch}".encode()]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(prog)
+    assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")[-2000:]
+
+
 def test_source_needs_no_headers():
     """NVRTC (cupy.RawModule) compiles it without a CUDA toolkit include path."""
     assert "#include" not in SOURCE_PATH.read_text()
 
 
-def test_without_gpu_is_a_device_error():
-    from gpulab.core.errors import DeviceError
-    from gpulab.dbjoin.hash_join_cuda import CudaHashJoin
+def _kernel_signatures() -> dict[str, list[str]]:
+    """{kernel: [kind of each parameter]} from the extern "C" definitions in HJ_DEFINE: ptr, i32, u32 or u64."""
+    text = SOURCE_PATH.read_text().replace("\\\n", "\n")
+    sigs = {}
+    for name, params in re.findall(r'extern "C" __global__ void hj_(\w+?)_##SUFFIX\((.*?)\)\s*\{', text, re.S):
+        kinds = []
+        for p in params.split(","):
+            words = p.split()
+            if "*" in p:
+                kinds.append("ptr")
+            elif words[:-1] == ["int"]:
+                kinds.append("i32")
+            elif words[:-1] == ["unsigned", "int"]:
+                kinds.append("u32")
+            elif words[:-1] == ["unsigned", "long", "long"]:
+                kinds.append("u64")
+            else:
+                raise AssertionError(f"hj_{name}: unexpected parameter {p.strip()!r}")
+        sigs[name] = kinds
+    return sigs
 
+
+def _arg_kind(a) -> str:
+    if isinstance(a, np.ndarray):
+        return "ptr"
+    return {np.dtype(np.int32): "i32", np.dtype(np.uint32): "u32", np.dtype(np.uint64): "u64"}[np.asarray(a).dtype]
+
+
+def test_launch_arguments_match_kernel_signatures():
+    """cupy passes RawKernel arguments unchecked: every argument tuple the host builds (eager and in the graph)
+    must have the count and scalar types of the kernel's C signature."""
+    sigs = _kernel_signatures()
+    assert set(sigs) == set(hjc.KERNELS) == set(hjc.LAUNCH_ARGS)
+    arr = np.zeros(4, np.int32)
+    for name, build_args in hjc.LAUNCH_ARGS.items():
+        n_params = build_args.__code__.co_argcount
+        # arrays for the array parameters, small ints for the scalar ones (the builder types them)
+        names = build_args.__code__.co_varnames[:n_params]
+        scalars = {"n", "cap", "capacity", "count_only"}
+        args = build_args(*[7 if p in scalars else arr for p in names])
+        assert [_arg_kind(a) for a in args] == sigs[name], name
+
+
+def test_counter_layout_matches_source():
+    text = SOURCE_PATH.read_text()
+    assert re.search(rf"#define HJ_COUNTERS {hjc.COUNTERS}\b", text)
+    assert hjc.table_words(10) * 8 == 11 * hjc.SLOT_BYTES + hjc.COUNTERS * 8
+    assert "hj_fill" not in text  # the table is emptied with one memset (keys stored XOR the empty marker)
+
+
+def _no_gpu_or_skip():
     try:
         import cupy as cp
 
@@ -45,8 +116,24 @@ def test_without_gpu_is_a_device_error():
         pass
     except Exception:
         pass
+
+
+def test_without_gpu_is_a_device_error():
+    from gpulab.core.errors import DeviceError
+    from gpulab.dbjoin.hash_join_cuda import CudaHashJoin
+
+    _no_gpu_or_skip()
     with pytest.raises(DeviceError):
         CudaHashJoin().join(np.array([1], np.int32), np.array([1], np.int32))
+
+
+def test_plan_without_gpu_is_a_device_error():
+    from gpulab.core.errors import DeviceError
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    _no_gpu_or_skip()
+    with pytest.raises(DeviceError):
+        HashJoinPlan(np.array([1], np.int32), np.array([1], np.int32))
 
 
 @pytest.mark.gpu
@@ -94,3 +181,97 @@ def test_cuda_hash_agrees_with_cpu_model_on_output_set():
     a = CudaHashJoin().join(cp.asarray(left.key), cp.asarray(right.key))
     b = ModelHashJoin().join(left.key, right.key)
     assert reference.compare(a, b, left.key, right.key)[0]
+
+
+def _host_copy(res):
+    """The result with its arrays copied to the host (a plan's arrays are views its next run overwrites)."""
+    if res.left is None:
+        return reference.JoinResult(res.count)
+    return reference.JoinResult(res.count, res.left.get(), res.right.get())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt,name", CASE_IDS)
+def test_plan_cases(dt, name):
+    """The graph-replayed plan == pandas on every corner case, twice in a row (replay), and count-only."""
+    import torch
+
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    lk, rk = CASES[dt][name]
+    lt, rt = torch.from_numpy(lk).cuda(), torch.from_numpy(rk).cuda()
+    plan = HashJoinPlan(lt, rt)
+    if not plan.empty:
+        assert plan.graph is not None, plan.graph_error
+    first = _host_copy(plan.run())
+    _check(first, lk, rk)
+    second = plan.run()  # a replay of the same graph
+    _check(second, lk, rk)
+    assert second.count == first.count
+    assert np.array_equal(reference.canonical(*first.numpy_pairs()), reference.canonical(*second.numpy_pairs()))
+    counted = HashJoinPlan(lt, rt, count_only=True)
+    assert counted.run().count == counted.run().count == reference.output_size(lk, rk)
+
+
+@pytest.mark.gpu
+def test_plan_duplicates_grow_once_then_replay():
+    """Duplicate build keys overflow the first capacity (probe rows): the plan re-runs exactly with a grown
+    output, re-captures, and the next replays fit without another retry."""
+    import cupy as cp
+
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    lk, rk = CASES["int32"]["all-match"]  # 40 x 30 rows of one key: 1200 pairs > 40 probe rows
+    plan = HashJoinPlan(cp.asarray(lk), cp.asarray(rk))
+    _check(plan.run(), lk, rk)
+    assert plan.retries == 1 and plan.capacity == 1200 and plan.graph is not None, plan.graph_error
+    _check(plan.run(), lk, rk)
+    assert plan.retries == 1
+
+
+@pytest.mark.gpu
+def test_plan_sees_new_contents_of_its_buffers():
+    """The plan binds the key buffers, not their values: rewriting them in place changes the next run."""
+    import cupy as cp
+
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    lk, rk = CASES["int64"]["unique-half"]
+    lc, rc = cp.asarray(lk), cp.asarray(rk)
+    plan = HashJoinPlan(lc, rc)
+    _check(plan.run(), lk, rk)
+    lk2 = np.full_like(lk, rk[0])  # the right keys are unique: every left row now matches exactly one row
+    lc[...] = cp.asarray(lk2)
+    _check(plan.run(), lk2, rk)
+
+
+@pytest.mark.gpu
+def test_plan_without_graph_is_the_same_pipeline():
+    import cupy as cp
+
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    lk, rk = CASES["int64"]["sentinel"]
+    plan = HashJoinPlan(cp.asarray(lk), cp.asarray(rk), use_graph=False)
+    assert plan.graph is None and plan.graph_error is None
+    _check(plan.run(), lk, rk)
+    assert plan.replay_times_ms(3) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt,dup,lf", [("int32", "unique", 0.5), ("int64", "zipf:0.9", 0.25)])
+def test_plan_large(dt, dup, lf):
+    import cupy as cp
+
+    from gpulab.dbjoin.hash_join_cuda import HashJoinPlan
+
+    n = 300_000 if dup == "unique" else 30_000
+    left, right = tables.generate(n, None if dup == "unique" else n // 2, 0.5, dup, 5, dt)
+    left.key[:7] = np.iinfo(dt).min  # planted empty-marker keys on both sides
+    right.key[-3:] = np.iinfo(dt).min
+    plan = HashJoinPlan(cp.asarray(left.key), cp.asarray(right.key), lf)
+    _check(_host_copy(plan.run()), left.key, right.key)
+    times = plan.replay_times_ms(3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    _check(plan.run(), left.key, right.key)  # still exact after the back-to-back replays
+    assert (plan.retries >= 1) == (dup != "unique")
