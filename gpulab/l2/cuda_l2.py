@@ -216,12 +216,18 @@ def compile_cubin(source: str, arch: int) -> bytes:
     err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
     if int(err) != 0:
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
+        log = _out_buffer(size)
         nvrtc.nvrtcGetProgramLog(prog, log)
         first = log.decode(errors="replace").strip().splitlines()[:1] or [getattr(err, "name", str(err))]
         raise DeviceError(f"NVRTC could not compile prefetch_l2.cu for sm_{arch}: {first[0]}")
     size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-    cubin = b" " * size
+    cubin = _out_buffer(size)
     _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
     nvrtc.nvrtcDestroyProgram(prog)
-    return cubin
+    return cubin[:size]
+
+
+def _out_buffer(size: int) -> bytes:
+    """A fresh bytes object for NVRTC to write into. Never ``b" " * size``: for size 1 that is CPython's
+    interned one-byte object, and NVRTC overwriting it corrupts every ``b" "`` in the process."""
+    return bytes(bytearray(max(int(size), 2)))

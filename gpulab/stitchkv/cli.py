@@ -286,6 +286,7 @@ def tiny(
     vocab: int = typer.Option(1024, "--vocab"),
     pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
     pretrain_batch: int = typer.Option(32, "--pretrain-batch"),
+    pretrain_lr: float = typer.Option(3e-3, "--pretrain-lr", help="Peak AdamW learning rate of the pair's pretraining."),
     seq_len: int = typer.Option(128, "--seq-len"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
@@ -302,14 +303,15 @@ def tiny(
     """pretrain a tiny pair -> train both stages -> eval, in one command (one record, kvstitch-tiny)."""
     _quiet_transformers()
     with _tiny_models_threads(_device()):
-        rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, steps,
-                    lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed)
+        rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
+                    steps, lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len,
+                    goal_gap, seed)
     rec.save()
     rec.print()
 
 
-def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, steps, lora_steps,
-          batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
+def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len, steps,
+          lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
@@ -319,7 +321,8 @@ def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain
     t0 = time.perf_counter()
     wd = workdir / f"seed{seed}"
     shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
-    pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, 3e-3, seed)
+    pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
+                    seed)
     t1 = time.perf_counter()
     tr = _train(_train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, run=wd / "run",
                            stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment,
