@@ -39,8 +39,8 @@ for SEED in 0 1 2; do
   if [ "$LEFT" -lt 30 ]; then echo "seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
   timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --workdir /tmp/kvstitch-tiny \
     --data "$DATA" --large-size tiny-large --small-size tiny-small --vocab 1024 --pretrain-steps 800 \
-    --pretrain-batch 32 --seq-len 128 --steps 200 --lora-steps 200 --batch 16 --prompt-len 64 --cont-len 32 \
-    --prompts 32 --gen-len 32 --goal-gap 0.5 --seed "$SEED" 2>&1 | grep -vE "step [0-9]+:" | tail -12
+    --pretrain-batch 32 --pretrain-lr 1e-3 --seq-len 128 --steps 200 --lora-steps 200 --batch 16 --prompt-len 64 --cont-len 32 \
+    --prompts 256 --gen-len 32 --goal-gap 0.5 --seed "$SEED" 2>&1 | grep -vE "step [0-9]+:" | tail -12
   echo "seed $SEED exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
 done
 
@@ -61,7 +61,7 @@ timeout 8 "$PY" - "$OUT" <<'PYEOF'
 import glob, statistics, sys, yaml
 files = sorted(glob.glob(f"{sys.argv[1]}/kvstitch-tiny-*.yaml"))
 print(f"\n== kvstitch tiny: {len(files)} seed(s)")
-print(f"{'seed':>4} {'small':>7} {'large':>7} {'st-warm':>7} {'st-lora':>7} {'gapL':>6} {'gapNLL':>6} "
+print(f"{'seed':>4} {'small':>7} {'large':>7} {'st-warm':>7} {'st-lora':>7} {'gapL':>6} {'L-S ci95':>17} {'gapNLL':>6} "
       f"{'nll s/l/lora':>17} {'ttft st ms':>10} {'tpot st ms':>10} ok")
 gaps = []
 for f in files:
@@ -72,7 +72,8 @@ for f in files:
     gaps.append(g)
     st = r.get("stitched-lora", r["stitched-warmup"])
     print(f"{s['seed']:>4} {r['small']['rougeL']:7.4f} {r['large']['rougeL']:7.4f} {r['stitched-warmup']['rougeL']:7.4f} "
-          f"{st['rougeL']:7.4f} {g if g is None else round(g, 3)!s:>6} {str(round(s['gap_recovered_nll'] or 0, 3)):>6} "
+          f"{st['rougeL']:7.4f} {g if g is None else round(g, 3)!s:>6} {str(s.get('gap_ci95')):>17} "
+          f"{str(round(s['gap_recovered_nll'] or 0, 3)):>6} "
           f"{r['small']['ref_nll']:5.3f}/{r['large']['ref_nll']:5.3f}/{st['ref_nll']:5.3f} "
           f"{st['ttft_ms']:10.2f} {st['tpot_ms']:10.3f} {d['ok']}")
     failed = [k for k, c in d["checks"].items() if not c["passed"]]

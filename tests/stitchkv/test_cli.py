@@ -61,6 +61,15 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
     assert rows["stitched-lora"]["kv_bytes_per_seq"] == rows["small"]["kv_bytes_per_seq"]
     assert rows["stitched-lora"]["kv_bytes_per_seq"] < rows["large"]["kv_bytes_per_seq"]
     assert "stitched-lora" in out and "rougeL" in out
+    # paired-bootstrap intervals over the 5 prompts; a gap whose interval holds 0 is flagged, never claimed
+    ci = rec["metrics"]["rougeL_ci95"]
+    assert set(ci) == {"large_minus_small", "stitched-lora_minus_small", "gap_recovered"}
+    lo, hi = rec["summary"]["gap_ci95"]
+    assert rec["summary"]["gap_significant"] == (lo is not None and lo > 0)
+    if lo is not None:
+        assert lo <= ci["large_minus_small"]["value"] <= hi
+    if not rec["summary"]["gap_significant"]:
+        assert any("not clearly above 0" in n for n in rec["notes"])
 
 
 def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):
