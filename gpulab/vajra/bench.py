@@ -150,6 +150,11 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
            "total_tok_s": (n_out + sum(s.prompt_len for s in seqs)) / duration,
            "preemptions": engine.scheduler.num_preemptions, "steps": len(engine.step_log),
            "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs)}
+    # the engine's CPU work per step (schedule, batch building, bookkeeping): on a GPU it is not overlapped
+    # with the model, so it adds to every step; host_share = its part of the whole run
+    host_dec = [st["host_ms"] for st in engine.step_log if st["decode_only"]]
+    res["host_ms_decode_median"] = pct(host_dec, 0.5) if host_dec else None
+    res["host_share"] = sum(st["host_ms"] for st in engine.step_log) / (duration * 1e3) if duration > 0 else None
     res.update(stats("ttft", ttft))
     res.update(stats("tpot", tpot))
     res.update(stats("itl", itl))

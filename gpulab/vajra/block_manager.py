@@ -52,6 +52,10 @@ class BlockManager:
         """Extra blocks ``seq_id`` needs to hold ``num_tokens`` tokens in total."""
         return max(0, self.blocks_for(num_tokens) - len(self._tables.get(seq_id, ())))
 
+    def has_room(self, seq_id: int, num_tokens: int) -> bool:
+        """``seq_id``'s blocks already hold ``num_tokens`` tokens (most decode steps: nothing to allocate)."""
+        return num_tokens <= len(self._tables.get(seq_id, ())) * self.block_size
+
     def can_allocate(self, seq_id: int, num_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_needed(seq_id, num_tokens) + reserve <= len(self._free)
 

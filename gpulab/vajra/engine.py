@@ -208,6 +208,7 @@ class LLMEngine:
         if sched.empty:
             return []
         batch = self._build_batch(sched)
+        t_built = time.perf_counter()
         with torch.inference_mode():
             if sched.is_decode_only and self.graphs is not None and self.graphs.fits(batch.num_seqs):
                 logits = self.graphs.run(batch)
@@ -228,8 +229,12 @@ class LLMEngine:
         for seq, tok in zip(seqs, tokens):
             outs.append(self._append(seq, int(tok), now))
         if self.step_log is not None:
+            # host_ms: scheduling + batch building + token bookkeeping/detokenization, the CPU work around
+            # the model call (ms - host_ms: the model call and sampling, which wait for the device)
+            done = time.perf_counter()
             self.step_log.append({"tokens": sched.num_tokens, "seqs": len(sched.scheduled),
                                   "decode_only": sched.is_decode_only, "ms": (now - t0) * 1e3,
+                                  "host_ms": ((t_built - t0) + (done - now)) * 1e3,
                                   "preempted": len(sched.preempted)})
         return outs
 
@@ -265,14 +270,21 @@ class LLMEngine:
         qlens: list[int] = []
         clens: list[int] = []
         tables: list[list[int]] = []
+        bs = bm.block_size
         for s in sched.scheduled:
             seq, start, n = s.seq, s.start, s.num_tokens
-            ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += bm.slots(seq.seq_id, start, start + n)
+            table = bm.table(seq.seq_id)
+            if n == 1:  # decode: one token, one slot
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.token_ids[start:start + n]
+                pos += range(start, start + n)
+                slots += bm.slots(seq.seq_id, start, start + n)
             qlens.append(n)
             clens.append(start + n)
-            tables.append(bm.table(seq.seq_id))
+            tables.append(table)
         import numpy as np
 
         width = max(len(t) for t in tables)

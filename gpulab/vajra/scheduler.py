@@ -168,6 +168,12 @@ class Scheduler:
                 i += 1
                 continue
             target = seq.num_computed + 1
+            if self.bm.has_room(seq.seq_id, target):  # the common case: the last block has a free slot
+                out.append(ScheduledSeq(seq, 1, seq.num_computed, True))
+                done.add(seq.seq_id)
+                budget -= 1
+                i += 1
+                continue
             while not self.bm.can_allocate(seq.seq_id, target):
                 victim = self.running[-1]
                 if victim.seq_id in done:  # only unscheduled sequences can be preempted

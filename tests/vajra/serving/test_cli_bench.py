@@ -26,6 +26,7 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
     for k in ("ttft_p99_ms", "tpot_median_ms", "itl_mean_ms", "e2e_p99_ms", "decode_b1_ms", "roofline_frac"):
         assert v[k] > 0
     assert rec["summary"]["fp8_over_bf16"] > 0
+    assert v["host_ms_decode_median"] > 0 and 0 < v["host_share"] <= 1  # the engine's own CPU time per step
 
 
 def test_generate_prints_greedy_text(tiny_llama, capsys):
