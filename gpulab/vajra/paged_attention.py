@@ -112,16 +112,22 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
                  mask=rmask[:, None])
 
 
+def _check_shapes(what: str, q: torch.Tensor, cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """q [T, Hq, D] against cache [num_blocks, 2, page, Hkv, D] -> (T, Hq, D, page, Hkv); ValueError otherwise."""
+    t, hq, d = q.shape
+    nb, two, page, hkv, d2 = cache.shape
+    if d2 != d or two != 2 or hq % hkv:
+        raise ValueError(f"{what}: q {list(q.shape)} does not fit the cache {list(cache.shape)}")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"{what}: head_dim must be a power of two >= 16, got {d}")
+    return t, hq, d, page, hkv
+
+
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, meta: AttnMetadata,
                     scale: float, k_scale: float = 1.0, v_scale: float = 1.0, BM: int | None = None,
                     BN: int = 32, native: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; cache [num_blocks, 2, page, Hkv, D]; block_tables int32 [B, max_blocks]."""
-    t, hq, d = q.shape
-    nb, two, page, hkv, d2 = cache.shape
-    if d2 != d or two != 2 or hq % hkv:
-        raise ValueError(f"paged attention: q {list(q.shape)} does not fit the cache {list(cache.shape)}")
-    if d & (d - 1) or d < 16:
-        raise ValueError(f"paged attention: head_dim must be a power of two >= 16, got {d}")
+    t, hq, d, page, hkv = _check_shapes("paged attention", q, cache)
     out = torch.empty_like(q)
     b = meta.query_lens.shape[0]
     if b == 0 or meta.max_query_len == 0:
@@ -283,12 +289,7 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     """Decode-only batch: q [B, Hq, D] (token i = the one new token of sequence i, whose K/V is already
     in the cache at position context_lens[i] - 1) -> out [B, Hq, D]. cache [num_blocks, 2, page, Hkv, D];
     block_tables int32 [B, max_blocks]; context_lens int32 [B] (on the device; never read on the host)."""
-    b, hq, d = q.shape
-    nb, two, page, hkv, d2 = cache.shape
-    if d2 != d or two != 2 or hq % hkv:
-        raise ValueError(f"paged decode attention: q {list(q.shape)} does not fit the cache {list(cache.shape)}")
-    if d & (d - 1) or d < 16:
-        raise ValueError(f"paged decode attention: head_dim must be a power of two >= 16, got {d}")
+    b, hq, d, page, hkv = _check_shapes("paged decode attention", q, cache)
     if context_lens.shape[0] != b or block_tables.shape[0] != b:
         raise ValueError(f"paged decode attention: {b} queries but {context_lens.shape[0]} context lengths and "
                          f"{block_tables.shape[0]} block-table rows (one new token per sequence)")
