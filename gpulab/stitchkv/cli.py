@@ -119,7 +119,7 @@ def _train(cfg: dict, ctx=None):
     rec = Record(name="kvstitch-train", config={**cfg, "device": device})
     rec.metrics = {"alignment": res["align"], "large_shape": res["large_shape"], "small_shape": res["small_shape"],
                    "distributed": res.get("distributed")}
-    for st in ("warmup", "lora"):
+    for st in ("warmup", "lora", "lora_control"):
         if st in res:
             r = res[st]
             rec.metrics[st] = r
@@ -161,6 +161,9 @@ def train(
     ridge: float = typer.Option(1e-3, "--ridge", help="Ridge strength, relative to the mean feature energy."),
     ckpt_every: int = typer.Option(50, "--ckpt-every", help="Checkpoint every N steps (0: only at stage end)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 (model weights)."),
+    lora_control: bool = typer.Option(True, "--lora-control/--no-lora-control",
+                                      help="After stage 2, train the same LoRA on the small model alone (no "
+                                           "stitches) as the control that eval compares stitched-lora with."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train the stitches (stage 1) and LoRA + stitches end to end (stage 2); rerun to resume.
@@ -176,7 +179,8 @@ def train(
                             lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input, init=init,
                             loss=loss, batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=lr,
                             lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                            ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype, seed=seed), ctx)
+                            ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype,
+                            lora_control=lora_control, seed=seed), ctx)
         if ctx.world > 1:
             rec.notes.append(f"{ctx.world} ranks ({ctx.backend}): DDP, each rank {batch // ctx.world} of every "
                              f"global batch of {batch}; losses are means over the ranks")
@@ -329,7 +333,7 @@ def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain
                            stitch_input=stitch_input, init="ls", loss="mse", batch=batch, prompt_len=prompt_len,
                            cont_len=cont_len, lr=1e-3, lora_lr=1e-3, lora_r=8, lora_alpha=16,
                            lora_targets="q_proj,k_proj,v_proj,o_proj", ls_batches=4, ridge=1e-3, ckpt_every=0,
-                           dtype="float32", seed=seed))
+                           dtype="float32", lora_control=True, seed=seed))
     t2 = time.perf_counter()
     rec = evaluate(wd / "run", _device(), prompts, prompt_len, gen_len, batch, None, goal_gap, name="kvstitch-tiny")
     rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {"steps": steps, "lora_steps": lora_steps}})

@@ -4,6 +4,8 @@ large-only, stitched after stage 1 and stitched after stage 2, plus the interpol
 Variants: ``small`` and ``large`` prefill and decode alone; ``stitched-warmup`` and
 ``stitched-lora``: the large model prefills and emits the first token, the stitched cache is
 handed over, the small model (with its stage-2 LoRA for ``stitched-lora``) decodes the rest.
+``small-lora`` (when the run trained the control): the small model alone with the control LoRA, trained
+like stage 2 but without stitches; stitched-lora minus small-lora is what the stitched cache adds.
 ROUGE-1/2/L are F-measures (rouge-score, Porter stemming) of the decoded continuation against the
 reference text, averaged over prompts. ``ref_nll`` is the teacher-forced mean negative
 log-likelihood per token of the reference continuation along the same path (a low-noise
@@ -302,6 +304,18 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         rec.rows.append(row)
     else:
         rec.notes.append("stage 2 (lora) not trained in this run folder: no stitched-lora row")
+    if (run / "lora-control" / "adapter").is_dir():
+        # the control: the same LoRA training on the small model alone (a fresh copy: the stage-2 adapter
+        # above was applied to pair.small in place)
+        from gpulab.stitchkv.models import load_model
+        from gpulab.stitchkv.train import load_lora_control
+
+        log("eval: small-lora (control)")
+        small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),
+                                               checked=True), run / "lora-control", device)
+        row, samples["small-lora"], items["small-lora"] = run_variant(
+            "small-lora", pair, small_c, None, bt, pair.tokenizer, ref_texts, gen_len, device)
+        rec.rows.append(row)
 
     by = {r["variant"]: r for r in rec.rows}
     large_bytes = by["large"]["kv_bytes_per_seq"]
@@ -310,7 +324,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     best = "stitched-lora" if "stitched-lora" in by else "stitched-warmup"
     gaps = {}
     for metric in ("rougeL", "ref_nll"):
-        for v in ("stitched-warmup", "stitched-lora"):
+        for v in ("stitched-warmup", "stitched-lora", "small-lora"):
             if v in by:
                 gaps[f"{v}:{metric}"] = gap_fraction(by["small"][metric], by["large"][metric], by[v][metric])
     # paired bootstrap over prompts (95%): is the small-to-large ROUGE-L gap real, and how much does the
@@ -326,6 +340,10 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
                    "stitched_rougeL": by[best]["rougeL"], "stitched": best, "gap_recovered_rougeL": gap_l,
                    "gap_ci95": [None if x is None else round(x, 5) for x in (gap_ci["lo"], gap_ci["hi"])], "gap_significant": significant,
                    "gap_recovered_nll": gaps.get(f"{best}:ref_nll")}
+    if "small-lora" in by and best == "stitched-lora":
+        # what the stitched cache adds beyond the LoRA training itself (> 0: stitching helps)
+        rec.summary["stitch_gain_nll_over_lora_control"] = by["small-lora"]["ref_nll"] - by[best]["ref_nll"]
+        ci["stitched-lora_minus_small-lora"] = paired_bootstrap(items, lambda m: m["stitched-lora"] - m["small-lora"])
     rec.metrics["kv_handover_vs_large"] = by[best]["kv_vs_large"]
     sm, lg, st = by["small"]["rougeL"], by["large"]["rougeL"], by[best]["rougeL"]
     rec.metrics["interpolates_rougeL"] = bool(min(sm, lg) <= st <= max(sm, lg))

@@ -334,7 +334,70 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         results["lora"] = {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
                            "loss_last": hist[-1] if hist else None, "loss_history": hist,
                            "seconds": time.perf_counter() - t0}
+        if cfg.get("lora_control", False):
+            results["lora_control"] = train_lora_control(cfg, batches, ctx, device, log, run / "lora-control")
     return results
+
+
+def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
+    """Mean cross-entropy of cont[:, 1:] when ``model`` reads prompt + cont[:, :-1] itself (its own cache):
+    the same targets as :func:`lm_loss_stitched`, without the stitches."""
+    import torch
+    import torch.nn.functional as F
+
+    seq = torch.cat([prompt, cont[:, :-1]], 1)
+    logits = model(input_ids=seq, use_cache=False).logits[:, prompt.shape[1]:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1))
+
+
+def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str, log: Any, folder: Path
+                       ) -> dict[str, Any]:
+    """The control of stage 2: the same LoRA (targets, rank, lr, steps, batches) on a fresh copy of the small
+    model, trained on the same continuations from its own prompt cache, without stitches. Stage 2 also
+    fine-tunes the small model on the corpus, so a stitched model that beats small-only may owe that to the
+    LoRA training alone; ``kvstitch eval`` compares stitched-lora with this small-lora control."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from gpulab.stitchkv.distributed import ddp
+    from gpulab.stitchkv.models import load_model
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    base = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"), checked=True)
+    targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
+    model = get_peft_model(base, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=targets,
+                                            lora_dropout=0.0, bias="none"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=0.0)
+    wrapped = ddp(model, ctx)
+    it = batches(2, 0)  # the stage-2 batches, in the same order
+    hist: list[float] = []
+    for step in range(cfg["lora_steps"]):
+        prompt, cont = next(it)
+        loss = lm_loss_own(wrapped, prompt, cont)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append(ctx.mean(float(loss.detach())))
+        if not math.isfinite(hist[-1]):
+            raise InputError(f"lora-control loss became {hist[-1]} at step {step}; lower --lora-lr")
+        if step % max(1, cfg["lora_steps"] // 10) == 0:
+            log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
+    if ctx.is_main:
+        with atomic.build_folder(folder) as tmp:
+            model.save_pretrained(str(tmp / "adapter"))
+    ctx.barrier()
+    return {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
+            "loss_last": hist[-1] if hist else None, "loss_history": hist, "seconds": time.perf_counter() - t0}
+
+
+def load_lora_control(small: Any, folder: Path, device: Any = "cpu") -> Any:
+    """The small model with the control LoRA adapter (``train_lora_control``) applied."""
+    from peft import PeftModel
+
+    if not (folder / "adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{folder}: no control LoRA adapter")
+    return PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
 
 
 def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:

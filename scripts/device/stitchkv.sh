@@ -76,6 +76,9 @@ for f in files:
           f"{str(round(s['gap_recovered_nll'] or 0, 3)):>6} "
           f"{r['small']['ref_nll']:5.3f}/{r['large']['ref_nll']:5.3f}/{st['ref_nll']:5.3f} "
           f"{st['ttft_ms']:10.2f} {st['tpot_ms']:10.3f} {d['ok']}")
+    if "small-lora" in r:
+        print(f"     control small-lora: rougeL {r['small-lora']['rougeL']:.4f} nll {r['small-lora']['ref_nll']:.3f}; "
+              f"stitch gain over it (nll) {s.get('stitch_gain_nll_over_lora_control')}")
     failed = [k for k, c in d["checks"].items() if not c["passed"]]
     if failed:
         print("     failed checks:", ", ".join(failed))

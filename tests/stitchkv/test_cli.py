@@ -54,7 +54,7 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
                                                         "cached_decode_matches_no_cache_reference",
                                                         "stitched_cache_shapes_match_small"}
     rows = {r["variant"]: r for r in rec["rows"]}
-    assert set(rows) == {"small", "large", "stitched-warmup", "stitched-lora"}
+    assert set(rows) == {"small", "large", "stitched-warmup", "stitched-lora", "small-lora"}  # + the LoRA control
     for r in rows.values():
         assert 0.0 <= r["rougeL"] <= 1.0 and r["ref_nll"] > 0 and r["ttft_ms"] > 0 and r["tpot_ms"] > 0
     # the stitched cache is the small model's cache: same bytes, and fewer than the large model's
@@ -63,7 +63,10 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
     assert "stitched-lora" in out and "rougeL" in out
     # paired-bootstrap intervals over the 5 prompts; a gap whose interval holds 0 is flagged, never claimed
     ci = rec["metrics"]["rougeL_ci95"]
-    assert set(ci) == {"large_minus_small", "stitched-lora_minus_small", "gap_recovered"}
+    assert set(ci) == {"large_minus_small", "stitched-lora_minus_small", "gap_recovered",
+                       "stitched-lora_minus_small-lora"}
+    assert rec["summary"]["stitch_gain_nll_over_lora_control"] == pytest.approx(
+        rows["small-lora"]["ref_nll"] - rows["stitched-lora"]["ref_nll"])
     lo, hi = rec["summary"]["gap_ci95"]
     assert rec["summary"]["gap_significant"] == (lo is not None and lo > 0)
     if lo is not None:

@@ -110,3 +110,28 @@ def test_run_folder_of_another_pair_is_refused(pair_dirs, corpus_file, tmp_path)
     T.train(cfg_for(pair_dirs, corpus_file, run, steps=1), "cpu", log=lambda m: None)
     with pytest.raises(InputError, match="stitch_input"):
         T.train(cfg_for(pair_dirs, corpus_file, run, steps=1, stitch_input="kv"), "cpu", log=lambda m: None)
+
+
+def test_lora_control_trains_the_same_lora_without_stitches(pair_dirs, corpus_file, tmp_path):
+    """The control adapter: same targets/rank as stage 2, on a fresh small model, loss on the same targets."""
+    import torch
+
+    from gpulab.stitchkv.models import load_model
+    from gpulab.stitchkv.train import lm_loss_own, load_lora_control, train
+
+    run = tmp_path / "run"
+    res = train(cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=3, lora_control=True), "cpu",
+                log=lambda m: None)
+    assert res["lora_control"]["steps"] == 3 and len(res["lora_control"]["loss_history"]) == 3
+    small = load_model(pair_dirs[1], "small")
+    prompt = torch.randint(2, 300, (2, 7))
+    cont = torch.randint(2, 300, (2, 5))
+    with torch.no_grad():
+        base = float(lm_loss_own(small, prompt, cont))
+        # lm_loss_own is the teacher-forced loss of cont[:, 1:] after prompt + cont[:, :-1]
+        lg = small(input_ids=torch.cat([prompt, cont], 1)).logits[:, prompt.shape[1]:-1]
+        ref = float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), cont[:, 1:].reshape(-1)))
+        assert abs(base - ref) < 1e-5
+        ctrl = load_lora_control(load_model(pair_dirs[1], "small"), run / "lora-control")
+        assert float(lm_loss_own(ctrl, prompt, cont)) != base  # the adapter changed the model
+    assert (run / "lora" / "adapter").is_dir()  # stage 2 itself untouched
