@@ -338,8 +338,8 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     significant = gap_ci["lo"] is not None and gap_ci["lo"] > 0
     rec.summary = {"small_rougeL": by["small"]["rougeL"], "large_rougeL": by["large"]["rougeL"],
                    "stitched_rougeL": by[best]["rougeL"], "stitched": best, "gap_recovered_rougeL": gap_l,
-                   "gap_ci95": [None if x is None else round(x, 5) for x in (gap_ci["lo"], gap_ci["hi"])], "gap_significant": significant,
-                   "gap_recovered_nll": gaps.get(f"{best}:ref_nll")}
+                   "gap_ci95": [None if x is None else round(x, 5) for x in (gap_ci["lo"], gap_ci["hi"])],
+                   "gap_significant": significant, "gap_recovered_nll": gaps.get(f"{best}:ref_nll")}
     if "small-lora" in by and best == "stitched-lora":
         # what the stitched cache adds beyond the LoRA training itself (> 0: stitching helps)
         rec.summary["stitch_gain_nll_over_lora_control"] = by["small-lora"]["ref_nll"] - by[best]["ref_nll"]
