@@ -160,6 +160,16 @@ def rank_batches(corpus: Any, cfg: dict[str, Any], seed: int, skip: int, rank: i
         yield p, c
 
 
+def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int, what: str, lr_flag: str) -> None:
+    """Backward + update; the loss (mean over ranks) joins ``hist``; a non-finite loss is a one-line error."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    hist.append(ctx.mean(float(loss.detach())))
+    if not math.isfinite(hist[-1]):
+        raise InputError(f"{what} loss became {hist[-1]} at step {step}; lower {lr_flag}")
+
+
 def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dict[str, Any]:
     p = run / "run.yaml"
     if p.is_file():
@@ -262,12 +272,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             for step in range(start, cfg["steps"]):
                 prompt, _ = next(it)
                 loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                hist.append(ctx.mean(float(loss.detach())))
-                if not math.isfinite(hist[-1]):
-                    raise InputError(f"warmup loss became {hist[-1]} at step {step}; lower --lr")
+                _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr")
                 if step % max(1, cfg["steps"] // 10) == 0:
                     log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
                 if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
@@ -315,12 +320,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         for step in range(start, cfg["lora_steps"]):
             prompt, cont = next(it)
             loss = lm_loss_stitched(pair.large, small, bank, prompt, cont, module=wrapped)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            hist.append(ctx.mean(float(loss.detach())))
-            if not math.isfinite(hist[-1]):
-                raise InputError(f"lora loss became {hist[-1]} at step {step}; lower --lora-lr")
+            _optimizer_step(opt, loss, ctx, hist, step, "lora", "--lora-lr")
             if step % max(1, cfg["lora_steps"] // 10) == 0:
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
             if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
@@ -375,12 +375,7 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     for step in range(cfg["lora_steps"]):
         prompt, cont = next(it)
         loss = lm_loss_own(wrapped, prompt, cont)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.append(ctx.mean(float(loss.detach())))
-        if not math.isfinite(hist[-1]):
-            raise InputError(f"lora-control loss became {hist[-1]} at step {step}; lower --lora-lr")
+        _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr")
         if step % max(1, cfg["lora_steps"] // 10) == 0:
             log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
     if ctx.is_main:
