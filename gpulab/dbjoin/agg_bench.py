@@ -92,23 +92,13 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
         elif impl == "torch":
             add_row(name, device, lambda: A.torch_aggregate(*t_in, mode=mode))
         elif impl == "tensorcore":
-            mode_t = B._triton_mode(device)
-            if mode_t is None:
-                skip(name, "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)")
+            plan = B.tensorcore_plan(name, device, cfg, rec, max(nl, nr))
+            if isinstance(plan, str):
+                skip(name, plan)
                 continue
+            dtype, interp = plan
             from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
 
-            dtype = cfg.tc_dtype
-            interp = mode_t == "interpret"
-            if interp:
-                if max(nl, nr) > cfg.max_interpret_rows:
-                    skip(name, f"no GPU; the Triton interpreter runs only up to --max-interpret-rows "
-                               f"{cfg.max_interpret_rows} rows")
-                    continue
-                if dtype != "fp32":
-                    rec.notes.append(f"{name}: the Triton interpreter has no {dtype}; ran fp32 codes")
-                    dtype = "fp32"
-                rec.notes.append(f"{name}: ran under TRITON_INTERPRET=1 (CPU); its time is not a GPU number")
             tc = TensorCoreAggregate(dtype, cfg.tc_block, mode=mode)
             add_row(name, device, lambda: tc.aggregate(*t_in), r=1 if interp else reps,
                     w=0 if interp else warmup, extra={"code_dtype": dtype, "partitions": None})

@@ -111,6 +111,23 @@ def _triton_mode(device: str) -> str | None:
     return "interpret"
 
 
+def tensorcore_plan(name: str, device: str, cfg: Any, rec: Any, rows: int) -> tuple[str, bool] | str:
+    """(code dtype, interpreted) for a Triton tensor-core impl here, or why it must be skipped. Under the
+    interpreter (no GPU): only up to --max-interpret-rows and fp32 codes, each said in a note."""
+    mode = _triton_mode(device)
+    if mode is None:
+        return "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)"
+    dtype = cfg.tc_dtype
+    if mode == "interpret":
+        if rows > cfg.max_interpret_rows:
+            return f"no GPU; the Triton interpreter runs only up to --max-interpret-rows {cfg.max_interpret_rows} rows"
+        if dtype != "fp32":
+            rec.notes.append(f"{name}: the Triton interpreter has no {dtype}; ran fp32 codes")
+            dtype = "fp32"
+        rec.notes.append(f"{name}: ran under TRITON_INTERPRET=1 (CPU); its time is not a GPU number")
+    return dtype, mode == "interpret"
+
+
 def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
     """Build the record (not yet saved); ``cfg.aggregate`` count|sum runs the join-aggregate instead."""
     if cfg.aggregate != "none":
@@ -250,24 +267,14 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                 rec.notes.append(f"hash-graph: CUDA graph capture failed ({plan.graph_error}); timed the same "
                                  "prepared pipeline launched without a graph")
         elif impl == "tensorcore":
-            mode = _triton_mode(device)
-            if mode is None:
-                skip(impl, "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)")
+            plan = tensorcore_plan(impl, device, cfg, rec, max(nl, nr))
+            if isinstance(plan, str):
+                skip(impl, plan)
                 continue
+            dtype, interp = plan
             from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
 
-            dtype = cfg.tc_dtype
-            if mode == "interpret":
-                if max(nl, nr) > cfg.max_interpret_rows:
-                    skip(impl, f"no GPU; the Triton interpreter runs only up to --max-interpret-rows "
-                               f"{cfg.max_interpret_rows} rows")
-                    continue
-                if dtype != "fp32":
-                    rec.notes.append(f"tensorcore: the Triton interpreter has no {dtype}; ran fp32 codes")
-                    dtype = "fp32"
-                rec.notes.append("tensorcore: ran under TRITON_INTERPRET=1 (CPU); its time is not a GPU number")
             tc = TensorCoreJoin(dtype, cfg.tc_block)
-            interp = mode == "interpret"
             add_row(impl, device, lambda: tc.join(lk_t, rk_t, cfg.count_only),
                     r=1 if interp else reps, w=0 if interp else warmup,
                     extra={"code_dtype": dtype, "partitions": None})
