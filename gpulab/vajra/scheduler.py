@@ -168,23 +168,18 @@ class Scheduler:
                 i += 1
                 continue
             target = seq.num_computed + 1
-            if self.bm.has_room(seq.seq_id, target):  # the common case: the last block has a free slot
-                out.append(ScheduledSeq(seq, 1, seq.num_computed, True))
-                done.add(seq.seq_id)
-                budget -= 1
-                i += 1
-                continue
-            while not self.bm.can_allocate(seq.seq_id, target):
-                victim = self.running[-1]
-                if victim.seq_id in done:  # only unscheduled sequences can be preempted
-                    victim = seq
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                continue  # seq itself was preempted; running[i] is now the next one
-            self.bm.allocate(seq.seq_id, target)
+            if not self.bm.has_room(seq.seq_id, target):  # usually the last block still has a free slot
+                while not self.bm.can_allocate(seq.seq_id, target):
+                    victim = self.running[-1]
+                    if victim.seq_id in done:  # only unscheduled sequences can be preempted
+                        victim = seq
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue  # seq itself was preempted; running[i] is now the next one
+                self.bm.allocate(seq.seq_id, target)
             out.append(ScheduledSeq(seq, 1, seq.num_computed, True))
             done.add(seq.seq_id)
             budget -= 1
