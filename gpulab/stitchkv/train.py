@@ -292,19 +292,13 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
 
     # ---------------------------------------------------------------- stage 2
     if stage in ("lora", "all"):
-        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         if not (run / "warmup" / "stitch.safetensors").is_file():
             raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
         t0 = time.perf_counter()
         bank = load_bank(run / "warmup", device)
-        targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
-        names = {n.split(".")[-1] for n, _ in pair.small.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            raise InputError(f"--lora-targets: the small model has no module named {missing[0]!r}")
-        small = get_peft_model(pair.small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                                                      target_modules=targets, lora_dropout=0.0, bias="none"))
+        small = with_lora(pair.small, cfg)
         params = [p for p in small.parameters() if p.requires_grad] + list(bank.parameters())
         opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
         start, hist = 0, []
@@ -339,6 +333,19 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     return results
 
 
+def with_lora(small: Any, cfg: dict[str, Any]) -> Any:
+    """``small`` with the run's LoRA adapter (--lora-targets, --lora-r, --lora-alpha) injected, trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
+    names = {n.split(".")[-1] for n, _ in small.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise InputError(f"--lora-targets: the small model has no module named {missing[0]!r}")
+    return get_peft_model(small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=targets,
+                                            lora_dropout=0.0, bias="none"))
+
+
 def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
     """Mean cross-entropy of cont[:, 1:] when ``model`` reads prompt + cont[:, :-1] itself (its own cache):
     the same targets as :func:`lm_loss_stitched`, without the stitches."""
@@ -357,7 +364,6 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     fine-tunes the small model on the corpus, so a stitched model that beats small-only may owe that to the
     LoRA training alone; ``kvstitch eval`` compares stitched-lora with this small-lora control."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from gpulab.stitchkv.distributed import ddp
     from gpulab.stitchkv.models import load_model
@@ -365,9 +371,7 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     base = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"), checked=True)
-    targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
-    model = get_peft_model(base, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=targets,
-                                            lora_dropout=0.0, bias="none"))
+    model = with_lora(base, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=0.0)
     wrapped = ddp(model, ctx)
     it = batches(2, 0)  # the stage-2 batches, in the same order
@@ -388,11 +392,7 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
 
 def load_lora_control(small: Any, folder: Path, device: Any = "cpu") -> Any:
     """The small model with the control LoRA adapter (``train_lora_control``) applied."""
-    from peft import PeftModel
-
-    if not (folder / "adapter" / "adapter_config.json").is_file():
-        raise InputError(f"{folder}: no control LoRA adapter")
-    return PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
+    return _load_adapter(small, folder, device, "no control LoRA adapter")
 
 
 def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
@@ -404,10 +404,14 @@ def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
 
 def load_stage2(small: Any, folder: Path, device: Any = "cpu") -> tuple[Any, Any]:
     """(small model with the LoRA adapter applied, stitches) from a stage-2 folder."""
+    model = _load_adapter(small, folder, device, "no LoRA adapter (stage 'lora' not trained)")
+    return model, load_bank(folder, device)
+
+
+def _load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
+    """``small`` with the peft adapter in ``folder/adapter`` applied, frozen, in eval mode."""
     from peft import PeftModel
 
     if not (folder / "adapter" / "adapter_config.json").is_file():
-        raise InputError(f"{folder}: no LoRA adapter (stage 'lora' not trained)")
-    bank = load_bank(folder, device)
-    model = PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
-    return model, bank
+        raise InputError(f"{folder}: {missing}")
+    return PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
