@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from gpulab.core.clickcompat import click
-import yaml
-
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_yaml_mapping
 
 TOP_KEYS = {"name", "description", "device", "runs"}
 RUN_KEYS = {"command", "name", "params", "args", "expect_ok"}
@@ -44,17 +43,8 @@ class Invocation:
 
 def load_file(path: Path | str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"experiment file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"{p}: malformed YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{p}: an experiment file must be a mapping with a 'runs' list")
+    data = read_yaml_mapping(p, f"experiment file not found: {p}",
+                             f"{p}: an experiment file must be a mapping with a 'runs' list")
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise InputError(f"{p}: unknown key '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(TOP_KEYS))})")

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from gpulab.core import atomic, options
+from gpulab.core import atomic, files, options
 from gpulab.core.errors import InputError
 
 SCHEMA = "gpulab.result/1"
@@ -196,12 +196,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 def load(path: Path | str) -> dict[str, Any]:
     """Read a result file; a missing or malformed file is a one-line InputError."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"result file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    not_result = f"{p}: not a gpulab result file (no 'schema: {SCHEMA}')"
+    data = files.read_yaml_mapping(p, f"result file not found: {p}", not_result)
+    if data.get("schema") != SCHEMA:
         raise InputError(f"{p}: not a gpulab result file (no 'schema: {SCHEMA}')")
     return data

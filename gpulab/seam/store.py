@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from gpulab.core import atomic
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import atomic_write_yaml
 from gpulab.seam.models import FamilySpec, StitchedFamily
 
@@ -38,15 +38,7 @@ def save_family(folder: Path, family: StitchedFamily, info: dict[str, Any]) -> N
 
 
 def _yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"{path.parent}: no {path.name} ({what})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a mapping")
-    return data
+    return read_yaml_mapping(path, f"{path.parent}: no {path.name} ({what})")
 
 
 def read_family_info(folder: Path) -> dict[str, Any]:

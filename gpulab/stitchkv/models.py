@@ -10,12 +10,12 @@ one-line InputError.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_model_config
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -63,17 +63,7 @@ def shape_of(model: Any) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- loading and validation
 def _read_config(folder: Path, role: str) -> dict[str, Any]:
-    if not folder.exists():
-        raise InputError(f"--{role} folder not found: {folder}")
-    if not folder.is_dir():
-        raise InputError(f"--{role} must be a model folder, got a file: {folder}")
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise InputError(f"--{role} {folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--{role} {cfg}: malformed config.json ({str(e).splitlines()[0]})") from None
+    data = read_model_config(folder, f"--{role}")
     mtype = data.get("model_type")
     if mtype not in SUPPORTED_TYPES:
         raise InputError(f"--{role} {folder}: model_type {mtype!r} is not supported "

@@ -5,6 +5,9 @@ fastapi and uvicorn are imported inside the commands, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,54 +21,86 @@ generate_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pre
 bench_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pretty_exceptions_enable=False)
 
 _MODEL = typer.Argument(..., help="Model folder (config.json, tokenizer, *.safetensors unless --load-format dummy).")
+# Engine options shared by serve, generate and serve-bench: name -> (type, typer option). The
+# max_num_seqs and load_format defaults differ per command (see _engine_options).
+_ENGINE_OPTIONS = {
+    "max_num_batched_tokens": (int, typer.Option(2048, help="Token budget of one step (prefill chunk size).")),
+    "block_size": (int, typer.Option(16, help="Tokens per KV-cache block.")),
+    "num_blocks": (Optional[int], typer.Option(None, help="KV-cache blocks (default: from free GPU memory).")),
+    "gpu_memory_utilization": (float, typer.Option(0.90, help="Fraction of GPU memory for weights + cache.")),
+    "kv_cache_dtype": (str, typer.Option("auto", help="auto | fp8")),
+    "attention_backend": (str, typer.Option("auto", help="auto | flashinfer | triton | torch")),
+    "cuda_graphs": (bool, typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps.")),
+}
 
 
-def _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
-                   kv_cache_dtype, cuda_graphs, max_model_len=None):
+def _engine_options(max_num_seqs: int, load_format: str):
+    """Decorator: adds the engine options to a command's signature (after its own) and hands them to
+    it as one dict, ``engine`` (keys: the option names)."""
+    options = dict(_ENGINE_OPTIONS)
+    options["max_num_seqs"] = (int, typer.Option(max_num_seqs, help="Most sequences in one batch."))
+    options["load_format"] = (str, typer.Option(load_format, help="auto | dummy (random weights of the config's "
+                                                                  "shapes)"))
+
+    def wrap(fn):
+        own = [q for q in inspect.signature(fn).parameters.values() if q.name != "engine"]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t)
+                 for n, (t, o) in options.items()]
+
+        @functools.wraps(fn)
+        def command(**kw):
+            return fn(engine={n: kw.pop(n) for n in options}, **kw)
+
+        command.__signature__ = inspect.Signature(own + extra, return_annotation=None)
+        command.__annotations__ = {**typing.get_type_hints(fn), **{n: t for n, (t, _) in options.items()}}
+        command.__annotations__.pop("engine", None)
+        return command
+
+    return wrap
+
+
+def _engine_config(engine: dict, max_model_len=None):
     from gpulab.vajra.engine import EngineConfig
 
-    return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        block_size=block_size, num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                        kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs, max_model_len=max_model_len).validate()
+    keys = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "gpu_memory_utilization",
+            "kv_cache_dtype", "cuda_graphs")
+    return EngineConfig(max_model_len=max_model_len, **{k: engine[k] for k in keys}).validate()
+
+
+def _load(model_dir: Path, engine: dict, max_model_len=None):
+    """The engine for a model folder, on the device that --device picked."""
+    from gpulab.core import options
+    from gpulab.vajra.engine import load_engine
+
+    cfg = _engine_config(engine, max_model_len)
+    return load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=engine["load_format"],
+                       attention_backend=engine["attention_backend"])
 
 
 def _check_model_dir(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        raise InputError(f"model folder not found: {model_dir}")
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"{model_dir}: no config.json in the model folder")
+    from gpulab.core.files import read_model_config
+
+    read_model_config(model_dir)
 
 
 @serve_app.command()
+@_engine_options(max_num_seqs=256, load_format="auto")
 def serve(
     model_dir: Path = _MODEL,
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     served_model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)."),
-    max_num_seqs: int = typer.Option(256, help="Most sequences in one batch."),
-    max_num_batched_tokens: int = typer.Option(2048, help="Token budget of one step (prefill chunk size)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
-    block_size: int = typer.Option(16, help="Tokens per KV-cache block."),
-    num_blocks: Optional[int] = typer.Option(None, help="KV-cache blocks (default: from free GPU memory)."),
-    gpu_memory_utilization: float = typer.Option(0.90, help="Fraction of GPU memory for weights + cache."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
-    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
-    load_format: str = typer.Option("auto", help="auto | dummy (random weights of the config's shapes)"),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps."),
+    engine: dict = None,
 ) -> None:
     """Serve a Llama-family model (FP8 or BF16) over an OpenAI-compatible HTTP API."""
-    from gpulab.core import options
-
     _check_model_dir(model_dir)
     if not (0 < port < 65536):
         raise InputError(f"--port must be in 1..65535, got {port}")
-    cfg = _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
-                         kv_cache_dtype, cuda_graphs, max_model_len)
-    from gpulab.vajra.engine import load_engine
     from gpulab.vajra.server import serve as run_server
 
-    engine = load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=load_format,
-                         attention_backend=attention_backend)
+    block_size = engine["block_size"]
+    engine = _load(model_dir, engine, max_model_len)
     name = served_model_name or model_dir.resolve().name
     typer.echo(f"vajra: serving '{name}' on http://{host}:{port}/v1 ({engine.num_blocks} KV blocks of "
                f"{block_size}, max {engine.max_model_len} tokens, CUDA graphs "
@@ -76,6 +111,7 @@ def serve(
 
 
 @generate_app.command()
+@_engine_options(max_num_seqs=64, load_format="auto")
 def generate(
     model_dir: Path = _MODEL,
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text (repeat for several)."),
@@ -87,29 +123,15 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message (chat template)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos"),
-    max_num_seqs: int = typer.Option(64),
-    max_num_batched_tokens: int = typer.Option(2048),
-    block_size: int = typer.Option(16),
-    num_blocks: Optional[int] = typer.Option(None),
-    gpu_memory_utilization: float = typer.Option(0.90),
-    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
-    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
-    load_format: str = typer.Option("auto", help="auto | dummy"),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
+    engine: dict = None,
 ) -> None:
     """Generate text for one or more prompts offline and print it."""
-    from gpulab.core import options
-
     _check_model_dir(model_dir)
     if any(not p for p in prompt):
         raise InputError("--prompt must not be empty")
-    cfg = _engine_config(max_num_seqs, max_num_batched_tokens, block_size, num_blocks, gpu_memory_utilization,
-                         kv_cache_dtype, cuda_graphs)
-    from gpulab.vajra.engine import load_engine
     from gpulab.vajra.sampling import SamplingParams
 
-    engine = load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=load_format,
-                         attention_backend=attention_backend)
+    engine = _load(model_dir, engine)
     if engine.tokenizer is None:
         raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -123,6 +145,7 @@ def generate(
 
 
 @bench_app.command()
+@_engine_options(max_num_seqs=256, load_format="dummy")
 def bench(
     model_dir: Path = _MODEL,
     input_len: int = typer.Option(1000, help="Prompt tokens per request (random ids unless --prompts-file)."),
@@ -135,16 +158,8 @@ def bench(
     hf_baseline: bool = typer.Option(True, "--hf-baseline/--no-hf-baseline", help="Run the transformers floor."),
     hf_num_prompts: int = typer.Option(8, help="Prompts in the transformers generate batch."),
     decode_steps: int = typer.Option(64, help="Decode steps timed at batch 1."),
-    max_num_seqs: int = typer.Option(256),
-    max_num_batched_tokens: int = typer.Option(2048),
-    block_size: int = typer.Option(16),
-    num_blocks: Optional[int] = typer.Option(None),
-    gpu_memory_utilization: float = typer.Option(0.90),
-    kv_cache_dtype: str = typer.Option("auto", help="auto | fp8"),
-    attention_backend: str = typer.Option("auto", help="auto | flashinfer | triton | torch"),
-    load_format: str = typer.Option("dummy", help="auto | dummy"),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
     seed: int = typer.Option(0),
+    engine: dict = None,
 ) -> None:
     """Serving benchmark: TTFT/TPOT/ITL/e2e, tok/s, batch-1 decode vs roofline; FP8 vs BF16 vs HF generate."""
     import math
@@ -157,10 +172,7 @@ def bench(
     args = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, request_rate=request_rate,
                 max_concurrency=max_concurrency, prompts_file=str(prompts_file) if prompts_file else None,
                 compare=compare, hf_baseline=hf_baseline, hf_num_prompts=hf_num_prompts, decode_steps=decode_steps,
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                kv_cache_dtype=kv_cache_dtype, attention_backend=attention_backend, load_format=load_format,
-                cuda_graphs=cuda_graphs, seed=seed)
+                seed=seed, **engine)
     rec = run(model_dir, args)
     rec.save()
     rec.print()

@@ -5,13 +5,13 @@ Handles the transformers 4.x layout (``rope_theta`` + ``rope_scaling``) and the 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_model_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -120,18 +120,7 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
 
 def read_config(model_dir: Path | str) -> LlamaConfig:
     p = Path(model_dir)
-    if not p.exists():
-        raise InputError(f"model folder not found: {p}")
-    if not p.is_dir():
-        raise InputError(f"{p}: not a folder (expected a Hugging Face model folder with config.json)")
-    f = p / "config.json"
-    if not f.is_file():
-        raise InputError(f"{p}: no config.json")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{f}: malformed JSON ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
-    c = parse_config(cfg, where=str(f))
+    c = parse_config(read_model_config(p), where=str(p / "config.json"))
     if not c.name:
         c.name = p.name
     return c

@@ -53,7 +53,7 @@ def test_load_errors(tmp_path):
         results.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1,\n")
-    with pytest.raises(InputError, match="not valid YAML"):
+    with pytest.raises(InputError, match="malformed YAML"):
         results.load(bad)
     other = tmp_path / "other.yaml"
     other.write_text("a: 1\n")

@@ -62,7 +62,7 @@ def test_malformed_config(base, tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "malformed JSON")
+    _one_line(e, "malformed config.json")
     cfg = json.loads((base / "src" / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
