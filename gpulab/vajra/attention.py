@@ -90,6 +90,7 @@ class FlashInferAttention(TorchAttention):
     graph_capturable = False  # plan() runs on the host every step (fixed-buffer CUDA-graph wrappers not wired up)
     WORKSPACE_BYTES = 128 << 20
     HEAD_DIMS = (64, 128, 256)  # the head sizes flashinfer's kernels are built for
+    ACT_DTYPES = (torch.bfloat16, torch.float16)  # flashinfer has no fp32 attention kernels
 
     def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, use_tensor_cores: bool = False, **kw):
         super().__init__(*a, **kw)
@@ -98,6 +99,9 @@ class FlashInferAttention(TorchAttention):
         if self.d not in self.HEAD_DIMS:
             raise InputError(f"attention backend 'flashinfer' supports head_dim {', '.join(map(str, self.HEAD_DIMS))}, "
                              f"not {self.d} (use --attention-backend triton)")
+        if act_dtype not in self.ACT_DTYPES:
+            raise InputError(f"attention backend 'flashinfer' needs bf16 or fp16 activations, not "
+                             f"{str(act_dtype).replace('torch.', '')} (use --attention-backend triton)")
         try:
             import flashinfer
         except Exception as e:
@@ -152,7 +156,8 @@ def make_backend(name: str, *, device: torch.device, num_heads: int, num_kv_head
         if device.type != "cuda":
             name = "torch"
         else:
-            fi_ok = head_dim in FlashInferAttention.HEAD_DIMS and flashinfer_available()
+            fi_ok = (head_dim in FlashInferAttention.HEAD_DIMS and act_dtype in FlashInferAttention.ACT_DTYPES
+                     and flashinfer_available())
             name = "flashinfer" if fi_ok else "triton"
     args = (num_heads, num_kv_heads, head_dim)
     if name == "torch":

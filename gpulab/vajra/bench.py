@@ -59,15 +59,24 @@ def stats(name: str, values_ms: list[float]) -> dict[str, float]:
             f"{name}_p99_ms": pct(values_ms, 0.99)}
 
 
+def variant_problem(model_dir: Path, precision: str, load_format: str) -> str:
+    """Why ``precision`` cannot run from ``model_dir`` ("" when it can)."""
+    has_q = bool(json.loads((model_dir / "config.json").read_text()).get("quantization_config"))
+    if (precision == "fp8") == has_q or load_format == "dummy":
+        return ""
+    return (f"{precision} needs a {'quantized' if precision == 'fp8' else 'bf16'} checkpoint; "
+            f"{model_dir} is {'FP8' if has_q else 'not quantized'} (use --load-format dummy to compare)")
+
+
 def variant_dir(model_dir: Path, precision: str, load_format: str, tmp: Path) -> tuple[Optional[Path], str]:
     """A folder whose config.json asks for ``precision``; (None, reason) where that cannot be made."""
     cfg = json.loads((model_dir / "config.json").read_text())
     has_q = bool(cfg.get("quantization_config"))
     if (precision == "fp8") == has_q:
         return model_dir, ""
-    if load_format != "dummy":
-        return None, (f"{precision} needs a {'quantized' if precision == 'fp8' else 'bf16'} checkpoint; "
-                      f"{model_dir} is {'FP8' if has_q else 'not quantized'} (use --load-format dummy to compare)")
+    why = variant_problem(model_dir, precision, load_format)
+    if why:
+        return None, why
     d = tmp / precision
     d.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
@@ -238,7 +247,7 @@ def run(model_dir: Path, args: dict[str, Any]):
     bad = [c for c in compare if c not in ("fp8", "bf16")]
     if bad or not compare:
         raise InputError(f"--compare takes fp8 and/or bf16, got {args['compare']!r}")
-    for k in ("input_len", "output_len", "num_prompts", "decode_steps"):
+    for k in ("input_len", "output_len", "num_prompts", "decode_steps", "hf_num_prompts"):
         if args[k] < 1:
             raise InputError(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
     if not (args["request_rate"] > 0):
@@ -246,6 +255,9 @@ def run(model_dir: Path, args: dict[str, Any]):
     if args["max_concurrency"] is not None and args["max_concurrency"] < 1:
         raise InputError(f"--max-concurrency must be >= 1, got {args['max_concurrency']}")
 
+    why = [w for w in (variant_problem(model_dir, p, args["load_format"]) for p in compare) if w]
+    if len(why) == len(compare):  # no precision asked for can run from this folder
+        raise InputError("; ".join(why))
     rec = results.Record(name="serve-bench", config={"model_dir": str(model_dir), "device": device, **args})
     if device != "cuda":
         rec.notes.append("no GPU: CPU run at small size (fp32 activations; FP8 weights dequantized on the CPU); "
@@ -318,7 +330,7 @@ def run(model_dir: Path, args: dict[str, Any]):
             if device == "cuda":
                 torch.cuda.empty_cache()
     if args["hf_baseline"] and prompts:
-        hp = prompts[: max(1, min(args["hf_num_prompts"], len(prompts)))]
+        hp = prompts[: min(args["hf_num_prompts"], len(prompts))]
         try:
             hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])
             hrow = {"impl": "hf-generate", "act_dtype": "bfloat16" if device == "cuda" else "float32", **hf}

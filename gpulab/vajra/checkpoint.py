@@ -268,5 +268,7 @@ def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | Non
         if math.prod(reader.shape(iname) or (1,)) != 1:
             raise InputError(f"tensor {iname!r}: expected one per-tensor scale, got shape {list(reader.shape(iname))}")
         input_scale = reader.get(iname, device).float().reshape(())
+        if not (bool(torch.isfinite(input_scale)) and float(input_scale) > 0):  # 0 would turn x / 0 into NaN
+            raise InputError(f"tensor {iname!r}: the input scale must be finite and > 0, got {float(input_scale)}")
     q = reader.get(wname, device)
     return QuantWeight(q, scale, strategy, block, scheme.act, input_scale)

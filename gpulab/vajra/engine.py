@@ -338,7 +338,9 @@ class DecodeGraphRunner:
     """CUDA graphs of the decode step for batch sizes 1, 2, 4, 8, 16, 24, ... up to max_num_seqs.
 
     A decode batch of B sequences replays the graph of the smallest captured size >= B; the padded
-    rows decode token 0 at position 0 into the null block and their logits are dropped.
+    rows decode token 0 at position 0 into the null block and are dropped. A graph ends at the final
+    hidden states: the lm_head runs eagerly on the B real rows, so the captured sizes do not each
+    hold a [size, vocab] fp32 logits buffer (about 2 GB at 256 sequences and a 128k vocabulary).
     """
 
     def __init__(self, engine: LLMEngine, sizes: list[int]):
@@ -401,11 +403,11 @@ class DecodeGraphRunner:
             for b in sorted(self.sizes, reverse=True):
                 batch = self._batch(b)
                 for _ in range(2):
-                    model.forward(batch, kv)  # warm up (autotuning, lazy init) outside the graph
+                    model.final_hidden(batch, kv)  # warm up (autotuning, lazy init) outside the graph
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=stream):
-                    out = model.forward(batch, kv)
+                    out = model.final_hidden(batch, kv)
                 pool = g.pool()
                 self.graphs[b] = g
                 self.outputs[b] = out
@@ -432,7 +434,7 @@ class DecodeGraphRunner:
             self.slot_mapping[b:size].fill_(NULL_BLOCK * self.engine.config.block_size)
             self.block_tables[b:size].fill_(NULL_BLOCK)
         self.graphs[size].replay()
-        return self.outputs[size][:b]
+        return self.engine.model.logits(self.outputs[size][:b])
 
 
 def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, load_format: str = "auto",

@@ -76,3 +76,13 @@ class VajraModelProtocol(Protocol):
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits of the last token of each sequence: float32 [B, vocab]."""
         ...
+
+    # The CUDA-graph decode path captures final_hidden and runs logits eagerly; forward(b, kv) must equal
+    # logits(final_hidden(b, kv)).
+    def final_hidden(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The normed last hidden state of each sequence [B, hidden]."""
+        ...
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, vocab] of final hidden states."""
+        ...

@@ -10,7 +10,8 @@ Backends for an FP8 weight (``QuantWeight``):
   dequantized in registers; per-tensor, per-channel and block scales.
 * ``dequant-jit``: dequantize into a temporary with the Triton kernel, then a dense GEMM (large
   batches on GPUs without FP8 tensor cores, and block scales at large M).
-* ``auto``: per call, by the number of tokens M: ``w8a16`` for M <= 64 on a GPU, else ``w8a8`` where
+* ``auto``: per call, by the number of tokens M: ``w8a16`` for M <= 64 on a GPU (block scales: when their K
+  size has a power-of-two divisor >= 16), else ``w8a8`` where
   the GPU has FP8 tensor cores and the scales are tensor/channel, else ``dequant-jit``; ``dequant`` on the CPU.
 """
 from __future__ import annotations
@@ -37,6 +38,15 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def w8a16_fits(qw: QuantWeight) -> bool:
+    """The Triton W8A16 kernel takes the weight's scales (block scales: a K tile of >= 16 must divide the block)."""
+    if qw.strategy != "block":
+        return True
+    from gpulab.vajra.w8a16 import block_k_tile
+
+    return block_k_tile(qw.block) is not None
 
 
 # ---------------------------------------------------------------------------- FP8 ops with dispatch
@@ -131,6 +141,9 @@ class Linear:
                 backend = "dequant"
             if backend in ("w8a16", "dequant-jit") and not triton_usable(dev):
                 raise DeviceError(f"linear backend {backend!r} needs a CUDA GPU (Triton), or TRITON_INTERPRET=1 on the CPU")
+            if backend == "w8a16" and not w8a16_fits(weight):
+                raise InputError(f"linear backend 'w8a16' needs block scales whose K size has a power-of-two divisor "
+                                 f">= 16, got blocks {list(weight.block)} (use auto or dequant-jit)")
             if backend == "w8a8" and weight.strategy == "block":
                 raise InputError("linear backend 'w8a8' supports per-tensor and per-channel weight scales, not block "
                                  "scales (use auto, w8a16 or dequant)")
@@ -156,7 +169,7 @@ class Linear:
         if self.backend != "auto":
             return self.backend
         dev = self.qw.q.device
-        if m <= W8A16_MAX_M:
+        if m <= W8A16_MAX_M and w8a16_fits(self.qw):
             return "w8a16"
         if fp8_tensor_cores(dev) and self.qw.strategy in ("tensor", "channel") and self.w8a8_aligned():
             return "w8a8"

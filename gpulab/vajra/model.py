@@ -129,12 +129,19 @@ class LlamaModel:
             x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         return x
 
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """Float32 logits of the last token of each sequence [B, vocab]."""
+    def final_hidden(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The normed last hidden state of each sequence [B, hidden] (what the lm_head reads)."""
         x = self.hidden_states(batch, kv)
         last = torch.cumsum(batch.query_lens.to(torch.int64), 0) - 1
-        x = rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        return rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, vocab] of final hidden states [B, hidden]."""
+        return self.lm_head(h).float()
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Float32 logits of the last token of each sequence [B, vocab]."""
+        return self.logits(self.final_hidden(batch, kv))
 
     __call__ = forward
 

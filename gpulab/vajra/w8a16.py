@@ -16,6 +16,16 @@ import triton.language as tl
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted
 
 SCALE_MODES = {"tensor": 0, "channel": 1, "block": 2}
+BK_MAX = 128
+
+
+def block_k_tile(block) -> int | None:
+    """The K tile for block scales: the largest power of two <= BK_MAX dividing the block's K size
+    (one scale per K tile); None when that is below 16 (tl.dot's smallest K): no W8A16 for such blocks."""
+    if block is None:
+        return BK_MAX
+    bk = min(BK_MAX, block[1] & -block[1])
+    return bk if bk >= 16 else None
 
 
 @triton.jit
@@ -63,13 +73,13 @@ def _num_sms(index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> dict:
-    """A heuristic tile configuration: BM 16/32/64 by M, BN 64 (32 for very small N), BK 128,
+    """A heuristic tile configuration: BM 16/32/64 by M, BN 64 (32 for very small N), BK 128 (see block_k_tile),
     split-K until there are about two programs per SM (never below 4 K tiles per split)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if n >= 2048 else 32
-    bk = 128
-    if block is not None:
-        bk = min(bk, block[1])
+    bk = block_k_tile(block)
+    if bk is None:
+        raise ValueError(f"w8a16: block scales of K size {block[1]} need a power-of-two divisor >= 16 as the K tile")
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
     split = 1

@@ -197,3 +197,35 @@ def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
     assert "--block" in run(base / "src", tmp_path / "w", "--scheme", "fp8-block", "--block", "16by16")
     assert "not found" in run(tmp_path / "missing", tmp_path / "v", "--scheme", "fp8-tensor")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_flashinfer_needs_half_precision_activations(monkeypatch):
+    """flashinfer has no fp32 kernels: an explicit backend is a one-line InputError (before importing it), and
+    auto on a GPU picks triton for fp32 activations (no GPU needed: nothing touches the device)."""
+    from gpulab.vajra import attention as A
+
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, scale=0.125)
+    cuda = torch.device("cuda")
+    with pytest.raises(InputError) as e:
+        A.make_backend("flashinfer", device=cuda, act_dtype=torch.float32, **kw)
+    _one_line(e, "float32")
+    monkeypatch.setattr(A, "flashinfer_available", lambda: True)
+    assert A.make_backend("auto", device=cuda, act_dtype=torch.float32, **kw).name == "triton"
+
+
+def test_static_input_scale_must_be_positive(base, tmp_path):
+    """A zero static input scale would divide the activations by 0 (NaN logits): a one-line error naming it."""
+    d = _copy(base, "q", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+    def add_scales(t):
+        for name in [n for n in t if n.endswith(".weight_scale")]:
+            t[name.replace(".weight_scale", ".input_scale")] = torch.tensor([0.01])
+        t["model.layers.0.mlp.up_proj.input_scale"] = torch.tensor([0.0])
+
+    _rewrite(d, add_scales)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    _one_line(e, "model.layers.0.mlp.up_proj.input_scale", "> 0")

@@ -87,6 +87,36 @@ def test_w8a16_matches_reference(strategy, block, m):
         assert float((got.cpu() - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
+def test_w8a16_block_scales_of_any_k_size():
+    """Block K sizes that are not powers of two: the K tile is their largest power-of-two divisor (48 -> 16),
+    not the block (an arange of 48 does not compile); without one >= 16 (K size 40 -> 8) the auto linear
+    leaves W8A16 for dequant-jit and an explicit --linear-backend w8a16 is a one-line InputError."""
+    from gpulab.core.errors import InputError
+    from gpulab.vajra.checkpoint import QuantWeight
+    from gpulab.vajra.linear import Linear, w8a16_fits
+    from gpulab.vajra.w8a16 import block_k_tile, choose_config, w8a16_matmul
+
+    assert [block_k_tile(b) for b in (None, (1, 128), (1, 256), (1, 48), (1, 40))] == [128, 128, 128, 16, None]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 96, generator=g)
+    q, s = R.quantize(w, "block", (16, 48))
+    x = torch.randn(3, 96, generator=g)
+    assert choose_config(3, 40, 96, torch.device("cpu"), (16, 48))["BK"] == 16
+    got = w8a16_matmul(x.to(DEV), q.to(DEV), s.to(DEV), "block", (16, 48), native=False)
+    want = R.linear_w8a16(x, q, s, (16, 48))
+    assert float((got.cpu() - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    q2, s2 = R.quantize(w, "block", (16, 40))
+    qw = QuantWeight(q2.to(DEV), s2.to(DEV), "block", (16, 40), "dynamic")
+    assert w8a16_fits(qw) is False and w8a16_fits(QuantWeight(q, s, "block", (16, 48))) is True
+    with pytest.raises(ValueError, match="power-of-two divisor"):
+        choose_config(1, 40, 96, torch.device("cpu"), (16, 40))
+    with pytest.raises(InputError, match="w8a16.*power-of-two divisor"):
+        Linear(qw, None, torch.float32, "w8a16")
+    lin = Linear(qw, None, torch.float32, "dequant-jit")
+    lin.backend = "auto"  # what auto picks on a GPU at decode sizes
+    assert lin.choose(1) == "dequant-jit"
+
+
 def _attention_case(dt, page, hq=4, hkv=2, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     ql = torch.tensor([5, 1, 20, 1], dtype=torch.int32)

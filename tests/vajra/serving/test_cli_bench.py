@@ -45,6 +45,8 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve-bench", "{assets}", "--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["serve-bench", "{assets}", "--compare", "int4"], "--compare takes fp8"),
     (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
+    (["serve-bench", "{assets}", "--hf-num-prompts", "0"], "--hf-num-prompts must be >= 1"),
+    (["serve-bench", "{assets}", "--load-format", "auto", "--compare", "fp8"], "fp8 needs a quantized checkpoint"),
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),
     (["generate", "{assets}", "--prompt", "x", "--temperature", "-1", "--load-format", "dummy"], "temperature"),

@@ -109,7 +109,7 @@ def test_graph_runner_buffers_and_padding_on_cpu(tiny_llama, hf_greedy, monkeypa
     runner = DecodeGraphRunner(eng, [1, 4])
     for b in runner.sizes:
         batch = runner._batch(b)
-        g = _ReplayOnBuffers(lambda batch=batch: eng.model.forward(batch, eng.kv))
+        g = _ReplayOnBuffers(lambda batch=batch: eng.model.final_hidden(batch, eng.kv))
         g.out = g.fn()
         runner.graphs[b], runner.outputs[b] = g, g.out
     eng.graphs = runner
