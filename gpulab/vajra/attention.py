@@ -9,7 +9,10 @@ cache layer (``[num_blocks, 2, block_size, Hkv, D]``, NHD pages) and returns the
 * ``triton``: the Triton paged-attention kernels (``paged_attention.py``): the split-KV decode kernel
   for decode-only steps, the general varlen kernel for prefill and mixed steps; on the CPU only under
   ``TRITON_INTERPRET=1`` (tests).
-* ``flashinfer``: BatchPrefill/BatchDecodeWithPagedKVCacheWrapper (GPU only, imported lazily).
+* ``flashinfer``: BatchPrefill/BatchDecodeWithPagedKVCacheWrapper (GPU only, imported lazily). Opt-in:
+  its plan() runs on the host every step, so its decode steps run eagerly (no CUDA graphs), and its
+  prefill module is a ~75 s JIT build on first use.
+* ``auto``: ``triton`` on a GPU (decode in CUDA graphs), ``torch`` on the CPU.
 """
 from __future__ import annotations
 
@@ -152,13 +155,8 @@ def make_backend(name: str, *, device: torch.device, num_heads: int, num_kv_head
                  scale: float, act_dtype: torch.dtype):
     if name not in ATTENTION_BACKENDS:
         raise InputError(f"attention backend {name!r} is unknown (choose from {', '.join(ATTENTION_BACKENDS)})")
-    if name == "auto":
-        if device.type != "cuda":
-            name = "torch"
-        else:
-            fi_ok = (head_dim in FlashInferAttention.HEAD_DIMS and act_dtype in FlashInferAttention.ACT_DTYPES
-                     and flashinfer_available())
-            name = "flashinfer" if fi_ok else "triton"
+    if name == "auto":  # triton on a GPU: its decode steps can be captured in CUDA graphs, flashinfer's not yet
+        name = "triton" if device.type == "cuda" else "torch"
     args = (num_heads, num_kv_heads, head_dim)
     if name == "torch":
         return TorchAttention(*args, scale=scale)

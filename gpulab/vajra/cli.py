@@ -29,7 +29,7 @@ _ENGINE_OPTIONS = {
     "num_blocks": (Optional[int], typer.Option(None, help="KV-cache blocks (default: from free GPU memory).")),
     "gpu_memory_utilization": (float, typer.Option(0.90, help="Fraction of GPU memory for weights + cache.")),
     "kv_cache_dtype": (str, typer.Option("auto", help="auto | fp8")),
-    "attention_backend": (str, typer.Option("auto", help="auto | flashinfer | triton | torch")),
+    "attention_backend": (str, typer.Option("auto", help="auto (triton on a GPU, torch on the CPU) | flashinfer | triton | torch")),
     "cuda_graphs": (bool, typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps.")),
 }
 

@@ -201,7 +201,8 @@ def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
 
 def test_flashinfer_needs_half_precision_activations(monkeypatch):
     """flashinfer has no fp32 kernels: an explicit backend is a one-line InputError (before importing it), and
-    auto on a GPU picks triton for fp32 activations (no GPU needed: nothing touches the device)."""
+    auto on a GPU picks triton, whose decode steps CUDA graphs can capture (no GPU needed: nothing touches the
+    device)."""
     from gpulab.vajra import attention as A
 
     kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, scale=0.125)
@@ -210,7 +211,9 @@ def test_flashinfer_needs_half_precision_activations(monkeypatch):
         A.make_backend("flashinfer", device=cuda, act_dtype=torch.float32, **kw)
     _one_line(e, "float32")
     monkeypatch.setattr(A, "flashinfer_available", lambda: True)
-    assert A.make_backend("auto", device=cuda, act_dtype=torch.float32, **kw).name == "triton"
+    for dt in (torch.float32, torch.bfloat16):
+        backend = A.make_backend("auto", device=cuda, act_dtype=dt, **kw)
+        assert backend.name == "triton" and backend.graph_capturable
 
 
 def test_static_input_scale_must_be_positive(base, tmp_path):
