@@ -3,9 +3,13 @@
 Rows: median/p10/p90 (ms), Gkeys/s, effective GB/s (keys read once + written once, + indices
 written with --kv) and its fraction of the copy ceiling measured in the same run, speedup over
 numpy.sort, end-to-end time with host transfers, launches (bitonic), and ``correct`` from an
-exact comparison with the numpy reference (reference.py). Without a GPU the bitonic variants
-run their exact numpy model (schedule.py) at n <= MODEL_MAX_N as a correctness check and are
-not timed; cupy and the transfers are skipped; the notes say so.
+exact comparison with the numpy reference (reference.py). With ``--overlap-chunks K`` the
+OVERLAP variants also time the chunked pipelined end to end (``BitonicCuda.sort_host``: K aligned
+chunks, transfers overlapped with the sort) next to the serial one (``overlap_ms``,
+``overlap_saving`` = 1 - overlap_ms / e2e_ms) and check its output exactly. Without a GPU the
+bitonic variants run their exact numpy model (schedule.py) at n <= MODEL_MAX_N as a correctness
+check and are not timed (with ``--overlap-chunks``, the chunked model too); cupy and the transfers
+are skipped; the notes say so.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from gpulab.core import options, results, timing
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
 from gpulab.sort import reference as ref
+from gpulab.sort import schedule as S
 
 BITONIC = ("bitonic-global", "bitonic-shared", "bitonic-fused")
 IMPLS = (*BITONIC, "numpy", "cpu-parallel", "torch", "cupy")
 GPU_ONLY = (*BITONIC, "cupy")
 DISTS = ("uniform", "sorted", "reversed", "few-unique", "all-equal")
 TRANSFERS = ("none", "pageable", "pinned")
+OVERLAP = ("bitonic-shared", "bitonic-fused")  # the variants that --overlap-chunks pipelines
 MODEL_MAX_N = 1 << 16
 
 
@@ -39,6 +45,7 @@ class BenchArgs:
     kv: bool = False
     seed: int = 0
     ncu: bool = False
+    overlap_chunks: int = 0
     impls: list[str] = field(default_factory=list)
 
 
@@ -67,7 +74,29 @@ def validate(a: BenchArgs) -> BenchArgs:
         if not names:
             raise InputError("--impl names no implementation")
         a.impls = list(dict.fromkeys(names))
+    validate_overlap(a)
     return a
+
+
+def validate_overlap(a: BenchArgs) -> None:
+    """One-line InputErrors for --overlap-chunks: a power of two, with transfers, chunks of whole tiles."""
+    k = a.overlap_chunks
+    if k < 0:
+        raise InputError(f"--overlap-chunks must be >= 0, got {k}")
+    if k == 0:
+        return
+    if k & (k - 1):
+        raise InputError(f"--overlap-chunks must be a power of two (or 0: off), got {k}")
+    if a.transfer == "none":
+        raise InputError(f"--overlap-chunks {k} needs --transfer pageable or pinned")
+    impls = [i for i in a.impls if i in OVERLAP]
+    if not impls:
+        raise InputError(f"--overlap-chunks {k} needs {' or '.join(OVERLAP)} in --impl")
+    for impl in impls:
+        try:
+            S.check_chunk_log(S.get_variant(impl), a.n, S.chunk_log_for(a.n, k))
+        except InputError as e:
+            raise InputError(f"--overlap-chunks {k}: {e}") from None
 
 
 def make_data(n: int, dtype: str, dist: str, seed: int = 0) -> np.ndarray:
@@ -113,6 +142,44 @@ def _row_metrics(t: timing.Timing, n: int, nbytes: int, copy_gbs: float | None) 
             "frac_copy": (gbs / copy_gbs) if gbs and copy_gbs else None}
 
 
+def _overlap_model(rec: results.Record, a: BenchArgs, x: np.ndarray, want_keys, want_perm) -> None:
+    """Without a GPU: the chunked schedule of each OVERLAP variant as a numpy model, against numpy."""
+    done = [i for i in a.impls if i in OVERLAP] if a.n <= MODEL_MAX_N else []
+    for impl in done:
+        kk, pp = S.run_chunked_model(K.to_ukey(x, a.order == "desc"), impl, S.chunk_log_for(a.n, a.overlap_chunks),
+                                     kv=a.kv)
+        problem = ref.mismatch(K.from_ukey(kk, a.dtype, a.order == "desc"), want_keys)
+        if problem is None and a.kv:
+            problem = ref.mismatch(pp.astype(np.int64), want_perm)
+        rec.check(f"{impl}.overlap.model.correct", problem is None, problem)
+    ran = (f"; the chunked schedule of {', '.join(done)} ran as a numpy model and was compared with numpy"
+           if done else f"; the chunked numpy model runs only at n <= {MODEL_MAX_N}")
+    rec.notes.append(f"--overlap-chunks {a.overlap_chunks}: skipped (no CUDA GPU){ran}")
+
+
+def _overlap(rec: results.Record, row: dict[str, Any], bitonic, host_in, a: BenchArgs, want_keys, want_perm,
+             reps: int) -> None:
+    """The pipelined end to end (sort_host) of one OVERLAP variant: checked, timed, next to its serial e2e."""
+    import torch
+
+    pinned = a.transfer == "pinned"
+    out = torch.empty(a.n, dtype=host_in.dtype, pin_memory=pinned).numpy()
+    perm = torch.empty(a.n, dtype=torch.int32, pin_memory=pinned).numpy().view(np.uint32) if a.kv else None
+    hin = host_in.numpy()
+
+    def fn():
+        bitonic.sort_host(hin, out, row["impl"], a.order, a.overlap_chunks, perm)
+
+    fn()
+    problem = ref.mismatch(out, want_keys)
+    if problem is None and a.kv:
+        problem = ref.mismatch(perm.astype(np.int64), want_perm)
+    rec.check(f"{row['impl']}.overlap.correct", problem is None, problem)
+    w = timing.wall(fn, reps=max(3, min(reps, 10)), warmup=1, sync_cuda=True)
+    row.update(overlap_chunks=a.overlap_chunks, overlap_ms=w.median, overlap_saving=1 - w.median / row["e2e_ms"],
+               overlap_correct=problem is None)
+
+
 def run(a: BenchArgs) -> results.Record:
     a = validate(a)
     from gpulab.core import ncu as ncu_mod
@@ -128,7 +195,7 @@ def run(a: BenchArgs) -> results.Record:
     nbytes = 2 * a.n * itemsize + (8 * a.n if a.kv else 0)
     rec = results.Record(name="sort-bench", config={
         "n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "kv": a.kv, "transfer": a.transfer,
-        "reps": a.reps, "seed": a.seed, "impls": a.impls, "device": device})
+        "reps": a.reps, "seed": a.seed, "impls": a.impls, "device": device, "overlap_chunks": a.overlap_chunks})
     want_keys = ref.sort(x, a.order)
     want_perm = ref.argsort(x, a.order) if a.kv else None
     warmup = 0 if under_ncu else 2
@@ -246,6 +313,8 @@ def run(a: BenchArgs) -> results.Record:
     if a.transfer != "none":
         if device != "cuda":
             rec.notes.append(f"--transfer {a.transfer}: skipped (no CUDA GPU)")
+            if a.overlap_chunks:
+                _overlap_model(rec, a, x, want_keys, want_perm)
         elif a.n and not under_ncu:
             pinned = a.transfer == "pinned"
             host_in = torch.empty(a.n, dtype=getattr(torch, a.dtype), pin_memory=pinned)
@@ -271,6 +340,11 @@ def run(a: BenchArgs) -> results.Record:
                 row["h2d_ms"], row["d2h_ms"], row["e2e_ms"] = h2d.median, d2h.median, w.median
                 if row["impl"] == "bitonic-fused":
                     rec.check("bitonic-fused.e2e.correct", ref.keys_equal(host_out.numpy(), want_keys))
+                if a.overlap_chunks and row["impl"] in OVERLAP:
+                    _overlap(rec, row, bitonic, host_in, a, want_keys, want_perm, reps)
+            if a.overlap_chunks and a.kv:
+                rec.notes.append("--overlap-chunks with --kv: the pipelined run also copies the uint32 permutation "
+                                 "back; the serial e2e copies the keys only")
     rec.rows = rows
     if a.ncu:
         argv = ["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--order", a.order,
@@ -287,4 +361,6 @@ def run(a: BenchArgs) -> results.Record:
                    "fused_ms": fused["median_ms"] if fused else None,
                    "fused_vs_numpy": fused.get("speedup_vs_numpy") if fused else None,
                    "all_correct": rec.ok}
+    if a.overlap_chunks:
+        rec.summary["fused_overlap_saving"] = fused.get("overlap_saving") if fused else None
     return rec

@@ -1,5 +1,7 @@
 // Bitonic sorts of unsigned keys (uint32 / uint64), optionally with uint32 values (the input
-// index: argsort), for any n: positions >= n are virtual padding with the maximal key.
+// index: argsort), for any n: positions >= n are virtual padding with the maximal key (and the
+// value PAD_BIT | position: above every index, n < 2^31, also where a chunk's indices start at an
+// offset).
 //
 // The network (see schedule.py): stage m merges sorted runs of 2^(m-1) keys; its first step
 // pairs i with i ^ (2^m - 1) (the "flip"), the rest pair i with i ^ 2^b; every comparator puts
@@ -8,15 +10,19 @@
 // fp strides there (`network`) and stores them back.
 //
 // Kernels (extern "C", instantiated at the bottom; the host walks schedule.schedule()):
-//   bitonic_to_key_{32,64}    input bits -> order-preserving unsigned keys (+ values = index)
+//   bitonic_to_key_{32,64}    input bits -> order-preserving unsigned keys (+ values = base + index)
 //   bitonic_from_key_{32,64}  keys -> output bits (in place)
 //   bitonic_pass_k{32,64}_kv{0,1}_f{F}        one fused step over global memory
 //   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}   mode 0: sort a 2^T-key tile in shared memory
 //                                              (stages 1..arg); mode 1: strides < 2^T of a merge
+// The pipelined host sort (schedule.split_schedule) also runs them on aligned chunks: pointers into
+// the arrays with the chunk's own n, the values starting at the chunk's offset (`base`).
 // Compiled by NVRTC through cupy.RawModule on the GPU, by nvcc -cubin in the tests.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
+
+#define PAD_BIT 0x80000000u  // set in the value of a padding key (schedule.PAD_BIT)
 
 __device__ __forceinline__ u32 key_max(u32) { return 0xFFFFFFFFu; }
 __device__ __forceinline__ u64 key_max(u64) { return 0xFFFFFFFFFFFFFFFFull; }
@@ -92,11 +98,12 @@ __device__ __forceinline__ void network(K (&k)[1 << F], u32 (&v)[1 << F], int fp
 }
 
 template <typename In, typename K>
-__device__ __forceinline__ void to_key_body(const In* in, K* keys, u32* vals, u32 n, int code, int desc, int kv) {
+__device__ __forceinline__ void to_key_body(const In* in, K* keys, u32* vals, u32 n, int code, int desc, int kv,
+                                            u32 base) {
     const u32 stride = gridDim.x * blockDim.x;
     for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         keys[i] = to_key((K)in[i], code, desc);
-        if (kv) vals[i] = i;
+        if (kv) vals[i] = base + i;
     }
 }
 template <typename K>
@@ -120,7 +127,7 @@ __device__ __forceinline__ void pass_body(K* __restrict__ keys, u32* __restrict_
         idx[e] = group_index(rest, (u32)e, p_lo, F, flip != 0);
         const bool in = idx[e] < n;
         k[e] = in ? keys[idx[e]] : key_max(K(0));
-        if (KV) v[e] = in ? vals[idx[e]] : idx[e];
+        if (KV) v[e] = in ? vals[idx[e]] : (idx[e] | PAD_BIT);
     }
     network<K, KV, F>(k, v, F, flip != 0);
 #pragma unroll
@@ -172,7 +179,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
         const u32 g = base + i;
         const bool in = g < n;
         sk[spad(i)] = in ? keys[g] : key_max(K(0));
-        if (KV) sv[spad(i)] = in ? vals[g] : g;
+        if (KV) sv[spad(i)] = in ? vals[g] : (g | PAD_BIT);
     }
     __syncthreads();
     if (mode == 0) {
@@ -204,11 +211,13 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
 }
 
 extern "C" {
-__global__ void bitonic_to_key_32(const u32* in, u32* keys, u32* vals, u32 n, int code, int desc, int kv) {
-    to_key_body<u32, u32>(in, keys, vals, n, code, desc, kv);
+__global__ void bitonic_to_key_32(const u32* in, u32* keys, u32* vals, u32 n, int code, int desc, int kv,
+                                  u32 base) {
+    to_key_body<u32, u32>(in, keys, vals, n, code, desc, kv, base);
 }
-__global__ void bitonic_to_key_64(const u64* in, u64* keys, u32* vals, u32 n, int code, int desc, int kv) {
-    to_key_body<u64, u64>(in, keys, vals, n, code, desc, kv);
+__global__ void bitonic_to_key_64(const u64* in, u64* keys, u32* vals, u32 n, int code, int desc, int kv,
+                                  u32 base) {
+    to_key_body<u64, u64>(in, keys, vals, n, code, desc, kv, base);
 }
 __global__ void bitonic_from_key_32(const u32* keys, u32* out, u32 n, int code, int desc) {
     from_key_body<u32>(keys, out, n, code, desc);

@@ -28,11 +28,14 @@ def bench(
     kv: bool = typer.Option(False, "--kv", help="Key-value: also return the stable argsort permutation."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the input."),
     ncu: bool = typer.Option(False, "--ncu", help="Profile the GPU kernels under Nsight Compute."),
+    overlap_chunks: int = typer.Option(
+        0, "--overlap-chunks", help="With --transfer pageable|pinned: also time bitonic-shared/fused pipelined in K "
+                                    "aligned chunks (a power of two), transfers overlapped with the sort (0: off)."),
 ) -> None:
     """Sort one input with every implementation; write a result YAML and print the table."""
     from gpulab.sort.bench import BenchArgs, run
 
     rec = run(BenchArgs(n=n, dtype=dtype, dist=dist, impl=impl, order=order, transfer=transfer, reps=reps,
-                        kv=kv, seed=seed, ncu=ncu))
+                        kv=kv, seed=seed, ncu=ncu, overlap_chunks=overlap_chunks))
     rec.save()
     rec.print()

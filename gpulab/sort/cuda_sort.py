@@ -3,6 +3,14 @@
 ``BitonicCuda().sort(x, variant, order, kv)`` takes a 1-D cupy array of a supported dtype and
 returns ``(sorted keys, permutation or None)`` as cupy arrays (the permutation as int64, equal to
 the stable argsort). Launches go to cupy's current stream. Needs cupy and a CUDA GPU.
+
+``sort_host(host_in, host_out, variant, order, chunks, perm_out)`` sorts a host array into a host
+array with the copies overlapped: in aligned chunks (``schedule.split_schedule``), each on its own
+stream (at most MAX_STREAMS, taken in turn), chunk i's H2D copy, key transform and head run while
+chunk i+1 is still being copied; the middle runs over the whole array once every head is done;
+then each chunk's tail, inverse transform and D2H copy run while the next chunk's tail computes.
+Copies overlap only with pinned host memory; pageable memory gives the same result with less
+overlap.
 """
 from __future__ import annotations
 
@@ -12,10 +20,12 @@ import numpy as np
 
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
-from gpulab.sort.schedule import TILE_CONFIGS, Variant, get_variant, global_groups, next_pow2_log, schedule
+from gpulab.sort.schedule import (TILE_CONFIGS, Launch, Variant, chunk_log_for, get_variant, global_groups,
+                                   next_pow2_log, schedule, split_schedule)
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
 TRANSFORM_BLOCK = 256
+MAX_STREAMS = 8  # of the pipelined sort; chunk i runs on stream i % 8 (CUDA's default of 8 hardware queues)
 
 
 def kernel_names() -> list[str]:
@@ -26,6 +36,38 @@ def kernel_names() -> list[str]:
             names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in (1, 2, 3, 4)]
             names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS]
     return names
+
+
+def transform_grid(n: int) -> tuple[int]:
+    """Blocks of the key transforms (grid-stride loops) for n keys."""
+    return (min((n + TRANSFORM_BLOCK - 1) // TRANSFORM_BLOCK, 65535 * 8),)
+
+
+def host_array(x, what: str) -> np.ndarray:
+    """A C-contiguous 1-D numpy view of a host array (numpy or a CPU torch tensor), or a one-line InputError."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "numpy") and hasattr(x, "is_cuda") and not x.is_cuda:
+        x = x.numpy()
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{what}: expected a host numpy array or CPU torch tensor, got {type(x).__name__}")
+    if x.ndim != 1 or not x.flags.c_contiguous:
+        raise InputError(f"{what}: expected a contiguous 1-D array, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_host_args(host_in, host_out, perm_out, chunks: int):
+    """(input, output, permutation or None) numpy views of sort_host's host arrays, or a one-line InputError."""
+    x = K.check_array(host_array(host_in, "host_in"))
+    out = host_array(host_out, "host_out")
+    if out.shape != x.shape or out.dtype != x.dtype or not out.flags.writeable:
+        raise InputError(f"host_out must be a writable {x.dtype} array of {x.shape[0]}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    perm = None if perm_out is None else host_array(perm_out, "perm_out")
+    if perm is not None and (perm.shape != x.shape or perm.dtype != np.uint32 or not perm.flags.writeable):
+        raise InputError(f"perm_out must be a writable uint32 array of {x.shape[0]}, got {perm.dtype} "
+                         f"{tuple(perm.shape)}")
+    if chunks < 1 or chunks & (chunks - 1):
+        raise InputError(f"chunks must be a power of two >= 1, got {chunks}")
+    return x, out, perm
 
 
 def tile_smem_bytes(tile_log: int, key_bytes: int, kv: bool) -> int:
@@ -56,6 +98,7 @@ class BitonicCuda:
         attr = getattr(cp.cuda.runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)
         self.max_smem = int(cp.cuda.runtime.deviceGetAttribute(attr, cp.cuda.Device().id))
         self._fns: dict[str, object] = {}
+        self._streams: list = []
 
     def fn(self, name: str, smem: int = 0):
         f = self._fns.get(name)
@@ -76,30 +119,28 @@ class BitonicCuda:
                 return Variant(variant.name, t, variant.tile_fuse, variant.global_fuse, variant.block)
         raise DeviceError(f"{variant.name}: no tile fits in {self.max_smem} bytes of shared memory")
 
-    def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False):
-        cp = self.cp
-        v = get_variant(variant) if isinstance(variant, str) else variant
-        desc = K.check_order(order)
-        if not isinstance(x, cp.ndarray):
-            raise InputError(f"expected a cupy array on the GPU, got {type(x).__name__}")
-        K.check_array(x)
-        name = K.dtype_name(x)
-        code = K.DTYPE_CODE[name]
-        kdt = K.KEY_DTYPE[name]
-        bits = 64 if kdt == np.uint64 else 32
-        n = int(x.shape[0])
-        if n == 0:
-            return x.copy(), (cp.zeros(0, dtype=cp.int64) if kv else None)
-        x = cp.ascontiguousarray(x)
-        keys = cp.empty(n, dtype=kdt)
-        vals = cp.empty(n if kv else 1, dtype=cp.uint32)
+    def to_key(self, x, keys, vals, code: int, desc: bool, kv: bool, base: int = 0) -> None:
+        """Input bits -> unsigned keys (and values = base + index) on the current stream."""
+        bits = keys.dtype.itemsize * 8
+        n = int(keys.shape[0])
+        self.fn(f"bitonic_to_key_{bits}")(transform_grid(n), (TRANSFORM_BLOCK,),
+                                          (x.view(keys.dtype), keys, vals, np.uint32(n), np.int32(code),
+                                           np.int32(desc), np.int32(kv), np.uint32(base)))
+
+    def from_key(self, keys, out, code: int, desc: bool) -> None:
+        """Unsigned keys -> output bits of ``out``'s dtype on the current stream."""
+        bits = keys.dtype.itemsize * 8
+        n = int(keys.shape[0])
+        self.fn(f"bitonic_from_key_{bits}")(transform_grid(n), (TRANSFORM_BLOCK,),
+                                            (keys, out.view(keys.dtype), np.uint32(n), np.int32(code), np.int32(desc)))
+
+    def launch_all(self, launches: list[Launch], keys, vals, v: Variant, kv: bool) -> None:
+        """Run launches on keys (and vals) of their own n: a whole array or one chunk; current stream."""
+        bits = keys.dtype.itemsize * 8
+        n = int(keys.shape[0])
         u32n = np.uint32(n)
-        grid = (min((n + TRANSFORM_BLOCK - 1) // TRANSFORM_BLOCK, 65535 * 8),)
-        self.fn(f"bitonic_to_key_{bits}")(grid, (TRANSFORM_BLOCK,), (x.view(kdt), keys, vals, u32n, np.int32(code),
-                                                                    np.int32(desc), np.int32(kv)))
-        v = self.effective_variant(v, 8 if bits == 64 else 4, kv)
         smem = tile_smem_bytes(v.tile_log, bits // 8, kv) if v.tile_log else 0
-        for launch in schedule(n, v):
+        for launch in launches:
             if launch.kind == "global":
                 groups = global_groups(n, launch.p_hi, launch.fp)
                 f = self.fn(f"bitonic_pass_k{bits}_kv{int(kv)}_f{launch.fp}")
@@ -111,10 +152,97 @@ class BitonicCuda:
                 mode = 0 if launch.kind == "tile_sort" else 1
                 f((tiles,), (v.tile_threads,), (keys, vals, u32n, np.int32(mode), np.int32(launch.stage)),
                   shared_mem=smem)
+
+    def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False):
+        cp = self.cp
+        v = get_variant(variant) if isinstance(variant, str) else variant
+        desc = K.check_order(order)
+        if not isinstance(x, cp.ndarray):
+            raise InputError(f"expected a cupy array on the GPU, got {type(x).__name__}")
+        K.check_array(x)
+        name = K.dtype_name(x)
+        code = K.DTYPE_CODE[name]
+        kdt = K.KEY_DTYPE[name]
+        n = int(x.shape[0])
+        if n == 0:
+            return x.copy(), (cp.zeros(0, dtype=cp.int64) if kv else None)
+        x = cp.ascontiguousarray(x)
+        keys = cp.empty(n, dtype=kdt)
+        vals = cp.empty(n if kv else 1, dtype=cp.uint32)
+        self.to_key(x, keys, vals, code, desc, kv)
+        v = self.effective_variant(v, keys.dtype.itemsize, kv)
+        self.launch_all(schedule(n, v), keys, vals, v, kv)
         out = cp.empty(n, dtype=x.dtype)
-        self.fn(f"bitonic_from_key_{bits}")(grid, (TRANSFORM_BLOCK,), (keys, out.view(kdt), u32n, np.int32(code),
-                                                                      np.int32(desc)))
+        self.from_key(keys, out, code, desc)
         return out, (vals.astype(cp.int64) if kv else None)
+
+    def streams(self, k: int) -> list:
+        """k non-blocking streams of this driver (created once, reused by every pipelined sort)."""
+        while len(self._streams) < k:
+            self._streams.append(self.cp.cuda.Stream(non_blocking=True))
+        return self._streams[:k]
+
+    def copy_async(self, dst: int, src: int, nbytes: int, to_device: bool, stream) -> None:
+        rt = self.cp.cuda.runtime
+        kind = rt.memcpyHostToDevice if to_device else rt.memcpyDeviceToHost
+        rt.memcpyAsync(dst, src, nbytes, kind, stream.ptr)
+
+    def sort_host(self, host_in, host_out, variant: str | Variant = "bitonic-fused", order: str = "asc",
+                  chunks: int = 8, perm_out=None) -> None:
+        """Sort host_in into host_out (host arrays) with the transfers overlapped, in ``chunks`` aligned chunks.
+
+        ``perm_out`` (a host uint32 array of n) also receives the stable argsort. Returns when
+        host_out (and perm_out) hold the result.
+        """
+        cp = self.cp
+        x, out, perm = check_host_args(host_in, host_out, perm_out, chunks)
+        kv = perm is not None
+        desc = K.check_order(order)
+        name = K.dtype_name(x)
+        code, kdt = K.DTYPE_CODE[name], K.KEY_DTYPE[name]
+        n = int(x.shape[0])
+        if n == 0:
+            return
+        v = get_variant(variant) if isinstance(variant, str) else variant
+        v = self.effective_variant(v, np.dtype(kdt).itemsize, kv)
+        sp = split_schedule(n, v, chunk_log_for(n, chunks))
+        dx = cp.empty(n, dtype=x.dtype)  # the input, then the output bits
+        keys = cp.empty(n, dtype=kdt)
+        vals = cp.empty(n if kv else 1, dtype=cp.uint32)
+        pool = self.streams(min(len(sp.bounds), MAX_STREAMS))
+        streams = [pool[i % len(pool)] for i in range(len(sp.bounds))]  # chunk i's stream
+        start = cp.cuda.get_current_stream().record()
+        isz = x.dtype.itemsize
+
+        def part(a: int, b: int):
+            return keys[a:b], (vals[a:b] if kv else vals)
+
+        heads = []
+        for s, (a, b), head in zip(streams, sp.bounds, sp.head):
+            s.wait_event(start)
+            self.copy_async(dx.data.ptr + a * isz, x.ctypes.data + a * isz, (b - a) * isz, True, s)
+            ck, cv = part(a, b)
+            with s:
+                self.to_key(dx[a:b], ck, cv, code, desc, kv, base=a)
+                self.launch_all(head, ck, cv, v, kv)
+            heads.append(s.record())
+        main = streams[0]
+        for e in heads[1:]:
+            main.wait_event(e)
+        with main:
+            self.launch_all(sp.middle, keys, vals, v, kv)
+        middle_done = main.record()
+        for s, (a, b) in zip(streams, sp.bounds):
+            s.wait_event(middle_done)
+            with s:
+                self.launch_all(sp.tail, *part(a, b), v, kv)
+                self.from_key(keys[a:b], dx[a:b], code, desc)
+        for s, (a, b) in zip(streams, sp.bounds):  # after every tail: a pageable copy blocks the host
+            self.copy_async(out.ctypes.data + a * isz, dx.data.ptr + a * isz, (b - a) * isz, False, s)
+            if kv:
+                self.copy_async(perm.ctypes.data + a * 4, vals.data.ptr + a * 4, (b - a) * 4, False, s)
+        for s in pool:
+            s.synchronize()
 
 
 def launches(n: int, variant: str) -> int:
@@ -122,4 +250,4 @@ def launches(n: int, variant: str) -> int:
     return len(schedule(n, variant)) + (2 if n > 0 else 0)
 
 
-__all__ = ["BitonicCuda", "kernel_names", "launches", "tile_smem_bytes", "next_pow2_log"]
+__all__ = ["BitonicCuda", "check_host_args", "kernel_names", "launches", "tile_smem_bytes", "next_pow2_log"]

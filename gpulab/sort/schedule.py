@@ -18,6 +18,15 @@ them back. Launch kinds:
 ``bitonic.cu`` implements exactly these steps (``group_index``, ``network``, ``tile_chunk``); the
 cupy driver (``cuda_sort.py``) walks the list that :func:`schedule` returns, and :func:`run_model`
 executes the same list in numpy so that the schedule and index arithmetic are checked here.
+
+Chunked (pipelined) execution: with aligned chunks of ``2^chunk_log`` keys, stages 1..chunk_log
+never pair keys of different chunks, nor do the strides < 2^chunk_log of any stage. So each chunk
+can be sorted (the *head*) as soon as it is on the GPU, the remaining stages run over the whole
+array (the *middle*), and the last stage's strides below the chunk size (the *tail*) run per chunk
+again, right before that chunk is copied back. :func:`split_schedule` returns the three phases
+and :func:`run_chunked_model` executes them in numpy on the chunks' slices. In key-value mode
+padding carries the value ``PAD_BIT | position`` (above every index, as n < 2^31), so that it
+also sorts after the real maximal keys of a chunk whose values (global indices) start at an offset.
 """
 from __future__ import annotations
 
@@ -50,6 +59,7 @@ VARIANTS = {
 # tile where the device's opt-in shared memory is too small for 8192 keys.
 TILE_CONFIGS = ((11, 1), (12, 3), (13, 3))
 GLOBAL_FUSES = (1, 2, 3, 4)
+PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,19 @@ def chunks(p_hi: int, p_stop: int, fuse: int, flip_first: bool) -> list[tuple[in
     return out
 
 
+def stage_launches(m: int, v: Variant, top: int, stop: int) -> list[Launch]:
+    """The launches that run the strides 2^top .. 2^stop of merge stage m (m > tile_log).
+
+    Global passes cover the strides >= the tile; a tile merge all those below it (so ``stop`` is
+    0 or >= tile_log). The flip opens the stage: it belongs to the step of stride 2^(m-1).
+    """
+    T = v.tile_log or 0
+    out = [Launch("global", m, p, f, fl) for p, f, fl in chunks(top, max(stop, T), v.global_fuse, top == m - 1)]
+    if v.tile_log is not None and stop < T:
+        out.append(Launch("tile_merge", m))
+    return out
+
+
 def schedule(n: int, variant: Variant | str) -> list[Launch]:
     """Every kernel launch (besides the key transforms) of ``variant`` for n keys, in order."""
     v = get_variant(variant) if isinstance(variant, str) else variant
@@ -85,16 +108,52 @@ def schedule(n: int, variant: Variant | str) -> list[Launch]:
     out: list[Launch] = []
     if n <= 1:
         return out
-    if v.tile_log is None:
-        for m in range(1, L + 1):
-            out += [Launch("global", m, p, f, fl) for p, f, fl in chunks(m - 1, 0, v.global_fuse, True)]
-        return out
-    T = v.tile_log
-    out.append(Launch("tile_sort", min(T, L)))
-    for m in range(T + 1, L + 1):
-        out += [Launch("global", m, p, f, fl) for p, f, fl in chunks(m - 1, T, v.global_fuse, True)]
-        out.append(Launch("tile_merge", m))
+    first = 1
+    if v.tile_log is not None:
+        out.append(Launch("tile_sort", min(v.tile_log, L)))
+        first = v.tile_log + 1
+    for m in range(first, L + 1):
+        out += stage_launches(m, v, m - 1, 0)
     return out
+
+
+@dataclass(frozen=True)
+class ChunkedSchedule:
+    """A schedule split for aligned chunks of 2^chunk_log keys (see the module docstring)."""
+    chunk_log: int
+    bounds: list[tuple[int, int]]  # [start, stop) of each chunk (the last one may be partial)
+    head: list[list[Launch]]       # per chunk: its own schedule (stages 1..chunk_log), local n
+    middle: list[Launch]           # over the whole array: the stages above chunk_log
+    tail: list[Launch]             # per chunk, local n: the last stage's strides < 2^chunk_log
+
+
+def chunk_log_for(n: int, chunks: int) -> int:
+    """log2 of the aligned chunk that splits next_pow2(n) virtual keys into ``chunks`` (a power of two)."""
+    return next_pow2_log(n) - (chunks.bit_length() - 1)
+
+
+def check_chunk_log(v: Variant, n: int, chunk_log: int) -> None:
+    """A one-line InputError unless n keys fit one chunk or chunks of 2^chunk_log keys hold whole tiles of ``v``."""
+    need = v.tile_log or 0
+    if chunk_log < need and next_pow2_log(n) > chunk_log:
+        size = 1 << chunk_log if chunk_log >= 0 else 0
+        raise InputError(f"chunks of {size} keys (n={n}) are smaller than the {1 << need}-key tile of {v.name}; "
+                         f"use fewer chunks")
+
+
+def split_schedule(n: int, variant: Variant | str, chunk_log: int) -> ChunkedSchedule:
+    """The launches of ``variant`` for n keys, split into per-chunk head, global middle and per-chunk tail."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    check_chunk_log(v, n, chunk_log)
+    L = next_pow2_log(n)
+    c = 1 << chunk_log
+    bounds = [(a, min(a + c, n)) for a in range(0, n, c)]
+    head = [schedule(b - a, v) for a, b in bounds]
+    if L <= chunk_log:
+        return ChunkedSchedule(chunk_log, bounds, head, [], [])
+    middle = [x for m in range(chunk_log + 1, L) for x in stage_launches(m, v, m - 1, 0)]
+    middle += stage_launches(L, v, L - 1, chunk_log)
+    return ChunkedSchedule(chunk_log, bounds, head, middle, stage_launches(L, v, chunk_log - 1, 0))
 
 
 def tile_steps(launch: Launch, v: Variant) -> list[tuple[int, int, bool]]:
@@ -135,7 +194,8 @@ def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int,
           groups: int | None = None) -> None:
     p_lo = p_hi - fp + 1
     R = 1 << fp
-    G = (1 << next_pow2_log(n)) >> fp if groups is None else groups
+    # a tile step spans the whole tile, which can exceed next_pow2(n) (a chunk's tail)
+    G = (1 << max(next_pow2_log(n), p_hi + 1)) >> fp if groups is None else groups
     rest = np.arange(G, dtype=np.int64)
     idx = np.stack([group_index(rest, h, p_lo, fp, flip) for h in range(R)], axis=1)  # [G, R]
     inside = idx < n
@@ -143,7 +203,7 @@ def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int,
     k = np.where(inside, keys[np.minimum(idx, n - 1)], keys.dtype.type(kmax))
     v = None
     if vals is not None:
-        v = np.where(inside, vals[np.minimum(idx, n - 1)].astype(np.int64), idx)
+        v = np.where(inside, vals[np.minimum(idx, n - 1)].astype(np.int64), idx | PAD_BIT)
     for b in range(fp - 1, -1, -1):  # the register network (``network`` in bitonic.cu)
         fl = flip and b == fp - 1
         for e in range(R):
@@ -163,19 +223,44 @@ def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int,
         vals[idx[inside]] = v[inside].astype(vals.dtype)
 
 
-def run_model(ukeys: np.ndarray, variant: Variant | str, kv: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Execute the variant's schedule on unsigned keys in numpy; returns (keys, permutation or None)."""
-    v = get_variant(variant) if isinstance(variant, str) else variant
-    keys = np.array(ukeys, copy=True)
+def _run(keys: np.ndarray, vals: np.ndarray | None, launches: list[Launch], v: Variant) -> None:
+    """Execute launches in place on keys (and values): a whole array or one chunk's slices."""
     n = keys.shape[0]
-    vals = np.arange(n, dtype=np.uint32) if kv else None
-    for launch in schedule(n, v):
+    for launch in launches:
         if launch.kind == "global":
             _step(keys, vals, n, launch.p_hi, launch.fp, launch.flip,
                   groups=global_groups(n, launch.p_hi, launch.fp))
         else:
             for p_hi, fp, flip in tile_steps(launch, v):
                 _step(keys, vals, n, p_hi, fp, flip)
+
+
+def run_model(ukeys: np.ndarray, variant: Variant | str, kv: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Execute the variant's schedule on unsigned keys in numpy; returns (keys, permutation or None)."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    keys = np.array(ukeys, copy=True)
+    vals = np.arange(keys.shape[0], dtype=np.uint32) if kv else None
+    _run(keys, vals, schedule(keys.shape[0], v), v)
+    return keys, vals
+
+
+def run_chunked_model(ukeys: np.ndarray, variant: Variant | str, chunk_log: int,
+                      kv: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Execute :func:`split_schedule` in numpy as the pipelined driver does: each chunk's head on its
+    slices (values = global indices), the middle on the whole array, each chunk's tail on its slices."""
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    keys = np.array(ukeys, copy=True)
+    vals = np.arange(keys.shape[0], dtype=np.uint32) if kv else None
+    sp = split_schedule(keys.shape[0], v, chunk_log)
+
+    def part(a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return keys[a:b], (vals[a:b] if kv else None)
+
+    for (a, b), head in zip(sp.bounds, sp.head):
+        _run(*part(a, b), head, v)
+    _run(keys, vals, sp.middle, v)
+    for a, b in sp.bounds:
+        _run(*part(a, b), sp.tail, v)
     return keys, vals
 
 

@@ -66,12 +66,39 @@ def test_make_data_distributions():
     (["--order", "up"], "--order must be asc or desc"),
     (["--transfer", "dma"], "--transfer must be one of"),
     (["--reps", "0"], "--reps must be >= 1"),
+    (["--overlap-chunks", "-1", "--transfer", "pinned"], "--overlap-chunks must be >= 0, got -1"),
+    (["--overlap-chunks", "6", "--transfer", "pinned"], "--overlap-chunks must be a power of two (or 0: off), got 6"),
+    (["--overlap-chunks", "8"], "--overlap-chunks 8 needs --transfer pageable or pinned"),
+    (["--overlap-chunks", "2", "--transfer", "pageable", "--impl", "numpy,torch"],
+     "--overlap-chunks 2 needs bitonic-shared or bitonic-fused in --impl"),
+    (["--overlap-chunks", "8", "--transfer", "pinned", "--n", "5000"],
+     "--overlap-chunks 8: chunks of 1024 keys (n=5000) are smaller than the 2048-key tile of bitonic-shared"),
+    (["--overlap-chunks", "8", "--transfer", "pinned", "--n", "20000", "--impl", "bitonic-fused"],
+     "--overlap-chunks 8: chunks of 4096 keys (n=20000) are smaller than the 8192-key tile of bitonic-fused"),
 ])
 def test_bad_input_is_one_line(capsys, out_dir, args, msg):
     code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", *args)
     assert code == 1
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert not list(out_dir.glob("*.yaml"))
+
+
+def test_bench_overlap(out_dir, capsys):
+    """--overlap-chunks: on a GPU the pipelined end to end, else the chunked numpy model; exact either way."""
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", "--n", "20000", "--reps", "2", "--kv",
+                            "--dtype", "float32", "--transfer", "pageable", "--overlap-chunks", "2",
+                            "--impl", "numpy,bitonic-shared,bitonic-fused")
+    assert code == 0, err
+    data = yaml.safe_load(next(out_dir.glob("sort-bench-*.yaml")).read_text())
+    assert data["ok"] is True and data["config"]["overlap_chunks"] == 2
+    for impl in ("bitonic-shared", "bitonic-fused"):
+        if data["device"]["backend"] == "cpu":
+            assert f"{impl}.overlap.model.correct" in data["checks"]
+        else:
+            row = next(r for r in data["rows"] if r["impl"] == impl)
+            assert row["overlap_correct"] is True and row["overlap_ms"] > 0
+    if data["device"]["backend"] == "cpu":
+        assert any(n.startswith("--overlap-chunks 2: skipped (no CUDA GPU)") for n in data["notes"])
 
 
 def test_ncu_without_gpu(capsys, out_dir):

@@ -1,11 +1,14 @@
-"""bitonic.cu compiles for A100 (sm_80) and H100 (sm_90) with nvcc and holds every kernel the driver launches."""
+"""bitonic.cu compiles for A100 (sm_80) and H100 (sm_90) with nvcc and holds every kernel the driver launches;
+the pipelined host sort's argument checks (no GPU needed)."""
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
+from gpulab.core.errors import InputError
 from gpulab.sort import schedule as S
-from gpulab.sort.cuda_sort import SOURCE, kernel_names, tile_smem_bytes
+from gpulab.sort.cuda_sort import SOURCE, check_host_args, kernel_names, tile_smem_bytes
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.os.path.exists("/usr/local/bin/nvcc") else None)
 
@@ -35,7 +38,8 @@ def test_every_launched_kernel_exists():
             assert f in S.GLOBAL_FUSES
         for bits in (32, 64):
             for kv in (0, 1):
-                for launch in S.schedule(10_000_000, v):
+                sp = S.split_schedule(10_000_000, v, 21)  # the pipelined sort's head, middle and tail
+                for launch in S.schedule(10_000_000, v) + sp.head[0] + sp.middle + sp.tail:
                     if launch.kind == "global":
                         assert f"bitonic_pass_k{bits}_kv{kv}_f{launch.fp}" in names
                     else:
@@ -48,3 +52,24 @@ def test_tile_shared_memory_fits_h100_and_a100():
             for kv in (False, True):
                 assert tile_smem_bytes(t, key_bytes, kv) <= 163 * 1024  # A100 opt-in limit
     assert tile_smem_bytes(13, 4, False) == (8192 + 256) * 4
+
+
+def test_sort_host_argument_checks():
+    import torch
+
+    x = np.arange(10, dtype=np.int32)
+    got, out, perm = check_host_args(torch.from_numpy(x), np.empty(10, np.int32), np.empty(10, np.uint32), 4)
+    assert np.shares_memory(got, x) and out.shape == (10,) and perm.dtype == np.uint32
+    bad = [
+        ((x, np.empty(10, np.int64), None, 4), "host_out must be a writable int32 array of 10"),
+        ((x, np.empty(9, np.int32), None, 4), "host_out must be"),
+        ((x, np.empty(10, np.int32), np.empty(10, np.int64), 4), "perm_out must be a writable uint32 array"),
+        ((x, np.empty(10, np.int32), None, 3), "chunks must be a power of two >= 1, got 3"),
+        ((x, np.empty(10, np.int32), None, 0), "chunks must be a power of two >= 1, got 0"),
+        ((x[::2], np.empty(5, np.int32), None, 1), "host_in: expected a contiguous 1-D array"),
+        (([1, 2], np.empty(2, np.int32), None, 1), "host_in: expected a host numpy array"),
+        ((x.astype(np.float64), np.empty(10, np.float64), None, 1), "unsupported dtype float64"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(InputError, match=msg.replace("(", r"\(")):
+            check_host_args(*args)

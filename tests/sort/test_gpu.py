@@ -1,4 +1,5 @@
-"""On a GPU: every CUDA C variant equals numpy exactly (all dtypes, distributions, orders, key-value)."""
+"""On a GPU: every CUDA C variant equals numpy exactly (all dtypes, distributions, orders, key-value), and so
+does the chunked pipelined host sort (pinned and pageable)."""
 import numpy as np
 import pytest
 
@@ -63,6 +64,58 @@ def test_fused_10m_int32(cuda):
     cp, bit = cuda
     x = make_data(10_000_000, "int32", "uniform", seed=9)
     check(cp, bit, x, ["bitonic-fused"], "asc", False)
+
+
+# (variant, n, dtype, chunks, order, kv): several chunks with a partial last one, one chunk, 64 chunks
+HOST_CASES = [
+    ("bitonic-fused", 70001, "int32", 8, "asc", True),
+    ("bitonic-fused", 70001, "float32", 4, "desc", True),
+    ("bitonic-fused", 8193, "uint32", 2, "asc", False),
+    ("bitonic-fused", 1_000_003, "int64", 64, "asc", True),
+    ("bitonic-fused", 5000, "int32", 1, "desc", True),
+    ("bitonic-shared", 5000, "float32", 4, "asc", True),
+    ("bitonic-shared", 1 << 17, "int32", 16, "desc", False),
+    ("bitonic-global", 1025, "int64", 8, "asc", True),
+]
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
+def test_sort_host_pipelined(cuda, pinned):
+    """The chunked pipelined host -> host sort equals numpy exactly (keys and the stable permutation)."""
+    cp, bit = cuda
+    import cupyx
+
+    rng = np.random.default_rng(1)
+    for variant, n, dtype, chunks, order, kv in HOST_CASES:
+        x = inputs(n, dtype, rng)
+        alloc = (lambda dt: cupyx.empty_pinned((n,), dtype=dt)) if pinned else (lambda dt: np.empty(n, dtype=dt))
+        hin, hout = alloc(x.dtype), alloc(x.dtype)
+        hin[:] = x
+        perm = alloc(np.uint32) if kv else None
+        bit.sort_host(hin, hout, variant, order, chunks, perm)
+        case = (variant, n, dtype, chunks, order, kv, pinned)
+        assert ref.mismatch(hout, ref.sort(x, order)) is None, case
+        if kv:
+            assert np.array_equal(perm.astype(np.int64), ref.argsort(x, order)), case
+
+
+def test_sort_host_chunk_smaller_than_tile(cuda):
+    from gpulab.core.errors import InputError
+
+    cp, bit = cuda
+    x = np.arange(20000, dtype=np.int32)
+    with pytest.raises(InputError, match="smaller than the"):
+        bit.sort_host(x, np.empty_like(x), "bitonic-fused", "asc", 16)  # 2048-key chunks: below either tile
+
+
+def test_bench_gpu_overlap(out_dir):
+    for transfer, kv in (("pinned", False), ("pageable", True)):
+        rec = run(BenchArgs(n=300_001, reps=3, transfer=transfer, kv=kv, overlap_chunks=4,
+                            impl="bitonic-shared,bitonic-fused,numpy"))
+        assert rec.ok, {k: v for k, v in rec.checks.items() if not v["passed"]}
+        for row in rec.rows[:2]:
+            assert row["overlap_correct"] is True and row["overlap_ms"] > 0 and row["e2e_ms"] > 0
+        assert "bitonic-fused.overlap.correct" in rec.checks
 
 
 def test_bench_gpu_pinned(out_dir):

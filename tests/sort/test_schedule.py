@@ -69,26 +69,114 @@ def test_real_fused_variant_beyond_one_tile():
     check(x, S.VARIANTS["bitonic-fused"], "asc", kv=True)
 
 
+def steps(launches, variant):
+    """(p_hi, fp, flip) of every step that the launches run."""
+    out = []
+    for launch in launches:
+        out += [(launch.p_hi, launch.fp, launch.flip)] if launch.kind == "global" else S.tile_steps(launch, variant)
+    return out
+
+
+def strides(step_list, variant, m=0):
+    """(stage, bit) of every stride the steps run, in order (a flip step opens stage p_hi + 1)."""
+    got = []
+    for p_hi, fp, flip in step_list:
+        if flip:
+            m = p_hi + 1
+        got += [(m, b) for b in range(p_hi, p_hi - fp, -1)]
+        assert fp <= max(variant.global_fuse, variant.tile_fuse)
+    return got
+
+
+def all_strides(L):
+    return [(m, b) for m in range(1, L + 1) for b in range(m - 1, -1, -1)]
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
 def test_schedule_covers_every_stride_once(variant):
     n = 3000
+    assert strides(steps(S.schedule(n, variant), variant), variant) == all_strides(S.next_pow2_log(n))
+
+
+# -- the chunked (pipelined) split: head per chunk, global middle, tail per chunk
+
+def chunk_logs(n, variant, most=64):
+    """Valid chunk sizes for n keys (whole tiles, or one chunk): at most ``most`` chunks .. one chunk beyond N."""
     L = S.next_pow2_log(n)
-    steps = []  # (p_hi, fp, flip) of every step the schedule runs
-    for launch in S.schedule(n, variant):
-        if launch.kind == "global":
-            items = [(launch.p_hi, launch.fp, launch.flip)]
-        else:
-            items = S.tile_steps(launch, variant)
-        steps += items
-    want = [(m, b) for m in range(1, L + 1) for b in range(m - 1, -1, -1)]
-    got = []
-    m = 0
-    for p_hi, fp, flip in steps:
-        if flip:
-            m = p_hi + 1  # a flip step opens stage p_hi + 1
-        got += [(m, b) for b in range(p_hi, p_hi - fp, -1)]
-        assert fp <= max(variant.global_fuse, variant.tile_fuse)
-    assert got == want
+    lo = max(L - most.bit_length() + 1, 0)
+    return [j for j in range(lo, L + 2) if j >= (variant.tile_log or 0) or j >= L]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_split_covers_every_stride_once_chunk_locally(variant):
+    n = 3000
+    L = S.next_pow2_log(n)
+    for j in chunk_logs(n, variant):
+        sp = S.split_schedule(n, variant, j)
+        assert len(sp.bounds) == -(-n // (1 << j)) and sp.bounds[-1][1] == n
+        head = steps(S.schedule(min(n, 1 << j), variant), variant)  # a full chunk: stages 1..j
+        tail = steps(sp.tail, variant)
+        assert all(p_hi < j for p_hi, _, _ in head + tail)  # chunk-local
+        got = strides(head, variant) + strides(steps(sp.middle, variant), variant)
+        got += strides(tail, variant, m=L)
+        assert got == all_strides(L), (variant.name, j)
+        if j >= L:
+            assert sp.head == [S.schedule(n, variant)] and sp.middle == [] and sp.tail == []
+
+
+def check_chunked(x, variant, j, order, kv):
+    """The chunked model == the whole-array model == numpy, keys and (kv) the stable permutation."""
+    u = K.to_ukey(x, order == "desc")
+    k, p = S.run_chunked_model(u, variant, j, kv=kv)
+    k0, p0 = S.run_model(u, variant, kv=kv)
+    assert np.array_equal(k, k0), (variant.name, x.shape, j, order)
+    assert ref.mismatch(K.from_ukey(k, K.dtype_name(x), order == "desc"), ref.sort(x, order)) is None
+    if kv:
+        assert np.array_equal(p, p0) and np.array_equal(p.astype(np.int64), ref.argsort(x, order)), (variant.name, j)
+
+
+@pytest.mark.parametrize("variant", [S.VARIANTS["bitonic-global"], SMALL_TILE, SMALL_SHARED], ids=lambda v: v.name)
+@pytest.mark.parametrize("dtype", ["float32", "uint32", "int64"])
+def test_chunked_model_sizes(variant, dtype):
+    rng = np.random.default_rng(hash(("chunked", variant.name, dtype)) % 2**32)
+    for n in SIZES + [int(rng.integers(5, 600)), int(rng.integers(600, 3000))]:
+        x = data(n, dtype, rng)
+        js = chunk_logs(n, variant, most=16)
+        for j in js:
+            check_chunked(x, variant, j, "asc" if j % 2 else "desc", kv=True)
+        check_chunked(x, variant, js[0], "asc", kv=False)
+
+
+@pytest.mark.parametrize("name, n, js", [("bitonic-shared", 5000, (11, 12)), ("bitonic-fused", 20000, (13, 14))])
+def test_chunked_model_real_variants(name, n, js):
+    """The real tiles with several chunks: heads, fused passes across chunks, tile merges and tails."""
+    rng = np.random.default_rng(n)
+    x = data(n, "float32", rng)
+    for j in js:
+        check_chunked(x, S.VARIANTS[name], j, "asc", kv=True)
+
+
+def test_chunked_padding_after_equal_max_keys():
+    """The last, partial chunk full of maximal keys (NaN): padding (value PAD_BIT | position) stays behind them."""
+    x = np.full(37, np.nan, dtype=np.float32)
+    for variant in (SMALL_TILE, SMALL_SHARED, S.VARIANTS["bitonic-global"]):
+        for j in (3, 4, 5):
+            if j >= (variant.tile_log or 0):
+                check_chunked(x, variant, j, "asc", kv=True)
+
+
+def test_chunk_log_for():
+    assert S.chunk_log_for(10_000_000, 8) == 21 and len(S.split_schedule(10_000_000, "bitonic-fused", 21).bounds) == 5
+    assert S.chunk_log_for(1025, 2) == 10 and S.chunk_log_for(1024, 1) == 10
+
+
+def test_chunk_smaller_than_a_tile():
+    with pytest.raises(InputError, match=r"chunks of 4096 keys \(n=10000\) are smaller than the 8192-key tile of "
+                                         r"bitonic-fused"):
+        S.split_schedule(10_000, "bitonic-fused", 12)
+    with pytest.raises(InputError, match="chunks of 0 keys"):
+        S.split_schedule(3, "bitonic-global", -1)
+    assert S.split_schedule(5000, "bitonic-fused", 13).middle == []  # one chunk: no tile constraint
 
 
 def test_global_groups_is_exact():
