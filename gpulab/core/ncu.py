@@ -169,6 +169,7 @@ def build_command(
     nvtx_include: str | None = None,
     cache_control: str = "all",
     clock_control: str = "base",
+    replay_mode: str = "kernel",
     launch_skip: int = 0,
     launch_count: int | None = None,
     log_file: str | None = None,
@@ -178,8 +179,13 @@ def build_command(
         raise ValueError("cache_control must be 'all' or 'none'")
     if clock_control not in ("base", "none"):
         raise ValueError("clock_control must be 'base' or 'none'")
+    if replay_mode not in ("kernel", "application"):
+        raise ValueError("replay_mode must be 'kernel' or 'application'")
+    # kernel replay with --cache-control none: a metric collected in a second pass sees the caches the first
+    # pass left behind; application replay reruns the whole program per pass (each pass sees a real L2 state)
     cmd = [ncu, "--csv", "--page", "raw", "--print-units", "base", "--metrics", ",".join(metrics),
-           "--cache-control", cache_control, "--clock-control", clock_control, "--target-processes", "all"]
+           "--cache-control", cache_control, "--clock-control", clock_control, "--replay-mode", replay_mode,
+           "--target-processes", "all"]
     if kernel_regex:
         cmd += ["--kernel-name", f"regex:{kernel_regex}"]
     if nvtx_include:

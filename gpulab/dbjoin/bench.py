@@ -49,6 +49,24 @@ def parse_impls(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def validate(cfg: BenchConfig, device: str) -> None:
+    """One-line errors for bad option values (also those of impls not in --impl) and for --ncu without a
+    GPU, before any table is loaded or timed."""
+    from gpulab.dbjoin.hash_join_cuda import check_load_factor
+    from gpulab.dbjoin.tensorcore_join import check_block
+
+    if cfg.reps < 1:
+        raise InputError(f"--reps must be >= 1, got {cfg.reps}")
+    if cfg.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.max_interpret_rows < 0:
+        raise InputError(f"--max-interpret-rows must be >= 0, got {cfg.max_interpret_rows}")
+    check_load_factor(cfg.load_factor)
+    check_block(cfg.tc_block)
+    if cfg.ncu and device != "cuda":
+        raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
+
+
 def load_tables(cfg: BenchConfig):
     from gpulab.dbjoin import tables
 
@@ -130,6 +148,10 @@ def tensorcore_plan(name: str, device: str, cfg: Any, rec: Any, rows: int) -> tu
 
 def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
     """Build the record (not yet saved); ``cfg.aggregate`` count|sum runs the join-aggregate instead."""
+    from gpulab.core import options
+
+    device = options.resolve_device(what="gpulab join bench")
+    validate(cfg, device)
     if cfg.aggregate != "none":
         from gpulab.dbjoin.agg_bench import run_aggregate
 
@@ -137,18 +159,13 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
     import torch
 
     from gpulab.core import ncu as ncu_mod
-    from gpulab.core import options, results
+    from gpulab.core import results
     from gpulab.dbjoin import reference
 
-    device = options.resolve_device(what="gpulab join bench")
     impls = cfg.impls
     if device == "cpu" and all(i in GPU_ONLY for i in impls):
         raise DeviceError(f"--impl {','.join(impls)} needs a CUDA GPU, and none is "
                           f"{'selected' if options.cuda_available() else 'visible'}")
-    if cfg.reps < 1:
-        raise InputError(f"--reps must be >= 1, got {cfg.reps}")
-    if cfg.warmup < 0:
-        raise InputError(f"--warmup must be >= 0, got {cfg.warmup}")
     under_ncu = ncu_mod.under_ncu()
     reps, warmup = (1, 1) if under_ncu else (cfg.reps, cfg.warmup)
 
@@ -311,10 +328,7 @@ def reference_torch(lk_t, rk_t, count_only: bool):
 
 def _attach_ncu(rec, argv: list[str], kernel_regex: str = "hj_|tc_join|[Rr]adix") -> None:
     from gpulab.core import ncu
-    from gpulab.core import options
 
-    if options.resolve_device(what="--ncu") != "cuda":
-        raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
     records = ncu.profile_gpulab(argv, kernel_regex=kernel_regex)
     rows = ncu.summarize_by_kernel(records)
     rec.metrics["ncu"] = rows

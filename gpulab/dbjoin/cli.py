@@ -97,8 +97,13 @@ def gen(
     key_dtype: str = typer.Option("int32", "--key-dtype"),
 ) -> None:
     """Write a generated pair of tables (the same ones `bench` would generate) to files."""
+    from gpulab.core.errors import InputError
     from gpulab.dbjoin import tables
 
+    for p in (left_path, right_path):  # both checked before either is written
+        tables.check_output_path(p)
+    if left_path.resolve() == right_path.resolve():
+        raise InputError(f"the left and right tables would both be written to {left_path}")
     lt, rt = tables.generate(rows, right_rows, match_rate, dup, seed, key_dtype)
     for t, p in ((lt, left_path), (rt, right_path)):
         tables.save_table(t, p)

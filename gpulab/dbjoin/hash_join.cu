@@ -25,7 +25,7 @@
 // The empty-slot marker is the key type's minimum value. A key equal to it is never stored in the
 // table: all such rows share one extra slot at index `cap` (its key field is unused), so that key
 // joins like any other. Slots are found with "fastrange" (hash * cap >> 32), so cap need not be a
-// power of two; cap < 2^32.
+// power of two; cap < 2^31 - 1 (build_slot and slot_off hold slot indices, cap included, as int).
 //
 // Compiled by NVRTC through cupy.RawModule at run time, and by nvcc in the CPU tests (no headers).
 // The Python launch arguments (hash_join_cuda.LAUNCH_ARGS) are checked against the extern "C"

@@ -37,13 +37,20 @@ def source() -> str:
     return SOURCE_PATH.read_text()
 
 
-def table_capacity(n_build: int, load_factor: float) -> int:
-    """Slots of the table (without the extra slot for the empty-marker key); < 2^32."""
+def check_load_factor(load_factor: float) -> None:
+    """A one-line InputError unless 0.05 <= load_factor <= 0.95 (NaN included)."""
     if not 0.05 <= load_factor <= 0.95:
         raise InputError(f"--load-factor must be within [0.05, 0.95], got {load_factor}")
+
+
+def table_capacity(n_build: int, load_factor: float) -> int:
+    """Slots of the table (without the extra slot for the empty-marker key); cap + 1 <= 2^31 - 1, since
+    build_slot and the group kernels hold slot indices (the extra slot's, cap, included) as int."""
+    check_load_factor(load_factor)
     cap = max(int(math.ceil(n_build / load_factor)), 1)
-    if cap >= 2**32 - 1:
-        raise InputError(f"a hash table of {cap} slots exceeds the 32-bit slot index")
+    if cap > 2**31 - 2:
+        raise InputError(f"a hash table of {cap} slots exceeds the int32 slot index; use fewer build rows "
+                         "or a higher --load-factor")
     return cap
 
 
@@ -221,7 +228,8 @@ class HashJoinPlan:
     host into one graph on a stream of its own (blocking: ordered after earlier work on the legacy default
     stream, which torch and cupy use by default). Nothing in the capture allocates or synchronises.
 
-    The plan binds the key *buffers*: :meth:`run` joins whatever they hold when it is called. It returns a
+    The plan binds the key *buffers*: :meth:`run` joins whatever they hold when it is called (keys of two
+    dtypes, host arrays and non-contiguous tensors are bound as the converted copies made here). It returns a
     :class:`JoinResult` whose arrays are views of the plan's output buffers, valid until the next ``run()``
     (copy them to keep them). When the count exceeds the output capacity (duplicate build keys), the
     plan grows the outputs to the exact count, re-captures the graph and runs again (``retries`` counts

@@ -10,6 +10,7 @@ build side (``--right-rows``); the hash join builds on whichever side is smaller
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def generate(rows: int, right_rows: int | None = None, match_rate: float = 0.5, 
         raise InputError(f"--match-rate must be within [0, 1], got {match_rate}")
     if key_dtype not in KEY_DTYPES:
         raise InputError(f"--key-dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
     s = parse_dup(dup)
     rng = np.random.default_rng(seed)
     n_match = int(round(match_rate * rows))
@@ -189,6 +192,8 @@ def load_table(path: Path | str) -> Table:
         raise InputError(f"not a file: {p}")
     suffix = p.suffix.lower()
     if suffix == ".npz":
+        if not zipfile.is_zipfile(p):  # np.load would call any other file "pickled data"
+            raise InputError(f"{where}: not a valid .npz file (not a zip archive)")
         try:
             with np.load(p, allow_pickle=False) as z:
                 cols = {k: z[k] for k in z.files}
@@ -206,6 +211,8 @@ def load_table(path: Path | str) -> Table:
             raise InputError(f"{where}: empty CSV file (expected a header 'key,payload')") from None
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise InputError(f"{where}: malformed CSV ({str(e).splitlines()[0]})") from None
+        if df.empty:  # a header and no rows: an empty table (pandas types its columns as object)
+            df = df.astype(np.int64)
         t = _columns(_frame_columns(df, where), where)
         # CSV carries no types: keys that all fit in int32 are read as int32 (as .npz/.parquet would store them)
         if t.key.dtype == np.int64 and (len(t) == 0 or (int(t.key.min()) >= -(2**31) and int(t.key.max()) < 2**31)):
@@ -227,12 +234,31 @@ def load_table(path: Path | str) -> Table:
     raise InputError(f"{where}: unknown table format '{p.suffix}' (use {', '.join(FORMATS)})")
 
 
-def save_table(table: Table, path: Path | str) -> Path:
-    """Write a table atomically as ``.npz`` or ``.csv`` (``.parquet`` with pyarrow)."""
+def check_output_path(path: Path | str) -> Path:
+    """A one-line InputError unless a table can be written to ``path`` (known format, pyarrow for .parquet,
+    not a folder); call it for every output before writing any."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
         raise InputError(f"{p.name}: unknown table format '{p.suffix}' (use {', '.join(FORMATS)})")
+    if p.is_dir():
+        raise InputError(f"cannot write a table to {p}: it is a folder")
+    base = next((a for a in p.absolute().parents if a.exists()), None)
+    if base is not None and not base.is_dir():
+        raise InputError(f"cannot write a table to {p}: {base} is not a folder")
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise InputError(f"{p.name}: writing .parquet needs pyarrow, which is not installed") from None
+    return p
+
+
+def save_table(table: Table, path: Path | str) -> Path:
+    """Write a table atomically as ``.npz`` or ``.csv`` (``.parquet`` with pyarrow)."""
+    p = check_output_path(path)
+    suffix = p.suffix.lower()
+
     def write(tmp: str) -> None:
         if suffix == ".npz":
             with open(tmp, "wb") as f:
@@ -244,10 +270,6 @@ def save_table(table: Table, path: Path | str) -> Path:
                        delimiter=",")
             Path(tmp).write_text(buf.getvalue())
         else:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise InputError(f"{p.name}: writing .parquet needs pyarrow, which is not installed") from None
             import pandas as pd
 
             pd.DataFrame({"key": table.key, "payload": table.payload}).to_parquet(tmp)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from gpulab.core.errors import InputError
 from gpulab.dbjoin.aggregate import AGGREGATES, AggResult
-from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, choose_bits, partition
+from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, check_block, choose_bits, partition
 
 
 class TensorCoreAggregate:
@@ -31,8 +31,7 @@ class TensorCoreAggregate:
                  mode: str = "sum"):
         if code_dtype not in CODE_DTYPES:
             raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {code_dtype!r}")
-        if block not in (16, 32, 64, 128):
-            raise InputError(f"--tc-block must be 16, 32, 64 or 128, got {block}")
+        check_block(block)
         if mode not in AGGREGATES:
             raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {mode!r}")
         self.code_dtype, self.block, self.mode = code_dtype, block, mode

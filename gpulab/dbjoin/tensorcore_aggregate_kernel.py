@@ -18,7 +18,8 @@ def _payload_matrix(pay, valid, WITH_SUMS: tl.constexpr, DT: tl.constexpr):
     """[rows, 16] matrix: 7-bit limbs of pay + 2^31 in columns 0-4 (sums only), 1 in column 5, else 0."""
     col = tl.arange(0, 16)
     u = pay.to(tl.int64) + 2147483648
-    limb = (u[:, None] >> (col[None, :] * 7).to(tl.int64)) & 127
+    shift = (tl.minimum(col, 4) * 7).to(tl.int64)  # < 64: no undefined shift in unused columns
+    limb = (u[:, None] >> shift[None, :]) & 127
     if WITH_SUMS:
         m = tl.where(col[None, :] < 5, limb, 0)
     else:
@@ -34,7 +35,7 @@ def _limb_sums(y, WITH_SUMS: tl.constexpr):
     yi = y.to(tl.int64)
     cnt = tl.sum(tl.where(col[None, :] == 5, yi, 0), axis=1)
     if WITH_SUMS:
-        w = tl.where(col < 5, tl.full([16], 1, tl.int64) << (col * 7).to(tl.int64), 0)
+        w = tl.where(col < 5, tl.full([16], 1, tl.int64) << (tl.minimum(col, 4) * 7).to(tl.int64), 0)
         w = tl.where(col == 5, -2147483648, w)  # minus the 2^31 offset once per counted row
         s = tl.sum(yi * w[None, :], axis=1)
     else:

@@ -27,6 +27,7 @@ from gpulab.core.errors import InputError
 from gpulab.dbjoin.reference import JoinResult
 
 CODE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+BLOCKS = (16, 32, 64, 128)  # --tc-block: tile sizes BM = BN
 KERNEL_REGEX = "tc_join"
 _M16 = 0xFFFF
 _M32 = 0xFFFFFFFF
@@ -133,14 +134,19 @@ def choose_bits(n_left: int, n_right: int, rows_per_partition: int) -> int:
     return int(min(max(math.ceil(math.log2(max(big / rows_per_partition, 1.0))), 0), 24))
 
 
+def check_block(block: int) -> None:
+    """A one-line InputError unless ``block`` is one of :data:`BLOCKS`."""
+    if block not in BLOCKS:
+        raise InputError(f"--tc-block must be 16, 32, 64 or 128, got {block}")
+
+
 class TensorCoreJoin:
     """``join(left_keys, right_keys)`` on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)."""
 
     def __init__(self, code_dtype: str = "fp16", block: int = 64, rows_per_partition: int | None = None):
         if code_dtype not in CODE_DTYPES:
             raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {code_dtype!r}")
-        if block not in (16, 32, 64, 128):
-            raise InputError(f"--tc-block must be 16, 32, 64 or 128, got {block}")
+        check_block(block)
         self.code_dtype = code_dtype
         self.block = block
         self.rows_per_partition = rows_per_partition or block // 2

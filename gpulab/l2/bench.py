@@ -15,6 +15,7 @@ small sizes, and the policies are reported as needing a GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -68,10 +69,14 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise InputError(f"--{name} must be >= 1, got {v}")
-        if self.width_mult <= 0:
-            raise InputError(f"--width-mult must be > 0, got {self.width_mult}")
-        if self.pollute_mib < 0:
-            raise InputError(f"--pollute-mib must be >= 0, got {self.pollute_mib}")
+        if not 0 < self.width_mult < math.inf:
+            raise InputError(f"--width-mult must be > 0 and finite, got {self.width_mult}")
+        if not 0 <= self.pollute_mib < math.inf:
+            raise InputError(f"--pollute-mib must be >= 0 and finite, got {self.pollute_mib}")
+        for name in ("set_aside_mib", "window_mib"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < math.inf:
+                raise InputError(f"--{name.replace('_', '-')} must be > 0 and finite, got {v}")
         if not 0 < self.prefetch_budget <= 1:
             raise InputError(f"--prefetch-budget must be in (0, 1] (a fraction of the L2), got {self.prefetch_budget}")
         if self.prefetch_kernel not in PREFETCH_KINDS:
@@ -121,7 +126,7 @@ class PolicyRunner:
         self.side = torch.cuda.Stream()
         n_max = max(len(r.layers) for r in requests)
         self.events = [torch.cuda.Event() for _ in range(n_max)]
-        budget = int(cfg.prefetch_budget * limits["l2_bytes"])
+        budget = P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"])
         self.schedules = [P.group_by_layer(P.prefetch_schedule([l.region.nbytes for l in r.layers],
                                                                l2_budget_bytes=budget, lookahead=cfg.lookahead),
                                            len(r.layers)) for r in requests]
@@ -304,6 +309,10 @@ def _row(policy: str, samples: list[float], base_med: float | None, extra: dict 
     return row
 
 
+# Few metrics, few replay passes (each pass reruns the program: application replay, see _ncu_dram)
+NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_sector_hit_rate.pct")
+
+
 def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
     args = ["l2", "run", "--workload", cfg.workload, "--policy", pol, "--batch", str(cfg.batch),
             "--width-mult", str(cfg.width_mult), "--subnets", str(cfg.subnets), "--dtype", cfg.dtype,
@@ -314,7 +323,8 @@ def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
         v = getattr(cfg, name)
         if v is not None:
             args += ["--" + name.replace("_", "-"), str(v)]
-    recs = ncu.profile_gpulab(args, cache_control="none", nvtx_include="l2-measure/")
+    recs = ncu.profile_gpulab(args, metrics=NCU_METRICS, cache_control="none", replay_mode="application",
+                              nvtx_include="l2-measure/")
     recs = [r for r in recs if "pollute" not in r.kernel]
     read = sum(r.metrics.get("dram__bytes_read.sum") or 0.0 for r in recs)
     write = sum(r.metrics.get("dram__bytes_write.sum") or 0.0 for r in recs)
@@ -329,6 +339,8 @@ def run(cfg: RunConfig) -> results.Record:
     cfg.validate()
     policies = P.parse_policies(",".join(cfg.policies))
     device = options.resolve_device(what="gpulab l2 run")
+    if cfg.ncu and device == "cpu":
+        raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before gpulab.l2.kernels imports triton's jit
     import torch
@@ -434,7 +446,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         rec.metrics["persist_plan"] = runner.plan_persist().as_dict()
     if any(P.uses_prefetch(p) for p in candidates):
         rec.metrics["prefetch"] = {"kernel": runner.prefetch_kind, "lookahead": cfg.lookahead,
-                                   "budget_bytes": int(cfg.prefetch_budget * limits["l2_bytes"]),
+                                   "budget_bytes": P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"]),
                                    "ops_per_inference": [sum(len(s) for s in sch) for sch in runner.schedules]}
 
     reps = -(-cfg.reps // len(reqs)) * len(reqs)  # whole passes over the request stream
@@ -488,5 +500,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
                     row["dram_write_mib"] = r["dram_write_bytes_per_inference"] / MIB
                     row["l2_hit_pct"] = r["l2_hit_rate_pct_mean"]
         if d:
-            rec.notes.append("ncu: --cache-control none, kernels inside the timed NVTX range only, pollution kernel "
-                             "left out; ncu serializes kernels, so overlap is judged from the timings")
+            rec.notes.append("ncu: --cache-control none with application replay (every metric pass reruns the "
+                             "program, so no pass sees a cache warmed by an earlier pass), kernels inside the timed "
+                             "NVTX range only, pollution kernel left out; ncu serializes kernels, so overlap is "
+                             "judged from the timings")

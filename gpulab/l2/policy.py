@@ -120,15 +120,15 @@ def plan_persist(
         set_aside = (persisting_max_bytes // granularity) * granularity or persisting_max_bytes
     else:
         if set_aside_bytes <= 0:
-            raise InputError(f"--set-aside must be > 0 bytes, got {set_aside_bytes}")
+            raise InputError(f"--set-aside-mib must be > 0, got {set_aside_bytes} bytes")
         if set_aside_bytes > persisting_max_bytes:
-            raise InputError(f"--set-aside {set_aside_bytes} B exceeds this GPU's persisting L2 maximum "
-                             f"{persisting_max_bytes} B")
+            raise InputError(f"--set-aside-mib {set_aside_bytes / 2**20:g} exceeds this GPU's persisting L2 "
+                             f"maximum of {persisting_max_bytes / 2**20:g} MiB")
         set_aside = int(set_aside_bytes)
     win = min(total_bytes, max_window_bytes)
     if window_bytes is not None:
         if window_bytes <= 0:
-            raise InputError(f"--window must be > 0 bytes, got {window_bytes}")
+            raise InputError(f"--window-mib must be > 0, got {window_bytes} bytes")
         win = min(win, int(window_bytes))
     return PersistPlan(set_aside_bytes=set_aside, window_offset=0, window_bytes=win,
                        hit_ratio=hit_ratio(set_aside, win), covered_bytes=win, total_bytes=total_bytes)
@@ -190,6 +190,13 @@ def prefetch_schedule(
             done[j] += take
             in_flight += take
     return ops
+
+
+def prefetch_budget_bytes(fraction: float, l2_bytes: int, align: int = 256) -> int:
+    """``fraction`` of the L2 as a prefetch budget, rounded down to ``align`` bytes (at least ``align``):
+    then every piece that :func:`prefetch_schedule` cuts from 256-byte aligned layer ranges starts and ends
+    256-byte aligned (the read prefetch views it as int32 words, the bulk prefetch needs 16 bytes)."""
+    return max(align, int(fraction * l2_bytes) // align * align)
 
 
 def group_by_layer(ops: Iterable[PrefetchOp], n_layers: int) -> list[list[PrefetchOp]]:

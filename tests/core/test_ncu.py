@@ -56,14 +56,19 @@ def test_permission_error_is_one_line(text):
 
 def test_build_command_flags():
     cmd = ncu.build_command(["python", "-m", "gpulab"], kernel_regex="bitonic", cache_control="none",
-                            clock_control="none", nvtx_include="step/", launch_count=5, log_file="/tmp/x.csv")
+                            clock_control="none", nvtx_include="step/", launch_count=5, log_file="/tmp/x.csv",
+                            replay_mode="application")
     s = " ".join(cmd)
+    assert "--replay-mode kernel" in " ".join(ncu.build_command(["x"]))
     for part in ("--csv", "--page raw", "--cache-control none", "--clock-control none", "regex:bitonic",
+                 "--replay-mode application",
                  "--nvtx-include step/", "--launch-count 5", "--log-file /tmp/x.csv", "gpu__time_duration.sum"):
         assert part in s
     assert cmd[-3:] == ["python", "-m", "gpulab"]
     with pytest.raises(ValueError):
         ncu.build_command(["x"], cache_control="some")
+    with pytest.raises(ValueError):
+        ncu.build_command(["x"], replay_mode="range")
 
 
 def test_missing_ncu_is_a_tool_error(monkeypatch):

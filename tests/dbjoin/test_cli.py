@@ -79,6 +79,12 @@ def test_bench_empty_table(out_dir):
     (["--tc-dtype", "fp64"], InputError, "--tc-dtype"),
     (["--reps", "0", "--impl", "pandas"], InputError, "--reps"),
     (["--match-rate", "2", "--impl", "pandas"], InputError, "--match-rate"),
+    (["--seed", "-1", "--impl", "pandas"], InputError, "--seed must be >= 0, got -1"),
+    # option values of impls not in --impl are still checked, before any work
+    (["--load-factor", "0", "--impl", "pandas"], InputError, "--load-factor must be within"),
+    (["--load-factor", "nan", "--impl", "pandas", "--aggregate", "sum"], InputError, "--load-factor"),
+    (["--tc-block", "48", "--impl", "pandas"], InputError, "--tc-block must be 16, 32, 64 or 128"),
+    (["--max-interpret-rows", "-1", "--impl", "tensorcore"], InputError, "--max-interpret-rows must be >= 0"),
 ])
 def test_bench_bad_input(out_dir, args, exc, match):
     with pytest.raises(exc, match=match):
@@ -94,6 +100,49 @@ def test_bench_bad_file_is_one_line_error(out_dir, tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: l.npz: column 'key' must be integer (int32 or int64), got float64"]
+
+
+def test_bench_npz_that_is_no_zip_is_named(out_dir, tmp_path, capsys):
+    (tmp_path / "l.npz").write_text("key,payload\n1,2\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out_dir), "join", "bench", "--left", str(tmp_path / "l.npz"), "--right",
+              str(tmp_path / "l.npz")])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: l.npz: not a valid .npz file (not a zip archive)"]
+
+
+def test_ncu_without_gpu_fails_before_any_work(out_dir, monkeypatch):
+    from gpulab.core import options
+    from gpulab.dbjoin import bench
+
+    if options.cuda_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setattr(bench, "load_tables", lambda cfg: pytest.fail("tables loaded before the --ncu check"))
+    for extra in ([], ["--aggregate", "count"]):
+        with pytest.raises(DeviceError, match="--ncu needs a CUDA GPU"):
+            invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--ncu", *extra])
+    assert not Path(out_dir).exists() or not list(Path(out_dir).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("names,match", [
+    (("l.npz", "r.txt"), "r.txt: unknown table format '.txt'"),
+    (("l.npz", "l.npz"), "would both be written to"),
+    (("folder.csv", "r.npz"), "it is a folder"),
+    (("l.npz", "file.txt/r.npz"), "is not a folder"),
+])
+def test_gen_checks_both_outputs_before_writing(tmp_path, names, match):
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=match):
+        invoke(["join", "gen", str(tmp_path / names[0]), str(tmp_path / names[1]), "--rows", "5"])
+    assert sorted(tmp_path.rglob("*")) == before  # neither table (nor a temporary) was written
+
+
+def test_gen_negative_seed(tmp_path):
+    with pytest.raises(InputError, match="--seed must be >= 0"):
+        invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--seed", "-3"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_gpu_only_impl_without_gpu(out_dir):

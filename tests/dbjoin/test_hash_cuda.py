@@ -55,6 +55,17 @@ def test_nvrtc_compiles_source(arch):
     assert res == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")[-2000:]
 
 
+def test_table_capacity_keeps_slot_indices_in_int32():
+    """build_slot and the group kernels index slots as int: the extra slot, index cap, must stay <= 2^31 - 1."""
+    from gpulab.core.errors import InputError
+
+    assert hjc.table_capacity(2**30 - 1, 0.5) == 2**31 - 2
+    with pytest.raises(InputError, match="int32 slot index"):
+        hjc.table_capacity(2**30, 0.5)  # 2^31 slots: slot 2^31 would be a negative int in build_slot
+    with pytest.raises(InputError, match="--load-factor"):
+        hjc.table_capacity(10, float("nan"))
+
+
 def test_source_needs_no_headers():
     """NVRTC (cupy.RawModule) compiles it without a CUDA toolkit include path."""
     assert "#include" not in SOURCE_PATH.read_text()

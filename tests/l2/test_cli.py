@@ -61,9 +61,22 @@ def test_device_cuda_without_gpu_is_one_line_error(out_dir, capsys):
     (["--impl", "cuda"], "unknown --impl"),
     (["--lookahead", "0"], "--lookahead must be >= 1"),
     (["--pollute-mib", "-1"], "--pollute-mib must be >= 0"),
+    (["--pollute-mib", "nan"], "--pollute-mib must be >= 0"),
+    (["--width-mult", "nan"], "--width-mult must be > 0"),
+    (["--width-mult", "inf"], "--width-mult must be > 0"),
+    (["--set-aside-mib", "-1"], "--set-aside-mib must be > 0"),
+    (["--set-aside-mib", "nan"], "--set-aside-mib must be > 0"),
+    (["--window-mib", "0"], "--window-mib must be > 0"),
 ])
 def test_bad_input_is_one_line_error(args, msg, out_dir, capsys):
     code, _, err = _run(["--out", str(out_dir), "l2", "run", *args], capsys)
     assert code == 1 and msg in err and err.count("\n") == 1
     with pytest.raises(InputError):
         invoke(["l2", "run", *args])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="no GPU must be visible")
+def test_ncu_without_gpu_is_one_line_error(out_dir, capsys):
+    code, _, err = _run(["--out", str(out_dir), "l2", "run", "--width", "8", "--layers", "1", "--ncu"], capsys)
+    assert code == 1 and err == "error: --ncu needs a CUDA GPU, and none is visible\n"
+    assert not out_dir.exists() or not list(out_dir.glob("*.yaml"))

@@ -133,3 +133,18 @@ def test_relative_noise():
     assert P.relative_noise([9.0, 10.0, 11.0]) == pytest.approx(0.2)
     with pytest.raises(InputError):
         P.relative_noise([])
+
+
+def test_prefetch_budget_is_256_byte_aligned():
+    """A budget of 1/3 of 50 MiB (17476266 B) cut layers into pieces at odd byte offsets, which the read
+    prefetch cannot view as int32 words; rounded down to 256 B, every piece of the 256-byte aligned layer
+    ranges starts and ends 256-byte aligned."""
+    sizes = [8 * MIB, 16 * MIB, 16 * MIB, 4 * MIB]
+    raw = int(50 * MIB / 3)
+    assert any(op.offset % 4 or op.nbytes % 4 for op in P.prefetch_schedule(sizes, l2_budget_bytes=raw))
+    budget = P.prefetch_budget_bytes(1 / 3, 50 * MIB)
+    assert budget % 256 == 0 and raw - 256 < budget <= raw
+    for lookahead in (1, 2):
+        ops = P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead)
+        assert len(ops) >= 3 and all(op.offset % 256 == 0 and op.nbytes % 256 == 0 for op in ops)
+    assert P.prefetch_budget_bytes(1e-9, 50 * MIB) == 256  # never an empty budget

@@ -1,0 +1,59 @@
+"""The Triton kernels of gpulab l2 compile for sm_90 without a GPU (AOT, in a child without TRITON_INTERPRET).
+
+The interpreter tests run them in fp32 with small tiles only; this covers the GPU tiles of kernels._blocks and
+conv2d (the small-batch and the large linear tiles, both conv channel tiles) in fp16/bf16 (tensor-core dots)
+and fp32 (IEEE dots), and the touch/pollute kernels, so lowering errors show up here, not on GPU time.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.l2 import kernels as K
+
+target = GPUTarget("cuda", 90, 32)
+
+
+def compile(fn, sig, consts):
+    triton.compile(ASTSource(fn, dict(sig, **{k: "constexpr" for k in consts}), consts), target=target)
+
+
+for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
+    ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
+    lin = dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")})
+    for bm, bn, bk in ((16, 64, 32), (64, 128, 64)):
+        compile(K._linear_kernel, lin, dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
+                                            BLOCK_K=bk, GROUP_M=8))
+    conv = dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
+    for bc in (32, 64):
+        compile(K._conv2d_kernel, conv, dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee,
+                                             BLOCK_P=128, BLOCK_CO=bc, BLOCK_K=32))
+    print("ok", dt, flush=True)
+compile(K._touch_kernel, {"p_ptr": "*i32", "n_words": "i32", "out_ptr": "*i32"}, {"BLOCK": 1024})
+compile(K._pollute_kernel, {"p_ptr": "*i32", "n_words": "i32"}, {"BLOCK": 4096})
+print("ok all")
+"""
+
+
+def test_l2_triton_kernels_compile_for_sm90():
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(ROOT))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "ok all" in proc.stdout
