@@ -216,6 +216,11 @@ class FamilySpec:
         return spec
 
     def validate(self, where: str = "spec") -> None:
+        for name, v in (("anchors", self.anchors), ("baselines", self.baselines)):
+            if not isinstance(v, (list, tuple)) or not all(isinstance(a, str) for a in v):
+                raise InputError(f"{where}: {name} must be a list of architecture names, got {v!r}")
+        if not isinstance(self.stitch_bn, bool):
+            raise InputError(f"{where}: stitch_bn must be true or false, got {self.stitch_bn!r}")
         if len(self.anchors) != 2 or self.anchors[0] == self.anchors[1]:
             raise InputError(f"{where}: a family needs two different anchors, got {list(self.anchors)}")
         for a in (*self.anchors, *self.baselines):
@@ -225,7 +230,7 @@ class FamilySpec:
         if self.cuts not in CUT_MODES:
             raise InputError(f"{where}: cuts must be one of {', '.join(CUT_MODES)}, got {self.cuts!r}")
         for name, v in (("width", self.width), ("num_classes", self.num_classes), ("image_size", self.image_size)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{where}: {name} must be a positive integer, got {v!r}")
         if set(self.baselines) & set(self.anchors):
             raise InputError(f"{where}: a baseline cannot also be an anchor")

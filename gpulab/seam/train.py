@@ -156,7 +156,11 @@ class Trainer:
 
     def resume(self) -> None:
         ck = store.load_checkpoint(self.folder)
-        mine, theirs = self.cfg.as_dict(), ck.get("config") or {}
+        missing = [k for k in ("config", "model", "phase_index", "step") if k not in ck] if isinstance(ck, dict) else ["model"]
+        if missing:
+            raise InputError(f"{self.folder}/checkpoint.pt: not a seam training checkpoint (no '{missing[0]}'); "
+                             "use --overwrite to start again")
+        mine, theirs = self.cfg.as_dict(), ck["config"] or {}
         for key in ("spec", "mode", "batch_size", "seed"):
             if mine.get(key) != theirs.get(key):
                 raise InputError(f"{self.folder}/checkpoint.pt: was trained with another {key} "

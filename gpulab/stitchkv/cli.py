@@ -234,7 +234,7 @@ def serve_disagg(
         from gpulab.core.errors import InputError
 
         raise InputError(f"--timeout must be >= 1, got {timeout}")
-    disagg.validate(run, stage, prompts, gen_len, batch)
+    disagg.validate(run, stage, prompts, gen_len, batch, prompt_len or None)
     if "WORLD_SIZE" not in os.environ:
         _launch_two_ranks(["kvstitch", "serve-disagg", "--run-dir", str(run), "--stage", stage, "--prompts", str(prompts),
                            "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--batch", str(batch),

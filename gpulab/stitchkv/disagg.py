@@ -56,6 +56,8 @@ def _run_cfg(run: Path) -> dict[str, Any]:
         cfg = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError:
         raise InputError(f"{p}: malformed YAML") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{p}: expected a mapping")
     for k in ("large", "small", "data"):
         if k not in cfg:
             raise InputError(f"{p}: missing key '{k}'")
@@ -76,12 +78,15 @@ def pick_stage(run: Path, stage: str) -> str:
     return stage
 
 
-def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int) -> tuple[dict[str, Any], str]:
+def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
+             prompt_len: int | None = None) -> tuple[dict[str, Any], str]:
     """Every check that needs no model: done before any process is started."""
     run = Path(run)
     cfg = _run_cfg(run)
     if prompts < 1 or gen_len < 2 or batch < 1:
         raise InputError(f"--prompts and --batch must be >= 1 and --gen-len >= 2 (got {prompts}, {gen_len}, {batch})")
+    if prompt_len is not None and prompt_len < 1:
+        raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
     return cfg, pick_stage(run, stage)
 
 
@@ -241,7 +246,7 @@ def serve(run: Path, stage: str, prompts: int, prompt_len: int | None, gen_len: 
     from gpulab.stitchkv import distributed
 
     run = Path(run)
-    cfg, stage = validate(run, stage, prompts, gen_len, batch)
+    cfg, stage = validate(run, stage, prompts, gen_len, batch, prompt_len)
     ctx = distributed.setup(device, min_world=2, max_world=2, what="kvstitch serve-disagg")
     try:
         if ctx.rank == DECODE:

@@ -154,7 +154,7 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
     from gpulab.stitchkv.generate import greedy, greedy_stitched
 
     preds: dict[int, str] = {}
-    prefill, tpot, nbytes, nll, ntok, shapes = [], [], 0, 0.0, 0, []
+    prefill, tpot, nbytes, nll, ntok = [], [], 0, 0.0, 0
     with torch.no_grad():
         if str(device).startswith("cuda") and batches:  # untimed warm-up: cuBLAS/kernel loading stays out of TTFT
             p0 = batches[0][0].to(device)
@@ -247,11 +247,15 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         cfg = yaml.safe_load(cfg_p.read_text()) or {}
     except yaml.YAMLError:
         raise InputError(f"{cfg_p}: malformed YAML") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_p}: expected a mapping")
     for k in ("large", "small", "data"):
         if k not in cfg:
             raise InputError(f"{cfg_p}: missing key '{k}'")
     if gen_len < 1 or batch < 1:
         raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
+    if prompt_len is not None and prompt_len < 1:
+        raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
     have_w = (run / "warmup" / "stitch.safetensors").is_file()
     have_l = (run / "lora" / "adapter" / "adapter_config.json").is_file()
     if not have_w:

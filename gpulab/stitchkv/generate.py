@@ -88,6 +88,10 @@ def greedy_stitched(large: Any, small: Any, bank: Any, prompt: Any, n_new: int) 
             handed = torch.cuda.Event()
             handed.record(prefill_stream)
             decode_stream.wait_event(handed)
+            # allocated on the prefill stream, read (and freed) on the decode stream: keep the caching
+            # allocator from reusing their memory before the decode stream is done with them
+            for t in (first, *(x for kv in cache_tensors(cache) for x in kv)):
+                t.record_stream(decode_stream)
         else:
             logits, cache = stitched_cache(large, small, bank, prompt)
             first = logits.argmax(-1)

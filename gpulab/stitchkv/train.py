@@ -57,10 +57,26 @@ def load_bank(folder: Path, device: Any = "cpu") -> Any:
     meta_p, w_p = folder / "stitch.yaml", folder / "stitch.safetensors"
     if not meta_p.is_file() or not w_p.is_file():
         raise InputError(f"{folder}: no stitch.yaml/stitch.safetensors (stage not trained)")
-    meta = yaml.safe_load(meta_p.read_text())
-    bank = make_bank(meta["large_shape"], meta["small_shape"], meta["align"], meta["mode"])
-    bank.load_state_dict(load_file(str(w_p)))
+    try:
+        meta = yaml.safe_load(meta_p.read_text())
+    except yaml.YAMLError:
+        raise InputError(f"{meta_p}: malformed YAML") from None
+    missing = [k for k in ("large_shape", "small_shape", "align", "mode") if k not in (meta if isinstance(meta, dict) else {})]
+    if missing:
+        raise InputError(f"{meta_p}: missing key '{missing[0]}'")
+    try:
+        bank = make_bank(meta["large_shape"], meta["small_shape"], meta["align"], meta["mode"])
+        bank.load_state_dict(load_file(str(w_p)))
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file or weights of another shape
+        raise InputError(f"{w_p}: does not load ({_first_line(e)})") from None
     return bank.to(device)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -160,11 +176,39 @@ def rank_batches(corpus: Any, cfg: dict[str, Any], seed: int, skip: int, rank: i
         yield p, c
 
 
-def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int, what: str, lr_flag: str) -> None:
-    """Backward + update; the loss (mean over ranks) joins ``hist``; a non-finite loss is a one-line error."""
+def grad_scaler(cfg: dict[str, Any], device: str) -> Any:
+    """A GradScaler for float16 model weights (their activation gradients underflow without loss scaling;
+    the trained parameters, stitches and LoRA, are float32); None for float32 and bfloat16."""
+    if cfg.get("dtype", "float32") != "float16":
+        return None
+    import torch
+
+    return torch.amp.GradScaler(str(device).split(":")[0])
+
+
+def _optim_state(opt: Any, scaler: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of the optimizer and the loss scaler (None without one)."""
+    return {"opt": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def _restore_optim(st: dict[str, Any], opt: Any, scaler: Any) -> None:
+    opt.load_state_dict(st["opt"])
+    if scaler is not None and st.get("scaler"):
+        scaler.load_state_dict(st["scaler"])
+
+
+def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int, what: str, lr_flag: str,
+                    scaler: Any = None) -> None:
+    """Backward + update (loss-scaled with ``scaler``); the loss (mean over ranks) joins ``hist``; a
+    non-finite loss is a one-line error."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # skipped (and the scale lowered) when a gradient overflowed
+        scaler.update()
     hist.append(ctx.mean(float(loss.detach())))
     if not math.isfinite(hist[-1]):
         raise InputError(f"{what} loss became {hist[-1]} at step {step}; lower {lr_flag}")
@@ -177,6 +221,8 @@ def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dic
             old = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError:
             raise InputError(f"{p}: malformed run.yaml") from None
+        if not isinstance(old, dict):
+            raise InputError(f"{p}: expected a mapping; use a new --run folder")
         for k in KEY_FIELDS:
             if str(old.get(k)) != str(cfg.get(k)):
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
@@ -185,6 +231,23 @@ def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dic
     if write:
         atomic_write_yaml(p, cfg)
     return cfg
+
+
+def validate_cfg(cfg: dict[str, Any]) -> None:
+    """The checks of the training options that need no model (one-line errors)."""
+    for key, choices in (("stage", STAGES), ("loss", LOSSES), ("init", INITS)):
+        if cfg[key] not in choices:
+            raise InputError(f"--{key} must be one of {', '.join(choices)}, got {cfg[key]!r}")
+    for k, low in (("steps", 0), ("lora_steps", 0), ("ckpt_every", 0), ("batch", 1), ("prompt_len", 1),
+                   ("cont_len", 1), ("lora_r", 1), ("ls_batches", 1)):
+        v = cfg.get(k, low)
+        if v < low:
+            raise InputError(f"--{k.replace('_', '-')} must be >= {low}, got {v}")
+    for k in ("lr", "lora_lr", "lora_alpha"):
+        if not cfg[k] > 0:
+            raise InputError(f"--{k.replace('_', '-')} must be > 0, got {cfg[k]}")
+    if not cfg["ridge"] >= 0:
+        raise InputError(f"--ridge must be >= 0, got {cfg['ridge']}")
 
 
 def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = None) -> dict[str, Any]:
@@ -198,16 +261,8 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     from gpulab.stitchkv.models import load_pair, shape_of
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
+    validate_cfg(cfg)
     stage = cfg["stage"]
-    if stage not in STAGES:
-        raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    if cfg["loss"] not in LOSSES:
-        raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
-    if cfg["init"] not in INITS:
-        raise InputError(f"--init must be one of {', '.join(INITS)}, got {cfg['init']!r}")
-    for k in ("steps", "lora_steps"):
-        if cfg[k] < 0:
-            raise InputError(f"--{k.replace('_', '-')} must be >= 0, got {cfg[k]}")
     ctx = dist_ctx or Ctx(device=device)
     rank, world = ctx.rank, ctx.world
     if world > 1 and cfg["batch"] % world:
@@ -217,10 +272,16 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     run = Path(cfg["run"])
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
     corpus = D.load_corpus(cfg["data"], pair.tokenizer)
-    cfg = _check_run_config(run, cfg, write=ctx.is_main)
-    ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
+    # bad options are one-line errors before run.yaml pins the run folder to them
     ls, ss = shape_of(pair.large), shape_of(pair.small)
     align = alignment(cfg["alignment"], ls["layers"], ss["layers"])
+    next(D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], 0))  # the data holds a window
+    if stage in ("lora", "all"):
+        lora_targets(pair.small, cfg)
+    if stage == "lora" and not (run / "warmup" / "stitch.safetensors").is_file():
+        raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
+    cfg = _check_run_config(run, cfg, write=ctx.is_main)
+    ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
     torch.manual_seed(cfg["seed"])
     results: dict[str, Any] = {"align": align, "large_shape": ls, "small_shape": ss}
     ckpt_p = run / "checkpoint.pt"
@@ -238,7 +299,12 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     def load_ckpt(name: str) -> dict[str, Any] | None:
         if not ckpt_p.is_file():
             return None
-        st = torch.load(ckpt_p, map_location=device, weights_only=False)
+        try:  # on the CPU: load_state_dict moves every tensor to its parameter's device (AdamW's step stays on the CPU)
+            st = torch.load(ckpt_p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise InputError(f"{ckpt_p}: corrupt checkpoint ({_first_line(e)}); delete it to restart the stage") from None
+        if not isinstance(st, dict) or not {"stage", "step", "bank", "opt", "hist"} <= set(st):
+            raise InputError(f"{ckpt_p}: not a kvstitch checkpoint; delete it to restart the stage")
         return st if st.get("stage") == name else None
 
     # ---------------------------------------------------------------- stage 1
@@ -253,10 +319,11 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             t0 = time.perf_counter()
             start, hist = 0, []
             opt = torch.optim.AdamW(bank.parameters(), lr=cfg["lr"], weight_decay=0.0)
+            scaler = grad_scaler(cfg, device)
             r2 = None
             if st is not None:
                 bank.load_state_dict(st["bank"])
-                opt.load_state_dict(st["opt"])
+                _restore_optim(st, opt, scaler)
                 start, hist = st["step"], st["hist"]
                 log(f"warmup: resuming at step {start}")
             elif cfg["init"] == "ls":
@@ -272,18 +339,19 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             for step in range(start, cfg["steps"]):
                 prompt, _ = next(it)
                 loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
-                _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr")
+                _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr", scaler)
                 if step % max(1, cfg["steps"] // 10) == 0:
                     log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
                 if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
                     _atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
-                                        "opt": opt.state_dict(), "hist": hist}, ckpt_p)
+                                        **_optim_state(opt, scaler), "hist": hist}, ckpt_p)
             with torch.no_grad():
                 prompt, _ = next(batches(99, 0, shard=False))
                 _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
                 final_nmse = nmse(pred, target)
             if ctx.is_main:
-                save_bank(bank, run / "warmup")
+                with atomic.build_folder(run / "warmup") as tmp:  # weights and stitch.yaml appear together
+                    save_bank(bank, tmp)
                 ckpt_p.unlink(missing_ok=True)
             ctx.barrier()  # stage 2 of every rank reads warmup/
             results["warmup"] = {"steps": cfg["steps"], "loss_first": hist[0] if hist else None,
@@ -294,19 +362,18 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     if stage in ("lora", "all"):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        if not (run / "warmup" / "stitch.safetensors").is_file():
-            raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
         t0 = time.perf_counter()
         bank = load_bank(run / "warmup", device)
         small = with_lora(pair.small, cfg)
         params = [p for p in small.parameters() if p.requires_grad] + list(bank.parameters())
         opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
+        scaler = grad_scaler(cfg, device)
         start, hist = 0, []
         st = load_ckpt("lora")
         if st is not None:
             bank.load_state_dict(st["bank"])
             set_peft_model_state_dict(small, st["lora"])
-            opt.load_state_dict(st["opt"])
+            _restore_optim(st, opt, scaler)
             start, hist = st["step"], st["hist"]
             log(f"lora: resuming at step {start}")
         wrapped = ddp(stitched_lm(bank, small), ctx)
@@ -314,12 +381,12 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         for step in range(start, cfg["lora_steps"]):
             prompt, cont = next(it)
             loss = lm_loss_stitched(pair.large, small, bank, prompt, cont, module=wrapped)
-            _optimizer_step(opt, loss, ctx, hist, step, "lora", "--lora-lr")
+            _optimizer_step(opt, loss, ctx, hist, step, "lora", "--lora-lr", scaler)
             if step % max(1, cfg["lora_steps"] // 10) == 0:
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
             if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
                 _atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
-                                    "lora": get_peft_model_state_dict(small), "opt": opt.state_dict(),
+                                    "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
                                     "hist": hist}, ckpt_p)
         if ctx.is_main:
             save_stage2(small, bank, run / "lora")
@@ -337,13 +404,20 @@ def with_lora(small: Any, cfg: dict[str, Any]) -> Any:
     """``small`` with the run's LoRA adapter (--lora-targets, --lora-r, --lora-alpha) injected, trainable."""
     from peft import LoraConfig, get_peft_model
 
+    return get_peft_model(small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                            target_modules=lora_targets(small, cfg), lora_dropout=0.0, bias="none"))
+
+
+def lora_targets(small: Any, cfg: dict[str, Any]) -> list[str]:
+    """The module names of --lora-targets, each checked against the small model."""
     targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
+    if not targets:
+        raise InputError("--lora-targets names no module")
     names = {n.split(".")[-1] for n, _ in small.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         raise InputError(f"--lora-targets: the small model has no module named {missing[0]!r}")
-    return get_peft_model(small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=targets,
-                                            lora_dropout=0.0, bias="none"))
+    return targets
 
 
 def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
@@ -374,12 +448,13 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     model = with_lora(base, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=0.0)
     wrapped = ddp(model, ctx)
+    scaler = grad_scaler(cfg, device)
     it = batches(2, 0)  # the stage-2 batches, in the same order
     hist: list[float] = []
     for step in range(cfg["lora_steps"]):
         prompt, cont = next(it)
         loss = lm_loss_own(wrapped, prompt, cont)
-        _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr")
+        _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr", scaler)
         if step % max(1, cfg["lora_steps"] // 10) == 0:
             log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
     if ctx.is_main:
@@ -414,4 +489,8 @@ def _load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
 
     if not (folder / "adapter" / "adapter_config.json").is_file():
         raise InputError(f"{folder}: {missing}")
-    return PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False).to(device).eval()
+    try:
+        model = PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - a malformed config or adapter weights of another model
+        raise InputError(f"{folder / 'adapter'}: the LoRA adapter does not load ({_first_line(e)})") from None
+    return model.to(device).eval()

@@ -173,3 +173,39 @@ def test_train_input_errors(tmp_path, trained):
     (empty / "train-0.npz").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a readable npz"):
         invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(empty)])
+
+
+@pytest.mark.parametrize("key,value,msg", [("baselines", 5, "baselines must be a list"),
+                                           ("anchors", [[1], 2], "anchors must be a list"),
+                                           ("num_classes", True, "num_classes must be a positive integer"),
+                                           ("stitch_bn", 3, "stitch_bn must be true or false")])
+def test_family_yaml_with_wrong_types_is_one_line(tmp_path, trained, capsys, key, value, msg):
+    from gpulab.cli import main
+
+    _, data, fam = trained
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    info = yaml.safe_load((fam / "family.yaml").read_text())
+    info["spec"][key] = value
+    (bad / "family.yaml").write_text(yaml.safe_dump(info))
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(bad), "--data", str(data), "--no-latency"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and msg in err[0] and "family.yaml" in err[0], err
+    assert not (bad / "eval.yaml").exists()
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"x": 1}])
+def test_resume_from_a_foreign_checkpoint_is_one_line(tmp_path, trained, capsys, content):
+    from gpulab.cli import main
+
+    _, data, fam = trained
+    folder = tmp_path / "f"
+    folder.mkdir()
+    torch.save(content, folder / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(folder), "--data", str(data), *TRAIN,
+              "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "not a seam training checkpoint" in err[0], err
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]

@@ -142,3 +142,63 @@ def test_jsonl_prompts_and_references(pair_dirs, tmp_path):
     assert len(w) == 1 and pair.tokenizer.decode(w[0][1].tolist()) == "speak 9 of love"
     prompt, cont = next(D.train_batches(c, 4, 8, 8, 0))
     assert prompt.shape[0] == 1 and cont.shape[1] <= 8
+
+
+@pytest.fixture(scope="module")
+def tiny_run(pair_dirs, corpus_file, tmp_path_factory):
+    """A run folder with both stages trained (1 step each)."""
+    from gpulab.stitchkv import train as T
+    from tests.stitchkv.test_train import cfg_for
+
+    run = tmp_path_factory.mktemp("kvrun") / "run"
+    T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", steps=1, lora_steps=1), "cpu", log=lambda m: None)
+    return run
+
+
+@pytest.mark.parametrize("where,content,needle", [
+    ("warmup/stitch.yaml", "mode: [", "stitch.yaml: malformed YAML"),
+    ("warmup/stitch.yaml", "mode: hidden\n", "stitch.yaml: missing key 'large_shape'"),
+    ("warmup/stitch.safetensors", "garbage", "stitch.safetensors: does not load"),
+    ("lora/adapter/adapter_config.json", "{bad", "the LoRA adapter does not load"),
+    ("run.yaml", "- 1\n", "run.yaml: expected a mapping"),
+])
+def test_corrupt_run_folder_files_are_one_line(tiny_run, tmp_path, capsys, where, content, needle):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / where).write_text(content)
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "eval", "--run", str(run), "--prompts", "2",
+                            "--gen-len", "3", "--batch", "2"], capsys)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "res").exists()
+
+
+def test_corrupt_checkpoint_is_one_line(tiny_run, pair_dirs, corpus_file, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoint.pt").write_bytes(b"junk")
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "train", "--large", str(pair_dirs[0]),
+                            "--small", str(pair_dirs[1]), "--data", str(corpus_file), "--run", str(run), "--stage",
+                            "warmup", "--steps", "1", "--batch", "4", "--prompt-len", "16", "--cont-len", "8"], capsys)
+    one_line_error(code, err, "checkpoint.pt: corrupt checkpoint", "delete it")
+
+
+@pytest.mark.parametrize("cmd", [["eval"], ["serve-disagg", "--no-check"]])
+def test_negative_prompt_len_is_one_line(tiny_run, tmp_path, capsys, cmd):
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", *cmd, "--run", str(tiny_run), "--prompts", "2",
+                            "--gen-len", "3", "--batch", "2", "--prompt-len", "-2"], capsys)
+    one_line_error(code, err, "--prompt-len must be >= 1")
+
+
+def test_typo_in_an_option_does_not_pin_the_run_folder(pair_dirs, corpus_file, tmp_path, capsys):
+    args = ["--out", str(tmp_path / "res"), "kvstitch", "train", "--large", str(pair_dirs[0]), "--small",
+            str(pair_dirs[1]), "--data", str(corpus_file), "--run", str(tmp_path / "run"), "--stage", "warmup",
+            "--steps", "1", "--batch", "2", "--prompt-len", "8", "--cont-len", "4"]
+    code, _, err = run_cli([*args, "--alignment", "0,9"], capsys)
+    one_line_error(code, err, "--alignment index 9")
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(args, capsys)  # the corrected command trains in the same folder
+    assert code == 0, err

@@ -1,6 +1,8 @@
 """Two-stage training: warm-up loss decreases, resume reproduces an uninterrupted run, LoRA save/load."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,10 +101,15 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(steps=-1), "--steps"), (dict(alignment="middle"), "--alignment"),
     (dict(stage="lora"), "warm-up stitches first"), (dict(prompt_len=100000), "fewer than one window"),
     (dict(stage="all", lora_targets="nope_proj"), "no module named 'nope_proj'"),
+    (dict(alignment="0,9"), "out of range"), (dict(batch=0), "--batch"), (dict(stage="all", lora_r=0), "--lora-r"),
+    (dict(ls_batches=0), "--ls-batches"), (dict(ridge=-1.0), "--ridge"), (dict(lr=0.0), "--lr"),
+    (dict(ckpt_every=-1), "--ckpt-every"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
         T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", **{"steps": 1, **over}), "cpu", log=lambda m: None)
+    # nothing written: run.yaml would pin the run folder to the bad option (a corrected rerun refused)
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_folder_of_another_pair_is_refused(pair_dirs, corpus_file, tmp_path):
@@ -135,3 +142,22 @@ def test_lora_control_trains_the_same_lora_without_stitches(pair_dirs, corpus_fi
         ctrl = load_lora_control(load_model(pair_dirs[1], "small"), run / "lora-control")
         assert float(lm_loss_own(ctrl, prompt, cont)) != base  # the adapter changed the model
     assert (run / "lora" / "adapter").is_dir()  # stage 2 itself untouched
+
+
+def test_float16_weights_train_with_loss_scaling(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    """fp16 activation gradients underflow without loss scaling: a GradScaler drives every update (bf16 and
+    fp32 need none) and its state is checkpointed with the optimizer."""
+    assert T.grad_scaler({"dtype": "bfloat16"}, "cuda") is None and T.grad_scaler({}, "cpu") is None
+    real_step, real_save, scalers, saved = T._optimizer_step, T._atomic_torch_save, [], []
+
+    def spy_step(*a, **k):
+        scalers.append(a[7] if len(a) > 7 else k.get("scaler"))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(T, "_optimizer_step", spy_step)
+    monkeypatch.setattr(T, "_atomic_torch_save", lambda obj, path: (saved.append(obj), real_save(obj, path)))
+    res = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", stage="all", steps=3, lora_steps=3, ckpt_every=2,
+                          dtype="float16"), "cpu", log=lambda m: None)
+    assert len(scalers) == 6 and all(isinstance(s, torch.amp.GradScaler) for s in scalers)
+    assert all(math.isfinite(h) for st in ("warmup", "lora") for h in res[st]["loss_history"])
+    assert [c["stage"] for c in saved] == ["warmup", "lora"] and all(c["scaler"]["scale"] > 0 for c in saved)
