@@ -67,14 +67,19 @@ def _engine_config(engine: dict, max_model_len=None):
     return EngineConfig(max_model_len=max_model_len, **{k: engine[k] for k in keys}).validate()
 
 
-def _load(model_dir: Path, engine: dict, max_model_len=None):
+_PREFILL = typer.Option(None, "--prefill", metavar="NAME=ARG",
+                        help="Prompts prefilled by a provider, decoded by this model (disaggregated), e.g. "
+                             "stitchkv=RUN_DIR: a kvstitch run's large model + stitches (see gpulab kvstitch export).")
+
+
+def _load(model_dir: Path, engine: dict, max_model_len=None, prefill: Optional[str] = None):
     """The engine for a model folder, on the device that --device picked."""
     from gpulab.core import options
     from gpulab.vajra.engine import load_engine
 
     cfg = _engine_config(engine, max_model_len)
     return load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=engine["load_format"],
-                       attention_backend=engine["attention_backend"])
+                       attention_backend=engine["attention_backend"], prefill=prefill)
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -91,6 +96,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     served_model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)."),
     max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
+    prefill: Optional[str] = _PREFILL,
     engine: dict = None,
 ) -> None:
     """Serve a Llama-family model (FP8 or BF16) over an OpenAI-compatible HTTP API."""
@@ -100,7 +106,7 @@ def serve(
     from gpulab.vajra.server import serve as run_server
 
     block_size = engine["block_size"]
-    engine = _load(model_dir, engine, max_model_len)
+    engine = _load(model_dir, engine, max_model_len, prefill)
     name = served_model_name or model_dir.resolve().name
     typer.echo(f"vajra: serving '{name}' on http://{host}:{port}/v1 ({engine.num_blocks} KV blocks of "
                f"{block_size}, max {engine.max_model_len} tokens, CUDA graphs "
@@ -123,6 +129,7 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message (chat template)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+    prefill: Optional[str] = _PREFILL,
     engine: dict = None,
 ) -> None:
     """Generate text for one or more prompts offline and print it."""
@@ -131,7 +138,7 @@ def generate(
         raise InputError("--prompt must not be empty")
     from gpulab.vajra.sampling import SamplingParams
 
-    engine = _load(model_dir, engine)
+    engine = _load(model_dir, engine, prefill=prefill)
     if engine.tokenizer is None:
         raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,

@@ -7,6 +7,11 @@ KV cache, the :class:`~gpulab.vajra.block_manager.BlockManager`, the Sarathi-sty
 a batch (decodes first, chunked prefills after), builds the :class:`ForwardBatch`, runs the model
 (decode-only batches through captured CUDA graphs on a GPU), samples and returns the new
 tokens/text of each request as :class:`RequestOutput` deltas.
+
+With a prefill provider (:class:`~gpulab.vajra.interface.PrefillProvider`, ``--prefill NAME=ARG``)
+every prompt is prefilled by the provider when the request is added (disaggregated inference on one
+device: e.g. a larger model and stitch layers, see ``gpulab kvstitch``); the engine writes the K/V it
+returns into the paged cache, samples the first token from its logits and decodes the rest itself.
 """
 from __future__ import annotations
 
@@ -69,11 +74,13 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model: Any, tokenizer: Optional[Tokenizer], config: EngineConfig | None = None):
+    def __init__(self, model: Any, tokenizer: Optional[Tokenizer], config: EngineConfig | None = None,
+                 prefill: Any = None):
         import torch
 
         self.model = model
         self.tokenizer = tokenizer
+        self.prefill = prefill  # PrefillProvider or None
         self.config = (config or EngineConfig()).validate()
         self.device = torch.device(getattr(model, "device", "cpu"))
         info = model.info
@@ -177,12 +184,48 @@ class LLMEngine:
         rid = request_id or uuid.uuid4().hex
         if rid in self._by_request:
             raise InputError(f"request id {rid!r} is already in use")
-        seq = Sequence(next(self._seq_ids), rid, ids, params,
-                       arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        seq = Sequence(next(self._seq_ids), rid, ids, params, arrival_time=arrival)
+        if self.prefill is not None:  # its time counts in the request's TTFT (arrival is before it)
+            seq.imported = self._check_prefilled(self.prefill(ids), len(ids))
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self._by_request[rid] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _check_prefilled(self, pre: Any, n: int) -> Any:
+        """A provider's PrefilledPrompt must fit this model: one (K, V) per layer, [n, Hkv, D] each, and
+        logits over (at least) this vocabulary; anything else is an InputError naming the mismatch."""
+        info, who = self.model.info, f"prefill provider {getattr(self.prefill, 'name', '?')!r}"
+        if len(pre.kv) != info.num_layers:
+            raise InputError(f"{who} gave K/V for {len(pre.kv)} layers, the model has {info.num_layers}")
+        want = (n, info.num_kv_heads, info.head_dim)
+        for i, (k, v) in enumerate(pre.kv):
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise InputError(f"{who}: layer {i} K/V shapes {tuple(k.shape)}/{tuple(v.shape)}, expected {want} "
+                                 "(prompt tokens, KV heads, head_dim)")
+        if pre.logits.dim() != 1 or pre.logits.shape[0] < self.vocab_size:
+            raise InputError(f"{who} gave logits of shape {tuple(pre.logits.shape)}, expected [{self.vocab_size}]")
+        return pre
+
+    def _import(self, seqs: list[Sequence], now: float) -> list[RequestOutput]:
+        """Write imported prompt K/V into the blocks the scheduler gave them; sample first tokens."""
+        import torch
+
+        from gpulab.vajra.reference import write_kv
+
+        first = []
+        for seq in seqs:
+            slots = torch.tensor(self.block_manager.slots(seq.seq_id, 0, seq.prompt_len), device=self.device)
+            for layer, (k, v) in zip(self.kv.layers, seq.imported.kv):
+                write_kv(layer, k.to(self.device), v.to(self.device), slots, self.kv.k_scale, self.kv.v_scale)
+            if seq.num_output == 0:
+                first.append(seq)
+        if not first:
+            return []
+        logits = torch.stack([s.imported.logits[:self.vocab_size].float().to(self.device) for s in first])
+        tokens = self.sampler(logits, [s.params for s in first], [s.seq_id for s in first]).tolist()
+        return [self._append(s, int(t), now) for s, t in zip(first, tokens)]
 
     def abort(self, request_id: str) -> bool:
         seq = self._by_request.pop(request_id, None)
@@ -207,6 +250,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
+        imported = self._import(sched.imported, time.perf_counter()) if sched.imported else []
+        if not sched.scheduled:
+            return imported
         batch = self._build_batch(sched)
         t_built = time.perf_counter()
         with torch.inference_mode():
@@ -215,7 +261,7 @@ class LLMEngine:
             else:
                 logits = self.model.forward(batch, self.kv)
             rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-            outs: list[RequestOutput] = []
+            outs: list[RequestOutput] = imported
             if rows:
                 if len(rows) != logits.shape[0]:
                     logits = logits[torch.tensor(rows, device=logits.device)]
@@ -439,8 +485,9 @@ class DecodeGraphRunner:
 
 def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, load_format: str = "auto",
                 attention_backend: str = "auto", dtype: Any = None, tokenizer: bool = True,
-                linear_backend: str = "auto") -> LLMEngine:
-    """Load a model folder with vajra's loader and wrap it in an engine (tokenizer when present)."""
+                linear_backend: str = "auto", prefill: str | None = None) -> LLMEngine:
+    """Load a model folder with vajra's loader and wrap it in an engine (tokenizer when present);
+    ``prefill``: a provider spec ``NAME=ARG`` (see :mod:`gpulab.vajra.prefill`)."""
     from gpulab.vajra.detokenizer import load_tokenizer
 
     d = Path(model_dir)
@@ -464,5 +511,10 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
                                   attention_backend=attention_backend, kv_cache_dtype=config.kv_cache_dtype)
     if linear_backend != "auto":
         kwargs["linear_backend"] = linear_backend
+    provider = None
+    if prefill:
+        from gpulab.vajra.prefill import load_provider
+
+        provider = load_provider(prefill, device=str(device))
     model = load_model(d, **kwargs)
-    return LLMEngine(model, tok, config)
+    return LLMEngine(model, tok, config, prefill=provider)

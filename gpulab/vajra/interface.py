@@ -35,6 +35,25 @@ class ModelInfo:
 
 
 @dataclass
+class PrefilledPrompt:
+    """A prompt prefilled elsewhere (disaggregated inference: e.g. a larger model whose states stitch
+    layers map into this model's cache). ``logits``: float [vocab] at the last prompt position (the
+    engine samples the first output token from them); ``kv``: per layer of *this* model, K and V of
+    every prompt token, [P, num_kv_heads, head_dim] each, K after RoPE (as the cache holds it)."""
+
+    logits: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefillProvider(Protocol):
+    """Prefills prompts for the engine (``gpulab serve/generate --prefill NAME=ARG``)."""
+
+    name: str
+
+    def __call__(self, prompt_ids: list[int]) -> PrefilledPrompt: ...
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]

@@ -12,6 +12,11 @@ sequences. The step is filled in this order (stall-free batching, Sarathi-Serve)
 
 A sequence's tokens are ``prompt + output``; ``num_computed`` of them have K/V in the cache. A
 scheduled chunk that reaches the last token yields logits that are sampled; earlier chunks do not.
+
+A sequence whose prompt was prefilled elsewhere (``imported``: its K/V come with it) is admitted in
+step 3 without a prefill chunk: it gets blocks for its prompt and goes to ``SchedulerOutput.imported``,
+where the engine writes the K/V into them (and samples the first token from the imported logits).
+Preempted, it is imported again on readmission and only its generated tokens are recomputed.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Sequence:
     first_scheduled_time: Optional[float] = None
     token_times: list[float] = field(default_factory=list)  # wall time of each output token
     detok: object = None  # IncrementalDetokenizer, set by the engine
+    imported: object = None  # PrefilledPrompt when the prompt was prefilled elsewhere
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -90,6 +96,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+    imported: list[Sequence] = field(default_factory=list)  # admitted with an imported prompt K/V
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +108,7 @@ class SchedulerOutput:
 
     @property
     def empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.imported
 
 
 class Scheduler:
@@ -207,22 +214,43 @@ class Scheduler:
             budget -= chunk
 
         # 3. admit waiting sequences, first come first served
+        imported: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.imported is not None and seq.num_computed == 0:
+                if not self._admit_imported(seq):
+                    break
+                imported.append(seq)
+                if seq.remaining == 0:  # first admission: the first output token comes from the import
+                    continue
             chunk = min(seq.remaining, budget, self.max_prefill_chunk)
             # keep a few blocks back so that running decodes do not preempt right away
             chunk = self._fit_chunk(seq, chunk, reserve=self.watermark_blocks if self.running else 0)
             if chunk <= 0:
                 break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.perf_counter()
-            self.running.append(seq)
+            if seq.status is not Status.RUNNING:
+                self._start(seq)
             self._schedule_chunk(seq, chunk, out)
             done.add(seq.seq_id)
             budget -= chunk
-        return SchedulerOutput(out, preempted)
+        return SchedulerOutput(out, preempted, imported)
+
+    def _start(self, seq: Sequence) -> None:
+        self.waiting.popleft()
+        seq.status = Status.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.perf_counter()
+        self.running.append(seq)
+
+    def _admit_imported(self, seq: Sequence) -> bool:
+        """Blocks for an imported prompt (its K/V need no compute); False when they do not fit."""
+        reserve = self.watermark_blocks if self.running else 0
+        if not self.bm.can_allocate(seq.seq_id, seq.prompt_len, reserve):
+            return False
+        self._start(seq)
+        self.bm.allocate(seq.seq_id, seq.prompt_len)
+        seq.num_computed = seq.prompt_len
+        return True
 
     def _fit_chunk(self, seq: Sequence, chunk: int, reserve: int) -> int:
         if chunk <= 0:

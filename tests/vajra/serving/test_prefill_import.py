@@ -1,0 +1,92 @@
+"""Prompts prefilled by a provider (disaggregated inference), decoded by the engine: the K/V written
+into the paged cache and the first token sampled from the provider's logits give exactly the tokens
+of a plain engine when the provider computes the same model; also under preemption (the prompt is
+imported again, only generated tokens are recomputed) and through `gpulab generate --prefill`."""
+from __future__ import annotations
+
+import pytest
+
+from gpulab.cli import invoke
+from gpulab.core.errors import GpulabError, InputError
+from gpulab.vajra.engine import EngineConfig, LLMEngine, load_engine
+from gpulab.vajra.sampling import SamplingParams
+from tests.vajra.serving.hf_prefill import HFPrefill
+
+PROMPTS = ["To be, or not to be", "My lord,", "Now is the winter of our discontent made glorious summer",
+           "O Romeo, Romeo! wherefore art thou"]
+N_OUT = 10
+GREEDY = SamplingParams(max_tokens=N_OUT, temperature=0.0, ignore_eos=True)
+
+
+def _engine(folder, prefill=None, **cfg):
+    kw = dict(num_blocks=64, block_size=4, max_num_seqs=4)
+    kw.update(cfg)
+    eng = load_engine(folder, device="cpu", attention_backend="torch", config=EngineConfig(**kw))
+    if prefill is not None:
+        eng.prefill = prefill
+    return eng
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(tiny_llama):
+    return [o.output_token_ids for o in _engine(tiny_llama).generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(num_blocks=14, max_num_batched_tokens=8)])
+def test_imported_prompts_decode_like_the_plain_engine(tiny_llama, plain_tokens, cfg):
+    provider = HFPrefill(str(tiny_llama))
+    eng = _engine(tiny_llama, provider, **cfg)
+    outs = eng.generate(PROMPTS, GREEDY)
+    assert [o.output_token_ids for o in outs] == plain_tokens
+    assert provider.calls == len(PROMPTS)  # once per request, also when preempted (the import is kept)
+    assert eng.block_manager.num_used == 0
+    if cfg:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_first_token_only_and_sampling_params(tiny_llama, plain_tokens):
+    eng = _engine(tiny_llama, HFPrefill(str(tiny_llama)))
+    outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    assert [o.output_token_ids for o in outs] == [t[:1] for t in plain_tokens[:2]]
+    assert all(o.finish_reason == "length" for o in outs) and eng.block_manager.num_used == 0
+    seeded = SamplingParams(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    a = [o.output_token_ids for o in eng.generate(PROMPTS[:2], seeded)]
+    b = [o.output_token_ids for o in eng.generate(PROMPTS[:2], seeded)]
+    assert a == b
+
+
+def test_provider_output_must_fit_the_model(tiny_llama):
+    eng = _engine(tiny_llama, HFPrefill(str(tiny_llama), drop_layer=True))
+    with pytest.raises(InputError, match="K/V for 1 layers, the model has 2") as e:
+        eng.add_request("My lord,", GREEDY)
+    assert "\n" not in str(e.value)
+
+
+def test_provider_specs(tiny_llama):
+    from gpulab.vajra.prefill import load_provider, parse_spec
+
+    assert parse_spec("stitchkv=/a=b") == ("stitchkv", "/a=b")
+    for bad in ("stitchkv", "=x", "name="):
+        with pytest.raises(InputError, match="NAME=ARG"):
+            parse_spec(bad)
+    with pytest.raises(InputError, match="unknown prefill provider 'nope'"):
+        load_provider("nope=x", device="cpu")
+    with pytest.raises(InputError, match="cannot be loaded"):
+        load_provider("tests.vajra.serving.hf_prefill:missing=x", device="cpu")
+    p = load_provider(f"tests.vajra.serving.hf_prefill:load={tiny_llama}", device="cpu")
+    assert isinstance(p, HFPrefill)
+
+
+def test_generate_cli_with_prefill(tiny_llama, capsys):
+    base = ["--device", "cpu", "generate", str(tiny_llama), "--prompt", "My lord", "--max-tokens", "8",
+            "--num-blocks", "32", "--attention-backend", "torch"]
+    invoke(base)
+    want = capsys.readouterr().out
+    invoke(base + ["--prefill", f"tests.vajra.serving.hf_prefill:load={tiny_llama}"])
+    assert capsys.readouterr().out == want
+    with pytest.raises(GpulabError, match="K/V for 1 layers"):
+        invoke(base + ["--prefill", f"tests.vajra.serving.hf_prefill:load_broken={tiny_llama}"])
+
+
+def test_engine_without_provider_is_unchanged(tiny_llama):
+    assert isinstance(_engine(tiny_llama), LLMEngine) and _engine(tiny_llama).prefill is None
