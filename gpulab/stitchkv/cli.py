@@ -210,6 +210,24 @@ def eval_cmd(
     rec.print()
 
 
+@app.command("export")
+def export(
+    run: Path = typer.Option(..., "--run", "--run-dir", help="A 'kvstitch train' run folder."),
+    out: Path = typer.Option(..., "--out-dir", "-o", help="Folder to write (a Hugging Face model folder)."),
+    stage: str = typer.Option("auto", "--stage", help="auto (lora if trained, else warmup) | warmup | lora"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out-dir if it exists."),
+) -> None:
+    """Write the small model the run decodes with (stage-2 LoRA merged) for serving with vajra:
+    gpulab serve OUT --prefill stitchkv=RUN (large-model prefill + stitches, small-model decode)."""
+    _quiet_transformers()
+    from gpulab.stitchkv.export import export_small
+
+    stage = export_small(run, out, stage, overwrite)
+    suffix = "" if stage == "lora" else "@warmup"
+    typer.echo(f"kvstitch export: {out} (stage {stage}); serve it with\n"
+               f"  gpulab serve {out} --prefill stitchkv={run}{suffix}")
+
+
 @app.command("serve-disagg")
 def serve_disagg(
     run: Path = typer.Option(..., "--run-dir", "--run", help="A 'kvstitch train' run folder (use --run-dir under torchrun)."),

@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import Record
 
 PREFILL, DECODE = 0, 1
@@ -48,16 +47,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _run_cfg(run: Path) -> dict[str, Any]:
+def run_config(run: Path) -> dict[str, Any]:
+    """A run folder's run.yaml (what `gpulab kvstitch train` wrote)."""
     p = run / "run.yaml"
-    if not p.is_file():
-        raise InputError(f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
-    try:
-        cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError:
-        raise InputError(f"{p}: malformed YAML") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{p}: expected a mapping")
+    cfg = read_yaml_mapping(p, f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
     for k in ("large", "small", "data"):
         if k not in cfg:
             raise InputError(f"{p}: missing key '{k}'")
@@ -82,7 +75,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
              prompt_len: int | None = None) -> tuple[dict[str, Any], str]:
     """Every check that needs no model: done before any process is started."""
     run = Path(run)
-    cfg = _run_cfg(run)
+    cfg = run_config(run)
     if prompts < 1 or gen_len < 2 or batch < 1:
         raise InputError(f"--prompts and --batch must be >= 1 and --gen-len >= 2 (got {prompts}, {gen_len}, {batch})")
     if prompt_len is not None and prompt_len < 1:
@@ -90,7 +83,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
     return cfg, pick_stage(run, stage)
 
 
-def _load_small(cfg: dict[str, Any], run: Path, stage: str, device: str) -> tuple[Any, Any]:
+def load_small(cfg: dict[str, Any], run: Path, stage: str, device: str) -> tuple[Any, Any]:
     """(small model, its stitches or None) as the stage left them (LoRA adapter for 'lora')."""
     from gpulab.stitchkv.models import load_model
     from gpulab.stitchkv.train import load_bank, load_stage2
@@ -109,7 +102,7 @@ def _decode_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str) -> None:
     from gpulab.stitchkv.stitch import build_cache
 
     dev = ctx.device
-    small, _ = _load_small(cfg, run, stage, dev)
+    small, _ = load_small(cfg, run, stage, dev)
     ctx.barrier()  # both ranks loaded: the first hand-over does not wait for this rank's loading
     with torch.no_grad():
         while True:
@@ -139,7 +132,7 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
     dev = ctx.device
     tok = load_tokenizer(Path(cfg["large"]), "large")
     large = load_model(cfg["large"], "large", dev, cfg.get("dtype", "float32"))
-    small, bank = _load_small(cfg, run, stage, dev)
+    small, bank = load_small(cfg, run, stage, dev)
     plen = prompt_len or int(cfg.get("prompt_len", 32))
     corpus = D.load_corpus(cfg["data"], tok)
     windows = D.eval_windows(corpus, prompts, plen, gen_len)

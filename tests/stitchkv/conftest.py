@@ -48,6 +48,17 @@ def pair_dirs(tmp_path_factory, tokenizer):
     return root / "large", root / "small"
 
 
+@pytest.fixture(scope="session")
+def tiny_run(pair_dirs, corpus_file, tmp_path_factory):
+    """A run folder with both stages trained (1 step each); tests that change it work on a copy."""
+    from gpulab.stitchkv import train as T
+    from tests.stitchkv.test_train import cfg_for
+
+    run = tmp_path_factory.mktemp("kvrun") / "run"
+    T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", steps=1, lora_steps=1), "cpu", log=lambda m: None)
+    return run
+
+
 @pytest.fixture
 def models(tokenizer):
     import torch

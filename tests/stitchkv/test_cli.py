@@ -144,17 +144,6 @@ def test_jsonl_prompts_and_references(pair_dirs, tmp_path):
     assert prompt.shape[0] == 1 and cont.shape[1] <= 8
 
 
-@pytest.fixture(scope="module")
-def tiny_run(pair_dirs, corpus_file, tmp_path_factory):
-    """A run folder with both stages trained (1 step each)."""
-    from gpulab.stitchkv import train as T
-    from tests.stitchkv.test_train import cfg_for
-
-    run = tmp_path_factory.mktemp("kvrun") / "run"
-    T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", steps=1, lora_steps=1), "cpu", log=lambda m: None)
-    return run
-
-
 @pytest.mark.parametrize("where,content,needle", [
     ("warmup/stitch.yaml", "mode: [", "stitch.yaml: malformed YAML"),
     ("warmup/stitch.yaml", "mode: hidden\n", "stitch.yaml: missing key 'large_shape'"),

@@ -1,0 +1,69 @@
+"""A kvstitch run as a vajra prefill provider: ``gpulab serve SMALL --prefill stitchkv=RUN``.
+
+The provider holds what the prefill side of :mod:`gpulab.stitchkv.disagg` holds: the large model,
+the run's stitches and the small model (with its stage-2 LoRA) for the stitches' k/v projections,
+k_norm and RoPE. For a prompt it returns the large model's logits at the last prompt position (the
+engine samples the first token from them) and the stitched small-model cache per small layer, K
+(after the small model's RoPE) and V as [P, Hkv, D]: what the engine writes into its paged cache
+before it decodes with the small model. The engine must load the *same* small model: ``gpulab
+kvstitch export`` writes it as a Hugging Face folder (the LoRA merged for stage 'lora').
+
+Registered as the ``stitchkv`` entry point of ``gpulab.prefill_providers``; this module does not
+import vajra: the contract is the returned object's ``logits`` and ``kv``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpulab.core.errors import InputError
+
+STAGE_SEP = "@"
+
+
+@dataclass
+class StitchedPrompt:
+    logits: Any  # float32 [vocab]
+    kv: list[tuple[Any, Any]]  # per small layer: K, V [P, Hkv, D]
+
+
+class StitchPrefill:
+    name = "stitchkv"
+
+    def __init__(self, run: Path, device: str = "cpu", stage: str = "auto"):
+        from gpulab.stitchkv.disagg import load_small, pick_stage, run_config
+        from gpulab.stitchkv.models import load_model
+
+        cfg = run_config(run)
+        self.run, self.stage, self.device = run, pick_stage(run, stage), device
+        self.large = load_model(cfg["large"], "large", device, cfg.get("dtype", "float32"))
+        self.small, self.bank = load_small(cfg, run, self.stage, device)
+
+    def __call__(self, prompt_ids: list[int]) -> StitchedPrompt:
+        import torch
+
+        from gpulab.stitchkv.stitch import cache_tensors, stitched_cache
+
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            logits, cache = stitched_cache(self.large, self.small, self.bank, prompt)
+        kv = [(k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()) for k, v in cache_tensors(cache)]
+        return StitchedPrompt(logits=logits[0].float(), kv=kv)
+
+
+def parse_arg(arg: str) -> tuple[Path, str]:
+    """``RUN_DIR`` or ``RUN_DIR@warmup|lora`` -> (run folder, stage; 'auto': the last stage trained)."""
+    run, sep, stage = arg.rpartition(STAGE_SEP)
+    if not sep:
+        run, stage = arg, "auto"
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise InputError(f"--prefill stitchkv: run folder not found: {run_dir}")
+    return run_dir, stage
+
+
+def load(arg: str, device: str = "cpu") -> StitchPrefill:
+    """The ``stitchkv`` entry point: ARG is a kvstitch run folder, optionally ``@warmup`` or ``@lora``."""
+    run, stage = parse_arg(arg)
+    return StitchPrefill(run, device, stage)

@@ -1,0 +1,118 @@
+"""A kvstitch run served by vajra: `kvstitch export` writes the decode model, the `stitchkv` prefill
+provider hands vajra the large model's first-token logits and the stitched cache; vajra's greedy tokens
+equal kvstitch's own single-process stitched decode (large prefill + stitches, small decode)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpulab.cli import invoke
+from gpulab.core.errors import GpulabError, InputError
+
+N_OUT = 8
+
+
+def _stitched_tokens(run, stage, prompts_ids):
+    from gpulab.stitchkv.disagg import load_small, run_config
+    from gpulab.stitchkv.generate import greedy_stitched
+    from gpulab.stitchkv.models import load_model
+
+    cfg = run_config(run)
+    large = load_model(cfg["large"], "large", "cpu")
+    small, bank = load_small(cfg, run, stage, "cpu")
+    with torch.no_grad():
+        return [greedy_stitched(large, small, bank, torch.tensor([ids]), N_OUT).tokens[0].tolist()
+                for ids in prompts_ids]
+
+
+@pytest.mark.parametrize("stage", ["lora", "warmup"])
+def test_vajra_decodes_the_stitched_cache_like_kvstitch(tiny_run, tmp_path, stage):
+    from gpulab.stitchkv.export import export_small
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    out = tmp_path / f"small-{stage}"
+    assert export_small(tiny_run, out, stage) == stage
+    eng = load_engine(out, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@{stage}",
+                      config=EngineConfig(num_blocks=64, block_size=4, max_num_seqs=4))
+    assert eng.prefill.stage == stage
+    texts = ["the king and the queen", "my lord speak", "thou art not the day of love"]
+    ids = [eng.encode(t) for t in texts]
+    outs = eng.generate(ids, SamplingParams(max_tokens=N_OUT, temperature=0.0, ignore_eos=True))
+    assert [o.output_token_ids for o in outs] == _stitched_tokens(tiny_run, stage, ids)
+    assert eng.block_manager.num_used == 0
+
+
+class _Recording:
+    """The engine's sampler, keeping a copy of every logits batch it samples from."""
+
+    def __init__(self, sampler, seen):
+        self.sampler, self.seen = sampler, seen
+
+    def __call__(self, logits, params, ids):
+        self.seen.append(logits.clone())
+        return self.sampler(logits, params, ids)
+
+    def forget(self, seq_id):
+        self.sampler.forget(seq_id)
+
+
+@pytest.mark.parametrize("stage", ["lora", "warmup"])
+def test_first_decode_logits_read_the_stitched_cache(tiny_run, tmp_path, stage):
+    """Tokens alone are a weak check on tiny random models (attention barely moves their logits): the
+    engine's logits after the first output token must equal the small model's on the stitched cache."""
+    from gpulab.stitchkv.disagg import load_small, run_config
+    from gpulab.stitchkv.export import export_small
+    from gpulab.stitchkv.models import cache_kwarg, load_model
+    from gpulab.stitchkv.stitch import stitched_cache
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    out = tmp_path / "small"
+    export_small(tiny_run, out, stage)
+    eng = load_engine(out, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@{stage}",
+                      config=EngineConfig(num_blocks=32, block_size=4))
+    seen = []
+    eng.sampler = _Recording(eng.sampler, seen)
+    ids = eng.encode("the king and the queen of night")
+    o = eng.generate([ids], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))[0]
+    cfg = run_config(tiny_run)
+    large = load_model(cfg["large"], "large", "cpu")
+    small, bank = load_small(cfg, tiny_run, stage, "cpu")
+    with torch.no_grad():
+        logits0, cache = stitched_cache(large, small, bank, torch.tensor([ids]))
+        first = torch.tensor([[o.output_token_ids[0]]])
+        want = small(input_ids=first, use_cache=True, **{cache_kwarg(small): cache}).logits[0, -1].float()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0][0], logits0[0].float(), rtol=0, atol=0)  # the provider's, as given
+    torch.testing.assert_close(seen[1][0], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_export_and_provider_errors(tiny_run, tmp_path):
+    from gpulab.stitchkv.export import export_small
+    from gpulab.stitchkv.provider import load
+
+    out = tmp_path / "small"
+    export_small(tiny_run, out)
+    with pytest.raises(InputError, match="exists"):
+        export_small(tiny_run, out)
+    export_small(tiny_run, out, overwrite=True)
+    with pytest.raises(InputError, match="own model or run folder"):
+        export_small(tiny_run, tiny_run, overwrite=True)
+    with pytest.raises(InputError, match="run folder not found"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match="--stage must be one of"):
+        load(f"{tiny_run}@stage3")
+
+
+def test_generate_cli_with_the_stitchkv_provider(tiny_run, tmp_path, capsys):
+    out = tmp_path / "small"
+    invoke(["kvstitch", "export", "--run", str(tiny_run), "-o", str(out)])
+    assert f"--prefill stitchkv={tiny_run}" in capsys.readouterr().out
+    base = ["--device", "cpu", "generate", str(out), "--prompt", "the king", "--max-tokens", "6", "--ignore-eos",
+            "--num-blocks", "32", "--attention-backend", "torch"]
+    # the module:function form works without the installed entry point (e.g. a PYTHONPATH checkout)
+    invoke(base + ["--prefill", f"gpulab.stitchkv.provider:load={tiny_run}"])
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(GpulabError, match="run folder not found"):
+        invoke(base + ["--prefill", f"gpulab.stitchkv.provider:load={tmp_path / 'nope'}"])
