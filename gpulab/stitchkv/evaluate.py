@@ -19,8 +19,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpulab.core.errors import InputError
 from gpulab.core.results import Record
 from gpulab.core.stats import gap_fraction, paired_bootstrap
@@ -108,27 +106,32 @@ def rouge_scores(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 
 def _nll_own(model: Any, prompt: Any, ref: Any) -> Any:
+    """Teacher-forced NLL of ``ref`` [B, C] after ``prompt``, summed over the batch per position: [C]."""
     import torch
     import torch.nn.functional as F
 
     seq = torch.cat([prompt, ref], 1)
     logits = model(input_ids=seq[:, :-1], use_cache=False).logits[:, prompt.shape[1] - 1:].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ref.reshape(-1), reduction="sum")
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ref.reshape(-1), reduction="none")
+    return nll.view(ref.shape).sum(0)
 
 
 def _nll_stitched(large: Any, small: Any, bank: Any, prompt: Any, ref: Any) -> Any:
+    """As :func:`_nll_own` for the stitched system: position 0 from the large model's prefill logits, the
+    rest from the small model reading the stitched cache. [C]"""
+    import torch
     import torch.nn.functional as F
 
     from gpulab.stitchkv.models import cache_kwarg
     from gpulab.stitchkv.stitch import stitched_cache
 
     logits0, cache = stitched_cache(large, small, bank, prompt)
-    total = F.cross_entropy(logits0.float(), ref[:, 0], reduction="sum")
-    if ref.shape[1] > 1:
-        out = small(input_ids=ref[:, :-1], use_cache=True, **{cache_kwarg(small): cache})
-        lg = out.logits.float()
-        total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ref[:, 1:].reshape(-1), reduction="sum")
-    return total
+    first = F.cross_entropy(logits0.float(), ref[:, 0], reduction="none").sum(0, keepdim=True)
+    if ref.shape[1] == 1:
+        return first
+    lg = small(input_ids=ref[:, :-1], use_cache=True, **{cache_kwarg(small): cache}).logits.float()
+    rest = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ref[:, 1:].reshape(-1), reduction="none")
+    return torch.cat([first, rest.view(ref.shape[0], -1).sum(0)])
 
 
 def _batches(windows: list[tuple[Any, Any]], batch: int) -> list[tuple[Any, Any, list[int]]]:
@@ -147,14 +150,19 @@ def _batches(windows: list[tuple[Any, Any]], batch: int) -> list[tuple[Any, Any,
 
 
 def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok: Any, ref_texts: list[str],
-                n_new: int, device: str) -> tuple[dict[str, Any], list, list[float]]:
-    """(result row, three sample continuations, per-prompt ROUGE-L in prompt order)."""
+                n_new: int, device: str) -> tuple[dict[str, Any], list, list[float], list[float]]:
+    """(result row, three sample continuations, per-prompt ROUGE-L in prompt order, reference NLL per
+    continuation position). Row: ``ref_nll`` over all positions, ``ref_nll_tok1`` of the first token
+    (the stitched system's comes from the large model's prefill) and ``ref_nll_after`` of the rest (the
+    small model reading the handed-over cache)."""
     import torch
 
     from gpulab.stitchkv.generate import greedy, greedy_stitched
 
     preds: dict[int, str] = {}
-    prefill, tpot, nbytes, nll, ntok = [], [], 0, 0.0, 0
+    prefill, tpot, nbytes = [], [], 0
+    nll_sum: list[float] = []  # per continuation position, summed over prompts (windows may differ in length)
+    nll_cnt: list[int] = []
     with torch.no_grad():
         if str(device).startswith("cuda") and batches:  # untimed warm-up: cuBLAS/kernel loading stays out of TTFT
             p0 = batches[0][0].to(device)
@@ -167,11 +175,16 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
             if bank is None:
                 model = pair.large if name == "large" else small
                 g = greedy(model, prompts, n_new)
-                nll += float(_nll_own(model, prompts, refs))
+                pos = _nll_own(model, prompts, refs)
             else:
                 g = greedy_stitched(pair.large, small, bank, prompts, n_new)
-                nll += float(_nll_stitched(pair.large, small, bank, prompts, refs))
-            ntok += refs.numel()
+                pos = _nll_stitched(pair.large, small, bank, prompts, refs)
+            for j, s in enumerate(pos.double().cpu().tolist()):
+                if j == len(nll_sum):
+                    nll_sum.append(0.0)
+                    nll_cnt.append(0)
+                nll_sum[j] += s
+                nll_cnt[j] += refs.shape[0]
             prefill.append(g.prefill_ms)
             tpot.extend(g.decode_ms)
             nbytes += g.kv_bytes
@@ -180,11 +193,14 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
     order = sorted(preds)
     items = rouge_items([preds[i] for i in order], [ref_texts[i] for i in order])
     r = {k: sum(v) / max(len(v), 1) for k, v in items.items()}
+    curve = [s / c for s, c in zip(nll_sum, nll_cnt)]
+    after = sum(nll_cnt[1:])
     row = {"variant": name, "rouge1": r["rouge1"], "rouge2": r["rouge2"], "rougeL": r["rougeL"],
-           "ref_nll": nll / max(ntok, 1), "ttft_ms": statistics.median(prefill),
+           "ref_nll": sum(nll_sum) / max(sum(nll_cnt), 1), "ref_nll_tok1": curve[0] if curve else None,
+           "ref_nll_after": sum(nll_sum[1:]) / after if after else None, "ttft_ms": statistics.median(prefill),
            "tpot_ms": statistics.median(tpot) if tpot else None,
            "kv_bytes_per_seq": nbytes // max(len(ref_texts), 1)}
-    return row, [preds[i] for i in order[:3]], items["rougeL"]
+    return row, [preds[i] for i in order[:3]], items["rougeL"], curve
 
 
 def self_identity_check(small: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
@@ -236,22 +252,12 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     import torch
 
     from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.disagg import run_config
     from gpulab.stitchkv.models import load_pair
     from gpulab.stitchkv.train import load_bank, load_stage2
 
     run = Path(run)
-    cfg_p = run / "run.yaml"
-    if not cfg_p.is_file():
-        raise InputError(f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
-    try:
-        cfg = yaml.safe_load(cfg_p.read_text()) or {}
-    except yaml.YAMLError:
-        raise InputError(f"{cfg_p}: malformed YAML") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{cfg_p}: expected a mapping")
-    for k in ("large", "small", "data"):
-        if k not in cfg:
-            raise InputError(f"{cfg_p}: missing key '{k}'")
+    cfg = run_config(run)
     if gen_len < 1 or batch < 1:
         raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
     if prompt_len is not None and prompt_len < 1:
@@ -282,9 +288,10 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
 
     samples: dict[str, list] = {}
     items: dict[str, list[float]] = {}  # per-prompt ROUGE-L, for the paired bootstrap
+    curves: dict[str, list[float]] = {}  # reference NLL per continuation position
     for variant in ("small", "large"):
         log(f"eval: {variant}")
-        row, samples[variant], items[variant] = run_variant(variant, pair, pair.small, None, bt, pair.tokenizer,
+        row, samples[variant], items[variant], curves[variant] = run_variant(variant, pair, pair.small, None, bt, pair.tokenizer,
                                                             ref_texts, gen_len, device)
         rec.rows.append(row)
     bank_w = load_bank(run / "warmup", device)
@@ -297,13 +304,13 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         want = [tuple(t.shape) for kv in own_cache(pair.small, first) for t in kv]
     rec.check("stitched_cache_shapes_match_small", got == want, {"stitched": got[:2], "small": want[:2]})
     log("eval: stitched-warmup")
-    row, samples["stitched-warmup"], items["stitched-warmup"] = run_variant(
+    row, samples["stitched-warmup"], items["stitched-warmup"], curves["stitched-warmup"] = run_variant(
         "stitched-warmup", pair, pair.small, bank_w, bt, pair.tokenizer, ref_texts, gen_len, device)
     rec.rows.append(row)
     if have_l:
         log("eval: stitched-lora")
         small_l, bank_l = load_stage2(pair.small, run / "lora", device)
-        row, samples["stitched-lora"], items["stitched-lora"] = run_variant(
+        row, samples["stitched-lora"], items["stitched-lora"], curves["stitched-lora"] = run_variant(
             "stitched-lora", pair, small_l, bank_l, bt, pair.tokenizer, ref_texts, gen_len, device)
         rec.rows.append(row)
     else:
@@ -317,7 +324,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         log("eval: small-lora (control)")
         small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),
                                                checked=True), run / "lora-control", device)
-        row, samples["small-lora"], items["small-lora"] = run_variant(
+        row, samples["small-lora"], items["small-lora"], curves["small-lora"] = run_variant(
             "small-lora", pair, small_c, None, bt, pair.tokenizer, ref_texts, gen_len, device)
         rec.rows.append(row)
 
@@ -327,23 +334,28 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         r["kv_vs_large"] = r["kv_bytes_per_seq"] / large_bytes if large_bytes else None
     best = "stitched-lora" if "stitched-lora" in by else "stitched-warmup"
     gaps = {}
-    for metric in ("rougeL", "ref_nll"):
+    for metric in ("rougeL", "ref_nll", "ref_nll_tok1", "ref_nll_after"):
         for v in ("stitched-warmup", "stitched-lora", "small-lora"):
-            if v in by:
+            if v in by and None not in (by["small"][metric], by["large"][metric], by[v][metric]):
                 gaps[f"{v}:{metric}"] = gap_fraction(by["small"][metric], by["large"][metric], by[v][metric])
     # paired bootstrap over prompts (95%): is the small-to-large ROUGE-L gap real, and how much does the
     # stitched model recover?
     ci = {"large_minus_small": paired_bootstrap(items, lambda m: m["large"] - m["small"]),
           f"{best}_minus_small": paired_bootstrap(items, lambda m: m[best] - m["small"]),
           "gap_recovered": paired_bootstrap(items, lambda m: gap_fraction(m["small"], m["large"], m[best]))}
-    rec.metrics = {"gap_recovered": gaps, "rougeL_ci95": ci, "samples": samples, "references": ref_texts[:3]}
+    rec.metrics = {"gap_recovered": gaps, "rougeL_ci95": ci, "samples": samples, "references": ref_texts[:3],
+                   "ref_nll_by_position": {v: [round(x, 5) for x in c] for v, c in curves.items()}}
     gap_l = gaps.get(f"{best}:rougeL")
     gap_ci = ci["large_minus_small"]
     significant = gap_ci["lo"] is not None and gap_ci["lo"] > 0
     rec.summary = {"small_rougeL": by["small"]["rougeL"], "large_rougeL": by["large"]["rougeL"],
                    "stitched_rougeL": by[best]["rougeL"], "stitched": best, "gap_recovered_rougeL": gap_l,
                    "gap_ci95": [None if x is None else round(x, 5) for x in (gap_ci["lo"], gap_ci["hi"])],
-                   "gap_significant": significant, "gap_recovered_nll": gaps.get(f"{best}:ref_nll")}
+                   "gap_significant": significant, "gap_recovered_nll": gaps.get(f"{best}:ref_nll"),
+                   # token 1 comes from the large model's own prefill logits; the rest is what the small
+                   # model makes of the handed-over cache (the stitches' actual contribution)
+                   "gap_recovered_nll_tok1": gaps.get(f"{best}:ref_nll_tok1"),
+                   "gap_recovered_nll_after_tok1": gaps.get(f"{best}:ref_nll_after")}
     if "small-lora" in by and best == "stitched-lora":
         # what the stitched cache adds beyond the LoRA training itself (> 0: stitching helps)
         rec.summary["stitch_gain_nll_over_lora_control"] = by["small-lora"]["ref_nll"] - by[best]["ref_nll"]

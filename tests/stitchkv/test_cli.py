@@ -73,6 +73,18 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
         assert lo <= ci["large_minus_small"]["value"] <= hi
     if not rec["summary"]["gap_significant"]:
         assert any("not clearly above 0" in n for n in rec["notes"])
+    # reference NLL per continuation position: token 1 of the stitched system is the large model's own
+    # prediction (its prefill logits); the rest is the small model reading the handed-over cache
+    curves = rec["metrics"]["ref_nll_by_position"]
+    assert set(curves) == set(rows) and all(len(c) == 6 for c in curves.values())
+    for v, r in rows.items():
+        assert r["ref_nll_tok1"] == pytest.approx(curves[v][0], abs=1e-4)
+        assert r["ref_nll"] == pytest.approx((r["ref_nll_tok1"] + 5 * r["ref_nll_after"]) / 6, rel=1e-6)
+    for v in ("stitched-warmup", "stitched-lora"):
+        assert rows[v]["ref_nll_tok1"] == pytest.approx(rows["large"]["ref_nll_tok1"], rel=1e-4)
+    assert rec["summary"]["gap_recovered_nll_tok1"] == pytest.approx(1.0, abs=1e-3)
+    assert rec["summary"]["gap_recovered_nll_after_tok1"] == pytest.approx(rec["metrics"]["gap_recovered"][
+        "stitched-lora:ref_nll_after"])
 
 
 def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):

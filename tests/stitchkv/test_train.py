@@ -76,15 +76,15 @@ def test_lora_adapters_save_and_load(pair_dirs, corpus_file, tmp_path):
     prompt, ref = torch.randint(0, 300, (2, 10)), torch.randint(0, 300, (2, 5))
     bank_w = T.load_bank(run / "warmup")
     with torch.no_grad():
-        before = float(_nll_stitched(pair.large, pair.small, bank_w, prompt, ref))
+        before = float(_nll_stitched(pair.large, pair.small, bank_w, prompt, ref).sum())
         small_l, bank_l = T.load_stage2(pair.small, run / "lora")
-        after = float(_nll_stitched(pair.large, small_l, bank_l, prompt, ref))
+        after = float(_nll_stitched(pair.large, small_l, bank_l, prompt, ref).sum())
         # the loaded adapter is not a no-op (LoRA B was trained away from zero), and loading is deterministic
         lora_b = [p for n, p in small_l.named_parameters() if "lora_B" in n]
         assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)
         pair2 = load_pair(*pair_dirs)
         small_l2, bank_l2 = T.load_stage2(pair2.small, run / "lora")
-        again = float(_nll_stitched(pair2.large, small_l2, bank_l2, prompt, ref))
+        again = float(_nll_stitched(pair2.large, small_l2, bank_l2, prompt, ref).sum())
     assert after != before
     assert after == again
 
