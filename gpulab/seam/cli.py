@@ -252,7 +252,7 @@ def eval_(
     autocast = autocast_for(device, amp)
     rows, checks = evaluate(fam, batches, device, autocast, amp, latency=latency, latency_reps=latency_reps,
                             latency_batches=lat_batches, sample=verify_flops, log=lambda s: typer.echo(s, err=True))
-    interp = interpolation(rows)
+    interp = interpolation(rows, n_test)
     store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp and device == "cuda",
                              "test_images": n_test, "interpolation": interp, "models": rows})
     rec = results.Record(name="seam-eval", config={"family": str(folder), "data": str(root), "test_images": n_test,
@@ -270,7 +270,12 @@ def eval_(
     rec.metrics = {"interpolation": interp, "models": rows}
     rec.summary = {"models": len(rows), "stitches": interp["stitches"], "interpolating": interp["interpolating"],
                    "interpolate_fraction": interp["fraction"],
+                   "interpolate_fraction_within_noise": interp.get("fraction_within_noise"),
                    **{f"{a['name']}_top1": a["top1"] for a in anchors}}
+    if interp.get("anchor_band") is not None and interp["anchor_band"] <= interp["anchor_band_noise_95"]:
+        rec.notes.append(f"the anchors' top-1 differ by {interp['anchor_band']:.4f}, within the 95% noise of a "
+                         f"difference on {n_test} images ({interp['anchor_band_noise_95']:.4f}): whether a stitch "
+                         "lands strictly between them is largely chance (see interpolate_fraction_within_noise)")
     if n_test < 10000 and fmt == "cifar10":
         rec.notes.append(f"top-1 on the first {n_test} of 10000 CIFAR-10 test images")
     if not latency:

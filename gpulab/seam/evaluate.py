@@ -1,9 +1,15 @@
 """Evaluating every member of a family: top-1, FLOPs, parameters, latency; which stitches interpolate.
 
 A stitch *interpolates* when its top-1 and its FLOPs both lie between the two anchors' (inclusive).
+Top-1 on a finite test set is a noisy estimate: with the test-set size, :func:`interpolation` also
+counts the stitches whose top-1 is between the anchors' *within noise* (not outside the band by more
+than the 95% interval of a difference of two accuracies on n images, binomial and unpaired, so
+conservative), and reports the band's width against that noise: when the anchors differ by less than
+the test set resolves, whether a stitch lands strictly inside the band is largely chance.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -30,23 +36,39 @@ def top1(family: StitchedFamily, member, batches: Callable, autocast, device: st
     return correct / max(total, 1), finite
 
 
-def interpolation(models: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mark each stitch's ``interpolates``; return the counts."""
+def diff_noise_95(p: float, q: float, n: int) -> float:
+    """Half-width of the 95% interval of p - q, two accuracies measured on n images (unpaired binomial)."""
+    return 1.96 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+
+
+def interpolation(models: list[dict[str, Any]], n_test: int | None = None) -> dict[str, Any]:
+    """Mark each stitch's ``interpolates`` (and, given the test-set size, ``interpolates_within_noise``);
+    return the counts."""
     anchors = [m for m in models if m["kind"] == "anchor"]
     lo_a, hi_a = sorted(m["top1"] for m in anchors)
     lo_f, hi_f = sorted(m["flops"] for m in anchors)
-    n = k = 0
+    n = k = k_noise = 0
     for m in models:
         if m["kind"] != "stitch":
             continue
         m["acc_between"] = bool(lo_a <= m["top1"] <= hi_a)
         m["flops_between"] = bool(lo_f <= m["flops"] <= hi_f)
         m["interpolates"] = m["acc_between"] and m["flops_between"]
+        if n_test:
+            a = m["top1"]
+            inside = lo_a - diff_noise_95(a, lo_a, n_test) <= a <= hi_a + diff_noise_95(a, hi_a, n_test)
+            m["interpolates_within_noise"] = bool(inside and m["flops_between"])
+            k_noise += m["interpolates_within_noise"]
         n += 1
         k += m["interpolates"]
-    return {"stitches": n, "interpolating": k, "fraction": (k / n) if n else None,
-            "acc_between": sum(m.get("acc_between", False) for m in models),
-            "flops_between": sum(m.get("flops_between", False) for m in models)}
+    out = {"stitches": n, "interpolating": k, "fraction": (k / n) if n else None,
+           "acc_between": sum(m.get("acc_between", False) for m in models),
+           "flops_between": sum(m.get("flops_between", False) for m in models)}
+    if n_test:
+        out.update({"test_images": n_test, "interpolating_within_noise": k_noise,
+                    "fraction_within_noise": (k_noise / n) if n else None, "anchor_band": hi_a - lo_a,
+                    "anchor_band_noise_95": diff_noise_95(lo_a, hi_a, n_test)})
+    return out
 
 
 def evaluate(family: StitchedFamily, batches: Callable, device: str, autocast, amp: bool,

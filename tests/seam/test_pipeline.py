@@ -53,6 +53,8 @@ def test_pipeline_writes_family_eval_selection_and_records(trained):
             between = min(r34["flops"], r50["flops"]) <= m["flops"] <= max(r34["flops"], r50["flops"])
             assert m["flops_between"] == between
             assert m["interpolates"] == (between and m["acc_between"])
+            assert m["interpolates_within_noise"] >= m["interpolates"]  # noise only widens the band
+    assert ev["interpolation"]["fraction_within_noise"] >= ev["interpolation"]["fraction"]
     records = {p.name.split("-2")[0]: yaml.safe_load(p.read_text()) for p in (root / "results").glob("seam-*.yaml")}
     assert set(records) == {"seam-train", "seam-eval", "seam-select"}
     assert all(r["ok"] for r in records.values()), {k: r["checks"] for k, r in records.items()}

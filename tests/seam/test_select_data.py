@@ -127,3 +127,29 @@ def test_shared_cifar10_loads():
     x, y = load_cifar10(DEFAULT_CIFAR, "test", 16)
     assert x.shape == (16, 3, 32, 32) and int(y.max()) <= 9
     assert 20 < float(x.float().mean()) < 235
+
+
+def test_interpolation_within_noise():
+    """Strict interpolation vs within the test set's noise (95% interval of an accuracy difference)."""
+    from gpulab.seam.evaluate import diff_noise_95, interpolation
+
+    def models():
+        return [{"name": "r34", "kind": "anchor", "top1": 0.90, "flops": 10},
+                {"name": "r50", "kind": "anchor", "top1": 0.91, "flops": 20},
+                {"name": "in", "kind": "stitch", "top1": 0.905, "flops": 15},
+                {"name": "just-below", "kind": "stitch", "top1": 0.899, "flops": 15},
+                {"name": "far-below", "kind": "stitch", "top1": 0.80, "flops": 15},
+                {"name": "heavy", "kind": "stitch", "top1": 0.905, "flops": 25},
+                {"name": "r18", "kind": "baseline", "top1": 0.85, "flops": 5}]
+
+    strict = interpolation(models())
+    assert (strict["stitches"], strict["interpolating"]) == (4, 1) and "fraction_within_noise" not in strict
+    ms = models()
+    noisy = interpolation(ms, n_test=10000)
+    by = {m["name"]: m for m in ms}
+    assert [by[k]["interpolates_within_noise"] for k in ("in", "just-below", "far-below", "heavy")] == \
+        [True, True, False, False]
+    assert noisy["interpolating_within_noise"] == 2 and noisy["fraction_within_noise"] == 0.5
+    assert noisy["anchor_band"] == pytest.approx(0.01)
+    assert noisy["anchor_band_noise_95"] == pytest.approx(diff_noise_95(0.90, 0.91, 10000))
+    assert 0.0081 < noisy["anchor_band_noise_95"] < 0.0083  # 1.96 * sqrt((0.09 + 0.0819) / 1e4)
