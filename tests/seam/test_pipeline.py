@@ -59,6 +59,9 @@ def test_pipeline_writes_family_eval_selection_and_records(trained):
     assert set(records) == {"seam-train", "seam-eval", "seam-select"}
     assert all(r["ok"] for r in records.values()), {k: r["checks"] for k, r in records.items()}
     assert records["seam-eval"]["summary"]["stitches"] == 34
+    summ, ip = records["seam-eval"]["summary"], ev["interpolation"]
+    assert summ["flops_between_fraction"] == ip["flops_between"] / 34 >= summ["interpolate_fraction"]
+    assert summ["acc_between_fraction"] == ip["acc_between"] / 34 >= summ["interpolate_fraction"]
     assert records["seam-train"]["checks"]["lstsq_lowers_activation_mse"]["passed"]
 
 
