@@ -1,7 +1,4 @@
 """`gpulab join bench --aggregate` end to end (CPU), and the aggregate kernel compiled for sm_90/sm_80 (AOT)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +6,7 @@ import yaml
 
 from gpulab.cli import invoke
 from gpulab.core.errors import InputError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.triton_aot import run_aot_script
 
 
 def _result(out_dir):
@@ -80,15 +76,4 @@ print("ok all")
 
 
 def test_aggregate_kernel_compiles_for_sm90_sm80():
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource/GPUTarget")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=str(ROOT))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "ok all" in proc.stdout
+    run_aot_script(SCRIPT, "ok all")

@@ -4,14 +4,7 @@ The interpreter tests run them in fp32 with small tiles only; this covers the GP
 conv2d (the small-batch and the large linear tiles, both conv channel tiles) in fp16/bf16 (tensor-core dots)
 and fp32 (IEEE dots), and the touch/pollute kernels, so lowering errors show up here, not on GPU time.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.triton_aot import run_aot_script
 
 SCRIPT = r"""
 import triton
@@ -45,15 +38,4 @@ print("ok all")
 
 
 def test_l2_triton_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource/GPUTarget")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=str(ROOT))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "ok all" in proc.stdout
+    run_aot_script(SCRIPT, "ok all")

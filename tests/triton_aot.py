@@ -1,0 +1,29 @@
+"""Compile Triton kernels for a GPU target without a GPU: a script run in a child process without
+TRITON_INTERPRET (ahead-of-time triton.compile of ASTSource for a GPUTarget), so that lowering
+errors of the GPU tile sizes and dtypes show up in CPU tests, not on GPU time."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_aot_script(script: str, done_marker: str, timeout: int = 300) -> str:
+    """Run ``script`` (it imports triton, ASTSource, GPUTarget itself); it must exit 0 and print
+    ``done_marker``. Skips where this Triton has no AOT API. Returns its stdout."""
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(ROOT))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert done_marker in proc.stdout
+    return proc.stdout
