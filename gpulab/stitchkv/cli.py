@@ -146,7 +146,8 @@ def train(
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 (LoRA) steps."),
     alignment: str = typer.Option("uniform-nearest", "--alignment",
                                   help="uniform-nearest | last-aligned | first-aligned | comma list of large layers"),
-    stitch_input: str = typer.Option("hidden", "--stitch-input", help="hidden (attention input) | kv (pre-RoPE K/V)"),
+    stitch_input: str = typer.Option("hidden", "--stitch-input", help="hidden (attention input) | kv (pre-RoPE K/V) | residual (small model's own "
+                                           "attention input + a zero-initialised map of the large model's)"),
     init: str = typer.Option("ls", "--init", help="ls (closed-form ridge least squares) | random | identity"),
     loss: str = typer.Option("mse", "--loss", help="Warm-up loss: mse | l1"),
     batch: int = typer.Option(16, "--batch"),

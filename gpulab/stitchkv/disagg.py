@@ -172,7 +172,7 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
                 tokens[i] = toks[row].tolist()
             # the alternative hand-over: what the stitches read at the distinct aligned large layers
             ls = bank.large_shape
-            width = ls["hidden"] if bank.mode == "hidden" else 2 * ls["kv_heads"] * ls["head_dim"]
+            width = 2 * ls["kv_heads"] * ls["head_dim"] if bank.mode == "kv" else ls["hidden"]
             sbytes += len(set(bank.align)) * prompt.numel() * width * keys.element_size()
         send_tensors([torch.tensor([0], dtype=torch.int64)], DECODE, ctx)  # stop
 

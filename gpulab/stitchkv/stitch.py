@@ -19,7 +19,14 @@ modes:
   flattened; before any ``k_norm``) -> ``W^K_l``, ``W^V_l`` -> the small model's pre-RoPE K/V heads
   (then its ``k_norm`` where the family has one) -> small RoPE.
 
-Both are exact when the models are identical and the maps are identities (tests check this).
+- ``residual``: the small model's *own* attention input at layer ``l`` (from its own prefill of the
+  prompt) plus ``W_l x_a + b_l`` of the large model's attention input, then the small model's
+  projections as in ``hidden``. The maps start at zero, so the stitched cache starts as exactly the
+  small model's own (nothing to regress in stage 1) and stage 2 can only add what the large model's
+  states carry beyond it. It costs the small model's prefill on the prefill side too.
+
+``hidden`` and ``kv`` are exact when the models are identical and the maps are identities, ``residual``
+when its maps are zero (tests check this).
 Since RoPE is a per-position rotation, MSE between stitched and actual keys is the same before and
 after it; the warm-up loss is computed on the actual (post-RoPE) cache tensors anyway.
 """
@@ -31,7 +38,7 @@ from gpulab.core.errors import InputError
 from gpulab.stitchkv.models import decoder_layers, rotary, shape_of
 
 ALIGNMENTS = ("uniform-nearest", "last-aligned", "first-aligned")
-MODES = ("hidden", "kv")
+MODES = ("hidden", "kv", "residual")
 
 
 def alignment(kind: str, n_large: int, n_small: int) -> list[int]:
@@ -100,13 +107,27 @@ def attention_inputs(model: Any, hidden_states: tuple, layers: list[int]) -> dic
 
 
 def large_features(large: Any, hidden_states: tuple, align: list[int], mode: str) -> dict[int, Any]:
-    """What the stitches read: attention inputs (hidden) or pre-RoPE K/V flattened over heads (kv)."""
+    """What the stitches read of the large model: attention inputs (hidden, residual) or pre-RoPE K/V
+    flattened over heads (kv)."""
     xs = attention_inputs(large, hidden_states, align)
-    if mode == "hidden":
+    if mode in ("hidden", "residual"):
         return xs
     # raw k_proj/v_proj outputs (before any k_norm): the bank applies the small model's k_norm after its
     # map, so a family with k_norm (qwen3) would otherwise normalise twice (identity stitches not exact)
     return {a: pre_rope_raw(large, a, x) for a, x in xs.items()}
+
+
+def stitch_inputs(large: Any, small: Any, bank: Any, prompt: Any, hidden_states: tuple | None = None) -> dict:
+    """Everything the bank reads for ``prompt``: the large model's features (``hidden_states``: its prefill's,
+    when already computed) and, in residual mode, the small model's own attention inputs under key "own"."""
+    if hidden_states is None:
+        hidden_states = large(input_ids=prompt, output_hidden_states=True, use_cache=False,
+                              logits_to_keep=1).hidden_states
+    feats: dict = large_features(large, hidden_states, bank.align, bank.mode)
+    if bank.mode == "residual":
+        hs = small(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
+        feats["own"] = attention_inputs(small, hs, list(range(len(bank.align))))
+    return feats
 
 
 def small_rope(small: Any, like: Any, position_ids: Any) -> tuple[Any, Any]:
@@ -149,7 +170,7 @@ def _define() -> type:
                 raise InputError(f"alignment has {len(align)} entries, the small model has {small_shape['layers']} layers")
             self.mode, self.align = mode, list(align)
             self.large_shape, self.small_shape = dict(large_shape), dict(small_shape)
-            if mode == "hidden":
+            if mode in ("hidden", "residual"):
                 self.maps = nn.ModuleList(nn.Linear(large_shape["hidden"], small_shape["hidden"]) for _ in align)
             else:
                 din = large_shape["kv_heads"] * large_shape["head_dim"]
@@ -163,14 +184,18 @@ def _define() -> type:
                     "small_shape": self.small_shape}
 
         def linears(self) -> list[Any]:
-            return list(self.maps) if self.mode == "hidden" else [*self.kmaps, *self.vmaps]
+            return [*self.kmaps, *self.vmaps] if self.mode == "kv" else list(self.maps)
 
         @torch.no_grad()
         def reset_random(self, seed: int = 0) -> None:
+            """Random maps (scaled by fan-in); residual maps start at zero instead (the small model's own cache)."""
             g = torch.Generator().manual_seed(seed)
             for lin in self.linears():
                 fan_in = lin.in_features
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / fan_in ** 0.5)
+                if self.mode == "residual":
+                    lin.weight.zero_()
+                else:
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / fan_in ** 0.5)
                 lin.bias.zero_()
 
         @torch.no_grad()
@@ -192,6 +217,9 @@ def _define() -> type:
             for l, a in enumerate(self.align):
                 if self.mode == "hidden":
                     out.append(pre_rope_kv(small, l, self.maps[l](feats[a].to(wdt)).to(sdt)))
+                elif self.mode == "residual":
+                    x = feats["own"][l].to(wdt) + self.maps[l](feats[a].to(wdt))
+                    out.append(pre_rope_kv(small, l, x.to(sdt)))
                 else:
                     fk, fv = (f.to(wdt) for f in feats[a])
                     k = _heads(self.kmaps[l](fk).to(sdt), hd)
@@ -232,7 +260,7 @@ def stitched_cache(large: Any, small: Any, bank: Any, prompt: Any) -> tuple[Any,
     import torch
 
     logits, hs = large_prefill(large, prompt)
-    feats = large_features(large, hs, bank.align, bank.mode)
+    feats = stitch_inputs(large, small, bank, prompt, hs)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
     return logits, build_cache(bank(feats, small, pos))
 
@@ -243,10 +271,13 @@ def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ri
 
     kv mode: large pre-RoPE K (V) -> small pre-RoPE K (V), exact least squares on the warm-up
     objective (before any k_norm). hidden mode: large attention input -> small attention input
-    of the same layer (a proxy target: the small k/v projections then map it to K/V).
+    of the same layer (a proxy target: the small k/v projections then map it to K/V). Not for
+    residual stitches (they start at zero, the exact warm-up optimum).
     """
     import torch
 
+    if bank.mode == "residual":
+        raise InputError("--init ls does not apply to --stitch-input residual (its stitches start at zero)")
     n = len(bank.align)
     acc: dict[str, list] = {}
     with torch.no_grad():

@@ -130,11 +130,10 @@ def lm_loss_stitched(large: Any, small: Any, bank: Any, prompt: Any, cont: Any, 
     import torch
     import torch.nn.functional as F
 
-    from gpulab.stitchkv.stitch import large_features
+    from gpulab.stitchkv.stitch import stitch_inputs
 
-    with torch.no_grad():
-        hs = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-        feats = large_features(large, hs, bank.align, bank.mode)
+    with torch.no_grad():  # residual mode: the small model's own prefill too (no gradient through it)
+        feats = stitch_inputs(large, small, bank, prompt)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
     logits = (module or stitched_lm(bank, small))(feats, pos, cont[:, :-1])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1))
@@ -146,11 +145,10 @@ def warmup_step_loss(large: Any, small: Any, bank: Any, prompt: Any, loss: str,
     import torch
 
     from gpulab.stitchkv.reference import own_cache
-    from gpulab.stitchkv.stitch import large_features
+    from gpulab.stitchkv.stitch import stitch_inputs
 
     with torch.no_grad():
-        hs = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-        feats = large_features(large, hs, bank.align, bank.mode)
+        feats = stitch_inputs(large, small, bank, prompt)
         target = own_cache(small, prompt)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
     pred = (module or bank)(feats, small, pos)
@@ -235,9 +233,11 @@ def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dic
 
 def validate_cfg(cfg: dict[str, Any]) -> None:
     """The checks of the training options that need no model (one-line errors)."""
-    for key, choices in (("stage", STAGES), ("loss", LOSSES), ("init", INITS)):
+    from gpulab.stitchkv.stitch import MODES
+
+    for key, choices in (("stage", STAGES), ("loss", LOSSES), ("init", INITS), ("stitch_input", MODES)):
         if cfg[key] not in choices:
-            raise InputError(f"--{key} must be one of {', '.join(choices)}, got {cfg[key]!r}")
+            raise InputError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, got {cfg[key]!r}")
     for k, low in (("steps", 0), ("lora_steps", 0), ("ckpt_every", 0), ("batch", 1), ("prompt_len", 1),
                    ("cont_len", 1), ("lora_r", 1), ("ls_batches", 1)):
         v = cfg.get(k, low)
@@ -321,11 +321,16 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             opt = torch.optim.AdamW(bank.parameters(), lr=cfg["lr"], weight_decay=0.0)
             scaler = grad_scaler(cfg, device)
             r2 = None
+            residual = bank.mode == "residual"
+            n_steps = 0 if residual else cfg["steps"]
             if st is not None:
                 bank.load_state_dict(st["bank"])
                 _restore_optim(st, opt, scaler)
                 start, hist = st["step"], st["hist"]
                 log(f"warmup: resuming at step {start}")
+            elif residual:  # zero maps reproduce the small model's own cache: the warm-up optimum already
+                bank.reset_random(cfg["seed"])
+                log("warmup: residual stitches start at zero (the small model's own cache): nothing to regress")
             elif cfg["init"] == "ls":
                 it = batches(7, 0, shard=False)
                 r2 = least_squares_init(bank, pair.large, pair.small, [next(it)[0] for _ in range(cfg["ls_batches"])],
@@ -336,7 +341,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                 bank.reset_random(cfg["seed"])
             wrapped = ddp(bank, ctx)
             it = batches(1, start)
-            for step in range(start, cfg["steps"]):
+            for step in range(start, n_steps):
                 prompt, _ = next(it)
                 loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
                 _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr", scaler)
@@ -354,7 +359,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                     save_bank(bank, tmp)
                 ckpt_p.unlink(missing_ok=True)
             ctx.barrier()  # stage 2 of every rank reads warmup/
-            results["warmup"] = {"steps": cfg["steps"], "loss_first": hist[0] if hist else None,
+            results["warmup"] = {"steps": n_steps, "loss_first": hist[0] if hist else None,
                                  "loss_last": hist[-1] if hist else None, "loss_history": hist,
                                  "heldout_nmse": final_nmse, "ls_r2": r2, "seconds": time.perf_counter() - t0}
 

@@ -30,7 +30,7 @@ def test_alignment_values():
             alignment(bad, 3, 2)
 
 
-@pytest.mark.parametrize("mode", ["hidden", "kv"])
+@pytest.mark.parametrize("mode", ["hidden", "kv", "residual"])
 @pytest.mark.parametrize("kind", [*ALIGNMENTS, "2,0"])
 def test_stitched_cache_shapes(models, mode, kind):
     large, small = models
@@ -98,6 +98,28 @@ def test_identity_stitch_reproduces_small_exactly(models, tokenizer, mode):
     own = greedy(small, prompt, 6).tokens
     assert torch.equal(s, own)
     assert torch.equal(own, greedy_no_cache(small, prompt, 6))
+
+
+def test_zero_residual_stitch_is_the_small_models_own_cache(models):
+    """Residual stitches start at zero: a *different* large model, and the stitched cache is still exactly the
+    small model's own (so stage 2 can only add what the large model's states carry beyond it); nonzero maps
+    change it."""
+    large, small = models
+    ls, ss = shape_of(large), shape_of(small)
+    bank = make_bank(ls, ss, alignment("uniform-nearest", ls["layers"], ss["layers"]), "residual")
+    assert all(float(lin.weight.abs().max()) == 0 for lin in bank.linears())
+    prompt = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        _, cache = stitched_cache(large, small, bank, prompt)
+        for (k, v), (tk, tv) in zip(cache_tensors(cache), own_cache(small, prompt)):
+            assert torch.allclose(k, tk, atol=1e-6, rtol=1e-5) and torch.allclose(v, tv, atol=1e-6, rtol=1e-5)
+        toks = greedy_stitched(large, small, bank, prompt, 6).tokens  # token 1: the large model's
+        assert torch.equal(toks, greedy_no_cache(small, prompt, 6, first_token=toks[:, 0]))
+        bank.maps[0].weight.normal_()
+        _, moved = stitched_cache(large, small, bank, prompt)
+        assert not torch.allclose(cache_tensors(moved)[0][0], own_cache(small, prompt)[0][0], atol=1e-3)
+    with pytest.raises(InputError, match="does not apply to --stitch-input residual"):
+        least_squares_init(bank, large, small, [prompt])
 
 
 def test_greedy_matches_no_cache_reference(models):

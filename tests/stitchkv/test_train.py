@@ -8,6 +8,7 @@ import torch
 
 from gpulab.core.errors import InputError
 from gpulab.stitchkv import train as T
+from gpulab.stitchkv.models import load_model
 
 
 def cfg_for(pair_dirs, corpus_file, run, **over):
@@ -103,13 +104,27 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(stage="all", lora_targets="nope_proj"), "no module named 'nope_proj'"),
     (dict(alignment="0,9"), "out of range"), (dict(batch=0), "--batch"), (dict(stage="all", lora_r=0), "--lora-r"),
     (dict(ls_batches=0), "--ls-batches"), (dict(ridge=-1.0), "--ridge"), (dict(lr=0.0), "--lr"),
-    (dict(ckpt_every=-1), "--ckpt-every"),
+    (dict(ckpt_every=-1), "--ckpt-every"), (dict(stitch_input="states"), "--stitch-input"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
         T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", **{"steps": 1, **over}), "cpu", log=lambda m: None)
     # nothing written: run.yaml would pin the run folder to the bad option (a corrected rerun refused)
     assert not (tmp_path / "run").exists()
+
+
+def test_residual_stitches_skip_the_warmup_and_learn_in_stage_2(pair_dirs, corpus_file, tmp_path):
+    """Residual stitches start at the warm-up optimum (zero maps: the small model's own cache): stage 1 saves them
+    untrained, stage 2 moves them off zero and lowers the stitched LM loss."""
+    run = tmp_path / "run"
+    res = T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", stitch_input="residual", init="ls", steps=5,
+                          lora_steps=12, lora_lr=1e-2), "cpu", log=lambda m: None)
+    assert res["warmup"]["steps"] == 0 and res["warmup"]["heldout_nmse"] < 1e-10
+    assert all(float(lin.weight.abs().max()) == 0 for lin in T.load_bank(run / "warmup").linears())
+    _, bank = T.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
+    assert bank.mode == "residual" and max(float(lin.weight.abs().max()) for lin in bank.linears()) > 0
+    hist = res["lora"]["loss_history"]
+    assert sum(hist[-3:]) / 3 < sum(hist[:3]) / 3
 
 
 def test_run_folder_of_another_pair_is_refused(pair_dirs, corpus_file, tmp_path):
