@@ -99,7 +99,7 @@ def test_graph_runner_buffers_and_padding_on_cpu(tiny_llama, hf_greedy, monkeypa
 
     import torch
 
-    from gpulab.vajra.engine import DecodeGraphRunner
+    from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 
     if os.environ.get("TRITON_INTERPRET", "") != "1":  # set by tests/conftest.py on machines without CUDA
         pytest.skip("CPU stand-in for the CUDA-graph runner (needs the Triton interpreter)")

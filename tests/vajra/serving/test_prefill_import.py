@@ -90,3 +90,23 @@ def test_generate_cli_with_prefill(tiny_llama, capsys):
 
 def test_engine_without_provider_is_unchanged(tiny_llama):
     assert isinstance(_engine(tiny_llama), LLMEngine) and _engine(tiny_llama).prefill is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_imported_prompts_decode_like_the_plain_engine(tiny_llama, backend):
+    """On a GPU (fp32, so that transformers' prefill and vajra's agree to rounding): imported prompts decode to the
+    plain engine's tokens, with the Triton backend through CUDA graphs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = EngineConfig(num_blocks=64, block_size=4, max_num_seqs=4)
+    plain = load_engine(tiny_llama, device="cuda", attention_backend=backend, dtype="fp32", config=cfg)
+    want = [o.output_token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    eng = load_engine(tiny_llama, device="cuda", attention_backend=backend, dtype="fp32", config=cfg)
+    eng.prefill = HFPrefill(str(tiny_llama), device="cuda")
+    if backend == "triton":
+        assert eng.graphs is not None, eng.notes
+    assert [o.output_token_ids for o in eng.generate(PROMPTS, GREEDY)] == want
+    assert eng.block_manager.num_used == 0
