@@ -155,6 +155,8 @@ def train(
     cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss."),
     lr: float = typer.Option(1e-3, "--lr", help="Warm-up learning rate."),
     lora_lr: float = typer.Option(1e-3, "--lora-lr"),
+    stitch_lr: Optional[float] = typer.Option(None, "--stitch-lr", help="Stage-2 learning rate of the stitches "
+                                                                       "(default: --lora-lr)."),
     lora_r: int = typer.Option(8, "--lora-r"),
     lora_alpha: int = typer.Option(16, "--lora-alpha"),
     lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--lora-targets"),
@@ -179,7 +181,8 @@ def train(
         rec = _train(_train_cfg(large=large, small=small, data=data, run=run, stage=stage, steps=steps,
                             lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input, init=init,
                             loss=loss, batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=lr,
-                            lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                            lora_lr=lora_lr, stitch_lr=stitch_lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                            lora_targets=lora_targets,
                             ls_batches=ls_batches, ridge=ridge, ckpt_every=ckpt_every, dtype=dtype,
                             lora_control=lora_control, seed=seed), ctx)
         if ctx.world > 1:

@@ -246,6 +246,8 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
     for k in ("lr", "lora_lr", "lora_alpha"):
         if not cfg[k] > 0:
             raise InputError(f"--{k.replace('_', '-')} must be > 0, got {cfg[k]}")
+    if cfg.get("stitch_lr") is not None and not cfg["stitch_lr"] > 0:
+        raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
     if not cfg["ridge"] >= 0:
         raise InputError(f"--ridge must be >= 0, got {cfg['ridge']}")
 
@@ -370,8 +372,9 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         t0 = time.perf_counter()
         bank = load_bank(run / "warmup", device)
         small = with_lora(pair.small, cfg)
-        params = [p for p in small.parameters() if p.requires_grad] + list(bank.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg["lora_lr"], weight_decay=0.0)
+        opt = torch.optim.AdamW([{"params": [p for p in small.parameters() if p.requires_grad]},
+                                 {"params": list(bank.parameters()), "lr": cfg.get("stitch_lr") or cfg["lora_lr"]}],
+                                lr=cfg["lora_lr"], weight_decay=0.0)
         scaler = grad_scaler(cfg, device)
         start, hist = 0, []
         st = load_ckpt("lora")

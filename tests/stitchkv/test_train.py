@@ -105,6 +105,7 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(alignment="0,9"), "out of range"), (dict(batch=0), "--batch"), (dict(stage="all", lora_r=0), "--lora-r"),
     (dict(ls_batches=0), "--ls-batches"), (dict(ridge=-1.0), "--ridge"), (dict(lr=0.0), "--lr"),
     (dict(ckpt_every=-1), "--ckpt-every"), (dict(stitch_input="states"), "--stitch-input"),
+    (dict(stitch_lr=0.0), "--stitch-lr"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
@@ -125,6 +126,15 @@ def test_residual_stitches_skip_the_warmup_and_learn_in_stage_2(pair_dirs, corpu
     assert bank.mode == "residual" and max(float(lin.weight.abs().max()) for lin in bank.linears()) > 0
     hist = res["lora"]["loss_history"]
     assert sum(hist[-3:]) / 3 < sum(hist[:3]) / 3
+
+
+def test_stitch_lr_is_the_stitches_own(pair_dirs, corpus_file, tmp_path):
+    """--stitch-lr sets the stitches' stage-2 learning rate apart from the LoRA's."""
+    run = tmp_path / "run"
+    T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", stitch_input="residual", steps=1, lora_steps=4,
+                    lora_lr=1e-2, stitch_lr=1e-9), "cpu", log=lambda m: None)
+    _, bank = T.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
+    assert 0 < max(float(lin.weight.abs().max()) for lin in bank.linears()) < 1e-7
 
 
 def test_run_folder_of_another_pair_is_refused(pair_dirs, corpus_file, tmp_path):
