@@ -190,7 +190,11 @@ def _optim_state(opt: Any, scaler: Any) -> dict[str, Any]:
 
 
 def _restore_optim(st: dict[str, Any], opt: Any, scaler: Any) -> None:
-    opt.load_state_dict(st["opt"])
+    try:
+        opt.load_state_dict(st["opt"])
+    except ValueError as e:  # e.g. a stage-2 checkpoint from before the stitches got their own --stitch-lr group
+        raise InputError(f"checkpoint.pt: its optimizer state does not fit this run ({_first_line(e)}); delete it "
+                         "to restart the stage") from None
     if scaler is not None and st.get("scaler"):
         scaler.load_state_dict(st["scaler"])
 

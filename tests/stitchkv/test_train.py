@@ -63,6 +63,16 @@ def test_resume_matches_uninterrupted(pair_dirs, corpus_file, tmp_path, monkeypa
     assert resumed["warmup"]["loss_history"] == pytest.approx(full["warmup"]["loss_history"], rel=1e-5)
 
 
+def test_optimizer_state_of_another_layout_is_one_line():
+    """A checkpoint whose optimizer had other parameter groups (e.g. stage 2 before --stitch-lr) cannot resume."""
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    old = torch.optim.AdamW(list(a.parameters()) + list(b.parameters()))
+    new = torch.optim.AdamW([{"params": list(a.parameters())}, {"params": list(b.parameters()), "lr": 1e-4}])
+    with pytest.raises(InputError, match="optimizer state does not fit this run") as e:
+        T._restore_optim({"opt": old.state_dict()}, new, None)
+    assert "\n" not in str(e.value) and "delete it" in str(e.value)
+
+
 def test_lora_adapters_save_and_load(pair_dirs, corpus_file, tmp_path):
     from gpulab.stitchkv.evaluate import _nll_stitched
     from gpulab.stitchkv.models import load_pair
