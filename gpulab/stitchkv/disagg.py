@@ -86,7 +86,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
 def load_small(cfg: dict[str, Any], run: Path, stage: str, device: str) -> tuple[Any, Any]:
     """(small model, its stitches or None) as the stage left them (LoRA adapter for 'lora')."""
     from gpulab.stitchkv.models import load_model
-    from gpulab.stitchkv.train import load_bank, load_stage2
+    from gpulab.stitchkv.store import load_bank, load_stage2
 
     small = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"))
     if stage == "lora":

@@ -254,7 +254,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     from gpulab.stitchkv import data as D
     from gpulab.stitchkv.disagg import run_config
     from gpulab.stitchkv.models import load_pair
-    from gpulab.stitchkv.train import load_bank, load_stage2
+    from gpulab.stitchkv.store import load_bank, load_stage2
 
     run = Path(run)
     cfg = run_config(run)
@@ -319,7 +319,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         # the control: the same LoRA training on the small model alone (a fresh copy: the stage-2 adapter
         # above was applied to pair.small in place)
         from gpulab.stitchkv.models import load_model
-        from gpulab.stitchkv.train import load_lora_control
+        from gpulab.stitchkv.store import load_lora_control
 
         log("eval: small-lora (control)")
         small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),

@@ -34,55 +34,14 @@ import yaml
 from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.core.results import atomic_write_yaml
+from gpulab.stitchkv.store import (
+    atomic_torch_save, first_line, load_bank, save_bank, save_stage2,
+)
 
 STAGES = ("warmup", "lora", "all")
 LOSSES = ("mse", "l1")
 INITS = ("ls", "random", "identity")
 KEY_FIELDS = ("large", "small", "alignment", "stitch_input")
-
-
-def save_bank(bank: Any, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
-    atomic.write_with(folder / "stitch.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write_yaml(folder / "stitch.yaml", bank.meta())
-
-
-def load_bank(folder: Path, device: Any = "cpu") -> Any:
-    from safetensors.torch import load_file
-
-    from gpulab.stitchkv.stitch import make_bank
-
-    meta_p, w_p = folder / "stitch.yaml", folder / "stitch.safetensors"
-    if not meta_p.is_file() or not w_p.is_file():
-        raise InputError(f"{folder}: no stitch.yaml/stitch.safetensors (stage not trained)")
-    try:
-        meta = yaml.safe_load(meta_p.read_text())
-    except yaml.YAMLError:
-        raise InputError(f"{meta_p}: malformed YAML") from None
-    missing = [k for k in ("large_shape", "small_shape", "align", "mode") if k not in (meta if isinstance(meta, dict) else {})]
-    if missing:
-        raise InputError(f"{meta_p}: missing key '{missing[0]}'")
-    try:
-        bank = make_bank(meta["large_shape"], meta["small_shape"], meta["align"], meta["mode"])
-        bank.load_state_dict(load_file(str(w_p)))
-    except InputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file or weights of another shape
-        raise InputError(f"{w_p}: does not load ({_first_line(e)})") from None
-    return bank.to(device)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    import torch
-
-    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def kv_loss(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]], kind: str = "mse") -> Any:
@@ -193,7 +152,7 @@ def _restore_optim(st: dict[str, Any], opt: Any, scaler: Any) -> None:
     try:
         opt.load_state_dict(st["opt"])
     except ValueError as e:  # e.g. a stage-2 checkpoint from before the stitches got their own --stitch-lr group
-        raise InputError(f"checkpoint.pt: its optimizer state does not fit this run ({_first_line(e)}); delete it "
+        raise InputError(f"checkpoint.pt: its optimizer state does not fit this run ({first_line(e)}); delete it "
                          "to restart the stage") from None
     if scaler is not None and st.get("scaler"):
         scaler.load_state_dict(st["scaler"])
@@ -308,7 +267,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         try:  # on the CPU: load_state_dict moves every tensor to its parameter's device (AdamW's step stays on the CPU)
             st = torch.load(ckpt_p, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise InputError(f"{ckpt_p}: corrupt checkpoint ({_first_line(e)}); delete it to restart the stage") from None
+            raise InputError(f"{ckpt_p}: corrupt checkpoint ({first_line(e)}); delete it to restart the stage") from None
         if not isinstance(st, dict) or not {"stage", "step", "bank", "opt", "hist"} <= set(st):
             raise InputError(f"{ckpt_p}: not a kvstitch checkpoint; delete it to restart the stage")
         return st if st.get("stage") == name else None
@@ -354,7 +313,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                 if step % max(1, cfg["steps"] // 10) == 0:
                     log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
                 if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
-                    _atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
+                    atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
                                         **_optim_state(opt, scaler), "hist": hist}, ckpt_p)
             with torch.no_grad():
                 prompt, _ = next(batches(99, 0, shard=False))
@@ -397,7 +356,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             if step % max(1, cfg["lora_steps"] // 10) == 0:
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
             if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
-                _atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
+                atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
                                     "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
                                     "hist": hist}, ckpt_p)
         if ctx.is_main:
@@ -475,34 +434,3 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     ctx.barrier()
     return {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
             "loss_last": hist[-1] if hist else None, "loss_history": hist, "seconds": time.perf_counter() - t0}
-
-
-def load_lora_control(small: Any, folder: Path, device: Any = "cpu") -> Any:
-    """The small model with the control LoRA adapter (``train_lora_control``) applied."""
-    return _load_adapter(small, folder, device, "no control LoRA adapter")
-
-
-def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
-    """Stitches + peft adapter into ``folder`` through a temporary sibling folder and a rename."""
-    with atomic.build_folder(folder) as tmp:
-        save_bank(bank, tmp)
-        peft_model.save_pretrained(str(tmp / "adapter"))
-
-
-def load_stage2(small: Any, folder: Path, device: Any = "cpu") -> tuple[Any, Any]:
-    """(small model with the LoRA adapter applied, stitches) from a stage-2 folder."""
-    model = _load_adapter(small, folder, device, "no LoRA adapter (stage 'lora' not trained)")
-    return model, load_bank(folder, device)
-
-
-def _load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
-    """``small`` with the peft adapter in ``folder/adapter`` applied, frozen, in eval mode."""
-    from peft import PeftModel
-
-    if not (folder / "adapter" / "adapter_config.json").is_file():
-        raise InputError(f"{folder}: {missing}")
-    try:
-        model = PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False)
-    except Exception as e:  # noqa: BLE001 - a malformed config or adapter weights of another model
-        raise InputError(f"{folder / 'adapter'}: the LoRA adapter does not load ({_first_line(e)})") from None
-    return model.to(device).eval()

@@ -15,6 +15,7 @@ import yaml
 
 from gpulab.core.errors import InputError
 from gpulab.stitchkv import distributed as Dist
+from gpulab.stitchkv import store as S
 from gpulab.stitchkv import train as T
 from tests.stitchkv.test_cli import one_line_error, run_cli
 from tests.stitchkv.test_train import cfg_for
@@ -147,7 +148,7 @@ def test_disaggregated_decode_equals_single_process(pair_dirs, corpus_file, tmp_
     assert row["handover_bytes_per_seq"] == 2 * 2 * 1 * 16 * 12 * 4 + 8
     # independent reference, in this process: the single-process stitched decode of the same prompts
     pair = load_pair(*pair_dirs)
-    small_l, bank_l = T.load_stage2(pair.small, run / "lora")
+    small_l, bank_l = S.load_stage2(pair.small, run / "lora")
     windows = D.eval_windows(D.load_corpus(corpus_file, pair.tokenizer), 5, 12, 6)
     want = {}
     with torch.no_grad():

@@ -65,10 +65,11 @@ def test_train_and_eval_on_cuda(pair_dirs, corpus_file, tmp_path):
 
 
 def test_float16_training_on_cuda_is_loss_scaled(pair_dirs, corpus_file, tmp_path):
+    from gpulab.stitchkv import store as S
     from gpulab.stitchkv import train as T
 
     res = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", stage="all", steps=4, lora_steps=3,
                           dtype="float16"), "cuda", log=lambda m: None)
     for st in ("warmup", "lora"):
         assert all(h == h and abs(h) != float("inf") for h in res[st]["loss_history"]), st
-    assert T.load_bank(tmp_path / "run" / "lora", "cuda").linears()[0].weight.dtype == torch.float32
+    assert S.load_bank(tmp_path / "run" / "lora", "cuda").linears()[0].weight.dtype == torch.float32

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gpulab.core.errors import InputError
+from gpulab.stitchkv import store as S
 from gpulab.stitchkv import train as T
 from gpulab.stitchkv.models import load_model
 
@@ -85,16 +86,16 @@ def test_lora_adapters_save_and_load(pair_dirs, corpus_file, tmp_path):
     assert any((run / "lora" / "adapter").glob("adapter_model.*"))
     pair = load_pair(*pair_dirs)
     prompt, ref = torch.randint(0, 300, (2, 10)), torch.randint(0, 300, (2, 5))
-    bank_w = T.load_bank(run / "warmup")
+    bank_w = S.load_bank(run / "warmup")
     with torch.no_grad():
         before = float(_nll_stitched(pair.large, pair.small, bank_w, prompt, ref).sum())
-        small_l, bank_l = T.load_stage2(pair.small, run / "lora")
+        small_l, bank_l = S.load_stage2(pair.small, run / "lora")
         after = float(_nll_stitched(pair.large, small_l, bank_l, prompt, ref).sum())
         # the loaded adapter is not a no-op (LoRA B was trained away from zero), and loading is deterministic
         lora_b = [p for n, p in small_l.named_parameters() if "lora_B" in n]
         assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)
         pair2 = load_pair(*pair_dirs)
-        small_l2, bank_l2 = T.load_stage2(pair2.small, run / "lora")
+        small_l2, bank_l2 = S.load_stage2(pair2.small, run / "lora")
         again = float(_nll_stitched(pair2.large, small_l2, bank_l2, prompt, ref).sum())
     assert after != before
     assert after == again
@@ -131,8 +132,8 @@ def test_residual_stitches_skip_the_warmup_and_learn_in_stage_2(pair_dirs, corpu
     res = T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", stitch_input="residual", init="ls", steps=5,
                           lora_steps=12, lora_lr=1e-2), "cpu", log=lambda m: None)
     assert res["warmup"]["steps"] == 0 and res["warmup"]["heldout_nmse"] < 1e-10
-    assert all(float(lin.weight.abs().max()) == 0 for lin in T.load_bank(run / "warmup").linears())
-    _, bank = T.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
+    assert all(float(lin.weight.abs().max()) == 0 for lin in S.load_bank(run / "warmup").linears())
+    _, bank = S.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
     assert bank.mode == "residual" and max(float(lin.weight.abs().max()) for lin in bank.linears()) > 0
     hist = res["lora"]["loss_history"]
     assert sum(hist[-3:]) / 3 < sum(hist[:3]) / 3
@@ -143,7 +144,7 @@ def test_stitch_lr_is_the_stitches_own(pair_dirs, corpus_file, tmp_path):
     run = tmp_path / "run"
     T.train(cfg_for(pair_dirs, corpus_file, run, stage="all", stitch_input="residual", steps=1, lora_steps=4,
                     lora_lr=1e-2, stitch_lr=1e-9), "cpu", log=lambda m: None)
-    _, bank = T.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
+    _, bank = S.load_stage2(load_model(pair_dirs[1], "small"), run / "lora")
     assert 0 < max(float(lin.weight.abs().max()) for lin in bank.linears()) < 1e-7
 
 
@@ -159,7 +160,8 @@ def test_lora_control_trains_the_same_lora_without_stitches(pair_dirs, corpus_fi
     import torch
 
     from gpulab.stitchkv.models import load_model
-    from gpulab.stitchkv.train import lm_loss_own, load_lora_control, train
+    from gpulab.stitchkv.store import load_lora_control
+    from gpulab.stitchkv.train import lm_loss_own, train
 
     run = tmp_path / "run"
     res = train(cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=3, lora_control=True), "cpu",
@@ -183,14 +185,14 @@ def test_float16_weights_train_with_loss_scaling(pair_dirs, corpus_file, tmp_pat
     """fp16 activation gradients underflow without loss scaling: a GradScaler drives every update (bf16 and
     fp32 need none) and its state is checkpointed with the optimizer."""
     assert T.grad_scaler({"dtype": "bfloat16"}, "cuda") is None and T.grad_scaler({}, "cpu") is None
-    real_step, real_save, scalers, saved = T._optimizer_step, T._atomic_torch_save, [], []
+    real_step, real_save, scalers, saved = T._optimizer_step, T.atomic_torch_save, [], []
 
     def spy_step(*a, **k):
         scalers.append(a[7] if len(a) > 7 else k.get("scaler"))
         return real_step(*a, **k)
 
     monkeypatch.setattr(T, "_optimizer_step", spy_step)
-    monkeypatch.setattr(T, "_atomic_torch_save", lambda obj, path: (saved.append(obj), real_save(obj, path)))
+    monkeypatch.setattr(T, "atomic_torch_save", lambda obj, path: (saved.append(obj), real_save(obj, path)))
     res = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", stage="all", steps=3, lora_steps=3, ckpt_every=2,
                           dtype="float16"), "cpu", log=lambda m: None)
     assert len(scalers) == 6 and all(isinstance(s, torch.amp.GradScaler) for s in scalers)

@@ -1,0 +1,84 @@
+"""The files of a kvstitch run folder: stitches (safetensors + stitch.yaml), peft adapters, checkpoints.
+Writes are atomic (a stage folder appears whole); a missing, corrupt or foreign file is a one-line
+InputError naming it. The layout is described in :mod:`gpulab.stitchkv.train`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpulab.core import atomic
+from gpulab.core.errors import InputError
+from gpulab.core.files import read_yaml_mapping
+from gpulab.core.results import atomic_write_yaml
+
+
+def save_bank(bank: Any, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in bank.state_dict().items()}
+    atomic.write_with(folder / "stitch.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write_yaml(folder / "stitch.yaml", bank.meta())
+
+
+def load_bank(folder: Path, device: Any = "cpu") -> Any:
+    from safetensors.torch import load_file
+
+    from gpulab.stitchkv.stitch import make_bank
+
+    meta_p, w_p = folder / "stitch.yaml", folder / "stitch.safetensors"
+    if not meta_p.is_file() or not w_p.is_file():
+        raise InputError(f"{folder}: no stitch.yaml/stitch.safetensors (stage not trained)")
+    meta = read_yaml_mapping(meta_p, f"{folder}: no stitch.yaml/stitch.safetensors (stage not trained)")
+    missing = [k for k in ("large_shape", "small_shape", "align", "mode") if k not in meta]
+    if missing:
+        raise InputError(f"{meta_p}: missing key '{missing[0]}'")
+    try:
+        bank = make_bank(meta["large_shape"], meta["small_shape"], meta["align"], meta["mode"])
+        bank.load_state_dict(load_file(str(w_p)))
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file or weights of another shape
+        raise InputError(f"{w_p}: does not load ({first_line(e)})") from None
+    return bank.to(device)
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
+    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_lora_control(small: Any, folder: Path, device: Any = "cpu") -> Any:
+    """The small model with the control LoRA adapter (``train_lora_control``) applied."""
+    return load_adapter(small, folder, device, "no control LoRA adapter")
+
+
+def save_stage2(peft_model: Any, bank: Any, folder: Path) -> None:
+    """Stitches + peft adapter into ``folder`` through a temporary sibling folder and a rename."""
+    with atomic.build_folder(folder) as tmp:
+        save_bank(bank, tmp)
+        peft_model.save_pretrained(str(tmp / "adapter"))
+
+
+def load_stage2(small: Any, folder: Path, device: Any = "cpu") -> tuple[Any, Any]:
+    """(small model with the LoRA adapter applied, stitches) from a stage-2 folder."""
+    model = load_adapter(small, folder, device, "no LoRA adapter (stage 'lora' not trained)")
+    return model, load_bank(folder, device)
+
+
+def load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
+    """``small`` with the peft adapter in ``folder/adapter`` applied, frozen, in eval mode."""
+    from peft import PeftModel
+
+    if not (folder / "adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{folder}: {missing}")
+    try:
+        model = PeftModel.from_pretrained(small, str(folder / "adapter"), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - a malformed config or adapter weights of another model
+        raise InputError(f"{folder / 'adapter'}: the LoRA adapter does not load ({first_line(e)})") from None
+    return model.to(device).eval()
