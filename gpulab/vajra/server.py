@@ -329,6 +329,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                     last = o
             except EngineFailed as e:
                 raise APIError(500, str(e), "internal_error") from None
+            except InputError as e:  # found when the engine added it (raced validation, a prefill provider)
+                raise APIError(400, str(e)) from None
             return JSONResponse(make_final("".join(text), last))
 
         async def sse():

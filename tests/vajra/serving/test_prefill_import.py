@@ -110,3 +110,28 @@ def test_gpu_imported_prompts_decode_like_the_plain_engine(tiny_llama, backend):
         assert eng.graphs is not None, eng.notes
     assert [o.output_token_ids for o in eng.generate(PROMPTS, GREEDY)] == want
     assert eng.block_manager.num_used == 0
+
+
+def test_server_with_a_prefill_provider(tiny_llama, plain_tokens):
+    """The OpenAI server over an engine with a provider: the same text as the plain engine; a provider whose
+    output does not fit the model is a 400 naming it, not a hang or a crashed engine."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    from gpulab.vajra.server import AsyncEngine, ServerThread, build_app
+
+    eng = _engine(tiny_llama, HFPrefill(str(tiny_llama)))
+    want = eng.tokenizer.decode(plain_tokens[1])
+    ae = AsyncEngine(eng).start()
+    try:
+        with ServerThread(build_app(ae, "tiny")) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            r = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=N_OUT, temperature=0,
+                                     extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want
+            eng.prefill = HFPrefill(str(tiny_llama), drop_layer=True)
+            with pytest.raises(openai.BadRequestError, match="K/V for 1 layers"):
+                c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+            assert ae.alive
+    finally:
+        ae.shutdown()
