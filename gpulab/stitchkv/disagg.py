@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from gpulab.core.errors import InputError
-from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import Record
+from gpulab.stitchkv.store import load_small, pick_stage, run_config
 
 PREFILL, DECODE = 0, 1
-STAGES = ("auto", "warmup", "lora")
 
 
 def _sync(device: str) -> None:
@@ -45,30 +44,6 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def run_config(run: Path) -> dict[str, Any]:
-    """A run folder's run.yaml (what `gpulab kvstitch train` wrote)."""
-    p = run / "run.yaml"
-    cfg = read_yaml_mapping(p, f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
-    for k in ("large", "small", "data"):
-        if k not in cfg:
-            raise InputError(f"{p}: missing key '{k}'")
-    return cfg
-
-
-def pick_stage(run: Path, stage: str) -> str:
-    if stage not in STAGES:
-        raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    have_w = (run / "warmup" / "stitch.safetensors").is_file()
-    have_l = (run / "lora" / "adapter" / "adapter_config.json").is_file()
-    if stage == "auto":
-        stage = "lora" if have_l else "warmup"
-    if stage == "warmup" and not have_w:
-        raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
-    if stage == "lora" and not have_l:
-        raise InputError(f"--run {run}: no stage-2 (lora) result; use --stage warmup or train --stage lora")
-    return stage
 
 
 def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
@@ -81,17 +56,6 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
     if prompt_len is not None and prompt_len < 1:
         raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
     return cfg, pick_stage(run, stage)
-
-
-def load_small(cfg: dict[str, Any], run: Path, stage: str, device: str) -> tuple[Any, Any]:
-    """(small model, its stitches or None) as the stage left them (LoRA adapter for 'lora')."""
-    from gpulab.stitchkv.models import load_model
-    from gpulab.stitchkv.store import load_bank, load_stage2
-
-    small = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"))
-    if stage == "lora":
-        return load_stage2(small, run / "lora", device)
-    return small, load_bank(run / "warmup", device)
 
 
 def _decode_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str) -> None:

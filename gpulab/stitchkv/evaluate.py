@@ -252,9 +252,8 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     import torch
 
     from gpulab.stitchkv import data as D
-    from gpulab.stitchkv.disagg import run_config
     from gpulab.stitchkv.models import load_pair
-    from gpulab.stitchkv.store import load_bank, load_stage2
+    from gpulab.stitchkv.store import load_bank, load_stage2, run_config, trained_stages
 
     run = Path(run)
     cfg = run_config(run)
@@ -262,8 +261,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
     if prompt_len is not None and prompt_len < 1:
         raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
-    have_w = (run / "warmup" / "stitch.safetensors").is_file()
-    have_l = (run / "lora" / "adapter" / "adapter_config.json").is_file()
+    have_w, have_l = trained_stages(run)
     if not have_w:
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
@@ -289,11 +287,15 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     samples: dict[str, list] = {}
     items: dict[str, list[float]] = {}  # per-prompt ROUGE-L, for the paired bootstrap
     curves: dict[str, list[float]] = {}  # reference NLL per continuation position
-    for variant in ("small", "large"):
+
+    def add(variant: str, small: Any, bank: Any) -> None:
         log(f"eval: {variant}")
-        row, samples[variant], items[variant], curves[variant] = run_variant(variant, pair, pair.small, None, bt, pair.tokenizer,
-                                                            ref_texts, gen_len, device)
+        row, samples[variant], items[variant], curves[variant] = run_variant(
+            variant, pair, small, bank, bt, pair.tokenizer, ref_texts, gen_len, device)
         rec.rows.append(row)
+
+    add("small", pair.small, None)
+    add("large", pair.small, None)
     bank_w = load_bank(run / "warmup", device)
     with torch.no_grad():  # the stitched cache has exactly the small model's own cache layout
         from gpulab.stitchkv.reference import own_cache
@@ -303,16 +305,9 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         got = [tuple(t.shape) for kv in cache_tensors(c) for t in kv]
         want = [tuple(t.shape) for kv in own_cache(pair.small, first) for t in kv]
     rec.check("stitched_cache_shapes_match_small", got == want, {"stitched": got[:2], "small": want[:2]})
-    log("eval: stitched-warmup")
-    row, samples["stitched-warmup"], items["stitched-warmup"], curves["stitched-warmup"] = run_variant(
-        "stitched-warmup", pair, pair.small, bank_w, bt, pair.tokenizer, ref_texts, gen_len, device)
-    rec.rows.append(row)
+    add("stitched-warmup", pair.small, bank_w)
     if have_l:
-        log("eval: stitched-lora")
-        small_l, bank_l = load_stage2(pair.small, run / "lora", device)
-        row, samples["stitched-lora"], items["stitched-lora"], curves["stitched-lora"] = run_variant(
-            "stitched-lora", pair, small_l, bank_l, bt, pair.tokenizer, ref_texts, gen_len, device)
-        rec.rows.append(row)
+        add("stitched-lora", *load_stage2(pair.small, run / "lora", device))
     else:
         rec.notes.append("stage 2 (lora) not trained in this run folder: no stitched-lora row")
     if (run / "lora-control" / "adapter").is_dir():
@@ -321,12 +316,9 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         from gpulab.stitchkv.models import load_model
         from gpulab.stitchkv.store import load_lora_control
 
-        log("eval: small-lora (control)")
         small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),
                                                checked=True), run / "lora-control", device)
-        row, samples["small-lora"], items["small-lora"], curves["small-lora"] = run_variant(
-            "small-lora", pair, small_c, None, bt, pair.tokenizer, ref_texts, gen_len, device)
-        rec.rows.append(row)
+        add("small-lora", small_c, None)
 
     by = {r["variant"]: r for r in rec.rows}
     large_bytes = by["large"]["kv_bytes_per_seq"]

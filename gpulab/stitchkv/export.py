@@ -14,8 +14,8 @@ from gpulab.core.errors import InputError
 
 def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = False) -> str:
     """Write the run's decode model to ``out``; returns the stage exported."""
-    from gpulab.stitchkv.disagg import load_small, pick_stage, run_config
     from gpulab.stitchkv.models import load_tokenizer, save_model
+    from gpulab.stitchkv.store import load_small, pick_stage, run_config
 
     run, out = Path(run), Path(out)
     cfg = run_config(run)

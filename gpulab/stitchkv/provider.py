@@ -32,7 +32,7 @@ class StitchPrefill:
     name = "stitchkv"
 
     def __init__(self, run: Path, device: str = "cpu", stage: str = "auto"):
-        from gpulab.stitchkv.disagg import load_small, pick_stage, run_config
+        from gpulab.stitchkv.store import load_small, pick_stage, run_config
         from gpulab.stitchkv.models import load_model
 
         cfg = run_config(run)

@@ -121,8 +121,7 @@ def stitch_inputs(large: Any, small: Any, bank: Any, prompt: Any, hidden_states:
     """Everything the bank reads for ``prompt``: the large model's features (``hidden_states``: its prefill's,
     when already computed) and, in residual mode, the small model's own attention inputs under key "own"."""
     if hidden_states is None:
-        hidden_states = large(input_ids=prompt, output_hidden_states=True, use_cache=False,
-                              logits_to_keep=1).hidden_states
+        hidden_states = large_prefill(large, prompt)[1]
     feats: dict = large_features(large, hidden_states, bank.align, bank.mode)
     if bank.mode == "residual":
         hs = small(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states

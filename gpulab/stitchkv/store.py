@@ -1,6 +1,7 @@
 """The files of a kvstitch run folder: stitches (safetensors + stitch.yaml), peft adapters, checkpoints.
 Writes are atomic (a stage folder appears whole); a missing, corrupt or foreign file is a one-line
-InputError naming it. The layout is described in :mod:`gpulab.stitchkv.train`."""
+InputError naming it. The layout is described in :mod:`gpulab.stitchkv.train`. Readers of a trained run
+(eval, export, the prefill provider, serve-disagg) start from :func:`run_config` and :func:`pick_stage`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,3 +83,47 @@ def load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
     except Exception as e:  # noqa: BLE001 - a malformed config or adapter weights of another model
         raise InputError(f"{folder / 'adapter'}: the LoRA adapter does not load ({first_line(e)})") from None
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- reading a run folder
+STAGES = ("auto", "warmup", "lora")  # --stage of the commands that use a trained run
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    """A run folder's run.yaml (what `gpulab kvstitch train` wrote)."""
+    p = run / "run.yaml"
+    cfg = read_yaml_mapping(p, f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
+    for k in ("large", "small", "data"):
+        if k not in cfg:
+            raise InputError(f"{p}: missing key '{k}'")
+    return cfg
+
+
+def pick_stage(run: Path, stage: str) -> str:
+    """--stage resolved against what the run trained ('auto': lora if trained, else warmup)."""
+    if stage not in STAGES:
+        raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    have_w, have_l = trained_stages(run)
+    if stage == "auto":
+        stage = "lora" if have_l else "warmup"
+    if stage == "warmup" and not have_w:
+        raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
+    if stage == "lora" and not have_l:
+        raise InputError(f"--run {run}: no stage-2 (lora) result; use --stage warmup or train --stage lora")
+    return stage
+
+
+def trained_stages(run: Path) -> tuple[bool, bool]:
+    """(stage 1 trained, stage 2 trained) in this run folder."""
+    return ((run / "warmup" / "stitch.safetensors").is_file(),
+            (run / "lora" / "adapter" / "adapter_config.json").is_file())
+
+
+def load_small(cfg: dict[str, Any], run: Path, stage: str, device: str) -> tuple[Any, Any]:
+    """(small model, its stitches) as the stage left them (with its LoRA adapter for 'lora')."""
+    from gpulab.stitchkv.models import load_model
+
+    small = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"))
+    if stage == "lora":
+        return load_stage2(small, run / "lora", device)
+    return small, load_bank(run / "warmup", device)

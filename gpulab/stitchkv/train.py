@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpulab.core import atomic
 from gpulab.core.errors import InputError
+from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import atomic_write_yaml
 from gpulab.stitchkv.store import (
     atomic_torch_save, first_line, load_bank, save_bank, save_stage2,
@@ -178,12 +177,7 @@ def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int,
 def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dict[str, Any]:
     p = run / "run.yaml"
     if p.is_file():
-        try:
-            old = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise InputError(f"{p}: malformed run.yaml") from None
-        if not isinstance(old, dict):
-            raise InputError(f"{p}: expected a mapping; use a new --run folder")
+        old = read_yaml_mapping(p, f"{p}: not found", f"{p}: expected a mapping; use a new --run folder")
         for k in KEY_FIELDS:
             if str(old.get(k)) != str(cfg.get(k)):
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
@@ -314,7 +308,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                     log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
                 if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
                     atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
-                                        **_optim_state(opt, scaler), "hist": hist}, ckpt_p)
+                                       **_optim_state(opt, scaler), "hist": hist}, ckpt_p)
             with torch.no_grad():
                 prompt, _ = next(batches(99, 0, shard=False))
                 _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
@@ -357,8 +351,8 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
             if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
                 atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
-                                    "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
-                                    "hist": hist}, ckpt_p)
+                                   "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
+                                   "hist": hist}, ckpt_p)
         if ctx.is_main:
             save_stage2(small, bank, run / "lora")
             ckpt_p.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ N_OUT = 8
 
 
 def _stitched_tokens(run, stage, prompts_ids):
-    from gpulab.stitchkv.disagg import load_small, run_config
+    from gpulab.stitchkv.store import load_small, run_config
     from gpulab.stitchkv.generate import greedy_stitched
     from gpulab.stitchkv.models import load_model
 
@@ -61,7 +61,7 @@ class _Recording:
 def test_first_decode_logits_read_the_stitched_cache(tiny_run, tmp_path, stage):
     """Tokens alone are a weak check on tiny random models (attention barely moves their logits): the
     engine's logits after the first output token must equal the small model's on the stitched cache."""
-    from gpulab.stitchkv.disagg import load_small, run_config
+    from gpulab.stitchkv.store import load_small, run_config
     from gpulab.stitchkv.export import export_small
     from gpulab.stitchkv.models import cache_kwarg, load_model
     from gpulab.stitchkv.stitch import stitched_cache
