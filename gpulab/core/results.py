@@ -199,5 +199,5 @@ def load(path: Path | str) -> dict[str, Any]:
     not_result = f"{p}: not a gpulab result file (no 'schema: {SCHEMA}')"
     data = files.read_yaml_mapping(p, f"result file not found: {p}", not_result)
     if data.get("schema") != SCHEMA:
-        raise InputError(f"{p}: not a gpulab result file (no 'schema: {SCHEMA}')")
+        raise InputError(not_result)
     return data

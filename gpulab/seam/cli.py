@@ -271,14 +271,13 @@ def eval_(
     rec.summary = {"models": len(rows), "stitches": interp["stitches"], "interpolating": interp["interpolating"],
                    "interpolate_fraction": interp["fraction"],
                    "interpolate_fraction_within_noise": interp.get("fraction_within_noise"),
-                   # FLOPs are fixed by the architecture and the cut set: the most that can interpolate
-                   "flops_between_fraction": interp["flops_between"] / max(interp["stitches"], 1),
-                   "acc_between_fraction": interp["acc_between"] / max(interp["stitches"], 1),
+                   "flops_between_fraction": interp["flops_between_fraction"],
+                   "acc_between_fraction": interp["acc_between_fraction"],
                    **{f"{a['name']}_top1": a["top1"] for a in anchors}}
     if interp["stitches"] and interp["flops_between"] < interp["stitches"]:
         rec.notes.append(f"only {interp['flops_between']} of {interp['stitches']} stitches have FLOPs between the "
                          "anchors' (fixed by the architectures and the cut set, whatever the training): at most "
-                         f"{interp['flops_between'] / interp['stitches']:.1%} can interpolate")
+                         f"{interp['flops_between_fraction']:.1%} can interpolate")
     if interp.get("anchor_band") is not None and interp["anchor_band"] <= interp["anchor_band_noise_95"]:
         rec.notes.append(f"the anchors' top-1 differ by {interp['anchor_band']:.4f}, within the 95% noise of a "
                          f"difference on {n_test} images ({interp['anchor_band_noise_95']:.4f}): whether a stitch "

@@ -61,9 +61,12 @@ def interpolation(models: list[dict[str, Any]], n_test: int | None = None) -> di
             k_noise += m["interpolates_within_noise"]
         n += 1
         k += m["interpolates"]
+    acc_between = sum(m.get("acc_between", False) for m in models)
+    flops_between = sum(m.get("flops_between", False) for m in models)
+    # FLOPs are fixed by the architectures and the cut set: flops_between_fraction is the most that can interpolate
     out = {"stitches": n, "interpolating": k, "fraction": (k / n) if n else None,
-           "acc_between": sum(m.get("acc_between", False) for m in models),
-           "flops_between": sum(m.get("flops_between", False) for m in models)}
+           "acc_between": acc_between, "flops_between": flops_between,
+           "acc_between_fraction": acc_between / max(n, 1), "flops_between_fraction": flops_between / max(n, 1)}
     if n_test:
         out.update({"test_images": n_test, "interpolating_within_noise": k_noise,
                     "fraction_within_noise": (k_noise / n) if n else None, "anchor_band": hi_a - lo_a,

@@ -386,13 +386,11 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
                 linear_backend: str = "auto", prefill: str | None = None) -> LLMEngine:
     """Load a model folder with vajra's loader and wrap it in an engine (tokenizer when present);
     ``prefill``: a provider spec ``NAME=ARG`` (see :mod:`gpulab.vajra.prefill`)."""
+    from gpulab.core.files import read_model_config
     from gpulab.vajra.detokenizer import load_tokenizer
 
     d = Path(model_dir)
-    if not d.is_dir():
-        raise InputError(f"model folder not found: {d}")
-    if not (d / "config.json").is_file():
-        raise InputError(f"{d}: no config.json in the model folder")
+    read_model_config(d)  # a missing folder or config.json fails before any tokenizer or weight is read
     if load_format not in ("auto", "dummy"):
         raise InputError(f"--load-format must be auto or dummy, got {load_format!r}")
     if attention_backend not in ("auto", "torch", "triton", "flashinfer"):

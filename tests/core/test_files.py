@@ -3,13 +3,7 @@ import pytest
 
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_model_config, read_yaml_mapping
-
-
-def _one_line(exc, *parts):
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for p in parts:
-        assert p in msg, msg
+from tests.assertions import assert_one_line
 
 
 def test_yaml_mapping_ok(tmp_path):
@@ -29,7 +23,7 @@ def test_yaml_mapping_bad(tmp_path, text, part):
     f.write_text(text)
     with pytest.raises(InputError) as e:
         read_yaml_mapping(f, "missing")
-    _one_line(e, str(f), part)
+    assert_one_line(e, str(f), part)
 
 
 def test_yaml_mapping_missing_and_custom_messages(tmp_path):
@@ -48,30 +42,30 @@ def test_yaml_mapping_binary(tmp_path):
     f.write_bytes(b"\xff\xfe\x00garbage\x80")
     with pytest.raises(InputError) as e:
         read_yaml_mapping(f, "missing")
-    _one_line(e, str(f))
+    assert_one_line(e, str(f))
 
 
 def test_model_config(tmp_path):
     with pytest.raises(InputError) as e:
         read_model_config(tmp_path / "nope", "--large")
-    _one_line(e, "--large folder not found", "nope")
+    assert_one_line(e, "--large folder not found", "nope")
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(InputError) as e:
         read_model_config(f)
-    _one_line(e, "model", "not a folder")
+    assert_one_line(e, "model", "not a folder")
     d = tmp_path / "m"
     d.mkdir()
     with pytest.raises(InputError) as e:
         read_model_config(d)
-    _one_line(e, "no config.json")
+    assert_one_line(e, "no config.json")
     (d / "config.json").write_text("{oops")
     with pytest.raises(InputError) as e:
         read_model_config(d)
-    _one_line(e, "malformed config.json")
+    assert_one_line(e, "malformed config.json")
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(InputError) as e:
         read_model_config(d)
-    _one_line(e, "must be a JSON object, got list")
+    assert_one_line(e, "must be a JSON object, got list")
     (d / "config.json").write_text('{"model_type": "llama"}')
     assert read_model_config(d) == {"model_type": "llama"}

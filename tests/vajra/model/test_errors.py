@@ -9,6 +9,7 @@ import torch
 
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.vajra.load import load_model
+from tests.assertions import assert_one_line
 
 from .helpers import make_tiny, quantize_cli
 
@@ -40,21 +41,14 @@ def _rewrite(d, fn):
         idx.write_text(json.dumps({"weight_map": {k: shard.name for k in t}}))
 
 
-def _one_line(exc_info, *words):
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    for w in words:
-        assert w in msg, msg
-
-
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(InputError) as e:
         load_model(tmp_path / "nope")
-    _one_line(e, "not found")
+    assert_one_line(e, "not found")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError) as e:
         load_model(tmp_path / "empty")
-    _one_line(e, "no config.json")
+    assert_one_line(e, "no config.json")
 
 
 def test_malformed_config(base, tmp_path):
@@ -62,13 +56,13 @@ def test_malformed_config(base, tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "malformed config.json")
+    assert_one_line(e, "malformed config.json")
     cfg = json.loads((base / "src" / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "gpt2")
+    assert_one_line(e, "gpt2")
 
 
 def test_unknown_quant_method_and_format(base, tmp_path):
@@ -78,13 +72,13 @@ def test_unknown_quant_method_and_format(base, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "awq")
+    assert_one_line(e, "awq")
     cfg["quantization_config"]["quant_method"] = "compressed-tensors"
     cfg["quantization_config"]["format"] = "pack-quantized"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "pack-quantized")
+    assert_one_line(e, "pack-quantized")
 
 
 def test_missing_scale_names_tensor(base, tmp_path):
@@ -92,7 +86,7 @@ def test_missing_scale_names_tensor(base, tmp_path):
     _rewrite(d, lambda t: t.pop("model.layers.0.mlp.down_proj.weight_scale"))
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "model.layers.0.mlp.down_proj.weight_scale", "missing")
+    assert_one_line(e, "model.layers.0.mlp.down_proj.weight_scale", "missing")
 
 
 def test_wrong_scale_shape_names_tensor(base, tmp_path):
@@ -103,7 +97,7 @@ def test_wrong_scale_shape_names_tensor(base, tmp_path):
     _rewrite(d, f)
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "model.layers.0.self_attn.k_proj.weight_scale", "[5, 1]")
+    assert_one_line(e, "model.layers.0.self_attn.k_proj.weight_scale", "[5, 1]")
 
 
 def test_dense_weight_where_fp8_declared(base, tmp_path):
@@ -114,7 +108,7 @@ def test_dense_weight_where_fp8_declared(base, tmp_path):
     _rewrite(d, f)
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "model.layers.0.self_attn.o_proj.weight", "F32")
+    assert_one_line(e, "model.layers.0.self_attn.o_proj.weight", "F32")
 
 
 def test_e5m2_weight_and_fp8_without_config(base, tmp_path):
@@ -126,14 +120,14 @@ def test_e5m2_weight_and_fp8_without_config(base, tmp_path):
     _rewrite(d, f)
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "model.layers.0.mlp.up_proj.weight", "e4m3")
+    assert_one_line(e, "model.layers.0.mlp.up_proj.weight", "e4m3")
     d2 = _copy(base, "q", tmp_path / "b")
     cfg = json.loads((d2 / "config.json").read_text())
     del cfg["quantization_config"]
     (d2 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         load_model(d2)
-    _one_line(e, "no quantization_config")
+    assert_one_line(e, "no quantization_config")
 
 
 def test_shape_mismatch_and_missing_tensor(base, tmp_path):
@@ -143,12 +137,12 @@ def test_shape_mismatch_and_missing_tensor(base, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "gate_proj.weight", "does not match config.json")
+    assert_one_line(e, "gate_proj.weight", "does not match config.json")
     d2 = _copy(base, "src", tmp_path / "b")
     _rewrite(d2, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(InputError) as e:
         load_model(d2)
-    _one_line(e, "model.norm.weight", "missing")
+    assert_one_line(e, "model.norm.weight", "missing")
 
 
 def test_corrupt_safetensors_and_index(base, tmp_path):
@@ -156,21 +150,21 @@ def test_corrupt_safetensors_and_index(base, tmp_path):
     next(d.glob("*.safetensors")).write_bytes(b"\x00garbage")
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "safetensors")
+    assert_one_line(e, "safetensors")
     d2 = _copy(base, "q", tmp_path / "b")
     (d2 / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(InputError) as e:
         load_model(d2)
-    _one_line(e, "malformed index")
+    assert_one_line(e, "malformed index")
 
 
 def test_bad_arguments(base):
     with pytest.raises(InputError) as e:
         load_model(base / "src", attention_backend="xformers")
-    _one_line(e, "xformers")
+    assert_one_line(e, "xformers")
     with pytest.raises(InputError) as e:
         load_model(base / "src", linear_backend="cublaslt")
-    _one_line(e, "cublaslt")
+    assert_one_line(e, "cublaslt")
     with pytest.raises(InputError):
         load_model(base / "src", load_format="pt")
     if not torch.cuda.is_available():
@@ -180,7 +174,7 @@ def test_bad_arguments(base):
             load_model(base / "src", attention_backend="flashinfer")
 
 
-def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
+def test_quantize_cli_errors_areassert_one_line(base, tmp_path, capsys):
     from gpulab.cli import main
 
     def run(*args):
@@ -209,7 +203,7 @@ def test_flashinfer_needs_half_precision_activations(monkeypatch):
     cuda = torch.device("cuda")
     with pytest.raises(InputError) as e:
         A.make_backend("flashinfer", device=cuda, act_dtype=torch.float32, **kw)
-    _one_line(e, "float32")
+    assert_one_line(e, "float32")
     monkeypatch.setattr(A, "flashinfer_available", lambda: True)
     for dt in (torch.float32, torch.bfloat16):
         backend = A.make_backend("auto", device=cuda, act_dtype=dt, **kw)
@@ -231,4 +225,4 @@ def test_static_input_scale_must_be_positive(base, tmp_path):
     _rewrite(d, add_scales)
     with pytest.raises(InputError) as e:
         load_model(d)
-    _one_line(e, "model.layers.0.mlp.up_proj.input_scale", "> 0")
+    assert_one_line(e, "model.layers.0.mlp.up_proj.input_scale", "> 0")
