@@ -4,7 +4,7 @@ FP8 bytes are decoded and encoded with integer arithmetic on the raw bits (``NAT
 runs on any GPU and under ``TRITON_INTERPRET=1`` (the interpreter has no fp8 type); encoding
 rounds to nearest-even and saturates, exactly like ``torch.Tensor.to(float8)`` after a clamp, so the
 kernels match :mod:`gpulab.vajra.reference` bit for bit. ``NATIVE=True`` (GPU only) loads fp8 through
-Triton's own conversion instead.
+Triton's own conversion instead, where the GPU has the type (:func:`native_fp8`).
 
 Scales are dequantization scales (real = fp8 * scale) addressed as
 ``scale[(row // SBR) * s_sr + (col // SBC) * s_sc]``: per-tensor (strides 0), per-row/channel/token
@@ -12,6 +12,7 @@ Scales are dequantization scales (real = fp8 * scale) addressed as
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -153,8 +154,25 @@ def _requant_rows_kernel(q_ptr, rs_ptr, ns_ptr, o_ptr, N, K, s_q, s_o, FMAX: tl.
 # ------------------------------------------------------------------------------------------ wrappers
 
 
-def _native_default(t: torch.Tensor) -> bool:
-    return t.is_cuda and not interpreted()
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # a host-side query: safe during CUDA-graph capture
+
+
+def native_fp8_for(capability: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether Triton has ``dtype`` as a native fp8 type on a GPU of this compute capability: e4m3fn
+    ("fp8e4nv") from 8.9 on (Ada, Hopper; on an A100, 8.0, Triton refuses to compile it), e5m2 from 8.0 on."""
+    return tuple(capability) >= ((8, 0) if dtype == torch.float8_e5m2 else (8, 9))
+
+
+def native_fp8(t: torch.Tensor) -> bool:
+    """Whether the kernels load ``t``'s fp8 bytes natively (``NATIVE=True``): a CUDA tensor, not under the
+    interpreter, on a GPU that has the type (:func:`native_fp8_for`); elsewhere they decode the raw bytes
+    (``NATIVE=False``: bit-exact, a few more integer ops)."""
+    if not t.is_cuda or interpreted():
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return native_fp8_for(_capability(index), t.dtype)
 
 
 def _raw(q: torch.Tensor, native: bool) -> torch.Tensor:
@@ -176,7 +194,7 @@ def _scale_addressing(scale: torch.Tensor, shape, block):
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block=None, out_dtype=torch.float32, native: bool | None = None):
     """FP8 [N, K] * scale -> out_dtype [N, K]."""
     eb, mb, bias = _fmt(q.dtype)
-    native = _native_default(q) if native is None else native
+    native = native_fp8(q) if native is None else native
     q = q.contiguous()
     n, k = q.shape
     out = torch.empty((n, k), dtype=out_dtype, device=q.device)
@@ -257,7 +275,7 @@ def quantize(x: torch.Tensor, strategy: str, block=None, dtype=torch.float8_e4m3
 def requantize_rows(q: torch.Tensor, row_scale: torch.Tensor, new_scale: torch.Tensor, native: bool | None = None):
     """Rows of ``q`` carrying their own scales -> one common scale (fused q/k/v, gate/up shards)."""
     eb, mb, bias = _fmt(q.dtype)
-    native = _native_default(q) if native is None else native
+    native = native_fp8(q) if native is None else native
     q = q.contiguous()
     n, k = q.shape
     out = torch.empty_like(q)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted
+from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
 
 
 @dataclass
@@ -134,7 +134,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         return out
     fp8 = cache.dtype in FORMATS
     eb, mb_, bias = FORMATS.get(cache.dtype, (4, 3, 7))
-    native = (cache.is_cuda and not interpreted()) if native is None else native
+    native = (fp8 and native_fp8(cache)) if native is None else native
     c = cache.view(torch.uint8) if (fp8 and not native) else cache
     if BM is None:
         BM = 16 if meta.max_query_len <= 16 else 64
@@ -298,14 +298,13 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     out = torch.empty_like(q)
     if b == 0:
         return out
-    cuda_native = cache.is_cuda and not interpreted()
     if BN is None:
         BN = _decode_bn(q.device)
     if BN & (BN - 1) or BN < 16:
         raise ValueError(f"paged decode attention: BN must be a power of two >= 16, got {BN}")
     fp8 = cache.dtype in FORMATS
     eb, mb_, bias = FORMATS.get(cache.dtype, (4, 3, 7))
-    native = cuda_native if native is None else native
+    native = (fp8 and native_fp8(cache)) if native is None else native
     c = cache.view(torch.uint8) if (fp8 and not native) else cache
     bt = block_tables if (block_tables.dtype == torch.int32 and block_tables.is_contiguous()) \
         else block_tables.to(torch.int32).contiguous()

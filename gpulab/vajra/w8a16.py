@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted
+from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
 
 SCALE_MODES = {"tensor": 0, "channel": 1, "block": 2}
 BK_MAX = 128
@@ -100,7 +100,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
         raise ValueError(f"w8a16: x has {k} columns, the weight {k2}")
     x = x.contiguous()
     q = q.contiguous()
-    native = (q.is_cuda and not interpreted()) if native is None else native
+    native = native_fp8(q) if native is None else native
     cfg = dict(choose_config(m, n, k, q.device, block))
     if config:
         cfg.update(config)

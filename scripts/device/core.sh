@@ -5,8 +5,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpulab-out}
 mkdir -p "$OUT/core"
-python -m pytest -q -m gpu tests/core 2>&1 | tail -5 | tee "$OUT/core/pytest.txt"
-python -m gpulab --out "$OUT/core" probe --ceilings 2>&1 | tail -20
+PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
+"$PY" -m pytest -q -m gpu tests/core 2>&1 | tail -5 | tee "$OUT/core/pytest.txt"
+"$PY" -m gpulab --out "$OUT/core" probe --ceilings 2>&1 | tail -20
 cat > /tmp/ncu_target.py <<'PY'
 import torch
 x = torch.randn(1 << 24, device="cuda")
@@ -17,9 +18,9 @@ torch.cuda.synchronize()
 print("done", float(z))
 PY
 ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active \
-  --cache-control all --clock-control base python /tmp/ncu_target.py > "$OUT/core/ncu_raw_recorded.csv" 2> "$OUT/core/ncu_stderr.txt"
+  --cache-control all --clock-control base "$PY" /tmp/ncu_target.py > "$OUT/core/ncu_raw_recorded.csv" 2> "$OUT/core/ncu_stderr.txt"
 echo "ncu exit $?; $(grep -c '^"' "$OUT/core/ncu_raw_recorded.csv") CSV lines"
-python - <<'PY'
+"$PY" - <<'PY'
 import os
 from gpulab.core import ncu
 recs = ncu.parse_csv_raw(open(os.environ.get("OUT", "/tmp/gpulab-out") + "/core/ncu_raw_recorded.csv").read())

@@ -10,7 +10,7 @@
 set -u -o pipefail
 OUT="${OUT:-results/device-l2}"
 mkdir -p "$OUT"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
 export GPULAB_OUT="$OUT"
 status=0
 steps=()

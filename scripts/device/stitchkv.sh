@@ -12,7 +12,7 @@
 set -u
 OUT="${OUT:-results/device-stitchkv}"
 mkdir -p "$OUT"
-PY="${PYTHON:-${PY:-python}}"
+PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
 BUDGET="${BUDGET:-100}"
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -1,0 +1,126 @@
+"""vajra's Triton kernels compile for A100 (sm_80), L40S (sm_89) and H100 (sm_90) without a GPU (AOT, in a
+child without TRITON_INTERPRET).
+
+The interpreter tests run them in fp32 on raw fp8 bytes only; this covers what a GPU runs: bf16/fp16
+activations, fp8 loaded natively where :func:`native_fp8_for` says the GPU has the type (e4m3fn from sm_89 on;
+Triton refuses it on sm_80, where the kernels must take the raw-byte path), the decode and prefill tiles of the
+paged attention with bf16 and fp8 caches, and the W8A16 tilings the heuristics pick (scale modes, split-K).
+"""
+from tests.triton_aot import run_aot_script
+
+SCRIPT = r"""
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.vajra import fp8_kernels as F, paged_attention as A, w8a16 as W
+from gpulab.vajra.fp8_kernels import FORMATS, native_fp8_for
+
+FP8_PTR = {torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5"}
+t0 = time.time()
+n_compiled = 0
+
+
+def compile(fn, cc, types, consts, **options):
+    # every argument not named in types or consts is an int32 (sizes, strides)
+    global n_compiled
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    missing = set(types) - set(fn.arg_names)
+    assert not missing, (fn.__name__, missing)
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32), options=options or None)
+    n_compiled += 1
+
+
+def fmt(dt):
+    eb, mb, bias = FORMATS[dt]
+    return dict(EBITS=eb, MBITS=mb, BIAS=bias)
+
+
+def attn_types(act, cache):
+    t = {"q_ptr": act, "o_ptr": act, "c_ptr": cache, "bt_ptr": "*i32", "qs_ptr": "*i32", "ql_ptr": "*i32",
+         "cl_ptr": "*i32", "sm_scale_log2": "fp32", "k_scale": "fp32", "v_scale": "fp32"}
+    return t
+
+
+def decode_types(act, cache):
+    t = {k: v for k, v in attn_types(act, cache).items() if k not in ("qs_ptr", "ql_ptr")}
+    t.update(po_ptr="*fp32", pml_ptr="*fp32")
+    return t
+
+
+# fp8 loads on every architecture, natively only where the rule says so
+for cc in (80, 89, 90):
+    for dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        native = native_fp8_for((cc // 10, cc % 10), dt)
+        qp = FP8_PTR[dt] if native else "*u8"
+        compile(F._dequant_kernel, cc, {"q_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
+                dict(SBR=1, SBC=1, BR=32, BC=128, NATIVE=native, **fmt(dt)))
+        compile(F._requant_rows_kernel, cc, {"q_ptr": qp, "rs_ptr": "*fp32", "ns_ptr": "*fp32", "o_ptr": "*u8"},
+                dict(FMAX=float(torch.finfo(dt).max), BR=32, BC=128, NATIVE=native, **fmt(dt)))
+        compile(W._w8a16_kernel, cc, {"x_ptr": "*bf16", "w_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
+                dict(SBR=1, SBC=1, SCALE_MODE=1, SPLIT_K=1, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
+                     **fmt(dt)), num_warps=4, num_stages=4)
+        compile(A._paged_decode_kernel, cc, decode_types("*bf16", qp),
+                dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False, FP8=True, NATIVE=native,
+                     IEEE=False, **fmt(dt)))
+        compile(A._paged_attn_kernel, cc, attn_types("*bf16", qp),
+                dict(GROUP=4, PAGE=16, D=128, BM=64, BN=32, FP8=True, NATIVE=native, IEEE=False, **fmt(dt)))
+        print("ok fp8", cc, dt, "native" if native else "raw bytes", flush=True)
+
+E4 = fmt(torch.float8_e4m3fn)
+FMAX = float(torch.finfo(torch.float8_e4m3fn).max)
+MIN_SCALE = F._min_scale(torch.float8_e4m3fn)
+# quantizers (always write raw bytes) at the tiles the wrappers use
+for act in ("*bf16", "*fp16"):
+    compile(F._cast_kernel, 90, {"x_ptr": act, "s_ptr": "*fp32", "o_ptr": "*u8"},
+            dict(FMAX=FMAX, SBR=128, SBC=128, BR=32, BC=128, **E4))
+    compile(F._quant_rows_kernel, 90, {"x_ptr": act, "o_ptr": "*u8", "s_ptr": "*fp32"},
+            dict(FMAX=FMAX, MIN_SCALE=MIN_SCALE, BC=1024, **E4))
+compile(F._quant_block_kernel, 90, {"x_ptr": "*bf16", "o_ptr": "*u8", "s_ptr": "*fp32"},
+        dict(FMAX=FMAX, MIN_SCALE=MIN_SCALE, BN=128, BK=128, PBN=128, PBK=128, **E4), num_warps=16)
+print("ok quantizers", flush=True)
+
+# W8A16 at the tilings choose_config and the bench's sweep use: tensor / channel / block scales, split-K
+# (fp32 partials), M tiles 16/32/64, N tiles 32/64/128, K tiles 128 and 16 (blocks of K 16)
+for act, mode, bm, bn, bk, split, block in (("*bf16", 0, 32, 64, 128, 2, (1, 1)),
+                                            ("*fp16", 2, 64, 32, 128, 1, (128, 128)),
+                                            ("*bf16", 2, 16, 64, 16, 4, (64, 16)),
+                                            ("*bf16", 1, 16, 128, 128, 1, (1, 1))):
+    compile(W._w8a16_kernel, 90, {"x_ptr": act, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                  "o_ptr": act if split == 1 else "*fp32"},
+            dict(SBR=block[0], SBC=block[1], SCALE_MODE=mode, SPLIT_K=split, BM=bm, BN=bn, BK=bk, NATIVE=True,
+                 IEEE=False, **E4), num_warps=4, num_stages=4)
+print("ok w8a16", flush=True)
+
+# paged attention with 16-bit caches: prefill tiles (BM 16 and 64), Llama-3.2-1B's head_dim 64; decode
+# direct (one split) and split with the merge
+for act, d, bm in (("*bf16", 128, 16), ("*bf16", 128, 64), ("*fp16", 64, 64)):
+    compile(A._paged_attn_kernel, 90, attn_types(act, act),
+            dict(GROUP=4, PAGE=16, D=d, BM=bm, BN=32, FP8=False, NATIVE=False, IEEE=False, **E4))
+for act, d, direct, group in (("*bf16", 128, True, 4), ("*bf16", 128, False, 8), ("*fp16", 64, False, 4)):
+    compile(A._paged_decode_kernel, 90, decode_types(act, act),
+            dict(GROUP=group, BH=16, PAGE=16, D=d, BN=64, UNIT=4, DIRECT=direct, FP8=False, NATIVE=False,
+                 IEEE=False, **E4))
+compile(A._decode_merge_kernel, 90, {"o_ptr": "*bf16", "cl_ptr": "*i32", "po_ptr": "*fp32", "pml_ptr": "*fp32"},
+        dict(PAGE=16, D=128, UNIT=4, SP=32))
+print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
+"""
+
+
+def test_vajra_triton_kernels_compile_for_sm80_sm89_sm90():
+    run_aot_script(SCRIPT, "ok all", timeout=600)
+
+
+def test_native_fp8_rule():
+    import torch
+
+    from gpulab.vajra.fp8_kernels import native_fp8, native_fp8_for
+
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    assert not native_fp8_for((8, 0), e4) and native_fp8_for((8, 0), e5)
+    assert native_fp8_for((8, 9), e4) and native_fp8_for((9, 0), e4) and native_fp8_for((10, 0), e4)
+    assert not native_fp8_for((7, 5), e5)
+    assert not native_fp8(torch.zeros(2, dtype=e4))  # a CPU tensor: raw bytes
