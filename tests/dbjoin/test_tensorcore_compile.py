@@ -1,4 +1,4 @@
-"""The Triton tensor-core join compiles for sm_90 without a GPU (AOT, in a child without TRITON_INTERPRET).
+"""The Triton tensor-core join compiles for sm_90 (and its bf16/int8 codes for sm_80) without a GPU (AOT, in a child without TRITON_INTERPRET).
 
 Covers the tile sizes and code types that the device script does not run on a GPU (block 128, 16; bf16/int8
 with 64-bit keys), so front-end and lowering errors show up here instead of on scarce GPU time.
@@ -25,6 +25,11 @@ for code, has_hi, block, count_only in [("fp16", False, 128, False), ("bf16", Tr
     s = dict(sig, **{k: "constexpr" for k in consts})
     triton.compile(ASTSource(tc_join_kernel, s, consts), target=target)
     print("ok", code, has_hi, block, count_only, flush=True)
+for code, block in (("bf16", 32), ("int8", 16)):  # A100 (sm_80): bf16 and int8 tensor-core dots
+    consts = {"KP": 64, "HAS_HI": True, "BM": block, "BN": block, "DT": DT[code], "COUNT_ONLY": False}
+    triton.compile(ASTSource(tc_join_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts),
+                   target=GPUTarget("cuda", 80, 32))
+    print("ok sm_80", code, flush=True)
 msig = {"key": "*i64", "lo_out": "*i32", "hi_out": "*i32", "part_out": "*i32", "n": "i32", "PMASK": "i32",
         "HAS_HI": "constexpr", "BLOCK": "constexpr"}
 for kt, hh in (("*i32", False), ("*i64", True)):

@@ -1,4 +1,4 @@
-"""The Triton kernels of gpulab l2 compile for sm_90 without a GPU (AOT, in a child without TRITON_INTERPRET).
+"""The Triton kernels of gpulab l2 compile for sm_90 (and the bf16 tiles for sm_80) without a GPU (AOT, in a child without TRITON_INTERPRET).
 
 The interpreter tests run them in fp32 with small tiles only; this covers the GPU tiles of kernels._blocks and
 conv2d (the small-batch and the large linear tiles, both conv channel tiles) in fp16/bf16 (tensor-core dots)
@@ -13,11 +13,10 @@ from triton.compiler import ASTSource
 
 from gpulab.l2 import kernels as K
 
-target = GPUTarget("cuda", 90, 32)
 
-
-def compile(fn, sig, consts):
-    triton.compile(ASTSource(fn, dict(sig, **{k: "constexpr" for k in consts}), consts), target=target)
+def compile(fn, sig, consts, cc=90):
+    triton.compile(ASTSource(fn, dict(sig, **{k: "constexpr" for k in consts}), consts),
+                   target=GPUTarget("cuda", cc, 32))
 
 
 for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
@@ -31,6 +30,14 @@ for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
         compile(K._conv2d_kernel, conv, dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee,
                                              BLOCK_P=128, BLOCK_CO=bc, BLOCK_K=32))
     print("ok", dt, flush=True)
+# A100 (sm_80): the bf16 tensor-core tiles
+ptrs = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
+compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")}),
+        dict(HAS_BIAS=True, RELU=True, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), cc=80)
+compile(K._conv2d_kernel, dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
+        dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=False, BLOCK_P=128, BLOCK_CO=64,
+             BLOCK_K=32), cc=80)
+print("ok sm_80", flush=True)
 compile(K._touch_kernel, {"p_ptr": "*i32", "n_words": "i32", "out_ptr": "*i32"}, {"BLOCK": 1024})
 compile(K._pollute_kernel, {"p_ptr": "*i32", "n_words": "i32"}, {"BLOCK": 4096})
 print("ok all")
