@@ -4,6 +4,7 @@ Heavy imports (torch, numba, triton, cupy, pandas) happen inside the commands.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +106,18 @@ def gen(
     if left_path.resolve() == right_path.resolve():
         raise InputError(f"the left and right tables would both be written to {left_path}")
     lt, rt = tables.generate(rows, right_rows, match_rate, dup, seed, key_dtype)
+    # both tables go to hidden siblings first and are renamed only once both are written: a failure on the
+    # second (disk full, permissions) leaves neither file new nor half-written
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for t, p in ((lt, left_path), (rt, right_path)):
+            tmp = p.with_name(f".{p.name}.gen-tmp{p.suffix}")
+            tables.save_table(t, tmp)
+            staged.append((tmp, p))
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     for t, p in ((lt, left_path), (rt, right_path)):
-        tables.save_table(t, p)
         typer.echo(f"wrote {p} ({len(t)} rows, {t.key_dtype} keys)")

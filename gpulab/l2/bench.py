@@ -360,6 +360,8 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
 
     if cfg.dtype != "float32":
         rec.notes.append(f"--dtype {cfg.dtype} is for the GPU; the CPU run uses float32")
+    if cfg.graph:
+        rec.notes.append("--graph is for the GPU (CUDA graphs); the CPU run launches eagerly")
     model = build_workload(cfg, "cpu", torch.float32)
     rec.metrics["workload"] = model.describe()
     reqs = model.requests("torch")

@@ -139,6 +139,30 @@ def test_gen_checks_both_outputs_before_writing(tmp_path, names, match):
     assert sorted(tmp_path.rglob("*")) == before  # neither table (nor a temporary) was written
 
 
+def test_gen_failure_on_the_second_table_leaves_neither(tmp_path, monkeypatch):
+    from gpulab.dbjoin import tables
+
+    real = tables.save_table
+    calls = []
+
+    def save(t, p):
+        calls.append(p)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(t, p)
+
+    monkeypatch.setattr(tables, "save_table", save)
+    (tmp_path / "l.npz").write_bytes(b"old left")
+    with pytest.raises(OSError, match="No space left"):
+        invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "5"])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["l.npz"]  # no temporaries, no right table
+    assert (tmp_path / "l.npz").read_bytes() == b"old left"  # the old left table was not replaced
+    monkeypatch.setattr(tables, "save_table", real)
+    invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "5"])
+    assert len(tables.load_table(tmp_path / "l.npz")) == 5 and sorted(x.name for x in tmp_path.iterdir()) == [
+        "l.npz", "r.npz"]
+
+
 def test_gen_negative_seed(tmp_path):
     with pytest.raises(InputError, match="--seed must be >= 0"):
         invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--seed", "-3"])
