@@ -11,11 +11,13 @@ Backends for an FP8 weight (``QuantWeight``):
 * ``dequant-jit``: dequantize into a temporary with the Triton kernel, then a dense GEMM (large
   batches on GPUs without FP8 tensor cores, and block scales at large M).
 * ``auto``: per call, by the number of tokens M: ``w8a16`` for M <= 64 on a GPU (block scales: when their K
-  size has a power-of-two divisor >= 16), else ``w8a8`` where
-  the GPU has FP8 tensor cores and the scales are tensor/channel, else ``dequant-jit``; ``dequant`` on the CPU.
+  size has a power-of-two divisor >= 16), else ``w8a8`` where the GPU has FP8 tensor cores, the scales are
+  tensor/channel and ``torch._scaled_mm`` runs with them (probed once at load: some torch builds have no
+  row-wise kernel for sm_89), else ``dequant-jit``; ``dequant`` on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -38,6 +40,34 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled_mm_probe(index: int, rowwise: bool) -> str | None:
+    """Run ``torch._scaled_mm`` once on 16 x 32 zeros on GPU ``index``: None when it works with tensor-wise
+    (or row-wise) scales, else the reason. Some torch builds lack the row-wise kernel for sm_89 (L40S, RTX 40)."""
+    dev = torch.device("cuda", index)
+    a = torch.zeros(16, 32, device=dev).to(torch.float8_e4m3fn)
+    sa = torch.ones(16, 1, device=dev) if rowwise else torch.ones((), device=dev)
+    sb = torch.ones(1, 16, device=dev) if rowwise else torch.ones((), device=dev)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        torch.cuda.synchronize(dev)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:160] if msg else type(e).__name__})"
+    return None
+
+
+def w8a8_unavailable(device: torch.device, rowwise: bool) -> str | None:
+    """Why W8A8 (``torch._scaled_mm``) cannot run on ``device``, or None. The CPU runs it (slowly: tests)."""
+    if device.type != "cuda":
+        return None
+    if not fp8_tensor_cores(device):
+        cc = torch.cuda.get_device_capability(device)
+        return f"compute capability {cc[0]}.{cc[1]} has no FP8 tensor cores (8.9 or newer needed)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _scaled_mm_probe(index, rowwise)
 
 
 def w8a16_fits(qw: QuantWeight) -> bool:
@@ -133,6 +163,7 @@ class Linear:
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.qw: QuantWeight | None = None
         self.w: torch.Tensor | None = None
+        self.w8a8_ok = False  # torch._scaled_mm runs with this weight's scales on its device (auto may pick w8a8)
         self.backend = backend
         if isinstance(weight, QuantWeight):
             dev = weight.q.device
@@ -150,6 +181,12 @@ class Linear:
             if backend == "dequant":
                 self.w = dequantize(weight, act_dtype)
                 self.qw = None
+            elif backend in ("auto", "w8a8") and weight.strategy != "block":
+                # probed once here, at load: never first during a CUDA-graph capture
+                why = w8a8_unavailable(dev, rowwise=not (weight.act == "static" and weight.strategy == "tensor"))
+                if backend == "w8a8" and why:
+                    raise DeviceError(f"linear backend 'w8a8' cannot run here: {why} (use auto, w8a16 or dequant-jit)")
+                self.w8a8_ok = why is None
             self.backend = backend
         else:
             self.w = weight.to(act_dtype)
@@ -168,10 +205,9 @@ class Linear:
             return "dense"
         if self.backend != "auto":
             return self.backend
-        dev = self.qw.q.device
         if m <= W8A16_MAX_M and w8a16_fits(self.qw):
             return "w8a16"
-        if fp8_tensor_cores(dev) and self.qw.strategy in ("tensor", "channel") and self.w8a8_aligned():
+        if self.w8a8_ok and self.qw.strategy in ("tensor", "channel") and self.w8a8_aligned():
             return "w8a8"
         return "dequant-jit"
 

@@ -230,6 +230,27 @@ def _flashinfer_vs_sdpa(kv, decode):
 
 
 @pytest.mark.gpu
+def test_gpu_w8a8_probe_and_native_fp8_rule():
+    """On this GPU: the _scaled_mm probe answers in one line (and runs on Hopper, where auto relies on it),
+    and the fp8 loads of the Triton kernels take the native path exactly where the rule says."""
+    from gpulab.vajra import fp8_kernels as K
+    from gpulab.vajra.linear import w8a8_unavailable
+
+    dev = torch.device("cuda")
+    cc = torch.cuda.get_device_capability()
+    for rowwise in (False, True):
+        why = w8a8_unavailable(dev, rowwise)
+        assert why is None or "\n" not in why
+        if cc >= (9, 0):
+            assert why is None, why
+    x = torch.randn(8, 64, device=dev)
+    q = x.to(E4)
+    assert K.native_fp8(q) == (cc >= (8, 9))
+    got = K.dequantize(q, torch.tensor(1.0, device=dev))  # native where the rule allows, raw bytes elsewhere
+    assert torch.equal(got, q.float())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])
 def test_gpu_flashinfer_decode_matches_sdpa(kv):
     """Decode wrapper (its JIT module builds in ~16 s per KV dtype on first use)."""
@@ -246,3 +267,33 @@ def test_gpu_flashinfer_prefill_matches_sdpa(kv):
     if os.environ.get("VAJRA_FLASHINFER_PREFILL", "") != "1":
         pytest.skip("flashinfer prefill JIT build (~75 s): set VAJRA_FLASHINFER_PREFILL=1 to run")
     _flashinfer_vs_sdpa(kv, decode=False)
+
+
+def test_w8a8_probe_decides_dispatch(monkeypatch):
+    """W8A8 is picked by auto only where torch._scaled_mm runs with the weight's scales (probed at load); an
+    explicit w8a8 there is a one-line DeviceError naming the reason."""
+    from gpulab.core.errors import DeviceError
+    from gpulab.vajra import linear as L
+    from gpulab.vajra.checkpoint import QuantWeight
+
+    g = torch.Generator().manual_seed(0)
+    q, s = R.quantize(torch.randn(32, 64, generator=g), "channel")
+    asked = []
+
+    def unavailable(device, rowwise):
+        asked.append(rowwise)
+        return "torch._scaled_mm with row-wise scales fails here (not supported on sm_89)" if rowwise else None
+
+    monkeypatch.setattr(L, "w8a8_unavailable", unavailable)
+    with pytest.raises(DeviceError, match="'w8a8' cannot run here: .*row-wise") as e:
+        L.Linear(QuantWeight(q, s, "channel", None, "dynamic"), None, torch.float32, "w8a8")
+    assert "\n" not in str(e.value)
+    # static per-tensor activations with a per-tensor weight need only tensor-wise scales
+    qt, st = R.quantize(torch.randn(32, 64, generator=g), "tensor")
+    lin = L.Linear(QuantWeight(qt, st, "tensor", None, "static", torch.tensor(0.01)), None, torch.float32, "w8a8")
+    assert asked == [True, False] and lin.w8a8_ok
+    auto = L.Linear(QuantWeight(q, s, "channel", None, "dynamic"), None, torch.float32, "dequant-jit")
+    auto.backend = "auto"  # as on a GPU at prefill sizes
+    assert auto.choose(512) == "dequant-jit"
+    auto.w8a8_ok = True
+    assert auto.choose(512) == "w8a8" and auto.choose(1) == "w8a16"
