@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for several subsystems, within a time budget:
 #   BUDGET=540 bash scripts/device/all.sh [core sort dbjoin l2 seam vajra_model vajra_engine stitchkv]
+# A name may carry its own seconds (seam:300) instead of the default below. Each script is told its seconds as
+# SCRIPT_BUDGET (never the BUDGET of the whole call, which it would otherwise inherit from the environment).
 # Installs the flashinfer wheel carried in .whl/ (build it first with ../shared/tools/device-wheels.sh and name
 # .whl in the device call's carry), then runs each subsystem's script in the order given, each under `timeout`
 # at its own budget (seconds, below), skipping a script when the remaining budget cannot hold it.
@@ -22,15 +24,18 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(core sort dbjoin l2 seam stitchkv vajra_model vajra_engine)
 t0=$(date +%s)
 summary=()
-for n in "${names[@]}"; do
+for arg in "${names[@]}"; do
+  n=${arg%%:*}
   script="scripts/device/$n.sh"
   [ -f "$script" ] || { summary+=("$n: no script"); continue; }
   need=${SECONDS_FOR[$n]:-120}
+  [ "$arg" != "$n" ] && need=${arg#*:}
   left=$(( BUDGET - ($(date +%s) - t0) ))
   if [ "$left" -lt "$need" ]; then summary+=("$n: skipped (needs ${need}s, ${left}s left)"); continue; fi
   start=$(date +%s)
   mkdir -p "$WORK/$n"
-  OUT="$WORK/$n" PYTHONUNBUFFERED=1 timeout --kill-after=10 "$need" bash "$script" > "$WORK/$n/log.txt" 2>&1
+  OUT="$WORK/$n" SCRIPT_BUDGET="$need" PYTHONUNBUFFERED=1 timeout --kill-after=10 "$need" bash "$script" \
+    > "$WORK/$n/log.txt" 2>&1
   rc=$?
   summary+=("$n: exit $rc in $(( $(date +%s) - start ))s$([ $rc -eq 124 ] && echo ' (timed out)')")
   echo "================ $n (exit $rc)"; tail -15 "$WORK/$n/log.txt"

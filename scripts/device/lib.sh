@@ -1,11 +1,13 @@
 # Shared by the device scripts (source it after setting OUT): the Python to use and a time-budgeted step runner.
 #   PY          python, or python3 where there is no `python` (PY or PYTHON override)
-#   BUDGET      seconds for all steps (BUDGET_S overrides the script's default, passed as $1 to budget_start)
+#   BUDGET      seconds for all steps: BUDGET_S, else SCRIPT_BUDGET (set by all.sh) less 3 s for the summary, else
+#               the script's default, passed as $1 to budget_start
 #   step CAP_S CMD...   runs CMD under `timeout min(CAP_S, time left)`; skipped (exit 124) when under 5 s are left
 PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"
 
 budget_start() {
   BUDGET="${BUDGET_S:-$1}"
+  [ -z "${BUDGET_S:-}" ] && [ -n "${SCRIPT_BUDGET:-}" ] && BUDGET=$((SCRIPT_BUDGET - 3))
   deadline=$((SECONDS + BUDGET))
 }
 

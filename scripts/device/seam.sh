@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 GPULAB=("$PY" -m gpulab)
 REC="$OUT/records"          # result records only (gpulab report reads every *.yaml under it)
 FAM="$OUT/seam-family"      # family.yaml, eval.yaml, select-*.yaml/png
-BUDGET="${BUDGET:-120}"
+BUDGET="${SCRIPT_BUDGET:-${BUDGET:-120}}"  # all.sh sets SCRIPT_BUDGET
 T0=$(date +%s)
 status=0
 

@@ -13,7 +13,7 @@ set -u
 OUT="${OUT:-results/device-stitchkv}"
 mkdir -p "$OUT"
 PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
-BUDGET="${BUDGET:-100}"
+BUDGET="${SCRIPT_BUDGET:-${BUDGET:-100}}"  # all.sh sets SCRIPT_BUDGET
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 left() { echo $(( BUDGET - 8 - ($(date +%s) - T0) )); }  # 8 s kept for the table

@@ -12,7 +12,7 @@ set -uo pipefail
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
 source "$(dirname "$0")/lib.sh"
-table_start "${VAJRA_ENGINE_BUDGET_S:-200}" 4 6
+table_start "${VAJRA_ENGINE_BUDGET_S:-${SCRIPT_BUDGET:-200}}" 4 6
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true

@@ -16,7 +16,7 @@ set -uo pipefail
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
 source "$(dirname "$0")/lib.sh"
-table_start "${VAJRA_MODEL_BUDGET_S:-150}" 3 4
+table_start "${VAJRA_MODEL_BUDGET_S:-${SCRIPT_BUDGET:-150}}" 3 4
 
 table_step "pytest gpu (no flashinfer)" 50 "$OUT/vajra_model_pytest.txt" \
   "$PY" -m pytest -q -m gpu tests/vajra/model -k "not flashinfer"

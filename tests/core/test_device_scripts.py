@@ -1,0 +1,43 @@
+"""The device scripts (scripts/device/*.sh) parse, and all.sh gives each script its own time budget.
+
+They run only on a lent GPU machine, where a mistake costs scarce device time; these checks run here."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((ROOT / "scripts" / "device").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_script_parses(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_all_sh_budgets_each_script(tmp_path):
+    """all.sh hands a script its own seconds (default or NAME:SECONDS) as SCRIPT_BUDGET, kills it at that
+    limit, skips what no longer fits, and packs every log into one tarball."""
+    dev = tmp_path / "scripts" / "device"
+    dev.mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "device" / "all.sh", dev / "all.sh")
+    shutil.copy(ROOT / "scripts" / "device" / "lib.sh", dev / "lib.sh")
+    (dev / "probe.sh").write_text('source "$(dirname "$0")/lib.sh"\nbudget_start 50\n'
+                                  'echo "script=$SCRIPT_BUDGET steps=$BUDGET"\n')
+    (dev / "slow.sh").write_text("sleep 30\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "SCRIPT_BUDGET")}
+    env.update(BUDGET="40", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
+    proc = subprocess.run(["bash", "scripts/device/all.sh", "probe:7", "slow:2", "probe:60", "missing"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "work" / "probe" / "log.txt").read_text()
+    assert "script=7 steps=4" in log  # its own 7 s, less 3 s for its summary; not the call's BUDGET=40
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("probe: exit 0")
+    assert summary[1].startswith("slow: exit 124") and "timed out" in summary[1]
+    assert summary[2].startswith("probe: skipped (needs 60s")
+    assert summary[3] == "missing: no script"
+    assert (tmp_path / "out" / "gpulab-device.tgz").stat().st_size > 0
