@@ -139,7 +139,12 @@ def _report(e: Exception, debug: bool) -> None:
         _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         sys.exit(1)
     msg = str(e).strip().splitlines()
-    _error(f"{type(e).__name__}: {msg[0] if msg else ''} (rerun with --debug for the traceback)")
+    first = msg[0] if msg else ""
+    if type(e).__name__ == "OutOfMemoryError":  # torch's CUDA OOM: the sizes asked for do not fit this GPU
+        _error(f"out of GPU memory: {first} (try smaller sizes, e.g. --batch or --n; rerun with --debug for the "
+               "traceback)")
+        sys.exit(1)
+    _error(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)")
     sys.exit(1)
 
 

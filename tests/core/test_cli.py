@@ -95,6 +95,21 @@ def test_missing_subsystem_is_one_line(monkeypatch, capsys):
     assert "not available in this build" in capsys.readouterr().err
 
 
+def test_out_of_gpu_memory_is_one_line(monkeypatch, capsys):
+    class OutOfMemoryError(RuntimeError):  # what torch raises (torch.OutOfMemoryError), without a GPU
+        pass
+
+    def boom(*a, **k):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has a total capacity ...")
+
+    monkeypatch.setattr(cli.typer.main, "get_command", lambda app: type("C", (), {"main": staticmethod(boom)})())
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sort", "bench"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of GPU memory: CUDA out of memory. Tried to allocate")
+
+
 def test_resolve_device_errors(monkeypatch):
     from gpulab.core import options
     from gpulab.core.errors import DeviceError
