@@ -76,6 +76,8 @@ for f in files:
           f"{str(round(s['gap_recovered_nll'] or 0, 3)):>6} "
           f"{r['small']['ref_nll']:5.3f}/{r['large']['ref_nll']:5.3f}/{st['ref_nll']:5.3f} "
           f"{st['ttft_ms']:10.2f} {st['tpot_ms']:10.3f} {d['ok']}")
+    print(f"     NLL gap recovered: token 1 (the large model's own prediction) {s.get('gap_recovered_nll_tok1')}, "
+          f"after token 1 (the small model reading the stitched cache) {s.get('gap_recovered_nll_after_tok1')}")
     if "small-lora" in r:
         print(f"     control small-lora: rougeL {r['small-lora']['rougeL']:.4f} nll {r['small-lora']['ref_nll']:.3f}; "
               f"stitch gain over it (nll) {s.get('stitch_gain_nll_over_lora_control')}")
