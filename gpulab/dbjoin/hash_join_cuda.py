@@ -30,7 +30,6 @@ SLOT_BYTES = 16  # SlotI32 {key, count, row, pad} and SlotI64 {key, count, row}
 COUNTERS = 4  # uint64 after the slots (HJ_COUNTERS): [0] grouped rows, [1] output pairs, [2] duplicated keys
 KERNEL_REGEX = "hj_"
 KERNELS = ("insert", "group_alloc", "group_scatter", "probe")  # hj_<name>_i32 / hj_<name>_i64
-RESIDENT_BLOCKS_PER_SM = 2048 // BLOCK  # grid of the grid-stride group kernels: one wave of the device
 
 
 def source() -> str:
@@ -102,11 +101,19 @@ def _kernels(suffix: str) -> dict[str, Any]:
     return {name: mod.get_function(f"hj_{name}_{suffix}") for name in KERNELS}
 
 
+def wave_blocks(props: dict) -> int:
+    """Blocks of BLOCK threads that the device holds resident at once (one wave: the grid of the grid-stride
+    group kernels), from cupy's device properties: SMs x (max threads per SM // BLOCK). The threads per SM
+    differ: 2048 on A100 and H100, 1536 on sm_86/sm_89 (RTX 30xx/40xx, L40S)."""
+    per_sm = int(props.get("maxThreadsPerMultiProcessor") or 2048) // BLOCK
+    return int(props["multiProcessorCount"]) * max(per_sm, 1)
+
+
 @lru_cache(maxsize=8)
-def _sm_count(device: int) -> int:
+def _wave_blocks(device: int) -> int:
     import cupy as cp
 
-    return int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+    return wave_blocks(cp.cuda.runtime.getDeviceProperties(device))
 
 
 def _as_cupy(a: Any):
@@ -128,7 +135,7 @@ def _grid(n: int) -> tuple[int]:
 def _group_grid(n: int) -> tuple[int]:
     import cupy as cp
 
-    return (min(_grid(n)[0], _sm_count(cp.cuda.Device().id) * RESIDENT_BLOCKS_PER_SM),)
+    return (min(_grid(n)[0], _wave_blocks(cp.cuda.Device().id)),)
 
 
 def _prepare_keys(left_key: Any, right_key: Any):
@@ -265,7 +272,7 @@ class HashJoinPlan:
         self._grouped = cp.empty(self.n_build, cp.int32)
         self._host = cupyx.empty_pinned((1,), np.uint64)
         self._host[0] = 0
-        _group_grid(self.n_build)  # caches the SM count: no device query is left for the capture
+        _group_grid(self.n_build)  # caches the wave size: no device query is left for the capture
         self.stream = cp.cuda.Stream()
         self._alloc_outputs(0 if self.count_only else self.n_probe)
         cp.cuda.Device().synchronize()  # the inputs are complete and no allocation is in flight

@@ -4,8 +4,8 @@ Runtime (``cuda.bindings.runtime``):
   * the persisting-L2 set-aside: ``cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize)``;
   * an access-policy window on a stream (torch's stream handle): ``cudaStreamSetAttribute``;
   * ``cudaCtxResetPersistingL2Cache`` to demote persisting lines back to normal afterwards.
-NVRTC + driver (``cuda.bindings.nvrtc`` / ``driver``): compile ``prefetch_l2.cu`` for the current
-device and launch its prefetch kernels on a given stream.
+NVRTC + driver (``cuda.bindings.nvrtc`` / ``driver``; ``cuda.nvrtc`` / ``cuda.cuda`` in cuda-python < 12.6):
+compile ``prefetch_l2.cu`` for the current device and launch its prefetch kernels on a given stream.
 
 Nothing here runs without a GPU: the GPU tests (``@pytest.mark.gpu``) check each call.
 """
@@ -30,6 +30,31 @@ def _rt():
         except ImportError:
             raise DeviceError("L2 policies need cuda-python (pip install 'gpulab[cuda13]')") from None
     return cudart
+
+
+def _nvrtc():
+    """cuda-python's NVRTC module: ``cuda.bindings.nvrtc`` (>= 12.6) or ``cuda.nvrtc`` (< 12.6, which the
+    cuda12 extra allows: 12.4 and 12.5 have no ``cuda.bindings``)."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        try:
+            from cuda import nvrtc  # type: ignore[no-redef]  # cuda-python < 12.6
+        except ImportError:
+            raise DeviceError("NVRTC (cuda.bindings.nvrtc) is not available") from None
+    return nvrtc
+
+
+def _driver():
+    """cuda-python's driver API module: ``cuda.bindings.driver`` (>= 12.6) or ``cuda.cuda`` (< 12.6)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # type: ignore[no-redef]  # cuda-python < 12.6
+        except ImportError:
+            raise DeviceError("the prefetch kernels need cuda-python (cuda.bindings.nvrtc/driver)") from None
+    return driver
 
 
 def _check(result: Any, what: str) -> Any:
@@ -170,10 +195,7 @@ class PrefetchKernels:
     """``prefetch_l2.cu`` compiled with NVRTC for the current device and loaded with the driver API."""
 
     def __init__(self, device: int | None = None):
-        try:
-            from cuda.bindings import driver, nvrtc
-        except ImportError:
-            raise DeviceError("the prefetch kernels need cuda-python (cuda.bindings.nvrtc/driver)") from None
+        driver = _driver()
         self._driver = driver
         _check(_rt().cudaFree(0), "cudaFree(0)")  # make the primary context (torch's) current in this thread
         limits = device_limits(device)
@@ -204,10 +226,7 @@ class PrefetchKernels:
 
 def compile_cubin(source: str, arch: int) -> bytes:
     """NVRTC-compile CUDA C to a cubin for ``sm_<arch>``."""
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        raise DeviceError("NVRTC (cuda.bindings.nvrtc) is not available") from None
+    nvrtc = _nvrtc()
     try:
         prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"prefetch_l2.cu", 0, [], []), "nvrtcCreateProgram")
     except RuntimeError as e:  # libnvrtc not found

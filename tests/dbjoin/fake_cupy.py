@@ -178,7 +178,7 @@ def _memcpy(dst, src, size, kind, stream):
 
 runtime = types.SimpleNamespace(
     getDeviceCount=lambda: 1, CUDARuntimeError=CUDARuntimeError,
-    getDeviceProperties=lambda dev: {"multiProcessorCount": 2},
+    getDeviceProperties=lambda dev: {"multiProcessorCount": 2, "maxThreadsPerMultiProcessor": 1536},
     memsetAsync=_memset, memcpyAsync=_memcpy, memcpyDeviceToHost=2,
     memGetInfo=lambda: (1 << 30, 1 << 31))
 

@@ -1,4 +1,4 @@
-"""The CUDA C hash join: compiled by nvcc here (sm_90, sm_80), its launch arguments checked against the
+"""The CUDA C hash join: compiled by nvcc here (sm_90, sm_80, sm_86, sm_89), its launch arguments checked against the
 kernel signatures; run against pandas on a GPU (-m gpu), eager (CudaHashJoin) and as a replayed CUDA graph
 (HashJoinPlan)."""
 import re
@@ -20,7 +20,7 @@ KERNELS = [f"hj_{k}_{t}" for k in hjc.KERNELS for t in ("i32", "i64")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "sm_86", "sm_89"])
 def test_nvcc_compiles_every_kernel(arch, tmp_path):
     cubin = tmp_path / f"hash_join_{arch}.cubin"
     proc = subprocess.run([NVCC, f"-arch={arch}", "-cubin", "-std=c++17", "-Werror", "all-warnings", "-o",
@@ -31,7 +31,7 @@ def test_nvcc_compiles_every_kernel(arch, tmp_path):
         assert name.encode() in data, f"{name} missing from the {arch} cubin"
 
 
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "sm_86", "sm_89"])
 def test_nvrtc_compiles_source(arch):
     """What cupy.RawModule does at run time: NVRTC with --std=c++17 and no include path (skipped without
     cuda-python's nvrtc binding or libnvrtc)."""
@@ -290,3 +290,16 @@ def test_plan_large(dt, dup, lf):
     assert len(times) == 3 and all(t > 0 for t in times)
     _check(plan.run(), left.key, right.key)  # still exact after the back-to-back replays
     assert (plan.retries >= 1) == (dup != "unique")
+
+
+@pytest.mark.gpu
+def test_group_grid_is_one_wave_of_this_gpu():
+    """The group kernels' grid is the blocks this GPU holds resident: 8 per SM on A100/H100 (2048 threads),
+    6 per SM on sm_86/sm_89 (1536 threads)."""
+    import cupy as cp
+
+    hjc._wave_blocks.cache_clear()
+    dev = cp.cuda.Device()
+    attrs = dev.attributes
+    want = attrs["MultiProcessorCount"] * (attrs["MaxThreadsPerMultiProcessor"] // hjc.BLOCK)
+    assert hjc._group_grid(1 << 30) == (want,)

@@ -24,10 +24,10 @@ def fake(monkeypatch):
     cupyx.empty_pinned = fake_cupy.empty_pinned
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    for f in (hjc._module, hjc._kernels, hjc._sm_count):
+    for f in (hjc._module, hjc._kernels, hjc._wave_blocks):
         f.cache_clear()
     yield fake_cupy
-    for f in (hjc._module, hjc._kernels, hjc._sm_count):
+    for f in (hjc._module, hjc._kernels, hjc._wave_blocks):
         f.cache_clear()
     fake_cupy.reset()
 
@@ -121,3 +121,22 @@ def test_eager_retry_resets_only_the_output_counter(fake):
     hj = hjc.CudaHashJoin()
     _check(hj.join(lk, rk), lk, rk)
     assert hj.retries == 1
+
+
+@pytest.mark.parametrize("sms,threads,want", [(108, 2048, 864),   # A100: 8 blocks of 256 per SM
+                                              (132, 2048, 1056),  # H100 SXM
+                                              (82, 1536, 492),    # RTX 3090 (sm_86): 6 per SM
+                                              (142, 1536, 852),   # L40S (sm_89)
+                                              (128, None, 1024)])  # no thread count in the properties
+def test_wave_blocks_follow_threads_per_sm(sms, threads, want):
+    props = {"multiProcessorCount": sms}
+    if threads is not None:
+        props["maxThreadsPerMultiProcessor"] = threads
+    assert hjc.wave_blocks(props) == want
+
+
+def test_group_grid_is_one_wave_of_this_device(fake):
+    """The grid-stride group kernels get one wave of the (fake: 2 SMs of 1536 threads, as sm_86/sm_89) device,
+    not the 8 blocks per SM that fit only on 2048-thread SMs (A100, H100)."""
+    assert hjc._group_grid(10**6) == (2 * 6,)
+    assert hjc._group_grid(1000) == (4,)  # fewer rows than a wave: one block per 256 rows

@@ -1,4 +1,5 @@
-"""The Triton tensor-core join compiles for sm_90 (and its bf16/int8 codes for sm_80) without a GPU (AOT, in a child without TRITON_INTERPRET).
+"""The Triton tensor-core join compiles for sm_90 (its bf16/int8 codes for sm_80, its largest tiles for sm_89 within
+the 99 KB of shared memory of sm_86/sm_89) without a GPU (AOT, in a child without TRITON_INTERPRET).
 
 Covers the tile sizes and code types that the device script does not run on a GPU (block 128, 16; bf16/int8
 with 64-bit keys), so front-end and lowering errors show up here instead of on scarce GPU time.
@@ -40,3 +41,36 @@ print("ok mix")
 
 def test_triton_kernels_compile_for_sm90():
     run_aot_script(SCRIPT, "ok mix")
+
+
+DESKTOP_SCRIPT = r"""
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.dbjoin.tensorcore_aggregate_kernel import tc_agg_kernel
+from gpulab.dbjoin.tensorcore_kernel import tc_join_kernel
+
+DESKTOP_SMEM = 101376  # sm_86 / sm_89 (RTX 30xx/40xx, L40S): 99 KB per block; A100 163 KB, H100 227 KB
+sig = {n: "*i32" for n in ("l_lo", "l_hi", "l_row", "l_start", "l_cnt", "r_lo", "r_hi", "r_row", "r_start", "r_cnt",
+                           "out_l", "out_r")}
+sig.update(capacity="i64", counter="*i64", R="i32", KUSED="i32")
+consts = {"KP": 64, "HAS_HI": True, "BM": 128, "BN": 128, "DT": tl.float32, "COUNT_ONLY": False}
+k = triton.compile(ASTSource(tc_join_kernel, dict(sig, **{c: "constexpr" for c in consts}), consts),
+                   target=GPUTarget("cuda", 89, 32))
+assert k.metadata.shared <= DESKTOP_SMEM, ("tc_join", k.metadata.shared)
+asig = {n: "*i32" for n in ("l_lo", "l_hi", "l_pay", "l_start", "l_cnt", "r_lo", "r_hi", "r_pay", "r_start", "r_cnt")}
+asig.update({n: "*i64" for n in ("out_key", "out_count", "out_suml", "out_sumr", "counter")}, R="i32", KUSED="i32")
+consts = {"KP": 64, "HAS_HI": True, "BM": 128, "DT": tl.float32, "ADT": tl.float32, "WITH_SUMS": True}
+k = triton.compile(ASTSource(tc_agg_kernel, dict(asig, l_key="*i64", **{c: "constexpr" for c in consts}), consts),
+                   target=GPUTarget("cuda", 89, 32))
+assert k.metadata.shared <= DESKTOP_SMEM, ("tc_agg", k.metadata.shared)
+print("ok desktop")
+"""
+
+
+def test_largest_tiles_fit_desktop_shared_memory():
+    """The largest tiles (--tc-block 128, fp32 codes, 64-bit keys: the most shared memory) compile for sm_89 within
+    the 99 KB per block of sm_86/sm_89 GPUs (Triton lowers sm_86 and sm_89 alike, fp8 aside)."""
+    run_aot_script(DESKTOP_SCRIPT, "ok desktop")

@@ -1,4 +1,5 @@
-"""The Triton kernels of gpulab l2 compile for sm_90 (and the bf16 tiles for sm_80) without a GPU (AOT, in a child without TRITON_INTERPRET).
+"""The Triton kernels of gpulab l2 compile for sm_90 (the bf16 tiles for sm_80; the largest tiles for sm_86/sm_89,
+within their 99 KB of shared memory per block) without a GPU (AOT, in a child without TRITON_INTERPRET).
 
 The interpreter tests run them in fp32 with small tiles only; this covers the GPU tiles of kernels._blocks and
 conv2d (the small-batch and the large linear tiles, both conv channel tiles) in fp16/bf16 (tensor-core dots)
@@ -15,8 +16,8 @@ from gpulab.l2 import kernels as K
 
 
 def compile(fn, sig, consts, cc=90):
-    triton.compile(ASTSource(fn, dict(sig, **{k: "constexpr" for k in consts}), consts),
-                   target=GPUTarget("cuda", cc, 32))
+    return triton.compile(ASTSource(fn, dict(sig, **{k: "constexpr" for k in consts}), consts),
+                          target=GPUTarget("cuda", cc, 32))
 
 
 for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
@@ -38,6 +39,21 @@ compile(K._conv2d_kernel, dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn
         dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=False, BLOCK_P=128, BLOCK_CO=64,
              BLOCK_K=32), cc=80)
 print("ok sm_80", flush=True)
+# RTX 30xx (sm_86) and L40S / RTX 40xx (sm_89): at most 99 KB (101376 bytes) of shared memory per block, where
+# A100 has 163 KB and H100 227 KB; Triton refuses a launch above it. The largest tiles are the fp32 ones.
+DESKTOP_SMEM = 101376
+for cc in (86, 89):
+    for dt, ieee in (("fp32", True), ("fp16", False)):
+        ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
+        k = compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym",
+                                                                        "syn")}),
+                    dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), cc=cc)
+        assert k.metadata.shared <= DESKTOP_SMEM, ("linear", cc, dt, k.metadata.shared)
+        k = compile(K._conv2d_kernel, dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
+                    dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_P=128, BLOCK_CO=64,
+                         BLOCK_K=32), cc=cc)
+        assert k.metadata.shared <= DESKTOP_SMEM, ("conv2d", cc, dt, k.metadata.shared)
+print("ok sm_86 sm_89", flush=True)
 compile(K._touch_kernel, {"p_ptr": "*i32", "n_words": "i32", "out_ptr": "*i32"}, {"BLOCK": 1024})
 compile(K._pollute_kernel, {"p_ptr": "*i32", "n_words": "i32"}, {"BLOCK": 4096})
 print("ok all")

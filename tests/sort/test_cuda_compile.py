@@ -1,4 +1,4 @@
-"""bitonic.cu compiles for A100 (sm_80) and H100 (sm_90) with nvcc and holds every kernel the driver launches;
+"""bitonic.cu compiles for A100 (sm_80), RTX 30xx (sm_86), L40S / RTX 40xx (sm_89) and H100 (sm_90) with nvcc and holds every kernel the driver launches;
 the pipelined host sort's argument checks (no GPU needed)."""
 import shutil
 import subprocess
@@ -14,7 +14,7 @@ NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.os.path.exists("
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
 def test_nvcc_compiles_every_kernel(arch, tmp_path):
     cubin = tmp_path / f"bitonic_{arch}.cubin"
     proc = subprocess.run([NVCC, f"-arch={arch}", "-cubin", "-O3", "--std=c++17", "-Xptxas", "-v", "-o", str(cubin),
@@ -51,7 +51,34 @@ def test_tile_shared_memory_fits_h100_and_a100():
         for key_bytes in (4, 8):
             for kv in (False, True):
                 assert tile_smem_bytes(t, key_bytes, kv) <= 163 * 1024  # A100 opt-in limit
+                assert tile_smem_bytes(t, key_bytes, kv) <= 99 * 1024  # sm_86 / sm_89 opt-in limit (101376)
     assert tile_smem_bytes(13, 4, False) == (8192 + 256) * 4
+    assert tile_smem_bytes(13, 8, True) == 99 * 1024  # the largest tile: exactly the sm_86/sm_89 limit
+
+
+class _Dev:
+    """BitonicCuda with only the device's opt-in shared memory (effective_variant needs nothing else)."""
+
+    def __init__(self, max_smem):
+        self.max_smem = max_smem
+
+
+@pytest.mark.parametrize("max_smem", [227 * 1024,  # H100
+                                      163 * 1024,  # A100
+                                      99 * 1024,   # RTX 30xx/40xx, L40S: every key type keeps the 8192-key tile
+                                      64 * 1024])  # T4 (sm_75): the 4096-key fallback except for 32-bit keys alone
+def test_effective_variant_per_device(max_smem):
+    from gpulab.sort.cuda_sort import BitonicCuda
+
+    dev = _Dev(max_smem)
+    for key_bytes in (4, 8):
+        for kv in (False, True):
+            v = BitonicCuda.effective_variant(dev, S.get_variant("bitonic-fused"), key_bytes, kv)
+            want = 13 if max_smem >= 99 * 1024 or (key_bytes, kv) == (4, False) else 12
+            assert v.tile_log == want, (max_smem, key_bytes, kv)
+            assert tile_smem_bytes(v.tile_log, key_bytes, kv) <= max_smem
+            s = BitonicCuda.effective_variant(dev, S.get_variant("bitonic-shared"), key_bytes, kv)
+            assert s.tile_log == 11
 
 
 def test_sort_host_argument_checks():
