@@ -215,7 +215,7 @@ def eval_(
     from gpulab.seam import data as sdata
     from gpulab.seam import store
     from gpulab.seam.evaluate import amp_agreement, evaluate, interpolation
-    from gpulab.seam.measure import autocast_for
+    from gpulab.seam.measure import amp_supported, autocast_for
 
     folder = _family(family)
     if test_images < 0:
@@ -249,18 +249,21 @@ def eval_(
             src.limit(test_images)
         batches = lambda: src.eval_batches(batch_size)  # noqa: E731
         n_test = len(src.ds)
+    amp_on = amp and amp_supported(device)  # bf16 autocast needs native bf16 (compute capability 8.0 on)
     autocast = autocast_for(device, amp)
     rows, checks = evaluate(fam, batches, device, autocast, amp, latency=latency, latency_reps=latency_reps,
                             latency_batches=lat_batches, sample=verify_flops, log=lambda s: typer.echo(s, err=True))
     interp = interpolation(rows, n_test)
-    store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp and device == "cuda",
+    store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp_on,
                              "test_images": n_test, "interpolation": interp, "models": rows})
     rec = results.Record(name="seam-eval", config={"family": str(folder), "data": str(root), "test_images": n_test,
                                                      "device": device, "amp": amp, "latency": latency,
                                                      "latency_reps": latency_reps, "spec": fam.spec.as_dict()})
     for name, (passed, detail) in checks.items():
         rec.check(name, passed, detail)
-    if device.startswith("cuda") and amp:
+    if amp and device.startswith("cuda") and not amp_on:
+        rec.notes.append("--amp: this GPU has no native bf16 (compute capability < 8.0): evaluated in fp32")
+    if amp_on:
         first = next(iter(batches()))[0][:64].contiguous(memory_format=torch.channels_last)
         worst = amp_agreement(fam, first, autocast)
         rec.check("bf16_logits_close_to_fp32", worst < 0.25, f"max |bf16 - fp32| / std = {worst:.4f}")

@@ -117,6 +117,15 @@ def load_pair(large: Path | str, small: Path | str, device: str = "cpu", dtype: 
     return Pair(large=models[0], small=models[1], tokenizer=tl, large_path=large, small_path=small)
 
 
+def dtype_kwarg() -> str:
+    """The ``from_pretrained`` keyword of the weights' dtype: ``dtype`` from transformers 4.56 on, ``torch_dtype``
+    before (where an unknown ``dtype`` reaches the model's ``__init__``: TypeError)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def load_model(folder: Path | str, role: str, device: str = "cpu", dtype: str = "float32", checked: bool = False) -> Any:
     """One frozen causal LM in eval mode (``checked``: the folder was already validated)."""
     import torch
@@ -129,7 +138,7 @@ def load_model(folder: Path | str, role: str, device: str = "cpu", dtype: str = 
     if torch_dtype is None:
         raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     try:
-        m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+        m = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **{dtype_kwarg(): torch_dtype})
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()
         raise InputError(f"--{role} {folder}: cannot load the model ({msg[0] if msg else type(e).__name__})") from None

@@ -28,6 +28,17 @@ from gpulab.vajra.interface import ForwardBatch, KVCache
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
+# GQA group sizes (query heads per KV head) flashinfer's CUDA-core decode kernels are built for
+# (DISPATCH_GQA_GROUP_SIZE); any other group size ("Unsupported group_size: 7", e.g. Qwen2-7B's 28/4)
+# needs the tensor-core decode path, which takes every group size.
+FLASHINFER_CUDA_CORE_DECODE_GROUPS = (1, 2, 3, 4, 8)
+
+
+def flashinfer_decode_tensor_cores(num_heads: int, num_kv_heads: int) -> bool:
+    """Whether flashinfer's decode wrapper must use its tensor-core kernels for this head layout."""
+    return (num_heads // num_kv_heads) not in FLASHINFER_CUDA_CORE_DECODE_GROUPS
+
+
 def flashinfer_available() -> bool:
     try:
         import flashinfer  # noqa: F401
@@ -95,7 +106,7 @@ class FlashInferAttention(TorchAttention):
     HEAD_DIMS = (64, 128, 256)  # the head sizes flashinfer's kernels are built for
     ACT_DTYPES = (torch.bfloat16, torch.float16)  # flashinfer has no fp32 attention kernels
 
-    def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, use_tensor_cores: bool = False, **kw):
+    def __init__(self, *a, device: torch.device, act_dtype: torch.dtype, use_tensor_cores: bool | None = None, **kw):
         super().__init__(*a, **kw)
         if device.type != "cuda":
             raise DeviceError("attention backend 'flashinfer' needs a CUDA GPU")
@@ -116,7 +127,11 @@ class FlashInferAttention(TorchAttention):
         self.workspace = torch.empty(self.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # prefill pinned to the FA2 kernels (auto picks FA3 on Hopper: a second, slower JIT build). Decode uses
         # the CUDA-core decode kernels by default: their JIT module builds in ~16 s, the tensor-core path
-        # (use_tensor_cores=True) reuses the prefill module instead (~75 s on first use).
+        # (use_tensor_cores=True) reuses the prefill module instead (~75 s on first use). The CUDA-core
+        # kernels exist for GQA groups 1, 2, 3, 4 and 8 only: other groups take the tensor-core path.
+        if use_tensor_cores is None:
+            use_tensor_cores = flashinfer_decode_tensor_cores(self.hq, self.hkv)
+        self.use_tensor_cores = bool(use_tensor_cores)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=use_tensor_cores)

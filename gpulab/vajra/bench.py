@@ -194,7 +194,10 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from gpulab.vajra.load import bf16_native
+
+    dev = torch.device(device)
+    dtype = (torch.bfloat16 if bf16_native(dev) else torch.float16) if dev.type == "cuda" else torch.float32
     cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     if getattr(cfg, "quantization_config", None):
         if load_format != "dummy":
@@ -229,7 +232,7 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
     produced = int((out.shape[1] - n) * out.shape[0])
     del model
     return {"output_tok_s": produced / dt, "requests_s": out.shape[0] / dt, "duration_s": dt,
-            "num_prompts": int(out.shape[0]), "e2e_mean_ms": dt * 1e3}
+            "num_prompts": int(out.shape[0]), "e2e_mean_ms": dt * 1e3, "act_dtype": str(dtype).replace("torch.", "")}
 
 
 def run(model_dir: Path, args: dict[str, Any]):
@@ -333,7 +336,7 @@ def run(model_dir: Path, args: dict[str, Any]):
         hp = prompts[: min(args["hf_num_prompts"], len(prompts))]
         try:
             hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])
-            hrow = {"impl": "hf-generate", "act_dtype": "bfloat16" if device == "cuda" else "float32", **hf}
+            hrow = {"impl": "hf-generate", **hf}
             rec.metrics.setdefault("variants", {})["hf-generate"] = hrow
             rec.rows.append({c: hrow.get(c) for c in ROW_COLUMNS})
             rec.notes.append(f"hf-generate: one static batch of {hf['num_prompts']} prompts through "

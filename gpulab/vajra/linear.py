@@ -42,32 +42,46 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` across the supported torch versions: 2.4 returns ``(out, amax)``, 2.5 and later
+    the output alone."""
+    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
 @functools.lru_cache(maxsize=8)
-def _scaled_mm_probe(index: int, rowwise: bool) -> str | None:
-    """Run ``torch._scaled_mm`` once on 16 x 32 zeros on GPU ``index``: None when it works with tensor-wise
-    (or row-wise) scales, else the reason. Some torch builds lack the row-wise kernel for sm_89 (L40S, RTX 40)."""
-    dev = torch.device("cuda", index)
+def _scaled_mm_probe(device: str, rowwise: bool) -> str | None:
+    """Run ``torch._scaled_mm`` once on 16 x 32 zeros on ``device``: None when it works with tensor-wise
+    (or row-wise) scales, else the reason. Some torch builds lack the row-wise kernel for sm_89 (L40S, RTX 40);
+    torch before 2.6 has no CPU kernel at all."""
+    dev = torch.device(device)
     a = torch.zeros(16, 32, device=dev).to(torch.float8_e4m3fn)
     sa = torch.ones(16, 1, device=dev) if rowwise else torch.ones((), device=dev)
     sb = torch.ones(1, 16, device=dev) if rowwise else torch.ones((), device=dev)
+    out_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:
-        torch._scaled_mm(a, a.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-        torch.cuda.synchronize(dev)
-    except RuntimeError as e:
+        y = scaled_mm(a, a.t(), sa, sb, out_dtype)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if tuple(y.shape) != (16, 16):
+            raise RuntimeError(f"unexpected output shape {tuple(y.shape)}")
+    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
         msg = str(e).strip().splitlines()
         return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:160] if msg else type(e).__name__})"
     return None
 
 
 def w8a8_unavailable(device: torch.device, rowwise: bool) -> str | None:
-    """Why W8A8 (``torch._scaled_mm``) cannot run on ``device``, or None. The CPU runs it (slowly: tests)."""
+    """Why W8A8 (``torch._scaled_mm``) cannot run on ``device``, or None (probed once per device and scale
+    kind; the CPU runs it slowly, from torch 2.6 on)."""
     if device.type != "cuda":
-        return None
+        return _scaled_mm_probe(str(device.type), rowwise)
     if not fp8_tensor_cores(device):
         cc = torch.cuda.get_device_capability(device)
         return f"compute capability {cc[0]}.{cc[1]} has no FP8 tensor cores (8.9 or newer needed)"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _scaled_mm_probe(index, rowwise)
+    return _scaled_mm_probe(f"cuda:{index}", rowwise)
 
 
 def w8a16_fits(qw: QuantWeight) -> bool:
@@ -107,6 +121,12 @@ def requantize_rows(q: torch.Tensor, row_scale: torch.Tensor, new_scale: torch.T
     return ref.requantize_rows(q, row_scale, new_scale)
 
 
+def cat_fp8(qs: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of FP8 tensors along dim 0 through their raw bytes: torch before 2.6 has no fp8 cat
+    kernel ("cat_cuda" not implemented for 'Float8_e4m3fn'); concatenating bytes is the same thing."""
+    return torch.cat([q.view(torch.uint8) for q in qs], 0).view(qs[0].dtype)
+
+
 def fuse(parts: list, names: list[str]):
     """Concatenate shards along the output dim: dense tensors, or FP8 weights onto one layout.
 
@@ -131,7 +151,7 @@ def fuse(parts: list, names: list[str]):
         in_scale = torch.stack([p.input_scale for p in parts]).amax()
     else:
         in_scale = None
-    q = torch.cat([p.q for p in parts], 0)
+    q = cat_fp8([p.q for p in parts])
     if p0.strategy == "channel":
         return QuantWeight(q, torch.cat([p.scale for p in parts]), "channel", None, p0.act, in_scale)
     if p0.strategy == "tensor":
@@ -257,5 +277,5 @@ class Linear:
             sa = sa.reshape(1, 1).expand(m, 1).contiguous() if sa.dim() == 0 else sa
             sb = sb.reshape(1, 1).expand(1, n).contiguous() if sb.dim() == 0 else sb
         out_dtype = x.dtype if (x.device.type == "cpu" or x.dtype == torch.bfloat16) else torch.bfloat16
-        y = torch._scaled_mm(xq, qw.q.t(), scale_a=sa.float(), scale_b=sb.float(), out_dtype=out_dtype)
+        y = scaled_mm(xq, qw.q.t(), sa.float(), sb.float(), out_dtype)
         return y.to(x.dtype)

@@ -26,7 +26,17 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 LOAD_FORMATS = ("auto", "dummy")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA compute capability 8.0 (Ampere) or newer. (Older GPUs
+    only emulate bf16, slowly, and cuDNN/flashinfer have no bf16 kernels for them; note that
+    ``torch.cuda.is_bf16_supported()`` says True there too, since it counts emulation.)"""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_dtype(dtype: Any, device: torch.device, cfg: LlamaConfig) -> torch.dtype:
+    """The activation dtype; ``auto``: fp32 on the CPU, else the checkpoint's fp16, else bf16 (fp16 on a GPU
+    without native bf16, before Ampere)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise InputError(f"activation dtype {dtype} is not supported (bf16, fp16, fp32)")
@@ -34,7 +44,9 @@ def resolve_dtype(dtype: Any, device: torch.device, cfg: LlamaConfig) -> torch.d
     if dtype in (None, "auto"):
         if device.type == "cpu":
             return torch.float32
-        return torch.float16 if cfg.torch_dtype in ("float16", "fp16") else torch.bfloat16
+        if cfg.torch_dtype in ("float16", "fp16") or not bf16_native(device):
+            return torch.float16
+        return torch.bfloat16
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is unknown (auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]

@@ -125,6 +125,11 @@ def write_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
         m = fp8_max(layer.dtype)
         k = (k.float() / k_scale).clamp(-m, m)
         v = (v.float() / v_scale).clamp(-m, m)
+        # scattered as raw bytes: older torch (2.4/2.5) has no fp8 index_put/index kernels everywhere
+        raw = layer.view(torch.uint8)
+        raw[blk, 0, off] = k.to(layer.dtype).view(torch.uint8)
+        raw[blk, 1, off] = v.to(layer.dtype).view(torch.uint8)
+        return
     layer[blk, 0, off] = k.to(layer.dtype)
     layer[blk, 1, off] = v.to(layer.dtype)
 
@@ -133,7 +138,11 @@ def gather_kv(layer: torch.Tensor, block_row: torch.Tensor, ctx: int, dtype: tor
               k_scale: float = 1.0, v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     bs = layer.shape[2]
     nblk = (ctx + bs - 1) // bs
-    pages = layer[block_row[:nblk].long()]  # [nblk, 2, bs, H, D]
+    fp8 = layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    src = layer.view(torch.uint8) if fp8 else layer  # no fp8 index kernel before torch ~2.7 ("index_cuda")
+    pages = src[block_row[:nblk].long()]  # [nblk, 2, bs, H, D]
+    if fp8:
+        pages = pages.view(layer.dtype)
     k = pages[:, 0].reshape(-1, *pages.shape[-2:])[:ctx]
     v = pages[:, 1].reshape(-1, *pages.shape[-2:])[:ctx]
     if layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):

@@ -1,0 +1,50 @@
+"""Portability of kvstitch across the declared dependency range and GPU generations (CPU checks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("version,kw", [("4.44.2", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                        ("4.56.0", "dtype"), ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")])
+def test_from_pretrained_dtype_keyword_by_transformers_version(monkeypatch, version, kw):
+    """transformers < 4.56 only knows ``torch_dtype=`` (``dtype=`` reaches the model's __init__: TypeError, so
+    no model would load); 4.56 on prefers ``dtype=``."""
+    import transformers
+
+    from gpulab.stitchkv import models as M
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert M.dtype_kwarg() == kw
+
+
+def test_load_model_passes_the_dtype_under_the_versions_keyword(monkeypatch, pair_dirs):
+    import transformers
+
+    from gpulab.stitchkv import models as M
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kw):
+        seen.update(kw)
+        kw = dict(kw)
+        kw["dtype"] = kw.pop("torch_dtype", kw.get("dtype"))  # the installed transformers takes dtype=
+        return real(path, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(transformers, "__version__", "4.50.0")
+    m = M.load_model(pair_dirs[1], "small", dtype="bfloat16")
+    assert seen.get("torch_dtype") is torch.bfloat16 and "dtype" not in seen
+    assert next(m.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device,cc,want", [("cuda", (8, 0), True), ("cuda:1", (8, 9), True), ("cuda", (7, 5), False),
+                                            ("cuda", (7, 0), False), ("cpu", (9, 0), False)])
+def test_pretrain_bf16_autocast_only_with_native_bf16(monkeypatch, device, cc, want):
+    """is_bf16_supported() says True on a T4/V100 too (emulation counts): autocast must follow the hardware."""
+    from gpulab.stitchkv.pretrain import bf16_autocast_ok
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    assert bf16_autocast_ok(device) is want

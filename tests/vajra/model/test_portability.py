@@ -1,0 +1,300 @@
+"""Portability of vajra across the declared dependency range and GPU generations, checked on the CPU.
+
+* torch 2.4/2.5 lack several fp8 kernels ("cat_cuda", "index_cuda", fill_ ... not implemented for
+  'Float8_e4m3fn'): :class:`Fp8KernelsOfTorch24` makes those ops raise like there, and the FP8 paths (shard
+  fusion, the KV-cache scatter/gather, cache allocation) must not use them.
+* torch 2.4's ``torch._scaled_mm`` returns ``(out, amax)``; torch before 2.6 has no CPU kernel for it.
+* flashinfer's CUDA-core decode kernels exist for GQA groups 1, 2, 3, 4, 8 only.
+* GPUs before Ampere (compute capability < 8.0) have no native bf16: auto activations are fp16 there.
+* The kernel bench's 8B decode step must not run out of memory on 12 GB cards.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpulab.core.errors import DeviceError
+from gpulab.vajra import reference as R
+from gpulab.vajra.checkpoint import QuantWeight
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+E4 = torch.float8_e4m3fn
+
+
+class Fp8KernelsOfTorch24(TorchDispatchMode):
+    """Ops with no fp8 kernel in torch 2.4 raise NotImplementedError when a float8 tensor takes part."""
+
+    MISSING = {"cat", "index", "index_put", "index_put_", "_index_put_impl_", "fill_", "zero_", "index_select",
+               "where", "stack"}
+    FILLS = {"zeros", "ones", "full", "zeros_like", "full_like"}  # fill_ (CPU) of a new fp8 tensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.FILLS and kwargs.get("dtype") in FP8:
+            raise NotImplementedError(f'"fill_" not implemented for \'Float8_e4m3fn\' (as in torch 2.4)')
+        if name in self.MISSING:
+            flat = []
+            for a in (*args, *kwargs.values()):
+                flat += list(a) if isinstance(a, (list, tuple)) else [a]
+            if any(isinstance(t, torch.Tensor) and t.dtype in FP8 for t in flat):
+                raise NotImplementedError(f'"{name}" not implemented for \'Float8_e4m3fn\' (as in torch 2.4)')
+        return func(*args, **kwargs)
+
+
+def test_strict_mode_rejects_fp8_cat():
+    """The emulation itself: torch.cat of fp8 tensors fails under it, as on torch 2.4/2.5."""
+    a = torch.zeros(2, 4).to(E4)
+    with Fp8KernelsOfTorch24(), pytest.raises(NotImplementedError, match="cat"):
+        torch.cat([a, a])
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor", "block"])
+def test_fuse_fp8_shards_without_fp8_cat(strategy):
+    """q/k/v fusion of FP8 shards works where torch has no fp8 cat, with the same bytes as a cat."""
+    from gpulab.vajra.linear import fuse
+
+    g = torch.Generator().manual_seed(0)
+    block = (16, 16) if strategy == "block" else None
+    parts = []
+    for rows in (32, 16, 16):
+        q, s = R.quantize(torch.randn(rows, 32, generator=g), strategy, block)
+        if strategy == "tensor":  # equal scales: a plain concatenation
+            q, s = R.cast_fp8(q.float() * s, torch.tensor(0.01)), torch.tensor(0.01)
+        parts.append(QuantWeight(q, s, strategy, block, "dynamic"))
+    with Fp8KernelsOfTorch24():
+        fused = fuse(parts, ["q.weight", "k.weight", "v.weight"])
+    want = torch.cat([p.q.view(torch.uint8) for p in parts])
+    assert fused.q.dtype == E4 and torch.equal(fused.q.view(torch.uint8), want)
+
+
+def test_fuse_fp8_tensor_shards_requantized_without_fp8_cat():
+    from gpulab.vajra.linear import fuse
+
+    g = torch.Generator().manual_seed(1)
+    parts = [QuantWeight(*R.quantize(torch.randn(16, 32, generator=g) * (i + 1), "tensor"), "tensor", None, "dynamic")
+             for i in range(3)]
+    with Fp8KernelsOfTorch24():
+        fused = fuse(parts, ["q.weight", "k.weight", "v.weight"])
+    full = torch.cat([R.dequantize(p.q, p.scale) for p in parts])
+    assert float((R.dequantize(fused.q, fused.scale) - full).abs().max()) <= float(fused.scale) * 32
+
+
+@pytest.mark.parametrize("dt", FP8)
+def test_fp8_kv_scatter_gather_without_fp8_indexing(dt):
+    """write_kv / gather_kv on an fp8 cache (the torch attention backend, prefill hand-over) index raw bytes."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.zeros(6, 2, 4, 2, 8, dtype=torch.uint8).view(dt)
+    ref = torch.zeros(6, 2, 4, 2, 8)
+    k, v = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    slots = torch.tensor([4, 5, 6, 7, 8])
+    with Fp8KernelsOfTorch24():
+        R.write_kv(layer, k, v, slots, 0.5, 0.25)
+        kg, vg = R.gather_kv(layer, torch.tensor([1, 2, 0]), 5, torch.float32, 0.5, 0.25)
+    R.write_kv(ref, k, v, slots)
+    kr, vr = R.gather_kv(ref, torch.tensor([1, 2, 0]), 5, torch.float32)
+    # one fp8 rounding of k / 0.5 and v / 0.25
+    assert torch.allclose(kg, kr, rtol=0.13, atol=0.02) and torch.allclose(vg, vr, rtol=0.13, atol=0.02)
+    assert torch.equal(kg, ((k / 0.5).to(dt).float() * 0.5))
+
+
+def test_fp8_kv_cache_allocation_without_fp8_fill(tmp_path):
+    from gpulab.vajra.load import load_model
+
+    from .helpers import make_tiny
+
+    _, d = make_tiny(tmp_path / "m")
+    m = load_model(d)
+    with Fp8KernelsOfTorch24():
+        kv = m.allocate_kv_cache(4, 4, "fp8")
+    assert kv.dtype == E4 and all(t.dtype == E4 and not bool(t.float().any()) for t in kv.layers)
+
+
+# ----------------------------------------------------------------------------------------------- _scaled_mm
+
+
+def _old_scaled_mm(real):
+    def fake(a, b, **kw):  # torch 2.4: (out, amax)
+        return real(a, b, **kw), torch.zeros(())
+    return fake
+
+
+def test_scaled_mm_tuple_of_torch_2_4(monkeypatch):
+    """torch 2.4 returns (out, amax): the W8A8 layer and its probe take the output."""
+    from gpulab.vajra import linear as L
+
+    g = torch.Generator().manual_seed(0)
+    q, s = R.quantize(torch.randn(32, 64, generator=g), "channel")
+    x = torch.randn(5, 64, generator=g)
+    want = L.Linear(QuantWeight(q, s, "channel", None, "dynamic"), None, torch.float32, "w8a8")(x)
+    monkeypatch.setattr(torch, "_scaled_mm", _old_scaled_mm(torch._scaled_mm))
+    L._scaled_mm_probe.cache_clear()
+    try:
+        assert L.w8a8_unavailable(torch.device("cpu"), True) is None
+        got = L.Linear(QuantWeight(q, s, "channel", None, "dynamic"), None, torch.float32, "w8a8")(x)
+    finally:
+        L._scaled_mm_probe.cache_clear()
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+
+
+def test_scaled_mm_without_cpu_kernel_is_a_device_error(monkeypatch):
+    """torch before 2.6 has no CPU _scaled_mm: an explicit w8a8 on the CPU is a one-line DeviceError at load."""
+    from gpulab.vajra import linear as L
+
+    def no_cpu(a, b, **kw):
+        raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the 'CPU' backend.\nmore")
+
+    q, s = R.quantize(torch.randn(32, 64), "channel")
+    monkeypatch.setattr(torch, "_scaled_mm", no_cpu)
+    L._scaled_mm_probe.cache_clear()
+    try:
+        why = L.w8a8_unavailable(torch.device("cpu"), True)
+        assert why and "CPU" in why and "\n" not in why
+        with pytest.raises(DeviceError, match="cannot run here"):
+            L.Linear(QuantWeight(q, s, "channel", None, "dynamic"), None, torch.float32, "w8a8")
+    finally:
+        L._scaled_mm_probe.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------- flashinfer
+
+
+@pytest.mark.parametrize("hq,hkv,tc", [(32, 8, False), (8, 8, False), (24, 8, False), (64, 8, False),
+                                       (28, 4, True), (40, 8, True), (48, 8, True), (32, 2, True)])
+def test_flashinfer_decode_group_sizes(monkeypatch, hq, hkv, tc):
+    """Groups other than 1, 2, 3, 4, 8 (Qwen2-7B: 28/4 = 7) take flashinfer's tensor-core decode, which has
+    every group size; the CUDA-core kernels answer 'Unsupported group_size' for them."""
+    from gpulab.vajra import attention as A
+
+    assert A.flashinfer_decode_tensor_cores(hq, hkv) is tc
+    seen = {}
+    fake = types.ModuleType("flashinfer")
+    fake.BatchPrefillWithPagedKVCacheWrapper = lambda *a, **kw: ("prefill", kw)
+    fake.BatchDecodeWithPagedKVCacheWrapper = lambda *a, **kw: seen.update(kw) or ("decode", kw)
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **kw: real_empty(*a, **kw))  # no GPU here
+    be = A.FlashInferAttention(hq, hkv, 128, scale=0.1, device=torch.device("cuda"), act_dtype=torch.bfloat16)
+    assert seen["use_tensor_cores"] is tc and be.use_tensor_cores is tc
+
+
+# ----------------------------------------------------------------------------------------------- bf16
+
+
+@pytest.mark.parametrize("cc,ckpt,want", [((9, 0), "bfloat16", torch.bfloat16), ((8, 6), None, torch.bfloat16),
+                                          ((7, 5), "bfloat16", torch.float16), ((7, 0), None, torch.float16),
+                                          ((8, 9), "float16", torch.float16)])
+def test_auto_activation_dtype_by_compute_capability(monkeypatch, cc, ckpt, want):
+    """auto: bf16 where the GPU has it natively (Ampere on), fp16 on older GPUs (T4, RTX 20); explicit dtypes stay."""
+    from gpulab.vajra.config import parse_config
+    from gpulab.vajra.load import resolve_dtype
+
+    cfg = parse_config({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                        "num_attention_heads": 1, **({"torch_dtype": ckpt} if ckpt else {})})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    assert resolve_dtype("auto", torch.device("cuda"), cfg) == want
+    assert resolve_dtype("bf16", torch.device("cuda"), cfg) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu"), cfg) == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- kernel bench
+
+
+def test_kernel_bench_decode_step_skips_when_the_8b_model_does_not_fit(monkeypatch):
+    from gpulab.vajra import kernel_bench as KB
+    from gpulab.vajra import load
+
+    need = KB.decode_step_bytes()
+    assert 10 * 2**30 < need < 14 * 2**30  # ~7 GB FP8 linears + 2 GB bf16 embed/lm_head + KV + margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (11 * 2**30, 12 * 2**30))
+    monkeypatch.setattr(load, "load_model", lambda *a, **kw: pytest.fail("must not load the 8B model"))
+    rec = types.SimpleNamespace(notes=[], metrics={})
+    KB._decode_step(rec, None, 1, ("triton",))
+    assert len(rec.notes) == 1 and "decode step skipped" in rec.notes[0] and "11.0 GiB" in rec.notes[0]
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_fusion_kv_reference_and_scaled_mm():
+    """On this GPU and torch: FP8 shard fusion and the fp8 KV scatter/gather give the CPU's bytes, and where
+    W8A8 runs, the _scaled_mm wrapper returns the output tensor."""
+    from gpulab.vajra import linear as L
+
+    g = torch.Generator().manual_seed(0)
+    parts = [QuantWeight(*R.quantize(torch.randn(rows, 64, generator=g), "channel"), "channel", None, "dynamic")
+             for rows in (32, 16, 16)]
+    cpu = L.fuse(parts, ["q", "k", "v"])
+    gpu = L.fuse([QuantWeight(p.q.cuda(), p.scale.cuda(), "channel", None, "dynamic") for p in parts], ["q", "k", "v"])
+    assert torch.equal(gpu.q.cpu().view(torch.uint8), cpu.q.view(torch.uint8))
+    k, v = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    slots, row = torch.tensor([4, 5, 6, 7, 8]), torch.tensor([1, 2, 0])
+    out = []
+    for dev in ("cpu", "cuda"):
+        layer = torch.zeros(6, 2, 4, 2, 8, dtype=torch.uint8, device=dev).view(E4)
+        R.write_kv(layer, k.to(dev), v.to(dev), slots.to(dev), 0.5, 0.25)
+        out.append([t.cpu() for t in R.gather_kv(layer, row.to(dev), 5, torch.float32, 0.5, 0.25)])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    if L.w8a8_unavailable(torch.device("cuda"), True) is None:
+        xq, xs = R.quantize(torch.randn(16, 64, generator=g), "token")
+        y = L.scaled_mm(xq.cuda(), gpu.q.t(), xs.cuda()[:, None], gpu.scale[None, :], torch.bfloat16)
+        assert isinstance(y, torch.Tensor) and y.shape == (16, 64)
+
+
+@pytest.mark.gpu
+def test_gpu_flashinfer_decode_group_size_7():
+    """Qwen2-7B's layout (28 query heads on 4 KV heads): the decode wrapper must take the tensor-core path
+    (its JIT module is the prefill one, ~75 s to build: runs only with VAJRA_FLASHINFER_PREFILL=1)."""
+    import os
+
+    pytest.importorskip("flashinfer")
+    if os.environ.get("VAJRA_FLASHINFER_PREFILL", "") != "1":
+        pytest.skip("flashinfer prefill JIT build (~75 s): set VAJRA_FLASHINFER_PREFILL=1 to run")
+    from gpulab.vajra.attention import FlashInferAttention
+    from gpulab.vajra.interface import ForwardBatch, KVCache
+
+    hq, hkv, d, page, b, ctx = 28, 4, 128, 16, 3, 40
+    g = torch.Generator().manual_seed(0)
+    nb = b * 3 + 1
+    cache = torch.randn(nb, 2, page, hkv, d, generator=g).to(torch.bfloat16).cuda()
+    bt = (1 + torch.arange(b * 3)).view(b, 3).to(torch.int32)
+    cl, ql = torch.full((b,), ctx, dtype=torch.int32), torch.ones(b, dtype=torch.int32)
+    slots = (bt[:, (ctx - 1) // page].long() * page + (ctx - 1) % page).cuda()
+    k_step, v_step = cache[slots // page, 0, slots % page].clone(), cache[slots // page, 1, slots % page].clone()
+    q = torch.randn(b, hq, d, generator=g).to(torch.bfloat16).cuda()
+    be = FlashInferAttention(hq, hkv, d, scale=d ** -0.5, device=torch.device("cuda"), act_dtype=torch.bfloat16)
+    assert be.use_tensor_cores
+    kvc = KVCache([cache], page, nb, cache.dtype)
+    batch = ForwardBatch(torch.zeros(b, dtype=torch.long, device="cuda"), (cl - 1).long().cuda(), ql.cuda(), cl.cuda(),
+                         slots, bt.cuda(), is_decode_only=True)
+    got = be(q, k_step, v_step, cache, batch, kvc, be.begin(batch, kvc)).float()
+    want = R.paged_attention(q.float(), cache, ql, cl, bt, d ** -0.5)
+    assert float((got - want).abs().max()) < 5e-2
+
+
+def test_kernel_bench_survives_a_flashinfer_plan_failure():
+    """flashinfer's plan() JIT-builds its module (nvcc needed; no bf16 kernels before sm_80): when it fails, the
+    attention row is a failed check, not the end of the bench."""
+    from gpulab.vajra import kernel_bench as KB
+
+    class Rec:
+        def __init__(self):
+            self.checks, self.metrics, self.rows, self.notes = [], {}, [], []
+
+        def check(self, name, ok, detail=None):
+            self.checks.append((name, ok, detail))
+
+    class BrokenFlashInfer:
+        def begin(self, batch, kv):
+            raise RuntimeError("Ninja build failed: nvcc not found\nmore")
+
+    rec = Rec()
+    key, times = KB._attention_config(rec, "cpu", 1, 16, None, (4, 2, 16, 4), torch.float32, (), BrokenFlashInfer(), 1)
+    assert times == {} and len(rec.checks) == 1
+    name, ok, detail = rec.checks[0]
+    assert "flashinfer" in name and not ok and detail == "RuntimeError: Ninja build failed: nvcc not found"
