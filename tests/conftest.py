@@ -29,6 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from gpulab.core.device import triton_interpreter_problem
+
+    why = None if HAS_CUDA else triton_interpreter_problem()
+    return [f"WARNING: the Triton kernel tests will fail here: {why}"] if why else []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 

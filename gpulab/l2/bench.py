@@ -356,6 +356,8 @@ def run(cfg: RunConfig) -> results.Record:
 
 def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     import torch
+
+    from gpulab.core.device import triton_interpreter_problem
     from gpulab.l2.models import run_layers
 
     if cfg.dtype != "float32":
@@ -383,6 +385,8 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             rec.notes.append("Triton kernels not checked: TRITON_INTERPRET is off and there is no GPU")
+        elif (why := triton_interpreter_problem()):
+            rec.notes.append(f"Triton kernels not checked here: {why}")
         elif macs > INTERPRETER_MAX_MACS:
             rec.notes.append(f"Triton kernels not checked here: {macs:.2g} MACs is too large for the interpreter "
                              f"(limit {INTERPRETER_MAX_MACS:.0g}); the GPU run checks them")
