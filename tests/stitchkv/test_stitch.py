@@ -6,7 +6,7 @@ import torch
 
 from gpulab.core.errors import InputError
 from gpulab.stitchkv.generate import greedy, greedy_stitched
-from gpulab.stitchkv.models import shape_of, tiny_llama
+from gpulab.stitchkv.models import cache_kwarg, shape_of, tiny_llama
 from gpulab.stitchkv.reference import greedy_no_cache, own_cache
 from gpulab.stitchkv.stitch import (
     ALIGNMENTS, alignment, build_cache, cache_tensors, large_features, least_squares_init, make_bank,
@@ -91,7 +91,7 @@ def test_identity_stitch_reproduces_small_exactly(models, tokenizer, mode):
             assert torch.equal(k, tk) and torch.equal(v, tv)
         # decoding from the stitched cache reproduces the small model's logits and tokens exactly
         nxt = torch.randint(0, 300, (2, 3))
-        lg = small(input_ids=nxt, use_cache=True, cache=build_cache(got)).logits
+        lg = small(input_ids=nxt, use_cache=True, **{cache_kwarg(small): build_cache(got)}).logits
         ref = small(input_ids=torch.cat([prompt, nxt], 1), use_cache=False).logits[:, -3:]
         assert torch.allclose(lg, ref, atol=1e-5, rtol=1e-5)
     s = greedy_stitched(large, small, bank, prompt, 6).tokens
@@ -133,7 +133,7 @@ def test_greedy_matches_no_cache_reference(models):
     with torch.no_grad():
         logits0, cache = stitched_cache(large, small, bank, prompt)
         assert torch.equal(g.tokens[:, 0], logits0.argmax(-1))
-        lg = small(input_ids=g.tokens[:, :-1], use_cache=True, cache=cache).logits
+        lg = small(input_ids=g.tokens[:, :-1], use_cache=True, **{cache_kwarg(small): cache}).logits
     assert torch.equal(lg.argmax(-1), g.tokens[:, 1:])
 
 
