@@ -14,16 +14,20 @@ from gpulab.l2 import cuda_l2
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.os.path.exists("/usr/local/bin/nvcc") else None)
 
 
-@pytest.mark.parametrize("arch", [80, 86, 89, 90])
-def test_nvcc_cubin(arch, tmp_path):
-    nvcc = NVCC
-    if not nvcc:
+def _nvcc(arch: int, kind: str, tmp_path) -> bytes:
+    """prefetch_l2.cu compiled by nvcc for sm_<arch> to a cubin or PTX (``kind``); skips without nvcc."""
+    if not NVCC:
         pytest.skip("nvcc is not installed")
-    out = tmp_path / f"pf{arch}.cubin"
-    p = subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-o", str(out), str(cuda_l2.SOURCE)],
+    out = tmp_path / f"pf{arch}.{kind}"
+    p = subprocess.run([NVCC, f"-arch=sm_{arch}", f"-{kind}", "-o", str(out), str(cuda_l2.SOURCE)],
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
-    data = out.read_bytes()
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_nvcc_cubin(arch, tmp_path):
+    data = _nvcc(arch, "cubin", tmp_path)
     assert data[:4] == b"\x7fELF"
     for name in cuda_l2.PREFETCH_KERNELS:
         assert name.encode() in data
@@ -65,13 +69,7 @@ def test_window_value_fields():
 def test_arch_specific_ptx_is_guarded(arch, tmp_path):
     """cp.async.bulk.prefetch (sm_90+) is compiled out below sm_90 (the kernel is empty there, and
     PrefetchKernels.available says so); the evict_last hint (sm_80+) is kept on every target."""
-    if not NVCC:
-        pytest.skip("nvcc is not installed")
-    out = tmp_path / f"pf{arch}.ptx"
-    p = subprocess.run([NVCC, f"-arch=sm_{arch}", "-ptx", "-o", str(out), str(cuda_l2.SOURCE)],
-                       capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr
-    ptx = out.read_text()
+    ptx = _nvcc(arch, "ptx", tmp_path).decode()
     assert ("cp.async.bulk.prefetch.L2" in ptx) == (arch >= 90)
     assert "prefetch.global.L2::evict_last" in ptx and "prefetch.global.L2 " in ptx
 
