@@ -301,6 +301,24 @@ class PolicyRunner:
         return ys
 
 
+def installable(runner: Any, candidates: list[str], requested: list[str], notes: list[str]) -> list[str]:
+    """The candidates whose L2 set-up works here. A policy that ``auto`` only tries (not asked for by name) and
+    whose set-up fails on this GPU (a persisting set-aside refused under MIG or by some drivers, though the
+    device reports a maximum) is dropped with a note instead of ending the run; a policy asked for by name
+    still fails with its one-line error."""
+    keep = []
+    for p in candidates:
+        if p not in requested and p != "default":
+            try:
+                with runner.installed(p):
+                    pass
+            except DeviceError as e:
+                notes.append(f"auto: '{p}' left out: its L2 set-up failed on this GPU ({str(e).splitlines()[0]})")
+                continue
+        keep.append(p)
+    return keep
+
+
 def _row(policy: str, samples: list[float], base_med: float | None, extra: dict | None = None) -> dict:
     t = timing.summarize(samples)
     row = {"policy": policy, "median_ms": t.median, "p90_ms": t.p90, "p10_ms": t.p10, "n": t.reps,
@@ -440,6 +458,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     candidates = list(dict.fromkeys(["default"] + base_policies + (
         [p for p in P.BASE_POLICIES if not (P.uses_persist(p) and limits["persisting_l2_max_bytes"] <= 0)]
         if "auto" in policies else [])))
+    candidates = installable(runner, candidates, base_policies, rec.notes)
     for p in candidates:
         if p == "default":
             continue

@@ -93,3 +93,30 @@ def test_unaligned_piece_is_aligned_down_inside_the_arena():
     r, log = _runner([256, 512], budget=10_000)
     r._launch_prefetch(256 + 40, 100)
     assert log[-1] == ("prefetch", "prefetch_l2", _Arena.base_ptr + 256, 140)
+
+
+def test_auto_drops_a_policy_whose_l2_setup_fails():
+    """auto's extra candidates whose set-up fails here (a persisting set-aside refused, e.g. under MIG) are left
+    out with a note; a policy asked for by name is not probed (its own error ends the run, in one line)."""
+    import contextlib
+
+    from gpulab.core.errors import DeviceError
+    from gpulab.l2.bench import installable
+
+    class Runner:
+        tried = []
+
+        def installed(self, p):
+            self.tried.append(p)
+            if P.uses_persist(p):
+                raise DeviceError("cudaDeviceSetLimit(PersistingL2CacheSize): cudaErrorNotSupported")
+            return contextlib.nullcontext()
+
+    notes = []
+    cands = ["default", "prefetch", "persist", "persist+prefetch"]
+    assert installable(Runner(), cands, ["prefetch"], notes) == ["default", "prefetch"]
+    assert Runner.tried == ["persist", "persist+prefetch"]
+    assert len(notes) == 2 and "'persist' left out" in notes[0] and "cudaErrorNotSupported" in notes[0]
+    Runner.tried.clear()
+    assert installable(Runner(), ["default", "persist"], ["persist"], []) == ["default", "persist"]
+    assert Runner.tried == []  # asked for by name: not probed; measuring it fails with its one-line error
