@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for several subsystems, within a time budget:
-#   BUDGET=540 bash scripts/device/all.sh [core sort dbjoin l2 seam vajra_model vajra_engine stitchkv]
+#   BUDGET=575 bash scripts/device/all.sh [core sort dbjoin l2 seam vajra_model vajra_engine stitchkv]
 # A name may carry its own seconds (seam:300) instead of the default below. Each script is told its seconds as
 # SCRIPT_BUDGET (never the BUDGET of the whole call, which it would otherwise inherit from the environment).
 # Installs the flashinfer wheel carried in .whl/ (build it first with ../shared/tools/device-wheels.sh and name
@@ -13,6 +13,7 @@ OUT=${OUT:-/tmp/gpulab-out}
 WORK=${WORK:-/tmp/gpulab-work}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT" "$WORK"
+t0=$(date +%s)  # the budget counts the wheel install and the preflight too
 declare -A SECONDS_FOR=([core]=60 [sort]=100 [dbjoin]=100 [l2]=120 [seam]=120 [stitchkv]=100
                         [vajra_model]=150 [vajra_engine]=200)
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -20,9 +21,35 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Preflight (~10 s): what this machine holds, and a stop before any script when the basics fail (no CUDA device
+# for torch, gpulab not importable), so that a broken set-up costs seconds of the session, not the whole budget.
+# PREFLIGHT=0 skips it.
+if [ "${PREFLIGHT:-1}" != 0 ]; then
+  PY_ALL="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"
+  if ! "$PY_ALL" - > "$OUT/preflight.txt" 2>&1 <<'PYEOF'
+import importlib, sys
+for name in ("torch", "triton", "cupy", "numba", "numpy", "transformers", "peft", "flashinfer", "cuda.bindings"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name} {getattr(m, '__version__', '?')}")
+    except Exception as e:  # noqa: BLE001
+        print(f"{name}: not importable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+import torch
+import gpulab.cli  # noqa: F401
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device")
+p = torch.cuda.get_device_properties(0)
+print(f"gpu {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, python {sys.version.split()[0]}")
+PYEOF
+  then
+    cat "$OUT/preflight.txt"
+    echo "preflight failed: no script was run" | tee "$OUT/summary.txt"
+    exit 1
+  fi
+  cat "$OUT/preflight.txt"
+fi
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(core sort dbjoin l2 seam stitchkv vajra_model vajra_engine)
-t0=$(date +%s)
 summary=()
 for arg in "${names[@]}"; do
   n=${arg%%:*}

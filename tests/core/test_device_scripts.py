@@ -4,6 +4,7 @@ They run only on a lent GPU machine, where a mistake costs scarce device time; t
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def test_all_sh_budgets_each_script(tmp_path):
                                   'echo "script=$SCRIPT_BUDGET steps=$BUDGET"\n')
     (dev / "slow.sh").write_text("sleep 30\n")
     env = {k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "SCRIPT_BUDGET")}
-    env.update(BUDGET="40", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
+    env.update(BUDGET="40", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PREFLIGHT="0")
     proc = subprocess.run(["bash", "scripts/device/all.sh", "probe:7", "slow:2", "probe:60", "missing"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -41,3 +42,21 @@ def test_all_sh_budgets_each_script(tmp_path):
     assert summary[2].startswith("probe: skipped (needs 60s")
     assert summary[3] == "missing: no script"
     assert (tmp_path / "out" / "gpulab-device.tgz").stat().st_size > 0
+
+
+def test_all_sh_preflight_stops_without_cuda(tmp_path):
+    """Without a CUDA device the preflight stops all.sh before any script, in one summary line."""
+    from gpulab.core import options
+
+    if options.cuda_available():
+        pytest.skip("a GPU is visible")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFLIGHT", "SCRIPT_BUDGET")}
+    env.update(BUDGET="40", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PY=sys.executable,
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "device" / "all.sh"), "core"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert (tmp_path / "out" / "summary.txt").read_text() == "preflight failed: no script was run\n"
+    pre = (tmp_path / "out" / "preflight.txt").read_text()
+    assert "torch " in pre and "torch sees no CUDA device" in pre
+    assert not (tmp_path / "work" / "core").exists()
