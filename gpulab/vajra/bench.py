@@ -116,8 +116,10 @@ def make_prompts(args: dict[str, Any], vocab: int, tokenizer) -> list[list[int]]
 
 
 def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float, max_concurrency: Optional[int],
-          seed: int) -> dict[str, Any]:
-    """Serve ``prompts`` in-process with Poisson arrivals; per-request latencies and throughput."""
+          seed: int, deadline: Optional[float] = None) -> dict[str, Any]:
+    """Serve ``prompts`` in-process with Poisson arrivals; per-request latencies and throughput. At ``deadline``
+    (a ``time.perf_counter()`` value) the run stops: requests not yet admitted are dropped, those in flight are
+    aborted, and the figures cover what was produced until then (``time_boxed``)."""
     from gpulab.vajra.sampling import SamplingParams
 
     rng = random.Random(seed + 1)
@@ -131,7 +133,14 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
     seqs, inflight = [], 0
     start = time.perf_counter()
     engine.step_log = []
+    boxed = False
     while pending or engine.has_unfinished():
+        if deadline is not None and time.perf_counter() >= deadline:
+            boxed = True
+            pending.clear()
+            for s in seqs:
+                engine.abort(s.request_id)
+            break
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now and (max_concurrency is None or inflight < max_concurrency):
             _, ids = pending.popleft()
@@ -148,6 +157,8 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
     ttft, tpot, itl, e2e = [], [], [], []
     for s in seqs:
         tt = s.token_times
+        if not tt:  # admitted, aborted at the time box before its first token
+            continue
         ttft.append((tt[0] - s.arrival_time) * 1e3)
         e2e.append((tt[-1] - s.arrival_time) * 1e3)
         if len(tt) > 1:
@@ -158,7 +169,8 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
            "output_tokens": n_out, "output_tok_s": n_out / duration, "requests_s": len(seqs) / duration,
            "total_tok_s": (n_out + sum(s.prompt_len for s in seqs)) / duration,
            "preemptions": engine.scheduler.num_preemptions, "steps": len(engine.step_log),
-           "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs)}
+           "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs),
+           "time_boxed": boxed, "num_prompts_asked": len(prompts)}
     # the engine's CPU work per step (schedule, batch building, bookkeeping): on a GPU it is not overlapped
     # with the model, so it adds to every step; host_share = its part of the whole run
     host_dec = [st["host_ms"] for st in engine.step_log if st["decode_only"]]
@@ -169,6 +181,25 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
     res.update(stats("itl", itl))
     res.update(stats("e2e", e2e))
     return res
+
+
+def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: str) -> None:
+    """The first prompts again with a quarter of the token budget per step (other prefill chunks): the same
+    greedy tokens (exactly in fp32; mostly in bf16, whose numerics depend on the batch)."""
+    import torch
+
+    from gpulab.vajra.sampling import SamplingParams
+
+    k = min(4, len(prompts))
+    engine.scheduler.max_num_batched_tokens = max(engine.config.block_size, cfg.max_num_batched_tokens // 4)
+    again = engine.generate(prompts[:k], SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+    engine.scheduler.max_num_batched_tokens = cfg.max_num_batched_tokens
+    pairs = [(a, b) for o, ref in zip(again, res["outputs"][:k]) for a, b in zip(o.output_token_ids, ref)]
+    agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
+    res["rechunk_token_agreement"] = agree
+    exact = engine.model.info.dtype == torch.float32
+    rec.check(f"vajra-{precision}: greedy tokens independent of chunking", agree == 1.0 if exact else agree >= 0.5,
+              {"agreement": agree, "rule": "exact (fp32)" if exact else ">= 0.5 (bf16 numerics depend on the batch)"})
 
 
 def decode_batch1(engine, input_len: int, steps: int, vocab: int, seed: int) -> dict[str, Any]:
@@ -277,8 +308,17 @@ def run(model_dir: Path, args: dict[str, Any]):
                        cuda_graphs=args["cuda_graphs"]).validate()
     per_variant: dict[str, dict[str, Any]] = {}
     prompts = None
+    deadline = None if args.get("budget_s") is None else time.perf_counter() + float(args["budget_s"])
     with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
-        for precision in compare:
+        for vi, precision in enumerate(compare):
+            share = None
+            if deadline is not None:  # this precision's share of what is left (the HF floor counts as one more)
+                parts = len(compare) - vi + (1 if args["hf_baseline"] else 0)
+                share = (deadline - time.perf_counter()) / parts
+                if share < 5:
+                    rec.notes.append(f"vajra-{precision} skipped: --budget-s {args['budget_s']:g} is spent")
+                    continue
+                t_variant = time.perf_counter()
             vdir, why = variant_dir(model_dir, precision, args["load_format"], Path(tmp))
             if vdir is None:
                 rec.notes.append(f"vajra-{precision} skipped: {why}")
@@ -292,26 +332,25 @@ def run(model_dir: Path, args: dict[str, Any]):
             # warm-up: compile / autotune every path once (prefill chunks and decodes)
             engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
                             SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            # the run's own box: its share less what loading took, less ~15% for the checks after it
+            run_deadline = None if share is None else t_variant + share - 0.15 * share
             res = drive(engine, prompts, args["output_len"], args["request_rate"], args["max_concurrency"],
-                        args["seed"])
-            rec.check(f"vajra-{precision}: every request completed with --output-len tokens",
-                      res["lengths_ok"] and res["completed"] == len(prompts))
+                        args["seed"], deadline=run_deadline)
+            if res["time_boxed"]:
+                rec.notes.append(f"vajra-{precision}: time-boxed by --budget-s: {res['completed']} of {len(prompts)} "
+                                 f"requests completed in {res['duration_s']:.1f} s; its tok/s covers that window "
+                                 "(ramp-up included, no drain)")
+            else:
+                rec.check(f"vajra-{precision}: every request completed with --output-len tokens",
+                          res["lengths_ok"] and res["completed"] == len(prompts))
             rec.check(f"vajra-{precision}: KV blocks all returned", engine.block_manager.num_used == 0,
                       {"used": engine.block_manager.num_used})
-            # same prompts, a different chunking (budget 1/4, at least one block): same greedy tokens?
-            k = min(4, len(prompts))
-            engine.scheduler.max_num_batched_tokens = max(engine.config.block_size, cfg.max_num_batched_tokens // 4)
-            again = engine.generate(prompts[:k], SamplingParams(max_tokens=args["output_len"], temperature=0.0,
-                                                                ignore_eos=True))
-            engine.scheduler.max_num_batched_tokens = cfg.max_num_batched_tokens
-            pairs = [(a, b) for o, ref in zip(again, res["outputs"][:k]) for a, b in zip(o.output_token_ids, ref)]
-            agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
-            res["rechunk_token_agreement"] = agree
-            exact = engine.model.info.dtype == torch.float32
-            rec.check(f"vajra-{precision}: greedy tokens independent of chunking",
-                      agree == 1.0 if exact else agree >= 0.5,
-                      {"agreement": agree, "rule": "exact (fp32)" if exact else ">= 0.5 (bf16 numerics depend on "
-                                                                                  "the batch)"})
+            # same prompts, a different chunking (budget 1/4, at least one block): same greedy tokens? (Not after a
+            # time box: regenerating whole outputs would overrun it.)
+            if res["time_boxed"]:
+                rec.notes.append(f"vajra-{precision}: chunking check skipped (time-boxed)")
+            else:
+                rechunk_check(rec, engine, cfg, prompts, res, args["output_len"], precision)
             dec = decode_batch1(engine, args["input_len"], args["decode_steps"], vocab, args["seed"])
             wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None
             row = {"impl": f"vajra-{precision}", "act_dtype": str(engine.model.info.dtype).replace("torch.", ""),
@@ -332,7 +371,9 @@ def run(model_dir: Path, args: dict[str, Any]):
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-    if args["hf_baseline"] and prompts:
+    if args["hf_baseline"] and prompts and deadline is not None and deadline - time.perf_counter() < 5:
+        rec.notes.append(f"hf-generate skipped: --budget-s {args['budget_s']:g} is spent")
+    elif args["hf_baseline"] and prompts:
         hp = prompts[: min(args["hf_num_prompts"], len(prompts))]
         try:
             hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])
@@ -351,6 +392,9 @@ def run(model_dir: Path, args: dict[str, Any]):
         rec.summary[f"{p}_decode_b1_ms"] = round(row["decode_b1_ms"], 4)
         if "roofline_frac" in row:
             rec.summary[f"{p}_roofline_frac"] = round(row["roofline_frac"], 3)
+    boxed = [p for p, row in per_variant.items() if row.get("time_boxed")]
+    if boxed:  # their tok/s covers the box only (no drain of the last requests): compare with care
+        rec.summary["time_boxed"] = ",".join(boxed)
     if "fp8" in per_variant and "bf16" in per_variant:
         rec.summary["fp8_over_bf16"] = round(per_variant["fp8"]["output_tok_s"] / per_variant["bf16"]["output_tok_s"], 3)
     hf_row = next((r for r in rec.rows if r["impl"] == "hf-generate"), None)

@@ -166,6 +166,8 @@ def bench(
     hf_num_prompts: int = typer.Option(8, help="Prompts in the transformers generate batch."),
     decode_steps: int = typer.Option(64, help="Decode steps timed at batch 1."),
     seed: int = typer.Option(0),
+    budget_s: Optional[float] = typer.Option(None, help="Time box (s) for the whole command: each precision's run "
+                                             "stops at its share and reports what it produced (time_boxed)."),
     engine: dict = None,
 ) -> None:
     """Serving benchmark: TTFT/TPOT/ITL/e2e, tok/s, batch-1 decode vs roofline; FP8 vs BF16 vs HF generate."""
@@ -174,12 +176,14 @@ def bench(
     _check_model_dir(model_dir)
     if math.isnan(request_rate):
         raise InputError("--request-rate must be a number > 0 or inf")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+        raise InputError(f"--budget-s must be a number of seconds > 0, got {budget_s}")
     from gpulab.vajra.bench import run
 
     args = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, request_rate=request_rate,
                 max_concurrency=max_concurrency, prompts_file=str(prompts_file) if prompts_file else None,
                 compare=compare, hf_baseline=hf_baseline, hf_num_prompts=hf_num_prompts, decode_steps=decode_steps,
-                seed=seed, **engine)
+                seed=seed, budget_s=budget_s, **engine)
     rec = run(model_dir, args)
     rec.save()
     rec.print()

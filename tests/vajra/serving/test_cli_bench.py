@@ -29,6 +29,31 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
     assert v["host_ms_decode_median"] > 0 and 0 < v["host_share"] <= 1  # the engine's own CPU time per step
 
 
+def test_drive_time_box_aborts_and_reports(monkeypatch):
+    """serve-bench's run under --budget-s: at the deadline the requests not yet admitted are dropped and those in
+    flight aborted; every KV block comes back and the figures cover what was produced (time_boxed)."""
+    import itertools
+
+    from gpulab.vajra import bench
+    from gpulab.vajra.engine import EngineConfig, LLMEngine
+
+    from .fake_model import FakeModel
+
+    clock = itertools.count()  # a clock that advances one second per reading: the box closes after a few steps
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    eng = LLMEngine(FakeModel(97, max_model_len=128), None, EngineConfig(num_blocks=200, max_num_seqs=4))
+    prompts = [[i % 97 + 1] * 10 for i in range(12)]
+    res = bench.drive(eng, prompts, 20, float("inf"), None, 0, deadline=60.0)
+    assert res["time_boxed"] and res["num_prompts_asked"] == 12
+    assert 0 < res["output_tokens"] < 12 * 20 and res["completed"] < 12
+    assert eng.block_manager.num_used == 0 and not eng.has_unfinished()
+    assert res["ttft_median_ms"] > 0 and res["output_tok_s"] > 0
+    monkeypatch.undo()
+    full = bench.drive(LLMEngine(FakeModel(97, max_model_len=128), None, EngineConfig(num_blocks=200)), prompts[:3],
+                       5, float("inf"), None, 0, deadline=None)
+    assert not full["time_boxed"] and full["completed"] == 3 and full["lengths_ok"]
+
+
 def test_generate_prints_greedy_text(tiny_llama, capsys):
     from gpulab.vajra.engine import EngineConfig, load_engine
     from gpulab.vajra.sampling import SamplingParams
@@ -46,6 +71,7 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve-bench", "{assets}", "--compare", "int4"], "--compare takes fp8"),
     (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
     (["serve-bench", "{assets}", "--hf-num-prompts", "0"], "--hf-num-prompts must be >= 1"),
+    (["serve-bench", "{assets}", "--budget-s", "0"], "--budget-s must be a number of seconds > 0"),
     (["serve-bench", "{assets}", "--load-format", "auto", "--compare", "fp8"], "fp8 needs a quantized checkpoint"),
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),
