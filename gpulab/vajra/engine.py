@@ -91,6 +91,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
+        self.notes: list[str] = []
         bs = self.config.block_size
         self.max_blocks_per_seq = -(-self.max_model_len // bs)
         self.num_blocks = self._size_cache()
@@ -104,7 +105,6 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._by_request: dict[str, Sequence] = {}
         self.graphs: Optional[DecodeGraphRunner] = None
-        self.notes: list[str] = []
         if self.config.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphRunner.try_capture(self)
         self.step_log: Optional[list[dict[str, Any]]] = None  # set to [] to record every step
@@ -149,7 +149,19 @@ class LLMEngine:
         self.model.forward(batch, kv)
         torch.cuda.synchronize(dev)
         del kv
+        if self.prefill is not None:  # the provider's own forward (another model) runs on this GPU too, between steps
+            n = self.provider_profile_len()
+            out = self.prefill([0] * n)
+            del out
+            torch.cuda.synchronize(dev)
+            self.notes.append(f"KV cache sized after a {n}-token prompt through the prefill provider "
+                              f"{getattr(self.prefill, 'name', '?')!r}; longer prompts may need more memory")
         torch.cuda.empty_cache()
+
+    def provider_profile_len(self) -> int:
+        """Prompt tokens of the prefill provider's profiling run: a chunk of the longest prompt admitted
+        (the provider takes whole prompts), capped at the step's token budget."""
+        return max(1, min(self.max_model_len - 1, self.config.max_num_batched_tokens))
 
     # --- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str | Seq[int]) -> list[int]:

@@ -135,3 +135,41 @@ def test_server_with_a_prefill_provider(tiny_llama, plain_tokens):
             assert ae.alive
     finally:
         ae.shutdown()
+
+
+def test_memory_profile_runs_the_provider(tiny_llama, monkeypatch):
+    """Sizing the KV cache from free GPU memory also runs the prefill provider once (its activations share the
+    GPU between steps); here the CUDA calls are no-ops and the profile runs on the CPU model."""
+    import torch
+
+    calls = []
+
+    class Provider:
+        name = "probe"
+
+        def __call__(self, ids):
+            calls.append(len(ids))
+            return None
+
+    eng = _engine(tiny_llama, max_num_batched_tokens=40)
+    eng.prefill = Provider()
+    for fn in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, fn, lambda *a, **k: None)
+    eng._profile_peak_memory()
+    assert calls == [min(eng.max_model_len - 1, 40)] == [eng.provider_profile_len()]
+    assert any("prefill provider 'probe'" in n for n in eng.notes)
+
+
+def test_sizing_may_leave_notes(monkeypatch):
+    """The KV-cache sizing runs inside the engine's constructor and may add notes (the provider's profile)."""
+    from gpulab.vajra.engine import LLMEngine
+
+    from .fake_model import FakeModel
+
+    def size(self):
+        self.notes.append("sized")
+        return 16
+
+    monkeypatch.setattr(LLMEngine, "_size_cache", size)
+    eng = LLMEngine(FakeModel(97, max_model_len=64), None, EngineConfig(block_size=4))
+    assert eng.num_blocks == 16 and eng.notes[0] == "sized"
