@@ -151,8 +151,7 @@ class LLMEngine:
         del kv
         if self.prefill is not None:  # the provider's own forward (another model) runs on this GPU too, between steps
             n = self.provider_profile_len()
-            out = self.prefill([0] * n)
-            del out
+            self.prefill([0] * n)  # its result (K/V of n tokens) is dropped at once
             torch.cuda.synchronize(dev)
             self.notes.append(f"KV cache sized after a {n}-token prompt through the prefill provider "
                               f"{getattr(self.prefill, 'name', '?')!r}; longer prompts may need more memory")
