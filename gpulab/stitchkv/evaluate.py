@@ -116,16 +116,20 @@ def _nll_own(model: Any, prompt: Any, ref: Any) -> Any:
     return nll.view(ref.shape).sum(0)
 
 
-def _nll_stitched(large: Any, small: Any, bank: Any, prompt: Any, ref: Any) -> Any:
+def _nll_stitched(large: Any, small: Any, bank: Any, prompt: Any, ref: Any, handover: Any = None) -> Any:
     """As :func:`_nll_own` for the stitched system: position 0 from the large model's prefill logits, the
-    rest from the small model reading the stitched cache. [C]"""
+    rest from the small model reading the stitched cache. [C] ``handover``: the (logits, K/V) a
+    ``greedy_stitched(keep_handover=True)`` of the same prompt handed over (no second large prefill)."""
     import torch
     import torch.nn.functional as F
 
     from gpulab.stitchkv.models import cache_kwarg
-    from gpulab.stitchkv.stitch import stitched_cache
+    from gpulab.stitchkv.stitch import build_cache, stitched_cache
 
-    logits0, cache = stitched_cache(large, small, bank, prompt)
+    if handover is not None:
+        logits0, cache = handover[0], build_cache(handover[1])
+    else:
+        logits0, cache = stitched_cache(large, small, bank, prompt)
     first = F.cross_entropy(logits0.float(), ref[:, 0], reduction="none").sum(0, keepdim=True)
     if ref.shape[1] == 1:
         return first
@@ -177,8 +181,9 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
                 g = greedy(model, prompts, n_new)
                 pos = _nll_own(model, prompts, refs)
             else:
-                g = greedy_stitched(pair.large, small, bank, prompts, n_new)
-                pos = _nll_stitched(pair.large, small, bank, prompts, refs)
+                g = greedy_stitched(pair.large, small, bank, prompts, n_new, keep_handover=True)
+                pos = _nll_stitched(pair.large, small, bank, prompts, refs, handover=g.handover)
+                g.handover = None
             for j, s in enumerate(pos.double().cpu().tolist()):
                 if j == len(nll_sum):
                     nll_sum.append(0.0)

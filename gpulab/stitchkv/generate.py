@@ -21,6 +21,7 @@ class Generation:
     prefill_ms: float = 0.0  # prompt -> first token + cache ready (TTFT of the batch)
     decode_ms: list[float] = field(default_factory=list)  # per later token (TPOT samples)
     kv_bytes: int = 0  # cache handed to the decoder (whole batch)
+    handover: Any = None  # greedy_stitched(keep_handover=True): (first-token logits, [(K, V)] per small layer)
 
 
 def _sync(device: Any) -> None:
@@ -70,8 +71,11 @@ def greedy(model: Any, prompt: Any, n_new: int) -> Generation:
     return Generation(torch.stack(toks, 1), prefill, times, nbytes)
 
 
-def greedy_stitched(large: Any, small: Any, bank: Any, prompt: Any, n_new: int) -> Generation:
-    """Large prefill + first token, stitched hand-over, small decode."""
+def greedy_stitched(large: Any, small: Any, bank: Any, prompt: Any, n_new: int,
+                    keep_handover: bool = False) -> Generation:
+    """Large prefill + first token, stitched hand-over, small decode. ``keep_handover``: also return what was
+    handed over (the decode grows the cache with new tensors; the handed-over ones stay as they were), so that
+    an evaluation can score the same cache without a second large prefill."""
     import torch
 
     on_gpu = prompt.device.type == "cuda"
@@ -97,8 +101,9 @@ def greedy_stitched(large: Any, small: Any, bank: Any, prompt: Any, n_new: int) 
             first = logits.argmax(-1)
         _sync(prompt.device)
         prefill = (time.perf_counter() - t0) * 1e3
-        nbytes = kv_bytes(cache_tensors(cache))
+        handed_kv = cache_tensors(cache)
+        nbytes = kv_bytes(handed_kv)
         toks, times = decode_loop(small, cache, first, n_new, stream=decode_stream)
         if on_gpu:
             torch.cuda.current_stream().wait_stream(decode_stream)
-    return Generation(torch.stack(toks, 1), prefill, times, nbytes)
+    return Generation(torch.stack(toks, 1), prefill, times, nbytes, (logits, handed_kv) if keep_handover else None)

@@ -175,3 +175,22 @@ def test_features_use_attention_inputs(models):
     for h in hooks:
         h.remove()
     assert torch.equal(feats[0], seen[0]) and torch.equal(feats[2], seen[2])
+
+
+def test_handover_scores_like_a_fresh_stitched_prefill(models):
+    """eval scores the cache that greedy_stitched handed over (no second large prefill): the decode left it as it
+    was, so the per-position NLL equals the one from a fresh stitched prefill exactly."""
+    from gpulab.stitchkv.evaluate import _nll_stitched
+
+    large, small = models
+    bank = make_bank(shape_of(large), shape_of(small), alignment("uniform-nearest", 3, 2), "kv")
+    prompt = torch.randint(0, 300, (2, 9))
+    ref = torch.randint(0, 300, (2, 6))
+    with torch.no_grad():
+        g = greedy_stitched(large, small, bank, prompt, 6, keep_handover=True)
+        kept = [(k.clone(), v.clone()) for k, v in g.handover[1]]
+        reused = _nll_stitched(large, small, bank, prompt, ref, handover=g.handover)
+        fresh = _nll_stitched(large, small, bank, prompt, ref)
+    assert torch.equal(reused, fresh)
+    assert all(torch.equal(a, k) and torch.equal(b, v) for (a, b), (k, v) in zip(kept, g.handover[1]))
+    assert greedy_stitched(large, small, bank, prompt, 2).handover is None
