@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
@@ -29,25 +30,28 @@ def package_version(name: str) -> str | None:
     return None
 
 
-def _release(version: str | None) -> tuple[int, ...]:
-    """The leading numeric release of a version string ("3.6.0+git1" -> (3, 6, 0)); () when unknown."""
-    out = []
-    for part in (version or "").split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-        if not part.isdigit():
-            break
-    return tuple(out)
+def version_release(version: str | None) -> tuple[int, ...]:
+    """The leading numeric release of a version string ("3.6.0+git1" -> (3, 6, 0), "4.57.0.dev0" ->
+    (4, 57, 0), "5.0.0rc1" -> (5, 0, 0)); () when unknown."""
+    m = re.match(r"\d+(?:\.\d+)*", version or "")
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def bf16_native(device: Any) -> bool:
+    """Whether ``device`` (a torch device or its name) computes in bf16 natively: CUDA compute capability 8.0
+    (Ampere) or newer. Older GPUs only emulate bf16, slowly (cuBLAS/cuDNN/flashinfer have no bf16 kernels
+    there), though ``torch.cuda.is_bf16_supported()`` says True: it counts emulation."""
+    import torch
+
+    return str(device).startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def triton_interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
     """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run gpulab's kernels in this environment, or None.
     Known: Triton before 3.7 with NumPy 2.4 or newer, whose interpreter turns a loop bound into a Python int in a
     way NumPy 2.4 refuses ("only 0-dimensional arrays can be converted", triton-lang/triton#9171)."""
-    tv = _release(triton_version if triton_version is not None else package_version("triton"))
-    nv = _release(numpy_version if numpy_version is not None else package_version("numpy"))
+    tv = version_release(triton_version if triton_version is not None else package_version("triton"))
+    nv = version_release(numpy_version if numpy_version is not None else package_version("numpy"))
     if tv and nv and tv < (3, 7) and nv >= (2, 4):
         return (f"Triton {'.'.join(map(str, tv))}'s interpreter fails with NumPy {'.'.join(map(str, nv))} "
                 "(triton-lang/triton#9171): for CPU runs of the Triton kernels install numpy<2.4 or triton>=3.7")

@@ -12,6 +12,7 @@ Nothing here runs without a GPU: the GPU tests (``@pytest.mark.gpu``) check each
 from __future__ import annotations
 
 import ctypes
+import importlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,40 +22,27 @@ SOURCE = Path(__file__).with_name("prefetch_l2.cu")
 PREFETCH_KERNELS = ("prefetch_l2", "prefetch_l2_evict_last", "prefetch_l2_bulk")
 
 
-def _rt():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
+def _cuda_module(new: str, old: str, missing: str) -> Any:
+    """cuda-python's ``cuda.bindings.<new>`` (>= 12.6) or ``cuda.<old>`` (< 12.6, which the cuda12 extra allows:
+    12.4 and 12.5 have no ``cuda.bindings``); ``missing`` is the one-line DeviceError when neither imports."""
+    for name in (f"cuda.bindings.{new}", f"cuda.{old}"):
         try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+            return importlib.import_module(name)
         except ImportError:
-            raise DeviceError("L2 policies need cuda-python (pip install 'gpulab[cuda13]')") from None
-    return cudart
+            continue
+    raise DeviceError(missing)
+
+
+def _rt():
+    return _cuda_module("runtime", "cudart", "L2 policies need cuda-python (pip install 'gpulab[cuda13]')")
 
 
 def _nvrtc():
-    """cuda-python's NVRTC module: ``cuda.bindings.nvrtc`` (>= 12.6) or ``cuda.nvrtc`` (< 12.6, which the
-    cuda12 extra allows: 12.4 and 12.5 have no ``cuda.bindings``)."""
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        try:
-            from cuda import nvrtc  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError:
-            raise DeviceError("NVRTC (cuda.bindings.nvrtc) is not available") from None
-    return nvrtc
+    return _cuda_module("nvrtc", "nvrtc", "NVRTC (cuda.bindings.nvrtc) is not available")
 
 
 def _driver():
-    """cuda-python's driver API module: ``cuda.bindings.driver`` (>= 12.6) or ``cuda.cuda`` (< 12.6)."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError:
-            raise DeviceError("the prefetch kernels need cuda-python (cuda.bindings.nvrtc/driver)") from None
-    return driver
+    return _cuda_module("driver", "cuda", "the prefetch kernels need cuda-python (cuda.bindings.nvrtc/driver)")
 
 
 def _check(result: Any, what: str) -> Any:

@@ -215,7 +215,8 @@ def eval_(
     from gpulab.seam import data as sdata
     from gpulab.seam import store
     from gpulab.seam.evaluate import amp_agreement, evaluate, interpolation
-    from gpulab.seam.measure import amp_supported, autocast_for
+    from gpulab.core.device import bf16_native
+    from gpulab.seam.measure import autocast_for
 
     folder = _family(family)
     if test_images < 0:
@@ -249,7 +250,7 @@ def eval_(
             src.limit(test_images)
         batches = lambda: src.eval_batches(batch_size)  # noqa: E731
         n_test = len(src.ds)
-    amp_on = amp and amp_supported(device)  # bf16 autocast needs native bf16 (compute capability 8.0 on)
+    amp_on = amp and bf16_native(device)  # bf16 autocast needs native bf16 (compute capability 8.0 on)
     autocast = autocast_for(device, amp)
     rows, checks = evaluate(fam, batches, device, autocast, amp, latency=latency, latency_reps=latency_reps,
                             latency_batches=lat_batches, sample=verify_flops, log=lambda s: typer.echo(s, err=True))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from gpulab.core.device import bf16_native
 from gpulab.seam.models import FamilySpec, MemberNet, StitchedFamily, Member
 
 
@@ -39,16 +40,10 @@ def member_flops(family: StitchedFamily, m: Member, image_size: int, batch: int 
     return count_flops(MemberNet(family, m), x)
 
 
-def amp_supported(device: str) -> bool:
-    """bf16 autocast needs native bf16: CUDA compute capability 8.0 (Ampere) or newer. On older GPUs cuDNN has
-    no bf16 convolutions (and ``torch.cuda.is_bf16_supported()`` still says True: it counts emulation), so
-    the ResNets run in fp32 there."""
-    return str(device).startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
-
-
 def autocast_for(device: str, amp: bool) -> Callable[[], Any]:
-    """bf16 autocast on a GPU that has native bf16 (:func:`amp_supported`) when ``amp``; a no-op otherwise."""
-    if amp and amp_supported(device):
+    """bf16 autocast on a GPU that has native bf16 (:func:`gpulab.core.device.bf16_native`) when ``amp``; a no-op
+    otherwise (the ResNets then run in fp32)."""
+    if amp and bf16_native(device):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 

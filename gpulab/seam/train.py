@@ -29,10 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
 from gpulab.seam import dist as sdist
 from gpulab.seam import store
-from gpulab.seam.measure import amp_supported, autocast_for
+from gpulab.seam.measure import autocast_for
 from gpulab.seam.models import FamilySpec, StitchedFamily, load_pretrained
 from gpulab.seam.stitch import least_squares_init
 
@@ -137,7 +138,7 @@ class Trainer:
         if device.startswith("cuda"):
             self.family.to(memory_format=torch.channels_last)
         self.autocast = autocast_for(device, cfg.amp)
-        if cfg.amp and device.startswith("cuda") and not amp_supported(device):
+        if cfg.amp and device.startswith("cuda") and not bf16_native(device):
             self.notes.append("--amp: this GPU has no native bf16 (compute capability < 8.0): trained in fp32")
         self.history: list[dict[str, Any]] = []
         self.lstsq: dict[str, dict[str, float]] = {}

@@ -121,9 +121,10 @@ def dtype_kwarg() -> str:
     """The ``from_pretrained`` keyword of the weights' dtype: ``dtype`` from transformers 4.56 on, ``torch_dtype``
     before (where an unknown ``dtype`` reaches the model's ``__init__``: TypeError)."""
     import transformers
-    from packaging.version import Version
 
-    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    from gpulab.core.device import version_release
+
+    return "dtype" if version_release(transformers.__version__) >= (4, 56) else "torch_dtype"
 
 
 def load_model(folder: Path | str, role: str, device: str = "cpu", dtype: str = "float32", checked: bool = False) -> Any:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
 
 
@@ -38,15 +39,6 @@ def val_loss(model: Any, ids: Any, lo: int, hi: int, seq: int, device: str, n_wi
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)))
 
 
-def bf16_autocast_ok(device: str) -> bool:
-    """bf16 autocast only where the GPU computes in bf16 natively (compute capability 8.0 on):
-    ``torch.cuda.is_bf16_supported()`` also says True on older GPUs, which only emulate it (slowly; cuBLAS and
-    cuDNN have no bf16 kernels there). Elsewhere the tiny models train in fp32."""
-    import torch
-
-    return str(device).startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
-
-
 def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int, lr: float, seed: int,
              device: str, log: Any = print, name: str = "") -> list[float]:
     import torch
@@ -59,7 +51,7 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     hist = []
     it = lm_batches(ids, 0, split, batch, seq, seed)
-    use_bf16 = bf16_autocast_ok(device)
+    use_bf16 = bf16_native(device)  # bf16 autocast where native, else the tiny models train in fp32
     for step in range(steps):
         w = next(it).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):

@@ -225,7 +225,7 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gpulab.vajra.load import bf16_native
+    from gpulab.core.device import bf16_native
 
     dev = torch.device(device)
     dtype = (torch.bfloat16 if bf16_native(dev) else torch.float16) if dev.type == "cuda" else torch.float32

@@ -246,8 +246,8 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
     label = "triton-decode" if be == "triton" else be  # the triton backend runs its split-KV decode kernel here
     for batch_size in DECODE_BATCHES:
         kv = model.allocate_kv_cache(batch_size * (ctx // DECODE_PAGE + 2), DECODE_PAGE)
-        bt = torch.arange(batch_size * (ctx // 16 + 2), dtype=torch.int32, device="cuda").view(batch_size, -1)
-        slots = (bt[:, ctx // 16].long() * 16)
+        bt = torch.arange(batch_size * (ctx // DECODE_PAGE + 2), dtype=torch.int32, device="cuda").view(batch_size, -1)
+        slots = (bt[:, ctx // DECODE_PAGE].long() * DECODE_PAGE)
         b = ForwardBatch(torch.ones(batch_size, dtype=torch.long, device="cuda"),
                          torch.full((batch_size,), ctx, device="cuda"),
                          torch.ones(batch_size, dtype=torch.int32, device="cuda"),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gpulab.core import options
+from gpulab.core.device import bf16_native
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.vajra.attention import make_backend
 from gpulab.vajra.checkpoint import CheckpointReader, QuantScheme, QuantWeight, parse_quant_config, read_linear
@@ -24,14 +25,6 @@ from gpulab.vajra.model import KV_DTYPES, DecoderLayer, LlamaModel
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "dummy")
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: CUDA compute capability 8.0 (Ampere) or newer. (Older GPUs
-    only emulate bf16, slowly, and cuDNN/flashinfer have no bf16 kernels for them; note that
-    ``torch.cuda.is_bf16_supported()`` says True there too, since it counts emulation.)"""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_dtype(dtype: Any, device: torch.device, cfg: LlamaConfig) -> torch.dtype:

@@ -145,7 +145,7 @@ def gather_kv(layer: torch.Tensor, block_row: torch.Tensor, ctx: int, dtype: tor
         pages = pages.view(layer.dtype)
     k = pages[:, 0].reshape(-1, *pages.shape[-2:])[:ctx]
     v = pages[:, 1].reshape(-1, *pages.shape[-2:])[:ctx]
-    if layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if fp8:
         return (k.float() * k_scale).to(dtype), (v.float() * v_scale).to(dtype)
     return k.to(dtype), v.to(dtype)
 

@@ -62,3 +62,26 @@ def test_triton_interpreter_problem():
     for tv, nv in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.1"), ("3.8.0", "2.5.0"), ("3.6.0", "1.26.4")):
         assert triton_interpreter_problem(tv, nv) is None, (tv, nv)
     assert triton_interpreter_problem("", "2.4.1") is None  # triton not installed: nothing to say here
+
+
+@pytest.mark.parametrize("device,cc,want", [("cuda", (8, 0), True), ("cuda:1", (8, 9), True), ("cuda", (9, 0), True),
+                                            ("cuda", (7, 5), False), ("cuda", (7, 0), False), ("cpu", (9, 0), False)])
+def test_bf16_native_follows_the_hardware(monkeypatch, device, cc, want):
+    """is_bf16_supported() says True on a T4/V100 too (emulation counts): vajra's activation dtype, seam's and
+    kvstitch's bf16 autocast follow the compute capability instead."""
+    import torch
+
+    from gpulab.core.device import bf16_native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    assert bf16_native(device) is want
+    assert bf16_native(torch.device(device)) is want
+
+
+def test_version_release():
+    from gpulab.core.device import version_release
+
+    assert version_release("3.6.0+git1") == (3, 6, 0) and version_release("4.57.0.dev0") == (4, 57, 0)
+    assert version_release("5.0.0rc1") == (5, 0, 0) and version_release("2.14.1+cu130") == (2, 14, 1)
+    assert version_release("") == () and version_release(None) == () and version_release("dev") == ()

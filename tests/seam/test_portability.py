@@ -6,7 +6,8 @@ import contextlib
 import pytest
 import torch
 
-from gpulab.seam.measure import amp_supported, autocast_for
+from gpulab.core.device import bf16_native
+from gpulab.seam.measure import autocast_for
 
 
 @pytest.mark.parametrize("device,cc,want", [("cuda", (8, 0), True), ("cuda:1", (8, 6), True), ("cuda", (9, 0), True),
@@ -16,7 +17,7 @@ def test_bf16_autocast_needs_native_bf16(monkeypatch, device, cc, want):
     is_bf16_supported() says True there anyway (emulation): the ResNets run in fp32 on such GPUs."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
-    assert amp_supported(device) is want
+    assert bf16_native(device) is want
     ctx = autocast_for(device, True)
     assert (ctx is not contextlib.nullcontext) is want
     assert autocast_for(device, False) is contextlib.nullcontext

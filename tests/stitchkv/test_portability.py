@@ -37,14 +37,3 @@ def test_load_model_passes_the_dtype_under_the_versions_keyword(monkeypatch, pai
     m = M.load_model(pair_dirs[1], "small", dtype="bfloat16")
     assert seen.get("torch_dtype") is torch.bfloat16 and "dtype" not in seen
     assert next(m.parameters()).dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("device,cc,want", [("cuda", (8, 0), True), ("cuda:1", (8, 9), True), ("cuda", (7, 5), False),
-                                            ("cuda", (7, 0), False), ("cpu", (9, 0), False)])
-def test_pretrain_bf16_autocast_only_with_native_bf16(monkeypatch, device, cc, want):
-    """is_bf16_supported() says True on a T4/V100 too (emulation counts): autocast must follow the hardware."""
-    from gpulab.stitchkv.pretrain import bf16_autocast_ok
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
-    assert bf16_autocast_ok(device) is want
