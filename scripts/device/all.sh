@@ -25,8 +25,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # for torch, gpulab not importable), so that a broken set-up costs seconds of the session, not the whole budget.
 # PREFLIGHT=0 skips it.
 if [ "${PREFLIGHT:-1}" != 0 ]; then
-  PY_ALL="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"
-  if ! "$PY_ALL" - > "$OUT/preflight.txt" 2>&1 <<'PYEOF'
+  source "$(dirname "$0")/lib.sh"  # PY: the Python the scripts use
+  if ! "$PY" - > "$OUT/preflight.txt" 2>&1 <<'PYEOF'
 import importlib, sys
 for name in ("torch", "triton", "cupy", "numba", "numpy", "transformers", "peft", "flashinfer", "cuda.bindings"):
     try:

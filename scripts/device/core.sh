@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpulab-out}
 mkdir -p "$OUT/core"
-PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
+source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 "$PY" -m pytest -q -m gpu tests/core 2>&1 | tail -5 | tee "$OUT/core/pytest.txt"
 "$PY" -m gpulab --out "$OUT/core" probe --ceilings 2>&1 | tail -20
 cat > /tmp/ncu_target.py <<'PY'

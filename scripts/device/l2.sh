@@ -10,7 +10,7 @@
 set -u -o pipefail
 OUT="${OUT:-results/device-l2}"
 mkdir -p "$OUT"
-PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
+source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 export GPULAB_OUT="$OUT"
 status=0
 steps=()

@@ -13,7 +13,7 @@
 set -uo pipefail
 OUT="${OUT:-results/device-seam}"
 mkdir -p "$OUT"
-PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
+source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 export PYTHONUNBUFFERED=1
 GPULAB=("$PY" -m gpulab)
 REC="$OUT/records"          # result records only (gpulab report reads every *.yaml under it)

@@ -12,7 +12,7 @@
 set -u
 OUT="${OUT:-results/device-stitchkv}"
 mkdir -p "$OUT"
-PY="${PY:-${PYTHON:-$(command -v python || command -v python3)}}"  # as in lib.sh
+source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 BUDGET="${SCRIPT_BUDGET:-${BUDGET:-100}}"  # all.sh sets SCRIPT_BUDGET
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
