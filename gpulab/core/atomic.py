@@ -19,20 +19,30 @@ def write_with(path: Path | str, writer: Callable[[str], object], suffix: str = 
 
     ``suffix`` is appended to the temporary name for writers that choose a format by extension.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
+    return write_all([(path, writer, suffix)])[0]
+
+
+def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> list[Path]:
+    """Several files as one: every ``(path, writer, suffix)`` is written to its temporary first, and the
+    temporaries are renamed to their paths only once all of them are written (a failure leaves no path new)."""
+    staged: list[tuple[str, Path]] = []
     try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+        for path, writer, suffix in items:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            writer(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:  # renamed: nothing left to remove
+                pass
+    return [path for _, path in staged]
 
 
 def write_text(path: Path | str, text: str) -> Path:

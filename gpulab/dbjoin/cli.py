@@ -4,7 +4,6 @@ Heavy imports (torch, numba, triton, cupy, pandas) happen inside the commands.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -98,6 +97,7 @@ def gen(
     key_dtype: str = typer.Option("int32", "--key-dtype"),
 ) -> None:
     """Write a generated pair of tables (the same ones `bench` would generate) to files."""
+    from gpulab.core import atomic
     from gpulab.core.errors import InputError
     from gpulab.dbjoin import tables
 
@@ -106,18 +106,8 @@ def gen(
     if left_path.resolve() == right_path.resolve():
         raise InputError(f"the left and right tables would both be written to {left_path}")
     lt, rt = tables.generate(rows, right_rows, match_rate, dup, seed, key_dtype)
-    # both tables go to hidden siblings first and are renamed only once both are written: a failure on the
-    # second (disk full, permissions) leaves neither file new nor half-written
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for t, p in ((lt, left_path), (rt, right_path)):
-            tmp = p.with_name(f".{p.name}.gen-tmp{p.suffix}")
-            tables.save_table(t, tmp)
-            staged.append((tmp, p))
-        for tmp, p in staged:
-            os.replace(tmp, p)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+    # renamed into place only once both are written: a failure on the second (disk full, permissions) leaves
+    # neither file new nor half-written
+    atomic.write_all([tables.table_writer(lt, left_path), tables.table_writer(rt, right_path)])
     for t, p in ((lt, left_path), (rt, right_path)):
         typer.echo(f"wrote {p} ({len(t)} rows, {t.key_dtype} keys)")

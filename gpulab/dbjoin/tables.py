@@ -13,6 +13,7 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -256,6 +257,11 @@ def check_output_path(path: Path | str) -> Path:
 
 def save_table(table: Table, path: Path | str) -> Path:
     """Write a table atomically as ``.npz`` or ``.csv`` (``.parquet`` with pyarrow)."""
+    return atomic.write_with(*table_writer(table, path))
+
+
+def table_writer(table: Table, path: Path | str) -> tuple[Path, Any, str]:
+    """(checked path, writer of a temporary file, its suffix) for :mod:`gpulab.core.atomic`."""
     p = check_output_path(path)
     suffix = p.suffix.lower()
 
@@ -274,7 +280,7 @@ def save_table(table: Table, path: Path | str) -> Path:
 
             pd.DataFrame({"key": table.key, "payload": table.payload}).to_parquet(tmp)
 
-    return atomic.write_with(p, write, suffix=suffix)
+    return p, write, suffix
 
 
 def align_key_dtypes(left: Table, right: Table) -> tuple[Table, Table]:

@@ -38,3 +38,23 @@ def test_build_folder_swaps_in_and_keeps_old_on_failure(tmp_path):
         (tmp / "weights").write_text("new")
     assert sorted(p.name for p in folder.iterdir()) == ["weights"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_write_all_renames_only_when_every_file_is_written(tmp_path):
+    from pathlib import Path
+
+    from gpulab.core import atomic
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+
+    def fails(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic.write_all([(a, lambda tmp: Path(tmp).write_text("new a"), ""), (b, fails, "")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and a.read_text() == "old a"
+    assert atomic.write_all([(a, lambda tmp: Path(tmp).write_text("new a"), ".txt"),
+                             (b, lambda tmp: Path(tmp).write_text("b"), "")]) == [a, b]
+    assert (a.read_text(), b.read_text()) == ("new a", "b") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.txt", "b.txt"]

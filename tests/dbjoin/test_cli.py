@@ -142,22 +142,24 @@ def test_gen_checks_both_outputs_before_writing(tmp_path, names, match):
 def test_gen_failure_on_the_second_table_leaves_neither(tmp_path, monkeypatch):
     from gpulab.dbjoin import tables
 
-    real = tables.save_table
+    real = tables.table_writer
     calls = []
 
-    def save(t, p):
+    def writer(t, p):  # the second table's write fails (disk full)
         calls.append(p)
+        path, write, suffix = real(t, p)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(t, p)
+            def write(tmp):
+                raise OSError(28, "No space left on device")
+        return path, write, suffix
 
-    monkeypatch.setattr(tables, "save_table", save)
+    monkeypatch.setattr(tables, "table_writer", writer)
     (tmp_path / "l.npz").write_bytes(b"old left")
     with pytest.raises(OSError, match="No space left"):
         invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "5"])
     assert sorted(x.name for x in tmp_path.iterdir()) == ["l.npz"]  # no temporaries, no right table
     assert (tmp_path / "l.npz").read_bytes() == b"old left"  # the old left table was not replaced
-    monkeypatch.setattr(tables, "save_table", real)
+    monkeypatch.setattr(tables, "table_writer", real)
     invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "5"])
     assert len(tables.load_table(tmp_path / "l.npz")) == 5 and sorted(x.name for x in tmp_path.iterdir()) == [
         "l.npz", "r.npz"]
