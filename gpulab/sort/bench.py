@@ -2,8 +2,12 @@
 
 Rows: median/p10/p90 (ms), Gkeys/s, effective GB/s (keys read once + written once, + indices
 written with --kv) and its fraction of the copy ceiling measured in the same run, speedup over
-numpy.sort, end-to-end time with host transfers, launches (bitonic), and ``correct`` from an
-exact comparison with the numpy reference (reference.py). With ``--overlap-chunks K`` the
+numpy.sort, end-to-end time with host transfers, and ``correct`` from an exact comparison with the
+numpy reference (reference.py). Bitonic rows also carry their passes over memory (kernel launches
+that read and write every key) and the roofline those passes imply at the measured copy bandwidth
+(``roofline_ms``; ``frac_roofline`` = roofline_ms / median_ms). An implementation name may carry a
+configuration (``bitonic-fused@t14f4g5``, see schedule.get_variant); ``--tune`` adds a row for every
+configuration in schedule.TUNE_CONFIGS. With ``--overlap-chunks K`` the
 OVERLAP variants also time the chunked pipelined end to end (``BitonicCuda.sort_host``: K aligned
 chunks, transfers overlapped with the sort) next to the serial one (``overlap_ms``,
 ``overlap_saving`` = 1 - overlap_ms / e2e_ms) and check its output exactly. Without a GPU the
@@ -46,7 +50,16 @@ class BenchArgs:
     seed: int = 0
     ncu: bool = False
     overlap_chunks: int = 0
+    tune: bool = False
     impls: list[str] = field(default_factory=list)
+
+
+def is_bitonic(impl: str) -> bool:
+    return impl.partition("@")[0] in BITONIC
+
+
+def is_gpu_only(impl: str) -> bool:
+    return is_bitonic(impl) or impl in GPU_ONLY
 
 
 def validate(a: BenchArgs) -> BenchArgs:
@@ -68,12 +81,19 @@ def validate(a: BenchArgs) -> BenchArgs:
         a.impls = list(IMPLS)
     else:
         names = [s.strip() for s in a.impl.split(",") if s.strip()]
-        unknown = [s for s in names if s not in IMPLS]
+        unknown = [s for s in names if s not in IMPLS and not (s.partition("@")[2] and is_bitonic(s))]
         if unknown:
-            raise InputError(f"unknown implementation {unknown[0]!r}; known: {', '.join(IMPLS)}")
+            raise InputError(f"unknown implementation {unknown[0]!r}; known: {', '.join(IMPLS)} "
+                             f"(a bitonic one may carry a configuration, e.g. bitonic-fused@t14f4g5)")
         if not names:
             raise InputError("--impl names no implementation")
+        for name in names:
+            if "@" in name:
+                S.get_variant(name)  # a one-line InputError for a configuration without kernels
         a.impls = list(dict.fromkeys(names))
+    if a.tune:
+        default = S.VARIANTS["bitonic-fused"].config
+        a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != default]))
     validate_overlap(a)
     return a
 
@@ -185,6 +205,7 @@ def run(a: BenchArgs) -> results.Record:
     from gpulab.core import ncu as ncu_mod
 
     device = options.resolve_device(what="gpulab sort bench")
+    key_bytes = np.dtype(K.KEY_DTYPE[a.dtype]).itemsize
     under_ncu = ncu_mod.under_ncu()
     if a.ncu and device != "cuda":
         raise DeviceError("--ncu needs a CUDA GPU, and none is selected or visible")
@@ -195,7 +216,8 @@ def run(a: BenchArgs) -> results.Record:
     nbytes = 2 * a.n * itemsize + (8 * a.n if a.kv else 0)
     rec = results.Record(name="sort-bench", config={
         "n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "kv": a.kv, "transfer": a.transfer,
-        "reps": a.reps, "seed": a.seed, "impls": a.impls, "device": device, "overlap_chunks": a.overlap_chunks})
+        "reps": a.reps, "seed": a.seed, "impls": a.impls, "device": device, "overlap_chunks": a.overlap_chunks,
+        "tune": a.tune})
     want_keys = ref.sort(x, a.order)
     want_perm = ref.argsort(x, a.order) if a.kv else None
     warmup = 0 if under_ncu else 2
@@ -211,7 +233,7 @@ def run(a: BenchArgs) -> results.Record:
 
     cp = _cupy() if device == "cuda" else None
     bitonic = None
-    if device == "cuda" and cp is not None and any(i in BITONIC for i in a.impls):
+    if device == "cuda" and cp is not None and any(is_bitonic(i) for i in a.impls):
         from gpulab.sort.cuda_sort import BitonicCuda
 
         bitonic = BitonicCuda()
@@ -266,21 +288,22 @@ def run(a: BenchArgs) -> results.Record:
             row["correct"] = check(impl, out.values.cpu().numpy(), out.indices.cpu().numpy() if a.kv else None)
             if device == "cuda":
                 gpu_fns[impl] = lambda t_: tfn(t_).values
-        elif impl in GPU_ONLY:
+        elif is_gpu_only(impl):
             if device != "cuda" or cp is None:
                 why = "no CUDA GPU" if device != "cuda" else "cupy is not installed"
                 row.update(status="skipped")
-                if impl in BITONIC and a.n <= MODEL_MAX_N:
+                if is_bitonic(impl) and a.n <= MODEL_MAX_N:
                     from gpulab.sort.schedule import run_model
 
                     kk, pp = run_model(K.to_ukey(x, a.order == "desc"), impl, kv=a.kv)
                     ok = check(f"{impl}.model", K.from_ukey(kk, a.dtype, a.order == "desc"), pp)
-                    row.update(status="model only", correct=ok)
+                    row.update(status="model only", correct=ok, config=S.get_variant(impl).config,
+                               passes=S.passes_over_memory(a.n, impl))
                     rec.notes.append(f"{impl}: not timed ({why}); its exact launch schedule ran as a numpy "
                                      f"model here and was compared with numpy")
                 else:
                     rec.notes.append(f"{impl}: skipped ({why})"
-                                     + (f"; the numpy model runs only at n <= {MODEL_MAX_N}" if impl in BITONIC else ""))
+                                     + (f"; the numpy model runs only at n <= {MODEL_MAX_N}" if is_bitonic(impl) else ""))
                 rows.append(row)
                 continue
             xc = cp.asarray(x)
@@ -295,13 +318,15 @@ def run(a: BenchArgs) -> results.Record:
             else:
                 def cfn(c, impl=impl):
                     return bitonic.sort(c, impl, a.order, a.kv)
-                from gpulab.sort.cuda_sort import launches
-
-                row["backend"] = "CUDA C"
-                row["launches"] = launches(a.n, impl)
+                v = bitonic.effective_variant(S.get_variant(impl), key_bytes, a.kv)
+                passes = S.passes_over_memory(a.n, v)
+                roof = passes * 2 * a.n * (key_bytes + (4 if a.kv else 0)) / (copy_gbs * 1e6) if copy_gbs else None
+                row.update(backend="CUDA C", config=v.config, passes=passes, roofline_ms=roof)
             out_k, out_p = cfn(xc)
             t = timing.benchmark(lambda: cfn(xc), device="cuda", warmup=warmup, reps=reps)
             row.update(_row_metrics(t, a.n, nbytes, copy_gbs))
+            if row.get("roofline_ms") and t.median > 0:
+                row["frac_roofline"] = row["roofline_ms"] / t.median
             row["correct"] = check(impl, cp.asnumpy(out_k), cp.asnumpy(out_p) if a.kv else None)
             gpu_fns[impl] = lambda t_, cfn=cfn: torch.from_dlpack(cp.ascontiguousarray(cfn(cp.from_dlpack(t_))[0]))
         rows.append(row)
@@ -348,7 +373,7 @@ def run(a: BenchArgs) -> results.Record:
     rec.rows = rows
     if a.ncu:
         argv = ["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--order", a.order,
-                "--impl", ",".join(i for i in a.impls if i in GPU_ONLY), "--reps", "1"] + (["--kv"] if a.kv else [])
+                "--impl", ",".join(i for i in a.impls if is_gpu_only(i)), "--reps", "1"] + (["--kv"] if a.kv else [])
         metrics = (*ncu_mod.DEFAULT_METRICS, "dram__throughput.avg.pct_of_peak_sustained_elapsed",
                    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
                    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")
@@ -363,4 +388,9 @@ def run(a: BenchArgs) -> results.Record:
                    "all_correct": rec.ok}
     if a.overlap_chunks:
         rec.summary["fused_overlap_saving"] = fused.get("overlap_saving") if fused else None
+    tuned = [r for r in timed if r["impl"].partition("@")[0] == "bitonic-fused"]
+    if a.tune and tuned:
+        best = min(tuned, key=lambda r: r["median_ms"])
+        rec.summary["fused_best_config"] = best.get("config")
+        rec.summary["fused_best_ms"] = best["median_ms"]
     return rec

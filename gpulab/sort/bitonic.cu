@@ -14,7 +14,11 @@
 //   bitonic_from_key_{32,64}  keys -> output bits (in place)
 //   bitonic_pass_k{32,64}_kv{0,1}_f{F}        one fused step over global memory
 //   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}   mode 0: sort a 2^T-key tile in shared memory
-//                                              (stages 1..arg); mode 1: strides < 2^T of a merge
+//                                              (stages 1..arg); mode 1: strides < 2^T of a merge.
+//                                              io bit 1: load input bits from `src` through to_key
+//                                              (values base + index); io bit 2: store output bits
+//                                              to `dst` through from_key (a sort's first and last
+//                                              launch: the key transforms cost no pass of their own)
 // The pipelined host sort (schedule.split_schedule) also runs them on aligned chunks: pointers into
 // the arrays with the chunk's own n, the values starting at the chunk's offset (`base`).
 // Compiled by NVRTC through cupy.RawModule on the GPU, by nvcc -cubin in the tests.
@@ -148,38 +152,50 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
     const int p_lo = p_hi - fp + 1;
     K k[R];
     u32 v[R];
-    u32 idx[R];
-#pragma unroll
-    for (int e = 0; e < R; ++e) {
+    // the index of register e (recomputed at the store: an array of R indices would cost R registers)
+    auto at = [&](int e) {
         const u32 h = (u32)e & ((1u << fp) - 1u);
         const u32 rest = ((u32)threadIdx.x << (F - fp)) | ((u32)e >> fp);
-        idx[e] = spad(group_index(rest, h, p_lo, fp, flip));
-        k[e] = sk[idx[e]];
-        if (KV) v[e] = sv[idx[e]];
+        return spad(group_index(rest, h, p_lo, fp, flip));
+    };
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+        const u32 i = at(e);
+        k[e] = sk[i];
+        if (KV) v[e] = sv[i];
     }
     network<K, KV, F>(k, v, fp, flip);
 #pragma unroll
     for (int e = 0; e < R; ++e) {
-        sk[idx[e]] = k[e];
-        if (KV) sv[idx[e]] = v[e];
+        const u32 i = at(e);
+        sk[i] = k[e];
+        if (KV) sv[i] = v[e];
     }
     __syncthreads();
 }
 
 // mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
 template <typename K, bool KV, int T, int F>
-__device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, u32 n, int mode, int arg) {
+__device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
+                                          K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
+                                          u32 vbase) {
     constexpr u32 TILE = 1u << T;
     constexpr u32 THREADS = TILE >> F;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     K* sk = reinterpret_cast<K*>(smem_raw);
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
     const u32 base = blockIdx.x * TILE;
+    const bool load_input = (io & 1) != 0, store_output = (io & 2) != 0;
     for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
         const u32 g = base + i;
         const bool in = g < n;
-        sk[spad(i)] = in ? keys[g] : key_max(K(0));
-        if (KV) sv[spad(i)] = in ? vals[g] : (g | PAD_BIT);
+        if (load_input) {
+            sk[spad(i)] = in ? to_key(src[g], code, desc) : key_max(K(0));
+            if (KV) sv[spad(i)] = in ? vbase + g : (g | PAD_BIT);
+        } else {
+            sk[spad(i)] = in ? keys[g] : key_max(K(0));
+            if (KV) sv[spad(i)] = in ? vals[g] : (g | PAD_BIT);
+        }
     }
     __syncthreads();
     if (mode == 0) {
@@ -204,7 +220,8 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
     for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
         const u32 g = base + i;
         if (g < n) {
-            keys[g] = sk[spad(i)];
+            if (store_output) dst[g] = from_key(sk[spad(i)], code, desc);
+            else keys[g] = sk[spad(i)];
             if (KV) vals[g] = sv[spad(i)];
         }
     }
@@ -232,7 +249,8 @@ __global__ void bitonic_from_key_64(const u64* keys, u64* out, u32 n, int code, 
         pass_body<K, KV, F>(keys, vals, n, p_hi, flip);                                               \
     }
 #define BITONIC_PASSES(BITS, K, KV) \
-    BITONIC_PASS(BITS, K, KV, 1) BITONIC_PASS(BITS, K, KV, 2) BITONIC_PASS(BITS, K, KV, 3) BITONIC_PASS(BITS, K, KV, 4)
+    BITONIC_PASS(BITS, K, KV, 1) BITONIC_PASS(BITS, K, KV, 2) BITONIC_PASS(BITS, K, KV, 3) BITONIC_PASS(BITS, K, KV, 4) \
+    BITONIC_PASS(BITS, K, KV, 5)
 BITONIC_PASSES(32, u32, 0)
 BITONIC_PASSES(32, u32, 1)
 BITONIC_PASSES(64, u64, 0)
@@ -240,12 +258,14 @@ BITONIC_PASSES(64, u64, 1)
 
 #define BITONIC_TILE(BITS, K, KV, T, F)                                                               \
     __global__ void __launch_bounds__((1 << T) >> F) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F(     \
-        K* keys, u32* vals, u32 n, int mode, int arg) {                                               \
-        tile_body<K, KV, T, F>(keys, vals, n, mode, arg);                                             \
+        K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
+        u32 vbase) {                                                                                  \
+        tile_body<K, KV, T, F>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);            \
     }
 // schedule.TILE_CONFIGS
 #define BITONIC_TILES(BITS, K, KV) \
-    BITONIC_TILE(BITS, K, KV, 11, 1) BITONIC_TILE(BITS, K, KV, 12, 3) BITONIC_TILE(BITS, K, KV, 13, 3)
+    BITONIC_TILE(BITS, K, KV, 11, 1) BITONIC_TILE(BITS, K, KV, 12, 3) BITONIC_TILE(BITS, K, KV, 13, 3) \
+    BITONIC_TILE(BITS, K, KV, 13, 4) BITONIC_TILE(BITS, K, KV, 14, 4)
 BITONIC_TILES(32, u32, 0)
 BITONIC_TILES(32, u32, 1)
 BITONIC_TILES(64, u64, 0)

@@ -21,7 +21,9 @@ def bench(
     dist: str = typer.Option("uniform", "--dist", help="uniform | sorted | reversed | few-unique | all-equal"),
     impl: Optional[str] = typer.Option(
         None, "--impl", help="Comma-separated: bitonic-global,bitonic-shared,bitonic-fused,numpy,cpu-parallel,"
-                             "torch,cupy (default: all; unavailable ones are skipped with a note)."),
+                             "torch,cupy (default: all; unavailable ones are skipped with a note). A bitonic name "
+                             "may carry a configuration: bitonic-fused@t14f4g5 (tile 2^14 keys, 4 strides fused per "
+                             "shared-memory step, 5 per global pass)."),
     order: str = typer.Option("asc", "--order", help="asc | desc (desc puts NaN first, as np.sort(x)[::-1])."),
     transfer: str = typer.Option("none", "--transfer", help="none | pageable | pinned host memory."),
     reps: int = typer.Option(20, "--reps", help="Timed repetitions per implementation."),
@@ -31,11 +33,13 @@ def bench(
     overlap_chunks: int = typer.Option(
         0, "--overlap-chunks", help="With --transfer pageable|pinned: also time bitonic-shared/fused pipelined in K "
                                     "aligned chunks (a power of two), transfers overlapped with the sort (0: off)."),
+    tune: bool = typer.Option(False, "--tune", help="Also time every tuning configuration of bitonic-fused "
+                                                    "(bitonic-fused@t..f..g.. rows, each checked like the others)."),
 ) -> None:
     """Sort one input with every implementation; write a result YAML and print the table."""
     from gpulab.sort.bench import BenchArgs, run
 
     rec = run(BenchArgs(n=n, dtype=dtype, dist=dist, impl=impl, order=order, transfer=transfer, reps=reps,
-                        kv=kv, seed=seed, ncu=ncu, overlap_chunks=overlap_chunks))
+                        kv=kv, seed=seed, ncu=ncu, overlap_chunks=overlap_chunks, tune=tune))
     rec.save()
     rec.print()

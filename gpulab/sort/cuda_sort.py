@@ -20,8 +20,8 @@ import numpy as np
 
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
-from gpulab.sort.schedule import (TILE_CONFIGS, Launch, Variant, chunk_log_for, get_variant, global_groups,
-                                   next_pow2_log, schedule, split_schedule)
+from gpulab.sort.schedule import (GLOBAL_FUSES, TILE_CONFIGS, Launch, Variant, chunk_log_for, get_variant,
+                                   global_groups, next_pow2_log, schedule, split_schedule, transforms_fused)
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
 TRANSFORM_BLOCK = 256
@@ -33,7 +33,7 @@ def kernel_names() -> list[str]:
     names = [f"bitonic_{d}_key_{b}" for d in ("to", "from") for b in (32, 64)]
     for b in (32, 64):
         for kv in (0, 1):
-            names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in (1, 2, 3, 4)]
+            names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in GLOBAL_FUSES]
             names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS]
     return names
 
@@ -110,13 +110,15 @@ class BitonicCuda:
         return f
 
     def effective_variant(self, variant: Variant, key_bytes: int, kv: bool) -> Variant:
-        """The variant with the largest instantiated tile that fits this device's shared memory."""
+        """The variant itself if its tile fits this device's shared memory, else the largest instantiated
+        tile no larger than its own that fits (its own tile fuse preferred)."""
         if variant.tile_log is None:
             return variant
-        options = [t for t, f in TILE_CONFIGS if f == variant.tile_fuse and t <= variant.tile_log]
-        for t in sorted(options, reverse=True):
+        options = sorted((t for t in TILE_CONFIGS if t[0] <= variant.tile_log),
+                         key=lambda t: (t[0], t[1] == variant.tile_fuse, t[1]), reverse=True)
+        for t, f in options:
             if tile_smem_bytes(t, key_bytes, kv) <= self.max_smem:
-                return Variant(variant.name, t, variant.tile_fuse, variant.global_fuse, variant.block)
+                return Variant(variant.name, t, f, variant.global_fuse, variant.block)
         raise DeviceError(f"{variant.name}: no tile fits in {self.max_smem} bytes of shared memory")
 
     def to_key(self, x, keys, vals, code: int, desc: bool, kv: bool, base: int = 0) -> None:
@@ -134,24 +136,39 @@ class BitonicCuda:
         self.fn(f"bitonic_from_key_{bits}")(transform_grid(n), (TRANSFORM_BLOCK,),
                                             (keys, out.view(keys.dtype), np.uint32(n), np.int32(code), np.int32(desc)))
 
-    def launch_all(self, launches: list[Launch], keys, vals, v: Variant, kv: bool) -> None:
-        """Run launches on keys (and vals) of their own n: a whole array or one chunk; current stream."""
+    def launch_all(self, launches: list[Launch], keys, vals, v: Variant, kv: bool, code: int = 0, desc: bool = False,
+                   src=None, dst=None, base: int = 0) -> None:
+        """Run launches on keys (and vals) of their own n: a whole array or one chunk; current stream.
+
+        With ``src`` (input bits, same length) the keys come from it through the key transform (values
+        base + index), with ``dst`` the output bits go to it: inside the first / last launch where it is
+        a tile launch (schedule.transforms_fused), else by the transform kernels.
+        """
         bits = keys.dtype.itemsize * 8
         n = int(keys.shape[0])
         u32n = np.uint32(n)
         smem = tile_smem_bytes(v.tile_log, bits // 8, kv) if v.tile_log else 0
-        for launch in launches:
+        fuse_in, fuse_out = transforms_fused(launches)
+        if src is not None and not fuse_in:
+            self.to_key(src, keys, vals, code, desc, kv, base)
+        last = len(launches) - 1
+        for i, launch in enumerate(launches):
             if launch.kind == "global":
                 groups = global_groups(n, launch.p_hi, launch.fp)
                 f = self.fn(f"bitonic_pass_k{bits}_kv{int(kv)}_f{launch.fp}")
                 f(((groups + v.block - 1) // v.block,), (v.block,),
                   (keys, vals, u32n, np.int32(launch.p_hi), np.int32(launch.flip)))
             else:
+                io = (1 if src is not None and fuse_in and i == 0 else 0) | (2 if dst is not None and i == last else 0)
                 f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}", smem)
                 tiles = (n + (1 << v.tile_log) - 1) >> v.tile_log
                 mode = 0 if launch.kind == "tile_sort" else 1
-                f((tiles,), (v.tile_threads,), (keys, vals, u32n, np.int32(mode), np.int32(launch.stage)),
-                  shared_mem=smem)
+                f((tiles,), (v.tile_threads,),
+                  (keys, vals, (src if io & 1 else keys).view(keys.dtype), (dst if io & 2 else keys).view(keys.dtype),
+                   u32n, np.int32(mode), np.int32(launch.stage), np.int32(io), np.int32(code), np.int32(desc),
+                   np.uint32(base)), shared_mem=smem)
+        if dst is not None and not fuse_out:
+            self.from_key(keys, dst, code, desc)
 
     def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False):
         cp = self.cp
@@ -169,11 +186,9 @@ class BitonicCuda:
         x = cp.ascontiguousarray(x)
         keys = cp.empty(n, dtype=kdt)
         vals = cp.empty(n if kv else 1, dtype=cp.uint32)
-        self.to_key(x, keys, vals, code, desc, kv)
         v = self.effective_variant(v, keys.dtype.itemsize, kv)
-        self.launch_all(schedule(n, v), keys, vals, v, kv)
         out = cp.empty(n, dtype=x.dtype)
-        self.from_key(keys, out, code, desc)
+        self.launch_all(schedule(n, v), keys, vals, v, kv, code, desc, src=x, dst=out)
         return out, (vals.astype(cp.int64) if kv else None)
 
     def streams(self, k: int) -> list:
@@ -223,8 +238,7 @@ class BitonicCuda:
             self.copy_async(dx.data.ptr + a * isz, x.ctypes.data + a * isz, (b - a) * isz, True, s)
             ck, cv = part(a, b)
             with s:
-                self.to_key(dx[a:b], ck, cv, code, desc, kv, base=a)
-                self.launch_all(head, ck, cv, v, kv)
+                self.launch_all(head, ck, cv, v, kv, code, desc, src=dx[a:b], base=a)
             heads.append(s.record())
         main = streams[0]
         for e in heads[1:]:
@@ -235,8 +249,7 @@ class BitonicCuda:
         for s, (a, b) in zip(streams, sp.bounds):
             s.wait_event(middle_done)
             with s:
-                self.launch_all(sp.tail, *part(a, b), v, kv)
-                self.from_key(keys[a:b], dx[a:b], code, desc)
+                self.launch_all(sp.tail, *part(a, b), v, kv, code, desc, dst=dx[a:b])
         for s, (a, b) in zip(streams, sp.bounds):  # after every tail: a pageable copy blocks the host
             self.copy_async(out.ctypes.data + a * isz, dx.data.ptr + a * isz, (b - a) * isz, False, s)
             if kv:
@@ -245,9 +258,4 @@ class BitonicCuda:
             s.synchronize()
 
 
-def launches(n: int, variant: str) -> int:
-    """Kernel launches of one sort (schedule + the two key transforms)."""
-    return len(schedule(n, variant)) + (2 if n > 0 else 0)
-
-
-__all__ = ["BitonicCuda", "check_host_args", "kernel_names", "launches", "tile_smem_bytes", "next_pow2_log"]
+__all__ = ["BitonicCuda", "check_host_args", "kernel_names", "tile_smem_bytes", "next_pow2_log"]

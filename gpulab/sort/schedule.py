@@ -30,6 +30,7 @@ also sorts after the real maximal keys of a chunk whose values (global indices) 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,15 +51,26 @@ class Variant:
         return (1 << self.tile_log) >> self.tile_fuse if self.tile_log else 0
 
 
+    @property
+    def config(self) -> str:
+        """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>."""
+        return f"t{self.tile_log or 0}f{self.tile_fuse}g{self.global_fuse}"
+
+
 VARIANTS = {
     "bitonic-global": Variant("bitonic-global", None, 1, 1),
     "bitonic-shared": Variant("bitonic-shared", 11, 1, 1),
     "bitonic-fused": Variant("bitonic-fused", 13, 3, 4),
 }
-# Instantiated in bitonic.cu (tile_log, tile_fuse): the fused variant falls back to a 4096-key
-# tile where the device's opt-in shared memory is too small for 8192 keys.
-TILE_CONFIGS = ((11, 1), (12, 3), (13, 3))
-GLOBAL_FUSES = (1, 2, 3, 4)
+# Instantiated in bitonic.cu (tile_log, tile_fuse): the fused variant falls back to a smaller
+# tile where the device's opt-in shared memory is too small for its own.
+TILE_CONFIGS = ((11, 1), (12, 3), (13, 3), (13, 4), (14, 4))
+GLOBAL_FUSES = (1, 2, 3, 4, 5)
+# The configurations of bitonic-fused that ``sort bench --tune`` times next to the default: a
+# larger tile (one stage fewer over global memory, at 1024 threads and one block per SM) and more
+# strides per global pass (2^5 keys per thread) cut the passes over memory from 33 to 26 at 10M
+# keys; which of them is fastest is a measurement, not a model.
+TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 
@@ -185,9 +197,28 @@ def group_index(rest: np.ndarray, h: int, p_lo: int, fp: int, flip: bool) -> np.
 
 
 def get_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise InputError(f"unknown bitonic variant {name!r}; known: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    """A named variant, or ``NAME@t<T>f<F>g<G>``: its tile (2^T keys, F strides fused per shared-memory
+    step; t0: none) and G strides fused per global pass, among the instantiated kernels."""
+    base, _, config = name.partition("@")
+    if base not in VARIANTS:
+        raise InputError(f"unknown bitonic variant {base!r}; known: {', '.join(VARIANTS)}")
+    v = VARIANTS[base]
+    if not config:
+        return v
+    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)", config)
+    if m is None:
+        raise InputError(f"bad configuration {config!r} in {name!r}: expected t<tile_log>f<tile_fuse>g<global_fuse>, "
+                         f"e.g. {base}@{v.config}")
+    t, f, g = (int(x) for x in m.groups())
+    tiles = ", ".join(f"t{a}f{b}" for a, b in TILE_CONFIGS)
+    if t == 0 and f != 1:
+        raise InputError(f"{name}: without a tile (t0) the tile fuse must be f1")
+    if t and (t, f) not in TILE_CONFIGS:
+        raise InputError(f"{name}: no kernel for tile t{t}f{f}; instantiated: {tiles} (or t0f1: none)")
+    if g not in GLOBAL_FUSES:
+        raise InputError(f"{name}: no kernel fusing g{g} global strides; instantiated: "
+                         f"{', '.join(f'g{x}' for x in GLOBAL_FUSES)}")
+    return Variant(name, t or None, f, g, v.block)
 
 
 def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int, flip: bool,
@@ -264,6 +295,20 @@ def run_chunked_model(ukeys: np.ndarray, variant: Variant | str, chunk_log: int,
     return keys, vals
 
 
+def transforms_fused(launches: list[Launch]) -> tuple[bool, bool]:
+    """Whether the input transform rides on the first launch and the output transform on the last.
+
+    A tile kernel does them on its way in (a tile sort) or out (any tile launch); otherwise they are
+    launches of their own (the key transform kernels).
+    """
+    return (bool(launches) and launches[0].kind == "tile_sort",
+            bool(launches) and launches[-1].kind != "global")
+
+
 def passes_over_memory(n: int, variant: Variant | str) -> int:
-    """Kernel launches that read and write all n keys (schedule + the two key transforms)."""
-    return len(schedule(n, variant)) + (2 if n > 0 else 0)
+    """Kernel launches that read and write all n keys: the schedule, plus a key transform each way
+    where no tile launch carries it (see transforms_fused)."""
+    if n <= 0:
+        return 0
+    launches = schedule(n, variant)
+    return len(launches) + sum(not fused for fused in transforms_fused(launches))

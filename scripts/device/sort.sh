@@ -2,10 +2,12 @@
 # gpulab sort on a GPU (run from the repo root; fits 100 s on an H100: each step gets min(its cap, time left)).
 # Writes result YAMLs to $OUT.
 #  1. the GPU tests: every CUDA C variant == numpy exactly (dtypes x dists x orders x key-value)
-#  2. the 10M int32 bench with pinned transfers (all implementations), and the chunked pipelined
-#     end to end of bitonic-shared/fused in 8 chunks (transfers overlapped with the sort; < 1 s more)
+#  2. the 10M int32 bench with pinned transfers (all implementations, plus every tuning configuration
+#     of bitonic-fused: --tune), and the chunked pipelined end to end of bitonic-shared/fused in 8
+#     chunks (transfers overlapped with the sort; < 1 s more)
 #  3. the 10M int32 key-value (argsort) bench with pageable transfers (fused, cupy, torch)
-#  4. Nsight Compute on the shared and fused variants at 1M (skipped if ncu is absent; gets what is left)
+#  4. Nsight Compute on the shared and fused variants (default and t14f4g5) at 1M (skipped if ncu is
+#     absent; gets what is left)
 #  5. a short table of what was measured
 set -u
 OUT="${OUT:-results/device-sort}"
@@ -21,8 +23,9 @@ prc=$?
 tail -15 "$OUT/pytest-gpu.txt"
 [ "$prc" -eq 0 ] || { echo "pytest exit $prc (124: timed out)"; rc=1; }
 
-echo "== bench 10M int32, pinned (all implementations; bitonic-shared/fused also pipelined in 8 chunks)"
-step 23 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --transfer pinned --reps 20 --overlap-chunks 8 >/dev/null \
+echo "== bench 10M int32, pinned (all implementations + --tune; bitonic-shared/fused also pipelined in 8 chunks)"
+step 30 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --transfer pinned --reps 20 --overlap-chunks 8 --tune \
+    >/dev/null \
     || { echo "exit $?"; rc=1; }
 echo "== bench 10M int32 key-value (argsort), pageable"
 step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pageable --reps 10 \
@@ -30,7 +33,7 @@ step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pag
 if command -v ncu >/dev/null 2>&1; then
   echo "== ncu (1M keys, shared + fused)"
   step 60 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 1 \
-      --impl bitonic-shared,bitonic-fused --ncu >/dev/null || echo "ncu run failed or timed out (exit $?, not fatal)"
+      --impl bitonic-shared,bitonic-fused,bitonic-fused@t14f4g5 --ncu >/dev/null || echo "ncu run failed or timed out (exit $?, not fatal)"
 fi
 
 echo "== summary"
@@ -42,12 +45,14 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/sort-bench-*.yaml")):
     gpu = (d["device"].get("gpu") or {}).get("name", "cpu")
     print(f"\n{path.split('/')[-1]}  {gpu}  n={c['n']} {c['dtype']} {c['dist']} {c['order']} kv={c['kv']} "
           f"transfer={c['transfer']}  ok={d['ok']}  copy_ceiling={d['metrics'].get('copy_ceiling_gbs')}")
-    print(f"{'impl':16} {'median_ms':>10} {'p10':>9} {'p90':>9} {'Gkeys/s':>8} {'GB/s':>8} {'x numpy':>8} {'e2e_ms':>8} correct")
+    print(f"{'impl':22} {'median_ms':>10} {'p10':>9} {'p90':>9} {'Gkeys/s':>8} {'GB/s':>8} {'x numpy':>8} {'e2e_ms':>8} "
+          f"{'passes':>6} {'roof_ms':>8} correct")
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
     for r in d["rows"]:
-        print(f"{r['impl']:16} {f(r.get('median_ms'),10)} {f(r.get('p10_ms'))} {f(r.get('p90_ms'))} "
+        print(f"{r['impl']:22} {f(r.get('median_ms'),10)} {f(r.get('p10_ms'))} {f(r.get('p90_ms'))} "
               f"{f(r.get('gkeys_s'),8)} {f(r.get('eff_gbs'),8)} {f(r.get('speedup_vs_numpy'),8)} "
-              f"{f(r.get('e2e_ms'),8)} {r.get('correct', r.get('status'))}")
+              f"{f(r.get('e2e_ms'),8)} {f(r.get('passes'),6)} {f(r.get('roofline_ms'),8)} "
+              f"{r.get('correct', r.get('status'))}")
     for r in d["rows"]:
         if r.get("overlap_ms") is not None:
             print(f"overlap {r['impl']}: {r['overlap_chunks']} chunks {r['overlap_ms']:.3f} ms vs serial e2e "
@@ -58,6 +63,9 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/sort-bench-*.yaml")):
               f"D2H {t['d2h_ms']:.3f} ms ({t['d2h_gbs']:.1f} GB/s)")
     for k in d["metrics"].get("ncu") or []:
         print("ncu", {a: (round(b, 2) if isinstance(b, float) else b) for a, b in k.items()})
+    if d["summary"].get("fused_best_config"):
+        print(f"fastest bitonic-fused configuration: {d['summary']['fused_best_config']} "
+              f"({d['summary']['fused_best_ms']:.4g} ms; default {d['summary'].get('fused_ms')})")
     for n in d["notes"]:
         print("note:", n)
 PYEOF

@@ -63,6 +63,8 @@ def test_make_data_distributions():
     (["--dtype", "float16"], "--dtype must be one of"),
     (["--dist", "zipf"], "--dist must be one of"),
     (["--impl", "numpy,quicksort"], "unknown implementation 'quicksort'"),
+    (["--impl", "bitonic-fused@t15f4g5"], "bitonic-fused@t15f4g5: no kernel for tile t15f4"),
+    (["--impl", "numpy@t13f3g4"], "unknown implementation 'numpy@t13f3g4'"),
     (["--order", "up"], "--order must be asc or desc"),
     (["--transfer", "dma"], "--transfer must be one of"),
     (["--reps", "0"], "--reps must be >= 1"),
@@ -99,6 +101,27 @@ def test_bench_overlap(out_dir, capsys):
             assert row["overlap_correct"] is True and row["overlap_ms"] > 0
     if data["device"]["backend"] == "cpu":
         assert any(n.startswith("--overlap-chunks 2: skipped (no CUDA GPU)") for n in data["notes"])
+
+
+def test_bench_tune(out_dir, capsys):
+    """--tune: a row per tuning configuration of bitonic-fused, each checked (the numpy model here, the kernels
+    on a GPU), with its passes over memory."""
+    from gpulab.sort import schedule as S
+
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", "--n", "3001", "--reps", "1",
+                            "--impl", "numpy,bitonic-fused,bitonic-fused@t13f3g5", "--tune", "--kv")
+    assert code == 0, err
+    data = yaml.safe_load(next(out_dir.glob("sort-bench-*.yaml")).read_text())
+    assert data["ok"] is True and data["config"]["tune"] is True
+    rows = {r["impl"]: r for r in data["rows"]}
+    want = {"numpy", "bitonic-fused"} | {f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != "t13f3g4"}
+    assert set(rows) == want and data["config"]["impls"].count("bitonic-fused@t13f3g5") == 1
+    for impl, row in rows.items():
+        if impl != "numpy":
+            assert row["correct"] is True and row["passes"] == 1  # 3001 keys: one tile sort
+            assert row["config"] == S.get_variant(impl).config
+    if data["device"]["backend"] == "cpu":
+        assert "bitonic-fused@t14f4g5.model.correct" in data["checks"]
 
 
 def test_ncu_without_gpu(capsys, out_dir):

@@ -10,6 +10,7 @@ from gpulab.core.errors import InputError
 from gpulab.sort import schedule as S
 from gpulab.sort.cuda_sort import SOURCE, check_host_args, kernel_names, tile_smem_bytes
 
+SPILL_ALLOWED = {"bitonic_tile_k32_kv1_t14_f4"}
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.os.path.exists("/usr/local/bin/nvcc") else None)
 
 
@@ -24,16 +25,18 @@ def test_nvcc_compiles_every_kernel(arch, tmp_path):
     data = cubin.read_bytes()
     for name in kernel_names():
         assert name.encode() + b"\0" in data, f"{name} missing from the {arch} cubin"
-    # no register spills in the kernels that the fused variant runs on int32/uint32/float32 keys
+    # no register spills in the kernels that run on int32/uint32/float32 keys, but for the key-value
+    # tile of 1024 threads (64 registers each), which --tune times as it is
     report = proc.stderr.split("Compiling entry function")
-    for block in report:
-        if "_k32_" in block.split("'")[1 if "'" in block else 0]:
+    for block in report[1:]:
+        name = block.split("'")[1]
+        if "_k32_" in name and name not in SPILL_ALLOWED:
             assert "0 bytes spill stores" in block, block
 
 
 def test_every_launched_kernel_exists():
     names = set(kernel_names())
-    for v in S.VARIANTS.values():
+    for v in [*S.VARIANTS.values(), *(S.get_variant(f"bitonic-fused@{c}") for c in S.TUNE_CONFIGS)]:
         for f in {v.global_fuse, 1}:
             assert f in S.GLOBAL_FUSES
         for bits in (32, 64):
@@ -50,8 +53,10 @@ def test_tile_shared_memory_fits_h100_and_a100():
     for t, f in S.TILE_CONFIGS:
         for key_bytes in (4, 8):
             for kv in (False, True):
-                assert tile_smem_bytes(t, key_bytes, kv) <= 163 * 1024  # A100 opt-in limit
-                assert tile_smem_bytes(t, key_bytes, kv) <= 99 * 1024  # sm_86 / sm_89 opt-in limit (101376)
+                assert tile_smem_bytes(t, key_bytes, kv) <= 227 * 1024  # H100 opt-in limit
+                if t <= 13:  # the named variants' tiles fit every GPU from sm_86 on; 2^14 keys fall back there
+                    assert tile_smem_bytes(t, key_bytes, kv) <= 163 * 1024  # A100 opt-in limit
+                    assert tile_smem_bytes(t, key_bytes, kv) <= 99 * 1024  # sm_86 / sm_89 opt-in limit (101376)
     assert tile_smem_bytes(13, 4, False) == (8192 + 256) * 4
     assert tile_smem_bytes(13, 8, True) == 99 * 1024  # the largest tile: exactly the sm_86/sm_89 limit
 
@@ -79,6 +84,23 @@ def test_effective_variant_per_device(max_smem):
             assert tile_smem_bytes(v.tile_log, key_bytes, kv) <= max_smem
             s = BitonicCuda.effective_variant(dev, S.get_variant("bitonic-shared"), key_bytes, kv)
             assert s.tile_log == 11
+
+
+# bitonic-fused@t14f4g5 per device: (tile_log, tile_fuse) for (key bytes, kv) in (4, 0), (4, 1), (8, 0), (8, 1)
+T14_FALLBACK = {227 * 1024: [(14, 4)] * 4,
+                163 * 1024: [(14, 4)] * 3 + [(13, 4)],
+                99 * 1024: [(14, 4)] + [(13, 4)] * 3,
+                64 * 1024: [(13, 4)] + [(12, 3)] * 3}
+
+
+@pytest.mark.parametrize("max_smem", list(T14_FALLBACK))
+def test_effective_variant_falls_back_from_the_largest_tile(max_smem):
+    from gpulab.sort.cuda_sort import BitonicCuda
+
+    got = [BitonicCuda.effective_variant(_Dev(max_smem), S.get_variant("bitonic-fused@t14f4g5"), b, kv)
+           for b in (4, 8) for kv in (False, True)]
+    assert [(v.tile_log, v.tile_fuse) for v in got] == T14_FALLBACK[max_smem]
+    assert all(v.global_fuse == 5 and v.name == "bitonic-fused@t14f4g5" for v in got)
 
 
 def test_sort_host_argument_checks():

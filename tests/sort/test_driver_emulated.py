@@ -23,7 +23,7 @@ from gpulab.sort.cuda_sort import BitonicCuda, tile_smem_bytes
 CODE_NAME = {c: name for name, c in K.DTYPE_CODE.items()}
 U32, I32 = np.uint32, np.int32
 SIGNATURES = {"to": (U32, I32, I32, I32, U32), "from": (U32, I32, I32), "pass": (U32, I32, I32),
-              "tile": (U32, I32, I32)}
+              "tile": (U32, I32, I32, I32, I32, I32, U32)}
 
 
 class DevArray(np.ndarray):
@@ -118,13 +118,20 @@ class Kernel:
         assert keys.shape[0] == n and threads >= S.global_groups(int(n), int(p_hi), fp)
         S._step(keys, vals if "_kv1_" in self.name else None, int(n), int(p_hi), fp, bool(flip), groups=threads)
 
-    def tile(self, threads, blocks, smem, keys, vals, n, mode, arg):
+    def tile(self, threads, blocks, smem, keys, vals, src, dst, n, mode, arg, io, code, desc, base):
         t, f = (int(p[1:]) for p in self.name.split("_")[-2:])
         kv = "_kv1_" in self.name
         assert keys.shape[0] == n and blocks << t >= n and smem == tile_smem_bytes(t, keys.dtype.itemsize, kv)
+        assert src.dtype == dst.dtype == keys.dtype and src.shape[0] == dst.shape[0] == n
+        assert io in (0, 1, 2, 3) and (mode == 0 or not io & 1), "only a tile sort loads the input bits"
+        if io & 1:  # the input transform on the way in, as to_key
+            self.to_key(threads, blocks, smem, src, keys, vals, n, code, desc, int(kv), base)
         v = S.Variant("emulated", t, f, 1)
         for p_hi, fp, flip in S.tile_steps(S.Launch("tile_sort" if mode == 0 else "tile_merge", int(arg)), v):
             S._step(keys, vals if kv else None, int(n), p_hi, fp, flip)
+        if io & 2:  # the output transform on the way out; the kernel leaves the keys array unwritten
+            self.from_key(threads, blocks, smem, keys, dst, n, code, desc)
+            keys.view(np.uint8)[:] = 0xCD
 
 
 def fake_cupy(sched):
@@ -166,6 +173,7 @@ CASES = [
     ("bitonic-shared", 5000, "int64", 4, "asc", True),
     ("bitonic-shared", 3000, "uint32", 1, "desc", True),
     ("bitonic-global", 1025, "float32", 16, "desc", True),  # 9 chunks on 8 streams in turn
+    ("bitonic-fused@t14f4g5", 70001, "int32", 4, "asc", True),  # a partial last chunk of 4465 keys
 ]
 
 
@@ -193,10 +201,19 @@ def test_sort_host_emulated(emulated, variant, n, dtype, chunks, order, kv):
         assert not any(s.queue for s in sched.streams.values())
 
 
-def test_sort_emulated(emulated):
+@pytest.mark.parametrize("variant, n, dtype, order, kv", [
+    ("bitonic-shared", 3000, "float32", "desc", True),
+    ("bitonic-fused", 20000, "int32", "asc", False),      # transforms inside the first tile sort and last merge
+    ("bitonic-fused", 5000, "int64", "desc", True),       # one tile sort carries both transforms
+    ("bitonic-fused@t14f4g5", 40000, "uint32", "asc", True),
+    ("bitonic-global", 3000, "int32", "desc", True),      # no tile launch: the transform kernels
+    ("bitonic-fused", 1, "float32", "asc", True),         # no launch at all
+])
+def test_sort_emulated(emulated, variant, n, dtype, order, kv):
     """The whole-array sort (same transforms and launches) through the emulation."""
     sched, bit = emulated(0, eager=True)
-    x = inputs(3000, "float32", np.random.default_rng(3))
-    keys, perm = bit.sort(x.view(DevArray), "bitonic-shared", "desc", kv=True)
-    assert ref.mismatch(np.asarray(keys), ref.sort(x, "desc")) is None
-    assert np.array_equal(np.asarray(perm), ref.argsort(x, "desc"))
+    x = inputs(n, dtype, np.random.default_rng(3))
+    keys, perm = bit.sort(x.view(DevArray), variant, order, kv=kv)
+    assert ref.mismatch(np.asarray(keys), ref.sort(x, order)) is None
+    if kv:
+        assert np.array_equal(np.asarray(perm), ref.argsort(x, order))

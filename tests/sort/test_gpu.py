@@ -6,7 +6,7 @@ import pytest
 from gpulab.sort import keys as K
 from gpulab.sort import reference as ref
 from gpulab.sort.bench import DISTS, BenchArgs, make_data, run
-from gpulab.sort.schedule import VARIANTS
+from gpulab.sort.schedule import TUNE_CONFIGS, VARIANTS
 
 pytestmark = pytest.mark.gpu
 SIZES = [0, 1, 2, 3, 1023, 1024, 1025, 4097, 8191, 8193, 70001, 1 << 17, 1_000_003]
@@ -58,6 +58,18 @@ def test_distributions(cuda, dist):
         x = make_data(300_001, dtype, dist, seed=2)
         for order in K.ORDERS:
             check(cp, bit, x, list(VARIANTS), order, kv=(order == "asc"))
+
+
+@pytest.mark.parametrize("dtype", K.DTYPES)
+def test_tune_configs(cuda, dtype):
+    """Every configuration that ``sort bench --tune`` times, at sizes that cross its tiles and fused passes."""
+    cp, bit = cuda
+    names = [f"bitonic-fused@{c}" for c in TUNE_CONFIGS]
+    for n in (3, 1025, 16385, 70001, 1_000_003):
+        x = inputs(n, dtype, np.random.default_rng(n))
+        for order in K.ORDERS:
+            for kv in (False, True):
+                check(cp, bit, x, names, order, kv)
 
 
 def test_fused_10m_int32(cuda):

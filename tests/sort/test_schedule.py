@@ -15,7 +15,8 @@ from gpulab.sort.bench import DISTS, make_data
 
 SMALL_TILE = S.Variant("small-tile", tile_log=4, tile_fuse=3, global_fuse=4)
 SMALL_SHARED = S.Variant("small-shared", tile_log=3, tile_fuse=1, global_fuse=1)
-VARIANTS = [*S.VARIANTS.values(), SMALL_TILE, SMALL_SHARED]
+SMALL_WIDE = S.Variant("small-wide", tile_log=5, tile_fuse=4, global_fuse=5)  # the shape of t14f4g5 at small n
+VARIANTS = [*S.VARIANTS.values(), SMALL_TILE, SMALL_SHARED, SMALL_WIDE]
 SIZES = [0, 1, 2, 3, 1023, 1024, 1025, 4097]
 
 
@@ -200,3 +201,35 @@ def test_launch_counts():
 def test_unknown_variant():
     with pytest.raises(InputError, match="unknown bitonic variant"):
         S.get_variant("bitonic-magic")
+
+
+def test_configured_variants():
+    v = S.get_variant("bitonic-fused@t14f4g5")
+    assert (v.tile_log, v.tile_fuse, v.global_fuse, v.name, v.config) == (14, 4, 5, "bitonic-fused@t14f4g5", "t14f4g5")
+    assert S.get_variant("bitonic-global@t0f1g3").tile_log is None
+    assert S.get_variant("bitonic-fused").config == "t13f3g4"
+    for name in S.VARIANTS:
+        assert S.get_variant(f"{name}@{S.VARIANTS[name].config}") == S.Variant(
+            f"{name}@{S.VARIANTS[name].config}", *[getattr(S.VARIANTS[name], f) for f in ("tile_log", "tile_fuse",
+                                                                                          "global_fuse", "block")])
+    for c in S.TUNE_CONFIGS:
+        S.get_variant(f"bitonic-fused@{c}")  # every tuning configuration has its kernels
+    bad = [("bitonic-fused@14,4,5", "bad configuration '14,4,5'"), ("bitonic-fused@t15f4g5", "no kernel for tile t15f4"),
+           ("bitonic-fused@t14f4g6", "no kernel fusing g6"), ("bitonic-global@t0f2g1", "tile fuse must be f1"),
+           ("bitonic-magic@t13f3g4", "unknown bitonic variant 'bitonic-magic'")]
+    for name, msg in bad:
+        with pytest.raises(InputError, match=msg):
+            S.get_variant(name)
+
+
+def test_passes_over_memory_and_fused_transforms():
+    n = 10_000_000  # 2^24 virtual keys
+    assert S.passes_over_memory(n, "bitonic-global") == 24 * 25 // 2 + 2  # transforms of their own
+    # tile sort + stages 14..24: ceil((m - 13) / 4) global passes and a tile merge each; transforms inside
+    assert S.passes_over_memory(n, "bitonic-fused") == 1 + 21 + 11
+    assert S.passes_over_memory(n, "bitonic-fused@t14f4g5") == 1 + 15 + 10
+    assert S.passes_over_memory(4000, "bitonic-fused") == 1  # one tile sort, both transforms in it
+    assert S.passes_over_memory(1, "bitonic-fused") == 2 and S.passes_over_memory(0, "bitonic-fused") == 0
+    assert S.transforms_fused(S.schedule(n, "bitonic-fused")) == (True, True)
+    assert S.transforms_fused(S.schedule(n, "bitonic-global")) == (False, False)
+    assert S.transforms_fused([]) == (False, False)
