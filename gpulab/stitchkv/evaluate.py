@@ -214,13 +214,13 @@ def self_identity_check(small: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
 
     from gpulab.stitchkv.models import cache_kwarg, shape_of
     from gpulab.stitchkv.reference import own_cache
-    from gpulab.stitchkv.stitch import alignment, build_cache, large_features, make_bank
+    from gpulab.stitchkv.stitch import alignment, build_cache, large_features, make_bank, prefill
 
     sh = shape_of(small)
     bank = make_bank(sh, sh, alignment("uniform-nearest", sh["layers"], sh["layers"]), "hidden").identity_()
     bank = bank.to(prompt.device)
     with torch.no_grad():
-        hs = small(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
+        hs = prefill(small, prompt).hidden_states
         pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
         kv = bank(large_features(small, hs, bank.align, "hidden"), small, pos)
         ref = own_cache(small, prompt)

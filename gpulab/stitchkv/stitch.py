@@ -124,8 +124,7 @@ def stitch_inputs(large: Any, small: Any, bank: Any, prompt: Any, hidden_states:
         hidden_states = large_prefill(large, prompt)[1]
     feats: dict = large_features(large, hidden_states, bank.align, bank.mode)
     if bank.mode == "residual":
-        hs = small(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-        feats["own"] = attention_inputs(small, hs, list(range(len(bank.align))))
+        feats["own"] = attention_inputs(small, prefill(small, prompt).hidden_states, list(range(len(bank.align))))
     return feats
 
 
@@ -248,9 +247,14 @@ def make_bank(large_shape: dict[str, int], small_shape: dict[str, int], align: l
 
 
 # --------------------------------------------------------------------------- prefill -> stitched cache
+def prefill(model: Any, prompt: Any) -> Any:
+    """One model's forward over ``prompt`` with every hidden state and the last position's logits (no cache)."""
+    return model(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+
+
 def large_prefill(large: Any, prompt: Any) -> tuple[Any, tuple]:
     """The large model's prefill: last-position logits and all hidden states (no cache kept)."""
-    out = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    out = prefill(large, prompt)
     return out.logits[:, -1], out.hidden_states
 
 
@@ -281,10 +285,8 @@ def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ri
     acc: dict[str, list] = {}
     with torch.no_grad():
         for prompt in batches:
-            hs_l = large(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-            hs_s = small(input_ids=prompt, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-            feats = large_features(large, hs_l, bank.align, bank.mode)
-            xs_small = attention_inputs(small, hs_s, list(range(n)))
+            feats = large_features(large, large_prefill(large, prompt)[1], bank.align, bank.mode)
+            xs_small = attention_inputs(small, prefill(small, prompt).hidden_states, list(range(n)))
             for l, a in enumerate(bank.align):
                 if bank.mode == "hidden":
                     pairs = [("h", feats[a], xs_small[l])]

@@ -404,8 +404,11 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
     read_model_config(d)  # a missing folder or config.json fails before any tokenizer or weight is read
     if load_format not in ("auto", "dummy"):
         raise InputError(f"--load-format must be auto or dummy, got {load_format!r}")
-    if attention_backend not in ("auto", "torch", "triton", "flashinfer"):
-        raise InputError(f"--attention-backend must be auto, torch, triton or flashinfer, got {attention_backend!r}")
+    from gpulab.vajra.attention import ATTENTION_BACKENDS
+
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
+                         f"got {attention_backend!r}")
     config.validate()
     tok = None
     if tokenizer and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):

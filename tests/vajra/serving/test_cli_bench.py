@@ -76,6 +76,8 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),
     (["generate", "{assets}", "--prompt", "x", "--temperature", "-1", "--load-format", "dummy"], "temperature"),
+    (["generate", "{assets}", "--prompt", "x", "--attention-backend", "xformers"],
+     "--attention-backend must be auto, torch, triton or flashinfer, got 'xformers'"),
 ])
 def test_bad_input_is_one_line(tiny_assets, argv, msg):
     argv = [a.replace("{assets}", str(tiny_assets)) for a in argv]
