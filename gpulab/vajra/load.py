@@ -15,7 +15,7 @@ import torch
 
 from gpulab.core import options
 from gpulab.core.device import bf16_native
-from gpulab.core.errors import DeviceError, InputError
+from gpulab.core.errors import InputError
 from gpulab.vajra.attention import make_backend
 from gpulab.vajra.checkpoint import CheckpointReader, QuantScheme, QuantWeight, parse_quant_config, read_linear
 from gpulab.vajra.config import LlamaConfig, read_config

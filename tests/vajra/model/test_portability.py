@@ -36,7 +36,7 @@ class Fp8KernelsOfTorch24(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in self.FILLS and kwargs.get("dtype") in FP8:
-            raise NotImplementedError(f'"fill_" not implemented for \'Float8_e4m3fn\' (as in torch 2.4)')
+            raise NotImplementedError('"fill_" not implemented for \'Float8_e4m3fn\' (as in torch 2.4)')
         if name in self.MISSING:
             flat = []
             for a in (*args, *kwargs.values()):

@@ -10,7 +10,6 @@ pytest.importorskip("fastapi", reason="the server needs fastapi + uvicorn (not o
 pytest.importorskip("uvicorn")
 
 from gpulab.vajra.engine import EngineConfig, LLMEngine
-from gpulab.vajra.sampling import SamplingParams
 from gpulab.vajra.server import AsyncEngine, ServerThread, build_app
 
 from .fake_model import FakeModel, reference_greedy
