@@ -1,14 +1,17 @@
 """``gpulab serve-bench``: the vajra engine under a synthetic serving load, FP8 against BF16, HF as the floor.
 
-For each weight precision of ``--compare`` (``fp8``: the config's compressed-tensors FP8 scheme, added
-when the folder has none; ``bf16``: no quantization, weights in the activation dtype, which is fp32 on
-the CPU) the model is loaded (``--load-format dummy``: random weights of the real shapes), warmed up,
+For each entry of ``--compare``, a weight precision (``fp8``: the config's compressed-tensors FP8 scheme,
+added when the folder has none; ``bf16``: no quantization, weights in the activation dtype, which is fp32
+on the CPU) with an optional KV-cache suffix (``fp8+kvfp8``: an FP8 KV cache for that entry, ``+kvauto``
+the activation dtype; without one, ``--kv-cache-dtype``), the model is loaded (``--load-format dummy``: random weights of the real shapes), warmed up,
 and served ``--num-prompts`` requests of ``--input-len`` random token ids (or a prompts file) with
 ``--output-len`` greedy tokens each (EOS ignored), arriving as a Poisson process of ``--request-rate``
 (``inf``: all at once) with at most ``--max-concurrency`` in flight. Per request: TTFT, TPOT, ITL and
 end-to-end latency from its arrival; per run: output tok/s and requests/s. Then one request alone
 measures the batch-1 decode step against the HBM roofline (weight bytes + KV bytes read, over the
 copy bandwidth measured in the same run). A naive transformers ``generate`` loop gives the floor.
+An entry that fails at run time (a kernel error, out of memory) becomes a failed check with its error, and
+the others still run; ``--debug`` raises it instead.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from gpulab.core.errors import InputError
+from gpulab.core.errors import GpulabError, InputError
 
 FP8_SCHEME = {  # what llm-compressor writes for FP8_DYNAMIC (Llama-3.1-8B-Instruct-FP8 and friends)
     "quant_method": "compressed-tensors",
@@ -42,7 +45,7 @@ SPEC_HBM = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12,
             "L40S": 0.864e12}
 
 
-ROW_COLUMNS = ["impl", "act_dtype", "cuda_graphs", "output_tok_s", "requests_s", "ttft_median_ms", "ttft_p99_ms",
+ROW_COLUMNS = ["impl", "act_dtype", "kv_cache", "cuda_graphs", "output_tok_s", "requests_s", "ttft_median_ms", "ttft_p99_ms",
                "tpot_median_ms", "itl_p99_ms", "e2e_median_ms", "decode_b1_ms", "roofline_ms", "roofline_frac"]
 
 
@@ -57,6 +60,27 @@ def stats(name: str, values_ms: list[float]) -> dict[str, float]:
         return {f"{name}_mean_ms": float("nan"), f"{name}_median_ms": float("nan"), f"{name}_p99_ms": float("nan")}
     return {f"{name}_mean_ms": sum(values_ms) / len(values_ms), f"{name}_median_ms": pct(values_ms, 0.5),
             f"{name}_p99_ms": pct(values_ms, 0.99)}
+
+
+def parse_compare(text: str, default_kv: str) -> list[tuple[str, str, str]]:
+    """``--compare`` as (entry name, weight precision, KV-cache dtype) triples, or a one-line InputError."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for entry in (c.strip() for c in text.split(",")):
+        if not entry:
+            continue
+        precision, plus, kv = entry.partition("+kv")
+        if precision not in ("fp8", "bf16") or (plus and kv not in ("fp8", "auto")):
+            raise InputError(f"--compare takes fp8 and/or bf16, each optionally with +kvfp8 (an FP8 KV cache) or "
+                             f"+kvauto, got {text!r}")
+        out.setdefault(entry, (entry, precision, kv if plus else default_kv))
+    if not out:
+        raise InputError(f"--compare takes fp8 and/or bf16, got {text!r}")
+    return list(out.values())
+
+
+def ratio_key(a: str, b: str) -> str:
+    """The summary key of entry a's output tok/s over entry b's (``fp8_over_bf16`` for the plain pair)."""
+    return f"{a}_over_{b}"
 
 
 def variant_problem(model_dir: Path, precision: str, load_format: str) -> str:
@@ -266,21 +290,70 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
             "num_prompts": int(out.shape[0]), "e2e_mean_ms": dt * 1e3, "act_dtype": str(dtype).replace("torch.", "")}
 
 
+def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: str, prompts, share, bw, spec_bw):
+    """Load, warm up and serve one --compare entry; checks go to ``rec``. Returns (its row, the prompts)."""
+    from gpulab.vajra.engine import load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    t_variant = time.perf_counter()
+    engine = load_engine(vdir, device=device, config=cfg, load_format=args["load_format"],
+                         attention_backend=args["attention_backend"])
+    try:
+        rec.notes += [f"vajra-{name}: {n}" for n in engine.notes]
+        vocab = engine.vocab_size
+        if prompts is None:
+            prompts = make_prompts(args, vocab, engine.tokenizer)
+        # warm-up: compile / autotune every path once (prefill chunks and decodes)
+        engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
+                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        # the run's own box: its share less what loading took, less ~15% for the checks after it
+        run_deadline = None if share is None else t_variant + share - 0.15 * share
+        res = drive(engine, prompts, args["output_len"], args["request_rate"], args["max_concurrency"],
+                    args["seed"], deadline=run_deadline)
+        if res["time_boxed"]:
+            rec.notes.append(f"vajra-{name}: time-boxed by --budget-s: {res['completed']} of {len(prompts)} "
+                             f"requests completed in {res['duration_s']:.1f} s; its tok/s covers that window "
+                             "(ramp-up included, no drain)")
+        else:
+            rec.check(f"vajra-{name}: every request completed with --output-len tokens",
+                      res["lengths_ok"] and res["completed"] == len(prompts))
+        rec.check(f"vajra-{name}: KV blocks all returned", engine.block_manager.num_used == 0,
+                  {"used": engine.block_manager.num_used})
+        # same prompts, a different chunking (budget 1/4, at least one block): same greedy tokens? (Not after a
+        # time box: regenerating whole outputs would overrun it.)
+        if res["time_boxed"]:
+            rec.notes.append(f"vajra-{name}: chunking check skipped (time-boxed)")
+        else:
+            rechunk_check(rec, engine, cfg, prompts, res, args["output_len"], name)
+        dec = decode_batch1(engine, args["input_len"], args["decode_steps"], vocab, args["seed"])
+        wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None
+        row = {"impl": f"vajra-{name}", "act_dtype": str(engine.model.info.dtype).replace("torch.", ""),
+               "kv_cache": cfg.kv_cache_dtype, "cuda_graphs": engine.graphs is not None,
+               "num_blocks": engine.num_blocks, **{k2: v for k2, v in res.items() if k2 != "outputs"}, **dec}
+        if wbytes:
+            moved = wbytes + dec["kv_bytes_read"]
+            row["weight_bytes"] = wbytes
+            row["roofline_ms"] = moved / (bw * 1e9) * 1e3
+            row["roofline_frac"] = row["roofline_ms"] / dec["decode_b1_ms"]
+            if spec_bw:
+                row["spec_roofline_ms"] = moved / spec_bw * 1e3
+                row["spec_roofline_frac"] = row["spec_roofline_ms"] / dec["decode_b1_ms"]
+        return row, prompts
+    finally:
+        del engine
+
+
 def run(model_dir: Path, args: dict[str, Any]):
     import torch
 
     from gpulab.core import ceilings, options, results
     from gpulab.core.device import probe
-    from gpulab.vajra.engine import EngineConfig, load_engine
-    from gpulab.vajra.sampling import SamplingParams
+    from gpulab.vajra.engine import EngineConfig
 
     device = options.resolve_device()
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise InputError(f"model folder not found or without config.json: {model_dir}")
-    compare = [c.strip() for c in args["compare"].split(",") if c.strip()]
-    bad = [c for c in compare if c not in ("fp8", "bf16")]
-    if bad or not compare:
-        raise InputError(f"--compare takes fp8 and/or bf16, got {args['compare']!r}")
+    compare = parse_compare(args["compare"], args["kv_cache_dtype"])
     for k in ("input_len", "output_len", "num_prompts", "decode_steps", "hf_num_prompts"):
         if args[k] < 1:
             raise InputError(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
@@ -289,7 +362,7 @@ def run(model_dir: Path, args: dict[str, Any]):
     if args["max_concurrency"] is not None and args["max_concurrency"] < 1:
         raise InputError(f"--max-concurrency must be >= 1, got {args['max_concurrency']}")
 
-    why = [w for w in (variant_problem(model_dir, p, args["load_format"]) for p in compare) if w]
+    why = [w for w in (variant_problem(model_dir, p, args["load_format"]) for _, p, _ in compare) if w]
     if len(why) == len(compare):  # no precision asked for can run from this folder
         raise InputError("; ".join(why))
     rec = results.Record(name="serve-bench", config={"model_dir": str(model_dir), "device": device, **args})
@@ -310,67 +383,39 @@ def run(model_dir: Path, args: dict[str, Any]):
     prompts = None
     deadline = None if args.get("budget_s") is None else time.perf_counter() + float(args["budget_s"])
     with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
-        for vi, precision in enumerate(compare):
+        for vi, (name, precision, kv) in enumerate(compare):
             share = None
-            if deadline is not None:  # this precision's share of what is left (the HF floor counts as one more)
+            if deadline is not None:  # this entry's share of what is left (the HF floor counts as one more)
                 parts = len(compare) - vi + (1 if args["hf_baseline"] else 0)
                 share = (deadline - time.perf_counter()) / parts
                 if share < 5:
-                    rec.notes.append(f"vajra-{precision} skipped: --budget-s {args['budget_s']:g} is spent")
+                    rec.notes.append(f"vajra-{name} skipped: --budget-s {args['budget_s']:g} is spent")
                     continue
-                t_variant = time.perf_counter()
             vdir, why = variant_dir(model_dir, precision, args["load_format"], Path(tmp))
             if vdir is None:
-                rec.notes.append(f"vajra-{precision} skipped: {why}")
+                rec.notes.append(f"vajra-{name} skipped: {why}")
                 continue
-            engine = load_engine(vdir, device=device, config=copy.deepcopy(cfg), load_format=args["load_format"],
-                                 attention_backend=args["attention_backend"])
-            rec.notes += [f"vajra-{precision}: {n}" for n in engine.notes]
-            vocab = engine.vocab_size
-            if prompts is None:
-                prompts = make_prompts(args, vocab, engine.tokenizer)
-            # warm-up: compile / autotune every path once (prefill chunks and decodes)
-            engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
-                            SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-            # the run's own box: its share less what loading took, less ~15% for the checks after it
-            run_deadline = None if share is None else t_variant + share - 0.15 * share
-            res = drive(engine, prompts, args["output_len"], args["request_rate"], args["max_concurrency"],
-                        args["seed"], deadline=run_deadline)
-            if res["time_boxed"]:
-                rec.notes.append(f"vajra-{precision}: time-boxed by --budget-s: {res['completed']} of {len(prompts)} "
-                                 f"requests completed in {res['duration_s']:.1f} s; its tok/s covers that window "
-                                 "(ramp-up included, no drain)")
-            else:
-                rec.check(f"vajra-{precision}: every request completed with --output-len tokens",
-                          res["lengths_ok"] and res["completed"] == len(prompts))
-            rec.check(f"vajra-{precision}: KV blocks all returned", engine.block_manager.num_used == 0,
-                      {"used": engine.block_manager.num_used})
-            # same prompts, a different chunking (budget 1/4, at least one block): same greedy tokens? (Not after a
-            # time box: regenerating whole outputs would overrun it.)
-            if res["time_boxed"]:
-                rec.notes.append(f"vajra-{precision}: chunking check skipped (time-boxed)")
-            else:
-                rechunk_check(rec, engine, cfg, prompts, res, args["output_len"], precision)
-            dec = decode_batch1(engine, args["input_len"], args["decode_steps"], vocab, args["seed"])
-            wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None
-            row = {"impl": f"vajra-{precision}", "act_dtype": str(engine.model.info.dtype).replace("torch.", ""),
-                   "kv_cache": args["kv_cache_dtype"], "cuda_graphs": engine.graphs is not None,
-                   "num_blocks": engine.num_blocks, **{k2: v for k2, v in res.items() if k2 != "outputs"}, **dec}
-            if wbytes:
-                moved = wbytes + dec["kv_bytes_read"]
-                row["weight_bytes"] = wbytes
-                row["roofline_ms"] = moved / (bw * 1e9) * 1e3
-                row["roofline_frac"] = row["roofline_ms"] / dec["decode_b1_ms"]
-                if spec_bw:
-                    row["spec_roofline_ms"] = moved / spec_bw * 1e3
-                    row["spec_roofline_frac"] = row["spec_roofline_ms"] / dec["decode_b1_ms"]
-            per_variant[precision] = row
-            rec.metrics.setdefault("variants", {})[row["impl"]] = row
-            rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
-            del engine
+            vcfg = copy.deepcopy(cfg)
+            vcfg.kv_cache_dtype = kv
+            try:
+                row, prompts = run_variant(rec, args, device, vdir, vcfg, name, prompts, share, bw, spec_bw)
+            except GpulabError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one failing entry must not lose the others' rows
+                if options.get().debug:
+                    raise
+                msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                rec.check(f"vajra-{name}: ran", False, msg)
+                rec.notes.append(f"vajra-{name} failed: {msg}")
+                row = None
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if row is None:
+                continue
+            per_variant[name] = row
+            rec.metrics.setdefault("variants", {})[row["impl"]] = row
+            rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
     if args["hf_baseline"] and prompts and deadline is not None and deadline - time.perf_counter() < 5:
         rec.notes.append(f"hf-generate skipped: --budget-s {args['budget_s']:g} is spent")
     elif args["hf_baseline"] and prompts:
@@ -395,8 +440,11 @@ def run(model_dir: Path, args: dict[str, Any]):
     boxed = [p for p, row in per_variant.items() if row.get("time_boxed")]
     if boxed:  # their tok/s covers the box only (no drain of the last requests): compare with care
         rec.summary["time_boxed"] = ",".join(boxed)
-    if "fp8" in per_variant and "bf16" in per_variant:
-        rec.summary["fp8_over_bf16"] = round(per_variant["fp8"]["output_tok_s"] / per_variant["bf16"]["output_tok_s"], 3)
+    precision_of = {name: precision for name, precision, _ in compare}
+    for a, ra in per_variant.items():  # every FP8 entry over every BF16 entry
+        for b, rb in per_variant.items():
+            if precision_of[a] == "fp8" and precision_of[b] == "bf16" and rb["output_tok_s"]:
+                rec.summary[ratio_key(a, b)] = round(ra["output_tok_s"] / rb["output_tok_s"], 3)
     hf_row = next((r for r in rec.rows if r["impl"] == "hf-generate"), None)
     if hf_row and per_variant:
         best = max(r["output_tok_s"] for r in per_variant.values())

@@ -161,7 +161,8 @@ def bench(
     request_rate: float = typer.Option(float("inf"), help="Poisson arrivals per second; inf: all at once."),
     max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight."),
     prompts_file: Optional[Path] = typer.Option(None, help="Text prompts, one per line (or JSON {\"prompt\": ...})."),
-    compare: str = typer.Option("fp8,bf16", help="Weight precisions to run: fp8, bf16 or both."),
+    compare: str = typer.Option("fp8,bf16", help="Weight precisions to run: fp8, bf16 or both; an entry may set "
+                                "its own KV cache: fp8+kvfp8 (FP8 KV), bf16+kvauto (without: --kv-cache-dtype)."),
     hf_baseline: bool = typer.Option(True, "--hf-baseline/--no-hf-baseline", help="Run the transformers floor."),
     hf_num_prompts: int = typer.Option(8, help="Prompts in the transformers generate batch."),
     decode_steps: int = typer.Option(64, help="Decode steps timed at batch 1."),

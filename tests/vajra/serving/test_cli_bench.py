@@ -29,6 +29,45 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
     assert v["host_ms_decode_median"] > 0 and 0 < v["host_share"] <= 1  # the engine's own CPU time per step
 
 
+def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatch):
+    """--compare entries with their own KV cache; an entry that fails at run time is a failed check with its
+    error, and the next entry still runs."""
+    from gpulab.vajra import bench
+
+    real, calls = bench.drive, []
+
+    def flaky(engine, *a, **kw):
+        calls.append(engine.config.kv_cache_dtype)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return real(engine, *a, **kw)
+
+    monkeypatch.setattr(bench, "drive", flaky)
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
+            "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
+            "--no-hf-baseline", "--compare", "fp8+kvfp8,bf16+kvauto,bf16,fp8+kvfp8"])
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    assert calls == ["fp8", "auto", "auto"]  # the repeated entry runs once
+    assert [r["impl"] for r in rec["rows"]] == ["vajra-fp8+kvfp8", "vajra-bf16"]
+    assert rec["metrics"]["variants"]["vajra-fp8+kvfp8"]["kv_cache"] == "fp8"
+    assert rec["metrics"]["variants"]["vajra-bf16"]["kv_cache"] == "auto"
+    failed = rec["checks"]["vajra-bf16+kvauto: ran"]
+    assert failed["passed"] is False and "RuntimeError: CUDA error: an illegal memory access" in str(failed)
+    assert rec["ok"] is False and "fp8+kvfp8_over_bf16" in rec["summary"]
+    assert "fp8+kvfp8_over_bf16+kvauto" not in rec["summary"]
+
+
+def test_parse_compare():
+    from gpulab.vajra.bench import parse_compare
+
+    assert parse_compare("fp8, bf16", "auto") == [("fp8", "fp8", "auto"), ("bf16", "bf16", "auto")]
+    assert parse_compare("fp8+kvfp8,fp8", "auto") == [("fp8+kvfp8", "fp8", "fp8"), ("fp8", "fp8", "auto")]
+    assert parse_compare("bf16+kvauto", "fp8") == [("bf16+kvauto", "bf16", "auto")]
+    for bad in ("fp8+kvint4", "int4", "fp8+", " , ", "fp8+kv"):
+        with pytest.raises(GpulabError, match="--compare takes fp8 and/or bf16"):
+            parse_compare(bad, "auto")
+
+
 def test_drive_time_box_aborts_and_reports(monkeypatch):
     """serve-bench's run under --budget-s: at the deadline the requests not yet admitted are dropped and those in
     flight aborted; every KV block comes back and the figures cover what was produced (time_boxed)."""
