@@ -117,15 +117,22 @@ def large_features(large: Any, hidden_states: tuple, align: list[int], mode: str
     return {a: pre_rope_raw(large, a, x) for a, x in xs.items()}
 
 
-def stitch_inputs(large: Any, small: Any, bank: Any, prompt: Any, hidden_states: tuple | None = None) -> dict:
+def stitch_inputs(large: Any, small: Any, bank: Any, prompt: Any, hidden_states: tuple | None = None,
+                  with_own: bool = True) -> dict:
     """Everything the bank reads for ``prompt``: the large model's features (``hidden_states``: its prefill's,
-    when already computed) and, in residual mode, the small model's own attention inputs under key "own"."""
+    when already computed) and, in residual mode, the small model's own attention inputs under key "own"
+    (``with_own=False`` leaves them to the caller: see :func:`own_features`)."""
     if hidden_states is None:
         hidden_states = large_prefill(large, prompt)[1]
     feats: dict = large_features(large, hidden_states, bank.align, bank.mode)
-    if bank.mode == "residual":
-        feats["own"] = attention_inputs(small, prefill(small, prompt).hidden_states, list(range(len(bank.align))))
+    if bank.mode == "residual" and with_own:
+        feats["own"] = own_features(small, bank, prompt)
     return feats
+
+
+def own_features(small: Any, bank: Any, prompt: Any) -> dict[int, Any]:
+    """The small model's own attention inputs over ``prompt`` (what residual stitches add the large model's map to)."""
+    return attention_inputs(small, prefill(small, prompt).hidden_states, list(range(len(bank.align))))
 
 
 def small_rope(small: Any, like: Any, position_ids: Any) -> tuple[Any, Any]:

@@ -88,10 +88,12 @@ def lm_loss_stitched(large: Any, small: Any, bank: Any, prompt: Any, cont: Any, 
     import torch
     import torch.nn.functional as F
 
-    from gpulab.stitchkv.stitch import stitch_inputs
+    from gpulab.stitchkv.stitch import own_features, stitch_inputs
 
-    with torch.no_grad():  # residual mode: the small model's own prefill too (no gradient through it)
-        feats = stitch_inputs(large, small, bank, prompt)
+    with torch.no_grad():  # the large model is frozen
+        feats = stitch_inputs(large, small, bank, prompt, with_own=False)
+    if bank.mode == "residual":  # the small model's own prefill, with its gradient (its LoRA, in stage 2)
+        feats["own"] = own_features(small, bank, prompt)
     pos = torch.arange(prompt.shape[1], device=prompt.device).unsqueeze(0).expand(prompt.shape[0], -1)
     logits = (module or stitched_lm(bank, small))(feats, pos, cont[:, :-1])
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1))

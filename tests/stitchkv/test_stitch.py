@@ -194,3 +194,34 @@ def test_handover_scores_like_a_fresh_stitched_prefill(models):
     assert torch.equal(reused, fresh)
     assert all(torch.equal(a, k) and torch.equal(b, v) for (a, b), (k, v) in zip(kept, g.handover[1]))
     assert greedy_stitched(large, small, bank, prompt, 2).handover is None
+
+
+def test_residual_stage2_loss_reaches_the_small_models_prompt_prefill(models, monkeypatch):
+    """Residual stitches read the small model's own prefill; the LM loss's gradient flows through it (stage 2
+    trains the small model's LoRA end to end), unlike with the prefill's features detached."""
+    import copy
+
+    from gpulab.stitchkv import stitch as S
+    from gpulab.stitchkv.train import lm_loss_stitched
+
+    large, small = models
+    small = copy.deepcopy(small).train()
+    ls, ss = shape_of(large), shape_of(small)
+    bank = make_bank(ls, ss, alignment("uniform-nearest", ls["layers"], ss["layers"]), "residual")
+    with torch.no_grad():
+        for lin in bank.linears():
+            lin.weight.normal_(std=0.02)
+    prompt, cont = torch.randint(0, 300, (2, 9)), torch.randint(0, 300, (2, 5))
+    first = next(p for n, p in small.named_parameters() if "layers.0.mlp" in n)  # feeds layer 1's prompt K/V
+
+    def grad():
+        small.zero_grad()
+        lm_loss_stitched(large, small, bank, prompt, cont).backward()
+        return first.grad.clone()
+
+    with_prefill = grad()
+    real = S.own_features
+    monkeypatch.setattr(S, "own_features", lambda *a: {k: v.detach() for k, v in real(*a).items()})
+    detached = grad()
+    assert not torch.allclose(with_prefill, detached)
+    assert torch.isfinite(with_prefill).all()
