@@ -91,7 +91,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
-        self.notes: list[str] = []
+        self.notes: list[str] = list(getattr(model, "notes", ()))  # e.g. fused kernels off
         bs = self.config.block_size
         self.max_blocks_per_seq = -(-self.max_model_len // bs)
         self.num_blocks = self._size_cache()

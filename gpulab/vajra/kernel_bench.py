@@ -274,6 +274,8 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
                 torch.cuda.synchronize()
                 rec.notes.append(f"decode step attn={be} B={batch_size}: CUDA-graph capture failed "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if batch_size == 1 and getattr(model, "fused_ops", False):  # the same step without the fused kernels
+            _unfused_b1(rec, model, b, kv, label, timings, reps)
         for impl, ms in timings.items():
             row = {"gemm": "decode step", "N x K": f"8B fp8, ctx {ctx}", "M": batch_size, "impl": impl,
                    "ms": round(ms, 4), "weight GB/s": round(wbytes / ms / 1e6, 1)}
@@ -288,6 +290,48 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
             if f"decode_b1_{be}_graph_ms" in rec.metrics:
                 rec.summary[f"decode_b1_{be}_graph_ms"] = rec.metrics[f"decode_b1_{be}_graph_ms"]
         del kv
+
+
+def _unfused_b1(rec, model, b, kv, label, timings, reps):
+    """Batch 1 with the unfused torch ops (RMSNorm, RoPE, SiLU) next to the fused kernels, as CUDA graphs, and
+    the kernels each form launches per step (one profiled eager step)."""
+    import torch
+
+    from gpulab.core import timing
+
+    step = lambda: model.forward(b, kv)  # noqa: E731
+    rec.metrics[f"decode_b1_{label}_kernels_fused"] = count_kernels(step)
+    model.fused_ops = False
+    try:
+        rec.metrics[f"decode_b1_{label}_kernels_unfused"] = count_kernels(step)
+        with torch.inference_mode():
+            g = _graph_of(step, 1)
+            timings[f"attn={label}, graph, unfused"] = timing.benchmark(g.replay, device="cuda", warmup=2,
+                                                                       reps=max(10, reps // 2)).median
+        del g
+    except Exception as e:  # noqa: BLE001 - keep the fused rows
+        torch.cuda.synchronize()
+        rec.notes.append(f"decode step attn={label} B=1 unfused: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        model.fused_ops = True
+
+
+def count_kernels(fn) -> int | None:
+    """GPU kernels one call of ``fn`` launches (torch.profiler; memcpy/memset not counted), None where the
+    profiler cannot say."""
+    import torch
+
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and not e.name.lower().startswith(("memcpy", "memset")))
+    except Exception:  # noqa: BLE001 - no kineto, or a profiler already running (ncu)
+        return None
 
 
 def _graph_of(fn, n: int):

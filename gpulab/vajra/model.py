@@ -16,23 +16,13 @@ import torch.nn.functional as F
 from gpulab.core.errors import InputError
 from gpulab.vajra.config import LlamaConfig, rope_inv_freq
 from gpulab.vajra.interface import ForwardBatch, KVCache, ModelInfo
+from gpulab.vajra import reference as ref
 from gpulab.vajra.linear import Linear
+from gpulab.vajra.reference import rms_norm
 
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    dt = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(dt)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 @dataclass
@@ -50,7 +40,7 @@ class LlamaModel:
 
     def __init__(self, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, embed: torch.Tensor,
                  layers: list[DecoderLayer], norm: torch.Tensor, lm_head: Linear, attention, kv_cache_dtype: str,
-                 max_model_len: int, quant: dict[str, Any] | None = None):
+                 max_model_len: int, quant: dict[str, Any] | None = None, fused_ops: bool | None = None):
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
@@ -66,6 +56,21 @@ class LlamaModel:
                               eos_token_ids=cfg.eos_token_ids, name=cfg.name)
         self.inv_freq = rope_inv_freq(cfg).to(device)
         self.scale = cfg.head_dim ** -0.5
+        self.notes: list[str] = []
+        if fused_ops is None:  # the fused Triton kernels on a GPU, where they pass their probe
+            half = cfg.head_dim // 2
+            fused_ops = device.type == "cuda" and cfg.head_dim % 2 == 0 and half & (half - 1) == 0
+            if device.type == "cuda" and not fused_ops:
+                self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off (head_dim {cfg.head_dim} is not twice a "
+                                  "power of two): the unfused torch ops serve")
+            if fused_ops:
+                from gpulab.vajra.fused_ops import fused_ops_problem
+
+                why = fused_ops_problem(str(device), dtype)
+                if why:
+                    fused_ops = False
+                    self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")
+        self.fused_ops = bool(fused_ops)
 
     # -------------------------------------------------------------------------------- KV cache
 
@@ -116,22 +121,40 @@ class LlamaModel:
         x = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rope(batch.positions)
         state = self.attention.begin(batch, kv)
-        qs, ks = c.q_size, c.kv_size
+        qs = c.q_size
+        n = len(self.layers)
+        x, h = self.add_norm(x, None, self.layers[0].input_norm) if n else (x, x)
         for li, L in enumerate(self.layers):
-            h = rms_norm(x, L.input_norm, c.rms_norm_eps)
-            qkv = L.qkv(h)
-            q = qkv[:, :qs].view(t, c.num_heads, c.head_dim)
-            k = qkv[:, qs:qs + ks].view(t, c.num_kv_heads, c.head_dim)
-            v = qkv[:, qs + ks:].view(t, c.num_kv_heads, c.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            o = self.attention(q, k, v.contiguous(), kv.layers[li], batch, kv, state)
-            x = x + L.o(o.reshape(t, qs))
-            h = rms_norm(x, L.post_norm, c.rms_norm_eps)
-            gu = L.gate_up(h)
-            inter = gu.shape[-1] // 2
-            x = x + L.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            q, k, v = self.rope_split(L.qkv(h), cos, sin)
+            o = self.attention(q, k, v, kv.layers[li], batch, kv, state)
+            x, h = self.add_norm(x, L.o(o.reshape(t, qs)), L.post_norm)
+            down = L.down(self.silu_mul(L.gate_up(h)))
+            if li + 1 < n:  # the next layer's input norm rides on this residual add
+                x, h = self.add_norm(x, down, self.layers[li + 1].input_norm)
+            else:
+                x = x + down
         return x
+
+    # The decoder layer's pointwise steps: the fused Triton kernels (fused_ops.py) or the torch ops they replace.
+    def _pointwise(self):
+        if self.fused_ops:
+            from gpulab.vajra import fused_ops
+
+            return fused_ops
+        return ref
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, rms_norm(x + delta, w)); delta None: (x, rms_norm(x, w))."""
+        return self._pointwise().add_rms_norm(x, delta, w, self.cfg.rms_norm_eps)
+
+    def rope_split(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """RoPE'd q [T, H, D], k [T, KVH, D] and v [T, KVH, D] (contiguous) of a fused qkv output."""
+        c = self.cfg
+        return self._pointwise().rope_split(qkv, cos, sin, c.num_heads, c.num_kv_heads, c.head_dim)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        return self._pointwise().silu_mul(gu)
 
     def final_hidden(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """The normed last hidden state of each sequence [B, hidden] (what the lm_head reads)."""

@@ -1,5 +1,6 @@
 """Torch references for every vajra kernel: FP8 quantize/dequantize/requantize, the linear
-layers' math, and attention over the paged KV cache (SDPA, sequence by sequence).
+layers' math, the decoder layer's pointwise steps (RMSNorm with the residual add, RoPE, SiLU * up;
+the unfused path of model.py), and attention over the paged KV cache (SDPA, sequence by sequence).
 
 Conventions: ``scale`` is the dequantization scale (``real = fp8 * scale``); quantizing divides
 by it and saturates to the format's largest finite value. Scale shapes: per-tensor ``[]``,
@@ -178,3 +179,44 @@ def paged_attention(q: torch.Tensor, layer: torch.Tensor, query_lens: torch.Tens
         out[start:start + ql] = o.transpose(0, 1)
         start += ql
     return out
+
+
+# ----------------------------------------------------------------- decoder-layer pointwise steps (fused_ops.py)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, round to x's dtype, then scale by w."""
+    dt = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(dt)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta, w)); delta None: (x, rms_norm(x, w))."""
+    if delta is not None:
+        x = x + delta
+    return x, rms_norm(x, w, eps)
+
+
+def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE'd q [T, H, D], k [T, KVH, D] and v [T, KVH, D] (contiguous) of a fused qkv output [T, (H + 2 KVH) D]."""
+    t = qkv.shape[0]
+    qs, ks = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :qs].view(t, num_heads, head_dim)
+    k = qkv[:, qs:qs + ks].view(t, num_kv_heads, head_dim)
+    v = qkv[:, qs + ks:].view(t, num_kv_heads, head_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v.contiguous()
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate_up output [T, 2 I]."""
+    inter = gu.shape[-1] // 2
+    return F.silu(gu[:, :inter]) * gu[:, inter:]

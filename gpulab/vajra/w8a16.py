@@ -67,6 +67,17 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k
         tl.store(o_ptr + pid_k * M * N + rm[:, None] * s_om + rn[None, :], acc, mask=omask)
 
 
+@triton.jit
+def _sum_splits_kernel(p_ptr, o_ptr, MN, SPLIT, BLOCK: tl.constexpr):
+    """o = sum over the split-K partials p [SPLIT, MN] (fp32), in o's dtype: one kernel instead of sum + cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, SPLIT):
+        acc += tl.load(p_ptr + i * MN + offs, mask=m, other=0.0)
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=m)
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
@@ -132,4 +143,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
                         IEEE=x.dtype == torch.float32, **extra)
     if split == 1:
         return out
-    return out.sum(0).to(out_dtype)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, split, BLOCK=block)
+    return y

@@ -56,11 +56,11 @@ if attn:
     for row in attn:
         print(f"{row['N x K']:22} {row['M']:>4} {row['impl']:18} {row['ms'] * 1e3:>9.2f} {row['KV GB/s']:>8} "
               f"{row.get('of copy', ''):>8} {row.get('splits', ''):>6} {row.get('timed', '')}")
-print(f"{'gemm':12} {'M':>4} {'impl':26} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
+print(f"{'gemm':12} {'M':>4} {'impl':34} {'ms':>9} {'GB/s':>8} {'of copy':>8}")
 for row in r["rows"]:
     if row["gemm"] == "attn decode":
         continue
-    print(f"{row['gemm']:12} {row['M']:>4} {row['impl']:26} {row['ms']:>9} {row.get('weight GB/s', ''):>8} "
+    print(f"{row['gemm']:12} {row['M']:>4} {row['impl']:34} {row['ms']:>9} {row.get('weight GB/s', ''):>8} "
           f"{row.get('of copy', ''):>8}")
 print("summary:", r["summary"], "| checks ok:", r["ok"])
 bad = [k for k, c in (r.get("checks") or {}).items() if not c.get("passed")]
@@ -70,5 +70,8 @@ for n in r.get("notes") or []:
     print("note:", n)
 if r["metrics"].get("w8a16_best_tiling_m1"):
     print("w8a16 best tilings at M=1:", r["metrics"]["w8a16_best_tiling_m1"])
+kernels = {k: v for k, v in r["metrics"].items() if "_kernels_" in k}
+if kernels:
+    print("GPU kernels per batch-1 decode step (fused RMSNorm/RoPE/SiLU vs the unfused torch ops):", kernels)
 PYEOF
 exit $status

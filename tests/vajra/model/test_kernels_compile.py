@@ -4,7 +4,8 @@ child without TRITON_INTERPRET).
 The interpreter tests run them in fp32 on raw fp8 bytes only; this covers what a GPU runs: bf16/fp16
 activations, fp8 loaded natively where :func:`native_fp8_for` says the GPU has the type (e4m3fn from sm_89 on;
 Triton refuses it on sm_80, where the kernels must take the raw-byte path), the decode and prefill tiles of the
-paged attention with bf16 and fp8 caches, and the W8A16 tilings the heuristics pick (scale modes, split-K).
+paged attention with bf16 and fp8 caches, the W8A16 tilings the heuristics pick (scale modes, split-K), and
+the fused decoder-layer kernels (RMSNorm with the residual add, RoPE + q/k/v split, SiLU * up).
 """
 from tests.triton_aot import run_aot_script
 
@@ -106,6 +107,21 @@ for act, d, direct, group in (("*bf16", 128, True, 4), ("*bf16", 128, False, 8),
                  IEEE=False, **E4))
 compile(A._decode_merge_kernel, 90, {"o_ptr": "*bf16", "cl_ptr": "*i32", "po_ptr": "*fp32", "pml_ptr": "*fp32"},
         dict(PAGE=16, D=128, UNIT=4, SP=32))
+# the fused decoder-layer kernels at Llama-3.1-8B (hidden 4096, head_dim 128) and 1B (head_dim 64) shapes, and
+# the split-K reduction of W8A16, in bf16 (sm_80 on) and fp16
+from gpulab.vajra import fused_ops as FO
+for cc in (80, 89, 90):
+    for act in ("*bf16", "*fp16"):
+        compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": act, "w_ptr": act, "xo_ptr": act, "h_ptr": act,
+                                              "eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=4096), num_warps=8)
+        compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": act, "w_ptr": act, "xo_ptr": act, "h_ptr": act,
+                                              "eps": "fp32"}, dict(HAS_DELTA=False, BLOCK=2048), num_warps=4)
+        for half in (64, 32):
+            compile(FO._rope_split_kernel, cc, {"qkv_ptr": act, "cos_ptr": act, "sin_ptr": act, "q_ptr": act,
+                                                "k_ptr": act, "v_ptr": act}, dict(HALF=half, BH=4))
+        compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024))
+        compile(W._sum_splits_kernel, cc, {"p_ptr": "*fp32", "o_ptr": act}, dict(BLOCK=1024))
+print("ok fused", flush=True)
 print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
 """
 

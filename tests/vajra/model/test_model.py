@@ -149,6 +149,27 @@ def test_w8a16_triton_and_triton_attention_in_model(tiny, qdirs):
     assert rel_err(out[1], out[0]) < 1e-5
 
 
+def test_fused_decoder_kernels_in_model(tiny, qdirs):
+    """The fused RMSNorm / RoPE / SiLU kernels inside the model (interpreter on the CPU, where the model does not
+    choose them by itself): the unfused model's logits over a varlen prefill and a decode step."""
+    from gpulab.vajra.linear import triton_usable
+
+    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    base, fused = load_model(qdirs["ct-channel-2d"]), load_model(qdirs["ct-channel-2d"])
+    assert base.fused_ops is torch.cuda.is_available() and not base.notes
+    base.fused_ops, fused.fused_ops = False, True
+    p = prompts(2, [6, 3])
+    out = []
+    for m in (base, fused):
+        r = Runner(m, block_size=16, num_blocks=8)
+        s = [r.add() for _ in p]
+        a = r.step({s[0]: p[0], s[1]: p[1]})
+        b = r.step({s[0]: [3], s[1]: [4]})
+        out.append(torch.cat([a, b]))
+    assert rel_err(out[1], out[0]) < 1e-5
+
+
 def test_fp8_kv_cache_bounded(tiny):
     hf, src = tiny
     vm = load_model(src, kv_cache_dtype="fp8")

@@ -1,0 +1,200 @@
+"""Fused pointwise kernels of the decoder layer (Triton): residual add + RMSNorm, RoPE + q/k/v split, SiLU * up.
+
+Eager torch runs about forty small kernels per Llama decoder layer around its four GEMMs (RMSNorm alone
+is seven: cast, square, mean, add, rsqrt, multiply, cast and weight; RoPE five per tensor). At batch 1
+each costs a few microseconds of launch and latency even inside a CUDA graph: at Llama-3.1-8B shapes
+(32 layers) about 1,400 kernels per decode step, milliseconds against the ~2.7 ms the FP8 weights take
+to stream. With these three kernels a layer runs about fourteen.
+
+Each kernel rounds where the unfused torch ops round (bf16 / fp16 after every op), so the two paths
+agree to the last bit in most elements; the torch ops in ``reference.py`` are the reference, and the CPU
+tests run these kernels under ``TRITON_INTERPRET=1`` in fp32 against them. ``fused_ops_problem`` probes
+them once per device and dtype; the model falls back to the unfused ops where they fail.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, s_x, s_d, s_xo, s_h, eps,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(x_ptr + row * s_x + cols, mask=m, other=0.0)
+    if HAS_DELTA:  # the residual stream in its own dtype, as x + delta in torch
+        d = tl.load(d_ptr + row * s_d + cols, mask=m, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + row * s_xo + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    h = (xf * tl.rsqrt(var + eps)).to(h_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)
+    tl.store(h_ptr + row * s_h + cols, (w.to(tl.float32) * h.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_qkv, s_cs, NQ, NKV,
+                       HALF: tl.constexpr, BH: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    d = tl.arange(0, HALF)
+    D = 2 * HALF
+    total = NQ + 2 * NKV
+    hm = heads < total
+    src = qkv_ptr + t * s_qkv + heads[:, None] * D + d[None, :]
+    x1 = tl.load(src, mask=hm[:, None], other=0.0)
+    x2 = tl.load(src + HALF, mask=hm[:, None], other=0.0)
+    # cos/sin hold cat(freqs, freqs): both halves of a head share the first half's values
+    c = tl.load(cos_ptr + t * s_cs + d)[None, :].to(tl.float32)
+    s = tl.load(sin_ptr + t * s_cs + d)[None, :].to(tl.float32)
+    dt = x1.dtype
+    # q * cos + rotate_half(q) * sin with torch's rounding after each op; rotate_half(x) = cat(-x2, x1)
+    a1 = (x1.to(tl.float32) * c).to(dt).to(tl.float32)
+    b1 = (-x2.to(tl.float32) * s).to(dt).to(tl.float32)
+    a2 = (x2.to(tl.float32) * c).to(dt).to(tl.float32)
+    b2 = (x1.to(tl.float32) * s).to(dt).to(tl.float32)
+    rotate = heads < NQ + NKV  # q and k heads; v heads pass through
+    o1 = tl.where(rotate[:, None], (a1 + b1).to(dt), x1)
+    o2 = tl.where(rotate[:, None], (a2 + b2).to(dt), x2)
+    is_q = heads < NQ
+    is_k = (heads >= NQ) & rotate
+    is_v = (heads >= NQ + NKV) & hm
+    qh = tl.where(is_q, heads, 0)
+    kh = tl.where(is_k, heads - NQ, 0)
+    vh = tl.where(is_v, heads - NQ - NKV, 0)
+    qd = q_ptr + (t * NQ + qh)[:, None] * D + d[None, :]
+    kd = k_ptr + (t * NKV + kh)[:, None] * D + d[None, :]
+    vd = v_ptr + (t * NKV + vh)[:, None] * D + d[None, :]
+    tl.store(qd, o1, mask=is_q[:, None])
+    tl.store(qd + HALF, o2, mask=is_q[:, None])
+    tl.store(kd, o1, mask=is_k[:, None])
+    tl.store(kd + HALF, o2, mask=is_k[:, None])
+    tl.store(vd, o1, mask=is_v[:, None])
+    tl.store(vd + HALF, o2, mask=is_v[:, None])
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, o_ptr, INTER, s_gu, s_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < INTER
+    g = tl.load(gu_ptr + row * s_gu + cols, mask=m, other=0.0)
+    u = tl.load(gu_ptr + row * s_gu + INTER + cols, mask=m, other=0.0)
+    gf = g.to(tl.float32)
+    a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu, rounded as torch rounds it
+    tl.store(o_ptr + row * s_o + cols, (a.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"{what}: expected a 2-D tensor with contiguous rows, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    return x
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) * w) in one kernel; without delta, (x, rms_norm(x) * w)."""
+    _rows(x, "add_rms_norm x")
+    t, n = x.shape
+    h = torch.empty_like(x)
+    xo = x
+    if delta is not None:
+        _rows(delta, "add_rms_norm delta")
+        if delta.shape != x.shape:
+            raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and delta {tuple(delta.shape)} differ")
+        xo = torch.empty_like(x)
+    if t:
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(t,)](x, x if delta is None else delta, w, xo, h, n, x.stride(0),
+                                   0 if delta is None else delta.stride(0), xo.stride(0), h.stride(0), float(eps),
+                                   HAS_DELTA=delta is not None, BLOCK=block,
+                                   **({} if _interpreted() else {"num_warps": 4 if block <= 2048 else 8}))
+    return xo, h
+
+
+def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE on the q and k heads of a fused qkv [T, (H + 2 KVH) * D] and the three split out contiguous:
+    q [T, H, D], k [T, KVH, D], v [T, KVH, D]. cos/sin: [T, 1, D] (or [T, D]) holding cat(freqs, freqs)."""
+    _rows(qkv, "rope_split qkv")
+    t = qkv.shape[0]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"rope_split: qkv has {qkv.shape[1]} columns, not ({num_heads} + 2 x {num_kv_heads}) "
+                         f"x {head_dim}")
+    cos2, sin2 = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
+    if cos2.stride(1) != 1 or sin2.stride() != cos2.stride():
+        raise ValueError(f"rope_split: cos/sin must be [T, 1, {head_dim}] with contiguous rows")
+    q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((t, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty((t, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    half = head_dim // 2
+    if t:
+        if half & (half - 1):
+            raise ValueError(f"rope_split: head_dim {head_dim} is not twice a power of two")
+        bh = 4
+        grid = (t, triton.cdiv(num_heads + 2 * num_kv_heads, bh))
+        _rope_split_kernel[grid](qkv, cos2, sin2, q, k, v, qkv.stride(0), cos2.stride(0), num_heads, num_kv_heads,
+                                 HALF=half, BH=bh)
+    return q, k, v
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gu[:, :I]) * gu[:, I:] for a fused gate_up output [T, 2 I]."""
+    _rows(gu, "silu_mul")
+    t, two_i = gu.shape
+    if two_i % 2:
+        raise ValueError(f"silu_mul: gate_up has an odd width {two_i}")
+    inter = two_i // 2
+    out = torch.empty((t, inter), dtype=gu.dtype, device=gu.device)
+    if t:
+        block = 1024
+        _silu_mul_kernel[(t, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0), BLOCK=block)
+    return out
+
+
+def _interpreted() -> bool:
+    from gpulab.vajra.fp8_kernels import interpreted
+
+    return interpreted()
+
+
+# ----------------------------------------------------------------------------------- reference and probe
+
+
+@functools.lru_cache(maxsize=8)
+def fused_ops_problem(device: str, dtype: torch.dtype) -> str | None:
+    """Why the fused kernels cannot serve on ``device`` in ``dtype`` (None: they can): each runs once on small
+    inputs and is compared with the unfused torch ops."""
+    from gpulab.vajra import reference as ref
+
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        x, d, w = rnd(3, 96), rnd(3, 96), rnd(96)
+        for got, want in zip(add_rms_norm(x, d, w, 1e-5), ref.add_rms_norm(x, d, w, 1e-5)):
+            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                return "add_rms_norm differs from the torch ops"
+        qkv = rnd(3, (4 + 2 * 2) * 16)
+        ang = torch.rand(3, 1, 8, generator=g) * 6
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(device=device, dtype=dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(device=device, dtype=dtype)
+        for got, want in zip(rope_split(qkv, cos, sin, 4, 2, 16), ref.rope_split(qkv, cos, sin, 4, 2, 16)):
+            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                return "rope_split differs from the torch ops"
+        gu = rnd(3, 2 * 80)
+        if not torch.allclose(silu_mul(gu).float(), ref.silu_mul(gu).float(), atol=tol, rtol=tol):
+            return "silu_mul differs from the torch ops"
+    except Exception as e:  # noqa: BLE001 - a compiler or launch error: serve with the unfused ops
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    return None

@@ -1,0 +1,102 @@
+"""The fused decoder-layer kernels (fused_ops.py) against the torch ops they replace (reference.py): under
+TRITON_INTERPRET=1 in fp32 on the CPU, natively in bf16 on a GPU; and a model serving with them gives the
+unfused model's logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpulab.vajra import fused_ops as FO
+from gpulab.vajra import reference as R
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEV == "cuda" else [])
+
+
+def close(got, want, dt):
+    tol = 1e-5 if dt == torch.float32 else 1e-2
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def rnd(g, *shape, dt=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEV, dtype=dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("t,n", [(1, 64), (5, 96), (3, 4096), (0, 64)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(dt, t, n, with_delta):
+    g = torch.Generator().manual_seed(t * 7 + n)
+    x, d, w = rnd(g, t, n, dt=dt, scale=3.0), rnd(g, t, n, dt=dt), rnd(g, n, dt=dt)
+    got = FO.add_rms_norm(x, d if with_delta else None, w, 1e-6)
+    want = R.add_rms_norm(x, d if with_delta else None, w, 1e-6)
+    for a, b in zip(got, want):
+        close(a, b, dt)
+    if not with_delta:
+        assert got[0] is x  # the residual stream is passed through, not copied
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 4, 2, 16), (6, 8, 2, 32), (3, 32, 8, 128), (2, 3, 3, 8),
+                                                (0, 4, 2, 16)])
+def test_rope_split(dt, t, heads, kv_heads, d):
+    g = torch.Generator().manual_seed(t + heads + d)
+    qkv = rnd(g, t, (heads + 2 * kv_heads) * d, dt=dt)
+    pos = torch.randint(0, 5000, (t,), generator=g).float()
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    freqs = pos[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(DEV, dt)[:, None, :], emb.sin().to(DEV, dt)[:, None, :]
+    got = FO.rope_split(qkv, cos, sin, heads, kv_heads, d)
+    want = R.rope_split(qkv, cos, sin, heads, kv_heads, d)
+    for a, b in zip(got, want):
+        assert a.is_contiguous()
+        close(a, b, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("t,inter", [(1, 80), (4, 1500), (2, 14336), (0, 8)])
+def test_silu_mul(dt, t, inter):
+    g = torch.Generator().manual_seed(t + inter)
+    gu = rnd(g, t, 2 * inter, dt=dt, scale=4.0)
+    close(FO.silu_mul(gu), R.silu_mul(gu), dt)
+
+
+def test_bad_shapes_are_value_errors():
+    x = torch.zeros(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="differ"):
+        FO.add_rms_norm(x, torch.zeros(2, 4, device=DEV), torch.ones(8, device=DEV), 1e-6)
+    with pytest.raises(ValueError, match="not \\(2 \\+ 2 x 1\\) x 4"):
+        FO.rope_split(torch.zeros(2, 12, device=DEV), torch.zeros(2, 1, 4, device=DEV), torch.zeros(2, 1, 4, device=DEV),
+                      2, 1, 4)
+    with pytest.raises(ValueError, match="odd width"):
+        FO.silu_mul(torch.zeros(2, 7, device=DEV))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        FO.silu_mul(torch.zeros(8, 2, device=DEV).t())
+
+
+def test_probe_passes_here():
+    assert FO.fused_ops_problem(DEV, torch.float32) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_fused_ops_on_gpu_at_llama8b_shapes(dt):
+    """bf16/fp16 on the GPU, 8B shapes (hidden 4096, 32/8 heads of 128, intermediate 14336), batch 1 and 64: each
+    kernel rounds where the torch ops round, so nearly every element is bit-identical to them."""
+    g = torch.Generator().manual_seed(0)
+    assert FO.fused_ops_problem("cuda", dt) is None
+    for t in (1, 64):
+        x, d, w = (torch.randn(t, 4096, generator=g) * 3).cuda().to(dt), torch.randn(t, 4096, generator=g).cuda().to(dt), \
+            torch.randn(4096, generator=g).cuda().to(dt)
+        pairs = list(zip(FO.add_rms_norm(x, d, w, 1e-5), R.add_rms_norm(x, d, w, 1e-5)))
+        qkv = torch.randn(t, 48 * 128, generator=g).cuda().to(dt)
+        ang = torch.rand(t, 1, 64, generator=g) * 100
+        cos, sin = torch.cat([ang.cos()] * 2, -1).cuda().to(dt), torch.cat([ang.sin()] * 2, -1).cuda().to(dt)
+        pairs += zip(FO.rope_split(qkv, cos, sin, 32, 8, 128), R.rope_split(qkv, cos, sin, 32, 8, 128))
+        gu = (torch.randn(t, 2 * 14336, generator=g) * 4).cuda().to(dt)
+        pairs.append((FO.silu_mul(gu), R.silu_mul(gu)))
+        for got, want in pairs:
+            close(got, want, dt)
+            assert (got == want).float().mean() > 0.99, (t, dt)
