@@ -8,7 +8,9 @@ to stream. With these three kernels a layer runs about fourteen.
 
 Each kernel rounds where the unfused torch ops round (bf16 / fp16 after every op), so the two paths
 agree to the last bit in most elements; the torch ops in ``reference.py`` are the reference, and the CPU
-tests run these kernels under ``TRITON_INTERPRET=1`` in fp32 against them. ``fused_ops_problem`` probes
+tests run these kernels under ``TRITON_INTERPRET=1`` in fp32 against them. Where the W8A16 GEMM splits K,
+the norm and RoPE kernels also sum its fp32 partials (``Linear(x, partials=True)``), which saves the
+separate reduction kernel of the o, down and qkv projections. ``fused_ops_problem`` probes
 them once per device and dtype; the model falls back to the unfused ops where they fail.
 """
 from __future__ import annotations
@@ -21,14 +23,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, s_x, s_d, s_xo, s_h, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, s_x, s_d, s_xo, s_h, eps, SPLIT, s_split,
+                         HAS_DELTA: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=m, other=0.0)
     if HAS_DELTA:  # the residual stream in its own dtype, as x + delta in torch
-        d = tl.load(d_ptr + row * s_d + cols, mask=m, other=0.0)
+        if PARTIAL:  # delta as split-K partial sums (fp32): summed, then rounded as the separate reduction would
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in range(0, SPLIT):
+                acc += tl.load(d_ptr + i * s_split + row * s_d + cols, mask=m, other=0.0)
+            d = acc.to(xo_ptr.dtype.element_ty)
+        else:
+            d = tl.load(d_ptr + row * s_d + cols, mask=m, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
         tl.store(xo_ptr + row * s_xo + cols, x, mask=m)
     xf = x.to(tl.float32)
@@ -39,21 +47,30 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, s_x, s_d, s_xo, 
 
 
 @triton.jit
-def _rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_qkv, s_cs, NQ, NKV,
-                       HALF: tl.constexpr, BH: tl.constexpr):
+def _rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_qkv, s_cs, NQ, NKV, SPLIT, s_split,
+                       HALF: tl.constexpr, BH: tl.constexpr, PARTIAL: tl.constexpr):
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     d = tl.arange(0, HALF)
     D = 2 * HALF
     total = NQ + 2 * NKV
     hm = heads < total
+    dt = q_ptr.dtype.element_ty
     src = qkv_ptr + t * s_qkv + heads[:, None] * D + d[None, :]
-    x1 = tl.load(src, mask=hm[:, None], other=0.0)
-    x2 = tl.load(src + HALF, mask=hm[:, None], other=0.0)
+    if PARTIAL:  # qkv as split-K partial sums (fp32): summed, then rounded as the separate reduction would
+        x1 = tl.zeros([BH, HALF], dtype=tl.float32)
+        x2 = tl.zeros([BH, HALF], dtype=tl.float32)
+        for i in range(0, SPLIT):
+            x1 += tl.load(src + i * s_split, mask=hm[:, None], other=0.0)
+            x2 += tl.load(src + i * s_split + HALF, mask=hm[:, None], other=0.0)
+        x1 = x1.to(dt)
+        x2 = x2.to(dt)
+    else:
+        x1 = tl.load(src, mask=hm[:, None], other=0.0)
+        x2 = tl.load(src + HALF, mask=hm[:, None], other=0.0)
     # cos/sin hold cat(freqs, freqs): both halves of a head share the first half's values
     c = tl.load(cos_ptr + t * s_cs + d)[None, :].to(tl.float32)
     s = tl.load(sin_ptr + t * s_cs + d)[None, :].to(tl.float32)
-    dt = x1.dtype
     # q * cos + rotate_half(q) * sin with torch's rounding after each op; rotate_half(x) = cat(-x2, x1)
     a1 = (x1.to(tl.float32) * c).to(dt).to(tl.float32)
     b1 = (-x2.to(tl.float32) * s).to(dt).to(tl.float32)
@@ -98,50 +115,63 @@ def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
+def _maybe_partials(y: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
+    """(the [T, N] view of one split, number of splits, stride between splits) of a 2-D tensor or of W8A16's
+    contiguous fp32 split-K partials [SPLIT, T, N]."""
+    if y.dim() == 3:
+        if y.dtype != torch.float32 or not y.is_contiguous():
+            raise ValueError(f"{what}: split-K partials must be contiguous fp32 [SPLIT, T, N], got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        return y[0], y.shape[0], y.stride(0)
+    return _rows(y, what), 1, 0
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta) * w) in one kernel; without delta, (x, rms_norm(x) * w)."""
+    """(x + delta, rms_norm(x + delta) * w) in one kernel; without delta, (x, rms_norm(x) * w). ``delta`` may be
+    W8A16's split-K partials [SPLIT, T, N] (fp32): summed and rounded to x's dtype first."""
     _rows(x, "add_rms_norm x")
     t, n = x.shape
     h = torch.empty_like(x)
-    xo = x
+    xo, d, split, s_split = x, x, 1, 0
     if delta is not None:
-        _rows(delta, "add_rms_norm delta")
-        if delta.shape != x.shape:
+        d, split, s_split = _maybe_partials(delta, "add_rms_norm delta")
+        if d.shape != x.shape:
             raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and delta {tuple(delta.shape)} differ")
         xo = torch.empty_like(x)
     if t:
         block = triton.next_power_of_2(n)
-        _add_rms_norm_kernel[(t,)](x, x if delta is None else delta, w, xo, h, n, x.stride(0),
-                                   0 if delta is None else delta.stride(0), xo.stride(0), h.stride(0), float(eps),
-                                   HAS_DELTA=delta is not None, BLOCK=block,
-                                   **({} if _interpreted() else {"num_warps": 4 if block <= 2048 else 8}))
+        _add_rms_norm_kernel[(t,)](x, delta if delta is not None else x, w, xo, h, n, x.stride(0), d.stride(0),
+                                   xo.stride(0), h.stride(0), float(eps), split, s_split,
+                                   HAS_DELTA=delta is not None, PARTIAL=delta is not None and delta.dim() == 3,
+                                   BLOCK=block, **({} if _interpreted() else {"num_warps": 4 if block <= 2048 else 8}))
     return xo, h
 
 
 def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on the q and k heads of a fused qkv [T, (H + 2 KVH) * D] and the three split out contiguous:
-    q [T, H, D], k [T, KVH, D], v [T, KVH, D]. cos/sin: [T, 1, D] (or [T, D]) holding cat(freqs, freqs)."""
-    _rows(qkv, "rope_split qkv")
-    t = qkv.shape[0]
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
-        raise ValueError(f"rope_split: qkv has {qkv.shape[1]} columns, not ({num_heads} + 2 x {num_kv_heads}) "
+    q [T, H, D], k [T, KVH, D], v [T, KVH, D] in cos's dtype. cos/sin: [T, 1, D] (or [T, D]) holding
+    cat(freqs, freqs). ``qkv`` may be W8A16's split-K partials [SPLIT, T, ...] (fp32): summed and rounded first."""
+    one, split, s_split = _maybe_partials(qkv, "rope_split qkv")
+    t = one.shape[0]
+    if one.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"rope_split: qkv has {one.shape[1]} columns, not ({num_heads} + 2 x {num_kv_heads}) "
                          f"x {head_dim}")
     cos2, sin2 = cos.reshape(t, head_dim), sin.reshape(t, head_dim)
     if cos2.stride(1) != 1 or sin2.stride() != cos2.stride():
         raise ValueError(f"rope_split: cos/sin must be [T, 1, {head_dim}] with contiguous rows")
-    q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((t, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    v = torch.empty((t, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty((t, num_heads, head_dim), dtype=cos.dtype, device=qkv.device)
+    k = torch.empty((t, num_kv_heads, head_dim), dtype=cos.dtype, device=qkv.device)
+    v = torch.empty((t, num_kv_heads, head_dim), dtype=cos.dtype, device=qkv.device)
     half = head_dim // 2
     if t:
         if half & (half - 1):
             raise ValueError(f"rope_split: head_dim {head_dim} is not twice a power of two")
         bh = 4
         grid = (t, triton.cdiv(num_heads + 2 * num_kv_heads, bh))
-        _rope_split_kernel[grid](qkv, cos2, sin2, q, k, v, qkv.stride(0), cos2.stride(0), num_heads, num_kv_heads,
-                                 HALF=half, BH=bh)
+        _rope_split_kernel[grid](qkv, cos2, sin2, q, k, v, one.stride(0), cos2.stride(0), num_heads, num_kv_heads,
+                                 split, s_split, HALF=half, BH=bh, PARTIAL=qkv.dim() == 3)
     return q, k, v
 
 
@@ -182,16 +212,20 @@ def fused_ops_problem(device: str, dtype: torch.dtype) -> str | None:
 
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         x, d, w = rnd(3, 96), rnd(3, 96), rnd(96)
-        for got, want in zip(add_rms_norm(x, d, w, 1e-5), ref.add_rms_norm(x, d, w, 1e-5)):
-            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-                return "add_rms_norm differs from the torch ops"
+        parts = torch.randn(2, 3, 96, generator=g).to(device)
+        for delta, want_delta in ((d, d), (parts, parts.sum(0).to(dtype))):
+            for got, want in zip(add_rms_norm(x, delta, w, 1e-5), ref.add_rms_norm(x, want_delta, w, 1e-5)):
+                if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                    return "add_rms_norm differs from the torch ops"
         qkv = rnd(3, (4 + 2 * 2) * 16)
         ang = torch.rand(3, 1, 8, generator=g) * 6
         cos = torch.cat([ang.cos(), ang.cos()], -1).to(device=device, dtype=dtype)
         sin = torch.cat([ang.sin(), ang.sin()], -1).to(device=device, dtype=dtype)
-        for got, want in zip(rope_split(qkv, cos, sin, 4, 2, 16), ref.rope_split(qkv, cos, sin, 4, 2, 16)):
-            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-                return "rope_split differs from the torch ops"
+        qparts = torch.randn(2, 3, (4 + 2 * 2) * 16, generator=g).to(device)
+        for inp, want_inp in ((qkv, qkv), (qparts, qparts.sum(0).to(dtype))):
+            for got, want in zip(rope_split(inp, cos, sin, 4, 2, 16), ref.rope_split(want_inp, cos, sin, 4, 2, 16)):
+                if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                    return "rope_split differs from the torch ops"
         gu = rnd(3, 2 * 80)
         if not torch.allclose(silu_mul(gu).float(), ref.silu_mul(gu).float(), atol=tol, rtol=tol):
             return "silu_mul differs from the torch ops"

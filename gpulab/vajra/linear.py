@@ -235,7 +235,9 @@ class Linear:
         n, k = self.qw.q.shape
         return n % 16 == 0 and k % 16 == 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
+        """``partials=True`` (x 2-D): the W8A16 kernel's split-K partial sums [SPLIT, M, N] in fp32 may come back
+        instead of y [M, N], for a fused consumer that sums them (fused_ops.py); never with a bias."""
         if self.observer is not None:
             self.observer(x)
         shape = x.shape
@@ -246,7 +248,10 @@ class Linear:
         elif kind == "w8a16":
             from gpulab.vajra.w8a16 import w8a16_matmul
 
-            y = w8a16_matmul(x2, self.qw.q, self.qw.scale, self.qw.strategy, self.qw.block)
+            raw = partials and self.bias is None and x.dim() == 2
+            y = w8a16_matmul(x2, self.qw.q, self.qw.scale, self.qw.strategy, self.qw.block, reduce=not raw)
+            if y.dim() == 3:
+                return y
         elif kind == "w8a8":
             y = self._w8a8(x2)
         elif kind == "dequant-jit":

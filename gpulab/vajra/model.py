@@ -124,11 +124,12 @@ class LlamaModel:
         qs = c.q_size
         n = len(self.layers)
         x, h = self.add_norm(x, None, self.layers[0].input_norm) if n else (x, x)
+        raw = self.fused_ops  # the fused kernels sum W8A16's split-K partials themselves (one kernel fewer each)
         for li, L in enumerate(self.layers):
-            q, k, v = self.rope_split(L.qkv(h), cos, sin)
+            q, k, v = self.rope_split(L.qkv(h, partials=raw), cos, sin)
             o = self.attention(q, k, v, kv.layers[li], batch, kv, state)
-            x, h = self.add_norm(x, L.o(o.reshape(t, qs)), L.post_norm)
-            down = L.down(self.silu_mul(L.gate_up(h)))
+            x, h = self.add_norm(x, L.o(o.reshape(t, qs), partials=raw), L.post_norm)
+            down = L.down(self.silu_mul(L.gate_up(h)), partials=raw and li + 1 < n)
             if li + 1 < n:  # the next layer's input norm rides on this residual add
                 x, h = self.add_norm(x, down, self.layers[li + 1].input_norm)
             else:

@@ -100,8 +100,11 @@ def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> d
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy: str, block=None,
-                 config: dict | None = None, native: bool | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) @ dequant(q [N, K])^T -> [M, N] in x's dtype."""
+                 config: dict | None = None, native: bool | None = None, reduce: bool = True) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ dequant(q [N, K])^T -> [M, N] in x's dtype.
+
+    ``reduce=False``: where the work is split over K, the fp32 partial sums [SPLIT, M, N] as they are, for a
+    consumer that sums them itself (the fused kernels of fused_ops.py); [M, N] otherwise."""
     if strategy not in SCALE_MODES:
         raise ValueError(f"unknown scale strategy {strategy!r}")
     eb, mb, bias = FORMATS[q.dtype]
@@ -141,7 +144,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
                         s_ss, k_per, SBR=sbr, SBC=sbc, SCALE_MODE=SCALE_MODES[strategy], SPLIT_K=split,
                         BM=bm, BN=bn, BK=bk, NATIVE=native, EBITS=eb, MBITS=mb, BIAS=bias,
                         IEEE=x.dtype == torch.float32, **extra)
-    if split == 1:
+    if split == 1 or not reduce:
         return out
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     block = 1024

@@ -63,6 +63,44 @@ def test_silu_mul(dt, t, inter):
     close(FO.silu_mul(gu), R.silu_mul(gu), dt)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+def test_consumers_sum_split_k_partials(dt):
+    """add_rms_norm and rope_split take W8A16's fp32 split-K partials [SPLIT, T, N] in place of the reduced output:
+    the same result as reducing (sum, round to the activation dtype) first."""
+    g = torch.Generator().manual_seed(5)
+    t, n = 3, 96
+    x, w = rnd(g, t, n, dt=dt), rnd(g, n, dt=dt)
+    parts = rnd(g, 3, t, n)
+    for a, b in zip(FO.add_rms_norm(x, parts, w, 1e-6), R.add_rms_norm(x, parts.sum(0).to(dt), w, 1e-6)):
+        close(a, b, dt)
+    heads, kvh, d = 4, 2, 16
+    qparts = rnd(g, 4, t, (heads + 2 * kvh) * d)
+    ang = torch.rand(t, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(DEV, dt), torch.cat([ang.sin()] * 2, -1).to(DEV, dt)
+    got = FO.rope_split(qparts, cos, sin, heads, kvh, d)
+    for a, b in zip(got, R.rope_split(qparts.sum(0).to(dt), cos, sin, heads, kvh, d)):
+        close(a, b, dt)
+
+
+def test_w8a16_partials_feed_the_fused_norm():
+    """The W8A16 kernel with reduce=False hands its split-K partials over; summed by add_rms_norm they give what
+    the reduced GEMM output gives."""
+    from gpulab.vajra import fp8_kernels as K
+    from gpulab.vajra.w8a16 import w8a16_matmul
+
+    g = torch.Generator().manual_seed(6)
+    xin, wq = rnd(g, 2, 256), rnd(g, 64, 256, scale=0.05)
+    q, s = K.quantize(wq, "channel")
+    cfg = {"SPLIT_K": 4, "BK": 32, "BN": 32}
+    parts = w8a16_matmul(xin, q, s, "channel", config=cfg, native=False, reduce=False)
+    full = w8a16_matmul(xin, q, s, "channel", config=cfg, native=False)
+    assert parts.shape == (4, 2, 64) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), full)
+    x, w = rnd(g, 2, 64), rnd(g, 64)
+    for a, b in zip(FO.add_rms_norm(x, parts, w, 1e-6), FO.add_rms_norm(x, full, w, 1e-6)):
+        close(a, b, torch.float32)
+
+
 def test_bad_shapes_are_value_errors():
     x = torch.zeros(2, 8, device=DEV)
     with pytest.raises(ValueError, match="differ"):
@@ -74,6 +112,8 @@ def test_bad_shapes_are_value_errors():
         FO.silu_mul(torch.zeros(2, 7, device=DEV))
     with pytest.raises(ValueError, match="contiguous rows"):
         FO.silu_mul(torch.zeros(8, 2, device=DEV).t())
+    with pytest.raises(ValueError, match="split-K partials must be contiguous fp32"):
+        FO.add_rms_norm(x, torch.zeros(2, 2, 8, device=DEV, dtype=torch.float64), torch.ones(8, device=DEV), 1e-6)
 
 
 def test_probe_passes_here():

@@ -112,13 +112,15 @@ compile(A._decode_merge_kernel, 90, {"o_ptr": "*bf16", "cl_ptr": "*i32", "po_ptr
 from gpulab.vajra import fused_ops as FO
 for cc in (80, 89, 90):
     for act in ("*bf16", "*fp16"):
-        compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": act, "w_ptr": act, "xo_ptr": act, "h_ptr": act,
-                                              "eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=4096), num_warps=8)
-        compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": act, "w_ptr": act, "xo_ptr": act, "h_ptr": act,
-                                              "eps": "fp32"}, dict(HAS_DELTA=False, BLOCK=2048), num_warps=4)
-        for half in (64, 32):
-            compile(FO._rope_split_kernel, cc, {"qkv_ptr": act, "cos_ptr": act, "sin_ptr": act, "q_ptr": act,
-                                                "k_ptr": act, "v_ptr": act}, dict(HALF=half, BH=4))
+        for d_ptr, has, partial, block in ((act, True, False, 4096), ("*fp32", True, True, 4096),
+                                           (act, False, False, 2048)):
+            compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": d_ptr, "w_ptr": act, "xo_ptr": act,
+                                                  "h_ptr": act, "eps": "fp32"},
+                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block), num_warps=8 if block > 2048 else 4)
+        for half, partial in ((64, False), (64, True), (32, False)):
+            compile(FO._rope_split_kernel, cc, {"qkv_ptr": "*fp32" if partial else act, "cos_ptr": act,
+                                                "sin_ptr": act, "q_ptr": act, "k_ptr": act, "v_ptr": act},
+                    dict(HALF=half, BH=4, PARTIAL=partial))
         compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024))
         compile(W._sum_splits_kernel, cc, {"p_ptr": "*fp32", "o_ptr": act}, dict(BLOCK=1024))
 print("ok fused", flush=True)

@@ -170,6 +170,38 @@ def test_fused_decoder_kernels_in_model(tiny, qdirs):
     assert rel_err(out[1], out[0]) < 1e-5
 
 
+def test_fused_kernels_take_w8a16_split_k_partials_in_model(tiny, qdirs, monkeypatch):
+    """W8A16 forced to split K: the fused norm and RoPE kernels sum its partials (no reduction kernel); the logits
+    are the unfused dequant model's."""
+    from gpulab.vajra import w8a16 as W
+    from gpulab.vajra.linear import triton_usable
+
+    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    real = W.choose_config
+    monkeypatch.setattr(W, "choose_config", lambda *a, **kw: {**real(*a, **kw), "SPLIT_K": 2, "BK": 16})
+    seen = []
+    real_mm = W.w8a16_matmul
+
+    def spy(*a, **kw):
+        out = real_mm(*a, **kw)
+        seen.append(out.dim())
+        return out
+
+    monkeypatch.setattr(W, "w8a16_matmul", spy)
+    base = load_model(qdirs["ct-channel-2d"])
+    fused = load_model(qdirs["ct-channel-2d"], linear_backend="w8a16")
+    base.fused_ops, fused.fused_ops = False, True
+    p = prompts(2, [5, 3])
+    out = []
+    for m in (base, fused):
+        r = Runner(m, block_size=16, num_blocks=8)
+        s = [r.add() for _ in p]
+        out.append(torch.cat([r.step({s[0]: p[0], s[1]: p[1]}), r.step({s[0]: [3], s[1]: [4]})]))
+    assert 3 in seen  # partials were handed over
+    assert rel_err(out[1], out[0]) < 1e-5
+
+
 def test_fp8_kv_cache_bounded(tiny):
     hf, src = tiny
     vm = load_model(src, kv_cache_dtype="fp8")
