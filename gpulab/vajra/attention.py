@@ -66,6 +66,13 @@ class TorchAttention:
                                    self.scale, kv.k_scale, kv.v_scale)
 
 
+def store_kv_fused(k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+    """reference.write_kv as one Triton kernel (fused_ops.store_kv): the Triton and flashinfer backends' K/V store."""
+    from gpulab.vajra.fused_ops import store_kv
+
+    store_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+
+
 class TritonAttention(TorchAttention):
     name = "triton"
     graph_capturable = True  # decode-only steps run without a host sync
@@ -74,6 +81,9 @@ class TritonAttention(TorchAttention):
         super().__init__(*a, **kw)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
             raise DeviceError("attention backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+
+    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+        store_kv_fused(k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         from gpulab.vajra.paged_attention import make_metadata
@@ -135,6 +145,9 @@ class FlashInferAttention(TorchAttention):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=use_tensor_cores)
+
+    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+        store_kv_fused(k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         bs = kv.block_size

@@ -101,6 +101,24 @@ def test_w8a16_partials_feed_the_fused_norm():
         close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("cache", ["act", torch.float8_e4m3fn, torch.float8_e5m2])
+def test_store_kv_bitwise_equals_write_kv(cache):
+    """The one-kernel K/V store writes exactly the bytes reference.write_kv writes (FP8: scaled, clamped, rounded to
+    nearest even), at slots across blocks, and nothing else."""
+    g = torch.Generator().manual_seed(9)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    t, hkv, d, bs, blocks = 7, 2, 16, 4, 6
+    k, v = rnd(g, t, hkv, d, dt=dt, scale=300.0), rnd(g, t, hkv, d, dt=dt, scale=0.01)
+    slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEV)
+    cdt = dt if cache == "act" else cache
+    a = torch.full((blocks, 2, bs, hkv, d), 7, dtype=torch.uint8, device=DEV)
+    a = a.view(cdt) if cache != "act" else rnd(g, blocks, 2, bs, hkv, d, dt=dt)
+    b = a.view(torch.uint8).clone().view(cdt) if cache != "act" else a.clone()
+    FO.store_kv(a, k, v, slots, 0.75, 0.001)
+    R.write_kv(b, k, v, slots, 0.75, 0.001)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def test_bad_shapes_are_value_errors():
     x = torch.zeros(2, 8, device=DEV)
     with pytest.raises(ValueError, match="differ"):
@@ -112,6 +130,9 @@ def test_bad_shapes_are_value_errors():
         FO.silu_mul(torch.zeros(2, 7, device=DEV))
     with pytest.raises(ValueError, match="contiguous rows"):
         FO.silu_mul(torch.zeros(8, 2, device=DEV).t())
+    with pytest.raises(ValueError, match="do not fit the cache layer"):
+        FO.store_kv(torch.zeros(2, 2, 4, 3, 8, device=DEV), torch.zeros(1, 3, 4, device=DEV),
+                    torch.zeros(1, 3, 4, device=DEV), torch.zeros(1, dtype=torch.long, device=DEV))
     with pytest.raises(ValueError, match="split-K partials must be contiguous fp32"):
         FO.add_rms_norm(x, torch.zeros(2, 2, 8, device=DEV, dtype=torch.float64), torch.ones(8, device=DEV), 1e-6)
 
@@ -140,3 +161,12 @@ def test_fused_ops_on_gpu_at_llama8b_shapes(dt):
         for got, want in pairs:
             close(got, want, dt)
             assert (got == want).float().mean() > 0.99, (t, dt)
+        k, v = FO.rope_split(qkv, cos, sin, 32, 8, 128)[1:]
+        slots = torch.randperm(64 * 16, generator=g)[:t].cuda()
+        for cdt in (dt, torch.float8_e4m3fn):
+            a = torch.zeros(64, 2, 16, 8, 128, dtype=torch.uint8, device="cuda").view(cdt) if cdt != dt else \
+                torch.zeros(64, 2, 16, 8, 128, dtype=dt, device="cuda")
+            b = a.clone() if cdt == dt else a.view(torch.uint8).clone().view(cdt)
+            FO.store_kv(a, k, v, slots, 0.02, 0.05)
+            R.write_kv(b, k, v, slots, 0.02, 0.05)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (t, dt, cdt)

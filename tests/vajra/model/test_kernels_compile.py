@@ -5,7 +5,7 @@ The interpreter tests run them in fp32 on raw fp8 bytes only; this covers what a
 activations, fp8 loaded natively where :func:`native_fp8_for` says the GPU has the type (e4m3fn from sm_89 on;
 Triton refuses it on sm_80, where the kernels must take the raw-byte path), the decode and prefill tiles of the
 paged attention with bf16 and fp8 caches, the W8A16 tilings the heuristics pick (scale modes, split-K), and
-the fused decoder-layer kernels (RMSNorm with the residual add, RoPE + q/k/v split, SiLU * up).
+the fused decoder-layer kernels (RMSNorm with the residual add, RoPE + q/k/v split, SiLU * up, the K/V store).
 """
 from tests.triton_aot import run_aot_script
 
@@ -122,6 +122,10 @@ for cc in (80, 89, 90):
                                                 "sin_ptr": act, "q_ptr": act, "k_ptr": act, "v_ptr": act},
                     dict(HALF=half, BH=4, PARTIAL=partial))
         compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024))
+        for cache, fp8 in ((act, False), ("*u8", True)):
+            compile(FO._store_kv_kernel, cc, {"k_ptr": act, "v_ptr": act, "slot_ptr": "*i64", "c_ptr": cache,
+                                              "k_scale": "fp32", "v_scale": "fp32"},
+                    dict(FP8=fp8, FMAX=448.0 if fp8 else 0.0, BLOCK=1024, **E4))
         compile(W._sum_splits_kernel, cc, {"p_ptr": "*fp32", "o_ptr": act}, dict(BLOCK=1024))
 print("ok fused", flush=True)
 print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
