@@ -28,9 +28,12 @@ def block_k_tile(block) -> int | None:
     return bk if bk >= 16 else None
 
 
-@triton.jit
+# M (the tokens of the step) is not specialized: one compile per tiling serves every batch size of the CUDA
+# graphs (Triton would otherwise build separate kernels for M == 1, M % 16 == 0 and the rest: ~2x the JIT time of
+# an engine's warm-up, for masks that cost nothing)
+@triton.jit(do_not_specialize=["M"])
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k_per_split,
-                  SBR: tl.constexpr, SBC: tl.constexpr, SCALE_MODE: tl.constexpr, SPLIT_K: tl.constexpr,
+                  SBR: tl.constexpr, SBC: tl.constexpr, SCALE_MODE: tl.constexpr, PARTIAL: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr,
                   EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -61,7 +64,7 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k
     elif SCALE_MODE == 1:
         acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
     omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
+    if not PARTIAL:
         tl.store(o_ptr + rm[:, None] * s_om + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(o_ptr + pid_k * M * N + rm[:, None] * s_om + rn[None, :], acc, mask=omask)
@@ -141,7 +144,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
     extra = {} if interpreted() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     _w8a16_kernel[grid](x, q if native else q.view(torch.uint8), s, out, m, n, k, x.stride(0), q.stride(0), n,
-                        s_ss, k_per, SBR=sbr, SBC=sbc, SCALE_MODE=SCALE_MODES[strategy], SPLIT_K=split,
+                        s_ss, k_per, SBR=sbr, SBC=sbc, SCALE_MODE=SCALE_MODES[strategy], PARTIAL=split > 1,
                         BM=bm, BN=bn, BK=bk, NATIVE=native, EBITS=eb, MBITS=mb, BIAS=bias,
                         IEEE=x.dtype == torch.float32, **extra)
     if split == 1 or not reduce:

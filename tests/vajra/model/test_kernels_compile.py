@@ -62,7 +62,7 @@ for cc in (80, 89, 90):
         compile(F._requant_rows_kernel, cc, {"q_ptr": qp, "rs_ptr": "*fp32", "ns_ptr": "*fp32", "o_ptr": "*u8"},
                 dict(FMAX=float(torch.finfo(dt).max), BR=32, BC=128, NATIVE=native, **fmt(dt)))
         compile(W._w8a16_kernel, cc, {"x_ptr": "*bf16", "w_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
-                dict(SBR=1, SBC=1, SCALE_MODE=1, SPLIT_K=1, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
+                dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=False, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
                      **fmt(dt)), num_warps=4, num_stages=4)
         compile(A._paged_decode_kernel, cc, decode_types("*bf16", qp),
                 dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False, FP8=True, NATIVE=native,
@@ -92,7 +92,7 @@ for act, mode, bm, bn, bk, split, block in (("*bf16", 0, 32, 64, 128, 2, (1, 1))
                                             ("*bf16", 1, 16, 128, 128, 1, (1, 1))):
     compile(W._w8a16_kernel, 90, {"x_ptr": act, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                   "o_ptr": act if split == 1 else "*fp32"},
-            dict(SBR=block[0], SBC=block[1], SCALE_MODE=mode, SPLIT_K=split, BM=bm, BN=bn, BK=bk, NATIVE=True,
+            dict(SBR=block[0], SBC=block[1], SCALE_MODE=mode, PARTIAL=split > 1, BM=bm, BN=bn, BK=bk, NATIVE=True,
                  IEEE=False, **E4), num_warps=4, num_stages=4)
 print("ok w8a16", flush=True)
 
