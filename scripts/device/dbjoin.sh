@@ -6,7 +6,9 @@
 #     empty tables, int64 high/low bits) and at 100k-1M rows
 #  2. the seed's comparison: 1M x 1M, unique build keys, 50% matches, int32 (all impls) and int64 (GPU + torch);
 #     hash-graph = the hash join prepared once (buffers + one captured CUDA graph, outside the timing) and replayed
-#  3. a Zipf-duplicate count-only point of the "where do tensor cores win" map
+#  3. the hash table's fill: hash-graph at load factors 0.35 and 0.75 next to the default 0.5 (a larger table
+#     costs a longer memset, a fuller one longer probe runs), and a Zipf-duplicate count-only point of the
+#     "where do tensor cores win" map
 #  4. Nsight Compute (achieved occupancy, DRAM bytes per kernel) at 1M (skipped if ncu is absent; gets what is left)
 #  5. join-aggregate (COUNT/SUM per key, tensor cores vs torch vs pandas) at 1M, only with budget left
 #     (its GPU tests run in step 1)
@@ -31,6 +33,11 @@ step 15 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique -
 echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch)"
 step 11 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
     --impl hash,hash-graph,tensorcore,torch --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+for lf in 0.35 0.75; do
+  echo "== hash-graph, load factor $lf (1M x 1M, unique, match 0.5, int32)"
+  step 6 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
+      --impl hash-graph --load-factor $lf --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+done
 echo "== bench 1M x 1M zipf:0.8 count-only (int32): duplicates on both sides"
 step 9 "${GPULAB[@]}" join bench --rows 1000000 --dup zipf:0.8 --count-only --impl hash,hash-graph,tensorcore,torch \
     --reps 10 >/dev/null || { echo "exit $?"; rc=1; }
@@ -53,7 +60,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{
     gpu = (d["device"].get("gpu") or {}).get("name", "cpu")
     src = c.get("source", {})
     print(f"\n{path.split('/')[-1]}  {gpu}  {c['rows']}x{c['right_rows']} {c['key_dtype']} dup={src.get('dup')} "
-          f"count_only={c.get('count_only')} aggregate={c.get('aggregate')} out={m.get('output_rows', m.get('groups'))} "
+          f"count_only={c.get('count_only')} aggregate={c.get('aggregate')} load_factor={c.get('load_factor')} "
+          f"out={m.get('output_rows', m.get('groups'))} "
           f"ok={d['ok']} "
           f"copy_bound_us={m.get('copy_bound_us') and round(m['copy_bound_us'], 1)}")
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>{w}}"
