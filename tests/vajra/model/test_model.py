@@ -129,55 +129,46 @@ def test_w8a8_scaled_mm_matches_fake_quant_reference(name, tiny, qdirs):
     assert rel_err(a[0], b[0]) < 0.1  # e4m3 activation rounding, two layers
 
 
-def test_w8a16_triton_and_triton_attention_in_model(tiny, qdirs):
-    """The Triton W8A16 GEMM and paged attention inside the model (interpreter on the CPU)."""
+def needs_triton():
     from gpulab.vajra.linear import triton_usable
 
     if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+
+
+def prefill_decode_logits(model, lens=(6, 3)) -> torch.Tensor:
+    """Logits of a varlen prefill of two prompts and then one decode step of both."""
+    p = prompts(2, list(lens))
+    r = Runner(model, block_size=16, num_blocks=8)
+    s = [r.add() for _ in p]
+    return torch.cat([r.step({s[0]: p[0], s[1]: p[1]}), r.step({s[0]: [3], s[1]: [4]})])
+
+
+def test_w8a16_triton_and_triton_attention_in_model(tiny, qdirs):
+    """The Triton W8A16 GEMM and paged attention inside the model (interpreter on the CPU)."""
+    needs_triton()
     name = "ct-block"
     base = load_model(qdirs[name])
     tri = load_model(qdirs[name], linear_backend="w8a16", attention_backend="triton")
-    p = prompts(2, [6, 3])
-    out = []
-    for m in (base, tri):
-        r = Runner(m, block_size=16, num_blocks=8)
-        s = [r.add() for _ in p]
-        a = r.step({s[0]: p[0], s[1]: p[1]})
-        b = r.step({s[0]: [3], s[1]: [4]})
-        out.append(torch.cat([a, b]))
-    assert rel_err(out[1], out[0]) < 1e-5
+    assert rel_err(prefill_decode_logits(tri), prefill_decode_logits(base)) < 1e-5
 
 
 def test_fused_decoder_kernels_in_model(tiny, qdirs):
     """The fused RMSNorm / RoPE / SiLU kernels inside the model (interpreter on the CPU, where the model does not
     choose them by itself): the unfused model's logits over a varlen prefill and a decode step."""
-    from gpulab.vajra.linear import triton_usable
-
-    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    needs_triton()
     base, fused = load_model(qdirs["ct-channel-2d"]), load_model(qdirs["ct-channel-2d"])
     assert base.fused_ops is torch.cuda.is_available() and not base.notes
     base.fused_ops, fused.fused_ops = False, True
-    p = prompts(2, [6, 3])
-    out = []
-    for m in (base, fused):
-        r = Runner(m, block_size=16, num_blocks=8)
-        s = [r.add() for _ in p]
-        a = r.step({s[0]: p[0], s[1]: p[1]})
-        b = r.step({s[0]: [3], s[1]: [4]})
-        out.append(torch.cat([a, b]))
-    assert rel_err(out[1], out[0]) < 1e-5
+    assert rel_err(prefill_decode_logits(fused), prefill_decode_logits(base)) < 1e-5
 
 
 def test_fused_kernels_take_w8a16_split_k_partials_in_model(tiny, qdirs, monkeypatch):
     """W8A16 forced to split K: the fused norm and RoPE kernels sum its partials (no reduction kernel); the logits
     are the unfused dequant model's."""
     from gpulab.vajra import w8a16 as W
-    from gpulab.vajra.linear import triton_usable
 
-    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    needs_triton()
     real = W.choose_config
     monkeypatch.setattr(W, "choose_config", lambda *a, **kw: {**real(*a, **kw), "SPLIT_K": 2, "BK": 16})
     seen = []
@@ -192,14 +183,9 @@ def test_fused_kernels_take_w8a16_split_k_partials_in_model(tiny, qdirs, monkeyp
     base = load_model(qdirs["ct-channel-2d"])
     fused = load_model(qdirs["ct-channel-2d"], linear_backend="w8a16")
     base.fused_ops, fused.fused_ops = False, True
-    p = prompts(2, [5, 3])
-    out = []
-    for m in (base, fused):
-        r = Runner(m, block_size=16, num_blocks=8)
-        s = [r.add() for _ in p]
-        out.append(torch.cat([r.step({s[0]: p[0], s[1]: p[1]}), r.step({s[0]: [3], s[1]: [4]})]))
+    want, got = prefill_decode_logits(base, (5, 3)), prefill_decode_logits(fused, (5, 3))
     assert 3 in seen  # partials were handed over
-    assert rel_err(out[1], out[0]) < 1e-5
+    assert rel_err(got, want) < 1e-5
 
 
 def test_fp8_kv_cache_bounded(tiny):
