@@ -254,9 +254,11 @@ def _interpreted() -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def fused_ops_problem(device: str, dtype: torch.dtype) -> str | None:
-    """Why the fused kernels cannot serve on ``device`` in ``dtype`` (None: they can): each runs once on small
-    inputs and is compared with the unfused torch ops."""
+def fused_ops_problem(device: str, dtype: torch.dtype, hidden: int = 96, heads: int = 4, kv_heads: int = 2,
+                      head_dim: int = 16, kv_dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused kernels cannot serve on ``device`` in ``dtype`` (None: they can): each runs once on three
+    tokens and is compared with the unfused torch ops. With the model's sizes (and KV-cache dtype) the probe
+    builds the very kernels the model then runs, not extra ones."""
     from gpulab.vajra import reference as ref
 
     try:
@@ -265,31 +267,34 @@ def fused_ops_problem(device: str, dtype: torch.dtype) -> str | None:
         def rnd(*shape):
             return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
+        def differ(got, want) -> bool:
+            return not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        x, d, w = rnd(3, 96), rnd(3, 96), rnd(96)
-        parts = torch.randn(2, 3, 96, generator=g).to(device)
-        for delta, want_delta in ((d, d), (parts, parts.sum(0).to(dtype))):
-            for got, want in zip(add_rms_norm(x, delta, w, 1e-5), ref.add_rms_norm(x, want_delta, w, 1e-5)):
-                if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-                    return "add_rms_norm differs from the torch ops"
-        qkv = rnd(3, (4 + 2 * 2) * 16)
-        ang = torch.rand(3, 1, 8, generator=g) * 6
+        x, d, w = rnd(3, hidden), rnd(3, hidden), rnd(hidden)
+        parts = torch.randn(2, 3, hidden, generator=g).to(device)
+        for delta, want_delta in ((d, d), (parts, parts.sum(0).to(dtype)), (None, None)):
+            if any(map(differ, add_rms_norm(x, delta, w, 1e-5), ref.add_rms_norm(x, want_delta, w, 1e-5))):
+                return "add_rms_norm differs from the torch ops"
+        width = (heads + 2 * kv_heads) * head_dim
+        qkv = rnd(3, width)
+        ang = torch.rand(3, 1, head_dim // 2, generator=g) * 6
         cos = torch.cat([ang.cos(), ang.cos()], -1).to(device=device, dtype=dtype)
         sin = torch.cat([ang.sin(), ang.sin()], -1).to(device=device, dtype=dtype)
-        qparts = torch.randn(2, 3, (4 + 2 * 2) * 16, generator=g).to(device)
+        qparts = torch.randn(2, 3, width, generator=g).to(device)
         for inp, want_inp in ((qkv, qkv), (qparts, qparts.sum(0).to(dtype))):
-            for got, want in zip(rope_split(inp, cos, sin, 4, 2, 16), ref.rope_split(want_inp, cos, sin, 4, 2, 16)):
-                if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-                    return "rope_split differs from the torch ops"
+            got = rope_split(inp, cos, sin, heads, kv_heads, head_dim)
+            if any(map(differ, got, ref.rope_split(want_inp, cos, sin, heads, kv_heads, head_dim))):
+                return "rope_split differs from the torch ops"
         gu = rnd(3, 2 * 80)
-        if not torch.allclose(silu_mul(gu).float(), ref.silu_mul(gu).float(), atol=tol, rtol=tol):
+        if differ(silu_mul(gu), ref.silu_mul(gu)):
             return "silu_mul differs from the torch ops"
         slots = torch.tensor([5, 0, 11], device=device)
-        for cdt in (dtype, torch.float8_e4m3fn):
-            kk, vv = rnd(3, 2, 16), rnd(3, 2, 16)
-            a = torch.zeros(4, 2, 4, 2, 16, dtype=torch.uint8, device=device).view(cdt) if cdt != dtype else \
-                torch.zeros(4, 2, 4, 2, 16, dtype=dtype, device=device)
-            b = a.clone() if cdt == dtype else a.view(torch.uint8).clone().view(cdt)
+        kk, vv = got[1], got[2]
+        for cdt in {kv_dtype or dtype, torch.float8_e4m3fn}:
+            a = torch.zeros(4, 2, 4, kv_heads, head_dim, dtype=torch.uint8, device=device).view(cdt) \
+                if cdt.itemsize == 1 else torch.zeros(4, 2, 4, kv_heads, head_dim, dtype=cdt, device=device)
+            b = a.view(torch.uint8).clone().view(cdt) if cdt.itemsize == 1 else a.clone()
             store_kv(a, kk, vv, slots, 0.5, 2.0)
             ref.write_kv(b, kk, vv, slots, 0.5, 2.0)
             if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):

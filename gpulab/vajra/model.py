@@ -66,7 +66,9 @@ class LlamaModel:
             if fused_ops:
                 from gpulab.vajra.fused_ops import fused_ops_problem
 
-                why = fused_ops_problem(str(device), dtype)
+                kv_dt = self._kv_dtype(kv_cache_dtype)
+                why = fused_ops_problem(str(device), dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                        cfg.head_dim, kv_dt)
                 if why:
                     fused_ops = False
                     self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")

@@ -174,3 +174,24 @@ def test_fused_ops_on_gpu_at_llama8b_shapes():
             FO.store_kv(a, k, v, slots, 0.02, 0.05)
             R.write_kv(b, k, v, slots, 0.02, 0.05)
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (t, dt, cdt)
+
+
+def test_probe_at_model_sizes():
+    """The probe at a model's own sizes (Llama-3.2-1B-like heads) and KV dtype: the kernels the model will run."""
+    FO.fused_ops_problem.cache_clear()
+    assert FO.fused_ops_problem(DEV, torch.float32, 256, 8, 2, 64, torch.float8_e5m2) is None
+
+
+def test_probe_reports_a_wrong_or_failing_kernel(monkeypatch):
+    FO.fused_ops_problem.cache_clear()
+    monkeypatch.setattr(FO, "silu_mul", lambda gu: R.silu_mul(gu) * 1.01)
+    assert FO.fused_ops_problem(DEV, torch.float32) == "silu_mul differs from the torch ops"
+    FO.fused_ops_problem.cache_clear()
+
+    def broken(*a, **kw):
+        raise RuntimeError("PassManager::run failed\nmore")
+
+    monkeypatch.setattr(FO, "store_kv", broken)
+    monkeypatch.setattr(FO, "silu_mul", R.silu_mul)
+    assert FO.fused_ops_problem(DEV, torch.float32) == "RuntimeError: PassManager::run failed"
+    FO.fused_ops_problem.cache_clear()
