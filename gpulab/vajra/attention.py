@@ -50,6 +50,8 @@ def flashinfer_available() -> bool:
 class TorchAttention:
     name = "torch"
     graph_capturable = False  # reads query/context lengths back to the host every step
+    fused_store = False  # the K/V store as one Triton kernel (fused_ops.store_kv); the model keeps it in step
+    # with its own fused kernels (off where their probe failed)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.hq, self.hkv, self.d, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -66,8 +68,12 @@ class TorchAttention:
                                    self.scale, kv.k_scale, kv.v_scale)
 
 
-def store_kv_fused(k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-    """reference.write_kv as one Triton kernel (fused_ops.store_kv): the Triton and flashinfer backends' K/V store."""
+def store_kv_fused(backend, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+    """The Triton and flashinfer backends' K/V store: reference.write_kv as one Triton kernel (fused_ops.store_kv)
+    while ``backend.fused_store``, the torch ops otherwise."""
+    if not backend.fused_store:
+        ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+        return
     from gpulab.vajra.fused_ops import store_kv
 
     store_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
@@ -82,8 +88,10 @@ class TritonAttention(TorchAttention):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
             raise DeviceError("attention backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 
+    fused_store = True
+
     def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-        store_kv_fused(k, v, cache_layer, batch, kv)
+        store_kv_fused(self, k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         from gpulab.vajra.paged_attention import make_metadata
@@ -146,8 +154,10 @@ class FlashInferAttention(TorchAttention):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=use_tensor_cores)
 
+    fused_store = True
+
     def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-        store_kv_fused(k, v, cache_layer, batch, kv)
+        store_kv_fused(self, k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         bs = kv.block_size

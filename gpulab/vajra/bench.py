@@ -10,8 +10,9 @@ and served ``--num-prompts`` requests of ``--input-len`` random token ids (or a 
 end-to-end latency from its arrival; per run: output tok/s and requests/s. Then one request alone
 measures the batch-1 decode step against the HBM roofline (weight bytes + KV bytes read, over the
 copy bandwidth measured in the same run). A naive transformers ``generate`` loop gives the floor.
-An entry that fails at run time (a kernel error, out of memory) becomes a failed check with its error, and
-the others still run; ``--debug`` raises it instead.
+An entry that fails (a kernel error, out of memory, no room for its KV cache) becomes a failed check with its
+error, and the others still run (not after the GPU context itself failed); when every entry fails on bad
+input, that input's one-line error is raised; ``--debug`` raises at once.
 """
 from __future__ import annotations
 
@@ -383,6 +384,8 @@ def run(model_dir: Path, args: dict[str, Any]):
     prompts = None
     deadline = None if args.get("budget_s") is None else time.perf_counter() + float(args["budget_s"])
     with tempfile.TemporaryDirectory(prefix="vajra-bench-") as tmp:
+        first_error: Exception | None = None
+        broken = False
         for vi, (name, precision, kv) in enumerate(compare):
             share = None
             if deadline is not None:  # this entry's share of what is left (the HF floor counts as one more)
@@ -399,26 +402,35 @@ def run(model_dir: Path, args: dict[str, Any]):
             vcfg.kv_cache_dtype = kv
             try:
                 row, prompts = run_variant(rec, args, device, vdir, vcfg, name, prompts, share, bw, spec_bw)
-            except GpulabError:
-                raise
             except Exception as e:  # noqa: BLE001 - one failing entry must not lose the others' rows
                 if options.get().debug:
                     raise
+                # re-raised below when no entry ran (e.g. a broken checkpoint); without its traceback, whose frames
+                # would keep this entry's tensors on the GPU
+                first_error = first_error or e.with_traceback(None)
                 msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                 rec.check(f"vajra-{name}: ran", False, msg)
                 rec.notes.append(f"vajra-{name} failed: {msg}")
                 row = None
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if row is None:
-                continue
-            per_variant[name] = row
-            rec.metrics.setdefault("variants", {})[row["impl"]] = row
-            rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
-    if args["hf_baseline"] and prompts and deadline is not None and deadline - time.perf_counter() < 5:
+            try:
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - a sticky CUDA error: the context is gone, keep what ran
+                rec.notes.append(f"the entries after vajra-{name} were not run: the GPU context failed "
+                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+                broken = True
+            if row is not None:
+                per_variant[name] = row
+                rec.metrics.setdefault("variants", {})[row["impl"]] = row
+                rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
+            if broken:
+                break
+    if not per_variant and isinstance(first_error, GpulabError):  # bad input for every entry: the one-line error
+        raise first_error
+    if args["hf_baseline"] and prompts and not broken and deadline is not None and deadline - time.perf_counter() < 5:
         rec.notes.append(f"hf-generate skipped: --budget-s {args['budget_s']:g} is spent")
-    elif args["hf_baseline"] and prompts:
+    elif args["hf_baseline"] and prompts and not broken:
         hp = prompts[: min(args["hf_num_prompts"], len(prompts))]
         try:
             hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -113,9 +114,21 @@ def _silu_mul_kernel(gu_ptr, o_ptr, INTER, s_gu, s_o, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fp8_store_bytes(x, scale, FMAX: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                     RECIP: tl.constexpr):
+    """reference.write_kv's FP8 bytes of x: x / scale (torch on a GPU multiplies by the fp32 reciprocal of a
+    scalar divisor: RECIP, with ``scale`` that reciprocal), clamped (NaN kept), rounded to nearest even."""
+    xf = x.to(tl.float32)
+    y = xf * scale if RECIP else tl.math.div_rn(xf, scale)
+    y = tl.minimum(tl.maximum(y, -FMAX, propagate_nan=tl.PropagateNan.ALL), FMAX, propagate_nan=tl.PropagateNan.ALL)
+    nan = ((y.to(tl.int32, bitcast=True) >> 24) & 0x80) | 0x7F
+    return tl.where(y != y, nan, encode_fp8(tl.where(y != y, 0.0, y), EBITS, MBITS, BIAS)).to(tl.uint8)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, slot_ptr, c_ptr, s_kt, s_vt, s_cb, s_cv, s_cs, BS, HD, k_scale, v_scale,
                      FP8: tl.constexpr, FMAX: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-                     BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                     BIAS: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
     """One token's K and V [Hkv * D] into its slot of the paged cache layer [blocks, 2, bs, Hkv, D]."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -126,11 +139,9 @@ def _store_kv_kernel(k_ptr, v_ptr, slot_ptr, c_ptr, s_kt, s_vt, s_cb, s_cv, s_cs
     dst = c_ptr + blk * s_cb + off * s_cs + cols
     k = tl.load(k_ptr + t * s_kt + cols, mask=m, other=0.0)
     v = tl.load(v_ptr + t * s_vt + cols, mask=m, other=0.0)
-    if FP8:  # as reference.write_kv: divide by the scale, clamp, round to nearest even; stored as raw bytes
-        kf = tl.minimum(tl.maximum(tl.math.div_rn(k.to(tl.float32), k_scale), -FMAX), FMAX)
-        vf = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), v_scale), -FMAX), FMAX)
-        tl.store(dst, encode_fp8(kf, EBITS, MBITS, BIAS).to(tl.uint8), mask=m)
-        tl.store(dst + s_cv, encode_fp8(vf, EBITS, MBITS, BIAS).to(tl.uint8), mask=m)
+    if FP8:  # as reference.write_kv: scale, clamp, round to nearest even; stored as raw bytes
+        tl.store(dst, _fp8_store_bytes(k, k_scale, FMAX, EBITS, MBITS, BIAS, RECIP), mask=m)
+        tl.store(dst + s_cv, _fp8_store_bytes(v, v_scale, FMAX, EBITS, MBITS, BIAS, RECIP), mask=m)
     else:
         tl.store(dst, k.to(c_ptr.dtype.element_ty), mask=m)
         tl.store(dst + s_cv, v.to(c_ptr.dtype.element_ty), mask=m)
@@ -218,7 +229,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+             k_scale: float = 1.0, v_scale: float = 1.0, reciprocal: bool | None = None) -> None:
     """reference.write_kv in one kernel: this step's K/V [T, Hkv, D] into their slots of the paged cache layer
     [blocks, 2, bs, Hkv, D] (an FP8 layer gets K / k_scale and V / v_scale, clamped and rounded as there)."""
     from gpulab.vajra.fp8_kernels import FORMATS
@@ -239,9 +250,13 @@ def store_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     fmax = float(torch.finfo(layer.dtype).max) if fp8 else 0.0
     c = layer.view(torch.uint8) if fp8 else layer
     hd = k2.shape[1]
+    # torch divides a CUDA tensor by a Python scalar as a product with the scalar's fp32 reciprocal, a CPU
+    # tensor by true division: the kernel does what the reference does on the same device
+    recip = layer.is_cuda if reciprocal is None else reciprocal
+    ks, vs = (float(np.float32(1) / np.float32(x)) if recip else float(x) for x in (k_scale, v_scale))
     _store_kv_kernel[(t,)](k2, v2, slot_mapping, c, k2.stride(0), v2.stride(0), c.stride(0), c.stride(1), c.stride(2),
-                           layer.shape[2], hd, float(k_scale), float(v_scale), FP8=fp8, FMAX=fmax, EBITS=eb,
-                           MBITS=mb, BIAS=bias, BLOCK=triton.next_power_of_2(hd))
+                           layer.shape[2], hd, ks, vs, FP8=fp8, FMAX=fmax, EBITS=eb, MBITS=mb, BIAS=bias,
+                           RECIP=recip, BLOCK=triton.next_power_of_2(hd))
 
 
 def _interpreted() -> bool:
@@ -289,16 +304,17 @@ def fused_ops_problem(device: str, dtype: torch.dtype, hidden: int = 96, heads: 
         gu = rnd(3, 2 * 80)
         if differ(silu_mul(gu), ref.silu_mul(gu)):
             return "silu_mul differs from the torch ops"
-        slots = torch.tensor([5, 0, 11], device=device)
+        slots = torch.tensor([21, 0, 47], device=device)
         kk, vv = got[1], got[2]
-        for cdt in {kv_dtype or dtype, torch.float8_e4m3fn}:
-            a = torch.zeros(4, 2, 4, kv_heads, head_dim, dtype=torch.uint8, device=device).view(cdt) \
-                if cdt.itemsize == 1 else torch.zeros(4, 2, 4, kv_heads, head_dim, dtype=cdt, device=device)
-            b = a.view(torch.uint8).clone().view(cdt) if cdt.itemsize == 1 else a.clone()
-            store_kv(a, kk, vv, slots, 0.5, 2.0)
-            ref.write_kv(b, kk, vv, slots, 0.5, 2.0)
-            if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
-                return "store_kv differs from reference.write_kv"
+        cdt = kv_dtype or dtype  # the model's cache: 16-token pages, as the engine's
+        shape = (4, 2, 16, kv_heads, head_dim)
+        a = torch.zeros(shape, dtype=torch.uint8, device=device).view(cdt) if cdt.itemsize == 1 else \
+            torch.zeros(shape, dtype=cdt, device=device)
+        b = a.view(torch.uint8).clone().view(cdt) if cdt.itemsize == 1 else a.clone()
+        store_kv(a, kk, vv, slots, 0.3, 1.7)
+        ref.write_kv(b, kk, vv, slots, 0.3, 1.7)
+        if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+            return "store_kv differs from reference.write_kv"
     except Exception as e:  # noqa: BLE001 - a compiler or launch error: serve with the unfused ops
         return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     return None

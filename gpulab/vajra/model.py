@@ -48,6 +48,7 @@ class LlamaModel:
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
+        self._fused_ops = False
         self.attention = attention
         self.kv_cache_dtype = kv_cache_dtype
         self.quant = quant
@@ -73,6 +74,31 @@ class LlamaModel:
                     fused_ops = False
                     self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")
         self.fused_ops = bool(fused_ops)
+
+    # The fused kernels (fused_ops.py) serve together: the attention backend's K/V store follows the model's choice,
+    # also when a bench swaps the backend or turns the kernels off.
+    @property
+    def fused_ops(self) -> bool:
+        return self._fused_ops
+
+    @fused_ops.setter
+    def fused_ops(self, on: bool) -> None:
+        self._fused_ops = bool(on)
+        self._sync_store()
+
+    @property
+    def attention(self):
+        return self._attention
+
+    @attention.setter
+    def attention(self, backend) -> None:
+        self._attention = backend
+        self._sync_store()
+
+    def _sync_store(self) -> None:
+        backend = getattr(self, "_attention", None)
+        if backend is not None and hasattr(backend, "fused_store"):
+            backend.fused_store = self._fused_ops and type(backend).fused_store
 
     # -------------------------------------------------------------------------------- KV cache
 

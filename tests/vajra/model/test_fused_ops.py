@@ -3,6 +3,7 @@ TRITON_INTERPRET=1 in fp32 on the CPU, natively in bf16 on a GPU; and a model se
 unfused model's logits."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,14 +110,40 @@ def test_store_kv_bitwise_equals_write_kv(cache):
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     t, hkv, d, bs, blocks = 7, 2, 16, 4, 6
     k, v = rnd(g, t, hkv, d, dt=dt, scale=300.0), rnd(g, t, hkv, d, dt=dt, scale=0.01)
+    k[0, 0, :3] = torch.tensor([float("nan"), -float("nan"), float("inf")], dtype=dt)  # NaN kept, inf clamped
     slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEV)
     cdt = dt if cache == "act" else cache
     a = torch.full((blocks, 2, bs, hkv, d), 7, dtype=torch.uint8, device=DEV)
     a = a.view(cdt) if cache != "act" else rnd(g, blocks, 2, bs, hkv, d, dt=dt)
     b = a.view(torch.uint8).clone().view(cdt) if cache != "act" else a.clone()
-    FO.store_kv(a, k, v, slots, 0.75, 0.001)
-    R.write_kv(b, k, v, slots, 0.75, 0.001)
-    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    for ks, vs in ((0.75, 0.001), (0.3, 1.7)):  # 0.3: x / s and x * (1 / s) round differently
+        FO.store_kv(a, k, v, slots, ks, vs)
+        R.write_kv(b, k, v, slots, ks, vs)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (ks, vs)
+
+
+def test_store_kv_reciprocal_form_is_torchs_cuda_division():
+    """On a GPU torch divides by a scalar as a product with its fp32 reciprocal; store_kv does the same there (here
+    forced), which rounds differently from a true division for some values."""
+    g = torch.Generator().manual_seed(3)
+    inv = float(np.float32(1) / np.float32(0.3))
+    # values a few fp32 ulps around 0.3 x (the midpoints between e4m3 neighbours): where x / s lands on the tie and
+    # x * (1 / s) an ulp beside it, the two forms round to different bytes
+    codes = torch.arange(8, 120, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    ties = ((codes[:-1] + codes[1:]) / 2 * 0.3).numpy().astype(np.float32)
+    near = torch.from_numpy(np.concatenate([ties + np.float32(d) * np.spacing(ties) for d in range(-2, 3)]))
+    split = (near / 0.3).to(torch.float8_e4m3fn).view(torch.uint8) != (near * inv).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert int(split.sum()) >= 8
+    vals = torch.cat([near[split], near[~split]])[:160]
+    k, v = vals.reshape(5, 2, 16).to(DEV), rnd(g, 5, 2, 16, scale=100.0)
+    slots = torch.arange(5, device=DEV) * 3
+    layer = torch.zeros(2, 2, 8, 2, 16, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+    FO.store_kv(layer, k, v, slots, 0.3, 0.3, reciprocal=True)
+    want = (k.float() * inv).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    got = layer.view(torch.uint8)[slots // 8, 0, slots % 8]
+    assert torch.equal(got, want)
+    divided = (k.float() / 0.3).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert not torch.equal(divided, want)  # the two forms do differ on these values
 
 
 def test_bad_shapes_are_value_errors():
@@ -171,8 +198,8 @@ def test_fused_ops_on_gpu_at_llama8b_shapes():
             a = torch.zeros(64, 2, 16, 8, 128, dtype=torch.uint8, device="cuda").view(cdt) if cdt != dt else \
                 torch.zeros(64, 2, 16, 8, 128, dtype=dt, device="cuda")
             b = a.clone() if cdt == dt else a.view(torch.uint8).clone().view(cdt)
-            FO.store_kv(a, k, v, slots, 0.02, 0.05)
-            R.write_kv(b, k, v, slots, 0.02, 0.05)
+            FO.store_kv(a, k, v, slots, 0.3, 1.7)  # torch on a GPU multiplies by the reciprocal: so must the kernel
+            R.write_kv(b, k, v, slots, 0.3, 1.7)
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (t, dt, cdt)
 
 

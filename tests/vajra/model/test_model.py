@@ -163,6 +163,30 @@ def test_fused_decoder_kernels_in_model(tiny, qdirs):
     assert rel_err(prefill_decode_logits(fused), prefill_decode_logits(base)) < 1e-5
 
 
+def test_attention_kv_store_follows_the_models_fused_kernels(tiny, qdirs):
+    """The Triton backend stores K/V with the fused kernel only while the model runs its fused kernels (a failed
+    probe turns both off), also after a bench swaps in another backend; logits agree either way."""
+    from gpulab.vajra.attention import make_backend
+
+    needs_triton()
+    m = load_model(qdirs["ct-channel-2d"], attention_backend="triton")
+    assert m.attention.fused_store is m.fused_ops is torch.cuda.is_available()
+    m.fused_ops = True
+    assert m.attention.fused_store
+    fused = prefill_decode_logits(m)
+    c = m.cfg
+    m.attention = make_backend("triton", device=m.device, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                               head_dim=c.head_dim, scale=m.scale, act_dtype=m.dtype)
+    assert m.attention.fused_store
+    m.fused_ops = False
+    assert not m.attention.fused_store
+    assert rel_err(prefill_decode_logits(m), fused) < 1e-5
+    m.attention = make_backend("torch", device=m.device, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                               head_dim=c.head_dim, scale=m.scale, act_dtype=m.dtype)
+    m.fused_ops = True
+    assert not m.attention.fused_store  # the torch reference backend never takes the Triton store
+
+
 def test_fused_kernels_take_w8a16_split_k_partials_in_model(tiny, qdirs, monkeypatch):
     """W8A16 forced to split K: the fused norm and RoPE kernels sum its partials (no reduction kernel); the logits
     are the unfused dequant model's."""

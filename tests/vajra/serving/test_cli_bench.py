@@ -57,6 +57,53 @@ def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatc
     assert "fp8+kvfp8_over_bf16+kvauto" not in rec["summary"]
 
 
+def test_serve_bench_entry_errors_on_input(out_dir, tiny_assets, monkeypatch):
+    """An entry that fails on its input (no room for its KV cache) is a failed check when another entry runs; when
+    every entry fails so, the command is that one-line error."""
+    from gpulab.core.errors import InputError
+    from gpulab.vajra import bench
+
+    real, calls = bench.drive, []
+
+    def no_room(engine, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1 or fail_all:
+            raise InputError("no room for the KV cache of 3 sequences")
+        return real(engine, *a, **kw)
+
+    argv = ["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
+            "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
+            "--no-hf-baseline", "--compare", "bf16,fp8"]
+    monkeypatch.setattr(bench, "drive", no_room)
+    fail_all = False
+    invoke(argv)
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    assert [r["impl"] for r in rec["rows"]] == ["vajra-fp8"]
+    assert "InputError: no room for the KV cache" in str(rec["checks"]["vajra-bf16: ran"])
+    fail_all = True
+    with pytest.raises(GpulabError, match="no room for the KV cache of 3 sequences"):
+        invoke(argv)
+
+
+def test_serve_bench_stops_after_the_gpu_context_fails(out_dir, tiny_assets, monkeypatch):
+    """A failure in the clean-up after an entry (a sticky CUDA error fails every later call) keeps the rows that
+    ran and runs no further entry."""
+    import types
+
+    from gpulab.vajra import bench
+
+    def collect():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "gc", types.SimpleNamespace(collect=collect))
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
+            "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
+            "--compare", "fp8,bf16"])
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    assert [r["impl"] for r in rec["rows"]] == ["vajra-fp8"]  # neither bf16 nor the HF floor ran after it
+    assert any(n.startswith("the entries after vajra-fp8 were not run: the GPU context failed") for n in rec["notes"])
+
+
 def test_parse_compare():
     from gpulab.vajra.bench import parse_compare
 
