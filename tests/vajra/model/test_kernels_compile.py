@@ -29,6 +29,8 @@ def compile(fn, cc, types, consts, **options):
     # every argument not named in types or consts is an int32 (sizes, strides)
     global n_compiled
     sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    unset = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    assert not unset, (fn.__name__, "constexprs not given", unset)
     missing = set(types) - set(fn.arg_names)
     assert not missing, (fn.__name__, missing)
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32), options=options or None)
@@ -125,7 +127,7 @@ for cc in (80, 89, 90):
         for cache, fp8 in ((act, False), ("*u8", True)):
             compile(FO._store_kv_kernel, cc, {"k_ptr": act, "v_ptr": act, "slot_ptr": "*i64", "c_ptr": cache,
                                               "k_scale": "fp32", "v_scale": "fp32"},
-                    dict(FP8=fp8, FMAX=448.0 if fp8 else 0.0, BLOCK=1024, **E4))
+                    dict(FP8=fp8, FMAX=448.0 if fp8 else 0.0, RECIP=True, BLOCK=1024, **E4))
         compile(W._sum_splits_kernel, cc, {"p_ptr": "*fp32", "o_ptr": act}, dict(BLOCK=1024))
 print("ok fused", flush=True)
 print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
