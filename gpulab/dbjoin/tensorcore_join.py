@@ -1,10 +1,12 @@
 """The join as matrix products on tensor cores (Triton).
 
-1. Mix (torch): every key goes through a *bijection* onto 32 or 64 bits (a 3-round Feistel network of
+1. Mix: every key goes through a *bijection* onto 32 or 64 bits (a 3-round Feistel network of
    murmur3 fmix32 for int64 keys, fmix32 itself for int32 keys), kept as two 32-bit words (lo, hi).
    Equal mixed words <=> equal keys, so no key value is special.
-2. Partition (torch): the low R bits of ``lo`` pick one of P = 2^R partitions; both tables are sorted
-   by partition (``torch.sort``) with their original row ids, and per-partition start/count computed.
+2. Partition: the low R bits of ``lo`` pick one of P = 2^R partitions; both tables are laid out by
+   partition with their original row ids, and per-partition start/count computed. On the GPU a counting
+   sort in two Triton passes that mix the keys themselves (atomic counts, a scan, atomic cursors); the
+   torch reference (CPU) mixes in torch and sorts stably by partition id.
 3. Kernel (Triton, one program per partition): for each BM x BN tile of (left rows, right rows) of its
    partition, expand the remaining K = 32 - R (+ 32 for int64) mixed bits into +-1 codes in registers,
    ``tl.dot`` them (fp16/bf16/int8 on the GPU, fp32 in the interpreter) and mark the entries equal to
@@ -79,41 +81,50 @@ class Partitioned:
 MIX_BLOCK = 1024
 
 
-def mix_fused(key, bits: int):
-    """The Triton form of :func:`mix_key` plus partition ids: (lo int32, hi int32 | None, part int32)."""
-    import torch
-
-    from gpulab.dbjoin.tensorcore_kernel import tc_mix_kernel
-
-    n = key.numel()
-    has_hi = key.dtype == torch.int64
-    lo = torch.empty(n, dtype=torch.int32, device=key.device)
-    hi = torch.empty(n if has_hi else 1, dtype=torch.int32, device=key.device)
-    part = torch.empty(n, dtype=torch.int32, device=key.device)
-    tc_mix_kernel[(triton_cdiv(n, MIX_BLOCK),)](key, lo, hi, part, n, (1 << bits) - 1, HAS_HI=has_hi,
-                                                BLOCK=MIX_BLOCK)
-    return lo, (hi if has_hi else None), part
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return max((a + b - 1) // b, 1)
 
 
-def partition(key, bits: int, fused: bool | None = None) -> Partitioned:
-    """Mix, then sort one table by the low ``bits`` bits of the mixed low word.
+def partition_counting(key, bits: int) -> Partitioned:
+    """Mix and partition one table by a counting sort in two Triton passes over the keys: atomic counts per
+    partition, their exclusive scan, then each row scattered to the next place of its partition (atomic
+    cursors). About a fifth of the device time of a full radix sort of the partition ids (torch.argsort) plus its
+    histogram and gathers; the order within a partition is arbitrary."""
+    import torch
 
-    ``fused`` (default: on CUDA) mixes in one Triton kernel instead of ~50 torch element-wise ops.
+    from gpulab.dbjoin.tensorcore_kernel import tc_hist_kernel, tc_scatter_kernel
+
+    n = key.numel()
+    has_hi = key.dtype == torch.int64
+    dev = key.device
+    pmask = (1 << bits) - 1
+    grid = (triton_cdiv(n, MIX_BLOCK),)
+    counts = torch.zeros(1 << bits, dtype=torch.int32, device=dev)
+    tc_hist_kernel[grid](key, counts, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    cursor = starts.clone()
+    lo = torch.empty(n, dtype=torch.int32, device=dev)
+    hi = torch.empty(n, dtype=torch.int32, device=dev) if has_hi else torch.zeros(1, dtype=torch.int32, device=dev)
+    row = torch.empty(n, dtype=torch.int32, device=dev)
+    tc_scatter_kernel[grid](key, cursor, lo, hi, row, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
+    return Partitioned(lo, hi, row, starts, counts)
+
+
+def partition(key, bits: int, fused: bool | None = None) -> Partitioned:
+    """Mix, then partition one table by the low ``bits`` bits of the mixed low word.
+
+    ``fused`` (default: on CUDA): the two-pass Triton counting sort (:func:`partition_counting`); otherwise
+    the torch reference (mix as ~50 element-wise ops, a stable sort by partition id).
     """
     import torch
 
     if fused is None:
         fused = key.is_cuda
     if fused:
-        lo, hi, part = mix_fused(key, bits)
-    else:
-        lo64, hi64 = mix_key(key)
-        part = (lo64 & ((1 << bits) - 1)).to(torch.int32)
-        lo, hi = _to_i32(lo64), (_to_i32(hi64) if hi64 is not None else None)
+        return partition_counting(key, bits)
+    lo64, hi64 = mix_key(key)
+    part = (lo64 & ((1 << bits) - 1)).to(torch.int32)
+    lo, hi = _to_i32(lo64), (_to_i32(hi64) if hi64 is not None else None)
     order = torch.argsort(part)  # partition ids < 2^24 as int32: fewer radix passes than int64
     counts = torch.bincount(part, minlength=1 << bits)
     starts = torch.cumsum(counts, 0) - counts

@@ -99,13 +99,11 @@ def _to_i32(x):
     return tl.where(x >= 2147483648, x - 4294967296, x).to(tl.int32)
 
 
-@triton.jit(do_not_specialize=["n", "PMASK"])
-def tc_mix_kernel(key, lo_out, hi_out, part_out, n, PMASK, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass of tensorcore_join.mix_key + the partition id (int64 arithmetic, same results as torch)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    k = tl.load(key + offs, mask=m, other=0).to(tl.int64)
+@triton.jit
+def _mix(k, HAS_HI: tl.constexpr):
+    """tensorcore_join.mix_key on int64 values: the mixed (lo, hi) 32-bit words, as int64 in [0, 2^32)."""
     lo = k & 0xFFFFFFFF
+    hi = lo
     if HAS_HI:
         hi = (k >> 32) & 0xFFFFFFFF
         t = lo
@@ -117,8 +115,29 @@ def tc_mix_kernel(key, lo_out, hi_out, part_out, n, PMASK, HAS_HI: tl.constexpr,
         t = lo
         lo = hi ^ _fmix32(lo ^ 0xDAA66D2B)
         hi = t
-        tl.store(hi_out + offs, _to_i32(hi), mask=m)
     else:
         lo = _fmix32(lo)
-    tl.store(lo_out + offs, _to_i32(lo), mask=m)
-    tl.store(part_out + offs, (lo & PMASK).to(tl.int32), mask=m)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["n", "PMASK"])
+def tc_hist_kernel(key, counts, n, PMASK, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows per partition (atomic counts): pass 1 of the counting-sort partition; nothing else is written."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    lo, hi = _mix(tl.load(key + offs, mask=m, other=0).to(tl.int64), HAS_HI)
+    tl.atomic_add(counts + (lo & PMASK).to(tl.int32), 1, mask=m)
+
+
+@triton.jit(do_not_specialize=["n", "PMASK"])
+def tc_scatter_kernel(key, cursor, lo_out, hi_out, row_out, n, PMASK, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: each row takes the next place of its partition (atomic cursors, started at the partition starts)
+    and writes its mixed words and row id there. The order inside a partition is arbitrary (a join's is)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    lo, hi = _mix(tl.load(key + offs, mask=m, other=0).to(tl.int64), HAS_HI)
+    pos = tl.atomic_add(cursor + (lo & PMASK).to(tl.int32), 1, mask=m)
+    tl.store(lo_out + pos, _to_i32(lo), mask=m)
+    if HAS_HI:
+        tl.store(hi_out + pos, _to_i32(hi), mask=m)
+    tl.store(row_out + pos, offs, mask=m)

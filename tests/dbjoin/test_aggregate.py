@@ -95,6 +95,21 @@ def test_tensorcore_aggregate_interpreted(dt, name):
 
 
 @interpreted
+@pytest.mark.parametrize("dt,name", [("int32", "dup-both-negative"), ("int32", "sentinel"), ("int64", "zipf")])
+def test_tensorcore_aggregate_on_the_counting_partition(dt, name, monkeypatch):
+    """The aggregate on the GPU's partition (the Triton counting sort, whose order inside a partition is arbitrary;
+    forced here on the interpreter)."""
+    import functools
+
+    from gpulab.dbjoin import tensorcore_aggregate as TA
+
+    monkeypatch.setattr(TA, "partition", functools.partial(TA.partition, fused=True))
+    lk, lp, rk, rp = case(dt, name)
+    tc = TA.TensorCoreAggregate("fp32", block=16, rows_per_partition=8)
+    _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), A.pandas_aggregate(lk, lp, rk, rp))
+
+
+@interpreted
 @pytest.mark.parametrize("dt", ["int32", "int64"])
 def test_tensorcore_aggregate_multi_tile_and_count(dt):
     """One partition of several tiles: duplicates of a key spread over tiles must still give one output row."""

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from gpulab.cli import invoke, main
-from gpulab.core.errors import DeviceError, GpulabError, InputError
+from gpulab.core.errors import DeviceError, InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 

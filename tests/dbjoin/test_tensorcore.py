@@ -78,6 +78,22 @@ def test_tensorcore_interpreted(dt, name):
 
 
 @interpreted
+@pytest.mark.parametrize("dt,name", [c for c in CASE_IDS if c[1] in ("dup-both-negative", "zipf", "sentinel",
+                                                                     "all-match", "single", "int64-high-bits")])
+def test_tensorcore_join_on_the_counting_partition(dt, name, monkeypatch):
+    """The whole join on the GPU's partition (the Triton counting sort, forced here on the interpreter)."""
+    import functools
+
+    from gpulab.dbjoin import tensorcore_join as T
+
+    monkeypatch.setattr(T, "partition", functools.partial(T.partition, fused=True))
+    lk, rk = CASES[dt][name]
+    dev = "cuda" if HAS_CUDA else "cpu"
+    _check(T.TensorCoreJoin("fp32", block=16, rows_per_partition=8).join(torch.from_numpy(lk).to(dev),
+                                                                         torch.from_numpy(rk).to(dev)), lk, rk)
+
+
+@interpreted
 def test_tensorcore_count_only_retry_and_multi_tile_partitions():
     from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
 
@@ -136,23 +152,25 @@ def test_tensorcore_gpu_1m(block):
 
 @interpreted
 @pytest.mark.parametrize("dt", ["int32", "int64"])
-def test_fused_mix_kernel_equals_torch_mix(dt):
-    """The Triton mix (used on the GPU) gives the same words and partitions as the torch one."""
+@pytest.mark.parametrize("bits", [0, 3, 5])
+def test_counting_partition_equals_torch_partition(dt, bits):
+    """The Triton counting-sort partition (used on the GPU: mixing in the kernels, atomic counts and cursors) holds
+    the same rows with the same mixed words in each partition as the torch reference (mix + stable sort); only
+    the order inside a partition may differ."""
     from gpulab.dbjoin.tensorcore_join import partition
 
     info = np.iinfo(dt)
-    keys = np.concatenate([CASES[dt]["sentinel"][0], CASES[dt]["unique-half"][0], [info.min, info.max, -1, 0]])
+    keys = np.concatenate([CASES[dt]["sentinel"][0], CASES[dt]["unique-half"][0], [info.min, info.max, -1, 0, 0]])
     key = torch.from_numpy(keys.astype(dt))
     if HAS_CUDA:
         key = key.cuda()
-    from gpulab.dbjoin.tensorcore_join import _to_i32, mix_fused, mix_key
-
-    lo, hi, part = mix_fused(key, 5)
-    lo_t, hi_t = mix_key(key.cpu())
-    assert torch.equal(lo.cpu(), _to_i32(lo_t))
-    assert (hi is None) == (hi_t is None) and (hi is None or torch.equal(hi.cpu(), _to_i32(hi_t)))
-    assert torch.equal(part.cpu().to(torch.int64), lo_t & 31)
-    a, b = partition(key, 5, fused=True), partition(key, 5, fused=False)
+    a, b = partition(key, bits, fused=True), partition(key, bits, fused=False)
     for f in ("start", "count"):
         assert torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()), f
+    assert a.hi.shape == b.hi.shape and (dt == "int64" or int(a.hi.cpu()[0]) == 0)
+    starts, counts = b.start.cpu().tolist(), b.count.cpu().tolist()
+    cols = ("row", "lo", "hi") if dt == "int64" else ("row", "lo")
+    for s0, c in zip(starts, counts):  # per partition: the same (row, lo, hi) triples
+        rows = [sorted(zip(*(getattr(p, f).cpu()[s0:s0 + c].tolist() for f in cols))) for p in (a, b)]
+        assert rows[0] == rows[1]
     assert torch.equal(torch.sort(a.row.cpu())[0], torch.arange(len(keys), dtype=torch.int32))

@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gpulab.dbjoin.tensorcore_kernel import tc_join_kernel, tc_mix_kernel
+from gpulab.dbjoin.tensorcore_kernel import tc_hist_kernel, tc_join_kernel, tc_scatter_kernel
 
 DT = {"fp16": tl.float16, "bf16": tl.bfloat16, "int8": tl.int8, "fp32": tl.float32}
 sig = {n: "*i32" for n in ("l_lo", "l_hi", "l_row", "l_start", "l_cnt", "r_lo", "r_hi", "r_row", "r_start", "r_cnt",
@@ -31,10 +31,15 @@ for code, block in (("bf16", 32), ("int8", 16)):  # A100 (sm_80): bf16 and int8 
     triton.compile(ASTSource(tc_join_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts),
                    target=GPUTarget("cuda", 80, 32))
     print("ok sm_80", code, flush=True)
-msig = {"key": "*i64", "lo_out": "*i32", "hi_out": "*i32", "part_out": "*i32", "n": "i32", "PMASK": "i32",
-        "HAS_HI": "constexpr", "BLOCK": "constexpr"}
-for kt, hh in (("*i32", False), ("*i64", True)):
-    triton.compile(ASTSource(tc_mix_kernel, dict(msig, key=kt), {"HAS_HI": hh, "BLOCK": 1024}), target=target)
+# the counting-sort partition: histogram and scatter passes (atomics on int32 counters), both key widths
+hsig = {"key": "*i64", "counts": "*i32", "n": "i32", "PMASK": "i32", "HAS_HI": "constexpr", "BLOCK": "constexpr"}
+ssig = {"key": "*i64", "cursor": "*i32", "lo_out": "*i32", "hi_out": "*i32", "row_out": "*i32", "n": "i32",
+        "PMASK": "i32", "HAS_HI": "constexpr", "BLOCK": "constexpr"}
+for cc in (80, 90):
+    for kt, hh in (("*i32", False), ("*i64", True)):
+        for kern, ksig in ((tc_hist_kernel, hsig), (tc_scatter_kernel, ssig)):
+            triton.compile(ASTSource(kern, dict(ksig, key=kt), {"HAS_HI": hh, "BLOCK": 1024}),
+                           target=GPUTarget("cuda", cc, 32))
 print("ok mix")
 """
 
