@@ -88,8 +88,9 @@ def triton_cdiv(a: int, b: int) -> int:
 def partition_counting(key, bits: int) -> Partitioned:
     """Mix and partition one table by a counting sort in two Triton passes over the keys: atomic counts per
     partition, their exclusive scan, then each row scattered to the next place of its partition (atomic
-    cursors). About a fifth of the device time of a full radix sort of the partition ids (torch.argsort) plus its
-    histogram and gathers; the order within a partition is arbitrary."""
+    cursors): two reads of the keys, in place of a full radix sort of the partition ids (torch.argsort) with
+    its histogram and gathers (by estimate several times the device time; not measured yet). The order
+    within a partition is arbitrary."""
     import torch
 
     from gpulab.dbjoin.tensorcore_kernel import tc_hist_kernel, tc_scatter_kernel

@@ -50,7 +50,6 @@ class Variant:
     def tile_threads(self) -> int:
         return (1 << self.tile_log) >> self.tile_fuse if self.tile_log else 0
 
-
     @property
     def config(self) -> str:
         """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>."""

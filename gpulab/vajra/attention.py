@@ -50,8 +50,8 @@ def flashinfer_available() -> bool:
 class TorchAttention:
     name = "torch"
     graph_capturable = False  # reads query/context lengths back to the host every step
-    fused_store = False  # the K/V store as one Triton kernel (fused_ops.store_kv); the model keeps it in step
-    # with its own fused kernels (off where their probe failed)
+    fused_store = False  # the K/V store as one Triton kernel (fused_ops.store_kv): the Triton and flashinfer
+    # backends; the model keeps it in step with its own fused kernels (off where their probe failed)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.hq, self.hkv, self.d, self.scale = num_heads, num_kv_heads, head_dim, scale
@@ -60,7 +60,12 @@ class TorchAttention:
         return None
 
     def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-        ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+        if self.fused_store:
+            from gpulab.vajra.fused_ops import store_kv
+
+            store_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+        else:
+            ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
 
     def __call__(self, q, k, v, cache_layer, batch: ForwardBatch, kv: KVCache, state: Any) -> torch.Tensor:
         self.write(k, v, cache_layer, batch, kv)
@@ -68,30 +73,15 @@ class TorchAttention:
                                    self.scale, kv.k_scale, kv.v_scale)
 
 
-def store_kv_fused(backend, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-    """The Triton and flashinfer backends' K/V store: reference.write_kv as one Triton kernel (fused_ops.store_kv)
-    while ``backend.fused_store``, the torch ops otherwise."""
-    if not backend.fused_store:
-        ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
-        return
-    from gpulab.vajra.fused_ops import store_kv
-
-    store_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
-
-
 class TritonAttention(TorchAttention):
     name = "triton"
     graph_capturable = True  # decode-only steps run without a host sync
+    fused_store = True
 
     def __init__(self, *a, device: torch.device, **kw):
         super().__init__(*a, **kw)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
             raise DeviceError("attention backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
-
-    fused_store = True
-
-    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-        store_kv_fused(self, k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         from gpulab.vajra.paged_attention import make_metadata
@@ -120,6 +110,7 @@ class FlashInferAttention(TorchAttention):
 
     name = "flashinfer"
     graph_capturable = False  # plan() runs on the host every step (fixed-buffer CUDA-graph wrappers not wired up)
+    fused_store = True
     WORKSPACE_BYTES = 128 << 20
     HEAD_DIMS = (64, 128, 256)  # the head sizes flashinfer's kernels are built for
     ACT_DTYPES = (torch.bfloat16, torch.float16)  # flashinfer has no fp32 attention kernels
@@ -153,11 +144,6 @@ class FlashInferAttention(TorchAttention):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=use_tensor_cores)
-
-    fused_store = True
-
-    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
-        store_kv_fused(self, k, v, cache_layer, batch, kv)
 
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         bs = kv.block_size

@@ -13,7 +13,7 @@ agree to the last bit in most elements; the torch ops in ``reference.py`` are th
 tests run these kernels under ``TRITON_INTERPRET=1`` in fp32 against them. Where the W8A16 GEMM splits K,
 the norm and RoPE kernels also sum its fp32 partials (``Linear(x, partials=True)``), which saves the
 separate reduction kernel of the o, down and qkv projections. ``fused_ops_problem`` probes
-them once per device and dtype; the model falls back to the unfused ops where they fail.
+them once per device, dtype and model size; the model falls back to the unfused ops where they fail.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpulab.vajra.fp8_kernels import encode_fp8
+from gpulab.vajra.fp8_kernels import FORMATS, encode_fp8, interpreted
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, e
         _add_rms_norm_kernel[(t,)](x, delta if delta is not None else x, w, xo, h, n, x.stride(0), d.stride(0),
                                    xo.stride(0), h.stride(0), float(eps), split, s_split,
                                    HAS_DELTA=delta is not None, PARTIAL=delta is not None and delta.dim() == 3,
-                                   BLOCK=block, **({} if _interpreted() else {"num_warps": 4 if block <= 2048 else 8}))
+                                   BLOCK=block, **({} if interpreted() else {"num_warps": 4 if block <= 2048 else 8}))
     return xo, h
 
 
@@ -232,8 +232,6 @@ def store_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
              k_scale: float = 1.0, v_scale: float = 1.0, reciprocal: bool | None = None) -> None:
     """reference.write_kv in one kernel: this step's K/V [T, Hkv, D] into their slots of the paged cache layer
     [blocks, 2, bs, Hkv, D] (an FP8 layer gets K / k_scale and V / v_scale, clamped and rounded as there)."""
-    from gpulab.vajra.fp8_kernels import FORMATS
-
     t = k.shape[0]
     if k.shape != v.shape or k.dim() != 3 or layer.dim() != 5 or layer.shape[3:] != k.shape[1:]:
         raise ValueError(f"store_kv: K {tuple(k.shape)} / V {tuple(v.shape)} do not fit the cache layer "
@@ -257,12 +255,6 @@ def store_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     _store_kv_kernel[(t,)](k2, v2, slot_mapping, c, k2.stride(0), v2.stride(0), c.stride(0), c.stride(1), c.stride(2),
                            layer.shape[2], hd, ks, vs, FP8=fp8, FMAX=fmax, EBITS=eb, MBITS=mb, BIAS=bias,
                            RECIP=recip, BLOCK=triton.next_power_of_2(hd))
-
-
-def _interpreted() -> bool:
-    from gpulab.vajra.fp8_kernels import interpreted
-
-    return interpreted()
 
 
 # ----------------------------------------------------------------------------------- reference and probe

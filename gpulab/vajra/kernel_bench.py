@@ -274,7 +274,8 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
                 torch.cuda.synchronize()
                 rec.notes.append(f"decode step attn={be} B={batch_size}: CUDA-graph capture failed "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if batch_size == 1 and getattr(model, "fused_ops", False):  # the same step without the fused kernels
+        if batch_size == 1 and model.fused_ops and getattr(backend, "graph_capturable", False):
+            # the same step, as a CUDA graph, without the fused kernels
             _unfused_b1(rec, model, b, kv, label, timings, reps)
         for impl, ms in timings.items():
             row = {"gemm": "decode step", "N x K": f"8B fp8, ctx {ctx}", "M": batch_size, "impl": impl,

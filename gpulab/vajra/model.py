@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 from gpulab.core.errors import InputError
 from gpulab.vajra.config import LlamaConfig, rope_inv_freq
-from gpulab.vajra.interface import ForwardBatch, KVCache, ModelInfo
 from gpulab.vajra import reference as ref
+from gpulab.vajra.interface import ForwardBatch, KVCache, ModelInfo
 from gpulab.vajra.linear import Linear
-from gpulab.vajra.reference import rms_norm
 
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -59,20 +58,19 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         self.notes: list[str] = []
         if fused_ops is None:  # the fused Triton kernels on a GPU, where they pass their probe
-            half = cfg.head_dim // 2
-            fused_ops = device.type == "cuda" and cfg.head_dim % 2 == 0 and half & (half - 1) == 0
-            if device.type == "cuda" and not fused_ops:
-                self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off (head_dim {cfg.head_dim} is not twice a "
-                                  "power of two): the unfused torch ops serve")
-            if fused_ops:
-                from gpulab.vajra.fused_ops import fused_ops_problem
+            why = None
+            if device.type == "cuda":
+                half = cfg.head_dim // 2
+                if cfg.head_dim % 2 or half & (half - 1):
+                    why = f"head_dim {cfg.head_dim} is not twice a power of two"
+                else:
+                    from gpulab.vajra.fused_ops import fused_ops_problem
 
-                kv_dt = self._kv_dtype(kv_cache_dtype)
-                why = fused_ops_problem(str(device), dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                                        cfg.head_dim, kv_dt)
+                    why = fused_ops_problem(str(device), dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                            cfg.head_dim, self._kv_dtype(kv_cache_dtype))
                 if why:
-                    fused_ops = False
                     self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")
+            fused_ops = device.type == "cuda" and not why
         self.fused_ops = bool(fused_ops)
 
     # The fused kernels (fused_ops.py) serve together: the attention backend's K/V store follows the model's choice,
@@ -84,6 +82,11 @@ class LlamaModel:
     @fused_ops.setter
     def fused_ops(self, on: bool) -> None:
         self._fused_ops = bool(on)
+        if on:  # the decoder layer's pointwise steps: the fused Triton kernels or the torch ops they replace
+            from gpulab.vajra import fused_ops as pointwise
+        else:
+            pointwise = ref
+        self._pointwise = pointwise
         self._sync_store()
 
     @property
@@ -164,32 +167,24 @@ class LlamaModel:
                 x = x + down
         return x
 
-    # The decoder layer's pointwise steps: the fused Triton kernels (fused_ops.py) or the torch ops they replace.
-    def _pointwise(self):
-        if self.fused_ops:
-            from gpulab.vajra import fused_ops
-
-            return fused_ops
-        return ref
-
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, rms_norm(x + delta, w)); delta None: (x, rms_norm(x, w))."""
-        return self._pointwise().add_rms_norm(x, delta, w, self.cfg.rms_norm_eps)
+        return self._pointwise.add_rms_norm(x, delta, w, self.cfg.rms_norm_eps)
 
     def rope_split(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """RoPE'd q [T, H, D], k [T, KVH, D] and v [T, KVH, D] (contiguous) of a fused qkv output."""
         c = self.cfg
-        return self._pointwise().rope_split(qkv, cos, sin, c.num_heads, c.num_kv_heads, c.head_dim)
+        return self._pointwise.rope_split(qkv, cos, sin, c.num_heads, c.num_kv_heads, c.head_dim)
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
-        return self._pointwise().silu_mul(gu)
+        return self._pointwise.silu_mul(gu)
 
     def final_hidden(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """The normed last hidden state of each sequence [B, hidden] (what the lm_head reads)."""
         x = self.hidden_states(batch, kv)
         last = torch.cumsum(batch.query_lens.to(torch.int64), 0) - 1
-        return rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)
+        return ref.rms_norm(x[last], self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, vocab] of final hidden states [B, hidden]."""
