@@ -10,7 +10,9 @@ run is the accounting invariant the tests check.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from gpulab.core.errors import InputError
 
@@ -27,6 +29,11 @@ class BlockManager:
         self.block_size = int(block_size)
         self._free: list[int] = list(range(self.num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low ids first
         self._tables: dict[int, list[int]] = {}
+        # the same tables as rows of one int32 array (NULL_BLOCK-padded), so that a step's block tables are
+        # one fancy-indexing read instead of a Python loop over every sequence's list
+        self._rows: dict[int, int] = {}
+        self._free_rows: list[int] = []
+        self._array = np.full((0, 0), NULL_BLOCK, dtype=np.int32)
 
     # --- queries -------------------------------------------------------------------------------
     @property
@@ -71,17 +78,57 @@ class BlockManager:
         if need > len(self._free):
             raise RuntimeError(f"out of KV blocks: sequence {seq_id} needs {need}, {len(self._free)} free")
         table = self._tables.setdefault(seq_id, [])
-        for _ in range(need):
-            table.append(self._free.pop())
+        if need:
+            start = len(table)
+            for _ in range(need):
+                table.append(self._free.pop())
+            row = self._row(seq_id, len(table))
+            self._array[row, start:len(table)] = table[start:]
         return table
+
+    def _row(self, seq_id: int, width: int) -> int:
+        """``seq_id``'s row of the table array, with at least ``width`` columns (the array grows by doubling)."""
+        row = self._rows.get(seq_id)
+        if row is None:
+            if not self._free_rows:
+                n = self._array.shape[0]
+                self._grow(max(8, 2 * n), self._array.shape[1])
+                self._free_rows = list(range(max(8, 2 * n) - 1, n - 1, -1))
+            row = self._rows[seq_id] = self._free_rows.pop()
+        if width > self._array.shape[1]:
+            self._grow(self._array.shape[0], max(width, 2 * self._array.shape[1]))
+        return row
+
+    def _grow(self, rows: int, cols: int) -> None:
+        bigger = np.full((rows, cols), NULL_BLOCK, dtype=np.int32)
+        r, c = self._array.shape
+        bigger[:r, :c] = self._array
+        self._array = bigger
 
     def free(self, seq_id: int) -> int:
         """Return every block of ``seq_id``; returns how many were freed."""
         table = self._tables.pop(seq_id, None)
+        row = self._rows.pop(seq_id, None)
+        if row is not None:
+            self._array[row, :len(table or ())] = NULL_BLOCK
+            self._free_rows.append(row)
         if not table:
             return 0
         self._free.extend(reversed(table))
         return len(table)
+
+    def table_array(self, seq_ids: Sequence[int]) -> np.ndarray:
+        """The block tables of ``seq_ids`` as one new int32 array [len(seq_ids), longest table], NULL_BLOCK-padded
+        (a sequence without blocks gets a row of NULL_BLOCK)."""
+        width = max((len(self._tables.get(i, ())) for i in seq_ids), default=0)
+        rows = [self._rows.get(i, -1) for i in seq_ids]
+        if -1 not in rows:
+            return self._array[rows, :max(width, 1)]
+        out = np.full((len(seq_ids), max(width, 1)), NULL_BLOCK, dtype=np.int32)
+        for k, r in enumerate(rows):
+            if r >= 0:
+                out[k, :width] = self._array[r, :width]
+        return out
 
     def slots(self, seq_id: int, start: int, end: int) -> list[int]:
         """Cache slots (``block * block_size + offset``) of token positions ``start .. end-1``."""

@@ -84,19 +84,26 @@ class IncrementalDetokenizer:
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped: Optional[str] = None  # the stop string that matched
+        self._prefix: Optional[str] = None  # decode of ids[prefix_offset:read_offset], kept until they move
+
+    def _prefix_text(self) -> str:
+        if self._prefix is None:
+            self._prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        return self._prefix
 
     def add(self, token_id: int) -> None:
         """Take one new token; updates ``text`` (and ``stopped`` when a stop string appears)."""
         if self.tok is None or self.stopped is not None:
             return
         self.ids.append(int(token_id))
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        prefix = self._prefix_text()  # one decode per token: the prefix's text is kept while it is unchanged
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return  # nothing printable yet (a partial character)
         delta = full[len(prefix):]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
+        self._prefix = None
         if len(self.ids) > 4 * _WINDOW:  # keep the window short
             drop = self.prefix_offset
             self.ids = self.ids[drop:]
@@ -118,11 +125,12 @@ class IncrementalDetokenizer:
         """At the end: add the text still held back for an incomplete character (as the full decode shows it)."""
         if self.tok is None or self.stopped is not None or self.read_offset == len(self.ids):
             return
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        prefix = self._prefix_text()
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
         if len(full) > len(prefix):
             self.text += full[len(prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix = None
 
     def take(self, finished: bool) -> str:
         """New text to hand out (everything when finished; else all but the held-back tail)."""

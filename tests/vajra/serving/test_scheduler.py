@@ -47,6 +47,36 @@ def test_block_manager_accounting():
         BlockManager(1, 4)
 
 
+def test_block_table_array_matches_the_tables():
+    """The table array the batch builder reads equals every sequence's table list, NULL_BLOCK-padded, through
+    random growth, frees (rows reused) and sequences that never got a block."""
+    import numpy as np
+
+    rng = random.Random(1)
+    bm = BlockManager(200, 4)
+    live: set[int] = set()
+    for step in range(400):
+        sid = rng.randrange(40)
+        if sid in live and rng.random() < 0.3:
+            bm.free(sid)
+            live.discard(sid)
+        else:
+            want = len(bm.table(sid)) * 4 + rng.randrange(0, 30)
+            if bm.can_allocate(sid, want):
+                bm.allocate(sid, want)
+                live.add(sid)
+        ids = rng.sample(range(45), rng.randrange(1, 12))  # some never allocated
+        arr = bm.table_array(ids)
+        width = max(1, max(len(bm.table(i)) for i in ids))
+        want_arr = np.zeros((len(ids), width), dtype=np.int32)
+        for k, i in enumerate(ids):
+            want_arr[k, :len(bm.table(i))] = bm.table(i)
+        assert arr.dtype == np.int32 and np.array_equal(arr, want_arr), step
+    for sid in list(live):
+        bm.free(sid)
+    assert bm.num_used == 0 and not bm._array.any()
+
+
 @pytest.mark.parametrize("budget,blocks", [(512, 200), (7, 200), (3, 200), (16, 15), (5, 14)])
 def test_greedy_matches_reference_any_chunking_and_preemption(budget, blocks):
     prompts = make_prompts(12, seed=budget)
