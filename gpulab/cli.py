@@ -152,3 +152,7 @@ def invoke(args: list[str]) -> Any:
     """Run a gpulab command line in this process (used by ``gpulab run``); errors propagate."""
     command = typer.main.get_command(app)
     return command.main(args=list(args), prog_name="gpulab", standalone_mode=False)
+
+
+if __name__ == "__main__":  # python -m gpulab.cli, as python -m gpulab
+    main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import heapq
 import json
 import math
 import random
@@ -157,6 +158,9 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     seqs, inflight = [], 0
     start = time.perf_counter()
+    # a request's latencies start when a client would have sent it: at its Poisson arrival, or with
+    # --max-concurrency when a slot of the C became free after that (times each slot became free, earliest first)
+    slot_free = [start] * (max_concurrency or 0)
     engine.step_log = []
     boxed = False
     while pending or engine.has_unfinished():
@@ -168,8 +172,11 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
             break
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now and (max_concurrency is None or inflight < max_concurrency):
-            _, ids = pending.popleft()
-            seqs.append(engine.add_request(ids, sp))
+            arrival, ids = pending.popleft()
+            sent = start + arrival
+            if max_concurrency is not None:
+                sent = max(sent, heapq.heappop(slot_free))
+            seqs.append(engine.add_request(ids, sp, arrival_time=sent))
             inflight += 1
         if not engine.has_unfinished():
             if pending:
@@ -178,6 +185,8 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
         for o in engine.step():
             if o.finished:
                 inflight -= 1
+                if max_concurrency is not None:
+                    heapq.heappush(slot_free, time.perf_counter())
     duration = time.perf_counter() - start
     ttft, tpot, itl, e2e = [], [], [], []
     for s in seqs:

@@ -236,6 +236,7 @@ class LLMEngine:
         if not first:
             return []
         logits = torch.stack([s.imported.logits[:self.vocab_size].float().to(self.device) for s in first])
+        logits = self._ban_early_stops(logits, first)
         tokens = self.sampler(logits, [s.params for s in first], [s.seq_id for s in first]).tolist()
         return [self._append(s, int(t), now) for s, t in zip(first, tokens)]
 
@@ -278,6 +279,7 @@ class LLMEngine:
                 if len(rows) != logits.shape[0]:
                     logits = logits[torch.tensor(rows, device=logits.device)]
                 seqs = [sched.scheduled[i].seq for i in rows]
+                logits = self._ban_early_stops(logits, seqs)
                 tokens = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs]).tolist()
             else:
                 seqs, tokens = [], []
@@ -295,6 +297,24 @@ class LLMEngine:
                                   "host_ms": ((t_built - t0) + (done - now)) * 1e3,
                                   "preempted": len(sched.preempted)})
         return outs
+
+    def _ban_early_stops(self, logits, seqs: list[Sequence]):
+        """min_tokens: a sequence with fewer outputs cannot sample EOS (unless ignore_eos) or its stop_token_ids
+        (as vLLM); their logits become -inf in those rows (a copy: the model's buffers stay as they are)."""
+        rows: list[int] = []
+        cols: list[int] = []
+        for r, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                banned = [t for t in banned if t < logits.shape[1]]
+                rows += [r] * len(banned)
+                cols += banned
+        if not rows:
+            return logits
+        logits = logits.clone()
+        logits[rows, cols] = float("-inf")
+        return logits
 
     def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
         p = seq.params

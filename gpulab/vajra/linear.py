@@ -227,7 +227,9 @@ class Linear:
             return self.backend
         if m <= W8A16_MAX_M and w8a16_fits(self.qw):
             return "w8a16"
-        if self.w8a8_ok and self.qw.strategy in ("tensor", "channel") and self.w8a8_aligned():
+        # a weight-only checkpoint (no input_activations) keeps its activations unquantized unless w8a8 is asked for
+        if self.w8a8_ok and self.qw.act is not None and self.qw.strategy in ("tensor", "channel") \
+                and self.w8a8_aligned():
             return "w8a8"
         return "dequant-jit"
 

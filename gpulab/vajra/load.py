@@ -99,7 +99,11 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Any = None,
         src = _DummySource(cfg, scheme, dev, seed)
         return _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, dummy=src)
     reader = CheckpointReader(model_dir)
-    return _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, reader=reader)
+    model = _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, reader=reader)
+    if isinstance(cfg.quantization_config, dict) and cfg.quantization_config.get("kv_cache_scheme"):
+        model.notes.append("the checkpoint's kv_cache_scheme (calibrated K/V scales) is not read: an FP8 KV cache "
+                           "stores K and V with scale 1.0 (vLLM's default without scales)")
+    return model
 
 
 def _check_shape(name: str, t, want: tuple[int, ...]) -> None:
@@ -167,8 +171,11 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
                         linear_backend),
         ))
     norm = vec("model.norm.weight", H, norm=True)
-    tied = cfg.tie_word_embeddings or (reader is not None and not reader.has("lm_head.weight"))
-    if tied:
+    if reader is not None and not cfg.tie_word_embeddings and not reader.has("lm_head.weight"):
+        # transformers would give such a model a random head; tying it silently would serve other logits
+        raise InputError("tensor 'lm_head.weight' is missing and config.json does not tie the word embeddings "
+                         "(tie_word_embeddings is not true)")
+    if cfg.tie_word_embeddings:
         head_w = embed
     elif dummy is not None:
         head_w = dummy.dense((cfg.vocab_size, H), act_dtype)

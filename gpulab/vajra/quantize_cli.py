@@ -143,6 +143,9 @@ def quantize(
         raise InputError(f"--scale-shape must be 2d or 1d, got {scale_shape!r}")
     if fmt == "fp8" and activations == "none":
         raise InputError("--format fp8 always quantizes activations; use --activations dynamic or static")
+    if fmt == "fp8" and scheme == "fp8-channel":  # vLLM reads one scale per shard or block scales in that layout
+        raise InputError("vLLM's fp8 layout has per-tensor or block weight scales; use --format compressed-tensors "
+                         "for --scheme fp8-channel")
     if shard_mb <= 0 or calib_samples <= 0 or calib_len <= 0:
         raise InputError("--shard-mb, --calib-samples and --calib-len must be > 0")
     if activations == "static" and calib_text is None:

@@ -28,6 +28,8 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.engine import LLMEngine, RequestOutput
 from gpulab.vajra.sampling import SamplingParams
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -75,7 +77,9 @@ class AsyncEngine:
             raise EngineFailed(f"the engine is not running ({self.error!r})")
         self.engine.check_request(prompt_ids, params)
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # the engine thread sets `error` under this lock: no stream registers after it failed
+            if self.error is not None or not self._thread.is_alive():
+                raise EngineFailed(f"the engine is not running ({self.error!r})")
             self._streams[request_id] = (asyncio.get_running_loop(), q)
             self._adds.append((request_id, prompt_ids, params))
         self._wake.set()
@@ -108,8 +112,8 @@ class AsyncEngine:
             try:
                 outs = eng.step()
             except BaseException as e:  # noqa: BLE001 - every waiting request must learn of it
-                self.error = e
-                with self._lock:
+                with self._lock:  # with `submit`'s check under the same lock, no request waits on a dead engine
+                    self.error = e
                     rids = list(self._streams)
                 self._deliver([(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}")) for rid in rids])
                 return
@@ -260,7 +264,7 @@ def _chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
 def build_app(async_engine: AsyncEngine, model_name: str):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     engine = async_engine.engine
@@ -319,19 +323,44 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         if not async_engine.alive:
             raise APIError(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
 
-    async def run(rid, ids, sp, stream: bool, make_chunk, make_final, include_usage: bool, first_chunk=None):
+    async def collect(gen, request: Request):
+        """All of a non-streamed request's output; None when the client went away first (the generator's close
+        then aborts the request, so a gone client's generation does not run to max_tokens)."""
+        text, last = [], None
+
+        async def consume():
+            nonlocal last
+            async for o in gen:
+                text.append(o.delta_text)
+                last = o
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    return None
+            task.result()  # raises what the stream raised
+            return "".join(text), last
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # the generator must stop running before it can be closed
+            await gen.aclose()
+
+    async def run(request: Request, rid, ids, sp, stream: bool, make_chunk, make_final, include_usage: bool,
+                  first_chunk=None):
         gen = async_engine.stream(rid, ids, sp)
         if not stream:
-            text, last = [], None
             try:
-                async for o in gen:
-                    text.append(o.delta_text)
-                    last = o
+                got = await collect(gen, request)
             except EngineFailed as e:
                 raise APIError(500, str(e), "internal_error") from None
             except InputError as e:  # found when the engine added it (raced validation, a prefill provider)
                 raise APIError(400, str(e)) from None
-            return JSONResponse(make_final("".join(text), last))
+            if got is None:  # nobody is listening
+                return Response(status_code=499)
+            return JSONResponse(make_final(*got))
 
         async def sse():
             try:
@@ -345,8 +374,9 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 if include_usage and last is not None:
                     yield f"data: {json.dumps(make_chunk(None, usage(last)))}\n\n"
                 yield "data: [DONE]\n\n"
-            except EngineFailed as e:
-                payload = {"error": {"message": str(e), "type": "internal_error", "param": None, "code": None}}
+            except (EngineFailed, InputError) as e:  # InputError: raced validation, a prefill provider's check
+                kind = "internal_error" if isinstance(e, EngineFailed) else "invalid_request_error"
+                payload = {"error": {"message": str(e), "type": kind, "param": None, "code": None}}
                 yield f"data: {json.dumps(payload)}\n\n"
             finally:
                 await gen.aclose()
@@ -389,13 +419,15 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": o.finish_reason}],
                     "usage": usage(o)}
 
-        return await run(rid, ids, sp, body.get("stream", False), chunk, final, include_usage)
+        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
         ids = _chat_prompt(engine, body)
-        default_max = max(1, engine.max_model_len - len(ids))
+        # no max_tokens: up to the context length, or what the KV cache can hold when that is less
+        room = min(engine.max_model_len, engine.block_manager.capacity_blocks * engine.block_manager.block_size)
+        default_max = max(1, room - len(ids))
         sp = parse_sampling(body, default_max, engine.vocab_size)
         validate(ids, sp, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -425,7 +457,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                                  "logprobs": None, "finish_reason": o.finish_reason}],
                     "usage": usage(o)}
 
-        return await run(rid, ids, sp, body.get("stream", False), chunk, final, include_usage, first_chunk=first)
+        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage,
+                         first_chunk=first)
 
     return app
 

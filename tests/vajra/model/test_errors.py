@@ -145,6 +145,26 @@ def test_shape_mismatch_and_missing_tensor(base, tmp_path):
     assert_one_line(e, "model.norm.weight", "missing")
 
 
+def test_missing_lm_head_of_an_untied_model(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    if json.loads((d / "config.json").read_text()).get("tie_word_embeddings"):
+        pytest.skip("the tiny model ties its embeddings")
+    _rewrite(d, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, "lm_head.weight", "tie_word_embeddings")
+
+
+def test_kv_cache_scheme_is_noted_not_silently_dropped(base, tmp_path):
+    d = _copy(base, "q", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    assert not any("kv_cache_scheme" in n for n in load_model(d).notes)
+    cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                     "dynamic": False, "symmetric": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert any("kv_cache_scheme" in n and "scale 1.0" in n for n in load_model(d).notes)
+
+
 def test_corrupt_safetensors_and_index(base, tmp_path):
     d = _copy(base, "src", tmp_path)
     next(d.glob("*.safetensors")).write_bytes(b"\x00garbage")
@@ -190,6 +210,7 @@ def test_quantize_cli_errors_areassert_one_line(base, tmp_path, capsys):
     assert "--calib-text" in run(base / "src", tmp_path / "z", "--scheme", "fp8-tensor", "--activations", "static")
     assert "--block" in run(base / "src", tmp_path / "w", "--scheme", "fp8-block", "--block", "16by16")
     assert "not found" in run(tmp_path / "missing", tmp_path / "v", "--scheme", "fp8-tensor")
+    assert "compressed-tensors" in run(base / "src", tmp_path / "u", "--scheme", "fp8-channel", "--format", "fp8")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 

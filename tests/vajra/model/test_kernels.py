@@ -297,3 +297,6 @@ def test_w8a8_probe_decides_dispatch(monkeypatch):
     assert auto.choose(512) == "dequant-jit"
     auto.w8a8_ok = True
     assert auto.choose(512) == "w8a8" and auto.choose(1) == "w8a16"
+    weight_only = L.Linear(QuantWeight(q, s, "channel", None, None), None, torch.float32, "dequant-jit")
+    weight_only.backend, weight_only.w8a8_ok = "auto", True  # no input_activations: never quantized unasked
+    assert weight_only.choose(512) == "dequant-jit"

@@ -140,6 +140,44 @@ def test_drive_time_box_aborts_and_reports(monkeypatch):
     assert not full["time_boxed"] and full["completed"] == 3 and full["lengths_ok"]
 
 
+def test_drive_latency_starts_when_a_client_would_send():
+    """TTFT and e2e latency count from the request's Poisson arrival (not from when the loop got to it, which
+    hides the wait behind a running step), and with --max-concurrency from when a slot became free."""
+    import random
+    import time
+
+    from gpulab.vajra import bench
+    from gpulab.vajra.engine import EngineConfig, LLMEngine
+
+    from .fake_model import FakeModel
+
+    def spied():
+        eng = LLMEngine(FakeModel(97, max_model_len=128), None, EngineConfig(num_blocks=200))
+        seen, add = [], eng.add_request
+
+        def add_and_keep(ids, sp, arrival_time=None):
+            seen.append(add(ids, sp, arrival_time=arrival_time))
+            return seen[-1]
+
+        eng.add_request = add_and_keep
+        return eng, seen
+
+    prompts = [[i + 1] * 6 for i in range(5)]
+    eng, seen = spied()
+    bench.drive(eng, prompts, 4, 200.0, None, 3)
+    rng, want, t = random.Random(4), [], 0.0
+    for _ in prompts:
+        want.append(t)
+        t += rng.expovariate(200.0)
+    assert [s.arrival_time - seen[0].arrival_time for s in seen] == pytest.approx(want, abs=1e-9)
+    eng, seen = spied()
+    t0 = time.perf_counter()
+    bench.drive(eng, prompts[:3], 4, float("inf"), 1, 0)
+    assert t0 <= seen[0].arrival_time <= seen[0].token_times[0]
+    for a, b in zip(seen, seen[1:]):  # one slot: each is sent when the one before it finished
+        assert a.token_times[-1] <= b.arrival_time <= b.token_times[0]
+
+
 def test_generate_prints_greedy_text(tiny_llama, capsys):
     from gpulab.vajra.engine import EngineConfig, load_engine
     from gpulab.vajra.sampling import SamplingParams

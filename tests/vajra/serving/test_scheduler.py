@@ -194,3 +194,37 @@ def test_eos_and_stop_token_ids():
     (o,) = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
                                                   stop_token_ids=[ref[2]]))
     assert o.output_token_ids == ref[:ref.index(ref[2]) + 1] and o.finish_reason == "stop"
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    """Before min_tokens outputs, EOS and stop_token_ids cannot be sampled (their logits are masked, as in vLLM):
+    greedy then takes the best other token; after that they stop the sequence as usual."""
+    import torch
+
+    from .fake_model import expected_logits
+
+    prompt = [3, 1, 4, 1, 5]
+    ref = reference_greedy(prompt, 10, VOCAB)
+    eos, stop_id = ref[1], ref[0]
+
+    def masked_greedy(min_tokens):
+        toks, out = list(prompt), []
+        while len(out) < 10:
+            logits = expected_logits(toks, VOCAB)
+            if len(out) < min_tokens:
+                logits[[eos, stop_id]] = float("-inf")
+            t = int(torch.argmax(logits))
+            toks.append(t)
+            out.append(t)
+            if t in (eos, stop_id):
+                break
+        return out
+
+    eng = LLMEngine(FakeModel(VOCAB, eos=(eos,)), None, EngineConfig(num_blocks=50, block_size=4))
+    for min_tokens in (0, 3, 10):
+        (o,) = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, min_tokens=min_tokens,
+                                                      stop_token_ids=[stop_id]))
+        want = masked_greedy(min_tokens)
+        assert o.output_token_ids == want, min_tokens
+        assert not {eos, stop_id} & set(want[:min_tokens])
+    assert eng.block_manager.num_used == 0

@@ -152,3 +152,31 @@ def test_engine_failure_reaches_every_request(tokenizer):
         r = httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 3}, timeout=30)
         assert r.status_code == 503
     ae.shutdown()
+
+
+def test_non_streamed_request_aborted_when_client_leaves(tokenizer):
+    """A client that gives up on a non-streamed request frees its sequence (the server polls for the disconnect)
+    instead of generating to max_tokens; a chat request without max_tokens fits the (small) KV cache."""
+    import time
+
+    class Slow(FakeModel):
+        def forward(self, batch, kv):
+            time.sleep(0.01)
+            return super().forward(batch, kv)
+
+    eng = LLMEngine(Slow(tokenizer.vocab_size, max_model_len=4096), tokenizer,
+                    EngineConfig(num_blocks=40, block_size=8))  # 312 tokens of cache, far below the context
+    ae = AsyncEngine(eng).start()
+    with ServerThread(build_app(ae, NAME)) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "abc", "max_tokens": 300,
+                                                          "ignore_eos": True}, timeout=0.5)
+        deadline = time.time() + 5
+        while eng.has_unfinished() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not eng.has_unfinished() and eng.block_manager.num_used == 0
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                       json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["total_tokens"] <= 312
+    ae.shutdown()
