@@ -2,12 +2,13 @@
 
 Rows: median/p10/p90 (ms), Gkeys/s, effective GB/s (keys read once + written once, + indices
 written with --kv) and its fraction of the copy ceiling measured in the same run, speedup over
-numpy.sort, end-to-end time with host transfers, and ``correct`` from an exact comparison with the
-numpy reference (reference.py). Bitonic rows also carry their passes over memory (kernel launches
-that read and write every key) and the roofline those passes imply at the measured copy bandwidth
-(``roofline_ms``; ``frac_roofline`` = roofline_ms / median_ms). An implementation name may carry a
-configuration (``bitonic-fused@t14f4g5``, see schedule.get_variant); ``--tune`` adds a row for every
-configuration in schedule.TUNE_CONFIGS. With ``--overlap-chunks K`` the
+numpy (one thread, doing the same job: the requested order; with --kv the stable permutation and the
+keys gathered by it), end-to-end time with host transfers (its output checked too), and ``correct``
+from an exact comparison with the numpy reference (reference.py). Bitonic rows also carry their passes
+over memory (kernel launches that read and write every key) and the roofline those passes imply at the
+measured copy bandwidth (``roofline_ms``; ``frac_roofline`` = roofline_ms / median_ms). An
+implementation name may carry a configuration (``bitonic-fused@t14f4g5``, see schedule.get_variant);
+``--tune`` adds a row for every configuration in schedule.TUNE_CONFIGS. With ``--overlap-chunks K`` the
 OVERLAP variants also time the chunked pipelined end to end (``BitonicCuda.sort_host``: K aligned
 chunks, transfers overlapped with the sort) next to the serial one (``overlap_ms``,
 ``overlap_saving`` = 1 - overlap_ms / e2e_ms) and check its output exactly. Without a GPU the
@@ -95,7 +96,18 @@ def validate(a: BenchArgs) -> BenchArgs:
         default = S.VARIANTS["bitonic-fused"].config
         a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != default]))
     validate_overlap(a)
+    if a.ncu and not any(is_gpu_only(i) for i in a.impls):
+        raise InputError(f"--ncu profiles the GPU implementations ({', '.join(GPU_ONLY)}); "
+                         f"--impl {','.join(a.impls)} names none")
     return a
+
+
+def ncu_argv(a: BenchArgs) -> list[str]:
+    """The command that --ncu profiles: the same input (every flag that shapes it, the seed included) sorted
+    by the selected GPU implementations once (validate() made sure there is one; --tune's are in a.impls)."""
+    gpu = [i for i in a.impls if is_gpu_only(i)]
+    return (["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--seed", str(a.seed),
+             "--order", a.order, "--impl", ",".join(gpu), "--reps", "1"] + (["--kv"] if a.kv else []))
 
 
 def validate_overlap(a: BenchArgs) -> None:
@@ -143,6 +155,22 @@ def make_data(n: int, dtype: str, dist: str, seed: int = 0) -> np.ndarray:
     if dist == "few-unique":
         return rng.choice(uniform(16), n) if n else uniform(0)
     return np.full(n, uniform(1)[0], dtype=dt)
+
+
+def numpy_sort(x: np.ndarray, order: str, kv: bool) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+    """The one-thread numpy baseline doing the GPU sorts' job: the keys in the requested order and, with kv,
+    the stable permutation too (the keys then gathered by it), so speedup_vs_numpy compares equal work."""
+    if kv:
+        def fn():
+            p = ref.argsort(x, order)
+            return x[p], p
+    elif order == "desc":
+        def fn():
+            return np.sort(x)[::-1].copy(), None  # materialized, as the GPU sorts write their output
+    else:
+        def fn():
+            return np.sort(x), None
+    return fn
 
 
 def _cupy():
@@ -252,14 +280,10 @@ def run(a: BenchArgs) -> results.Record:
     for impl in a.impls:
         row: dict[str, Any] = {"impl": impl}
         if impl == "numpy":
-            fn = (lambda: np.argsort(x, kind="stable")) if a.kv else (lambda: np.sort(x))
+            fn = numpy_sort(x, a.order, a.kv)
             t = timing.benchmark(fn, device="cpu", warmup=1, reps=reps)
             row.update(backend="cpu (1 thread)", **_row_metrics(t, a.n, nbytes, None if device == "cuda" else copy_gbs))
-            if a.kv:
-                p = np.argsort(x, kind="stable") if a.order == "asc" else ref.argsort(x, a.order)
-                row["correct"] = check(impl, x[p], p)
-            else:
-                row["correct"] = check(impl, ref.sort(x, a.order), None)
+            row["correct"] = check(impl, *fn())  # the timed function's own output
             numpy_ms = t.median
         elif impl == "cpu-parallel":
             from gpulab.sort import cpu_parallel
@@ -363,8 +387,7 @@ def run(a: BenchArgs) -> results.Record:
 
                 w = timing.wall(e2e, reps=max(3, min(reps, 10)), warmup=1, sync_cuda=True)
                 row["h2d_ms"], row["d2h_ms"], row["e2e_ms"] = h2d.median, d2h.median, w.median
-                if row["impl"] == "bitonic-fused":
-                    rec.check("bitonic-fused.e2e.correct", ref.keys_equal(host_out.numpy(), want_keys))
+                rec.check(f"{row['impl']}.e2e.correct", ref.keys_equal(host_out.numpy(), want_keys))
                 if a.overlap_chunks and row["impl"] in OVERLAP:
                     _overlap(rec, row, bitonic, host_in, a, want_keys, want_perm, reps)
             if a.overlap_chunks and a.kv:
@@ -372,8 +395,7 @@ def run(a: BenchArgs) -> results.Record:
                                  "back; the serial e2e copies the keys only")
     rec.rows = rows
     if a.ncu:
-        argv = ["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--order", a.order,
-                "--impl", ",".join(i for i in a.impls if is_gpu_only(i)), "--reps", "1"] + (["--kv"] if a.kv else [])
+        argv = ncu_argv(a)
         metrics = (*ncu_mod.DEFAULT_METRICS, "dram__throughput.avg.pct_of_peak_sustained_elapsed",
                    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
                    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")

@@ -84,7 +84,7 @@ class Launch:
 
 def next_pow2_log(n: int) -> int:
     """log2 of the smallest power of two >= n (0 for n <= 1)."""
-    return max(0, int(n - 1).bit_length())
+    return (int(n) - 1).bit_length() if n > 1 else 0  # (-1).bit_length() is 1: n = 0 needs its own case
 
 
 def chunks(p_hi: int, p_stop: int, fuse: int, flip_first: bool) -> list[tuple[int, int, bool]]:
@@ -139,8 +139,9 @@ class ChunkedSchedule:
 
 
 def chunk_log_for(n: int, chunks: int) -> int:
-    """log2 of the aligned chunk that splits next_pow2(n) virtual keys into ``chunks`` (a power of two)."""
-    return next_pow2_log(n) - (chunks.bit_length() - 1)
+    """log2 of the aligned chunk that splits next_pow2(n) virtual keys into ``chunks`` (a power of two);
+    at least 0: fewer keys than chunks get one key per chunk (so n <= 1 is a single chunk)."""
+    return max(next_pow2_log(n) - (chunks.bit_length() - 1), 0)
 
 
 def check_chunk_log(v: Variant, n: int, chunk_log: int) -> None:

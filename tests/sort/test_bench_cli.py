@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from gpulab.cli import main
-from gpulab.sort.bench import BenchArgs, DISTS, make_data, run, validate
+from gpulab.sort import reference as ref
+from gpulab.sort.bench import BenchArgs, DISTS, make_data, ncu_argv, numpy_sort, run, validate
 from gpulab.core.errors import InputError
 
 
@@ -68,6 +69,7 @@ def test_make_data_distributions():
     (["--order", "up"], "--order must be asc or desc"),
     (["--transfer", "dma"], "--transfer must be one of"),
     (["--reps", "0"], "--reps must be >= 1"),
+    (["--impl", "torch,numpy", "--ncu"], "--ncu profiles the GPU implementations"),
     (["--overlap-chunks", "-1", "--transfer", "pinned"], "--overlap-chunks must be >= 0, got -1"),
     (["--overlap-chunks", "6", "--transfer", "pinned"], "--overlap-chunks must be a power of two (or 0: off), got 6"),
     (["--overlap-chunks", "8"], "--overlap-chunks 8 needs --transfer pageable or pinned"),
@@ -138,3 +140,36 @@ def test_validate_defaults_to_all():
     assert a.impls[0] == "bitonic-global" and "cupy" in a.impls
     with pytest.raises(InputError):
         validate(BenchArgs(impl=" , "))
+
+
+def test_ncu_child_command_profiles_the_same_input():
+    """The --ncu child sorts the same input (seed included) with the selected GPU implementations only."""
+    a = validate(BenchArgs(n=5000, dtype="float32", dist="few-unique", order="desc", kv=True, seed=7, ncu=True,
+                           impl="numpy,torch,bitonic-fused,cupy", transfer="pinned", tune=True))
+    argv = ncu_argv(a)
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert argv[:2] == ["sort", "bench"] and argv[-1] == "--kv"
+    assert {k: flags[k] for k in ("--n", "--dtype", "--dist", "--seed", "--order", "--reps")} == {
+        "--n": "5000", "--dtype": "float32", "--dist": "few-unique", "--seed": "7", "--order": "desc", "--reps": "1"}
+    impls = flags["--impl"].split(",")
+    assert impls[:2] == ["bitonic-fused", "cupy"] and "bitonic-fused@t14f4g5" in impls
+    assert "numpy" not in impls and "torch" not in impls
+    child = validate(BenchArgs(n=5000, impl=flags["--impl"]))  # the child accepts its own --impl
+    assert child.impls == impls
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("kv", [False, True])
+def test_numpy_baseline_does_the_requested_job(order, kv):
+    x = make_data(2001, "float32", "few-unique", seed=1)
+    keys, perm = numpy_sort(x, order, kv)()
+    assert ref.mismatch(keys, ref.sort(x, order)) is None
+    assert (perm is None) if not kv else np.array_equal(perm, ref.argsort(x, order))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_bench_overlap_at_most_one_key(out_dir, n):
+    """n <= 1 with --overlap-chunks: one chunk (or none), no tile constraint; checked exactly."""
+    rec = run(BenchArgs(n=n, reps=1, kv=True, order="desc", transfer="pinned", overlap_chunks=2,
+                        impl="numpy,bitonic-shared,bitonic-fused"))
+    assert rec.ok, rec.checks

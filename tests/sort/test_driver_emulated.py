@@ -174,6 +174,7 @@ CASES = [
     ("bitonic-shared", 3000, "uint32", 1, "desc", True),
     ("bitonic-global", 1025, "float32", 16, "desc", True),  # 9 chunks on 8 streams in turn
     ("bitonic-fused@t14f4g5", 70001, "int32", 4, "asc", True),  # a partial last chunk of 4465 keys
+    ("bitonic-fused", 1, "float32", 2, "desc", True),  # fewer keys than chunks: one chunk, no launch
 ]
 
 
