@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from gpulab.core.errors import InputError
+from gpulab.dbjoin.tensorcore_join import PARTITION_KERNELS
 
 AGG_IMPLS = ("tensorcore", "torch", "pandas")
 LITERAL_MAX_PAIRS = 20_000_000  # the literal reference materializes every pair (3 int64 columns each)
-KERNEL_REGEX = "tc_agg|tc_mix|[Rr]adix"
+# the tensor-core aggregate partitions with the join's Triton passes, then runs its own kernel; [Rr]adix: the
+# sorts behind torch's unique
+KERNEL_REGEX = "|".join(("tc_agg_kernel", *PARTITION_KERNELS, "[Rr]adix"))
 
 
 def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):

@@ -330,9 +330,18 @@ def reference_torch(lk_t, rk_t, count_only: bool):
     return sort_search_join(lk_t, rk_t, count_only)
 
 
-def _attach_ncu(rec, argv: list[str], kernel_regex: str = "hj_|tc_join|[Rr]adix") -> None:
+def ncu_kernel_regex() -> str:
+    """The kernels of the join's --ncu child (hash, tensorcore, torch): the CUDA hash join's, the tensor-core
+    partition and join kernels, and the radix sort behind torch's sort + searchsorted."""
+    from gpulab.dbjoin import hash_join_cuda, tensorcore_join
+
+    return f"{hash_join_cuda.KERNEL_REGEX}|{tensorcore_join.KERNEL_REGEX}|[Rr]adix"
+
+
+def _attach_ncu(rec, argv: list[str], kernel_regex: str | None = None) -> None:
     from gpulab.core import ncu
 
+    kernel_regex = kernel_regex or ncu_kernel_regex()
     records = ncu.profile_gpulab(argv, kernel_regex=kernel_regex)
     rows = ncu.summarize_by_kernel(records)
     rec.metrics["ncu"] = rows

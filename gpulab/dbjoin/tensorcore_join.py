@@ -30,7 +30,11 @@ from gpulab.dbjoin.reference import JoinResult
 
 CODE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 BLOCKS = (16, 32, 64, 128)  # --tc-block: tile sizes BM = BN
-KERNEL_REGEX = "tc_join"
+# The Triton kernels a join launches on the GPU: the two partition passes (partition_counting) and the join;
+# the profiler's filter (bench --ncu) is built from these names
+KERNELS = ("tc_hist_kernel", "tc_scatter_kernel", "tc_join_kernel")
+PARTITION_KERNELS = KERNELS[:2]
+KERNEL_REGEX = "|".join(KERNELS)
 _M16 = 0xFFFF
 _M32 = 0xFFFFFFFF
 

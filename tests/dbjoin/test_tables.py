@@ -97,6 +97,18 @@ def test_bad_files(tmp_path):
         tables.load_table(tmp_path / "absent.npz")
 
 
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_parquet_roundtrip(tmp_path, dt):
+    """.parquet keeps key types and extremes, and an empty table (runs only where pyarrow is installed)."""
+    pytest.importorskip("pyarrow")
+    t = Table(np.array([np.iinfo(dt).min, -1, 0, np.iinfo(dt).max], dt), np.array([1, -2, 3, 2**31 - 1], np.int32))
+    back = tables.load_table(tables.save_table(t, tmp_path / "t.parquet"))
+    assert back.key.dtype == dt and np.array_equal(back.key, t.key) and np.array_equal(back.payload, t.payload)
+    empty = tables.load_table(tables.save_table(Table(np.empty(0, dt), np.empty(0, np.int32)), tmp_path / "e.parquet"))
+    assert len(empty) == 0 and empty.key.dtype == dt and empty.payload.dtype == np.int32
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["e.parquet", "t.parquet"]  # no temporary files left
+
+
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
     try:
         import pyarrow  # noqa: F401
