@@ -97,8 +97,9 @@ def build_workload(cfg: RunConfig, device: str, dtype):
         return MLP(cfg.width or 2048, cfg.layers or 8, cfg.batch, dtype, device, seed=cfg.seed)
     if cfg.workload == "cnn":
         return ConvNet(cfg.width or 256, cfg.layers or 8, cfg.batch, cfg.image or 28, dtype, device, seed=cfg.seed)
-    subs = sample_subnets(max(1, cfg.subnets - 1), cfg.seed) + [SubnetConfig.largest()]
-    return OFASupernet(cfg.width_mult, subs[:cfg.subnets], cfg.batch, cfg.image or 224, dtype, device, seed=cfg.seed)
+    # the stream ends with the largest subnet (the one subnet of --subnets 1)
+    subs = (sample_subnets(cfg.subnets - 1, cfg.seed) if cfg.subnets > 1 else []) + [SubnetConfig.largest()]
+    return OFASupernet(cfg.width_mult, subs, cfg.batch, cfg.image or 224, dtype, device, seed=cfg.seed)
 
 
 def workload_macs(cfg: RunConfig, model) -> float:
@@ -132,6 +133,7 @@ class PolicyRunner:
                                            len(r.layers)) for r in requests]
         self.prefetch_kind, self._kernels = None, None
         self.persist_plan = None
+        self.last_persist = None  # the latest PersistingL2: what the driver granted, the hitRatio installed
         self.pollute_buf = None
         if cfg.pollute_mib > 0:
             self.pollute_buf = torch.zeros(int(cfg.pollute_mib * MIB) // 4, dtype=torch.int32, device="cuda")
@@ -247,8 +249,10 @@ class PolicyRunner:
             return contextlib.nullcontext()
         from gpulab.l2 import cuda_l2
         plan = self.plan_persist()
-        return cuda_l2.PersistingL2(plan.set_aside_bytes, self.model.arena.base_ptr + plan.window_offset,
-                                    plan.window_bytes, plan.hit_ratio, [self.main.cuda_stream, self.side.cuda_stream])
+        self.last_persist = cuda_l2.PersistingL2(plan.set_aside_bytes, self.model.arena.base_ptr + plan.window_offset,
+                                                 plan.window_bytes, plan.hit_ratio,
+                                                 [self.main.cuda_stream, self.side.cuda_stream])
+        return self.last_persist
 
     def sample(self, policy: str, reps: int) -> list[float]:
         """Per-inference latencies (ms, CUDA events on the compute stream); pollution runs before each."""
@@ -356,12 +360,14 @@ def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
 def run(cfg: RunConfig) -> results.Record:
     cfg.validate()
     policies = P.parse_policies(",".join(cfg.policies))
+    if "auto" in policies and cfg.rounds < 2:
+        raise InputError(f"policy auto needs --rounds >= 2 (it weighs gains against the spread of the rounds), "
+                         f"got {cfg.rounds}")
     device = options.resolve_device(what="gpulab l2 run")
     if cfg.ncu and device == "cpu":
         raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before gpulab.l2.kernels imports triton's jit
-    import torch
 
     rec = results.Record(name=f"l2-{cfg.workload}", config={**cfg.__dict__, "policies": policies, "device": device})
     rec.summary.update({"workload": cfg.workload, "batch": cfg.batch})
@@ -469,6 +475,9 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
                   {"max_rel_diff": diff})
     if runner.persist_plan is not None or any(P.uses_persist(p) for p in candidates):
         rec.metrics["persist_plan"] = runner.plan_persist().as_dict()
+        if runner.last_persist is not None and runner.last_persist.granted_bytes is not None:
+            rec.metrics["persist_plan"].update(granted_set_aside_bytes=runner.last_persist.granted_bytes,
+                                               installed_hit_ratio=round(runner.last_persist.installed_hit_ratio, 6))
     if any(P.uses_prefetch(p) for p in candidates):
         rec.metrics["prefetch"] = {"kernel": runner.prefetch_kind, "lookahead": cfg.lookahead,
                                    "budget_bytes": P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"]),
@@ -511,7 +520,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
 
     if cfg.ncu and not ncu.under_ncu():
         rows = []
-        for p in base_policies or ["default"]:
+        for p in P.ncu_policies(policies, rec.summary.get("auto_choice")):
             try:
                 rows.append(_ncu_dram(cfg, p, reps=-(-2 // len(reqs)) * len(reqs)))
             except GpulabError as e:
@@ -519,8 +528,8 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         rec.metrics["ncu"] = rows
         d = next((r for r in rows if r["policy"] == "default"), None)
         for r in rows:
-            for row in rec.rows:
-                if row["policy"] == r["policy"]:
+            for row in rec.rows:  # the auto row shows the figures of the policy it chose
+                if r["policy"] in (row["policy"], row.get("chose")):
                     row["dram_read_mib"] = r["dram_read_bytes_per_inference"] / MIB
                     row["dram_write_mib"] = r["dram_write_bytes_per_inference"] / MIB
                     row["l2_hit_pct"] = r["l2_hit_rate_pct_mean"]

@@ -149,13 +149,22 @@ class PersistingL2:
         self.hit_ratio = float(hit_ratio)
         self.streams = [int(s) for s in streams]
         self._old_limit: int | None = None
+        self.granted_bytes: int | None = None  # the set-aside the driver reports after setting it
+        self.installed_hit_ratio: float | None = None
 
     def __enter__(self) -> "PersistingL2":
         self._old_limit = get_persisting_limit()
         set_persisting_limit(self.set_aside_bytes)
         try:
+            # the driver may set aside less than asked (its granularity, MIG): the window's persisting share
+            # must fit what it granted, so hitRatio is at most granted / window
+            self.granted_bytes = get_persisting_limit()
+            ratio = self.hit_ratio
+            if self.window_bytes > 0:
+                ratio = min(ratio, self.granted_bytes / self.window_bytes)
+            self.installed_hit_ratio = ratio
             for s in self.streams:
-                set_access_policy_window(s, self.base_ptr, self.window_bytes, self.hit_ratio)
+                set_access_policy_window(s, self.base_ptr, self.window_bytes, ratio)
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -3,9 +3,11 @@
 * :func:`parse_policies` validates ``--policy`` (``default``, ``persist``, ``prefetch``,
   ``persist+prefetch``, ``auto``; ``all`` expands to every one).
 * :func:`plan_persist` chooses the L2 set-aside and the access-policy window over the hottest
-  weights of a packed weight arena: the window is capped by ``accessPolicyMaxWindowSize``, the
-  set-aside by ``persistingL2CacheMaxSize``, and ``hitRatio = min(1, set_aside / window)`` so that
-  the persisting lines of one window do not thrash the set-aside.
+  weights of a packed weight arena (laid out hottest first): by default the window is the hottest
+  prefix of the set-aside's size, all of it persisting (``hitRatio = 1``); a larger window (``--window-mib``,
+  e.g. the whole arena) gets ``hitRatio = set_aside / window``, so that a random share of its lines
+  persists without thrashing the set-aside. The window is capped by ``accessPolicyMaxWindowSize``,
+  the set-aside by ``persistingL2CacheMaxSize``.
 * :func:`prefetch_schedule` says, for each layer i, which byte ranges of the next layers a side
   stream prefetches into L2 while layer i computes (lookahead, capped by an L2 budget).
 * :func:`choose_auto` picks the fastest measured policy only when it beats ``default`` by more
@@ -108,7 +110,8 @@ def plan_persist(
 
     ``set_aside_bytes`` defaults to the device maximum, rounded down to ``granularity`` (the driver
     sets it aside in such units; asking for more than the maximum is an error). The window covers
-    the hottest prefix: ``min(total, max_window)`` bytes unless ``window_bytes`` asks for fewer.
+    the hottest prefix of ``window_bytes`` (default: the set-aside, so the hottest weights that fit
+    persist, hitRatio 1), at most the arena and the device's maximum window.
     """
     if total_bytes <= 0:
         raise InputError(f"nothing to persist: the weight arena is {total_bytes} bytes")
@@ -125,11 +128,9 @@ def plan_persist(
             raise InputError(f"--set-aside-mib {set_aside_bytes / 2**20:g} exceeds this GPU's persisting L2 "
                              f"maximum of {persisting_max_bytes / 2**20:g} MiB")
         set_aside = int(set_aside_bytes)
-    win = min(total_bytes, max_window_bytes)
-    if window_bytes is not None:
-        if window_bytes <= 0:
-            raise InputError(f"--window-mib must be > 0, got {window_bytes} bytes")
-        win = min(win, int(window_bytes))
+    if window_bytes is not None and window_bytes <= 0:
+        raise InputError(f"--window-mib must be > 0, got {window_bytes} bytes")
+    win = min(total_bytes, max_window_bytes, set_aside if window_bytes is None else int(window_bytes))
     return PersistPlan(set_aside_bytes=set_aside, window_offset=0, window_bytes=win,
                        hit_ratio=hit_ratio(set_aside, win), covered_bytes=win, total_bytes=total_bytes)
 
@@ -204,6 +205,13 @@ def group_by_layer(ops: Iterable[PrefetchOp], n_layers: int) -> list[list[Prefet
     for op in ops:
         out[op.at_layer].append(op)
     return out
+
+
+def ncu_policies(policies: Sequence[str], auto_choice: str | None) -> list[str]:
+    """What ``--ncu`` profiles: ``default`` (the reference the others are read against), every policy asked for
+    by name, and the one ``auto`` chose (``auto`` itself is no policy a child run can install)."""
+    named = [p for p in policies if p != "auto"]
+    return list(dict.fromkeys(["default", *named, *([auto_choice] if auto_choice else [])]))
 
 
 @dataclass(frozen=True)

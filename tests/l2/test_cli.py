@@ -67,6 +67,8 @@ def test_device_cuda_without_gpu_is_one_line_error(out_dir, capsys):
     (["--set-aside-mib", "-1"], "--set-aside-mib must be > 0"),
     (["--set-aside-mib", "nan"], "--set-aside-mib must be > 0"),
     (["--window-mib", "0"], "--window-mib must be > 0"),
+    (["--rounds", "1"], "policy auto needs --rounds >= 2"),
+    (["--policy", "persist,auto", "--rounds", "1"], "policy auto needs --rounds >= 2"),
 ])
 def test_bad_input_is_one_line_error(args, msg, out_dir, capsys):
     code, _, err = _run(["--out", str(out_dir), "l2", "run", *args], capsys)
@@ -80,3 +82,19 @@ def test_ncu_without_gpu_is_one_line_error(out_dir, capsys):
     code, _, err = _run(["--out", str(out_dir), "l2", "run", "--width", "8", "--layers", "1", "--ncu"], capsys)
     assert code == 1 and err == "error: --ncu needs a CUDA GPU, and none is visible\n"
     assert not out_dir.exists() or not list(out_dir.glob("*.yaml"))
+
+
+def test_rounds_1_without_auto_is_fine_and_one_subnet_is_the_largest():
+    import torch
+
+    from gpulab.l2.bench import RunConfig, build_workload, run
+    from gpulab.l2.supernet import SubnetConfig
+
+    if not HAS_CUDA:
+        rec = run(RunConfig(workload="mlp", width=8, layers=1, batch=1, reps=1, rounds=1, policies=("default",)))
+        assert rec.rows[0]["policy"] == "cpu-baseline"
+    one = build_workload(RunConfig(workload="ofa", width_mult=0.25, image=32, batch=1, subnets=1), "cpu", torch.float32)
+    assert one.subnets == [SubnetConfig.largest()]
+    three = build_workload(RunConfig(workload="ofa", width_mult=0.25, image=32, batch=1, subnets=3), "cpu",
+                           torch.float32)
+    assert len(three.subnets) == 3 and three.subnets[-1] == SubnetConfig.largest()

@@ -34,10 +34,13 @@ def test_access_policy_window_on_torch_stream():
     s = torch.cuda.Stream()
     old = cuda_l2.get_persisting_limit()
     with cuda_l2.PersistingL2(min(lim["persisting_l2_max_bytes"], 4 * MIB), buf.data_ptr(), 8 * MIB, 0.5,
-                              [s.cuda_stream]):
+                              [s.cuda_stream]) as ctx:
         w = cuda_l2.get_access_policy_window(s.cuda_stream)
         assert (w["base_ptr"], w["num_bytes"]) == (buf.data_ptr(), 8 * MIB)
-        assert w["hit_ratio"] == pytest.approx(0.5) and "Persisting" in w["hit_prop"]
+        # hitRatio: the one asked for, lowered to what the driver granted over the window
+        assert ctx.granted_bytes == cuda_l2.get_persisting_limit() > 0
+        assert ctx.installed_hit_ratio == pytest.approx(min(0.5, ctx.granted_bytes / (8 * MIB)))
+        assert w["hit_ratio"] == pytest.approx(ctx.installed_hit_ratio, abs=1e-6) and "Persisting" in w["hit_prop"]
         with torch.cuda.stream(s):
             buf.add_(1)  # kernels run under the window
         torch.cuda.synchronize()

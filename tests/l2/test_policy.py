@@ -34,16 +34,53 @@ def test_plan_persist_h100_numbers():
     small = P.plan_persist(20 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
     assert small.window_bytes == 20 * MIB and small.hit_ratio == 1.0 and small.coverage == 1.0
     assert small.set_aside_bytes == 31 * MIB and small.set_aside_bytes <= pmax
+    # weights larger than the set-aside: the window is the hottest prefix of the set-aside's size, all persisting
     big = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
-    assert big.window_bytes == 96 * MIB
-    assert big.hit_ratio == pytest.approx(31 / 96)
+    assert (big.window_offset, big.window_bytes, big.hit_ratio) == (0, 31 * MIB, 1.0)
+    assert big.coverage == pytest.approx(31 / 96)
     huge = P.plan_persist(300 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax)
-    assert huge.window_bytes == wmax and huge.coverage == pytest.approx(wmax / (300 * MIB))
-    capped = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax,
-                            set_aside_bytes=8 * MIB, window_bytes=16 * MIB)
-    assert (capped.window_bytes, capped.hit_ratio) == (16 * MIB, 0.5)
-    d = capped.as_dict()
+    assert (huge.window_bytes, huge.hit_ratio) == (31 * MIB, 1.0)
+    # a window asked larger than the set-aside (the whole arena, say): a set-aside / window share persists
+    whole = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax, window_bytes=96 * MIB)
+    assert (whole.window_bytes, whole.coverage) == (96 * MIB, 1.0) and whole.hit_ratio == pytest.approx(31 / 96)
+    capped = P.plan_persist(300 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax, window_bytes=300 * MIB)
+    assert capped.window_bytes == wmax and capped.hit_ratio == pytest.approx(31 * MIB / wmax)
+    asked = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax,
+                           set_aside_bytes=8 * MIB, window_bytes=16 * MIB)
+    assert (asked.window_bytes, asked.hit_ratio) == (16 * MIB, 0.5)
+    d = asked.as_dict()
     assert d["window_bytes"] == 16 * MIB and d["coverage"] == pytest.approx(1 / 6, abs=1e-5)
+    # a smaller window than the set-aside: all of it persists
+    small_win = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=wmax, window_bytes=4 * MIB)
+    assert (small_win.window_bytes, small_win.hit_ratio) == (4 * MIB, 1.0)
+    # a device whose window maximum is below the set-aside: the window is capped, still hitRatio 1
+    narrow = P.plan_persist(96 * MIB, persisting_max_bytes=pmax, max_window_bytes=16 * MIB)
+    assert (narrow.window_bytes, narrow.hit_ratio) == (16 * MIB, 1.0)
+
+
+def test_persist_window_holds_the_hottest_weights():
+    """Over a hottest-first arena the default window persists exactly the hottest bytes that fit the set-aside:
+    every persisted byte is used at least as often as every byte left out."""
+    uses = {"a": 1, "b": 8, "c": 8, "d": 3, "e": 1, "f": 8}
+    sizes = {"a": 5, "b": 3, "c": 4, "d": 6, "e": 2, "f": 2}
+    order = P.hotness_order(uses, {n: i for i, n in enumerate(uses)})
+    start, arena = 0, []
+    for n in order:
+        arena.append((start, start + sizes[n], uses[n]))
+        start += sizes[n]
+    plan = P.plan_persist(start, persisting_max_bytes=12, max_window_bytes=100, granularity=1)
+    assert (plan.window_offset, plan.window_bytes, plan.hit_ratio) == (0, 12, 1.0)
+    inside = [u for lo, hi, u in arena if lo < plan.window_bytes]
+    outside = [u for lo, hi, u in arena if hi > plan.window_bytes]
+    assert min(inside) >= max(outside) and sum(u == 8 for u in inside) == 3
+
+
+def test_ncu_profiles_default_named_policies_and_autos_choice():
+    assert P.ncu_policies(["persist", "auto"], "prefetch") == ["default", "persist", "prefetch"]
+    assert P.ncu_policies(["auto"], "persist") == ["default", "persist"]
+    assert P.ncu_policies(["auto"], "default") == ["default"]
+    assert P.ncu_policies(["prefetch", "default"], None) == ["default", "prefetch"]
+    assert P.ncu_policies(["persist", "auto"], "persist") == ["default", "persist"]
 
 
 def test_plan_persist_errors():

@@ -120,3 +120,28 @@ def test_auto_drops_a_policy_whose_l2_setup_fails():
     Runner.tried.clear()
     assert installable(Runner(), ["default", "persist"], ["persist"], []) == ["default", "persist"]
     assert Runner.tried == []  # asked for by name: not probed; measuring it fails with its one-line error
+
+
+def test_persisting_window_hit_ratio_fits_the_granted_set_aside(monkeypatch):
+    """PersistingL2 reads the set-aside back after setting it; when the driver grants less than asked, the window's
+    hitRatio drops to granted / window (never above the ratio asked for), and the old limit is restored."""
+    from gpulab.l2 import cuda_l2
+
+    state = {"limit": 0, "windows": {}}
+
+    def set_limit(n):
+        state["limit"] = min(int(n), 24 << 20)  # the driver grants at most 24 MiB here
+
+    monkeypatch.setattr(cuda_l2, "get_persisting_limit", lambda: state["limit"])
+    monkeypatch.setattr(cuda_l2, "set_persisting_limit", set_limit)
+    monkeypatch.setattr(cuda_l2, "set_access_policy_window",
+                        lambda s, base, n, ratio: state["windows"].__setitem__(s, (base, n, ratio)))
+    monkeypatch.setattr(cuda_l2, "clear_access_policy_window", lambda s: state["windows"].pop(s))
+    monkeypatch.setattr(cuda_l2, "reset_persisting_lines", lambda: None)
+    mib = 1 << 20
+    with cuda_l2.PersistingL2(32 * mib, 4096, 32 * mib, 1.0, [7, 8]) as ctx:
+        assert ctx.granted_bytes == 24 * mib and ctx.installed_hit_ratio == 0.75
+        assert state["windows"] == {7: (4096, 32 * mib, 0.75), 8: (4096, 32 * mib, 0.75)}
+    assert state == {"limit": 0, "windows": {}}
+    with cuda_l2.PersistingL2(16 * mib, 4096, 64 * mib, 0.25, [7]) as ctx:  # granted in full: the ratio asked
+        assert ctx.granted_bytes == 16 * mib and ctx.installed_hit_ratio == 0.25
