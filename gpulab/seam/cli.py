@@ -302,7 +302,8 @@ def select_(
     accuracy: str = typer.Option("", "--accuracy", help="Top-1 constraint(s) in percent, e.g. 93.5 or 92,93,94; "
                                                          "empty: every top-1 a model reaches (a sweep)."),
     metric: str = typer.Option("flops", "--metric", help="flops | params | latency (batch 1) | latency64."),
-    family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP + " Must hold eval.yaml."),
+    family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP + " Must hold eval.yaml (or name an "
+                                                                  "eval.yaml: the outputs go beside it)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the Pareto plot (PNG)."),
 ) -> None:
     """Pick the lightest model meeting an accuracy constraint; compare with the baselines; Pareto plot."""
@@ -313,6 +314,7 @@ def select_(
 
     folder = _family(family)
     ev = store.load_eval(folder)
+    out_dir = Path(ev["path"]).parent  # --family may name the eval.yaml itself: write beside it
     models = ev["models"]
     levels = sel.parse_accuracies(accuracy)
     rows, key = sel.select(models, levels, metric)
@@ -338,11 +340,11 @@ def select_(
     infeasible = [r["accuracy"] for r in rows if r["chosen"] is None]
     if infeasible:
         rec.notes.append(f"no model meets accuracy {', '.join(f'{100 * a:.2f}%' for a in infeasible)}")
-    out_yaml = folder / f"select-{metric}.yaml"
+    out_yaml = out_dir / f"select-{metric}.yaml"
     atomic_write_yaml(out_yaml, {"metric": metric, "key": key, "selections": rows, "pareto_front": rec.metrics["pareto_front"]})
     if plot:
-        png = sel.plot(models, key, metric, rows, folder / f"select-{metric}.png",
-                       title=f"{folder.name}: {len(models)} models, metric {metric}")
+        png = sel.plot(models, key, metric, rows, out_dir / f"select-{metric}.png",
+                       title=f"{out_dir.name}: {len(models)} models, metric {metric}")
         rec.metrics["plot"] = str(png)
     path = rec.save()
     rec.print()

@@ -28,15 +28,21 @@ def metric_key(metric: str, models: list[dict[str, Any]]) -> str:
     return key
 
 
+def _order(key: str):
+    """Cheapest first; ties: higher top-1, then by name. The selection and the Pareto front share it, so the
+    model chosen among equals is the one the front keeps."""
+    return lambda m: (m[key], -m["top1"], m["name"])
+
+
 def lightest(models: list[dict[str, Any]], accuracy: float, key: str) -> dict[str, Any] | None:
     ok = [m for m in models if m["top1"] >= accuracy - 1e-12]
-    return min(ok, key=lambda m: (m[key], -m["top1"], m["name"])) if ok else None
+    return min(ok, key=_order(key)) if ok else None
 
 
 def pareto_front(models: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """Members not dominated in (lower cost, higher top-1), in ascending cost."""
     front, best = [], -1.0
-    for m in sorted(models, key=lambda m: (m[key], -m["top1"])):
+    for m in sorted(models, key=_order(key)):
         if m["top1"] > best:
             front.append(m)
             best = m["top1"]

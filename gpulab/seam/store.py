@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_yaml_mapping
-from gpulab.core.results import atomic_write_yaml
+from gpulab.core.results import atomic_write_yaml, plain
 from gpulab.seam.models import FamilySpec, StitchedFamily
 
 FAMILY_SCHEMA = "gpulab.seam.family/1"
@@ -30,11 +31,14 @@ EVAL_FIELDS = ("name", "kind", "top1", "flops", "params")
 
 
 def save_family(folder: Path, family: StitchedFamily, info: dict[str, Any]) -> None:
+    """The weights and family.yaml, renamed into place together: never one without the other."""
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().cpu() for k, v in family.state_dict().items()}
-    atomic.write_with(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp))
-    atomic_write_yaml(folder / "family.yaml", {"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info})
+    text = yaml.safe_dump(plain({"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info}),
+                          sort_keys=False, allow_unicode=True, width=120)
+    atomic.write_all([(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp), ""),
+                      (folder / "family.yaml", lambda tmp: Path(tmp).write_text(text), "")])
 
 
 def _yaml(path: Path, what: str) -> dict[str, Any]:

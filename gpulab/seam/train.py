@@ -10,6 +10,9 @@ Phases, in order, each resumable from ``<family>/checkpoint.pt``:
    the anchors and all stitches (as SN-Net does); ``frozen`` keeps the anchors fixed and trains only
    the stitching layers (each stitch alone: their parameters are disjoint).
 
+``--resume`` continues only a run of the same settings (all of :class:`TrainConfig` but
+``checkpoint_every``) and the same phases and step counts; anything else is a one-line error.
+
 Mixed precision: bf16 autocast on CUDA (fp32 master weights, no loss scaling needed); channels_last.
 Under ``torchrun`` (WORLD_SIZE > 1) every rank takes its share of each global batch, the model is
 wrapped in DistributedDataParallel (find_unused_parameters, since a step runs one member), all ranks
@@ -91,6 +94,27 @@ class TrainConfig:
         return d
 
 
+# Settings that a resumed run may change: they do not change what is trained.
+RESUME_FREE = ("checkpoint_every",)
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = (),
+                     prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first setting (in ``new``'s order, nested keys as ``spec.width``) whose value differs, with the
+    old and the new value; a setting missing from ``old`` (an older checkpoint) differs as None."""
+    for key in [*new, *(k for k in old if k not in new)]:
+        if key in skip:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = first_difference(a, b, (), f"{prefix}{key}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
@@ -145,8 +169,13 @@ class Trainer:
         self.phase_index, self.step, self.opt_state = 0, 0, None
 
     # -- checkpoints ------------------------------------------------------------------------
+    def plan(self) -> list[list]:
+        """[phase, steps] of every phase: what phase_index and step of a checkpoint refer to."""
+        return [[name, phase_steps(self.cfg, name, self.source.steps_per_epoch)] for name in phases(self.cfg)]
+
     def state(self, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
-        return {"config": self.cfg.as_dict(), "phase_index": self.phase_index, "step": self.step,
+        return {"config": self.cfg.as_dict(), "plan": self.plan(), "phase_index": self.phase_index,
+                "step": self.step,
                 "model": {k: v.detach().cpu() for k, v in self.family.state_dict().items()},
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "history": self.history, "lstsq": self.lstsq, "notes": self.notes}
@@ -163,11 +192,19 @@ class Trainer:
         if missing:
             raise InputError(f"{self.folder}/checkpoint.pt: not a seam training checkpoint (no '{missing[0]}'); "
                              "use --overwrite to start again")
-        mine, theirs = self.cfg.as_dict(), ck["config"] or {}
-        for key in ("spec", "mode", "batch_size", "seed"):
-            if mine.get(key) != theirs.get(key):
-                raise InputError(f"{self.folder}/checkpoint.pt: was trained with another {key} "
-                                 f"({theirs.get(key)!r}, now {mine.get(key)!r}); use --overwrite to start again")
+        again = "resume with the same settings or use --overwrite to start again"
+        diff = first_difference(ck["config"] if isinstance(ck["config"], dict) else {}, self.cfg.as_dict(),
+                                skip=RESUME_FREE)
+        if diff:
+            key, old, new = diff
+            raise InputError(f"{self.folder}/checkpoint.pt: was trained with {key} {old!r}, now {new!r}; {again}")
+        # same settings but other data (a different --train-images, say) change the steps of epoch-based phases
+        old_plan, new_plan = ck.get("plan"), self.plan()
+        if old_plan is not None and [list(p) for p in old_plan] != new_plan:
+            i = next((i for i, (a, b) in enumerate(zip(old_plan, new_plan)) if list(a) != b), None)
+            what = (f"phase {new_plan[i][0]} has {old_plan[i][1]} steps, now {new_plan[i][1]}" if i is not None
+                    else f"{len(old_plan)} phases, now {len(new_plan)}")
+            raise InputError(f"{self.folder}/checkpoint.pt: planned {what} (other training data?); {again}")
         try:
             self.family.load_state_dict(ck["model"])
         except RuntimeError as e:

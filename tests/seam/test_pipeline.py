@@ -1,6 +1,7 @@
 """train -> eval -> select through the CLI on a synthetic CIFAR folder; resume; one-line errors."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -102,6 +103,92 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, trained):
     a, b = full.family.state_dict(), resumed.family.state_dict()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, trained, capsys):
+    """Every setting that shapes training (phases, steps, learning rates, weights, calibration ...) must
+    match the checkpoint's; the error names the first that differs, old and new value."""
+    import dataclasses
+
+    from gpulab.cli import main
+    from gpulab.seam import data as sdata
+    from gpulab.seam.train import TrainConfig, Trainer
+
+    _, data, fam = trained
+    x, y = sdata.load_cifar10(data, "train")
+    spec = tiny_spec(cuts="aligned")
+    cfg = TrainConfig(spec=spec, batch_size=8, anchor_steps=2, stitch_steps=2, calib_images=8, amp=False)
+    folder = tmp_path / "f"
+    Trainer(cfg, folder, sdata.TensorSource(x, y, 8, 0, "cpu"), "cpu", log=lambda s: None).run()
+    pretrained = tmp_path / "r34.pth"
+    from gpulab.seam.models import StitchedFamily
+
+    torch.save(StitchedFamily(spec).net("resnet34").state_dict(), pretrained)
+
+    def resume(c, n=len(x), folder=folder):
+        Trainer(c, folder, sdata.TensorSource(x[:n], y[:n], 8, 0, "cpu"), "cpu", log=lambda s: None).resume()
+
+    resume(dataclasses.replace(cfg, checkpoint_every=7))  # harmless: resumes
+    cases = [({"anchor_steps": 3}, "anchor_steps 2, now 3"),
+             ({"stitch_lr": 0.02}, "stitch_lr 0.01, now 0.02"),
+             ({"calib_images": 9}, "calib_images 8, now 9"),
+             ({"lstsq_ridge": 0.5}, "lstsq_ridge 0.01, now 0.5"),
+             ({"label_smoothing": 0.1}, "label_smoothing 0.0, now 0.1"),
+             ({"amp": True}, "amp False, now True"),
+             ({"weights": {"resnet34": str(pretrained)}}, "weights.resnet34 None, now '"),
+             ({"spec": tiny_spec(cuts="all")}, "spec.cuts 'aligned', now 'all'")]
+    for change, msg in cases:
+        with pytest.raises(InputError, match="was trained with " + re.escape(msg)) as e:
+            resume(dataclasses.replace(cfg, **change))
+        assert "\n" not in str(e.value)
+    # same settings, fewer images: an epoch-based phase would have another step count
+    by_epochs = dataclasses.replace(cfg, anchor_steps=None, anchor_epochs=1.0)
+    Trainer(by_epochs, tmp_path / "g", sdata.TensorSource(x, y, 8, 0, "cpu"), "cpu", log=lambda s: None).save(None)
+    resume(by_epochs, folder=tmp_path / "g")
+    with pytest.raises(InputError, match=f"phase anchor:resnet34 has {len(x) // 8} steps, now 2"):
+        resume(by_epochs, n=16, folder=tmp_path / "g")
+    # through the CLI: one line, exit 1, nothing written
+    copy = tmp_path / "copy"
+    shutil.copytree(fam, copy)
+    before = {p.name: p.stat().st_mtime_ns for p in copy.iterdir()}
+    argv = list(TRAIN)
+    argv[argv.index("--anchor-steps") + 1] = "5"
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(copy), "--data", str(data), *argv,
+              "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "anchor_steps 2, now 5" in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before
+
+
+def test_save_family_writes_weights_and_yaml_together(tmp_path, monkeypatch):
+    """A failure while writing family.yaml (disk full, say) leaves neither file new: no new weights beside an old
+    family.yaml, no temporaries."""
+    from pathlib import Path
+
+    from gpulab.seam import store
+    from gpulab.seam.models import StitchedFamily
+
+    fam = StitchedFamily(tiny_spec(cuts="aligned"))
+    store.save_family(tmp_path, fam, {"note": "old"})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"weights.safetensors", "family.yaml"}
+    with torch.no_grad():
+        for p in fam.parameters():
+            p.add_(1.0)
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        store.save_family(tmp_path, fam, {"note": "new"})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    store.save_family(tmp_path, fam, {"note": "new"})
+    loaded, info = store.load_family(tmp_path)
+    assert info["note"] == "new"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), fam.state_dict().values()))
 
 
 def test_family_folder_errors_are_one_line(tmp_path, trained, capsys):

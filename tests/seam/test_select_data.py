@@ -52,6 +52,23 @@ def test_pareto_front_is_the_undominated_set():
     assert front == undominated == {"r18", "s3", "r34", "s1", "s2", "r50"}
 
 
+def test_ties_in_cost_and_accuracy_choose_the_model_the_front_keeps():
+    """Three models of equal cost and top-1 (input order not by name): the selection and the Pareto front
+    break the tie alike, so the chosen model is on the front."""
+    models = _models() + [
+        {"name": name, "kind": "stitch", "top1": 0.95, "flops": 120, "params": 25, "direction": "r34>r50"}
+        for name in ("s9", "s7", "s8")]
+    front = sel.pareto_front(models, "flops")
+    tied = [m["name"] for m in front if m["flops"] == 120]
+    assert tied == ["s7"]
+    rows, _ = sel.select(models, [0.94], "flops")
+    assert rows[0]["chosen"] == "s7"
+    for order in itertools.permutations(models[-3:]):
+        ms = _models() + list(order)
+        chosen = sel.select(ms, [0.94], "flops")[0][0]["chosen"]
+        assert chosen == "s7" and chosen in {m["name"] for m in sel.pareto_front(ms, "flops")}
+
+
 def test_metric_and_accuracy_validation():
     with pytest.raises(InputError, match="--metric"):
         sel.select(_models(), [], "energy")
@@ -77,6 +94,11 @@ def test_select_cli_on_a_synthetic_family(tmp_path):
     assert (fam / "select-params.png").read_bytes()[:4] == b"\x89PNG"
     rec = yaml.safe_load(next((tmp_path / "r").glob("seam-select-*.yaml")).read_text())
     assert rec["ok"] and rec["summary"]["lighter"] == 1
+    # --family naming the eval.yaml itself: the outputs go beside it
+    invoke(["--out", str(tmp_path / "r"), "seam", "select", "--family", str(fam / "eval.yaml"), "--accuracy", "91",
+            "--metric", "flops"])
+    assert yaml.safe_load((fam / "select-flops.yaml").read_text())["selections"][0]["chosen"] == "s1"
+    assert (fam / "select-flops.png").is_file()
     bad = _models()
     bad[1]["kind"] = "stitch"  # one anchor only
     (fam / "eval.yaml").write_text(yaml.safe_dump({"schema": EVAL_SCHEMA, "models": bad}))
