@@ -132,6 +132,7 @@ def _train(cfg: dict, ctx=None):
             rec.check(f"{st}_losses_finite", all(math.isfinite(x) for x in hist), {"steps": len(hist)})
             rec.summary[f"{st}_loss_last"] = r["loss_last"]
     rec.summary["alignment"] = ",".join(map(str, res["align"]))
+    rec.notes.extend(res.get("notes", []))
     return rec
 
 
@@ -152,7 +153,7 @@ def train(
     loss: str = typer.Option("mse", "--loss", help="Warm-up loss: mse | l1"),
     batch: int = typer.Option(16, "--batch"),
     prompt_len: int = typer.Option(64, "--prompt-len"),
-    cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss."),
+    cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss (>= 2)."),
     lr: float = typer.Option(1e-3, "--lr", help="Warm-up learning rate."),
     lora_lr: float = typer.Option(1e-3, "--lora-lr"),
     stitch_lr: Optional[float] = typer.Option(None, "--stitch-lr", help="Stage-2 learning rate of the stitches "

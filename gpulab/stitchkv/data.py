@@ -44,7 +44,9 @@ class Corpus:
         return "jsonl" if self.pairs is not None else "text"
 
 
-def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1) -> Corpus:
+def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min_ref: int = 1) -> Corpus:
+    """``min_ref``: the fewest reference tokens a .jsonl record may have (stage 2 needs 2: its loss
+    predicts continuation tokens 2..C from token 1)."""
     import torch
 
     p = Path(path)
@@ -66,6 +68,9 @@ def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1) -> 
             rids = tokenizer(rec["reference"], add_special_tokens=False)["input_ids"]
             if not pids or not rids:
                 raise InputError(f"--data {p}:{i}: empty prompt or reference after tokenization")
+            if len(rids) < min_ref:
+                raise InputError(f"--data {p}:{i}: the reference is {len(rids)} token(s); stage 2 needs >= {min_ref} "
+                                 "(its loss predicts reference tokens 2..C)")
             pairs.append((pids, rids, rec["reference"]))
         if len(pairs) < 2:
             raise InputError(f"--data {p}: needs at least 2 records, got {len(pairs)}")

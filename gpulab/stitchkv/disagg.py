@@ -183,7 +183,9 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
                              "e2e_ms": None, "handover_bytes_per_seq": None, "states_bytes_per_seq": None,
                              "rouge1": None, "rouge2": None, "rougeL": None})
         sh = bank.small_shape
-        want = n * 2 * sh["layers"] * sh["kv_heads"] * sh["head_dim"] * plen * next(small.parameters()).element_size()
+        # each prompt's own length: .jsonl prompts may be shorter than plen
+        prompt_tokens = sum(len(p) for p, _ in windows)
+        want = 2 * sh["layers"] * sh["kv_heads"] * sh["head_dim"] * prompt_tokens * next(small.parameters()).element_size()
         want += n * 8  # first tokens (int64)
         rec.check("handover_bytes_equal_stitched_cache", hbytes == want, {"sent": hbytes, "expected": want})
         rec.notes.append("ttft_ms: rank 0 prefill + stitches + first token of a batch; handover_ms: rank 0 from the "

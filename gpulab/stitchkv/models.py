@@ -4,7 +4,8 @@ from-scratch Llama pair with one shared byte-level BPE tokenizer (``gpulab kvsti
 
 Supported families are the ones whose attention is Llama-style (``k_proj``/``v_proj`` Linear
 layers, optional per-head ``k_norm``, rotate-half RoPE applied to keys before they enter the
-cache): llama (Llama 2/3, Llama-fied Minitron), qwen2, qwen3, mistral. Other model types are a
+cache): llama (Llama 2/3, Llama-fied Minitron), qwen2, qwen3, mistral, and nemotron (Minitron-8B/4B-Base:
+LayerNorm1P, RoPE on the first ``partial_rotary_factor`` of each head only). Other model types are a
 one-line InputError.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_model_config
 
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral", "nemotron")
 
 
 # --------------------------------------------------------------------------- accessors

@@ -80,9 +80,18 @@ def rotate_half(x: Any) -> Any:
 
 
 def apply_rope(k: Any, cos: Any, sin: Any) -> Any:
-    """Rotate keys [B, H, T, D] with the model's cos/sin [B, T, D] (Hugging Face rotate-half convention)."""
+    """Rotate keys [B, H, T, D] with the model's cos/sin [B, T, R] (Hugging Face rotate-half convention).
+
+    Partial RoPE (nemotron: R = head_dim x partial_rotary_factor < D): only the first R dims of each head
+    rotate, the rest pass through, as transformers' own ``apply_rotary_pos_emb`` does (R = D: all of them)."""
+    import torch
+
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (k * cos) + (rotate_half(k) * sin)
+    rot = cos.shape[-1]
+    if rot == k.shape[-1]:
+        return (k * cos) + (rotate_half(k) * sin)
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    return torch.cat(((k_rot * cos) + (rotate_half(k_rot) * sin), k_pass), dim=-1)
 
 
 def _heads(x: Any, head_dim: int) -> Any:

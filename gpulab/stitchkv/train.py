@@ -2,10 +2,16 @@
 
 Run folder layout::
 
-    run.yaml                    what was trained (pair, data, alignment, input mode, hyper-parameters)
+    run.yaml                    what was trained (pair, data, alignment, input mode, hyper-parameters; absolute
+                                paths), and under ``trained`` the settings each stage's saved state was trained with
     warmup/stitch.safetensors   stage 1 result (+ stitch.yaml: mode, alignment, shapes)
     lora/stitch.safetensors     stage 2 result, with lora/adapter/ (peft adapter of the small model)
+    lora-control/adapter/       the LoRA control (same LoRA, small model alone, no stitches)
     checkpoint.pt               in-progress stage: step, stitches, LoRA, optimizer, loss history
+
+A rerun of ``--stage all`` skips every finished stage and resumes an interrupted one from checkpoint.pt; a
+stage resumed or skipped must have been trained with the same settings (STAGE_FIELDS), else a one-line error
+names the setting. An explicit ``--stage warmup`` or ``--stage lora`` retrains that stage.
 
 Stage 1 (warm-up): both models frozen; the stitches regress the stitched cache onto the small
 model's own cache of the same prompt (MSE or L1 over K and V of every layer).
@@ -40,7 +46,16 @@ from gpulab.stitchkv.store import (
 STAGES = ("warmup", "lora", "all")
 LOSSES = ("mse", "l1")
 INITS = ("ls", "random", "identity")
-KEY_FIELDS = ("large", "small", "alignment", "stitch_input")
+KEY_FIELDS = ("large", "small", "alignment", "stitch_input")  # the whole run folder is pinned to these
+PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run from another directory
+_SHARED = ("data", "seed", "batch", "prompt_len", "dtype")
+# what shapes each stage's result: a stage resumed from its checkpoint or skipped as finished must match
+STAGE_FIELDS = {
+    "warmup": (*_SHARED, "steps", "lr", "init", "loss", "ls_batches", "ridge"),
+    "lora": (*_SHARED, "cont_len", "lora_steps", "lora_lr", "stitch_lr", "lora_r", "lora_alpha", "lora_targets"),
+    "lora_control": (*_SHARED, "cont_len", "lora_steps", "lora_lr", "lora_r", "lora_alpha", "lora_targets"),
+}
+RETRAIN = {"warmup": "warmup", "lora": "lora", "lora_control": "lora"}  # the --stage that retrains each
 
 
 def kv_loss(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]], kind: str = "mse") -> Any:
@@ -53,11 +68,30 @@ def kv_loss(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]], kind: st
     return total / len(pred)
 
 
-def nmse(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> float:
-    """Normalized MSE (1 - R^2) over all stitched K and V tensors."""
+def nmse_parts(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> tuple[float, float]:
+    """(squared error, squared deviation of the target from its mean) over all stitched K and V tensors."""
     num = sum(float(((p - t) ** 2).sum()) for pt, tt in zip(pred, target) for p, t in zip(pt, tt))
     den = sum(float(((t - t.mean()) ** 2).sum()) for tt in target for t in tt)
+    return num, den
+
+
+def nmse(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> float:
+    """Normalized MSE (1 - R^2) over all stitched K and V tensors."""
+    num, den = nmse_parts(pred, target)
     return num / den if den > 0 else float("nan")
+
+
+def heldout_prompts(corpus: Any, cfg: dict[str, Any]) -> list[Any]:
+    """Up to --batch prompts of the validation split (never trained on), in equal-length batches: what the
+    warm-up's held-out NMSE is measured on."""
+    import torch
+
+    from gpulab.stitchkv import data as D
+
+    groups: dict[int, list[Any]] = {}
+    for p, _ in D.eval_windows(corpus, cfg["batch"], cfg["prompt_len"], 1):
+        groups.setdefault(len(p), []).append(p)
+    return [torch.stack(g) for g in groups.values()]
 
 
 def stitched_lm(bank: Any, small: Any) -> Any:
@@ -176,18 +210,42 @@ def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int,
         raise InputError(f"{what} loss became {hist[-1]} at step {step}; lower {lr_flag}")
 
 
-def _check_run_config(run: Path, cfg: dict[str, Any], write: bool = True) -> dict[str, Any]:
+def _read_run_yaml(run: Path) -> dict[str, Any]:
+    """The run folder's run.yaml ({} when there is none yet; else with a ``trained`` mapping)."""
     p = run / "run.yaml"
-    if p.is_file():
-        old = read_yaml_mapping(p, f"{p}: not found", f"{p}: expected a mapping; use a new --run folder")
+    if not p.is_file():
+        return {}
+    old = read_yaml_mapping(p, f"{p}: not found", f"{p}: expected a mapping; use a new --run folder")
+    if not isinstance(old.get("trained"), dict):
+        old["trained"] = {}  # a folder of an older version: its stages' settings were not recorded
+    return old
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key in PATH_FIELDS and a is not None and b is not None:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()  # an older run.yaml may hold relative paths
+    return str(a) == str(b)
+
+
+def _check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: dict[str, str],
+                      settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Refuse a run folder of another pair, and a stage resumed or skipped (``plan``) whose saved state was
+    trained with other settings; returns run.yaml's new content (old + this run's options)."""
+    if old:
         for k in KEY_FIELDS:
-            if str(old.get(k)) != str(cfg.get(k)):
+            if not _same(k, old.get(k), cfg.get(k)):
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
-        old.update({k: v for k, v in cfg.items() if k not in KEY_FIELDS})
-        cfg = old
-    if write:
-        atomic_write_yaml(p, cfg)
-    return cfg
+    for name, how in plan.items():
+        was = old.get("trained", {}).get(name)
+        if how not in ("resume", "skip") or not isinstance(was, dict):
+            continue
+        for k, v in settings[name].items():
+            if k in was and not _same(k, was[k], v):
+                fix = ("delete checkpoint.pt to restart it" if how == "resume"
+                       else f"--stage {RETRAIN[name]} to retrain it")
+                raise InputError(f"{run}: {name} was trained with {k}={was[k]!r}, not {v!r}; use a new --run "
+                                 f"folder (or {fix})")
+    return {**old, **cfg, "trained": dict(old.get("trained", {}))}
 
 
 def validate_cfg(cfg: dict[str, Any]) -> None:
@@ -205,6 +263,9 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
     for k in ("lr", "lora_lr", "lora_alpha"):
         if not cfg[k] > 0:
             raise InputError(f"--{k.replace('_', '-')} must be > 0, got {cfg[k]}")
+    if cfg["stage"] in ("lora", "all") and cfg["cont_len"] < 2:
+        raise InputError(f"--cont-len must be >= 2 for stage 2 (its loss predicts continuation tokens 2..C from "
+                         f"token 1), got {cfg['cont_len']}")
     if cfg.get("stitch_lr") is not None and not cfg["stitch_lr"] > 0:
         raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
     if not cfg["ridge"] >= 0:
@@ -223,6 +284,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
     validate_cfg(cfg)
+    cfg = {"stitch_lr": None, "dtype": "float32", "lora_control": False, **cfg}
     stage = cfg["stage"]
     ctx = dist_ctx or Ctx(device=device)
     rank, world = ctx.rank, ctx.world
@@ -231,101 +293,128 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     if not ctx.is_main:
         log = lambda m: None  # noqa: E731 - rank 0 alone reports
     run = Path(cfg["run"])
-    pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
-    corpus = D.load_corpus(cfg["data"], pair.tokenizer)
+    stage2 = stage in ("lora", "all")
+    pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg["dtype"])
+    corpus = D.load_corpus(cfg["data"], pair.tokenizer, min_ref=2 if stage2 else 1)
     # bad options are one-line errors before run.yaml pins the run folder to them
     ls, ss = shape_of(pair.large), shape_of(pair.small)
     align = alignment(cfg["alignment"], ls["layers"], ss["layers"])
     next(D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], 0))  # the data holds a window
-    if stage in ("lora", "all"):
+    if stage2:
         lora_targets(pair.small, cfg)
     if stage == "lora" and not (run / "warmup" / "stitch.safetensors").is_file():
         raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
-    cfg = _check_run_config(run, cfg, write=ctx.is_main)
-    ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
-    torch.manual_seed(cfg["seed"])
-    results: dict[str, Any] = {"align": align, "large_shape": ls, "small_shape": ss}
     ckpt_p = run / "checkpoint.pt"
-    every = cfg.get("ckpt_every") or 0
+    ckpt = _load_ckpt(ckpt_p)
+    cfg.update({k: str(Path(cfg[k]).resolve()) for k in PATH_FIELDS})
+    old = _read_run_yaml(run)
+    plan = _plan(run, stage, cfg, ckpt, old.get("trained", {}))
+    held = heldout_prompts(corpus, cfg) if plan.get("warmup") in ("train", "resume") else []
+    settings = {name: {k: cfg.get(k) for k in STAGE_FIELDS[name]} for name in STAGE_FIELDS}
+    if corpus.kind == "jsonl":  # one record per step and rank: the rank count sets the records of a step
+        for s in settings.values():
+            s["records_per_step"] = world
+    saved = _check_run_config(run, old, cfg, plan, settings)
+    if ctx.is_main:
+        atomic_write_yaml(run / "run.yaml", saved)
+    ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
+    cfg = saved
 
+    def pin(name: str) -> None:
+        """Record ``name``'s settings in run.yaml before its checkpoint or result is saved (rank 0 writes)."""
+        saved["trained"][name] = dict(settings[name])
+        if name == "lora":  # stage 2 starts from these stitches: a later retrain of the warm-up makes it stale
+            saved["trained"][name]["from_warmup"] = saved["trained"].get("warmup")
+        if ctx.is_main:
+            atomic_write_yaml(run / "run.yaml", saved)
+
+    def save_ckpt(name: str, state: dict[str, Any]) -> None:
+        pin(name)
+        atomic_torch_save({"stage": name, **state}, ckpt_p)
+
+    torch.manual_seed(cfg["seed"])
+    results: dict[str, Any] = {"align": align, "large_shape": ls, "small_shape": ss, "notes": []}
+    every = cfg.get("ckpt_every") or 0
     results["distributed"] = {"world_size": world, "backend": ctx.backend,
                               "global_batch": cfg["batch"] * (world if corpus.kind == "jsonl" else 1),
                               "per_rank_batch": 1 if corpus.kind == "jsonl" else cfg["batch"] // world}
+    if corpus.kind == "jsonl":
+        results["notes"].append(f"--batch {cfg['batch']} is not used for training on .jsonl data: records differ in "
+                                f"length, so each step takes one record per rank ({world} per step); --batch only "
+                                "sets how many validation records the held-out NMSE uses")
 
     def batches(offset: int, skip: int, shard: bool = True):
         for p, c in rank_batches(corpus, cfg, cfg["seed"] * 1000 + offset, skip, rank if shard else 0,
                                  world if shard else 1):
             yield p.to(device), c.to(device)
 
-    def load_ckpt(name: str) -> dict[str, Any] | None:
-        if not ckpt_p.is_file():
-            return None
-        try:  # on the CPU: load_state_dict moves every tensor to its parameter's device (AdamW's step stays on the CPU)
-            st = torch.load(ckpt_p, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-            raise InputError(f"{ckpt_p}: corrupt checkpoint ({first_line(e)}); delete it to restart the stage") from None
-        if not isinstance(st, dict) or not {"stage", "step", "bank", "opt", "hist"} <= set(st):
-            raise InputError(f"{ckpt_p}: not a kvstitch checkpoint; delete it to restart the stage")
-        return st if st.get("stage") == name else None
+    def resumed(name: str) -> dict[str, Any] | None:
+        return ckpt if plan.get(name) == "resume" else None
 
     # ---------------------------------------------------------------- stage 1
-    if stage in ("warmup", "all"):
+    if plan.get("warmup") == "skip":
+        log(f"warmup: already done in {run / 'warmup'}, skipped")
+        results["warmup"] = {"skipped": "already trained"}
+    elif "warmup" in plan:
         bank = make_bank(ls, ss, align, cfg["stitch_input"]).to(device)
-        done = (run / "warmup" / "stitch.safetensors").is_file()
-        st = load_ckpt("warmup")
-        if done and st is None and stage == "all":
-            log(f"warmup: already done in {run / 'warmup'}, skipped")
-            results["warmup"] = {"skipped": "already trained"}
+        st = resumed("warmup")
+        t0 = time.perf_counter()
+        start, hist = 0, []
+        opt = torch.optim.AdamW(bank.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        scaler = grad_scaler(cfg, device)
+        r2 = None
+        residual = bank.mode == "residual"
+        n_steps = 0 if residual else cfg["steps"]
+        if st is not None:
+            bank.load_state_dict(st["bank"])
+            _restore_optim(st, opt, scaler)
+            start, hist = st["step"], st["hist"]
+            log(f"warmup: resuming at step {start}")
+        elif residual:  # zero maps reproduce the small model's own cache: the warm-up optimum already
+            bank.reset_random(cfg["seed"])
+            log("warmup: residual stitches start at zero (the small model's own cache): nothing to regress")
+        elif cfg["init"] == "ls":
+            it = batches(7, 0, shard=False)
+            r2 = least_squares_init(bank, pair.large, pair.small, [next(it)[0] for _ in range(cfg["ls_batches"])],
+                                    ridge=cfg["ridge"])
+        elif cfg["init"] == "identity":
+            bank.identity_()
         else:
-            t0 = time.perf_counter()
-            start, hist = 0, []
-            opt = torch.optim.AdamW(bank.parameters(), lr=cfg["lr"], weight_decay=0.0)
-            scaler = grad_scaler(cfg, device)
-            r2 = None
-            residual = bank.mode == "residual"
-            n_steps = 0 if residual else cfg["steps"]
-            if st is not None:
-                bank.load_state_dict(st["bank"])
-                _restore_optim(st, opt, scaler)
-                start, hist = st["step"], st["hist"]
-                log(f"warmup: resuming at step {start}")
-            elif residual:  # zero maps reproduce the small model's own cache: the warm-up optimum already
-                bank.reset_random(cfg["seed"])
-                log("warmup: residual stitches start at zero (the small model's own cache): nothing to regress")
-            elif cfg["init"] == "ls":
-                it = batches(7, 0, shard=False)
-                r2 = least_squares_init(bank, pair.large, pair.small, [next(it)[0] for _ in range(cfg["ls_batches"])],
-                                        ridge=cfg["ridge"])
-            elif cfg["init"] == "identity":
-                bank.identity_()
-            else:
-                bank.reset_random(cfg["seed"])
-            wrapped = ddp(bank, ctx)
-            it = batches(1, start)
-            for step in range(start, n_steps):
-                prompt, _ = next(it)
-                loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
-                _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr", scaler)
-                if step % max(1, cfg["steps"] // 10) == 0:
-                    log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
-                if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
-                    atomic_torch_save({"stage": "warmup", "step": step + 1, "bank": bank.state_dict(),
-                                       **_optim_state(opt, scaler), "hist": hist}, ckpt_p)
-            with torch.no_grad():
-                prompt, _ = next(batches(99, 0, shard=False))
-                _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"])
-                final_nmse = nmse(pred, target)
-            if ctx.is_main:
-                with atomic.build_folder(run / "warmup") as tmp:  # weights and stitch.yaml appear together
-                    save_bank(bank, tmp)
-                ckpt_p.unlink(missing_ok=True)
-            ctx.barrier()  # stage 2 of every rank reads warmup/
-            results["warmup"] = {"steps": n_steps, "loss_first": hist[0] if hist else None,
-                                 "loss_last": hist[-1] if hist else None, "loss_history": hist,
-                                 "heldout_nmse": final_nmse, "ls_r2": r2, "seconds": time.perf_counter() - t0}
+            bank.reset_random(cfg["seed"])
+        wrapped = ddp(bank, ctx)
+        it = batches(1, start)
+        for step in range(start, n_steps):
+            prompt, _ = next(it)
+            loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
+            _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr", scaler)
+            if step % max(1, cfg["steps"] // 10) == 0:
+                log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
+            if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
+                save_ckpt("warmup", {"step": step + 1, "bank": bank.state_dict(), **_optim_state(opt, scaler),
+                                     "hist": hist})
+        num = den = 0.0
+        with torch.no_grad():  # on validation prompts: never trained on (nor used by the least-squares fit)
+            for prompt in held:
+                _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt.to(device), cfg["loss"])
+                n, d = nmse_parts(pred, target)
+                num, den = num + n, den + d
+        pin("warmup")
+        if ctx.is_main:
+            with atomic.build_folder(run / "warmup") as tmp:  # weights and stitch.yaml appear together
+                save_bank(bank, tmp)
+            ckpt_p.unlink(missing_ok=True)
+        ctx.barrier()  # stage 2 of every rank reads warmup/
+        results["warmup"] = {"steps": n_steps, "loss_first": hist[0] if hist else None,
+                             "loss_last": hist[-1] if hist else None, "loss_history": hist,
+                             "heldout_nmse": num / den if den > 0 else float("nan"),
+                             "heldout_prompts": sum(len(p) for p in held), "ls_r2": r2,
+                             "seconds": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------- stage 2
-    if stage in ("lora", "all"):
+    if plan.get("lora") == "skip":
+        log(f"lora: already done in {run / 'lora'}, skipped")
+        results["lora"] = {"skipped": "already trained"}
+    elif "lora" in plan:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         t0 = time.perf_counter()
@@ -336,7 +425,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                                 lr=cfg["lora_lr"], weight_decay=0.0)
         scaler = grad_scaler(cfg, device)
         start, hist = 0, []
-        st = load_ckpt("lora")
+        st = resumed("lora")
         if st is not None:
             bank.load_state_dict(st["bank"])
             set_peft_model_state_dict(small, st["lora"])
@@ -352,9 +441,9 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             if step % max(1, cfg["lora_steps"] // 10) == 0:
                 log(f"lora step {step}: lm loss {hist[-1]:.4f}")
             if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
-                atomic_torch_save({"stage": "lora", "step": step + 1, "bank": bank.state_dict(),
-                                   "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
-                                   "hist": hist}, ckpt_p)
+                save_ckpt("lora", {"step": step + 1, "bank": bank.state_dict(), "lora": get_peft_model_state_dict(small),
+                                   **_optim_state(opt, scaler), "hist": hist})
+        pin("lora")
         if ctx.is_main:
             save_stage2(small, bank, run / "lora")
             ckpt_p.unlink(missing_ok=True)
@@ -362,9 +451,57 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         results["lora"] = {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
                            "loss_last": hist[-1] if hist else None, "loss_history": hist,
                            "seconds": time.perf_counter() - t0}
-        if cfg.get("lora_control", False):
-            results["lora_control"] = train_lora_control(cfg, batches, ctx, device, log, run / "lora-control")
+    if plan.get("lora_control") == "skip":
+        log(f"lora-control: already done in {run / 'lora-control'}, skipped")
+        results["lora_control"] = {"skipped": "already trained"}
+    elif "lora_control" in plan:
+        results["lora_control"] = train_lora_control(cfg, batches, ctx, device, log, run, resumed("lora_control"),
+                                                     save_ckpt, pin)
     return results
+
+
+def _load_ckpt(path: Path) -> dict[str, Any] | None:
+    """checkpoint.pt (None: none); a corrupt or foreign file is a one-line error."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:  # on the CPU: load_state_dict moves every tensor to its parameter's device (AdamW's step stays on the CPU)
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise InputError(f"{path}: corrupt checkpoint ({first_line(e)}); delete it to restart the stage") from None
+    if not isinstance(st, dict) or not {"stage", "step", "opt", "hist"} <= set(st):
+        raise InputError(f"{path}: not a kvstitch checkpoint; delete it to restart the stage")
+    return st
+
+
+def _plan(run: Path, stage: str, cfg: dict[str, Any], ckpt: dict[str, Any] | None,
+          trained: dict[str, Any]) -> dict[str, str]:
+    """What this call does with each stage it covers: 'train' (from scratch), 'resume' (from checkpoint.pt)
+    or 'skip' (finished; only under --stage all)."""
+    from gpulab.stitchkv.store import trained_stages
+
+    at = ckpt.get("stage") if ckpt else None
+    have_w, have_l = trained_stages(run)
+    plan: dict[str, str] = {}
+    if stage in ("warmup", "all"):
+        plan["warmup"] = "resume" if at == "warmup" else ("skip" if have_w and stage == "all" else "train")
+    if stage in ("lora", "all"):
+        if plan.get("warmup", "skip") != "skip":  # new stitches this call: stage 2 starts over from them
+            plan["lora"] = "train"
+        elif at == "lora":
+            plan["lora"] = "resume"
+        else:
+            # finished from the warm-up stitches there now (an explicit --stage warmup since makes it stale)
+            fresh = trained.get("warmup") is not None and (trained.get("lora") or {}).get("from_warmup") == trained["warmup"]
+            plan["lora"] = "skip" if have_l and stage == "all" and fresh else "train"
+        if cfg.get("lora_control"):
+            have_c = (run / "lora-control" / "adapter" / "adapter_config.json").is_file()
+            if plan["lora"] != "skip":
+                plan["lora_control"] = "train"  # the control of a new stage 2 (possibly of other settings)
+            else:
+                plan["lora_control"] = "resume" if at == "lora_control" else ("skip" if have_c else "train")
+    return plan
 
 
 def with_lora(small: Any, cfg: dict[str, Any]) -> Any:
@@ -398,13 +535,17 @@ def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1))
 
 
-def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str, log: Any, folder: Path
-                       ) -> dict[str, Any]:
+def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str, log: Any, run: Path,
+                       st: dict[str, Any] | None = None, save_ckpt: Any = None, pin: Any = None) -> dict[str, Any]:
     """The control of stage 2: the same LoRA (targets, rank, lr, steps, batches) on a fresh copy of the small
     model, trained on the same continuations from its own prompt cache, without stitches. Stage 2 also
     fine-tunes the small model on the corpus, so a stitched model that beats small-only may owe that to the
-    LoRA training alone; ``kvstitch eval`` compares stitched-lora with this small-lora control."""
+    LoRA training alone; ``kvstitch eval`` compares stitched-lora with this small-lora control.
+
+    Checkpointed like stage 2 (``save_ckpt(stage, state)``; ``st``: a checkpoint to resume); ``pin(stage)``
+    records its settings in run.yaml before its result is saved to ``run/lora-control``."""
     import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from gpulab.stitchkv.distributed import ddp
     from gpulab.stitchkv.models import load_model
@@ -414,19 +555,31 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     base = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"), checked=True)
     model = with_lora(base, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=0.0)
-    wrapped = ddp(model, ctx)
     scaler = grad_scaler(cfg, device)
-    it = batches(2, 0)  # the stage-2 batches, in the same order
-    hist: list[float] = []
-    for step in range(cfg["lora_steps"]):
+    start, hist = 0, []
+    if st is not None:
+        set_peft_model_state_dict(model, st["lora"])
+        _restore_optim(st, opt, scaler)
+        start, hist = st["step"], st["hist"]
+        log(f"lora-control: resuming at step {start}")
+    wrapped = ddp(model, ctx)
+    it = batches(2, start)  # the stage-2 batches, in the same order
+    n, every = cfg["lora_steps"], cfg.get("ckpt_every") or 0
+    for step in range(start, n):
         prompt, cont = next(it)
         loss = lm_loss_own(wrapped, prompt, cont)
         _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr", scaler)
-        if step % max(1, cfg["lora_steps"] // 10) == 0:
+        if step % max(1, n // 10) == 0:
             log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
+        if save_ckpt and every and (step + 1) % every == 0 and step + 1 < n and ctx.is_main:
+            save_ckpt("lora_control", {"step": step + 1, "lora": get_peft_model_state_dict(model),
+                                       **_optim_state(opt, scaler), "hist": hist})
+    if pin:
+        pin("lora_control")
     if ctx.is_main:
-        with atomic.build_folder(folder) as tmp:
+        with atomic.build_folder(run / "lora-control") as tmp:
             model.save_pretrained(str(tmp / "adapter"))
+        (run / "checkpoint.pt").unlink(missing_ok=True)
     ctx.barrier()
-    return {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
+    return {"steps": n, "loss_first": hist[0] if hist else None,
             "loss_last": hist[-1] if hist else None, "loss_history": hist, "seconds": time.perf_counter() - t0}

@@ -133,7 +133,7 @@ def test_bad_data_and_run_folders(pair_dirs, tmp_path, capsys):
                             "--data", str(tmp_path / "missing.txt"), "--run", str(tmp_path / "run")], capsys)
     one_line_error(code, err, "--data file not found")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": 3}\n')
+    bad.write_text('{"prompt": "a", "reference": "the king"}\n{"prompt": 3}\n')
     code, _, err = run_cli(["kvstitch", "train", "--large", str(pair_dirs[0]), "--small", str(pair_dirs[1]),
                             "--data", str(bad), "--run", str(tmp_path / "run")], capsys)
     one_line_error(code, err, "bad.jsonl:2")

@@ -251,3 +251,30 @@ def test_rank_shards_partition_the_global_batch(pair_dirs, corpus_file, tmp_path
     for _ in range(3):
         a, b = next(single), next(single)
         assert torch.equal(next(ranks[0])[0], a[0]) and torch.equal(next(ranks[1])[0], b[0])
+
+
+def test_disagg_handover_bytes_of_jsonl_prompts_of_different_lengths(pair_dirs, tmp_path, capsys):
+    """.jsonl prompts are shorter than --prompt-len and differ: the expected hand-over is their own lengths."""
+    import json
+
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_tokenizer
+
+    j = tmp_path / "d.jsonl"
+    j.write_text("\n".join(json.dumps({"prompt": " ".join(["the king"] * (1 + i % 4)), "reference": f"speak {i} of love"})
+                           for i in range(50)) + "\n")
+    run = tmp_path / "run"
+    res = T.train(cfg_for(pair_dirs, j, run, steps=1), "cpu", log=lambda m: None)  # warm-up only
+    assert any("--batch 4 is not used for training on .jsonl data" in n for n in res["notes"])
+    windows = D.eval_windows(D.load_corpus(j, load_tokenizer(pair_dirs[0], "large")), 5, 32, 3)
+    lens = [len(p) for p, _ in windows]
+    assert len(windows) == 5 and len(set(lens)) > 1 and max(lens) < 32
+    out = tmp_path / "res"
+    code, _, err = run_cli(["--device", "cpu", "--out", str(out), "kvstitch", "serve-disagg", "--run", str(run),
+                            "--stage", "warmup", "--prompts", "5", "--gen-len", "3", "--batch", "2", "--prompt-len",
+                            "32", "--no-check", "--timeout", "90"], capsys)
+    assert code == 0, err
+    rec = yaml.safe_load(next(out.glob("kvstitch-disagg-*.yaml")).read_text())
+    assert rec["checks"]["handover_bytes_equal_stitched_cache"]["passed"], rec["checks"]
+    # (K, V) x 2 layers x 1 KV head x head_dim 16 x each prompt's tokens x 4 B, + one int64 first token per prompt
+    assert rec["metrics"]["handover_bytes_total"] == 2 * 2 * 1 * 16 * sum(lens) * 4 + 5 * 8

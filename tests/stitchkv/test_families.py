@@ -1,4 +1,5 @@
-"""Other supported families (qwen2: k/v biases, qwen3: per-head k_norm and explicit head_dim, mistral), and saved
+"""Other supported families (qwen2: k/v biases, qwen3: per-head k_norm and explicit head_dim, mistral, nemotron:
+LayerNorm1P and partial RoPE), and saved
 pairs: identity stitches reproduce the small model exactly, a saved pair loads, stitched caches
 have the small model's shapes. Tiny random-init models built in code."""
 from __future__ import annotations
@@ -23,6 +24,7 @@ def family_model(family: str, shape: dict, vocab: int, seed: int, rope_theta: fl
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "nemotron": (tf.NemotronConfig, tf.NemotronForCausalLM),  # Minitron-8B/4B-Base; partial_rotary_factor 0.5
     }[family]
     kw = dict(vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
               num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
@@ -63,7 +65,8 @@ def test_identity_stitch_is_exact_for_family(family, mode, tokenizer):
     assert torch.equal(greedy_stitched(large, small, bank, prompt, 5).tokens, greedy(small, prompt, 5).tokens)
 
 
-@pytest.mark.parametrize("large_family,small_family", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mistral", "llama")])
+@pytest.mark.parametrize("large_family,small_family", [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mistral", "llama"),
+                                                      ("nemotron", "nemotron")])
 def test_family_pair_loads_and_stitches(large_family, small_family, tokenizer, tmp_path):
     """A saved pair of each family (a pair shares one tokenizer, so in practice one family) loads and stitches."""
     large = family_model(large_family, LARGE, len(tokenizer), seed=1)
@@ -81,3 +84,36 @@ def test_family_pair_loads_and_stitches(large_family, small_family, tokenizer, t
     for k, v in cache_tensors(cache):
         assert k.shape == v.shape == (3, ss["kv_heads"], 9, ss["head_dim"])
     assert greedy_stitched(pair.large, pair.small, bank, prompt, 3).tokens.shape == (3, 3)
+
+
+def test_partial_rope_matches_transformers():
+    """apply_rope rotates only the first cos.shape[-1] dims of each head, as transformers' nemotron RoPE does."""
+    from transformers.models.nemotron.modeling_nemotron import apply_rotary_pos_emb
+
+    from gpulab.stitchkv.stitch import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, 7, 16, generator=g)
+    for rot in (8, 16):  # partial_rotary_factor 0.5, and the whole head
+        ang = torch.randn(2, 7, rot // 2, generator=g)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        assert torch.equal(apply_rope(k, cos, sin), apply_rotary_pos_emb(k, k, cos, sin)[1])
+
+
+def test_nemotron_partial_rope_is_the_small_models(tokenizer):
+    """Same weights, another RoPE base: the identity stitch gives the small model's exact layer-0 keys; of the
+    other model's keys only the rotated first half differs, the pass-through half carries no RoPE."""
+    small = family_model("nemotron", SMALL, len(tokenizer), seed=2, rope_theta=500.0)
+    other = family_model("nemotron", SMALL, len(tokenizer), seed=5, rope_theta=123456.0)
+    other.load_state_dict(small.state_dict())  # inv_freq is not in the state dict: the bases stay apart
+    sh = shape_of(small)
+    rot = 2 * small.model.rotary_emb.inv_freq.numel()
+    assert rot == sh["head_dim"] // 2
+    bank = make_bank(sh, sh, [0, 1], "hidden").identity_()
+    prompt = torch.randint(2, len(tokenizer), (2, 13))
+    with torch.no_grad():
+        _, cache = stitched_cache(other, small, bank, prompt)
+        k, want, naive = cache_tensors(cache)[0][0], own_cache(small, prompt)[0][0], own_cache(other, prompt)[0][0]
+    assert torch.equal(k, want)
+    assert not torch.allclose(naive[..., :rot], want[..., :rot], atol=1e-3)
+    assert torch.equal(naive[..., rot:], want[..., rot:])

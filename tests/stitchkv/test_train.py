@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(alignment="0,9"), "out of range"), (dict(batch=0), "--batch"), (dict(stage="all", lora_r=0), "--lora-r"),
     (dict(ls_batches=0), "--ls-batches"), (dict(ridge=-1.0), "--ridge"), (dict(lr=0.0), "--lr"),
     (dict(ckpt_every=-1), "--ckpt-every"), (dict(stitch_input="states"), "--stitch-input"),
-    (dict(stitch_lr=0.0), "--stitch-lr"),
+    (dict(stitch_lr=0.0), "--stitch-lr"), (dict(stage="all", cont_len=1), "--cont-len must be >= 2 for stage 2"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
@@ -198,3 +200,129 @@ def test_float16_weights_train_with_loss_scaling(pair_dirs, corpus_file, tmp_pat
     assert len(scalers) == 6 and all(isinstance(s, torch.amp.GradScaler) for s in scalers)
     assert all(math.isfinite(h) for st in ("warmup", "lora") for h in res[st]["loss_history"])
     assert [c["stage"] for c in saved] == ["warmup", "lora"] and all(c["scaler"]["scale"] > 0 for c in saved)
+
+
+def _die_on_call(monkeypatch, name, n):
+    """Make ``T.<name>`` raise KeyboardInterrupt on its n-th call (a run killed mid-stage)."""
+    real, calls = getattr(T, name), {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, name, dying)
+    return real
+
+
+def test_jsonl_reference_of_one_token_is_refused_for_stage_2(pair_dirs, tmp_path):
+    import json
+
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_pair
+
+    j = tmp_path / "d.jsonl"
+    recs = [{"prompt": f"the king {i} and the queen", "reference": f"speak {i} of love"} for i in range(8)]
+    recs[3]["reference"] = "a"  # one byte-level token
+    j.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(InputError, match=r"d.jsonl:4: the reference is 1 token\(s\); stage 2 needs >= 2") as e:
+        T.train(cfg_for(pair_dirs, j, tmp_path / "run", stage="all", steps=1, lora_steps=1), "cpu", log=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    assert D.load_corpus(j, load_pair(*pair_dirs).tokenizer).pairs[3][1] != []  # the warm-up alone accepts it
+
+
+def test_resume_or_skip_with_other_settings_is_refused(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    """A stage resumed from its checkpoint (or skipped as finished) must have the settings it was trained with."""
+    run = tmp_path / "run"
+    cfg = cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=4, ckpt_every=2)
+    real = _die_on_call(monkeypatch, "lm_loss_stitched", 3)  # after the stage-2 step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, "cpu", log=lambda m: None)
+    monkeypatch.setattr(T, "lm_loss_stitched", real)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["stage"] == "lora"
+    before = (run / "run.yaml").read_bytes()
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text())
+    for over, needle in [(dict(lora_r=8), "lora was trained with lora_r=4, not 8"),
+                         (dict(data=str(other)), "warmup was trained with data="),
+                         (dict(lora_targets="q_proj,v_proj"), "lora_targets"),
+                         (dict(steps=3), "warmup was trained with steps=2, not 3; use a new --run folder (or "
+                                         "--stage warmup to retrain it)")]:
+        with pytest.raises(InputError, match=re.escape(needle)) as e:
+            T.train({**cfg, **over}, "cpu", log=lambda m: None)
+        assert "\n" not in str(e.value)
+        if "lora was" in needle:
+            assert "delete checkpoint.pt to restart it" in str(e.value)
+        assert (run / "run.yaml").read_bytes() == before  # nothing rewritten
+    logs = []
+    res = T.train(cfg, "cpu", log=logs.append)  # the same settings resume
+    assert any("lora: resuming at step 2" in m for m in logs) and len(res["lora"]["loss_history"]) == 4
+    with pytest.raises(InputError, match="lora was trained with lora_alpha=8, not 4; .*--stage lora to retrain it"):
+        T.train({**cfg, "lora_alpha": 4}, "cpu", log=lambda m: None)  # finished, skipped: also pinned
+    T.train({**cfg, "stage": "lora", "lora_alpha": 4}, "cpu", log=lambda m: None)  # an explicit retrain may change it
+
+
+def test_rerun_all_skips_finished_stage_2_and_resumes_the_control(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    """A rerun of --stage all after the LoRA control died keeps stage 2 and resumes the control from its
+    checkpoint; the result equals an uninterrupted run; a further rerun skips everything."""
+    cfg = dict(stage="all", steps=2, lora_steps=4, ckpt_every=2, lora_control=True)
+    full = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "full", **cfg), "cpu", log=lambda m: None)
+    run = tmp_path / "cut"
+    real = _die_on_call(monkeypatch, "lm_loss_own", 4)  # control step 3, after its step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg_for(pair_dirs, corpus_file, run, **cfg), "cpu", log=lambda m: None)
+    monkeypatch.setattr(T, "lm_loss_own", real)
+    lora_w = (run / "lora" / "adapter" / "adapter_model.safetensors").read_bytes()
+    logs = []
+    res = T.train(cfg_for(pair_dirs, corpus_file, run, **cfg), "cpu", log=logs.append)
+    assert res["warmup"] == res["lora"] == {"skipped": "already trained"}
+    assert any("lora-control: resuming at step 2" in m for m in logs)
+    assert (run / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == lora_w
+    assert res["lora_control"]["loss_history"] == pytest.approx(full["lora_control"]["loss_history"], rel=1e-5)
+    assert not (run / "checkpoint.pt").exists()
+    again = T.train(cfg_for(pair_dirs, corpus_file, run, **cfg), "cpu", log=lambda m: None)
+    assert all(again[s] == {"skipped": "already trained"} for s in ("warmup", "lora", "lora_control"))
+    # an explicit warm-up retrain with other settings makes stage 2 stale: the next --stage all redoes it
+    T.train(cfg_for(pair_dirs, corpus_file, run, **{**cfg, "stage": "warmup", "lr": 1e-3}), "cpu", log=lambda m: None)
+    redo = T.train(cfg_for(pair_dirs, corpus_file, run, **{**cfg, "lr": 1e-3}), "cpu", log=lambda m: None)
+    assert redo["warmup"] == {"skipped": "already trained"} and len(redo["lora"]["loss_history"]) == 4
+
+
+def test_heldout_nmse_is_measured_on_the_validation_split(pair_dirs, corpus_file, tmp_path):
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_pair
+    from gpulab.stitchkv.reference import own_cache
+    from gpulab.stitchkv.stitch import large_features, large_prefill
+
+    run = tmp_path / "run"
+    res = T.train(cfg_for(pair_dirs, corpus_file, run, steps=3, stitch_input="kv"), "cpu", log=lambda m: None)
+    pair = load_pair(*pair_dirs)
+    corpus = D.load_corpus(corpus_file, pair.tokenizer)
+    wins = D.eval_windows(corpus, 4, 16, 1)
+    assert int(wins[0][0][0]) == int(corpus.ids[corpus.split])  # windows of the validation split
+    prompt = torch.stack([p for p, _ in wins])
+    bank = S.load_bank(run / "warmup")
+    with torch.no_grad():
+        feats = large_features(pair.large, large_prefill(pair.large, prompt)[1], bank.align, "kv")
+        pred = bank(feats, pair.small, torch.arange(16).expand(4, -1))
+        want = T.nmse(pred, own_cache(pair.small, prompt))
+    assert res["warmup"]["heldout_nmse"] == pytest.approx(want, rel=1e-5)
+    assert res["warmup"]["heldout_prompts"] == 4
+
+
+def test_run_yaml_holds_absolute_paths(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    import os
+
+    import yaml
+
+    root = Path(os.path.commonpath([pair_dirs[0], corpus_file, tmp_path]))
+    monkeypatch.chdir(root)
+    rel = lambda p: os.path.relpath(p, root)  # noqa: E731
+    T.train(cfg_for((rel(pair_dirs[0]), rel(pair_dirs[1])), rel(corpus_file), rel(tmp_path / "run"), steps=1), "cpu",
+            log=lambda m: None)
+    cfg = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
+    for k, want in (("large", pair_dirs[0]), ("small", pair_dirs[1]), ("data", corpus_file), ("run", tmp_path / "run")):
+        assert Path(cfg[k]).is_absolute() and Path(cfg[k]) == Path(want).resolve()
+    monkeypatch.chdir(tmp_path)  # another directory: the run still names its models and data
+    assert S.load_small(S.run_config(tmp_path / "run"), tmp_path / "run", "warmup", "cpu")[1].mode == "hidden"
