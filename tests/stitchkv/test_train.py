@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpulab.core.errors import InputError
+from gpulab.stitchkv import run_folder as RF
 from gpulab.stitchkv import store as S
 from gpulab.stitchkv import train as T
 from gpulab.stitchkv.models import load_model
@@ -187,14 +188,14 @@ def test_float16_weights_train_with_loss_scaling(pair_dirs, corpus_file, tmp_pat
     """fp16 activation gradients underflow without loss scaling: a GradScaler drives every update (bf16 and
     fp32 need none) and its state is checkpointed with the optimizer."""
     assert T.grad_scaler({"dtype": "bfloat16"}, "cuda") is None and T.grad_scaler({}, "cpu") is None
-    real_step, real_save, scalers, saved = T._optimizer_step, T.atomic_torch_save, [], []
+    real_step, real_save, scalers, saved = T._optimizer_step, RF.atomic_torch_save, [], []
 
     def spy_step(*a, **k):
         scalers.append(a[7] if len(a) > 7 else k.get("scaler"))
         return real_step(*a, **k)
 
     monkeypatch.setattr(T, "_optimizer_step", spy_step)
-    monkeypatch.setattr(T, "atomic_torch_save", lambda obj, path: (saved.append(obj), real_save(obj, path)))
+    monkeypatch.setattr(RF, "atomic_torch_save", lambda obj, path: (saved.append(obj), real_save(obj, path)))
     res = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", stage="all", steps=3, lora_steps=3, ckpt_every=2,
                           dtype="float16"), "cpu", log=lambda m: None)
     assert len(scalers) == 6 and all(isinstance(s, torch.amp.GradScaler) for s in scalers)
