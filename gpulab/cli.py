@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or options.get().debug
     command = typer.main.get_command(app)
+    from gpulab.core import results
+
+    before = len(results.written)
     try:
         rv = command.main(args=args, prog_name="gpulab", standalone_mode=False)
+        _exit_if_checks_failed(results.written[before:], results.failed_checks)
     except Exception as e:
         kind = type(e).__name__
         if kind == "Abort":
@@ -130,6 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         _error("interrupted")
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit_if_checks_failed(paths: list[Path], failed: dict[Path, list[str]]) -> None:
+    """A command whose result record failed a correctness check exits 1 (its record is written, ok: false).
+    The last record decides: ``gpulab run``'s summary weighs its runs' records against what each expects."""
+    if paths and failed.get(paths[-1]):
+        names = failed[paths[-1]]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise GpulabError(f"checks failed: {', '.join(names[:3])}{more} (see {paths[-1]})")
 
 
 def _report(e: Exception, debug: bool) -> None:

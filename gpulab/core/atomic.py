@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str, folder: bool = False) -> None:
+    """Give a temporary (mkstemp/mkdtemp make them owner-only) the mode a plain open()/mkdir() would have."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_with(path: Path | str, writer: Callable[[str], object], suffix: str = "") -> Path:
     """Call ``writer(tmp_path)`` to write the file, then rename it to ``path``.
 
@@ -34,6 +45,7 @@ def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> l
             os.close(fd)
             staged.append((tmp, path))
             writer(tmp)
+            _as_created(tmp)
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:
@@ -62,6 +74,7 @@ def build_folder(folder: Path | str) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        _as_created(str(tmp), folder=True)
         yield tmp
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))

@@ -30,6 +30,9 @@ def run(
         options.set_options(device=data["device"])
     invocations = exp.plan(data, source=str(experiment))
     console = Console()
+    opts = options.get()  # every run inherits this run's global options
+    for inv in invocations:  # "{out}" in a value: the --out folder of this call (where its runs write)
+        inv.argv = [a.replace("{out}", str(opts.out)) for a in inv.argv]
     if dry_run:
         for inv in invocations:
             console.print("gpulab " + " ".join(inv.argv))
@@ -37,7 +40,6 @@ def run(
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})
     failures = 0
-    opts = options.get()  # every run inherits this run's global options
     global_args = ["--device", opts.device, "--out", str(opts.out)] + (["--debug"] if opts.debug else [])
     for inv in invocations:
         console.rule(f"[bold]{escape(inv.label)}")

@@ -28,6 +28,9 @@ def probe(
     if ceilings:
         measured = ceil.measure(backend)
         record.metrics["ceilings"] = measured
+        if backend != "cuda":
+            record.notes.append("bf16/fp8 matmul TFLOP/s and host-to-device GB/s need a CUDA GPU: only the "
+                                "CPU's copy bandwidth was measured")
         record.summary.update({k: v for k, v in measured.items() if v is not None})
     path = record.save()
     record.print(title=f"probe: {dev.describe(info)}")

@@ -20,8 +20,9 @@ from gpulab.core import atomic, files, options
 from gpulab.core.errors import InputError
 
 SCHEMA = "gpulab.result/1"
-# Paths written by this process, in order (``gpulab run`` summarises them).
+# Paths written by this process, in order (``gpulab run`` summarises them), and the failed checks of each
 written: list[Path] = []
+failed_checks: dict[Path, list[str]] = {}
 
 
 def utc_now() -> _dt.datetime:
@@ -139,6 +140,7 @@ class Record:
         path = folder / f"{self.name}-{stamp}.yaml"
         atomic_write_yaml(path, self.as_dict())
         written.append(path)
+        failed_checks[path] = [k for k, c in self.checks.items() if not c["passed"]]
         return path
 
     def print(self, title: str | None = None) -> None:

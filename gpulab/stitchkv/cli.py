@@ -306,7 +306,8 @@ def _launch_two_ranks(args: list[str], timeout: int) -> None:
 
 @app.command()
 def tiny(
-    workdir: Path = typer.Option(Path("results/kvstitch-tiny"), "--workdir", help="Folder for the pair and the run."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the pair and the run "
+                                           "(default: <--out>/kvstitch-tiny)."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
     large_size: str = typer.Option("tiny-large", "--large-size"),
     small_size: str = typer.Option("tiny-small", "--small-size"),
@@ -329,6 +330,10 @@ def tiny(
 ) -> None:
     """pretrain a tiny pair -> train both stages -> eval, in one command (one record, kvstitch-tiny)."""
     _quiet_transformers()
+    if workdir is None:
+        from gpulab.core import options
+
+        workdir = Path(options.get().out) / "kvstitch-tiny"
     with _tiny_models_threads(_device()):
         rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
                     steps, lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len,

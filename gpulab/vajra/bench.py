@@ -400,8 +400,10 @@ def run(model_dir: Path, args: dict[str, Any]):
             if deadline is not None:  # this entry's share of what is left (the HF floor counts as one more)
                 parts = len(compare) - vi + (1 if args["hf_baseline"] else 0)
                 share = (deadline - time.perf_counter()) / parts
-                if share < 5:
-                    rec.notes.append(f"vajra-{name} skipped: --budget-s {args['budget_s']:g} is spent")
+                if share < 5:  # asked for and not run: the comparison is incomplete
+                    why = f"skipped: --budget-s {args['budget_s']:g} is spent"
+                    rec.check(f"vajra-{name}: ran", False, why)
+                    rec.notes.append(f"vajra-{name} {why}")
                     continue
             vdir, why = variant_dir(model_dir, precision, args["load_format"], Path(tmp))
             if vdir is None:

@@ -58,3 +58,22 @@ def test_write_all_renames_only_when_every_file_is_written(tmp_path):
                              (b, lambda tmp: Path(tmp).write_text("b"), "")]) == [a, b]
     assert (a.read_text(), b.read_text()) == ("new a", "b") and sorted(p.name for p in tmp_path.iterdir()) == [
         "a.txt", "b.txt"]
+
+
+def test_written_files_and_folders_get_the_umask_mode(tmp_path):
+    """Temporaries are owner-only; what lands at the destination has the mode open()/mkdir() would give."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.yaml", "x: 1\n")
+        with atomic.build_folder(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+        assert stat.S_IMODE((tmp_path / "a.yaml").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+        os.umask(0o077)
+        atomic.write_text(tmp_path / "b.yaml", "x: 2\n")
+        assert stat.S_IMODE((tmp_path / "b.yaml").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

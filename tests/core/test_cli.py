@@ -120,3 +120,29 @@ def test_resolve_device_errors(monkeypatch):
         options.resolve_device("cuda")
     with pytest.raises(DeviceError, match="needs a CUDA GPU"):
         options.resolve_device("auto", need_gpu=True, what="the L2 policies")
+
+
+def test_a_failed_check_exits_1_after_writing_the_record(tmp_path, monkeypatch, capsys):
+    save = results.Record.save
+
+    def save_with_a_failed_check(self, out=None):
+        self.check("forced", False, "made to fail by the test")
+        return save(self, out)
+
+    monkeypatch.setattr(results.Record, "save", save_with_a_failed_check)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path), "probe"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checks failed: forced (see ") and err.count("\n") == 1, err
+    (path,) = tmp_path.glob("probe-*.yaml")
+    assert results.load(path)["ok"] is False
+
+
+def test_probe_ceilings_on_the_cpu_says_what_it_skipped(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--device", "cpu", "--out", str(tmp_path), "probe", "--ceilings"])
+    assert e.value.code == 0
+    data = results.load(next(tmp_path.glob("probe-*.yaml")))
+    assert data["metrics"]["ceilings"]["copy_gbs"] > 0
+    assert any("need a CUDA GPU" in n for n in data["notes"])

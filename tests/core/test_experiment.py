@@ -91,3 +91,19 @@ def test_run_reports_failed_runs(echo_command, tmp_path, capsys):
         cli.main(["--out", str(out), "run", str(exp)])
     assert e.value.code == 1
     assert "1 of 2 runs failed" in capsys.readouterr().err
+
+
+def test_out_placeholder_is_the_calls_out_folder(echo_command, tmp_path, capsys):
+    out = tmp_path / "res"
+    exp = write(tmp_path, 'runs:\n  - command: echo\n    params: {dtype: "{out}/x"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "run", str(exp)])
+    assert e.value.code == 0
+    (f,) = out.glob("echo-bench-*.yaml")
+    assert results.load(f)["config"]["dtype"] == f"{out}/x"
+
+
+def test_a_single_command_with_a_failed_check_exits_1(echo_command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path), "echo", "--fail"])
+    assert e.value.code == 1 and "checks failed: ok" in capsys.readouterr().err

@@ -57,6 +57,17 @@ def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatc
     assert "fp8+kvfp8_over_bf16+kvauto" not in rec["summary"]
 
 
+def test_serve_bench_entry_skipped_by_the_budget_is_a_failed_check(out_dir, tiny_assets):
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
+            "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--no-hf-baseline",
+            "--compare", "fp8,bf16", "--budget-s", "0.5"])
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    assert rec["ok"] is False and rec["rows"] == []
+    for name in ("fp8", "bf16"):
+        c = rec["checks"][f"vajra-{name}: ran"]
+        assert c["passed"] is False and "--budget-s 0.5 is spent" in c["detail"]
+
+
 def test_serve_bench_entry_errors_on_input(out_dir, tiny_assets, monkeypatch):
     """An entry that fails on its input (no room for its KV cache) is a failed check when another entry runs; when
     every entry fails so, the command is that one-line error."""
