@@ -81,12 +81,17 @@ def test_unknown_quant_method_and_format(base, tmp_path):
     assert_one_line(e, "pack-quantized")
 
 
-def test_missing_scale_names_tensor(base, tmp_path):
-    d = _copy(base, "q", tmp_path)
-    _rewrite(d, lambda t: t.pop("model.layers.0.mlp.down_proj.weight_scale"))
+@pytest.mark.parametrize("folder,tensor,says", [
+    ("q", "model.layers.0.mlp.down_proj.weight_scale", "missing"),
+    ("src", "lm_head.weight", "tie_word_embeddings"),  # an untied model's head is never silently tied
+])
+def test_missing_tensor_is_named(base, tmp_path, folder, tensor, says):
+    d = _copy(base, folder, tmp_path)
+    assert not json.loads((d / "config.json").read_text()).get("tie_word_embeddings")
+    _rewrite(d, lambda t: t.pop(tensor))
     with pytest.raises(InputError) as e:
         load_model(d)
-    assert_one_line(e, "model.layers.0.mlp.down_proj.weight_scale", "missing")
+    assert_one_line(e, tensor, says)
 
 
 def test_wrong_scale_shape_names_tensor(base, tmp_path):
@@ -143,16 +148,6 @@ def test_shape_mismatch_and_missing_tensor(base, tmp_path):
     with pytest.raises(InputError) as e:
         load_model(d2)
     assert_one_line(e, "model.norm.weight", "missing")
-
-
-def test_missing_lm_head_of_an_untied_model(base, tmp_path):
-    d = _copy(base, "src", tmp_path)
-    if json.loads((d / "config.json").read_text()).get("tie_word_embeddings"):
-        pytest.skip("the tiny model ties its embeddings")
-    _rewrite(d, lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(InputError) as e:
-        load_model(d)
-    assert_one_line(e, "lm_head.weight", "tie_word_embeddings")
 
 
 def test_kv_cache_scheme_is_noted_not_silently_dropped(base, tmp_path):
