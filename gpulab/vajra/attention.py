@@ -59,18 +59,20 @@ class TorchAttention:
     def begin(self, batch: ForwardBatch, kv: KVCache) -> Any:
         return None
 
-    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache) -> None:
+    def write(self, k, v, cache_layer, batch: ForwardBatch, kv: KVCache, layer: int) -> None:
+        ks, vs = kv.scales(layer)
         if self.fused_store:
             from gpulab.vajra.fused_ops import store_kv
 
-            store_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+            store_kv(cache_layer, k, v, batch.slot_mapping, ks, vs)
         else:
-            ref.write_kv(cache_layer, k, v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+            ref.write_kv(cache_layer, k, v, batch.slot_mapping, ks, vs)
 
-    def __call__(self, q, k, v, cache_layer, batch: ForwardBatch, kv: KVCache, state: Any) -> torch.Tensor:
-        self.write(k, v, cache_layer, batch, kv)
+    def __call__(self, q, k, v, cache_layer, batch: ForwardBatch, kv: KVCache, state: Any, layer: int
+                 ) -> torch.Tensor:
+        self.write(k, v, cache_layer, batch, kv, layer)
         return ref.paged_attention(q, cache_layer, batch.query_lens, batch.context_lens, batch.block_tables,
-                                   self.scale, kv.k_scale, kv.v_scale)
+                                   self.scale, *kv.scales(layer))
 
 
 class TritonAttention(TorchAttention):
@@ -89,14 +91,14 @@ class TritonAttention(TorchAttention):
         # decode-only: max query length is 1, known without reading query_lens back (CUDA-graph capture)
         return make_metadata(batch.query_lens, batch.context_lens, 1 if batch.is_decode_only else None)
 
-    def __call__(self, q, k, v, cache_layer, batch, kv, state):
+    def __call__(self, q, k, v, cache_layer, batch, kv, state, layer):
         from gpulab.vajra.paged_attention import paged_attention, paged_decode_attention
 
-        self.write(k, v, cache_layer, batch, kv)
+        self.write(k, v, cache_layer, batch, kv, layer)
+        ks, vs = kv.scales(layer)
         if self.uses_decode_kernel(q, state):
-            return paged_decode_attention(q, cache_layer, batch.block_tables, state.context_lens, self.scale,
-                                          kv.k_scale, kv.v_scale)
-        return paged_attention(q, cache_layer, batch.block_tables, state, self.scale, kv.k_scale, kv.v_scale)
+            return paged_decode_attention(q, cache_layer, batch.block_tables, state.context_lens, self.scale, ks, vs)
+        return paged_attention(q, cache_layer, batch.block_tables, state, self.scale, ks, vs)
 
     @staticmethod
     def uses_decode_kernel(q, state) -> bool:
@@ -168,10 +170,11 @@ class FlashInferAttention(TorchAttention):
                           sm_scale=self.scale, q_data_type=self.act_dtype, kv_data_type=kv.dtype)
         return self.prefill
 
-    def __call__(self, q, k, v, cache_layer, batch, kv, state):
-        self.write(k, v, cache_layer, batch, kv)
+    def __call__(self, q, k, v, cache_layer, batch, kv, state, layer):
+        self.write(k, v, cache_layer, batch, kv, layer)
         if cache_layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return state.run(q.contiguous(), cache_layer, k_scale=kv.k_scale, v_scale=kv.v_scale)
+            ks, vs = kv.scales(layer)
+            return state.run(q.contiguous(), cache_layer, k_scale=ks, v_scale=vs)
         return state.run(q.contiguous(), cache_layer)
 
 

@@ -229,8 +229,8 @@ class LLMEngine:
         first = []
         for seq in seqs:
             slots = torch.tensor(self.block_manager.slots(seq.seq_id, 0, seq.prompt_len), device=self.device)
-            for layer, (k, v) in zip(self.kv.layers, seq.imported.kv):
-                write_kv(layer, k.to(self.device), v.to(self.device), slots, self.kv.k_scale, self.kv.v_scale)
+            for li, (layer, (k, v)) in enumerate(zip(self.kv.layers, seq.imported.kv)):
+                write_kv(layer, k.to(self.device), v.to(self.device), slots, *self.kv.scales(li))
             if seq.num_output == 0:
                 first.append(seq)
         if not first:

@@ -15,7 +15,7 @@ slot where token t's K/V is written. ``block_tables[i, j]`` is the j-th block of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -82,6 +82,11 @@ class KVCache:
     dtype: torch.dtype
     k_scale: float = 1.0  # for an fp8 cache: stored = value / scale
     v_scale: float = 1.0
+    layer_scales: Optional[list[tuple[float, float]]] = None  # fp8: per layer (k, v), a checkpoint's calibration
+
+    def scales(self, layer: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of ``layer``: its own when the checkpoint had them, else the cache's."""
+        return self.layer_scales[layer] if self.layer_scales else (self.k_scale, self.v_scale)
 
 
 class VajraModelProtocol(Protocol):

@@ -100,10 +100,34 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Any = None,
         return _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, dummy=src)
     reader = CheckpointReader(model_dir)
     model = _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, reader=reader)
-    if isinstance(cfg.quantization_config, dict) and cfg.quantization_config.get("kv_cache_scheme"):
-        model.notes.append("the checkpoint's kv_cache_scheme (calibrated K/V scales) is not read: an FP8 KV cache "
-                           "stores K and V with scale 1.0 (vLLM's default without scales)")
+    model.kv_scales = read_kv_scales(reader, cfg.num_layers)
+    if model.kv_scales is not None:
+        model.notes.append(f"FP8 KV cache scales: per layer from the checkpoint ({cfg.num_layers} layers' "
+                           "self_attn k_scale/v_scale)")
+    elif isinstance(cfg.quantization_config, dict) and cfg.quantization_config.get("kv_cache_scheme"):
+        model.notes.append("the checkpoint declares a kv_cache_scheme but holds no self_attn k_scale/v_scale: an FP8 "
+                           "KV cache stores K and V with scale 1.0 (vLLM's default without scales)")
     return model
+
+
+def read_kv_scales(reader: CheckpointReader, num_layers: int) -> list[tuple[float, float]] | None:
+    """Per layer (k_scale, v_scale) of a calibrated FP8 KV cache (``model.layers.N.self_attn.k_scale`` and
+    ``v_scale``, as llm-compressor writes them, or one ``kv_scale`` for both); None when the checkpoint has none.
+    Per-head scales [num_kv_heads] become their maximum (a coarser step, never a clipped value)."""
+    def scale(name: str) -> float:
+        t = reader.get(name, torch.device("cpu")).float().reshape(-1)
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise InputError(f"tensor {name!r}: a K/V cache scale must be finite and > 0, got {t.tolist()[:8]}")
+        return float(t.max())
+
+    p = "model.layers.{}.self_attn."
+    if reader.has(p.format(0) + "k_scale"):
+        names = [(p.format(i) + "k_scale", p.format(i) + "v_scale") for i in range(num_layers)]
+    elif reader.has(p.format(0) + "kv_scale"):
+        names = [(p.format(i) + "kv_scale",) * 2 for i in range(num_layers)]
+    else:
+        return None
+    return [(scale(k), scale(v)) for k, v in names]
 
 
 def _check_shape(name: str, t, want: tuple[int, ...]) -> None:

@@ -57,6 +57,7 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(cfg).to(device)
         self.scale = cfg.head_dim ** -0.5
         self.notes: list[str] = []
+        self.kv_scales: list[tuple[float, float]] | None = None  # a checkpoint's per-layer (k, v) FP8 KV scales
         if fused_ops is None:  # the fused Triton kernels on a GPU, where they pass their probe
             why = None
             if device.type == "cuda":
@@ -129,8 +130,9 @@ class LlamaModel:
         if dt in (torch.float8_e4m3fn, torch.float8_e5m2):  # zero bytes are +0.0; older torch has no fp8 fill_
             layers = [torch.zeros(shape, dtype=torch.uint8, device=self.device).view(dt)
                       for _ in range(self.cfg.num_layers)]
-        else:
-            layers = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.cfg.num_layers)]
+            return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt,
+                           layer_scales=self.kv_scales)
+        layers = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.cfg.num_layers)]
         return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt)
 
     # --------------------------------------------------------------------------------- forward
@@ -158,7 +160,7 @@ class LlamaModel:
         raw = self.fused_ops  # the fused kernels sum W8A16's split-K partials themselves (one kernel fewer each)
         for li, L in enumerate(self.layers):
             q, k, v = self.rope_split(L.qkv(h, partials=raw), cos, sin)
-            o = self.attention(q, k, v, kv.layers[li], batch, kv, state)
+            o = self.attention(q, k, v, kv.layers[li], batch, kv, state, li)
             x, h = self.add_norm(x, L.o(o.reshape(t, qs), partials=raw), L.post_norm)
             down = L.down(self.silu_mul(L.gate_up(h)), partials=raw and li + 1 < n)
             if li + 1 < n:  # the next layer's input norm rides on this residual add

@@ -134,7 +134,7 @@ def _backend_step(ql, cl, page=4, hq=8, hkv=2, d=16, dt=torch.float32, decode_on
     be = TritonAttention(hq, hkv, d, scale=d ** -0.5, device=torch.device("cpu"))
     state = be.begin(batch, kv)
     assert be.uses_decode_kernel(q, state) == all(n == 1 for n in ql)
-    got = be(q, k, v, cache, batch, kv, state)
+    got = be(q, k, v, cache, batch, kv, state, 0)
     want = R.paged_attention(q, cache, qlt, clt, bt, d ** -0.5, ks, vs)
     return got, want
 

@@ -160,6 +160,19 @@ def test_kv_cache_scheme_is_noted_not_silently_dropped(base, tmp_path):
     assert any("kv_cache_scheme" in n and "scale 1.0" in n for n in load_model(d).notes)
 
 
+def test_bad_kv_cache_scale_names_tensor(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    n = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+
+    def add(t):
+        for i in range(n):  # one kv_scale for both, the last one broken
+            t[f"model.layers.{i}.self_attn.kv_scale"] = torch.tensor(0.0 if i == n - 1 else 0.5)
+    _rewrite(d, add)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, f"model.layers.{n - 1}.self_attn.kv_scale", "finite and > 0")
+
+
 def test_corrupt_safetensors_and_index(base, tmp_path):
     d = _copy(base, "src", tmp_path)
     next(d.glob("*.safetensors")).write_bytes(b"\x00garbage")

@@ -223,7 +223,7 @@ def _flashinfer_vs_sdpa(kv, decode):
     want = R.paged_attention(qb.float(), layer, ql, cl, bt, 128 ** -0.5, kvc.k_scale, kvc.v_scale)
     state = be.begin(batch, kvc)
     assert state is (be.decode if decode else be.prefill)
-    got = be(qb, k_step.to(torch.bfloat16), v_step.to(torch.bfloat16), layer, batch, kvc, state).float()
+    got = be(qb, k_step.to(torch.bfloat16), v_step.to(torch.bfloat16), layer, batch, kvc, state, 0).float()
     torch.cuda.synchronize()
     assert got.shape == want.shape
     assert float((got - want).abs().max()) < 5e-2

@@ -223,6 +223,47 @@ def test_fp8_kv_cache_bounded(tiny):
     assert vm.kv_bytes_per_block(16) * 2 == load_model(src).kv_bytes_per_block(16, "bf16")
 
 
+def with_kv_scales(src, dst, scales):
+    """A copy of ``src`` whose shard holds per-layer self_attn k_scale/v_scale tensors (as llm-compressor writes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (shard,) = dst.glob("*.safetensors")
+    t = load_file(str(shard))
+    for i, (ks, vs) in enumerate(scales):
+        t[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(ks)
+        t[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([vs])  # scalar or [1]: both seen in the wild
+    save_file(t, str(shard))
+    return dst
+
+
+def test_fp8_kv_cache_uses_the_checkpoints_layer_scales(tiny, tmp_path):
+    """Calibrated per-layer K/V scales: layer i stores K / k_scale_i (times k_scale_i it is the unscaled K of an
+    fp32 cache) and attends with them; the logits stay close to transformers'."""
+    hf, src = tiny
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    scales = [(0.02 * (i + 1), 0.015 * (i + 2)) for i in range(n)]
+    d = with_kv_scales(src, tmp_path / "scaled", scales)
+    vm = load_model(d, kv_cache_dtype="fp8")
+    assert vm.kv_scales == [(pytest.approx(k), pytest.approx(v)) for k, v in scales]
+    assert any("per layer from the checkpoint" in note for note in vm.notes)
+    p = prompts(1, [12])[0]
+    r8, r32 = Runner(vm), Runner(load_model(d))  # same seed: the same pages
+    assert r8.kv.layer_scales == vm.kv_scales and r32.kv.layer_scales is None
+    out = r8.step({r8.add(): p})
+    r32.step({r32.add(): p})
+    assert rel_err(out[0], hf_last_logits(hf, p)) < 0.1
+    for i, (ks, vs) in enumerate(scales):
+        for j, sc in ((0, ks), (1, vs)):
+            got, want = r8.kv.layers[i][:, j].float() * sc, r32.kv.layers[i][:, j].float()
+            if i == 0:  # layer 0's K/V come from the embeddings alone: equal up to FP8 rounding
+                assert torch.allclose(got, want, rtol=0.07, atol=sc * 2 ** -6), (i, j)
+            else:  # later ones carry the earlier layers' FP8 error: the same magnitudes
+                assert float(got.abs().max()) == pytest.approx(float(want.abs().max()), rel=0.2), (i, j)
+
+
 def test_qwen2_biases_and_tied_embeddings(tmp_path):
     hf, src = make_tiny(tmp_path / "qwen", model_type="qwen2", tie_word_embeddings=True)
     vm = load_model(src)

@@ -272,7 +272,7 @@ def test_gpu_flashinfer_decode_group_size_7():
     kvc = KVCache([cache], page, nb, cache.dtype)
     batch = ForwardBatch(torch.zeros(b, dtype=torch.long, device="cuda"), (cl - 1).long().cuda(), ql.cuda(), cl.cuda(),
                          slots, bt.cuda(), is_decode_only=True)
-    got = be(q, k_step, v_step, cache, batch, kvc, be.begin(batch, kvc)).float()
+    got = be(q, k_step, v_step, cache, batch, kvc, be.begin(batch, kvc), 0).float()
     want = R.paged_attention(q.float(), cache, ql, cl, bt, d ** -0.5)
     assert float((got - want).abs().max()) < 5e-2
 
