@@ -6,7 +6,10 @@ KV cache, the :class:`~gpulab.vajra.block_manager.BlockManager`, the Sarathi-sty
 :class:`~gpulab.vajra.detokenizer.IncrementalDetokenizer` per request. :meth:`LLMEngine.step` schedules
 a batch (decodes first, chunked prefills after), builds the :class:`ForwardBatch`, runs the model
 (decode-only batches through captured CUDA graphs on a GPU), samples and returns the new
-tokens/text of each request as :class:`RequestOutput` deltas.
+tokens/text of each request as :class:`RequestOutput` deltas. A token that does not end its sequence
+(and whose sequence has no stop strings, which only the text shows) is detokenized in the next step,
+while the device runs that step's model call: its output comes with that step's return, off the
+critical path (``step_log``'s ``drain_ms``); ``has_unfinished`` stays true until none is left.
 
 With a prefill provider (:class:`~gpulab.vajra.interface.PrefillProvider`, ``--prefill NAME=ARG``)
 every prompt is prefilled by the provider when the request is added (disaggregated inference on one
@@ -108,6 +111,9 @@ class LLMEngine:
         if self.config.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphRunner.try_capture(self)
         self.step_log: Optional[list[dict[str, Any]]] = None  # set to [] to record every step
+        # sampled tokens whose detokenization and output wait for the next step, which does them while the GPU
+        # runs its model call (see step)
+        self._deferred: list[tuple[Sequence, int]] = []
 
     # --- set-up ------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -238,7 +244,8 @@ class LLMEngine:
         logits = torch.stack([s.imported.logits[:self.vocab_size].float().to(self.device) for s in first])
         logits = self._ban_early_stops(logits, first)
         tokens = self.sampler(logits, [s.params for s in first], [s.seq_id for s in first]).tolist()
-        return [self._append(s, int(t), now) for s, t in zip(first, tokens)]
+        outs = [self._append(s, int(t), now) for s, t in zip(first, tokens)]
+        return [o for o in outs if o is not None]
 
     def abort(self, request_id: str) -> bool:
         seq = self._by_request.pop(request_id, None)
@@ -246,10 +253,12 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, "abort")
         self.sampler.forget(seq.seq_id)
+        if self._deferred:  # nobody waits for its pending output
+            self._deferred = [(s, t) for s, t in self._deferred if s is not seq]
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._deferred)
 
     @property
     def num_unfinished(self) -> int:
@@ -262,10 +271,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.empty:
-            return []
+            return self._drain()
         imported = self._import(sched.imported, time.perf_counter()) if sched.imported else []
         if not sched.scheduled:
-            return imported
+            return self._drain() + imported
         batch = self._build_batch(sched)
         t_built = time.perf_counter()
         with torch.inference_mode():
@@ -274,27 +283,33 @@ class LLMEngine:
             else:
                 logits = self.model.forward(batch, self.kv)
             rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-            outs: list[RequestOutput] = imported
+            sampled = None
             if rows:
                 if len(rows) != logits.shape[0]:
                     logits = logits[torch.tensor(rows, device=logits.device)]
                 seqs = [sched.scheduled[i].seq for i in rows]
                 logits = self._ban_early_stops(logits, seqs)
-                tokens = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs]).tolist()
-            else:
-                seqs, tokens = [], []
+                sampled = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs])
+            # on a GPU the model call and the sampling are queued, not done: the previous step's detokenization
+            # runs meanwhile, off the step's critical path
+            t_drain = time.perf_counter()
+            outs = self._drain() + imported
+            drain_ms = (time.perf_counter() - t_drain) * 1e3
+            tokens, seqs = (sampled.tolist(), seqs) if sampled is not None else ([], [])
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
         for seq, tok in zip(seqs, tokens):
-            outs.append(self._append(seq, int(tok), now))
+            o = self._append(seq, int(tok), now)
+            if o is not None:
+                outs.append(o)
         if self.step_log is not None:
-            # host_ms: scheduling + batch building + token bookkeeping/detokenization, the CPU work around
-            # the model call (ms - host_ms: the model call and sampling, which wait for the device)
+            # host_ms: scheduling + batch building + token bookkeeping, the CPU work the device waits for
+            # (ms - host_ms: the model call and sampling); drain_ms: detokenization done while the device runs
             done = time.perf_counter()
             self.step_log.append({"tokens": sched.num_tokens, "seqs": len(sched.scheduled),
                                   "decode_only": sched.is_decode_only, "ms": (now - t0) * 1e3,
-                                  "host_ms": ((t_built - t0) + (done - now)) * 1e3,
+                                  "host_ms": ((t_built - t0) + (done - now)) * 1e3, "drain_ms": drain_ms,
                                   "preempted": len(sched.preempted)})
         return outs
 
@@ -316,29 +331,45 @@ class LLMEngine:
         logits[rows, cols] = float("-inf")
         return logits
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, tok: int, now: float) -> Optional[RequestOutput]:
+        """Take a sampled token. A token that ends the sequence by its id or length, or of a sequence with stop
+        strings (found only in the text), is detokenized now and its output returned; any other token's
+        detokenization and output wait for the next step (None here), which does them while the device runs."""
         p = seq.params
         seq.token_ids.append(tok)
-        seq.token_times.append(now)
-        seq.detok.add(tok)
         n = seq.num_output
         reason = None
-        if n >= p.min_tokens:
-            if not p.ignore_eos and tok in self.eos_token_ids:
-                reason = "stop"
-            elif tok in p.stop_token_ids:
-                reason = "stop"
-            elif seq.detok.stopped is not None:
-                reason = "stop"
-        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if n >= p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
+            reason = "stop"
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if reason is None and not seq.detok.stop:
+            self._deferred.append((seq, tok))
+            return None
+        return self._emit(seq, tok, now, reason)
+
+    def _emit(self, seq: Sequence, tok: int, now: float, reason: Optional[str]) -> RequestOutput:
+        """Detokenize ``tok`` and make its output (the sequence finishes with ``reason``, or on a stop string)."""
+        seq.token_times.append(now)  # when its output exists: what a client could see
+        seq.detok.add(tok)
+        if reason != "stop" and seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
+            reason = "stop"  # a stop string in the text (also on the token that reached the length)
         if reason is not None:
             seq.detok.flush()
             self.scheduler.finish(seq, reason)
             self.sampler.forget(seq.seq_id)
             self._by_request.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
-                             seq.prompt_len, n, seq.detok.text, seq.output_token_ids if reason else [])
+                             seq.prompt_len, seq.num_output, seq.detok.text,
+                             seq.output_token_ids if reason else [])
+
+    def _drain(self) -> list[RequestOutput]:
+        """The outputs of the deferred tokens, in order (abort drops a sequence's)."""
+        if not self._deferred:
+            return []
+        items, self._deferred = self._deferred, []
+        now = time.perf_counter()
+        return [self._emit(seq, tok, now, None) for seq, tok in items]
 
     def _build_batch(self, sched: SchedulerOutput):
         """The step's ForwardBatch. Slots and block tables come from the block manager's table array in a few

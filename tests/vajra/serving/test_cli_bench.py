@@ -27,6 +27,7 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
         assert v[k] > 0
     assert rec["summary"]["fp8_over_bf16"] > 0
     assert v["host_ms_decode_median"] > 0 and 0 < v["host_share"] <= 1  # the engine's own CPU time per step
+    assert v["drain_ms_decode_median"] > 0  # detokenization, overlapped with the device
 
 
 def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatch):

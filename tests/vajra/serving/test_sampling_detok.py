@@ -113,3 +113,33 @@ def test_engine_stop_string_with_fake_model(tokenizer):
     (o,) = eng.generate(["To be, or not to be"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     assert o.text == full and o.output_token_ids == ref
     assert eng.block_manager.num_used == 0
+
+
+def test_detokenization_waits_one_step_and_streams_the_same_text(tokenizer):
+    """A token that does not end its sequence is detokenized during the next step (while a GPU would run the
+    model): its output comes one step later, every token's output comes exactly once and in order, the pieces
+    add up to the full text, and a sequence with stop strings (found only in the text) is never deferred."""
+    vocab = tokenizer.vocab_size
+    eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    prompt = tokenizer.encode("To be, or not to be")
+    ref = reference_greedy(prompt, 6, vocab)
+    eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id="a")
+    eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=["\x00never"]),
+                    request_id="s")
+    per_step = []
+    while eng.has_unfinished():
+        per_step.append([(o.request_id, o.new_token_ids[0], o.delta_text, o.finished) for o in eng.step()])
+    a = [x for step in per_step for x in step if x[0] == "a"]
+    s = [x for step in per_step for x in step if x[0] == "s"]
+    assert [x[1] for x in a] == ref == [x[1] for x in s]
+    assert "".join(x[2] for x in a) == tokenizer.decode(ref) == "".join(x[2] for x in s)
+    assert [x[3] for x in a] == [False] * 5 + [True] and a[-1] in per_step[-1]
+    # "s" gets each token's output in the step that sampled it; "a" one step later (the last one at once)
+    first_a = next(i for i, st in enumerate(per_step) if any(x[0] == "a" for x in st))
+    first_s = next(i for i, st in enumerate(per_step) if any(x[0] == "s" for x in st))
+    assert first_a == first_s + 1
+    # an aborted sequence's deferred output is dropped, and nothing is left waiting
+    eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id="b")
+    while not eng._deferred:
+        eng.step()
+    assert eng.abort("b") and not eng.has_unfinished() and eng.block_manager.num_used == 0
