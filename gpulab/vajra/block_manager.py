@@ -91,9 +91,9 @@ class BlockManager:
         row = self._rows.get(seq_id)
         if row is None:
             if not self._free_rows:
-                n = self._array.shape[0]
-                self._grow(max(8, 2 * n), self._array.shape[1])
-                self._free_rows = list(range(max(8, 2 * n) - 1, n - 1, -1))
+                n, grown = self._array.shape[0], max(8, 2 * self._array.shape[0])
+                self._grow(grown, self._array.shape[1])
+                self._free_rows = list(range(grown - 1, n - 1, -1))
             row = self._rows[seq_id] = self._free_rows.pop()
         if width > self._array.shape[1]:
             self._grow(self._array.shape[0], max(width, 2 * self._array.shape[1]))

@@ -283,7 +283,7 @@ class LLMEngine:
             else:
                 logits = self.model.forward(batch, self.kv)
             rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-            sampled = None
+            seqs, sampled = [], None
             if rows:
                 if len(rows) != logits.shape[0]:
                     logits = logits[torch.tensor(rows, device=logits.device)]
@@ -295,7 +295,7 @@ class LLMEngine:
             t_drain = time.perf_counter()
             outs = self._drain() + imported
             drain_ms = (time.perf_counter() - t_drain) * 1e3
-            tokens, seqs = (sampled.tolist(), seqs) if sampled is not None else ([], [])
+            tokens = sampled.tolist() if sampled is not None else []
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
@@ -383,18 +383,13 @@ class LLMEngine:
         starts = [s.start for s in scheduled]
         clens = [s.start + s.num_tokens for s in scheduled]
         tables = bm.table_array([s.seq.seq_id for s in scheduled])
-        if sched.is_decode_only:  # one token per sequence
-            ids = [s.seq.token_ids[s.start] for s in scheduled]
-            pos = np.asarray(starts, dtype=np.int64)
-            row = np.arange(len(scheduled))
-        else:
-            ids = []
-            for s in scheduled:
-                ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
-            n = np.asarray(qlens, dtype=np.int64)
-            row = np.repeat(np.arange(len(scheduled)), n)
-            first = np.cumsum(n) - n  # each sequence's first token in the flattened batch
-            pos = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n) + np.repeat(np.asarray(starts), n)
+        ids: list[int] = []
+        for s in scheduled:
+            ids += s.seq.token_ids[s.start:s.start + s.num_tokens]
+        n = np.asarray(qlens, dtype=np.int64)
+        row = np.repeat(np.arange(len(scheduled)), n)  # each token's sequence, and its position in it
+        first = np.cumsum(n) - n  # each sequence's first token in the flattened batch
+        pos = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(first, n) + np.repeat(np.asarray(starts), n)
         slots = tables[row, pos // bs].astype(np.int64) * bs + pos % bs
         return _forward_batch(ids, pos, qlens, clens, slots, tables, self.device, sched.is_decode_only)
 

@@ -127,13 +127,14 @@ class LlamaModel:
             raise InputError(f"kv cache needs num_blocks > 0 and block_size > 0, got {num_blocks} and {block_size}")
         dt = self._kv_dtype(dtype)
         shape = (num_blocks, 2, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        if dt in (torch.float8_e4m3fn, torch.float8_e5m2):  # zero bytes are +0.0; older torch has no fp8 fill_
+        fp8 = dt in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if fp8:  # zero bytes are +0.0; older torch has no fp8 fill_
             layers = [torch.zeros(shape, dtype=torch.uint8, device=self.device).view(dt)
                       for _ in range(self.cfg.num_layers)]
-            return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt,
-                           layer_scales=self.kv_scales)
-        layers = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.cfg.num_layers)]
-        return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt)
+        else:
+            layers = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(self.cfg.num_layers)]
+        return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt,
+                       layer_scales=self.kv_scales if fp8 else None)
 
     # --------------------------------------------------------------------------------- forward
 
