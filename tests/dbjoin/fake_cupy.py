@@ -4,10 +4,10 @@ the output-capacity retry) runs on a CPU machine.
 
 Arrays are numpy arrays (real host addresses, so memsetAsync/memcpyAsync act on them through ctypes);
 the "kernels" are the numba model's kernels (hash_join_model) called on the same memory, through the
-argument tuples that hash_join_cuda builds for the CUDA kernels. A stream that is capturing records
-memsets, copies and kernel launches instead of running them, and refuses what CUDA refuses during
+argument tuples that hash_join_cuda builds for the CUDA kernels, or, after ``use_cuda_c(module)``, the
+CUDA C kernels of hash_join.cu themselves, run on the CPU by tests/cuda_on_cpu. A stream that is capturing
+records memsets, copies and kernel launches instead of running them, and refuses what CUDA refuses during
 capture (allocation from the pool, synchronisation, device-to-host reads); Graph.launch replays them.
-Nothing here says anything about the CUDA kernels themselves: those run only on a GPU.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class _State:
     current: list["Stream"] = []
     launches: list[str] = []  # every kernel run or recorded, by name
     fail_capture_at: str | None = None  # a kernel name whose launch fails while capturing (tests)
+    cuda_c = None  # a tests.cuda_on_cpu CpuModule of hash_join.cu: its kernels run instead of the model's
 
 
 def _capturing() -> "Stream | None":
@@ -242,7 +243,13 @@ def _kernel(name: str, suffix: str):
 class _Function:
     def __init__(self, full_name: str):
         base, suffix = full_name[3:].rsplit("_", 1)
-        self.name, self._run = base, _kernel(base, suffix)
+        self.name = base
+        if _State.cuda_c is not None:
+            kernel = _State.cuda_c.get_function(full_name)
+            self._run = lambda grid, block, args, kw: kernel(grid, block, args, **kw)
+        else:
+            model = _kernel(base, suffix)
+            self._run = lambda grid, block, args, kw: model(args)
 
     def __call__(self, grid, block, args, **kw):
         s = get_current_stream()
@@ -250,7 +257,7 @@ class _Function:
             s.ops = None  # the capture is invalidated, as CUDA does after an illegal call
             raise CaptureError(f"launch of {self.name} failed during capture")
         _State.launches.append(self.name)
-        _dispatch(s.ptr, lambda: self._run(args))
+        _dispatch(s.ptr, lambda: self._run(grid, block, args, kw))
 
 
 class RawModule:
@@ -279,8 +286,13 @@ def empty_pinned(shape, dtype=np.float64):
 cupyx = types.SimpleNamespace(empty_pinned=empty_pinned)
 
 
+def use_cuda_c(module) -> None:
+    _State.cuda_c = module
+
+
 def reset() -> None:
     _State.streams = {0: NULL}
     _State.current = []
     _State.launches = []
     _State.fail_capture_at = None
+    _State.cuda_c = None

@@ -1,8 +1,9 @@
 """The host side of the CUDA hash join on this CPU machine: CudaHashJoin and HashJoinPlan run against
 fake_cupy (host memory, stream capture recorded and replayed, the numba model's kernels on the CUDA
 kernels' arguments and table layout). This checks buffer layout, the one memset (table + counters), the
-count copy, capture and replay, the capacity retry and the no-graph fallback; the CUDA kernels, NVRTC,
-real stream capture and the timings are checked only by the GPU tests (-m gpu)."""
+count copy, capture and replay, the capacity retry and the no-graph fallback. The CUDA C kernels run on the
+CPU in test_hash_cuda_c_on_cpu.py; NVRTC, real stream capture and the timings are checked only by the GPU tests
+(-m gpu)."""
 import sys
 import types
 

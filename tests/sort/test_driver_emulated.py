@@ -5,8 +5,8 @@ address, so ``memcpyAsync`` is a memmove), every kernel launch checks its argume
 exact numpy scalars bitonic.cu expects) and grid, then runs the kernel's semantics through the
 numpy model (schedule._step, tile_steps, keys.to_ukey). Launches and copies are queued per stream;
 a synchronize runs them in a random order that respects only stream order and event waits, so a
-missing wait_event shows up as a wrong result. What this cannot check: the CUDA C itself (the GPU
-tests and the nvcc test do), real concurrency and timing.
+missing wait_event shows up as a wrong result. The CUDA C itself runs under the same driver in
+test_cuda_c_on_cpu.py; real concurrency and timing only on a GPU.
 """
 import ctypes
 import sys
@@ -134,8 +134,9 @@ class Kernel:
             keys.view(np.uint8)[:] = 0xCD
 
 
-def fake_cupy(sched):
-    """The part of cupy's API that cuda_sort.py uses."""
+def fake_cupy(sched, get_function=None):
+    """The part of cupy's API that cuda_sort.py uses; kernels from ``get_function(name)`` (default: the numpy
+    model's)."""
     def empty(n, dtype):
         a = np.empty(n, dtype=dtype).view(DevArray)
         a.view(np.uint8)[:] = 0xAB  # garbage: a read of memory that was never written shows up
@@ -150,7 +151,7 @@ def fake_cupy(sched):
     cuda = types.SimpleNamespace(runtime=runtime, Device=lambda: types.SimpleNamespace(id=0),
                                  Stream=lambda non_blocking=False: Stream(sched, non_blocking),
                                  get_current_stream=lambda: sched.current[-1])
-    module = types.SimpleNamespace(get_function=lambda name: Kernel(sched, name))
+    module = types.SimpleNamespace(get_function=get_function or (lambda name: Kernel(sched, name)))
     return types.SimpleNamespace(cuda=cuda, RawModule=lambda code, options: module, ndarray=DevArray, empty=empty,
                                  uint32=np.uint32, int64=np.int64, ascontiguousarray=lambda x: x,
                                  zeros=lambda n, dtype: np.zeros(n, dtype).view(DevArray))

@@ -1,0 +1,350 @@
+// Runs CUDA C kernels on the CPU, for the tests of a machine without a GPU.
+//
+// The kernel source is compiled by g++ as C++ after this header (module.py does that, and rewrites each
+// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory). A launch runs the
+// grid one block at a time; the threads of a block are coroutines (ucontext) on one OS thread, so that
+// __syncthreads and the warp shuffles are real rendezvous points: a thread waits there until every
+// thread of its block (or warp) that has not exited arrives. Threads switch only at those points and
+// before every atomic, and the next thread is drawn at random (seeded), so a test meets many
+// interleavings: a missing __syncthreads or a lost atomicCAS race changes a result under some seed.
+// A block whose threads all wait and can never be released (a __syncthreads that not every thread
+// reaches) ends the launch with an error instead of hanging, and so does an access that faults (SIGSEGV or
+// SIGBUS: an address far outside every buffer; one just past a buffer reads or writes the host heap
+// unnoticed, so the tests fill unwritten memory with garbage and compare whole results).
+//
+// What this does not model: several blocks at once (blocks run in turn, so cross-block races are not
+// exercised), the memory model (every write is seen at once), timing, occupancy, register and
+// shared-memory limits other than the dynamic size asked for, and anything in inline PTX.
+#pragma once
+
+#include <setjmp.h>
+#include <signal.h>
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+typedef dim3 uint3;
+
+namespace cuda_on_cpu {
+
+enum State { RUNNABLE, WAITING, DONE };
+
+struct Barrier {
+    int expected = 0, arrived = 0;
+    std::vector<int> waiting;
+};
+
+struct Thread {
+    ucontext_t ctx;
+    dim3 idx;
+    int linear = 0;
+    State state = RUNNABLE;
+};
+
+struct Launch {
+    dim3 grid, block, block_idx;
+    std::vector<Thread> threads;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
+    std::vector<unsigned long long> exchange;  // one word per thread, for the warp shuffles
+    std::vector<unsigned char> dynamic_smem;
+    std::function<void()> body;
+    ucontext_t scheduler;
+    std::mt19937_64 rng;
+    int current = 0;
+    std::string error;
+};
+
+inline Launch* L = nullptr;  // the launch in progress (one at a time)
+inline sigjmp_buf fault_exit;  // where a faulting access goes back to (launch)
+inline volatile sig_atomic_t fault_signal = 0;
+constexpr size_t STACK_BYTES = 256 * 1024;
+inline std::vector<char*> stacks;  // reused across launches
+
+inline Thread& me() { return L->threads[L->current]; }
+
+// Back to the scheduler; the caller set its own state first.
+inline void switch_out() { swapcontext(&me().ctx, &L->scheduler); }
+
+inline void yield_point() { switch_out(); }
+
+inline void release(Barrier& b) {
+    for (int t : b.waiting) L->threads[t].state = RUNNABLE;
+    b.waiting.clear();
+    b.arrived = 0;
+}
+
+inline void arrive_and_wait(Barrier& b) {
+    if (++b.arrived == b.expected) {
+        release(b);
+        switch_out();  // let another thread run first: the order after a barrier is random too
+        return;
+    }
+    b.waiting.push_back(L->current);
+    me().state = WAITING;
+    switch_out();
+}
+
+inline void drop(Barrier& b) {  // an exited thread no longer takes part
+    --b.expected;
+    if (b.arrived > 0 && b.arrived == b.expected) release(b);
+}
+
+inline int warp_of(int linear) { return linear / 32; }
+
+inline void entry() {
+    L->body();
+    Thread& t = me();
+    t.state = DONE;
+    drop(L->block_barrier);
+    drop(L->warp_barriers[warp_of(t.linear)]);
+    switch_out();
+}
+
+inline unsigned char* dynamic_shared_memory() { return L->dynamic_smem.data(); }
+
+// One block: every thread a coroutine; run a random runnable one until all are done or none can run.
+inline bool run_block(int nthreads) {
+    while ((int)stacks.size() < nthreads) stacks.push_back(static_cast<char*>(std::malloc(STACK_BYTES)));
+    L->threads.assign(nthreads, Thread());
+    L->block_barrier = Barrier{nthreads, 0, {}};
+    const int nwarps = (nthreads + 31) / 32;
+    L->warp_barriers.assign(nwarps, Barrier());
+    for (int w = 0; w < nwarps; ++w) L->warp_barriers[w].expected = std::min(32, nthreads - 32 * w);
+    L->exchange.assign(nthreads, 0);
+    for (int t = 0; t < nthreads; ++t) {
+        Thread& th = L->threads[t];
+        th.linear = t;
+        th.idx.x = t % L->block.x;
+        th.idx.y = (t / L->block.x) % L->block.y;
+        th.idx.z = t / (L->block.x * L->block.y);
+        getcontext(&th.ctx);
+        th.ctx.uc_stack.ss_sp = stacks[t];
+        th.ctx.uc_stack.ss_size = STACK_BYTES;
+        th.ctx.uc_link = nullptr;
+        makecontext(&th.ctx, entry, 0);
+    }
+    std::vector<int> runnable;
+    runnable.reserve(nthreads);
+    while (true) {
+        runnable.clear();
+        int waiting = 0;
+        for (int t = 0; t < nthreads; ++t) {
+            if (L->threads[t].state == RUNNABLE) runnable.push_back(t);
+            else if (L->threads[t].state == WAITING) ++waiting;
+        }
+        if (runnable.empty()) {
+            if (waiting == 0) return true;
+            int at_block = (int)L->block_barrier.waiting.size();
+            char msg[256];
+            std::snprintf(msg, sizeof msg,
+                          "deadlock in block (%u,%u,%u): %d of %d threads wait at __syncthreads, %d at a warp "
+                          "shuffle, the rest exited",
+                          L->block_idx.x, L->block_idx.y, L->block_idx.z, at_block, nthreads, waiting - at_block);
+            L->error = msg;
+            return false;
+        }
+        L->current = runnable[L->rng() % runnable.size()];
+        swapcontext(&L->scheduler, &L->threads[L->current].ctx);
+    }
+}
+
+template <typename T>
+constexpr int param_kind() {  // 0 pointer, 1 signed integer, 2 unsigned integer, 3 floating point
+    return std::is_pointer_v<T> ? 0 : std::is_floating_point_v<T> ? 3 : std::is_signed_v<T> ? 1 : 2;
+}
+
+template <typename... A>
+int params(void (*)(A...), int* sizes, int* kinds, int max) {
+    constexpr int n = sizeof...(A);
+    if (n <= max) {
+        int i = 0;
+        ((sizes[i] = (int)sizeof(std::decay_t<A>), kinds[i] = param_kind<std::decay_t<A>>(), ++i), ...);
+    }
+    return n;
+}
+
+template <typename... A, size_t... I>
+std::tuple<std::decay_t<A>...> unpack(void** args, std::index_sequence<I...>) {
+    return std::tuple<std::decay_t<A>...>(*static_cast<std::decay_t<A>*>(args[I])...);
+}
+
+template <typename... A>
+int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, unsigned long long smem, void** args,
+           unsigned long long seed, char* err, int errlen) {
+    Launch launch;
+    launch.grid = dim3{grid[0], grid[1], grid[2]};
+    launch.block = dim3{block[0], block[1], block[2]};
+    launch.rng.seed(seed);
+    auto values = unpack<A...>(args, std::index_sequence_for<A...>{});
+    launch.body = [&]() { std::apply(kernel, values); };
+    const int nthreads = (int)(block[0] * block[1] * block[2]);
+    L = &launch;
+    static char alt_stack[64 * 1024];
+    stack_t alt{}, old_alt{};
+    alt.ss_sp = alt_stack;
+    alt.ss_size = sizeof alt_stack;
+    sigaltstack(&alt, &old_alt);
+    struct sigaction sa{}, old_segv{}, old_bus{};
+    sa.sa_handler = [](int sig) {
+        fault_signal = sig;
+        siglongjmp(fault_exit, 1);
+    };
+    sa.sa_flags = SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    bool ok = true;
+    fault_signal = 0;
+    if (sigsetjmp(fault_exit, 1) == 0) {
+        for (unsigned z = 0; ok && z < grid[2]; ++z)
+            for (unsigned y = 0; ok && y < grid[1]; ++y)
+                for (unsigned x = 0; ok && x < grid[0]; ++x) {
+                    launch.block_idx = dim3{x, y, z};
+                    launch.dynamic_smem.assign(smem, 0xEE);  // garbage: a read before a write shows up
+                    ok = run_block(nthreads);
+                }
+    } else {
+        ok = false;
+        const dim3 b = launch.block_idx, t = launch.threads[launch.current].idx;
+        char msg[256];
+        std::snprintf(msg, sizeof msg, "illegal memory access (%s) in block (%u,%u,%u) thread (%u,%u,%u)",
+                      fault_signal == SIGBUS ? "SIGBUS" : "SIGSEGV", b.x, b.y, b.z, t.x, t.y, t.z);
+        launch.error = msg;
+    }
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    sigaltstack(&old_alt, nullptr);
+    L = nullptr;
+    if (!ok) std::snprintf(err, errlen, "%s", launch.error.c_str());
+    return ok ? 0 : 1;
+}
+
+template <typename T>
+T atomic_op(T* a, T v, int op) {
+    yield_point();  // another thread may act between this thread's last read and its atomic
+    T old = *a;
+    switch (op) {
+        case 0: *a = old + v; break;
+        case 1: *a = old - v; break;
+        case 2: *a = v; break;
+        case 3: *a = v < old ? v : old; break;
+        case 4: *a = v > old ? v : old; break;
+    }
+    return old;
+}
+
+template <typename T>
+T atomic_cas(T* a, T compare, T v) {
+    yield_point();
+    T old = *a;
+    if (old == compare) *a = v;
+    return old;
+}
+
+template <typename T>
+T shuffle(T v, int src_lane, bool keep_own) {  // every lane of the warp must call it (full mask)
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    Thread& t = me();
+    const int w = warp_of(t.linear), lane = t.linear % 32;
+    unsigned long long raw = 0;
+    std::memcpy(&raw, &v, sizeof(T));
+    L->exchange[t.linear] = raw;
+    arrive_and_wait(L->warp_barriers[w]);
+    T out = v;
+    const int src = 32 * w + src_lane;
+    if (!keep_own && src_lane >= 0 && src_lane < 32 && src < (int)L->threads.size()) {
+        raw = L->exchange[src];
+        std::memcpy(&out, &raw, sizeof(T));
+    }
+    (void)lane;
+    arrive_and_wait(L->warp_barriers[w]);  // nobody overwrites the exchange before every lane has read it
+    return out;
+}
+
+}  // namespace cuda_on_cpu
+
+// ---- the CUDA C names
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define warpSize 32
+
+#define threadIdx (cuda_on_cpu::me().idx)
+#define blockIdx (cuda_on_cpu::L->block_idx)
+#define blockDim (cuda_on_cpu::L->block)
+#define gridDim (cuda_on_cpu::L->grid)
+
+inline void __syncthreads() { cuda_on_cpu::arrive_and_wait(cuda_on_cpu::L->block_barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    cuda_on_cpu::arrive_and_wait(cuda_on_cpu::L->warp_barriers[cuda_on_cpu::warp_of(cuda_on_cpu::me().linear)]);
+}
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int lane, int = 32) {
+    return cuda_on_cpu::shuffle(v, lane & 31, false);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) {
+    const int lane = cuda_on_cpu::me().linear % 32;
+    return cuda_on_cpu::shuffle(v, lane - (int)d, lane < (int)d);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) {
+    const int lane = cuda_on_cpu::me().linear % 32;
+    return cuda_on_cpu::shuffle(v, lane + (int)d, lane + (int)d >= 32);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int m, int = 32) {
+    const int lane = cuda_on_cpu::me().linear % 32;
+    return cuda_on_cpu::shuffle(v, lane ^ m, false);
+}
+
+#define CUDA_ON_CPU_ATOMICS(T)                                                          \
+    inline T atomicAdd(T* a, T v) { return cuda_on_cpu::atomic_op<T>(a, v, 0); }        \
+    inline T atomicSub(T* a, T v) { return cuda_on_cpu::atomic_op<T>(a, v, 1); }        \
+    inline T atomicExch(T* a, T v) { return cuda_on_cpu::atomic_op<T>(a, v, 2); }       \
+    inline T atomicMin(T* a, T v) { return cuda_on_cpu::atomic_op<T>(a, v, 3); }        \
+    inline T atomicMax(T* a, T v) { return cuda_on_cpu::atomic_op<T>(a, v, 4); }        \
+    inline T atomicCAS(T* a, T c, T v) { return cuda_on_cpu::atomic_cas<T>(a, c, v); }
+CUDA_ON_CPU_ATOMICS(int)
+CUDA_ON_CPU_ATOMICS(unsigned int)
+CUDA_ON_CPU_ATOMICS(unsigned long long)
+inline float atomicAdd(float* a, float v) { return cuda_on_cpu::atomic_op<float>(a, v, 0); }
+inline double atomicAdd(double* a, double v) { return cuda_on_cpu::atomic_op<double>(a, v, 0); }
+
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+    return b < a ? b : a;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+    return a < b ? b : a;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __clz(int v) { return v ? __builtin_clz((unsigned)v) : 32; }
+inline int __ffs(int v) { return __builtin_ffs(v); }

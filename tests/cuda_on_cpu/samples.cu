@@ -1,0 +1,92 @@
+// Small kernels that exercise the CPU emulation (test_emulator.py): each uses one CUDA feature whose
+// emulation could be wrong, and two are wrong on purpose (a missing __syncthreads, a deadlock).
+
+#define N_WARPS_MAX 32
+
+// Block-wide inclusive prefix sum through warp shuffles and shared memory, plus one atomicAdd per block
+// for the block's base in a global running total: out[i] = base + inclusive sum within the block.
+extern "C" __global__ void block_scan(const unsigned* in, unsigned long long* out, unsigned n,
+                                      unsigned long long* total) {
+    __shared__ unsigned long long warp_sums[N_WARPS_MAX];
+    __shared__ unsigned long long base;
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    unsigned long long v = i < n ? in[i] : 0ull;
+    for (int d = 1; d < 32; d <<= 1) {
+        unsigned long long up = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += up;
+    }
+    if (lane == 31) warp_sums[wid] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long run = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+            unsigned long long s = warp_sums[w];
+            warp_sums[w] = run;
+            run += s;
+        }
+        base = atomicAdd(total, run);
+    }
+    __syncthreads();
+    if (i < n) out[i] = base + warp_sums[wid] + v;
+}
+
+// Reverses each block's slice through dynamic shared memory; `sync` = 0 leaves out the __syncthreads
+// between the writes and the reads (a race the emulation must be able to show).
+extern "C" __global__ void reverse_tiles(const int* in, int* out, int sync) {
+    extern __shared__ __align__(16) int tile[];
+    const unsigned t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+    tile[t] = in[i];
+    if (sync) __syncthreads();
+    out[i] = tile[blockDim.x - 1 - t];
+}
+
+// Inserts keys into a linear-probing table with atomicCAS (0 marks an empty slot; keys are > 0); every thread
+// inserts one key, many of them equal, so that threads race for the same slots.
+extern "C" __global__ void cas_insert(const int* keys, int n, int* table, unsigned cap, int* hits) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int k = keys[i];
+    unsigned s = (unsigned)k % cap;
+    while (true) {
+        int prev = atomicCAS(&table[s], 0, k);
+        if (prev == 0 || prev == k) break;
+        s = (s + 1) % cap;
+    }
+    atomicAdd(&hits[s], 1);
+}
+
+// Half of a warp waits at __syncthreads while the other half waits at a shuffle: neither can go on.
+extern "C" __global__ void deadlock(int* out) {
+    int v = threadIdx.x;
+    if (threadIdx.x < 16) __syncthreads();
+    else v = __shfl_sync(0xffffffffu, v, 0);
+    out[threadIdx.x] = v;
+}
+
+// Threads that exit early do not hold the others at a later __syncthreads (as on Volta and later GPUs).
+extern "C" __global__ void early_exit(int* out, int keep) {
+    __shared__ int count;
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    if ((int)threadIdx.x >= keep) return;
+    atomicAdd(&count, 1);
+    __syncthreads();
+    out[threadIdx.x] = count;
+}
+
+// The x/y/z thread and block coordinates: out[linear global index] = an encoding of all six.
+extern "C" __global__ void coordinates(unsigned* out) {
+    const unsigned b = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const unsigned t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    const unsigned per_block = blockDim.x * blockDim.y * blockDim.z;
+    out[b * per_block + t] = (blockIdx.x << 25) | (blockIdx.y << 20) | (blockIdx.z << 15) | (threadIdx.x << 10)
+                             | (threadIdx.y << 5) | threadIdx.z;
+}
+
+// Thread `bad` writes far outside its buffer (an index off by 2^40 elements): the launch must end with an error.
+extern "C" __global__ void wild_write(int* out, int bad) {
+    long long i = threadIdx.x;
+    if ((int)threadIdx.x == bad) i += 1ll << 40;
+    out[i] = 1;
+}

@@ -1,0 +1,69 @@
+"""hash_join.cu itself, run on this CPU (tests/cuda_on_cpu), under the real host code (CudaHashJoin, HashJoinPlan
+with graph capture and replay, through fake_cupy): the CAS insert racing on shared slots (threads switch
+before every atomic, in a seeded random order), the empty-key slot, duplicate grouping, the warp-shuffle
+block scan that reserves output positions, and the capacity retry, with the exact argument types the
+kernels declare. Checked against pandas on every join case. Several blocks at once, the GPU memory model
+and speed are left to the GPU tests."""
+import numpy as np
+import pytest
+
+from gpulab.dbjoin import hash_join_cuda as hjc
+from gpulab.dbjoin import reference, tables
+from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
+
+from ..cuda_on_cpu.module import GXX, CpuModule
+from .cases import CASE_IDS, CASES
+from .test_cpu_joins import _check
+from .test_hash_plan_fake import _host, fake  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hash_join_cpu")
+
+
+@pytest.fixture
+def cuda_c(fake, build_dir):  # noqa: F811
+    def use(seed):
+        module = CpuModule(SOURCE_PATH, build_dir, seed=seed)
+        fake.use_cuda_c(module)
+        return module
+    return use
+
+
+@pytest.mark.parametrize("dt,name", CASE_IDS)
+def test_cuda_c_joins(cuda_c, dt, name):
+    lk, rk = CASES[dt][name]
+    module = cuda_c(len(lk) * 7 + len(rk))
+    _check(hjc.CudaHashJoin().join(lk, rk), lk, rk)
+    assert hjc.CudaHashJoin().join(lk, rk, count_only=True).count == reference.output_size(lk, rk)
+    plan = hjc.HashJoinPlan(lk, rk)
+    if plan.empty:
+        return
+    assert plan.graph is not None, plan.graph_error
+    _check(_host(plan.run()), lk, rk)
+    _check(_host(plan.run()), lk, rk)  # the graph replayed
+    assert module.launches > 0
+
+
+@pytest.mark.parametrize("dt, dup, seed", [("int32", "unique", 0), ("int64", "zipf:1.3", 1), ("int32", "zipf:2", 2)])
+def test_cuda_c_several_blocks(cuda_c, dt, dup, seed):
+    """Thousands of rows: several blocks in every kernel, output positions reserved block by block."""
+    left, right = tables.generate(3000, 2000, 0.5, dup, seed, dt)
+    module = cuda_c(seed)
+    plan = hjc.HashJoinPlan(left.key, right.key)
+    _check(_host(plan.run()), left.key, right.key)
+    _check(_host(plan.run()), left.key, right.key)
+    assert module.get_function(f"hj_probe_{'i32' if dt == 'int32' else 'i64'}").launches >= 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cuda_c_slot_races(cuda_c, seed):
+    """Build keys that collide on few home slots, in one block: the CAS loop's lost races and re-probes."""
+    rng = np.random.default_rng(seed)
+    build = rng.integers(-40, 40, 200).astype(np.int32)
+    probe = rng.integers(-50, 50, 300).astype(np.int32)
+    cuda_c(seed)
+    _check(hjc.CudaHashJoin().join(probe, build), probe, build)

@@ -1,0 +1,106 @@
+"""bitonic.cu itself, run on this CPU (tests/cuda_on_cpu), under the real driver (cuda_sort.py).
+
+The same emulated cupy as test_driver_emulated.py (stream queues drained in a random order that respects
+only stream order and events), but every launch runs the CUDA C kernel from bitonic.cu, compiled by g++
+with the CUDA-on-CPU header: its index arithmetic, register networks, padded shared-memory tiles,
+__syncthreads placement and key transforms, on every kernel family the variants use, with the exact
+argument types the kernels declare. Compared exactly with numpy. What this cannot show: anything about
+several blocks at once, the GPU memory model, or speed (the GPU tests and benchmarks do).
+"""
+import sys
+
+import numpy as np
+import pytest
+
+from gpulab.sort import reference as ref
+from gpulab.sort.cuda_sort import SOURCE, BitonicCuda
+
+from ..cuda_on_cpu.module import GXX, CpuModule
+from .test_driver_emulated import DevArray, Scheduler, fake_cupy, inputs
+
+pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
+
+
+class QueuedKernel:
+    """A CPU-run kernel whose launches go on the current stream's queue, as a GPU launch would."""
+
+    def __init__(self, sched, kernel):
+        self.sched, self.kernel = sched, kernel
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self.kernel.max_dynamic_shared_size_bytes
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        self.kernel.max_dynamic_shared_size_bytes = value
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.sched.enqueue(lambda: self.kernel(grid, block, args, shared_mem=shared_mem))
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bitonic_cpu")
+
+
+@pytest.fixture
+def cuda_c(monkeypatch, build_dir):
+    def make(seed, eager=False):
+        sched = Scheduler(seed, eager)
+        module = CpuModule(SOURCE, build_dir, seed=seed)
+        kernels = {}
+
+        def get_function(name):
+            if name not in kernels:
+                kernels[name] = QueuedKernel(sched, module.get_function(name))
+            return kernels[name]
+
+        monkeypatch.setitem(sys.modules, "cupy", fake_cupy(sched, get_function))
+        monkeypatch.setattr(BitonicCuda, "_module", None)
+        return sched, module, BitonicCuda()
+    return make
+
+
+# (variant, n, dtype, order, kv): every kernel family (transforms, global passes F=1..5 through the schedules,
+# tile sorts and merges of each tile config) on every key width, both orders, with and without values
+WHOLE = [
+    ("bitonic-global", 1000, "int32", "desc", True),
+    ("bitonic-global", 777, "int64", "asc", False),
+    ("bitonic-shared", 5000, "float32", "asc", True),
+    ("bitonic-shared", 3000, "uint32", "desc", False),
+    ("bitonic-fused", 20000, "int32", "asc", False),
+    ("bitonic-fused", 9000, "int64", "desc", True),
+    ("bitonic-fused", 1, "float32", "asc", True),
+    ("bitonic-fused@t14f4g5", 40000, "float32", "desc", True),
+    ("bitonic-fused@t12f3g3", 10000, "uint32", "asc", True),
+    ("bitonic-fused@t11f1g2", 5000, "int64", "asc", False),
+]
+
+
+@pytest.mark.parametrize("variant, n, dtype, order, kv", WHOLE)
+def test_sort_cuda_c(cuda_c, variant, n, dtype, order, kv):
+    sched, module, bit = cuda_c(n, eager=True)
+    x = inputs(n, dtype, np.random.default_rng(n))
+    keys, perm = bit.sort(x.view(DevArray), variant, order, kv=kv)
+    assert ref.mismatch(np.asarray(keys), ref.sort(x, order)) is None, variant
+    if kv:
+        assert np.array_equal(np.asarray(perm), ref.argsort(x, order)), variant
+    assert n <= 1 or module.launches > 0
+
+
+@pytest.mark.parametrize("variant, n, dtype, chunks, order, kv", [
+    ("bitonic-fused", 20000, "float32", 2, "asc", True),
+    ("bitonic-shared", 5000, "int64", 4, "desc", True),
+    ("bitonic-global", 1025, "int32", 16, "desc", False),  # 9 chunks on 8 streams in turn
+])
+def test_sort_host_cuda_c(cuda_c, variant, n, dtype, chunks, order, kv):
+    """The pipelined host sort: chunk sorts on several streams, then the merges, with random stream interleaving."""
+    sched, module, bit = cuda_c(chunks)
+    x = inputs(n, dtype, np.random.default_rng(n))
+    out = np.empty_like(x)
+    perm = np.empty(n, np.uint32) if kv else None
+    bit.sort_host(x, out, variant, order, chunks, perm)
+    assert ref.mismatch(out, ref.sort(x, order)) is None
+    if kv:
+        assert np.array_equal(perm.astype(np.int64), ref.argsort(x, order))
