@@ -72,6 +72,8 @@ inline Launch* L = nullptr;  // the launch in progress (one at a time)
 inline sigjmp_buf fault_exit;  // where a faulting access goes back to (launch)
 inline volatile sig_atomic_t fault_signal = 0;
 constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr size_t SMEM_GUARD = 4096;  // bytes after the dynamic shared memory, checked after each block
+constexpr unsigned char SMEM_GUARD_BYTE = 0xA5;
 inline std::vector<char*> stacks;  // reused across launches
 
 inline Thread& me() { return L->threads[L->current]; }
@@ -114,7 +116,7 @@ inline void entry() {
     switch_out();
 }
 
-inline unsigned char* dynamic_shared_memory() { return L->dynamic_smem.data(); }
+inline unsigned char* dynamic_shared_memory() { return L->dynamic_smem.data(); }  // 16-byte aligned (malloc)
 
 // One block: every thread a coroutine; run a random runnable one until all are done or none can run.
 inline bool run_block(int nthreads) {
@@ -214,8 +216,21 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, un
             for (unsigned y = 0; ok && y < grid[1]; ++y)
                 for (unsigned x = 0; ok && x < grid[0]; ++x) {
                     launch.block_idx = dim3{x, y, z};
-                    launch.dynamic_smem.assign(smem, 0xEE);  // garbage: a read before a write shows up
+                    // garbage: a read before a write shows up; then a guard that a write past the end changes
+                    launch.dynamic_smem.assign(smem + SMEM_GUARD, 0xEE);
+                    std::memset(launch.dynamic_smem.data() + smem, SMEM_GUARD_BYTE, SMEM_GUARD);
                     ok = run_block(nthreads);
+                    for (size_t i = smem; ok && i < smem + SMEM_GUARD; ++i) {
+                        if (launch.dynamic_smem[i] != SMEM_GUARD_BYTE) {
+                            char msg[256];
+                            std::snprintf(msg, sizeof msg,
+                                          "block (%u,%u,%u) wrote dynamic shared memory at byte %zu, past the %llu "
+                                          "bytes the launch asked for",
+                                          x, y, z, i, smem);
+                            launch.error = msg;
+                            ok = false;
+                        }
+                    }
                 }
     } else {
         ok = false;

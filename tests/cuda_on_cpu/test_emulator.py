@@ -42,6 +42,13 @@ def test_block_scan(build_dir, n, block):
     assert int(total[0]) == int(x.sum())
 
 
+def test_a_write_past_the_dynamic_shared_memory_is_an_error(build_dir):
+    x = np.arange(128, dtype=np.int32)
+    k = CpuModule(SAMPLES, build_dir).get_function("reverse_tiles")
+    with pytest.raises(RuntimeError, match=r"block \(0,0,0\) wrote dynamic shared memory at byte 508, past the 508"):
+        k((1,), (128,), (dev(x), dev(np.zeros_like(x)), np.int32(1)), shared_mem=127 * 4)
+
+
 def test_dynamic_shared_memory_and_the_missing_syncthreads(build_dir):
     x = np.arange(4 * 128, dtype=np.int32)
     want = x.reshape(4, 128)[:, ::-1].ravel()
