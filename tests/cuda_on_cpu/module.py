@@ -8,7 +8,8 @@ take numpy scalars of exactly the parameter's size and kind, which is what cupy 
 right (a Python int would be packed as 8 bytes): a wrong argument is an error that names it, as is a
 block of more than 1,024 threads or more dynamic shared memory than 48 KiB without a raised
 ``max_dynamic_shared_size_bytes``. Each launch draws its thread interleaving from ``seed`` and a launch
-counter, so a run is reproducible.
+counter, so a run is reproducible. ``DeviceHeap`` gives device arrays followed by guard bytes that every
+launch of a module made with ``heap=`` checks: a kernel that writes past an array's end fails its launch.
 """
 from __future__ import annotations
 
@@ -89,6 +90,43 @@ def build(source_path: Path, build_dir: Path) -> Path:
     return lib
 
 
+class DeviceHeap:
+    """Stand-in device allocations: garbage-filled (a read of memory never written shows up in the result) and
+    followed by GUARD bytes of a fixed pattern, checked after each launch."""
+
+    GUARD = 256
+    PATTERN = 0xA5
+
+    def __init__(self, array_type=np.ndarray):
+        self.array_type = array_type
+        self._blocks: list[tuple[np.ndarray, int]] = []
+
+    def empty(self, shape, dtype, fill: int = 0xAB):
+        dt = np.dtype(dtype)
+        shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        raw = np.empty(nbytes + self.GUARD, np.uint8)
+        raw[:nbytes] = fill
+        raw[nbytes:] = self.PATTERN
+        self._blocks.append((raw, nbytes))
+        return raw[:nbytes].view(dt).reshape(shape).view(self.array_type)
+
+    def zeros(self, shape, dtype):
+        return self.empty(shape, dtype, fill=0)
+
+    def asarray(self, a):
+        a = np.asarray(a)
+        out = self.empty(a.shape, a.dtype)
+        out[...] = a
+        return out
+
+    def check(self, after: str) -> None:
+        for raw, nbytes in self._blocks:
+            bad = np.flatnonzero(raw[nbytes:] != self.PATTERN)
+            if bad.size:
+                raise RuntimeError(f"{after} wrote past the end of a {nbytes}-byte array (guard byte {int(bad[0])})")
+
+
 class CpuKernel:
     def __init__(self, module: "CpuModule", name: str):
         lib = module.lib
@@ -139,13 +177,15 @@ class CpuKernel:
                           argv, ctypes.c_ulonglong(seed), err, len(err))
         if rc != 0:
             raise RuntimeError(f"{self.name}: {err.value.decode()}")
+        if self.module.heap is not None:
+            self.module.heap.check(self.name)
 
 
 class CpuModule:
     """Stands in for cupy.RawModule(code=source): the same kernels, run on the CPU."""
 
-    def __init__(self, source_path: Path, build_dir: Path, seed: int = 0):
-        self.source_path = Path(source_path)
+    def __init__(self, source_path: Path, build_dir: Path, seed: int = 0, heap: DeviceHeap | None = None):
+        self.source_path, self.heap = Path(source_path), heap
         self.lib = ctypes.CDLL(str(build(self.source_path, build_dir)))
         self.seed, self.launches = seed, 0
         self._kernels: dict[str, CpuKernel] = {}

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from .module import GXX, CpuModule
+from .module import GXX, CpuModule, DeviceHeap
 
 SAMPLES = Path(__file__).with_name("samples.cu")
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
@@ -134,3 +134,12 @@ def test_a_faulting_access_is_an_error_and_the_next_launch_runs(build_dir):
     out[:] = 0
     mod.get_function("wild_write")((1,), (64,), (out, np.int32(-1)))
     assert out.tolist() == [1] * 64
+
+
+def test_a_write_past_a_heap_array_fails_the_launch(build_dir):
+    heap = DeviceHeap(Dev)
+    mod = CpuModule(SAMPLES, build_dir, heap=heap)
+    x = heap.asarray(np.arange(64, dtype=np.int32))
+    out = heap.empty(63, np.int32)  # one element short of the 64 threads
+    with pytest.raises(RuntimeError, match=r"reverse_tiles wrote past the end of a 252-byte array \(guard byte 0\)"):
+        mod.get_function("reverse_tiles")((1,), (64,), (x, out, np.int32(1)), shared_mem=256)

@@ -11,7 +11,7 @@ from gpulab.dbjoin import hash_join_cuda as hjc
 from gpulab.dbjoin import reference, tables
 from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
 
-from ..cuda_on_cpu.module import GXX, CpuModule
+from ..cuda_on_cpu.module import GXX, CpuModule, DeviceHeap
 from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
 from .test_hash_plan_fake import _host, fake  # noqa: F401 - the fixture
@@ -25,9 +25,21 @@ def build_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def cuda_c(fake, build_dir):  # noqa: F811
+def cuda_c(fake, build_dir, monkeypatch):  # noqa: F811
     def use(seed):
-        module = CpuModule(SOURCE_PATH, build_dir, seed=seed)
+        heap = DeviceHeap(fake.ndarray)  # device arrays with guard bytes, checked after every launch
+
+        def empty(shape, dtype=np.float64):
+            fake._refuse_while_capturing("a pool allocation (cupy.empty)")
+            return heap.empty(shape, dtype)
+
+        def asarray(a):
+            fake._refuse_while_capturing("a pool allocation (cupy.asarray)")
+            return heap.asarray(a)
+
+        monkeypatch.setattr(fake, "empty", empty)
+        monkeypatch.setattr(fake, "asarray", asarray)
+        module = CpuModule(SOURCE_PATH, build_dir, seed=seed, heap=heap)
         fake.use_cuda_c(module)
         return module
     return use
@@ -67,3 +79,19 @@ def test_cuda_c_slot_races(cuda_c, seed):
     probe = rng.integers(-50, 50, 300).astype(np.int32)
     cuda_c(seed)
     _check(hjc.CudaHashJoin().join(probe, build), probe, build)
+
+
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_cuda_c_first_probe_stops_at_the_capacity(cuda_c, dt):
+    """The first probe's capacity is the probe row count (60); two probe rows of a key with 30 build rows take
+    positions 0-59, so the next row's single match falls exactly at the capacity: it must not be written (the
+    device arrays' guard bytes would show it), and the retry gets all 61 pairs."""
+    build = np.array([7] * 30 + [5], dtype=dt)
+    probe = np.array([7, 7, 5] + list(range(100, 157)), dtype=dt)
+    cuda_c(0)
+    hj = hjc.CudaHashJoin()
+    _check(hj.join(probe, build), probe, build)
+    assert hj.retries == 1
+    plan = hjc.HashJoinPlan(probe, build)
+    _check(_host(plan.run()), probe, build)
+    assert plan.retries == 1 and plan.capacity == 61

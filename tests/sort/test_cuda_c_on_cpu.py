@@ -15,7 +15,7 @@ import pytest
 from gpulab.sort import reference as ref
 from gpulab.sort.cuda_sort import SOURCE, BitonicCuda
 
-from ..cuda_on_cpu.module import GXX, CpuModule
+from ..cuda_on_cpu.module import GXX, CpuModule, DeviceHeap
 from .test_driver_emulated import DevArray, Scheduler, fake_cupy, inputs
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
@@ -48,7 +48,8 @@ def build_dir(tmp_path_factory):
 def cuda_c(monkeypatch, build_dir):
     def make(seed, eager=False):
         sched = Scheduler(seed, eager)
-        module = CpuModule(SOURCE, build_dir, seed=seed)
+        heap = DeviceHeap(DevArray)  # device arrays with guard bytes, checked after every launch
+        module = CpuModule(SOURCE, build_dir, seed=seed, heap=heap)
         kernels = {}
 
         def get_function(name):
@@ -56,7 +57,9 @@ def cuda_c(monkeypatch, build_dir):
                 kernels[name] = QueuedKernel(sched, module.get_function(name))
             return kernels[name]
 
-        monkeypatch.setitem(sys.modules, "cupy", fake_cupy(sched, get_function))
+        cp = fake_cupy(sched, get_function)
+        cp.empty, cp.zeros = heap.empty, heap.zeros
+        monkeypatch.setitem(sys.modules, "cupy", cp)
         monkeypatch.setattr(BitonicCuda, "_module", None)
         return sched, module, BitonicCuda()
     return make
