@@ -2,9 +2,13 @@
 //
 // Memory: one allocation holds the table (cap + 1 slots of 16 bytes) followed by HJ_COUNTERS 64-bit
 // counters: [0] grouped rows reserved, [1] output pairs, [2] slots holding more than one build row,
-// [3] unused. The host empties all of it with ONE cudaMemsetAsync(0): a slot's key field stores
-// the key XOR the empty marker (hj_enc), so an empty slot is all zero bytes (encoded key 0, count 0;
-// `row` is only read in slots with count >= 1, where the first inserter wrote it).
+// [3] unused. The host empties all of it with ONE cudaMemsetAsync(0): a slot stores the key XOR the
+// empty marker (hj_enc), so an empty slot is all zero bytes (encoded key 0, count 0; `row` is only read
+// in slots with count >= 1, where the first inserter wrote it).
+//
+// Slots: SlotI64 {key, count, row}; SlotI32 {kc, row, pad} with kc = encoded key << 32 | count in one 64-bit
+// word, so that an int32 build row claims its slot and counts itself with ONE atomicCAS (0 -> key|1) and
+// a unique build key costs one atomic, not two; a repeated key adds 1 to kc (its count, the low half).
 //
 // Build (on the smaller table):
 //   hj_insert_*        one thread per build row: claim the key's slot with atomicCAS (or find it), count += 1;
@@ -35,7 +39,7 @@
 #define HJ_EMPTY_I64 (-9223372036854775807LL - 1LL)
 #define HJ_COUNTERS 4
 
-struct SlotI32 { int key; int count; int row; int pad; };
+struct SlotI32 { unsigned long long kc; int row; int pad; };
 struct SlotI64 { long long key; int count; int row; };
 
 __device__ __forceinline__ unsigned int hj_hash32(int key) {
@@ -60,13 +64,60 @@ __device__ __forceinline__ unsigned int hj_home(unsigned int h, unsigned int cap
     return (unsigned int)(((unsigned long long)h * cap) >> 32);
 }
 
-__device__ __forceinline__ int hj_cas_key(int* addr, int expected, int desired) {
-    return atomicCAS(addr, expected, desired);
+#define HJ_LOW32 0xFFFFFFFFull
+
+// The encoded key of a slot (0: empty) and its build-row count.
+__device__ __forceinline__ int hj_slot_key(unsigned long long kc) { return (int)(unsigned int)(kc >> 32); }
+__device__ __forceinline__ int hj_count(const SlotI32& slot) { return (int)(slot.kc & HJ_LOW32); }
+__device__ __forceinline__ int hj_count(const SlotI64& slot) { return slot.count; }
+__device__ __forceinline__ int hj_count_add(SlotI32* slot) { return (int)(atomicAdd(&slot->kc, 1ull) & HJ_LOW32); }
+__device__ __forceinline__ int hj_count_add(SlotI64* slot) { return atomicAdd(&slot->count, 1); }
+
+// Find or claim encoded key ek's slot from s on (linear probing); returns the build rows counted there
+// before this one, this one counted.
+__device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek) {
+    const unsigned long long mine = (unsigned long long)(unsigned int)ek << 32;
+    while (true) {
+        unsigned long long cur = *((volatile unsigned long long*)&table[s].kc);
+        if (cur == 0ull) {
+            cur = atomicCAS(&table[s].kc, 0ull, mine | 1ull);
+            if (cur == 0ull) return 0;  // claimed, and counted
+        }
+        if (hj_slot_key(cur) == ek) return hj_count_add(&table[s]);
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
 }
 
-__device__ __forceinline__ long long hj_cas_key(long long* addr, long long expected, long long desired) {
-    return (long long)atomicCAS((unsigned long long*)addr, (unsigned long long)expected,
-                                (unsigned long long)desired);
+__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
+    while (true) {
+        long long cur = *((volatile long long*)&table[s].key);
+        if (cur == ek) break;
+        if (cur == 0ll) {
+            long long prev = (long long)atomicCAS((unsigned long long*)&table[s].key, 0ull, (unsigned long long)ek);
+            if (prev == 0ll || prev == ek) break;
+        }
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
+    return hj_count_add(&table[s]);
+}
+
+// The slot holding encoded key ek from s on, and its count; count 0 when the key is not in the table.
+__device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, unsigned int& s, int ek) {
+    while (true) {
+        const unsigned long long cur = table[s].kc;
+        if (cur == 0ull) return 0;
+        if (hj_slot_key(cur) == ek) return (int)(cur & HJ_LOW32);
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
+}
+
+__device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
+    while (true) {
+        const long long cur = table[s].key;
+        if (cur == ek) return table[s].count;
+        if (cur == 0ll) return 0;
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
 }
 
 template <typename K, typename Slot>
@@ -77,22 +128,14 @@ __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slo
     if (i >= n) return;
     K k = keys[i];
     unsigned int s;
+    int c;
     if (k == empty) {
         s = cap;
+        c = hj_count_add(&table[cap]);
     } else {
-        const K ek = hj_enc(k);  // != 0, since k != empty
         s = hj_home(h, cap);
-        while (true) {
-            K cur = *((volatile K*)&table[s].key);
-            if (cur == ek) break;
-            if (cur == (K)0) {
-                K prev = hj_cas_key(&table[s].key, (K)0, ek);
-                if (prev == (K)0 || prev == ek) break;
-            }
-            s = (s + 1 == cap) ? 0u : s + 1;
-        }
+        c = hj_claim(table, cap, s, hj_enc(k));  // hj_enc(k) != 0, since k != empty
     }
-    int c = atomicAdd(&table[s].count, 1);
     if (c == 0) table[s].row = i;
     else if (c == 1) atomicAdd(&counters[2], 1ull);  // this key has a second build row: grouping needed
     build_slot[i] = (int)s;
@@ -105,7 +148,7 @@ __device__ __forceinline__ void hj_group_alloc(int n, const int* __restrict__ bu
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         int s = build_slot[i];
-        int c = table[s].count;
+        int c = hj_count(table[s]);
         if (c > 1 && table[s].row == (int)i) slot_off[s] = (int)atomicAdd(&counters[0], (unsigned long long)c);
     }
 }
@@ -118,7 +161,7 @@ __device__ __forceinline__ void hj_group_scatter(int n, const int* __restrict__ 
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x) {
         int s = build_slot[i];
-        if (table[s].count > 1) grouped[atomicAdd(&slot_off[s], 1)] = (int)i;
+        if (hj_count(table[s]) > 1) grouped[atomicAdd(&slot_off[s], 1)] = (int)i;
     }
 }
 
@@ -164,17 +207,11 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
         K k = keys[i];
         if (k == empty) {
             s = cap;
-            c = table[cap].count;
+            c = hj_count(table[cap]);
         } else {
-            const K ek = hj_enc(k);
             unsigned int h = sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k);
             s = hj_home(h, cap);
-            while (true) {
-                K cur = table[s].key;
-                if (cur == ek) { c = table[s].count; break; }
-                if (cur == (K)0) break;
-                s = (s + 1 == cap) ? 0u : s + 1;
-            }
+            c = hj_find(table, cap, s, hj_enc(k));
         }
     }
     unsigned long long pos = hj_block_reserve((unsigned long long)c, counter);

@@ -187,7 +187,7 @@ runtime = types.SimpleNamespace(
 # ---- kernels: the numba model's, on the CUDA kernels' arguments and memory layout
 
 _EMPTY = {"i32": np.int64(np.iinfo(np.int32).min), "i64": np.int64(np.iinfo(np.int64).min)}
-_SLOT = {"i32": np.dtype([("key", "<i4"), ("count", "<i4"), ("row", "<i4"), ("pad", "<i4")]),
+_SLOT = {"i32": np.dtype([("count", "<i4"), ("key", "<i4"), ("row", "<i4"), ("pad", "<i4")]),  # kc: count low
          "i64": np.dtype([("key", "<i8"), ("count", "<i4"), ("row", "<i4")])}
 
 
