@@ -7,7 +7,9 @@ Runtime (``cuda.bindings.runtime``):
 NVRTC + driver (``cuda.bindings.nvrtc`` / ``driver``; ``cuda.nvrtc`` / ``cuda.cuda`` in cuda-python < 12.6):
 compile ``prefetch_l2.cu`` for the current device and launch its prefetch kernels on a given stream.
 
-Nothing here runs without a GPU: the GPU tests (``@pytest.mark.gpu``) check each call.
+Nothing here runs without a GPU: the GPU tests (``@pytest.mark.gpu``) check each call. On the CPU, the prefetch
+kernels run under the tests' CUDA C emulation, launched through ``PrefetchKernels.launch``, which checks the lines
+and chunks they ask the L2 for (tests/l2/test_prefetch_cuda_c_on_cpu.py).
 """
 from __future__ import annotations
 

@@ -14,7 +14,10 @@
 //
 // What this does not model: several blocks at once (blocks run in turn, so cross-block races are not
 // exercised), the memory model (every write is seen at once), timing, occupancy, register and
-// shared-memory limits other than the dynamic size asked for, and anything in inline PTX.
+// shared-memory limits other than the dynamic size asked for, and what inline PTX does: an `asm` statement
+// with inputs only (module.py rewrites it into cuda_on_cpu::ptx) is recorded, with its template, the
+// thread and its input values, in a log that the tests read (e.g. which addresses a prefetch kernel
+// touched); one with outputs is refused at compile time.
 #pragma once
 
 #include <setjmp.h>
@@ -26,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <tuple>
@@ -77,6 +81,17 @@ constexpr unsigned char SMEM_GUARD_BYTE = 0xA5;
 inline std::vector<char*> stacks;  // reused across launches
 
 inline Thread& me() { return L->threads[L->current]; }
+
+struct PtxRecord {
+    const char* instruction;  // the asm template (a string literal)
+    dim3 block, thread;
+    std::vector<unsigned long long> inputs;
+};
+inline std::vector<PtxRecord> ptx_log;  // the last launch's inline PTX, in execution order
+
+inline void ptx(const char* instruction, std::initializer_list<unsigned long long> inputs) {
+    ptx_log.push_back(PtxRecord{instruction, L->block_idx, me().idx, std::vector<unsigned long long>(inputs)});
+}
 
 // Back to the scheduler; the caller set its own state first.
 inline void switch_out() { swapcontext(&me().ctx, &L->scheduler); }
@@ -192,6 +207,7 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, un
     launch.block = dim3{block[0], block[1], block[2]};
     launch.rng.seed(seed);
     auto values = unpack<A...>(args, std::index_sequence_for<A...>{});
+    ptx_log.clear();
     launch.body = [&]() { std::apply(kernel, values); };
     const int nthreads = (int)(block[0] * block[1] * block[2]);
     L = &launch;

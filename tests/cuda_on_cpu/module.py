@@ -49,14 +49,62 @@ def kernel_names(source: str) -> list[str]:
     return sorted(set(_KERNEL.findall(proc.stdout)))
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at each ``sep`` (one character) outside parentheses and string literals."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == '"' and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch in "([":
+            depth += 1
+        elif not quoted and ch in ")]":
+            depth -= 1
+        elif not quoted and depth == 0 and ch == sep:  # "::" (no outputs) gives an empty field between
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _rewrite_asm(source: str) -> str:
+    """Each ``asm volatile("template" : outputs : inputs : clobbers);`` becomes a cuda_on_cpu::ptx call that
+    records the template and the input values; an asm with outputs cannot be emulated and is an error."""
+    out, pos = [], 0
+    for m in re.finditer(r"\b(?:asm|__asm__)\s*(?:(?:volatile|__volatile__)\s*)?\(", source):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        end = source.index(";", i) + 1
+        body = source[m.end():i - 1]
+        fields = [f.strip() for f in _split_top(body, ":")] + ["", "", ""]
+        template, outputs, inputs = fields[0], fields[1], fields[2]
+        if outputs:
+            raise CompileError(f"inline PTX with outputs is not emulated: {source[m.start():end]}")
+        values = [re.fullmatch(r'"[^"]*"\s*\((.*)\)', x.strip(), re.S)[1] for x in _split_top(inputs, ",") if x.strip()]
+        args = ", ".join(f"(unsigned long long)({v})" for v in values)
+        out += [source[pos:m.start()], f"cuda_on_cpu::ptx({template}, {{{args}}});"]
+        pos = end
+    return "".join(out) + source[pos:]
+
+
 def translate(source: str) -> str:
-    """The source as the emulation compiles it: dynamic shared arrays become pointers to the launch's buffer."""
-    return _EXTERN_SHARED.sub(
+    """The source as the emulation compiles it: dynamic shared arrays become pointers to the launch's buffer,
+    inline PTX a recorded call."""
+    source = _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(cuda_on_cpu::dynamic_shared_memory());", source)
+    return _rewrite_asm(source)
 
 
 def _wrappers(names: list[str]) -> str:
-    out = []
+    out = ['extern "C" int cuda_on_cpu_ptx_count() { return (int)cuda_on_cpu::ptx_log.size(); }\n'
+           'extern "C" const char* cuda_on_cpu_ptx_record(int i, unsigned* where, unsigned long long* inputs, '
+           "int max, int* n) { const auto& r = cuda_on_cpu::ptx_log[i]; "
+           "where[0] = r.block.x; where[1] = r.block.y; where[2] = r.block.z; "
+           "where[3] = r.thread.x; where[4] = r.thread.y; where[5] = r.thread.z; *n = (int)r.inputs.size(); "
+           "for (int j = 0; j < *n && j < max; ++j) inputs[j] = r.inputs[j]; return r.instruction; }\n"]
     for n in names:
         out.append(
             f'extern "C" int cuda_on_cpu_launch_{n}(const unsigned* g, const unsigned* b, unsigned long long smem, '
@@ -189,6 +237,18 @@ class CpuModule:
         self.lib = ctypes.CDLL(str(build(self.source_path, build_dir)))
         self.seed, self.launches = seed, 0
         self._kernels: dict[str, CpuKernel] = {}
+
+    def ptx_log(self) -> list[tuple[str, tuple[int, int, int], tuple[int, int, int], tuple[int, ...]]]:
+        """The inline PTX of the last launch, in execution order: (template, block, thread, input values)."""
+        count = self.lib.cuda_on_cpu_ptx_count()
+        record = self.lib.cuda_on_cpu_ptx_record
+        record.restype = ctypes.c_char_p
+        where, inputs, n = (ctypes.c_uint * 6)(), (ctypes.c_ulonglong * 16)(), ctypes.c_int()
+        log = []
+        for i in range(count):
+            template = record(i, where, inputs, 16, ctypes.byref(n)).decode()
+            log.append((template, tuple(where[:3]), tuple(where[3:]), tuple(inputs[:n.value])))
+        return log
 
     def get_function(self, name: str) -> CpuKernel:
         if name not in self._kernels:

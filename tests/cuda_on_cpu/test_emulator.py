@@ -143,3 +143,13 @@ def test_a_write_past_a_heap_array_fails_the_launch(build_dir):
     out = heap.empty(63, np.int32)  # one element short of the 64 threads
     with pytest.raises(RuntimeError, match=r"reverse_tiles wrote past the end of a 252-byte array \(guard byte 0\)"):
         mod.get_function("reverse_tiles")((1,), (64,), (x, out, np.int32(1)), shared_mem=256)
+
+
+def test_inline_ptx_is_recorded_or_refused():
+    from .module import CompileError, translate
+
+    src = 'void f(const char* p, unsigned n) { asm volatile("prefetch.global.L2::evict_last [%0], %1;" ::"l"(p + 1), "r"(n) : "memory"); }'
+    assert translate(src) == ('void f(const char* p, unsigned n) { cuda_on_cpu::ptx("prefetch.global.L2::evict_last '
+                              '[%0], %1;", {(unsigned long long)(p + 1), (unsigned long long)(n)}); }')
+    with pytest.raises(CompileError, match="inline PTX with outputs is not emulated"):
+        translate('int g(int x) { int y; asm("mov.u32 %0, %1;" : "=r"(y) : "r"(x)); return y; }')
