@@ -239,22 +239,27 @@ def with_kv_scales(src, dst, scales):
     return dst
 
 
-def test_fp8_kv_cache_uses_the_checkpoints_layer_scales(tiny, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the paged kernels under the interpreter
+def test_fp8_kv_cache_uses_the_checkpoints_layer_scales(tiny, tmp_path, backend):
     """Calibrated per-layer K/V scales: layer i stores K / k_scale_i (times k_scale_i it is the unscaled K of an
     fp32 cache) and attends with them; the logits stay close to transformers'."""
     hf, src = tiny
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     scales = [(0.02 * (i + 1), 0.015 * (i + 2)) for i in range(n)]
     d = with_kv_scales(src, tmp_path / "scaled", scales)
-    vm = load_model(d, kv_cache_dtype="fp8")
+    vm = load_model(d, kv_cache_dtype="fp8", attention_backend=backend)
     assert vm.kv_scales == [(pytest.approx(k), pytest.approx(v)) for k, v in scales]
     assert any("per layer from the checkpoint" in note for note in vm.notes)
     p = prompts(1, [12])[0]
     r8, r32 = Runner(vm), Runner(load_model(d))  # same seed: the same pages
     assert r8.kv.layer_scales == vm.kv_scales and r32.kv.layer_scales is None
-    out = r8.step({r8.add(): p})
-    r32.step({r32.add(): p})
+    s8, s32 = r8.add(), r32.add()
+    out = r8.step({s8: p})
+    r32.step({s32: p})
     assert rel_err(out[0], hf_last_logits(hf, p)) < 0.1
+    nxt = int(out[0].argmax())  # a decode step reads the scaled cache back (the decode kernel with triton)
+    assert rel_err(r8.step({s8: [nxt]})[0], hf_last_logits(hf, p + [nxt])) < 0.1
+    r32.step({s32: [nxt]})
     for i, (ks, vs) in enumerate(scales):
         for j, sc in ((0, ks), (1, vs)):
             got, want = r8.kv.layers[i][:, j].float() * sc, r32.kv.layers[i][:, j].float()
