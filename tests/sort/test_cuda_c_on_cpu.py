@@ -12,11 +12,14 @@ import sys
 import numpy as np
 import pytest
 
+from gpulab.sort import keys as K
 from gpulab.sort import reference as ref
+from gpulab.sort.bench import DISTS, make_data
 from gpulab.sort.cuda_sort import SOURCE, BitonicCuda
 
 from ..cuda_on_cpu.module import GXX, CpuModule, DeviceHeap
 from .test_driver_emulated import DevArray, Scheduler, fake_cupy, inputs
+from .test_schedule import SIZES, data, seed
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
 
@@ -107,3 +110,33 @@ def test_sort_host_cuda_c(cuda_c, variant, n, dtype, chunks, order, kv):
     assert ref.mismatch(out, ref.sort(x, order)) is None
     if kv:
         assert np.array_equal(perm.astype(np.int64), ref.argsort(x, order))
+
+
+REAL = ["bitonic-global", "bitonic-shared", "bitonic-fused", "bitonic-fused@t14f4g5"]
+
+
+def check_cuda_c(bit, x, variant, order, kv):
+    keys, perm = bit.sort(x.view(DevArray), variant, order, kv=kv)
+    assert ref.mismatch(np.asarray(keys), ref.sort(x, order)) is None, (variant, x.shape, order, kv)
+    if kv:
+        assert np.array_equal(np.asarray(perm), ref.argsort(x, order)), (variant, x.shape, order, kv)
+
+
+@pytest.mark.parametrize("variant", REAL)
+@pytest.mark.parametrize("dtype", K.DTYPES)
+def test_cuda_c_sizes(cuda_c, variant, dtype):
+    """The issue's sizes (0, 1, 2, 3, 1023, 1024, 1025, 4097 and a random one) in every dtype (float32 with NaN,
+    +-inf and -0.0; odd sizes with many ties), orders and key-value mode taking turns."""
+    rng = np.random.default_rng(seed("cuda-c", variant, dtype))
+    _, _, bit = cuda_c(seed(variant, dtype), eager=True)
+    for i, n in enumerate(SIZES + [int(rng.integers(5, 600))]):
+        check_cuda_c(bit, data(n, dtype, rng), variant, K.ORDERS[i % 2], kv=i % 3 != 1)
+
+
+@pytest.mark.parametrize("variant", REAL)
+@pytest.mark.parametrize("dist", DISTS)
+def test_cuda_c_distributions(cuda_c, variant, dist):
+    """Every bench distribution, each dtype once, the order and the key-value mode taking turns."""
+    _, _, bit = cuda_c(seed(variant, dist), eager=True)
+    for i, dtype in enumerate(K.DTYPES):
+        check_cuda_c(bit, make_data(777, dtype, dist, seed=i), variant, K.ORDERS[i % 2], kv=i < 2)
