@@ -31,6 +31,7 @@
 #include <functional>
 #include <initializer_list>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -131,6 +132,13 @@ inline void entry() {
     switch_out();
 }
 
+// Static __shared__ variables are C++ statics, one per program: blocks run in turn, so each block's first
+// thread to reach the declaration fills it with garbage (module.py adds the call after each declaration).
+inline std::set<void*> shared_filled;  // this block's
+inline void fresh_shared(void* p, size_t n) {
+    if (shared_filled.insert(p).second) std::memset(p, 0xEE, n);
+}
+
 inline unsigned char* dynamic_shared_memory() { return L->dynamic_smem.data(); }  // 16-byte aligned (malloc)
 
 // One block: every thread a coroutine; run a random runnable one until all are done or none can run.
@@ -142,6 +150,7 @@ inline bool run_block(int nthreads) {
     L->warp_barriers.assign(nwarps, Barrier());
     for (int w = 0; w < nwarps; ++w) L->warp_barriers[w].expected = std::min(32, nthreads - 32 * w);
     L->exchange.assign(nthreads, 0);
+    shared_filled.clear();
     for (int t = 0; t < nthreads; ++t) {
         Thread& th = L->threads[t];
         th.linear = t;
@@ -330,24 +339,26 @@ inline void __syncwarp(unsigned = 0xffffffffu) {
     cuda_on_cpu::arrive_and_wait(cuda_on_cpu::L->warp_barriers[cuda_on_cpu::warp_of(cuda_on_cpu::me().linear)]);
 }
 
+// `width` (a power of two <= 32) splits the warp into segments, as on the GPU: lanes read within their own.
 template <typename T>
-T __shfl_sync(unsigned, T v, int lane, int = 32) {
-    return cuda_on_cpu::shuffle(v, lane & 31, false);
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    const int lane = cuda_on_cpu::me().linear % 32, seg = lane & ~(width - 1);
+    return cuda_on_cpu::shuffle(v, seg + (src & (width - 1)), false);
 }
 template <typename T>
-T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) {
+T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32) {
     const int lane = cuda_on_cpu::me().linear % 32;
-    return cuda_on_cpu::shuffle(v, lane - (int)d, lane < (int)d);
+    return cuda_on_cpu::shuffle(v, lane - (int)d, (lane & (width - 1)) < (int)d);
 }
 template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) {
+T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32) {
     const int lane = cuda_on_cpu::me().linear % 32;
-    return cuda_on_cpu::shuffle(v, lane + (int)d, lane + (int)d >= 32);
+    return cuda_on_cpu::shuffle(v, lane + (int)d, (lane & (width - 1)) + (int)d >= width);
 }
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int m, int = 32) {
-    const int lane = cuda_on_cpu::me().linear % 32;
-    return cuda_on_cpu::shuffle(v, lane ^ m, false);
+T __shfl_xor_sync(unsigned, T v, int m, int width = 32) {
+    const int lane = cuda_on_cpu::me().linear % 32, src = lane ^ m;
+    return cuda_on_cpu::shuffle(v, src, (src & ~(width - 1)) != (lane & ~(width - 1)));
 }
 
 #define CUDA_ON_CPU_ATOMICS(T)                                                          \

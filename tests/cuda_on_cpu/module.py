@@ -31,6 +31,9 @@ _CTYPE = {("i", 1): ctypes.c_int8, ("i", 2): ctypes.c_int16, ("i", 4): ctypes.c_
           ("f", 4): ctypes.c_float, ("f", 8): ctypes.c_double}
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+# a static __shared__ declaration inside a function (indented): a per-block garbage fill is added after it
+_STATIC_SHARED = re.compile(r"^([ \t]+)__shared__\s+((?:__align__\s*\(\s*\d+\s*\)\s+)?[A-Za-z_][\w\s]*?)\s+(\w+)\s*"
+                            r"((?:\[[^\]]+\])*)\s*;", re.M)
 _KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(")
 MAX_THREADS = 1024
 DEFAULT_SMEM = 48 * 1024
@@ -92,9 +95,13 @@ def _rewrite_asm(source: str) -> str:
 
 def translate(source: str) -> str:
     """The source as the emulation compiles it: dynamic shared arrays become pointers to the launch's buffer,
-    inline PTX a recorded call."""
+    static ones in functions are filled with garbage once per block (as the dynamic buffer is), inline PTX
+    becomes a recorded call."""
     source = _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(cuda_on_cpu::dynamic_shared_memory());", source)
+    source = _STATIC_SHARED.sub(
+        lambda m: f"{m[1]}__shared__ {m[2]} {m[3]}{m[4]}; cuda_on_cpu::fresh_shared(&{m[3]}, sizeof({m[3]}));",
+        source)
     return _rewrite_asm(source)
 
 

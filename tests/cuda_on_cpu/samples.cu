@@ -90,3 +90,22 @@ extern "C" __global__ void wild_write(int* out, int bad) {
     if ((int)threadIdx.x == bad) i += 1ll << 40;
     out[i] = 1;
 }
+
+// Reads a static shared word before any thread writes it: garbage on a GPU, and in the emulation (not zero).
+extern "C" __global__ void read_unwritten_shared(unsigned* out) {
+    __shared__ unsigned word;
+    __shared__ __align__(16) unsigned words[2][4];
+    out[blockIdx.x * 2] = word;
+    out[blockIdx.x * 2 + 1] = words[1][3];
+    __syncthreads();
+    if (threadIdx.x == 0) { word = 7u; words[1][3] = 9u; }
+}
+
+// Every shuffle form, at width 32 and 8: out[k * 32 + lane] for k = sync, up, down, xor (values lane * 10).
+extern "C" __global__ void shuffles(int* out, int width) {
+    const int lane = threadIdx.x, v = lane * 10;
+    out[lane] = __shfl_sync(0xffffffffu, v, 3, width);
+    out[32 + lane] = __shfl_up_sync(0xffffffffu, v, 2, width);
+    out[64 + lane] = __shfl_down_sync(0xffffffffu, v, 2, width);
+    out[96 + lane] = __shfl_xor_sync(0xffffffffu, v, 5, width);
+}

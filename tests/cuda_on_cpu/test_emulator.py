@@ -153,3 +153,24 @@ def test_inline_ptx_is_recorded_or_refused():
                               '[%0], %1;", {(unsigned long long)(p + 1), (unsigned long long)(n)}); }')
     with pytest.raises(CompileError, match="inline PTX with outputs is not emulated"):
         translate('int g(int x) { int y; asm("mov.u32 %0, %1;" : "=r"(y) : "r"(x)); return y; }')
+
+
+def test_static_shared_memory_starts_as_garbage_in_every_block(build_dir):
+    out = dev(np.zeros(6, np.uint32))
+    CpuModule(SAMPLES, build_dir).get_function("read_unwritten_shared")((3,), (32,), (out,))
+    assert out.tolist() == [0xEEEEEEEE] * 6  # block 1 does not see block 0's 7 and 9
+
+
+@pytest.mark.parametrize("width", [32, 8])
+def test_shuffles_follow_cuda_semantics(build_dir, width):
+    out = dev(np.zeros(128, np.int32))
+    CpuModule(SAMPLES, build_dir).get_function("shuffles")((1,), (32,), (out, np.int32(width)))
+    lane = np.arange(32)
+    seg = lane - lane % width
+    own = lane * 10
+    want_sync = (seg + 3 % width) * 10
+    want_up = np.where(lane % width >= 2, (lane - 2) * 10, own)
+    want_down = np.where(lane % width + 2 < width, (lane + 2) * 10, own)
+    x = lane ^ 5
+    want_xor = np.where(x // width == lane // width, x * 10, own)
+    assert out.reshape(4, 32).tolist() == [want_sync.tolist(), want_up.tolist(), want_down.tolist(), want_xor.tolist()]
