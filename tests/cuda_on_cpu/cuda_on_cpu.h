@@ -1,21 +1,23 @@
 // Runs CUDA C kernels on the CPU, for the tests of a machine without a GPU.
 //
-// The kernel source is compiled by g++ as C++ after this header (module.py does that, and rewrites each
-// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory). A launch runs the
-// grid one block at a time; the threads of a block are coroutines (ucontext) on one OS thread, so that
-// __syncthreads and the warp shuffles are real rendezvous points: a thread waits there until every
-// thread of its block (or warp) that has not exited arrives. Threads switch only at those points and
-// before every atomic, and the next thread is drawn at random (seeded), so a test meets many
+// The kernel source is compiled by g++ as C++ after this header (module.py does that; it rewrites each
+// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory, adds a garbage fill
+// after each static __shared__ declaration and turns inline PTX into a recorded call). A launch runs the
+// grid one block at a time, in a random order; the threads of a block are coroutines (ucontext) on one OS
+// thread, so that __syncthreads and the warp shuffles are real rendezvous points: a thread waits there
+// until every thread of its block (or warp) that has not exited arrives. Threads switch only at those
+// points and before every atomic, and the next thread is drawn at random (seeded), so a test meets many
 // interleavings: a missing __syncthreads or a lost atomicCAS race changes a result under some seed.
 // A block whose threads all wait and can never be released (a __syncthreads that not every thread
 // reaches) ends the launch with an error instead of hanging, and so does an access that faults (SIGSEGV or
 // SIGBUS: an address far outside every buffer; one just past a buffer reads or writes the host heap
-// unnoticed, so the tests fill unwritten memory with garbage and compare whole results).
+// unnoticed, so the tests fill unwritten memory with garbage, put guard bytes after device arrays
+// (module.DeviceHeap) and after the dynamic shared memory, and compare whole results).
 //
-// What this does not model: several blocks at once (blocks run in turn, so cross-block races are not
-// exercised), the memory model (every write is seen at once), timing, occupancy, register and
-// shared-memory limits other than the dynamic size asked for, and what inline PTX does: an `asm` statement
-// with inputs only (module.py rewrites it into cuda_on_cpu::ptx) is recorded, with its template, the
+// What this does not model: several blocks at once (races between blocks are not exercised, though a
+// block that waits for another one's result fails under some block order), the memory model (every write
+// is seen at once), timing, occupancy, register and shared-memory limits other than the dynamic size asked
+// for, and what inline PTX does: an `asm` statement with inputs only is recorded, with its template, the
 // thread and its input values, in a log that the tests read (e.g. which addresses a prefetch kernel
 // touched); one with outputs is refused at compile time.
 #pragma once
@@ -237,26 +239,31 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, un
     bool ok = true;
     fault_signal = 0;
     if (sigsetjmp(fault_exit, 1) == 0) {
-        for (unsigned z = 0; ok && z < grid[2]; ++z)
-            for (unsigned y = 0; ok && y < grid[1]; ++y)
-                for (unsigned x = 0; ok && x < grid[0]; ++x) {
-                    launch.block_idx = dim3{x, y, z};
-                    // garbage: a read before a write shows up; then a guard that a write past the end changes
-                    launch.dynamic_smem.assign(smem + SMEM_GUARD, 0xEE);
-                    std::memset(launch.dynamic_smem.data() + smem, SMEM_GUARD_BYTE, SMEM_GUARD);
-                    ok = run_block(nthreads);
-                    for (size_t i = smem; ok && i < smem + SMEM_GUARD; ++i) {
-                        if (launch.dynamic_smem[i] != SMEM_GUARD_BYTE) {
-                            char msg[256];
-                            std::snprintf(msg, sizeof msg,
-                                          "block (%u,%u,%u) wrote dynamic shared memory at byte %zu, past the %llu "
-                                          "bytes the launch asked for",
-                                          x, y, z, i, smem);
-                            launch.error = msg;
-                            ok = false;
-                        }
-                    }
+        // the blocks in a random order: a block that depends on another of the same launch fails sometimes
+        const unsigned long long nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+        std::vector<unsigned long long> order(nblocks);
+        for (unsigned long long b = 0; b < nblocks; ++b) order[b] = b;
+        std::shuffle(order.begin(), order.end(), launch.rng);
+        for (unsigned long long k = 0; ok && k < nblocks; ++k) {
+            const unsigned long long b = order[k];
+            const unsigned x = b % grid[0], y = (b / grid[0]) % grid[1], z = b / ((unsigned long long)grid[0] * grid[1]);
+            launch.block_idx = dim3{x, y, z};
+            // garbage: a read before a write shows up; then a guard that a write past the end changes
+            launch.dynamic_smem.assign(smem + SMEM_GUARD, 0xEE);
+            std::memset(launch.dynamic_smem.data() + smem, SMEM_GUARD_BYTE, SMEM_GUARD);
+            ok = run_block(nthreads);
+            for (size_t i = smem; ok && i < smem + SMEM_GUARD; ++i) {
+                if (launch.dynamic_smem[i] != SMEM_GUARD_BYTE) {
+                    char msg[256];
+                    std::snprintf(msg, sizeof msg,
+                                  "block (%u,%u,%u) wrote dynamic shared memory at byte %zu, past the %llu bytes "
+                                  "the launch asked for",
+                                  x, y, z, i, smem);
+                    launch.error = msg;
+                    ok = false;
                 }
+            }
+        }
     } else {
         ok = false;
         const dim3 b = launch.block_idx, t = launch.threads[launch.current].idx;

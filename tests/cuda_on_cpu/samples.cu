@@ -109,3 +109,8 @@ extern "C" __global__ void shuffles(int* out, int width) {
     out[64 + lane] = __shfl_down_sync(0xffffffffu, v, 2, width);
     out[96 + lane] = __shfl_xor_sync(0xffffffffu, v, 5, width);
 }
+
+// Thread 0 of each block takes the next ticket: out[block] = the position of the block in the run order.
+extern "C" __global__ void ticket(int* out, int* next) {
+    if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(next, 1);
+}

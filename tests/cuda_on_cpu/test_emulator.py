@@ -37,9 +37,25 @@ def test_block_scan(build_dir, n, block):
     out, total = dev(np.zeros(n, np.uint64)), dev(np.zeros(1, np.uint64))
     grid = (n + block - 1) // block
     mod.get_function("block_scan")((grid,), (block,), (dev(x), out, np.uint32(n), total))
-    # blocks run in turn, so the global bases come in block order: the result is a plain inclusive scan
-    assert np.array_equal(out, np.cumsum(x, dtype=np.uint64))
     assert int(total[0]) == int(x.sum())
+    # each block: its base (reserved by one atomicAdd, blocks in any order) plus its own inclusive scan
+    parts = [slice(b * block, min(n, (b + 1) * block)) for b in range(grid)]
+    bases = [int(out[p][0]) - int(x[p][0]) for p in parts]
+    for p, base in zip(parts, bases):
+        assert np.array_equal(out[p], base + np.cumsum(x[p], dtype=np.uint64))
+    by_base = sorted(range(grid), key=lambda b: bases[b])
+    assert [bases[b] for b in by_base] == np.cumsum([0] + [int(x[parts[b]].sum()) for b in by_base[:-1]]).tolist()
+
+
+def test_blocks_run_in_a_random_order(build_dir):
+    """out[b] = the order in which block b took a ticket: not always 0, 1, 2, ... (a kernel may not rely on it)."""
+    orders = set()
+    for seed in range(4):
+        out = dev(np.zeros(8, np.int32))
+        CpuModule(SAMPLES, build_dir, seed=seed).get_function("ticket")((8,), (32,), (out, dev(np.zeros(1, np.int32))))
+        assert sorted(out.tolist()) == list(range(8))
+        orders.add(tuple(out.tolist()))
+    assert len(orders) > 1
 
 
 def test_a_write_past_the_dynamic_shared_memory_is_an_error(build_dir):
