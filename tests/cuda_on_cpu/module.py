@@ -123,11 +123,11 @@ def _wrappers(names: list[str]) -> str:
 
 
 def build(source_path: Path, build_dir: Path) -> Path:
-    """Compile once per (source, header) content; returns the shared library's path."""
+    """Compile once per (source, header, this translation) content; returns the shared library's path."""
     if GXX is None:
         raise CompileError("g++ is not installed")
     source = Path(source_path).read_text()
-    digest = hashlib.sha256((source + HEADER.read_text()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + HEADER.read_text() + Path(__file__).read_text()).encode()).hexdigest()[:16]
     lib = Path(build_dir) / f"{Path(source_path).stem}-{digest}.so"
     if lib.exists():
         return lib
