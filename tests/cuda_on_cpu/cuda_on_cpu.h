@@ -1,24 +1,25 @@
 // Runs CUDA C kernels on the CPU, for the tests of a machine without a GPU.
 //
 // The kernel source is compiled by g++ as C++ after this header (module.py does that; it rewrites each
-// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory, adds a garbage fill
-// after each static __shared__ declaration and turns inline PTX into a recorded call). A launch runs the
-// grid one block at a time, in a random order; the threads of a block are coroutines (ucontext) on one OS
-// thread, so that __syncthreads and the warp shuffles are real rendezvous points: a thread waits there
-// until every thread of its block (or warp) that has not exited arrives. Threads switch only at those
-// points and before every atomic, and the next thread is drawn at random (seeded), so a test meets many
-// interleavings: a missing __syncthreads or a lost atomicCAS race changes a result under some seed.
-// A block whose threads all wait and can never be released (a __syncthreads that not every thread
-// reaches) ends the launch with an error instead of hanging, and so does an access that faults (SIGSEGV or
-// SIGBUS: an address far outside every buffer; one just past a buffer reads or writes the host heap
-// unnoticed, so the tests fill unwritten memory with garbage, put guard bytes after device arrays
-// (module.DeviceHeap) and after the dynamic shared memory, and compare whole results).
+// `extern __shared__ T name[];` into a pointer to the block's dynamic shared memory and each static
+// __shared__ declaration in a function into a reference to the block's own copy, both full of garbage at the
+// block's start, and turns inline PTX into a recorded call). A launch runs the grid in a random block order,
+// a few blocks at a time (`in_flight`); every thread of the blocks in flight is a coroutine (ucontext) on one
+// OS thread, so that __syncthreads and the warp shuffles are real rendezvous points: a thread waits there
+// until every thread of its block (or warp) that has not exited arrives. Threads switch only at those points
+// and before every atomic, and the next thread, of any block in flight, is drawn at random (seeded), so a
+// test meets many interleavings: a missing __syncthreads or a lost atomicCAS race, within a block or between
+// blocks, changes a result under some seed. A block whose threads all wait and can never be released (a
+// __syncthreads that not every thread reaches) ends the launch with an error instead of hanging, and so does
+// an access that faults (SIGSEGV or SIGBUS: an address far outside every buffer; one just past a buffer reads
+// or writes the host heap unnoticed, so the tests fill unwritten memory with garbage, put guard bytes after
+// device arrays (module.DeviceHeap) and after the dynamic shared memory, and compare whole results).
 //
-// What this does not model: several blocks at once (races between blocks are not exercised, though a
-// block that waits for another one's result fails under some block order), the memory model (every write
-// is seen at once), timing, occupancy, register and shared-memory limits other than the dynamic size asked
-// for, and what inline PTX does: an `asm` statement with inputs only is recorded, with its template, the
-// thread and its input values, in a log that the tests read (e.g. which addresses a prefetch kernel
+// What this does not model: the memory model (every write is seen at once, and plain loads and stores are
+// never interleaved with another thread's: only atomics and barriers are switch points, so a spin loop on a
+// plain load never ends), timing, occupancy, register and shared-memory limits other than the dynamic size
+// asked for, and what inline PTX does: an `asm` statement with inputs only is recorded, with its template,
+// the thread and its input values, in a log that the tests read (e.g. which addresses a prefetch kernel
 // touched); one with outputs is refused at compile time.
 #pragma once
 
@@ -33,7 +34,7 @@
 #include <functional>
 #include <initializer_list>
 #include <random>
-#include <set>
+#include <map>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -51,39 +52,53 @@ enum State { RUNNABLE, WAITING, DONE };
 
 struct Barrier {
     int expected = 0, arrived = 0;
-    std::vector<int> waiting;
+    std::vector<int> waiting;  // thread slots
 };
+
+struct Block;
 
 struct Thread {
     ucontext_t ctx;
     dim3 idx;
-    int linear = 0;
-    State state = RUNNABLE;
+    int linear = 0;  // within its block
+    Block* blk = nullptr;
+    State state = DONE;
+};
+
+// A block in flight: its barriers, shuffle exchange, dynamic and static shared memory.
+struct Block {
+    dim3 idx;
+    int first = 0;  // its first thread slot
+    int running = 0;  // threads not yet exited
+    Barrier barrier;
+    std::vector<Barrier> warps;
+    std::vector<unsigned long long> exchange;  // one word per thread, for the warp shuffles
+    std::vector<unsigned char> dynamic_smem;
+    std::map<std::string, std::vector<unsigned char>> shared;  // static __shared__ variables, by declaration
 };
 
 struct Launch {
-    dim3 grid, block, block_idx;
-    std::vector<Thread> threads;
-    Barrier block_barrier;
-    std::vector<Barrier> warp_barriers;
-    std::vector<unsigned long long> exchange;  // one word per thread, for the warp shuffles
-    std::vector<unsigned char> dynamic_smem;
+    dim3 grid, block;
+    int nthreads = 0;  // per block
+    std::vector<Thread> threads;  // slots: block slot j holds threads [j * nthreads, (j + 1) * nthreads)
+    std::vector<Block> blocks;  // blocks in flight, by slot
     std::function<void()> body;
     ucontext_t scheduler;
     std::mt19937_64 rng;
-    int current = 0;
+    int current = 0;  // thread slot
     std::string error;
 };
 
 inline Launch* L = nullptr;  // the launch in progress (one at a time)
 inline sigjmp_buf fault_exit;  // where a faulting access goes back to (launch)
 inline volatile sig_atomic_t fault_signal = 0;
-constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr size_t STACK_BYTES = 128 * 1024;
 constexpr size_t SMEM_GUARD = 4096;  // bytes after the dynamic shared memory, checked after each block
 constexpr unsigned char SMEM_GUARD_BYTE = 0xA5;
 inline std::vector<char*> stacks;  // reused across launches
 
 inline Thread& me() { return L->threads[L->current]; }
+inline Block& my_block() { return *me().blk; }
 
 struct PtxRecord {
     const char* instruction;  // the asm template (a string literal)
@@ -93,7 +108,7 @@ struct PtxRecord {
 inline std::vector<PtxRecord> ptx_log;  // the last launch's inline PTX, in execution order
 
 inline void ptx(const char* instruction, std::initializer_list<unsigned long long> inputs) {
-    ptx_log.push_back(PtxRecord{instruction, L->block_idx, me().idx, std::vector<unsigned long long>(inputs)});
+    ptx_log.push_back(PtxRecord{instruction, my_block().idx, me().idx, std::vector<unsigned long long>(inputs)});
 }
 
 // Back to the scheduler; the caller set its own state first.
@@ -129,61 +144,116 @@ inline void entry() {
     L->body();
     Thread& t = me();
     t.state = DONE;
-    drop(L->block_barrier);
-    drop(L->warp_barriers[warp_of(t.linear)]);
+    drop(t.blk->barrier);
+    drop(t.blk->warps[warp_of(t.linear)]);
+    --t.blk->running;
     switch_out();
 }
 
-// Static __shared__ variables are C++ statics, one per program: blocks run in turn, so each block's first
-// thread to reach the declaration fills it with garbage (module.py adds the call after each declaration).
-inline std::set<void*> shared_filled;  // this block's
-inline void fresh_shared(void* p, size_t n) {
-    if (shared_filled.insert(p).second) std::memset(p, 0xEE, n);
+// A static __shared__ variable of the current block (module.py rewrites each declaration into a reference
+// to this): made, full of garbage, by the block's first thread to reach the declaration.
+inline void* block_shared(const char* key, size_t n) {
+    auto& mem = my_block().shared[key];
+    if (mem.empty()) mem.assign(n ? n : 1, 0xEE);
+    return mem.data();  // 16-byte aligned (operator new)
 }
 
-inline unsigned char* dynamic_shared_memory() { return L->dynamic_smem.data(); }  // 16-byte aligned (malloc)
+inline unsigned char* dynamic_shared_memory() { return my_block().dynamic_smem.data(); }
 
-// One block: every thread a coroutine; run a random runnable one until all are done or none can run.
-inline bool run_block(int nthreads) {
-    while ((int)stacks.size() < nthreads) stacks.push_back(static_cast<char*>(std::malloc(STACK_BYTES)));
-    L->threads.assign(nthreads, Thread());
-    L->block_barrier = Barrier{nthreads, 0, {}};
-    const int nwarps = (nthreads + 31) / 32;
-    L->warp_barriers.assign(nwarps, Barrier());
-    for (int w = 0; w < nwarps; ++w) L->warp_barriers[w].expected = std::min(32, nthreads - 32 * w);
-    L->exchange.assign(nthreads, 0);
-    shared_filled.clear();
-    for (int t = 0; t < nthreads; ++t) {
-        Thread& th = L->threads[t];
+// Block slot j takes block number b (x fastest) with fresh threads, barriers and shared memory.
+inline void start_block(int j, unsigned long long b, unsigned long long smem) {
+    Block& blk = L->blocks[j];
+    const int n = L->nthreads;
+    const dim3 g = L->grid;
+    blk.idx = dim3{(unsigned)(b % g.x), (unsigned)((b / g.x) % g.y), (unsigned)(b / ((unsigned long long)g.x * g.y))};
+    blk.first = j * n;
+    blk.running = n;
+    blk.barrier = Barrier{n, 0, {}};
+    blk.warps.assign((n + 31) / 32, Barrier());
+    for (size_t w = 0; w < blk.warps.size(); ++w) blk.warps[w].expected = std::min(32, n - 32 * (int)w);
+    blk.exchange.assign(n, 0);
+    // garbage: a read before a write shows up; then a guard that a write past the end changes
+    blk.dynamic_smem.assign(smem + SMEM_GUARD, 0xEE);
+    std::memset(blk.dynamic_smem.data() + smem, SMEM_GUARD_BYTE, SMEM_GUARD);
+    blk.shared.clear();
+    for (int t = 0; t < n; ++t) {
+        Thread& th = L->threads[blk.first + t];
         th.linear = t;
+        th.blk = &blk;
+        th.state = RUNNABLE;
         th.idx.x = t % L->block.x;
         th.idx.y = (t / L->block.x) % L->block.y;
         th.idx.z = t / (L->block.x * L->block.y);
         getcontext(&th.ctx);
-        th.ctx.uc_stack.ss_sp = stacks[t];
+        th.ctx.uc_stack.ss_sp = stacks[blk.first + t];
         th.ctx.uc_stack.ss_size = STACK_BYTES;
         th.ctx.uc_link = nullptr;
         makecontext(&th.ctx, entry, 0);
     }
-    std::vector<int> runnable;
-    runnable.reserve(nthreads);
-    while (true) {
-        runnable.clear();
-        int waiting = 0;
-        for (int t = 0; t < nthreads; ++t) {
-            if (L->threads[t].state == RUNNABLE) runnable.push_back(t);
-            else if (L->threads[t].state == WAITING) ++waiting;
-        }
-        if (runnable.empty()) {
-            if (waiting == 0) return true;
-            int at_block = (int)L->block_barrier.waiting.size();
+}
+
+inline bool smem_guard_intact(const Block& blk, unsigned long long smem) {
+    for (size_t i = smem; i < smem + SMEM_GUARD; ++i) {
+        if (blk.dynamic_smem[i] != SMEM_GUARD_BYTE) {
             char msg[256];
             std::snprintf(msg, sizeof msg,
-                          "deadlock in block (%u,%u,%u): %d of %d threads wait at __syncthreads, %d at a warp "
-                          "shuffle, the rest exited",
-                          L->block_idx.x, L->block_idx.y, L->block_idx.z, at_block, nthreads, waiting - at_block);
+                          "block (%u,%u,%u) wrote dynamic shared memory at byte %zu, past the %llu bytes the "
+                          "launch asked for",
+                          blk.idx.x, blk.idx.y, blk.idx.z, i, smem);
             L->error = msg;
             return false;
+        }
+    }
+    return true;
+}
+
+// The grid, in a random block order, `in_flight` blocks at a time: every thread of every block in flight is
+// a coroutine, and a random runnable one runs next. A block slot that finishes takes the next block.
+inline bool run_grid(unsigned long long smem, int in_flight) {
+    const unsigned long long nblocks = (unsigned long long)L->grid.x * L->grid.y * L->grid.z;
+    std::vector<unsigned long long> order(nblocks);
+    for (unsigned long long b = 0; b < nblocks; ++b) order[b] = b;
+    std::shuffle(order.begin(), order.end(), L->rng);
+    const int slots = (int)std::min<unsigned long long>(nblocks, (unsigned long long)std::max(in_flight, 1));
+    const int total = slots * L->nthreads;
+    while ((int)stacks.size() < total) stacks.push_back(static_cast<char*>(std::malloc(STACK_BYTES)));
+    L->threads.assign(total, Thread());
+    L->blocks.clear();
+    L->blocks.resize(slots);  // never resized again: threads point into it
+    unsigned long long next = 0;
+    std::vector<bool> busy(slots, false);
+    for (int j = 0; j < slots; ++j, ++next) {
+        start_block(j, order[next], smem);
+        busy[j] = true;
+    }
+    std::vector<int> runnable;
+    runnable.reserve(total);
+    while (true) {
+        for (int j = 0; j < slots; ++j) {
+            if (!busy[j] || L->blocks[j].running > 0) continue;
+            if (!smem_guard_intact(L->blocks[j], smem)) return false;
+            busy[j] = next < nblocks;
+            if (busy[j]) start_block(j, order[next++], smem);
+        }
+        runnable.clear();
+        for (int t = 0; t < total; ++t)
+            if (L->threads[t].state == RUNNABLE) runnable.push_back(t);
+        if (runnable.empty()) {
+            for (int j = 0; j < slots; ++j) {
+                if (!busy[j]) continue;
+                const Block& blk = L->blocks[j];
+                int waiting = 0;
+                for (int t = 0; t < L->nthreads; ++t) waiting += L->threads[blk.first + t].state == WAITING;
+                const int at_barrier = (int)blk.barrier.waiting.size();
+                char msg[256];
+                std::snprintf(msg, sizeof msg,
+                              "deadlock in block (%u,%u,%u): %d of %d threads wait at __syncthreads, %d at a warp "
+                              "shuffle, the rest exited",
+                              blk.idx.x, blk.idx.y, blk.idx.z, at_barrier, L->nthreads, waiting - at_barrier);
+                L->error = msg;
+                return false;
+            }
+            return true;  // every block done
         }
         L->current = runnable[L->rng() % runnable.size()];
         swapcontext(&L->scheduler, &L->threads[L->current].ctx);
@@ -212,15 +282,15 @@ std::tuple<std::decay_t<A>...> unpack(void** args, std::index_sequence<I...>) {
 
 template <typename... A>
 int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, unsigned long long smem, void** args,
-           unsigned long long seed, char* err, int errlen) {
+           unsigned long long seed, int in_flight, char* err, int errlen) {
     Launch launch;
     launch.grid = dim3{grid[0], grid[1], grid[2]};
     launch.block = dim3{block[0], block[1], block[2]};
+    launch.nthreads = (int)(block[0] * block[1] * block[2]);
     launch.rng.seed(seed);
     auto values = unpack<A...>(args, std::index_sequence_for<A...>{});
     ptx_log.clear();
     launch.body = [&]() { std::apply(kernel, values); };
-    const int nthreads = (int)(block[0] * block[1] * block[2]);
     L = &launch;
     static char alt_stack[64 * 1024];
     stack_t alt{}, old_alt{};
@@ -236,40 +306,17 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, un
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &old_segv);
     sigaction(SIGBUS, &sa, &old_bus);
-    bool ok = true;
+    bool ok;
     fault_signal = 0;
     if (sigsetjmp(fault_exit, 1) == 0) {
-        // the blocks in a random order: a block that depends on another of the same launch fails sometimes
-        const unsigned long long nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
-        std::vector<unsigned long long> order(nblocks);
-        for (unsigned long long b = 0; b < nblocks; ++b) order[b] = b;
-        std::shuffle(order.begin(), order.end(), launch.rng);
-        for (unsigned long long k = 0; ok && k < nblocks; ++k) {
-            const unsigned long long b = order[k];
-            const unsigned x = b % grid[0], y = (b / grid[0]) % grid[1], z = b / ((unsigned long long)grid[0] * grid[1]);
-            launch.block_idx = dim3{x, y, z};
-            // garbage: a read before a write shows up; then a guard that a write past the end changes
-            launch.dynamic_smem.assign(smem + SMEM_GUARD, 0xEE);
-            std::memset(launch.dynamic_smem.data() + smem, SMEM_GUARD_BYTE, SMEM_GUARD);
-            ok = run_block(nthreads);
-            for (size_t i = smem; ok && i < smem + SMEM_GUARD; ++i) {
-                if (launch.dynamic_smem[i] != SMEM_GUARD_BYTE) {
-                    char msg[256];
-                    std::snprintf(msg, sizeof msg,
-                                  "block (%u,%u,%u) wrote dynamic shared memory at byte %zu, past the %llu bytes "
-                                  "the launch asked for",
-                                  x, y, z, i, smem);
-                    launch.error = msg;
-                    ok = false;
-                }
-            }
-        }
+        ok = run_grid(smem, in_flight);
     } else {
         ok = false;
-        const dim3 b = launch.block_idx, t = launch.threads[launch.current].idx;
+        const Thread& t = launch.threads[launch.current];
+        const dim3 b = t.blk->idx;
         char msg[256];
         std::snprintf(msg, sizeof msg, "illegal memory access (%s) in block (%u,%u,%u) thread (%u,%u,%u)",
-                      fault_signal == SIGBUS ? "SIGBUS" : "SIGSEGV", b.x, b.y, b.z, t.x, t.y, t.z);
+                      fault_signal == SIGBUS ? "SIGBUS" : "SIGSEGV", b.x, b.y, b.z, t.idx.x, t.idx.y, t.idx.z);
         launch.error = msg;
     }
     sigaction(SIGSEGV, &old_segv, nullptr);
@@ -306,19 +353,19 @@ template <typename T>
 T shuffle(T v, int src_lane, bool keep_own) {  // every lane of the warp must call it (full mask)
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
     Thread& t = me();
-    const int w = warp_of(t.linear), lane = t.linear % 32;
+    Block& blk = *t.blk;
+    const int w = warp_of(t.linear);
     unsigned long long raw = 0;
     std::memcpy(&raw, &v, sizeof(T));
-    L->exchange[t.linear] = raw;
-    arrive_and_wait(L->warp_barriers[w]);
+    blk.exchange[t.linear] = raw;
+    arrive_and_wait(blk.warps[w]);
     T out = v;
     const int src = 32 * w + src_lane;
-    if (!keep_own && src_lane >= 0 && src_lane < 32 && src < (int)L->threads.size()) {
-        raw = L->exchange[src];
+    if (!keep_own && src_lane >= 0 && src_lane < 32 && src < L->nthreads) {
+        raw = blk.exchange[src];
         std::memcpy(&out, &raw, sizeof(T));
     }
-    (void)lane;
-    arrive_and_wait(L->warp_barriers[w]);  // nobody overwrites the exchange before every lane has read it
+    arrive_and_wait(blk.warps[w]);  // nobody overwrites the exchange before every lane has read it
     return out;
 }
 
@@ -337,13 +384,13 @@ T shuffle(T v, int src_lane, bool keep_own) {  // every lane of the warp must ca
 #define warpSize 32
 
 #define threadIdx (cuda_on_cpu::me().idx)
-#define blockIdx (cuda_on_cpu::L->block_idx)
+#define blockIdx (cuda_on_cpu::my_block().idx)
 #define blockDim (cuda_on_cpu::L->block)
 #define gridDim (cuda_on_cpu::L->grid)
 
-inline void __syncthreads() { cuda_on_cpu::arrive_and_wait(cuda_on_cpu::L->block_barrier); }
+inline void __syncthreads() { cuda_on_cpu::arrive_and_wait(cuda_on_cpu::my_block().barrier); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
-    cuda_on_cpu::arrive_and_wait(cuda_on_cpu::L->warp_barriers[cuda_on_cpu::warp_of(cuda_on_cpu::me().linear)]);
+    cuda_on_cpu::arrive_and_wait(cuda_on_cpu::my_block().warps[cuda_on_cpu::warp_of(cuda_on_cpu::me().linear)]);
 }
 
 // `width` (a power of two <= 32) splits the warp into segments, as on the GPU: lanes read within their own.

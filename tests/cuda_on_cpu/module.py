@@ -7,8 +7,8 @@ objects with ``.data.ptr`` (the tests' host arrays standing in for device arrays
 take numpy scalars of exactly the parameter's size and kind, which is what cupy needs to pack them
 right (a Python int would be packed as 8 bytes): a wrong argument is an error that names it, as is a
 block of more than 1,024 threads or more dynamic shared memory than 48 KiB without a raised
-``max_dynamic_shared_size_bytes``. Each launch draws its thread interleaving from ``seed`` and a launch
-counter, so a run is reproducible. ``DeviceHeap`` gives device arrays followed by guard bytes that every
+``max_dynamic_shared_size_bytes``. Each launch draws its block order and thread interleaving from ``seed`` and a
+launch counter, so a run is reproducible; ``blocks_in_flight`` blocks run at once (their threads interleaved). ``DeviceHeap`` gives device arrays followed by guard bytes that every
 launch of a module made with ``heap=`` checks: a kernel that writes past an array's end fails its launch.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ _CTYPE = {("i", 1): ctypes.c_int8, ("i", 2): ctypes.c_int16, ("i", 4): ctypes.c_
           ("f", 4): ctypes.c_float, ("f", 8): ctypes.c_double}
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
-# a static __shared__ declaration inside a function (indented): a per-block garbage fill is added after it
-_STATIC_SHARED = re.compile(r"^([ \t]+)__shared__\s+((?:__align__\s*\(\s*\d+\s*\)\s+)?[A-Za-z_][\w\s]*?)\s+(\w+)\s*"
+# a static __shared__ declaration inside a function (indented): it becomes a reference to the block's own copy
+_STATIC_SHARED = re.compile(r"^([ \t]+)__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*"
                             r"((?:\[[^\]]+\])*)\s*;", re.M)
 _KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(")
 MAX_THREADS = 1024
@@ -94,14 +94,15 @@ def _rewrite_asm(source: str) -> str:
 
 
 def translate(source: str) -> str:
-    """The source as the emulation compiles it: dynamic shared arrays become pointers to the launch's buffer,
-    static ones in functions are filled with garbage once per block (as the dynamic buffer is), inline PTX
-    becomes a recorded call."""
+    """The source as the emulation compiles it: dynamic shared arrays become pointers to the block's buffer,
+    static ones in functions references to the block's own copy (both start as garbage), inline PTX a
+    recorded call."""
     source = _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(cuda_on_cpu::dynamic_shared_memory());", source)
+    keys = iter(range(1 << 30))
     source = _STATIC_SHARED.sub(
-        lambda m: f"{m[1]}__shared__ {m[2]} {m[3]}{m[4]}; cuda_on_cpu::fresh_shared(&{m[3]}, sizeof({m[3]}));",
-        source)
+        lambda m: (f"{m[1]}{m[2]} (&{m[3]}){m[4]} = *static_cast<{m[2]} (*){m[4]}>("
+                   f'cuda_on_cpu::block_shared("{m[3]}#{next(keys)}", sizeof({m[2]}{m[4]})));'), source)
     return _rewrite_asm(source)
 
 
@@ -115,8 +116,8 @@ def _wrappers(names: list[str]) -> str:
     for n in names:
         out.append(
             f'extern "C" int cuda_on_cpu_launch_{n}(const unsigned* g, const unsigned* b, unsigned long long smem, '
-            f"void** args, unsigned long long seed, char* err, int errlen) "
-            f"{{ return cuda_on_cpu::launch({n}, g, b, smem, args, seed, err, errlen); }}\n"
+            f"void** args, unsigned long long seed, int in_flight, char* err, int errlen) "
+            f"{{ return cuda_on_cpu::launch({n}, g, b, smem, args, seed, in_flight, err, errlen); }}\n"
             f'extern "C" int cuda_on_cpu_params_{n}(int* sizes, int* kinds, int max) '
             f"{{ return cuda_on_cpu::params({n}, sizes, kinds, max); }}\n")
     return "".join(out)
@@ -229,7 +230,7 @@ class CpuKernel:
         self.module.launches += 1
         self.launches += 1
         rc = self._launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), ctypes.c_ulonglong(shared_mem),
-                          argv, ctypes.c_ulonglong(seed), err, len(err))
+                          argv, ctypes.c_ulonglong(seed), ctypes.c_int(self.module.blocks_in_flight), err, len(err))
         if rc != 0:
             raise RuntimeError(f"{self.name}: {err.value.decode()}")
         if self.module.heap is not None:
@@ -239,8 +240,10 @@ class CpuKernel:
 class CpuModule:
     """Stands in for cupy.RawModule(code=source): the same kernels, run on the CPU."""
 
-    def __init__(self, source_path: Path, build_dir: Path, seed: int = 0, heap: DeviceHeap | None = None):
+    def __init__(self, source_path: Path, build_dir: Path, seed: int = 0, heap: DeviceHeap | None = None,
+                 blocks_in_flight: int = 3):
         self.source_path, self.heap = Path(source_path), heap
+        self.blocks_in_flight = blocks_in_flight
         self.lib = ctypes.CDLL(str(build(self.source_path, build_dir)))
         self.seed, self.launches = seed, 0
         self._kernels: dict[str, CpuKernel] = {}

@@ -114,3 +114,12 @@ extern "C" __global__ void shuffles(int* out, int width) {
 extern "C" __global__ void ticket(int* out, int* next) {
     if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(next, 1);
 }
+
+// Thread 0 of each block increments a global counter without an atomic, with a __syncthreads between its
+// read and its write: with several blocks in flight, another block may read in between (a lost update).
+extern "C" __global__ void racy_count(int* counter) {
+    int v = 0;
+    if (threadIdx.x == 0) v = *counter;
+    __syncthreads();
+    if (threadIdx.x == 0) *counter = v + 1;
+}

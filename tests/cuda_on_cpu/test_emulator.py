@@ -190,3 +190,19 @@ def test_shuffles_follow_cuda_semantics(build_dir, width):
     x = lane ^ 5
     want_xor = np.where(x // width == lane // width, x * 10, own)
     assert out.reshape(4, 32).tolist() == [want_sync.tolist(), want_up.tolist(), want_down.tolist(), want_xor.tolist()]
+
+
+def test_blocks_in_flight_interleave(build_dir):
+    """Three blocks at a time: a non-atomic read-modify-write across blocks loses updates under some seed; one
+    block at a time, never."""
+    lost = []
+    for in_flight in (1, 3):
+        results = []
+        for seed in range(4):
+            counter = dev(np.zeros(1, np.int32))
+            CpuModule(SAMPLES, build_dir, seed=seed, blocks_in_flight=in_flight).get_function("racy_count")(
+                (12,), (64,), (counter,))
+            results.append(int(counter[0]))
+        lost.append(any(r < 12 for r in results))
+        assert all(r <= 12 for r in results)
+    assert lost == [False, True]

@@ -1,9 +1,9 @@
 """hash_join.cu itself, run on this CPU (tests/cuda_on_cpu), under the real host code (CudaHashJoin, HashJoinPlan
-with graph capture and replay, through fake_cupy): the CAS insert racing on shared slots (threads switch
-before every atomic, in a seeded random order), the empty-key slot, duplicate grouping, the warp-shuffle
-block scan that reserves output positions, and the capacity retry, with the exact argument types the
-kernels declare. Checked against pandas on every join case. Several blocks at once, the GPU memory model
-and speed are left to the GPU tests."""
+with graph capture and replay, through fake_cupy): the CAS insert racing on shared slots (threads of three
+blocks in flight switch before every atomic, in a seeded random order), the empty-key slot, duplicate
+grouping, the warp-shuffle block scan that reserves output positions, and the capacity retry, with the exact
+argument types the kernels declare. Checked against pandas on every join case. The GPU memory model and
+speed are left to the GPU tests."""
 import numpy as np
 import pytest
 

@@ -4,8 +4,8 @@ The same emulated cupy as test_driver_emulated.py (stream queues drained in a ra
 only stream order and events), but every launch runs the CUDA C kernel from bitonic.cu, compiled by g++
 with the CUDA-on-CPU header: its index arithmetic, register networks, padded shared-memory tiles,
 __syncthreads placement and key transforms, on every kernel family the variants use, with the exact
-argument types the kernels declare. Compared exactly with numpy. What this cannot show: anything about
-several blocks at once, the GPU memory model, or speed (the GPU tests and benchmarks do).
+argument types the kernels declare. Compared exactly with numpy. What this cannot show: the GPU memory
+model, or speed (the GPU tests and benchmarks do).
 """
 import sys
 
