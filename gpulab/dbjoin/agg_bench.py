@@ -1,21 +1,23 @@
 """``gpulab join bench --aggregate count|sum``: the join-aggregate (see :mod:`gpulab.dbjoin.aggregate`).
 
-Times the tensor-core aggregate (Triton) against the torch aggregate (same device) and pandas (CPU, groupby
-each side then merge), and checks each one for exact equality against pandas' literal merge + groupby
-(or, when the join has more than ``LITERAL_MAX_PAIRS`` pairs, against pandas' groupby-then-merge).
+Times the tensor-core aggregate (Triton) against the CUDA hash aggregate and the torch aggregate (same device)
+and pandas (CPU, groupby each side then merge), and checks each one for exact equality against pandas'
+literal merge + groupby (or, when the join has more than ``LITERAL_MAX_PAIRS`` pairs, against pandas'
+groupby-then-merge).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from gpulab.core.errors import InputError
+from gpulab.dbjoin.hash_aggregate_cuda import KERNEL_REGEX as HASH_AGG_KERNELS
 from gpulab.dbjoin.tensorcore_join import PARTITION_KERNELS
 
-AGG_IMPLS = ("tensorcore", "torch", "pandas")
+AGG_IMPLS = ("hash", "tensorcore", "torch", "pandas")
 LITERAL_MAX_PAIRS = 20_000_000  # the literal reference materializes every pair (3 int64 columns each)
-# the tensor-core aggregate partitions with the join's Triton passes, then runs its own kernel; [Rr]adix: the
-# sorts behind torch's unique
-KERNEL_REGEX = "|".join(("tc_agg_kernel", *PARTITION_KERNELS, "[Rr]adix"))
+# the tensor-core aggregate partitions with the join's Triton passes, then runs its own kernel; ha_: the CUDA
+# hash aggregate's kernels; [Rr]adix: the sorts behind torch's unique
+KERNEL_REGEX = "|".join(("tc_agg_kernel", *PARTITION_KERNELS, HASH_AGG_KERNELS, "[Rr]adix"))
 
 
 def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
@@ -57,7 +59,8 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
     rec.metrics["left"] = B._key_stats(lk)
     rec.metrics["right"] = B._key_stats(rk)
     rec.metrics["join_pairs"] = n_pairs
-    rec.metrics["plans"] = {"tensorcore-agg": "partition + tl.dot(E, payload limbs) per partition",
+    rec.metrics["plans"] = {"hash-agg": "one hash table on the smaller side: per-key counts and sums of both sides",
+                            "tensorcore-agg": "partition + tl.dot(E, payload limbs) per partition",
                             "torch-agg": "unique + index_add per side, searchsorted",
                             "pandas-agg": "groupby each side, then merge"}
     ref = A.pandas_aggregate(lk, lp, rk, rp, mode, how="merge" if literal else "pre")
@@ -91,6 +94,15 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
                     r=min(reps, 5), w=min(warmup, 1))
         elif impl == "torch":
             add_row(name, device, lambda: A.torch_aggregate(*t_in, mode=mode))
+        elif impl == "hash":
+            why = "needs a CUDA GPU" if device != "cuda" else B._cupy_ready()
+            if why:
+                skip(name, why)
+                continue
+            from gpulab.dbjoin.hash_aggregate_cuda import CudaHashAggregate
+
+            ha = CudaHashAggregate(cfg.load_factor, mode)
+            add_row(name, device, lambda: ha.aggregate(*t_in))
         elif impl == "tensorcore":
             plan = B.tensorcore_plan(name, device, cfg, rec, max(nl, nr))
             if isinstance(plan, str):
@@ -110,6 +122,8 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
     rec.summary["groups"] = len(ref)
     if device == "cuda" and "tensorcore-agg" in by and "torch-agg" in by:
         rec.summary["tensorcore_over_torch"] = by["tensorcore-agg"]["median_ms"] / by["torch-agg"]["median_ms"]
+    if device == "cuda" and "tensorcore-agg" in by and "hash-agg" in by:
+        rec.summary["tensorcore_over_hash"] = by["tensorcore-agg"]["median_ms"] / by["hash-agg"]["median_ms"]
     rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
     if device == "cuda":
         rec.notes.append("GPU times are CUDA-event times of the whole call from the host: partitioning, gathers, "

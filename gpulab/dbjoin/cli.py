@@ -40,7 +40,7 @@ def bench(
     aggregate: str = typer.Option("none", "--aggregate",
                                   help="none | count | sum: instead of listing pairs, per join key COUNT(*) "
                                        "(count) and SUM(left.payload), SUM(right.payload) over the join (sum); "
-                                       "impls tensorcore, torch, pandas."),
+                                       "impls hash (CUDA), tensorcore, torch, pandas."),
 ) -> None:
     """Time every join implementation on one pair of tables; check each against pandas.merge; write YAML."""
     from gpulab.core import options

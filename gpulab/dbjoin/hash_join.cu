@@ -255,3 +255,87 @@ extern "C" __global__ void hj_probe_##SUFFIX(const K* __restrict__ keys, int n, 
 
 HJ_DEFINE(i32, int, SlotI32, HJ_EMPTY_I32, hj_hash32)
 HJ_DEFINE(i64, long long, SlotI64, HJ_EMPTY_I64, hj_hash64)
+
+// ---- join-aggregate, hash form (hash_aggregate_cuda.py): per key present on both sides, the row count and
+// payload sum of each side, from which the host-visible aggregates follow (count = cb * cp, sum of the build
+// side's payloads over the join = sb * cp, of the probe side's = sp * cb; all modulo 2^64).
+//   ha_build_*   one thread per build row: find or claim the key's slot (atomicCAS on the encoded key, as
+//                hj_insert; the empty-marker key in slot `cap`), then atomicAdd its count (and payload sum)
+//   ha_probe_*   one thread per probe row: find the key's slot (no claim: a key only on this side has no
+//                group), atomicAdd its count (and payload sum)
+//   ha_emit_*    one thread per slot: slots counted on both sides reserve output rows by the block scan
+//                (hj_block_reserve) and write key, count, and the two products
+// Memory: cap + 1 AggSlots of 32 bytes, then one 64-bit group counter: one memset empties both.
+
+struct AggSlot { unsigned long long key; unsigned int cnt_b; unsigned int cnt_p; unsigned long long sum_b;
+                 unsigned long long sum_p; };
+
+__device__ __forceinline__ unsigned long long ha_enc(int key) { return (unsigned long long)(unsigned int)hj_enc(key); }
+__device__ __forceinline__ unsigned long long ha_enc(long long key) { return (unsigned long long)hj_enc(key); }
+__device__ __forceinline__ int ha_dec(unsigned long long ek, int) { return hj_enc((int)(unsigned int)ek); }
+__device__ __forceinline__ long long ha_dec(unsigned long long ek, long long) { return hj_enc((long long)ek); }
+
+template <typename K>
+__device__ __forceinline__ unsigned int ha_slot(const AggSlot* table, unsigned int cap, K k, K empty, bool claim) {
+    if (k == empty) return cap;
+    const unsigned long long ek = ha_enc(k);  // != 0, since k != empty
+    unsigned int s = hj_home(sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k), cap);
+    while (true) {
+        unsigned long long cur = *((volatile const unsigned long long*)&table[s].key);
+        if (cur == ek) return s;
+        if (cur == 0ull) {
+            if (!claim) return 0xFFFFFFFFu;  // not on the build side
+            cur = atomicCAS((unsigned long long*)&table[s].key, 0ull, ek);
+            if (cur == 0ull || cur == ek) return s;
+        }
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
+}
+
+template <typename K>
+__device__ __forceinline__ void ha_count(const K* __restrict__ keys, const int* __restrict__ pay, int n,
+                                         AggSlot* table, unsigned int cap, K empty, int sums, bool build) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const unsigned int s = ha_slot(table, cap, keys[i], empty, build);
+    if (s == 0xFFFFFFFFu) return;
+    atomicAdd(build ? &table[s].cnt_b : &table[s].cnt_p, 1u);
+    if (sums) atomicAdd(build ? &table[s].sum_b : &table[s].sum_p, (unsigned long long)(long long)pay[i]);
+}
+
+template <typename K>
+__device__ __forceinline__ void ha_emit(const AggSlot* __restrict__ table, unsigned int cap, K empty,
+                                        K* __restrict__ out_key, long long* __restrict__ out_count,
+                                        long long* __restrict__ out_sum_b, long long* __restrict__ out_sum_p,
+                                        unsigned long long capacity, unsigned long long* counter) {
+    const unsigned int s = blockIdx.x * blockDim.x + threadIdx.x;
+    AggSlot slot{};
+    if (s <= cap) slot = table[s];
+    const bool both = slot.cnt_b > 0u && slot.cnt_p > 0u;
+    const unsigned long long pos = hj_block_reserve(both ? 1ull : 0ull, counter);
+    if (!both || pos >= capacity) return;
+    const unsigned long long cb = slot.cnt_b, cp = slot.cnt_p;
+    out_key[pos] = s == cap ? empty : ha_dec(slot.key, empty);
+    out_count[pos] = (long long)(cb * cp);
+    out_sum_b[pos] = (long long)(slot.sum_b * cp);
+    out_sum_p[pos] = (long long)(slot.sum_p * cb);
+}
+
+#define HA_DEFINE(SUFFIX, K, EMPTY)                                                                               \
+extern "C" __global__ void ha_build_##SUFFIX(const K* __restrict__ keys, const int* __restrict__ pay, int n,     \
+                                             AggSlot* table, unsigned int cap, int sums) {                       \
+    ha_count<K>(keys, pay, n, table, cap, EMPTY, sums, true);                                                     \
+}                                                                                                                 \
+extern "C" __global__ void ha_probe_##SUFFIX(const K* __restrict__ keys, const int* __restrict__ pay, int n,     \
+                                             AggSlot* table, unsigned int cap, int sums) {                       \
+    ha_count<K>(keys, pay, n, table, cap, EMPTY, sums, false);                                                    \
+}                                                                                                                 \
+extern "C" __global__ void ha_emit_##SUFFIX(const AggSlot* __restrict__ table, unsigned int cap,                  \
+                                            K* __restrict__ out_key, long long* __restrict__ out_count,          \
+                                            long long* __restrict__ out_sum_b, long long* __restrict__ out_sum_p,\
+                                            unsigned long long capacity, unsigned long long* counter) {          \
+    ha_emit<K>(table, cap, EMPTY, out_key, out_count, out_sum_b, out_sum_p, capacity, counter);                   \
+}
+
+HA_DEFINE(i32, int, HJ_EMPTY_I32)
+HA_DEFINE(i64, long long, HJ_EMPTY_I64)

@@ -10,7 +10,8 @@
 #     costs a longer memset, a fuller one longer probe runs), and a Zipf-duplicate count-only point of the
 #     "where do tensor cores win" map
 #  4. Nsight Compute (achieved occupancy, DRAM bytes per kernel) at 1M (skipped if ncu is absent; gets what is left)
-#  5. join-aggregate (COUNT/SUM per key, tensor cores vs torch vs pandas) at 1M, only with budget left
+#  5. join-aggregate (COUNT/SUM per key, tensor cores vs the CUDA hash aggregate vs torch vs pandas) at 1M,
+#     only with budget left
 #     (its GPU tests run in step 1)
 #  6. a short table of what was measured
 set -u
@@ -49,7 +50,7 @@ fi
 
 echo "== join-aggregate 1M x 1M, sum, fp16 codes (only if budget is left)"
 step 15 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --aggregate sum \
-    --impl tensorcore,torch,pandas --reps 20 >/dev/null || echo "exit $? (124: out of budget or timed out; not fatal)"
+    --impl hash,tensorcore,torch,pandas --reps 20 >/dev/null || echo "exit $? (124: out of budget or timed out; not fatal)"
 
 echo "== summary"
 "$PY" - "$OUT" <<'PYEOF'

@@ -16,7 +16,8 @@ from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if shutil.os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-KERNELS = [f"hj_{k}_{t}" for k in hjc.KERNELS for t in ("i32", "i64")]
+KERNELS = [f"{p}_{k}_{t}" for p, ks in (("hj", hjc.KERNELS), ("ha", ("build", "probe", "emit")))
+           for k in ks for t in ("i32", "i64")]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")

@@ -19,10 +19,11 @@ def triton_kernels(module_file: str) -> list[str]:
     return [n for n in names if not n.startswith("_")]
 
 
-def cuda_kernels() -> list[str]:
+def cuda_kernels(prefix: str) -> list[str]:
+    """The CUDA C kernels of hash_join.cu named <prefix>_*: hj (the join) or ha (the hash aggregate)."""
     text = hash_join_cuda.SOURCE_PATH.read_text()
-    bases = re.findall(r'extern "C" __global__ void (\w+?)_##SUFFIX\(', text)
-    suffixes = re.findall(r"^HJ_DEFINE\((\w+),", text, re.M)
+    bases = re.findall(rf'extern "C" __global__ void ({prefix}_\w+?)_##SUFFIX\(', text)
+    suffixes = re.findall(rf"^{prefix.upper()}_DEFINE\((\w+),", text, re.M)
     assert bases and suffixes
     return [f"{b}_{s}" for b in bases for s in suffixes]
 
@@ -39,20 +40,20 @@ def misses(regex: str, names: list[str]) -> list[str]:
 
 
 def test_join_filter_matches_every_gpu_kernel():
-    names = cuda_kernels() + triton_kernels("tensorcore_kernel.py")
+    names = cuda_kernels("hj") + triton_kernels("tensorcore_kernel.py")
     assert {"tc_hist_kernel", "tc_scatter_kernel", "tc_join_kernel", "hj_probe_i64"} <= set(names)
     assert misses(bench.ncu_kernel_regex(), names) == []
 
 
 def test_aggregate_filter_matches_every_gpu_kernel():
-    names = triton_kernels("tensorcore_aggregate_kernel.py") + partition_kernels()
-    assert {"tc_agg_kernel", "tc_hist_kernel", "tc_scatter_kernel"} <= set(names)
+    names = triton_kernels("tensorcore_aggregate_kernel.py") + partition_kernels() + cuda_kernels("ha")
+    assert {"tc_agg_kernel", "tc_hist_kernel", "tc_scatter_kernel", "ha_emit_i64"} <= set(names)
     assert misses(agg_bench.KERNEL_REGEX, names) == []
 
 
 def test_filters_name_no_missing_kernel():
     """Every alternative of the filters (but the library radix sort) is a kernel that exists."""
-    defined = (cuda_kernels() + triton_kernels("tensorcore_kernel.py")
+    defined = (cuda_kernels("hj") + cuda_kernels("ha") + triton_kernels("tensorcore_kernel.py")
                + triton_kernels("tensorcore_aggregate_kernel.py"))
     for regex in (bench.ncu_kernel_regex(), agg_bench.KERNEL_REGEX):
         for alt in regex.split("|"):

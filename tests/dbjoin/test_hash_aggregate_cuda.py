@@ -1,0 +1,81 @@
+"""The CUDA hash aggregate (hash_join.cu's ha_* kernels, CudaHashAggregate): on this CPU the kernels themselves
+run under the CUDA C emulation (tests/cuda_on_cpu) with the host code through fake_cupy, against pandas on
+every join case, both modes, both build sides; on a GPU (-m gpu) with cupy, up to 1M x 1M."""
+import numpy as np
+import pytest
+
+from gpulab.dbjoin import aggregate as A
+from gpulab.dbjoin import hash_aggregate_cuda as hac
+from gpulab.dbjoin import tables
+
+from .cases import CASE_IDS
+from .test_aggregate import case, payloads
+from .test_hash_cuda_c_on_cpu import build_dir, cuda_c  # noqa: F401 - fixtures
+from .test_hash_plan_fake import fake  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def agg_c(cuda_c):  # noqa: F811
+    hac._kernels.cache_clear()
+    yield cuda_c
+    hac._kernels.cache_clear()
+
+
+def _check(result, args, mode="sum"):
+    ok, detail = A.compare_agg(result, A.pandas_aggregate(*args, mode), mode)
+    assert ok, detail
+
+
+@pytest.mark.parametrize("dt,name", CASE_IDS)
+def test_hash_aggregate_cuda_c(agg_c, dt, name):
+    args = case(dt, name)
+    module = agg_c(len(args[0]) * 3 + len(args[2]))
+    _check(hac.CudaHashAggregate().aggregate(*args), args)
+    _check(hac.CudaHashAggregate(mode="count").aggregate(*args), args, "count")
+    lk, lp, rk, rp = args  # the other table as the build side
+    _check(hac.CudaHashAggregate(load_factor=0.9).aggregate(rk, rp, lk, lp), (rk, rp, lk, lp))
+    assert module.launches > 0 or len(lk) == 0 or len(rk) == 0
+
+
+@pytest.mark.parametrize("dt, dup, seed", [("int32", "unique", 0), ("int64", "zipf:1.1", 1)])
+def test_hash_aggregate_cuda_c_several_blocks(agg_c, dt, dup, seed):
+    left, right = tables.generate(2500, 1800, 0.5, dup, seed, dt)
+    args = (left.key, payloads(len(left), seed), right.key, payloads(len(right), seed + 7))
+    agg_c(seed)
+    _check(hac.CudaHashAggregate().aggregate(*args), args)
+
+
+def test_hash_aggregate_sums_wrap_modulo_2_64(agg_c):
+    """One key with 2^17 x 2^16 rows of payload INT32_MAX: the sums overflow int64 and wrap as pandas' do."""
+    lk, rk = np.full(1 << 12, 5, np.int32), np.full(1 << 11, 5, np.int32)
+    args = (lk, np.full(len(lk), np.iinfo(np.int32).max, np.int32), rk, np.full(len(rk), -7, np.int32))
+    agg_c(0)
+    _check(hac.CudaHashAggregate().aggregate(*args), args)
+
+
+def test_table_layout_matches_source():
+    from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
+
+    text = SOURCE_PATH.read_text()
+    assert "struct AggSlot { unsigned long long key; unsigned int cnt_b; unsigned int cnt_p; unsigned long long sum_b;" \
+        in text and hac.AGG_SLOT_BYTES == 32
+    assert hac.table_words(10) * 8 == 11 * 32 + 8
+    for name in hac.KERNELS:
+        assert f"ha_{name}_##SUFFIX" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_hash_aggregate_gpu(dt):
+    import cupy as cp
+
+    for name in ("dup-both-negative", "sentinel", "sentinel-only", "zipf", "all-match", "no-match", "left-empty"):
+        args = case(dt, name)
+        _check(hac.CudaHashAggregate().aggregate(*(cp.asarray(a) for a in args)), args)
+    left, right = tables.generate(1_000_000 if dt == "int32" else 200_000, None, 0.5, "unique", 0, dt)
+    args = (left.key, left.payload, right.key, right.payload)
+    ref = A.pandas_aggregate(*args, how="pre")
+    got = hac.CudaHashAggregate().aggregate(*(cp.asarray(a) for a in args))
+    assert A.compare_agg(got, ref)[0]
+    got = hac.CudaHashAggregate(mode="count").aggregate(*(cp.asarray(a) for a in args))
+    assert A.compare_agg(got, ref, "count")[0]
