@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gpulab.core.errors import InputError
 from gpulab.dbjoin.aggregate import AggResult, _check_mode
 from gpulab.dbjoin.hash_join_cuda import BLOCK, _as_cupy, _grid, _module, table_capacity
 
@@ -54,6 +55,11 @@ class CudaHashAggregate:
         import cupy as cp
 
         lk, lp, rk, rp = (_as_cupy(a) for a in (lk, lp, rk, rp))
+        if len(lp) != len(lk) or len(rp) != len(rk):
+            raise InputError(f"key and payload lengths differ: left {len(lk)} vs {len(lp)}, right {len(rk)} vs "
+                             f"{len(rp)}")
+        if lk.dtype not in (cp.int32, cp.int64) or rk.dtype not in (cp.int32, cp.int64):
+            raise InputError(f"keys must be int32 or int64, got {lk.dtype} and {rk.dtype}")
         if lk.dtype != rk.dtype:
             lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
         lp, rp = lp.astype(cp.int32, copy=False), rp.astype(cp.int32, copy=False)

@@ -53,6 +53,19 @@ def test_hash_aggregate_sums_wrap_modulo_2_64(agg_c):
     _check(hac.CudaHashAggregate().aggregate(*args), args)
 
 
+def test_hash_aggregate_bad_input(agg_c):
+    from gpulab.core.errors import InputError
+
+    agg_c(0)
+    z = np.zeros(3, np.int32)
+    with pytest.raises(InputError, match="key and payload lengths differ: left 3 vs 2, right 3 vs 3"):
+        hac.CudaHashAggregate().aggregate(z, z[:2], z, z)
+    with pytest.raises(InputError, match="keys must be int32 or int64"):
+        hac.CudaHashAggregate().aggregate(z.astype(np.float32), z, z, z)
+    with pytest.raises(InputError, match="--aggregate"):
+        hac.CudaHashAggregate(mode="max")
+
+
 def test_table_layout_matches_source():
     from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
 
