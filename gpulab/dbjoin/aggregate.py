@@ -45,11 +45,10 @@ class AggResult:
 
 
 def _np(a: Any) -> np.ndarray | None:
-    if a is None:
-        return None
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
-    return np.asarray(a).astype(np.int64, copy=False)
+    """int64 numpy of a numpy, torch or cupy column (cupy refuses np.asarray: it is read with .get())."""
+    from gpulab.dbjoin.reference import _to_numpy
+
+    return None if a is None else _to_numpy(a)
 
 
 def _check_mode(mode: str) -> None:

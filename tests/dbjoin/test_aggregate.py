@@ -59,6 +59,31 @@ def test_pandas_plans_and_torch_agree(dt, name):
     assert int(np.sum(ref.numpy_sorted()["count"])) == reference.output_size(lk, rk)  # COUNT sums to |join|
 
 
+class DeviceColumn:
+    """Like a cupy array: np.asarray refuses it, .get() copies it to the host."""
+
+    def __init__(self, a):
+        self.a = np.asarray(a)
+
+    def __array__(self, *args, **kw):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()`")
+
+    def __len__(self):
+        return len(self.a)
+
+    def get(self):
+        return self.a.copy()
+
+
+def test_device_columns_are_read_with_get():
+    """The CUDA hash aggregate returns cupy columns: comparing them must not need np.asarray."""
+    lk, lp, rk, rp = case("int32", "dup-both-negative")
+    ref = A.pandas_aggregate(lk, lp, rk, rp)
+    c = ref.numpy_sorted()
+    got = A.AggResult(*(DeviceColumn(c[n]) for n in ("key", "count", "sum_left", "sum_right")))
+    _assert_equal(got, ref)
+
+
 def test_compare_catches_differences():
     lk, lp, rk, rp = case("int32", "dup-both-negative")
     ref = A.pandas_aggregate(lk, lp, rk, rp)
