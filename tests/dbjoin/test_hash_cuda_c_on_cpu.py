@@ -57,6 +57,8 @@ def test_cuda_c_joins(cuda_c, dt, name):
     assert plan.graph is not None, plan.graph_error
     _check(_host(plan.run()), lk, rk)
     _check(_host(plan.run()), lk, rk)  # the graph replayed
+    counted = hjc.HashJoinPlan(lk, rk, count_only=True)
+    assert counted.run().count == counted.run().count == reference.output_size(lk, rk)
     assert module.launches > 0
 
 
