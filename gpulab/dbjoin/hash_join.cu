@@ -42,13 +42,13 @@
 struct SlotI32 { unsigned long long kc; int row; int pad; };
 struct SlotI64 { long long key; int count; int row; };
 
-__device__ __forceinline__ unsigned int hj_hash32(int key) {
+__device__ __forceinline__ unsigned int hj_hash(int key) {
     unsigned int h = (unsigned int)key;  // murmur3 fmix32
     h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
     return h;
 }
 
-__device__ __forceinline__ unsigned int hj_hash64(long long key) {
+__device__ __forceinline__ unsigned int hj_hash(long long key) {
     unsigned long long h = (unsigned long long)key;  // murmur3 fmix64, high half
     h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull; h ^= h >> 33;
     return (unsigned int)(h >> 32);
@@ -88,16 +88,28 @@ __device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsign
     }
 }
 
-__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
+// Linear probing over slots with a 64-bit key field (SlotI64, the aggregate's AggSlot): moves s to the slot
+// holding encoded key ek and returns true; an empty slot on the way ends a search (false), or, with `claim`,
+// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim reads keys as volatile:
+// other threads of the launch are claiming slots meanwhile.
+template <typename Slot>
+__device__ __forceinline__ bool hj_locate64(Slot* table, unsigned int cap, unsigned int& s, unsigned long long ek,
+                                            bool claim) {
     while (true) {
-        long long cur = *((volatile long long*)&table[s].key);
-        if (cur == ek) break;
-        if (cur == 0ll) {
-            long long prev = (long long)atomicCAS((unsigned long long*)&table[s].key, 0ull, (unsigned long long)ek);
-            if (prev == 0ll || prev == ek) break;
+        unsigned long long* key = (unsigned long long*)&table[s].key;
+        unsigned long long cur = claim ? *(volatile unsigned long long*)key : *key;
+        if (cur == ek) return true;
+        if (cur == 0ull) {
+            if (!claim) return false;
+            cur = atomicCAS(key, 0ull, ek);
+            if (cur == 0ull || cur == ek) return true;
         }
         s = (s + 1 == cap) ? 0u : s + 1;
     }
+}
+
+__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
+    hj_locate64(table, cap, s, (unsigned long long)ek, true);
     return hj_count_add(&table[s]);
 }
 
@@ -112,18 +124,12 @@ __device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, u
 }
 
 __device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
-    while (true) {
-        const long long cur = table[s].key;
-        if (cur == ek) return table[s].count;
-        if (cur == 0ll) return 0;
-        s = (s + 1 == cap) ? 0u : s + 1;
-    }
+    return hj_locate64(table, cap, s, (unsigned long long)ek, false) ? table[s].count : 0;
 }
 
 template <typename K, typename Slot>
 __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slot* table, unsigned int cap,
-                                          unsigned int h, K empty, int* __restrict__ build_slot,
-                                          unsigned long long* counters) {
+                                          K empty, int* __restrict__ build_slot, unsigned long long* counters) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     K k = keys[i];
@@ -133,7 +139,7 @@ __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slo
         s = cap;
         c = hj_count_add(&table[cap]);
     } else {
-        s = hj_home(h, cap);
+        s = hj_home(hj_hash(k), cap);
         c = hj_claim(table, cap, s, hj_enc(k));  // hj_enc(k) != 0, since k != empty
     }
     if (c == 0) table[s].row = i;
@@ -209,8 +215,7 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
             s = cap;
             c = hj_count(table[cap]);
         } else {
-            unsigned int h = sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k);
-            s = hj_home(h, cap);
+            s = hj_home(hj_hash(k), cap);
             c = hj_find(table, cap, s, hj_enc(k));
         }
     }
@@ -227,12 +232,10 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
     }
 }
 
-#define HJ_DEFINE(SUFFIX, K, SLOT, EMPTY, HASH)                                                                   \
+#define HJ_DEFINE(SUFFIX, K, SLOT, EMPTY)                                                                         \
 extern "C" __global__ void hj_insert_##SUFFIX(const K* __restrict__ keys, int n, SLOT* table, unsigned int cap,  \
                                               int* __restrict__ build_slot, unsigned long long* counters) {      \
-    int i = blockIdx.x * blockDim.x + threadIdx.x;                                                                \
-    unsigned int h = i < n ? HASH(keys[i]) : 0u;                                                                  \
-    hj_insert<K, SLOT>(keys, n, table, cap, h, EMPTY, build_slot, counters);                                      \
+    hj_insert<K, SLOT>(keys, n, table, cap, EMPTY, build_slot, counters);                                         \
 }                                                                                                                 \
 extern "C" __global__ void hj_group_alloc_##SUFFIX(int n, const int* __restrict__ build_slot, const SLOT* table, \
                                                    int* __restrict__ slot_off, unsigned long long* counters) {    \
@@ -253,8 +256,8 @@ extern "C" __global__ void hj_probe_##SUFFIX(const K* __restrict__ keys, int n, 
                       count_only);                                                                                \
 }
 
-HJ_DEFINE(i32, int, SlotI32, HJ_EMPTY_I32, hj_hash32)
-HJ_DEFINE(i64, long long, SlotI64, HJ_EMPTY_I64, hj_hash64)
+HJ_DEFINE(i32, int, SlotI32, HJ_EMPTY_I32)
+HJ_DEFINE(i64, long long, SlotI64, HJ_EMPTY_I64)
 
 // ---- join-aggregate, hash form (hash_aggregate_cuda.py): per key present on both sides, the row count and
 // payload sum of each side, from which the host-visible aggregates follow (count = cb * cp, sum of the build
@@ -275,21 +278,12 @@ __device__ __forceinline__ unsigned long long ha_enc(long long key) { return (un
 __device__ __forceinline__ int ha_dec(unsigned long long ek, int) { return hj_enc((int)(unsigned int)ek); }
 __device__ __forceinline__ long long ha_dec(unsigned long long ek, long long) { return hj_enc((long long)ek); }
 
+// The slot of key k (found or, on the build side, claimed); 0xFFFFFFFF for a probe key not on the build side.
 template <typename K>
-__device__ __forceinline__ unsigned int ha_slot(const AggSlot* table, unsigned int cap, K k, K empty, bool claim) {
+__device__ __forceinline__ unsigned int ha_slot(AggSlot* table, unsigned int cap, K k, K empty, bool claim) {
     if (k == empty) return cap;
-    const unsigned long long ek = ha_enc(k);  // != 0, since k != empty
-    unsigned int s = hj_home(sizeof(K) == 8 ? hj_hash64((long long)k) : hj_hash32((int)k), cap);
-    while (true) {
-        unsigned long long cur = *((volatile const unsigned long long*)&table[s].key);
-        if (cur == ek) return s;
-        if (cur == 0ull) {
-            if (!claim) return 0xFFFFFFFFu;  // not on the build side
-            cur = atomicCAS((unsigned long long*)&table[s].key, 0ull, ek);
-            if (cur == 0ull || cur == ek) return s;
-        }
-        s = (s + 1 == cap) ? 0u : s + 1;
-    }
+    unsigned int s = hj_home(hj_hash(k), cap);
+    return hj_locate64(table, cap, s, ha_enc(k), claim) ? s : 0xFFFFFFFFu;  // ha_enc(k) != 0, since k != empty
 }
 
 template <typename K>
