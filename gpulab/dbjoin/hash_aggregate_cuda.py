@@ -16,7 +16,7 @@ import numpy as np
 
 from gpulab.core.errors import InputError
 from gpulab.dbjoin.aggregate import AggResult, _check_mode
-from gpulab.dbjoin.hash_join_cuda import BLOCK, _as_cupy, _grid, _module, table_capacity
+from gpulab.dbjoin.hash_join_cuda import BLOCK, _as_cupy, _grid, _module, _prepare_keys, table_capacity
 
 AGG_SLOT_BYTES = 32  # AggSlot {key, cnt_b, cnt_p, sum_b, sum_p}
 KERNELS = ("build", "probe", "emit")  # ha_<name>_i32 / ha_<name>_i64
@@ -54,23 +54,17 @@ class CudaHashAggregate:
         _module()  # a DeviceError without cupy or a GPU
         import cupy as cp
 
-        lk, lp, rk, rp = (_as_cupy(a) for a in (lk, lp, rk, rp))
         if len(lp) != len(lk) or len(rp) != len(rk):
             raise InputError(f"key and payload lengths differ: left {len(lk)} vs {len(lp)}, right {len(rk)} vs "
                              f"{len(rp)}")
-        if lk.dtype not in (cp.int32, cp.int64) or rk.dtype not in (cp.int32, cp.int64):
-            raise InputError(f"keys must be int32 or int64, got {lk.dtype} and {rk.dtype}")
-        if lk.dtype != rk.dtype:
-            lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
-        lp, rp = lp.astype(cp.int32, copy=False), rp.astype(cp.int32, copy=False)
-        suffix = "i32" if lk.dtype == cp.int32 else "i64"
-        swap = len(rk) > len(lk)  # build on the smaller side: the right one unless the left is smaller
-        (bk, bp), (pk, pp) = ((lk, lp), (rk, rp)) if swap else ((rk, rp), (lk, lp))
+        suffix, swap, bk, pk = _prepare_keys(lk, rk)  # the join's: one key dtype, the build side the smaller
+        lp, rp = (_as_cupy(a).astype(cp.int32, copy=False) for a in (lp, rp))
+        bp, pp = (lp, rp) if swap else (rp, lp)
         nb, npr = len(bk), len(pk)
         if nb == 0 or npr == 0:
             e = cp.empty(0, cp.int64)
-            return AggResult(cp.empty(0, lk.dtype), e) if self.mode == "count" else AggResult(
-                cp.empty(0, lk.dtype), e, e, e)
+            return AggResult(cp.empty(0, bk.dtype), e) if self.mode == "count" else AggResult(
+                cp.empty(0, bk.dtype), e, e, e)
         k = _kernels(suffix)
         cap = table_capacity(nb, self.load_factor)
         table = cp.empty(table_words(cap), cp.uint64)
@@ -81,7 +75,7 @@ class CudaHashAggregate:
         k["build"](_grid(nb), (BLOCK,), _args_count(bk, bp, nb, table, cap, sums))
         k["probe"](_grid(npr), (BLOCK,), _args_count(pk, pp, npr, table, cap, sums))
         capacity = nb  # groups <= distinct build keys <= build rows
-        out_key = cp.empty(capacity, lk.dtype)
+        out_key = cp.empty(capacity, bk.dtype)
         out_count, out_b, out_p = (cp.empty(capacity, cp.int64) for _ in range(3))
         k["emit"](_grid(cap + 1), (BLOCK,), _args_emit(table, cap, out_key, out_count, out_b, out_p, capacity,
                                                         counter))

@@ -143,10 +143,10 @@ def _prepare_keys(left_key: Any, right_key: Any):
     import cupy as cp
 
     lk, rk = _as_cupy(left_key), _as_cupy(right_key)
+    if lk.dtype not in (cp.int32, cp.int64) or rk.dtype not in (cp.int32, cp.int64):  # before mixed widths widen
+        raise InputError(f"keys must be int32 or int64, got {lk.dtype} and {rk.dtype}")
     if lk.dtype != rk.dtype:
         lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
-    if lk.dtype not in (cp.int32, cp.int64):
-        raise InputError(f"keys must be int32 or int64, got {lk.dtype}")
     suffix = "i32" if lk.dtype == cp.int32 else "i64"
     swap = len(rk) > len(lk)  # build on the smaller side
     build, probe = (lk, rk) if swap else (rk, lk)

@@ -97,3 +97,12 @@ def test_cuda_c_first_probe_stops_at_the_capacity(cuda_c, dt):
     plan = hjc.HashJoinPlan(probe, build)
     _check(_host(plan.run()), probe, build)
     assert plan.retries == 1 and plan.capacity == 61
+
+
+def test_non_integer_keys_are_refused_before_widening(cuda_c):
+    """float32 keys beside int32 ones are an error, not silently widened to int64 with the others."""
+    from gpulab.core.errors import InputError
+
+    cuda_c(0)
+    with pytest.raises(InputError, match="keys must be int32 or int64, got float32 and int32"):
+        hjc.CudaHashJoin().join(np.zeros(3, np.float32), np.zeros(3, np.int32))
