@@ -78,8 +78,13 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic.write_text(path, text)
 
 
+def yaml_text(data: Any) -> str:
+    """``data`` as gpulab writes YAML (plain types, keys in order, 120 columns)."""
+    return yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=120)
+
+
 def atomic_write_yaml(path: Path, data: Any) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=120))
+    return atomic_write_text(path, yaml_text(data))
 
 
 @dataclass

@@ -95,7 +95,7 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
         elif impl == "torch":
             add_row(name, device, lambda: A.torch_aggregate(*t_in, mode=mode))
         elif impl == "hash":
-            why = "needs a CUDA GPU" if device != "cuda" else B._cupy_ready()
+            why = B.cuda_hash_unavailable(device)
             if why:
                 skip(name, why)
                 continue

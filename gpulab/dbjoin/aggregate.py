@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from gpulab.dbjoin.reference import _to_numpy
+
 AGGREGATES = ("count", "sum")
 
 
@@ -46,8 +48,6 @@ class AggResult:
 
 def _np(a: Any) -> np.ndarray | None:
     """int64 numpy of a numpy, torch or cupy column (cupy refuses np.asarray: it is read with .get())."""
-    from gpulab.dbjoin.reference import _to_numpy
-
     return None if a is None else _to_numpy(a)
 
 

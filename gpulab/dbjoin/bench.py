@@ -85,8 +85,10 @@ def _key_stats(key: np.ndarray) -> dict[str, Any]:
     return {"rows": int(len(key)), "distinct": int(len(counts)), "max_dup": int(counts.max())}
 
 
-def _cupy_ready() -> str | None:
-    """None when cupy can launch kernels here, else the reason."""
+def cuda_hash_unavailable(device: str) -> str | None:
+    """None when the CUDA hash kernels (join, aggregate) can run on ``device``, else the reason."""
+    if device != "cuda":
+        return "needs a CUDA GPU"
     try:
         import cupy as cp
     except ImportError:
@@ -243,7 +245,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             model = ModelHashJoin(cfg.load_factor)
             add_row(impl, "cpu", lambda: model.join(lk, rk, cfg.count_only), r=min(reps, 10), w=max(warmup, 1))
         elif impl in ("hash", "hash-graph"):
-            why = "needs a CUDA GPU" if device != "cuda" else _cupy_ready()
+            why = cuda_hash_unavailable(device)
             if why:
                 skip(impl, why)
                 continue

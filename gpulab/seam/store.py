@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_yaml_mapping
-from gpulab.core.results import atomic_write_yaml, plain
+from gpulab.core.results import atomic_write_yaml, yaml_text
 from gpulab.seam.models import FamilySpec, StitchedFamily
 
 FAMILY_SCHEMA = "gpulab.seam.family/1"
@@ -35,8 +34,7 @@ def save_family(folder: Path, family: StitchedFamily, info: dict[str, Any]) -> N
     from safetensors.torch import save_file
 
     sd = {k: v.detach().contiguous().cpu() for k, v in family.state_dict().items()}
-    text = yaml.safe_dump(plain({"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info}),
-                          sort_keys=False, allow_unicode=True, width=120)
+    text = yaml_text({"schema": FAMILY_SCHEMA, "spec": family.spec.as_dict(), **info})
     atomic.write_all([(folder / "weights.safetensors", lambda tmp: save_file(sd, tmp), ""),
                       (folder / "family.yaml", lambda tmp: Path(tmp).write_text(text), "")])
 

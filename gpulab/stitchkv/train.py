@@ -428,7 +428,7 @@ def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
 
 
 def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str, log: Any, run: Path,
-                       st: dict[str, Any] | None = None, save_ckpt: Any = None, pin: Any = None) -> dict[str, Any]:
+                       st: dict[str, Any] | None, save_ckpt: Any, pin: Any) -> dict[str, Any]:
     """The control of stage 2: the same LoRA (targets, rank, lr, steps, batches) on a fresh copy of the small
     model, trained on the same continuations from its own prompt cache, without stitches. Stage 2 also
     fine-tunes the small model on the corpus, so a stitched model that beats small-only may owe that to the
@@ -463,11 +463,10 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
         _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr", scaler)
         if step % max(1, n // 10) == 0:
             log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
-        if save_ckpt and every and (step + 1) % every == 0 and step + 1 < n and ctx.is_main:
+        if every and (step + 1) % every == 0 and step + 1 < n and ctx.is_main:
             save_ckpt("lora_control", {"step": step + 1, "lora": get_peft_model_state_dict(model),
                                        **_optim_state(opt, scaler), "hist": hist})
-    if pin:
-        pin("lora_control")
+    pin("lora_control")
     if ctx.is_main:
         with atomic.build_folder(run / "lora-control") as tmp:
             model.save_pretrained(str(tmp / "adapter"))
