@@ -49,6 +49,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    """Where tests/cuda_on_cpu compiles CUDA C sources for the CPU: each source once per test session."""
+    return tmp_path_factory.mktemp("cuda_on_cpu")
+
+
 @pytest.fixture
 def out_dir(tmp_path, monkeypatch):
     """A results folder for this test, set as the global --out."""

@@ -25,11 +25,6 @@ def dev(a):
     return np.ascontiguousarray(a).view(Dev)
 
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cuda_on_cpu")
-
-
 @pytest.mark.parametrize("n, block", [(1, 32), (100, 64), (1000, 256), (4096, 1024)])
 def test_block_scan(build_dir, n, block):
     mod = CpuModule(SAMPLES, build_dir, seed=n)

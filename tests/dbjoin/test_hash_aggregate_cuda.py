@@ -10,15 +10,6 @@ from gpulab.dbjoin import tables
 
 from .cases import CASE_IDS
 from .test_aggregate import case, payloads
-from .test_hash_cuda_c_on_cpu import build_dir, cuda_c  # noqa: F401 - fixtures
-from .test_hash_plan_fake import fake  # noqa: F401 - fixture
-
-
-@pytest.fixture
-def agg_c(cuda_c):  # noqa: F811
-    hac._kernels.cache_clear()
-    yield cuda_c
-    hac._kernels.cache_clear()
 
 
 def _check(result, args, mode="sum"):
@@ -27,9 +18,9 @@ def _check(result, args, mode="sum"):
 
 
 @pytest.mark.parametrize("dt,name", CASE_IDS)
-def test_hash_aggregate_cuda_c(agg_c, dt, name):
+def test_hash_aggregate_cuda_c(cuda_c, dt, name):
     args = case(dt, name)
-    module = agg_c(len(args[0]) * 3 + len(args[2]))
+    module = cuda_c(len(args[0]) * 3 + len(args[2]))
     _check(hac.CudaHashAggregate().aggregate(*args), args)
     _check(hac.CudaHashAggregate(mode="count").aggregate(*args), args, "count")
     lk, lp, rk, rp = args  # the other table as the build side
@@ -38,25 +29,25 @@ def test_hash_aggregate_cuda_c(agg_c, dt, name):
 
 
 @pytest.mark.parametrize("dt, dup, seed", [("int32", "unique", 0), ("int64", "zipf:1.1", 1)])
-def test_hash_aggregate_cuda_c_several_blocks(agg_c, dt, dup, seed):
+def test_hash_aggregate_cuda_c_several_blocks(cuda_c, dt, dup, seed):
     left, right = tables.generate(2500, 1800, 0.5, dup, seed, dt)
     args = (left.key, payloads(len(left), seed), right.key, payloads(len(right), seed + 7))
-    agg_c(seed)
+    cuda_c(seed)
     _check(hac.CudaHashAggregate().aggregate(*args), args)
 
 
-def test_hash_aggregate_sums_wrap_modulo_2_64(agg_c):
+def test_hash_aggregate_sums_wrap_modulo_2_64(cuda_c):
     """One key with 2^17 x 2^16 rows of payload INT32_MAX: the sums overflow int64 and wrap as pandas' do."""
     lk, rk = np.full(1 << 12, 5, np.int32), np.full(1 << 11, 5, np.int32)
     args = (lk, np.full(len(lk), np.iinfo(np.int32).max, np.int32), rk, np.full(len(rk), -7, np.int32))
-    agg_c(0)
+    cuda_c(0)
     _check(hac.CudaHashAggregate().aggregate(*args), args)
 
 
-def test_hash_aggregate_bad_input(agg_c):
+def test_hash_aggregate_bad_input(cuda_c):
     from gpulab.core.errors import InputError
 
-    agg_c(0)
+    cuda_c(0)
     z = np.zeros(3, np.int32)
     with pytest.raises(InputError, match="key and payload lengths differ: left 3 vs 2, right 3 vs 3"):
         hac.CudaHashAggregate().aggregate(z, z[:2], z, z)

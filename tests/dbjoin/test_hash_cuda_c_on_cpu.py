@@ -9,40 +9,13 @@ import pytest
 
 from gpulab.dbjoin import hash_join_cuda as hjc
 from gpulab.dbjoin import reference, tables
-from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
 
-from ..cuda_on_cpu.module import GXX, CpuModule, DeviceHeap
+from ..cuda_on_cpu.module import GXX
 from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
-from .test_hash_plan_fake import _host, fake  # noqa: F401 - the fixture
+from .test_hash_plan_fake import _host
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not installed")
-
-
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("hash_join_cpu")
-
-
-@pytest.fixture
-def cuda_c(fake, build_dir, monkeypatch):  # noqa: F811
-    def use(seed):
-        heap = DeviceHeap(fake.ndarray)  # device arrays with guard bytes, checked after every launch
-
-        def empty(shape, dtype=np.float64):
-            fake._refuse_while_capturing("a pool allocation (cupy.empty)")
-            return heap.empty(shape, dtype)
-
-        def asarray(a):
-            fake._refuse_while_capturing("a pool allocation (cupy.asarray)")
-            return heap.asarray(a)
-
-        monkeypatch.setattr(fake, "empty", empty)
-        monkeypatch.setattr(fake, "asarray", asarray)
-        module = CpuModule(SOURCE_PATH, build_dir, seed=seed, heap=heap)
-        fake.use_cuda_c(module)
-        return module
-    return use
 
 
 @pytest.mark.parametrize("dt,name", CASE_IDS)

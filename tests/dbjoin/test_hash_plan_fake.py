@@ -3,34 +3,15 @@ fake_cupy (host memory, stream capture recorded and replayed, the numba model's 
 kernels' arguments and table layout). This checks buffer layout, the one memset (table + counters), the
 count copy, capture and replay, the capacity retry and the no-graph fallback. The CUDA C kernels run on the
 CPU in test_hash_cuda_c_on_cpu.py; NVRTC, real stream capture and the timings are checked only by the GPU tests
-(-m gpu)."""
-import sys
-import types
-
+(-m gpu). The ``fake`` fixture is in conftest.py."""
 import numpy as np
 import pytest
 
 from gpulab.dbjoin import hash_join_cuda as hjc
 from gpulab.dbjoin import reference
 
-from . import fake_cupy
 from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake_cupy.reset()
-    cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = fake_cupy.empty_pinned
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    for f in (hjc._module, hjc._kernels, hjc._wave_blocks):
-        f.cache_clear()
-    yield fake_cupy
-    for f in (hjc._module, hjc._kernels, hjc._wave_blocks):
-        f.cache_clear()
-    fake_cupy.reset()
 
 
 def _host(res):

@@ -17,8 +17,8 @@ BASE = 1 << 40  # an address the kernels only compute with (the emulation never 
 
 
 @pytest.fixture(scope="module")
-def module(tmp_path_factory):
-    return CpuModule(cuda_l2.SOURCE, tmp_path_factory.mktemp("prefetch_cpu"))
+def module(build_dir):
+    return CpuModule(cuda_l2.SOURCE, build_dir)
 
 
 def emulated_kernels(module):

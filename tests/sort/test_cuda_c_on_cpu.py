@@ -42,11 +42,6 @@ class QueuedKernel:
         self.sched.enqueue(lambda: self.kernel(grid, block, args, shared_mem=shared_mem))
 
 
-@pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("bitonic_cpu")
-
-
 @pytest.fixture
 def cuda_c(monkeypatch, build_dir):
     def make(seed, eager=False):
