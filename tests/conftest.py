@@ -30,9 +30,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from gpulab.core.device import triton_interpreter_problem
+    from gpulab.core.triton_compat import interpreter_problem
 
-    why = None if HAS_CUDA else triton_interpreter_problem()
+    why = None if HAS_CUDA else interpreter_problem()
     return [f"WARNING: the Triton kernel tests will fail here: {why}"] if why else []
 
 

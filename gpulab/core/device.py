@@ -46,18 +46,6 @@ def bf16_native(device: Any) -> bool:
     return str(device).startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def triton_interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
-    """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run gpulab's kernels in this environment, or None.
-    Known: Triton before 3.7 with NumPy 2.4 or newer, whose interpreter turns a loop bound into a Python int in a
-    way NumPy 2.4 refuses ("only 0-dimensional arrays can be converted", triton-lang/triton#9171)."""
-    tv = version_release(triton_version if triton_version is not None else package_version("triton"))
-    nv = version_release(numpy_version if numpy_version is not None else package_version("numpy"))
-    if tv and nv and tv < (3, 7) and nv >= (2, 4):
-        return (f"Triton {'.'.join(map(str, tv))}'s interpreter fails with NumPy {'.'.join(map(str, nv))} "
-                "(triton-lang/triton#9171): for CPU runs of the Triton kernels install numpy<2.4 or triton>=3.7")
-    return None
-
-
 def cpu_info() -> dict[str, Any]:
     model = None
     try:

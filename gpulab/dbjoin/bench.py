@@ -139,9 +139,9 @@ def tensorcore_plan(name: str, device: str, cfg: Any, rec: Any, rows: int) -> tu
         return "Triton is unavailable (no GPU, and TRITON_INTERPRET is set to something else)"
     dtype = cfg.tc_dtype
     if mode == "interpret":
-        from gpulab.core.device import triton_interpreter_problem
+        from gpulab.core.triton_compat import interpreter_problem
 
-        if (why := triton_interpreter_problem()):
+        if (why := interpreter_problem()):
             return f"no GPU, and {why}"
         if rows > cfg.max_interpret_rows:
             return f"no GPU; the Triton interpreter runs only up to --max-interpret-rows {cfg.max_interpret_rows} rows"

@@ -5,7 +5,10 @@ Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 c
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
 from gpulab.dbjoin.tensorcore_kernel import _tile_codes
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
 NLIMB = 5  # 7-bit limbs of (payload + 2^31): 35 bits >= 32
 LIMB_BITS = 7

@@ -5,6 +5,10 @@ Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 c
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
+
 
 @triton.jit
 def _codes(lo, hi, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr, ROWS_FIRST: tl.constexpr):

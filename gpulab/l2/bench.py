@@ -381,7 +381,7 @@ def run(cfg: RunConfig) -> results.Record:
 def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     import torch
 
-    from gpulab.core.device import triton_interpreter_problem
+    from gpulab.core.triton_compat import interpreter_problem
     from gpulab.l2.models import run_layers
 
     if cfg.dtype != "float32":
@@ -409,7 +409,7 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             rec.notes.append("Triton kernels not checked: TRITON_INTERPRET is off and there is no GPU")
-        elif (why := triton_interpreter_problem()):
+        elif (why := interpreter_problem()):
             rec.notes.append(f"Triton kernels not checked here: {why}")
         elif macs > INTERPRETER_MAX_MACS:
             rec.notes.append(f"Triton kernels not checked here: {macs:.2g} MACs is too large for the interpreter "

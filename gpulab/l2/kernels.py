@@ -18,6 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -19,6 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
+
 FORMATS = {torch.float8_e4m3fn: (4, 3, 7), torch.float8_e5m2: (5, 2, 15)}  # exponent bits, mantissa bits, bias
 
 

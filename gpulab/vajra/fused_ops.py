@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, encode_fp8, interpreted
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
 
 @triton.jit

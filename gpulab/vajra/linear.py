@@ -68,7 +68,7 @@ def _scaled_mm_probe(device: str, rowwise: bool) -> str | None:
             raise RuntimeError(f"unexpected output shape {tuple(y.shape)}")
     except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
         msg = str(e).strip().splitlines()
-        return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:160] if msg else type(e).__name__})"
+        return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:240].strip() if msg else type(e).__name__})"
     return None
 
 

@@ -13,7 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
+
+patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
 SCALE_MODES = {"tensor": 0, "channel": 1, "block": 2}
 BK_MAX = 128

@@ -53,17 +53,6 @@ def test_ceilings_on_gpu():
     assert ceilings.h2d_bandwidth_gbs(True, nbytes=16 << 20, reps=3) > 0
 
 
-def test_triton_interpreter_problem():
-    from gpulab.core.device import triton_interpreter_problem
-
-    why = triton_interpreter_problem("3.6.0", "2.4.1")
-    assert why and "Triton 3.6.0" in why and "NumPy 2.4.1" in why and "numpy<2.4" in why and "\n" not in why
-    assert triton_interpreter_problem("3.5.1+git8a1b", "2.5.2")
-    for tv, nv in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.1"), ("3.8.0", "2.5.0"), ("3.6.0", "1.26.4")):
-        assert triton_interpreter_problem(tv, nv) is None, (tv, nv)
-    assert triton_interpreter_problem("", "2.4.1") is None  # triton not installed: nothing to say here
-
-
 @pytest.mark.parametrize("device,cc,want", [("cuda", (8, 0), True), ("cuda:1", (8, 9), True), ("cuda", (9, 0), True),
                                             ("cuda", (7, 5), False), ("cuda", (7, 0), False), ("cpu", (9, 0), False)])
 def test_bf16_native_follows_the_hardware(monkeypatch, device, cc, want):

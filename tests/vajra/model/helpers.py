@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpulab.vajra.interface import ForwardBatch
@@ -140,3 +141,13 @@ def hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def cpu_w8a8_or_skip() -> None:
+    """Skip unless this torch runs W8A8 (torch._scaled_mm with row-wise scales) on the CPU: 2.14's CPU kernel
+    does; 2.11's "only supports per-tensor scaling", and torch before 2.6 has none."""
+    from gpulab.vajra.linear import w8a8_unavailable
+
+    why = w8a8_unavailable(torch.device("cpu"), True)
+    if why:
+        pytest.skip(f"no W8A8 on this torch's CPU: {why}")

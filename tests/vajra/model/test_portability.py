@@ -21,6 +21,8 @@ from gpulab.core.errors import DeviceError
 from gpulab.vajra import reference as R
 from gpulab.vajra.checkpoint import QuantWeight
 
+from .helpers import cpu_w8a8_or_skip
+
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 E4 = torch.float8_e4m3fn
 
@@ -126,6 +128,8 @@ def _old_scaled_mm(real):
 def test_scaled_mm_tuple_of_torch_2_4(monkeypatch):
     """torch 2.4 returns (out, amax): the W8A8 layer and its probe take the output."""
     from gpulab.vajra import linear as L
+
+    cpu_w8a8_or_skip()
 
     g = torch.Generator().manual_seed(0)
     q, s = R.quantize(torch.randn(32, 64, generator=g), "channel")
