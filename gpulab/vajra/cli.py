@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from gpulab.core.errors import InputError
+from gpulab.core.errors import GpulabError, InputError
 
 _SETTINGS = {"help_option_names": ["-h", "--help"]}
 serve_app = typer.Typer(add_completion=False, context_settings=_SETTINGS, pretty_exceptions_enable=False)
@@ -82,6 +82,20 @@ def _load(model_dir: Path, engine: dict, max_model_len=None, prefill: Optional[s
                        attention_backend=engine["attention_backend"], prefill=prefill)
 
 
+def _server():
+    """gpulab.vajra.server.serve, or a one-line error naming the web package that is not installed."""
+    try:
+        import uvicorn  # noqa: F401  (server.serve imports it only once the model is loaded)
+
+        from gpulab.vajra.server import serve
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise GpulabError(f"gpulab serve needs the package '{e.name}', which is not installed "
+                             "(pip install fastapi uvicorn; generate and serve-bench run without them)") from None
+        raise
+    return serve
+
+
 def _check_model_dir(model_dir: Path) -> None:
     from gpulab.core.files import read_model_config
 
@@ -103,8 +117,8 @@ def serve(
     _check_model_dir(model_dir)
     if not (0 < port < 65536):
         raise InputError(f"--port must be in 1..65535, got {port}")
-    from gpulab.vajra.server import serve as run_server
-
+    _engine_config(engine, max_model_len)  # bad engine options fail before the server's packages are needed
+    run_server = _server()
     block_size = engine["block_size"]
     engine = _load(model_dir, engine, max_model_len, prefill)
     name = served_model_name or model_dir.resolve().name

@@ -1,6 +1,7 @@
 """The three commands: serve-bench writes a YAML record; generate prints greedy text; bad input is one line."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -219,6 +220,18 @@ def test_bad_input_is_one_line(tiny_assets, argv, msg):
     argv = [a.replace("{assets}", str(tiny_assets)) for a in argv]
     with pytest.raises(GpulabError, match=msg.replace("-", r"\-")):
         invoke(["--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_the_web_packages_is_one_line(tiny_assets, monkeypatch, missing):
+    """The GPU machine has neither fastapi nor uvicorn: serve says so before loading anything."""
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ModuleNotFoundError(name=missing)
+    monkeypatch.delitem(sys.modules, "gpulab.vajra.server", raising=False)
+    absent = [m for m in ("fastapi", "uvicorn") if m == missing or importlib.util.find_spec(m) is None]
+    with pytest.raises(GpulabError, match=f"gpulab serve needs the package '({'|'.join(absent)})', which is not "):
+        invoke(["--device", "cpu", "serve", str(tiny_assets), "--load-format", "dummy"])
+    with pytest.raises(GpulabError, match="--max-num-seqs must be"):  # option errors still come first
+        invoke(["--device", "cpu", "serve", str(tiny_assets), "--max-num-seqs", "0"])
 
 
 def test_help_imports_nothing_heavy():
