@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The CPU machines here cap torch at the releases on their disk; torchvision must match torch.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-gpu install clean help
+.PHONY: demo test test-gpu test-stack install clean help
 
 help:
 	@echo "make demo   - every subsystem at a small size on this machine's device; table + results/*.yaml"
 	@echo "make test   - the CPU test suite (GPU tests skip without CUDA)"
+	@echo "make test-stack STACK=device|oldest PYTHON=python3.12|python3.10 - the suite on other package versions"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,5 +35,18 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests
 
+# The CPU suite on another set of releases, in a venv of its own (downloads a few GB from PyPI the first time):
+# STACK=device (scripts/stacks/device.txt: the GPU machine's, PYTHON=python3.12) or STACK=oldest (the
+# declared lower bounds, PYTHON=python3.10).
+STACK ?= device
+PYTHON ?= python3.12
+STACK_VENV := .venv-stack-$(STACK)
+test-stack:
+	@test -f scripts/stacks/$(STACK).txt || { echo "no scripts/stacks/$(STACK).txt"; exit 2; }
+	@test -f $(STACK_VENV)/.installed || { rm -rf $(STACK_VENV) && $(PYTHON) -m venv $(STACK_VENV) && \
+	  $(STACK_VENV)/bin/pip install -q -r scripts/stacks/$(STACK).txt && \
+	  $(STACK_VENV)/bin/pip install -q --no-deps -e . && touch $(STACK_VENV)/.installed; }
+	$(STACK_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .venv-stack-* results .pytest_cache

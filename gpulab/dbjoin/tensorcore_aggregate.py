@@ -19,9 +19,21 @@ about twice the tensor-core join's products; no pair is ever materialized.
 """
 from __future__ import annotations
 
-from gpulab.core.errors import InputError
+from gpulab.core.device import package_version, version_release
+from gpulab.core.errors import DeviceError, InputError
 from gpulab.dbjoin.aggregate import AGGREGATES, AggResult
 from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, check_block, choose_bits, partition
+
+
+def compiler_problem(block: int, triton_version: str | None = None) -> str | None:
+    """Why this Triton cannot compile the aggregate kernel at tile ``block`` for a GPU, or None. Seen: Triton
+    3.2's compiler aborts the process (an LLVM assertion, a SIGFPE for fp32) on it at BM 16 and 32, for every
+    code type, for sm_80 and sm_90; 64 and 128 compile, and Triton 3.3 compiles all (tests/dbjoin AOT tests)."""
+    tv = version_release(triton_version if triton_version is not None else package_version("triton"))
+    if tv and tv < (3, 3) and block < 64:
+        return (f"Triton {'.'.join(map(str, tv))}'s compiler crashes on the tensor-core aggregate kernel at "
+                f"--tc-block {block}: use --tc-block 64 or 128, or triton>=3.3")
+    return None
 
 
 class TensorCoreAggregate:
@@ -60,6 +72,8 @@ class TensorCoreAggregate:
         if lp.numel() != nl or rp.numel() != nr:
             raise InputError(f"key and payload lengths differ: left {nl} vs {lp.numel()}, right {nr} vs {rp.numel()}")
         sums = self.mode == "sum"
+        if dev.type == "cuda" and (why := compiler_problem(self.block)):  # the interpreter runs every block
+            raise DeviceError(why)
         if nl == 0 or nr == 0:
             e = torch.empty(0, dtype=torch.int64, device=dev)
             return AggResult(e, e, e if sums else None, e if sums else None)

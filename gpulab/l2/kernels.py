@@ -10,8 +10,6 @@
 Tested on the CPU under ``TRITON_INTERPRET=1`` in fp32 against :mod:`gpulab.l2.reference`;
 on a GPU in fp16/bf16 by the ``@pytest.mark.gpu`` tests.
 """
-from __future__ import annotations
-
 import os
 
 import torch

@@ -398,10 +398,15 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
 
 def with_lora(small: Any, cfg: dict[str, Any]) -> Any:
     """``small`` with the run's LoRA adapter (--lora-targets, --lora-r, --lora-alpha) injected, trainable."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                                            target_modules=lora_targets(small, cfg), lora_dropout=0.0, bias="none"))
+    model = get_peft_model(small, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                             target_modules=lora_targets(small, cfg), lora_dropout=0.0, bias="none"))
+    for p in model.parameters():  # peft >= 0.12 makes the adapter float32 itself; 0.11 keeps the base's dtype
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def lora_targets(small: Any, cfg: dict[str, Any]) -> list[str]:

@@ -10,8 +10,6 @@ Scales are dequantization scales (real = fp8 * scale) addressed as
 ``scale[(row // SBR) * s_sr + (col // SBC) * s_sc]``: per-tensor (strides 0), per-row/channel/token
 (SBR=1, s_sr=1) and block (SBR, SBC = block shape).
 """
-from __future__ import annotations
-
 import functools
 import os
 

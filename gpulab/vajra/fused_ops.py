@@ -15,8 +15,6 @@ the norm and RoPE kernels also sum its fp32 partials (``Linear(x, partials=True)
 separate reduction kernel of the o, down and qkv projections. ``fused_ops_problem`` probes
 them once per device, dtype and model size; the model falls back to the unfused ops where they fail.
 """
-from __future__ import annotations
-
 import functools
 
 import numpy as np

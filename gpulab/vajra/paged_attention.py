@@ -12,8 +12,6 @@ flash-decoding kernel: one program per (sequence, KV head, KV split) whose rows 
 sharing that KV head, plus a log-sum-exp merge of the splits (see the section below). The general
 kernel stays for prefill chunks and mixed batches.
 """
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

@@ -5,8 +5,6 @@ work is split over N tiles and, when there are too few of them to fill the GPU, 
 partial sums in fp32, summed by torch). Per-tensor and per-channel scales are applied to the
 accumulator once at the end; block scales once per K tile (BK divides the scale block).
 """
-from __future__ import annotations
-
 import functools
 
 import torch

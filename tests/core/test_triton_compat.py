@@ -97,3 +97,15 @@ def test_interpreter_problem():
         assert interpreter_problem(tv, nv, patched=False) is None, (tv, nv)
     assert interpreter_problem("", "2.4.1", patched=False) is None  # triton not installed: nothing to say here
     assert interpreter_problem() is None  # this environment: Triton >= 3.7, or an old one patched
+
+
+def test_kernel_modules_keep_their_annotations_evaluated():
+    """Triton 3.0/3.1 recognise ``x: tl.constexpr`` only as an evaluated annotation: under ``from __future__ import
+    annotations`` every constexpr parameter becomes a runtime value there and tl.arange(0, BLOCK) fails."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "gpulab"
+    kernels = [p for p in root.rglob("*.py") if "@triton.jit" in p.read_text()]
+    assert len(kernels) >= 7
+    bad = [str(p.relative_to(root)) for p in kernels if "from __future__ import annotations" in p.read_text()]
+    assert not bad, bad

@@ -169,6 +169,17 @@ def test_tensorcore_aggregate_rejects_bad_options():
         TensorCoreAggregate("fp32").aggregate(*(torch.zeros(n, dtype=torch.int32) for n in (3, 2, 3, 3)))
 
 
+def test_compiler_problem_of_old_triton():
+    """Triton 3.2 aborts the process compiling the aggregate kernel at BM <= 32: refused before the launch."""
+    from gpulab.dbjoin.tensorcore_aggregate import compiler_problem
+
+    why = compiler_problem(32, "3.2.0")
+    assert why and "--tc-block 32" in why and "triton>=3.3" in why and "\n" not in why
+    assert compiler_problem(16, "3.2.0") and compiler_problem(16, "3.0.0")
+    for block, tv in ((64, "3.2.0"), (128, "3.2.0"), (16, "3.3.1"), (32, "3.6.0"), (16, "")):
+        assert compiler_problem(block, tv) is None, (block, tv)
+
+
 # few (code, key) kernels: each is one Triton compile on the GPU, inside the device script's pytest budget
 @pytest.mark.gpu
 @pytest.mark.parametrize("code,dt", [("fp16", "int32"), ("int8", "int32"), ("fp16", "int64"), ("int8", "int64"),

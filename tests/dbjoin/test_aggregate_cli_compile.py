@@ -69,6 +69,7 @@ for cc in (90, 80):
         consts = {"KP": 64 if has_hi else 32, "HAS_HI": has_hi, "BM": block, "DT": DT[code], "ADT": DT[agg],
                   "WITH_SUMS": sums}
         s = dict(sig, l_key="*i64" if has_hi else "*i32", **{k: "constexpr" for k in consts})
+        s = {a: s[a] for a in tc_agg_kernel.arg_names}  # in parameter order: Triton 3.2 reads it by position
         triton.compile(ASTSource(tc_agg_kernel, s, consts), target=GPUTarget("cuda", cc, 32))
         print("ok", cc, code, has_hi, block, sums, flush=True)
 print("ok all")

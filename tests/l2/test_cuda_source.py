@@ -48,6 +48,8 @@ def test_nvrtc_error_is_one_line():
     try:
         cuda_l2.compile_cubin("extern \"C\" __global__ void k() { this is not C++; }", 80)
     except DeviceError as e:
+        if "is not available" in str(e):  # no cuda-python (the cuda12/cuda13 extra)
+            pytest.skip(str(e))
         assert "\n" not in str(e) and "sm_80" in str(e)
     except Exception as e:
         pytest.skip(f"NVRTC unavailable: {e}")

@@ -25,11 +25,12 @@ def test_load_model_passes_the_dtype_under_the_versions_keyword(monkeypatch, pai
 
     seen = {}
     real = transformers.AutoModelForCausalLM.from_pretrained
+    real_kw = M.dtype_kwarg()  # the installed transformers' keyword
 
     def spy(path, **kw):
         seen.update(kw)
         kw = dict(kw)
-        kw["dtype"] = kw.pop("torch_dtype", kw.get("dtype"))  # the installed transformers takes dtype=
+        kw[real_kw] = kw.pop("torch_dtype", kw.pop("dtype", None))
         return real(path, **kw)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)

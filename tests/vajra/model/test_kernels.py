@@ -122,7 +122,8 @@ def _attention_case(dt, page, hq=4, hkv=2, d=16, seed=0):
     ql = torch.tensor([5, 1, 20, 1], dtype=torch.int32)
     cl = torch.tensor([5, 13, 30, 1], dtype=torch.int32)
     nblocks = 40
-    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
+    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=torch.uint8).view(dt) if dt.itemsize == 1 else \
+        torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)  # torch 2.4 cannot fill fp8 on the CPU
     perm = torch.randperm(nblocks, generator=g).to(torch.int32)
     need = [(int(c) + page - 1) // page for c in cl]
     bt = torch.zeros(len(cl), max(need) + 1, dtype=torch.int32)

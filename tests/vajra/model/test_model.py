@@ -335,6 +335,7 @@ def test_static_activations_calibrated(tmp_path, tiny):
     with safe_open(str(dst / idx[name]), "pt") as f:
         s = f.get_tensor(name)
     assert float(s) > 0
+    cpu_w8a8_or_skip()
     vm = load_model(dst, linear_backend="w8a8")
     assert vm.layers[0].qkv.qw.act == "static"
     p = prompts(1, [10])[0]

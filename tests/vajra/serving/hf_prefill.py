@@ -20,7 +20,7 @@ class HFPrefill:
     def __init__(self, folder: str, device: str = "cpu", drop_layer: bool = False):
         from transformers import LlamaForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(device)
+        self.model = LlamaForCausalLM.from_pretrained(folder).float().eval().to(device)
         self.device = device
         self.drop_layer = drop_layer
         self.calls = 0

@@ -16,7 +16,7 @@ N_OUT = 12
 def hf_greedy(tiny_llama, tokenizer):
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama)).float().eval()
     outs = []
     for p in PROMPTS:
         ids = torch.tensor([tokenizer.encode(p)])
