@@ -54,7 +54,7 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
 def _scaled_mm_probe(device: str, rowwise: bool) -> str | None:
     """Run ``torch._scaled_mm`` once on 16 x 32 zeros on ``device``: None when it works with tensor-wise
     (or row-wise) scales, else the reason. Some torch builds lack the row-wise kernel for sm_89 (L40S, RTX 40);
-    torch before 2.6 has no CPU kernel at all."""
+    some torch releases have no CPU kernel at all (2.4 and 2.7 seen) and 2.11's takes per-tensor scales only."""
     dev = torch.device(device)
     a = torch.zeros(16, 32, device=dev).to(torch.float8_e4m3fn)
     sa = torch.ones(16, 1, device=dev) if rowwise else torch.ones((), device=dev)
@@ -74,7 +74,7 @@ def _scaled_mm_probe(device: str, rowwise: bool) -> str | None:
 
 def w8a8_unavailable(device: torch.device, rowwise: bool) -> str | None:
     """Why W8A8 (``torch._scaled_mm``) cannot run on ``device``, or None (probed once per device and scale
-    kind; the CPU runs it slowly, from torch 2.6 on)."""
+    kind; the CPU runs it slowly where torch has a CPU kernel for it, e.g. 2.14)."""
     if device.type != "cuda":
         return _scaled_mm_probe(str(device.type), rowwise)
     if not fp8_tensor_cores(device):

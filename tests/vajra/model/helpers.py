@@ -145,7 +145,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cpu_w8a8_or_skip() -> None:
     """Skip unless this torch runs W8A8 (torch._scaled_mm with row-wise scales) on the CPU: 2.14's CPU kernel
-    does; 2.11's "only supports per-tensor scaling", and torch before 2.6 has none."""
+    does; 2.11's "only supports per-tensor scaling"; 2.4 and 2.7 have none."""
     from gpulab.vajra.linear import w8a8_unavailable
 
     why = w8a8_unavailable(torch.device("cpu"), True)

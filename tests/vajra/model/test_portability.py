@@ -3,7 +3,7 @@
 * torch 2.4/2.5 lack several fp8 kernels ("cat_cuda", "index_cuda", fill_ ... not implemented for
   'Float8_e4m3fn'): :class:`Fp8KernelsOfTorch24` makes those ops raise like there, and the FP8 paths (shard
   fusion, the KV-cache scatter/gather, cache allocation) must not use them.
-* torch 2.4's ``torch._scaled_mm`` returns ``(out, amax)``; torch before 2.6 has no CPU kernel for it.
+* torch 2.4's ``torch._scaled_mm`` returns ``(out, amax)``; some releases (2.4, 2.7) have no CPU kernel for it.
 * flashinfer's CUDA-core decode kernels exist for GQA groups 1, 2, 3, 4, 8 only.
 * GPUs before Ampere (compute capability < 8.0) have no native bf16: auto activations are fp16 there.
 * The kernel bench's 8B decode step must not run out of memory on 12 GB cards.
@@ -146,7 +146,7 @@ def test_scaled_mm_tuple_of_torch_2_4(monkeypatch):
 
 
 def test_scaled_mm_without_cpu_kernel_is_a_device_error(monkeypatch):
-    """torch before 2.6 has no CPU _scaled_mm: an explicit w8a8 on the CPU is a one-line DeviceError at load."""
+    """A torch without a CPU _scaled_mm (2.4, 2.7): an explicit w8a8 on the CPU is a one-line DeviceError at load."""
     from gpulab.vajra import linear as L
 
     def no_cpu(a, b, **kw):
@@ -302,3 +302,21 @@ def test_kernel_bench_survives_a_flashinfer_plan_failure():
     assert times == {} and len(rec.checks) == 1
     name, ok, detail = rec.checks[0]
     assert "flashinfer" in name and not ok and detail == "RuntimeError: Ninja build failed: nvcc not found"
+
+
+def test_installed_flashinfer_takes_the_calls_vajra_makes():
+    """Where flashinfer is installed (the GPU machine carries 0.2.14), its wrappers accept the arguments of
+    attention.FlashInferAttention (constructors, plan, run), checked by signature on any machine."""
+    import inspect
+
+    fi = pytest.importorskip("flashinfer")
+    D, P = fi.BatchDecodeWithPagedKVCacheWrapper, fi.BatchPrefillWithPagedKVCacheWrapper
+    w, a = object(), object()
+    inspect.signature(D.__init__).bind(w, w, "NHD", use_tensor_cores=False)
+    inspect.signature(P.__init__).bind(w, w, "NHD", backend="fa2")
+    inspect.signature(D.plan).bind(w, a, a, a, 32, 8, 128, 16, pos_encoding_mode="NONE", sm_scale=0.1,
+                                   q_data_type=a, kv_data_type=a)
+    inspect.signature(P.plan).bind(w, a, a, a, a, 32, 8, 128, 16, causal=True, sm_scale=0.1, q_data_type=a,
+                                   kv_data_type=a)
+    for cls in (D, P):
+        inspect.signature(cls.run).bind(w, a, a, k_scale=0.5, v_scale=0.5)
