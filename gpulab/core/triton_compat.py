@@ -54,16 +54,13 @@ def patch_interpreter(module: Optional[ModuleType] = None, triton_version: Optio
 
 
 def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None,
-                        patched: Optional[bool] = None) -> Optional[str]:
-    """Why the interpreter cannot run gpulab's kernels here, or None: an old Triton with NumPy >= 2.4 whose
-    interpreter :func:`patch_interpreter` could not fix. The arguments stand in for the installed versions and
-    for the patch's outcome (tests)."""
-    tv = version_release(triton_version if triton_version is not None else package_version("triton"))
+                        module: Optional[ModuleType] = None) -> Optional[str]:
+    """Why the interpreter cannot run gpulab's kernels here, or None: NumPy >= 2.4 with an old Triton whose
+    interpreter :func:`patch_interpreter` could not fix. The arguments stand in for the installed ones (tests)."""
     nv = version_release(numpy_version if numpy_version is not None else package_version("numpy"))
-    if not (tv and nv and tv < FIXED_IN and nv >= (2, 4)):
+    if not nv or nv < (2, 4) or patch_interpreter(module, triton_version):
         return None
-    if patched if patched is not None else patch_interpreter():
-        return None
+    tv = version_release(triton_version if triton_version is not None else package_version("triton"))
     return (f"Triton {'.'.join(map(str, tv))}'s interpreter fails with NumPy {'.'.join(map(str, nv))} "
             "(triton-lang/triton#9171) and gpulab could not patch it: for CPU runs of the Triton kernels install "
             "numpy<2.4 or triton>=3.7")

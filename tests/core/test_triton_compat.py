@@ -89,13 +89,14 @@ def test_patch_leaves_new_or_unknown_interpreters_alone():
 
 
 def test_interpreter_problem():
-    why = interpreter_problem("3.6.0", "2.4.1", patched=False)
+    unknown = types.ModuleType("other")  # an interpreter whose internals the patch does not know
+    why = interpreter_problem("3.6.0", "2.4.1", module=unknown)
     assert why and "Triton 3.6.0" in why and "NumPy 2.4.1" in why and "numpy<2.4" in why and "\n" not in why
-    assert interpreter_problem("3.5.1+git8a1b", "2.5.2", patched=False)
-    assert interpreter_problem("3.6.0", "2.5.2", patched=True) is None  # the patch took
+    assert interpreter_problem("3.5.1+git8a1b", "2.5.2", module=unknown)
+    assert interpreter_problem("3.6.0", "2.5.2", module=_old_interpreter(True)) is None  # the patch took
     for tv, nv in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.1"), ("3.8.0", "2.5.0"), ("3.6.0", "1.26.4")):
-        assert interpreter_problem(tv, nv, patched=False) is None, (tv, nv)
-    assert interpreter_problem("", "2.4.1", patched=False) is None  # triton not installed: nothing to say here
+        assert interpreter_problem(tv, nv, module=unknown) is None, (tv, nv)
+    assert interpreter_problem("", "2.4.1", module=unknown) is None  # triton not installed: nothing to say here
     assert interpreter_problem() is None  # this environment: Triton >= 3.7, or an old one patched
 
 
