@@ -16,6 +16,7 @@ source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 BUDGET="${SCRIPT_BUDGET:-${BUDGET:-100}}"  # all.sh sets SCRIPT_BUDGET
 T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+WORKDIR="${KVSTITCH_WORK:-/tmp/kvstitch-tiny}"  # the runs (checkpoints); only the YAML goes to $OUT
 left() { echo $(( BUDGET - 8 - ($(date +%s) - T0) )); }  # 8 s kept for the table
 DATA="${KVSTITCH_DATA:-}"
 if [ -z "$DATA" ]; then
@@ -37,7 +38,7 @@ rm -f "$OUT"/kvstitch-tiny-*.yaml
 for SEED in 0 1 2; do
   LEFT=$(left)
   if [ "$LEFT" -lt 30 ]; then echo "seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
-  timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --workdir /tmp/kvstitch-tiny \
+  timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --workdir "$WORKDIR" \
     --data "$DATA" --large-size tiny-large --small-size tiny-small --vocab 1024 --pretrain-steps 800 \
     --pretrain-batch 32 --pretrain-lr 1e-3 --seq-len 128 --steps 200 --lora-steps 200 --batch 16 --prompt-len 64 --cont-len 32 \
     --prompts 256 --gen-len 32 --goal-gap 0.5 --seed "$SEED" 2>&1 | grep -vE "step [0-9]+:" | tail -12
@@ -47,11 +48,11 @@ done
 # disaggregated run over torch.distributed on seed 0's run: 2 ranks on the one GPU (gloo, cache staged through
 # host memory; the nccl path needs one GPU per rank and cannot run here), only if the budget still allows
 LEFT=$(left)
-if [ -d /tmp/kvstitch-tiny/seed0/run/lora ] && [ "$LEFT" -ge 30 ]; then
+if [ -d "$WORKDIR/seed0/run/lora" ] && [ "$LEFT" -ge 30 ]; then
   echo "== kvstitch serve-disagg (2 ranks, one GPU)"
   rm -f "$OUT"/kvstitch-disagg-*.yaml
   timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch serve-disagg \
-    --run-dir /tmp/kvstitch-tiny/seed0/run --prompts 32 --gen-len 32 --batch 16 --timeout $(( LEFT - 10 )) 2>&1 | tail -12
+    --run-dir "$WORKDIR/seed0/run" --prompts 32 --gen-len 32 --batch 16 --timeout $(( LEFT - 10 )) 2>&1 | tail -12
   echo "serve-disagg exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
 else
   echo "serve-disagg skipped: time box (${LEFT}s left) or no seed-0 run"

@@ -60,3 +60,71 @@ def test_all_sh_preflight_stops_without_cuda(tmp_path):
     pre = (tmp_path / "out" / "preflight.txt").read_text()
     assert "torch " in pre and "torch sees no CUDA device" in pre
     assert not (tmp_path / "work" / "core").exists()
+
+
+DRY_RUN = ROOT / "tests" / "core" / "device_dry_run.py"
+PLANNED = [s for s in SCRIPTS if s.name not in ("all.sh", "lib.sh", "prepare.sh")]
+
+
+def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run a device script on the CPU with PY = device_dry_run.py (every gpulab call parsed, every pytest
+    selection collected, every Python heredoc compiled) and stand-ins for ncu and nvidia-smi; returns the
+    process and the stand-in's log lines."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "py").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{DRY_RUN}" "$@"\n')
+    (bin_dir / "ncu").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho dry-run\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    # what the scripts look for before their later steps: CIFAR-10 files, tinyshakespeare, a trained kvstitch
+    # run, a seam family with its evaluation (contents are never read: the calls are only parsed)
+    data = tmp_path / "data"
+    (data / "cifar10").mkdir(parents=True)
+    for name in ("cifar10/train-0.npz", "cifar10/test.npz", "tinyshakespeare.txt"):
+        (data / name).write_text("")
+    (tmp_path / "kvstitch" / "seed0" / "run" / "lora").mkdir(parents=True)
+    (out / "seam-family").mkdir(parents=True)
+    for name in ("family.yaml", "eval.yaml"):
+        (out / "seam-family" / name).write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("BUDGET", "BUDGET_S", "PYTHON")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", PY=str(bin_dir / "py"), OUT=str(out),
+               DRYRUN_LOG=str(tmp_path / "calls.log"), SCRIPT_BUDGET="320", SEAM_DATA=str(data / "cifar10"),
+               KVSTITCH_DATA=str(data / "tinyshakespeare.txt"), KVSTITCH_WORK=str(tmp_path / "kvstitch"),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    log = tmp_path / "calls.log"
+    return proc, (log.read_text().splitlines() if log.exists() else [])
+
+
+@pytest.mark.parametrize("script", PLANNED, ids=[s.name for s in PLANNED])
+def test_script_dry_run(script, tmp_path):
+    """Every gpulab command line a device script runs parses with the commands' own options (experiment files
+    validate), every pytest selection it runs collects at least one test, and its Python heredocs compile:
+    a slip there would otherwise cost a device call."""
+    proc, calls = dry_run(script, tmp_path)
+    failed = [c for c in calls if c.startswith("FAIL")]
+    assert not failed, "\n".join(failed)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert any(c.startswith("ok gpulab") for c in calls), calls
+    if script.name != "dbjoin_map.sh":  # the map runs one experiment file and no tests
+        assert any(c.startswith("ok pytest") for c in calls), calls
+
+
+def test_dry_run_catches_slips(tmp_path):
+    """The stand-in fails an unknown option, a bad value, an empty test selection and a heredoc that does not
+    compile, each in its own line."""
+    dev = tmp_path / "repo" / "scripts" / "device"
+    dev.mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "device" / "lib.sh", dev / "lib.sh")
+    (dev / "bad.sh").write_text(
+        'source "$(dirname "$0")/lib.sh"\n'
+        '"$PY" -m gpulab --out "$OUT" sort bench --n 10 --no-such-option\n'
+        '"$PY" -m gpulab --device cuda join bench --rows many\n'
+        '"$PY" -m pytest -q -m gpu tests/sort -k no_test_is_called_this\n'
+        '"$PY" - <<\'EOF\'\nprint("unclosed"\nEOF\n'
+        '"$PY" -m gpulab --out "$OUT" sort bench --n 10\n')
+    proc, calls = dry_run(dev / "bad.sh", tmp_path, cwd=ROOT)
+    assert [c.split()[0] for c in calls] == ["FAIL", "FAIL", "FAIL", "FAIL", "ok"], calls
+    assert "--no-such-option" in calls[0] and "many" in calls[1] and "collection exits 5" in calls[2]
+    assert "<heredoc>" in calls[3]
