@@ -9,7 +9,7 @@ call (15 minutes a session). Each call appends one line to $DRYRUN_LOG ("ok ..."
 - ``-m pytest ARGS``: collects ARGS (``--collect-only``); a selection with no test fails.
 - ``- [ARGS]`` (a heredoc), ``FILE.py``, ``-c CODE``: compiles the source. A heredoc also runs, with the real
   interpreter (it may write a file the script reads next, as dbjoin_map.sh's does); its exit code is only noted,
-  since the summaries it prints read results that a dry run does not make. ``-c`` exits 0 (so
+  since the summaries it prints read results that a dry run does not make (the test puts CPU records where it can). ``-c`` exits 0 (so
   ``"$PY" -c "import flashinfer"`` takes the branch that has flashinfer).
 Calls other than these pass. Failures exit 2.
 """
@@ -113,8 +113,11 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "-":
         source = sys.stdin.read()
         check_source(source, "<heredoc>")
-        proc = subprocess.run([sys.executable, "-", *argv[1:]], input=source, capture_output=True, text=True)
-        log(f"ok heredoc (compiles; ran with exit {proc.returncode})")
+        sys.stdout.flush()
+        proc = subprocess.run([sys.executable, "-", *argv[1:]], input=source, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        err = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:]
+        log(f"ok heredoc (compiles; ran with exit {proc.returncode}{': ' + err[0] if proc.returncode else ''})")
         return
     if argv and argv[0].endswith(".py"):
         with open(argv[0]) as f:

@@ -72,6 +72,7 @@ def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT) -> tuple[subprocess.
     process and the stand-in's log lines."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
+    out.mkdir(exist_ok=True)
     (bin_dir / "py").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{DRY_RUN}" "$@"\n')
     (bin_dir / "ncu").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho dry-run\n")
@@ -84,7 +85,7 @@ def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT) -> tuple[subprocess.
     for name in ("cifar10/train-0.npz", "cifar10/test.npz", "tinyshakespeare.txt"):
         (data / name).write_text("")
     (tmp_path / "kvstitch" / "seed0" / "run" / "lora").mkdir(parents=True)
-    (out / "seam-family").mkdir(parents=True)
+    (out / "seam-family").mkdir()
     for name in ("family.yaml", "eval.yaml"):
         (out / "seam-family" / name).write_text("{}\n")
     env = {k: v for k, v in os.environ.items() if k not in ("BUDGET", "BUDGET_S", "PYTHON")}
@@ -97,15 +98,61 @@ def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT) -> tuple[subprocess.
     return proc, (log.read_text().splitlines() if log.exists() else [])
 
 
+# result records made on the CPU (small sizes) for the scripts whose summaries read them
+RECORD_RUNS = {
+    "sort-bench": ["sort", "bench", "--n", "2000", "--reps", "1", "--impl", "numpy,torch,bitonic-fused"],
+    "join-bench": ["join", "bench", "--rows", "300", "--reps", "1", "--warmup", "0",
+                   "--impl", "hash,hash-cpu,tensorcore,torch,pandas", "--max-interpret-rows", "300"],
+    "join-agg-bench": ["join", "bench", "--rows", "300", "--reps", "1", "--warmup", "0", "--aggregate", "sum",
+                       "--impl", "hash,torch,pandas"],
+    "l2-mlp": ["l2", "run", "--workload", "mlp", "--width", "64", "--layers", "2", "--batch", "2", "--reps", "2",
+               "--rounds", "2", "--policy", "all"],
+    "vajra-kernels": ["serve-kernels", "--size", "small", "--tokens", "1", "--reps", "1", "--no-decode"],
+    "serve-bench": ["serve-bench", "experiments/assets/tiny-llama", "--load-format", "dummy", "--input-len", "16",
+                    "--output-len", "4", "--num-prompts", "2", "--num-blocks", "16", "--decode-steps", "2",
+                    "--no-hf-baseline"],
+}
+# script -> (the records its summary reads, a string its summary prints from them)
+RECORDS_FOR = {"sort.sh": (["sort-bench"], "n=2000 int32"),
+               "dbjoin.sh": (["join-bench", "join-agg-bench"], "aggregate=sum"),
+               "dbjoin_map.sh": (["join-bench"], "       300 "),
+               "l2.sh": (["l2-mlp"], "cpu-baseline"),
+               "vajra_model.sh": (["vajra-kernels"], "gate_up"),
+               "vajra_engine.sh": (["serve-bench"], "vajra-bf16")}
+
+
+@pytest.fixture(scope="module")
+def cpu_records(tmp_path_factory) -> dict[str, Path]:
+    """One CPU record per RECORD_RUNS entry (one process: ~15 s), by record name."""
+    out = tmp_path_factory.mktemp("cpu-records")
+    code = ("import sys\nfrom gpulab.cli import invoke\n"
+            f"for argv in {list(RECORD_RUNS.values())!r}:\n"
+            f"    invoke(['--device', 'cpu', '--out', {str(out)!r}, *argv])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {name: sorted(out.glob(f"{name}-2*.yaml")) for name in RECORD_RUNS}
+    assert all(len(v) == 1 for v in found.values()), found
+    return {name: paths[0] for name, paths in found.items()}
+
+
 @pytest.mark.parametrize("script", PLANNED, ids=[s.name for s in PLANNED])
-def test_script_dry_run(script, tmp_path):
+def test_script_dry_run(script, tmp_path, cpu_records):
     """Every gpulab command line a device script runs parses with the commands' own options (experiment files
-    validate), every pytest selection it runs collects at least one test, and its Python heredocs compile:
-    a slip there would otherwise cost a device call."""
+    validate), every pytest selection it runs collects at least one test, and its Python heredocs compile;
+    where a summary reads result records, it reads CPU-made ones without an error. A slip in any of these
+    would otherwise cost a device call."""
+    (tmp_path / "out").mkdir()
+    records, printed = RECORDS_FOR.get(script.name, ([], None))
+    for name in records:
+        shutil.copy(cpu_records[name], tmp_path / "out")
     proc, calls = dry_run(script, tmp_path)
     failed = [c for c in calls if c.startswith("FAIL")]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    if records:
+        heredocs = [c for c in calls if c.startswith("ok heredoc")]
+        assert heredocs and all("exit 0" in c for c in heredocs), heredocs
+        assert printed in proc.stdout, proc.stdout[-3000:]
     assert any(c.startswith("ok gpulab") for c in calls), calls
     if script.name != "dbjoin_map.sh":  # the map runs one experiment file and no tests
         assert any(c.startswith("ok pytest") for c in calls), calls
