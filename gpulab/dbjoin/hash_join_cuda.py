@@ -153,6 +153,11 @@ def _prepare_keys(left_key: Any, right_key: Any):
     return suffix, swap, build, probe
 
 
+def load_kernels(left_key: Any, right_key: Any) -> None:
+    """Compile (NVRTC, once a process) and load the kernels a join of these key arrays uses."""
+    _kernels(_prepare_keys(left_key, right_key)[0])
+
+
 def _enqueue_build(k: dict[str, Any], build, table, cap: int, counters, build_slot, slot_off, grouped,
                    stream_ptr: int) -> None:
     """Empty the table and counters (one memset), then insert and group, on the current cupy stream."""

@@ -135,3 +135,13 @@ def test_bench_gpu_pinned(out_dir):
     assert rec.ok, {k: v for k, v in rec.checks.items() if not v["passed"]}
     rows = {r["impl"]: r for r in rec.rows}
     assert rows["bitonic-fused"]["e2e_ms"] > 0 and rec.metrics["transfer"]["h2d_gbs"] > 0
+
+
+def test_bench_gpu_kv_end_to_end_brings_the_permutation_back(out_dir):
+    """With --kv every GPU implementation's end to end copies keys and permutation back, and both are checked."""
+    rec = run(BenchArgs(n=100_003, reps=3, kv=True, order="desc", transfer="pageable",
+                        impl="bitonic-fused,cupy,torch"))
+    assert rec.ok, {k: v for k, v in rec.checks.items() if not v["passed"]}
+    for impl in ("bitonic-fused", "cupy", "torch"):
+        assert rec.checks[f"{impl}.e2e.correct"]["passed"]
+    assert all(r["e2e_ms"] > 0 for r in rec.rows)
