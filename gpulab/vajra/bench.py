@@ -41,10 +41,17 @@ FP8_SCHEME = {  # what llm-compressor writes for FP8_DYNAMIC (Llama-3.1-8B-Instr
     }},
     "ignore": ["lm_head"],
 }
-# HBM bandwidth from the vendors' data sheets (bytes/s), for the spec roofline next to the measured one
+# HBM bandwidth from the vendors' data sheets (bytes/s), for the spec roofline next to the measured one; keyed by
+# torch's device name without "NVIDIA " (whole names only)
 SPEC_HBM = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
-            "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100-SXM4-40GB": 1.555e12,
-            "L40S": 0.864e12}
+            "H200": 4.8e12, "H200 NVL": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12,
+            "A100-SXM4-40GB": 1.555e12, "L40S": 0.864e12}
+
+
+
+def spec_hbm(gpu_name: str) -> float | None:
+    """The data-sheet HBM bandwidth (bytes/s) of a GPU by torch's name, e.g. 'NVIDIA H200'; None if not listed."""
+    return SPEC_HBM.get(gpu_name.removeprefix("NVIDIA ").strip())
 
 
 ROW_COLUMNS = ["impl", "act_dtype", "kv_cache", "cuda_graphs", "output_tok_s", "requests_s", "ttft_median_ms", "ttft_p99_ms",
@@ -194,14 +201,18 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
         if not tt:  # admitted, aborted at the time box before its first token
             continue
         ttft.append((tt[0] - s.arrival_time) * 1e3)
-        e2e.append((tt[-1] - s.arrival_time) * 1e3)
+        if s.finish_reason == "length":  # a request cut off by the time box has no end to end
+            e2e.append((tt[-1] - s.arrival_time) * 1e3)
         if len(tt) > 1:
             tpot.append((tt[-1] - tt[0]) / (len(tt) - 1) * 1e3)
             itl += [(b - a) * 1e3 for a, b in zip(tt, tt[1:])]
     n_out = sum(s.num_output for s in seqs)
-    res = {"duration_s": duration, "completed": sum(1 for s in seqs if s.finish_reason == "length"),
-           "output_tokens": n_out, "output_tok_s": n_out / duration, "requests_s": len(seqs) / duration,
-           "total_tok_s": (n_out + sum(s.prompt_len for s in seqs)) / duration,
+    completed = sum(1 for s in seqs if s.finish_reason == "length")
+    # as vLLM's benchmark: completed requests per second; prompt tokens of the requests that were prefilled (a
+    # time box can abort requests before or during their prefill)
+    res = {"duration_s": duration, "completed": completed,
+           "output_tokens": n_out, "output_tok_s": n_out / duration, "requests_s": completed / duration,
+           "total_tok_s": (n_out + sum(s.prompt_len for s in seqs if s.token_times)) / duration,
            "preemptions": engine.scheduler.num_preemptions, "steps": len(engine.step_log),
            "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs),
            "time_boxed": boxed, "num_prompts_asked": len(prompts)}
@@ -211,7 +222,7 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
     res["host_ms_decode_median"] = pct(host_dec, 0.5) if host_dec else None
     # the detokenization the engine does while the device runs the step's model call (off the critical path)
     drain_dec = [st["drain_ms"] for st in engine.step_log if st["decode_only"]]
-    res["drain_ms_decode_median"] = pct(drain_dec, 0.5) if drain_dec else None
+    res["drain_ms_decode_median"] = pct(drain_dec, 0.5) if drain_dec and engine.defer_output else None
     res["host_share"] = sum(st["host_ms"] for st in engine.step_log) / (duration * 1e3) if duration > 0 else None
     res.update(stats("ttft", ttft))
     res.update(stats("tpot", tpot))
@@ -385,7 +396,7 @@ def run(model_dir: Path, args: dict[str, Any]):
     bw = ceilings.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda" else (64 << 20))
     rec.metrics["copy_bandwidth_gbs"] = bw
     gpu_name = ((probe() or {}).get("gpu") or {}).get("name", "") if device == "cuda" else ""
-    spec_bw = next((v for k, v in SPEC_HBM.items() if k.lower() in gpu_name.lower()), None)
+    spec_bw = spec_hbm(gpu_name)
     rec.metrics["spec_hbm_bandwidth_gbs"] = spec_bw / 1e9 if spec_bw else None
 
     cfg = EngineConfig(max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
@@ -467,10 +478,19 @@ def run(model_dir: Path, args: dict[str, Any]):
     if boxed:  # their tok/s covers the box only (no drain of the last requests): compare with care
         rec.summary["time_boxed"] = ",".join(boxed)
     precision_of = {name: precision for name, precision, _ in compare}
+    ratios = []
     for a, ra in per_variant.items():  # every FP8 entry over every BF16 entry
         for b, rb in per_variant.items():
             if precision_of[a] == "fp8" and precision_of[b] == "bf16" and rb["output_tok_s"]:
-                rec.summary[ratio_key(a, b)] = round(ra["output_tok_s"] / rb["output_tok_s"], 3)
+                # not a figure on the CPU (both compute in fp32 there) or where either entry was time-boxed
+                fair = device == "cuda" and not (ra.get("time_boxed") or rb.get("time_boxed"))
+                rec.summary[ratio_key(a, b)] = round(ra["output_tok_s"] / rb["output_tok_s"], 3) if fair else None
+                ratios.append(ratio_key(a, b))
+    if ratios and device != "cuda":
+        rec.notes.append(f"{', '.join(ratios)}: none on the CPU, where FP8 weights are dequantized and both entries "
+                         "compute in fp32")
+    elif any(rec.summary[k] is None for k in ratios):
+        rec.notes.append("FP8-over-BF16 ratios with a time-boxed entry are left out (its tok/s covers the box only)")
     hf_row = next((r for r in rec.rows if r["impl"] == "hf-generate"), None)
     if hf_row and per_variant:
         best = max(r["output_tok_s"] for r in per_variant.values())

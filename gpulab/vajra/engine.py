@@ -112,7 +112,9 @@ class LLMEngine:
             self.graphs = DecodeGraphRunner.try_capture(self)
         self.step_log: Optional[list[dict[str, Any]]] = None  # set to [] to record every step
         # sampled tokens whose detokenization and output wait for the next step, which does them while the GPU
-        # runs its model call (see step)
+        # runs its model call (see step). Only on a GPU: on the CPU the model call is synchronous, so the wait
+        # would hide nothing and only deliver every token a whole step later.
+        self.defer_output = self.device.type == "cuda"
         self._deferred: list[tuple[Sequence, int]] = []
 
     # --- set-up ------------------------------------------------------------------------------
@@ -334,7 +336,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, tok: int, now: float) -> Optional[RequestOutput]:
         """Take a sampled token. A token that ends the sequence by its id or length, or of a sequence with stop
         strings (found only in the text), is detokenized now and its output returned; any other token's
-        detokenization and output wait for the next step (None here), which does them while the device runs."""
+        detokenization and output wait for the next step (None here), which does them while the device runs
+        (with ``defer_output``: on a GPU)."""
         p = seq.params
         seq.token_ids.append(tok)
         n = seq.num_output
@@ -343,7 +346,7 @@ class LLMEngine:
             reason = "stop"
         elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        if reason is None and not seq.detok.stop:
+        if reason is None and self.defer_output and not seq.detok.stop:
             self._deferred.append((seq, tok))
             return None
         return self._emit(seq, tok, now, reason)

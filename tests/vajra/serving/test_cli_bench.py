@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 
@@ -26,9 +27,10 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
     assert v["output_tokens"] == 24 and v["completed"] == 4
     for k in ("ttft_p99_ms", "tpot_median_ms", "itl_mean_ms", "e2e_p99_ms", "decode_b1_ms", "roofline_frac"):
         assert v[k] > 0
-    assert rec["summary"]["fp8_over_bf16"] > 0
+    assert "fp8_over_bf16" in rec["summary"] and rec["summary"]["fp8_over_bf16"] is None  # not a CPU figure
     assert v["host_ms_decode_median"] > 0 and 0 < v["host_share"] <= 1  # the engine's own CPU time per step
-    assert v["drain_ms_decode_median"] > 0  # detokenization, overlapped with the device
+    assert v["drain_ms_decode_median"] is None  # no deferred detokenization on the CPU: nothing overlaps
+    assert v["requests_s"] == pytest.approx(4 / v["duration_s"])
 
 
 def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatch):
@@ -147,6 +149,12 @@ def test_drive_time_box_aborts_and_reports(monkeypatch):
     assert 0 < res["output_tokens"] < 12 * 20 and res["completed"] < 12
     assert eng.block_manager.num_used == 0 and not eng.has_unfinished()
     assert res["ttft_median_ms"] > 0 and res["output_tok_s"] > 0
+    # completed requests per second (as vLLM's benchmark), not the admitted ones; only prefilled prompts count
+    assert res["requests_s"] == pytest.approx(res["completed"] / res["duration_s"])
+    prefilled = sum(10 for o in res["outputs"] if o)
+    assert res["total_tok_s"] == pytest.approx((res["output_tokens"] + prefilled) / res["duration_s"])
+    assert prefilled < 12 * 10
+    assert math.isnan(res["e2e_median_ms"]) == (res["completed"] == 0)  # end to end of finished requests only
     monkeypatch.undo()
     full = bench.drive(LLMEngine(FakeModel(97, max_model_len=128), None, EngineConfig(num_blocks=200)), prompts[:3],
                        5, float("inf"), None, 0, deadline=None)
@@ -242,3 +250,11 @@ def test_help_imports_nothing_heavy():
             "print('HEAVY', bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in r.stdout and "--input-len" in r.stdout
+
+
+def test_spec_hbm_matches_whole_device_names():
+    from gpulab.vajra.bench import spec_hbm
+
+    assert spec_hbm("NVIDIA H100 80GB HBM3") == 3.35e12 and spec_hbm("NVIDIA H200") == 4.8e12
+    assert spec_hbm("NVIDIA H100 PCIe") == 2.0e12 and spec_hbm("NVIDIA L40S") == 0.864e12
+    assert spec_hbm("NVIDIA GH200 480GB") is None and spec_hbm("") is None  # not the H200's 4.8 TB/s

@@ -116,11 +116,14 @@ def test_engine_stop_string_with_fake_model(tokenizer):
 
 
 def test_detokenization_waits_one_step_and_streams_the_same_text(tokenizer):
-    """A token that does not end its sequence is detokenized during the next step (while a GPU would run the
-    model): its output comes one step later, every token's output comes exactly once and in order, the pieces
-    add up to the full text, and a sequence with stop strings (found only in the text) is never deferred."""
+    """With defer_output (a GPU's setting), a token that does not end its sequence is detokenized during the next
+    step (while the GPU runs the model): its output comes one step later, every token's output comes exactly
+    once and in order, the pieces add up to the full text, and a sequence with stop strings (found only in the
+    text) is never deferred."""
     vocab = tokenizer.vocab_size
     eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    assert eng.defer_output is False  # a CPU model call is synchronous: nothing to hide the work behind
+    eng.defer_output = True
     prompt = tokenizer.encode("To be, or not to be")
     ref = reference_greedy(prompt, 6, vocab)
     eng.add_request(prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), request_id="a")
@@ -143,3 +146,15 @@ def test_detokenization_waits_one_step_and_streams_the_same_text(tokenizer):
     while not eng._deferred:
         eng.step()
     assert eng.abort("b") and not eng.has_unfinished() and eng.block_manager.num_used == 0
+
+
+def test_cpu_engine_outputs_each_token_in_the_step_that_sampled_it(tokenizer):
+    """Without deferral (the CPU), every token's output, and its time, come in the step that sampled it."""
+    vocab = tokenizer.vocab_size
+    eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    prompt = tokenizer.encode("To be, or not to be")
+    eng.add_request(prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), request_id="a")
+    per_step = []
+    while eng.has_unfinished():
+        per_step.append([o.new_token_ids[0] for o in eng.step()])
+    assert per_step == [[t] for t in reference_greedy(prompt, 5, vocab)]
