@@ -151,10 +151,10 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
         r = rouge_scores(preds, [ref_texts[i] for i in order])
         n = len(windows)
         med_h = statistics.median(handover)
-        per_batch_bytes = hbytes / len(bt)
         row = {"variant": f"disagg-{stage}",
                "ttft_ms": statistics.median(ttft), "handover_ms": med_h,
-               "handover_gbs": per_batch_bytes / (med_h * 1e6) if med_h > 0 else None,
+               # all bytes over all hand-over time (batches may differ in size: a short last one)
+               "handover_gbs": hbytes / (sum(handover) * 1e6) if sum(handover) > 0 else None,
                "tpot_ms": statistics.median(tpot), "e2e_ms": statistics.median(e2e),
                "handover_bytes_per_seq": hbytes // n, "states_bytes_per_seq": sbytes // n,
                "rouge1": r["rouge1"], "rouge2": r["rouge2"], "rougeL": r["rougeL"]}

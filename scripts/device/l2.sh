@@ -41,16 +41,17 @@ printf '%s\n' "${steps[@]}"
 echo "== summary (card: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 "$PY" - "$OUT" <<'PYEOF'
 import glob, sys, yaml
-print(f"{'workload':8} {'policy':22} {'median_ms':>10} {'p90_ms':>9} {'speedup':>8} {'dram_rd_MiB':>11} {'l2_hit%':>7} checks")
+print(f"{'workload':8} {'policy':22} {'median_ms':>10} {'p90_ms':>9} {'speedup':>8} {'dram_rd_MiB':>11} {'rd/def':>6} "
+      f"{'l2_hit%':>7} checks")
 for f in sorted(glob.glob(f"{sys.argv[1]}/l2-*.yaml")):
     r = yaml.safe_load(open(f))
     ok = "ok" if r["ok"] else "FAILED:" + ",".join(k for k, v in r["checks"].items() if not v["passed"])
     for row in r["rows"]:
-        med, p90, sp, rd, hit = (row.get(k) for k in ("median_ms", "p90_ms", "speedup_vs_default", "dram_read_mib",
-                                                      "l2_hit_pct"))
+        med, p90, sp, rd, rdd, hit = (row.get(k) for k in ("median_ms", "p90_ms", "speedup_vs_default", "dram_read_mib",
+                                                           "dram_read_vs_default", "l2_hit_pct"))
         fmt = lambda v, w: f"{v:>{w}.4g}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
         name = row["policy"] + (f"->{row['chose']}" if "chose" in row else "")
         print(f"{r['config']['workload']:8} {name:22} {fmt(med, 10)} {fmt(p90, 9)} {fmt(sp, 8)} {fmt(rd, 11)} "
-              f"{fmt(hit, 7)} {ok}")
+              f"{fmt(rdd, 6)} {fmt(hit, 7)} {ok}")
 PYEOF
 exit $status

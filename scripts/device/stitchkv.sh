@@ -73,7 +73,7 @@ for f in files:
     gaps.append(g)
     st = r.get("stitched-lora", r["stitched-warmup"])
     print(f"{s['seed']:>4} {r['small']['rougeL']:7.4f} {r['large']['rougeL']:7.4f} {r['stitched-warmup']['rougeL']:7.4f} "
-          f"{st['rougeL']:7.4f} {g if g is None else round(g, 3)!s:>6} {str(s.get('gap_ci95')):>17} "
+          f"{st['rougeL']:7.4f} {g if g is None else round(g, 3)!s:>6} {str(s.get('rougeL_large_minus_small_ci95')):>17} "
           f"{str(round(s['gap_recovered_nll'] or 0, 3)):>6} "
           f"{r['small']['ref_nll']:5.3f}/{r['large']['ref_nll']:5.3f}/{st['ref_nll']:5.3f} "
           f"{st['ttft_ms']:10.2f} {st['tpot_ms']:10.3f} {d['ok']}")
@@ -81,7 +81,8 @@ for f in files:
           f"after token 1 (the small model reading the stitched cache) {s.get('gap_recovered_nll_after_tok1')}")
     if "small-lora" in r:
         print(f"     control small-lora: rougeL {r['small-lora']['rougeL']:.4f} nll {r['small-lora']['ref_nll']:.3f}; "
-              f"stitch gain over it (nll) {s.get('stitch_gain_nll_over_lora_control')}")
+              f"stitch gain over it (nll after token 1) "
+              f"{s.get('stitch_gain_nll_after_tok1_over_lora_control')}")
     failed = [k for k, c in d["checks"].items() if not c["passed"]]
     if failed:
         print("     failed checks:", ", ".join(failed))

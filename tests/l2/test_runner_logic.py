@@ -145,3 +145,25 @@ def test_persisting_window_hit_ratio_fits_the_granted_set_aside(monkeypatch):
     assert state == {"limit": 0, "windows": {}}
     with cuda_l2.PersistingL2(16 * mib, 4096, 64 * mib, 0.25, [7]) as ctx:  # granted in full: the ratio asked
         assert ctx.granted_bytes == 16 * mib and ctx.installed_hit_ratio == 0.25
+
+
+def test_summarize_ncu_weights_the_hit_rate_by_sectors():
+    """DRAM bytes per inference leave the pollution kernel out; the L2 hit rate is that of all sectors, so a
+    prefetch kernel with few sectors does not count like a GEMM with many."""
+    from gpulab.core.ncu import KernelRecord
+    from gpulab.l2.bench import summarize_ncu
+
+    def k(name, rd, hit, sectors):
+        return KernelRecord(0, name, {"dram__bytes_read.sum": rd, "dram__bytes_write.sum": 1.0,
+                                      "lts__t_sector_hit_rate.pct": hit, "lts__t_sectors.sum": sectors})
+
+    recs = [k("gemm", 100.0, 90.0, 9000.0), k("touch", 50.0, 0.0, 1000.0), k("pollute_kernel", 1e9, 0.0, 1e9)] * 2
+    s = summarize_ncu(recs, reps=2)
+    assert s["kernels_per_inference"] == 2 and s["dram_read_bytes_per_inference"] == 150.0
+    assert s["dram_write_bytes_per_inference"] == 2.0
+    assert s["l2_hit_rate_pct"] == 81.0 and s["l2_hit_rate_weighting"] == "sectors"  # not (90 + 0) / 2
+    for r in recs:
+        r.metrics.pop("lts__t_sectors.sum", None)  # (the list holds each record twice)
+    s = summarize_ncu(recs, reps=2)
+    assert s["l2_hit_rate_pct"] == 45.0 and s["l2_hit_rate_weighting"] == "kernels"
+    assert summarize_ncu([], reps=1)["l2_hit_rate_pct"] is None

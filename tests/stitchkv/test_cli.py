@@ -65,10 +65,18 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
     ci = rec["metrics"]["rougeL_ci95"]
     assert set(ci) == {"large_minus_small", "stitched-lora_minus_small", "gap_recovered",
                        "stitched-lora_minus_small-lora"}
-    assert rec["summary"]["stitch_gain_nll_over_lora_control"] == pytest.approx(
-        rows["small-lora"]["ref_nll"] - rows["stitched-lora"]["ref_nll"])
-    lo, hi = rec["summary"]["gap_ci95"]
+    # the stitches' gain over the LoRA control after token 1 (token 1 is the large model's own prediction)
+    assert rec["summary"]["stitch_gain_nll_after_tok1_over_lora_control"] == pytest.approx(
+        rows["small-lora"]["ref_nll_after"] - rows["stitched-lora"]["ref_nll_after"])
+    assert rec["summary"]["stitch_gain_nll_tok1_over_lora_control"] == pytest.approx(
+        rows["small-lora"]["ref_nll_tok1"] - rows["stitched-lora"]["ref_nll_tok1"])
+    lo, hi = rec["summary"]["rougeL_large_minus_small_ci95"]
     assert rec["summary"]["gap_significant"] == (lo is not None and lo > 0)
+    # the share recovered is claimed only for a real gap; its own interval sits beside it
+    g = rec["summary"]["gap_recovered_rougeL"]
+    assert (g is not None) == rec["summary"]["gap_significant"]
+    assert rec["summary"]["gap_recovered_rougeL_ci95"] == [
+        None if x is None else round(x, 5) for x in (ci["gap_recovered"]["lo"], ci["gap_recovered"]["hi"])]
     if lo is not None:
         assert lo <= ci["large_minus_small"]["value"] <= hi
     if not rec["summary"]["gap_significant"]:
