@@ -113,12 +113,11 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
 
             tc = TensorCoreAggregate(dtype, cfg.tc_block, mode=mode)
             add_row(name, device, lambda: tc.aggregate(*t_in), r=1 if interp else reps,
-                    w=0 if interp else warmup, extra={"code_dtype": dtype, "partitions": None, **({"timed": "interpreter"} if interp else {})})
+                    w=0 if interp else warmup, extra=B.tensorcore_extra(dtype, interp))
             rec.rows[-1]["partitions"] = tc.last_partitions
 
     by = {r["impl"]: r for r in rec.rows if "median_ms" in r}
-    for impl, row in by.items():  # a Triton-interpreter time (CPU) is not the kernel's: named so
-        rec.summary[f"{impl}_interpreter_ms" if row.get("timed") == "interpreter" else f"{impl}_ms"] = row["median_ms"]
+    B.headline_times(rec, by)
     rec.summary["groups"] = len(ref)
     if device == "cuda" and "tensorcore-agg" in by and "torch-agg" in by:
         rec.summary["tensorcore_over_torch"] = by["tensorcore-agg"]["median_ms"] / by["torch-agg"]["median_ms"]

@@ -117,6 +117,19 @@ def skip_row(rec, impl: str, why: str) -> None:
     rec.notes.append(f"{impl}: skipped: {why}")
 
 
+def tensorcore_extra(dtype: str, interp: bool) -> dict[str, Any]:
+    """The tensor-core row's own columns; a time taken under the Triton interpreter is marked as such."""
+    return {"code_dtype": dtype, "partitions": None, **({"timed": "interpreter"} if interp else {})}
+
+
+def headline_times(rec, by: dict[str, dict[str, Any]]) -> None:
+    """Each timed row's median in the summary as <impl>_ms; a Triton-interpreter time (CPU) is not the kernel's,
+    so it is <impl>_interpreter_ms."""
+    for impl, row in by.items():
+        key = f"{impl}_interpreter_ms" if row.get("timed") == "interpreter" else f"{impl}_ms"
+        rec.summary[key] = row["median_ms"]
+
+
 def _triton_mode(device: str) -> str | None:
     """'gpu', 'interpret', or None when Triton cannot run here."""
     if device == "cuda":
@@ -304,14 +317,13 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             tc = TensorCoreJoin(dtype, cfg.tc_block)
             add_row(impl, device, lambda: tc.join(lk_t, rk_t, cfg.count_only),
                     r=1 if interp else reps, w=0 if interp else warmup,
-                    extra={"code_dtype": dtype, "partitions": None, **({"timed": "interpreter"} if interp else {})})
+                    extra=tensorcore_extra(dtype, interp))
             rec.rows[-1]["partitions"] = tc.last_partitions
             rec.metrics["tensorcore_retries"] = tc.retries
 
     # headline numbers
     by = {r["impl"]: r for r in rec.rows if "median_ms" in r}
-    for impl, row in by.items():  # a Triton-interpreter time (CPU) is not the kernel's: named so
-        rec.summary[f"{impl}_interpreter_ms" if row.get("timed") == "interpreter" else f"{impl}_ms"] = row["median_ms"]
+    headline_times(rec, by)
     rec.summary["output_rows"] = n_pairs
     if "hash" in by and "tensorcore" in by:
         rec.summary["tensorcore_over_hash"] = by["tensorcore"]["median_ms"] / by["hash"]["median_ms"]

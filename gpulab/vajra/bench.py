@@ -48,7 +48,6 @@ SPEC_HBM = {"H100 80GB HBM3": 3.35e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12,
             "A100-SXM4-40GB": 1.555e12, "L40S": 0.864e12}
 
 
-
 def spec_hbm(gpu_name: str) -> float | None:
     """The data-sheet HBM bandwidth (bytes/s) of a GPU by torch's name, e.g. 'NVIDIA H200'; None if not listed."""
     return SPEC_HBM.get(gpu_name.removeprefix("NVIDIA ").strip())

@@ -97,6 +97,7 @@ def bench(
     if attn_kernels:
         _attention_kernels(rec, dev, size, backends, reps, left)
     best_w8a16 = {}
+    w8a16_m1 = []  # (weight bytes, ms) of the W8A16 rows at M=1, for the goal's fraction of the copy bandwidth
     for gname, (n, k) in (gemm_shapes.items() if gemms else ()):
         if left() < (25 if decode and cuda and size == "full" else 0):  # keep time for the decode step
             skipped.append(gname)
@@ -140,6 +141,8 @@ def bench(
                 wbytes = n * k * (1 if name != "dense" else wd.element_size())
                 row = {"gemm": gname, "N x K": f"{n}x{k}", "M": m, "impl": name, "ms": round(t.median, 4),
                        "weight GB/s": round(wbytes / t.median / 1e6, 1)}
+                if name == "w8a16" and m == 1:
+                    w8a16_m1.append((wbytes, t.median))
                 if copy_gbs:
                     row["of copy"] = round(wbytes / t.median / 1e6 / copy_gbs, 3)
                 rec.rows.append(row)
@@ -168,10 +171,8 @@ def bench(
         rec.notes.append(f"--budget-s {budget_s:g}: {', '.join(skipped)} skipped (out of time)")
     rec.metrics["w8a16_best_tiling_m1"] = best_w8a16
     if copy_gbs:
-        m1 = [r for r in rec.rows if r["M"] == 1 and r["impl"] == "w8a16"]
-        if m1:  # all four GEMMs' bytes over their time (not a mean of fractions: o and qkv are small)
-            nbytes = sum(r["weight GB/s"] * r["ms"] for r in m1)
-            frac = nbytes / sum(r["ms"] for r in m1) / copy_gbs
+        if w8a16_m1:  # all four GEMMs' bytes over their time (not a mean of fractions: o and qkv are small)
+            frac = sum(b for b, _ in w8a16_m1) / sum(ms for _, ms in w8a16_m1) / 1e6 / copy_gbs
             rec.summary["w8a16_m1_mean_fraction_of_copy"] = round(frac, 3)
             rec.metrics["goal_w8a16_ge_0.8_of_copy"] = bool(frac >= 0.8)
     if decode and cuda and size == "full":
@@ -249,7 +250,7 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
 
     model.attention = backend
     label = "triton-decode" if be == "triton" else be  # the triton backend runs its split-KV decode kernel here
-    kv_per_token = model.kv_bytes_per_block(DECODE_PAGE) / DECODE_PAGE
+    kv_per_token = model.kv_bytes_per_block(1)
     for batch_size in DECODE_BATCHES:
         # what one step must read: every weight once, and each sequence's K/V of ctx + 1 positions (the new one
         # is written, then read); at B=32 (512-token context) the K/V is a fifth of it
@@ -272,7 +273,7 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
         if getattr(backend, "graph_capturable", False):  # the engine runs decode steps as CUDA graphs
             try:
                 with torch.inference_mode():
-                    g = _graph_of(lambda: model.forward(b, kv), 1)
+                    g = _graph_of(lambda: model.forward(b, kv))
                     tg = timing.benchmark(g.replay, device="cuda", warmup=2, reps=max(10, reps // 2))
                 timings[f"attn={label}, graph"] = tg.median
                 if batch_size == 1:
@@ -319,7 +320,7 @@ def _unfused_b1(rec, model, b, kv, label, timings, reps):
     try:
         rec.metrics[f"decode_b1_{label}_kernels_unfused"] = count_kernels(step)
         with torch.inference_mode():
-            g = _graph_of(step, 1)
+            g = _graph_of(step)
             timings[f"attn={label}, graph, unfused"] = timing.benchmark(g.replay, device="cuda", warmup=2,
                                                                        reps=max(10, reps // 2)).median
         del g
@@ -348,9 +349,9 @@ def count_kernels(fn) -> int | None:
         return None
 
 
-def _graph_of(fn, n: int):
-    """A CUDA graph of ``n`` back-to-back calls of ``fn`` (warmed up first, on a side stream): its replay()
-    times device work without Python launch overhead."""
+def _graph_of(fn):
+    """A CUDA graph of one call of ``fn`` (warmed up first, on a side stream): its replay() times device work
+    without Python launch overhead."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -361,8 +362,7 @@ def _graph_of(fn, n: int):
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
+        fn()
     torch.cuda.synchronize()
     return g
 
@@ -433,9 +433,6 @@ def _attention_config(rec, dev, b, ctx, width, shape, act, wanted, fi, reps):
     hq, hkv, d, page = shape
     scale = d ** -0.5
     copy_gbs = rec.metrics.get("copy_bandwidth_gbs")
-    # one call per CUDA-graph replay, after an L2 flush: at B=1 a layer's K/V (8 MB at 2k context) would stay in
-    # L2 across back-to-back calls, which a decode step (32 layers) never sees; the flush also covers the launch
-    n_rep = 1
     need = -(-ctx // page)
     width = width or need
     nblocks = b * need + 1  # block 0: the null block the table is padded with
@@ -478,10 +475,12 @@ def _attention_config(rec, dev, b, ctx, width, shape, act, wanted, fi, reps):
             rec.check(tag, err < (3e-2 if cuda else 1e-4), {"max_abs_err": round(err, 6)})
             how = "graph"
             if cuda:
-                try:
-                    g = _graph_of(fn, n_rep)
+                try:  # one call per replay, after an L2 flush: at B=1 a layer's K/V (8 MB at 2k context) would
+                    # stay in L2 across back-to-back calls, which a decode step (32 layers) never sees; the flush
+                    # also covers the replay's launch
+                    g = _graph_of(fn)
                     ms = timing.benchmark(g.replay, device=dev, warmup=2, reps=max(5, reps // 2),
-                                          flush_l2=True).median / n_rep
+                                          flush_l2=True).median
                     del g
                 except Exception as e:  # noqa: BLE001 - not capturable: eager (launch overhead included)
                     torch.cuda.synchronize()

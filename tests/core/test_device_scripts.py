@@ -66,13 +66,16 @@ DRY_RUN = ROOT / "tests" / "core" / "device_dry_run.py"
 PLANNED = [s for s in SCRIPTS if s.name not in ("all.sh", "lib.sh", "prepare.sh")]
 
 
-def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, list[str]]:
+def dry_run(script: Path, tmp_path: Path, cwd: Path = ROOT, records: tuple[Path, ...] = ()
+            ) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run a device script on the CPU with PY = device_dry_run.py (every gpulab call parsed, every pytest
     selection collected, every Python heredoc compiled) and stand-ins for ncu and nvidia-smi; returns the
     process and the stand-in's log lines."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
     bin_dir.mkdir()
-    out.mkdir(exist_ok=True)
+    out.mkdir()
+    for path in records:  # result records the script's summary reads
+        shutil.copy(path, out)
     (bin_dir / "py").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{DRY_RUN}" "$@"\n')
     (bin_dir / "ncu").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho dry-run\n")
@@ -141,11 +144,8 @@ def test_script_dry_run(script, tmp_path, cpu_records):
     validate), every pytest selection it runs collects at least one test, and its Python heredocs compile;
     where a summary reads result records, it reads CPU-made ones without an error. A slip in any of these
     would otherwise cost a device call."""
-    (tmp_path / "out").mkdir()
     records, printed = RECORDS_FOR.get(script.name, ([], None))
-    for name in records:
-        shutil.copy(cpu_records[name], tmp_path / "out")
-    proc, calls = dry_run(script, tmp_path)
+    proc, calls = dry_run(script, tmp_path, records=tuple(cpu_records[name] for name in records))
     failed = [c for c in calls if c.startswith("FAIL")]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -149,7 +149,7 @@ def test_detokenization_waits_one_step_and_streams_the_same_text(tokenizer):
 
 
 def test_cpu_engine_outputs_each_token_in_the_step_that_sampled_it(tokenizer):
-    """Without deferral (the CPU), every token's output, and its time, come in the step that sampled it."""
+    """Without deferral (the CPU), every token's output comes in the step that sampled it."""
     vocab = tokenizer.vocab_size
     eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer, EngineConfig(num_blocks=64, block_size=8))
     prompt = tokenizer.encode("To be, or not to be")
