@@ -168,7 +168,7 @@ def build_command(
     kernel_regex: str | None = None,
     nvtx_include: str | None = None,
     cache_control: str = "all",
-    clock_control: str = "base",
+    clock_control: str = "none",
     replay_mode: str = "kernel",
     launch_skip: int = 0,
     launch_count: int | None = None,
@@ -181,6 +181,8 @@ def build_command(
         raise ValueError("clock_control must be 'base' or 'none'")
     if replay_mode not in ("kernel", "application"):
         raise ValueError("replay_mode must be 'kernel' or 'application'")
+    # --clock-control none: ncu's default ("base") locks the GPU clocks while it profiles; gpulab leaves the
+    # card's clocks as it finds them (durations under ncu are then at the clocks the card runs at).
     # kernel replay with --cache-control none: a metric collected in a second pass sees the caches the first
     # pass left behind; application replay reruns the whole program per pass (each pass sees a real L2 state)
     cmd = [ncu, "--csv", "--page", "raw", "--print-units", "base", "--metrics", ",".join(metrics),

@@ -18,7 +18,7 @@ torch.cuda.synchronize()
 print("done", float(z))
 PY
 ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active \
-  --cache-control all --clock-control base "$PY" /tmp/ncu_target.py > "$OUT/core/ncu_raw_recorded.csv" 2> "$OUT/core/ncu_stderr.txt"
+  --cache-control all --clock-control none "$PY" /tmp/ncu_target.py > "$OUT/core/ncu_raw_recorded.csv" 2> "$OUT/core/ncu_stderr.txt"
 echo "ncu exit $?; $(grep -c '^"' "$OUT/core/ncu_raw_recorded.csv") CSV lines"
 "$PY" - <<'PY'
 import os

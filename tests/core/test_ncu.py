@@ -59,7 +59,9 @@ def test_build_command_flags():
                             clock_control="none", nvtx_include="step/", launch_count=5, log_file="/tmp/x.csv",
                             replay_mode="application")
     s = " ".join(cmd)
-    assert "--replay-mode kernel" in " ".join(ncu.build_command(["x"]))
+    default = " ".join(ncu.build_command(["x"]))
+    # the card's clocks are left alone unless a caller asks ncu to lock them
+    assert "--replay-mode kernel" in default and "--clock-control none" in default
     for part in ("--csv", "--page raw", "--cache-control none", "--clock-control none", "regex:bitonic",
                  "--replay-mode application",
                  "--nvtx-include step/", "--launch-count 5", "--log-file /tmp/x.csv", "gpu__time_duration.sum"):
