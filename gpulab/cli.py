@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "Benchmark vajra's kernels: FP8 GEMMs (W8A8/W8A16/bf16), attention, decode roofline."),
     "generate": ("gpulab.vajra.cli:generate_app", "Generate text offline with the vajra engine."),
     "quantize": ("gpulab.vajra.quantize_cli:app", "Write a compressed-tensors FP8 checkpoint from a bf16/fp16 one."),
+    "perplexity": ("gpulab.vajra.perplexity:app",
+                   "Perplexity of models on a text, each against the first (e.g. FP8 against bf16)."),
     "kvstitch": ("gpulab.stitchkv.cli:app", "KV-cache stitching: a large model prefills, a small one decodes."),
     "seam": ("gpulab.seam.cli:app", "Stitched ResNet34/ResNet50 families: train, evaluate, select."),
     "l2": ("gpulab.l2.cli:app", "L2 persistence and next-layer prefetch policies for DNN inference."),

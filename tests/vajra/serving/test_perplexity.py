@@ -1,0 +1,157 @@
+"""gpulab perplexity: vajra's teacher-forced scores equal transformers' on the same weights; an FP8 checkpoint is
+set against its source (NLL difference, interval, top-1 agreement); bad input is a one-line error."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from gpulab.cli import invoke
+from gpulab.core.errors import InputError
+from gpulab.vajra import perplexity as P
+
+from ..model.helpers import quantize_cli
+
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and "
+        "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them. ") * 6
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _hf_window_scores(model_dir, windows):
+    """(NLL sum, argmax predictions) per window from transformers in float32: the reference."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    sums, preds = [], []
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            lp = torch.log_softmax(hf(ids).logits[0, :-1].double(), dim=-1)
+            sums.append(float(-lp.gather(1, ids[0, 1:, None]).sum()))
+            preds.append(lp.argmax(-1))
+    return sums, torch.cat(preds)
+
+
+def test_make_windows():
+    ids = list(range(10))
+    assert P.make_windows(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert P.make_windows(ids, 4, max_tokens=9) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a 1-token tail predicts nothing
+    assert P.make_windows([7], 4) == []
+    with pytest.raises(InputError, match="--context"):
+        P.make_windows(ids, 1)
+    with pytest.raises(InputError, match="--max-tokens"):
+        P.make_windows(ids, 4, max_tokens=-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_scores_match_transformers(tiny_llama, tokenizer, batch):
+    """Ragged windows (a short tail), groups that do not divide the windows: every window's NLL equals
+    transformers' within float32 rounding, and the predicted next tokens are the same."""
+    from gpulab.vajra.load import load_model
+
+    ids = P._encode(tokenizer, TEXT)
+    windows = P.make_windows(ids, 48, max_tokens=200)
+    assert len(windows) == 5 and len(windows[-1]) == 200 - 4 * 48
+    model = load_model(tiny_llama, device="cpu", attention_backend="torch")
+    sums, counts, preds = P.score_windows(model, windows, batch)
+    want, want_preds = _hf_window_scores(tiny_llama, windows)
+    assert counts == [len(w) - 1 for w in windows]
+    assert sums == pytest.approx(want, rel=1e-4)
+    assert torch.equal(preds, want_preds)
+
+
+def test_fp8_against_its_source(tiny_llama, text_file, out_dir, tmp_path):
+    """The bf16 source first, its FP8 checkpoint second, the source again third: the record carries each
+    model's perplexity, the FP8 one's NLL difference with an interval around it and its top-1 agreement;
+    the same weights again differ by exactly nothing."""
+    q = tmp_path / "fp8"
+    quantize_cli(tiny_llama, q, tmp_path / "qres", "--scheme", "fp8-channel")
+    invoke(["--device", "cpu", "--out", str(out_dir), "perplexity", str(tiny_llama), str(q), str(tiny_llama),
+            "--text", str(text_file), "--context", "40", "--batch", "2", "--bootstrap-reps", "300"])
+    rec = yaml.safe_load(next(out_dir.glob("perplexity-*.yaml")).read_text())
+    assert rec["ok"] is True and rec["config"]["device"] == "cpu"
+    src, fp8, again = (rec["metrics"][k] for k in (tiny_llama.name, "fp8", f"{tiny_llama.name}-2"))
+    assert src["quant"] == "none" and fp8["quant"] == "fp8 channel/dynamic"
+    windows = P.make_windows(P._encode(_tok(tiny_llama), TEXT), 40)
+    assert rec["config"]["windows"] == len(windows) > 1
+    assert src["tokens"] == fp8["tokens"] == sum(len(w) - 1 for w in windows)
+    assert src["ppl"] == pytest.approx(math.exp(src["nll"]))
+    assert fp8["nll_vs_first"] == pytest.approx(fp8["nll"] - src["nll"])
+    assert fp8["nll_vs_first"] != 0 and abs(fp8["nll_vs_first"]) < 0.5  # FP8 changes the scores, a little
+    lo, hi = fp8["nll_vs_first_ci95"]
+    assert lo <= fp8["nll_vs_first"] <= hi
+    assert 0.5 < fp8["top1_agreement"] <= 1.0
+    assert again["nll_vs_first"] == 0.0 and again["top1_agreement"] == 1.0 and again["nll_vs_first_ci95"] == [0.0, 0.0]
+    assert rec["summary"][f"ppl_{tiny_llama.name}"] == pytest.approx(src["ppl"], rel=1e-4)
+    assert rec["summary"]["nll_vs_first_fp8"] == pytest.approx(fp8["nll_vs_first"], abs=1e-5)
+
+
+def _tok(model_dir):
+    from gpulab.vajra.detokenizer import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def _swap_two_tokens(folder):
+    """The same tokenizer with two vocabulary ids swapped: other ids for the same text."""
+    f = folder / "tokenizer.json"
+    tj = json.loads(f.read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = "e", "t"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    f.write_text(json.dumps(tj))
+
+
+def test_bad_input(tiny_llama, text_file, tmp_path):
+    run = lambda models, **kw: P.run(models, kw.pop("text", text_file), kw.pop("context", 32), 0,  # noqa: E731
+                                     kw.pop("batch", 2), "auto", "auto")
+    with pytest.raises(InputError, match="file not found"):
+        run([tiny_llama], text=tmp_path / "missing.txt")
+    short = tmp_path / "short.txt"
+    short.write_text("a")
+    with pytest.raises(InputError, match="too few to score"):
+        run([tiny_llama], text=short)
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        run([tiny_llama], context=100000)
+    with pytest.raises(InputError, match="--batch"):
+        run([tiny_llama], batch=0)
+    with pytest.raises(InputError, match="folder not found"):
+        run([tmp_path / "nope"])
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    _swap_two_tokens(other)
+    with pytest.raises(InputError, match="other token ids"):
+        run([tiny_llama, other])
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_llama, notok)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (notok / f).unlink()
+    with pytest.raises(InputError, match="no tokenizer"):
+        run([notok])
+
+
+@pytest.mark.gpu
+def test_gpu_scores_match_cpu_fp32(tiny_llama, tokenizer):
+    """On the GPU (bf16 activations, the engine's prefill kernels) the windows' NLL stays within bf16 rounding
+    of the CPU float32 scores, and the predicted next tokens mostly agree."""
+    from gpulab.vajra.load import load_model
+
+    windows = P.make_windows(P._encode(tokenizer, TEXT), 64, max_tokens=400)
+    cpu_sums, _, cpu_preds = P.score_windows(load_model(tiny_llama, device="cpu", attention_backend="torch"),
+                                             windows, 4)
+    model = load_model(tiny_llama, device="cuda", attention_backend="triton")
+    assert model.dtype in (torch.bfloat16, torch.float16)
+    sums, counts, preds = P.score_windows(model, windows, 4)
+    assert counts == [len(w) - 1 for w in windows]
+    assert sum(sums) == pytest.approx(sum(cpu_sums), rel=2e-2)
+    assert float((preds == cpu_preds).double().mean()) > 0.9
