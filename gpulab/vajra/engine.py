@@ -29,7 +29,7 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
-from gpulab.vajra.sampling import Sampler, SamplingParams
+from gpulab.vajra.sampling import Sampler, SamplingParams, logprob_entries, logprob_tensors
 from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
@@ -75,6 +75,8 @@ class RequestOutput:
     num_output_tokens: int
     text: str = ""  # all output text so far
     output_token_ids: list[int] = field(default_factory=list)
+    # with SamplingParams.logprobs: per new token (logprob, [(id, logprob)] of the k most likely)
+    logprobs: Optional[list] = None
 
 
 class LLMEngine:
@@ -244,9 +246,11 @@ class LLMEngine:
         if not first:
             return []
         logits = torch.stack([s.imported.logits[:self.vocab_size].float().to(self.device) for s in first])
-        logits = self._ban_early_stops(logits, first)
-        tokens = self.sampler(logits, [s.params for s in first], [s.seq_id for s in first]).tolist()
-        outs = [self._append(s, int(t), now) for s, t in zip(first, tokens)]
+        sampled = self.sampler(self._ban_early_stops(logits, first), [s.params for s in first],
+                               [s.seq_id for s in first])
+        ks = [s.params.logprobs for s in first]
+        lps = logprob_entries(logprob_tensors(logits, sampled, ks), ks)
+        outs = [self._append(s, int(t), now, lp) for s, t, lp in zip(first, sampled.tolist(), lps)]
         return [o for o in outs if o is not None]
 
     def abort(self, request_id: str) -> bool:
@@ -285,24 +289,27 @@ class LLMEngine:
             else:
                 logits = self.model.forward(batch, self.kv)
             rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-            seqs, sampled = [], None
+            seqs, sampled, ks, lp_pending = [], None, [], None
             if rows:
                 if len(rows) != logits.shape[0]:
                     logits = logits[torch.tensor(rows, device=logits.device)]
                 seqs = [sched.scheduled[i].seq for i in rows]
-                logits = self._ban_early_stops(logits, seqs)
-                sampled = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs])
+                sampled = self.sampler(self._ban_early_stops(logits, seqs), [s.params for s in seqs],
+                                       [s.seq_id for s in seqs])
+                ks = [s.params.logprobs for s in seqs]
+                lp_pending = logprob_tensors(logits, sampled, ks)  # the model's own distribution (no bans)
             # on a GPU the model call and the sampling are queued, not done: the previous step's detokenization
             # runs meanwhile, off the step's critical path
             t_drain = time.perf_counter()
             outs = self._drain() + imported
             drain_ms = (time.perf_counter() - t_drain) * 1e3
             tokens = sampled.tolist() if sampled is not None else []
+            lps = logprob_entries(lp_pending, ks)
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
-        for seq, tok in zip(seqs, tokens):
-            o = self._append(seq, int(tok), now)
+        for seq, tok, lp in zip(seqs, tokens, lps):
+            o = self._append(seq, int(tok), now, lp)
             if o is not None:
                 outs.append(o)
         if self.step_log is not None:
@@ -333,13 +340,15 @@ class LLMEngine:
         logits[rows, cols] = float("-inf")
         return logits
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> Optional[RequestOutput]:
+    def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> Optional[RequestOutput]:
         """Take a sampled token. A token that ends the sequence by its id or length, or of a sequence with stop
         strings (found only in the text), is detokenized now and its output returned; any other token's
         detokenization and output wait for the next step (None here), which does them while the device runs
         (with ``defer_output``: on a GPU)."""
         p = seq.params
         seq.token_ids.append(tok)
+        if p.logprobs is not None:
+            seq.logprobs.append(logprob)
         n = seq.num_output
         reason = None
         if n >= p.min_tokens and ((not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids):
@@ -354,6 +363,7 @@ class LLMEngine:
     def _emit(self, seq: Sequence, tok: int, now: float, reason: Optional[str]) -> RequestOutput:
         """Detokenize ``tok`` and make its output (the sequence finishes with ``reason``, or on a stop string)."""
         seq.token_times.append(now)  # when its output exists: what a client could see
+        lps = [seq.logprobs[len(seq.token_times) - 1]] if seq.params.logprobs is not None else None
         seq.detok.add(tok)
         if reason != "stop" and seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
             reason = "stop"  # a stop string in the text (also on the token that reached the length)
@@ -364,7 +374,7 @@ class LLMEngine:
             self._by_request.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,
-                             seq.output_token_ids if reason else [])
+                             seq.output_token_ids if reason else [], lps)
 
     def _drain(self) -> list[RequestOutput]:
         """The outputs of the deferred tokens, in order (abort drops a sequence's)."""

@@ -7,6 +7,7 @@ rows with ``temperature == 0`` take the argmax; the others are scaled by the tem
 top-k and the top-p nucleus and sampled with the exponential-race trick
 (``argmax(p / q)``, ``q ~ Exp(1)``), which equals a multinomial draw. A row with a ``seed`` draws its
 noise from its own ``torch.Generator`` so that its samples do not depend on the rest of the batch.
+:func:`logprob_tensors` / :func:`logprob_entries` give the logprobs a request asked for (``logprobs=K``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from gpulab.core.errors import InputError
+
+
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (as vLLM's default)
 
 
 @dataclass
@@ -28,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logprobs: Optional[int] = None  # None: none; k >= 0: each sampled token's logprob and the k most likely
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +56,9 @@ class SamplingParams:
         self.top_p = float(self.top_p)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -149,3 +157,35 @@ def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):
     mask[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def logprob_tensors(logits, tokens, ks: list[Optional[int]]):
+    """The logprobs that rows with ``ks[r]`` not None asked for, still on the device (no sync): the model's
+    distribution, ``log_softmax`` of ``logits`` in float32 before temperature, top-k and top-p (as vLLM's
+    default), at the sampled ``tokens`` and the ``max(ks)`` most likely ids. None when no row asked."""
+    import torch
+
+    rows = [r for r, k in enumerate(ks) if k is not None]
+    if not rows:
+        return None
+    idx = torch.tensor(rows, device=logits.device, dtype=torch.long)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+    chosen = lp.gather(1, tokens.index_select(0, idx).long()[:, None])[:, 0]
+    kmax = max(ks[r] for r in rows)
+    top = lp.topk(kmax, dim=-1) if kmax else None
+    return rows, chosen, top
+
+
+def logprob_entries(pending, ks: list[Optional[int]]) -> list[Optional[tuple[float, list[tuple[int, float]]]]]:
+    """Per row: ``(logprob of the sampled token, [(id, logprob)] of its k most likely, best first)`` or None
+    (the row asked for none), from :func:`logprob_tensors` (this syncs with the device)."""
+    out: list = [None] * len(ks)
+    if pending is None:
+        return out
+    rows, chosen, top = pending
+    chosen = chosen.tolist()
+    vals, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    for j, r in enumerate(rows):
+        k = ks[r]
+        out[r] = (chosen[j], list(zip(ids[j][:k], vals[j][:k])) if k else [])
+    return out

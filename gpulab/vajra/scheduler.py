@@ -53,6 +53,7 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)  # wall time of each output token
     detok: object = None  # IncrementalDetokenizer, set by the engine
     imported: object = None  # PrefilledPrompt when the prompt was prefilled elsewhere
+    logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -8,7 +8,8 @@ which frees its KV blocks.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (chat template from the tokenizer config), ``stream: true`` as server-sent events ending in
-``data: [DONE]``. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with
+``data: [DONE]``; ``logprobs`` (completions: ``logprobs: K``; chat: ``logprobs: true``, ``top_logprobs: K``)
+in OpenAI's shapes. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with
 status 400 (malformed JSON, bad parameters, too long a prompt), 404 (unknown model or route),
 405, 500 (the engine failed: every request in flight gets the error, none hangs).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import threading
 import time
@@ -26,7 +28,7 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 
 from gpulab.core.errors import InputError
 from gpulab.vajra.engine import LLMEngine, RequestOutput
-from gpulab.vajra.sampling import SamplingParams
+from gpulab.vajra.sampling import MAX_LOGPROBS, SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
@@ -161,6 +163,11 @@ def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
 
 # --- request parsing ---------------------------------------------------------------------------
 
+def _finite(x: float) -> float:
+    """JSON has no -inf: a token the model gives no probability is -9999.0 (as vLLM)."""
+    return x if math.isfinite(x) else -9999.0
+
+
 _UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
 
 
@@ -174,12 +181,29 @@ def _get(body: dict[str, Any], key: str, types: tuple, default: Any = None) -> A
     return v
 
 
-def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int) -> SamplingParams:
+def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
+    """How many alternatives per token a request asks for (None: no logprobs): chat's ``logprobs: true`` with
+    ``top_logprobs: K``, or the completions API's ``logprobs: K``."""
+    top = _get(body, "top_logprobs", (int,), None)
+    if chat:
+        if not _get(body, "logprobs", (bool,), False):
+            if top is not None:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
+        return top or 0
+    if top is not None:
+        raise APIError(400, "'top_logprobs' is a chat parameter: /v1/completions takes 'logprobs': K",
+                       param="top_logprobs")
+    return _get(body, "logprobs", (int,), None)
+
+
+def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
     n = _get(body, "n", (int,), 1)
     if n != 1:
         raise APIError(400, f"only n=1 is supported, got n={n}", param="n")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    logprobs = _parse_logprobs(body, chat)
     if body.get("echo"):
         raise APIError(400, "echo is not supported by this server", param="echo")
     if body.get("best_of") not in (None, 1):
@@ -206,6 +230,7 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int) ->
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
         min_tokens=_get(body, "min_tokens", (int,), 0),
         skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
+        logprobs=logprobs,
     )
     try:
         sp.validate(vocab)
@@ -323,15 +348,45 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         if not async_engine.alive:
             raise APIError(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
 
+    def tok_str(t: int) -> str:
+        return f"token_id:{t}" if engine.tokenizer is None else engine.tokenizer.decode([t], skip_special_tokens=False)
+
+    def lp_items(o: RequestOutput, offset: int) -> list[tuple[int, Any, int]]:
+        """(token id, (logprob, top), text offset) of an output's tokens; offset: characters sent before it."""
+        return [(t, e, offset) for t, e in zip(o.new_token_ids, o.logprobs or ())]
+
+    def top_dict(top) -> dict[str, float]:
+        """{token text: logprob}, best first; tokens with one text (e.g. partial UTF-8) keep the best value."""
+        d: dict[str, float] = {}
+        for i, v in top:
+            d.setdefault(tok_str(i), _finite(v))
+        return d
+
+    def completion_logprobs(items) -> dict[str, Any]:
+        return {"tokens": [tok_str(t) for t, _, _ in items],
+                "token_logprobs": [_finite(e[0]) for _, e, _ in items],
+                "top_logprobs": [top_dict(e[1]) for _, e, _ in items],
+                "text_offset": [off for _, _, off in items]}
+
+    def chat_logprobs(items) -> dict[str, Any]:
+        def one(t: int, v: float) -> dict[str, Any]:
+            s = tok_str(t)
+            return {"token": s, "logprob": _finite(v), "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**one(t, e[0]), "top_logprobs": [one(i, v) for i, v in e[1]]} for t, e, _ in items]}
+
     async def collect(gen, request: Request):
-        """All of a non-streamed request's output; None when the client went away first (the generator's close
-        then aborts the request, so a gone client's generation does not run to max_tokens)."""
-        text, last = [], None
+        """All of a non-streamed request's output (text, last output, logprob items); None when the client went
+        away first (the generator's close then aborts the request, so a gone client's generation does not run
+        to max_tokens)."""
+        text, last, items, sent = [], None, [], 0
 
         async def consume():
-            nonlocal last
+            nonlocal last, sent
             async for o in gen:
+                items.extend(lp_items(o, sent))
                 text.append(o.delta_text)
+                sent += len(o.delta_text)
                 last = o
 
         task = asyncio.ensure_future(consume())
@@ -341,7 +396,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 if not task.done() and await request.is_disconnected():
                     return None
             task.result()  # raises what the stream raised
-            return "".join(text), last
+            return "".join(text), last, items
         finally:
             if not task.done():
                 task.cancel()
@@ -349,8 +404,11 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             await gen.aclose()
 
     async def run(request: Request, rid, ids, sp, stream: bool, make_chunk, make_final, include_usage: bool,
-                  first_chunk=None):
+                  first_chunk=None, fmt_logprobs=None):
+        """make_chunk(output or None, usage=None, logprobs=None) and make_final(text, last output, logprobs)
+        build the response bodies; fmt_logprobs turns logprob items into the API's object."""
         gen = async_engine.stream(rid, ids, sp)
+        fmt = fmt_logprobs if sp.logprobs is not None else None
         if not stream:
             try:
                 got = await collect(gen, request)
@@ -360,17 +418,21 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 raise APIError(400, str(e)) from None
             if got is None:  # nobody is listening
                 return Response(status_code=499)
-            return JSONResponse(make_final(*got))
+            text, last, items = got
+            return JSONResponse(make_final(text, last, fmt(items) if fmt else None))
 
         async def sse():
             try:
                 if first_chunk is not None:
                     yield f"data: {json.dumps(first_chunk)}\n\n"
-                last = None
+                last, pending, sent = None, [], 0
                 async for o in gen:
                     last = o
-                    if o.delta_text or o.finished:
-                        yield f"data: {json.dumps(make_chunk(o))}\n\n"
+                    pending.extend(lp_items(o, sent))
+                    if o.delta_text or o.finished:  # a token whose text is held back: its logprobs wait too
+                        yield f"data: {json.dumps(make_chunk(o, None, fmt(pending) if fmt else None))}\n\n"
+                        sent += len(o.delta_text)
+                        pending = []
                 if include_usage and last is not None:
                     yield f"data: {json.dumps(make_chunk(None, usage(last)))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -406,20 +468,21 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(o: Optional[RequestOutput], use=None):
-            choices = [] if o is None else [{"index": 0, "text": o.delta_text, "logprobs": None,
+        def chunk(o: Optional[RequestOutput], use=None, lp=None):
+            choices = [] if o is None else [{"index": 0, "text": o.delta_text, "logprobs": lp,
                                              "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices}
             if use is not None:
                 c["usage"] = use
             return c
 
-        def final(text: str, o: RequestOutput):
+        def final(text: str, o: RequestOutput, lp=None):
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": o.finish_reason}],
+                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}],
                     "usage": usage(o)}
 
-        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage)
+        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage,
+                         fmt_logprobs=completion_logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -428,19 +491,19 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         # no max_tokens: up to the context length, or what the KV cache can hold when that is less
         room = min(engine.max_model_len, engine.block_manager.capacity_blocks * engine.block_manager.block_size)
         default_max = max(1, room - len(ids))
-        sp = parse_sampling(body, default_max, engine.vocab_size)
+        sp = parse_sampling(body, default_max, engine.vocab_size, chat=True)
         validate(ids, sp, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(o: Optional[RequestOutput], use=None):
+        def chunk(o: Optional[RequestOutput], use=None, lp=None):
             if o is None:
                 choices = []
             else:
                 delta = {"content": o.delta_text} if o.delta_text else {}
-                choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": o.finish_reason}]
+                choices = [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                  "choices": choices}
             if use is not None:
@@ -451,14 +514,14 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]}
 
-        def final(text: str, o: RequestOutput):
+        def final(text: str, o: RequestOutput, lp=None):
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": o.finish_reason}],
+                                 "logprobs": lp, "finish_reason": o.finish_reason}],
                     "usage": usage(o)}
 
         return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage,
-                         first_chunk=first)
+                         first_chunk=first, fmt_logprobs=chat_logprobs)
 
     return app
 

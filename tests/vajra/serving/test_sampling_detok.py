@@ -9,7 +9,7 @@ from gpulab.vajra.detokenizer import IncrementalDetokenizer
 from gpulab.vajra.engine import EngineConfig, LLMEngine
 from gpulab.vajra.sampling import Sampler, SamplingParams, apply_top_k_top_p
 
-from .fake_model import FakeModel, reference_greedy
+from .fake_model import FakeModel, expected_logits, reference_greedy
 
 
 def test_top_k_top_p_mask_against_reference():
@@ -66,7 +66,8 @@ def test_sampler_greedy_seed_and_distribution():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(max_tokens=0), dict(stop=[""]), dict(seed="x"), dict(min_tokens=99)])
+                                 dict(max_tokens=0), dict(stop=[""]), dict(seed="x"), dict(min_tokens=99),
+                                 dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=1.5)])
 def test_sampling_params_validation(bad):
     with pytest.raises(InputError):
         SamplingParams(**bad).validate(100)
@@ -158,3 +159,40 @@ def test_cpu_engine_outputs_each_token_in_the_step_that_sampled_it(tokenizer):
     while eng.has_unfinished():
         per_step.append([o.new_token_ids[0] for o in eng.step()])
     assert per_step == [[t] for t in reference_greedy(prompt, 5, vocab)]
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_logprobs_are_the_models_distribution(tokenizer, defer):
+    """logprobs=K: every output token carries its log-probability and the K most likely tokens' under the
+    model's own distribution (log_softmax of the logits, before temperature and top-k/top-p, and before
+    min_tokens bans EOS), one entry per token, in order, also when outputs are deferred a step; a request
+    without logprobs in the same batch gets None."""
+    vocab = tokenizer.vocab_size
+    prompt = tokenizer.encode("Now is the winter of our discontent")
+    eos = reference_greedy(prompt, 1, vocab)[0]  # EOS is the most likely first token: min_tokens must ban it
+    eng = LLMEngine(FakeModel(vocab, max_model_len=256, eos=(eos,)), tokenizer,
+                    EngineConfig(num_blocks=64, block_size=8))
+    eng.defer_output = defer
+    eng.add_request(prompt, SamplingParams(max_tokens=7, temperature=0.9, top_k=5, seed=11, logprobs=4,
+                                           min_tokens=7), request_id="lp")
+    eng.add_request(prompt, SamplingParams(max_tokens=7, temperature=0.0, logprobs=0), request_id="zero")
+    eng.add_request(prompt, SamplingParams(max_tokens=7, temperature=0.0), request_id="none")
+    got: dict[str, list] = {"lp": [], "zero": [], "none": []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].append(o)
+    assert all(o.logprobs is None for o in got["none"])
+    for rid, k in (("lp", 4), ("zero", 0)):
+        toks = [t for o in got[rid] for t in o.new_token_ids]
+        entries = [e for o in got[rid] for e in o.logprobs]
+        assert len(entries) == len(toks) == got[rid][-1].num_output_tokens
+        seen = list(prompt)
+        for tok, (lp, top) in zip(toks, entries):
+            ref = torch.log_softmax(expected_logits(seen, vocab).double(), 0)
+            assert lp == pytest.approx(float(ref[tok]), abs=1e-5)
+            assert len(top) == k
+            assert [v for _, v in top] == pytest.approx(sorted(ref.tolist(), reverse=True)[:k], abs=1e-5)
+            assert all(v == pytest.approx(float(ref[i]), abs=1e-5) for i, v in top)
+            seen.append(tok)
+    assert len(got["lp"]) == 7  # min_tokens kept EOS out of the samples, not out of the logprobs
+    assert got["lp"][0].logprobs[0][1][0][0] == eos and len(got["zero"]) == 1  # greedy "zero" stopped at EOS

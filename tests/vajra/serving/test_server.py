@@ -12,7 +12,7 @@ pytest.importorskip("uvicorn")
 from gpulab.vajra.engine import EngineConfig, LLMEngine
 from gpulab.vajra.server import AsyncEngine, ServerThread, build_app
 
-from .fake_model import FakeModel, reference_greedy
+from .fake_model import FakeModel, expected_logits, reference_greedy
 
 openai = pytest.importorskip("openai")
 NAME = "tiny"
@@ -78,7 +78,7 @@ def test_errors_are_openai_style(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=NAME, prompt="hi " * 400, max_tokens=2)
     assert "maximum context length" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
-    for bad in (dict(temperature=-1), dict(top_p=2), dict(max_tokens=0), dict(n=2), dict(logprobs=2)):
+    for bad in (dict(temperature=-1), dict(top_p=2), dict(max_tokens=0), dict(n=2), dict(logprobs=21)):
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model=NAME, prompt="hi", **{"max_tokens": 2, **bad})
     with pytest.raises(openai.BadRequestError):
@@ -180,3 +180,71 @@ def test_non_streamed_request_aborted_when_client_leaves(tokenizer):
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["total_tokens"] <= 312
     ae.shutdown()
+
+
+def _ref_logprobs(tokenizer, prompt_ids, out_ids):
+    """log_softmax of the fake model's logits before each output token."""
+    import torch
+
+    seen, refs = list(prompt_ids), []
+    for t in out_ids:
+        refs.append(torch.log_softmax(expected_logits(seen, tokenizer.vocab_size).double(), 0))
+        seen.append(t)
+    return refs
+
+
+def test_completion_logprobs(server, tokenizer):
+    """logprobs=K on /v1/completions: per token its text, log-probability, K alternatives and text offset,
+    equal to the model's distribution; streamed chunks carry the same entries."""
+    c = client(server)
+    prompt = "Good morrow, sweet"
+    ids = tokenizer.encode(prompt)
+    want, out = ref_text(tokenizer, ids, 10)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == want and len(lp.tokens) == len(out) == r.usage.completion_tokens
+    refs = _ref_logprobs(tokenizer, ids, out)
+    for i, (t, ref) in enumerate(zip(out, refs)):
+        assert lp.tokens[i] == tokenizer.decode([t], skip_special_tokens=False)
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[t]), abs=1e-5)
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        assert 1 <= len(top) <= 3 and top[0] == pytest.approx(lp.token_logprobs[i], abs=1e-6)  # greedy
+        assert set(round(v, 4) for v in top) <= set(round(v, 4) for v in sorted(ref.tolist(), reverse=True)[:3])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(want)
+    chunks = [ch.choices[0] for ch in c.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
+                                                          logprobs=3, stream=True) if ch.choices]
+    streamed = [v for ch in chunks if ch.logprobs for v in ch.logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp.text_offset
+    assert c.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0).choices[0].logprobs is None
+
+
+def test_chat_logprobs(server, tokenizer):
+    c = client(server)
+    msgs = [{"role": "user", "content": "Who art thou?"}]
+    ids = tokenizer.apply_chat_template(msgs)
+    _, out = ref_text(tokenizer, ids, 8)
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(out) == r.usage.completion_tokens
+    for e, t, ref in zip(content, out, _ref_logprobs(tokenizer, ids, out)):
+        assert e.token == tokenizer.decode([t], skip_special_tokens=False) and e.bytes == list(e.token.encode())
+        assert e.logprob == pytest.approx(float(ref[t]), abs=1e-5)
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                            stream=True))
+    streamed = [e.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert streamed == [e.logprob for e in content]
+    assert all(not e.top_logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs
+               for e in ch.choices[0].logprobs.content)  # logprobs without top_logprobs: the token's own only
+    # bad combinations are 400s
+    for path, body in (("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2}),
+                       ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": 21}),
+                       ("/v1/chat/completions", {"messages": msgs, "logprobs": 3}),
+                       ("/v1/completions", {"prompt": "hi", "top_logprobs": 2}),
+                       ("/v1/completions", {"prompt": "hi", "logprobs": "3"})):
+        resp = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **body})
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", body
