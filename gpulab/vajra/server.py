@@ -9,13 +9,15 @@ which frees its KV blocks.
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (chat template from the tokenizer config), ``stream: true`` as server-sent events ending in
 ``data: [DONE]``; ``logprobs`` (completions: ``logprobs: K``; chat: ``logprobs: true``, ``top_logprobs: K``)
-in OpenAI's shapes. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with
+in OpenAI's shapes; ``n`` choices and batched completion prompts, one engine request per choice, merged into one
+response or stream by choice index. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` with
 status 400 (malformed JSON, bad parameters, too long a prompt), 404 (unknown model or route),
 405, 500 (the engine failed: every request in flight gets the error, none hangs).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import socket
@@ -31,6 +33,7 @@ from gpulab.vajra.engine import LLMEngine, RequestOutput
 from gpulab.vajra.sampling import MAX_LOGPROBS, SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+MAX_N = 128  # most choices (n, or prompts in a batch) in one request
 
 
 class APIError(Exception):
@@ -199,15 +202,27 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
     return _get(body, "logprobs", (int,), None)
 
 
-def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
+def parse_n(body: dict[str, Any]) -> int:
+    """Choices per prompt (``n``); ``best_of`` is accepted only where it changes nothing (None or n)."""
     n = _get(body, "n", (int,), 1)
-    if n != 1:
-        raise APIError(400, f"only n=1 is supported, got n={n}", param="n")
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "best_of other than n is not supported by this server", param="best_of")
+    return n
+
+
+def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: with a seed, choice j samples with seed + j (distinct, reproducible)."""
+    if n == 1:
+        return [sp]
+    return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
+
+
+def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
     logprobs = _parse_logprobs(body, chat)
     if body.get("echo"):
         raise APIError(400, "echo is not supported by this server", param="echo")
-    if body.get("best_of") not in (None, 1):
-        raise APIError(400, "best_of is not supported by this server", param="best_of")
     for k in _UNSUPPORTED_NONZERO:
         if _get(body, k, (int, float), 0) != 0:
             raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
@@ -240,19 +255,31 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
     return sp
 
 
-def _completion_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
+def _completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> list[list[int]]:
+    """The prompts of a completions request as token ids: a string, a list of token ids, or a list of either
+    (a batch: one choice per prompt, times n)."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        if engine.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-        return engine.tokenizer.encode(p)
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return list(p)
-    if isinstance(p, list) and len(p) > 1:
-        raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
-    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", param="prompt")
+
+    def one(x: Any) -> list[int] | None:
+        if isinstance(x, str):
+            if engine.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+            return engine.tokenizer.encode(x)
+        if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            return list(x)
+        return None
+
+    single = one(p)
+    if single is not None:
+        return [single]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        batch = [one(x) for x in p]
+        if all(b is not None for b in batch):
+            if len(batch) > MAX_N:
+                raise APIError(400, f"at most {MAX_N} prompts per request, got {len(batch)}", param="prompt")
+            return batch
+    raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a non-empty list of those",
+                   param="prompt")
 
 
 def _chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
@@ -335,10 +362,6 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             raise APIError(400, "'stream' must be true or false", param="stream")
         return body
 
-    def usage(o: RequestOutput) -> dict[str, int]:
-        return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": o.num_output_tokens,
-                "total_tokens": o.num_prompt_tokens + o.num_output_tokens}
-
     def validate(ids: list[int], sp: SamplingParams, param: str) -> None:
         try:
             engine.check_request(ids, sp)
@@ -375,19 +398,54 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
         return {"content": [{**one(t, e[0]), "top_logprobs": [one(i, v) for i, v in e[1]]} for t, e, _ in items]}
 
+    async def merged(rid: str, subs: list[tuple[int, list[int], SamplingParams]]):
+        """(choice index, RequestOutput) of several engine requests, as they come: one pump task per request feeds a
+        queue. Closing it cancels the pumps, whose streams then abort what has not finished; the first error
+        (raced validation, a failed engine) is raised here."""
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, gen) -> None:
+            try:
+                async for o in gen:
+                    q.put_nowait((i, o))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer (cancellation is not caught)
+                q.put_nowait((i, e))
+            finally:
+                await gen.aclose()
+            q.put_nowait((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i, async_engine.stream(rid if len(subs) == 1 else f"{rid}-{i}", ids, sp)))
+                 for i, ids, sp in subs]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await q.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def collect(gen, request: Request):
-        """All of a non-streamed request's output (text, last output, logprob items); None when the client went
-        away first (the generator's close then aborts the request, so a gone client's generation does not run
-        to max_tokens)."""
-        text, last, items, sent = [], None, [], 0
+        """All of a non-streamed request's outputs, {choice index: (text, last output, logprob items)}; None when
+        the client went away first (closing the stream then aborts the requests, so a gone client's generation
+        does not run to max_tokens)."""
+        got: dict[int, tuple[list[str], Any, list, list[int]]] = {}
 
         async def consume():
-            nonlocal last, sent
-            async for o in gen:
-                items.extend(lp_items(o, sent))
+            async for i, o in gen:
+                text, _, items, sent = got.setdefault(i, ([], None, [], [0]))
+                items.extend(lp_items(o, sent[0]))
                 text.append(o.delta_text)
-                sent += len(o.delta_text)
-                last = o
+                sent[0] += len(o.delta_text)
+                got[i] = (text, o, items, sent)
 
         task = asyncio.ensure_future(consume())
         try:
@@ -396,19 +454,27 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 if not task.done() and await request.is_disconnected():
                     return None
             task.result()  # raises what the stream raised
-            return "".join(text), last, items
+            return {i: ("".join(text), last, items) for i, (text, last, items, _) in got.items()}
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task})  # the generator must stop running before it can be closed
             await gen.aclose()
 
-    async def run(request: Request, rid, ids, sp, stream: bool, make_chunk, make_final, include_usage: bool,
+    def total_usage(subs, prompt_of: dict[int, int], lasts: dict[int, RequestOutput]) -> dict[str, int]:
+        """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+        prompts = {prompt_of[i]: len(ids) for i, ids, _ in subs}
+        p, c = sum(prompts.values()), sum(o.num_output_tokens for o in lasts.values())
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def run(request: Request, rid, subs, prompt_of, stream: bool, make_chunk, make_final, include_usage: bool,
                   first_chunk=None, fmt_logprobs=None):
-        """make_chunk(output or None, usage=None, logprobs=None) and make_final(text, last output, logprobs)
-        build the response bodies; fmt_logprobs turns logprob items into the API's object."""
-        gen = async_engine.stream(rid, ids, sp)
-        fmt = fmt_logprobs if sp.logprobs is not None else None
+        """subs: [(choice index, prompt ids, params)], one engine request each (n choices of each prompt);
+        prompt_of: choice index -> prompt number. make_chunk(index or None, output or None, usage=None,
+        logprobs=None), first_chunk(index) and make_final([(index, text, last output, logprobs)], usage) build
+        the bodies; fmt_logprobs turns logprob items into the API's object."""
+        gen = merged(rid, subs)
+        fmt = fmt_logprobs if subs[0][2].logprobs is not None else None
         if not stream:
             try:
                 got = await collect(gen, request)
@@ -418,23 +484,26 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 raise APIError(400, str(e)) from None
             if got is None:  # nobody is listening
                 return Response(status_code=499)
-            text, last, items = got
-            return JSONResponse(make_final(text, last, fmt(items) if fmt else None))
+            choices = [(i, text, last, fmt(items) if fmt else None) for i, (text, last, items) in sorted(got.items())]
+            return JSONResponse(make_final(choices, total_usage(subs, prompt_of, {c[0]: c[2] for c in choices})))
 
         async def sse():
             try:
                 if first_chunk is not None:
-                    yield f"data: {json.dumps(first_chunk)}\n\n"
-                last, pending, sent = None, [], 0
-                async for o in gen:
-                    last = o
-                    pending.extend(lp_items(o, sent))
+                    for i, _, _ in subs:
+                        yield f"data: {json.dumps(first_chunk(i))}\n\n"
+                lasts: dict[int, RequestOutput] = {}
+                pending: dict[int, list] = {i: [] for i, _, _ in subs}
+                sent = dict.fromkeys(pending, 0)
+                async for i, o in gen:
+                    lasts[i] = o
+                    pending[i].extend(lp_items(o, sent[i]))
                     if o.delta_text or o.finished:  # a token whose text is held back: its logprobs wait too
-                        yield f"data: {json.dumps(make_chunk(o, None, fmt(pending) if fmt else None))}\n\n"
-                        sent += len(o.delta_text)
-                        pending = []
-                if include_usage and last is not None:
-                    yield f"data: {json.dumps(make_chunk(None, usage(last)))}\n\n"
+                        yield f"data: {json.dumps(make_chunk(i, o, None, fmt(pending[i]) if fmt else None))}\n\n"
+                        sent[i] += len(o.delta_text)
+                        pending[i] = []
+                if include_usage and lasts:
+                    yield f"data: {json.dumps(make_chunk(None, None, total_usage(subs, prompt_of, lasts)))}\n\n"
                 yield "data: [DONE]\n\n"
             except (EngineFailed, InputError) as e:  # InputError: raced validation, a prefill provider's check
                 kind = "internal_error" if isinstance(e, EngineFailed) else "invalid_request_error"
@@ -445,6 +514,15 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def choices_of(prompts: list[list[int]], sp: SamplingParams, n: int):
+        """(subs, prompt_of): choice index = prompt number * n + j, as OpenAI numbers them."""
+        subs, prompt_of = [], {}
+        for k, ids in enumerate(prompts):
+            for j, p in enumerate(choice_params(sp, n)):
+                subs.append((k * n + j, ids, p))
+                prompt_of[k * n + j] = k
+        return subs, prompt_of
 
     @app.get("/health")
     async def health():
@@ -460,67 +538,74 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        ids = _completion_prompt(engine, body)
+        prompts = _completion_prompts(engine, body)
+        n = parse_n(body)
         sp = parse_sampling(body, 16, engine.vocab_size)
-        validate(ids, sp, "prompt")
+        for ids in prompts:
+            validate(ids, sp, "prompt")
+        subs, prompt_of = choices_of(prompts, sp, n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(o: Optional[RequestOutput], use=None, lp=None):
-            choices = [] if o is None else [{"index": 0, "text": o.delta_text, "logprobs": lp,
+        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None):
+            choices = [] if o is None else [{"index": i, "text": o.delta_text, "logprobs": lp,
                                              "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices}
             if use is not None:
                 c["usage"] = use
             return c
 
-        def final(text: str, o: RequestOutput, lp=None):
+        def final(choices, use):
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}],
-                    "usage": usage(o)}
+                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
+                                for i, text, o, lp in choices],
+                    "usage": use}
 
-        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage,
+        return await run(request, rid, subs, prompt_of, body.get("stream", False), chunk, final, include_usage,
                          fmt_logprobs=completion_logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
         ids = _chat_prompt(engine, body)
+        n = parse_n(body)
         # no max_tokens: up to the context length, or what the KV cache can hold when that is less
         room = min(engine.max_model_len, engine.block_manager.capacity_blocks * engine.block_manager.block_size)
         default_max = max(1, room - len(ids))
         sp = parse_sampling(body, default_max, engine.vocab_size, chat=True)
         validate(ids, sp, "messages")
+        subs, prompt_of = choices_of([ids], sp, n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(o: Optional[RequestOutput], use=None, lp=None):
+        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None):
             if o is None:
                 choices = []
             else:
                 delta = {"content": o.delta_text} if o.delta_text else {}
-                choices = [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]
+                choices = [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                  "choices": choices}
             if use is not None:
                 c["usage"] = use
             return c
 
-        first = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]}
+        def first(i: int):
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]}
 
-        def final(text: str, o: RequestOutput, lp=None):
+        def final(choices, use):
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": lp, "finish_reason": o.finish_reason}],
-                    "usage": usage(o)}
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                 "logprobs": lp, "finish_reason": o.finish_reason} for i, text, o, lp in choices],
+                    "usage": use}
 
-        return await run(request, rid, ids, sp, body.get("stream", False), chunk, final, include_usage,
+        return await run(request, rid, subs, prompt_of, body.get("stream", False), chunk, final, include_usage,
                          first_chunk=first, fmt_logprobs=chat_logprobs)
 
     return app

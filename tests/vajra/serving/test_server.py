@@ -78,7 +78,8 @@ def test_errors_are_openai_style(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=NAME, prompt="hi " * 400, max_tokens=2)
     assert "maximum context length" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
-    for bad in (dict(temperature=-1), dict(top_p=2), dict(max_tokens=0), dict(n=2), dict(logprobs=21)):
+    for bad in (dict(temperature=-1), dict(top_p=2), dict(max_tokens=0), dict(n=0), dict(n=129), dict(logprobs=21),
+                dict(n=2, best_of=3)):
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model=NAME, prompt="hi", **{"max_tokens": 2, **bad})
     with pytest.raises(openai.BadRequestError):
@@ -123,12 +124,14 @@ def test_64_concurrent_streams(server, tokenizer):
     assert server.engine.block_manager.num_used == 0
 
 
-def test_disconnect_aborts_request(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnect_aborts_request(server, n):
+    """A streaming client that leaves aborts its request: with n choices, every one of them."""
     import time
 
     with httpx.stream("POST", server.url + "/v1/completions",
                       json={"model": NAME, "prompt": "abc", "max_tokens": 200, "stream": True,
-                            "ignore_eos": True}) as r:
+                            "ignore_eos": True, "n": n}) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break
@@ -169,8 +172,8 @@ def test_non_streamed_request_aborted_when_client_leaves(tokenizer):
     ae = AsyncEngine(eng).start()
     with ServerThread(build_app(ae, NAME)) as srv:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "abc", "max_tokens": 300,
-                                                          "ignore_eos": True}, timeout=0.5)
+            httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": ["abc", "de"], "max_tokens": 300,
+                                                          "ignore_eos": True, "n": 2}, timeout=0.5)
         deadline = time.time() + 5
         while eng.has_unfinished() and time.time() < deadline:
             time.sleep(0.05)
@@ -248,3 +251,55 @@ def test_chat_logprobs(server, tokenizer):
                        ("/v1/completions", {"prompt": "hi", "logprobs": "3"})):
         resp = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **body})
         assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", body
+
+
+def test_n_choices_and_batched_prompts(server, tokenizer):
+    """n choices per prompt and a batch of prompts: choice index = prompt * n + j, each choice its own sequence
+    (greedy choices equal; seeded ones reproducible and distinct), usage counts each prompt once; streaming
+    gives every choice the same text, and a chat stream opens each choice with the role."""
+    c = client(server)
+    prompts = ["Good morrow, sweet", "My lord,"]
+    wants = [ref_text(tokenizer, tokenizer.encode(p), 6) for p in prompts]
+    r = c.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in r.choices] == [wants[0][0]] * 2 + [wants[1][0]] * 2
+    assert r.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 2 * sum(len(w[1]) for w in wants)
+    streamed: dict[int, str] = {}
+    for ch in c.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True,
+                                   stream_options={"include_usage": True}):
+        for choice in ch.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        if ch.usage is not None:
+            assert ch.usage.completion_tokens == r.usage.completion_tokens
+    assert streamed == {ch.index: ch.text for ch in r.choices}
+    # seeded sampling: choice j uses seed + j, so choices differ and the request repeats exactly
+    kw = dict(model=NAME, prompt=prompts[0], max_tokens=12, temperature=1.5, n=3, seed=5)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
+    assert len({ch.text for ch in a.choices}) > 1
+    one = c.completions.create(**{**kw, "n": 1, "seed": 6})
+    assert one.choices[0].text == a.choices[1].text
+    # chat: n choices, each streamed from a role chunk
+    msgs = [{"role": "user", "content": "Who art thou?"}]
+    want, _ = ref_text(tokenizer, tokenizer.apply_chat_template(msgs), 5)
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=5, temperature=0, n=2)
+    assert [ch.message.content for ch in r.choices] == [want, want] and [ch.index for ch in r.choices] == [0, 1]
+    roles, texts = {}, {}
+    for ch in c.chat.completions.create(model=NAME, messages=msgs, max_tokens=5, temperature=0, n=2, stream=True):
+        for choice in ch.choices:
+            if choice.delta.role:
+                roles[choice.index] = choice.delta.role
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert roles == {0: "assistant", 1: "assistant"} and texts == {0: want, 1: want}
+    # token-id batches, and prompts that are not a batch
+    ids = [tokenizer.encode(p) for p in prompts]
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0)
+    assert [ch.text for ch in r.choices] == [w[0] for w in wants]
+    for bad in ([], [[]], ["ok", 3], [["x"]]):
+        resp = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad, "max_tokens": 2})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", bad
+    resp = httpx.post(server.url + "/v1/completions",
+                      json={"model": NAME, "prompt": ["hi", "hi " * 400], "max_tokens": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    assert server.engine.num_unfinished == 0  # nothing of the refused batch was started
