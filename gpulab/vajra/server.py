@@ -1,10 +1,8 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) around the vajra engine.
 
-:class:`AsyncEngine` runs :class:`~gpulab.vajra.engine.LLMEngine` in one background thread (the
-engine and the model are used by that thread only); request handlers submit work through a locked
-inbox and receive each request's deltas on an ``asyncio.Queue`` fed with
-``loop.call_soon_threadsafe``. A handler that goes away (client disconnect) aborts its request,
-which frees its KV blocks.
+Request handlers parse a body with :mod:`gpulab.vajra.openai_api` and submit one engine request per choice to
+:class:`~gpulab.vajra.async_engine.AsyncEngine` (the engine's thread); a handler whose client goes away
+(disconnect) aborts its requests, which frees their KV blocks.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (chat template from the tokenizer config), ``stream: true`` as server-sent events ending in
@@ -17,9 +15,7 @@ status 400 (malformed JSON, bad parameters, too long a prompt), 404 (unknown mod
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import math
 import socket
 import threading
 import time
@@ -29,289 +25,14 @@ from typing import Any, Optional
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from gpulab.core.errors import InputError
+from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
 from gpulab.vajra.engine import LLMEngine, RequestOutput
-from gpulab.vajra.sampling import MAX_LOGPROBS, SamplingParams
+from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, finite_logprob,
+                                     parse_n, parse_sampling)
+from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
-MAX_N = 128  # most choices (n, or prompts in a batch) in one request
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-class EngineFailed(Exception):
-    pass
-
-
-class AsyncEngine:
-    """The engine in a background thread; one asyncio.Queue of RequestOutput per request."""
-
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stop = False
-        self._idle = idle_wait_s
-        self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="vajra-engine", daemon=True)
-
-    def start(self) -> "AsyncEngine":
-        self._thread.start()
-        return self
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
-        """Validate (InputError -> 400 in the caller) and queue a request; returns its output queue."""
-        if not self.alive:
-            raise EngineFailed(f"the engine is not running ({self.error!r})")
-        self.engine.check_request(prompt_ids, params)
-        q: asyncio.Queue = asyncio.Queue()
-        with self._lock:  # the engine thread sets `error` under this lock: no stream registers after it failed
-            if self.error is not None or not self._thread.is_alive():
-                raise EngineFailed(f"the engine is not running ({self.error!r})")
-            self._streams[request_id] = (asyncio.get_running_loop(), q)
-            self._adds.append((request_id, prompt_ids, params))
-        self._wake.set()
-        return q
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self._aborts.append(request_id)
-        self._wake.set()
-
-    # --- the engine thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        eng = self.engine
-        while not self._stop:
-            with self._lock:
-                adds, self._adds = self._adds, []
-                aborts, self._aborts = self._aborts, []
-            for rid, ids, params in adds:
-                try:
-                    eng.add_request(ids, params, request_id=rid)
-                except Exception as e:  # raced validation: hand the error to the request
-                    self._deliver([(rid, e)])
-            for rid in aborts:
-                eng.abort(rid)
-            if not eng.has_unfinished():
-                self._wake.wait(self._idle)
-                self._wake.clear()
-                continue
-            try:
-                outs = eng.step()
-            except BaseException as e:  # noqa: BLE001 - every waiting request must learn of it
-                with self._lock:  # with `submit`'s check under the same lock, no request waits on a dead engine
-                    self.error = e
-                    rids = list(self._streams)
-                self._deliver([(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}")) for rid in rids])
-                return
-            if outs:
-                self._deliver([(o.request_id, o) for o in outs])
-
-    def _deliver(self, items: list[tuple[str, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        with self._lock:
-            for rid, item in items:
-                target = self._streams.get(rid)
-                if target is None:
-                    continue
-                if isinstance(item, BaseException) or item.finished:
-                    self._streams.pop(rid, None)
-                by_loop.setdefault(target[0], []).append((target[1], item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # the loop is closed
-                pass
-
-    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
-        """Async iterator of RequestOutput for one request; aborts it when the consumer goes away."""
-        q = self.submit(request_id, prompt_ids, params)
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in batch:
-        q.put_nowait(item)
-
-
-# --- request parsing ---------------------------------------------------------------------------
-
-def _finite(x: float) -> float:
-    """JSON has no -inf: a token the model gives no probability is -9999.0 (as vLLM)."""
-    return x if math.isfinite(x) else -9999.0
-
-
-_UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
-
-
-def _get(body: dict[str, Any], key: str, types: tuple, default: Any = None) -> Any:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-        names = "/".join(t.__name__ for t in types)
-        raise APIError(400, f"'{key}' must be of type {names}, got {type(v).__name__}", param=key)
-    return v
-
-
-def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
-    """How many alternatives per token a request asks for (None: no logprobs): chat's ``logprobs: true`` with
-    ``top_logprobs: K``, or the completions API's ``logprobs: K``."""
-    top = _get(body, "top_logprobs", (int,), None)
-    if chat:
-        if not _get(body, "logprobs", (bool,), False):
-            if top is not None:
-                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-            return None
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise APIError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
-        return top or 0
-    if top is not None:
-        raise APIError(400, "'top_logprobs' is a chat parameter: /v1/completions takes 'logprobs': K",
-                       param="top_logprobs")
-    return _get(body, "logprobs", (int,), None)
-
-
-def parse_n(body: dict[str, Any]) -> int:
-    """Choices per prompt (``n``); ``best_of`` is accepted only where it changes nothing (None or n)."""
-    n = _get(body, "n", (int,), 1)
-    if not 1 <= n <= MAX_N:
-        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
-    if body.get("best_of") not in (None, n):
-        raise APIError(400, "best_of other than n is not supported by this server", param="best_of")
-    return n
-
-
-def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
-    """One SamplingParams per choice: with a seed, choice j samples with seed + j (distinct, reproducible)."""
-    if n == 1:
-        return [sp]
-    return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
-
-
-def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
-    logprobs = _parse_logprobs(body, chat)
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported by this server", param="echo")
-    for k in _UNSUPPORTED_NONZERO:
-        if _get(body, k, (int, float), 0) != 0:
-            raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    sp = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_get(body, "temperature", (int, float), 1.0),
-        top_p=_get(body, "top_p", (int, float), 1.0),
-        top_k=_get(body, "top_k", (int,), -1),
-        seed=_get(body, "seed", (int,), None),
-        stop=stop,
-        stop_token_ids=_get(body, "stop_token_ids", (list,), []),
-        ignore_eos=_get(body, "ignore_eos", (bool,), False),
-        min_tokens=_get(body, "min_tokens", (int,), 0),
-        skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
-        logprobs=logprobs,
-    )
-    try:
-        sp.validate(vocab)
-    except InputError as e:
-        param = str(e).split(" ", 1)[0]
-        raise APIError(400, str(e), param=param if param in body or param == "max_tokens" else None) from None
-    return sp
-
-
-def _completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> list[list[int]]:
-    """The prompts of a completions request as token ids: a string, a list of token ids, or a list of either
-    (a batch: one choice per prompt, times n)."""
-    p = body.get("prompt")
-
-    def one(x: Any) -> list[int] | None:
-        if isinstance(x, str):
-            if engine.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            return engine.tokenizer.encode(x)
-        if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-            return list(x)
-        return None
-
-    single = one(p)
-    if single is not None:
-        return [single]
-    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
-        batch = [one(x) for x in p]
-        if all(b is not None for b in batch):
-            if len(batch) > MAX_N:
-                raise APIError(400, f"at most {MAX_N} prompts per request, got {len(batch)}", param="prompt")
-            return batch
-    raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a non-empty list of those",
-                   param="prompt")
-
-
-def _chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    clean = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
-        c = m.get("content")
-        if isinstance(c, list):
-            parts = []
-            for part in c:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-                parts.append(part["text"])
-            c = "".join(parts)
-        if c is None:
-            c = ""
-        if not isinstance(c, str):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
-        clean.append({"role": m["role"], "content": c})
-    if engine.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
-    try:
-        return engine.tokenizer.apply_chat_template(clean)
-    except InputError as e:
-        raise APIError(400, str(e), param="messages") from None
-
-
-# --- the app -----------------------------------------------------------------------------------
 
 def build_app(async_engine: AsyncEngine, model_name: str):
     from fastapi import FastAPI
@@ -382,19 +103,19 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         """{token text: logprob}, best first; tokens with one text (e.g. partial UTF-8) keep the best value."""
         d: dict[str, float] = {}
         for i, v in top:
-            d.setdefault(tok_str(i), _finite(v))
+            d.setdefault(tok_str(i), finite_logprob(v))
         return d
 
     def completion_logprobs(items) -> dict[str, Any]:
         return {"tokens": [tok_str(t) for t, _, _ in items],
-                "token_logprobs": [_finite(e[0]) for _, e, _ in items],
+                "token_logprobs": [finite_logprob(e[0]) for _, e, _ in items],
                 "top_logprobs": [top_dict(e[1]) for _, e, _ in items],
                 "text_offset": [off for _, _, off in items]}
 
     def chat_logprobs(items) -> dict[str, Any]:
         def one(t: int, v: float) -> dict[str, Any]:
             s = tok_str(t)
-            return {"token": s, "logprob": _finite(v), "bytes": list(s.encode("utf-8"))}
+            return {"token": s, "logprob": finite_logprob(v), "bytes": list(s.encode("utf-8"))}
 
         return {"content": [{**one(t, e[0]), "top_logprobs": [one(i, v) for i, v in e[1]]} for t, e, _ in items]}
 
@@ -538,7 +259,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = _completion_prompts(engine, body)
+        prompts = completion_prompts(engine, body)
         n = parse_n(body)
         sp = parse_sampling(body, 16, engine.vocab_size)
         for ids in prompts:
@@ -569,7 +290,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
-        ids = _chat_prompt(engine, body)
+        ids = chat_prompt(engine, body)
         n = parse_n(body)
         # no max_tokens: up to the context length, or what the KV cache can hold when that is less
         room = min(engine.max_model_len, engine.block_manager.capacity_blocks * engine.block_manager.block_size)

@@ -1,0 +1,166 @@
+"""The OpenAI API's request side for the vajra server: parsing and checking a completions or chat body into
+prompts (token ids), choices and :class:`~gpulab.vajra.sampling.SamplingParams`; every problem is an
+:class:`APIError` with the status, type and parameter the server answers with (pure Python, no web package)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from gpulab.core.errors import InputError
+from gpulab.vajra.engine import LLMEngine
+from gpulab.vajra.sampling import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128  # most choices (n, or prompts in a batch) in one request
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def finite_logprob(x: float) -> float:
+    """JSON has no -inf: a token the model gives no probability is -9999.0 (as vLLM)."""
+    return x if math.isfinite(x) else -9999.0
+
+
+_UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
+
+
+def _get(body: dict[str, Any], key: str, types: tuple, default: Any = None) -> Any:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+        names = "/".join(t.__name__ for t in types)
+        raise APIError(400, f"'{key}' must be of type {names}, got {type(v).__name__}", param=key)
+    return v
+
+
+def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
+    """How many alternatives per token a request asks for (None: no logprobs): chat's ``logprobs: true`` with
+    ``top_logprobs: K``, or the completions API's ``logprobs: K``."""
+    top = _get(body, "top_logprobs", (int,), None)
+    if chat:
+        if not _get(body, "logprobs", (bool,), False):
+            if top is not None:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise APIError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
+        return top or 0
+    if top is not None:
+        raise APIError(400, "'top_logprobs' is a chat parameter: /v1/completions takes 'logprobs': K",
+                       param="top_logprobs")
+    return _get(body, "logprobs", (int,), None)
+
+
+def parse_n(body: dict[str, Any]) -> int:
+    """Choices per prompt (``n``); ``best_of`` is accepted only where it changes nothing (None or n)."""
+    n = _get(body, "n", (int,), 1)
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "best_of other than n is not supported by this server", param="best_of")
+    return n
+
+
+def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: with a seed, choice j samples with seed + j (distinct, reproducible)."""
+    if n == 1:
+        return [sp]
+    return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
+
+
+def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
+    logprobs = _parse_logprobs(body, chat)
+    if body.get("echo"):
+        raise APIError(400, "echo is not supported by this server", param="echo")
+    for k in _UNSUPPORTED_NONZERO:
+        if _get(body, k, (int, float), 0) != 0:
+            raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    sp = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_get(body, "temperature", (int, float), 1.0),
+        top_p=_get(body, "top_p", (int, float), 1.0),
+        top_k=_get(body, "top_k", (int,), -1),
+        seed=_get(body, "seed", (int,), None),
+        stop=stop,
+        stop_token_ids=_get(body, "stop_token_ids", (list,), []),
+        ignore_eos=_get(body, "ignore_eos", (bool,), False),
+        min_tokens=_get(body, "min_tokens", (int,), 0),
+        skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
+        logprobs=logprobs,
+    )
+    try:
+        sp.validate(vocab)
+    except InputError as e:
+        param = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=param if param in body or param == "max_tokens" else None) from None
+    return sp
+
+
+def completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> list[list[int]]:
+    """The prompts of a completions request as token ids: a string, a list of token ids, or a list of either
+    (a batch: one choice per prompt, times n)."""
+    p = body.get("prompt")
+
+    def one(x: Any) -> list[int] | None:
+        if isinstance(x, str):
+            if engine.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+            return engine.tokenizer.encode(x)
+        if isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            return list(x)
+        return None
+
+    single = one(p)
+    if single is not None:
+        return [single]
+    if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        batch = [one(x) for x in p]
+        if all(b is not None for b in batch):
+            if len(batch) > MAX_N:
+                raise APIError(400, f"at most {MAX_N} prompts per request, got {len(batch)}", param="prompt")
+            return batch
+    raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a non-empty list of those",
+                   param="prompt")
+
+
+def chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for part in c:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+                parts.append(part["text"])
+            c = "".join(parts)
+        if c is None:
+            c = ""
+        if not isinstance(c, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+        clean.append({"role": m["role"], "content": c})
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
+    try:
+        return engine.tokenizer.apply_chat_template(clean)
+    except InputError as e:
+        raise APIError(400, str(e), param="messages") from None
