@@ -77,6 +77,8 @@ class RequestOutput:
     output_token_ids: list[int] = field(default_factory=list)
     # with SamplingParams.logprobs: per new token (logprob, [(id, logprob)] of the k most likely)
     logprobs: Optional[list] = None
+    # with SamplingParams.prompt_logprobs, on a sequence's first output: the same per prompt token after the first
+    prompt_logprobs: Optional[list] = None
 
 
 class LLMEngine:
@@ -183,6 +185,11 @@ class LLMEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InputError when the request can never be served (the server answers 400)."""
         params.validate(self.vocab_size)
+        if params.prompt_logprobs is not None and (self.prefill is not None
+                                                   or not hasattr(self.model, "forward_rows")):
+            raise InputError("prompt logprobs (echo with logprobs) need the prompt run through this model; "
+                             + ("a prefill provider prefills it here" if self.prefill is not None
+                                else "this model gives last-token logits only"))
         n = len(prompt_ids)
         if n == 0:
             raise InputError("the prompt is empty")
@@ -283,8 +290,13 @@ class LLMEngine:
             return self._drain() + imported
         batch = self._build_batch(sched)
         t_built = time.perf_counter()
+        prompt_rows = self._prompt_rows(sched)
         with torch.inference_mode():
-            if sched.is_decode_only and self.graphs is not None and self.graphs.fits(batch.num_seqs):
+            prompt_pending = None
+            if prompt_rows is not None:
+                logits, states = self.model.forward_rows(batch, self.kv, prompt_rows[0])
+                prompt_pending = self._prompt_logprob_tensors(states, prompt_rows)
+            elif sched.is_decode_only and self.graphs is not None and self.graphs.fits(batch.num_seqs):
                 logits = self.graphs.run(batch)
             else:
                 logits = self.model.forward(batch, self.kv)
@@ -305,6 +317,8 @@ class LLMEngine:
             drain_ms = (time.perf_counter() - t_drain) * 1e3
             tokens = sampled.tolist() if sampled is not None else []
             lps = logprob_entries(lp_pending, ks)
+            if prompt_pending is not None:
+                self._take_prompt_logprobs(prompt_rows, prompt_pending)
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
@@ -321,6 +335,56 @@ class LLMEngine:
                                   "host_ms": ((t_built - t0) + (done - now)) * 1e3, "drain_ms": drain_ms,
                                   "preempted": len(sched.preempted)})
         return outs
+
+    # --- prompt logprobs (echo) ------------------------------------------------------------------
+    PROMPT_LOGITS_ROWS = 512  # rows of [rows, vocab] float32 logits at a time
+
+    def _prompt_rows(self, sched: SchedulerOutput):
+        """(flattened rows, their target token ids, k per row, [(seq, rows)]) of this step's prompt tokens that
+        still lack a prompt logprob (position p predicts prompt token p + 1; after a preemption's recompute the
+        scored ones are not scored again), or None when no scheduled sequence needs any."""
+        import torch
+
+        rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int] = []
+        owners = []
+        off = 0
+        for s in sched.scheduled:
+            seq, k = s.seq, s.seq.params.prompt_logprobs
+            if k is not None:
+                lo = max(len(seq.prompt_logprobs), s.start)
+                hi = min(seq.prompt_len - 2, s.start + s.num_tokens - 1)
+                if hi >= lo:
+                    rows += range(off + lo - s.start, off + hi - s.start + 1)
+                    targets += seq.token_ids[lo + 1:hi + 2]
+                    ks += [k] * (hi - lo + 1)
+                    owners.append((seq, hi - lo + 1))
+            off += s.num_tokens
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.long, device=self.device), targets, ks, owners
+
+    def _prompt_logprob_tensors(self, states, prompt_rows) -> list:
+        """logprob_tensors of the prompt rows, a chunk of rows at a time (a 128k vocabulary's float32 logits
+        of a whole prompt would not fit)."""
+        import torch
+
+        _, targets, ks, _ = prompt_rows
+        out = []
+        for c0 in range(0, len(ks), self.PROMPT_LOGITS_ROWS):
+            c1 = min(c0 + self.PROMPT_LOGITS_ROWS, len(ks))
+            lg = self.model.logits(states[c0:c1])
+            tg = torch.tensor(targets[c0:c1], dtype=torch.long, device=lg.device)
+            out.append((logprob_tensors(lg, tg, ks[c0:c1]), ks[c0:c1]))
+        return out
+
+    def _take_prompt_logprobs(self, prompt_rows, pending: list) -> None:
+        entries = [e for pend, ks in pending for e in logprob_entries(pend, ks)]
+        i = 0
+        for seq, n in prompt_rows[3]:
+            seq.prompt_logprobs += entries[i:i + n]
+            i += n
 
     def _ban_early_stops(self, logits, seqs: list[Sequence]):
         """min_tokens: a sequence with fewer outputs cannot sample EOS (unless ignore_eos) or its stop_token_ids
@@ -364,6 +428,8 @@ class LLMEngine:
         """Detokenize ``tok`` and make its output (the sequence finishes with ``reason``, or on a stop string)."""
         seq.token_times.append(now)  # when its output exists: what a client could see
         lps = [seq.logprobs[len(seq.token_times) - 1]] if seq.params.logprobs is not None else None
+        plps = (list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None and len(seq.token_times) == 1
+                else None)
         seq.detok.add(tok)
         if reason != "stop" and seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
             reason = "stop"  # a stop string in the text (also on the token that reached the length)
@@ -374,7 +440,7 @@ class LLMEngine:
             self._by_request.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,
-                             seq.output_token_ids if reason else [], lps)
+                             seq.output_token_ids if reason else [], lps, plps)
 
     def _drain(self) -> list[RequestOutput]:
         """The outputs of the deferred tokens, in order (abort drops a sequence's)."""

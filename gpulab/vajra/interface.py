@@ -110,3 +110,10 @@ class VajraModelProtocol(Protocol):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [B, vocab] of final hidden states."""
         ...
+
+    # Optional (prompt logprobs): forward() plus the states of chosen tokens, whose logits(...) the engine takes
+    # a chunk of rows at a time.
+    def forward_rows(self, batch: ForwardBatch, kv: KVCache, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(batch, kv), the states logits() reads of the flattened tokens ``rows`` [R, ...])."""
+        ...

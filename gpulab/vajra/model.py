@@ -197,6 +197,14 @@ class LlamaModel:
         """Float32 logits of the last token of each sequence [B, vocab]."""
         return self.logits(self.final_hidden(batch, kv))
 
+    def forward_rows(self, batch: ForwardBatch, kv: KVCache, rows: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() and the normed hidden states of the flattened tokens ``rows`` (for prompt logprobs)."""
+        x = self.hidden_states(batch, kv)
+        last = torch.cumsum(batch.query_lens.to(torch.int64), 0) - 1
+        h = ref.rms_norm(x[torch.cat([last, rows.to(last.device)])], self.norm, self.cfg.rms_norm_eps)
+        return self.logits(h[:last.numel()]), h[last.numel():]
+
     __call__ = forward
 
     def linears(self) -> dict[str, Linear]:

@@ -74,10 +74,17 @@ def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
     return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
 
 
+def parse_echo(body: dict[str, Any], chat: bool) -> bool:
+    """``echo`` (completions only): the prompt's text before the completion, and with ``logprobs`` its tokens'."""
+    echo = _get(body, "echo", (bool,), False)
+    if echo and chat:
+        raise APIError(400, "echo is not supported on /v1/chat/completions", param="echo")
+    return echo
+
+
 def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
     logprobs = _parse_logprobs(body, chat)
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported by this server", param="echo")
+    echo = parse_echo(body, chat)
     for k in _UNSUPPORTED_NONZERO:
         if _get(body, k, (int, float), 0) != 0:
             raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
@@ -101,6 +108,7 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
         min_tokens=_get(body, "min_tokens", (int,), 0),
         skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
         logprobs=logprobs,
+        prompt_logprobs=logprobs if echo else None,
     )
     try:
         sp.validate(vocab)
@@ -164,3 +172,19 @@ def chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
         return engine.tokenizer.apply_chat_template(clean)
     except InputError as e:
         raise APIError(400, str(e), param="messages") from None
+
+
+def prompt_texts(engine: LLMEngine, body: dict[str, Any], prompts: list[list[int]]) -> list[str]:
+    """What ``echo`` puts before each completion: the prompt string as sent, or the decoded token ids."""
+    p = body.get("prompt")
+    single = isinstance(p, str) or all(isinstance(t, int) for t in p)  # else a batch (completion_prompts checked)
+    raw = [p] if single else list(p)
+    out = []
+    for x, ids in zip(raw, prompts):
+        if isinstance(x, str):
+            out.append(x)
+        elif engine.tokenizer is not None:
+            out.append(engine.tokenizer.decode(ids, skip_special_tokens=True))
+        else:
+            raise APIError(400, "echo of token-id prompts needs a tokenizer, which this model has not", param="echo")
+    return out

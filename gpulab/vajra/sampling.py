@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; k >= 0: each sampled token's logprob and the k most likely
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first (echo)
 
     @property
     def greedy(self) -> bool:
@@ -56,9 +57,10 @@ class SamplingParams:
         self.top_p = float(self.top_p)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

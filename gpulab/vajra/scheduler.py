@@ -54,6 +54,7 @@ class Sequence:
     detok: object = None  # IncrementalDetokenizer, set by the engine
     imported: object = None  # PrefilledPrompt when the prompt was prefilled elsewhere
     logprobs: list = field(default_factory=list)  # per output token, when params.logprobs is set
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first (params.prompt_logprobs)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

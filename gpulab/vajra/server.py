@@ -28,7 +28,7 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
 from gpulab.vajra.engine import LLMEngine, RequestOutput
 from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, finite_logprob,
-                                     parse_n, parse_sampling)
+                                     parse_echo, parse_n, parse_sampling, prompt_texts)
 from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -106,10 +106,21 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             d.setdefault(tok_str(i), finite_logprob(v))
         return d
 
+    def prompt_items(ids: list[int], entries: list, text_len: int) -> list[tuple[int, Any, int]]:
+        """echo's logprob items of a prompt: its first token has none (nothing before it to predict it from);
+        a token's offset is the length of the text of the tokens before it (special tokens add none), at most
+        the echoed text's."""
+        items, off = [], 0
+        for j, t in enumerate(ids):
+            if j and engine.tokenizer is not None:
+                off = max(off, min(text_len, len(engine.tokenizer.decode(ids[:j], skip_special_tokens=True))))
+            items.append((t, entries[j - 1] if j else None, off))
+        return items
+
     def completion_logprobs(items) -> dict[str, Any]:
         return {"tokens": [tok_str(t) for t, _, _ in items],
-                "token_logprobs": [finite_logprob(e[0]) for _, e, _ in items],
-                "top_logprobs": [top_dict(e[1]) for _, e, _ in items],
+                "token_logprobs": [None if e is None else finite_logprob(e[0]) for _, e, _ in items],
+                "top_logprobs": [None if e is None else top_dict(e[1]) for _, e, _ in items],
                 "text_offset": [off for _, _, off in items]}
 
     def chat_logprobs(items) -> dict[str, Any]:
@@ -154,7 +165,14 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def collect(gen, request: Request):
+    def echo_start(echo, subs_by_index, i: int, o: RequestOutput) -> tuple[str, list]:
+        """The prompt text and logprob items that echo puts before choice i's first output ('', [] without)."""
+        if echo is None:
+            return "", []
+        ids = subs_by_index[i]
+        return echo[i], (prompt_items(ids, o.prompt_logprobs, len(echo[i])) if o.prompt_logprobs is not None else [])
+
+    async def collect(gen, request: Request, echo=None, subs_by_index=None):
         """All of a non-streamed request's outputs, {choice index: (text, last output, logprob items)}; None when
         the client went away first (closing the stream then aborts the requests, so a gone client's generation
         does not run to max_tokens)."""
@@ -162,7 +180,10 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
         async def consume():
             async for i, o in gen:
-                text, _, items, sent = got.setdefault(i, ([], None, [], [0]))
+                if i not in got:
+                    head, head_items = echo_start(echo, subs_by_index, i, o)
+                    got[i] = ([head], None, head_items, [len(head)])
+                text, _, items, sent = got[i]
                 items.extend(lp_items(o, sent[0]))
                 text.append(o.delta_text)
                 sent[0] += len(o.delta_text)
@@ -189,16 +210,18 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def run(request: Request, rid, subs, prompt_of, stream: bool, make_chunk, make_final, include_usage: bool,
-                  first_chunk=None, fmt_logprobs=None):
+                  first_chunk=None, fmt_logprobs=None, echo=None):
         """subs: [(choice index, prompt ids, params)], one engine request each (n choices of each prompt);
         prompt_of: choice index -> prompt number. make_chunk(index or None, output or None, usage=None,
         logprobs=None), first_chunk(index) and make_final([(index, text, last output, logprobs)], usage) build
-        the bodies; fmt_logprobs turns logprob items into the API's object."""
+        the bodies; fmt_logprobs turns logprob items into the API's object; echo: choice index -> prompt text to
+        put before the choice's first output (with its tokens' logprobs when asked)."""
         gen = merged(rid, subs)
+        ids_of = {i: ids for i, ids, _ in subs}
         fmt = fmt_logprobs if subs[0][2].logprobs is not None else None
         if not stream:
             try:
-                got = await collect(gen, request)
+                got = await collect(gen, request, echo, ids_of)
             except EngineFailed as e:
                 raise APIError(500, str(e), "internal_error") from None
             except InputError as e:  # found when the engine added it (raced validation, a prefill provider)
@@ -216,11 +239,16 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 lasts: dict[int, RequestOutput] = {}
                 pending: dict[int, list] = {i: [] for i, _, _ in subs}
                 sent = dict.fromkeys(pending, 0)
+                head: dict[int, str] = {}
                 async for i, o in gen:
+                    if i not in lasts:
+                        head[i], pending[i] = echo_start(echo, ids_of, i, o)
+                        sent[i] = len(head[i])
                     lasts[i] = o
                     pending[i].extend(lp_items(o, sent[i]))
-                    if o.delta_text or o.finished:  # a token whose text is held back: its logprobs wait too
-                        yield f"data: {json.dumps(make_chunk(i, o, None, fmt(pending[i]) if fmt else None))}\n\n"
+                    text = head.pop(i, "") + o.delta_text
+                    if text or o.finished:  # a token whose text is held back: its logprobs wait too
+                        yield f"data: {json.dumps(make_chunk(i, o, None, fmt(pending[i]) if fmt else None, text))}\n\n"
                         sent[i] += len(o.delta_text)
                         pending[i] = []
                 if include_usage and lasts:
@@ -265,14 +293,18 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         for ids in prompts:
             validate(ids, sp, "prompt")
         subs, prompt_of = choices_of(prompts, sp, n)
+        echo = None
+        if parse_echo(body, chat=False):
+            texts = prompt_texts(engine, body, prompts)
+            echo = {i: texts[k] for i, k in prompt_of.items()}
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None):
-            choices = [] if o is None else [{"index": i, "text": o.delta_text, "logprobs": lp,
-                                             "finish_reason": o.finish_reason}]
+        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None, text=None):
+            choices = [] if o is None else [{"index": i, "text": o.delta_text if text is None else text,
+                                             "logprobs": lp, "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices}
             if use is not None:
                 c["usage"] = use
@@ -285,7 +317,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                     "usage": use}
 
         return await run(request, rid, subs, prompt_of, body.get("stream", False), chunk, final, include_usage,
-                         fmt_logprobs=completion_logprobs)
+                         fmt_logprobs=completion_logprobs, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -303,11 +335,12 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
 
-        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None):
+        def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None, text=None):
             if o is None:
                 choices = []
             else:
-                delta = {"content": o.delta_text} if o.delta_text else {}
+                text = o.delta_text if text is None else text
+                delta = {"content": text} if text else {}
                 choices = [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]
             c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                  "choices": choices}

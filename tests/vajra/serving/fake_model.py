@@ -56,6 +56,7 @@ class FakeModel:
             flat[batch.slot_mapping, 0, 0, 1] = batch.positions.float()
             flat[batch.slot_mapping, 1, 0, 0] = 1.0
         out = []
+        self.last_context: list[list[int]] = []  # each sequence's tokens as read back from the cache
         t0 = 0
         for i in range(batch.num_seqs):
             q, c = int(batch.query_lens[i]), int(batch.context_lens[i])
@@ -70,8 +71,21 @@ class FakeModel:
                 assert not toks or toks == toks_l
                 toks = toks_l
             out.append(expected_logits(toks, self.info.vocab_size))
+            self.last_context.append(toks)
             t0 += q
         return torch.stack(out)
+
+    def forward_rows(self, batch: ForwardBatch, kv: KVCache, rows: torch.Tensor):
+        """forward(), and for each flattened token in ``rows`` the logits after the tokens up to it (read back from
+        the cache like forward's); logits() of those 'states' is the identity."""
+        last = self.forward(batch, kv)
+        seq_of = torch.repeat_interleave(torch.arange(batch.num_seqs), batch.query_lens.long())
+        states = [expected_logits(self.last_context[int(seq_of[r])][:int(batch.positions[r]) + 1],
+                                  self.info.vocab_size) for r in rows.tolist()]
+        return last, torch.stack(states)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h
 
 
 def reference_greedy(prompt: list[int], n: int, vocab: int, eos=()) -> list[int]:

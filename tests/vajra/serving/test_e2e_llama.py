@@ -72,27 +72,54 @@ def test_gpu_cuda_graphs_match_eager(tiny_llama, backend):
     assert same == sum(len(x) for x in res[False])
 
 
+@pytest.mark.parametrize("budget", [256, 5])
+def test_prompt_logprobs_match_transformers(tiny_llama, tokenizer, budget):
+    """prompt_logprobs through vajra's forward_rows (whole prompts, or 5-token chunks) equal transformers'
+    float32 log-softmax over the prompt."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(tiny_llama)).float().eval()
+    eng = load_engine(tiny_llama, device="cpu", attention_backend="torch",
+                      config=EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=budget))
+    outs = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3))
+    for p, o in zip(PROMPTS[:3], outs):
+        ids = tokenizer.encode(p)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        assert len(o.prompt_logprobs) == len(ids) - 1
+        for j, (lp, top) in enumerate(o.prompt_logprobs):
+            assert lp == pytest.approx(float(ref[j, ids[j + 1]]), abs=1e-4)
+            assert [i for i, _ in top] == ref[j].topk(3).indices.tolist()
+
+
 def _logprob_run(eng, prompt, n):
-    """(token, logprob) of each output token of one greedy request with logprobs=2, stepping the engine."""
-    eng.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2))
-    got = []
+    """(token, logprob) of each output token of one greedy request with logprobs=2 and prompt_logprobs=1,
+    stepping the engine, and the prompt's logprobs."""
+    eng.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2,
+                                           prompt_logprobs=1))
+    got, prompt_lps = [], None
     while eng.has_unfinished():
         for o in eng.step():
             got += [(t, e[0]) for t, e in zip(o.new_token_ids, o.logprobs)]
-    return got
+            prompt_lps = prompt_lps or [e[0] for e in o.prompt_logprobs or ()]
+    return got, prompt_lps
 
 
 @pytest.mark.gpu
 def test_gpu_logprobs_through_cuda_graphs_match_cpu(tiny_llama):
-    """Logprobs computed on the GPU (bf16, decode steps replayed from CUDA graphs, outputs deferred a step)
-    equal the CPU engine's float32 ones within bf16 rounding while the greedy tokens agree."""
-    cpu = _logprob_run(load_engine(tiny_llama, device="cpu", attention_backend="torch",
-                                   config=EngineConfig(num_blocks=64, block_size=16)), PROMPTS[2], 16)
+    """Logprobs computed on the GPU (bf16, decode steps replayed from CUDA graphs, outputs deferred a step; the
+    prompt's through forward_rows) equal the CPU engine's float32 ones within bf16 rounding while the greedy
+    tokens agree."""
+    cpu, cpu_prompt = _logprob_run(load_engine(tiny_llama, device="cpu", attention_backend="torch",
+                                               config=EngineConfig(num_blocks=64, block_size=16)), PROMPTS[2], 16)
     eng = load_engine(tiny_llama, device="cuda", attention_backend="triton", dtype="bf16",
                       config=EngineConfig(num_blocks=64, block_size=16, cuda_graphs=True, max_num_seqs=4))
     assert eng.graphs is not None and eng.defer_output, eng.notes
-    gpu = _logprob_run(eng, PROMPTS[2], 16)
+    gpu, gpu_prompt = _logprob_run(eng, PROMPTS[2], 16)
     assert len(gpu) == len(cpu) == 16
+    assert len(gpu_prompt) == len(cpu_prompt) > 0  # prompt logprobs: forward_rows on the GPU
+    for want, got in zip(cpu_prompt, gpu_prompt):
+        assert got == pytest.approx(want, abs=0.05, rel=0.05)
     n = next((i for i, (a, b) in enumerate(zip(cpu, gpu)) if a[0] != b[0]), 16)
     assert n >= 4  # bf16 may flip a near-tie later on
     for (_, want), (_, got) in zip(cpu[:n], gpu[:n]):

@@ -196,3 +196,45 @@ def test_logprobs_are_the_models_distribution(tokenizer, defer):
             seen.append(tok)
     assert len(got["lp"]) == 7  # min_tokens kept EOS out of the samples, not out of the logprobs
     assert got["lp"][0].logprobs[0][1][0][0] == eos and len(got["zero"]) == 1  # greedy "zero" stopped at EOS
+
+
+@pytest.mark.parametrize("budget,blocks", [(256, 64), (5, 64), (7, 9)])
+def test_prompt_logprobs_through_chunks_and_preemption(tokenizer, budget, blocks):
+    """prompt_logprobs=K: the first output carries one entry per prompt token after the first (its logprob
+    given the tokens before it, and the K most likely), the same whether the prompt is prefilled at once, in
+    chunks of a 5-token budget, or recomputed after preemptions (9 blocks of 8 for three requests)."""
+    vocab = tokenizer.vocab_size
+    model = FakeModel(vocab, max_model_len=256)
+    eng = LLMEngine(model, tokenizer, EngineConfig(num_blocks=blocks, block_size=8, max_num_batched_tokens=budget))
+    prompts = [tokenizer.encode(t) for t in ("Now is the winter of our discontent", "My lord,", "O Romeo, Romeo!")]
+    for i, p in enumerate(prompts):
+        eng.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, prompt_logprobs=2,
+                                          logprobs=None if i else 1), request_id=str(i))
+    first: dict[str, object] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            first.setdefault(o.request_id, o)
+            assert o.prompt_logprobs is None or o is first[o.request_id]
+    if blocks == 9:
+        assert eng.scheduler.num_preemptions > 0
+    for i, p in enumerate(prompts):
+        got = first[str(i)].prompt_logprobs
+        assert len(got) == len(p) - 1
+        for j, (lp, top) in enumerate(got):
+            ref = torch.log_softmax(expected_logits(p[:j + 1], vocab).double(), 0)
+            assert lp == pytest.approx(float(ref[p[j + 1]]), abs=1e-5)
+            assert [v for _, v in top] == pytest.approx(sorted(ref.tolist(), reverse=True)[:2], abs=1e-5)
+    assert eng.block_manager.num_used == 0
+
+
+def test_prompt_logprobs_need_the_models_rows(tokenizer):
+    """A model with last-token logits only (no forward_rows) refuses prompt logprobs with a one-line error."""
+    import types
+
+    eng = LLMEngine(FakeModel(tokenizer.vocab_size), tokenizer, EngineConfig(num_blocks=16, block_size=8))
+    eng.check_request([1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    eng.model = types.SimpleNamespace(info=eng.model.info, forward=eng.model.forward)
+    with pytest.raises(InputError, match="last-token logits only"):
+        eng.check_request([1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
+    with pytest.raises(InputError, match="prompt_logprobs must be"):
+        SamplingParams(prompt_logprobs=21).validate(100)

@@ -303,3 +303,37 @@ def test_n_choices_and_batched_prompts(server, tokenizer):
                       json={"model": NAME, "prompt": ["hi", "hi " * 400], "max_tokens": 2})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
     assert server.engine.num_unfinished == 0  # nothing of the refused batch was started
+
+
+def test_echo_and_prompt_logprobs(server, tokenizer):
+    """echo: the prompt's text before the completion; with logprobs, its tokens' too (the first has none), as
+    lm-eval's loglikelihood requests use them; streamed the same; batched with n; not on chat."""
+    c = client(server)
+    prompt = "Good morrow, sweet"
+    ids = tokenizer.encode(prompt)
+    want, out = ref_text(tokenizer, ids, 3)
+    assert c.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0,
+                                echo=True).choices[0].text == prompt + want
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + want
+    assert len(lp.tokens) == len(ids) + len(out) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    seq = ids + out
+    for j in range(1, len(seq)):
+        ref = _ref_logprobs(tokenizer, seq[:j], [seq[j]])[0]
+        assert lp.token_logprobs[j] == pytest.approx(float(ref[seq[j]]), abs=1e-5), j
+        assert max(lp.top_logprobs[j].values()) == pytest.approx(float(ref.max()), abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[len(ids)] == len(prompt)  # the completion's tokens start after the echoed prompt
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(out)
+    chunks = [ch.choices[0] for ch in c.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0,
+                                                          echo=True, logprobs=2, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == prompt + want
+    assert [v for ch in chunks if ch.logprobs for v in ch.logprobs.token_logprobs] == lp.token_logprobs
+    r = c.completions.create(model=NAME, prompt=[prompt, ids[:3]], max_tokens=2, temperature=0, echo=True, n=2)
+    heads = [prompt] * 2 + [tokenizer.decode(ids[:3])] * 2
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert all(ch.text.startswith(h) and len(ch.text) > len(h) for ch, h in zip(r.choices, heads))
+    resp = httpx.post(server.url + "/v1/chat/completions",
+                      json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "echo"
