@@ -120,6 +120,7 @@ class LLMEngine:
         # would hide nothing and only deliver every token a whole step later.
         self.defer_output = self.device.type == "cuda"
         self._deferred: list[tuple[Sequence, int]] = []
+        self._prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are not all taken yet
 
     # --- set-up ------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -219,6 +220,8 @@ class LLMEngine:
             seq.imported = self._check_prefilled(self.prefill(ids), len(ids))
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self._by_request[rid] = seq
+        if params.prompt_logprobs is not None and len(ids) > 1:
+            self._prompt_lp_seqs.add(seq.seq_id)
         self.scheduler.add(seq)
         return seq
 
@@ -264,6 +267,7 @@ class LLMEngine:
         seq = self._by_request.pop(request_id, None)
         if seq is None or seq.finished:
             return False
+        self._prompt_lp_seqs.discard(seq.seq_id)
         self.scheduler.finish(seq, "abort")
         self.sampler.forget(seq.seq_id)
         if self._deferred:  # nobody waits for its pending output
@@ -345,6 +349,8 @@ class LLMEngine:
         scored ones are not scored again), or None when no scheduled sequence needs any."""
         import torch
 
+        if not self._prompt_lp_seqs:  # the usual step: nobody asked
+            return None
         rows: list[int] = []
         targets: list[int] = []
         ks: list[int] = []
@@ -352,7 +358,7 @@ class LLMEngine:
         off = 0
         for s in sched.scheduled:
             seq, k = s.seq, s.seq.params.prompt_logprobs
-            if k is not None:
+            if k is not None and seq.seq_id in self._prompt_lp_seqs:
                 lo = max(len(seq.prompt_logprobs), s.start)
                 hi = min(seq.prompt_len - 2, s.start + s.num_tokens - 1)
                 if hi >= lo:
@@ -385,6 +391,8 @@ class LLMEngine:
         for seq, n in prompt_rows[3]:
             seq.prompt_logprobs += entries[i:i + n]
             i += n
+            if len(seq.prompt_logprobs) >= seq.prompt_len - 1:
+                self._prompt_lp_seqs.discard(seq.seq_id)
 
     def _ban_early_stops(self, logits, seqs: list[Sequence]):
         """min_tokens: a sequence with fewer outputs cannot sample EOS (unless ignore_eos) or its stop_token_ids

@@ -224,7 +224,7 @@ def test_prompt_logprobs_through_chunks_and_preemption(tokenizer, budget, blocks
             ref = torch.log_softmax(expected_logits(p[:j + 1], vocab).double(), 0)
             assert lp == pytest.approx(float(ref[p[j + 1]]), abs=1e-5)
             assert [v for _, v in top] == pytest.approx(sorted(ref.tolist(), reverse=True)[:2], abs=1e-5)
-    assert eng.block_manager.num_used == 0
+    assert eng.block_manager.num_used == 0 and not eng._prompt_lp_seqs  # steps after these skip the search
 
 
 def test_prompt_logprobs_need_the_models_rows(tokenizer):
