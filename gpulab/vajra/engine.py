@@ -29,7 +29,7 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
-from gpulab.vajra.sampling import Sampler, SamplingParams, logprob_entries, logprob_tensors
+from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logprob_entries, logprob_tensors
 from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
@@ -308,7 +308,7 @@ class LLMEngine:
             seqs, sampled, ks, lp_pending = [], None, [], None
             if rows:
                 if len(rows) != logits.shape[0]:
-                    logits = logits[torch.tensor(rows, device=logits.device)]
+                    logits = logits.index_select(0, device_tensor(rows, torch.long, logits.device))
                 seqs = [sched.scheduled[i].seq for i in rows]
                 sampled = self.sampler(self._ban_early_stops(logits, seqs), [s.params for s in seqs],
                                        [s.seq_id for s in seqs])
@@ -369,7 +369,7 @@ class LLMEngine:
             off += s.num_tokens
         if not rows:
             return None
-        return torch.tensor(rows, dtype=torch.long, device=self.device), targets, ks, owners
+        return device_tensor(rows, torch.long, self.device), targets, ks, owners
 
     def _prompt_logprob_tensors(self, states, prompt_rows) -> list:
         """logprob_tensors of the prompt rows, a chunk of rows at a time (a 128k vocabulary's float32 logits
@@ -381,7 +381,7 @@ class LLMEngine:
         for c0 in range(0, len(ks), self.PROMPT_LOGITS_ROWS):
             c1 = min(c0 + self.PROMPT_LOGITS_ROWS, len(ks))
             lg = self.model.logits(states[c0:c1])
-            tg = torch.tensor(targets[c0:c1], dtype=torch.long, device=lg.device)
+            tg = device_tensor(targets[c0:c1], torch.long, lg.device)
             out.append((logprob_tensors(lg, tg, ks[c0:c1]), ks[c0:c1]))
         return out
 
@@ -408,8 +408,11 @@ class LLMEngine:
                 cols += banned
         if not rows:
             return logits
+        import torch
+
         logits = logits.clone()
-        logits[rows, cols] = float("-inf")
+        index = (device_tensor(rows, torch.long, logits.device), device_tensor(cols, torch.long, logits.device))
+        logits.index_put_(index, logits.new_full((), float("-inf")))  # new_full: a fill on the device, no copy
         return logits
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> Optional[RequestOutput]:

@@ -11,7 +11,7 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.engine import LLMEngine
 from gpulab.vajra.sampling import MAX_LOGPROBS, SamplingParams
 
-MAX_N = 128  # most choices (n, or prompts in a batch) in one request
+MAX_N = 128  # most choices (n x prompts in a batch) in one request
 
 
 class APIError(Exception):

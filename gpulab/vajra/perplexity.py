@@ -94,6 +94,20 @@ def score_windows(model: Any, windows: list[list[int]], batch: int) -> tuple[lis
     return sums, counts, torch.cat(preds)
 
 
+def nll_difference_ci(first_sums: list[float], sums: list[float], counts: list[int], reps: int = 2000,
+                      seed: int = 0) -> dict[str, float | None]:
+    """95% paired-bootstrap interval of the token-weighted NLL difference (the one reported: summed NLL over
+    summed tokens), resampling windows: each resample's summed difference over its summed tokens, so a short
+    tail window weighs as little as its tokens. ``{"lo", "hi"}``, None with fewer than 2 windows."""
+    from gpulab.core.stats import paired_bootstrap
+
+    if len(counts) < 2:
+        return {"lo": None, "hi": None}
+    ci = paired_bootstrap({"first": first_sums, "this": sums, "tokens": counts},
+                          lambda mean: (mean["this"] - mean["first"]) / mean["tokens"], reps=reps, seed=seed)
+    return {"lo": ci["lo"], "hi": ci["hi"]}
+
+
 def _encode(tok: Any, text: str) -> list[int]:
     """Token ids of a whole text, no special tokens (the Rust tokenizer where there is one: transformers'
     encode warns about texts longer than the model's context)."""
@@ -118,7 +132,6 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
 
     from gpulab.core import options, results
     from gpulab.core.files import read_model_config
-    from gpulab.core.stats import paired_bootstrap
     from gpulab.vajra.detokenizer import load_tokenizer
     from gpulab.vajra.load import load_model
 
@@ -153,7 +166,7 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         "batch": batch, "load_format": load_format, "attention_backend": attention_backend, "device": device,
         "windows": len(windows), "text_tokens": len(ids)})
     used: set[str] = set()
-    per_window: dict[str, list[float]] = {}
+    window_sums: dict[str, list[float]] = {}  # NLL summed over each window's tokens, per model
     first_preds = None
     first = None
     for m in models:
@@ -175,7 +188,7 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         finite = math.isfinite(nll)
         rec.check(f"{label}: every token scored, NLL finite", finite and n == sum(len(w) - 1 for w in windows),
                   None if finite else f"nll={nll}")
-        per_window[label] = [s / c for s, c in zip(sums, counts)]
+        window_sums[label] = sums
         ppl = math.exp(nll) if finite and nll < 700 else None
         m_rec: dict[str, Any] = {"quant": _quant_name(model), "tokens": n, "nll": nll, "ppl": ppl,
                                  "load_s": load_s, "score_s": secs, "tok_s": n / secs if secs > 0 else None}
@@ -185,8 +198,7 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         if first is None:
             first, first_preds = label, preds
         else:
-            ci = paired_bootstrap({first: per_window[first], label: per_window[label]},
-                                  lambda mean, a=first, b=label: mean[b] - mean[a], reps=bootstrap_reps)
+            ci = nll_difference_ci(window_sums[first], sums, counts, bootstrap_reps)
             agree = float((preds == first_preds).double().mean())
             m_rec.update(nll_vs_first=nll - rec.metrics[first]["nll"], nll_vs_first_ci95=[ci["lo"], ci["hi"]],
                          top1_agreement=agree)
@@ -203,8 +215,10 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         if "nll_vs_first" in m_rec:
             rec.summary[f"nll_vs_first_{label}"] = round(m_rec["nll_vs_first"], 5)
             rec.summary[f"top1_agreement_{label}"] = round(m_rec["top1_agreement"], 4)
-    if len(windows) < 10 and len(models) > 1:
-        rec.notes.append(f"only {len(windows)} window(s): the bootstrap interval over windows is rough")
+    if len(windows) < 2 and len(models) > 1:
+        rec.notes.append("one window: no interval for the NLL differences (the bootstrap resamples windows)")
+    elif len(windows) < 10 and len(models) > 1:
+        rec.notes.append(f"only {len(windows)} windows: the bootstrap interval over windows is rough")
     return rec
 
 

@@ -59,8 +59,9 @@ class SamplingParams:
             bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
-            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
-                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+            top = MAX_LOGPROBS if vocab_size is None else min(MAX_LOGPROBS, vocab_size)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= top):
+                bad(f"{name} must be an integer in [0, {top}], got {k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -71,6 +72,18 @@ class SamplingParams:
         ):
             bad(f"stop_token_ids must be token ids in [0, {vocab_size}), got {self.stop_token_ids!r}")
         return self
+
+
+def device_tensor(values: list, dtype: Any, device: Any):
+    """A small host list as a tensor on ``device`` without waiting for the device: on a GPU through pinned
+    memory, copied non_blocking (``torch.tensor(list, device="cuda")`` is a synchronous copy, which waits for
+    all the queued GPU work, e.g. the decode step the engine overlaps with detokenization)."""
+    import torch
+
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _is_number(x: Any) -> bool:
@@ -111,9 +124,9 @@ class Sampler:
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rand_rows:
             return out
-        idx = torch.tensor(rand_rows, device=logits.device, dtype=torch.long)
+        idx = device_tensor(rand_rows, torch.long, logits.device)
         sub = logits.index_select(0, idx)
-        temps = torch.tensor([params[i].temperature for i in rand_rows], device=logits.device, dtype=torch.float32)
+        temps = device_tensor([params[i].temperature for i in rand_rows], torch.float32, logits.device)
         sub = sub / temps[:, None]
         sub = apply_top_k_top_p(
             sub,
@@ -122,9 +135,8 @@ class Sampler:
         )
         probs = torch.softmax(sub, dim=-1)
         noise = torch.empty_like(probs)
-        unseeded = [j for j, i in enumerate(rand_rows) if params[i].seed is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
+        if any(params[i].seed is None for i in rand_rows):
+            noise.exponential_()  # the seeded rows are drawn again below from their own generators
         for j, i in enumerate(rand_rows):
             if params[i].seed is not None:
                 g = self._generator(seq_ids[i], params[i].seed)
@@ -146,12 +158,11 @@ def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if need_k:
-        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
-        ks = ks.clamp(max=vocab)
+        ks = device_tensor([min(k if k > 0 else vocab, vocab) for k in top_k], torch.long, logits.device)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         mask |= ranks >= ks[:, None]
     if need_p:
-        ps = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+        ps = device_tensor(top_p, torch.float32, logits.device)
         probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
         cum = torch.cumsum(probs, dim=-1)
         # drop a token when the mass before it already reaches top_p
@@ -170,9 +181,10 @@ def logprob_tensors(logits, tokens, ks: list[Optional[int]]):
     rows = [r for r, k in enumerate(ks) if k is not None]
     if not rows:
         return None
-    idx = torch.tensor(rows, device=logits.device, dtype=torch.long)
-    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-    chosen = lp.gather(1, tokens.index_select(0, idx).long()[:, None])[:, 0]
+    sub = logits if len(rows) == len(ks) else logits.index_select(0, device_tensor(rows, torch.long, logits.device))
+    lp = torch.log_softmax(sub.float(), dim=-1)
+    idx = None if len(rows) == len(ks) else device_tensor(rows, torch.long, tokens.device)
+    chosen = lp.gather(1, (tokens if idx is None else tokens.index_select(0, idx)).long()[:, None])[:, 0]
     kmax = max(ks[r] for r in rows)
     top = lp.topk(kmax, dim=-1) if kmax else None
     return rows, chosen, top

@@ -26,9 +26,10 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' anno
 
 from gpulab.core.errors import InputError
 from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
+from gpulab.vajra.detokenizer import IncrementalDetokenizer
 from gpulab.vajra.engine import LLMEngine, RequestOutput
-from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, finite_logprob,
-                                     parse_echo, parse_n, parse_sampling, prompt_texts)
+from gpulab.vajra.openai_api import (MAX_N, APIError, chat_prompt, choice_params, completion_prompts,
+                                     finite_logprob, parse_echo, parse_n, parse_sampling, prompt_texts)
 from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -99,28 +100,31 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         """(token id, (logprob, top), text offset) of an output's tokens; offset: characters sent before it."""
         return [(t, e, offset) for t, e in zip(o.new_token_ids, o.logprobs or ())]
 
-    def top_dict(top) -> dict[str, float]:
-        """{token text: logprob}, best first; tokens with one text (e.g. partial UTF-8) keep the best value."""
+    def top_dict(top, token: int, logprob: float) -> dict[str, float]:
+        """{token text: logprob}, best first, and the chosen token's when it is not among them (K + 1 entries at
+        most, as OpenAI's completions); tokens with one text (e.g. partial UTF-8) keep the best value."""
         d: dict[str, float] = {}
         for i, v in top:
             d.setdefault(tok_str(i), finite_logprob(v))
+        if all(i != token for i, _ in top):
+            d.setdefault(tok_str(token), finite_logprob(logprob))
         return d
 
     def prompt_items(ids: list[int], entries: list, text_len: int) -> list[tuple[int, Any, int]]:
         """echo's logprob items of a prompt: its first token has none (nothing before it to predict it from);
         a token's offset is the length of the text of the tokens before it (special tokens add none), at most
         the echoed text's."""
-        items, off = [], 0
+        items = []
+        detok = IncrementalDetokenizer(engine.tokenizer, [], skip_special_tokens=True)  # one short decode a token
         for j, t in enumerate(ids):
-            if j and engine.tokenizer is not None:
-                off = max(off, min(text_len, len(engine.tokenizer.decode(ids[:j], skip_special_tokens=True))))
-            items.append((t, entries[j - 1] if j else None, off))
+            items.append((t, entries[j - 1] if j else None, min(text_len, len(detok.text))))
+            detok.add(t)
         return items
 
     def completion_logprobs(items) -> dict[str, Any]:
         return {"tokens": [tok_str(t) for t, _, _ in items],
                 "token_logprobs": [None if e is None else finite_logprob(e[0]) for _, e, _ in items],
-                "top_logprobs": [None if e is None else top_dict(e[1]) for _, e, _ in items],
+                "top_logprobs": [None if e is None else top_dict(e[1], t, e[0]) for t, e, _ in items],
                 "text_offset": [off for _, _, off in items]}
 
     def chat_logprobs(items) -> dict[str, Any]:
@@ -289,6 +293,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         body = await read_body(request)
         prompts = completion_prompts(engine, body)
         n = parse_n(body)
+        if n * len(prompts) > MAX_N:
+            raise APIError(400, f"n x prompts must be <= {MAX_N} choices, got {n} x {len(prompts)}", param="n")
         sp = parse_sampling(body, 16, engine.vocab_size)
         for ids in prompts:
             validate(ids, sp, "prompt")

@@ -53,6 +53,23 @@ def test_make_windows():
         P.make_windows(ids, 4, max_tokens=-1)
 
 
+def test_interval_is_of_the_token_weighted_difference():
+    """20 full windows that differ by 0.004 nats a token and a 1-token tail that differs by 2: the reported
+    difference is token-weighted (~0.0042), and so is its interval (a mean of window means would be ~0.099,
+    dragged by the tail); one window has no interval."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    counts = [511] * 20 + [1]
+    first = [float(c * 3.0 + rng.normal(0, 0.5)) for c in counts]
+    this = [f + c * 0.004 + rng.normal(0, 0.3) for f, c in zip(first, counts)]
+    this[-1] = first[-1] + 2.0
+    d = (sum(this) - sum(first)) / sum(counts)
+    ci = P.nll_difference_ci(first, this, counts, reps=500)
+    assert ci["lo"] <= d <= ci["hi"] and ci["hi"] < 0.02
+    assert P.nll_difference_ci(first[:1], this[:1], counts[:1]) == {"lo": None, "hi": None}
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_scores_match_transformers(tiny_llama, tokenizer, batch):
     """Ragged windows (a short tail), groups that do not divide the windows: every window's NLL equals

@@ -238,3 +238,6 @@ def test_prompt_logprobs_need_the_models_rows(tokenizer):
         eng.check_request([1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0))
     with pytest.raises(InputError, match="prompt_logprobs must be"):
         SamplingParams(prompt_logprobs=21).validate(100)
+    with pytest.raises(InputError, match=r"logprobs must be an integer in \[0, 12\]"):  # top-k of a 12-token vocabulary
+        SamplingParams(logprobs=13).validate(12)
+    SamplingParams(logprobs=12).validate(12)

@@ -220,6 +220,10 @@ def test_completion_logprobs(server, tokenizer):
     assert streamed == lp.token_logprobs
     assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp.text_offset
     assert c.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0).choices[0].logprobs is None
+    # logprobs=0: each token's own logprob, also in top_logprobs (OpenAI's K + 1 entries at most)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1.5, seed=3, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert [list(d.items()) for d in lp.top_logprobs] == [[(t, v)] for t, v in zip(lp.tokens, lp.token_logprobs)]
 
 
 def test_chat_logprobs(server, tokenizer):
@@ -296,6 +300,8 @@ def test_n_choices_and_batched_prompts(server, tokenizer):
     ids = [tokenizer.encode(p) for p in prompts]
     r = c.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0)
     assert [ch.text for ch in r.choices] == [w[0] for w in wants]
+    resp = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ["a", "b"], "n": 65})
+    assert resp.status_code == 400 and "n x prompts" in resp.json()["error"]["message"]
     for bad in ([], [[]], ["ok", 3], [["x"]]):
         resp = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": bad, "max_tokens": 2})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt", bad
