@@ -304,7 +304,9 @@ class LLMEngine:
                 logits = self.graphs.run(batch)
             else:
                 logits = self.model.forward(batch, self.kv)
-            rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
+            # a max_tokens=0 request (prompt scoring) ends when its prompt is through: no token is sampled
+            rows = [i for i, s in enumerate(sched.scheduled) if s.sample and s.seq.params.max_tokens]
+            scored = [s.seq for s in sched.scheduled if s.sample and not s.seq.params.max_tokens]
             seqs, sampled, ks, lp_pending = [], None, [], None
             if rows:
                 if len(rows) != logits.shape[0]:
@@ -330,6 +332,7 @@ class LLMEngine:
             o = self._append(seq, int(tok), now, lp)
             if o is not None:
                 outs.append(o)
+        outs += [self._finish_scored(seq) for seq in scored]
         if self.step_log is not None:
             # host_ms: scheduling + batch building + token bookkeeping, the CPU work the device waits for
             # (ms - host_ms: the model call and sampling); drain_ms: detokenization done while the device runs
@@ -339,6 +342,16 @@ class LLMEngine:
                                   "host_ms": ((t_built - t0) + (done - now)) * 1e3, "drain_ms": drain_ms,
                                   "preempted": len(sched.preempted)})
         return outs
+
+    def _finish_scored(self, seq: Sequence) -> RequestOutput:
+        """The end of a max_tokens=0 request: its prompt went through the model (its prompt logprobs are taken);
+        it finishes with no token ("length", as vLLM)."""
+        self.scheduler.finish(seq, "length")
+        self.sampler.forget(seq.seq_id)
+        self._by_request.pop(seq.request_id, None)
+        self._prompt_lp_seqs.discard(seq.seq_id)
+        return RequestOutput(seq.request_id, "", [], True, "length", seq.prompt_len, 0, "", [],
+                             [] if seq.params.logprobs is not None else None, list(seq.prompt_logprobs))
 
     # --- prompt logprobs (echo) ------------------------------------------------------------------
     PROMPT_LOGITS_ROWS = 512  # rows of [rows, vocab] float32 logits at a time

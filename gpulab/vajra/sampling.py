@@ -45,8 +45,10 @@ class SamplingParams:
 
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            bad("max_tokens must be an integer >= 1 (0 only scores a prompt: with echo and logprobs), got 0")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if not _is_number(self.temperature) or not (0.0 <= float(self.temperature) <= 100.0):

@@ -227,6 +227,28 @@ def test_prompt_logprobs_through_chunks_and_preemption(tokenizer, budget, blocks
     assert eng.block_manager.num_used == 0 and not eng._prompt_lp_seqs  # steps after these skip the search
 
 
+def test_max_tokens_zero_scores_the_prompt_only(tokenizer):
+    """max_tokens=0 with prompt_logprobs (scoring a text): the request ends once its prompt is through the model,
+    with its prompt logprobs and no token, beside requests that sample in the same steps; without
+    prompt_logprobs max_tokens=0 is refused."""
+    vocab = tokenizer.vocab_size
+    eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer,
+                    EngineConfig(num_blocks=64, block_size=8, max_num_batched_tokens=6))
+    p = tokenizer.encode("Now is the winter of our discontent")
+    outs = eng.generate([p, p], [SamplingParams(max_tokens=0, prompt_logprobs=1, logprobs=1),
+                                 SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)])
+    o, other = outs
+    assert o.finished and o.finish_reason == "length" and o.num_output_tokens == 0 and o.output_token_ids == []
+    assert len(o.prompt_logprobs) == len(p) - 1 and o.logprobs == []
+    for j, (lp, _) in enumerate(o.prompt_logprobs):
+        ref = torch.log_softmax(expected_logits(p[:j + 1], vocab).double(), 0)
+        assert lp == pytest.approx(float(ref[p[j + 1]]), abs=1e-5)
+    assert other.output_token_ids == reference_greedy(p, 5, vocab)
+    assert eng.block_manager.num_used == 0 and not eng.has_unfinished()
+    with pytest.raises(InputError, match="0 only scores a prompt"):
+        eng.check_request(p, SamplingParams(max_tokens=0))
+
+
 def test_prompt_logprobs_need_the_models_rows(tokenizer):
     """A model with last-token logits only (no forward_rows) refuses prompt logprobs with a one-line error."""
     import types

@@ -343,3 +343,15 @@ def test_echo_and_prompt_logprobs(server, tokenizer):
     resp = httpx.post(server.url + "/v1/chat/completions",
                       json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "echo"
+    # max_tokens=0 scores the prompt only (streamed the same)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    ch = r.choices[0]
+    assert ch.text == prompt and ch.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert ch.logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    chunks = [x.choices[0] for x in c.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True,
+                                                         logprobs=1, stream=True) if x.choices]
+    assert "".join(x.text for x in chunks) == prompt
+    assert [v for x in chunks if x.logprobs for v in x.logprobs.token_logprobs] == lp.token_logprobs[:len(ids)]
+    resp = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 0,
+                                                            "echo": True})
+    assert resp.status_code == 400 and "0 only scores a prompt" in resp.json()["error"]["message"]
