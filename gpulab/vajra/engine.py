@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence as Seq
+from typing import Any, NamedTuple, Optional, Sequence as Seq
 
 from gpulab.core.errors import InputError
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
@@ -33,6 +33,15 @@ from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logpro
 from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
+
+
+class PromptRows(NamedTuple):
+    """A step's prompt tokens to score (echo): their rows in the flattened batch (on the device), the prompt
+    tokens they predict, k per row, and (sequence, number of its rows) in row order."""
+    rows: Any
+    targets: list[int]
+    ks: list[int]
+    owners: list[tuple[Sequence, int]]
 
 
 @dataclass
@@ -267,9 +276,7 @@ class LLMEngine:
         seq = self._by_request.pop(request_id, None)
         if seq is None or seq.finished:
             return False
-        self._prompt_lp_seqs.discard(seq.seq_id)
-        self.scheduler.finish(seq, "abort")
-        self.sampler.forget(seq.seq_id)
+        self._end(seq, "abort")
         if self._deferred:  # nobody waits for its pending output
             self._deferred = [(s, t) for s, t in self._deferred if s is not seq]
         return True
@@ -298,7 +305,7 @@ class LLMEngine:
         with torch.inference_mode():
             prompt_pending = None
             if prompt_rows is not None:
-                logits, states = self.model.forward_rows(batch, self.kv, prompt_rows[0])
+                logits, states = self.model.forward_rows(batch, self.kv, prompt_rows.rows)
                 prompt_pending = self._prompt_logprob_tensors(states, prompt_rows)
             elif sched.is_decode_only and self.graphs is not None and self.graphs.fits(batch.num_seqs):
                 logits = self.graphs.run(batch)
@@ -343,23 +350,28 @@ class LLMEngine:
                                   "preempted": len(sched.preempted)})
         return outs
 
-    def _finish_scored(self, seq: Sequence) -> RequestOutput:
-        """The end of a max_tokens=0 request: its prompt went through the model (its prompt logprobs are taken);
-        it finishes with no token ("length", as vLLM)."""
-        self.scheduler.finish(seq, "length")
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """A sequence is done (finished or aborted): the scheduler frees its blocks; its sampler state and
+        request bookkeeping go."""
+        self.scheduler.finish(seq, reason)
         self.sampler.forget(seq.seq_id)
         self._by_request.pop(seq.request_id, None)
         self._prompt_lp_seqs.discard(seq.seq_id)
+
+    def _finish_scored(self, seq: Sequence) -> RequestOutput:
+        """The end of a max_tokens=0 request: its prompt went through the model (its prompt logprobs are taken);
+        it finishes with no token ("length", as vLLM)."""
+        self._end(seq, "length")
         return RequestOutput(seq.request_id, "", [], True, "length", seq.prompt_len, 0, "", [],
                              [] if seq.params.logprobs is not None else None, list(seq.prompt_logprobs))
 
     # --- prompt logprobs (echo) ------------------------------------------------------------------
     PROMPT_LOGITS_ROWS = 512  # rows of [rows, vocab] float32 logits at a time
 
-    def _prompt_rows(self, sched: SchedulerOutput):
-        """(flattened rows, their target token ids, k per row, [(seq, rows)]) of this step's prompt tokens that
-        still lack a prompt logprob (position p predicts prompt token p + 1; after a preemption's recompute the
-        scored ones are not scored again), or None when no scheduled sequence needs any."""
+    def _prompt_rows(self, sched: SchedulerOutput) -> Optional[PromptRows]:
+        """This step's prompt tokens that still lack a prompt logprob (position p predicts prompt token p + 1;
+        after a preemption's recompute the scored ones are not scored again), or None when no scheduled
+        sequence needs any."""
         import torch
 
         if not self._prompt_lp_seqs:  # the usual step: nobody asked
@@ -382,14 +394,14 @@ class LLMEngine:
             off += s.num_tokens
         if not rows:
             return None
-        return device_tensor(rows, torch.long, self.device), targets, ks, owners
+        return PromptRows(device_tensor(rows, torch.long, self.device), targets, ks, owners)
 
-    def _prompt_logprob_tensors(self, states, prompt_rows) -> list:
+    def _prompt_logprob_tensors(self, states, prompt_rows: PromptRows) -> list:
         """logprob_tensors of the prompt rows, a chunk of rows at a time (a 128k vocabulary's float32 logits
         of a whole prompt would not fit)."""
         import torch
 
-        _, targets, ks, _ = prompt_rows
+        targets, ks = prompt_rows.targets, prompt_rows.ks
         out = []
         for c0 in range(0, len(ks), self.PROMPT_LOGITS_ROWS):
             c1 = min(c0 + self.PROMPT_LOGITS_ROWS, len(ks))
@@ -398,10 +410,10 @@ class LLMEngine:
             out.append((logprob_tensors(lg, tg, ks[c0:c1]), ks[c0:c1]))
         return out
 
-    def _take_prompt_logprobs(self, prompt_rows, pending: list) -> None:
+    def _take_prompt_logprobs(self, prompt_rows: PromptRows, pending: list) -> None:
         entries = [e for pend, ks in pending for e in logprob_entries(pend, ks)]
         i = 0
-        for seq, n in prompt_rows[3]:
+        for seq, n in prompt_rows.owners:
             seq.prompt_logprobs += entries[i:i + n]
             i += n
             if len(seq.prompt_logprobs) >= seq.prompt_len - 1:
@@ -459,9 +471,7 @@ class LLMEngine:
             reason = "stop"  # a stop string in the text (also on the token that reached the length)
         if reason is not None:
             seq.detok.flush()
-            self.scheduler.finish(seq, reason)
-            self.sampler.forget(seq.seq_id)
-            self._by_request.pop(seq.request_id, None)
+            self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,
                              seq.output_token_ids if reason else [], lps, plps)

@@ -59,9 +59,9 @@ class SamplingParams:
         self.top_p = float(self.top_p)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
+        top = MAX_LOGPROBS if vocab_size is None else min(MAX_LOGPROBS, vocab_size)
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
-            top = MAX_LOGPROBS if vocab_size is None else min(MAX_LOGPROBS, vocab_size)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= top):
                 bad(f"{name} must be an integer in [0, {top}], got {k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
@@ -183,10 +183,11 @@ def logprob_tensors(logits, tokens, ks: list[Optional[int]]):
     rows = [r for r, k in enumerate(ks) if k is not None]
     if not rows:
         return None
-    sub = logits if len(rows) == len(ks) else logits.index_select(0, device_tensor(rows, torch.long, logits.device))
-    lp = torch.log_softmax(sub.float(), dim=-1)
-    idx = None if len(rows) == len(ks) else device_tensor(rows, torch.long, tokens.device)
-    chosen = lp.gather(1, (tokens if idx is None else tokens.index_select(0, idx)).long()[:, None])[:, 0]
+    if len(rows) < len(ks):
+        idx = device_tensor(rows, torch.long, logits.device)
+        logits, tokens = logits.index_select(0, idx), tokens.index_select(0, idx)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens.long()[:, None])[:, 0]
     kmax = max(ks[r] for r in rows)
     top = lp.topk(kmax, dim=-1) if kmax else None
     return rows, chosen, top
