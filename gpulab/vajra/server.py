@@ -169,29 +169,41 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def echo_start(echo, subs_by_index, i: int, o: RequestOutput) -> tuple[str, list]:
-        """The prompt text and logprob items that echo puts before choice i's first output ('', [] without)."""
-        if echo is None:
-            return "", []
-        ids = subs_by_index[i]
-        return echo[i], (prompt_items(ids, o.prompt_logprobs, len(echo[i])) if o.prompt_logprobs is not None else [])
+    class Choice:
+        """One choice's output as it arrives: the text each output adds (echo's prompt text before the first)
+        and the logprob items not handed out yet, each with the offset of the text sent before it."""
 
-    async def collect(gen, request: Request, echo=None, subs_by_index=None):
-        """All of a non-streamed request's outputs, {choice index: (text, last output, logprob items)}; None when
-        the client went away first (closing the stream then aborts the requests, so a gone client's generation
-        does not run to max_tokens)."""
-        got: dict[int, tuple[list[str], Any, list, list[int]]] = {}
+        def __init__(self, echo_text: Optional[str], ids: list[int]):
+            self.echo_text, self.ids = echo_text, ids
+            self.last: Optional[RequestOutput] = None
+            self.items: list = []
+            self.sent = 0
+
+        def add(self, o: RequestOutput) -> str:
+            head = ""
+            if self.last is None and self.echo_text is not None:
+                head = self.echo_text
+                if o.prompt_logprobs is not None:
+                    self.items = prompt_items(self.ids, o.prompt_logprobs, len(head))
+                self.sent = len(head)
+            self.last = o
+            self.items += lp_items(o, self.sent)
+            self.sent += len(o.delta_text)
+            return head + o.delta_text
+
+        def take_items(self) -> list:
+            items, self.items = self.items, []
+            return items
+
+    async def collect(gen, request: Request, choices: dict[int, Choice]):
+        """Feed a non-streamed request's outputs to its choices, {index: (text, last output, logprob items)};
+        None when the client went away first (closing the stream then aborts the requests, so a gone client's
+        generation does not run to max_tokens)."""
+        texts: dict[int, list[str]] = {i: [] for i in choices}
 
         async def consume():
             async for i, o in gen:
-                if i not in got:
-                    head, head_items = echo_start(echo, subs_by_index, i, o)
-                    got[i] = ([head], None, head_items, [len(head)])
-                text, _, items, sent = got[i]
-                items.extend(lp_items(o, sent[0]))
-                text.append(o.delta_text)
-                sent[0] += len(o.delta_text)
-                got[i] = (text, o, items, sent)
+                texts[i].append(choices[i].add(o))
 
         task = asyncio.ensure_future(consume())
         try:
@@ -200,7 +212,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 if not task.done() and await request.is_disconnected():
                     return None
             task.result()  # raises what the stream raised
-            return {i: ("".join(text), last, items) for i, (text, last, items, _) in got.items()}
+            return {i: ("".join(texts[i]), c.last, c.items) for i, c in choices.items() if c.last is not None}
         finally:
             if not task.done():
                 task.cancel()
@@ -221,40 +233,31 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         the bodies; fmt_logprobs turns logprob items into the API's object; echo: choice index -> prompt text to
         put before the choice's first output (with its tokens' logprobs when asked)."""
         gen = merged(rid, subs)
-        ids_of = {i: ids for i, ids, _ in subs}
+        choices = {i: Choice(None if echo is None else echo[i], ids) for i, ids, _ in subs}
         fmt = fmt_logprobs if subs[0][2].logprobs is not None else None
         if not stream:
             try:
-                got = await collect(gen, request, echo, ids_of)
+                got = await collect(gen, request, choices)
             except EngineFailed as e:
                 raise APIError(500, str(e), "internal_error") from None
             except InputError as e:  # found when the engine added it (raced validation, a prefill provider)
                 raise APIError(400, str(e)) from None
             if got is None:  # nobody is listening
                 return Response(status_code=499)
-            choices = [(i, text, last, fmt(items) if fmt else None) for i, (text, last, items) in sorted(got.items())]
-            return JSONResponse(make_final(choices, total_usage(subs, prompt_of, {c[0]: c[2] for c in choices})))
+            done = [(i, text, last, fmt(items) if fmt else None) for i, (text, last, items) in sorted(got.items())]
+            return JSONResponse(make_final(done, total_usage(subs, prompt_of, {c[0]: c[2] for c in done})))
 
         async def sse():
             try:
                 if first_chunk is not None:
                     for i, _, _ in subs:
                         yield f"data: {json.dumps(first_chunk(i))}\n\n"
-                lasts: dict[int, RequestOutput] = {}
-                pending: dict[int, list] = {i: [] for i, _, _ in subs}
-                sent = dict.fromkeys(pending, 0)
-                head: dict[int, str] = {}
                 async for i, o in gen:
-                    if i not in lasts:
-                        head[i], pending[i] = echo_start(echo, ids_of, i, o)
-                        sent[i] = len(head[i])
-                    lasts[i] = o
-                    pending[i].extend(lp_items(o, sent[i]))
-                    text = head.pop(i, "") + o.delta_text
+                    text = choices[i].add(o)
                     if text or o.finished:  # a token whose text is held back: its logprobs wait too
-                        yield f"data: {json.dumps(make_chunk(i, o, None, fmt(pending[i]) if fmt else None, text))}\n\n"
-                        sent[i] += len(o.delta_text)
-                        pending[i] = []
+                        lp = fmt(choices[i].take_items()) if fmt else None
+                        yield f"data: {json.dumps(make_chunk(i, o, None, lp, text))}\n\n"
+                lasts = {i: c.last for i, c in choices.items() if c.last is not None}
                 if include_usage and lasts:
                     yield f"data: {json.dumps(make_chunk(None, None, total_usage(subs, prompt_of, lasts)))}\n\n"
                 yield "data: [DONE]\n\n"
