@@ -57,11 +57,15 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
     return _get(body, "logprobs", (int,), None)
 
 
-def parse_n(body: dict[str, Any]) -> int:
-    """Choices per prompt (``n``); ``best_of`` is accepted only where it changes nothing (None or n)."""
+def parse_n(body: dict[str, Any], prompts: int = 1) -> int:
+    """Choices per prompt (``n``), at most MAX_N choices in all over ``prompts`` prompts; ``best_of`` is
+    accepted only where it changes nothing (None or n)."""
     n = _get(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    if n * prompts > MAX_N:
+        raise APIError(400, f"n x prompts must be <= {MAX_N} choices, got {n} x {prompts}",
+                       param="n" if n > 1 else "prompt")
     if body.get("best_of") not in (None, n):
         raise APIError(400, "best_of other than n is not supported by this server", param="best_of")
     return n
@@ -118,9 +122,9 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
     return sp
 
 
-def completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> list[list[int]]:
-    """The prompts of a completions request as token ids: a string, a list of token ids, or a list of either
-    (a batch: one choice per prompt, times n)."""
+def completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> tuple[list[list[int]], list[Optional[str]]]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of either (a batch: one
+    choice per prompt, times n); as token ids, and as the strings sent (None for a token-id prompt)."""
     p = body.get("prompt")
 
     def one(x: Any) -> list[int] | None:
@@ -134,13 +138,11 @@ def completion_prompts(engine: LLMEngine, body: dict[str, Any]) -> list[list[int
 
     single = one(p)
     if single is not None:
-        return [single]
+        return [single], [p if isinstance(p, str) else None]
     if isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
         batch = [one(x) for x in p]
         if all(b is not None for b in batch):
-            if len(batch) > MAX_N:
-                raise APIError(400, f"at most {MAX_N} prompts per request, got {len(batch)}", param="prompt")
-            return batch
+            return batch, [x if isinstance(x, str) else None for x in p]
     raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a non-empty list of those",
                    param="prompt")
 
@@ -174,17 +176,9 @@ def chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
         raise APIError(400, str(e), param="messages") from None
 
 
-def prompt_texts(engine: LLMEngine, body: dict[str, Any], prompts: list[list[int]]) -> list[str]:
+def echo_texts(engine: LLMEngine, prompts: list[list[int]], sent: list[Optional[str]]) -> list[str]:
     """What ``echo`` puts before each completion: the prompt string as sent, or the decoded token ids."""
-    p = body.get("prompt")
-    single = isinstance(p, str) or all(isinstance(t, int) for t in p)  # else a batch (completion_prompts checked)
-    raw = [p] if single else list(p)
-    out = []
-    for x, ids in zip(raw, prompts):
-        if isinstance(x, str):
-            out.append(x)
-        elif engine.tokenizer is not None:
-            out.append(engine.tokenizer.decode(ids, skip_special_tokens=True))
-        else:
-            raise APIError(400, "echo of token-id prompts needs a tokenizer, which this model has not", param="echo")
-    return out
+    if engine.tokenizer is None and any(t is None for t in sent):
+        raise APIError(400, "echo of token-id prompts needs a tokenizer, which this model has not", param="echo")
+    return [t if t is not None else engine.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids, t in zip(prompts, sent)]

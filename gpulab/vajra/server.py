@@ -28,8 +28,8 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
 from gpulab.vajra.detokenizer import IncrementalDetokenizer
 from gpulab.vajra.engine import LLMEngine, RequestOutput
-from gpulab.vajra.openai_api import (MAX_N, APIError, chat_prompt, choice_params, completion_prompts,
-                                     finite_logprob, parse_echo, parse_n, parse_sampling, prompt_texts)
+from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, echo_texts,
+                                     finite_logprob, parse_echo, parse_n, parse_sampling)
 from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -294,17 +294,15 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = completion_prompts(engine, body)
-        n = parse_n(body)
-        if n * len(prompts) > MAX_N:
-            raise APIError(400, f"n x prompts must be <= {MAX_N} choices, got {n} x {len(prompts)}", param="n")
+        prompts, sent = completion_prompts(engine, body)
+        n = parse_n(body, len(prompts))
         sp = parse_sampling(body, 16, engine.vocab_size)
         for ids in prompts:
             validate(ids, sp, "prompt")
         subs, prompt_of = choices_of(prompts, sp, n)
         echo = None
         if parse_echo(body, chat=False):
-            texts = prompt_texts(engine, body, prompts)
+            texts = echo_texts(engine, prompts, sent)
             echo = {i: texts[k] for i, k in prompt_of.items()}
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
