@@ -48,11 +48,8 @@ def score_windows(model: Any, windows: list[list[int]], batch: int) -> tuple[lis
     order) for ``windows`` scored by ``model`` (a vajra LlamaModel), ``batch`` windows per forward."""
     import torch
 
-    from gpulab.vajra import reference as ref
     from gpulab.vajra.interface import ForwardBatch
 
-    if batch < 1:
-        raise InputError(f"--batch must be >= 1, got {batch}")
     dev = model.device
     per_seq = -(-max(len(w) for w in windows) // BLOCK_SIZE)  # KV blocks a window needs
     kv = model.allocate_kv_cache(per_seq * min(batch, len(windows)), BLOCK_SIZE)
@@ -79,16 +76,14 @@ def score_windows(model: Any, windows: list[list[int]], batch: int) -> tuple[lis
         )
         nll = torch.zeros(len(group), dtype=torch.float64)
         with torch.inference_mode():
-            x = model.hidden_states(fb, kv)
+            _, states = model.forward_rows(fb, kv, src.to(dev))  # the rows' normed states, as the engine's echo
             for r0 in range(0, src.numel(), LOGITS_ROWS):
-                rows = src[r0:r0 + LOGITS_ROWS]
-                h = ref.rms_norm(x[rows.to(dev)], model.norm, model.cfg.rms_norm_eps)
-                lp = torch.log_softmax(model.logits(h), dim=-1)
-                tgt = flat[rows + 1].to(dev)
+                lp = torch.log_softmax(model.logits(states[r0:r0 + LOGITS_ROWS]), dim=-1)
+                tgt = flat[src[r0:r0 + LOGITS_ROWS] + 1].to(dev)
                 tok_nll = -lp.gather(1, tgt[:, None])[:, 0]
                 nll.index_add_(0, owner[r0:r0 + LOGITS_ROWS], tok_nll.double().cpu())
                 preds.append(lp.argmax(dim=-1).cpu())
-            del x
+            del states
         sums += nll.tolist()
         counts += [n - 1 for n in lens]
     return sums, counts, torch.cat(preds)
