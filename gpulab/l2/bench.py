@@ -338,8 +338,8 @@ NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_wr
 
 
 def summarize_ncu(recs: list, reps: int) -> dict[str, Any]:
-    """Per-inference DRAM bytes (summed over the kernels of ``reps`` inferences, the pollution kernel left out)
-    and the L2 hit rate of all their sectors (each kernel's rate weighted by its sectors; the plain mean of the
+    """Per-inference DRAM bytes (summed over the kernels of ``reps`` inferences, the pollution kernel left out),
+    the per-kernel table, and the L2 hit rate of all their sectors (each kernel's rate weighted by its sectors; the plain mean of the
     kernels' rates where ncu gave no sector counts)."""
     recs = [r for r in recs if "pollute" not in r.kernel]
     read = sum(r.metrics.get("dram__bytes_read.sum") or 0.0 for r in recs)
@@ -355,7 +355,8 @@ def summarize_ncu(recs: list, reps: int) -> dict[str, Any]:
         hit = sum(p for p, _ in rated) / len(rated)
     return {"kernels_per_inference": len(recs) / reps, "dram_read_bytes_per_inference": read / reps,
             "dram_write_bytes_per_inference": write / reps, "l2_hit_rate_pct": hit,
-            "l2_hit_rate_weighting": "sectors" if weighted else ("kernels" if rated else None)}
+            "l2_hit_rate_weighting": "sectors" if weighted else ("kernels" if rated else None),
+            "by_kernel": ncu.summarize_by_kernel(recs)}
 
 
 def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
@@ -370,8 +371,7 @@ def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
             args += ["--" + name.replace("_", "-"), str(v)]
     recs = ncu.profile_gpulab(args, metrics=NCU_METRICS, cache_control="none", replay_mode="application",
                               nvtx_include="l2-measure/")
-    return {"policy": pol, **summarize_ncu(recs, reps),
-            "by_kernel": ncu.summarize_by_kernel([r for r in recs if "pollute" not in r.kernel])}
+    return {"policy": pol, **summarize_ncu(recs, reps)}
 
 
 def run(cfg: RunConfig) -> results.Record:

@@ -162,6 +162,7 @@ def test_summarize_ncu_weights_the_hit_rate_by_sectors():
     assert s["kernels_per_inference"] == 2 and s["dram_read_bytes_per_inference"] == 150.0
     assert s["dram_write_bytes_per_inference"] == 2.0
     assert s["l2_hit_rate_pct"] == 81.0 and s["l2_hit_rate_weighting"] == "sectors"  # not (90 + 0) / 2
+    assert [(k["kernel"], k["launches"]) for k in s["by_kernel"]] == [("gemm", 2), ("touch", 2)]
     for r in recs:
         r.metrics.pop("lts__t_sectors.sum", None)  # (the list holds each record twice)
     s = summarize_ncu(recs, reps=2)
