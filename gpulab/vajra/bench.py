@@ -5,7 +5,9 @@ added when the folder has none; ``bf16``: no quantization, weights in the activa
 on the CPU) with an optional KV-cache suffix (``fp8+kvfp8``: an FP8 KV cache for that entry, ``+kvauto``
 the activation dtype; without one, ``--kv-cache-dtype``), the model is loaded (``--load-format dummy``: random weights of the real shapes), warmed up,
 and served ``--num-prompts`` requests of ``--input-len`` random token ids (or a prompts file) with
-``--output-len`` greedy tokens each (EOS ignored), arriving as a Poisson process of ``--request-rate``
+``--output-len`` greedy tokens each (EOS ignored; with ``--prefix-len P`` every random prompt begins with
+the same P tokens, and ``--enable-prefix-caching`` shows what sharing their K/V saves; the run reports the
+share of prompt tokens found cached), arriving as a Poisson process of ``--request-rate``
 (``inf``: all at once) with at most ``--max-concurrency`` in flight. Per request: TTFT, TPOT, ITL and
 end-to-end latency from its arrival; per run: output tok/s and requests/s. Then one request alone
 measures the batch-1 decode step against the HBM roofline (weight bytes + KV bytes read, over the
@@ -144,7 +146,10 @@ def make_prompts(args: dict[str, Any], vocab: int, tokenizer) -> list[list[int]]
                     raise InputError(f"{p}: line {i + 1} is not JSON with a 'prompt' string") from None
             out.append(tokenizer.encode(text)[: args["input_len"]])
         return [out[i % len(out)] for i in range(args["num_prompts"])]
-    return [[rng.randrange(vocab) for _ in range(args["input_len"])] for _ in range(args["num_prompts"])]
+    # --prefix-len: every prompt begins with the same random tokens (a shared system prompt), then its own
+    shared = [rng.randrange(vocab) for _ in range(args.get("prefix_len") or 0)]
+    return [shared + [rng.randrange(vocab) for _ in range(args["input_len"] - len(shared))]
+            for _ in range(args["num_prompts"])]
 
 
 def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float, max_concurrency: Optional[int],
@@ -214,7 +219,7 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
            "total_tok_s": (n_out + sum(s.prompt_len for s in seqs if s.token_times)) / duration,
            "preemptions": engine.scheduler.num_preemptions, "steps": len(engine.step_log),
            "outputs": [s.output_token_ids for s in seqs], "lengths_ok": all(s.num_output == output_len for s in seqs),
-           "time_boxed": boxed, "num_prompts_asked": len(prompts)}
+           "time_boxed": boxed, "num_prompts_asked": len(prompts), **engine.prefix_cache_stats()}
     # the engine's CPU work per step (schedule, batch building, bookkeeping): on a GPU it is not overlapped
     # with the model, so it adds to every step; host_share = its part of the whole run
     host_dec = [st["host_ms"] for st in engine.step_log if st["decode_only"]]
@@ -329,6 +334,7 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
         # warm-up: compile / autotune every path once (prefill chunks and decodes)
         engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
                         SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        engine.reset_prefix_cache()  # the run finds cached only what its own requests computed
         # the run's own box: its share less what loading took, less ~15% for the checks after it
         run_deadline = None if share is None else t_variant + share - 0.15 * share
         res = drive(engine, prompts, args["output_len"], args["request_rate"], args["max_concurrency"],
@@ -384,6 +390,11 @@ def run(model_dir: Path, args: dict[str, Any]):
         raise InputError(f"--request-rate must be > 0 or inf, got {args['request_rate']}")
     if args["max_concurrency"] is not None and args["max_concurrency"] < 1:
         raise InputError(f"--max-concurrency must be >= 1, got {args['max_concurrency']}")
+    prefix_len = args.get("prefix_len") or 0
+    if not (0 <= prefix_len <= args["input_len"]):
+        raise InputError(f"--prefix-len must be in 0..--input-len ({args['input_len']}), got {prefix_len}")
+    if prefix_len and args.get("prompts_file"):
+        raise InputError("--prefix-len shapes the random prompts; it does not apply to --prompts-file")
 
     why = [w for w in (variant_problem(model_dir, p, args["load_format"]) for _, p, _ in compare) if w]
     if len(why) == len(compare):  # no precision asked for can run from this folder
@@ -401,7 +412,9 @@ def run(model_dir: Path, args: dict[str, Any]):
     cfg = EngineConfig(max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
                        block_size=args["block_size"], num_blocks=args["num_blocks"],
                        gpu_memory_utilization=args["gpu_memory_utilization"], kv_cache_dtype=args["kv_cache_dtype"],
-                       cuda_graphs=args["cuda_graphs"]).validate()
+                       cuda_graphs=args["cuda_graphs"],
+                       enable_prefix_caching=bool(args.get("enable_prefix_caching"))).validate()
+    columns = ROW_COLUMNS + (["prefix_hit_rate"] if cfg.enable_prefix_caching else [])
     per_variant: dict[str, dict[str, Any]] = {}
     prompts = None
     deadline = None if args.get("budget_s") is None else time.perf_counter() + float(args["budget_s"])
@@ -447,7 +460,7 @@ def run(model_dir: Path, args: dict[str, Any]):
             if row is not None:
                 per_variant[name] = row
                 rec.metrics.setdefault("variants", {})[row["impl"]] = row
-                rec.rows.append({c: row.get(c) for c in ROW_COLUMNS})
+                rec.rows.append({c: row.get(c) for c in columns})
             if broken:
                 break
     if not per_variant and isinstance(first_error, GpulabError):  # bad input for every entry: the one-line error
@@ -460,7 +473,7 @@ def run(model_dir: Path, args: dict[str, Any]):
             hf = hf_floor(model_dir, args["load_format"], device, hp, args["output_len"])
             hrow = {"impl": "hf-generate", **hf}
             rec.metrics.setdefault("variants", {})["hf-generate"] = hrow
-            rec.rows.append({c: hrow.get(c) for c in ROW_COLUMNS})
+            rec.rows.append({c: hrow.get(c) for c in columns})
             rec.notes.append(f"hf-generate: one static batch of {hf['num_prompts']} prompts through "
                              "transformers generate (no continuous batching, no paged cache): the floor")
         except Exception as e:  # noqa: BLE001 - the floor is optional; say why it is missing

@@ -31,6 +31,8 @@ _ENGINE_OPTIONS = {
     "kv_cache_dtype": (str, typer.Option("auto", help="auto | fp8")),
     "attention_backend": (str, typer.Option("auto", help="auto (triton on a GPU, torch on the CPU) | flashinfer | triton | torch")),
     "cuda_graphs": (bool, typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps.")),
+    "enable_prefix_caching": (bool, typer.Option(False, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                                 help="Reuse the KV-cache blocks of prompts' shared beginnings.")),
 }
 
 
@@ -63,7 +65,7 @@ def _engine_config(engine: dict, max_model_len=None):
     from gpulab.vajra.engine import EngineConfig
 
     keys = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "gpu_memory_utilization",
-            "kv_cache_dtype", "cuda_graphs")
+            "kv_cache_dtype", "cuda_graphs", "enable_prefix_caching")
     return EngineConfig(max_model_len=max_model_len, **{k: engine[k] for k in keys}).validate()
 
 
@@ -124,7 +126,8 @@ def serve(
     name = served_model_name or model_dir.resolve().name
     typer.echo(f"vajra: serving '{name}' on http://{host}:{port}/v1 ({engine.num_blocks} KV blocks of "
                f"{block_size}, max {engine.max_model_len} tokens, CUDA graphs "
-               f"{'on' if engine.graphs is not None else 'off'})", err=True)
+               f"{'on' if engine.graphs is not None else 'off'}, prefix caching "
+               f"{'on' if engine.block_manager.prefix_caching else 'off'})", err=True)
     for note in engine.notes:
         typer.echo(f"note: {note}", err=True)
     run_server(engine, name, host=host, port=port)
@@ -175,6 +178,8 @@ def bench(
     request_rate: float = typer.Option(float("inf"), help="Poisson arrivals per second; inf: all at once."),
     max_concurrency: Optional[int] = typer.Option(None, help="Most requests in flight."),
     prompts_file: Optional[Path] = typer.Option(None, help="Text prompts, one per line (or JSON {\"prompt\": ...})."),
+    prefix_len: int = typer.Option(0, help="Leading tokens every random prompt shares (of --input-len): a "
+                                   "common system prompt, for --enable-prefix-caching."),
     compare: str = typer.Option("fp8,bf16", help="Weight precisions to run: fp8, bf16 or both; an entry may set "
                                 "its own KV cache: fp8+kvfp8 (FP8 KV), bf16+kvauto (without: --kv-cache-dtype)."),
     hf_baseline: bool = typer.Option(True, "--hf-baseline/--no-hf-baseline", help="Run the transformers floor."),
@@ -197,6 +202,7 @@ def bench(
 
     args = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, request_rate=request_rate,
                 max_concurrency=max_concurrency, prompts_file=str(prompts_file) if prompts_file else None,
+                prefix_len=prefix_len,
                 compare=compare, hf_baseline=hf_baseline, hf_num_prompts=hf_num_prompts, decode_steps=decode_steps,
                 seed=seed, budget_s=budget_s, **engine)
     rec = run(model_dir, args)

@@ -15,6 +15,10 @@ With a prefill provider (:class:`~gpulab.vajra.interface.PrefillProvider`, ``--p
 every prompt is prefilled by the provider when the request is added (disaggregated inference on one
 device: e.g. a larger model and stitch layers, see ``gpulab kvstitch``); the engine writes the K/V it
 returns into the paged cache, samples the first token from its logits and decodes the rest itself.
+
+``EngineConfig.enable_prefix_caching`` (``--enable-prefix-caching``): after each step the full blocks
+whose K/V it wrote are registered in the block manager, and a new request whose first tokens fill
+registered blocks skips their prefill (see :mod:`~gpulab.vajra.block_manager`).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
 from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logprob_entries, logprob_tensors
-from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
+from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence, Status
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
 
@@ -56,6 +60,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: the model's
     watermark: float = 0.01
     max_prefill_chunk: Optional[int] = None
+    enable_prefix_caching: bool = False
 
     def validate(self) -> "EngineConfig":
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -99,6 +104,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.prefill = prefill  # PrefillProvider or None
         self.config = (config or EngineConfig()).validate()
+        if self.config.enable_prefix_caching and prefill is not None:
+            raise InputError("--enable-prefix-caching does not work with --prefill: the provider's K/V are not "
+                             "what this model computes for the same tokens")
         self.device = torch.device(getattr(model, "device", "cpu"))
         info = model.info
         self.vocab_size = int(info.vocab_size)
@@ -112,7 +120,7 @@ class LLMEngine:
         self.max_blocks_per_seq = -(-self.max_model_len // bs)
         self.num_blocks = self._size_cache()
         self.kv = model.allocate_kv_cache(self.num_blocks, bs, self.config.kv_cache_dtype)
-        self.block_manager = BlockManager(self.num_blocks, bs)
+        self.block_manager = BlockManager(self.num_blocks, bs, prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens,
                                    watermark=self.config.watermark,
@@ -284,6 +292,20 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._deferred)
 
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """Prefix caching: tokens of admitted sequences and how many of them were found cached (prefill
+        skipped); None figures when prefix caching is off."""
+        sch, on = self.scheduler, self.block_manager.prefix_caching
+        q, h = sch.prefix_tokens_queried, sch.prefix_tokens_hit
+        return {"prefix_caching": on, "prefix_tokens_queried": q if on else None,
+                "prefix_tokens_hit": h if on else None, "prefix_hit_rate": (h / q if q else 0.0) if on else None,
+                "cached_blocks": self.block_manager.num_cached if on else None}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached blocks nobody holds and restart the hit counts (e.g. after a warm-up)."""
+        self.block_manager.reset_prefix_cache()
+        self.scheduler.prefix_tokens_queried = self.scheduler.prefix_tokens_hit = 0
+
     @property
     def num_unfinished(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
@@ -335,6 +357,11 @@ class LLMEngine:
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
+        if self.block_manager.prefix_caching:  # full blocks whose K/V this step wrote become shareable
+            commit = self.block_manager.commit
+            for s in sched.scheduled:
+                if s.seq.status is Status.RUNNING:
+                    commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed)
         for seq, tok, lp in zip(seqs, tokens, lps):
             o = self._append(seq, int(tok), now, lp)
             if o is not None:
@@ -565,6 +592,9 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
         raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
                          f"got {attention_backend!r}")
     config.validate()
+    if prefill and config.enable_prefix_caching:
+        raise InputError("--enable-prefix-caching does not work with --prefill: the provider's K/V are not "
+                         "what this model computes for the same tokens")
     tok = None
     if tokenizer and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
         tok = load_tokenizer(d)

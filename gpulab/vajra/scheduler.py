@@ -17,6 +17,10 @@ A sequence whose prompt was prefilled elsewhere (``imported``: its K/V come with
 step 3 without a prefill chunk: it gets blocks for its prompt and goes to ``SchedulerOutput.imported``,
 where the engine writes the K/V into them (and samples the first token from the imported logits).
 Preempted, it is imported again on readmission and only its generated tokens are recomputed.
+
+With prefix caching (the block manager's), a sequence admitted in step 3 starts from the cached blocks
+that hold its first tokens: its first chunk begins after them. A preempted sequence finds its own
+blocks there again, unless they were reclaimed meanwhile.
 """
 from __future__ import annotations
 
@@ -128,6 +132,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.num_preemptions = 0
+        # prefix caching: tokens of the sequences admitted (readmissions too) and, of those, found cached
+        self.prefix_tokens_queried = 0
+        self.prefix_tokens_hit = 0
 
     # --- queue management ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -225,13 +232,20 @@ class Scheduler:
                 imported.append(seq)
                 if seq.remaining == 0:  # first admission: the first output token comes from the import
                     continue
+            matched = self._match_prefix(seq)
             chunk = min(seq.remaining, budget, self.max_prefill_chunk)
             # keep a few blocks back so that running decodes do not preempt right away
             chunk = self._fit_chunk(seq, chunk, reserve=self.watermark_blocks if self.running else 0)
             if chunk <= 0:
+                if matched:  # not admitted: it holds no block while it waits
+                    self.bm.free(seq.seq_id)
+                    seq.num_computed = 0
                 break
             if seq.status is not Status.RUNNING:
                 self._start(seq)
+                if self.bm.prefix_caching and seq.params.prompt_logprobs is None:
+                    self.prefix_tokens_queried += seq.num_tokens
+                    self.prefix_tokens_hit += matched
             self._schedule_chunk(seq, chunk, out)
             done.add(seq.seq_id)
             budget -= chunk
@@ -243,6 +257,16 @@ class Scheduler:
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.perf_counter()
         self.running.append(seq)
+
+    def _match_prefix(self, seq: Sequence) -> int:
+        """Prefix caching: a sequence about to be admitted with nothing computed takes the cached blocks of its
+        first tokens, which then count as computed. At least its last token is left to compute (its logits
+        give the next sample), so a sequence never writes into a block it shares. Not for a sequence whose
+        prompt logprobs are wanted: they need every prompt row through the model."""
+        if not self.bm.prefix_caching or seq.num_computed or seq.params.prompt_logprobs is not None:
+            return 0
+        seq.num_computed = self.bm.match_prefix(seq.seq_id, seq.token_ids, seq.num_tokens - 1)
+        return seq.num_computed
 
     def _admit_imported(self, seq: Sequence) -> bool:
         """Blocks for an imported prompt (its K/V need no compute); False when they do not fit."""

@@ -284,7 +284,13 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     async def health():
         if not async_engine.alive:
             return err(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
-        return {"status": "ok", "running": engine.num_unfinished}
+        bm = engine.block_manager
+        out = {"status": "ok", "running": engine.num_unfinished, "kv_blocks_used": bm.num_used,
+               "kv_blocks": bm.capacity_blocks}
+        if bm.prefix_caching:  # counts since start: prompt tokens admitted, found cached, their share
+            st = engine.prefix_cache_stats()
+            out.update({k: st[k] for k in ("prefix_tokens_queried", "prefix_tokens_hit", "prefix_hit_rate")})
+        return out
 
     @app.get("/v1/models")
     async def models():

@@ -33,6 +33,21 @@ def test_serve_bench_writes_yaml(out_dir, tiny_assets):
     assert v["requests_s"] == pytest.approx(4 / v["duration_s"])
 
 
+def test_serve_bench_shared_prefix_with_prefix_caching(out_dir, tiny_assets):
+    """--prefix-len P: the random prompts share their first P tokens; with --enable-prefix-caching the later requests
+    find them cached (the warm-up's blocks are forgotten first), and the table gains the hit rate."""
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "24",
+            "--prefix-len", "16", "--output-len", "3", "--num-prompts", "4", "--num-blocks", "48",
+            "--decode-steps", "2", "--compare", "bf16", "--no-hf-baseline", "--max-concurrency", "1",
+            "--block-size", "4", "--enable-prefix-caching"])
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    assert rec["ok"] is True and rec["config"]["prefix_len"] == 16
+    v = rec["metrics"]["variants"]["vajra-bf16"]
+    # one request at a time: the first finds nothing, each of the other three its 16 shared tokens
+    assert v["prefix_tokens_queried"] == 4 * 24 and v["prefix_tokens_hit"] == 3 * 16
+    assert rec["rows"][0]["prefix_hit_rate"] == pytest.approx(0.5)
+
+
 def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatch):
     """--compare entries with their own KV cache; an entry that fails at run time is a failed check with its
     error, and the next entry still runs."""
@@ -217,6 +232,11 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
     (["serve-bench", "{assets}", "--hf-num-prompts", "0"], "--hf-num-prompts must be >= 1"),
     (["serve-bench", "{assets}", "--budget-s", "0"], "--budget-s must be a number of seconds > 0"),
+    (["serve-bench", "{assets}", "--input-len", "8", "--prefix-len", "9"], "--prefix-len must be in 0..--input-len"),
+    (["serve-bench", "{assets}", "--prefix-len", "4", "--prompts-file", "{assets}/config.json"],
+     "--prefix-len shapes the random prompts"),
+    (["generate", "{assets}", "--prompt", "x", "--enable-prefix-caching", "--prefill", "stitchkv=/nowhere"],
+     "--enable-prefix-caching does not work with --prefill"),
     (["serve-bench", "{assets}", "--load-format", "auto", "--compare", "fp8"], "fp8 needs a quantized checkpoint"),
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),

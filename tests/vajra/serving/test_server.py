@@ -355,3 +355,27 @@ def test_echo_and_prompt_logprobs(server, tokenizer):
     resp = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 0,
                                                             "echo": True})
     assert resp.status_code == 400 and "0 only scores a prompt" in resp.json()["error"]["message"]
+
+
+def test_chat_with_prefix_caching_shares_the_system_prompt(tokenizer):
+    """With --enable-prefix-caching, chats that share a long system prompt give the reference answers (the fake
+    model reads every context token back from the cache) and /health counts the cached tokens."""
+    model = FakeModel(tokenizer.vocab_size, max_model_len=512)
+    eng = LLMEngine(model, tokenizer, EngineConfig(num_blocks=200, block_size=4, max_num_seqs=8,
+                                                   enable_prefix_caching=True))
+    ae = AsyncEngine(eng).start()
+    system = {"role": "system", "content": "Thou art a player in Shakespeare's company; answer in verse, briefly. " * 3}
+    try:
+        with ServerThread(build_app(ae, NAME)) as srv:
+            c = client(srv)
+            for q in ("Who art thou?", "What news on the Rialto?", "Where is the king?"):
+                msgs = [system, {"role": "user", "content": q}]
+                want, _ = ref_text(tokenizer, tokenizer.apply_chat_template(msgs), 6)
+                r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=6, temperature=0)
+                assert r.choices[0].message.content == want
+            h = httpx.get(srv.url + "/health").json()
+    finally:
+        ae.shutdown()
+    shared = len(tokenizer.apply_chat_template([system])) // 4 * 4 - 4  # whole blocks, the template's tail aside
+    assert h["prefix_tokens_hit"] >= 2 * shared > 0 and 0 < h["prefix_hit_rate"] < 1
+    assert h["kv_blocks_used"] == 0 and h["kv_blocks"] == 199
