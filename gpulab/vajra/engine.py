@@ -33,6 +33,7 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
+from gpulab.vajra.logits_processors import adjusts_logits, process_logits
 from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logprob_entries, logprob_tensors
 from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence, Status
 
@@ -138,6 +139,7 @@ class LLMEngine:
         self.defer_output = self.device.type == "cuda"
         self._deferred: list[tuple[Sequence, int]] = []
         self._prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are not all taken yet
+        self._adjusting: set[int] = set()  # sequences whose logits are processed (penalties, bias, min_tokens)
 
     # --- set-up ------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -239,6 +241,8 @@ class LLMEngine:
         self._by_request[rid] = seq
         if params.prompt_logprobs is not None and len(ids) > 1:
             self._prompt_lp_seqs.add(seq.seq_id)
+        if adjusts_logits(params):
+            self._adjusting.add(seq.seq_id)
         self.scheduler.add(seq)
         return seq
 
@@ -273,7 +277,7 @@ class LLMEngine:
         if not first:
             return []
         logits = torch.stack([s.imported.logits[:self.vocab_size].float().to(self.device) for s in first])
-        sampled = self.sampler(self._ban_early_stops(logits, first), [s.params for s in first],
+        sampled = self.sampler(self._process_logits(logits, first), [s.params for s in first],
                                [s.seq_id for s in first])
         ks = [s.params.logprobs for s in first]
         lps = logprob_entries(logprob_tensors(logits, sampled, ks), ks)
@@ -341,7 +345,7 @@ class LLMEngine:
                 if len(rows) != logits.shape[0]:
                     logits = logits.index_select(0, device_tensor(rows, torch.long, logits.device))
                 seqs = [sched.scheduled[i].seq for i in rows]
-                sampled = self.sampler(self._ban_early_stops(logits, seqs), [s.params for s in seqs],
+                sampled = self.sampler(self._process_logits(logits, seqs), [s.params for s in seqs],
                                        [s.seq_id for s in seqs])
                 ks = [s.params.logprobs for s in seqs]
                 lp_pending = logprob_tensors(logits, sampled, ks)  # the model's own distribution (no bans)
@@ -384,6 +388,7 @@ class LLMEngine:
         self.sampler.forget(seq.seq_id)
         self._by_request.pop(seq.request_id, None)
         self._prompt_lp_seqs.discard(seq.seq_id)
+        self._adjusting.discard(seq.seq_id)
 
     def _finish_scored(self, seq: Sequence) -> RequestOutput:
         """The end of a max_tokens=0 request: its prompt went through the model (its prompt logprobs are taken);
@@ -446,26 +451,12 @@ class LLMEngine:
             if len(seq.prompt_logprobs) >= seq.prompt_len - 1:
                 self._prompt_lp_seqs.discard(seq.seq_id)
 
-    def _ban_early_stops(self, logits, seqs: list[Sequence]):
-        """min_tokens: a sequence with fewer outputs cannot sample EOS (unless ignore_eos) or its stop_token_ids
-        (as vLLM); their logits become -inf in those rows (a copy: the model's buffers stay as they are)."""
-        rows: list[int] = []
-        cols: list[int] = []
-        for r, seq in enumerate(seqs):
-            p = seq.params
-            if seq.num_output < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                banned = [t for t in banned if t < logits.shape[1]]
-                rows += [r] * len(banned)
-                cols += banned
-        if not rows:
+    def _process_logits(self, logits, seqs: list[Sequence]):
+        """The sampled rows' min_tokens bans, logit_bias and penalties (a copy; the same tensor when none of the
+        step's sequences asks for any, the usual case)."""
+        if not self._adjusting or not any(s.seq_id in self._adjusting for s in seqs):
             return logits
-        import torch
-
-        logits = logits.clone()
-        index = (device_tensor(rows, torch.long, logits.device), device_tensor(cols, torch.long, logits.device))
-        logits.index_put_(index, logits.new_full((), float("-inf")))  # new_full: a fill on the device, no copy
-        return logits
+        return process_logits(logits, seqs, self.eos_token_ids)
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> Optional[RequestOutput]:
         """Take a sampled token. A token that ends the sequence by its id or length, or of a sequence with stop

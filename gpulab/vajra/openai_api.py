@@ -26,9 +26,6 @@ def finite_logprob(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-_UNSUPPORTED_NONZERO = ("presence_penalty", "frequency_penalty")
-
-
 def _get(body: dict[str, Any], key: str, types: tuple, default: Any = None) -> Any:
     v = body.get(key, default)
     if v is None:
@@ -55,6 +52,21 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
         raise APIError(400, "'top_logprobs' is a chat parameter: /v1/completions takes 'logprobs': K",
                        param="top_logprobs")
     return _get(body, "logprobs", (int,), None)
+
+
+def _parse_logit_bias(body: dict[str, Any]) -> Optional[dict[int, float]]:
+    """``logit_bias``: a JSON object whose keys are token ids as strings (OpenAI's shape); ints are taken too."""
+    raw = _get(body, "logit_bias", (dict,), None)
+    if not raw:
+        return None
+    out = {}
+    for k, v in raw.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+        out[t] = v  # the values are checked with the other sampling parameters
+    return out
 
 
 def parse_n(body: dict[str, Any], prompts: int = 1) -> int:
@@ -89,9 +101,6 @@ def parse_echo(body: dict[str, Any], chat: bool) -> bool:
 def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
     logprobs = _parse_logprobs(body, chat)
     echo = parse_echo(body, chat)
-    for k in _UNSUPPORTED_NONZERO:
-        if _get(body, k, (int, float), 0) != 0:
-            raise APIError(400, f"'{k}' is not supported (only 0)", param=k)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max_tokens
@@ -113,6 +122,10 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
         skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo else None,
+        presence_penalty=_get(body, "presence_penalty", (int, float), 0.0),
+        frequency_penalty=_get(body, "frequency_penalty", (int, float), 0.0),
+        repetition_penalty=_get(body, "repetition_penalty", (int, float), 1.0),
+        logit_bias=_parse_logit_bias(body),
     )
     try:
         sp.validate(vocab)

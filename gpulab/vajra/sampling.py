@@ -2,7 +2,8 @@
 
 :class:`SamplingParams` is what a request asks for; :meth:`SamplingParams.validate` raises a
 one-line :class:`~gpulab.core.errors.InputError` for bad values (the server turns it into a 400).
-:class:`Sampler` turns the model's last-token logits ``[B, vocab]`` (float32) into one token per row:
+:class:`Sampler` turns last-token logits ``[B, vocab]`` (float32; the engine has applied
+:mod:`~gpulab.vajra.logits_processors` first: penalties, logit_bias, min_tokens) into one token per row:
 rows with ``temperature == 0`` take the argmax; the others are scaled by the temperature, cut to the
 top-k and the top-p nucleus and sampled with the exponential-race trick
 (``argmax(p / q)``, ``q ~ Exp(1)``), which equals a multinomial draw. A row with a ``seed`` draws its
@@ -34,6 +35,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: Optional[int] = None  # None: none; k >= 0: each sampled token's logprob and the k most likely
     prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first (echo)
+    # what they do to the logits: see gpulab.vajra.logits_processors
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +70,22 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= top):
                 bad(f"{name} must be an integer in [0, {top}], got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2.0 <= float(v) <= 2.0:
+                bad(f"{name} must be a number in [-2, 2], got {v!r}")
+            setattr(self, name, float(v))
+        if not _is_number(self.repetition_penalty) or not 0.0 < float(self.repetition_penalty) <= 100.0:
+            bad(f"repetition_penalty must be a number in (0, 100] (1: off), got {self.repetition_penalty!r}")
+        self.repetition_penalty = float(self.repetition_penalty)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                    bad(f"logit_bias has token id {t!r}, outside [0, {vocab_size})")
+                if not _is_number(b) or not -100.0 <= float(b) <= 100.0:
+                    bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

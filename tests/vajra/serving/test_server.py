@@ -379,3 +379,46 @@ def test_chat_with_prefix_caching_shares_the_system_prompt(tokenizer):
     shared = len(tokenizer.apply_chat_template([system])) // 4 * 4 - 4  # whole blocks, the template's tail aside
     assert h["prefix_tokens_hit"] >= 2 * shared > 0 and 0 < h["prefix_hit_rate"] < 1
     assert h["kv_blocks_used"] == 0 and h["kv_blocks"] == 199
+
+
+def test_penalties_and_logit_bias_through_the_api(server, tokenizer):
+    """logit_bias (string token ids, as the openai client sends them) reaches the sampler: the greedy text is the
+    fake model's with the bias added, token by token; the penalties are parsed; out-of-range values are 400s
+    naming the parameter."""
+    from gpulab.vajra.openai_api import parse_sampling
+    from gpulab.vajra.sampling import SamplingParams
+
+    c = client(server)
+    prompt = "Good morrow, sweet"
+    ids = tokenizer.encode(prompt)
+    tok = tokenizer.encode(" lord")[-1]
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(tok): 100})
+    biased = reference_biased(tokenizer, ids, SamplingParams(max_tokens=6, logit_bias={tok: 100.0}))
+    assert r.choices[0].text == tokenizer.decode(biased) and biased.count(tok) >= 2
+    # the penalties as parsed (their effect on sampling is tested on the engine, test_logits_processors.py: the fake
+    # model's greedy pick leads by more than any penalty can change, so it would not show here)
+    sp = parse_sampling({"presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.1,
+                         "logit_bias": {"7": -2.5}}, 16, tokenizer.vocab_size)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.logit_bias) == (0.5, -1.0, 1.1,
+                                                                                                 {7: -2.5})
+    for bad, param in ((dict(presence_penalty=3), "presence_penalty"), (dict(logit_bias={"x": 1}), "logit_bias"),
+                       (dict(logit_bias={"5": 1000}), "logit_bias"), (dict(extra_body={"repetition_penalty": -1}),
+                                                                       "repetition_penalty")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=NAME, prompt="hi", max_tokens=2, **bad)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def reference_biased(tokenizer, prompt, sp):
+    """Greedy on the fake model with logit_bias, token by token (EOS ends it)."""
+    toks, out = list(prompt), []
+    for _ in range(sp.max_tokens):
+        lg = expected_logits(toks, tokenizer.vocab_size).clone()
+        for j, b in (sp.logit_bias or {}).items():
+            lg[j] += b
+        t = int(lg.argmax())
+        toks.append(t)
+        out.append(t)
+        if t == tokenizer.eos_token_id:
+            break
+    return out
