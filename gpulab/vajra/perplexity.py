@@ -4,7 +4,10 @@ The text (``--text``, tinyshakespeare by default) is tokenized once and cut into
 of ``--context`` tokens; every model scores each token of a window after its first (teacher forcing)
 with vajra's own forward: the paged, flattened (varlen) prefill the engine runs, ``--batch`` windows per
 forward, the log-softmax taken in float32 over chunks of rows. A window starts cold (nothing carried
-over from the one before, as the usual evaluation with stride = context); its first token is context only.
+over from the one before, as the usual evaluation with stride = context). With ``--bos`` (the default
+where the tokenizer has a BOS token, as the models saw in training and as lm-eval's rolling loglikelihood)
+each window begins with BOS and every text token is scored; with ``--no-bos`` a window's first text token
+is context only.
 
 Per model: mean negative log-likelihood (nats per token), perplexity ``exp(nll)``, tokens scored and
 tokens/s. With several models, each is set against the first (e.g. an FP8 checkpoint of ``gpulab
@@ -30,15 +33,19 @@ BLOCK_SIZE = 16
 LOGITS_ROWS = 1024  # rows of [rows, vocab] float32 logits at a time (128k vocab: 0.5 GB)
 
 
-def make_windows(ids: list[int], context: int, max_tokens: int = 0) -> list[list[int]]:
+def make_windows(ids: list[int], context: int, max_tokens: int = 0, bos: Optional[int] = None) -> list[list[int]]:
     """Non-overlapping windows of ``context`` tokens from the first ``max_tokens`` (0: all); a tail shorter
-    than 2 tokens predicts nothing and is dropped."""
+    than 2 tokens predicts nothing and is dropped. With ``bos``, each window is ``bos`` then ``context - 1``
+    text tokens, so that every text token is scored, the first of a window after ``bos`` alone."""
     if context < 2:
         raise InputError(f"--context must be >= 2, got {context}")
     if max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0 (0: the whole text), got {max_tokens}")
     if max_tokens:
         ids = ids[:max_tokens]
+    if bos is not None:
+        step = context - 1
+        return [[bos] + ids[i:i + step] for i in range(0, len(ids), step)]
     wins = [ids[i:i + context] for i in range(0, len(ids), context)]
     return [w for w in wins if len(w) >= 2]
 
@@ -122,7 +129,9 @@ def _label(model_dir: Path, used: set[str]) -> str:
 
 
 def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batch: int, load_format: str,
-        attention_backend: str, bootstrap_reps: int = 2000) -> Any:
+        attention_backend: str, bootstrap_reps: int = 2000, bos: Optional[bool] = None) -> Any:
+    """``bos``: None, each window begins with the tokenizer's BOS when it has one; True, it must have one;
+    False, no BOS."""
     import torch
 
     from gpulab.core import options, results
@@ -146,20 +155,28 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         raise InputError(f"--text {text_file}: file not found")
     text = text_file.read_text(errors="replace")
     ids = None
+    bos_ids = set()
     for m in models:
-        mine = _encode(load_tokenizer(m), text)
+        tok = load_tokenizer(m)
+        mine = _encode(tok, text)
         if ids is not None and mine != ids:
             raise InputError(f"{m}: its tokenizer gives other token ids for the text than {models[0]}'s; "
                              "perplexities are comparable only under one tokenizer")
         ids = mine
-    windows = make_windows(ids, context, max_tokens)
+        bos_ids.add(getattr(tok.hf, "bos_token_id", None))
+    if len(bos_ids) > 1:
+        raise InputError(f"the models' tokenizers have different BOS tokens ({sorted(map(str, bos_ids))})")
+    bos_id = bos_ids.pop() if bos is not False else None
+    if bos and bos_id is None:
+        raise InputError(f"--bos: {models[0]}'s tokenizer has no BOS token (use --no-bos)")
+    windows = make_windows(ids, context, max_tokens, bos_id)
     if not windows:
         raise InputError(f"--text {text_file}: {len(ids)} token(s), too few to score (a window needs 2)")
     device = options.resolve_device(what="gpulab perplexity")
     rec = results.Record(name="perplexity", config={
         "models": [str(m) for m in models], "text": str(text_file), "context": context, "max_tokens": max_tokens,
         "batch": batch, "load_format": load_format, "attention_backend": attention_backend, "device": device,
-        "windows": len(windows), "text_tokens": len(ids)})
+        "windows": len(windows), "text_tokens": len(ids), "bos": bos_id})
     used: set[str] = set()
     window_sums: dict[str, list[float]] = {}  # NLL summed over each window's tokens, per model
     first_preds = None
@@ -237,11 +254,13 @@ def perplexity(
     load_format: str = typer.Option("auto", "--load-format", help="auto | dummy (random weights of the config)."),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto | flashinfer | triton | torch"),
     bootstrap_reps: int = typer.Option(2000, "--bootstrap-reps", help="Resamples of the windows for the interval."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Begin each window with the BOS token and score "
+                                       "every text token (default: when the tokenizer has one)."),
 ) -> None:
     """Perplexity of each model on a text, and each against the first (NLL difference, top-1 agreement)."""
     from gpulab.core.paths import shared_data
 
     rec = run(list(models), text or shared_data("tinyshakespeare.txt"), context, max_tokens, batch, load_format,
-              attention_backend, bootstrap_reps)
+              attention_backend, bootstrap_reps, bos)
     rec.save()
     rec.print()

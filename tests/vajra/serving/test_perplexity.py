@@ -51,6 +51,10 @@ def test_make_windows():
         P.make_windows(ids, 1)
     with pytest.raises(InputError, match="--max-tokens"):
         P.make_windows(ids, 4, max_tokens=-1)
+    # with BOS: every text token is scored (a 1-token tail too, after BOS)
+    assert P.make_windows(ids, 4, bos=99) == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8], [99, 9]]
+    assert P.make_windows([7], 4, bos=99) == [[99, 7]] and P.make_windows([], 4, bos=99) == []
+    assert P.make_windows(ids, 2, bos=99) == [[99, t] for t in ids]
 
 
 def test_interval_is_of_the_token_weighted_difference():
@@ -70,15 +74,18 @@ def test_interval_is_of_the_token_weighted_difference():
     assert P.nll_difference_ci(first[:1], this[:1], counts[:1]) == {"lo": None, "hi": None}
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_scores_match_transformers(tiny_llama, tokenizer, batch):
-    """Ragged windows (a short tail), groups that do not divide the windows: every window's NLL equals
-    transformers' within float32 rounding, and the predicted next tokens are the same."""
+@pytest.mark.parametrize("batch,bos", [(1, False), (3, False), (3, True)])
+def test_scores_match_transformers(tiny_llama, tokenizer, batch, bos):
+    """Ragged windows (a short tail), groups that do not divide the windows, with and without BOS: every window's
+    NLL equals transformers' within float32 rounding, and the predicted next tokens are the same."""
     from gpulab.vajra.load import load_model
 
     ids = P._encode(tokenizer, TEXT)
-    windows = P.make_windows(ids, 48, max_tokens=200)
-    assert len(windows) == 5 and len(windows[-1]) == 200 - 4 * 48
+    windows = P.make_windows(ids, 48, max_tokens=200, bos=tokenizer.hf.bos_token_id if bos else None)
+    if bos:
+        assert len(windows) == 5 and windows[-1][1:] == ids[4 * 47:200]
+    else:
+        assert len(windows) == 5 and len(windows[-1]) == 200 - 4 * 48
     model = load_model(tiny_llama, device="cpu", attention_backend="torch")
     sums, counts, preds = P.score_windows(model, windows, batch)
     want, want_preds = _hf_window_scores(tiny_llama, windows)
@@ -99,8 +106,9 @@ def test_fp8_against_its_source(tiny_llama, text_file, out_dir, tmp_path):
     assert rec["ok"] is True and rec["config"]["device"] == "cpu"
     src, fp8, again = (rec["metrics"][k] for k in (tiny_llama.name, "fp8", f"{tiny_llama.name}-2"))
     assert src["quant"] == "none" and fp8["quant"] == "fp8 channel/dynamic"
-    windows = P.make_windows(P._encode(_tok(tiny_llama), TEXT), 40)
-    assert rec["config"]["windows"] == len(windows) > 1
+    tok = _tok(tiny_llama)
+    windows = P.make_windows(P._encode(tok, TEXT), 40, bos=tok.hf.bos_token_id)  # the default: its BOS
+    assert rec["config"]["windows"] == len(windows) > 1 and rec["config"]["bos"] == tok.hf.bos_token_id is not None
     assert src["tokens"] == fp8["tokens"] == sum(len(w) - 1 for w in windows)
     assert src["ppl"] == pytest.approx(math.exp(src["nll"]))
     assert fp8["nll_vs_first"] == pytest.approx(fp8["nll"] - src["nll"])
@@ -131,13 +139,14 @@ def _swap_two_tokens(folder):
 
 def test_bad_input(tiny_llama, text_file, tmp_path):
     run = lambda models, **kw: P.run(models, kw.pop("text", text_file), kw.pop("context", 32), 0,  # noqa: E731
-                                     kw.pop("batch", 2), "auto", "auto")
+                                     kw.pop("batch", 2), "auto", "auto", bos=kw.pop("bos", None))
     with pytest.raises(InputError, match="file not found"):
         run([tiny_llama], text=tmp_path / "missing.txt")
     short = tmp_path / "short.txt"
-    short.write_text("a")
+    short.write_text("a")  # one token: scored after BOS, nothing to score without
     with pytest.raises(InputError, match="too few to score"):
-        run([tiny_llama], text=short)
+        run([tiny_llama], text=short, bos=False)
+    assert run([tiny_llama], text=short).metrics[tiny_llama.name]["tokens"] == 1
     with pytest.raises(InputError, match="max_position_embeddings"):
         run([tiny_llama], context=100000)
     with pytest.raises(InputError, match="--batch"):
@@ -155,6 +164,17 @@ def test_bad_input(tiny_llama, text_file, tmp_path):
         (notok / f).unlink()
     with pytest.raises(InputError, match="no tokenizer"):
         run([notok])
+    for name, bos in (("nobos", None), ("eosbos", "<|eos|>")):
+        d = tmp_path / name
+        shutil.copytree(tiny_llama, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["bos_token"] = bos
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="has no BOS token"):
+        run([tmp_path / "nobos"], bos=True)
+    assert run([tmp_path / "nobos"]).config["bos"] is None  # the default: BOS where there is one
+    with pytest.raises(InputError, match="different BOS tokens"):
+        run([tiny_llama, tmp_path / "eosbos"])
 
 
 @pytest.mark.gpu
