@@ -7,7 +7,7 @@ the activation dtype; without one, ``--kv-cache-dtype``), the model is loaded (`
 and served ``--num-prompts`` requests of ``--input-len`` random token ids (or a prompts file) with
 ``--output-len`` greedy tokens each (EOS ignored; with ``--prefix-len P`` every random prompt begins with
 the same P tokens, and ``--enable-prefix-caching`` shows what sharing their K/V saves; the run reports the
-share of prompt tokens found cached), arriving as a Poisson process of ``--request-rate``
+share of the admitted requests' tokens found cached), arriving as a Poisson process of ``--request-rate``
 (``inf``: all at once) with at most ``--max-concurrency`` in flight. Per request: TTFT, TPOT, ITL and
 end-to-end latency from its arrival; per run: output tok/s and requests/s. Then one request alone
 measures the batch-1 decode step against the HBM roofline (weight bytes + KV bytes read, over the
@@ -332,8 +332,10 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
         if prompts is None:
             prompts = make_prompts(args, vocab, engine.tokenizer)
         # warm-up: compile / autotune every path once (prefill chunks and decodes)
-        engine.generate([prompts[0][: max(1, min(len(prompts[0]), 64))]] * 2,
-                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        warm = [prompts[0][: max(1, min(len(prompts[0]), 64))]]
+        engine.generate(warm * 2, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        if engine.block_manager.prefix_caching:  # and a first chunk that starts after cached blocks
+            engine.generate(warm, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         engine.reset_prefix_cache()  # the run finds cached only what its own requests computed
         # the run's own box: its share less what loading took, less ~15% for the checks after it
         run_deadline = None if share is None else t_variant + share - 0.15 * share
@@ -352,7 +354,8 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
         # time box: regenerating whole outputs would overrun it.)
         if res["time_boxed"]:
             rec.notes.append(f"vajra-{name}: chunking check skipped (time-boxed)")
-        else:
+        else:  # (without the run's cached blocks: the prompts are prefilled again, in other chunks)
+            engine.reset_prefix_cache()
             rechunk_check(rec, engine, cfg, prompts, res, args["output_len"], name)
         dec = decode_batch1(engine, args["input_len"], args["decode_steps"], vocab, args["seed"])
         wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None

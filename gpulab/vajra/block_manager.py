@@ -159,6 +159,9 @@ class BlockManager:
             self._free_rows.append(row)
         if not table:
             return 0
+        if not self.prefix_caching:  # nothing is shared or cached: every block goes back to the free list
+            self._free.extend(reversed(table))
+            return len(table)
         for b in reversed(table):  # the tail first: it is evicted before the head
             self._refs[b] -= 1
             if self._refs[b] == 0:

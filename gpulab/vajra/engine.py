@@ -33,9 +33,9 @@ from gpulab.core.errors import InputError
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
-from gpulab.vajra.logits_processors import adjusts_logits, process_logits
+from gpulab.vajra.logits_processors import LogitsProcessor, adjusts_logits
 from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logprob_entries, logprob_tensors
-from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence, Status
+from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
 
@@ -105,9 +105,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.prefill = prefill  # PrefillProvider or None
         self.config = (config or EngineConfig()).validate()
-        if self.config.enable_prefix_caching and prefill is not None:
-            raise InputError("--enable-prefix-caching does not work with --prefill: the provider's K/V are not "
-                             "what this model computes for the same tokens")
+        _check_prefix_caching(self.config, prefill)
         self.device = torch.device(getattr(model, "device", "cpu"))
         info = model.info
         self.vocab_size = int(info.vocab_size)
@@ -140,6 +138,7 @@ class LLMEngine:
         self._deferred: list[tuple[Sequence, int]] = []
         self._prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are not all taken yet
         self._adjusting: set[int] = set()  # sequences whose logits are processed (penalties, bias, min_tokens)
+        self.logits_processor = LogitsProcessor()
 
     # --- set-up ------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -361,11 +360,12 @@ class LLMEngine:
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
-        if self.block_manager.prefix_caching:  # full blocks whose K/V this step wrote become shareable
-            commit = self.block_manager.commit
+        if self.block_manager.prefix_caching:  # blocks this step filled (their K/V written) become shareable
+            bm = self.block_manager
+            bs = bm.block_size
             for s in sched.scheduled:
-                if s.seq.status is Status.RUNNING:
-                    commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed)
+                if s.seq.num_computed // bs > s.start // bs:
+                    bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed)
         for seq, tok, lp in zip(seqs, tokens, lps):
             o = self._append(seq, int(tok), now, lp)
             if o is not None:
@@ -388,7 +388,9 @@ class LLMEngine:
         self.sampler.forget(seq.seq_id)
         self._by_request.pop(seq.request_id, None)
         self._prompt_lp_seqs.discard(seq.seq_id)
-        self._adjusting.discard(seq.seq_id)
+        if seq.seq_id in self._adjusting:
+            self._adjusting.discard(seq.seq_id)
+            self.logits_processor.forget(seq.seq_id)
 
     def _finish_scored(self, seq: Sequence) -> RequestOutput:
         """The end of a max_tokens=0 request: its prompt went through the model (its prompt logprobs are taken);
@@ -456,7 +458,7 @@ class LLMEngine:
         step's sequences asks for any, the usual case)."""
         if not self._adjusting or not any(s.seq_id in self._adjusting for s in seqs):
             return logits
-        return process_logits(logits, seqs, self.eos_token_ids)
+        return self.logits_processor(logits, seqs, self.eos_token_ids)
 
     def _append(self, seq: Sequence, tok: int, now: float, logprob=None) -> Optional[RequestOutput]:
         """Take a sampled token. A token that ends the sequence by its id or length, or of a sequence with stop
@@ -541,6 +543,12 @@ class LLMEngine:
         return [final[i] for i in ids]
 
 
+def _check_prefix_caching(config: EngineConfig, prefill: Any) -> None:
+    if config.enable_prefix_caching and prefill:
+        raise InputError("--enable-prefix-caching does not work with --prefill: the provider's K/V are not "
+                         "what this model computes for the same tokens")
+
+
 def _forward_batch(ids, pos, qlens, clens, slots, tables, device, decode_only):
     import torch
 
@@ -583,9 +591,7 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
         raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
                          f"got {attention_backend!r}")
     config.validate()
-    if prefill and config.enable_prefix_caching:
-        raise InputError("--enable-prefix-caching does not work with --prefill: the provider's K/V are not "
-                         "what this model computes for the same tokens")
+    _check_prefix_caching(config, prefill)  # before any weight is read
     tok = None
     if tokenizer and ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
         tok = load_tokenizer(d)

@@ -14,6 +14,10 @@ For a row with output-token counts ``c`` (the tokens this sequence generated so 
 They change what is sampled (greedy too), not the logprobs reported, which are the model's own distribution
 (as vLLM's default). Only rows that ask for something are touched; the logits come back as they were (the same
 tensor) when no row does, else as a modified copy (the model's buffers stay as they are).
+
+A penalized sequence's counts live on the device in a row of :class:`LogitsProcessor`'s buffers, kept up to
+date one scatter per step with the tokens sampled since (not rebuilt from its token list every step), and its
+prompt's token set is written once; the row is cleared and reused when the sequence ends.
 """
 from __future__ import annotations
 
@@ -26,81 +30,135 @@ def adjusts_logits(params: Any) -> bool:
                 or params.repetition_penalty != 1.0)
 
 
-def process_logits(logits, seqs: Sequence[Any], eos_token_ids: frozenset[int] | set[int]):
-    """Apply each row's min_tokens bans, logit bias and penalties; row r belongs to ``seqs[r]`` (a Sequence:
-    ``params``, ``token_ids``, ``prompt_len``, ``num_output``)."""
-    import torch
+def _penalized_params(p: Any) -> bool:
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
 
-    from gpulab.vajra.sampling import device_tensor
 
-    vocab = logits.shape[1]
-    ban_r: list[int] = []
-    ban_c: list[int] = []
-    bias_r: list[int] = []
-    bias_c: list[int] = []
-    bias_v: list[float] = []
-    pen: list[int] = []
-    for r, seq in enumerate(seqs):
-        p = seq.params
-        if seq.num_output < p.min_tokens:
-            banned = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)) if t < vocab]
-            ban_r += [r] * len(banned)
-            ban_c += banned
-        if p.logit_bias:
-            for t, b in p.logit_bias.items():
-                bias_r.append(r)
-                bias_c.append(int(t))
-                bias_v.append(float(b))
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-            pen.append(r)
-    if not (ban_r or bias_r or pen):
+class LogitsProcessor:
+    """Applies each row's min_tokens bans, logit bias and penalties; holds the penalized sequences' counts."""
+
+    def __init__(self) -> None:
+        self.counts = None  # float32 [rows, vocab]: output-token counts of penalized sequences, one row each
+        self.seen = None  # bool [rows, vocab]: their prompt tokens (repetition_penalty)
+        self._row: dict[int, int] = {}  # seq_id -> its row
+        self._counted: dict[int, int] = {}  # seq_id -> output tokens already in its counts
+        self._free_rows: list[int] = []
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence ended: its row is cleared and goes back to be reused."""
+        row = self._row.pop(seq_id, None)
+        self._counted.pop(seq_id, None)
+        if row is not None:
+            import torch
+
+            with torch.inference_mode():  # the buffers are inference tensors (made during a step)
+                self.counts[row].zero_()
+                self.seen[row].zero_()
+            self._free_rows.append(row)
+
+    def __call__(self, logits, seqs: Sequence[Any], eos_token_ids: frozenset[int] | set[int]):
+        """Row r of ``logits`` belongs to ``seqs[r]`` (a Sequence: ``seq_id``, ``params``, ``token_ids``,
+        ``prompt_len``, ``num_output``)."""
+        import torch
+
+        from gpulab.vajra.sampling import device_tensor
+
+        vocab = logits.shape[1]
+        ban_r: list[int] = []
+        ban_c: list[int] = []
+        bias_r: list[int] = []
+        bias_c: list[int] = []
+        bias_v: list[float] = []
+        pen: list[int] = []
+        for r, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output < p.min_tokens:
+                banned = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+                          if t < vocab]
+                ban_r += [r] * len(banned)
+                ban_c += banned
+            if p.logit_bias:
+                for t, b in p.logit_bias.items():
+                    bias_r.append(r)
+                    bias_c.append(int(t))
+                    bias_v.append(float(b))
+            if _penalized_params(p):
+                pen.append(r)
+        if not (ban_r or bias_r or pen):
+            return logits
+        dev = logits.device
+        logits = logits.float().clone()
+        if bias_r:
+            logits.index_put_((device_tensor(bias_r, torch.long, dev), device_tensor(bias_c, torch.long, dev)),
+                              device_tensor(bias_v, torch.float32, dev), accumulate=True)
+        if pen:
+            idx = device_tensor(pen, torch.long, dev)
+            with torch.inference_mode():  # the buffers are inference tensors, whoever calls (the engine's import too)
+                logits[idx] = self._penalized(logits.index_select(0, idx), [seqs[r] for r in pen])
+        if ban_r:
+            logits.index_put_((device_tensor(ban_r, torch.long, dev), device_tensor(ban_c, torch.long, dev)),
+                              logits.new_full((), float("-inf")))  # new_full: a fill on the device, no copy
         return logits
-    dev = logits.device
-    logits = logits.float().clone()
-    if bias_r:
-        logits.index_put_((device_tensor(bias_r, torch.long, dev), device_tensor(bias_c, torch.long, dev)),
-                          device_tensor(bias_v, torch.float32, dev), accumulate=True)
-    if pen:
-        logits[device_tensor(pen, torch.long, dev)] = _penalized(logits, pen, seqs, vocab)
-    if ban_r:
-        logits.index_put_((device_tensor(ban_r, torch.long, dev), device_tensor(ban_c, torch.long, dev)),
-                          logits.new_full((), float("-inf")))  # new_full: a fill on the device, no copy
-    return logits
+
+    def _penalized(self, sub, seqs: list[Any]):
+        """The penalized logits ``sub`` ([len(seqs), vocab]) of penalized sequences."""
+        import torch
+
+        from gpulab.vajra.sampling import device_tensor
+
+        dev = sub.device
+        rows = [self._row_of(s, sub.shape[1], dev) for s in seqs]
+        # the tokens sampled since each sequence's counts were last brought up to date (usually one each)
+        new_r: list[int] = []
+        new_t: list[int] = []
+        for s, row in zip(seqs, rows):
+            done = self._counted[s.seq_id]
+            fresh = s.token_ids[s.prompt_len + done:]
+            if fresh:
+                new_r += [row] * len(fresh)
+                new_t += fresh
+                self._counted[s.seq_id] = done + len(fresh)
+        if new_r:
+            self.counts.index_put_((device_tensor(new_r, torch.long, dev), device_tensor(new_t, torch.long, dev)),
+                                   self.counts.new_ones(()), accumulate=True)
+        ridx = device_tensor(rows, torch.long, dev)
+        counts = self.counts.index_select(0, ridx)
+        params = [s.params for s in seqs]
+        rep = [p.repetition_penalty for p in params]
+        if any(x != 1.0 for x in rep):
+            seen = self.seen.index_select(0, ridx) | (counts > 0)
+            rp = device_tensor(rep, torch.float32, dev)[:, None]
+            sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+        freq = device_tensor([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
+        pres = device_tensor([p.presence_penalty for p in params], torch.float32, dev)[:, None]
+        return sub - counts * freq - (counts > 0).float() * pres
+
+    def _row_of(self, seq: Any, vocab: int, dev: Any) -> int:
+        """``seq``'s row of the buffers (a new one: cleared, its prompt's tokens marked seen)."""
+        import torch
+
+        from gpulab.vajra.sampling import device_tensor
+
+        row = self._row.get(seq.seq_id)
+        if row is not None:
+            return row
+        if self.counts is None:  # the first penalized sequence
+            self.counts = torch.zeros(0, vocab, dtype=torch.float32, device=dev)
+            self.seen = torch.zeros(0, vocab, dtype=torch.bool, device=dev)
+        if not self._free_rows:  # grow by doubling
+            n = self.counts.shape[0]
+            grown = max(8, 2 * n)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grown - n, vocab)])
+            self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - n, vocab)])
+            self._free_rows = list(range(grown - 1, n - 1, -1))
+        row = self._free_rows.pop()
+        self._row[seq.seq_id] = row
+        self._counted[seq.seq_id] = 0
+        if seq.params.repetition_penalty != 1.0 and seq.prompt_len:
+            self.seen[row, device_tensor(seq.token_ids[:seq.prompt_len], torch.long, dev)] = True
+        return row
 
 
-def _penalized(logits, rows: list[int], seqs: Sequence[Any], vocab: int):
-    """The penalized logits of ``rows`` ([len(rows), vocab]): output-token counts built on the device from the
-    sequences' token lists (one scatter), then the three penalties."""
-    import torch
-
-    from gpulab.vajra.sampling import device_tensor
-
-    dev = logits.device
-    out_r: list[int] = []
-    out_t: list[int] = []
-    seen_r: list[int] = []
-    seen_t: list[int] = []
-    for j, r in enumerate(rows):
-        seq = seqs[r]
-        outs = seq.token_ids[seq.prompt_len:]
-        out_r += [j] * len(outs)
-        out_t += outs
-        if seq.params.repetition_penalty != 1.0:
-            seen_r += [j] * seq.prompt_len
-            seen_t += seq.token_ids[:seq.prompt_len]
-    sub = logits.index_select(0, device_tensor(rows, torch.long, dev))
-    counts = torch.zeros_like(sub)
-    if out_r:
-        counts.index_put_((device_tensor(out_r, torch.long, dev), device_tensor(out_t, torch.long, dev)),
-                          counts.new_ones(()).expand(len(out_r)), accumulate=True)
-    params = [seqs[r].params for r in rows]
-    rep = [p.repetition_penalty for p in params]
-    if any(x != 1.0 for x in rep):
-        seen = counts > 0
-        if seen_r:
-            seen[device_tensor(seen_r, torch.long, dev), device_tensor(seen_t, torch.long, dev)] = True
-        rp = device_tensor(rep, torch.float32, dev)[:, None]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
-    freq = device_tensor([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
-    pres = device_tensor([p.presence_penalty for p in params], torch.float32, dev)[:, None]
-    return sub - counts * freq - (counts > 0).float() * pres
+def process_logits(logits, seqs: Sequence[Any], eos_token_ids: frozenset[int] | set[int]):
+    """One-off processing (no state kept between calls): :class:`LogitsProcessor` on a fresh buffer."""
+    return LogitsProcessor()(logits, seqs, eos_token_ids)

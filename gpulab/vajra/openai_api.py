@@ -55,16 +55,17 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> Optional[int]:
 
 
 def _parse_logit_bias(body: dict[str, Any]) -> Optional[dict[int, float]]:
-    """``logit_bias``: a JSON object whose keys are token ids as strings (OpenAI's shape); ints are taken too."""
+    """``logit_bias``: a JSON object whose keys are token ids as strings of decimal digits (OpenAI's shape)."""
     raw = _get(body, "logit_bias", (dict,), None)
     if not raw:
         return None
-    out = {}
+    out: dict[int, Any] = {}
     for k, v in raw.items():
-        try:
-            t = int(k)
-        except (TypeError, ValueError):
-            raise APIError(400, f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+            raise APIError(400, f"logit_bias keys must be token ids (decimal digits), got {k!r}", param="logit_bias")
+        t = int(k)
+        if t in out:
+            raise APIError(400, f"logit_bias gives token {t} twice", param="logit_bias")
         out[t] = v  # the values are checked with the other sampling parameters
     return out
 

@@ -82,8 +82,10 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 bad(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
             for t, b in self.logit_bias.items():
-                if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab_size is not None and t >= vocab_size):
-                    bad(f"logit_bias has token id {t!r}, outside [0, {vocab_size})")
+                if not isinstance(t, int) or isinstance(t, bool):
+                    bad(f"logit_bias keys must be integer token ids, got {t!r}")
+                if t < 0 or (vocab_size is not None and t >= vocab_size):
+                    bad(f"logit_bias has token id {t}, outside " + (f"[0, {vocab_size})" if vocab_size else ">= 0"))
                 if not _is_number(b) or not -100.0 <= float(b) <= 100.0:
                     bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):

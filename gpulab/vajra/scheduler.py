@@ -135,6 +135,7 @@ class Scheduler:
         # prefix caching: tokens of the sequences admitted (readmissions too) and, of those, found cached
         self.prefix_tokens_queried = 0
         self.prefix_tokens_hit = 0
+        self._blocked: Optional[tuple] = None  # (head of the queue, free blocks, any running) when it last did not fit
 
     # --- queue management ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -232,6 +233,9 @@ class Scheduler:
                 imported.append(seq)
                 if seq.remaining == 0:  # first admission: the first output token comes from the import
                     continue
+            state = (seq.seq_id, self.bm.num_free, bool(self.running))
+            if state == self._blocked:  # it did not fit last time and nothing has changed since
+                break
             matched = self._match_prefix(seq)
             chunk = min(seq.remaining, budget, self.max_prefill_chunk)
             # keep a few blocks back so that running decodes do not preempt right away
@@ -240,6 +244,7 @@ class Scheduler:
                 if matched:  # not admitted: it holds no block while it waits
                     self.bm.free(seq.seq_id)
                     seq.num_computed = 0
+                    self._blocked = state  # (its prefix match is not repeated until blocks free up)
                 break
             if seq.status is not Status.RUNNING:
                 self._start(seq)

@@ -287,7 +287,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         bm = engine.block_manager
         out = {"status": "ok", "running": engine.num_unfinished, "kv_blocks_used": bm.num_used,
                "kv_blocks": bm.capacity_blocks}
-        if bm.prefix_caching:  # counts since start: prompt tokens admitted, found cached, their share
+        if bm.prefix_caching:  # since start: tokens of admitted requests, those found cached, their share
             st = engine.prefix_cache_stats()
             out.update({k: st[k] for k in ("prefix_tokens_queried", "prefix_tokens_hit", "prefix_hit_rate")})
         return out

@@ -123,3 +123,25 @@ def test_engine_greedy_with_penalties_matches_the_reference():
 def test_bad_values_are_one_line_errors(params, msg):
     with pytest.raises(InputError, match=msg):
         SamplingParams(**params).validate(VOCAB)
+
+
+@pytest.mark.parametrize("blocks", [16, 200])
+def test_penalty_rows_survive_preemption_growth_and_reuse(blocks):
+    """More penalized sequences than the buffers' first rows (they grow), a cache small enough to preempt (the counts
+    stay with the sequence, whose outputs are recomputed, not resampled), and a second batch on rows the first freed
+    (cleared): each greedy output is still the reference's."""
+    rng = random.Random(5)
+    eng = LLMEngine(FakeModel(VOCAB), None, EngineConfig(num_blocks=blocks, block_size=4, max_num_batched_tokens=16,
+                                                         max_num_seqs=12))
+    for batch in range(2):
+        prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(2, 9))] for _ in range(12)]
+        asks = [dict(repetition_penalty=rng.choice([0.8, 1.25]), frequency_penalty=rng.uniform(-1, 1),
+                     presence_penalty=rng.uniform(-1, 1)) for _ in range(12)]
+        outs = eng.generate(prompts, [SamplingParams(max_tokens=10, temperature=0.0, **a) for a in asks])
+        for p, a, o in zip(prompts, asks, outs):
+            assert o.output_token_ids == _greedy_reference(p, 10, **a)
+    if blocks == 16:
+        assert eng.scheduler.num_preemptions > 0
+    else:
+        assert eng.logits_processor.counts.shape[0] == 16  # 8 rows, doubled once for 12 sequences at a time
+    assert not eng.logits_processor._row and not eng._adjusting

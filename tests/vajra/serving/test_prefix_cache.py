@@ -134,10 +134,17 @@ def test_a_sequence_that_cannot_be_admitted_gives_its_matched_blocks_back():
     assert [s.seq for s in out.scheduled] == [a]  # no block left for b's 3 tokens after its cached 16
     assert b.status is Status.WAITING and b.num_computed == 0 and bm.table(b.seq_id) == []
     assert bm.num_used == 5 and sched.prefix_tokens_queried == 17 and sched.prefix_tokens_hit == 0
+    # nothing changed: the next step does not match (and give back) its prefix again
+    calls = []
+    match = bm.match_prefix
+    bm.match_prefix = lambda *a, **k: calls.append(a) or match(*a, **k)
+    a.num_computed += 1
+    a.token_ids.append(41)
+    assert [s.seq for s in sched.schedule().scheduled] == [a] and not calls
     sched.finish(a, "stop")
     out = sched.schedule()
     assert out.scheduled[0].seq is b and out.scheduled[0].start == 16 and out.scheduled[0].num_tokens == 3
-    assert sched.prefix_tokens_hit == 16
+    assert sched.prefix_tokens_hit == 16 and len(calls) == 1
 
 
 def _engine(**cfg):

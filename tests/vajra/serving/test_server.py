@@ -401,6 +401,12 @@ def test_penalties_and_logit_bias_through_the_api(server, tokenizer):
                          "logit_bias": {"7": -2.5}}, 16, tokenizer.vocab_size)
     assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.logit_bias) == (0.5, -1.0, 1.1,
                                                                                                  {7: -2.5})
+    from gpulab.vajra.openai_api import APIError
+
+    for bias in ({" 7": 1}, {"1_0": 1}, {"\u0667": 1}, {"-3": 1}, {"5": 1, "05": 2}):  # an Arabic-Indic digit 7
+        with pytest.raises(APIError) as e:
+            parse_sampling({"logit_bias": bias}, 16, tokenizer.vocab_size)
+        assert e.value.param == "logit_bias" and e.value.status == 400
     for bad, param in ((dict(presence_penalty=3), "presence_penalty"), (dict(logit_bias={"x": 1}), "logit_bias"),
                        (dict(logit_bias={"5": 1000}), "logit_bias"), (dict(extra_body={"repetition_penalty": -1}),
                                                                        "repetition_penalty")):
