@@ -146,6 +146,9 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message (chat template)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+    repetition_penalty: float = typer.Option(1.0, help="Over prompt and output tokens (1: off)."),
+    frequency_penalty: float = typer.Option(0.0, help="Per occurrence in the output, in [-2, 2]."),
+    presence_penalty: float = typer.Option(0.0, help="Once per token in the output, in [-2, 2]."),
     prefill: Optional[str] = _PREFILL,
     engine: dict = None,
 ) -> None:
@@ -159,7 +162,9 @@ def generate(
     if engine.tokenizer is None:
         raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
     sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                        stop=list(stop), ignore_eos=ignore_eos).validate(engine.vocab_size)
+                        stop=list(stop), ignore_eos=ignore_eos, repetition_penalty=repetition_penalty,
+                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty
+                        ).validate(engine.vocab_size)
     inputs = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompt]
     outs = engine.generate(inputs, sp)
     for p, o in zip(prompt, outs):

@@ -223,6 +223,13 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     invoke(["--device", "cpu", "generate", str(tiny_llama), "--prompt", "My lord", "--max-tokens", "8",
             "--num-blocks", "32"])
     assert capsys.readouterr().out == want + "\n"
+    # the penalties reach the engine: the same text as the engine's own run with them
+    sp = SamplingParams(max_tokens=8, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5)
+    plain, want = want, eng.generate(["My lord"], sp)[0].text
+    assert want != plain
+    invoke(["--device", "cpu", "generate", str(tiny_llama), "--prompt", "My lord", "--max-tokens", "8",
+            "--num-blocks", "32", "--repetition-penalty", "1.5", "--frequency-penalty", "0.5"])
+    assert capsys.readouterr().out == want + "\n"
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -241,6 +248,8 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),
     (["generate", "{assets}", "--prompt", "x", "--temperature", "-1", "--load-format", "dummy"], "temperature"),
+    (["generate", "{assets}", "--prompt", "x", "--presence-penalty", "3", "--load-format", "dummy"],
+     "presence_penalty must be a number in"),
     (["generate", "{assets}", "--prompt", "x", "--attention-backend", "xformers"],
      "--attention-backend must be auto, torch, triton or flashinfer, got 'xformers'"),
 ])
