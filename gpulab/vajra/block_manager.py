@@ -7,8 +7,9 @@ list when it finishes or is preempted (:meth:`BlockManager.free`). ``num_used`` 
 run is the accounting invariant the tests check.
 
 With ``prefix_caching`` (automatic prefix caching, as vLLM's ``--enable-prefix-caching``), a *full* block
-whose K/V are computed is registered under its content: the tokens it holds and the block before it in
-the sequence (:meth:`BlockManager.commit`). A new sequence first takes the registered blocks that hold
+is registered under its content (the tokens it holds and the block before it in the sequence) once the
+step that writes its K/V is scheduled (:meth:`BlockManager.commit`; the scheduler says why that is early
+enough). A new sequence first takes the registered blocks that hold
 its own first tokens (:meth:`BlockManager.match_prefix`): those tokens need no prefill. Blocks are
 reference-counted; a registered block that nobody holds any more stays in the cache, counted as free,
 until an allocation needs it (least recently freed first; a sequence's later blocks go before its
@@ -198,8 +199,8 @@ class BlockManager:
         return len(table) * bs
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register ``seq_id``'s full blocks among its first ``num_computed`` tokens (their K/V are written), so
-        that later sequences starting with the same tokens can share them. A block whose content another block
+        """Register ``seq_id``'s full blocks among its first ``num_computed`` tokens (their K/V are written, or
+        written by the step being scheduled), so that sequences starting with the same tokens can share them. A block whose content another block
         already holds stays private (the sequence keeps it; it is freed as usual)."""
         if not self.prefix_caching:
             return

@@ -16,9 +16,10 @@ every prompt is prefilled by the provider when the request is added (disaggregat
 device: e.g. a larger model and stitch layers, see ``gpulab kvstitch``); the engine writes the K/V it
 returns into the paged cache, samples the first token from its logits and decodes the rest itself.
 
-``EngineConfig.enable_prefix_caching`` (``--enable-prefix-caching``): after each step the full blocks
-whose K/V it wrote are registered in the block manager, and a new request whose first tokens fill
-registered blocks skips their prefill (see :mod:`~gpulab.vajra.block_manager`).
+``EngineConfig.enable_prefix_caching`` (``--enable-prefix-caching``): the scheduler registers each full
+block in the block manager when the step that writes its K/V is scheduled, and a new request whose first
+tokens fill registered blocks skips their prefill (see :mod:`~gpulab.vajra.block_manager` and
+:mod:`~gpulab.vajra.scheduler`).
 """
 from __future__ import annotations
 
@@ -360,12 +361,6 @@ class LLMEngine:
         now = time.perf_counter()
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
-        if self.block_manager.prefix_caching:  # blocks this step filled (their K/V written) become shareable
-            bm = self.block_manager
-            bs = bm.block_size
-            for s in sched.scheduled:
-                if s.seq.num_computed // bs > s.start // bs:
-                    bm.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed)
         for seq, tok, lp in zip(seqs, tokens, lps):
             o = self._append(seq, int(tok), now, lp)
             if o is not None:

@@ -19,8 +19,11 @@ where the engine writes the K/V into them (and samples the first token from the 
 Preempted, it is imported again on readmission and only its generated tokens are recomputed.
 
 With prefix caching (the block manager's), a sequence admitted in step 3 starts from the cached blocks
-that hold its first tokens: its first chunk begins after them. A preempted sequence finds its own
-blocks there again, unless they were reclaimed meanwhile.
+that hold its first tokens: its first chunk begins after them. A block is registered when the chunk
+(or decode token) that fills it is scheduled, not after the step: every attention backend writes a
+step's K/V into the cache before its attention reads it, layer by layer, so a sequence admitted later
+in the same step (e.g. the other choices of an ``n > 1`` request) reads what the first writes. A
+preempted sequence finds its own blocks there again, unless they were reclaimed meanwhile.
 """
 from __future__ import annotations
 
@@ -197,6 +200,8 @@ class Scheduler:
                 if seq.status is not Status.RUNNING:
                     continue  # seq itself was preempted; running[i] is now the next one
                 self.bm.allocate(seq.seq_id, target)
+            if self.bm.prefix_caching and target % self.bm.block_size == 0:  # this token fills a block
+                self.bm.commit(seq.seq_id, seq.token_ids, target)
             out.append(ScheduledSeq(seq, 1, seq.num_computed, True))
             done.add(seq.seq_id)
             budget -= 1
@@ -292,5 +297,8 @@ class Scheduler:
         return max(0, min(chunk, room))
 
     def _schedule_chunk(self, seq: Sequence, chunk: int, out: list[ScheduledSeq]) -> None:
-        self.bm.allocate(seq.seq_id, seq.num_computed + chunk)
+        end = seq.num_computed + chunk
+        self.bm.allocate(seq.seq_id, end)
+        if self.bm.prefix_caching and end // self.bm.block_size > seq.num_computed // self.bm.block_size:
+            self.bm.commit(seq.seq_id, seq.token_ids, end)  # the blocks this chunk fills
         out.append(ScheduledSeq(seq, chunk, seq.num_computed, seq.num_computed + chunk == seq.num_tokens))

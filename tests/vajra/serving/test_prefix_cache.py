@@ -202,6 +202,18 @@ def test_a_repeated_prompt_computes_only_its_tail(n, computed):
     assert eng.scheduler.prefix_tokens_hit - hit == 20
 
 
+def test_requests_admitted_in_one_step_share_the_blocks_it_writes():
+    """Three requests with one 18-token prompt (n = 3 choices) added together: the first step prefills the prompt
+    once and the two others only its last 2 tokens, reading the 4 blocks the first writes in the same forward (the
+    fake model, like every attention backend, stores the whole step's K/V before any sequence reads)."""
+    eng = _engine(num_blocks=50, block_size=4, enable_prefix_caching=True)
+    prompt = [random.Random(3).randrange(VOCAB) for _ in range(18)]
+    outs = eng.generate([prompt] * 3, [SamplingParams(max_tokens=5, temperature=0.0)] * 3)
+    assert [o.output_token_ids for o in outs] == [reference_greedy(prompt, 5, VOCAB)] * 3
+    assert eng.model.forward_calls[0] == (18 + 2 + 2, 3)
+    assert eng.scheduler.prefix_tokens_hit == 2 * 16
+
+
 def test_prompt_logprobs_requests_take_no_cached_blocks():
     eng = _engine(num_blocks=50, block_size=4, enable_prefix_caching=True)
     prompt = list(range(1, 13))
