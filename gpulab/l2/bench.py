@@ -69,8 +69,8 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise InputError(f"--{name} must be >= 1, got {v}")
-        if not 0 < self.width_mult < math.inf:
-            raise InputError(f"--width-mult must be > 0 and finite, got {self.width_mult}")
+        if not 0 < self.width_mult <= 16:  # weights grow with its square: 16 is ~2.5 GiB of fp16 weights
+            raise InputError(f"--width-mult must be in (0, 16], got {self.width_mult}")
         if not 0 <= self.pollute_mib < math.inf:
             raise InputError(f"--pollute-mib must be >= 0 and finite, got {self.pollute_mib}")
         for name in ("set_aside_mib", "window_mib"):

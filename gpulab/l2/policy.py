@@ -164,7 +164,8 @@ def prefetch_schedule(
     layer's weights plus everything prefetched for later layers and not yet consumed) stay within
     ``l2_budget_bytes`` so that prefetching does not evict the weights being used; a layer larger
     than what is left is prefetched in part (its first bytes). Layer 0 is never prefetched (nothing
-    runs before it to hide the transfer). Each target layer is prefetched at most once.
+    runs before it to hide the transfer). No byte is prefetched twice; with ``lookahead > 1`` a layer
+    may be prefetched in pieces, while different earlier layers run.
     """
     if lookahead < 1:
         raise InputError(f"--lookahead must be >= 1, got {lookahead}")

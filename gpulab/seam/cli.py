@@ -34,6 +34,8 @@ def _parse_weights(items: list[str]) -> dict[str, str]:
         arch, sep, path = item.partition("=")
         if not sep or not arch or not path:
             raise InputError(f"--weights must be ARCH=PATH (e.g. resnet50=weights/resnet50.pth), got {item!r}")
+        if arch.strip() in out:
+            raise InputError(f"--weights gives {arch.strip()} twice")
         out[arch.strip()] = path.strip()
     return out
 
@@ -58,7 +60,7 @@ def train(
     anchor_steps: Optional[int] = typer.Option(None, "--anchor-steps", help="Steps per anchor (overrides epochs)."),
     stitch_steps: Optional[int] = typer.Option(None, "--stitch-steps", help="Stitch steps (overrides epochs)."),
     lr: float = typer.Option(0.1, "--lr", help="Peak SGD learning rate for anchors."),
-    stitch_lr: float = typer.Option(0.01, "--stitch-lr", help="Peak SGD learning rate for fine-tuning."),
+    stitch_lr: float = typer.Option(0.01, "--stitch-lr", help="Peak SGD learning rate for fine-tuning (stitches, and nets loaded with a new head)."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
     mode: str = typer.Option("joint", "--mode", help="joint (SN-Net: one member per step) | frozen (stitches only)."),
     calib_images: int = typer.Option(100, "--calib-images", help="Images for the least-squares stitch init."),
@@ -143,6 +145,8 @@ def train(
         if rank == 0 and not resume:
             for stale in ("family.yaml", "weights.safetensors", "eval.yaml", "checkpoint.pt"):
                 (folder / stale).unlink(missing_ok=True)
+            for stale in [*folder.glob("select-*.yaml"), *folder.glob("select-*.png")]:  # of the old family
+                stale.unlink(missing_ok=True)
         pg.barrier()
         trainer.run()
         seconds = time.perf_counter() - t0

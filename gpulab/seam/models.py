@@ -234,6 +234,9 @@ class FamilySpec:
                 raise InputError(f"{where}: {name} must be a positive integer, got {v!r}")
         if set(self.baselines) & set(self.anchors):
             raise InputError(f"{where}: a baseline cannot also be an anchor")
+        twice = next((b for i, b in enumerate(self.baselines) if b in self.baselines[:i]), None)
+        if twice is not None:
+            raise InputError(f"{where}: baseline {twice} is given twice")
 
 
 class StitchedFamily(nn.Module):
@@ -344,15 +347,19 @@ def load_state_file(path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+NEW_HEAD_NOTE = "new head: "
+
+
 def load_pretrained(model: ScaledResNet, path, allow_new_head: bool = True) -> list[str]:
-    """Load torchvision-format weights from a local file; a head of another class count is kept fresh."""
+    """Load torchvision-format weights from a local file; a head of another class count is kept fresh (a note
+    that starts with NEW_HEAD_NOTE says so: the caller trains it)."""
     sd = load_state_file(path)
     own = model.state_dict()
     notes = []
     if allow_new_head and "fc.weight" in sd and sd["fc.weight"].shape != own["fc.weight"].shape:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         sd.update({k: own[k] for k in ("fc.weight", "fc.bias")})
-        notes.append(f"{path}: head has another class count; fc re-initialised")
+        notes.append(f"{NEW_HEAD_NOTE}{path}: head has another class count; fc re-initialised")
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:

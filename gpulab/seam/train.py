@@ -3,8 +3,10 @@ then fine-tuning.
 
 Phases, in order, each resumable from ``<family>/checkpoint.pt``:
 
-1. ``anchor:<arch>`` for every anchor and baseline without ``--weights``: SGD (Nesterov, momentum
-   0.9), linear warm-up then cosine decay, label-free cross-entropy, random-crop/flip augmentation.
+1. ``anchor:<arch>`` for every anchor and baseline without ``--weights`` (from scratch), or whose
+   weights came with a head of another class count (fine-tuned from them at the fine-tuning rate
+   ``stitch_lr``: a fresh head left untrained would score near chance): SGD (Nesterov, momentum 0.9),
+   linear warm-up then cosine decay, cross-entropy, random-crop/flip augmentation.
 2. ``calibrate``: every stitching layer by least squares on ``calib_images`` training images.
 3. ``stitch``: ``joint`` fine-tunes the whole family, sampling one member per step uniformly among
    the anchors and all stitches (as SN-Net does); ``frozen`` keeps the anchors fixed and trains only
@@ -37,7 +39,7 @@ from gpulab.core.errors import InputError
 from gpulab.seam import dist as sdist
 from gpulab.seam import store
 from gpulab.seam.measure import autocast_for
-from gpulab.seam.models import FamilySpec, StitchedFamily, load_pretrained
+from gpulab.seam.models import NEW_HEAD_NOTE, FamilySpec, StitchedFamily, load_pretrained
 from gpulab.seam.stitch import least_squares_init
 
 MODES = ("joint", "frozen")
@@ -66,6 +68,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("anchor_epochs", "stitch_epochs", "lr", "stitch_lr", "weight_decay", "lstsq_ridge",
+                     "label_smoothing"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
         for name in ("anchor_epochs", "stitch_epochs"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -81,6 +88,10 @@ class TrainConfig:
             raise InputError("--lr and --stitch-lr must be > 0")
         if self.lstsq_ridge < 0:
             raise InputError(f"--lstsq-ridge must be >= 0, got {self.lstsq_ridge}")
+        if self.weight_decay < 0:
+            raise InputError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.checkpoint_every < 1:
             raise InputError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         nets = set(self.spec.anchors) | set(self.spec.baselines)
@@ -133,9 +144,12 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def phases(cfg: TrainConfig) -> list[str]:
+def phases(cfg: TrainConfig, new_heads: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """The phases in order: an anchor phase for every anchor and baseline without ``--weights``, or whose
+    weights came with a head of another class count (``new_heads``: it is fine-tuned, head and all, from
+    the loaded weights), then calibrate and stitch."""
     nets = [*cfg.spec.anchors, *cfg.spec.baselines]
-    return [f"anchor:{a}" for a in nets if a not in cfg.weights] + ["calibrate", "stitch"]
+    return [f"anchor:{a}" for a in nets if a not in cfg.weights or a in new_heads] + ["calibrate", "stitch"]
 
 
 def phase_steps(cfg: TrainConfig, phase: str, steps_per_epoch: int) -> int:
@@ -156,8 +170,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.family = StitchedFamily(cfg.spec)
         self.notes: list[str] = []
+        self.new_heads: set[str] = set()  # loaded with a head of another class count: trained in an anchor phase
         for arch, path in cfg.weights.items():
-            self.notes += load_pretrained(self.family.net(arch), path)
+            notes = load_pretrained(self.family.net(arch), path)
+            if any(n.startswith(NEW_HEAD_NOTE) for n in notes):
+                self.new_heads.add(arch)
+                notes = [n.removeprefix(NEW_HEAD_NOTE) + f"; fine-tuned in phase anchor:{arch}" for n in notes]
+            self.notes += notes
         self.family.to(device)
         if device.startswith("cuda"):
             self.family.to(memory_format=torch.channels_last)
@@ -171,7 +190,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def plan(self) -> list[list]:
         """[phase, steps] of every phase: what phase_index and step of a checkpoint refer to."""
-        return [[name, phase_steps(self.cfg, name, self.source.steps_per_epoch)] for name in phases(self.cfg)]
+        return [[name, phase_steps(self.cfg, name, self.source.steps_per_epoch)]
+                for name in phases(self.cfg, self.new_heads)]
 
     def state(self, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
         return {"config": self.cfg.as_dict(), "plan": self.plan(), "phase_index": self.phase_index,
@@ -215,7 +235,7 @@ class Trainer:
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> None:
-        names = phases(self.cfg)
+        names = phases(self.cfg, self.new_heads)
         while self.phase_index < len(names):
             name = names[self.phase_index]
             t0 = time.perf_counter()
@@ -232,6 +252,7 @@ class Trainer:
     def calibrate(self) -> None:
         n = min(self.cfg.calib_images, self.source.x.shape[0]) if self.source.x is not None else self.cfg.calib_images
         images = self.source.first_images(n)
+        n = int(images.shape[0])  # an image folder may hold fewer than asked for
         if self.device.startswith("cuda"):
             images = images.contiguous(memory_format=torch.channels_last)
         self.lstsq = least_squares_init(self.family, images, batch_size=max(1, min(50, n)),
@@ -249,7 +270,7 @@ class Trainer:
             module = fam.net(arch)
             params = list(module.parameters())
             members = None
-            base_lr = cfg.lr
+            base_lr = cfg.stitch_lr if arch in cfg.weights else cfg.lr  # fine-tuning loaded weights, or from scratch
         else:
             members = fam.members(("anchor", "stitch")) if cfg.mode == "joint" else fam.members(("stitch",))
             if cfg.mode == "joint":

@@ -141,7 +141,7 @@ def ddp(tmp_path_factory):
               "--stitch-lr", "0.05"]
     folder = ["--data", str(write_image_folder(root / "imgs")), "--width", "2", "--image-size", "32", "--cuts",
               "aligned", "--batch-size", "6", "--calib-images", "6", "--workers", "0", "--stitch-steps", "2",
-              *_weight_files(root, "imagenet", 1000)]
+              "--anchor-steps", "1", *_weight_files(root, "imagenet", 1000)]
     runs = {"joint": joint, "frozen": frozen, "folder": folder}
     text = torchrun([["--out", str(root / name / "results"), "seam", "train", "--family", str(root / name / "family"),
                       *args] for name, args in runs.items()], cwd=root)
@@ -213,13 +213,15 @@ def test_ddp_equals_single_process_without_batch_statistics(tmp_path, ddp):
 
 def test_ddp_on_an_image_folder(ddp):
     """ImageFolder batches sharded over the ranks (3 images each), ImageNet stem at 32x32, anchors from
-    local weights with 1000-class heads (re-initialised for the 3 classes), joint fine-tuning."""
+    local weights with 1000-class heads (re-initialised for the 3 classes and fine-tuned), joint fine-tuning."""
     root, _, _, _ = ddp
     rec = _record(root / "folder" / "results")
     _check_written_by_rank0(root / "folder" / "results", root / "folder" / "family", rec)
     assert rec["config"]["data"]["format"] == "imagefolder" and rec["config"]["spec"]["num_classes"] == 3
-    assert [(r["phase"], r["steps"]) for r in rec["rows"]] == [("calibrate", 0), ("stitch", 2)]
-    assert sum("fc re-initialised" in n for n in rec["notes"]) == 2
+    # their fresh heads make both anchors fine-tuned from the loaded weights first
+    assert [(r["phase"], r["steps"]) for r in rec["rows"]] == [("anchor:resnet34", 1), ("anchor:resnet50", 1),
+                                                               ("calibrate", 0), ("stitch", 2)]
+    assert sum("fc re-initialised; fine-tuned" in n for n in rec["notes"]) == 2
 
 
 @pytest.mark.gpu

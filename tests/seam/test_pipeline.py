@@ -239,6 +239,33 @@ def test_family_folder_errors_are_one_line(tmp_path, trained, capsys):
     assert e.value.code == 1 and len(err) == 1 and "family folder not found" in err[0]
 
 
+def test_weights_with_another_head_get_an_anchor_phase(tmp_path, trained):
+    """A network loaded from weights whose head has another class count is fine-tuned (its fresh head would score
+    near chance), also with --mode frozen; one whose head fits is used as loaded."""
+    from gpulab.seam import data as sdata
+    from gpulab.seam.models import StitchedFamily
+    from gpulab.seam.train import TrainConfig, Trainer
+
+    _, data, _ = trained
+    x, y = sdata.load_cifar10(data, "train")
+    spec = tiny_spec(cuts="aligned")
+    other = tiny_spec(cuts="aligned", num_classes=7)
+    torch.manual_seed(1)
+    r34, r50 = tmp_path / "r34.pth", tmp_path / "r50-7.pth"
+    torch.save(StitchedFamily(spec).net("resnet34").state_dict(), r34)
+    torch.save(StitchedFamily(other).net("resnet50").state_dict(), r50)
+    cfg = TrainConfig(spec=spec, batch_size=8, anchor_steps=2, stitch_steps=1, calib_images=8, amp=False,
+                      mode="frozen", weights={"resnet34": str(r34), "resnet50": str(r50)})
+    t = Trainer(cfg, tmp_path / "f", sdata.TensorSource(x, y, 8, 0, "cpu"), "cpu", log=lambda s: None)
+    assert [p for p, _ in t.plan()] == ["anchor:resnet50", "calibrate", "stitch"]
+    assert any("fc re-initialised; fine-tuned in phase anchor:resnet50" in n for n in t.notes)
+    head = t.family.net("resnet50").fc.weight.detach().clone()
+    body = t.family.net("resnet34").fc.weight.detach().clone()
+    t.run()
+    assert not torch.equal(t.family.net("resnet50").fc.weight, head)  # the new head was trained
+    assert torch.equal(t.family.net("resnet34").fc.weight, body)  # frozen mode, fitting head: as loaded
+
+
 def test_train_input_errors(tmp_path, trained):
     from gpulab.cli import invoke
 
@@ -251,6 +278,12 @@ def test_train_input_errors(tmp_path, trained):
         (["--data", str(data), "--batch-size", "0"], "--batch-size"),
         (["--data", str(data), "--weights", "resnet34"], "ARCH=PATH"),
         (["--data", str(data), "--weights", "resnet101=x.pth"], "neither an anchor"),
+        (["--data", str(data), "--weights", "resnet34=a.pth", "--weights", "resnet34=b.pth"], "resnet34 twice"),
+        (["--data", str(data), "--baselines", "resnet18,resnet18"], "baseline resnet18 is given twice"),
+        (["--data", str(data), "--anchor-epochs", "nan"], "--anchor-epochs must be a finite number"),
+        (["--data", str(data), "--lr", "inf"], "--lr must be a finite number"),
+        (["--data", str(data), "--lstsq-ridge", "nan"], "--lstsq-ridge must be a finite number"),
+        (["--data", str(data), "--weight-decay", "-1"], "--weight-decay must be >= 0"),
     ]
     for extra, msg in cases:
         with pytest.raises(InputError, match=msg):
