@@ -24,7 +24,9 @@ def metric_key(metric: str, models: list[dict[str, Any]]) -> str:
     key = METRICS[metric]
     missing = [m["name"] for m in models if not isinstance(m.get(key), (int, float)) or isinstance(m.get(key), bool)]
     if missing:
-        raise InputError(f"--metric {metric}: model {missing[0]} has no '{key}' (evaluate with latency)")
+        how = ("seam eval with latency (not --no-latency), --latency-batches including "
+               f"{1 if metric == 'latency' else 64}") if metric.startswith("latency") else "seam eval again"
+        raise InputError(f"--metric {metric}: model {missing[0]} has no '{key}' ({how})")
     return key
 
 

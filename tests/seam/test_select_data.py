@@ -72,7 +72,7 @@ def test_ties_in_cost_and_accuracy_choose_the_model_the_front_keeps():
 def test_metric_and_accuracy_validation():
     with pytest.raises(InputError, match="--metric"):
         sel.select(_models(), [], "energy")
-    with pytest.raises(InputError, match="has no 'latency_b1_ms'"):
+    with pytest.raises(InputError, match="has no 'latency_b1_ms' \\(seam eval with latency"):
         sel.select(_models(), [], "latency")
     assert sel.parse_accuracies("93.5, 92") == [0.935, 0.92]
     for bad in ("0", "101", "abc"):
