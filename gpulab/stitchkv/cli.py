@@ -202,7 +202,9 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Override the run's data (" + DATA_HELP + ")"),
     prompts: int = typer.Option(32, "--prompts", help="Held-out prompts."),
     prompt_len: int = typer.Option(0, "--prompt-len", help="Prompt tokens (0: the run's --prompt-len)."),
-    gen_len: int = typer.Option(32, "--gen-len", help="Tokens generated (and reference length)."),
+    gen_len: int = typer.Option(32, "--gen-len", help="Tokens generated per prompt. A text corpus's reference is "
+                                "the next --gen-len tokens; a .jsonl record's reference text is scored whole "
+                                "by ROUGE (its reference NLL covers the first --gen-len tokens)."),
     batch: int = typer.Option(16, "--batch"),
     goal_gap: Optional[float] = typer.Option(None, "--goal-gap", help="Add a check: stitched ROUGE-L recovers >= this fraction of the gap."),
 ) -> None:

@@ -3,11 +3,18 @@ of ``{"prompt": ..., "reference": ...}`` records (summaries, answers).
 
 Text corpora are tokenized once and split by position: the first ``1 - val_fraction`` of the
 tokens for training, the rest for evaluation, so evaluation prompts are never trained on.
+
+BOS: every prompt (a text window's and a .jsonl record's) starts with the tokenizer's BOS token when
+the tokenizer adds one to an encoded text (Llama's do; :func:`bos_prefix`), ahead of its ``prompt_len``
+text tokens: what ``tokenizer(text)`` gives, what real Llama models were trained on, and what a serving
+engine that encodes with special tokens (vajra: ``gpulab serve SMALL --prefill stitchkv=RUN``) hands
+the prefill provider. Training, eval and serve-disagg therefore see the prompts a served model sees.
+Continuations and references never get one.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,14 +37,28 @@ def read_text(path: Path | str) -> str:
     return text
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """``[BOS id]`` when the tokenizer starts every encoded text with its BOS token (``add_special_tokens``,
+    as Llama tokenizers do), else ``[]`` (e.g. Qwen's, or the tiny pair's): the start every prompt gets."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    probe = "a"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    return [int(bos)] if with_special[:1] == [bos] and without[:1] != [bos] else []
+
+
 @dataclass
 class Corpus:
-    """Tokenized data: ``ids`` (a 1-D LongTensor) for .txt, or ``pairs`` (token lists) for .jsonl."""
+    """Tokenized data: ``ids`` (a 1-D LongTensor) for .txt, or ``pairs`` (token lists) for .jsonl; ``bos``:
+    what every prompt starts with (:func:`bos_prefix`), ahead of its text tokens."""
 
     path: Path
     ids: Any = None
     split: int = 0
     pairs: list[tuple[list[int], list[int], str]] | None = None  # (prompt ids, reference ids, reference text)
+    bos: list[int] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -75,22 +96,34 @@ def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min
         if len(pairs) < 2:
             raise InputError(f"--data {p}: needs at least 2 records, got {len(pairs)}")
         split = max(1, int(round(len(pairs) * (1 - val_fraction))))
-        return Corpus(path=p, pairs=pairs, split=min(split, len(pairs) - 1))
+        return Corpus(path=p, pairs=pairs, split=min(split, len(pairs) - 1), bos=bos_prefix(tokenizer))
     text = read_text(p)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     split = int(len(ids) * (1 - val_fraction))
-    return Corpus(path=p, ids=ids, split=split)
+    return Corpus(path=p, ids=ids, split=split, bos=bos_prefix(tokenizer))
+
+
+def _with_bos(corpus: Corpus, prompts: Any) -> Any:
+    """``prompts`` [B, P] (or [P]) with the corpus's BOS in front (unchanged without one)."""
+    import torch
+
+    if not corpus.bos:
+        return prompts
+    bos = torch.tensor(corpus.bos, dtype=prompts.dtype)
+    return torch.cat([bos.expand(*prompts.shape[:-1], len(corpus.bos)), prompts], -1)
 
 
 def _need(corpus: Corpus, n: int, part: str) -> None:
     have = corpus.split if part == "train" else len(corpus.ids) - corpus.split
     if have < n + 1:
         raise InputError(f"--data {corpus.path}: the {part} split has {have} tokens, fewer than one window "
-                         f"of {n}; use a longer file or shorter --prompt-len/--cont-len")
+                         f"of {n}; use a longer file or shorter --prompt-len/--cont-len (--gen-len in eval and "
+                         "serve-disagg)")
 
 
 def train_batches(corpus: Corpus, batch: int, prompt_len: int, cont_len: int, seed: int) -> Iterator[tuple[Any, Any]]:
-    """Endless (prompt [B, P], continuation [B, C]) batches of random windows of the train split."""
+    """Endless (prompt [B, P], continuation [B, C]) batches of random windows of the train split (prompts
+    after the corpus's BOS: P = len(bos) + prompt_len, or fewer for a short .jsonl prompt)."""
     import torch
 
     if batch < 1 or prompt_len < 1 or cont_len < 1:
@@ -101,26 +134,27 @@ def train_batches(corpus: Corpus, batch: int, prompt_len: int, cont_len: int, se
         while True:  # variable lengths: one record per step, prompt/reference cut to the limits
             i = int(torch.randint(len(train), (1,), generator=g))
             pids, rids, _ = train[i]
-            yield (torch.tensor([pids[-prompt_len:]]), torch.tensor([rids[:cont_len]]))
+            yield (torch.tensor([corpus.bos + pids[-prompt_len:]]), torch.tensor([rids[:cont_len]]))
     n = prompt_len + cont_len
     _need(corpus, n, "train")
     while True:
         starts = torch.randint(0, corpus.split - n, (batch,), generator=g)
         w = torch.stack([corpus.ids[s: s + n] for s in starts.tolist()])
-        yield w[:, :prompt_len], w[:, prompt_len:]
+        yield _with_bos(corpus, w[:, :prompt_len]), w[:, prompt_len:]
 
 
 def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int) -> list[tuple[Any, Any]]:
-    """Evenly spaced held-out (prompt [P], reference [C]) windows (deterministic)."""
+    """Evenly spaced held-out (prompt [P], reference [C]) windows (deterministic; prompts after the corpus's
+    BOS, as in :func:`train_batches`)."""
     import torch
 
     if n_prompts < 1:
         raise InputError(f"--prompts must be >= 1, got {n_prompts}")
     if corpus.kind == "jsonl":
         val = corpus.pairs[corpus.split:][:n_prompts]
-        return [(torch.tensor(p[-prompt_len:]), torch.tensor(r[:cont_len])) for p, r, _ in val]
+        return [(torch.tensor(corpus.bos + p[-prompt_len:]), torch.tensor(r[:cont_len])) for p, r, _ in val]
     n = prompt_len + cont_len
     _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
     starts = [corpus.split + (span * i) // max(n_prompts, 1) for i in range(n_prompts)]
-    return [(corpus.ids[s: s + prompt_len], corpus.ids[s + prompt_len: s + n]) for s in starts]
+    return [(_with_bos(corpus, corpus.ids[s: s + prompt_len]), corpus.ids[s + prompt_len: s + n]) for s in starts]

@@ -47,15 +47,25 @@ def _sync(device: str) -> None:
 
 
 def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
-             prompt_len: int | None = None) -> tuple[dict[str, Any], str]:
-    """Every check that needs no model: done before any process is started."""
+             prompt_len: int | None = None, check_data: bool = True) -> tuple[dict[str, Any], str]:
+    """Every check that needs no model, the data's included (``check_data``: the run's data holds the windows
+    asked for): done before any process is started, so that a bad option is a one-line error, not one per
+    rank followed by the process group's and torchrun's own errors."""
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_tokenizer
+
     run = Path(run)
     cfg = run_config(run)
     if prompts < 1 or gen_len < 2 or batch < 1:
         raise InputError(f"--prompts and --batch must be >= 1 and --gen-len >= 2 (got {prompts}, {gen_len}, {batch})")
     if prompt_len is not None and prompt_len < 1:
         raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
-    return cfg, pick_stage(run, stage)
+    stage = pick_stage(run, stage)
+    if not check_data:
+        return cfg, stage
+    corpus = D.load_corpus(cfg["data"], load_tokenizer(Path(cfg["large"]), "large"))
+    D.eval_windows(corpus, prompts, prompt_len or int(cfg.get("prompt_len", 32)), gen_len)
+    return cfg, stage
 
 
 def _decode_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str) -> None:
@@ -89,7 +99,7 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
     from gpulab.stitchkv import data as D
     from gpulab.stitchkv.distributed import recv_tensors, send_tensors
     from gpulab.stitchkv.evaluate import _batches, rouge_backend, rouge_scores
-    from gpulab.stitchkv.generate import greedy_stitched
+    from gpulab.stitchkv.generate import decode_texts, eos_ids, greedy_stitched
     from gpulab.stitchkv.models import load_model, load_tokenizer
     from gpulab.stitchkv.stitch import cache_tensors, stitched_cache
 
@@ -145,9 +155,9 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
             "prompts": len(windows), "prompt_len": plen, "gen_len": gen_len, "batch": batch,
             "ranks": {"prefill": PREFILL, "decode": DECODE}, "world_size": ctx.world, "backend": ctx.backend, "device": dev, "host_staged": ctx.staged,
             "alignment": cfg.get("alignment"), "stitch_input": cfg.get("stitch_input"),
-            "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend()})
+            "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend(), "prompt_bos": list(corpus.bos)})
         order = sorted(tokens)
-        preds = [tok.decode(tokens[i], skip_special_tokens=True) for i in order]
+        preds = decode_texts(tok, [tokens[i] for i in order], eos_ids(tok, small, large))  # cut at EOS
         r = rouge_scores(preds, [ref_texts[i] for i in order])
         n = len(windows)
         med_h = statistics.median(handover)
@@ -205,7 +215,8 @@ def serve(run: Path, stage: str, prompts: int, prompt_len: int | None, gen_len: 
     from gpulab.stitchkv import distributed
 
     run = Path(run)
-    cfg, stage = validate(run, stage, prompts, gen_len, batch, prompt_len)
+    # the data was checked before the ranks were started (cli.serve_disagg); rank 0 reads it again below
+    cfg, stage = validate(run, stage, prompts, gen_len, batch, prompt_len, check_data=False)
     ctx = distributed.setup(device, min_world=2, max_world=2, what="kvstitch serve-disagg")
     try:
         if ctx.rank == DECODE:

@@ -161,8 +161,9 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
     small model reading the handed-over cache)."""
     import torch
 
-    from gpulab.stitchkv.generate import greedy, greedy_stitched
+    from gpulab.stitchkv.generate import decode_texts, eos_ids, greedy, greedy_stitched
 
+    eos = eos_ids(tok, small, pair.large)
     preds: dict[int, str] = {}
     prefill, tpot, nbytes = [], [], 0
     nll_sum: list[float] = []  # per continuation position, summed over prompts (windows may differ in length)
@@ -193,8 +194,8 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
             prefill.append(g.prefill_ms)
             tpot.extend(g.decode_ms)
             nbytes += g.kv_bytes
-            for row, i in enumerate(sel):
-                preds[i] = tok.decode(g.tokens[row].tolist(), skip_special_tokens=True)
+            for i, text in zip(sel, decode_texts(tok, g.tokens.tolist(), eos)):  # each cut at its first EOS
+                preds[i] = text
     order = sorted(preds)
     items = rouge_items([preds[i] for i in order], [ref_texts[i] for i in order])
     r = {k: sum(v) / max(len(v), 1) for k, v in items.items()}
@@ -237,18 +238,63 @@ def self_identity_check(small: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
 
 
 def cache_decode_check(model: Any, prompt: Any) -> tuple[bool, dict[str, Any]]:
-    """One cached decode step equals the no-cache forward of the whole sequence (the reference)."""
+    """One cached decode step equals the no-cache forward of the whole sequence (the reference). A one-token
+    prompt is extended by the model's own greedy next token (the cached step needs a token before it)."""
     import torch
 
     from gpulab.stitchkv.models import cache_kwarg, output_cache
 
     with torch.no_grad():
+        if prompt.shape[1] < 2:
+            nxt = model(input_ids=prompt, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            prompt = torch.cat([prompt, nxt], 1)
         out = model(input_ids=prompt[:, :-1], use_cache=True)
         step = model(input_ids=prompt[:, -1:], use_cache=True, **{cache_kwarg(model): output_cache(out)}).logits[:, -1]
         ref = model(input_ids=prompt, use_cache=False).logits[:, -1]
     diff = float((step - ref).abs().max())
     tol = (1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2) * max(float(ref.abs().max()), 1.0)
     return diff <= tol, {"logit_max_abs_diff": diff, "tol": tol}
+
+
+def interpolates(small: float, large: float, stitched: float) -> bool:
+    """The stitched score lies between the two models' and there is a gap to lie in: all three equal (e.g. all
+    0 at the CPU smoke size) is no evidence of interpolation."""
+    return bool(small != large and min(small, large) <= stitched <= max(small, large))
+
+
+def prompt_bos_note(cfg: dict[str, Any], bos: list[int]) -> str | None:
+    """A note when the run was trained on prompts that start otherwise than eval's (and a served model's)
+    do: ``bos``, the tokenizer's BOS prefix (:func:`gpulab.stitchkv.data.bos_prefix`)."""
+    if "prompt_bos" not in cfg:
+        if not bos:
+            return None
+        return (f"run.yaml does not record the prompts' BOS (trained before kvstitch started prompts with the "
+                f"tokenizer's BOS token, id {bos[0]}): eval's prompts start with it, the stitches may have been "
+                "trained without; retrain for a like-for-like result")
+    if [int(x) for x in (cfg["prompt_bos"] or [])] != list(bos):
+        return (f"the run's prompts started with {cfg['prompt_bos']!r}, eval's start with {bos!r} (another "
+                "tokenizer?): the stitches are evaluated on prompts they were not trained on")
+    return None
+
+
+def control_mismatch(cfg: dict[str, Any], have_lora: bool) -> str | None:
+    """Why the run folder's LoRA control cannot stand beside its stage 2 (None: it can): it must have been
+    trained with stage 2's settings (run.yaml's ``trained`` records of both), e.g. not left over from an
+    earlier stage 2 of other settings."""
+    from gpulab.stitchkv.run_folder import STAGE_FIELDS, _same
+
+    if not have_lora:
+        return "stage 2 (lora) is not trained, there is nothing to compare the control with"
+    trained = cfg.get("trained") if isinstance(cfg.get("trained"), dict) else {}
+    lo, ctl = trained.get("lora"), trained.get("lora_control")
+    if not isinstance(lo, dict) or not isinstance(ctl, dict):
+        which = "stage 2's" if not isinstance(lo, dict) else "the control's"
+        return f"run.yaml does not record {which} training settings (retrain with --stage lora)"
+    for k in (*STAGE_FIELDS["lora_control"], "records_per_step"):
+        if (k in lo or k in ctl) and not _same(k, ctl.get(k), lo.get(k)):
+            return (f"it was trained with {k}={ctl.get(k)!r}, stage 2 with {k}={lo.get(k)!r} (retrain with "
+                    "--stage lora)")
+    return None
 
 
 def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_len: int, batch: int,
@@ -278,11 +324,15 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     else:
         ref_texts = [pair.tokenizer.decode(r.tolist(), skip_special_tokens=True) for _, r in windows]
     bt = _batches(windows, batch)
+    bos_note = prompt_bos_note(cfg, corpus.bos)
     rec = Record(name=name, config={"run": str(run), "large": cfg["large"], "small": cfg["small"],
                                     "data": str(data or cfg["data"]), "prompts": len(windows), "prompt_len": plen,
                                     "gen_len": gen_len, "batch": batch, "device": device,
                                     "alignment": cfg.get("alignment"), "stitch_input": cfg.get("stitch_input"),
-                                    "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend()})
+                                    "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend(),
+                                    "prompt_bos": list(corpus.bos)})
+    if bos_note:
+        rec.notes.append(bos_note)
     first = bt[0][0][: min(4, len(bt[0][0]))].to(device)
     ok, det = self_identity_check(pair.small, first)
     rec.check("self_stitch_identity_reproduces_cache", ok, det)
@@ -316,14 +366,18 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     else:
         rec.notes.append("stage 2 (lora) not trained in this run folder: no stitched-lora row")
     if (run / "lora-control" / "adapter").is_dir():
-        # the control: the same LoRA training on the small model alone (a fresh copy: the stage-2 adapter
-        # above was applied to pair.small in place)
-        from gpulab.stitchkv.models import load_model
-        from gpulab.stitchkv.store import load_lora_control
+        stale = control_mismatch(cfg, have_l)
+        if stale:
+            rec.notes.append(f"{run / 'lora-control'} left out (no small-lora row): {stale}")
+        else:
+            # the control: the same LoRA training on the small model alone (a fresh copy: the stage-2 adapter
+            # above was applied to pair.small in place)
+            from gpulab.stitchkv.models import load_model
+            from gpulab.stitchkv.store import load_lora_control
 
-        small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),
-                                               checked=True), run / "lora-control", device)
-        add("small-lora", small_c, None)
+            small_c = load_lora_control(load_model(pair.small_path, "small", device, cfg.get("dtype", "float32"),
+                                                   checked=True), run / "lora-control", device)
+            add("small-lora", small_c, None)
 
     by = {r["variant"]: r for r in rec.rows}
     large_bytes = by["large"]["kv_bytes_per_seq"]
@@ -370,7 +424,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         ci["stitched-lora_minus_small-lora"] = paired_bootstrap(items, lambda m: m["stitched-lora"] - m["small-lora"])
     rec.metrics["kv_handover_vs_large"] = by[best]["kv_vs_large"]
     sm, lg, st = by["small"]["rougeL"], by["large"]["rougeL"], by[best]["rougeL"]
-    rec.metrics["interpolates_rougeL"] = bool(min(sm, lg) <= st <= max(sm, lg))
+    rec.metrics["interpolates_rougeL"] = interpolates(sm, lg, st)
     if not significant:
         lo, hi = gap_ci["lo"], gap_ci["hi"]
         span = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else "undefined"

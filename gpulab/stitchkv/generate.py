@@ -24,6 +24,37 @@ class Generation:
     handover: Any = None  # greedy_stitched(keep_handover=True): (first-token logits, [(K, V)] per small layer)
 
 
+def eos_ids(tokenizer: Any, *models: Any) -> set[int]:
+    """The token ids that end a generation: the tokenizer's EOS and the models' generation-config EOS ids
+    (e.g. Llama-3 instruct's ``<|eot_id|>``)."""
+    from gpulab.stitchkv.models import base_model
+
+    out: set[int] = set()
+    cands = [getattr(tokenizer, "eos_token_id", None)]
+    for m in models:
+        gc = getattr(base_model(m), "generation_config", None)
+        cands.append(getattr(gc, "eos_token_id", None))
+    for c in cands:
+        for i in (c if isinstance(c, (list, tuple, set)) else [c]):
+            if i is not None:
+                out.add(int(i))
+    return out
+
+
+def until_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """``ids`` up to (not including) the first EOS: what a generation that stops at EOS returns."""
+    for j, t in enumerate(ids):
+        if t in eos:
+            return list(ids[:j])
+    return list(ids)
+
+
+def decode_texts(tokenizer: Any, rows: list[list[int]], eos: set[int]) -> list[str]:
+    """The text of each generated row, cut at its first EOS (the decode loops run a fixed number of steps
+    for timing; what follows an EOS is not part of the answer and must not be scored)."""
+    return [tokenizer.decode(until_eos(r, eos), skip_special_tokens=True) for r in rows]
+
+
 def _sync(device: Any) -> None:
     import torch
 
@@ -32,7 +63,9 @@ def _sync(device: Any) -> None:
 
 
 def decode_loop(model: Any, cache: Any, first: Any, n_new: int, stream: Any = None) -> tuple[list[Any], list[float]]:
-    """Feed ``first`` [B] and keep decoding greedily; returns the n_new tokens and per-step ms."""
+    """Feed ``first`` [B] and keep decoding greedily; returns the n_new tokens and per-step ms. It does not
+    stop at EOS (every row runs n_new steps: a fixed amount of decode work to time); text for scoring is cut
+    at the first EOS by :func:`decode_texts`."""
     import torch
 
     kw = cache_kwarg(model)

@@ -94,6 +94,11 @@ def check_shared_tokenizer(tok_large: Any, tok_small: Any, large: Path, small: P
                          f"({len(vl)} vs {len(vs)} tokens, {len(only)} entries differ{example})")
     if (tok_large.bos_token_id, tok_large.eos_token_id) != (tok_small.bos_token_id, tok_small.eos_token_id):
         raise InputError(f"{large} and {small} do not share a tokenizer (different bos/eos token ids)")
+    from gpulab.stitchkv.data import bos_prefix
+
+    if bos_prefix(tok_large) != bos_prefix(tok_small):  # the served (small) model's tokenizer starts the prompts
+        raise InputError(f"{large} and {small} do not share a tokenizer (one starts an encoded text with its BOS "
+                         "token, the other does not)")
 
 
 @dataclass

@@ -8,6 +8,11 @@ engine samples the first token from them) and the stitched small-model cache per
 before it decodes with the small model. The engine must load the *same* small model: ``gpulab
 kvstitch export`` writes it as a Hugging Face folder (the LoRA merged for stage 'lora').
 
+Prompt ids are prefilled as the engine gives them. vajra encodes a text prompt with the tokenizer's
+special tokens (a Llama tokenizer's BOS first), and kvstitch's training and eval prompts start the same
+way (:func:`gpulab.stitchkv.data.bos_prefix`): the stitches see the prompts they were trained on. A
+prompt sent as token ids should start with BOS likewise where the tokenizer has one.
+
 Registered as the ``stitchkv`` entry point of ``gpulab.prefill_providers``; this module does not
 import vajra: the contract is the returned object's ``logits`` and ``kv``.
 """
@@ -53,17 +58,26 @@ class StitchPrefill:
 
 
 def parse_arg(arg: str) -> tuple[Path, str]:
-    """``RUN_DIR`` or ``RUN_DIR@warmup|lora`` -> (run folder, stage; 'auto': the last stage trained)."""
+    """``RUN_DIR`` or ``RUN_DIR@auto|warmup|lora`` -> (run folder, stage; 'auto': the last stage trained).
+
+    A suffix is a stage only when it is one of those names, so a run folder whose path holds an '@'
+    (``runs/a@b``) is read whole; a folder whose own name ends in one (``runs/x@lora``) is ``runs/x@lora@auto``."""
+    from gpulab.stitchkv.store import STAGES
+
     run, sep, stage = arg.rpartition(STAGE_SEP)
-    if not sep:
-        run, stage = arg, "auto"
-    run_dir = Path(run)
+    if sep and stage in STAGES:
+        run_dir = Path(run)
+    else:
+        run_dir, stage = Path(arg), "auto"
+        if not run_dir.is_dir() and sep and Path(run).is_dir():  # RUN@typo: say what is wrong with the suffix
+            raise InputError(f"--prefill stitchkv: {STAGE_SEP}{arg.rpartition(STAGE_SEP)[2]} is no stage: "
+                             f"--stage must be one of {', '.join(STAGES)} (a run folder {run_dir} does not exist)")
     if not run_dir.is_dir():
         raise InputError(f"--prefill stitchkv: run folder not found: {run_dir}")
     return run_dir, stage
 
 
 def load(arg: str, device: str = "cpu") -> StitchPrefill:
-    """The ``stitchkv`` entry point: ARG is a kvstitch run folder, optionally ``@warmup`` or ``@lora``."""
+    """The ``stitchkv`` entry point: ARG is a kvstitch run folder, optionally ``@auto``, ``@warmup`` or ``@lora``."""
     run, stage = parse_arg(arg)
     return StitchPrefill(run, device, stage)

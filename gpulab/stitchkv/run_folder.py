@@ -11,7 +11,10 @@ Layout::
 
 A rerun of ``--stage all`` skips every finished stage and resumes an interrupted one from checkpoint.pt; a
 stage resumed or skipped must have been trained with the same settings (STAGE_FIELDS), else a one-line error
-names the setting. An explicit ``--stage warmup`` or ``--stage lora`` retrains that stage.
+names the setting. An explicit ``--stage warmup`` or ``--stage lora`` retrains that stage. Whenever stage 2
+(re)starts from scratch, the LoRA control of the earlier stage 2 (lora-control/ and its ``trained`` record)
+is removed: with ``--lora-control`` a new one is trained after stage 2, with ``--no-lora-control`` none is
+left (eval also leaves out a control whose recorded settings differ from stage 2's).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from gpulab.stitchkv.store import atomic_torch_save, first_line, trained_stages
 
 KEY_FIELDS = ("large", "small", "alignment", "stitch_input")  # the whole run folder is pinned to these
 PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run from another directory
-_SHARED = ("data", "seed", "batch", "prompt_len", "dtype")
+_SHARED = ("data", "seed", "batch", "prompt_len", "prompt_bos", "dtype")  # prompt_bos: data.bos_prefix
 # what shapes each stage's result: a stage resumed from its checkpoint or skipped as finished must match
 STAGE_FIELDS = {
     "warmup": (*_SHARED, "steps", "lr", "init", "loss", "ls_batches", "ridge"),

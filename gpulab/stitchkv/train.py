@@ -248,6 +248,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     ckpt_p = run / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_p)
     cfg.update({k: str(Path(cfg[k]).resolve()) for k in PATH_FIELDS})
+    cfg["prompt_bos"] = list(corpus.bos)  # what every prompt starts with (the tokenizer's BOS, if it adds one)
     old = read_run_yaml(run)
     plan = stage_plan(run, stage, cfg, ckpt, old.get("trained", {}))
     held = heldout_prompts(corpus, cfg) if plan.get("warmup") in ("train", "resume") else []
@@ -354,7 +355,14 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         t0 = time.perf_counter()
+        # a control of an earlier stage 2 does not belong to this one (with --no-lora-control none replaces it)
+        drop_lora_control(run, saved, ctx.is_main)
+        ctx.barrier()
         bank = load_bank(run / "warmup", device)
+        # the LoRA's initial weights from the run's seed alone: the global RNG's state here depends on what
+        # this process did before (a warm-up trained in the same call or not), and a restarted stage 2 must
+        # start where the uninterrupted one did
+        torch.manual_seed(cfg["seed"])
         small = with_lora(pair.small, cfg)
         opt = torch.optim.AdamW([{"params": [p for p in small.parameters() if p.requires_grad]},
                                  {"params": list(bank.parameters()), "lr": cfg.get("stitch_lr") or cfg["lora_lr"]}],
@@ -394,6 +402,26 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         results["lora_control"] = train_lora_control(cfg, batches, ctx, device, log, run, resumed("lora_control"),
                                                      save_ckpt, pin)
     return results
+
+
+def drop_lora_control(run: Path, saved: dict[str, Any], write: bool = True) -> None:
+    """Forget the LoRA control of an earlier stage 2 (its settings in run.yaml's ``saved``; ``write``: also
+    delete lora-control/ and rewrite run.yaml, rank 0's part): stage 2 is being retrained, and eval must not
+    compare the new stage 2 with a control trained for another one. The folder is renamed away before it is
+    deleted (never left half-deleted)."""
+    import shutil
+    import uuid
+
+    had = saved.get("trained", {}).pop("lora_control", None) is not None
+    if not write:
+        return
+    folder = run / "lora-control"
+    if folder.exists():
+        trash = run / f".lora-control.stale-{uuid.uuid4().hex[:8]}"
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if had:
+        write_run_yaml(run, saved)
 
 
 def with_lora(small: Any, cfg: dict[str, Any]) -> Any:
@@ -448,8 +476,8 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     from gpulab.stitchkv.models import load_model
 
     t0 = time.perf_counter()
-    torch.manual_seed(cfg["seed"])
     base = load_model(cfg["small"], "small", device, cfg.get("dtype", "float32"), checked=True)
+    torch.manual_seed(cfg["seed"])  # right before the LoRA's initial weights, as in stage 2
     model = with_lora(base, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lora_lr"], weight_decay=0.0)
     scaler = grad_scaler(cfg, device)

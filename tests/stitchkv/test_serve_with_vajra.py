@@ -116,3 +116,22 @@ def test_generate_cli_with_the_stitchkv_provider(tiny_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     with pytest.raises(GpulabError, match="run folder not found"):
         invoke(base + ["--prefill", f"gpulab.stitchkv.provider:load={tmp_path / 'nope'}"])
+
+
+def test_provider_arg_with_at_signs_in_the_path(tmp_path):
+    """Only a known stage name after the last '@' is a stage: a run folder whose path holds '@' is read whole."""
+    from gpulab.stitchkv.provider import parse_arg
+
+    at = tmp_path / "runs@2024" / "r@1"
+    at.mkdir(parents=True)
+    assert parse_arg(str(at)) == (at, "auto")
+    assert parse_arg(f"{at}@lora") == (at, "lora") and parse_arg(f"{at}@warmup") == (at, "warmup")
+    named = tmp_path / "x@lora"  # a folder named like a stage suffix: @auto makes it unambiguous
+    named.mkdir()
+    assert parse_arg(f"{named}@auto") == (named, "auto")
+    with pytest.raises(InputError, match=r"run folder not found: .*x$"):
+        parse_arg(str(named))  # x@lora is RUN@STAGE: the folder x does not exist
+    with pytest.raises(InputError, match=r"@stage3 is no stage: --stage must be one of auto, warmup, lora"):
+        parse_arg(f"{at}@stage3")
+    with pytest.raises(InputError, match="run folder not found"):
+        parse_arg(str(tmp_path / "nope@lora"))

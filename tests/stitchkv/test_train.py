@@ -120,6 +120,7 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(ls_batches=0), "--ls-batches"), (dict(ridge=-1.0), "--ridge"), (dict(lr=0.0), "--lr"),
     (dict(ckpt_every=-1), "--ckpt-every"), (dict(stitch_input="states"), "--stitch-input"),
     (dict(stitch_lr=0.0), "--stitch-lr"), (dict(stage="all", cont_len=1), "--cont-len must be >= 2 for stage 2"),
+    (dict(prompt_len=0), "--prompt-len must be >= 1"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
@@ -327,3 +328,55 @@ def test_run_yaml_holds_absolute_paths(pair_dirs, corpus_file, tmp_path, monkeyp
         assert Path(cfg[k]).is_absolute() and Path(cfg[k]) == Path(want).resolve()
     monkeypatch.chdir(tmp_path)  # another directory: the run still names its models and data
     assert S.load_small(S.run_config(tmp_path / "run"), tmp_path / "run", "warmup", "cpu")[1].mode == "hidden"
+
+
+def _adapter(run: Path, folder: str = "lora") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_stage_2_restart_reproduces_the_uninterrupted_run(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    """Stage 2 started over (a run killed in stage 2 before its first checkpoint and rerun, or --stage warmup
+    then --stage lora) trains the same adapters as an uninterrupted --stage all: the LoRA's initial weights
+    depend on the run's seed alone, not on what the process did before (building the warm-up stitches)."""
+    cfg = dict(stage="all", steps=2, lora_steps=2, ckpt_every=0, init="ls")
+    full = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "full", **cfg), "cpu", log=lambda m: None)
+    want = _adapter(tmp_path / "full")
+    real = _die_on_call(monkeypatch, "lm_loss_stitched", 1)  # stage 2's first step: no stage-2 checkpoint yet
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "cut", **cfg), "cpu", log=lambda m: None)
+    monkeypatch.setattr(T, "lm_loss_stitched", real)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    rerun = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "cut", **cfg), "cpu", log=lambda m: None)
+    assert rerun["warmup"] == {"skipped": "already trained"}
+    T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "split", **{**cfg, "stage": "warmup"}), "cpu", log=lambda m: None)
+    split = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "split", **{**cfg, "stage": "lora"}), "cpu",
+                    log=lambda m: None)
+    for run, res in ((tmp_path / "cut", rerun), (tmp_path / "split", split)):
+        got = _adapter(run)
+        assert set(got) == set(want) and len(want) > 0
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=lambda m: f"{run.name}:{k}: {m}")
+        assert res["lora"]["loss_history"] == full["lora"]["loss_history"]
+
+
+def test_retraining_stage_2_removes_the_stale_lora_control(pair_dirs, corpus_file, tmp_path):
+    """--stage lora --no-lora-control retrains stage 2 with other settings: the control of the earlier stage 2
+    (lora-control/ and its run.yaml record) must go, not stand beside the new stage 2 in eval."""
+    import yaml
+
+    run = tmp_path / "run"
+    cfg = cfg_for(pair_dirs, corpus_file, run, stage="all", steps=1, lora_steps=1, lora_control=True)
+    T.train(cfg, "cpu", log=lambda m: None)
+    assert (run / "lora-control" / "adapter" / "adapter_config.json").is_file()
+    assert "lora_control" in yaml.safe_load((run / "run.yaml").read_text())["trained"]
+    T.train({**cfg, "stage": "lora", "lora_r": 2, "lora_control": False}, "cpu", log=lambda m: None)
+    assert not (run / "lora-control").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["lora", "run.yaml", "warmup"]  # nothing half-deleted left
+    trained = yaml.safe_load((run / "run.yaml").read_text())["trained"]
+    assert "lora_control" not in trained and trained["lora"]["lora_r"] == 2
+    # a control trained again with the new stage 2 is recorded with its settings
+    T.train({**cfg, "stage": "lora", "lora_r": 2}, "cpu", log=lambda m: None)
+    trained = yaml.safe_load((run / "run.yaml").read_text())["trained"]
+    assert trained["lora_control"]["lora_r"] == 2 and (run / "lora-control" / "adapter").is_dir()
