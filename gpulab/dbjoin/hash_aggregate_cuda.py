@@ -58,7 +58,7 @@ class CudaHashAggregate:
             raise InputError(f"key and payload lengths differ: left {len(lk)} vs {len(lp)}, right {len(rk)} vs "
                              f"{len(rp)}")
         suffix, swap, bk, pk = _prepare_keys(lk, rk)  # the join's: one key dtype, the build side the smaller
-        lp, rp = (_as_cupy(a).astype(cp.int32, copy=False) for a in (lp, rp))
+        lp, rp = (_int32_payload(_as_cupy(a), side) for a, side in ((lp, "left"), (rp, "right")))
         bp, pp = (lp, rp) if swap else (rp, lp)
         nb, npr = len(bk), len(pk)
         if nb == 0 or npr == 0:
@@ -85,3 +85,16 @@ class CudaHashAggregate:
             return AggResult(key, count)
         sum_b, sum_p = out_b[:groups], out_p[:groups]
         return AggResult(key, count, sum_b, sum_p) if swap else AggResult(key, count, sum_p, sum_b)
+
+
+def _int32_payload(p: Any, side: str) -> Any:
+    """Payloads as int32 (the kernels' width); wider integers only when every value fits (no silent wrap)."""
+    import cupy as cp
+
+    if p.dtype == cp.int32:
+        return p
+    if p.dtype.kind not in "iu":
+        raise InputError(f"{side} payloads must be integers, got {p.dtype}")
+    if p.size and (int(p.min()) < -(2**31) or int(p.max()) >= 2**31):
+        raise InputError(f"{side} payloads have values outside the int32 range")
+    return p.astype(cp.int32)

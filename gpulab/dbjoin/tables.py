@@ -10,6 +10,7 @@ build side (``--right-rows``); the hash join builds on whichever side is smaller
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,12 @@ def load_table(path: Path | str) -> Table:
             raise InputError(f"{where}: empty CSV file (expected a header 'key,payload')") from None
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
             raise InputError(f"{where}: malformed CSV ({str(e).splitlines()[0]})") from None
+        if not isinstance(df.index, pd.RangeIndex):  # rows longer than the header: pandas made an index of them
+            raise InputError(f"{where}: malformed CSV (rows have more fields than the header's {len(df.columns)})")
+        dup = next((c for c in df.columns if isinstance(c, str) and re.fullmatch(r".+\.\d+", c)
+                    and c.rsplit(".", 1)[0] in df.columns), None)
+        if dup is not None:  # pandas renames a repeated header 'key' to 'key.1'
+            raise InputError(f"{where}: column '{dup.rsplit('.', 1)[0]}' appears twice in the header")
         if df.empty:  # a header and no rows: an empty table (pandas types its columns as object)
             df = df.astype(np.int64)
         t = _columns(_frame_columns(df, where), where)

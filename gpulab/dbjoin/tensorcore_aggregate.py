@@ -22,7 +22,7 @@ from __future__ import annotations
 from gpulab.core.device import package_version, version_release
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.dbjoin.aggregate import AGGREGATES, AggResult
-from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, check_block, choose_bits, partition
+from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, check_block, check_key_dtypes, choose_bits, partition
 
 
 def compiler_problem(block: int, triton_version: str | None = None) -> str | None:
@@ -68,6 +68,7 @@ class TensorCoreAggregate:
         from gpulab.dbjoin.tensorcore_aggregate_kernel import tc_agg_kernel
 
         dev = lk.device
+        check_key_dtypes(lk, rk)
         nl, nr = lk.numel(), rk.numel()
         if lp.numel() != nl or rp.numel() != nr:
             raise InputError(f"key and payload lengths differ: left {nl} vs {lp.numel()}, right {nr} vs {rp.numel()}")

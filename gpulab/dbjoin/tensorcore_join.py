@@ -99,6 +99,7 @@ def partition_counting(key, bits: int) -> Partitioned:
 
     from gpulab.dbjoin.tensorcore_kernel import tc_hist_kernel, tc_scatter_kernel
 
+    key = key.contiguous()  # the kernels read key + offs: a strided view would be read wrongly
     n = key.numel()
     has_hi = key.dtype == torch.int64
     dev = key.device
@@ -113,6 +114,15 @@ def partition_counting(key, bits: int) -> Partitioned:
     row = torch.empty(n, dtype=torch.int32, device=dev)
     tc_scatter_kernel[grid](key, cursor, lo, hi, row, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
     return Partitioned(lo, hi, row, starts, counts)
+
+
+def check_key_dtypes(left_key, right_key) -> None:
+    """Join keys are int32 or int64 tensors (a float key would be truncated by the encoding: 1.5 would join 1)."""
+    import torch
+
+    for side, k in (("left", left_key), ("right", right_key)):
+        if k.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"{side} join keys must be int32 or int64, got {str(k.dtype).replace('torch.', '')}")
 
 
 def partition(key, bits: int, fused: bool | None = None) -> Partitioned:
@@ -180,6 +190,7 @@ class TensorCoreJoin:
         import torch
 
         dev = left_key.device
+        check_key_dtypes(left_key, right_key)
         nl, nr = left_key.numel(), right_key.numel()
         if nl == 0 or nr == 0:
             e = torch.empty(0, dtype=torch.int32, device=dev)

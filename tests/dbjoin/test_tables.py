@@ -90,6 +90,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "nan.csv").write_text("key,payload\n1,1\n,2\n")
     with pytest.raises(InputError, match="missing values|must be integer"):
         tables.load_table(tmp_path / "nan.csv")
+    (tmp_path / "long.csv").write_text("key,payload\n1,2,3,4\n")  # pandas would index by the extra fields
+    with pytest.raises(InputError, match="long.csv: malformed CSV \\(rows have more fields than the header"):
+        tables.load_table(tmp_path / "long.csv")
+    (tmp_path / "dup.csv").write_text("key,payload,key\n1,2,3\n")
+    with pytest.raises(InputError, match="column 'key' appears twice"):
+        tables.load_table(tmp_path / "dup.csv")
     (tmp_path / "t.json").write_text("{}")
     with pytest.raises(InputError, match="unknown table format"):
         tables.load_table(tmp_path / "t.json")

@@ -174,3 +174,30 @@ def test_counting_partition_equals_torch_partition(dt, bits):
         rows = [sorted(zip(*(getattr(p, f).cpu()[s0:s0 + c].tolist() for f in cols))) for p in (a, b)]
         assert rows[0] == rows[1]
     assert torch.equal(torch.sort(a.row.cpu())[0], torch.arange(len(keys), dtype=torch.int32))
+
+
+@interpreted
+def test_strided_keys_and_float_keys():
+    """A strided view (every other key) joins as its contiguous copy on the counting partition (the kernels read
+    key + offset); float keys are refused (the encoding would truncate 1.5 to 1)."""
+    import functools
+
+    from gpulab.core.errors import InputError
+    from gpulab.dbjoin import tensorcore_join as T
+
+    dev = "cuda" if HAS_CUDA else "cpu"
+    base = torch.arange(32, dtype=torch.int32, device=dev)
+    right = torch.arange(0, 64, 4, dtype=torch.int32, device=dev)
+    tc = T.TensorCoreJoin("fp32", block=16, rows_per_partition=8)
+    for fused in (True, False):
+        T_part = functools.partial(T.partition.__wrapped__ if hasattr(T.partition, "__wrapped__") else T.partition,
+                                   fused=fused)
+        orig = T.partition
+        T.partition = T_part
+        try:
+            got = tc.join(base[::2], right, count_only=True).count
+        finally:
+            T.partition = orig
+        assert got == reference.output_size(base[::2].cpu().numpy(), right.cpu().numpy()), fused
+    with pytest.raises(InputError, match="left join keys must be int32 or int64, got float32"):
+        tc.join(base.float(), right)
