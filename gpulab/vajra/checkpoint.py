@@ -81,7 +81,13 @@ class CheckpointReader:
     def _slice(self, name: str):
         if name not in self.where:
             raise InputError(f"{self.dir}: tensor {name!r} is missing")
-        return self._open(self.where[name]).get_slice(name)
+        f = self._open(self.where[name])
+        try:
+            return f.get_slice(name)
+        except InputError:
+            raise
+        except Exception as e:  # e.g. an index that names a shard without the tensor
+            raise InputError(f"{self.where[name].name}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -174,6 +180,9 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
         if len(set(schemes)) != 1:
             raise InputError(f"{where}: {len(set(schemes))} different config groups; vajra supports one scheme per checkpoint")
         strat, block, act = schemes[0]
+        if strat == "block" and act == "static":
+            raise InputError(f"{where}: block-wise weights with static activation scales are not supported "
+                             "(vLLM refuses them too: block-wise FP8 takes dynamic activations)")
         ignore = qc.get("ignore") or []
         return QuantScheme("compressed-tensors", strat, block, act, list(ignore))
     if method == "fp8":
@@ -188,6 +197,9 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
         if wbs is not None:
             if not (isinstance(wbs, (list, tuple)) and len(wbs) == 2 and all(isinstance(v, int) and v > 0 for v in wbs)):
                 raise InputError(f"{where}: weight_block_size must be [n, k], got {wbs!r}")
+            if act == "static":
+                raise InputError(f"{where}: weight_block_size with activation_scheme 'static' is not supported "
+                                 "(vLLM refuses it too: block-wise FP8 takes dynamic activations)")
             return QuantScheme("fp8", "block", (int(wbs[0]), int(wbs[1])), act, ignore, scale_name="weight_scale_inv")
         return QuantScheme("fp8", None, None, act, ignore)
     raise InputError(f"{where}: quant_method {method!r} is not supported (compressed-tensors, fp8)")

@@ -38,6 +38,9 @@ class LlamaConfig:
     model_type: str = "llama"
     name: str = ""
     quantization_config: dict[str, Any] | None = None
+    # the attention window of Mistral (sliding_window) and Qwen2 (use_sliding_window, on some layers), None where
+    # every layer attends to the whole context; vajra attends to the whole context, so a longer one is refused
+    sliding_window: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -90,6 +93,9 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
             scaling = None
         else:
             scaling = dict(scaling, rope_type=rt)
+            f = scaling.get("factor")
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or not f > 0:
+                raise InputError(f"{where}: rope scaling {rt!r} needs a 'factor' > 0, got {f!r}")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
     qc = cfg.get("quantization_config") or cfg.get("compression_config")
@@ -114,8 +120,24 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
         model_type=mt,
         name=str(cfg.get("_name_or_path", "")),
         quantization_config=qc,
+        sliding_window=_sliding_window(cfg, mt, where),
         raw=cfg,
     )
+
+
+def _sliding_window(cfg: dict[str, Any], mt: str, where: str) -> int | None:
+    """The attention window some layers use (transformers' semantics), or None: Mistral's ``sliding_window``;
+    Qwen2's when ``use_sliding_window`` is true and some layer is at or above ``max_window_layers``."""
+    w = cfg.get("sliding_window")
+    if w is None:
+        return None
+    if mt == "qwen2":
+        layers = cfg.get("num_hidden_layers", 0)
+        if not cfg.get("use_sliding_window", False) or cfg.get("max_window_layers", layers) >= layers:
+            return None
+    elif mt not in ("mistral",):
+        return None
+    return _positive_int(w, "sliding_window", where)
 
 
 def read_config(model_dir: Path | str) -> LlamaConfig:

@@ -89,17 +89,32 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Any = None,
     cfg = read_config(model_dir)
     scheme = parse_quant_config(cfg.quantization_config, where=f"{Path(model_dir) / 'config.json'}")
     act_dtype = resolve_dtype(dtype, dev, cfg)
+    window_note = None
     if max_model_len is None:
         max_model_len = cfg.max_position_embeddings
+        if cfg.sliding_window is not None and cfg.sliding_window < max_model_len:
+            max_model_len = cfg.sliding_window
+            window_note = (f"context capped at the model's sliding window ({cfg.sliding_window} tokens, of "
+                           f"max_position_embeddings {cfg.max_position_embeddings}): vajra has no sliding-window "
+                           "attention, and within the window full attention is the same")
     if max_model_len <= 0:
         raise InputError(f"max_model_len must be > 0, got {max_model_len}")
+    if cfg.sliding_window is not None and max_model_len > cfg.sliding_window:
+        raise InputError(f"max_model_len {max_model_len} is longer than the model's sliding window "
+                         f"({cfg.sliding_window}): vajra has no sliding-window attention, so longer contexts would "
+                         "attend further back than the model was trained to")
     attention = make_backend(attention_backend, device=dev, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                              head_dim=cfg.head_dim, scale=cfg.head_dim ** -0.5, act_dtype=act_dtype)
     if load_format == "dummy":
         src = _DummySource(cfg, scheme, dev, seed)
-        return _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, dummy=src)
+        model = _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, dummy=src)
+        if window_note:
+            model.notes.append(window_note)
+        return model
     reader = CheckpointReader(model_dir)
     model = _build(cfg, scheme, dev, act_dtype, attention, kv_cache_dtype, linear_backend, max_model_len, reader=reader)
+    if window_note:
+        model.notes.append(window_note)
     model.kv_scales = read_kv_scales(reader, cfg.num_layers)
     if model.kv_scales is not None:
         model.notes.append(f"FP8 KV cache scales: per layer from the checkpoint ({cfg.num_layers} layers' "
@@ -164,9 +179,13 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
             raise InputError(f"tensor {name!r} is missing (config.json declares biases)")
         return torch.zeros(n, dtype=act_dtype, device=dev) if want else None
 
-    def cat_bias(parts):
+    def cat_bias(parts, modules):
         if all(p is None for p in parts):
             return None
+        if any(p is None for p in parts):  # biases on some of the fused shards only
+            have = next(m for m, p in zip(modules, parts) if p is not None)
+            lack = next(m for m, p in zip(modules, parts) if p is None)
+            raise InputError(f"tensor '{lack}.bias' is missing ('{have}.bias' is there; config.json declares no biases)")
         return torch.cat(parts)
 
     if dummy is not None:
@@ -181,10 +200,10 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
         names = [f"{a}.{s}" for s in ("q_proj", "k_proj", "v_proj")]
         qkv = fuse([lin(n, n.rsplit(".", 1)[1]) for n in names], [n + ".weight" for n in names])
         qkv_b = cat_bias([bias(names[0], cfg.q_size, cfg.qkv_bias), bias(names[1], cfg.kv_size, cfg.qkv_bias),
-                          bias(names[2], cfg.kv_size, cfg.qkv_bias)])
+                          bias(names[2], cfg.kv_size, cfg.qkv_bias)], names)
         gnames = [f"{m}.gate_proj", f"{m}.up_proj"]
         gate_up = fuse([lin(n, n.rsplit(".", 1)[1]) for n in gnames], [n + ".weight" for n in gnames])
-        gu_b = cat_bias([bias(gnames[0], I, cfg.mlp_bias), bias(gnames[1], I, cfg.mlp_bias)])
+        gu_b = cat_bias([bias(gnames[0], I, cfg.mlp_bias), bias(gnames[1], I, cfg.mlp_bias)], gnames)
         layers.append(DecoderLayer(
             input_norm=vec(f"{p}.input_layernorm.weight", H, norm=True),
             qkv=Linear(qkv, qkv_b, act_dtype, linear_backend),

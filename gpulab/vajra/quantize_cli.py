@@ -148,6 +148,9 @@ def quantize(
                          "for --scheme fp8-channel")
     if shard_mb <= 0 or calib_samples <= 0 or calib_len <= 0:
         raise InputError("--shard-mb, --calib-samples and --calib-len must be > 0")
+    if scheme == "fp8-block" and activations == "static":  # vLLM refuses the pair (block-wise: dynamic only)
+        raise InputError("--scheme fp8-block takes --activations dynamic (per token, per block of K) or none: "
+                         "block-wise FP8 with static activation scales is not a format vLLM reads")
     if activations == "static" and calib_text is None:
         raise InputError("--activations static needs --calib-text FILE for calibration")
     strategy = SCHEMES[scheme]

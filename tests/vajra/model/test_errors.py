@@ -202,7 +202,7 @@ def test_bad_arguments(base):
             load_model(base / "src", attention_backend="flashinfer")
 
 
-def test_quantize_cli_errors_areassert_one_line(base, tmp_path, capsys):
+def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
     from gpulab.cli import main
 
     def run(*args):
@@ -219,6 +219,8 @@ def test_quantize_cli_errors_areassert_one_line(base, tmp_path, capsys):
     assert "--block" in run(base / "src", tmp_path / "w", "--scheme", "fp8-block", "--block", "16by16")
     assert "not found" in run(tmp_path / "missing", tmp_path / "v", "--scheme", "fp8-tensor")
     assert "compressed-tensors" in run(base / "src", tmp_path / "u", "--scheme", "fp8-channel", "--format", "fp8")
+    assert "not a format vLLM reads" in run(base / "src", tmp_path / "t", "--scheme", "fp8-block", "--activations",
+                                            "static", "--calib-text", base / "src" / "config.json")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
@@ -255,3 +257,61 @@ def test_static_input_scale_must_be_positive(base, tmp_path):
     with pytest.raises(InputError) as e:
         load_model(d)
     assert_one_line(e, "model.layers.0.mlp.up_proj.input_scale", "> 0")
+
+
+def test_block_weights_with_static_activations_are_refused():
+    from gpulab.vajra.checkpoint import parse_quant_config
+
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "block", "block_structure": [8, 8]},
+        "input_activations": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}}}}
+    with pytest.raises(InputError, match="block-wise weights with static activation scales are not supported"):
+        parse_quant_config(ct)
+    with pytest.raises(InputError, match="weight_block_size with activation_scheme 'static'"):
+        parse_quant_config({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [8, 8]})
+
+
+def test_biases_on_some_shards_and_an_index_naming_the_wrong_shard(base, tmp_path):
+    d = _copy(base, "src", tmp_path)
+    _rewrite(d, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, "'model.layers.0.self_attn.k_proj.bias' is missing")
+    d2 = _copy(base, "src", tmp_path / "b")
+    shard = next(d2.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(shard))
+    moved = "model.layers.0.mlp.up_proj.weight"
+    save_file({moved: t.pop(moved)}, str(d2 / "other.safetensors"))
+    save_file(t, str(shard))
+    index = {k: shard.name for k in t}
+    index[moved] = shard.name  # the index says the first shard; the tensor is in the other
+    (d2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with pytest.raises(InputError) as e:
+        load_model(d2)
+    assert_one_line(e, f"cannot read tensor '{moved}'")
+
+
+def test_rope_scaling_without_factor_and_sliding_windows(base, tmp_path):
+    from gpulab.vajra.config import parse_config
+
+    cfg = json.loads((base / "src" / "config.json").read_text())
+    with pytest.raises(InputError, match="rope scaling 'llama3' needs a 'factor' > 0"):
+        parse_config({**cfg, "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0}})
+    assert parse_config({**cfg, "model_type": "mistral", "sliding_window": 8}).sliding_window == 8
+    assert parse_config({**cfg, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+    q = {**cfg, "model_type": "qwen2", "sliding_window": 8, "num_hidden_layers": 2}
+    assert parse_config({**q, "use_sliding_window": False}).sliding_window is None
+    assert parse_config({**q, "use_sliding_window": True, "max_window_layers": 2}).sliding_window is None
+    assert parse_config({**q, "use_sliding_window": True, "max_window_layers": 1}).sliding_window == 8
+    # a Mistral with a window shorter than its positions: the context is capped there (a note says so); a longer
+    # one asked for is refused (vajra attends to the whole context)
+    d = _copy(base, "src", tmp_path)
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral", "sliding_window": 16}))
+    m = load_model(d)
+    assert m.info.max_model_len == 16 and any("sliding window (16 tokens" in n for n in m.notes)
+    with pytest.raises(InputError) as e:
+        load_model(d, max_model_len=32)
+    assert_one_line(e, "max_model_len 32 is longer than the model's sliding window (16)")
+
