@@ -116,6 +116,18 @@ def partition_counting(key, bits: int) -> Partitioned:
     return Partitioned(lo, hi, row, starts, counts)
 
 
+def _check_pairs_fit(total: int, dev) -> None:
+    """A one-line error when ``total`` output pairs (two int32 each) would not fit in 80% of the free memory of
+    ``dev`` (16 GiB assumed off a GPU), instead of an out-of-memory traceback."""
+    import torch
+
+    nbytes = total * 8
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 16 << 30
+    if nbytes > 0.8 * free:
+        raise InputError(f"the join output has {total} pairs ({nbytes / 2**30:.1f} GiB), more than fits; "
+                         "use --count-only")
+
+
 def check_key_dtypes(left_key, right_key) -> None:
     """Join keys are int32 or int64 tensors (a float key would be truncated by the encoding: 1.5 would join 1)."""
     import torch
@@ -222,6 +234,7 @@ class TensorCoreJoin:
         total = launch(capacity, out_l, out_r, False)
         if total > capacity:
             self.retries += 1
+            _check_pairs_fit(total, dev)
             capacity = total
             out_l = torch.empty(capacity, dtype=torch.int32, device=dev)
             out_r = torch.empty(capacity, dtype=torch.int32, device=dev)
