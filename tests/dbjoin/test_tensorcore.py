@@ -209,11 +209,12 @@ def test_an_output_that_cannot_fit_is_a_one_line_error(monkeypatch):
     from gpulab.core.errors import InputError
     from gpulab.dbjoin import tensorcore_join as T
 
+    real = T._check_pairs_fit
+    real(1000, torch.device("cpu"))
+    with pytest.raises(InputError, match="pairs .* more than fits; use --count-only"):
+        real(1 << 40, torch.device("cpu"))
     monkeypatch.setattr(T, "_check_pairs_fit", lambda total, dev: (_ for _ in ()).throw(
         InputError(f"the join output has {total} pairs")))
     keys = torch.zeros(8, dtype=torch.int32)  # 8 x 8 equal keys: 64 pairs, more than the first guess of 8
     with pytest.raises(InputError, match="has 64 pairs"):
         T.TensorCoreJoin("fp32", block=16, rows_per_partition=8).join(keys, keys)
-    T._check_pairs_fit(1000, torch.device("cpu"))
-    with pytest.raises(InputError, match="pairs .* more than fits; use --count-only"):
-        T._check_pairs_fit(1 << 40, torch.device("cpu"))
