@@ -120,3 +120,18 @@ def test_profile_permission_error(tmp_path, monkeypatch):
     _fake_ncu(tmp_path, monkeypatch, 'echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission" >&2; exit 1\n')
     with pytest.raises(ToolError, match="ERR_NVGPUCTRPERM"):
         ncu.profile(["python"])
+
+
+def test_profile_fails_on_a_nonzero_exit_after_some_rows(tmp_path, monkeypatch):
+    """A profiled program that crashes after some kernels: ncu exits non-zero with rows in its log; the partial
+    records are not returned as if the run had been fine."""
+    sample = tmp_path / "sample.csv"
+    sample.write_text(SAMPLE)
+    _fake_ncu(tmp_path, monkeypatch, f'''
+while [ $# -gt 0 ]; do [ "$1" = --log-file ] && log=$2; shift; done
+cp {sample} "$log"
+echo "CUDA error: an illegal memory access was encountered" >&2
+exit 1
+''')
+    with pytest.raises(ToolError, match=r"ncu run failed \(exit 1\) after 3 profiled kernel\(s\): CUDA error"):
+        ncu.profile(["python", "-c", "pass"])
