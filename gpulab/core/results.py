@@ -143,6 +143,10 @@ class Record:
         folder = Path(out) if out is not None else options.get().out
         stamp = self.finished.strftime("%Y%m%dT%H%M%S.%fZ")
         path = folder / f"{self.name}-{stamp}.yaml"
+        k = 2
+        while path.exists():  # another record of this name finished in the same microsecond: keep both
+            path = folder / f"{self.name}-{stamp}-{k}.yaml"
+            k += 1
         atomic_write_yaml(path, self.as_dict())
         written.append(path)
         failed_checks[path] = [k for k, c in self.checks.items() if not c["passed"]]

@@ -25,6 +25,15 @@ def test_save_and_load_round_trip(out_dir):
     assert path in results.written
 
 
+def test_records_finished_at_the_same_time_are_both_kept(out_dir):
+    first = results.Record(name="twin", summary={"i": 1})
+    second = results.Record(name="twin", summary={"i": 2})
+    second.finished = first.finished = results.utc_now()
+    a, b = first.save(), second.save()
+    assert a != b and b.name.endswith("-2.yaml")
+    assert [results.load(p)["summary"]["i"] for p in (a, b)] == [1, 2]
+
+
 def test_failed_check_marks_result_not_ok(out_dir):
     rec = results.Record(name="x")
     rec.check("a", True)
