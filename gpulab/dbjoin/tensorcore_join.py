@@ -121,11 +121,10 @@ def _check_pairs_fit(total: int, dev) -> None:
     ``dev`` (16 GiB assumed off a GPU), instead of an out-of-memory traceback."""
     import torch
 
-    nbytes = total * 8
+    from gpulab.dbjoin.hash_join_cuda import check_output_size
+
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 16 << 30
-    if nbytes > 0.8 * free:
-        raise InputError(f"the join output has {total} pairs ({nbytes / 2**30:.1f} GiB), more than fits; "
-                         "use --count-only")
+    check_output_size(total, int(0.8 * free))
 
 
 def check_key_dtypes(left_key, right_key) -> None:

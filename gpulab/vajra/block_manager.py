@@ -200,8 +200,9 @@ class BlockManager:
 
     def commit(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         """Register ``seq_id``'s full blocks among its first ``num_computed`` tokens (their K/V are written, or
-        written by the step being scheduled), so that sequences starting with the same tokens can share them. A block whose content another block
-        already holds stays private (the sequence keeps it; it is freed as usual)."""
+        written by the step being scheduled), so that sequences starting with the same tokens can share them.
+        A block whose content another block already holds stays private (the sequence keeps it; it is freed as
+        usual)."""
         if not self.prefix_caching:
             return
         bs = self.block_size

@@ -24,14 +24,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def adjusts_logits(params: Any) -> bool:
-    """Whether a request's parameters change its logits at all (min_tokens, logit_bias or a penalty)."""
-    return bool(params.min_tokens or params.logit_bias or params.presence_penalty or params.frequency_penalty
-                or params.repetition_penalty != 1.0)
-
-
 def _penalized_params(p: Any) -> bool:
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+
+
+def adjusts_logits(params: Any) -> bool:
+    """Whether a request's parameters change its logits at all (min_tokens, logit_bias or a penalty)."""
+    return bool(params.min_tokens or params.logit_bias) or _penalized_params(params)
 
 
 class LogitsProcessor:
