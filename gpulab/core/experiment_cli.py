@@ -47,7 +47,9 @@ def run(
         t0 = time.perf_counter()
         error = None
         try:
-            invoke(global_args + inv.argv)
+            code = invoke(global_args + inv.argv)
+            if isinstance(code, int) and not isinstance(code, bool) and code != 0:  # typer.Exit(code)
+                error = f"exit {code}"
         except SystemExit as e:  # a command that exits non-zero itself
             if e.code not in (0, None):
                 error = f"exit {e.code}"

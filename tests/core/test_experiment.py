@@ -18,7 +18,10 @@ def echo_command(monkeypatch):
 
     @app.command()
     def bench(n: int = typer.Option(1, "--n"), dtype: str = typer.Option("int32", "--dtype"),
-              fast: bool = typer.Option(False, "--fast/--no-fast"), fail: bool = typer.Option(False, "--fail")):
+              fast: bool = typer.Option(False, "--fast/--no-fast"), fail: bool = typer.Option(False, "--fail"),
+              exit_code: int = typer.Option(0, "--exit-code")):
+        if exit_code:
+            raise typer.Exit(exit_code)
         rec = results.Record(name="echo-bench", config={"n": n, "dtype": dtype, "fast": fast})
         rec.summary = {"n": n, "dtype": dtype}
         rec.check("ok", not fail)
@@ -107,3 +110,14 @@ def test_a_single_command_with_a_failed_check_exits_1(echo_command, tmp_path, ca
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(tmp_path), "echo", "--fail"])
     assert e.value.code == 1 and "checks failed: ok" in capsys.readouterr().err
+
+
+def test_run_counts_a_command_that_exits_non_zero_through_typer_exit(echo_command, tmp_path, capsys):
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"exit_code": [0, 3]}}]})
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "run", str(exp)])
+    assert e.value.code == 1
+    assert "1 of 2 runs failed" in capsys.readouterr().err
+    (summary,) = [results.load(f) for f in out.glob("run-*.yaml")]
+    assert [r["ok"] for r in summary["rows"]] == [True, False] and summary["rows"][1]["error"] == "exit 3"
