@@ -35,8 +35,12 @@ def write_with(path: Path | str, writer: Callable[[str], object], suffix: str = 
 
 def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> list[Path]:
     """Several files as one: every ``(path, writer, suffix)`` is written to its temporary first, and the
-    temporaries are renamed to their paths only once all of them are written (a failure leaves no path new)."""
+    temporaries are renamed to their paths only once all of them are written. A failure leaves every path as
+    it was: a rename that fails after others undoes them (an earlier file comes back from a hard link kept
+    beside it until the last rename)."""
     staged: list[tuple[str, Path]] = []
+    kept: dict[Path, str] = {}  # path -> hard link to the file it replaces
+    done: list[Path] = []
     try:
         for path, writer, suffix in items:
             path = Path(path)
@@ -46,12 +50,30 @@ def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> l
             staged.append((tmp, path))
             writer(tmp)
             _as_created(tmp)
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        if len(staged) > 1:
+            for _, path in staged:
+                if path.is_file():
+                    keep = tempfile.mktemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+                    try:
+                        os.link(path, keep)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(path, keep)
+                    kept[path] = keep
+        try:
+            for tmp, path in staged:
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in reversed(done):
+                if path in kept:
+                    os.replace(kept.pop(path), path)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
     finally:
-        for tmp, _ in staged:
+        for leftover in [tmp for tmp, _ in staged] + list(kept.values()):
             try:
-                os.unlink(tmp)
+                os.unlink(leftover)
             except OSError:  # renamed: nothing left to remove
                 pass
     return [path for _, path in staged]
