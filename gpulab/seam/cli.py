@@ -112,6 +112,7 @@ def train(
     with pg:
         if device == "cuda" and world > 1:
             device = f"cuda:{local}"
+        class_names = None
         if fmt == "cifar10":
             x, y = sdata.load_cifar10(root, "train", train_images or None)
             source = sdata.TensorSource(x, y, batch_size, seed, device, train=True, rank=rank, world=world)
@@ -122,6 +123,7 @@ def train(
             if train_images:
                 source.limit(train_images)
             spec.num_classes = len(source.ds.classes)
+            class_names = list(source.ds.classes)  # kept in family.yaml: eval checks val/ against them
             data_info = {"format": fmt, "path": str(root), "train_images": len(source.ds),
                          "image_size": spec.image_size}
         spec.validate("options")
@@ -152,19 +154,20 @@ def train(
         seconds = time.perf_counter() - t0
         in_sync = pg.params_in_sync(trainer.family)  # collective: every rank takes part
         if rank == 0:
-            path = _train_record(trainer, folder, cfg, data_info, device, world, seconds, fmt, in_sync)
+            path = _train_record(trainer, folder, cfg, data_info, device, world, seconds, fmt, in_sync, class_names)
         pg.barrier()  # the other ranks leave once rank 0's family folder and record are on disk
     if rank == 0:
         typer.echo(f"wrote {path} and {folder}/")
 
 
 def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, world: int, seconds: float, fmt: str,
-                  in_sync) -> Path:
-    """Rank 0: the family folder and the seam-train record."""
+                  in_sync, class_names: list[str] | None = None) -> Path:
+    """Rank 0: the family folder (with the class names of an image folder) and the seam-train record."""
     from gpulab.core import results
     from gpulab.seam import store
 
-    store.save_family(folder, trainer.family, trainer.summary_info(data_info))
+    family_data = {**data_info, "classes": class_names} if class_names is not None else data_info
+    store.save_family(folder, trainer.family, trainer.summary_info(family_data))
     rec = results.Record(name="seam-train", config={**cfg.as_dict(), "family": str(folder), "data": data_info,
                                                       "device": device, "world_size": world})
     fam = trainer.family
@@ -250,6 +253,11 @@ def eval_(
                                  image_size=fam.spec.image_size)
         if len(src.ds.classes) != fam.spec.num_classes:
             raise InputError(f"{root}/val has {len(src.ds.classes)} classes, the family {fam.spec.num_classes}")
+        trained = (info.get("data") or {}).get("classes")  # families trained before this was kept have none
+        if isinstance(trained, list) and trained != list(src.ds.classes):
+            i = next(i for i, (a, b) in enumerate(zip(trained, src.ds.classes)) if a != b)
+            raise InputError(f"{root}/val: class {i} is '{src.ds.classes[i]}', the family was trained with "
+                             f"'{trained[i]}' (labels would not match)")
         if test_images:
             src.limit(test_images)
         batches = lambda: src.eval_batches(batch_size)  # noqa: E731

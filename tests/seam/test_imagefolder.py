@@ -51,6 +51,7 @@ def test_train_eval_select_on_an_image_folder(run):
     spec = tr["config"]["spec"]
     assert (spec["stem"], spec["num_classes"], spec["image_size"], spec["width"]) == ("imagenet", 3, 32, 4)
     assert tr["config"]["data"] == {"format": "imagefolder", "path": str(data), "train_images": 18, "image_size": 32}
+    assert yaml.safe_load((fam / "family.yaml").read_text())["data"]["classes"] == ["ant", "bee", "cat"]
     # resnet34 was loaded with a 1000-class head: its fresh 3-class head makes it fine-tuned in an anchor phase
     assert [r["phase"] for r in tr["rows"]] == ["anchor:resnet34", "anchor:resnet50", "calibrate", "stitch"]
     assert any("fc re-initialised; fine-tuned in phase anchor:resnet34" in n for n in tr["notes"])
@@ -118,5 +119,12 @@ def test_image_folder_input_errors(tmp_path, run):
     Image.new("RGB", (32, 32)).save(other / "val" / "dog" / "d.png")
     with pytest.raises(InputError, match="has 4 classes, the family 3"):
         invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(fam), "--data", str(other),
+                "--no-latency", "--workers", "0"])
+    # a val/ with the family's class count but another class name: its labels would mean other classes
+    renamed = tmp_path / "renamed"
+    write_image_folder(renamed, n_train=1, n_val=1)
+    (renamed / "val" / "bee").rename(renamed / "val" / "bug")
+    with pytest.raises(InputError, match="class 1 is 'bug', the family was trained with 'bee'"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(fam), "--data", str(renamed),
                 "--no-latency", "--workers", "0"])
     assert not (tmp_path / "f").exists()
