@@ -142,6 +142,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0: greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(-1, help="-1: off."),
+    min_p: float = typer.Option(0.0, help="Drop tokens less likely than min_p x the most likely (0: off)."),
     seed: Optional[int] = typer.Option(None),
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message (chat template)."),
@@ -161,7 +162,7 @@ def generate(
     engine = _load(model_dir, engine, prefill=prefill)
     if engine.tokenizer is None:
         raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                         stop=list(stop), ignore_eos=ignore_eos, repetition_penalty=repetition_penalty,
                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty
                         ).validate(engine.vocab_size)

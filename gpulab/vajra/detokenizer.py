@@ -7,7 +7,8 @@ window of earlier tokens plus the new ones and emits the difference, holding tex
 window ends in an incomplete UTF-8 character (``\\ufffd``) — so the streamed pieces always add up to
 the full decode. Stop strings end the sequence; the text is cut before the stop string, and while a
 stream is running the last ``len(longest stop) - 1`` characters are held back so that a stop
-string split over two tokens never reaches the client.
+string split over two tokens never reaches the client. With ``min_tokens`` (as vLLM), the text of the first
+``min_tokens`` output tokens is not searched for stop strings.
 """
 from __future__ import annotations
 
@@ -73,8 +74,12 @@ def load_tokenizer(model_dir: Path | str) -> Tokenizer:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Optional[Tokenizer], prompt_ids: list[int], stop: list[str] | None = None,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, min_tokens: int = 0):
         self.tok = tokenizer
+        # as vLLM: the text of the first min_tokens output tokens is never searched for stop strings (a stop string
+        # may still begin in it and end in a later token's text)
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # output tokens taken
         self.skip = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-_WINDOW:])
         self.prefix_offset = 0
@@ -95,6 +100,7 @@ class IncrementalDetokenizer:
         """Take one new token; updates ``text`` (and ``stopped`` when a stop string appears)."""
         if self.tok is None or self.stopped is not None:
             return
+        self.num_tokens += 1
         self.ids.append(int(token_id))
         prefix = self._prefix_text()  # one decode per token: the prefix's text is kept while it is unchanged
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
@@ -109,12 +115,17 @@ class IncrementalDetokenizer:
             self.ids = self.ids[drop:]
             self.prefix_offset -= drop
             self.read_offset -= drop
-        start = max(0, len(self.text) - self.hold)
+        self._extend(delta)
+
+    def _extend(self, delta: str) -> None:
+        """Append ``delta`` to the text and look for a stop string that ends in it (none while the output has no
+        more than min_tokens tokens); the text is cut before the earliest."""
+        base = len(self.text)
         self.text += delta
-        if self.stop:
+        if self.stop and self.num_tokens > self.min_tokens:
             best = None
             for s in self.stop:
-                k = self.text.find(s, start)
+                k = self.text.find(s, max(0, base - len(s) + 1))
                 if k >= 0 and (best is None or k < best[0]):
                     best = (k, s)
             if best is not None:
@@ -127,10 +138,10 @@ class IncrementalDetokenizer:
             return
         prefix = self._prefix_text()
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-        if len(full) > len(prefix):
-            self.text += full[len(prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
         self._prefix = None
+        if len(full) > len(prefix):
+            self._extend(full[len(prefix):])  # a stop string in this tail is cut too
 
     def take(self, finished: bool) -> str:
         """New text to hand out (everything when finished; else all but the held-back tail)."""

@@ -237,7 +237,8 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), rid, ids, params, arrival_time=arrival)
         if self.prefill is not None:  # its time counts in the request's TTFT (arrival is before it)
             seq.imported = self._check_prefilled(self.prefill(ids), len(ids))
-        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                           params.min_tokens)
         self._by_request[rid] = seq
         if params.prompt_logprobs is not None and len(ids) > 1:
             self._prompt_lp_seqs.add(seq.seq_id)
@@ -481,7 +482,8 @@ class LLMEngine:
         lps = [seq.logprobs[len(seq.token_times) - 1]] if seq.params.logprobs is not None else None
         plps = (list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None and len(seq.token_times) == 1
                 else None)
-        seq.detok.add(tok)
+        if reason != "stop":  # as vLLM: the EOS or stop token id that ends a sequence is not in its text
+            seq.detok.add(tok)
         if reason != "stop" and seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
             reason = "stop"  # a stop string in the text (also on the token that reached the length)
         if reason is not None:

@@ -63,6 +63,9 @@ def _parse_logit_bias(body: dict[str, Any]) -> Optional[dict[int, float]]:
     for k, v in raw.items():
         if not (isinstance(k, str) and k.isascii() and k.isdigit()):
             raise APIError(400, f"logit_bias keys must be token ids (decimal digits), got {k!r}", param="logit_bias")
+        if len(k.lstrip("0")) > 12:  # no vocabulary is that large; int() of 4301 digits raises ValueError (a 500)
+            raise APIError(400, f"logit_bias has token id {k[:12]}... ({len(k)} digits), outside the vocabulary",
+                           param="logit_bias")
         t = int(k)
         if t in out:
             raise APIError(400, f"logit_bias gives token {t} twice", param="logit_bias")
@@ -99,10 +102,30 @@ def parse_echo(body: dict[str, Any], chat: bool) -> bool:
     return echo
 
 
+def parse_stream_options(body: dict[str, Any]) -> bool:
+    """``stream_options.include_usage``: whether a stream ends with a chunk that carries the usage. As vLLM, a
+    non-empty ``stream_options`` needs ``stream: true``; it must be an object and include_usage a boolean."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise APIError(400, f"'stream_options' must be an object, got {type(opts).__name__}", param="stream_options")
+    if opts and body.get("stream") is not True:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    inc = opts.get("include_usage")
+    if inc is not None and not isinstance(inc, bool):
+        raise APIError(400, f"'stream_options.include_usage' must be true or false, got {inc!r}"[:200],
+                       param="stream_options")
+    return bool(inc)
+
+
 def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, chat: bool = False) -> SamplingParams:
     logprobs = _parse_logprobs(body, chat)
     echo = parse_echo(body, chat)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # max_completion_tokens (chat's newer name) wins; a null one falls back to max_tokens, not to the default
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = default_max_tokens
     stop = body.get("stop")
@@ -115,6 +138,7 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
         temperature=_get(body, "temperature", (int, float), 1.0),
         top_p=_get(body, "top_p", (int, float), 1.0),
         top_k=_get(body, "top_k", (int,), -1),
+        min_p=_get(body, "min_p", (int, float), 0.0),
         seed=_get(body, "seed", (int,), None),
         stop=stop,
         stop_token_ids=_get(body, "stop_token_ids", (list,), []),

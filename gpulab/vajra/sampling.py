@@ -1,11 +1,11 @@
-"""Sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, per-request seeds).
+"""Sampling parameters and the batched sampler (greedy, temperature, min-p, top-k, top-p, per-request seeds).
 
 :class:`SamplingParams` is what a request asks for; :meth:`SamplingParams.validate` raises a
 one-line :class:`~gpulab.core.errors.InputError` for bad values (the server turns it into a 400).
 :class:`Sampler` turns last-token logits ``[B, vocab]`` (float32; the engine has applied
 :mod:`~gpulab.vajra.logits_processors` first: penalties, logit_bias, min_tokens) into one token per row:
-rows with ``temperature == 0`` take the argmax; the others are scaled by the temperature, cut to the
-top-k and the top-p nucleus and sampled with the exponential-race trick
+rows with ``temperature == 0`` (or below ``SAMPLING_EPS``) take the argmax; the others are scaled by the
+temperature, cut by min-p, to the top-k and to the top-p nucleus and sampled with the exponential-race trick
 (``argmax(p / q)``, ``q ~ Exp(1)``), which equals a multinomial draw. A row with a ``seed`` draws its
 noise from its own ``torch.Generator`` so that its samples do not depend on the rest of the batch.
 :func:`logprob_tensors` / :func:`logprob_entries` give the logprobs a request asked for (``logprobs=K``).
@@ -19,6 +19,9 @@ from gpulab.core.errors import InputError
 
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (as vLLM's default)
+# a temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a tinier one overflows
+# (or divides by zero: 1e-300 is 0.0 in float32) into inf/NaN probabilities and an arbitrary token
+SAMPLING_EPS = 1e-5
 
 
 @dataclass
@@ -27,6 +30,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p x the most likely one (0: off)
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -43,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax sampling: temperature 0, or one below SAMPLING_EPS (as vLLM; logits / T would overflow float32)."""
+        return self.temperature < SAMPLING_EPS
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         def bad(msg: str) -> None:
@@ -63,6 +68,9 @@ class SamplingParams:
         if not _is_number(self.top_p) or not (0.0 < float(self.top_p) <= 1.0):
             bad(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         self.top_p = float(self.top_p)
+        if not _is_number(self.min_p) or not (0.0 <= float(self.min_p) <= 1.0):
+            bad(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        self.min_p = float(self.min_p)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             bad(f"top_k must be -1 (off), 0 (off) or an integer >= 1, got {self.top_k!r}")
         top = MAX_LOGPROBS if vocab_size is None else min(MAX_LOGPROBS, vocab_size)
@@ -113,7 +121,14 @@ def device_tensor(values: list, dtype: Any, device: Any):
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    """An int or float that is not NaN and converts to float (a JSON integer of 400 digits raises OverflowError
+    in float(): a 500 where the range check wants a 400)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return float(x) == float(x)
+    except OverflowError:
+        return False
 
 
 class Sampler:
@@ -154,6 +169,9 @@ class Sampler:
         sub = logits.index_select(0, idx)
         temps = device_tensor([params[i].temperature for i in rand_rows], torch.float32, logits.device)
         sub = sub / temps[:, None]
+        min_ps = [params[i].min_p for i in rand_rows]
+        if any(m > 0.0 for m in min_ps):  # as vLLM: on the tempered distribution, before top-k and top-p
+            sub = apply_min_p(sub, min_ps)
         sub = apply_top_k_top_p(
             sub,
             [params[i].top_k for i in rand_rows],
@@ -170,6 +188,16 @@ class Sampler:
         picked = torch.argmax(probs / noise, dim=-1)
         out[idx] = picked
         return out
+
+
+def apply_min_p(logits, min_p: list[float]):
+    """Mask logits whose probability is below ``min_p`` times their row's largest with -inf (the most likely token
+    always stays)."""
+    import torch
+
+    probs = torch.softmax(logits, dim=-1)
+    cut = device_tensor(min_p, torch.float32, logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < cut, float("-inf"))
 
 
 def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):

@@ -29,7 +29,7 @@ from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
 from gpulab.vajra.detokenizer import IncrementalDetokenizer
 from gpulab.vajra.engine import LLMEngine, RequestOutput
 from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, echo_texts,
-                                     finite_logprob, parse_echo, parse_n, parse_sampling)
+                                     finite_logprob, parse_echo, parse_n, parse_sampling, parse_stream_options)
 from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -312,8 +312,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             echo = {i: texts[k] for i, k in prompt_of.items()}
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        include_usage = parse_stream_options(body)
 
         def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None, text=None):
             choices = [] if o is None else [{"index": i, "text": o.delta_text if text is None else text,
@@ -345,8 +344,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         subs, prompt_of = choices_of([ids], sp, n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        include_usage = parse_stream_options(body)
 
         def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None, text=None):
             if o is None:

@@ -248,6 +248,7 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve", "{assets}", "--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1"),
     (["serve", "{assets}", "--port", "70000"], "--port must be in"),
     (["generate", "{assets}", "--prompt", "x", "--temperature", "-1", "--load-format", "dummy"], "temperature"),
+    (["generate", "{assets}", "--prompt", "x", "--min-p", "1.5", "--load-format", "dummy"], "min_p must be"),
     (["generate", "{assets}", "--prompt", "x", "--presence-penalty", "3", "--load-format", "dummy"],
      "presence_penalty must be a number in"),
     (["generate", "{assets}", "--prompt", "x", "--attention-backend", "xformers"],

@@ -263,3 +263,113 @@ def test_prompt_logprobs_need_the_models_rows(tokenizer):
     with pytest.raises(InputError, match=r"logprobs must be an integer in \[0, 12\]"):  # top-k of a 12-token vocabulary
         SamplingParams(logprobs=13).validate(12)
     SamplingParams(logprobs=12).validate(12)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-7])
+def test_tiny_temperature_is_greedy(temperature):
+    """A temperature too small for float32 (1e-300 is 0.0 there: logits / 0 are inf and NaN) is greedy, as vLLM's
+    below 1e-5; before, the NaN probabilities sampled token 0 whatever the logits."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 40) * 4
+    sp = SamplingParams(temperature=temperature, seed=3).validate(40)
+    assert sp.greedy
+    assert torch.equal(Sampler("cpu")(logits, [sp] * 6, list(range(6))), logits.argmax(-1))
+    assert not SamplingParams(temperature=1e-5).validate(40).greedy
+
+
+def test_min_p_keeps_tokens_within_a_share_of_the_most_likely():
+    """min_p (vLLM's): a token stays when its probability (after the temperature) is at least min_p times the row's
+    largest; min_p=1 is greedy at any temperature; 0 changes nothing; out-of-range values are one-line errors."""
+    from gpulab.vajra.sampling import apply_min_p
+
+    torch.manual_seed(4)
+    logits = torch.randn(3, 30) * 2
+    mps = [0.1, 0.0, 0.5]
+    out = apply_min_p(logits.clone(), mps)
+    for r, mp in enumerate(mps):
+        probs = torch.softmax(logits[r].double(), 0)
+        keep = (probs >= mp * probs.max()).tolist()
+        assert torch.isfinite(out[r]).tolist() == keep
+        assert torch.equal(out[r][torch.isfinite(out[r])], logits[r][torch.tensor(keep)])
+    s = Sampler("cpu")
+    sp = SamplingParams(temperature=3.0, min_p=1.0).validate(30)
+    for _ in range(20):
+        assert torch.equal(s(logits, [sp] * 3, [0, 1, 2]), logits.argmax(-1))
+    for bad in (-0.1, 1.5, float("nan"), "x", True):
+        with pytest.raises(InputError, match="min_p must be a number in"):
+            SamplingParams(min_p=bad).validate(30)
+
+
+@pytest.mark.parametrize("min_tokens", [0, 2, 3, 5])
+def test_stop_strings_are_not_searched_in_the_min_tokens_text(tokenizer, min_tokens):
+    """As vLLM: a stop string in the text of the first min_tokens output tokens does not stop (nor cut) the text;
+    the first one that ends in a later token's text does (it may begin in the earlier text)."""
+    words = ["one", " thee", " three", " free", " tree", " bee", " see"]
+    ids = [t for w in words for t in tokenizer.encode(w, add_special_tokens=False)]
+    full = tokenizer.decode(ids)
+    boundary = len(tokenizer.decode(ids[:min_tokens]))
+    for stop in ("ee", "e t"):
+        want = full[:full.find(stop, max(0, boundary - len(stop) + 1))]
+        d = IncrementalDetokenizer(tokenizer, [1], stop=[stop], min_tokens=min_tokens)
+        streamed, n = "", 0
+        for t in ids:
+            d.add(t)
+            n += 1
+            streamed += d.take(False)
+            if d.stopped:
+                break
+        streamed += d.take(True)
+        assert d.stopped == stop and streamed == d.text == want, (stop, min_tokens)
+        assert n > min_tokens
+
+
+class _BytesTokenizer:
+    """Token i decodes to PIECES[i] (bytes), as a byte-level BPE vocabulary may: a token can end in the first
+    byte of a multi-byte character."""
+    PIECES = [b"a", b" \xe6", b"\x9d\xb1", b"b"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stop_string_in_the_text_flushed_at_the_end_is_cut():
+    """The text held back for an incomplete character and added by flush() at the end (the sequence ran out of
+    tokens) is searched for stop strings too: before, ``"a \ufffd"`` came back with the stop string " " in it."""
+    d = IncrementalDetokenizer(_BytesTokenizer(), [], stop=[" "])
+    d.add(0)
+    d.add(1)  # " " + half a character: held back
+    assert d.text == "a" and d.stopped is None
+    d.flush()
+    assert d.stopped == " " and d.text == "a" and d.take(True) == "a"
+    d = IncrementalDetokenizer(_BytesTokenizer(), [], stop=[" "])
+    for t in (0, 1, 2, 3):  # the character completes: the stop string is found as the text grows
+        d.add(t)
+    assert d.stopped == " " and d.text == "a"
+
+
+def test_engine_min_tokens_and_stop_strings_and_the_ending_token_id(tokenizer):
+    """On the engine: a stop string inside the first min_tokens tokens' text neither stops nor cuts the output
+    (the detokenizer is told min_tokens); a stop token id ends the sequence, stays in the token ids, and its text
+    is left out, as vLLM's (its include_stop_str_in_output default)."""
+    vocab = tokenizer.vocab_size
+    prompt = tokenizer.encode("To be, or not to be")
+    ref = reference_greedy(prompt, 12, vocab)
+    texts = [tokenizer.decode(ref[:k]) for k in range(13)]
+    # a stop string that the greedy text reaches early: the last 2 characters of the first 3 tokens' text
+    k0 = next(k for k in range(1, 6) if len(texts[k].strip()) >= 2)
+    stop = texts[k0][-2:]
+
+    def gen(**kw):
+        eng = LLMEngine(FakeModel(vocab, max_model_len=256), tokenizer, EngineConfig(num_blocks=64, block_size=8))
+        (o,) = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **kw))
+        return o
+
+    o = gen(stop=[stop])
+    assert o.finish_reason == "stop" and len(o.output_token_ids) <= k0 and stop not in o.text
+    o = gen(stop=[stop], min_tokens=12)
+    assert o.output_token_ids == ref and o.finish_reason == "length" and o.text == texts[12] and stop in o.text
+    stop_id = ref[5]
+    k = ref.index(stop_id)
+    o = gen(stop_token_ids=[stop_id])
+    assert o.output_token_ids == ref[:k + 1] and o.finish_reason == "stop"
+    assert o.text == tokenizer.decode(ref[:k])

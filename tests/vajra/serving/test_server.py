@@ -90,6 +90,13 @@ def test_errors_are_openai_style(server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        for opts, message in (({"stream_options": {"include_usage": True}}, "only allowed with 'stream': true"),
+                              ({"stream": True, "stream_options": [1]}, "must be an object"),
+                              ({"stream": True, "stream_options": {"include_usage": "yes"}}, "true or false")):
+            r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **body, **opts})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (path, opts, r.text)
     # the server is still healthy and the cache is empty once idle
     assert httpx.get(server.url + "/health").status_code == 200
 
