@@ -129,6 +129,8 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
                     BN: int = 32, native: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; cache [num_blocks, 2, page, Hkv, D]; block_tables int32 [B, max_blocks]."""
     t, hq, d, page, hkv = _check_shapes("paged attention", q, cache)
+    if q.stride(2) != 1:  # the kernel steps over D with stride 1 (q and out)
+        q = q.contiguous()
     out = torch.empty_like(q)
     b = meta.query_lens.shape[0]
     if b == 0 or meta.max_query_len == 0:
