@@ -14,7 +14,8 @@ chunks, transfers overlapped with the sort) next to the serial one (``overlap_ms
 ``overlap_saving`` = 1 - overlap_ms / e2e_ms) and check its output exactly. Without a GPU the
 bitonic variants run their exact numpy model (schedule.py) at n <= MODEL_MAX_N as a correctness
 check and are not timed (with ``--overlap-chunks``, the chunked model too); cupy and the transfers
-are skipped; the notes say so.
+are skipped; the notes say so. With ``--ncu`` each selected GPU implementation is profiled in a child of its
+own that sorts the same input once (``metrics.ncu``: per implementation and kernel; see ncu_rows).
 """
 from __future__ import annotations
 
@@ -102,12 +103,32 @@ def validate(a: BenchArgs) -> BenchArgs:
     return a
 
 
-def ncu_argv(a: BenchArgs) -> list[str]:
+def ncu_argv(a: BenchArgs, impl: str | None = None) -> list[str]:
     """The command that --ncu profiles: the same input (every flag that shapes it, the seed included) sorted
-    by the selected GPU implementations once (validate() made sure there is one; --tune's are in a.impls)."""
-    gpu = [i for i in a.impls if is_gpu_only(i)]
+    once by ``impl`` (default: every selected GPU implementation; validate() made sure there is one; --tune's
+    are in a.impls)."""
+    gpu = [impl] if impl is not None else [i for i in a.impls if is_gpu_only(i)]
     return (["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--seed", str(a.seed),
              "--order", a.order, "--impl", ",".join(gpu), "--reps", "1"] + (["--kv"] if a.kv else []))
+
+
+NCU_KERNELS = "bitonic|cub|sort|Sort"
+
+
+def ncu_rows(a: BenchArgs) -> list[dict[str, Any]]:
+    """--ncu: each selected GPU implementation profiled in a child of its own, its kernels summarized per kernel
+    (rows carry ``impl``). One child for all would merge the variants that share a kernel (bitonic-global's and
+    bitonic-shared's ``bitonic_pass_*_f1``, the fused configurations' passes and tiles) into one row."""
+    from gpulab.core import ncu as ncu_mod
+
+    metrics = (*ncu_mod.DEFAULT_METRICS, "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+               "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+               "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")
+    rows = []
+    for impl in (i for i in a.impls if is_gpu_only(i)):
+        recs = ncu_mod.profile_gpulab(ncu_argv(a, impl), kernel_regex=NCU_KERNELS, metrics=metrics)
+        rows += [{"impl": impl, **r} for r in ncu_mod.summarize_by_kernel(recs)]
+    return rows
 
 
 def validate_overlap(a: BenchArgs) -> None:
@@ -349,8 +370,13 @@ def run(a: BenchArgs) -> results.Record:
                 moved = passes * 2 * a.n * (key_bytes + (4 if a.kv else 0)) + (12 * a.n if a.kv else 0)
                 roof = moved / (copy_gbs * 1e6) if copy_gbs else None
                 row.update(backend="CUDA C", config=v.config, passes=passes, roofline_ms=roof)
-            out_k, out_p = cfn(xc)
-            t = timing.benchmark(lambda: cfn(xc), device="cuda", warmup=warmup, reps=reps)
+            if under_ncu:  # the profiled kernels are those of exactly one sort: the timed one, checked
+                outs = []
+                t = timing.benchmark(lambda: outs.append(cfn(xc)), device="cuda", warmup=0, reps=1)
+                out_k, out_p = outs[0]
+            else:
+                out_k, out_p = cfn(xc)
+                t = timing.benchmark(lambda: cfn(xc), device="cuda", warmup=warmup, reps=reps)
             row.update(_row_metrics(t, a.n, nbytes, copy_gbs))
             if row.get("roofline_ms") and t.median > 0:
                 row["frac_roofline"] = row["roofline_ms"] / t.median
@@ -407,12 +433,7 @@ def run(a: BenchArgs) -> results.Record:
                                  "(4 bytes a key); the serial e2e as the int64 the implementations return (8 bytes)")
     rec.rows = rows
     if a.ncu:
-        argv = ncu_argv(a)
-        metrics = (*ncu_mod.DEFAULT_METRICS, "dram__throughput.avg.pct_of_peak_sustained_elapsed",
-                   "sm__throughput.avg.pct_of_peak_sustained_elapsed",
-                   "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")
-        recs = ncu_mod.profile_gpulab(argv, kernel_regex="bitonic|cub|sort|Sort", metrics=metrics)
-        rec.metrics["ncu"] = ncu_mod.summarize_by_kernel(recs)
+        rec.metrics["ncu"] = ncu_rows(a)
     timed = [r for r in rows if r.get("median_ms") is not None]
     fused = next((r for r in rows if r["impl"] == "bitonic-fused" and r.get("median_ms")), None)
     rec.summary = {"n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "device": device,

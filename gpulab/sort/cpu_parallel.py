@@ -204,10 +204,10 @@ def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
     """(sorted keys, stable argsort as int64 rows) of ``x`` (reference.argsort semantics), on all numba threads."""
     from gpulab.sort import reference as ref
 
+    K.check_array(x)  # first: a list has no .ndim (an AttributeError, not the one-line InputError)
+    K.check_order(order)
     nthreads = threads()
-    if x.ndim == 1 and x.shape[0] < 65536 or nthreads < 2:
-        K.check_array(x)
-        K.check_order(order)
+    if x.shape[0] < 65536 or nthreads < 2:
         p = ref.argsort(x, order)
         return x[p], p
     x, k, desc, code = _ordered_keys(x, order)

@@ -173,3 +173,70 @@ def test_bench_overlap_at_most_one_key(out_dir, n):
     rec = run(BenchArgs(n=n, reps=1, kv=True, order="desc", transfer="pinned", overlap_chunks=2,
                         impl="numpy,bitonic-shared,bitonic-fused"))
     assert rec.ok, rec.checks
+
+
+def _as_if_on_a_gpu(monkeypatch):
+    """run() on this CPU as if a CUDA device were selected: the copy ceiling and device resolution faked."""
+    from gpulab.core import ceilings, options
+
+    monkeypatch.setattr(options, "resolve_device", lambda *a, **k: "cuda")
+    monkeypatch.setattr(ceilings, "copy_bandwidth_gbs", lambda *a, **k: 100.0)
+
+
+def test_ncu_profiles_each_gpu_implementation_on_its_own(out_dir, monkeypatch):
+    """bitonic-global and bitonic-shared launch the same bitonic_pass_k32_kv0_f1 kernel: profiled in one child
+    their launches were merged into one row (the seed's 67% -> 93% unreadable); each gets its own child and rows."""
+    from gpulab.core import ncu
+    from gpulab.sort import bench
+
+    _as_if_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(bench, "_cupy", lambda: None)  # the bitonic rows run their model; only --ncu matters here
+    pct = {"bitonic-global": 67.0, "bitonic-shared": 93.0}
+    calls = []
+
+    def fake_profile(argv, kernel_regex=None, metrics=()):
+        impls = argv[argv.index("--impl") + 1].split(",")
+        calls.append(impls)
+        recs = []
+        for impl in impls:  # a launch of the shared pass kernel per implementation, at its own throughput
+            recs.append(ncu.KernelRecord(len(recs), "bitonic_pass_k32_kv0_f1", {
+                "dram__throughput.avg.pct_of_peak_sustained_elapsed": pct[impl], "dram__bytes_read.sum": 1e6}))
+        return recs
+
+    monkeypatch.setattr(ncu, "profile_gpulab", fake_profile)
+    rec = run(BenchArgs(n=3000, reps=1, impl="numpy,bitonic-global,bitonic-shared", ncu=True))
+    assert calls == [["bitonic-global"], ["bitonic-shared"]]
+    rows = {(r["impl"], r["kernel"]): r for r in rec.metrics["ncu"]}
+    assert set(rows) == {("bitonic-global", "bitonic_pass_k32_kv0_f1"), ("bitonic-shared", "bitonic_pass_k32_kv0_f1")}
+    for impl, p in pct.items():
+        row = rows[(impl, "bitonic_pass_k32_kv0_f1")]
+        assert row["launches"] == 1 and row["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == p
+        assert row["dram__bytes_read.sum"] == 1e6
+
+
+def test_ncu_child_sorts_once_per_implementation(out_dir, monkeypatch):
+    """Under ncu the child's kernels are those of one sort per implementation (a second, untimed check sort
+    doubled every kernel's launches and DRAM bytes); that one sort is still checked."""
+    import sys
+
+    from gpulab.core import ncu, timing
+    from gpulab.sort import bench
+    from gpulab.sort.cuda_sort import BitonicCuda
+
+    from .test_driver_emulated import DevArray, Scheduler, fake_cupy
+
+    _as_if_on_a_gpu(monkeypatch)
+    cp = fake_cupy(Scheduler(0, eager=True))
+    cp.asarray = lambda x: np.array(x).view(DevArray)
+    cp.asnumpy = np.asarray
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(BitonicCuda, "_module", None)
+    monkeypatch.setenv(ncu.UNDER_NCU_ENV, "1")
+    cpu_benchmark = timing.benchmark
+    monkeypatch.setattr(timing, "benchmark", lambda fn, device="cpu", **k: cpu_benchmark(fn, device="cpu", **k))
+    sorts = []
+    real_sort = BitonicCuda.sort
+    monkeypatch.setattr(BitonicCuda, "sort", lambda self, *a, **k: sorts.append(a[1]) or real_sort(self, *a, **k))
+    rec = run(BenchArgs(n=3000, reps=5, kv=True, order="desc", dtype="float32", impl="bitonic-fused,bitonic-global"))
+    assert sorts == ["bitonic-fused", "bitonic-global"]
+    assert rec.ok and rec.checks["bitonic-fused.correct"]["passed"] and rec.checks["bitonic-global.correct"]["passed"]

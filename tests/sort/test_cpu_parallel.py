@@ -46,3 +46,16 @@ def test_key_value_sort_matches_stable_argsort(dtype, dist):
 
 def test_thread_count_is_positive():
     assert cpu_parallel.threads() >= 1
+
+
+@pytest.mark.parametrize("fn", [cpu_parallel.sort, cpu_parallel.argsort])
+@pytest.mark.parametrize("bad, msg", [([3, 1, 2], "expected an array, got list"),
+                                      (np.zeros((2, 3), np.int32), "expected a 1-D array"),
+                                      (np.zeros(3, np.float16), "unsupported dtype float16")])
+def test_bad_input_is_an_input_error(fn, bad, msg):
+    from gpulab.core.errors import InputError
+
+    with pytest.raises(InputError, match=msg):
+        fn(bad)
+    with pytest.raises(InputError, match="order must be asc or desc"):
+        fn(np.zeros(3, np.int32), "up")
