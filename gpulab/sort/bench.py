@@ -431,6 +431,9 @@ def run(a: BenchArgs) -> results.Record:
             if a.overlap_chunks and a.kv:
                 rec.notes.append("--overlap-chunks with --kv: the pipelined run copies the permutation back as uint32 "
                                  "(4 bytes a key); the serial e2e as the int64 the implementations return (8 bytes)")
+    if not any("correct" in r for r in rows):  # a record of nothing would read as all correct
+        why = "; ".join(n for n in rec.notes if n.partition(":")[0] in a.impls)
+        raise DeviceError(f"none of --impl {','.join(a.impls)} can run here ({why})")
     rec.rows = rows
     if a.ncu:
         rec.metrics["ncu"] = ncu_rows(a)

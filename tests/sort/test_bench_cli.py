@@ -7,6 +7,7 @@ from gpulab.cli import main
 from gpulab.sort import reference as ref
 from gpulab.sort.bench import BenchArgs, DISTS, make_data, ncu_argv, numpy_sort, run, validate
 from gpulab.core.errors import InputError
+from tests.conftest import HAS_CUDA
 
 
 def gpulab(capsys, *args):
@@ -84,6 +85,17 @@ def test_bad_input_is_one_line(capsys, out_dir, args, msg):
     code, out, err = gpulab(capsys, "--out", str(out_dir), "sort", "bench", *args)
     assert code == 1
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not list(out_dir.glob("*.yaml"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the implementations named here run on a GPU")
+@pytest.mark.parametrize("args, msg", [
+    (["--impl", "cupy"], "none of --impl cupy can run here (cupy: skipped (no CUDA GPU))"),
+    (["--impl", "bitonic-fused", "--n", "70000"], "the numpy model runs only at n <= 65536"),
+])
+def test_nothing_that_can_run_is_an_error_not_an_empty_record(capsys, out_dir, args, msg):
+    code, out, err = gpulab(capsys, "--out", str(out_dir), "--device", "cpu", "sort", "bench", *args)
+    assert code == 1 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert not list(out_dir.glob("*.yaml"))
 
 
