@@ -153,17 +153,18 @@ def _batches(windows: list[tuple[Any, Any]], batch: int) -> list[tuple[Any, Any,
     return out
 
 
-def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok: Any, ref_texts: list[str],
+def run_variant(name: str, pair: Any, decoder: Any, bank: Any, batches: list, tok: Any, ref_texts: list[str],
                 n_new: int, device: str) -> tuple[dict[str, Any], list, list[float], list[float]]:
     """(result row, three sample continuations, per-prompt ROUGE-L in prompt order, reference NLL per
     continuation position). Row: ``ref_nll`` over all positions, ``ref_nll_tok1`` of the first token
     (the stitched system's comes from the large model's prefill) and ``ref_nll_after`` of the rest (the
-    small model reading the handed-over cache)."""
+    small model reading the handed-over cache). ``decoder``: the model that decodes (the small one; the large one
+    for the large-only variant), after the large model's prefill when ``bank`` is given."""
     import torch
 
     from gpulab.stitchkv.generate import decode_texts, eos_ids, greedy, greedy_stitched
 
-    eos = eos_ids(tok, small, pair.large)
+    eos = eos_ids(tok, decoder, pair.large)
     preds: dict[int, str] = {}
     prefill, tpot, nbytes = [], [], 0
     nll_sum: list[float] = []  # per continuation position, summed over prompts (windows may differ in length)
@@ -172,18 +173,18 @@ def run_variant(name: str, pair: Any, small: Any, bank: Any, batches: list, tok:
         if str(device).startswith("cuda") and batches:  # untimed warm-up: cuBLAS/kernel loading stays out of TTFT
             p0 = batches[0][0].to(device)
             if bank is None:
-                greedy(pair.large if name == "large" else small, p0, 2)
+                greedy(decoder, p0, 2)
             else:
-                greedy_stitched(pair.large, small, bank, p0, 2)
+                greedy_stitched(pair.large, decoder, bank, p0, 2)
         for prompts, refs, sel in batches:
             prompts, refs = prompts.to(device), refs.to(device)
             if bank is None:
-                model = pair.large if name == "large" else small
+                model = decoder
                 g = greedy(model, prompts, n_new)
                 pos = _nll_own(model, prompts, refs)
             else:
-                g = greedy_stitched(pair.large, small, bank, prompts, n_new, keep_handover=True)
-                pos = _nll_stitched(pair.large, small, bank, prompts, refs, handover=g.handover)
+                g = greedy_stitched(pair.large, decoder, bank, prompts, n_new, keep_handover=True)
+                pos = _nll_stitched(pair.large, decoder, bank, prompts, refs, handover=g.handover)
                 g.handover = None
             for j, s in enumerate(pos.double().cpu().tolist()):
                 if j == len(nll_sum):
@@ -343,14 +344,14 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     items: dict[str, list[float]] = {}  # per-prompt ROUGE-L, for the paired bootstrap
     curves: dict[str, list[float]] = {}  # reference NLL per continuation position
 
-    def add(variant: str, small: Any, bank: Any) -> None:
+    def add(variant: str, decoder: Any, bank: Any) -> None:
         log(f"eval: {variant}")
         row, samples[variant], items[variant], curves[variant] = run_variant(
-            variant, pair, small, bank, bt, pair.tokenizer, ref_texts, gen_len, device)
+            variant, pair, decoder, bank, bt, pair.tokenizer, ref_texts, gen_len, device)
         rec.rows.append(row)
 
     add("small", pair.small, None)
-    add("large", pair.small, None)
+    add("large", pair.large, None)
     bank_w = load_bank(run / "warmup", device)
     with torch.no_grad():  # the stitched cache has exactly the small model's own cache layout
         from gpulab.stitchkv.reference import own_cache
