@@ -79,25 +79,27 @@ def test_written_files_and_folders_get_the_umask_mode(tmp_path):
         os.umask(old)
 
 
-def test_write_all_undoes_earlier_renames_when_a_later_one_fails(tmp_path, monkeypatch):
-    """The renames come last; one failing after others puts back what the others replaced."""
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")])
+def test_write_all_undoes_earlier_renames_when_a_later_one_fails(tmp_path, monkeypatch, names):
+    """The renames come last; the last one failing after others puts back what the others replaced (a file that
+    existed keeps its old text; one that did not is gone again)."""
     import os
     from pathlib import Path
 
     from gpulab.core import atomic
 
-    a, b, c = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
-    a.write_text("old a")
-    c.write_text("old c")
+    paths = [tmp_path / f"{n}.txt" for n in names]
+    paths[0].write_text("old a")
+    paths[-1].write_text("old last")
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst) == c:
+        if Path(dst) == paths[-1]:
             raise OSError(13, "Permission denied")
         return real_replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError, match="Permission denied"):
-        atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in (a, b, c)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "c.txt"]
-    assert (a.read_text(), c.read_text()) == ("old a", "old c")
+        atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in paths])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({paths[0].name, paths[-1].name})
+    assert (paths[0].read_text(), paths[-1].read_text()) == ("old a", "old last")

@@ -2,15 +2,13 @@
 
 Each test pins one documented behaviour against a plain-Python or numpy reference: the summary
 statistics of a timing, the early stop and warm-up of the timers, the bootstrap interval's level and
-its drop rule, a re-recorded check, the two-file atomic write, the ncu unit table and per-kernel
+its drop rule, a re-recorded check, the ncu unit table and per-kernel
 averages, the experiment labels and --no-flag options, and small option/path/device helpers.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from gpulab.core import atomic, ncu, options, results, timing
+from gpulab.core import ncu, options, results, timing
 from gpulab.core.errors import InputError
 from gpulab.core.stats import paired_bootstrap
 
@@ -86,25 +84,6 @@ def test_a_rechecked_name_keeps_the_latest_outcome():
     assert rec.ok
     rec.check("a", False, detail="second look")
     assert not rec.ok and rec.checks["a"] == {"passed": False, "detail": "second look"}
-
-
-# -- atomic
-
-def test_write_all_two_files_second_rename_fails_restores_the_first(tmp_path, monkeypatch):
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("old a")
-    real_replace = atomic.os.replace
-
-    def replace(src, dst):
-        if Path(dst) == b:
-            raise OSError(13, "Permission denied")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", replace)
-    with pytest.raises(OSError, match="Permission denied"):
-        atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in (a, b)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
-    assert a.read_text() == "old a"
 
 
 # -- ncu
