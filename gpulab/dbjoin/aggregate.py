@@ -19,6 +19,7 @@ groupby each side, then merge the groups), ``torch_aggregate`` (unique + index_a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,18 @@ class AggResult:
 def _np(a: Any) -> np.ndarray | None:
     """int64 numpy of a numpy, torch or cupy column (cupy refuses np.asarray: it is read with .get())."""
     return None if a is None else _to_numpy(a)
+
+
+def check_int32_payload(p: Any, side: str) -> None:
+    """A one-line InputError unless every value of the payload column ``p`` (numpy, cupy or torch) fits the
+    kernels' int32: integer payloads only, wider ones when their values fit (never a silent wrap)."""
+    from gpulab.core.errors import InputError
+
+    name = str(p.dtype).removeprefix("torch.")
+    if not re.fullmatch(r"u?int\d+", name):
+        raise InputError(f"{side} payloads must be integers, got {name}")
+    if name != "int32" and len(p) and (int(p.min()) < -(2**31) or int(p.max()) >= 2**31):
+        raise InputError(f"{side} payloads have values outside the int32 range")
 
 
 def _check_mode(mode: str) -> None:

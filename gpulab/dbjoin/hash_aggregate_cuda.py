@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gpulab.core.errors import InputError
-from gpulab.dbjoin.aggregate import AggResult, _check_mode
+from gpulab.dbjoin.aggregate import AggResult, _check_mode, check_int32_payload
 from gpulab.dbjoin.hash_join_cuda import BLOCK, _as_cupy, _grid, _module, _prepare_keys, table_capacity
 
 AGG_SLOT_BYTES = 32  # AggSlot {key, cnt_b, cnt_p, sum_b, sum_p}
@@ -58,7 +58,10 @@ class CudaHashAggregate:
             raise InputError(f"key and payload lengths differ: left {len(lk)} vs {len(lp)}, right {len(rk)} vs "
                              f"{len(rp)}")
         suffix, swap, bk, pk = _prepare_keys(lk, rk)  # the join's: one key dtype, the build side the smaller
-        lp, rp = (_int32_payload(_as_cupy(a), side) for a, side in ((lp, "left"), (rp, "right")))
+        lp, rp = _as_cupy(lp), _as_cupy(rp)
+        check_int32_payload(lp, "left")
+        check_int32_payload(rp, "right")
+        lp, rp = lp.astype(cp.int32, copy=False), rp.astype(cp.int32, copy=False)
         bp, pp = (lp, rp) if swap else (rp, lp)
         nb, npr = len(bk), len(pk)
         if nb == 0 or npr == 0:
@@ -86,15 +89,3 @@ class CudaHashAggregate:
         sum_b, sum_p = out_b[:groups], out_p[:groups]
         return AggResult(key, count, sum_b, sum_p) if swap else AggResult(key, count, sum_p, sum_b)
 
-
-def _int32_payload(p: Any, side: str) -> Any:
-    """Payloads as int32 (the kernels' width); wider integers only when every value fits (no silent wrap)."""
-    import cupy as cp
-
-    if p.dtype == cp.int32:
-        return p
-    if p.dtype.kind not in "iu":
-        raise InputError(f"{side} payloads must be integers, got {p.dtype}")
-    if p.size and (int(p.min()) < -(2**31) or int(p.max()) >= 2**31):
-        raise InputError(f"{side} payloads have values outside the int32 range")
-    return p.astype(cp.int32)

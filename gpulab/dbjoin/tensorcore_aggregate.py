@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from gpulab.core.device import package_version, version_release
 from gpulab.core.errors import DeviceError, InputError
-from gpulab.dbjoin.aggregate import AGGREGATES, AggResult
+from gpulab.dbjoin.aggregate import AGGREGATES, AggResult, check_int32_payload
 from gpulab.dbjoin.tensorcore_join import CODE_DTYPES, check_block, check_key_dtypes, choose_bits, partition
 
 
@@ -87,8 +87,10 @@ class TensorCoreAggregate:
         self.last_partitions = 1 << r
         lrow, rrow = L.row.to(torch.int64), Rt.row.to(torch.int64)
         l_key = lk[lrow]
-        l_pay = _int32_payload(lp, "left")[lrow]
-        r_pay = _int32_payload(rp, "right")[rrow]
+        check_int32_payload(lp, "left")
+        check_int32_payload(rp, "right")
+        l_pay = lp.to(torch.int32)[lrow]
+        r_pay = rp.to(torch.int32)[rrow]
         out_key = torch.empty(nl, dtype=torch.int64, device=dev)
         out_count = torch.empty(nl, dtype=torch.int64, device=dev)
         out_suml = torch.empty(nl if sums else 1, dtype=torch.int64, device=dev)
@@ -104,16 +106,3 @@ class TensorCoreAggregate:
             return AggResult(out_key[:n], out_count[:n], out_suml[:n], out_sumr[:n])
         return AggResult(out_key[:n], out_count[:n])
 
-
-def _int32_payload(p, side: str):
-    """Payloads as int32 (the kernel's width); wider integers only when every value fits (no silent wrap), as
-    the CUDA hash aggregate."""
-    import torch
-
-    if p.dtype == torch.int32:
-        return p
-    if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
-        raise InputError(f"{side} payloads must be integers, got {str(p.dtype).removeprefix('torch.')}")
-    if p.numel() and (int(p.min()) < -(2**31) or int(p.max()) >= 2**31):
-        raise InputError(f"{side} payloads have values outside the int32 range")
-    return p.to(torch.int32)

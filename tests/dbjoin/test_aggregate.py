@@ -213,3 +213,24 @@ def test_tensorcore_aggregate_gpu_1m_count_and_block16():
     tc = TensorCoreAggregate("int8", block=16, mode="count")
     assert tc.agg_dtype == "fp16"
     _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), A.pandas_aggregate(lk, lp, rk, rp), "count")
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_payloads_fit_int32_or_are_refused(lib):
+    """Both aggregates' payload check (cupy arrays carry numpy dtypes): integers whose values fit int32 pass,
+    wider values and non-integers are one-line errors."""
+    import torch
+
+    from gpulab.core.errors import InputError
+    from gpulab.dbjoin.aggregate import check_int32_payload
+
+    arr = (lambda v, dt: np.array(v, dtype=dt)) if lib == "numpy" else \
+        (lambda v, dt: torch.tensor(v, dtype=getattr(torch, dt)))
+    for v, dt in (([2**31 - 1, -(2**31)], "int64"), ([], "int64"), ([7], "uint8"), ([-5], "int32")):
+        check_int32_payload(arr(v, dt), "left")
+    for v, dt, msg in (([2**31], "int64", "right payloads have values outside the int32 range"),
+                       ([-(2**31) - 1], "int64", "right payloads have values outside the int32 range"),
+                       ([1.5], "float32", "right payloads must be integers, got float32"),
+                       ([True], "bool", "right payloads must be integers, got bool")):
+        with pytest.raises(InputError, match=msg):
+            check_int32_payload(arr(v, dt), "right")
