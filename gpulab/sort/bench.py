@@ -97,19 +97,23 @@ def validate(a: BenchArgs) -> BenchArgs:
         default = S.VARIANTS["bitonic-fused"].config
         a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != default]))
     validate_overlap(a)
-    if a.ncu and not any(is_gpu_only(i) for i in a.impls):
+    if a.ncu and not ncu_impls(a):
         raise InputError(f"--ncu profiles the GPU implementations ({', '.join(GPU_ONLY)}); "
                          f"--impl {','.join(a.impls)} names none")
     return a
 
 
-def ncu_argv(a: BenchArgs, impl: str | None = None) -> list[str]:
-    """The command that --ncu profiles: the same input (every flag that shapes it, the seed included) sorted
-    once by ``impl`` (default: every selected GPU implementation; validate() made sure there is one; --tune's
+def ncu_impls(a: BenchArgs) -> list[str]:
+    """The implementations --ncu profiles: the selected GPU ones (validate() made sure there is one; --tune's
     are in a.impls)."""
-    gpu = [impl] if impl is not None else [i for i in a.impls if is_gpu_only(i)]
+    return [i for i in a.impls if is_gpu_only(i)]
+
+
+def ncu_argv(a: BenchArgs, impl: str) -> list[str]:
+    """The command that --ncu profiles for ``impl``: the same input (every flag that shapes it, the seed
+    included) sorted once by it."""
     return (["sort", "bench", "--n", str(a.n), "--dtype", a.dtype, "--dist", a.dist, "--seed", str(a.seed),
-             "--order", a.order, "--impl", ",".join(gpu), "--reps", "1"] + (["--kv"] if a.kv else []))
+             "--order", a.order, "--impl", impl, "--reps", "1"] + (["--kv"] if a.kv else []))
 
 
 NCU_KERNELS = "bitonic|cub|sort|Sort"
@@ -125,7 +129,7 @@ def ncu_rows(a: BenchArgs) -> list[dict[str, Any]]:
                "sm__throughput.avg.pct_of_peak_sustained_elapsed",
                "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed")
     rows = []
-    for impl in (i for i in a.impls if is_gpu_only(i)):
+    for impl in ncu_impls(a):
         recs = ncu_mod.profile_gpulab(ncu_argv(a, impl), kernel_regex=NCU_KERNELS, metrics=metrics)
         rows += [{"impl": impl, **r} for r in ncu_mod.summarize_by_kernel(recs)]
     return rows

@@ -5,7 +5,7 @@ import yaml
 
 from gpulab.cli import main
 from gpulab.sort import reference as ref
-from gpulab.sort.bench import BenchArgs, DISTS, make_data, ncu_argv, numpy_sort, run, validate
+from gpulab.sort.bench import BenchArgs, DISTS, make_data, ncu_argv, ncu_impls, numpy_sort, run, validate
 from gpulab.core.errors import InputError
 from tests.conftest import HAS_CUDA
 
@@ -155,19 +155,22 @@ def test_validate_defaults_to_all():
 
 
 def test_ncu_child_command_profiles_the_same_input():
-    """The --ncu child sorts the same input (seed included) with the selected GPU implementations only."""
+    """The --ncu children sort the same input (seed included), each with one of the selected GPU
+    implementations only."""
     a = validate(BenchArgs(n=5000, dtype="float32", dist="few-unique", order="desc", kv=True, seed=7, ncu=True,
                            impl="numpy,torch,bitonic-fused,cupy", transfer="pinned", tune=True))
-    argv = ncu_argv(a)
-    flags = dict(zip(argv[2::2], argv[3::2]))
-    assert argv[:2] == ["sort", "bench"] and argv[-1] == "--kv"
-    assert {k: flags[k] for k in ("--n", "--dtype", "--dist", "--seed", "--order", "--reps")} == {
-        "--n": "5000", "--dtype": "float32", "--dist": "few-unique", "--seed": "7", "--order": "desc", "--reps": "1"}
-    impls = flags["--impl"].split(",")
+    impls = ncu_impls(a)
     assert impls[:2] == ["bitonic-fused", "cupy"] and "bitonic-fused@t14f4g5" in impls
     assert "numpy" not in impls and "torch" not in impls
-    child = validate(BenchArgs(n=5000, impl=flags["--impl"]))  # the child accepts its own --impl
-    assert child.impls == impls
+    for impl in impls:
+        argv = ncu_argv(a, impl)
+        flags = dict(zip(argv[2::2], argv[3::2]))
+        assert argv[:2] == ["sort", "bench"] and argv[-1] == "--kv"
+        assert {k: flags[k] for k in ("--n", "--dtype", "--dist", "--seed", "--order", "--reps", "--impl")} == {
+            "--n": "5000", "--dtype": "float32", "--dist": "few-unique", "--seed": "7", "--order": "desc",
+            "--reps": "1", "--impl": impl}
+        child = validate(BenchArgs(n=5000, impl=flags["--impl"]))  # the child accepts its own --impl
+        assert child.impls == [impl]
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
