@@ -179,9 +179,8 @@ def run_variant(name: str, pair: Any, decoder: Any, bank: Any, batches: list, to
         for prompts, refs, sel in batches:
             prompts, refs = prompts.to(device), refs.to(device)
             if bank is None:
-                model = decoder
-                g = greedy(model, prompts, n_new)
-                pos = _nll_own(model, prompts, refs)
+                g = greedy(decoder, prompts, n_new)
+                pos = _nll_own(decoder, prompts, refs)
             else:
                 g = greedy_stitched(pair.large, decoder, bank, prompts, n_new, keep_handover=True)
                 pos = _nll_stitched(pair.large, decoder, bank, prompts, refs, handover=g.handover)

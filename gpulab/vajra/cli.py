@@ -162,8 +162,8 @@ def generate(
     engine = _load(model_dir, engine, prefill=prefill)
     if engine.tokenizer is None:
         raise InputError(f"{model_dir}: no tokenizer in the model folder, so text prompts cannot be encoded")
-    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                        stop=list(stop), ignore_eos=ignore_eos, repetition_penalty=repetition_penalty,
+    sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        seed=seed, stop=list(stop), ignore_eos=ignore_eos, repetition_penalty=repetition_penalty,
                         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty
                         ).validate(engine.vocab_size)
     inputs = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompt]
