@@ -56,20 +56,29 @@ def test_cuda_c_slot_races(cuda_c, seed):
     _check(hjc.CudaHashJoin().join(probe, build), probe, build)
 
 
+# (build keys, probe keys, retries, final capacity). The first probe's capacity is the probe row count.
+RETRY_CASES = {
+    # 60 probe rows: two rows of a key with 30 build rows take positions 0-59, so the next row's single match falls
+    # exactly at the capacity: it must not be written (the device arrays' guard bytes would show it), and the
+    # retry gets all 61 pairs
+    "one-past": ([7] * 30 + [5], [7, 7, 5] + list(range(100, 157)), 1, 61),
+    # unique build keys and one match per probe row: the output is exactly full, no reason to probe again
+    "exactly-full": ([3, -8, 12, 40, 41, 999, -1000], [12, 3, 3, -8, 40, 41, 999, -1000, 12, 41, 3], 0, 11),
+}
+
+
+@pytest.mark.parametrize("case", RETRY_CASES)
 @pytest.mark.parametrize("dt", ["int32", "int64"])
-def test_cuda_c_first_probe_stops_at_the_capacity(cuda_c, dt):
-    """The first probe's capacity is the probe row count (60); two probe rows of a key with 30 build rows take
-    positions 0-59, so the next row's single match falls exactly at the capacity: it must not be written (the
-    device arrays' guard bytes would show it), and the retry gets all 61 pairs."""
-    build = np.array([7] * 30 + [5], dtype=dt)
-    probe = np.array([7, 7, 5] + list(range(100, 157)), dtype=dt)
-    cuda_c(0)
+def test_cuda_c_first_probe_capacity_and_retry(cuda_c, dt, case):
+    build, probe, retries, capacity = RETRY_CASES[case]
+    build, probe = np.array(build, dtype=dt), np.array(probe, dtype=dt)
+    cuda_c(0 if case == "one-past" else 1)
     hj = hjc.CudaHashJoin()
     _check(hj.join(probe, build), probe, build)
-    assert hj.retries == 1
+    assert hj.retries == retries
     plan = hjc.HashJoinPlan(probe, build)
     _check(_host(plan.run()), probe, build)
-    assert plan.retries == 1 and plan.capacity == 61
+    assert plan.retries == retries and plan.capacity == capacity
 
 
 def test_non_integer_keys_are_refused_before_widening(cuda_c):

@@ -172,22 +172,6 @@ def test_cuda_c_int64_key_equal_to_the_int32_empty_marker_bits(cuda_c, seed):
     assert ok, detail
 
 
-@needs_gxx
-@pytest.mark.parametrize("dt", ["int32", "int64"])
-def test_unique_build_keys_fill_the_first_capacity_without_a_retry(cuda_c, dt):
-    """capacity = probe rows is exact for unique build keys: when every probe row has exactly one match the
-    output is exactly full, which is no reason to run the probe again."""
-    build = np.array([3, -8, 12, 40, 41, 999, -1000], dtype=dt)
-    probe = np.array([12, 3, 3, -8, 40, 41, 999, -1000, 12, 41, 3], dtype=dt)
-    cuda_c(1)
-    hj = hjc.CudaHashJoin()
-    _check(hj.join(probe, build), probe, build)
-    assert hj.retries == 0
-    plan = hjc.HashJoinPlan(probe, build)
-    _check(_host(plan.run()), probe, build)
-    assert plan.retries == 0 and plan.capacity == len(probe)
-
-
 def test_output_size_check_counts_8_bytes_per_pair():
     """Each pair is two int32 row indices (8 bytes): exactly at the limit fits, one pair more does not."""
     from gpulab.core.errors import InputError

@@ -13,6 +13,13 @@ from gpulab.stitchkv.models import cache_kwarg, output_cache, shape_of
 from gpulab.stitchkv.stitch import alignment, make_bank, stitched_cache
 
 
+def _uniform_bank(large, small, mode):
+    """A fresh stitch bank from ``large`` to ``small`` (uniform-nearest layer alignment) and the alignment."""
+    ls, ss = shape_of(large), shape_of(small)
+    align = alignment("uniform-nearest", ls["layers"], ss["layers"])
+    return make_bank(ls, ss, align, mode), align
+
+
 def _incremental_logits(small, cache, tokens):
     """Logits after each of ``tokens`` [B, n], fed one at a time into ``cache`` (the plain decode loop)."""
     kw = cache_kwarg(small)
@@ -44,9 +51,7 @@ def test_least_squares_init_is_the_ridge_solution_with_centered_r2(models, mode)
     from gpulab.stitchkv.stitch import least_squares_init
 
     large, small = models
-    ls, ss = shape_of(large), shape_of(small)
-    align = alignment("uniform-nearest", ls["layers"], ss["layers"])
-    bank = make_bank(ls, ss, align, mode)
+    bank, align = _uniform_bank(large, small, mode)
     torch.manual_seed(3)
     prompts = [torch.randint(0, 300, (2, 9)) for _ in range(2)]
     r2 = least_squares_init(bank, large, small, prompts, ridge=0.3)
@@ -110,8 +115,7 @@ def test_stage2_lm_loss_is_the_next_token_loss_of_an_incremental_decode(models):
     from gpulab.stitchkv.train import lm_loss_stitched
 
     large, small = models
-    ls, ss = shape_of(large), shape_of(small)
-    bank = make_bank(ls, ss, alignment("uniform-nearest", ls["layers"], ss["layers"]), "kv")
+    bank, _ = _uniform_bank(large, small, "kv")
     torch.manual_seed(4)
     prompt, cont = torch.randint(0, 300, (2, 7)), torch.randint(0, 300, (2, 5))
     with torch.no_grad():
@@ -128,8 +132,7 @@ def test_reference_nll_of_the_stitched_system_per_position(models):
     from gpulab.stitchkv.evaluate import _nll_own, _nll_stitched
 
     large, small = models
-    ls, ss = shape_of(large), shape_of(small)
-    bank = make_bank(ls, ss, alignment("uniform-nearest", ls["layers"], ss["layers"]), "hidden")
+    bank, _ = _uniform_bank(large, small, "hidden")
     torch.manual_seed(5)
     prompt, ref = torch.randint(0, 300, (3, 6)), torch.randint(0, 300, (3, 4))
     with torch.no_grad():

@@ -151,3 +151,27 @@ def cpu_w8a8_or_skip() -> None:
     why = w8a8_unavailable(torch.device("cpu"), True)
     if why:
         pytest.skip(f"no W8A8 on this torch's CPU: {why}")
+
+
+def paged_cache(lens, page, hkv, d, dt=torch.float32, extra_cols=2, seed=0):
+    """A paged KV cache holding ``lens[i]`` random tokens of sequence i, its pages scattered over the cache and
+    written through the reference (FP8 with k/v scales 0.5/0.25). -> cache, context_lens int32, block_tables int32
+    (``extra_cols`` unused columns), k_scale, v_scale, and the generator (queries are drawn from it next)."""
+    from gpulab.vajra import reference as R
+
+    g = torch.Generator().manual_seed(seed)
+    need = [(n + page - 1) // page for n in lens]
+    nblocks = sum(need) + 3
+    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
+    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
+    bt = torch.zeros(len(lens), max(need) + extra_cols, dtype=torch.int32)
+    ks, vs = (0.5, 0.25) if dt in (torch.float8_e4m3fn, torch.float8_e5m2) else (1.0, 1.0)
+    used = 0
+    for i, n in enumerate(need):
+        bt[i, :n] = perm[used:used + n]
+        used += n
+        pos = torch.arange(lens[i])
+        slots = bt[i, pos // page].long() * page + pos % page
+        R.write_kv(cache, torch.randn(lens[i], hkv, d, generator=g), torch.randn(lens[i], hkv, d, generator=g),
+                   slots, ks, vs)
+    return cache, torch.tensor(lens, dtype=torch.int32), bt, ks, vs, g

@@ -8,6 +8,8 @@ import torch
 
 from gpulab.vajra import reference as R
 
+from .helpers import paged_cache
+
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -15,22 +17,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def _decode_case(lens, page, hkv, group, d, dt=torch.float32, extra_cols=2, seed=0, device="cpu"):
     """A paged cache holding ``lens[i]`` tokens of sequence i (its pages scattered), one query token per
     sequence (the last cached one). -> q [B, Hq, D], cache, context_lens, block_tables, k_scale, v_scale."""
-    g = torch.Generator().manual_seed(seed)
-    cl = torch.tensor(lens, dtype=torch.int32)
-    need = [(n + page - 1) // page for n in lens]
-    nblocks = sum(need) + 3
-    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
-    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
-    bt = torch.zeros(len(lens), max(need) + extra_cols, dtype=torch.int32)
-    ks, vs = (0.5, 0.25) if dt in (E4, E5) else (1.0, 1.0)
-    used = 0
-    for i, n in enumerate(need):
-        bt[i, :n] = perm[used:used + n]
-        used += n
-        pos = torch.arange(lens[i])
-        slots = bt[i, pos // page].long() * page + pos % page
-        R.write_kv(cache, torch.randn(lens[i], hkv, d, generator=g), torch.randn(lens[i], hkv, d, generator=g),
-                   slots, ks, vs)
+    cache, cl, bt, ks, vs, g = paged_cache(lens, page, hkv, d, dt, extra_cols, seed)
     q = torch.randn(len(lens), hkv * group, d, generator=g)
     return q.to(device), cache.to(device), cl.to(device), bt.to(device), ks, vs
 

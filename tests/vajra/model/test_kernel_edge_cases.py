@@ -11,6 +11,8 @@ import torch
 
 from gpulab.vajra import reference as R
 
+from .helpers import paged_cache
+
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,24 +149,9 @@ def test_rope_split_writes_nothing_past_its_outputs(t, heads, kv_heads, monkeypa
 
 def _paged_case(ql, cl, page, hkv, group, d, dt=torch.float32, seed=0):
     """A scattered paged cache holding cl[i] tokens of sequence i, and q for its last ql[i] tokens."""
-    g = torch.Generator().manual_seed(seed)
-    need = [(c + page - 1) // page for c in cl]
-    nblocks = sum(need) + 2
-    cache = torch.zeros(nblocks, 2, page, hkv, d, dtype=torch.uint8).view(dt) if dt.itemsize == 1 else \
-        torch.zeros(nblocks, 2, page, hkv, d, dtype=dt)
-    perm = torch.randperm(nblocks, generator=g).to(torch.int32)
-    bt = torch.zeros(len(cl), max(need) + 1, dtype=torch.int32)
-    ks, vs = (0.5, 0.25) if dt in (E4, E5) else (1.0, 1.0)
-    used = 0
-    for i, n in enumerate(need):
-        bt[i, :n] = perm[used:used + n]
-        used += n
-        pos = torch.arange(cl[i])
-        slots = bt[i, pos // page].long() * page + pos % page
-        R.write_kv(cache, torch.randn(cl[i], hkv, d, generator=g), torch.randn(cl[i], hkv, d, generator=g),
-                   slots, ks, vs)
+    cache, clt, bt, ks, vs, g = paged_cache(cl, page, hkv, d, dt, extra_cols=1, seed=seed)
     q = torch.randn(sum(ql), hkv * group, d, generator=g)
-    return q, cache, torch.tensor(ql, dtype=torch.int32), torch.tensor(cl, dtype=torch.int32), bt, ks, vs
+    return q, cache, torch.tensor(ql, dtype=torch.int32), clt, bt, ks, vs
 
 
 # (query lens, context lens, page, group, head_dim, BM): chunked prefill after long cached contexts, several query
