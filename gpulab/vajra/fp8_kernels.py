@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
+from gpulab.vajra.reference import true_div
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -260,7 +261,7 @@ def quantize_block(x: torch.Tensor, block, dtype=torch.float8_e4m3fn):
 
 def quantize_tensor(x: torch.Tensor, dtype=torch.float8_e4m3fn):
     amax = x.float().abs().amax()
-    s = torch.clamp(amax / float(torch.finfo(dtype).max), min=_min_scale(dtype)).reshape(())
+    s = torch.clamp(true_div(amax, float(torch.finfo(dtype).max)), min=_min_scale(dtype)).reshape(())
     return cast(x, s, None, dtype), s
 
 

@@ -25,6 +25,13 @@ def _min_scale(dtype: torch.dtype) -> float:
     return 1.0 / (fp8_max(dtype) * 512.0)
 
 
+def true_div(x: torch.Tensor, s: float) -> torch.Tensor:
+    """x / s in fp32, correctly rounded on every device, as vLLM's cache write divides. (torch on a GPU turns a
+    division by a Python scalar into a product with the scalar's fp32 reciprocal, which rounds some values
+    differently; a divisor tensor on x's device is divided by.)"""
+    return x.float() / torch.full((), float(s), dtype=torch.float32, device=x.device)
+
+
 def cast_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """``clamp(x / scale)`` rounded to nearest-even fp8 (scale broadcast against x)."""
     m = fp8_max(dtype)
@@ -50,14 +57,14 @@ def scale_for(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int
 
 def quantize_tensor(x: torch.Tensor, dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.float().abs().amax()
-    s = torch.clamp(amax / fp8_max(dtype), min=_min_scale(dtype))
+    s = torch.clamp(true_div(amax, fp8_max(dtype)), min=_min_scale(dtype))
     return cast_fp8(x, s, dtype), s.reshape(())
 
 
 def quantize_rows(x: torch.Tensor, dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (weights [N, K]) or per-token (activations [M, K]) quantization: scale [rows]."""
     amax = x.float().abs().amax(dim=1)
-    s = torch.clamp(amax / fp8_max(dtype), min=_min_scale(dtype))
+    s = torch.clamp(true_div(amax, fp8_max(dtype)), min=_min_scale(dtype))
     return cast_fp8(x, s[:, None], dtype), s
 
 
@@ -68,7 +75,7 @@ def quantize_block(x: torch.Tensor, block: tuple[int, int], dtype=torch.float8_e
     pad = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=x.device)
     pad[:n, :k] = x.float().abs()
     amax = pad.view(nb, bn, kb, bk).amax(dim=(1, 3))
-    s = torch.clamp(amax / fp8_max(dtype), min=_min_scale(dtype))
+    s = torch.clamp(true_div(amax, fp8_max(dtype)), min=_min_scale(dtype))
     return cast_fp8(x, expand_block_scale(s, (n, k), block), dtype), s
 
 
@@ -124,8 +131,8 @@ def write_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
     off = slot_mapping - blk * bs
     if layer.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         m = fp8_max(layer.dtype)
-        k = (k.float() / k_scale).clamp(-m, m)
-        v = (v.float() / v_scale).clamp(-m, m)
+        k = true_div(k, k_scale).clamp(-m, m)
+        v = true_div(v, v_scale).clamp(-m, m)
         # scattered as raw bytes: older torch (2.4/2.5) has no fp8 index_put/index kernels everywhere
         raw = layer.view(torch.uint8)
         raw[blk, 0, off] = k.to(layer.dtype).view(torch.uint8)

@@ -4,7 +4,7 @@
 #   .devdata/  CIFAR-10 (train-0.npz, test.npz) and tinyshakespeare.txt from ../shared/data (~20 MB)
 #   .whl/      wheels the GPU machine lacks: flashinfer-python 0.2.14.post1 (JIT), rouge-score and nltk
 # Then: run(command="BUDGET=575 bash scripts/device/all.sh core sort ...", carry=[".whl", ".devdata"]);
-# BENCHMARKS.md ("How the GPU figures will be produced") lists the calls that fit one session.
+# BENCHMARKS.md ("How the GPU figures are produced") lists the calls that fit one session.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"

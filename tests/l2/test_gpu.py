@@ -19,7 +19,8 @@ def test_persisting_limit_set_and_restored():
     want = min(lim["persisting_l2_max_bytes"], 4 * MIB)
     cuda_l2.set_persisting_limit(want)
     try:
-        assert abs(cuda_l2.get_persisting_limit() - want) <= MIB  # the driver rounds to its granularity
+        # the driver rounds up to its set-aside granularity: on an H200 (2026-11-27) 4 MiB asked, 7.5 MiB granted
+        assert want <= cuda_l2.get_persisting_limit() <= lim["persisting_l2_max_bytes"]
     finally:
         cuda_l2.set_persisting_limit(old)
     assert cuda_l2.get_persisting_limit() == old

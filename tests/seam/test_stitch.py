@@ -86,3 +86,20 @@ def test_rank_deficient_front_still_solves():
     x1 = torch.cat([x, torch.ones(50, 1, dtype=x.dtype)], 1)
     assert torch.allclose(x1 @ wb, y, atol=1e-3)
     assert layer.conv.weight.shape == (2, 3, 1, 1)
+
+
+def test_amp_agreement_rms_and_max_against_true_fp32():
+    """amp_agreement: zero for a no-op autocast; under CPU bf16 autocast a small RMS, the max above the RMS; the
+    fp32 reference runs with TF32 off and the flags are restored."""
+    import contextlib
+
+    from gpulab.seam.evaluate import amp_agreement
+
+    fam = _family(True)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    same = amp_agreement(fam, x, contextlib.nullcontext)
+    assert same == {"rms": 0.0, "max": 0.0}
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    low = amp_agreement(fam, x, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert 0.0 < low["rms"] < low["max"] < 0.5, low
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags

@@ -127,7 +127,7 @@ for cc in (80, 89, 90):
         for cache, fp8 in ((act, False), ("*u8", True)):
             compile(FO._store_kv_kernel, cc, {"k_ptr": act, "v_ptr": act, "slot_ptr": "*i64", "c_ptr": cache,
                                               "k_scale": "fp32", "v_scale": "fp32"},
-                    dict(FP8=fp8, FMAX=448.0 if fp8 else 0.0, RECIP=True, BLOCK=1024, **E4))
+                    dict(FP8=fp8, FMAX=448.0 if fp8 else 0.0, BLOCK=1024, **E4))
         compile(W._sum_splits_kernel, cc, {"p_ptr": "*fp32", "o_ptr": act}, dict(BLOCK=1024))
 print("ok fused", flush=True)
 print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
