@@ -100,6 +100,11 @@ def evaluate(family: StitchedFamily, batches: Callable, device: str, autocast, a
             for b in latency_batches:
                 lat = latency_ms(net, b, size, device, amp, reps=latency_reps)
                 row[f"latency_b{b}_ms"] = lat["median"]
+                row["latency_mode"] = lat["mode"]  # graph: CUDA-graph replay (GPU time); eager: host included
+                if "eager_median" in lat:
+                    row[f"latency_b{b}_eager_ms"] = lat["eager_median"]
+                if "graph_error" in lat:
+                    row["latency_graph_error"] = lat["graph_error"]
         rows.append(row)
         if (i + 1) % 20 == 0:
             log(f"evaluated {i + 1} models")

@@ -56,6 +56,10 @@ def test_flops_on_gpu_equal_cpu_counts_and_latency_is_measured():
     for b in (1, 64):
         lat = latency_ms(MemberNet(gpu, m).eval(), b, 32, "cuda", amp=True, reps=5)
         assert lat["median"] > 0 and lat["reps"] >= 3
+        # captured as a CUDA graph whose output matched an eager forward; the eager time kept beside it
+        assert lat["mode"] == "graph", lat.get("graph_error")
+        assert lat["eager_median"] > 0
+        assert latency_ms(MemberNet(gpu, m).eval(), b, 32, "cuda", amp=True, reps=3, graph=False)["mode"] == "eager"
 
 
 def test_training_steps_on_gpu_with_amp(tmp_path):

@@ -103,3 +103,12 @@ def test_amp_agreement_rms_and_max_against_true_fp32():
     low = amp_agreement(fam, x, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert 0.0 < low["rms"] < low["max"] < 0.5, low
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_latency_on_the_cpu_is_eager_and_says_so():
+    from gpulab.seam.measure import latency_ms
+    from gpulab.seam.models import MemberNet
+
+    fam = _family(False)
+    lat = latency_ms(MemberNet(fam, fam.members()[0]).eval(), 2, 8, "cpu", amp=True, reps=3, warmup=1)
+    assert lat["mode"] == "eager" and lat["median"] > 0 and "eager_median" not in lat
