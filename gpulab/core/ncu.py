@@ -7,7 +7,8 @@ Typical use from a bench command with ``--ncu``::
 
 which runs ``python -m gpulab ...`` in a child process under ncu (the child sees
 ``GPULAB_UNDER_NCU=1`` and can shrink its repetitions) and returns one :class:`KernelRecord`
-per profiled kernel launch. :func:`summarize_by_kernel` folds launches of one kernel together.
+per profiled kernel launch. :func:`summarize_by_kernel` folds launches of one kernel together (counters summed,
+percentages and rates averaged, launch configuration kept, the GPU's attributes left out; see its docstring).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ _ID_COLUMNS = {"ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "
 _UNIT_SCALE = {
     "": 1.0, "%": 1.0, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
     "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024.0, "MiB": 1024.0**2, "GiB": 1024.0**3,
-    "nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
+    "nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9, "ns": 1.0, "us": 1e3, "ms": 1e6,
     "cycle": 1.0, "Kcycle": 1e3, "Mcycle": 1e6,
     "inst": 1.0, "Kinst": 1e3, "Minst": 1e6, "Ginst": 1e9,
     "warp": 1.0, "thread": 1.0, "block": 1.0, "register/thread": 1.0, "sector": 1.0, "request": 1.0,
@@ -50,7 +51,8 @@ _UNIT_SCALE = {
 }
 # What a scaled unit becomes: values are stored in base units (bytes, nanoseconds, ...).
 _BASE_UNIT = {"Kbyte": "byte", "Mbyte": "byte", "Gbyte": "byte", "Tbyte": "byte", "KB": "byte", "MB": "byte",
-              "GB": "byte", "KiB": "byte", "MiB": "byte", "GiB": "byte", "usecond": "nsecond",
+              "GB": "byte", "KiB": "byte", "MiB": "byte", "GiB": "byte", "usecond": "nsecond", "ns": "nsecond",
+              "us": "nsecond", "ms": "nsecond",
               "msecond": "nsecond", "second": "nsecond", "Kcycle": "cycle", "Mcycle": "cycle", "Kinst": "inst",
               "Minst": "inst", "Ginst": "inst", "Kbyte/second": "byte/second", "Mbyte/second": "byte/second",
               "Gbyte/second": "byte/second", "Tbyte/second": "byte/second", "Khz": "hz", "Mhz": "hz", "Ghz": "hz"}
@@ -121,8 +123,56 @@ def parse_csv_raw(text: str) -> list[KernelRecord]:
     return records
 
 
-def summarize_by_kernel(records: Iterable[KernelRecord], short_names: bool = True) -> list[dict[str, Any]]:
-    """One row per kernel name: launches, summed durations/bytes, averaged percentages."""
+# Columns of the raw page that describe the machine, not the kernel: ncu lists every one of them for every launch,
+# whatever --metrics names. summarize_by_kernel leaves them out (the device probe of the record has the GPU).
+_MACHINE_PREFIXES = ("device__attribute_", "nvlink__", "numa__", "c2clink__")
+# Columns that describe how a kernel was launched (or profiled): a setting per launch, not a quantity.
+_CONFIG_PREFIXES = ("launch__", "profiler__")
+_DURATION = "gpu__time_duration.sum"
+
+
+def metric_kind(name: str, unit: str = "") -> str:
+    """How :func:`summarize_by_kernel` folds the launches of one kernel for metric ``name`` (with ``unit``).
+
+    * ``"machine"``: ``device__attribute_*``, ``nvlink__*``, ``numa__*``, ``c2clink__*`` (the GPU and its links);
+    * ``"config"``: ``launch__*`` (grid, block, registers, shared memory, occupancy limits) and ``profiler__*``;
+    * ``"sum"``: an additive counter: the ``.sum`` rollup (``gpu__time_duration.sum``, ``dram__bytes_read.sum``,
+      ``lts__t_sectors.sum``, ``smsp__inst_executed.sum``, ...) unless its unit is a percentage or a rate;
+    * ``"mean"``: everything else: percentages, ratios, rates and the ``.avg``/``.max``/``.min``/``.pct``/
+      ``.ratio``/``.per_second``/``.pct_of_peak_*`` rollups (``sm__warps_active.avg.pct_of_peak_sustained_active``,
+      ``lts__t_sector_hit_rate.pct``, ``sm__warps_active.sum.pct_of_peak_sustained_active``), and any name without
+      a rollup suffix (a sum of those would grow with the number of launches).
+    """
+    if name.startswith(_MACHINE_PREFIXES):
+        return "machine"
+    if name.startswith(_CONFIG_PREFIXES):
+        return "config"
+    if name.endswith(".sum") and unit != "%" and not unit.endswith("/second"):
+        return "sum"
+    return "mean"
+
+
+def summarize_by_kernel(records: Iterable[KernelRecord], short_names: bool = True,
+                        machine: bool = False) -> list[dict[str, Any]]:
+    """One row per kernel name (in the order of first launch): ``kernel``, ``launches``, then each metric, folded over
+    the kernel's launches by :func:`metric_kind`:
+
+    * additive counters (``.sum``: durations, bytes, sectors, instructions, cycles) are summed: the kernel's total
+      over all its launches;
+    * percentages, ratios, rates, ``.avg``/``.max``/``.min`` rollups and names without a rollup are averaged,
+      weighted by each launch's ``gpu__time_duration.sum`` when every launch that has the value also has a
+      positive duration (achieved occupancy, hit rates: the kernel's mean over its time), else the plain mean of
+      the launches that have it;
+    * launch configuration (``launch__*``: grid and block size, registers per thread, occupancy limits, waves;
+      ``profiler__*``) is not summed: the value all launches share, or where launches differ (a kernel launched
+      with several grid sizes) the first launch's (in the order given), so that a row's configuration is that
+      of one real launch;
+    * the machine's columns (``device__attribute_*``, ``nvlink__*``, ``numa__*``, ``c2clink__*``), which ncu's raw
+      page lists for every launch whatever ``--metrics`` names, are left out: they describe the GPU, not the
+      kernel, and the record's device probe already has it. ``machine=True`` keeps them (as configuration).
+
+    A metric none of the launches has a number for (n/a, or text such as ``launch__func_cache_config``) is None.
+    """
     groups: dict[str, list[KernelRecord]] = {}
     for r in records:
         groups.setdefault(short_kernel_name(r.kernel) if short_names else r.kernel, []).append(r)
@@ -131,13 +181,24 @@ def summarize_by_kernel(records: Iterable[KernelRecord], short_names: bool = Tru
         row: dict[str, Any] = {"kernel": name, "launches": len(rs)}
         keys = {k for r in rs for k in r.metrics}
         for k in sorted(keys):
-            vals = [r.metrics[k] for r in rs if r.metrics.get(k) is not None]
+            unit = next((r.units[k] for r in rs if r.units.get(k)), "")
+            kind = metric_kind(k, unit)
+            if kind == "machine" and not machine:
+                continue
+            have = [r for r in rs if r.metrics.get(k) is not None]
+            vals = [r.metrics[k] for r in have]
             if not vals:
                 row[k] = None
-            elif k.endswith(".pct") or "pct_of" in k or k.endswith(".ratio") or ".avg" in k:
-                row[k] = sum(vals) / len(vals)
-            else:
+            elif kind == "sum":
                 row[k] = sum(vals)
+            elif kind in ("config", "machine"):
+                row[k] = vals[0]
+            else:
+                weights = [r.metrics.get(_DURATION) for r in have]
+                if all(w is not None and w > 0 for w in weights):
+                    row[k] = sum(v * w for v, w in zip(vals, weights)) / sum(weights)
+                else:
+                    row[k] = sum(vals) / len(vals)
         out.append(row)
     return out
 

@@ -2,7 +2,8 @@
 
 A :class:`Record` holds name, config, device probe, metrics, table rows, correctness checks,
 notes, started/finished UTC and the git commit; :meth:`Record.save` writes it atomically as
-YAML to ``<out>/<name>-<UTC time>.yaml``; :meth:`Record.print` shows it as a rich table.
+YAML to ``<out>/<name>-<UTC time>.yaml``; :meth:`Record.print` shows it as rich tables (the
+summary one line per field where one column per field would not fit the terminal).
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ class Record:
         if self.rows:
             console.print(rows_table(self.rows, title=title or self.name))
         if self.summary:
-            console.print(rows_table([self.summary], title=f"{self.name}: summary"))
+            console.print(summary_table(self.summary, title=f"{self.name}: summary", width=console.width))
         failed = [k for k, c in self.checks.items() if not c["passed"]]
         if self.checks:
             status = "[green]all checks passed[/]" if not failed else f"[red]FAILED: {escape(', '.join(failed))}[/]"
@@ -194,6 +195,24 @@ def rows_table(rows: list[dict[str, Any]], title: str | None = None, columns: li
     for r in rows:
         table.add_row(*(escape(fmt(r.get(c))) for c in cols))
     return table
+
+
+def table_width(rows: list[dict[str, Any]], columns: list[str] | None = None) -> int:
+    """Terminal columns that :func:`rows_table` needs to show every header and cell on one line."""
+    from rich.cells import cell_len
+
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    # rich's default box: a rule before each column and one after the last, one space of padding either side
+    return 1 + sum(3 + max([cell_len(c), *(cell_len(fmt(r.get(c))) for r in rows)]) for c in cols)
+
+
+def summary_table(summary: dict[str, Any], title: str | None = None, width: int | None = None):
+    """A record's summary (one row): one column per field where that fits in ``width`` terminal columns, else one
+    line per field, as a two-column ``field | value`` table, so that no column is folded to a few characters
+    (``gpulab probe``'s 14 fields in an 80-column log were). ``width=None``: always one column per field."""
+    if width is None or table_width([summary]) <= width:
+        return rows_table([summary], title=title)
+    return rows_table([{"field": k, "value": v} for k, v in summary.items()], title=title)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

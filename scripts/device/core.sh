@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check for gpulab core (run from the repo root on the GPU machine; $OUT is the output folder).
 # ~1 minute on an H100: GPU tests of core, the probe with ceilings, and a real `ncu --csv --page raw`
-# recording to commit as tests/core/fixtures/ncu_raw_recorded.csv.
+# recording to commit as a test fixture (the first: tests/core/fixtures/ncu_raw_h200_2026-11-27.csv).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpulab-out}
 mkdir -p "$OUT/core"

@@ -1,7 +1,8 @@
 """The ncu CSV parser on a sample written to the documented `ncu --csv --page raw` format.
 
 The fixture was written by hand to Nsight Compute's documented raw-page CSV layout (header row, units row,
-one row per profiled launch, ==PROF== lines around it); it is not yet a recording from the GPU machine.
+one row per profiled launch, ==PROF== lines around it); the recording from the GPU machine is tested in
+test_ncu_recorded.py.
 """
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def test_summarize_by_kernel_sums_and_averages():
     assert g["launches"] == 2
     assert g["dram__bytes_read.sum"] == pytest.approx(1120e6)
     assert g["gpu__time_duration.sum"] == pytest.approx(1285e3)
-    assert g["sm__warps_active.avg.pct_of_peak_sustained_active"] == pytest.approx(67.0)
+    # weighted by each launch's duration (1234.5 us at 67.02 %, 50.5 us at 66.98 %)
+    assert g["sm__warps_active.avg.pct_of_peak_sustained_active"] == pytest.approx(
+        (67.02 * 1234.5 + 66.98 * 50.5) / 1285.0)
     assert g["lts__t_sector_hit_rate.pct"] == pytest.approx(10.0)  # n/a ignored
 
 
