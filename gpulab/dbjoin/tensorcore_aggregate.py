@@ -4,18 +4,29 @@
    a bijective mix of the key, the low R bits pick the partition; torch gathers keys and payloads into
    partition order (the interpreter has no indirect loads, and the kernel reads only contiguous ranges).
 2. One Triton program per partition (``tensorcore_aggregate_kernel.tc_agg_kernel``): equality of keys is
-   E = (codes . codes^T == K) on +-1 bit codes (tl.dot), and the aggregates are a second product
-   ``tl.dot(E, P)`` with P = [7-bit limbs of payload + 2^31 (5 columns), a column of ones, zeros]:
-   the ones column gives the match count, the limb columns the payload sums. Every product entry is at most
-   BN * 127 < 2^24, so fp16/bf16 (fp32 accumulate), int8 (int32 accumulate) and fp32/tf32 are all exact;
-   the limbs are recombined and accumulated in int64 (wrapping modulo 2^64 like the references).
+   E = (codes . codes^T == K) on +-1 bit codes (tl.dot, tensor cores, for every code type). The per-row
+   count and payload sum over E's columns are formed one of two ways (``agg_product``):
+
+   * "dot" (the default for int8 aggregate products only): a second product ``tl.dot(E, P)`` with
+     P = [7-bit limbs of payload + 2^31 (5 columns), a column of ones, zeros]: the ones column gives the match
+     count, the limb columns the payload sums. Every product entry is at most BN * 127 < 2^24, so int8 (int32
+     accumulate) is exact, as fp16/bf16 (fp32 accumulate) and fp32/tf32 would be in exact arithmetic.
+   * "sum" (the default for fp16/bf16/fp32 aggregate products, int8 codes at block 16 included: their aggregate
+     product is fp16): int64 row sums of E and of E * payload, no second dot. Why: on an NVIDIA H200 with
+     Triton 3.6 (2026-11-27) the fp16/bf16 chained dot (the first dot's result as the second's A operand, which
+     Triton on Hopper may feed from the MMA accumulator registers; cf. triton issue #6124) gave wrong groups
+     (39 and 35 groups for 40) and, at 1M x 1M, an illegal memory access; int8's second dot was correct
+     there. The "sum" path has so far run only under the interpreter, not yet on a GPU.
+
+   Either way the sums are accumulated in int64 (wrapping modulo 2^64 like the references).
    L x R products give cR, SR per left row; L x L products (only for tiles with a match) give cL, SL and
    whether an equal key sits at an earlier left position, so exactly one left row per key writes
    (key, cL*cR, SL*cR, SR*cL), appended with one atomic per tile. The output has at most one row per
    distinct left key, so ``len(left)`` is an exact capacity and nothing is re-run.
 
-Work: per partition (L x R + L x L) tiles of BM x BM x K for the equality and BM x BM x 16 for the aggregate,
-about twice the tensor-core join's products; no pair is ever materialized.
+Work: per partition (L x R + L x L) tiles of BM x BM x K for the equality and BM x BM x 16 for the aggregate
+("dot"; "sum": BM x BM row sums on the CUDA cores), about twice the tensor-core join's products; no pair is ever
+materialized.
 """
 from __future__ import annotations
 
@@ -36,17 +47,26 @@ def compiler_problem(block: int, triton_version: str | None = None) -> str | Non
     return None
 
 
+AGG_PRODUCTS = ("dot", "sum")
+
+
 class TensorCoreAggregate:
-    """``aggregate(lk, lp, rk, rp)`` on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """``aggregate(lk, lp, rk, rp)`` on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    ``agg_product``: how count and sum over the matching columns are formed (module docstring, step 2):
+    "dot" (a second tl.dot), "sum" (int64 reductions) or None, the default: "dot" exactly when the aggregate
+    product type (:attr:`agg_dtype`) is int8. Forcing one is for tests and for reproducing GPU results."""
 
     def __init__(self, code_dtype: str = "fp16", block: int = 64, rows_per_partition: int | None = None,
-                 mode: str = "sum"):
+                 mode: str = "sum", agg_product: str | None = None):
         if code_dtype not in CODE_DTYPES:
             raise InputError(f"--tc-dtype must be one of {', '.join(CODE_DTYPES)}, got {code_dtype!r}")
         check_block(block)
         if mode not in AGGREGATES:
             raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {mode!r}")
-        self.code_dtype, self.block, self.mode = code_dtype, block, mode
+        if agg_product is not None and agg_product not in AGG_PRODUCTS:
+            raise InputError(f"agg_product must be one of {', '.join(AGG_PRODUCTS)} or None, got {agg_product!r}")
+        self.code_dtype, self.block, self.mode, self.agg_product = code_dtype, block, mode, agg_product
         self.rows_per_partition = rows_per_partition or block // 2
         if self.rows_per_partition < 1:
             raise InputError(f"rows per partition must be >= 1, got {self.rows_per_partition}")
@@ -61,6 +81,14 @@ class TensorCoreAggregate:
     def agg_dtype(self) -> str:
         """The type of the aggregate product E x P (K = block): int8 dots need K >= 32, so fp16 for block 16."""
         return "fp16" if self.code_dtype == "int8" and self.block < 32 else self.code_dtype
+
+    @property
+    def agg_dot(self) -> bool:
+        """The kernel's AGG_DOT: count and sum as a second tl.dot (int8 aggregate products, or forced "dot"),
+        else as int64 reductions (fp16/bf16 chained dots were wrong on an H200 with Triton 3.6)."""
+        if self.agg_product is not None:
+            return self.agg_product == "dot"
+        return self.agg_dtype == "int8"
 
     def aggregate(self, lk, lp, rk, rp) -> AggResult:
         import torch
@@ -99,8 +127,7 @@ class TensorCoreAggregate:
         tc_agg_kernel[(1 << r,)](L.lo, L.hi, l_key, l_pay, L.start, L.count, Rt.lo, Rt.hi, r_pay, Rt.start,
                                  Rt.count, out_key, out_count, out_suml, out_sumr, counter, r, kused,
                                  KP=64 if has_hi else 32, HAS_HI=has_hi, BM=self.block, DT=self._dtype(),
-                                 ADT=self._dtype(self.agg_dtype),
-                                 WITH_SUMS=sums)
+                                 ADT=self._dtype(self.agg_dtype), WITH_SUMS=sums, AGG_DOT=self.agg_dot)
         n = int(counter.item())
         if sums:
             return AggResult(out_key[:n], out_count[:n], out_suml[:n], out_sumr[:n])

@@ -1,6 +1,16 @@
 """Triton kernel of the tensor-core join-aggregate (see tensorcore_aggregate.py); imports triton at import time.
 
 Set TRITON_INTERPRET=1 before importing this module to run it on the CPU (fp32 codes only).
+
+The match matrix E always comes from the tensor-core product of the key codes. The per-row count and payload
+sum over E's columns are formed one of two ways (constexpr AGG_DOT, chosen in tensorcore_aggregate.py):
+
+* AGG_DOT True: a second product tl.dot(E, P) with the limb matrix P (:func:`_payload_matrix`). Used only for
+  int8 aggregate products: on an NVIDIA H200 with Triton 3.6 (2026-11-27) int8's second dot was correct.
+* AGG_DOT False: plain int64 reductions over E (no second dot), for fp16/bf16/fp32 aggregate types. On that
+  H200 the fp16/bf16 chained dot (one dot's result as the next dot's A operand, which Triton on Hopper may take
+  straight from the MMA accumulator registers; cf. triton issue #6124) gave wrong groups and then an illegal
+  memory access. The reduction path has not yet been run on a GPU (only the interpreter).
 """
 import triton
 import triton.language as tl
@@ -46,17 +56,39 @@ def _limb_sums(y, WITH_SUMS: tl.constexpr):
     return cnt, s
 
 
+@triton.jit
+def _match_sums(eq, pay, valid, WITH_SUMS: tl.constexpr, ADT: tl.constexpr, AGG_DOT: tl.constexpr):
+    """(count, payload sum) per row of the [rows, cols] match matrix ``eq`` (bool) over its valid columns,
+    exact in int64. AGG_DOT: as tl.dot(eq, payload matrix) in type ADT (see the module docstring); else plain
+    int64 reductions (no second dot)."""
+    if AGG_DOT:
+        cnt, s = _limb_sums(tl.dot(eq.to(ADT), _payload_matrix(pay, valid, WITH_SUMS, ADT)), WITH_SUMS)
+    else:
+        m = eq & valid[None, :]
+        cnt = tl.sum(m.to(tl.int64), axis=1)
+        if WITH_SUMS:
+            s = tl.sum(tl.where(m, pay[None, :].to(tl.int64), 0), axis=1)
+        else:
+            s = cnt * 0
+    return cnt, s
+
+
 # Runtime sizes are not specialized, so one compile serves every table size (see tensorcore_kernel).
 @triton.jit(do_not_specialize=["R", "KUSED"])
 def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r_start, r_cnt,
                   out_key, out_count, out_suml, out_sumr, counter,
                   R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
-                  BM: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr, WITH_SUMS: tl.constexpr):
+                  BM: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr, WITH_SUMS: tl.constexpr,
+                  AGG_DOT: tl.constexpr):
     """One program per partition; DT: the key codes' type, ADT: the aggregate product's (DT, or fp16 where
-    int8 has too short a reduction: BM 16 < 32). For each BM tile of its left rows (BM = BN):
+    int8 has too short a reduction: BM 16 < 32). AGG_DOT: count and sum over E's columns as a second tl.dot
+    (True; only for int8 ADT, the one type whose chained dot was correct on an H200 with Triton 3.6) or as int64
+    reductions over E (False; fp16/bf16 chained dots gave wrong groups and an illegal address there; not yet
+    run on a GPU). For each BM tile of its left rows (BM = BN):
 
-    1. E = (codes(left tile) . codes(right tile)^T == K) for every right tile; tl.dot(E, P_right) gives
-       per left row cR (column 5) and SR (limb columns): the right count and payload sum of its key.
+    1. E = (codes(left tile) . codes(right tile)^T == K) for every right tile (always tl.dot of the codes);
+       per left row cR and SR: the right count and payload sum of its key (tl.dot(E, P_right), column 5 and
+       the limb columns, or row sums of E and of E * payload).
     2. Only when some left row of the tile has cR > 0: the same against every left tile of the partition
        gives cL and SL, and the number of equal keys at earlier left positions (0: the row represents its key).
     3. Representatives with cR > 0 append (key, cL*cR, SL*cR, SR*cL) with one atomic per tile.
@@ -78,9 +110,9 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
             on = nt * BM + tl.arange(0, BM)
             nm = on < rn
             b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
-            e = (tl.dot(a, b) == KUSED).to(ADT)
+            e = tl.dot(a, b) == KUSED
             pay = tl.load(r_pay + rs + on, mask=nm, other=0)
-            c, s = _limb_sums(tl.dot(e, _payload_matrix(pay, nm, WITH_SUMS, ADT)), WITH_SUMS)
+            c, s = _match_sums(e, pay, nm, WITH_SUMS, ADT, AGG_DOT)
             c_r += c
             s_r += s
         if tl.sum((c_r > 0).to(tl.int32), axis=0) > 0:
@@ -94,7 +126,7 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
                 eq = tl.dot(a, b) == KUSED
                 earlier += tl.sum((eq & (on[None, :] < om[:, None])).to(tl.int32), axis=1)
                 pay = tl.load(l_pay + ls + on, mask=nm, other=0)
-                c, s = _limb_sums(tl.dot(eq.to(ADT), _payload_matrix(pay, nm, WITH_SUMS, ADT)), WITH_SUMS)
+                c, s = _match_sums(eq, pay, nm, WITH_SUMS, ADT, AGG_DOT)
                 c_l += c
                 s_l += s
             emit = mm & (c_r > 0) & (earlier == 0)

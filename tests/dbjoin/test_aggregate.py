@@ -108,14 +108,21 @@ def _devs(*arrays):
 TC_CASES = [(dt, n) for dt, n in CASE_IDS if not (dt == "int64" and n in ("unique-half", "build-larger", "zipf"))]
 
 
+# both ways of forming count and sum over the matches (the kernel's AGG_DOT): "dot", a second tl.dot (the GPU's
+# form for int8 aggregate products), and "sum", int64 reductions (fp16/bf16/fp32); fp32 codes take either here
+AGG_PRODUCTS = ["dot", "sum"]
+
+
 @interpreted
+@pytest.mark.parametrize("product", AGG_PRODUCTS)
 @pytest.mark.parametrize("dt,name", TC_CASES)
-def test_tensorcore_aggregate_interpreted(dt, name):
+def test_tensorcore_aggregate_interpreted(dt, name, product):
     from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
 
     lk, lp, rk, rp = case(dt, name)
     ref = A.pandas_aggregate(lk, lp, rk, rp)
-    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=8)  # many partitions
+    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=8, agg_product=product)  # many partitions
+    assert tc.agg_dot is (product == "dot")
     _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), ref)
 
 
@@ -135,8 +142,9 @@ def test_tensorcore_aggregate_on_the_counting_partition(dt, name, monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("product", AGG_PRODUCTS)
 @pytest.mark.parametrize("dt", ["int32", "int64"])
-def test_tensorcore_aggregate_multi_tile_and_count(dt):
+def test_tensorcore_aggregate_multi_tile_and_count(dt, product):
     """One partition of several tiles: duplicates of a key spread over tiles must still give one output row."""
     from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
 
@@ -146,12 +154,39 @@ def test_tensorcore_aggregate_multi_tile_and_count(dt):
     lk[:4] = np.iinfo(dt).min
     lp, rp = payloads(len(lk), 4), payloads(len(rk), 5)
     ref = A.pandas_aggregate(lk, lp, rk, rp)
-    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=1000)
+    tc = TensorCoreAggregate("fp32", block=16, rows_per_partition=1000, agg_product=product)
     _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), ref)
     assert tc.last_partitions == 1
-    cnt = TensorCoreAggregate("fp32", block=32, mode="count").aggregate(*_devs(lk, lp, rk, rp))
+    cnt = TensorCoreAggregate("fp32", block=32, mode="count", agg_product=product).aggregate(*_devs(lk, lp, rk, rp))
     assert cnt.sum_left is None
     _assert_equal(cnt, ref, "count")
+
+
+@pytest.mark.parametrize("code,block,product,agg_dot", [
+    ("int8", 64, None, True), ("int8", 32, None, True), ("int8", 128, None, True),
+    ("int8", 16, None, False),  # the aggregate product of int8 codes at block 16 is fp16
+    ("fp16", 64, None, False), ("bf16", 32, None, False), ("fp32", 16, None, False), ("fp16", 16, None, False),
+    ("fp16", 64, "dot", True), ("int8", 64, "sum", False), ("fp32", 16, "dot", True)])
+def test_tensorcore_aggregate_chooses_the_second_dot_for_int8_only(code, block, product, agg_dot, monkeypatch):
+    """The kernel gets AGG_DOT True (a second tl.dot) only where the aggregate product is int8, unless forced: the
+    fp16/bf16 chained dot gave wrong groups and an illegal address on an H200 (Triton 3.6), int8's was correct.
+    The launch is recorded, not run, so every code type is checked here."""
+    from gpulab.dbjoin import tensorcore_aggregate_kernel as K
+    from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launches.append(consts)
+
+    monkeypatch.setattr(K, "tc_agg_kernel", Recorder())
+    tc = TensorCoreAggregate(code, block=block, agg_product=product)
+    assert tc.agg_dot is agg_dot
+    got = tc.aggregate(*(torch.tensor(v, dtype=torch.int32) for v in ([1, 2], [3, 4], [2, 5], [6, 7])))
+    assert len(got.key) == 0  # nothing ran
+    assert len(launches) == 1
+    assert launches[0]["AGG_DOT"] is agg_dot and launches[0]["ADT"] == tc._dtype(tc.agg_dtype)
 
 
 def test_tensorcore_aggregate_rejects_bad_options():
@@ -162,6 +197,8 @@ def test_tensorcore_aggregate_rejects_bad_options():
         TensorCoreAggregate("fp32", mode="avg")
     with pytest.raises(InputError, match="tc-block"):
         TensorCoreAggregate("fp32", block=8)
+    with pytest.raises(InputError, match="agg_product must be one of dot, sum or None"):
+        TensorCoreAggregate("fp32", agg_product="limbs")
     with pytest.raises(InputError, match="--aggregate"):
         A.pandas_aggregate(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
                            np.zeros(1, np.int32), "max")
@@ -180,7 +217,9 @@ def test_compiler_problem_of_old_triton():
         assert compiler_problem(block, tv) is None, (block, tv)
 
 
-# few (code, key) kernels: each is one Triton compile on the GPU, inside the device script's pytest budget
+# few (code, key) kernels: each is one Triton compile on the GPU, inside the device script's pytest budget (these
+# run in a pytest process of their own there: a crash here must not fail the join tests); fp16/bf16 codes take the
+# reductions (AGG_DOT False), int8 at block >= 32 the second dot
 @pytest.mark.gpu
 @pytest.mark.parametrize("code,dt", [("fp16", "int32"), ("int8", "int32"), ("fp16", "int64"), ("int8", "int64"),
                                      ("bf16", "int64")])
@@ -211,7 +250,7 @@ def test_tensorcore_aggregate_gpu_1m_count_and_block16():
     _assert_equal(TensorCoreAggregate("int8", block=128, mode="count").aggregate(*_devs(*args)), ref, "count")
     lk, lp, rk, rp = case("int32", "sentinel")
     tc = TensorCoreAggregate("int8", block=16, mode="count")
-    assert tc.agg_dtype == "fp16"
+    assert tc.agg_dtype == "fp16" and not tc.agg_dot  # an fp16 aggregate product: the reductions, no second dot
     _assert_equal(tc.aggregate(*_devs(lk, lp, rk, rp)), A.pandas_aggregate(lk, lp, rk, rp), "count")
 
 

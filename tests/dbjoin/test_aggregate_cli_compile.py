@@ -57,21 +57,25 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gpulab.dbjoin.tensorcore_aggregate import TensorCoreAggregate
 from gpulab.dbjoin.tensorcore_aggregate_kernel import tc_agg_kernel
 
 DT = {"fp16": tl.float16, "bf16": tl.bfloat16, "int8": tl.int8, "fp32": tl.float32}
 sig = {n: "*i32" for n in ("l_lo", "l_hi", "l_pay", "l_start", "l_cnt", "r_lo", "r_hi", "r_pay", "r_start", "r_cnt")}
 sig.update({n: "*i64" for n in ("out_key", "out_count", "out_suml", "out_sumr", "counter")}, R="i32", KUSED="i32")
 for cc in (90, 80):
-    for code, has_hi, block, sums in [("fp16", False, 128, True), ("bf16", True, 32, True), ("int8", True, 64, True),
-                                      ("int8", False, 16, False), ("fp32", True, 64, False)]:
-        agg = "fp16" if code == "int8" and block < 32 else code  # as TensorCoreAggregate.agg_dtype
-        consts = {"KP": 64 if has_hi else 32, "HAS_HI": has_hi, "BM": block, "DT": DT[code], "ADT": DT[agg],
-                  "WITH_SUMS": sums}
+    # the class's own choices (agg_dtype, AGG_DOT: a second dot for int8 products, int64 reductions otherwise), and
+    # fp16 with the second dot forced (agg_product="dot": the form that failed on an H200 must still build)
+    for code, has_hi, block, sums, product in [
+            ("fp16", False, 128, True, None), ("bf16", True, 32, True, None), ("int8", True, 64, True, None),
+            ("int8", False, 16, False, None), ("fp32", True, 64, False, None), ("fp16", True, 64, True, "dot")]:
+        tc = TensorCoreAggregate(code, block, mode="sum" if sums else "count", agg_product=product)
+        consts = {"KP": 64 if has_hi else 32, "HAS_HI": has_hi, "BM": block, "DT": DT[code],
+                  "ADT": DT[tc.agg_dtype], "WITH_SUMS": sums, "AGG_DOT": tc.agg_dot}
         s = dict(sig, l_key="*i64" if has_hi else "*i32", **{k: "constexpr" for k in consts})
         s = {a: s[a] for a in tc_agg_kernel.arg_names}  # in parameter order: Triton 3.2 reads it by position
         triton.compile(ASTSource(tc_agg_kernel, s, consts), target=GPUTarget("cuda", cc, 32))
-        print("ok", cc, code, has_hi, block, sums, flush=True)
+        print("ok", cc, code, has_hi, block, sums, tc.agg_dot, flush=True)
 print("ok all")
 """
 

@@ -67,7 +67,8 @@ k = triton.compile(ASTSource(tc_join_kernel, dict(sig, **{c: "constexpr" for c i
 assert k.metadata.shared <= DESKTOP_SMEM, ("tc_join", k.metadata.shared)
 asig = {n: "*i32" for n in ("l_lo", "l_hi", "l_pay", "l_start", "l_cnt", "r_lo", "r_hi", "r_pay", "r_start", "r_cnt")}
 asig.update({n: "*i64" for n in ("out_key", "out_count", "out_suml", "out_sumr", "counter")}, R="i32", KUSED="i32")
-consts = {"KP": 64, "HAS_HI": True, "BM": 128, "DT": tl.float32, "ADT": tl.float32, "WITH_SUMS": True}
+consts = {"KP": 64, "HAS_HI": True, "BM": 128, "DT": tl.float32, "ADT": tl.float32, "WITH_SUMS": True,
+          "AGG_DOT": False}  # as TensorCoreAggregate("fp32", 128).agg_dot
 asig = dict(asig, l_key="*i64", **{c: "constexpr" for c in consts})
 asig = {a: asig[a] for a in tc_agg_kernel.arg_names}  # in parameter order: Triton 3.2 reads it by position
 k = triton.compile(ASTSource(tc_agg_kernel, asig, consts),
