@@ -281,7 +281,8 @@ def eval_(
         worst = amp_agreement(fam, first, autocast)
         rec.check("bf16_logits_close_to_fp32", worst["rms"] < 0.25,
                   f"rms(bf16 - fp32) / std = {worst['rms']:.4f} (max |bf16 - fp32| / std = {worst['max']:.4f})")
-    cols = ["name", "kind", "top1", "gmacs", "params", "latency_b1_ms", "latency_b64_ms", "latency_mode", "interpolates"]
+    cols = ["name", "kind", "top1", "gmacs", "params", "latency_b1_ms", "latency_b64_ms", "latency_mode",
+            "interpolates"]
     rec.rows = [{k: r.get(k) for k in cols if k in r} for r in rows]
     anchors = [r for r in rows if r["kind"] == "anchor"]
     rec.metrics = {"interpolation": interp, "models": rows}

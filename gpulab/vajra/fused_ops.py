@@ -11,7 +11,8 @@ index_put scatters, FP8 scaling); ``store_kv`` is one. With these kernels a laye
 Each kernel rounds where the unfused torch ops round (bf16 / fp16 after every op), so the two paths
 agree to the last bit in most elements (all under the CPU interpreter; on an H200 in bf16 the norm's nearly
 all, RoPE's 77%, not explained yet: the probe and tests compare within bf16 rounding); the torch ops in
-``reference.py`` are the reference, and the CPU tests run these kernels under ``TRITON_INTERPRET=1`` in fp32 against them. Where the W8A16 GEMM splits K,
+``reference.py`` are the reference, and the CPU tests run these kernels under ``TRITON_INTERPRET=1`` in fp32
+against them. Where the W8A16 GEMM splits K,
 the norm and RoPE kernels also sum its fp32 partials (``Linear(x, partials=True)``), which saves the
 separate reduction kernel of the o, down and qkv projections. ``fused_ops_problem`` probes
 them once per device, dtype and model size; the model falls back to the unfused ops where they fail.

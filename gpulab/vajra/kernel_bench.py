@@ -2,6 +2,12 @@
 at Llama-3.1-8B shapes, a batch-1 decode step against the weight-streaming roofline, and the
 attention backends. Run ``python -m gpulab.vajra.kernel_bench --out DIR [--size full|small]``.
 
+GEMM rows: on a GPU each call (and each W8A16 tiling of the M = 1 sweep) is timed as CUDA-graph replays
+of one call, each after an L2 flush, as in a decode step (device time: eager timing of the Python
+wrappers, with their Triton launch and allocations, measured the host: ~0.145 ms for any W8A16 GEMM
+on an H200 where 32 layers' decode step took 3.35 ms); where capture fails, eagerly (noted). The
+``timed`` column says which (``graph`` | ``eager``; on the CPU always ``eager``).
+
 Attention, decode only (rows ``gemm: attn decode``): the Triton split-KV decode kernel
 (``triton-decode``, what the triton backend runs for a decode-only step), the general varlen
 Triton kernel (``triton-varlen``, what decode ran on before) and flashinfer's decode wrapper, one
@@ -53,7 +59,7 @@ def bench(
     import torch
     import torch.nn.functional as F
 
-    from gpulab.core import ceilings, options, results, timing
+    from gpulab.core import ceilings, options, results
     from gpulab.core.errors import InputError
     from gpulab.vajra import reference as R
     from gpulab.vajra.linear import scaled_mm, w8a8_unavailable
@@ -135,12 +141,13 @@ def bench(
                 tol = 0.08 if name == "w8a8" else 2e-2
                 rec.check(f"{gname} M={m} {name}", err < tol, {"rel_err": round(err, 5)})
                 # an L2 flush before each call: in a decode step no layer's weights are still in L2 (32 layers x
-                # 218 MB), while one GEMM's weights (17-25 MB in FP8 for qkv and o) fit in an H100's 50 MB; the
-                # flush (~0.1 ms) also covers the call's Python launch, so an M=1 row times the kernel alone
-                t = timing.benchmark(fn, device=dev, warmup=5, reps=reps, flush_l2=cuda)
+                # 218 MB), while one GEMM's weights (17-25 MB in FP8 for qkv and o) fit in an H100's 50 MB. On a
+                # GPU the call is a CUDA-graph replay: eagerly, the wrappers' host work (Triton launch,
+                # allocations) outlasts an M=1 kernel and the row would time the host
+                t, how = _timed(rec, fn, dev, reps, f"{gname} M={m} {name}")
                 wbytes = n * k * (1 if name != "dense" else wd.element_size())
                 row = {"gemm": gname, "N x K": f"{n}x{k}", "M": m, "impl": name, "ms": round(t.median, 4),
-                       "weight GB/s": round(wbytes / t.median / 1e6, 1)}
+                       "weight GB/s": round(wbytes / t.median / 1e6, 1), "timed": how}
                 if name == "w8a16" and m == 1:
                     w8a16_m1.append((wbytes, t.median))
                 if copy_gbs:
@@ -154,18 +161,19 @@ def bench(
                     for split in (1, 2, 4):
                         for warps in (4,):
                             cfg = {"BN": bn, "SPLIT_K": split, "num_warps": warps}
+                            tiled = lambda cfg=cfg: w8a16_matmul(x, q, s, "channel", config=cfg)  # noqa: E731
                             try:
-                                tt = timing.benchmark(lambda: w8a16_matmul(x, q, s, "channel", config=cfg),
-                                                      device=dev, warmup=3, reps=max(10, reps // 5),
-                                                      flush_l2=True).median
-                            except Exception as e:  # a tiling that does not compile
+                                tiled()  # a tiling that does not compile fails here
+                            except Exception as e:  # noqa: BLE001
                                 rec.notes.append(f"w8a16 {gname} {cfg}: {type(e).__name__}")
                                 continue
-                            if best is None or tt < best[0]:
-                                best = (tt, cfg)
+                            tt, how = _timed(rec, tiled, dev, max(10, reps // 5), f"w8a16 {gname} {cfg}",
+                                             warmup=3)
+                            if best is None or tt.median < best[0]:
+                                best = (tt.median, cfg, how)
                 if best:
                     best_w8a16[gname] = {"ms": round(best[0], 4), "config": best[1],
-                                         "weight_GBps": round(n * k / best[0] / 1e6, 1)}
+                                         "weight_GBps": round(n * k / best[0] / 1e6, 1), "timed": best[2]}
         del w, q, wd
     if skipped:
         rec.notes.append(f"--budget-s {budget_s:g}: {', '.join(skipped)} skipped (out of time)")
@@ -349,6 +357,28 @@ def count_kernels(fn) -> int | None:
         return None
 
 
+def _timed(rec, fn, dev, reps, tag, *, warmup=5, graph_reps=None):
+    """Time one call of ``fn`` -> (Timing, how). On a GPU: CUDA-graph replays of one call (``graph_reps``, default
+    ``reps``), each after an L2 flush (device time; the replay's launch is all the host adds), or, where capture
+    fails (noted in ``rec``), ``reps`` eager calls after the same flush (``eager``: the Python launch included).
+    Elsewhere ``reps`` eager calls (``eager``)."""
+    import torch
+
+    from gpulab.core import timing
+
+    if dev != "cuda":
+        return timing.benchmark(fn, device=dev, warmup=warmup, reps=reps), "eager"
+    try:
+        g = _graph_of(fn)
+        t = timing.benchmark(g.replay, device=dev, warmup=2, reps=graph_reps or reps, flush_l2=True)
+        del g
+        return t, "graph"
+    except Exception as e:  # noqa: BLE001 - not capturable: eager (launch overhead included)
+        torch.cuda.synchronize()
+        rec.notes.append(f"{tag}: CUDA-graph capture failed ({type(e).__name__}), timed eagerly")
+        return timing.benchmark(fn, device=dev, warmup=warmup, reps=reps, flush_l2=True), "eager"
+
+
 def _graph_of(fn):
     """A CUDA graph of one call of ``fn`` (warmed up first, on a side stream): its replay() times device work
     without Python launch overhead."""
@@ -473,20 +503,10 @@ def _attention_config(rec, dev, b, ctx, width, shape, act, wanted, fi, reps):
             got = fn()[:nchk].float()
             err = float((got - ref).abs().max())
             rec.check(tag, err < (3e-2 if cuda else 1e-4), {"max_abs_err": round(err, 6)})
-            how = "graph"
-            if cuda:
-                try:  # one call per replay, after an L2 flush: at B=1 a layer's K/V (8 MB at 2k context) would
-                    # stay in L2 across back-to-back calls, which a decode step (32 layers) never sees; the flush
-                    # also covers the replay's launch
-                    g = _graph_of(fn)
-                    ms = timing.benchmark(g.replay, device=dev, warmup=2, reps=max(5, reps // 2),
-                                          flush_l2=True).median
-                    del g
-                except Exception as e:  # noqa: BLE001 - not capturable: eager (launch overhead included)
-                    torch.cuda.synchronize()
-                    how = "eager"
-                    rec.notes.append(f"{tag}: CUDA-graph capture failed ({type(e).__name__}), timed eagerly")
-                    ms = timing.benchmark(fn, device=dev, warmup=3, reps=reps, flush_l2=True).median
+            if cuda:  # one call per replay, after an L2 flush: at B=1 a layer's K/V (8 MB at 2k context) would
+                # stay in L2 across back-to-back calls, which a decode step (32 layers) never sees
+                t, how = _timed(rec, fn, dev, reps, tag, warmup=3, graph_reps=max(5, reps // 2))
+                ms = t.median
             else:
                 how = "interpreter"
                 ms = timing.benchmark(fn, device=dev, warmup=0, reps=1).median

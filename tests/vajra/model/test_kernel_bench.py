@@ -1,0 +1,90 @@
+"""serve-kernels' GEMM rows: timed as CUDA-graph replays on a GPU (eagerly where capture fails, and on the CPU),
+the mode in each row's ``timed`` column."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from gpulab.core import timing
+from gpulab.vajra import kernel_bench as KB
+
+
+def _rec():
+    return types.SimpleNamespace(notes=[], metrics={}, rows=[])
+
+
+def _fake_benchmark(calls):
+    def bench(fn, *, device, warmup=3, reps=20, flush_l2=False, **kw):
+        calls.append({"fn": fn, "device": device, "warmup": warmup, "reps": reps, "flush_l2": flush_l2})
+        return timing.summarize([0.5])
+    return bench
+
+
+def test_timed_replays_a_graph_on_a_gpu(monkeypatch):
+    calls, graph = [], types.SimpleNamespace(replay=lambda: None)
+    monkeypatch.setattr(timing, "benchmark", _fake_benchmark(calls))
+    monkeypatch.setattr(KB, "_graph_of", lambda fn: graph)
+    rec = _rec()
+    t, how = KB._timed(rec, lambda: None, "cuda", 50, "qkv M=1 w8a16")
+    assert how == "graph" and t.median == 0.5 and rec.notes == []
+    assert len(calls) == 1 and calls[0]["fn"] is graph.replay and calls[0]["flush_l2"] and calls[0]["reps"] == 50
+    KB._timed(rec, lambda: None, "cuda", 50, "attn", graph_reps=25)
+    assert calls[1]["reps"] == 25
+
+
+def test_timed_falls_back_to_eager_where_capture_fails(monkeypatch):
+    calls = []
+
+    def no_graph(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(timing, "benchmark", _fake_benchmark(calls))
+    monkeypatch.setattr(KB, "_graph_of", no_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    rec, fn = _rec(), (lambda: None)
+    t, how = KB._timed(rec, fn, "cuda", 50, "o M=16 dequant-jit", warmup=3)
+    assert how == "eager" and calls[0]["fn"] is fn and calls[0]["flush_l2"] and calls[0]["warmup"] == 3
+    assert rec.notes == ["o M=16 dequant-jit: CUDA-graph capture failed (RuntimeError), timed eagerly"]
+
+
+def test_timed_on_the_cpu_is_eager(monkeypatch):
+    monkeypatch.setattr(KB, "_graph_of", lambda fn: pytest.fail("no CUDA graph on the CPU"))
+    t, how = KB._timed(_rec(), lambda: torch.ones(4).sum(), "cpu", 2, "x")
+    assert how == "eager" and t.median >= 0
+
+
+def test_gemm_rows_name_their_timing_mode(out_dir):
+    from typer.testing import CliRunner
+
+    from gpulab.core import results
+
+    r = CliRunner().invoke(KB.app, ["--size", "small", "--tokens", "1,4", "--reps", "1", "--no-decode",
+                                    "--no-attn-kernels", "--no-tilings"])
+    assert r.exit_code == 0, r.output
+    rec = results.load(sorted(out_dir.glob("vajra-kernels-*.yaml"))[-1])
+    gemm_rows = [row for row in rec["rows"] if row["gemm"] in KB.GEMMS_8B]
+    assert len(gemm_rows) >= 8 and rec["ok"]
+    want = "graph" if torch.cuda.is_available() else "eager"
+    assert {row["timed"] for row in gemm_rows} == {want}
+
+
+@pytest.mark.gpu
+def test_gpu_w8a16_gemm_is_timed_in_a_graph():
+    """The Triton W8A16 GEMM, its dequant+GEMM and dense neighbours capture into a CUDA graph: the rows time the
+    kernels, not the wrappers' launch."""
+    import torch.nn.functional as F
+
+    from gpulab.vajra import fp8_kernels as K
+    from gpulab.vajra import reference as R
+    from gpulab.vajra.w8a16 import w8a16_matmul
+
+    w = torch.randn(1024, 512, device="cuda") * 0.02
+    q, s = R.quantize_rows(w)
+    x = torch.randn(1, 512, device="cuda").to(torch.bfloat16)
+    rec = _rec()
+    for fn in (lambda: w8a16_matmul(x, q, s, "channel"), lambda: F.linear(x, w.to(torch.bfloat16)),
+               lambda: F.linear(x, K.dequantize(q, s, None, out_dtype=torch.bfloat16))):
+        t, how = KB._timed(rec, fn, "cuda", 5, "gemm")
+        assert how == "graph" and t.median > 0, rec.notes
