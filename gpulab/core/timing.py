@@ -152,3 +152,24 @@ def wall(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1, sync_cuda: bo
         run()
         samples.append((time.perf_counter() - t0) * 1e3)
     return summarize(samples)
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 1) -> tuple[Any, Any]:
+    """One call of ``fn`` captured as a CUDA graph, whose ``replay()`` then times device work without Python's
+    launch overhead. ``fn`` runs ``warmup`` times on a side stream first (lazy initialisation and cuBLAS/cuDNN
+    algorithm choices stay out of the capture). Returns (the graph, the captured call's output: static tensors
+    that every replay rewrites)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    torch.cuda.synchronize()
+    return g, out

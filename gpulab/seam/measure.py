@@ -88,17 +88,17 @@ def latency_ms(net: torch.nn.Module, batch: int, image_size: int, device: str, a
 def _captured_forward(net: torch.nn.Module, x: torch.Tensor, bf16: bool) -> Callable[[], Any]:
     """``net(x)`` captured as a CUDA graph (bf16 autocast without its weight cache, which a graph must not hold);
     its replay, after checking one replay's output against an eager forward."""
+    from gpulab.core.timing import capture_graph
+
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if bf16 else \
         contextlib.nullcontext
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode(), ctx():
-        for _ in range(2):  # warm-up off the capture stream (cuDNN picks its algorithms here)
-            want = net(x)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(g), ctx():
-        static = net(x)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), ctx():
+            return net(x)
+
+    g, static = capture_graph(forward, warmup=2)
+    want = forward()
     g.replay()
     torch.cuda.synchronize()
     tol = 2e-2 if bf16 else 1e-4

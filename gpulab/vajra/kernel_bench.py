@@ -380,21 +380,10 @@ def _timed(rec, fn, dev, reps, tag, *, warmup=5, graph_reps=None):
 
 
 def _graph_of(fn):
-    """A CUDA graph of one call of ``fn`` (warmed up first, on a side stream): its replay() times device work
-    without Python launch overhead."""
-    import torch
+    """A CUDA graph of one call of ``fn`` (:func:`gpulab.core.timing.capture_graph`)."""
+    from gpulab.core.timing import capture_graph
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
+    return capture_graph(fn)[0]
 
 
 # decode attention alone: (batch, context, block-table width in pages or None = just the context's pages).

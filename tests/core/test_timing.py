@@ -63,3 +63,22 @@ def test_benchmark_cuda_events():
     x = torch.randn(1 << 24, device="cuda")
     t = timing.benchmark(lambda: x.mul_(1.0), device="cuda", warmup=2, reps=10, flush_l2=True)
     assert t.reps == 10 and t.median > 0 and t.p10 <= t.median <= t.p90
+
+
+@pytest.mark.gpu
+def test_capture_graph_replays_on_new_input():
+    import torch
+
+    x = torch.arange(8, dtype=torch.float32, device="cuda")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return x * 2
+
+    g, out = timing.capture_graph(fn, warmup=2)
+    assert len(calls) == 3  # two warm-up calls and the captured one
+    x.copy_(torch.full_like(x, 5.0))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.full_like(x, 10.0))
