@@ -295,6 +295,9 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                             "replay_gpu_p90_ms": t.p90})
                 if copy_gbs:
                     row["replay_frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
+            phases = plan.phase_times_ms(min(reps, 10))
+            if phases:  # where a replay's time goes: the same launches without the graph, an event per phase
+                row["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
             rec.metrics["hash_graph_retries"] = plan.retries
             rec.metrics["hash_graph_prepare_ms"] = prepare_ms
             rec.notes.append(
@@ -302,7 +305,10 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                 "insert, group, probe, count copy) captured as one CUDA graph before timing, like a prepared "
                 "statement (prepare_ms, host wall, not in median_ms); median_ms is the host-side call as for "
                 "`hash` (graph launch + stream sync + count read); replay_gpu_*_ms is CUDA-event time of "
-                "replays queued back to back on the plan's stream (GPU work only, no host round trip)")
+                "replays queued back to back on the plan's stream (GPU work only, no host round trip); phases_us "
+                "splits one run into memset, insert, group, probe and count copy (the same launches without "
+                "the graph, a CUDA event after each phase, median of up to 10 runs; each phase includes its "
+                "launch gap)")
             if plan.graph_error:
                 rec.notes.append(f"hash-graph: CUDA graph capture failed ({plan.graph_error}); timed the same "
                                  "prepared pipeline launched without a graph")
@@ -320,6 +326,12 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                     extra=tensorcore_extra(dtype, interp))
             rec.rows[-1]["partitions"] = tc.last_partitions
             rec.metrics["tensorcore_retries"] = tc.retries
+            phases = {} if interp else tc.phase_times_ms(lk_t, rk_t, cfg.count_only, min(reps, 10))
+            if phases:
+                rec.rows[-1]["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
+                rec.notes.append("tensorcore: phases_us splits one call into partition_left, partition_right "
+                                 "and join (join_retry: the re-run with the exact capacity), a CUDA event after "
+                                 "each; a phase includes the host's launch gaps before it (median of up to 10)")
 
     # headline numbers
     by = {r["impl"]: r for r in rec.rows if "median_ms" in r}

@@ -158,17 +158,28 @@ def load_kernels(left_key: Any, right_key: Any) -> None:
     _kernels(_prepare_keys(left_key, right_key)[0])
 
 
+PHASES = ("memset", "insert", "group", "probe", "count_copy")  # HashJoinPlan.phase_times_ms
+
+
+def _no_mark(phase: str) -> None:
+    return None
+
+
 def _enqueue_build(k: dict[str, Any], build, table, cap: int, counters, build_slot, slot_off, grouped,
-                   stream_ptr: int) -> None:
-    """Empty the table and counters (one memset), then insert and group, on the current cupy stream."""
+                   stream_ptr: int, mark=_no_mark) -> None:
+    """Empty the table and counters (one memset), then insert and group, on the current cupy stream;
+    ``mark(phase)`` is called after each phase's launches (HashJoinPlan.phase_times_ms records events there)."""
     import cupy as cp
 
     nb = len(build)
     cp.cuda.runtime.memsetAsync(table.data.ptr, 0, table.nbytes, stream_ptr)
+    mark("memset")
     k["insert"](_grid(nb), (BLOCK,), _args_insert(build, nb, table, cap, build_slot, counters))
+    mark("insert")
     gg = _group_grid(nb)
     k["group_alloc"](gg, (BLOCK,), _args_group_alloc(nb, build_slot, table, slot_off, counters))
     k["group_scatter"](gg, (BLOCK,), _args_group_scatter(nb, build_slot, table, slot_off, grouped, counters))
+    mark("group")
 
 
 def _result(total: int, swap: bool, out_p, out_b) -> JoinResult:
@@ -290,20 +301,23 @@ class HashJoinPlan:
         self._out_p = cp.empty(max(capacity, 1), cp.int32)
         self._out_b = cp.empty(max(capacity, 1), cp.int32)
 
-    def _enqueue(self) -> None:
-        """The whole pipeline on self.stream (captured into the graph, or launched directly)."""
+    def _enqueue(self, mark=_no_mark) -> None:
+        """The whole pipeline on self.stream (captured into the graph, or launched directly); ``mark(phase)``
+        after each of PHASES."""
         import cupy as cp
 
         s = self.stream
         with s:
             _enqueue_build(self._k, self._build, self._table, self.cap, self._counters, self._build_slot,
-                           self._slot_off, self._grouped, s.ptr)
+                           self._slot_off, self._grouped, s.ptr, mark)
             self._k["probe"](_grid(self.n_probe), (BLOCK,),
                              _args_probe(self._probe, self.n_probe, self._table, self.cap, self._slot_off,
                                          self._grouped, self._out_p, self._out_b, self.capacity, self._counter,
                                          int(self.count_only)))
+            mark("probe")
             cp.cuda.runtime.memcpyAsync(self._host.ctypes.data, self._counter.data.ptr, 8,
                                         cp.cuda.runtime.memcpyDeviceToHost, s.ptr)
+            mark("count_copy")
 
     def _capture(self) -> None:
         self.graph = None
@@ -375,6 +389,31 @@ class HashJoinPlan:
             e.record(s)
         s.synchronize()
         return [cp.cuda.get_elapsed_time(a, b) for a, b in zip(events[:-1], events[1:])]
+
+
+    def phase_times_ms(self, reps: int = 20) -> dict[str, float]:
+        """Median GPU time (ms) of each of PHASES over ``reps`` runs ("group" = group_alloc + group_scatter):
+        the graph's launches made directly on the plan's stream with a CUDA event after each phase, so a
+        phase also carries its launch gap, and the phases of one run sum to about one replay (or more: no
+        graph). {} for empty inputs or reps < 1. The outputs stay valid (every run writes the same pairs)."""
+        if self.empty or reps < 1:
+            return {}
+        import cupy as cp
+
+        from gpulab.core.timing import summarize
+
+        times: dict[str, list[float]] = {p: [] for p in PHASES}
+        for rep in range(reps + 1):  # the first run is untimed
+            start, events = cp.cuda.Event(), {p: cp.cuda.Event() for p in PHASES}
+            start.record(self.stream)
+            self._enqueue(lambda phase: events[phase].record(self.stream))
+            self.stream.synchronize()
+            if rep:
+                prev = start
+                for p in PHASES:
+                    times[p].append(cp.cuda.get_elapsed_time(prev, events[p]))
+                    prev = events[p]
+        return {p: summarize(t).median for p, t in times.items()}
 
 
 def check_output_size(total: int, limit_bytes: int | None = None) -> None:

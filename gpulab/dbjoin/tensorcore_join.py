@@ -197,9 +197,13 @@ class TensorCoreJoin:
 
         return {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "int8": tl.int8}[self.code_dtype]
 
-    def join(self, left_key, right_key, count_only: bool = False) -> JoinResult:
+    def join(self, left_key, right_key, count_only: bool = False, mark=None) -> JoinResult:
+        """The join; ``mark(phase)``, if given, is called after each phase's launches ("partition_left",
+        "partition_right", "join", and "join_retry" when the first output capacity was short) and before the
+        host reads the count (phase_times_ms records CUDA events there)."""
         import torch
 
+        mark = mark or (lambda phase: None)
         dev = left_key.device
         check_key_dtypes(left_key, right_key)
         nl, nr = left_key.numel(), right_key.numel()
@@ -212,16 +216,20 @@ class TensorCoreJoin:
         r = choose_bits(nl, nr, self.rows_per_partition)
         kused = (32 - r) + (32 if has_hi else 0)
         kp = 64 if has_hi else 32  # constexpr; R and K are runtime arguments (one compile per key width)
-        L, Rt = partition(left_key, r), partition(right_key, r)
+        L = partition(left_key, r)
+        mark("partition_left")
+        Rt = partition(right_key, r)
+        mark("partition_right")
         self.last_partitions = 1 << r
         kernel = _compile()
         counter = torch.zeros(1, dtype=torch.int64, device=dev)
 
-        def launch(capacity: int, out_l, out_r, count_flag: bool) -> int:
+        def launch(capacity: int, out_l, out_r, count_flag: bool, phase: str = "join") -> int:
             counter.zero_()
             kernel[(1 << r,)](L.lo, L.hi, L.row, L.start, L.count, Rt.lo, Rt.hi, Rt.row, Rt.start, Rt.count,
                               out_l, out_r, capacity, counter, R=r, KUSED=kused, KP=kp, HAS_HI=has_hi,
                               BM=self.block, BN=self.block, DT=self._dtype(), COUNT_ONLY=count_flag)
+            mark(phase)
             return int(counter.item())
 
         if count_only:
@@ -237,5 +245,36 @@ class TensorCoreJoin:
             capacity = total
             out_l = torch.empty(capacity, dtype=torch.int32, device=dev)
             out_r = torch.empty(capacity, dtype=torch.int32, device=dev)
-            total = launch(capacity, out_l, out_r, False)
+            total = launch(capacity, out_l, out_r, False, "join_retry")
         return JoinResult(total, out_l[:total], out_r[:total])
+
+    def phase_times_ms(self, left_key, right_key, count_only: bool = False, reps: int = 10) -> dict[str, float]:
+        """Median GPU time (ms) of each phase of :meth:`join` over ``reps`` calls (after one untimed call): a
+        CUDA event on the current stream after each phase, so a phase also carries the host's launch gaps
+        before it (the partitions are several launches each); "join_retry" also waits for the host to read
+        the first count. {} off CUDA or for reps < 1."""
+        import torch
+
+        from gpulab.core.timing import summarize
+
+        if not left_key.is_cuda or reps < 1:
+            return {}
+        times: dict[str, list[float]] = {}
+        for rep in range(reps + 1):
+            start = torch.cuda.Event(enable_timing=True)
+            events: list[tuple[str, Any]] = []
+
+            def mark(phase: str) -> None:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+                events.append((phase, e))
+
+            start.record()
+            self.join(left_key, right_key, count_only, mark=mark)
+            torch.cuda.synchronize()
+            if rep:
+                prev = start
+                for phase, e in events:
+                    times.setdefault(phase, []).append(prev.elapsed_time(e))
+                    prev = e
+        return {p: summarize(t).median for p, t in times.items()}

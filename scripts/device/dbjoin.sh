@@ -88,6 +88,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{
               f"{f(r.get('mrows_per_s'))} {f(r.get('frac_of_copy_bound'))} {f(us('replay_gpu_median_ms'),13)} "
               f"{f(r.get('prepare_ms'),10)} {r.get('skipped') or r.get('correct')}"
               + ("" if r.get("graph", True) else "  (no graph: capture failed, see notes)"))
+        if r.get("phases_us"):  # one run split by phase (same launches without the graph)
+            print("    phases_us: " + ", ".join(f"{p} {v:.1f}" for p, v in r["phases_us"].items()))
     for n in d.get("notes", []):
         if n.startswith("ncu ") or "capture failed" in n:
             print("  " + n)

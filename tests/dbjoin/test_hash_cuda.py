@@ -10,7 +10,7 @@ import pytest
 
 from gpulab.dbjoin import reference, tables
 from gpulab.dbjoin import hash_join_cuda as hjc
-from gpulab.dbjoin.hash_join_cuda import SOURCE_PATH
+from gpulab.dbjoin.hash_join_cuda import PHASES, SOURCE_PATH
 
 from .cases import CASE_IDS, CASES
 from .test_cpu_joins import _check
@@ -272,6 +272,8 @@ def test_plan_without_graph_is_the_same_pipeline():
     assert plan.graph is None and plan.graph_error is None
     _check(plan.run(), lk, rk)
     assert plan.replay_times_ms(3) == []
+    assert tuple(plan.phase_times_ms(1)) == PHASES  # timed by phase without a graph too
+    _check(plan.run(), lk, rk)
 
 
 @pytest.mark.gpu
@@ -290,6 +292,9 @@ def test_plan_large(dt, dup, lf):
     times = plan.replay_times_ms(3)
     assert len(times) == 3 and all(t > 0 for t in times)
     _check(plan.run(), left.key, right.key)  # still exact after the back-to-back replays
+    phases = plan.phase_times_ms(2)
+    assert tuple(phases) == PHASES and all(t >= 0 for t in phases.values()) and phases["probe"] > 0
+    _check(plan.run(), left.key, right.key)  # and after the phase-timed runs
     assert (plan.retries >= 1) == (dup != "unique")
 
 

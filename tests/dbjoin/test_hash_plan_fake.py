@@ -75,6 +75,19 @@ def test_plan_duplicates_retry_once_then_replay(fake):
     _check(plan.run(), lk, rk)
 
 
+def test_phase_times_split_one_run_and_keep_the_outputs(fake):
+    lk, rk = CASES["int32"]["all-match"]
+    plan = hjc.HashJoinPlan(lk, rk)
+    plan.run()  # grows the outputs to the exact size first
+    fake._State.launches.clear()
+    phases = plan.phase_times_ms(2)
+    assert tuple(phases) == hjc.PHASES and all(t > 0 for t in phases.values())
+    # 3 runs (one untimed) of the pipeline launched directly, not replayed: 4 kernels each
+    assert len(fake._State.launches) == 3 * 4
+    _check(_host(plan.run()), lk, rk)
+    assert plan.phase_times_ms(0) == {}
+
+
 def test_plan_follows_its_buffers(fake):
     lk, rk = CASES["int64"]["unique-half"]
     plan = hjc.HashJoinPlan(lk, rk)

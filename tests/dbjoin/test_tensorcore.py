@@ -100,8 +100,12 @@ def test_tensorcore_count_only_retry_and_multi_tile_partitions():
     dev = "cuda" if HAS_CUDA else "cpu"  # CPU tensors only under the interpreter
     lk, rk = CASES["int32"]["all-match"]  # 1200 pairs > capacity guess 40: the kernel runs again
     tc = TensorCoreJoin("fp32", block=16)
-    _check(tc.join(torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev)), lk, rk)
+    marks = []
+    _check(tc.join(torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev), mark=marks.append), lk, rk)
     assert tc.retries == 1
+    assert marks == ["partition_left", "partition_right", "join", "join_retry"]  # phase_times_ms's event points
+    if not HAS_CUDA:
+        assert tc.phase_times_ms(torch.from_numpy(lk), torch.from_numpy(rk)) == {}  # CUDA events only
     assert tc.join(torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev), count_only=True).count == 1200
     # one partition for everything: each program loops over several BM x BN tiles
     lk, rk = CASES["int64"]["unique-half"]
@@ -148,6 +152,9 @@ def test_tensorcore_gpu_1m(block):
     cnt = TensorCoreJoin("int8", block=block).join(torch.from_numpy(left.key).cuda(),
                                                     torch.from_numpy(right.key).cuda(), count_only=True)
     assert cnt.count == reference.output_size(left.key, right.key)
+    phases = TensorCoreJoin("fp16", block=block).phase_times_ms(torch.from_numpy(left.key).cuda(),
+                                                                torch.from_numpy(right.key).cuda(), reps=2)
+    assert list(phases) == ["partition_left", "partition_right", "join"] and all(t > 0 for t in phases.values())
 
 
 @interpreted
