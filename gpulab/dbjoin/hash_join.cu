@@ -74,15 +74,14 @@ __device__ __forceinline__ int hj_count_add(SlotI32* slot) { return (int)(atomic
 __device__ __forceinline__ int hj_count_add(SlotI64* slot) { return atomicAdd(&slot->count, 1); }
 
 // Find or claim encoded key ek's slot from s on (linear probing); returns the build rows counted there
-// before this one, this one counted.
+// before this one, this one counted. Each slot visited costs one atomicCAS and no read before it: the CAS
+// returns the slot's word either way, so a read first would add a dependent round trip to L2 on every visit
+// (the common case, a unique key meeting an empty slot, would pay two instead of one).
 __device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek) {
     const unsigned long long mine = (unsigned long long)(unsigned int)ek << 32;
     while (true) {
-        unsigned long long cur = *((volatile unsigned long long*)&table[s].kc);
-        if (cur == 0ull) {
-            cur = atomicCAS(&table[s].kc, 0ull, mine | 1ull);
-            if (cur == 0ull) return 0;  // claimed, and counted
-        }
+        const unsigned long long cur = atomicCAS(&table[s].kc, 0ull, mine | 1ull);
+        if (cur == 0ull) return 0;  // claimed, and counted
         if (hj_slot_key(cur) == ek) return hj_count_add(&table[s]);
         s = (s + 1 == cap) ? 0u : s + 1;
     }
@@ -90,20 +89,16 @@ __device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsign
 
 // Linear probing over slots with a 64-bit key field (SlotI64, the aggregate's AggSlot): moves s to the slot
 // holding encoded key ek and returns true; an empty slot on the way ends a search (false), or, with `claim`,
-// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim reads keys as volatile:
-// other threads of the launch are claiming slots meanwhile.
+// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim visits each slot with one
+// atomicCAS and no read before it (as hj_claim: the CAS returns the slot's key either way).
 template <typename Slot>
 __device__ __forceinline__ bool hj_locate64(Slot* table, unsigned int cap, unsigned int& s, unsigned long long ek,
                                             bool claim) {
     while (true) {
         unsigned long long* key = (unsigned long long*)&table[s].key;
-        unsigned long long cur = claim ? *(volatile unsigned long long*)key : *key;
-        if (cur == ek) return true;
-        if (cur == 0ull) {
-            if (!claim) return false;
-            cur = atomicCAS(key, 0ull, ek);
-            if (cur == 0ull || cur == ek) return true;
-        }
+        const unsigned long long cur = claim ? atomicCAS(key, 0ull, ek) : *key;
+        if (cur == ek || (claim && cur == 0ull)) return true;
+        if (cur == 0ull) return false;
         s = (s + 1 == cap) ? 0u : s + 1;
     }
 }
