@@ -12,8 +12,10 @@
    ``tl.dot`` them (fp16/bf16/int8 on the GPU, fp32 in the interpreter) and mark the entries equal to
    K: a dot product of +-1 codes reaches K exactly when all K bits agree. R and K are runtime
    arguments, so one compiled kernel serves every table size. Padded rows get all-zero codes
-   (dot 0 < K). Matches are appended to the output with one atomicAdd per tile and a cumsum inside the
-   tile, while they fit in ``capacity``; the counter ends at the exact size, and the host re-runs the
+   (dot 0 < K). Matches are appended to the output with one atomicAdd per tile, while they fit in
+   ``capacity``: a tile where no left row has two matches is written one entry per left row (a scan of BM
+   counts; the matched right row picked out by a masked sum), likewise per right row, and only a tile with
+   duplicates on both sides scans and stores all BM x BN entries; the counter ends at the exact size, and the host re-runs the
    kernel with that capacity when the first guess (max of the table sizes) was short.
 
 The products are block-diagonal by construction: only rows of one partition meet, so the work is

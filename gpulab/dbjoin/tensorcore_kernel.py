@@ -68,19 +68,42 @@ def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start
             b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
             acc = tl.dot(a, b)
             match = (acc == KUSED).to(tl.int32)
-            flat = tl.reshape(match, (BM * BN,))
-            n = tl.sum(flat, axis=0)
+            rc = tl.sum(match, axis=1)  # matches of each left row in this tile
+            n = tl.sum(rc, axis=0)
             if n > 0:
                 base = tl.atomic_add(counter, n.to(tl.int64))
                 if not COUNT_ONLY:
                     b_row = tl.load(r_row + rs + on, mask=nm, other=0)
-                    pos = base + (tl.cumsum(flat, axis=0) - flat).to(tl.int64)
-                    lrow = tl.reshape(a_row[:, None] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
-                    rrow = tl.reshape(b_row[None, :] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
-                    ok = (flat > 0) & (pos < capacity)
-                    tl.store(out_l + pos, lrow, mask=ok)
-                    tl.store(out_r + pos, rrow, mask=ok)
+                    _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, BM, BN)
 
+
+@triton.jit
+def _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, BM: tl.constexpr, BN: tl.constexpr):
+    """Write one tile's matches (match[i, j] = 1: left row a_row[i] joins right row b_row[j]) at base onwards.
+    The usual tile (one side's keys unique in it: at most one match per row, or per column) is written one
+    entry per row (or column), its right (left) row id picked out by a masked sum, with a scan of BM (BN)
+    counts; only a tile with duplicates on both sides pays the scan and the masked stores of all BM x BN."""
+    # (each branch names its own values: Triton needs a name bound in both branches to keep one shape)
+    if tl.max(rc, axis=0) <= 1:
+        pos_r = base + (tl.cumsum(rc, axis=0) - rc).to(tl.int64)
+        ok_r = (rc > 0) & (pos_r < capacity)
+        tl.store(out_l + pos_r, a_row, mask=ok_r)
+        tl.store(out_r + pos_r, tl.sum(match * b_row[None, :], axis=1), mask=ok_r)
+    else:
+        cc = tl.sum(match, axis=0)  # matches of each right row
+        if tl.max(cc, axis=0) <= 1:
+            pos_c = base + (tl.cumsum(cc, axis=0) - cc).to(tl.int64)
+            ok_c = (cc > 0) & (pos_c < capacity)
+            tl.store(out_l + pos_c, tl.sum(match * a_row[:, None], axis=0), mask=ok_c)
+            tl.store(out_r + pos_c, b_row, mask=ok_c)
+        else:
+            flat = tl.reshape(match, (BM * BN,))
+            pos = base + (tl.cumsum(flat, axis=0) - flat).to(tl.int64)
+            lrow = tl.reshape(a_row[:, None] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
+            rrow = tl.reshape(b_row[None, :] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
+            ok = (flat > 0) & (pos < capacity)
+            tl.store(out_l + pos, lrow, mask=ok)
+            tl.store(out_r + pos, rrow, mask=ok)
 
 
 @triton.jit

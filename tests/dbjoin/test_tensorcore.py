@@ -78,6 +78,24 @@ def test_tensorcore_interpreted(dt, name):
 
 
 @interpreted
+@pytest.mark.parametrize("dup", ["left", "right", "both"])
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_tensorcore_emits_by_row_by_column_and_in_full(dt, dup):
+    """A tile's matches are written one per left row (right keys unique in it), one per right row (left keys
+    unique) or in full (duplicates on both sides). With a partition inside one tile, every key that is
+    repeated on one side and present on the other puts its tile on the path named by ``dup``."""
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+
+    rng = np.random.default_rng(11)
+    unique = rng.permutation(np.arange(-60, 60)).astype(dt)
+    repeated = rng.permutation(np.repeat(np.arange(-80, 80, 3), 3)).astype(dt)  # 3 rows per key
+    lk, rk = {"left": (repeated, unique), "right": (unique, repeated), "both": (repeated, repeated[::-1].copy())}[dup]
+    dev = "cuda" if HAS_CUDA else "cpu"
+    tc = TensorCoreJoin("fp32", block=32, rows_per_partition=8)
+    _check(tc.join(torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev)), lk, rk)
+
+
+@interpreted
 @pytest.mark.parametrize("dt,name", [c for c in CASE_IDS if c[1] in ("dup-both-negative", "zipf", "sentinel",
                                                                      "all-match", "single", "int64-high-bits")])
 def test_tensorcore_join_on_the_counting_partition(dt, name, monkeypatch):
