@@ -15,8 +15,8 @@
    (dot 0 < K). Matches are appended to the output with one atomicAdd per tile, while they fit in
    ``capacity``: a tile where no left row has two matches is written one entry per left row (a scan of BM
    counts; the matched right row picked out by a masked sum), likewise per right row, and only a tile with
-   duplicates on both sides scans and stores all BM x BN entries; the counter ends at the exact size, and the host re-runs the
-   kernel with that capacity when the first guess (max of the table sizes) was short.
+   duplicates on both sides scans and stores all BM x BN entries. The counter ends at the exact size, and
+   the host re-runs the kernel with that capacity when the first guess (max of the table sizes) was short.
 
 The products are block-diagonal by construction: only rows of one partition meet, so the work is
 about P tiles of BM x BN x K instead of a dense N x M product.
