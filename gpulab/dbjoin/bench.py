@@ -295,7 +295,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                             "replay_gpu_p90_ms": t.p90})
                 if copy_gbs:
                     row["replay_frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
-            phases = plan.phase_times_ms(min(reps, 10))
+            phases = {} if under_ncu else plan.phase_times_ms(min(reps, 10))  # ncu: profile only the timed runs
             if phases:  # where a replay's time goes: the same launches without the graph, an event per phase
                 row["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
             rec.metrics["hash_graph_retries"] = plan.retries
@@ -326,7 +326,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                     extra=tensorcore_extra(dtype, interp))
             rec.rows[-1]["partitions"] = tc.last_partitions
             rec.metrics["tensorcore_retries"] = tc.retries
-            phases = {} if interp else tc.phase_times_ms(lk_t, rk_t, cfg.count_only, min(reps, 10))
+            phases = {} if (interp or under_ncu) else tc.phase_times_ms(lk_t, rk_t, cfg.count_only, min(reps, 10))
             if phases:
                 rec.rows[-1]["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
                 rec.notes.append("tensorcore: phases_us splits one call into partition_left, partition_right "

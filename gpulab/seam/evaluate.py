@@ -97,14 +97,17 @@ def evaluate(family: StitchedFamily, batches: Callable, device: str, autocast, a
             row.update(direction=m.cut.direction, p=m.cut.p, q=m.cut.q)
         if latency:
             net = MemberNet(family, m).eval()
+            modes = set()
             for b in latency_batches:
                 lat = latency_ms(net, b, size, device, amp, reps=latency_reps)
                 row[f"latency_b{b}_ms"] = lat["median"]
-                row["latency_mode"] = lat["mode"]  # graph: CUDA-graph replay (GPU time); eager: host included
+                row[f"latency_b{b}_mode"] = lat["mode"]  # graph: CUDA-graph replay (GPU time); eager: host included
+                modes.add(lat["mode"])
                 if "eager_median" in lat:
                     row[f"latency_b{b}_eager_ms"] = lat["eager_median"]
                 if "graph_error" in lat:
-                    row["latency_graph_error"] = lat["graph_error"]
+                    row[f"latency_b{b}_graph_error"] = lat["graph_error"]
+            row["latency_mode"] = modes.pop() if len(modes) == 1 else "mixed"  # the per-batch modes' summary
         rows.append(row)
         if (i + 1) % 20 == 0:
             log(f"evaluated {i + 1} models")

@@ -27,6 +27,17 @@ def metric_key(metric: str, models: list[dict[str, Any]]) -> str:
         how = ("seam eval with latency (not --no-latency), --latency-batches including "
                f"{1 if metric == 'latency' else 64}") if metric.startswith("latency") else "seam eval again"
         raise InputError(f"--metric {metric}: model {missing[0]} has no '{key}' ({how})")
+    if metric.startswith("latency"):  # a graph replay (GPU time) and an eager call (host included) do not compare
+        mode_key = key.replace("_ms", "_mode")
+        modes: dict[str, str] = {}  # mode -> the first model timed that way
+        for m in models:
+            if m.get(mode_key) is not None:
+                modes.setdefault(m[mode_key], m["name"])
+        if len(modes) > 1:
+            (a, name_a), (b, name_b) = sorted(modes.items())[:2]
+            err_key = mode_key.replace("_mode", "_graph_error")
+            raise InputError(f"--metric {metric}: the latencies were timed differently ({a} for {name_a}, {b} for "
+                             f"{name_b}; see {err_key} in eval.yaml): compare by flops or params")
     return key
 
 

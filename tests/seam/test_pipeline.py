@@ -56,6 +56,8 @@ def test_pipeline_writes_family_eval_selection_and_records(trained):
             assert m["interpolates"] == (between and m["acc_between"])
             assert m["interpolates_within_noise"] >= m["interpolates"]  # noise only widens the band
     assert ev["interpolation"]["fraction_within_noise"] >= ev["interpolation"]["fraction"]
+    # each timed batch says how it was timed (the CPU times eagerly), and the model's summary agrees
+    assert all(m["latency_b1_mode"] == m["latency_mode"] == "eager" and m["latency_b1_ms"] > 0 for m in ev["models"])
     records = {p.name.split("-2")[0]: yaml.safe_load(p.read_text()) for p in (root / "results").glob("seam-*.yaml")}
     assert set(records) == {"seam-train", "seam-eval", "seam-select"}
     assert all(r["ok"] for r in records.values()), {k: r["checks"] for k, r in records.items()}

@@ -74,6 +74,12 @@ def test_metric_and_accuracy_validation():
         sel.select(_models(), [], "energy")
     with pytest.raises(InputError, match="has no 'latency_b1_ms' \\(seam eval with latency"):
         sel.select(_models(), [], "latency")
+    timed = [dict(m, latency_b1_ms=m["flops"] / 100, latency_b1_mode="graph") for m in _models()]
+    assert sel.select(timed, [0.89], "latency")[0][0]["chosen"] == "s3"
+    timed[3]["latency_b1_mode"] = "eager"  # its graph capture failed: a host-side time among GPU times
+    with pytest.raises(InputError, match="timed differently \\(eager for s1, graph for r34"):
+        sel.select(timed, [0.89], "latency")
+    assert sel.select(timed, [0.89], "flops")[0][0]["chosen"] == "s3"  # other metrics are unaffected
     assert sel.parse_accuracies("93.5, 92") == [0.935, 0.92]
     for bad in ("0", "101", "abc"):
         with pytest.raises(InputError):
