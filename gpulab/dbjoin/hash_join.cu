@@ -89,22 +89,36 @@ __device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsign
 
 // Linear probing over slots with a 64-bit key field (SlotI64, the aggregate's AggSlot): moves s to the slot
 // holding encoded key ek and returns true; an empty slot on the way ends a search (false), or, with `claim`,
-// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim visits each slot with one
-// atomicCAS and no read before it (as hj_claim: the CAS returns the slot's key either way).
-template <typename Slot>
+// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim with CAS_FIRST visits each
+// slot with one atomicCAS and no read before it (as hj_claim: the CAS returns the slot's key either way; the
+// join's build side, mostly unique keys); without it a claim reads the key first (volatile: other threads are
+// claiming meanwhile) and tries the CAS only on an empty slot, so that the many rows of a hot key (the
+// aggregate's GROUP BY) pay no atomic for finding their slot, only for counting in it.
+template <typename Slot, bool CAS_FIRST>
 __device__ __forceinline__ bool hj_locate64(Slot* table, unsigned int cap, unsigned int& s, unsigned long long ek,
                                             bool claim) {
     while (true) {
         unsigned long long* key = (unsigned long long*)&table[s].key;
-        const unsigned long long cur = claim ? atomicCAS(key, 0ull, ek) : *key;
-        if (cur == ek || (claim && cur == 0ull)) return true;
-        if (cur == 0ull) return false;
+        unsigned long long cur;
+        if (claim && CAS_FIRST) {
+            cur = atomicCAS(key, 0ull, ek);
+            if (cur == 0ull) return true;  // claimed
+        } else {
+            cur = claim ? *(volatile unsigned long long*)key : *key;
+            if (cur == 0ull) {
+                if (!claim) return false;
+                cur = atomicCAS(key, 0ull, ek);
+                if (cur == 0ull) return true;
+            }
+        }
+        if (cur == ek) return true;
+        if (cur == 0ull) return false;  // a search (no claim) met an empty slot
         s = (s + 1 == cap) ? 0u : s + 1;
     }
 }
 
 __device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
-    hj_locate64(table, cap, s, (unsigned long long)ek, true);
+    hj_locate64<SlotI64, true>(table, cap, s, (unsigned long long)ek, true);
     return hj_count_add(&table[s]);
 }
 
@@ -119,7 +133,7 @@ __device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, u
 }
 
 __device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
-    return hj_locate64(table, cap, s, (unsigned long long)ek, false) ? table[s].count : 0;
+    return hj_locate64<const SlotI64, true>(table, cap, s, (unsigned long long)ek, false) ? table[s].count : 0;
 }
 
 template <typename K, typename Slot>
@@ -278,7 +292,8 @@ template <typename K>
 __device__ __forceinline__ unsigned int ha_slot(AggSlot* table, unsigned int cap, K k, K empty, bool claim) {
     if (k == empty) return cap;
     unsigned int s = hj_home(hj_hash(k), cap);
-    return hj_locate64(table, cap, s, ha_enc(k), claim) ? s : 0xFFFFFFFFu;  // ha_enc(k) != 0, since k != empty
+    // ha_enc(k) != 0, since k != empty
+    return hj_locate64<AggSlot, false>(table, cap, s, ha_enc(k), claim) ? s : 0xFFFFFFFFu;
 }
 
 template <typename K>
