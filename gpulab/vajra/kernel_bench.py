@@ -323,10 +323,18 @@ def _unfused_b1(rec, model, b, kv, label, timings, reps):
     from gpulab.core import timing
 
     step = lambda: model.forward(b, kv)  # noqa: E731
-    rec.metrics[f"decode_b1_{label}_kernels_fused"] = count_kernels(step)
+    fused = kernel_profile(step)
+    rec.metrics[f"decode_b1_{label}_kernels_fused"] = fused and fused["kernels"]
+    if fused:  # where the graph step's time goes: inside kernels (by kernel) or between them
+        rec.metrics[f"decode_b1_{label}_kernel_us_fused"] = fused["kernel_us"]
+        rec.metrics[f"decode_b1_{label}_top_kernels_fused"] = fused["top"]
+        graph_ms = timings.get(f"attn={label}, graph")
+        if graph_ms:
+            rec.summary[f"decode_b1_{label}_in_kernels_frac"] = round(fused["kernel_us"] / 1e3 / graph_ms, 3)
     model.fused_ops = False
     try:
-        rec.metrics[f"decode_b1_{label}_kernels_unfused"] = count_kernels(step)
+        unfused = kernel_profile(step)
+        rec.metrics[f"decode_b1_{label}_kernels_unfused"] = unfused and unfused["kernels"]
         with torch.inference_mode():
             g = _graph_of(step)
             timings[f"attn={label}, graph, unfused"] = timing.benchmark(g.replay, device="cuda", warmup=2,
@@ -339,22 +347,37 @@ def _unfused_b1(rec, model, b, kv, label, timings, reps):
         model.fused_ops = True
 
 
-def count_kernels(fn) -> int | None:
-    """GPU kernels one call of ``fn`` launches (torch.profiler; memcpy/memset not counted), None where the
-    profiler cannot say."""
+def kernel_profile(fn) -> dict | None:
+    """The GPU kernels one eager call of ``fn`` launches (torch.profiler; memcpy/memset not counted), None
+    where the profiler cannot say: see :func:`summarize_kernels`."""
     import torch
 
     try:
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
-                   and not e.name.lower().startswith(("memcpy", "memset")))
+        return summarize_kernels(prof.events())
     except Exception:  # noqa: BLE001 - no kineto, or a profiler already running (ncu)
         return None
+
+
+def summarize_kernels(events, top: int = 8) -> dict:
+    """Device kernels among profiler ``events`` -> {"kernels": launches, "kernel_us": their summed device time,
+    "top": the ``top`` names by time, {name (80 chars): {"launches", "us"}}}. A kernel's device time does not
+    depend on how it was launched, so kernel_us over a CUDA-graph step's time is the share of the step spent
+    inside kernels; the rest is the gaps between them."""
+    from torch.autograd import DeviceType
+
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")):
+            by_name.setdefault(e.name[:80], []).append(e.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {"kernels": sum(len(v) for v in by_name.values()),
+            "kernel_us": round(sum(sum(v) for v in by_name.values()), 1),
+            "top": {name: {"launches": len(v), "us": round(sum(v), 1)} for name, v in ranked[:top]}}
 
 
 def _timed(rec, fn, dev, reps, tag, *, warmup=5, graph_reps=None):

@@ -71,8 +71,15 @@ for n in r.get("notes") or []:
     print("note:", n)
 if r["metrics"].get("w8a16_best_tiling_m1"):
     print("w8a16 best tilings at M=1:", r["metrics"]["w8a16_best_tiling_m1"])
-kernels = {k: v for k, v in r["metrics"].items() if "_kernels_" in k}
+kernels = {k: v for k, v in r["metrics"].items() if "_kernels_" in k and not isinstance(v, dict)}
 if kernels:
     print("GPU kernels per batch-1 decode step (fused RMSNorm/RoPE/SiLU vs the unfused torch ops):", kernels)
+for k, top in r["metrics"].items():  # one profiled eager step: device time by kernel, against the graph step
+    if k.endswith("_top_kernels_fused") and isinstance(top, dict):
+        label = k[len("decode_b1_"):-len("_top_kernels_fused")]
+        print(f"batch-1 step ({label}): {r['metrics'].get(f'decode_b1_{label}_kernel_us_fused')} us inside "
+              f"kernels; share of the graph step: {r['summary'].get(f'decode_b1_{label}_in_kernels_frac')}")
+        for name, v in top.items():
+            print(f"  {v['us']:>9} us {v['launches']:>4}x  {name}")
 PYEOF
 exit $status

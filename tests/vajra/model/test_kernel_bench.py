@@ -88,3 +88,24 @@ def test_gpu_w8a16_gemm_is_timed_in_a_graph():
                lambda: F.linear(x, K.dequantize(q, s, None, out_dtype=torch.bfloat16))):
         t, how = KB._timed(rec, fn, "cuda", 5, "gemm")
         assert how == "graph" and t.median > 0, rec.notes
+    prof = KB.kernel_profile(lambda: w8a16_matmul(x, q, s, "channel"))  # the profiler sees CUDA kernels here
+    assert prof is not None and prof["kernels"] >= 1 and prof["kernel_us"] > 0, prof
+
+
+def test_summarize_kernels_sums_device_time_by_kernel():
+    """One profiled step -> launches, device time inside kernels, the kernels that take the most; host events,
+    copies and memsets are not kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from gpulab.vajra.kernel_bench import summarize_kernels
+
+    def ev(name, us, dev=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [ev("w8a16_gemv", 30.0), ev("rms_norm", 2.0), ev("w8a16_gemv", 40.0), ev("Memcpy HtoD", 9.0),
+              ev("memset", 1.0), ev("aten::mm", 500.0, DeviceType.CPU), ev("rope_" + "x" * 90, 3.5)]
+    s = summarize_kernels(events, top=2)
+    assert s["kernels"] == 4 and s["kernel_us"] == 75.5
+    assert s["top"] == {"w8a16_gemv": {"launches": 2, "us": 70.0}, "rope_" + "x" * 75: {"launches": 1, "us": 3.5}}
