@@ -207,6 +207,20 @@ def _cupy():
         return None
 
 
+def _pass_split(times: dict, pass_bytes: int, copy_gbs: float | None) -> dict:
+    """BitonicCuda.pass_times -> {kind: {launches, ms, GB/s of a pass's keys (and values) read and written,
+    its fraction of the copy bandwidth}}; the transform kinds (to_key, from_key) get no GB/s."""
+    out = {}
+    for kind, t in times.items():
+        row = {"launches": t["launches"], "ms": round(t["ms"], 4)}
+        if kind.startswith(("tile_", "global_")) and t["ms"] > 0:
+            row["gbs"] = round(t["launches"] * pass_bytes / (t["ms"] * 1e-3) / 1e9, 1)
+            if copy_gbs:
+                row["of_copy"] = round(row["gbs"] / copy_gbs, 3)
+        out[kind] = row
+    return out
+
+
 def _row_metrics(t: timing.Timing, n: int, nbytes: int, copy_gbs: float | None) -> dict[str, Any]:
     sec = t.median * 1e-3
     gbs = nbytes / sec / 1e9 if sec > 0 and n else None
@@ -384,6 +398,9 @@ def run(a: BenchArgs) -> results.Record:
             row.update(_row_metrics(t, a.n, nbytes, copy_gbs))
             if row.get("roofline_ms") and t.median > 0:
                 row["frac_roofline"] = row["roofline_ms"] / t.median
+            if impl != "cupy" and not under_ncu:  # where the sort's time goes, by launch kind
+                row["passes_ms"] = _pass_split(bitonic.pass_times(xc, impl, a.order, a.kv, reps=min(reps, 5)),
+                                               a.n * 2 * (key_bytes + (4 if a.kv else 0)), copy_gbs)
             row["correct"] = check(impl, cp.asnumpy(out_k), cp.asnumpy(out_p) if a.kv else None)
             gpu_fns[impl] = lambda t_, cfn=cfn: tuple(None if o is None else torch.from_dlpack(cp.ascontiguousarray(o))
                                                       for o in cfn(cp.from_dlpack(t_)))

@@ -137,13 +137,15 @@ class BitonicCuda:
                                             (keys, out.view(keys.dtype), np.uint32(n), np.int32(code), np.int32(desc)))
 
     def launch_all(self, launches: list[Launch], keys, vals, v: Variant, kv: bool, code: int = 0, desc: bool = False,
-                   src=None, dst=None, base: int = 0) -> None:
+                   src=None, dst=None, base: int = 0, mark=None) -> None:
         """Run launches on keys (and vals) of their own n: a whole array or one chunk; current stream.
 
         With ``src`` (input bits, same length) the keys come from it through the key transform (values
         base + index), with ``dst`` the output bits go to it: inside the first / last launch where it is
-        a tile launch (schedule.transforms_fused), else by the transform kernels.
+        a tile launch (schedule.transforms_fused), else by the transform kernels. ``mark(kind)``, if given,
+        is called after each launch (kinds: to_key, tile_sort, tile_merge, global_f<F>, from_key).
         """
+        mark = mark or (lambda kind: None)
         bits = keys.dtype.itemsize * 8
         n = int(keys.shape[0])
         u32n = np.uint32(n)
@@ -151,6 +153,7 @@ class BitonicCuda:
         fuse_in, fuse_out = transforms_fused(launches)
         if src is not None and not fuse_in:
             self.to_key(src, keys, vals, code, desc, kv, base)
+            mark("to_key")
         last = len(launches) - 1
         for i, launch in enumerate(launches):
             if launch.kind == "global":
@@ -158,6 +161,7 @@ class BitonicCuda:
                 f = self.fn(f"bitonic_pass_k{bits}_kv{int(kv)}_f{launch.fp}")
                 f(((groups + v.block - 1) // v.block,), (v.block,),
                   (keys, vals, u32n, np.int32(launch.p_hi), np.int32(launch.flip)))
+                mark(f"global_f{launch.fp}")
             else:
                 io = (1 if src is not None and fuse_in and i == 0 else 0) | (2 if dst is not None and i == last else 0)
                 f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}", smem)
@@ -167,10 +171,43 @@ class BitonicCuda:
                   (keys, vals, (src if io & 1 else keys).view(keys.dtype), (dst if io & 2 else keys).view(keys.dtype),
                    u32n, np.int32(mode), np.int32(launch.stage), np.int32(io), np.int32(code), np.int32(desc),
                    np.uint32(base)), shared_mem=smem)
+                mark(launch.kind)
         if dst is not None and not fuse_out:
             self.from_key(keys, dst, code, desc)
+            mark("from_key")
 
-    def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False):
+    def pass_times(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False,
+                   reps: int = 5) -> dict[str, dict[str, float]]:
+        """Where one device sort of ``x`` spends its time: per launch kind (see :meth:`launch_all`), the
+        launches of one sort and their summed GPU time (median over ``reps`` sorts after one untimed), from a
+        CUDA event after every launch on the current stream. A launch's time includes the gap before it.
+        {} for an empty ``x`` or reps < 1."""
+        cp = self.cp
+        if int(x.shape[0]) == 0 or reps < 1:
+            return {}
+        from gpulab.core.timing import summarize
+
+        totals: dict[str, list[float]] = {}
+        counts: dict[str, int] = {}
+        for rep in range(reps + 1):
+            stream = cp.cuda.get_current_stream()
+            start = stream.record()
+            events: list[tuple[str, object]] = []
+            self.sort(x, variant, order, kv, mark=lambda kind: events.append((kind, stream.record())))
+            stream.synchronize()
+            if not rep:
+                continue
+            per: dict[str, float] = {}
+            prev = start
+            for kind, e in events:
+                per[kind] = per.get(kind, 0.0) + cp.cuda.get_elapsed_time(prev, e)
+                prev = e
+            counts = {kind: sum(1 for k, _ in events if k == kind) for kind in per}
+            for kind, ms in per.items():
+                totals.setdefault(kind, []).append(ms)
+        return {kind: {"launches": counts[kind], "ms": summarize(t).median} for kind, t in totals.items()}
+
+    def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False, mark=None):
         cp = self.cp
         v = get_variant(variant) if isinstance(variant, str) else variant
         desc = K.check_order(order)
@@ -188,7 +225,7 @@ class BitonicCuda:
         vals = cp.empty(n if kv else 1, dtype=cp.uint32)
         v = self.effective_variant(v, keys.dtype.itemsize, kv)
         out = cp.empty(n, dtype=x.dtype)
-        self.launch_all(schedule(n, v), keys, vals, v, kv, code, desc, src=x, dst=out)
+        self.launch_all(schedule(n, v), keys, vals, v, kv, code, desc, src=x, dst=out, mark=mark)
         return out, (vals.astype(cp.int64) if kv else None)
 
     def streams(self, k: int) -> list:

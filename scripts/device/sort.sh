@@ -58,6 +58,12 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/sort-bench-*.yaml")):
         if r.get("overlap_ms") is not None:
             print(f"overlap {r['impl']}: {r['overlap_chunks']} chunks {r['overlap_ms']:.3f} ms vs serial e2e "
                   f"{r['e2e_ms']:.3f} ms (saving {r['overlap_saving']:.1%}), correct={r['overlap_correct']}")
+    for r in d["rows"]:  # where each bitonic sort's time goes: launches, ms, GB/s of a pass, fraction of copy
+        if r.get("passes_ms"):
+            print(f"passes {r['impl']}: " + "; ".join(
+                f"{k} {v['launches']}x {v['ms']:.3f} ms" + (f" {v['gbs']} GB/s ({v.get('of_copy')})"
+                                                            if "gbs" in v else "")
+                for k, v in r["passes_ms"].items()))
     t = d["metrics"].get("transfer")
     if t:
         print(f"transfer {t['host_memory']}: H2D {t['h2d_ms']:.3f} ms ({t['h2d_gbs']:.1f} GB/s), "

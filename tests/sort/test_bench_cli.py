@@ -255,3 +255,15 @@ def test_ncu_child_sorts_once_per_implementation(out_dir, monkeypatch):
     rec = run(BenchArgs(n=3000, reps=5, kv=True, order="desc", dtype="float32", impl="bitonic-fused,bitonic-global"))
     assert sorts == ["bitonic-fused", "bitonic-global"]
     assert rec.ok and rec.checks["bitonic-fused.correct"]["passed"] and rec.checks["bitonic-global.correct"]["passed"]
+
+
+def test_pass_split_gives_each_pass_kind_its_bandwidth():
+    from gpulab.sort.bench import _pass_split
+
+    times = {"tile_sort": {"launches": 1, "ms": 0.1}, "global_f4": {"launches": 20, "ms": 1.0},
+             "from_key": {"launches": 1, "ms": 0.05}}
+    split = _pass_split(times, pass_bytes=80_000_000, copy_gbs=4000.0)
+    assert split["tile_sort"] == {"launches": 1, "ms": 0.1, "gbs": 800.0, "of_copy": 0.2}
+    assert split["global_f4"]["gbs"] == 1600.0 and split["global_f4"]["of_copy"] == 0.4
+    assert split["from_key"] == {"launches": 1, "ms": 0.05}  # a transform: no pass bandwidth
+    assert "of_copy" not in _pass_split(times, 80_000_000, None)["tile_sort"]

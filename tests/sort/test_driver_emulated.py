@@ -10,6 +10,7 @@ test_cuda_c_on_cpu.py; real concurrency and timing only on a GPU.
 """
 import ctypes
 import sys
+import time
 import types
 
 import numpy as np
@@ -36,6 +37,7 @@ class DevArray(np.ndarray):
 
 class Event:
     done = False
+    t = None  # when the emulation reached it (perf_counter), for get_elapsed_time
 
 
 class Stream:
@@ -83,7 +85,7 @@ class Scheduler:
             assert ready, "deadlock: every stream waits for an event that is never recorded"
             kind, item = ready[self.rng.integers(len(ready))].queue.pop(0)
             if kind == "record":
-                item.done = True
+                item.done, item.t = True, time.perf_counter()
             elif kind == "op":
                 item()
 
@@ -150,7 +152,8 @@ def fake_cupy(sched, get_function=None):
         memcpyHostToDevice=1, memcpyDeviceToHost=2, memcpyAsync=memcpy_async)
     cuda = types.SimpleNamespace(runtime=runtime, Device=lambda: types.SimpleNamespace(id=0),
                                  Stream=lambda non_blocking=False: Stream(sched, non_blocking),
-                                 get_current_stream=lambda: sched.current[-1])
+                                 get_current_stream=lambda: sched.current[-1],
+                                 get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3)
     module = types.SimpleNamespace(get_function=get_function or (lambda name: Kernel(sched, name)))
     return types.SimpleNamespace(cuda=cuda, RawModule=lambda code, options: module, ndarray=DevArray, empty=empty,
                                  uint32=np.uint32, int64=np.int64, ascontiguousarray=lambda x: x,
@@ -219,3 +222,23 @@ def test_sort_emulated(emulated, variant, n, dtype, order, kv):
     assert ref.mismatch(np.asarray(keys), ref.sort(x, order)) is None
     if kv:
         assert np.array_equal(np.asarray(perm), ref.argsort(x, order))
+
+
+def test_pass_times_split_one_sort_by_launch_kind(emulated):
+    """BitonicCuda.pass_times: every launch of one sort is timed once, under its kind, and the launches per kind
+    are the schedule's; the sorts it runs stay correct."""
+    sched, bit = emulated(0, eager=True)
+    x = inputs(20000, "int32", np.random.default_rng(4))
+    v = S.get_variant("bitonic-fused")
+    times = bit.pass_times(x.view(DevArray), v, "asc", kv=False, reps=2)
+    want: dict[str, int] = {}
+    for launch in S.schedule(20000, v):
+        kind = f"global_f{launch.fp}" if launch.kind == "global" else launch.kind
+        want[kind] = want.get(kind, 0) + 1
+    assert {k: t["launches"] for k, t in times.items()} == want  # transforms fused: no to_key/from_key launch
+    assert all(t["ms"] > 0 for t in times.values())
+    glob = bit.pass_times(x.view(DevArray), "bitonic-global", "desc", kv=True, reps=1)
+    assert glob["to_key"]["launches"] == glob["from_key"]["launches"] == 1 and "tile_sort" not in glob
+    assert bit.pass_times(x[:0].view(DevArray), v) == {}
+    keys, _ = bit.sort(x.view(DevArray), v, "asc")
+    assert ref.mismatch(np.asarray(keys), ref.sort(x, "asc")) is None

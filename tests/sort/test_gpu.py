@@ -145,3 +145,18 @@ def test_bench_gpu_kv_end_to_end_brings_the_permutation_back(out_dir):
     for impl in ("bitonic-fused", "cupy", "torch"):
         assert rec.checks[f"{impl}.e2e.correct"]["passed"]
     assert all(r["e2e_ms"] > 0 for r in rec.rows)
+
+
+def test_pass_times_follow_the_schedule(cuda):
+    """The per-kind split the bench records (passes_ms): one timed entry per launch kind of the schedule."""
+    from gpulab.sort import schedule as S
+
+    cp, bit = cuda
+    x = cp.asarray(make_data(1_000_003, "int32", "uniform", seed=5))
+    v = bit.effective_variant(S.get_variant("bitonic-fused"), 4, False)
+    times = bit.pass_times(x, v, "asc", reps=2)
+    want = {}
+    for launch in S.schedule(1_000_003, v):
+        kind = f"global_f{launch.fp}" if launch.kind == "global" else launch.kind
+        want[kind] = want.get(kind, 0) + 1
+    assert {k: t["launches"] for k, t in times.items()} == want and all(t["ms"] > 0 for t in times.values())
