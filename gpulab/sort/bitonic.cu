@@ -146,30 +146,43 @@ __device__ __forceinline__ void pass_body(K* __restrict__ keys, u32* __restrict_
 // Shared-memory index with one pad word per 32 (breaks bank conflicts of strided groups).
 __device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
 
-template <typename K, bool KV, int F>
+// Tile threads: 2^(T-F) slots of 2^F keys, at most 1024 threads a block; a thread runs SLOTS = 2^(T-F) / 1024
+// slots one after the other (t15f4: 2048 slots on 1024 threads, each thread's registers those of one slot).
+template <int T, int F>
+struct TileShape {
+    static constexpr u32 SLOT_COUNT = (1u << T) >> F;
+    static constexpr u32 THREADS = SLOT_COUNT < 1024u ? SLOT_COUNT : 1024u;
+    static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
+};
+
+template <typename K, bool KV, int T, int F>
 __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, bool flip) {
     constexpr int R = 1 << F;
     const int p_lo = p_hi - fp + 1;
-    K k[R];
-    u32 v[R];
-    // the index of register e (recomputed at the store: an array of R indices would cost R registers)
-    auto at = [&](int e) {
-        const u32 h = (u32)e & ((1u << fp) - 1u);
-        const u32 rest = ((u32)threadIdx.x << (F - fp)) | ((u32)e >> fp);
-        return spad(group_index(rest, h, p_lo, fp, flip));
-    };
+#pragma unroll 1
+    for (u32 slot = 0; slot < TileShape<T, F>::SLOTS; ++slot) {
+        const u32 me = threadIdx.x + slot * TileShape<T, F>::THREADS;
+        K k[R];
+        u32 v[R];
+        // the index of register e (recomputed at the store: an array of R indices would cost R registers)
+        auto at = [&](int e) {
+            const u32 h = (u32)e & ((1u << fp) - 1u);
+            const u32 rest = (me << (F - fp)) | ((u32)e >> fp);
+            return spad(group_index(rest, h, p_lo, fp, flip));
+        };
 #pragma unroll
-    for (int e = 0; e < R; ++e) {
-        const u32 i = at(e);
-        k[e] = sk[i];
-        if (KV) v[e] = sv[i];
-    }
-    network<K, KV, F>(k, v, fp, flip);
+        for (int e = 0; e < R; ++e) {
+            const u32 i = at(e);
+            k[e] = sk[i];
+            if (KV) v[e] = sv[i];
+        }
+        network<K, KV, F>(k, v, fp, flip);
 #pragma unroll
-    for (int e = 0; e < R; ++e) {
-        const u32 i = at(e);
-        sk[i] = k[e];
-        if (KV) sv[i] = v[e];
+        for (int e = 0; e < R; ++e) {
+            const u32 i = at(e);
+            sk[i] = k[e];
+            if (KV) sv[i] = v[e];
+        }
     }
     __syncthreads();
 }
@@ -180,7 +193,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
                                           u32 vbase) {
     constexpr u32 TILE = 1u << T;
-    constexpr u32 THREADS = TILE >> F;
+    constexpr u32 THREADS = TileShape<T, F>::THREADS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     K* sk = reinterpret_cast<K*>(smem_raw);
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
@@ -204,7 +217,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
             bool first = true;
             while (p >= 0) {
                 const int fp = min(F, p + 1);
-                tile_chunk<K, KV, F>(sk, sv, p, fp, first);
+                tile_chunk<K, KV, T, F>(sk, sv, p, fp, first);
                 p -= fp;
                 first = false;
             }
@@ -213,7 +226,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
         int p = T - 1;                          // chunks(T-1, 0, F, no flip)
         while (p >= 0) {
             const int fp = min(F, p + 1);
-            tile_chunk<K, KV, F>(sk, sv, p, fp, false);
+            tile_chunk<K, KV, T, F>(sk, sv, p, fp, false);
             p -= fp;
         }
     }
@@ -257,7 +270,7 @@ BITONIC_PASSES(64, u64, 0)
 BITONIC_PASSES(64, u64, 1)
 
 #define BITONIC_TILE(BITS, K, KV, T, F)                                                               \
-    __global__ void __launch_bounds__((1 << T) >> F) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F(     \
+    __global__ void __launch_bounds__(TileShape<T, F>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F( \
         K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);            \
@@ -270,4 +283,6 @@ BITONIC_TILES(32, u32, 0)
 BITONIC_TILES(32, u32, 1)
 BITONIC_TILES(64, u64, 0)
 BITONIC_TILES(64, u64, 1)
+// schedule.TILE_CONFIGS_K32_ONLY: a 2^15-key tile (132 KB of shared memory) fits only 32-bit keys without values
+BITONIC_TILE(32, u32, 0, 15, 4)
 }

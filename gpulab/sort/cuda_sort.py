@@ -21,7 +21,8 @@ import numpy as np
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
 from gpulab.sort.schedule import (GLOBAL_FUSES, TILE_CONFIGS, Launch, Variant, chunk_log_for, get_variant,
-                                   global_groups, next_pow2_log, schedule, split_schedule, transforms_fused)
+                                   global_groups, next_pow2_log, schedule, split_schedule, tile_instantiated,
+                                   transforms_fused)
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
 TRANSFORM_BLOCK = 256
@@ -34,7 +35,8 @@ def kernel_names() -> list[str]:
     for b in (32, 64):
         for kv in (0, 1):
             names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in GLOBAL_FUSES]
-            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS]
+            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS
+                      if tile_instantiated(t, f, b // 8, bool(kv))]
     return names
 
 
@@ -76,6 +78,19 @@ def tile_smem_bytes(tile_log: int, key_bytes: int, kv: bool) -> int:
     return padded * key_bytes + (padded * 4 if kv else 0)
 
 
+def fit_variant(variant: Variant, key_bytes: int, kv: bool, max_smem: int) -> Variant:
+    """The variant itself if bitonic.cu has its tile for these keys (and values) and the tile fits ``max_smem``
+    bytes of shared memory, else the largest such tile no larger than its own (its own tile fuse preferred)."""
+    if variant.tile_log is None:
+        return variant
+    options = sorted((t for t in TILE_CONFIGS if t[0] <= variant.tile_log and tile_instantiated(*t, key_bytes, kv)),
+                     key=lambda t: (t[0], t[1] == variant.tile_fuse, t[1]), reverse=True)
+    for t, f in options:
+        if tile_smem_bytes(t, key_bytes, kv) <= max_smem:
+            return Variant(variant.name, t, f, variant.global_fuse, variant.block)
+    raise DeviceError(f"{variant.name}: no tile fits in {max_smem} bytes of shared memory")
+
+
 class BitonicCuda:
     """Compiled bitonic.cu (one cupy.RawModule per process)."""
 
@@ -110,16 +125,8 @@ class BitonicCuda:
         return f
 
     def effective_variant(self, variant: Variant, key_bytes: int, kv: bool) -> Variant:
-        """The variant itself if its tile fits this device's shared memory, else the largest instantiated
-        tile no larger than its own that fits (its own tile fuse preferred)."""
-        if variant.tile_log is None:
-            return variant
-        options = sorted((t for t in TILE_CONFIGS if t[0] <= variant.tile_log),
-                         key=lambda t: (t[0], t[1] == variant.tile_fuse, t[1]), reverse=True)
-        for t, f in options:
-            if tile_smem_bytes(t, key_bytes, kv) <= self.max_smem:
-                return Variant(variant.name, t, f, variant.global_fuse, variant.block)
-        raise DeviceError(f"{variant.name}: no tile fits in {self.max_smem} bytes of shared memory")
+        """:func:`fit_variant` for this device's opt-in shared memory per block."""
+        return fit_variant(variant, key_bytes, kv, self.max_smem)
 
     def to_key(self, x, keys, vals, code: int, desc: bool, kv: bool, base: int = 0) -> None:
         """Input bits -> unsigned keys (and values = base + index) on the current stream."""
@@ -295,4 +302,4 @@ class BitonicCuda:
             s.synchronize()
 
 
-__all__ = ["BitonicCuda", "check_host_args", "kernel_names", "tile_smem_bytes", "next_pow2_log"]
+__all__ = ["BitonicCuda", "check_host_args", "fit_variant", "kernel_names", "tile_smem_bytes", "next_pow2_log"]

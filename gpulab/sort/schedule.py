@@ -48,7 +48,9 @@ class Variant:
 
     @property
     def tile_threads(self) -> int:
-        return (1 << self.tile_log) >> self.tile_fuse if self.tile_log else 0
+        """Threads of a tile block: one per 2^tile_fuse keys, at most 1024 (bitonic.cu's TileShape: beyond
+        that a thread runs several slots of 2^tile_fuse keys in turn)."""
+        return min((1 << self.tile_log) >> self.tile_fuse, 1024) if self.tile_log else 0
 
     @property
     def config(self) -> str:
@@ -63,13 +65,25 @@ VARIANTS = {
 }
 # Instantiated in bitonic.cu (tile_log, tile_fuse): the fused variant falls back to a smaller
 # tile where the device's opt-in shared memory is too small for its own.
-TILE_CONFIGS = ((11, 1), (12, 3), (13, 3), (13, 4), (14, 4))
+TILE_CONFIGS = ((11, 1), (12, 3), (13, 3), (13, 4), (14, 4), (15, 4))
+# ... of which these only for 32-bit keys without values (2^15 keys: 132 KB of shared memory; with values or
+# 64-bit keys 264 KB, more than any GPU's 227 KB)
+TILE_CONFIGS_K32_ONLY = ((15, 4),)
+
+
+def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool) -> bool:
+    """Whether bitonic.cu has the tile kernel (tile_log, tile_fuse) for these keys (and values)."""
+    if (tile_log, tile_fuse) not in TILE_CONFIGS:
+        return False
+    return (tile_log, tile_fuse) not in TILE_CONFIGS_K32_ONLY or (key_bytes == 4 and not kv)
+
+
 GLOBAL_FUSES = (1, 2, 3, 4, 5)
 # The configurations of bitonic-fused that ``sort bench --tune`` times next to the default: a
 # larger tile (one stage fewer over global memory, at 1024 threads and one block per SM) and more
 # strides per global pass (2^5 keys per thread) cut the passes over memory from 33 to 26 at 10M
 # keys; which of them is fastest is a measurement, not a model.
-TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5")
+TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 

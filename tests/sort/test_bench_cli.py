@@ -65,7 +65,7 @@ def test_make_data_distributions():
     (["--dtype", "float16"], "--dtype must be one of"),
     (["--dist", "zipf"], "--dist must be one of"),
     (["--impl", "numpy,quicksort"], "unknown implementation 'quicksort'"),
-    (["--impl", "bitonic-fused@t15f4g5"], "bitonic-fused@t15f4g5: no kernel for tile t15f4"),
+    (["--impl", "bitonic-fused@t16f4g5"], "bitonic-fused@t16f4g5: no kernel for tile t16f4"),
     (["--impl", "numpy@t13f3g4"], "unknown implementation 'numpy@t13f3g4'"),
     (["--order", "up"], "--order must be asc or desc"),
     (["--transfer", "dma"], "--transfer must be one of"),

@@ -74,6 +74,8 @@ WHOLE = [
     ("bitonic-fused", 9000, "int64", "desc", True),
     ("bitonic-fused", 1, "float32", "asc", True),
     ("bitonic-fused@t14f4g5", 40000, "float32", "desc", True),
+    ("bitonic-fused@t15f4g5", 70000, "int32", "asc", False),  # 2^15-key tiles: each thread runs two slots
+    ("bitonic-fused@t15f4g5", 3000, "float32", "desc", False),  # one partial tile carries both transforms
     ("bitonic-fused@t12f3g3", 10000, "uint32", "asc", True),
     ("bitonic-fused@t11f1g2", 5000, "int64", "asc", False),
 ]

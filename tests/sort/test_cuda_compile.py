@@ -8,7 +8,7 @@ import pytest
 
 from gpulab.core.errors import InputError
 from gpulab.sort import schedule as S
-from gpulab.sort.cuda_sort import SOURCE, check_host_args, kernel_names, tile_smem_bytes
+from gpulab.sort.cuda_sort import SOURCE, check_host_args, fit_variant, kernel_names, tile_smem_bytes
 
 SPILL_ALLOWED = {"bitonic_tile_k32_kv1_t14_f4"}
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.os.path.exists("/usr/local/bin/nvcc") else None)
@@ -41,11 +41,12 @@ def test_nvcc_compiles_every_kernel(tmp_path):
 
 def test_every_launched_kernel_exists():
     names = set(kernel_names())
-    for v in [*S.VARIANTS.values(), *(S.get_variant(f"bitonic-fused@{c}") for c in S.TUNE_CONFIGS)]:
-        for f in {v.global_fuse, 1}:
+    for named in [*S.VARIANTS.values(), *(S.get_variant(f"bitonic-fused@{c}") for c in S.TUNE_CONFIGS)]:
+        for f in {named.global_fuse, 1}:
             assert f in S.GLOBAL_FUSES
         for bits in (32, 64):
             for kv in (0, 1):
+                v = fit_variant(named, bits // 8, bool(kv), 227 * 1024)  # what an H100 runs (t15: 32-bit keys only)
                 sp = S.split_schedule(10_000_000, v, 21)  # the pipelined sort's head, middle and tail
                 for launch in S.schedule(10_000_000, v) + sp.head[0] + sp.middle + sp.tail:
                     if launch.kind == "global":
@@ -58,6 +59,9 @@ def test_tile_shared_memory_fits_h100_and_a100():
     for t, f in S.TILE_CONFIGS:
         for key_bytes in (4, 8):
             for kv in (False, True):
+                if not S.tile_instantiated(t, f, key_bytes, kv):  # t15: only 32-bit keys without values
+                    assert tile_smem_bytes(t, key_bytes, kv) > 227 * 1024
+                    continue
                 assert tile_smem_bytes(t, key_bytes, kv) <= 227 * 1024  # H100 opt-in limit
                 if t <= 13:  # the named variants' tiles fit every GPU from sm_86 on; 2^14 keys fall back there
                     assert tile_smem_bytes(t, key_bytes, kv) <= 163 * 1024  # A100 opt-in limit
@@ -98,14 +102,24 @@ T14_FALLBACK = {227 * 1024: [(14, 4)] * 4,
                 64 * 1024: [(13, 4)] + [(12, 3)] * 3}
 
 
+# bitonic-fused@t15f4g5: the 2^15-key tile exists for 32-bit keys without values only (132 KB of shared memory)
+T15_FALLBACK = {227 * 1024: [(15, 4)] + [(14, 4)] * 3,
+                163 * 1024: [(15, 4)] + [(14, 4)] * 2 + [(13, 4)],
+                99 * 1024: [(14, 4)] + [(13, 4)] * 3,
+                64 * 1024: [(13, 4)] + [(12, 3)] * 3}
+
+
+@pytest.mark.parametrize("name, table", [("bitonic-fused@t14f4g5", T14_FALLBACK),
+                                         ("bitonic-fused@t15f4g5", T15_FALLBACK)])
 @pytest.mark.parametrize("max_smem", list(T14_FALLBACK))
-def test_effective_variant_falls_back_from_the_largest_tile(max_smem):
+def test_effective_variant_falls_back_from_the_largest_tile(max_smem, name, table):
     from gpulab.sort.cuda_sort import BitonicCuda
 
-    got = [BitonicCuda.effective_variant(_Dev(max_smem), S.get_variant("bitonic-fused@t14f4g5"), b, kv)
+    got = [BitonicCuda.effective_variant(_Dev(max_smem), S.get_variant(name), b, kv)
            for b in (4, 8) for kv in (False, True)]
-    assert [(v.tile_log, v.tile_fuse) for v in got] == T14_FALLBACK[max_smem]
-    assert all(v.global_fuse == 5 and v.name == "bitonic-fused@t14f4g5" for v in got)
+    assert [(v.tile_log, v.tile_fuse) for v in got] == table[max_smem]
+    assert all(v.global_fuse == 5 and v.name == name for v in got)
+    assert all(v.tile_threads <= 1024 for v in got)
 
 
 def test_sort_host_argument_checks():

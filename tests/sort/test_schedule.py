@@ -241,7 +241,7 @@ def test_configured_variants():
                                                                                           "global_fuse", "block")])
     for c in S.TUNE_CONFIGS:
         S.get_variant(f"bitonic-fused@{c}")  # every tuning configuration has its kernels
-    bad = [("bitonic-fused@14,4,5", "bad configuration '14,4,5'"), ("bitonic-fused@t15f4g5", "no kernel for tile t15f4"),
+    bad = [("bitonic-fused@14,4,5", "bad configuration '14,4,5'"), ("bitonic-fused@t16f4g5", "no kernel for tile t16f4"),
            ("bitonic-fused@t14f4g6", "no kernel fusing g6"), ("bitonic-global@t0f2g1", "tile fuse must be f1"),
            ("bitonic-magic@t13f3g4", "unknown bitonic variant 'bitonic-magic'")]
     for name, msg in bad:
