@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from gpulab.core.child import killed_with_parent
 from gpulab.core.errors import ToolError
 
 DEFAULT_METRICS = (
@@ -280,15 +281,17 @@ def profile(target: list[str], *, timeout_s: float = 900, env: dict[str, str] | 
         cmd = build_command(target, log_file=log, ncu=ncu, **kwargs)
         child_env = dict(os.environ, **(env or {}))
         child_env[UNDER_NCU_ENV] = "1"
-        # A session of its own, so that a timeout ends ncu and the profiled process together.
+        # A session of its own, so that a timeout ends ncu and the profiled process together; a signal that
+        # ends this process (the device scripts' `timeout`) ends them too (killed_with_parent).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
                                 start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
+        with killed_with_parent(proc):
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
         text = open(log).read() if os.path.exists(log) else ""
         check_output_for_errors(stdout + stderr + text)
         records = parse_csv_raw(text or stdout)

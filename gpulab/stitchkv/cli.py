@@ -279,10 +279,9 @@ def _launch_two_ranks(args: list[str], timeout: int) -> None:
     import subprocess
     import sys
 
-    from gpulab.core import options
+    from gpulab.core import options, results
+    from gpulab.core.child import killed_with_parent
     from gpulab.core.errors import GpulabError
-
-    from gpulab.core import results
 
     o = options.get()
     before = set(Path(o.out).glob("kvstitch-disagg-*.yaml"))
@@ -290,16 +289,14 @@ def _launch_two_ranks(args: list[str], timeout: int) -> None:
            "--device", o.device, "--out", str(o.out), *args]
     env = {**os.environ, "KVSTITCH_DIST_TIMEOUT_S": str(timeout), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        code = proc.wait(timeout=timeout + 30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise GpulabError(f"kvstitch serve-disagg: the 2 ranks did not finish within {timeout + 30} s (killed)") from None
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        raise
+    with killed_with_parent(proc):  # a signal that ends this process (e.g. `timeout`) ends the ranks too
+        try:
+            code = proc.wait(timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise GpulabError(f"kvstitch serve-disagg: the 2 ranks did not finish within {timeout + 30} s "
+                              "(killed)") from None
     if code != 0:
         raise GpulabError(f"kvstitch serve-disagg: the 2 ranks failed (torchrun exit {code}; their errors are above)")
     # rank 0 wrote the record in its own process: list it as written here too (``gpulab run`` reads that list)

@@ -5,8 +5,8 @@
 #    fp16/bf16/fp32, every policy on each workload with and without CUDA graphs; the small ofa+graph case is
 #    left to step 3); 2./3. full-size mlp and ofa runs of experiments/l2_policies.yaml (graphs, pollution);
 #    4. one ncu run (DRAM bytes, L2 hit rate: default vs persist); then a table of steps and one of policies.
-# Each step runs under `timeout` (which kills its whole process group, ncu children included); a failed or
-# timed-out step is reported (rc 124 = out of time) and the script goes on.
+# Each step runs under `timeout` (ncu runs in a session of its own, which gpulab kills when `timeout` ends it);
+# a failed or timed-out step is reported (rc 124 = out of time) and the script goes on.
 set -u -o pipefail
 OUT="${OUT:-results/device-l2}"
 mkdir -p "$OUT"

@@ -2,10 +2,10 @@
 # GPU checks of gpulab kvstitch (issue 8), inside a 100 s budget (BUDGET; all.sh kills the script at its
 # budget). Run from the repo root on a CUDA machine; results go to $OUT.
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
-#   2. the tiny experiment (experiments/kvstitch_tiny.yaml at full size) for seeds 0 1 2, as many as the
-#      budget holds (one seed is ~30-40 s on an H100)
-#   3. kvstitch serve-disagg on seed 0's run (2 ranks sharing the GPU over gloo), if >= 30 s are left
-#   4. a table: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT; the disaggregated run
+#   2. the tiny experiment (experiments/kvstitch_tiny.yaml at full size), seed 0 (one seed is ~30-40 s)
+#   3. kvstitch serve-disagg on seed 0's run (2 ranks sharing the GPU over gloo), if >= 40 s are left
+#   4. seeds 1 and 2, each only with >= 45 s left
+#   5. a table: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT; the disaggregated run
 # Data: tinyshakespeare.txt from $KVSTITCH_DATA, .devdata/, shared/data/ or ../shared/data/ -- on the device
 # machine only what the call carries exists (../shared does not travel): copy it into .devdata/ (git-ignored)
 # and name .devdata in carry. rouge-score is not installed there: evaluate falls back to a built-in ROUGE.
@@ -34,29 +34,35 @@ if [ -z "$DATA" ]; then
   exit 1
 fi
 echo "== kvstitch tiny (data: $DATA)"
-rm -f "$OUT"/kvstitch-tiny-*.yaml
-for SEED in 0 1 2; do
-  LEFT=$(left)
-  if [ "$LEFT" -lt 30 ]; then echo "seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
-  timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --workdir "$WORKDIR" \
+rm -f "$OUT"/kvstitch-tiny-*.yaml "$OUT"/kvstitch-disagg-*.yaml
+run_seed() {  # one seed of the tiny experiment, within what is left
+  timeout -k 5 "$1" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --workdir "$WORKDIR" \
     --data "$DATA" --large-size tiny-large --small-size tiny-small --vocab 1024 --pretrain-steps 800 \
-    --pretrain-batch 32 --pretrain-lr 1e-3 --seq-len 128 --steps 200 --lora-steps 200 --batch 16 --prompt-len 64 --cont-len 32 \
-    --prompts 256 --gen-len 32 --goal-gap 0.5 --seed "$SEED" 2>&1 | grep -vE "step [0-9]+:" | tail -12
-  echo "seed $SEED exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
-done
-
-# disaggregated run over torch.distributed on seed 0's run: 2 ranks on the one GPU (gloo, cache staged through
-# host memory; the nccl path needs one GPU per rank and cannot run here), only if the budget still allows
+    --pretrain-batch 32 --pretrain-lr 1e-3 --seq-len 128 --steps 200 --lora-steps 200 --batch 16 --prompt-len 64 \
+    --cont-len 32 --prompts 256 --gen-len 32 --goal-gap 0.5 --seed "$2" 2>&1 | grep -vE "step [0-9]+:" | tail -12
+  echo "seed $2 exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
+}
 LEFT=$(left)
-if [ -d "$WORKDIR/seed0/run/lora" ] && [ "$LEFT" -ge 30 ]; then
+if [ "$LEFT" -ge 30 ]; then run_seed "$LEFT" 0; else echo "seed 0 skipped: time box (${LEFT}s left)"; fi
+
+# disaggregated run over torch.distributed on seed 0's run, before the other seeds (it has never run on a GPU):
+# 2 ranks on the one GPU (gloo, cache staged through host memory; the nccl path needs one GPU per rank). Its own
+# --timeout (+30 s of grace inside) ends before this step's `timeout`; a step timeout kills the ranks as well.
+LEFT=$(left)
+if [ -d "$WORKDIR/seed0/run/lora" ] && [ "$LEFT" -ge 40 ]; then
   echo "== kvstitch serve-disagg (2 ranks, one GPU)"
-  rm -f "$OUT"/kvstitch-disagg-*.yaml
   timeout -k 5 "$LEFT" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch serve-disagg \
-    --run-dir "$WORKDIR/seed0/run" --prompts 32 --gen-len 32 --batch 16 --timeout $(( LEFT - 10 )) 2>&1 | tail -12
+    --run-dir "$WORKDIR/seed0/run" --prompts 32 --gen-len 32 --batch 16 --timeout $(( LEFT - 35 )) 2>&1 | tail -12
   echo "serve-disagg exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
 else
   echo "serve-disagg skipped: time box (${LEFT}s left) or no seed-0 run"
 fi
+
+for SEED in 1 2; do  # a seed takes 30-40 s on an H200: start one only with 45 s left
+  LEFT=$(left)
+  if [ "$LEFT" -lt 45 ]; then echo "seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
+  run_seed "$LEFT" "$SEED"
+done
 
 timeout 8 "$PY" - "$OUT" <<'PYEOF'
 import glob, statistics, sys, yaml

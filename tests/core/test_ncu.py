@@ -119,6 +119,41 @@ def test_profile_timeout_kills_the_process_group(tmp_path, monkeypatch):
     assert not marker.exists()  # the profiled child died with ncu
 
 
+def test_a_signal_to_the_parent_ends_the_profiled_group(tmp_path):
+    """`timeout` (the device scripts' step limit) signals only its own process group; ncu runs in a session of
+    its own, so the profiling parent kills that group on the way out, and nothing keeps running on the GPU."""
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "child-alive"
+    exe = tmp_path / "ncu"
+    exe.write_text(f"#!/bin/bash\n(sleep 2; touch {marker}) & sleep 30\n")
+    exe.chmod(0o755)
+    code = ("import sys\nfrom gpulab.core import ncu\nncu.find_ncu = lambda: sys.argv[1]\n"
+            "ncu.profile(['python'], timeout_s=60)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(["timeout", "1", sys.executable, "-c", code, str(exe)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 124 and time.monotonic() - t0 < 20, proc.stderr[-2000:]
+    time.sleep(2.5)
+    assert not marker.exists()  # ncu's child died with the parent
+
+
+def test_killed_with_parent_restores_the_handlers():
+    import signal
+    import subprocess
+
+    from gpulab.core.child import killed_with_parent
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    proc = subprocess.Popen(["sleep", "0"], start_new_session=True)
+    with killed_with_parent(proc):
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        proc.wait()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_profile_permission_error(tmp_path, monkeypatch):
     _fake_ncu(tmp_path, monkeypatch, 'echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission" >&2; exit 1\n')
     with pytest.raises(ToolError, match="ERR_NVGPUCTRPERM"):

@@ -1,0 +1,56 @@
+"""Child process groups that end with their parent.
+
+A child started in a session of its own (``start_new_session=True``: ncu and the program it profiles,
+torchrun and its ranks) can be killed as a whole with ``os.killpg``, but a signal sent to the parent's group
+(``timeout`` in the device scripts, Ctrl-C, a job scheduler) no longer reaches it: the parent would die and
+leave the child running on the GPU. :func:`killed_with_parent` closes that gap for as long as the child runs:
+SIGTERM, SIGINT or SIGHUP to the parent first SIGKILLs the child's group, then takes the parent's own
+handling (default: ending it).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group that ``proc`` leads (a no-op once it is gone)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def killed_with_parent(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """While inside: a terminating signal to this process kills ``proc``'s group first (``proc`` must lead its
+    own group: ``start_new_session=True``). Outside the main thread (where Python cannot set handlers) it does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield proc
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        kill_group(proc)
+        old = previous.get(signum)
+        signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        if callable(old):
+            old(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
+
+    for s in SIGNALS:
+        previous[s] = signal.getsignal(s)
+        signal.signal(s, handler)
+    try:
+        yield proc
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
