@@ -333,10 +333,11 @@ def test_fuse_block_shards_with_ragged_rows(rows):
         assert bool(((got - want).abs() <= half_step * (1 + 1e-6)).all())
 
 
-@pytest.mark.parametrize("strategy", ["tensor", "channel"])
-def test_w8a8_static_activations_use_the_input_scale(strategy):
+@pytest.mark.parametrize("strategy,act", [("tensor", "static"), ("channel", "static"), ("channel", "dynamic")])
+def test_w8a8_static_activations_use_the_input_scale(strategy, act):
     """Static per-tensor activation scales: x / input_scale is what gets cast to FP8 (ignoring the scale clips large
-    activations at 448 and flushes small ones). Against the fake-quant reference, tightly."""
+    activations at 448 and flushes small ones); dynamic ones: per token (serve-bench's FP8 path above 64 tokens).
+    Against the fake-quant reference, tightly. Runs where _scaled_mm does (a GPU of compute capability >= 8.9)."""
     from gpulab.vajra.checkpoint import QuantWeight
     from gpulab.vajra.linear import Linear, w8a8_unavailable
 
@@ -346,9 +347,10 @@ def test_w8a8_static_activations_use_the_input_scale(strategy):
     g = torch.Generator().manual_seed(1)
     q, s = R.quantize(torch.randn(48, 64, generator=g) * 0.05, strategy)
     x = torch.randn(5, 64, generator=g) * torch.logspace(-3, 3, 64)  # 1e-3 .. 1e3: both ends matter
-    xs = torch.tensor(float(x.abs().max()) / 448)
-    lin = Linear(QuantWeight(q.to(DEV), s.to(DEV), strategy, None, "static", xs.to(DEV)), None, torch.float32, "w8a8")
-    want = R.linear_w8a8(x, q, s, "static", xs)
+    xs = torch.tensor(float(x.abs().max()) / 448) if act == "static" else None
+    lin = Linear(QuantWeight(q.to(DEV), s.to(DEV), strategy, None, act, None if xs is None else xs.to(DEV)), None,
+                 torch.float32, "w8a8")
+    want = R.linear_w8a8(x, q, s, act, xs)
     got = lin(x.to(DEV)).cpu()
     tol = 1e-5 if DEV == "cpu" else 1e-2  # a GPU's _scaled_mm writes bf16 for fp32 activations
     assert float((got.float() - want).norm() / want.norm()) < tol

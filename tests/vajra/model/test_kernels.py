@@ -207,6 +207,8 @@ def _flashinfer_vs_sdpa(kv, decode):
 
     dt = E4 if kv == "fp8" else torch.bfloat16
     q, cache, ql, cl, bt, ks, vs = _attention_case(torch.float32, 16, hq=8, hkv=2, d=128)
+    if dt == E4:
+        ks, vs = 0.5, 0.25  # scales other than 1, so that a dropped or swapped scale shows
     if decode:  # one new token per sequence (the last cached one): the decode wrapper
         ql = torch.ones_like(ql)
         q = torch.randn(len(ql), 8, 128, generator=torch.Generator().manual_seed(1))
@@ -222,7 +224,11 @@ def _flashinfer_vs_sdpa(kv, decode):
     batch = ForwardBatch(torch.zeros(int(ql.sum()), dtype=torch.long, device="cuda"), torch.cat(pos).cuda(),
                          ql.cuda(), cl.cuda(), slots, bt.cuda(), is_decode_only=decode)
     qb = q.cuda().to(torch.bfloat16)
-    want = R.paged_attention(qb.float(), layer, ql, cl, bt, 128 ** -0.5, kvc.k_scale, kvc.v_scale)
+    # the reference reads the cache as the backend leaves it: this step's K/V written from bf16 (in fp8 that
+    # rounds fp32 -> bf16 -> fp8, one fp8 step off the direct rounding for ~3% of the values)
+    after = layer.clone()
+    R.write_kv(after, k_step.to(torch.bfloat16), v_step.to(torch.bfloat16), slots, kvc.k_scale, kvc.v_scale)
+    want = R.paged_attention(qb.float(), after, ql, cl, bt, 128 ** -0.5, kvc.k_scale, kvc.v_scale)
     state = be.begin(batch, kvc)
     assert state is (be.decode if decode else be.prefill)
     got = be(qb, k_step.to(torch.bfloat16), v_step.to(torch.bfloat16), layer, batch, kvc, state, 0).float()

@@ -248,6 +248,8 @@ def test_gpu_fp8_fusion_kv_reference_and_scaled_mm():
         xq, xs = R.quantize(torch.randn(16, 64, generator=g), "token")
         y = L.scaled_mm(xq.cuda(), gpu.q.t(), xs.cuda()[:, None], gpu.scale[None, :], torch.bfloat16)
         assert isinstance(y, torch.Tensor) and y.shape == (16, 64)
+        want = (xq.float() * xs[:, None]) @ (cpu.q.float() * cpu.scale.reshape(-1, 1)).t()  # row-wise scales
+        assert float((y.float().cpu() - want).norm() / want.norm()) < 1e-2
 
 
 @pytest.mark.gpu

@@ -264,9 +264,9 @@ def test_prefix_caching_with_a_prefill_provider_is_refused(tiny_llama):
 
 @pytest.mark.gpu
 def test_gpu_prefix_caching_keeps_greedy_tokens(tiny_llama):
-    """On a GPU (fp32, torch attention as the fp32 greedy test: a first prefill chunk that starts after cached blocks,
+    """On a GPU (fp32: the Triton kernels' IEEE dots; a first prefill chunk that starts after cached blocks,
     decode steps in CUDA graphs over shared blocks): the same greedy tokens with and without prefix caching, and
-    cached tokens found."""
+    cached tokens found. (The torch attention backend would not do: it has no CUDA graphs.)"""
     import torch
 
     from gpulab.vajra.engine import load_engine
@@ -278,9 +278,10 @@ def test_gpu_prefix_caching_keeps_greedy_tokens(tiny_llama):
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outs = {}
     for on in (False, True):
-        eng = load_engine(tiny_llama, device="cuda", attention_backend="torch", dtype="fp32",
+        eng = load_engine(tiny_llama, device="cuda", attention_backend="triton", dtype="fp32",
                           config=EngineConfig(max_num_batched_tokens=32, num_blocks=256, block_size=16,
                                               max_num_seqs=4, enable_prefix_caching=on))
+        assert eng.graphs is not None, eng.notes  # decode steps replay CUDA graphs
         outs[on] = [o.output_token_ids for o in eng.generate(prompts, sp)]
         assert eng.block_manager.num_used == 0
         if on:
