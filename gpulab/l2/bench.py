@@ -539,9 +539,16 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         rows = []
         for p in P.ncu_policies(policies, rec.summary.get("auto_choice")):
             try:
-                rows.append(_ncu_dram(cfg, p, reps=-(-2 // len(reqs)) * len(reqs)))
+                r = _ncu_dram(cfg, p, reps=-(-2 // len(reqs)) * len(reqs))
             except GpulabError as e:
                 rec.check(f"ncu[{p}]", False, str(e))
+                continue
+            # no kernel in the NVTX range (e.g. graph kernels not attributed to it) would read as zero DRAM bytes
+            if r["kernels_per_inference"] > 0:
+                rows.append(r)
+            else:
+                rec.check(f"ncu[{p}]", False, "ncu profiled no kernel inside the l2-measure NVTX range "
+                                               "(try --no-graph): no DRAM bytes to report")
         rec.metrics["ncu"] = rows
         d = next((r for r in rows if r["policy"] == "default"), None)
         for r in rows:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gpulab.core import options, results, timing
-from gpulab.core.errors import DeviceError, InputError
+from gpulab.core.errors import DeviceError, GpulabError, InputError
 from gpulab.sort import keys as K
 from gpulab.sort import reference as ref
 from gpulab.sort import schedule as S
@@ -456,8 +456,11 @@ def run(a: BenchArgs) -> results.Record:
         why = "; ".join(n for n in rec.notes if n.partition(":")[0] in a.impls)
         raise DeviceError(f"none of --impl {','.join(a.impls)} can run here ({why})")
     rec.rows = rows
-    if a.ncu:
-        rec.metrics["ncu"] = ncu_rows(a)
+    if a.ncu:  # a profiling failure is recorded, not raised: the timed rows above are kept
+        try:
+            rec.metrics["ncu"] = ncu_rows(a)
+        except GpulabError as e:
+            rec.check("ncu_profiled", False, str(e))
     timed = [r for r in rows if r.get("median_ms") is not None]
     fused = next((r for r in rows if r["impl"] == "bitonic-fused" and r.get("median_ms")), None)
     rec.summary = {"n": a.n, "dtype": a.dtype, "dist": a.dist, "order": a.order, "device": device,
