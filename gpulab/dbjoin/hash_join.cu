@@ -12,6 +12,7 @@
 //
 // Build (on the smaller table):
 //   hj_insert_*        one thread per build row: claim the key's slot with atomicCAS (or find it), count += 1;
+//                      the rows of a warp with one key do it together (__match_any_sync: one atomic for all);
 //                      the row that takes count 0 -> 1 stores itself in the slot (the common, unique case);
 //                      the row that takes count 1 -> 2 adds one to counters[2] (a duplicated build key).
 //   hj_group_alloc_*   for keys with count > 1, the owning row reserves a run of `count` entries
@@ -70,19 +71,21 @@ __device__ __forceinline__ unsigned int hj_home(unsigned int h, unsigned int cap
 __device__ __forceinline__ int hj_slot_key(unsigned long long kc) { return (int)(unsigned int)(kc >> 32); }
 __device__ __forceinline__ int hj_count(const SlotI32& slot) { return (int)(slot.kc & HJ_LOW32); }
 __device__ __forceinline__ int hj_count(const SlotI64& slot) { return slot.count; }
-__device__ __forceinline__ int hj_count_add(SlotI32* slot) { return (int)(atomicAdd(&slot->kc, 1ull) & HJ_LOW32); }
-__device__ __forceinline__ int hj_count_add(SlotI64* slot) { return atomicAdd(&slot->count, 1); }
+__device__ __forceinline__ int hj_count_add(SlotI32* slot, int c) {
+    return (int)(atomicAdd(&slot->kc, (unsigned long long)c) & HJ_LOW32);
+}
+__device__ __forceinline__ int hj_count_add(SlotI64* slot, int c) { return atomicAdd(&slot->count, c); }
 
-// Find or claim encoded key ek's slot from s on (linear probing); returns the build rows counted there
-// before this one, this one counted. Each slot visited costs one atomicCAS and no read before it: the CAS
+// Find or claim encoded key ek's slot from s on (linear probing) and count c build rows there; returns the
+// rows counted there before them. Each slot visited costs one atomicCAS and no read before it: the CAS
 // returns the slot's word either way, so a read first would add a dependent round trip to L2 on every visit
 // (the common case, a unique key meeting an empty slot, would pay two instead of one).
-__device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek) {
+__device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek, int c) {
     const unsigned long long mine = (unsigned long long)(unsigned int)ek << 32;
     while (true) {
-        const unsigned long long cur = atomicCAS(&table[s].kc, 0ull, mine | 1ull);
+        const unsigned long long cur = atomicCAS(&table[s].kc, 0ull, mine | (unsigned long long)c);
         if (cur == 0ull) return 0;  // claimed, and counted
-        if (hj_slot_key(cur) == ek) return hj_count_add(&table[s]);
+        if (hj_slot_key(cur) == ek) return hj_count_add(&table[s], c);
         s = (s + 1 == cap) ? 0u : s + 1;
     }
 }
@@ -117,9 +120,9 @@ __device__ __forceinline__ bool hj_locate64(Slot* table, unsigned int cap, unsig
     }
 }
 
-__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
+__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek, int c) {
     hj_locate64<SlotI64, true>(table, cap, s, (unsigned long long)ek, true);
-    return hj_count_add(&table[s]);
+    return hj_count_add(&table[s], c);
 }
 
 // The slot holding encoded key ek from s on, and its count; count 0 when the key is not in the table.
@@ -136,21 +139,41 @@ __device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, u
     return hj_locate64<const SlotI64, true>(table, cap, s, (unsigned long long)ek, false) ? table[s].count : 0;
 }
 
+// The rows of one warp that carry the same key are counted into its slot together: the lowest of them (the
+// leader) claims or finds the slot and adds their number with one atomic, the others take the counts after
+// its, in lane order. A hot key's N rows then cost about N / 32 atomics on its slot's word instead of N
+// (unique keys: every lane leads itself, as before). Every lane of the warp, those past n too, takes part in
+// the votes and shuffles (blockDim.x a multiple of 32).
 template <typename K, typename Slot>
 __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slot* table, unsigned int cap,
                                           K empty, int* __restrict__ build_slot, unsigned long long* counters) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    K k = keys[i];
-    unsigned int s;
-    int c;
-    if (k == empty) {
-        s = cap;
-        c = hj_count_add(&table[cap]);
-    } else {
-        s = hj_home(hj_hash(k), cap);
-        c = hj_claim(table, cap, s, hj_enc(k));  // hj_enc(k) != 0, since k != empty
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x & 31;
+    const bool valid = i < n;
+    const K k = valid ? keys[i] : K(0);
+    const bool marker = valid && k == empty;  // the empty-marker key: its rows share slot `cap`
+    // the group of a row: its encoded key, never 0 for other keys; 0 for the marker key and the lanes past n
+    const unsigned long long group = (valid && !marker) ? (unsigned long long)hj_enc(k) : 0ull;
+    const unsigned valid_lanes = __ballot_sync(0xffffffffu, valid);
+    unsigned peers = __match_any_sync(0xffffffffu, group);
+    if (group == 0ull) peers &= valid_lanes;  // the marker key's rows, without the lanes past n
+    const int leader = __ffs((int)peers) - 1;  // -1 for a lane past n (its shuffles below read any lane)
+    unsigned int s = 0;
+    int c0 = 0;
+    if (valid && lane == leader) {
+        const int rows = __popc(peers);
+        if (marker) {
+            s = cap;
+            c0 = hj_count_add(&table[cap], rows);
+        } else {
+            s = hj_home(hj_hash(k), cap);
+            c0 = hj_claim(table, cap, s, hj_enc(k), rows);  // hj_enc(k) != 0, since k != empty
+        }
     }
+    s = __shfl_sync(0xffffffffu, s, leader & 31);
+    c0 = __shfl_sync(0xffffffffu, c0, leader & 31);
+    if (!valid) return;
+    const int c = c0 + __popc(peers & ((1u << lane) - 1u));  // the rows of this key counted before this one
     if (c == 0) table[s].row = i;
     else if (c == 1) atomicAdd(&counters[2], 1ull);  // this key has a second build row: grouping needed
     build_slot[i] = (int)s;

@@ -369,6 +369,26 @@ T shuffle(T v, int src_lane, bool keep_own) {  // every lane of the warp must ca
     return out;
 }
 
+// The lanes of this thread's warp, in ``mask``, that have not exited and whose exchanged word satisfies
+// ``pick(word)``, as a lane mask (a warp vote: every lane that has not exited must call it).
+template <typename Pick>
+unsigned warp_vote(unsigned long long raw, unsigned mask, Pick pick) {
+    Thread& t = me();
+    Block& blk = *t.blk;
+    const int w = warp_of(t.linear);
+    blk.exchange[t.linear] = raw;
+    arrive_and_wait(blk.warps[w]);
+    unsigned out = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+        const int src = 32 * w + lane;
+        if (src < L->nthreads && ((mask >> lane) & 1u) && L->threads[blk.first + src].state != DONE &&
+            pick(blk.exchange[src]))
+            out |= 1u << lane;
+    }
+    arrive_and_wait(blk.warps[w]);  // nobody overwrites the exchange before every lane has read it
+    return out;
+}
+
 }  // namespace cuda_on_cpu
 
 // ---- the CUDA C names
@@ -413,6 +433,17 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int m, int width = 32) {
     const int lane = cuda_on_cpu::me().linear % 32, src = lane ^ m;
     return cuda_on_cpu::shuffle(v, src, (src & ~(width - 1)) != (lane & ~(width - 1)));
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    return cuda_on_cpu::warp_vote(pred != 0, mask, [](unsigned long long w) { return w != 0; });
+}
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T v) {  // the lanes holding the same 32- or 64-bit value as this one
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "__match_any_sync of a 32- or 64-bit value");
+    unsigned long long raw = 0;
+    std::memcpy(&raw, &v, sizeof(T));
+    return cuda_on_cpu::warp_vote(raw, mask, [raw](unsigned long long w) { return w == raw; });
 }
 
 #define CUDA_ON_CPU_ATOMICS(T)                                                          \

@@ -110,6 +110,17 @@ extern "C" __global__ void shuffles(int* out, int width) {
     out[96 + lane] = __shfl_xor_sync(0xffffffffu, v, 5, width);
 }
 
+// Warp votes over 64 threads (two warps), the lanes >= `keep` of the second warp exited first:
+// out[t] = __ballot_sync(full, t % 3 == 0); out[64 + t] = __match_any_sync(full, key) with key = (t % 4) << 40
+// (a 64-bit value), and out[128 + t] the same over 32-bit keys t % 5.
+extern "C" __global__ void votes(unsigned* out, int keep) {
+    const int t = threadIdx.x;
+    if (t >= 32 + keep) return;
+    out[t] = __ballot_sync(0xffffffffu, t % 3 == 0);
+    out[64 + t] = __match_any_sync(0xffffffffu, (unsigned long long)(t % 4) << 40);
+    out[128 + t] = __match_any_sync(0xffffffffu, (unsigned)(t % 5));
+}
+
 // Thread 0 of each block takes the next ticket: out[block] = the position of the block in the run order.
 extern "C" __global__ void ticket(int* out, int* next) {
     if (threadIdx.x == 0) out[blockIdx.x] = atomicAdd(next, 1);

@@ -187,6 +187,24 @@ def test_shuffles_follow_cuda_semantics(build_dir, width):
     assert out.reshape(4, 32).tolist() == [want_sync.tolist(), want_up.tolist(), want_down.tolist(), want_xor.tolist()]
 
 
+def test_warp_votes_follow_cuda_semantics(build_dir):
+    """__ballot_sync and __match_any_sync (32- and 64-bit): masks of the calling warp's lanes, exited lanes
+    left out."""
+    keep = 20
+    out = dev(np.zeros(192, np.uint32))
+    CpuModule(SAMPLES, build_dir).get_function("votes")((1,), (64,), (out, np.int32(keep)))
+    live = [range(32), range(32, 32 + keep)]
+
+    def mask(w, pred):
+        return sum(1 << (t - 32 * w) for t in live[w] if pred(t))
+
+    for w in (0, 1):
+        for t in live[w]:
+            assert out[t] == mask(w, lambda u: u % 3 == 0), t
+            assert out[64 + t] == mask(w, lambda u: u % 4 == t % 4), t
+            assert out[128 + t] == mask(w, lambda u: u % 5 == t % 5), t
+
+
 def test_blocks_in_flight_interleave(build_dir):
     """Three blocks at a time: a non-atomic read-modify-write across blocks loses updates under some seed; one
     block at a time, never."""
