@@ -17,14 +17,13 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from gpulab.core.child import killed_with_parent
+from gpulab.core.child import kill_group, killed_with_parent
 from gpulab.core.errors import ToolError
 
 DEFAULT_METRICS = (
@@ -289,7 +288,7 @@ def profile(target: list[str], *, timeout_s: float = 900, env: dict[str, str] | 
             try:
                 stdout, stderr = proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_group(proc)
                 proc.communicate()
                 raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
         text = open(log).read() if os.path.exists(log) else ""

@@ -173,3 +173,32 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 1) -> tuple[Any, Any]:
         out = fn()
     torch.cuda.synchronize()
     return g, out
+
+
+def marked_times(run: Callable[[Callable[[str], None]], Any], event: Callable[[], Any],
+                 elapsed_ms: Callable[[Any, Any], float], sync: Callable[[], None], reps: int
+                 ) -> dict[str, dict[str, float]]:
+    """Where ``run``'s device time goes, by the names it marks: ``run(mark)`` calls ``mark(name)`` after each
+    piece of work it queues; ``event()`` records an event on the stream that work runs on (a cupy or torch
+    event), ``elapsed_ms(a, b)`` reads the time between two, ``sync()`` waits for the stream. One untimed run,
+    then ``reps`` timed ones -> {name: {"launches": marks of that name in one run, "ms": median over the runs
+    of their summed time}}, in the order the names first appear. A piece's time includes the gap before it."""
+    totals: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for rep in range(reps + 1):
+        start = event()
+        marks: list[tuple[str, Any]] = []
+        run(lambda name: marks.append((name, event())))
+        sync()
+        if not rep:
+            continue
+        per: dict[str, float] = {}
+        prev = start
+        for name, e in marks:
+            per[name] = per.get(name, 0.0) + elapsed_ms(prev, e)
+            prev = e
+        counts = {name: sum(1 for m, _ in marks if m == name) for name in per}
+        for name, ms in per.items():
+            totals.setdefault(name, []).append(ms)
+    return {name: {"launches": counts[name], "ms": summarize(t).median} for name, t in totals.items()}
+

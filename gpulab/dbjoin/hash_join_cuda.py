@@ -400,20 +400,11 @@ class HashJoinPlan:
             return {}
         import cupy as cp
 
-        from gpulab.core.timing import summarize
+        from gpulab.core.timing import marked_times
 
-        times: dict[str, list[float]] = {p: [] for p in PHASES}
-        for rep in range(reps + 1):  # the first run is untimed
-            start, events = cp.cuda.Event(), {p: cp.cuda.Event() for p in PHASES}
-            start.record(self.stream)
-            self._enqueue(lambda phase: events[phase].record(self.stream))
-            self.stream.synchronize()
-            if rep:
-                prev = start
-                for p in PHASES:
-                    times[p].append(cp.cuda.get_elapsed_time(prev, events[p]))
-                    prev = events[p]
-        return {p: summarize(t).median for p, t in times.items()}
+        split = marked_times(self._enqueue, self.stream.record, cp.cuda.get_elapsed_time, self.stream.synchronize,
+                             reps)
+        return {p: split[p]["ms"] for p in PHASES}
 
 
 def check_output_size(total: int, limit_bytes: int | None = None) -> None:

@@ -257,26 +257,16 @@ class TensorCoreJoin:
         the first count. {} off CUDA or for reps < 1."""
         import torch
 
-        from gpulab.core.timing import summarize
+        from gpulab.core.timing import marked_times
 
         if not left_key.is_cuda or reps < 1:
             return {}
-        times: dict[str, list[float]] = {}
-        for rep in range(reps + 1):
-            start = torch.cuda.Event(enable_timing=True)
-            events: list[tuple[str, Any]] = []
 
-            def mark(phase: str) -> None:
-                e = torch.cuda.Event(enable_timing=True)
-                e.record()
-                events.append((phase, e))
+        def event():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
 
-            start.record()
-            self.join(left_key, right_key, count_only, mark=mark)
-            torch.cuda.synchronize()
-            if rep:
-                prev = start
-                for phase, e in events:
-                    times.setdefault(phase, []).append(prev.elapsed_time(e))
-                    prev = e
-        return {p: summarize(t).median for p, t in times.items()}
+        split = marked_times(lambda mark: self.join(left_key, right_key, count_only, mark=mark), event,
+                             lambda a, b: a.elapsed_time(b), torch.cuda.synchronize, reps)
+        return {p: v["ms"] for p, v in split.items()}

@@ -192,27 +192,11 @@ class BitonicCuda:
         cp = self.cp
         if int(x.shape[0]) == 0 or reps < 1:
             return {}
-        from gpulab.core.timing import summarize
+        from gpulab.core.timing import marked_times
 
-        totals: dict[str, list[float]] = {}
-        counts: dict[str, int] = {}
-        for rep in range(reps + 1):
-            stream = cp.cuda.get_current_stream()
-            start = stream.record()
-            events: list[tuple[str, object]] = []
-            self.sort(x, variant, order, kv, mark=lambda kind: events.append((kind, stream.record())))
-            stream.synchronize()
-            if not rep:
-                continue
-            per: dict[str, float] = {}
-            prev = start
-            for kind, e in events:
-                per[kind] = per.get(kind, 0.0) + cp.cuda.get_elapsed_time(prev, e)
-                prev = e
-            counts = {kind: sum(1 for k, _ in events if k == kind) for kind in per}
-            for kind, ms in per.items():
-                totals.setdefault(kind, []).append(ms)
-        return {kind: {"launches": counts[kind], "ms": summarize(t).median} for kind, t in totals.items()}
+        stream = cp.cuda.get_current_stream()
+        return marked_times(lambda mark: self.sort(x, variant, order, kv, mark=mark), stream.record,
+                            cp.cuda.get_elapsed_time, stream.synchronize, reps)
 
     def sort(self, x, variant: str | Variant = "bitonic-fused", order: str = "asc", kv: bool = False, mark=None):
         cp = self.cp

@@ -275,12 +275,11 @@ def serve_disagg(
 def _launch_two_ranks(args: list[str], timeout: int) -> None:
     """``torchrun --standalone --nproc-per-node 2 -m gpulab <global options> <args>``, killed after ``timeout`` s."""
     import os
-    import signal
     import subprocess
     import sys
 
     from gpulab.core import options, results
-    from gpulab.core.child import killed_with_parent
+    from gpulab.core.child import kill_group, killed_with_parent
     from gpulab.core.errors import GpulabError
 
     o = options.get()
@@ -293,7 +292,7 @@ def _launch_two_ranks(args: list[str], timeout: int) -> None:
         try:
             code = proc.wait(timeout=timeout + 30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             proc.wait()
             raise GpulabError(f"kvstitch serve-disagg: the 2 ranks did not finish within {timeout + 30} s "
                               "(killed)") from None

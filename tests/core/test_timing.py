@@ -82,3 +82,27 @@ def test_capture_graph_replays_on_new_input():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, torch.full_like(x, 10.0))
+
+
+def test_marked_times_sums_each_name_per_run_and_takes_medians():
+    """One untimed run, then reps: each name's pieces summed within a run (time from the previous mark), the
+    median over runs, and the marks a name gets in one run."""
+    from gpulab.core.timing import marked_times
+
+    clock = {"t": 0.0}
+    runs = []
+
+    def event():
+        return clock["t"]
+
+    def run(mark):
+        runs.append(len(runs))
+        for name, ms in (("a", 1.0), ("b", 2.0 + len(runs)), ("a", 3.0)):
+            clock["t"] += ms
+            mark(name)
+
+    got = marked_times(run, event, lambda x, y: y - x, lambda: None, reps=3)
+    assert len(runs) == 4  # one untimed run first
+    assert list(got) == ["a", "b"]
+    assert got["a"] == {"launches": 2, "ms": 4.0}
+    assert got["b"] == {"launches": 1, "ms": 5.0}  # runs 2..4 take 4, 5, 6 ms: the median
