@@ -112,6 +112,21 @@ def timed_row(impl: str, where: str, fn: Callable[[], Any], reps: int, warmup: i
                     "mrows_per_s": rows_in / (t.median * 1e-3) / 1e6 if t.median > 0 else None}
 
 
+class CountedCalls:
+    """``fn`` with a count of its calls, so that a counter summed over warm-up, checked and timed calls (the
+    joins' ``retries``) can be reported per call."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        return self.fn()
+
+    def per_call(self, total: int) -> float | None:
+        return total / self.calls if self.calls else None
+
+
 def skip_row(rec, impl: str, why: str) -> None:
     rec.rows.append({"impl": impl, "device": "-", "correct": None, "skipped": why})
     rec.notes.append(f"{impl}: skipped: {why}")
@@ -270,7 +285,9 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             slots = table_capacity(max(min(nl, nr), 1), cfg.load_factor)
             if impl == "hash":
                 hj = CudaHashJoin(cfg.load_factor)
-                add_row(impl, "cuda", lambda: hj.join(lk_c, rk_c, cfg.count_only), extra={"table_slots": slots})
+                call = CountedCalls(lambda: hj.join(lk_c, rk_c, cfg.count_only))
+                add_row(impl, "cuda", call, extra={"table_slots": slots})
+                rec.rows[-1]["retries_per_call"] = call.per_call(hj.retries)
                 rec.metrics["hash_retries"] = hj.retries
                 continue
             # the prepared statement: buffers allocated and the graph captured here, outside the timed region;
@@ -321,10 +338,11 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
 
             tc = TensorCoreJoin(dtype, cfg.tc_block)
-            add_row(impl, device, lambda: tc.join(lk_t, rk_t, cfg.count_only),
-                    r=1 if interp else reps, w=0 if interp else warmup,
+            call = CountedCalls(lambda: tc.join(lk_t, rk_t, cfg.count_only))
+            add_row(impl, device, call, r=1 if interp else reps, w=0 if interp else warmup,
                     extra=tensorcore_extra(dtype, interp))
             rec.rows[-1]["partitions"] = tc.last_partitions
+            rec.rows[-1]["retries_per_call"] = call.per_call(tc.retries)
             rec.metrics["tensorcore_retries"] = tc.retries
             phases = {} if (interp or under_ncu) else tc.phase_times_ms(lk_t, rk_t, cfg.count_only, min(reps, 10))
             if phases:
@@ -333,6 +351,10 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                                  "and join (join_retry: the re-run with the exact capacity), a CUDA event after "
                                  "each; a phase includes the host's launch gaps before it (median of up to 10)")
 
+    if any(r.get("retries_per_call") for r in rec.rows):
+        rec.notes.append("retries_per_call: the share of calls (warm-up, checked and timed alike) whose first output "
+                         "capacity was short, so that their probe or join ran twice and the second run is in "
+                         "their time; the *_retries metrics are the same counts summed over all calls")
     # headline numbers
     by = {r["impl"]: r for r in rec.rows if "median_ms" in r}
     headline_times(rec, by)

@@ -30,6 +30,9 @@ def test_bench_small_all_impls(out_dir):
         if "skipped" not in rows[impl]:
             assert rows[impl]["correct"] is True and rows[impl]["output_rows"] == ref
     assert data["checks"]["hash-cpu"]["passed"]
+    if "skipped" not in rows["tensorcore"]:  # its first capacity guess is max(rows, right rows): short iff more pairs
+        assert rows["tensorcore"]["retries_per_call"] == (1.0 if ref > 600 else 0.0)
+        assert data["metrics"]["tensorcore_retries"] >= 2 * rows["tensorcore"]["retries_per_call"]
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not data["device"]["gpu"]:
         assert "skipped" in rows["hash"] and any(n.startswith("hash: skipped") for n in data["notes"])
         assert "skipped" in rows["hash-graph"] and any(n.startswith("hash-graph: skipped") for n in data["notes"])
