@@ -29,14 +29,21 @@ def _device() -> str:
 
 
 @contextmanager
-def _tiny_models_threads(device: str):
-    """Models of the tiny sizes are far too small for intra-op threads: on a shared CPU one is fastest
-    (restored afterwards: ``gpulab run`` runs other commands in the same process)."""
+def _tiny_models_threads(device: str, threads: Optional[int] = 1):
+    """Stitch training and eval of the tiny sizes (batches of 16, token-by-token decodes) are far too small for
+    intra-op threads: on a shared CPU one is fastest. Pretraining batches (32 x 128 tokens) are not: there
+    ``threads=None`` takes every CPU this process may use (2 threads ran 1.8-1.9x faster than 1 for tiny-small
+    to tiny-large on the 2-core development machine, 2026-11-28). Restored afterwards: ``gpulab run`` runs
+    other commands in the same process."""
+    import os
+
     import torch
 
     old = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(1)
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -59,17 +66,18 @@ def _quiet_transformers() -> None:
 
 
 def _pretrain(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
-              seq_len: int, lr: float, seed: int):
+              seq_len: int, lr: float, seed: int, repeat_frac: float = 0.0):
     from gpulab.core.results import Record
     from gpulab.stitchkv.pretrain import pretrain_pair
 
     device = _device()
-    with _tiny_models_threads(device):
-        res = pretrain_pair(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, device)
+    with _tiny_models_threads(device, threads=None):
+        res = pretrain_pair(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, device,
+                            repeat_frac=repeat_frac)
     rec = Record(name="kvstitch-pretrain", config={"data": str(data), "out": str(out), "large_size": large_size,
                                                    "small_size": small_size, "vocab": vocab, "steps": steps,
                                                    "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
-                                                   "device": device})
+                                                   "repeat_frac": repeat_frac, "device": device})
     rec.rows = res["rows"]
     rec.metrics = {k: v for k, v in res.items() if k != "rows"}
     import math
@@ -95,11 +103,13 @@ def pretrain(
     batch: int = typer.Option(32, "--batch"),
     seq_len: int = typer.Option(128, "--seq-len"),
     lr: float = typer.Option(3e-3, "--lr"),
+    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help="Share of pretraining windows that repeat their "
+                                      "first half (teaches in-context copying, which --task recall measures)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train a tiny large/small Llama pair from scratch with one shared tokenizer."""
     _quiet_transformers()
-    rec = _pretrain(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed)
+    rec = _pretrain(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, repeat_frac)
     rec.save()
     rec.print()
 
@@ -141,6 +151,9 @@ def train(
     large: Path = typer.Option(..., "--large", help="Large (prefill) model folder, Hugging Face format."),
     small: Path = typer.Option(..., "--small", help="Small (decode) model folder; must share the tokenizer."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help=DATA_HELP),
+    task: str = typer.Option("continue", "--task", help="Of a text corpus: continue (a window, then the text that "
+                               "follows) | recall (text ending in a passage, then the passage's first tokens again; the "
+                               "reference is what follows them in the passage)"),
     run: Path = typer.Option(..., "--run", "--run-dir", "--out", help="Run folder for stitches, adapters, checkpoints (resumable)."),
     stage: str = typer.Option("all", "--stage", help="warmup | lora | all"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 (warm-up) steps."),
@@ -179,7 +192,7 @@ def train(
 
     ctx = distributed.setup(_device(), what="kvstitch train")
     try:
-        rec = _train(_train_cfg(large=large, small=small, data=data, run=run, stage=stage, steps=steps,
+        rec = _train(_train_cfg(large=large, small=small, data=data, task=task, run=run, stage=stage, steps=steps,
                             lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input, init=init,
                             loss=loss, batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=lr,
                             lora_lr=lora_lr, stitch_lr=stitch_lr, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -307,12 +320,17 @@ def tiny(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the pair and the run "
                                            "(default: <--out>/kvstitch-tiny)."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
+    task: str = typer.Option("continue", "--task", help="Of a text corpus: continue (a window, then the text that "
+                               "follows) | recall (text ending in a passage, then the passage's first tokens again; the "
+                               "reference is what follows them in the passage)"),
     large_size: str = typer.Option("tiny-large", "--large-size"),
     small_size: str = typer.Option("tiny-small", "--small-size"),
     vocab: int = typer.Option(1024, "--vocab"),
     pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
     pretrain_batch: int = typer.Option(32, "--pretrain-batch"),
     pretrain_lr: float = typer.Option(3e-3, "--pretrain-lr", help="Peak AdamW learning rate of the pair's pretraining."),
+    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help="Share of pretraining windows that repeat their "
+                                      "first half (teaches in-context copying, which --task recall measures)."),
     seq_len: int = typer.Option(128, "--seq-len"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
@@ -335,13 +353,14 @@ def tiny(
     with _tiny_models_threads(_device()):
         rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
                     steps, lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len,
-                    goal_gap, seed)
+                    goal_gap, seed, task, repeat_frac)
     rec.save()
     rec.print()
 
 
 def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len, steps,
-          lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
+          lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed,
+          task="continue", repeat_frac=0.0):
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
@@ -351,10 +370,14 @@ def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain
     t0 = time.perf_counter()
     wd = workdir / f"seed{seed}"
     shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
+    from gpulab.stitchkv.data import check_task
+
+    check_task(task)  # before minutes of pretraining
     pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
-                    seed)
+                    seed, repeat_frac)
     t1 = time.perf_counter()
-    tr = _train(_train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, run=wd / "run",
+    tr = _train(_train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, task=task,
+                           run=wd / "run",
                            stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment,
                            stitch_input=stitch_input, init="ls", loss="mse", batch=batch, prompt_len=prompt_len,
                            cont_len=cont_len, lr=1e-3, lora_lr=1e-3, lora_r=8, lora_alpha=16,

@@ -1,6 +1,15 @@
 """Data for stitching: a plain-text corpus cut into (prompt, continuation) windows, or a JSONL file
 of ``{"prompt": ..., "reference": ...}`` records (summaries, answers).
 
+Tasks on a text corpus (``--task``): ``continue`` (a window's first ``prompt_len`` tokens, then the next
+ones) or ``recall``: a window of text whose last part is a passage, then the passage's first ``cue`` tokens
+again; the reference is what follows the cue in the passage. The passage starts at a random offset in the
+window, so the distance back to it varies and a fixed-offset (positional) copy does not solve the task: it
+needs in-context copying by content (an induction circuit, two layers at least). The passage is only in the
+prompt, so a decoder can recall it only from the K/V cache it is handed: the stitched cache must carry the
+prompt's content. Lengths: the prompt stays ``prompt_len`` tokens (``prompt_len - cue`` of text, then the cue),
+``cue = max(1, prompt_len // 8)``, and the passage holds at least the cue and the reference.
+
 Text corpora are tokenized once and split by position: the first ``1 - val_fraction`` of the
 tokens for training, the rest for evaluation, so evaluation prompts are never trained on.
 
@@ -22,6 +31,36 @@ from gpulab.core.errors import InputError
 from gpulab.core.paths import shared_data
 
 DEFAULT_DATA = shared_data("tinyshakespeare.txt")
+TASKS = ("continue", "recall")
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise InputError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
+
+
+def recall_cue(prompt_len: int, cont_len: int) -> tuple[int, int]:
+    """(cue length, largest passage offset) of recall prompts of ``prompt_len`` tokens and ``cont_len``
+    reference tokens, or a one-line error when the text before the cue cannot hold a cue and the reference."""
+    cue = max(1, prompt_len // 8)
+    room = prompt_len - 2 * cue
+    if room < max(cont_len, 1):
+        raise InputError(f"--task recall: a prompt of {prompt_len} tokens (text, then a cue of {cue}) leaves at most "
+                         f"{max(room, 0)} tokens to recall, not {cont_len}; raise --prompt-len or lower the "
+                         "continuation length")
+    return cue, room - cont_len
+
+
+def recall_window(ids: Any, start: int, offset: int, prompt_len: int, cont_len: int) -> tuple[Any, Any]:
+    """(prompt, reference) of the recall task: the text at ``start``, whose passage begins ``offset`` tokens in
+    (see the module docstring)."""
+    import torch
+
+    cue, _ = recall_cue(prompt_len, cont_len)
+    text = ids[start: start + prompt_len - cue]
+    passage = text[offset:]
+    return torch.cat([text, passage[:cue]]), passage[cue: cue + cont_len]
 
 
 def read_text(path: Path | str) -> str:
@@ -59,20 +98,25 @@ class Corpus:
     split: int = 0
     pairs: list[tuple[list[int], list[int], str]] | None = None  # (prompt ids, reference ids, reference text)
     bos: list[int] = field(default_factory=list)
+    task: str = "continue"  # of a text corpus: TASKS
 
     @property
     def kind(self) -> str:
         return "jsonl" if self.pairs is not None else "text"
 
 
-def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min_ref: int = 1) -> Corpus:
+def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min_ref: int = 1,
+                task: str = "continue") -> Corpus:
     """``min_ref``: the fewest reference tokens a .jsonl record may have (stage 2 needs 2: its loss
-    predicts continuation tokens 2..C from token 1)."""
+    predicts continuation tokens 2..C from token 1). ``task``: how a text corpus is cut (TASKS)."""
     import torch
 
     p = Path(path)
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    check_task(task)
+    if p.suffix == ".jsonl" and task != "continue":
+        raise InputError(f"--task {task} cuts a text corpus; {p} is .jsonl, whose records are the task")
     if p.suffix == ".jsonl":
         text = read_text(p)
         pairs = []
@@ -100,7 +144,7 @@ def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min
     text = read_text(p)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     split = int(len(ids) * (1 - val_fraction))
-    return Corpus(path=p, ids=ids, split=split, bos=bos_prefix(tokenizer))
+    return Corpus(path=p, ids=ids, split=split, bos=bos_prefix(tokenizer), task=task)
 
 
 def _with_bos(corpus: Corpus, prompts: Any) -> Any:
@@ -135,12 +179,25 @@ def train_batches(corpus: Corpus, batch: int, prompt_len: int, cont_len: int, se
             i = int(torch.randint(len(train), (1,), generator=g))
             pids, rids, _ = train[i]
             yield (torch.tensor([corpus.bos + pids[-prompt_len:]]), torch.tensor([rids[:cont_len]]))
-    n = prompt_len + cont_len
+    n = _window_len(corpus, prompt_len, cont_len)
     _need(corpus, n, "train")
     while True:
         starts = torch.randint(0, corpus.split - n, (batch,), generator=g)
+        if corpus.task == "recall":
+            offsets = torch.randint(0, recall_cue(prompt_len, cont_len)[1] + 1, (batch,), generator=g)
+            p, c = zip(*(recall_window(corpus.ids, s, o, prompt_len, cont_len)
+                         for s, o in zip(starts.tolist(), offsets.tolist())))
+            yield _with_bos(corpus, torch.stack(p)), torch.stack(c)
+            continue
         w = torch.stack([corpus.ids[s: s + n] for s in starts.tolist()])
         yield _with_bos(corpus, w[:, :prompt_len]), w[:, prompt_len:]
+
+
+def _window_len(corpus: Corpus, prompt_len: int, cont_len: int) -> int:
+    """The corpus tokens one (prompt, continuation) window spans."""
+    if corpus.task == "recall":
+        return prompt_len - recall_cue(prompt_len, cont_len)[0]
+    return prompt_len + cont_len
 
 
 def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int) -> list[tuple[Any, Any]]:
@@ -153,8 +210,13 @@ def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int)
     if corpus.kind == "jsonl":
         val = corpus.pairs[corpus.split:][:n_prompts]
         return [(torch.tensor(corpus.bos + p[-prompt_len:]), torch.tensor(r[:cont_len])) for p, r, _ in val]
-    n = prompt_len + cont_len
+    n = _window_len(corpus, prompt_len, cont_len)
     _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
     starts = [corpus.split + (span * i) // max(n_prompts, 1) for i in range(n_prompts)]
+    if corpus.task == "recall":  # the passage offsets: drawn once, the same for every eval of these lengths
+        g = torch.Generator().manual_seed(20261128)
+        offsets = torch.randint(0, recall_cue(prompt_len, cont_len)[1] + 1, (n_prompts,), generator=g).tolist()
+        return [(_with_bos(corpus, p), c) for p, c in (recall_window(corpus.ids, s, o, prompt_len, cont_len)
+                                                        for s, o in zip(starts, offsets))]
     return [(_with_bos(corpus, corpus.ids[s: s + prompt_len]), corpus.ids[s + prompt_len: s + n]) for s in starts]

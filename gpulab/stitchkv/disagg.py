@@ -63,7 +63,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
     stage = pick_stage(run, stage)
     if not check_data:
         return cfg, stage
-    corpus = D.load_corpus(cfg["data"], load_tokenizer(Path(cfg["large"]), "large"))
+    corpus = D.load_corpus(cfg["data"], load_tokenizer(Path(cfg["large"]), "large"), task=cfg.get("task", "continue"))
     D.eval_windows(corpus, prompts, prompt_len or int(cfg.get("prompt_len", 32)), gen_len)
     return cfg, stage
 
@@ -108,7 +108,7 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
     large = load_model(cfg["large"], "large", dev, cfg.get("dtype", "float32"))
     small, bank = load_small(cfg, run, stage, dev)
     plen = prompt_len or int(cfg.get("prompt_len", 32))
-    corpus = D.load_corpus(cfg["data"], tok)
+    corpus = D.load_corpus(cfg["data"], tok, task=cfg.get("task", "continue"))
     windows = D.eval_windows(corpus, prompts, plen, gen_len)
     if corpus.kind == "jsonl":
         ref_texts = [r for _, _, r in corpus.pairs[corpus.split:][:prompts]]
@@ -157,7 +157,7 @@ def _prefill_rank(ctx: Any, cfg: dict[str, Any], run: Path, stage: str, prompts:
 
         rec = Record(name="kvstitch-disagg", config={
             "run": str(run), "stage": stage, "large": cfg["large"], "small": cfg["small"], "data": cfg["data"],
-            "prompts": len(windows), "prompt_len": plen, "gen_len": gen_len, "batch": batch,
+            "task": corpus.task, "prompts": len(windows), "prompt_len": plen, "gen_len": gen_len, "batch": batch,
             "ranks": {"prefill": PREFILL, "decode": DECODE}, "world_size": ctx.world, "backend": ctx.backend, "device": dev, "host_staged": ctx.staged,
             "alignment": cfg.get("alignment"), "stitch_input": cfg.get("stitch_input"),
             "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend(), "prompt_bos": list(corpus.bos)})

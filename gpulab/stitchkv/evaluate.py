@@ -317,7 +317,9 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
     plen = prompt_len or int(cfg.get("prompt_len", 32))
-    corpus = D.load_corpus(data or cfg["data"], pair.tokenizer)
+    src = data or cfg["data"]
+    task = "continue" if Path(str(src)).suffix == ".jsonl" else cfg.get("task", "continue")  # .jsonl: its records
+    corpus = D.load_corpus(src, pair.tokenizer, task=task)
     windows = D.eval_windows(corpus, prompts, plen, gen_len)
     if corpus.kind == "jsonl":
         ref_texts = [r for _, _, r in corpus.pairs[corpus.split:][:prompts]]
@@ -326,7 +328,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     bt = _batches(windows, batch)
     bos_note = prompt_bos_note(cfg, corpus.bos)
     rec = Record(name=name, config={"run": str(run), "large": cfg["large"], "small": cfg["small"],
-                                    "data": str(data or cfg["data"]), "prompts": len(windows), "prompt_len": plen,
+                                    "data": str(src), "task": task, "prompts": len(windows), "prompt_len": plen,
                                     "gen_len": gen_len, "batch": batch, "device": device,
                                     "alignment": cfg.get("alignment"), "stitch_input": cfg.get("stitch_input"),
                                     "dtype": cfg.get("dtype", "float32"), "rouge": rouge_backend(),

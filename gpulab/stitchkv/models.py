@@ -163,6 +163,10 @@ TINY_SIZES: dict[str, dict[str, int]] = {
     "nano-small": dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
     "tiny-large": dict(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768),
     "tiny-small": dict(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=384),
+    # the recall pair: four layers against one (one layer cannot form an induction circuit: the small model
+    # cannot copy from its own cache, only from a handed-over one whose keys already hold the context)
+    "tiny-medium": dict(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512),
+    "tiny-1layer": dict(hidden=128, layers=1, heads=4, kv_heads=2, intermediate=384),
 }
 
 

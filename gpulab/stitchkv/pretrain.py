@@ -16,15 +16,29 @@ from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
 
 
-def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int):
+def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int, repeat_frac: float = 0.0):
+    """Endless [batch, seq + 1] windows of ``ids[lo:hi]``; with ``repeat_frac`` > 0 that share of the rows
+    (drawn per row) ends in a passage followed by itself again (a passage of a quarter to a half of the window,
+    drawn per row, so the distance back varies): text that teaches in-context copying by content (the recall
+    task of :mod:`gpulab.stitchkv.data`)."""
     import torch
 
     if hi - lo < seq + 2:
         raise InputError(f"the text split has {hi - lo} tokens, fewer than one --seq-len window of {seq + 1}")
+    if not 0.0 <= repeat_frac <= 1.0:
+        raise InputError(f"--repeat-frac must be in [0, 1], got {repeat_frac}")
     g = torch.Generator().manual_seed(seed)
+    n = seq + 1
     while True:
         starts = torch.randint(lo, hi - seq - 1, (batch,), generator=g)
-        yield torch.stack([ids[s: s + seq + 1] for s in starts.tolist()])
+        w = torch.stack([ids[s: s + n] for s in starts.tolist()])
+        if repeat_frac > 0:
+            rep = torch.rand(batch, generator=g) < repeat_frac
+            lens = torch.randint(max(1, n // 4), n // 2 + 1, (batch,), generator=g)
+            for r in torch.nonzero(rep).flatten().tolist():
+                h = int(lens[r])
+                w[r, n - h:] = w[r, n - 2 * h: n - h]
+        yield w
 
 
 def val_loss(model: Any, ids: Any, lo: int, hi: int, seq: int, device: str, n_windows: int = 32) -> float:
@@ -40,7 +54,7 @@ def val_loss(model: Any, ids: Any, lo: int, hi: int, seq: int, device: str, n_wi
 
 
 def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int, lr: float, seed: int,
-             device: str, log: Any = print, name: str = "") -> list[float]:
+             device: str, log: Any = print, name: str = "", repeat_frac: float = 0.0) -> list[float]:
     import torch
     import torch.nn.functional as F
 
@@ -50,7 +64,7 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     hist = []
-    it = lm_batches(ids, 0, split, batch, seq, seed)
+    it = lm_batches(ids, 0, split, batch, seq, seed, repeat_frac)
     use_bf16 = bf16_native(device)  # bf16 autocast where native, else the tiny models train in fp32
     for step in range(steps):
         w = next(it).to(device)
@@ -70,7 +84,8 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
 
 
 def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
-                  seq: int, lr: float, seed: int, device: str, log: Any = print) -> dict[str, Any]:
+                  seq: int, lr: float, seed: int, device: str, log: Any = print,
+                  repeat_frac: float = 0.0) -> dict[str, Any]:
     import torch
 
     from gpulab.stitchkv.data import read_text
@@ -81,6 +96,8 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
             raise InputError(f"unknown model size {s!r} (known: {', '.join(TINY_SIZES)})")
     if steps < 1 or batch < 1 or seq < 2:
         raise InputError(f"--steps and --batch must be >= 1 and --seq-len >= 2 (got {steps}, {batch}, {seq})")
+    if not 0.0 <= repeat_frac <= 1.0:
+        raise InputError(f"--repeat-frac must be in [0, 1], got {repeat_frac}")
     text = read_text(data)
     cut = int(len(text) * 0.9)
     t0 = time.perf_counter()
@@ -92,8 +109,8 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     for role, size in (("large", large_size), ("small", small_size)):
         t1 = time.perf_counter()
         model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
-        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role)
-        vl = val_loss(model, ids, split, len(ids), seq, device)
+        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac)
+        vl = val_loss(model, ids, split, len(ids), seq, device)  # on plain text windows
         save_model(model.to("cpu"), tok, out / role)
         sh = shape_of(model)
         rows.append({"model": role, "size": size, "params": sum(p.numel() for p in model.parameters()),

@@ -28,7 +28,7 @@ from gpulab.stitchkv.store import atomic_torch_save, first_line, trained_stages
 
 KEY_FIELDS = ("large", "small", "alignment", "stitch_input")  # the whole run folder is pinned to these
 PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run from another directory
-_SHARED = ("data", "seed", "batch", "prompt_len", "prompt_bos", "dtype")  # prompt_bos: data.bos_prefix
+_SHARED = ("data", "task", "seed", "batch", "prompt_len", "prompt_bos", "dtype")  # prompt_bos: data.bos_prefix
 # what shapes each stage's result: a stage resumed from its checkpoint or skipped as finished must match
 STAGE_FIELDS = {
     "warmup": (*_SHARED, "steps", "lr", "init", "loss", "ls_batches", "ridge"),

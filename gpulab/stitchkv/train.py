@@ -211,6 +211,9 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
         raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
     if not cfg["ridge"] >= 0:
         raise InputError(f"--ridge must be >= 0, got {cfg['ridge']}")
+    from gpulab.stitchkv.data import check_task
+
+    check_task(cfg.get("task", "continue"))
 
 
 def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = None) -> dict[str, Any]:
@@ -225,7 +228,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
     validate_cfg(cfg)
-    cfg = {"stitch_lr": None, "dtype": "float32", "lora_control": False, **cfg}
+    cfg = {"stitch_lr": None, "dtype": "float32", "lora_control": False, "task": "continue", **cfg}
     stage = cfg["stage"]
     ctx = dist_ctx or Ctx(device=device)
     rank, world = ctx.rank, ctx.world
@@ -236,7 +239,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     run = Path(cfg["run"])
     stage2 = stage in ("lora", "all")
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg["dtype"])
-    corpus = D.load_corpus(cfg["data"], pair.tokenizer, min_ref=2 if stage2 else 1)
+    corpus = D.load_corpus(cfg["data"], pair.tokenizer, min_ref=2 if stage2 else 1, task=cfg["task"])
     # bad options are one-line errors before run.yaml pins the run folder to them
     ls, ss = shape_of(pair.large), shape_of(pair.small)
     align = alignment(cfg["alignment"], ls["layers"], ss["layers"])
