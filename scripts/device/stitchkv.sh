@@ -3,10 +3,10 @@
 # budget; give it 250 s or more for the seeds). Run from the repo root on a CUDA machine; results go to $OUT.
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
 #   2. the recall experiment (experiments/kvstitch_recall.yaml: the task whose prompts only a handed-over cache
-#      can answer), seed 0 (not timed on a GPU yet: 6,000 pretraining and 3,400 stitch/LoRA steps of tiny
-#      models, estimated 60-90 s; the CPU takes ~30 min)
+#      can answer), seed 0 (not timed on a GPU yet: 2 x 6,000 pretraining and 3,400 stitch/LoRA steps of tiny
+#      models, estimated 90-150 s)
 #   3. kvstitch serve-disagg on seed 0's recall run (2 ranks sharing the GPU over gloo), if >= 40 s are left
-#   4. recall seeds 1 and 2, each only with >= 100 s left
+#   4. recall seeds 1 and 2, each only with >= 150 s left
 #   5. the continuation experiment (experiments/kvstitch_tiny.yaml), seeds 0-2, each only with >= 45 s left
 #      (one seed was 30-40 s on an H200)
 #   6. a table per task: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT; the disaggregated run
@@ -43,7 +43,7 @@ run_seed() {  # time box, seed, task: one seed of the experiment file of that ta
   local task=$3
   if [ "$task" = recall ]; then
     set -- "$1" "$2" --workdir "$WORKDIR-recall" --task recall --repeat-frac 0.5 --large-size tiny-medium \
-      --small-size tiny-1layer --pretrain-steps 3000 --pretrain-lr 2e-3 --seq-len 112 --lora-steps 1600 \
+      --small-size tiny-1layer --pretrain-steps 6000 --pretrain-lr 1e-3 --seq-len 112 --lora-steps 1600 \
       --cont-len 24 --gen-len 24
   else
     set -- "$1" "$2" --workdir "$WORKDIR" --large-size tiny-large --small-size tiny-small --pretrain-steps 800 \
@@ -72,7 +72,7 @@ fi
 
 for SEED in 1 2; do
   LEFT=$(left)
-  if [ "$LEFT" -lt 100 ]; then echo "recall seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
+  if [ "$LEFT" -lt 150 ]; then echo "recall seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
   run_seed "$LEFT" "$SEED" recall
 done
 for SEED in 0 1 2; do  # a seed took 30-40 s on an H200: start one only with 45 s left
