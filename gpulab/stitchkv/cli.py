@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="KV-cache stitching: a large model prefills, a small one decodes from a stitched cache.")
 
 DATA_HELP = "Text corpus (.txt, split 90/10 into train/eval windows) or .jsonl with 'prompt' and 'reference'."
+TASK_HELP = ("Of a text corpus: continue (a window, then the text that follows) | recall (text ending in a passage, "
+             "then the passage's first tokens again; the reference is what follows them in the passage)")
+REPEAT_HELP = ("Share of pretraining windows that end in a passage followed by itself again (teaches in-context "
+               "copying, which --task recall measures).")
 
 
 def _device() -> str:
@@ -103,8 +107,7 @@ def pretrain(
     batch: int = typer.Option(32, "--batch"),
     seq_len: int = typer.Option(128, "--seq-len"),
     lr: float = typer.Option(3e-3, "--lr"),
-    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help="Share of pretraining windows that repeat their "
-                                      "first half (teaches in-context copying, which --task recall measures)."),
+    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help=REPEAT_HELP),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train a tiny large/small Llama pair from scratch with one shared tokenizer."""
@@ -151,9 +154,7 @@ def train(
     large: Path = typer.Option(..., "--large", help="Large (prefill) model folder, Hugging Face format."),
     small: Path = typer.Option(..., "--small", help="Small (decode) model folder; must share the tokenizer."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help=DATA_HELP),
-    task: str = typer.Option("continue", "--task", help="Of a text corpus: continue (a window, then the text that "
-                               "follows) | recall (text ending in a passage, then the passage's first tokens again; the "
-                               "reference is what follows them in the passage)"),
+    task: str = typer.Option("continue", "--task", help=TASK_HELP),
     run: Path = typer.Option(..., "--run", "--run-dir", "--out", help="Run folder for stitches, adapters, checkpoints (resumable)."),
     stage: str = typer.Option("all", "--stage", help="warmup | lora | all"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 (warm-up) steps."),
@@ -320,17 +321,14 @@ def tiny(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the pair and the run "
                                            "(default: <--out>/kvstitch-tiny)."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help="Plain-text corpus."),
-    task: str = typer.Option("continue", "--task", help="Of a text corpus: continue (a window, then the text that "
-                               "follows) | recall (text ending in a passage, then the passage's first tokens again; the "
-                               "reference is what follows them in the passage)"),
+    task: str = typer.Option("continue", "--task", help=TASK_HELP),
     large_size: str = typer.Option("tiny-large", "--large-size"),
     small_size: str = typer.Option("tiny-small", "--small-size"),
     vocab: int = typer.Option(1024, "--vocab"),
     pretrain_steps: int = typer.Option(1000, "--pretrain-steps"),
     pretrain_batch: int = typer.Option(32, "--pretrain-batch"),
     pretrain_lr: float = typer.Option(3e-3, "--pretrain-lr", help="Peak AdamW learning rate of the pair's pretraining."),
-    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help="Share of pretraining windows that repeat their "
-                                      "first half (teaches in-context copying, which --task recall measures)."),
+    repeat_frac: float = typer.Option(0.0, "--repeat-frac", help=REPEAT_HELP),
     seq_len: int = typer.Option(128, "--seq-len"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
@@ -369,10 +367,10 @@ def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain
 
     t0 = time.perf_counter()
     wd = workdir / f"seed{seed}"
-    shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
     from gpulab.stitchkv.data import check_task
 
-    check_task(task)  # before minutes of pretraining
+    check_task(task)  # before minutes of pretraining, and before the old run folder goes
+    shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
     pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
                     seed, repeat_frac)
     t1 = time.perf_counter()
