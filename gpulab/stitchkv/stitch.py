@@ -286,7 +286,8 @@ def stitched_cache(large: Any, small: Any, bank: Any, prompt: Any) -> tuple[Any,
 
 # --------------------------------------------------------------------------- closed-form init
 def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ridge: float = 1e-3) -> dict[str, float]:
-    """Ridge least squares per stitch over prompts ``batches`` ([B, P] each); returns the fit's R^2.
+    """Ridge least squares per stitch over prompts ``batches`` ([B, P] each), the ridge on the weights and not
+    on the bias; returns the fit's R^2.
 
     kv mode: large pre-RoPE K (V) -> small pre-RoPE K (V), exact least squares on the warm-up
     objective (before any k_norm). hidden mode: large attention input -> small attention input
@@ -325,9 +326,12 @@ def least_squares_init(bank: Any, large: Any, small: Any, batches: list[Any], ri
                         s[4] += x.shape[0]
         r2 = {}
         for key, (xtx, xty, yy, ys, count) in acc.items():
-            lam = ridge * float(torch.diagonal(xtx).mean())
-            eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
-            w = torch.linalg.solve(xtx + lam * eye, xty)  # [din+1, dout]
+            # the ridge on the weights only, scaled by the features' mean energy: the bias (the ones column) is
+            # free, so a constant offset of the targets moves only the bias, exactly
+            reg = torch.full((xtx.shape[0],), ridge * float(torch.diagonal(xtx)[:-1].mean()), dtype=xtx.dtype,
+                             device=xtx.device)
+            reg[-1] = 0.0
+            w = torch.linalg.solve(xtx + torch.diag(reg), xty)  # [din+1, dout]
             l = int(key[1:])
             lin = bank.maps[l] if key[0] == "h" else (bank.kmaps[l] if key[0] == "k" else bank.vmaps[l])
             lin.weight.copy_(w[:-1].T.to(lin.weight.dtype))

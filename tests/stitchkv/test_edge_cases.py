@@ -32,12 +32,12 @@ def _incremental_logits(small, cache, tokens):
 
 
 def _ridge_reference(x, y, ridge):
-    """[W; b] minimising ||[X 1] w - Y||^2 + lam ||w||^2 (bias included, as the stitchkv fit does), with
-    lam = ridge * mean(diag([X 1]^T [X 1])), by an SVD solver on the augmented system (no normal equations)."""
+    """[W; b] minimising ||X W + b - Y||^2 + lam ||W||^2 (the bias not penalised), with lam = ridge * mean(diag(X^T
+    X)), by an SVD solver on the augmented system (no normal equations)."""
     x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    lam = ridge * float((x1 * x1).sum(0).mean())
-    k = x1.shape[1]
-    a = torch.cat([x1, lam ** 0.5 * torch.eye(k, dtype=x.dtype)], 0)
+    lam = ridge * float((x * x).sum(0).mean())
+    k = x.shape[1]
+    a = torch.cat([x1, torch.cat([lam ** 0.5 * torch.eye(k, dtype=x.dtype), torch.zeros(k, 1, dtype=x.dtype)], 1)])
     b = torch.cat([y, torch.zeros(k, y.shape[1], dtype=y.dtype)], 0)
     w = torch.linalg.lstsq(a, b, driver="gelsd").solution
     pred = x1 @ w
