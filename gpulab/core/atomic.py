@@ -25,6 +25,23 @@ def _as_created(path: str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def _backup(path: Path) -> str:
+    """A hard link to ``path`` under a new name beside it (a copy where the file system has no hard links).
+    A link never overwrites: a name that another process took meanwhile is passed over for the next one."""
+    while True:
+        keep = tempfile.mktemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+        try:
+            os.link(path, keep)
+            return keep
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links: a copy into a file created for it
+            fd, keep = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+            os.close(fd)
+            shutil.copy2(path, keep)
+            return keep
+
+
 def write_with(path: Path | str, writer: Callable[[str], object], suffix: str = "") -> Path:
     """Call ``writer(tmp_path)`` to write the file, then rename it to ``path``.
 
@@ -53,12 +70,7 @@ def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> l
         if len(staged) > 1:
             for _, path in staged:
                 if path.is_file():
-                    keep = tempfile.mktemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
-                    try:
-                        os.link(path, keep)
-                    except OSError:  # a file system without hard links
-                        shutil.copy2(path, keep)
-                    kept[path] = keep
+                    kept[path] = _backup(path)
         try:
             for tmp, path in staged:
                 os.replace(tmp, path)

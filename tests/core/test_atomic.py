@@ -103,3 +103,20 @@ def test_write_all_undoes_earlier_renames_when_a_later_one_fails(tmp_path, monke
         atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in paths])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({paths[0].name, paths[-1].name})
     assert (paths[0].read_text(), paths[-1].read_text()) == ("old a", "old last")
+
+
+def test_write_all_backup_never_overwrites_a_file_that_took_its_name(tmp_path, monkeypatch):
+    """The backup of a replaced file is a hard link under a fresh name: a name another process took between
+    choosing and linking is passed over, and that process's file is left as it was."""
+    import tempfile
+    from pathlib import Path
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    other = tmp_path / ".a.txt.taken.old"
+    other.write_text("someone else's")
+    names = iter([str(other), str(tmp_path / ".a.txt.free.old")])
+    monkeypatch.setattr(tempfile, "mktemp", lambda **kw: next(names))
+    atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in (a, b)])
+    assert (a.read_text(), b.read_text(), other.read_text()) == ("new a", "new b", "someone else's")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.txt.taken.old", "a.txt", "b.txt"]
