@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks of gpulab kvstitch (issue 8), inside a 100 s budget (BUDGET; all.sh kills the script at its
-# budget; give it 250 s or more for the seeds). Run from the repo root on a CUDA machine; results go to $OUT.
+# budget; give it 330 s or more for the seeds). Run from the repo root on a CUDA machine; results go to $OUT.
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
 #   2. the recall experiment (experiments/kvstitch_recall.yaml: the task whose prompts only a handed-over cache
 #      can answer), seed 0 (not timed on a GPU yet: 2 x 6,000 pretraining and 3,400 stitch/LoRA steps of tiny
-#      models, estimated 90-150 s)
+#      models, bound by launches and host work; estimated 2-4 minutes at 10-20 ms a step; its whole log, with
+#      the seconds at each logged step, goes to $OUT/kvstitch-recall-seed0.log)
 #   3. kvstitch serve-disagg on seed 0's recall run (2 ranks sharing the GPU over gloo), if >= 40 s are left
 #   4. recall seeds 1 and 2, each only with >= 150 s left
 #   5. the continuation experiment (experiments/kvstitch_tiny.yaml), seeds 0-2, each only with >= 45 s left
@@ -51,8 +52,11 @@ run_seed() {  # time box, seed, task: one seed of the experiment file of that ta
   fi
   timeout -k 5 "$1" "$PY" -m gpulab --device cuda --out "$OUT" kvstitch tiny --data "$DATA" --vocab 1024 \
     --pretrain-batch 32 --steps 200 --batch 16 --prompt-len 64 --prompts 256 --goal-gap 0.5 \
-    --seed "$2" "${@:3}" 2>&1 | grep -vE "step [0-9]+:" | tail -12
-  echo "seed $2 ($task) exit: ${PIPESTATUS[0]} ($(( $(date +%s) - T0 )) s so far)"
+    --seed "$2" "${@:3}" 2>&1 | tee "$OUT/kvstitch-$task-seed$2.log" | grep -vE "step [0-9]+:" | tail -12
+  local rc=${PIPESTATUS[0]}
+  # a run cut by its time box still says how far its steps got, and at how many seconds (the whole log is in $OUT)
+  [ "$rc" -eq 124 ] && grep -E "step [0-9]+:" "$OUT/kvstitch-$task-seed$2.log" | tail -3
+  echo "seed $2 ($task) exit: $rc ($(( $(date +%s) - T0 )) s so far)"
 }
 LEFT=$(left)
 if [ "$LEFT" -ge 30 ]; then run_seed "$LEFT" 0 recall; else echo "recall seed 0 skipped: time box (${LEFT}s left)"; fi
