@@ -178,8 +178,10 @@ def test_fused_ops_on_gpu_at_llama8b_shapes():
     tests above when run on a GPU), 8B shapes (hidden 4096, 32/8 heads of 128, intermediate 14336), batch 1 and 64:
     each kernel rounds where the torch ops round, so every output is within bf16 rounding of them and the norm's
     nearly always bit-identical; the K/V store is exact. RoPE's q/k were bit-identical in only 77% of elements on
-    an H200 in bf16 (2026-11-27; 100% under the CPU interpreter in fp16): not explained yet, so for RoPE and SiLU
-    only a majority of identical elements is asserted beside the tolerance."""
+    an H200 in bf16 (2026-11-27; 100% under the CPU interpreter in fp16); the likely cause, seen in its sm_90 PTX:
+    Triton contracted its products and adds into FMAs. Launched without FP fusion now (fused_ops.ROUND_AS_TORCH),
+    RoPE must match to the bit (not yet run on a GPU). SiLU (Triton's approximate exp and division against torch's expf and IEEE division): a
+    majority of identical elements beside the tolerance."""
     from gpulab.core.device import bf16_native
 
     dt = torch.bfloat16 if bf16_native(torch.device("cuda")) else torch.float16
@@ -189,7 +191,7 @@ def test_fused_ops_on_gpu_at_llama8b_shapes():
         x, d, w = (torch.randn(t, 4096, generator=g) * 3).cuda().to(dt), torch.randn(t, 4096, generator=g).cuda().to(dt), \
             torch.randn(4096, generator=g).cuda().to(dt)
         pairs = list(zip(FO.add_rms_norm(x, d, w, 1e-5), R.add_rms_norm(x, d, w, 1e-5)))
-        n_norm = len(pairs)
+        n_norm = len(pairs)  # pairs[n_norm:n_norm + 3]: RoPE's q, k, v; the last: SiLU
         qkv = torch.randn(t, 48 * 128, generator=g).cuda().to(dt)
         ang = torch.rand(t, 1, 64, generator=g) * 100
         cos, sin = torch.cat([ang.cos()] * 2, -1).cuda().to(dt), torch.cat([ang.sin()] * 2, -1).cuda().to(dt)
@@ -199,7 +201,8 @@ def test_fused_ops_on_gpu_at_llama8b_shapes():
         for i, (got, want) in enumerate(pairs):
             close(got, want, dt)
             same = float((got == want).float().mean())
-            assert same > (0.99 if i < n_norm else 0.5), (i, t, dt, same)
+            assert same > (0.99 if i < n_norm else 0.5) and (same == 1.0 or not n_norm <= i < n_norm + 3), \
+                (i, t, dt, same)
         k, v = FO.rope_split(qkv, cos, sin, 32, 8, 128)[1:]
         slots = torch.randperm(64 * 16, generator=g)[:t].cuda()
         for cdt in (dt, torch.float8_e4m3fn):

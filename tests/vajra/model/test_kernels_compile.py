@@ -118,12 +118,13 @@ for cc in (80, 89, 90):
                                            (act, False, False, 2048)):
             compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": d_ptr, "w_ptr": act, "xo_ptr": act,
                                                   "h_ptr": act, "eps": "fp32"},
-                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block), num_warps=8 if block > 2048 else 4)
+                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block), num_warps=8 if block > 2048 else 4,
+                    **FO.ROUND_AS_TORCH)
         for half, partial in ((64, False), (64, True), (32, False)):
             compile(FO._rope_split_kernel, cc, {"qkv_ptr": "*fp32" if partial else act, "cos_ptr": act,
                                                 "sin_ptr": act, "q_ptr": act, "k_ptr": act, "v_ptr": act},
-                    dict(HALF=half, BH=4, PARTIAL=partial))
-        compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024))
+                    dict(HALF=half, BH=4, PARTIAL=partial), **FO.ROUND_AS_TORCH)
+        compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024), **FO.ROUND_AS_TORCH)
         for cache, fp8 in ((act, False), ("*u8", True)):
             compile(FO._store_kv_kernel, cc, {"k_ptr": act, "v_ptr": act, "slot_ptr": "*i64", "c_ptr": cache,
                                               "k_scale": "fp32", "v_scale": "fp32"},
@@ -136,6 +137,38 @@ print(f"ok all: {n_compiled} kernels in {time.time() - t0:.0f} s", flush=True)
 
 def test_vajra_triton_kernels_compile_for_sm80_sm89_sm90():
     run_aot_script(SCRIPT, "ok all", timeout=600)
+
+
+ROPE_PTX = r"""
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.vajra import fused_ops as FO
+
+for act in ("bf16", "fp16"):
+    ptr = "*" + act
+    types = {"qkv_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr, "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr}
+    sig = {a: ("constexpr" if a in ("HALF", "BH", "PARTIAL") else types.get(a, "i32"))
+           for a in FO._rope_split_kernel.arg_names}
+    for name, options in (("launched", FO.ROUND_AS_TORCH), ("default", {})):
+        kernel = triton.compile(ASTSource(FO._rope_split_kernel, sig, dict(HALF=64, BH=4, PARTIAL=False)),
+                                target=GPUTarget("cuda", 90, 32), options=options or None)
+        fmas = re.findall(r"\bfma\.\w+\.(?:bf16|f16|f32)\w*", kernel.asm["ptx"])
+        print(f"rope {act} {name}: {len(fmas)} fma", flush=True)
+print("ok rope ptx", flush=True)
+"""
+
+
+def test_rope_kernel_rounds_each_product_as_torch_on_sm90():
+    """The RoPE kernel as rope_split launches it (ROUND_AS_TORCH) has no floating-point FMA in its sm_90 PTX: each
+    product is rounded before the add, as in torch's q * cos + rotate_half(q) * sin. (Triton's default fusion
+    contracts them into fma.rn.bf16, the likely cause of the 77% bit-identical elements measured on an H200.)"""
+    out = run_aot_script(ROPE_PTX, "ok rope ptx")
+    for act in ("bf16", "fp16"):
+        assert f"rope {act} launched: 0 fma" in out, out
 
 
 def test_native_fp8_rule():
