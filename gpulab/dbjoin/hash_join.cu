@@ -22,7 +22,8 @@
 //                      (unique build keys: then neither would do anything), so the host may launch them
 //                      with a small fixed grid, and inside a CUDA graph they cost about one launch each.
 // Probe:
-//   hj_probe_*         one thread per probe row finds its slot; a block-wide prefix sum of the match
+//   hj_probe_*         one thread per probe row finds its slot (each slot visited is read whole, key, count and
+//                      first row, by one 16-byte load); a block-wide prefix sum of the match
 //                      counts and one atomicAdd per block reserve the output positions; pairs are written
 //                      while they fit in `capacity`. The counter always ends at the exact output size, so
 //                      the host re-runs with that capacity when the first guess was short.
@@ -40,8 +41,8 @@
 #define HJ_EMPTY_I64 (-9223372036854775807LL - 1LL)
 #define HJ_COUNTERS 4
 
-struct SlotI32 { unsigned long long kc; int row; int pad; };
-struct SlotI64 { long long key; int count; int row; };
+struct __align__(16) SlotI32 { unsigned long long kc; int row; int pad; };  // read whole by hj_find
+struct __align__(16) SlotI64 { long long key; int count; int row; };  // read whole by hj_find
 
 __device__ __forceinline__ unsigned int hj_hash(int key) {
     unsigned int h = (unsigned int)key;  // murmur3 fmix32
@@ -125,18 +126,35 @@ __device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsign
     return hj_count_add(&table[s], c);
 }
 
-// The slot holding encoded key ek from s on, and its count; count 0 when the key is not in the table.
-__device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, unsigned int& s, int ek) {
+// The slot holding encoded key ek from s on, its count (0 when the key is not in the table) and, with a count,
+// its first build row. Each visited slot is read whole (16 bytes) by ONE load through the read-only path.
+__device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, unsigned int& s, int ek,
+                                       int& row) {
     while (true) {
-        const unsigned long long cur = table[s].kc;
+        const longlong2 v = __ldg(reinterpret_cast<const longlong2*>(table + s));
+        const unsigned long long cur = (unsigned long long)v.x;  // kc: encoded key << 32 | count
         if (cur == 0ull) return 0;
-        if (hj_slot_key(cur) == ek) return (int)(cur & HJ_LOW32);
+        if (hj_slot_key(cur) == ek) {
+            row = (int)((unsigned long long)v.y & HJ_LOW32);  // row: bytes 8-11 of the slot
+            return (int)(cur & HJ_LOW32);
+        }
         s = (s + 1 == cap) ? 0u : s + 1;
     }
 }
 
-__device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek) {
-    return hj_locate64<const SlotI64, true>(table, cap, s, (unsigned long long)ek, false) ? table[s].count : 0;
+// SlotI64 likewise: key, count and row in one 16-byte load. (Through hj_locate64 the key was read by a volatile
+// load, which skips L1, and the count by a second load: two trips to L2 for one slot, one after the other.)
+__device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek,
+                                       int& row) {
+    while (true) {
+        const longlong2 v = __ldg(reinterpret_cast<const longlong2*>(table + s));
+        if (v.x == 0) return 0;
+        if (v.x == ek) {  // count: bytes 8-11 of the slot, row: 12-15 (little-endian)
+            row = (int)((unsigned long long)v.y >> 32);
+            return (int)((unsigned long long)v.y & HJ_LOW32);
+        }
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
 }
 
 // The rows of one warp that carry the same key are counted into its slot together: the lowest of them (the
@@ -239,22 +257,23 @@ __device__ __forceinline__ void hj_probe(const K* __restrict__ keys, int n, cons
                                          int* __restrict__ out_build, unsigned long long capacity,
                                          unsigned long long* counter, int count_only) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    int c = 0;
+    int c = 0, row = 0;
     unsigned int s = 0;
     if (i < n) {
         K k = keys[i];
         if (k == empty) {
             s = cap;
             c = hj_count(table[cap]);
+            if (c) row = table[cap].row;
         } else {
             s = hj_home(hj_hash(k), cap);
-            c = hj_find(table, cap, s, hj_enc(k));
+            c = hj_find(table, cap, s, hj_enc(k), row);
         }
     }
     unsigned long long pos = hj_block_reserve((unsigned long long)c, counter);
     if (count_only || c == 0) return;
     if (c == 1) {
-        if (pos < capacity) { out_probe[pos] = i; out_build[pos] = table[s].row; }
+        if (pos < capacity) { out_probe[pos] = i; out_build[pos] = row; }
         return;
     }
     const int* rows = grouped + (slot_off[s] - c);  // the scatter left slot_off one past the run

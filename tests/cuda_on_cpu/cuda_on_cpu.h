@@ -471,6 +471,9 @@ template <typename T>
 inline T __ldg(const T* p) {
     return *p;
 }
+struct __attribute__((aligned(16))) longlong2 {  // CUDA's vector type (read whole by __ldg)
+    long long x, y;
+};
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __clz(int v) { return v ? __builtin_clz((unsigned)v) : 32; }
