@@ -11,7 +11,8 @@ index_put scatters, FP8 scaling); ``store_kv`` is one. With these kernels a laye
 Each kernel rounds where the unfused torch ops round (bf16 / fp16 after every op), so the two paths
 agree to the last bit in most elements (all under the CPU interpreter; on an H200 in bf16 the norm's nearly
 all, RoPE's 77%: the likely cause, Triton's contraction of its multiply-adds into FMAs, is now off (see
-ROUND_AS_TORCH; not rerun on a GPU yet); the probe and tests compare within bf16 rounding); the torch ops in
+ROUND_AS_TORCH), and SiLU computes torch's expf and division (see SILU_AS_TORCH); neither rerun on a GPU yet;
+the probe and tests compare within bf16 rounding); the torch ops in
 ``reference.py`` are the reference, and the CPU tests run these kernels under ``TRITON_INTERPRET=1`` in fp32
 against them. Where the W8A16 GEMM splits K,
 the norm and RoPE kernels also sum its fp32 partials (``Linear(x, partials=True)``), which saves the
@@ -26,6 +27,11 @@ import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, encode_fp8, interpreted
+
+try:  # the backend-dispatching module (Triton >= 3.0); the CUDA one by its own path otherwise
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -105,14 +111,18 @@ def _rope_split_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_qkv, s_
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, o_ptr, INTER, s_gu, s_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, o_ptr, INTER, s_gu, s_o, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < INTER
     g = tl.load(gu_ptr + row * s_gu + cols, mask=m, other=0.0)
     u = tl.load(gu_ptr + row * s_gu + INTER + cols, mask=m, other=0.0)
     gf = g.to(tl.float32)
-    a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu, rounded as torch rounds it
+    if LIBDEVICE:  # compiled: torch's CUDA silu, x / (1 + expf(-x)) with CUDA's expf and an IEEE division
+        a = tl.math.div_rn(gf, 1.0 + libdevice.exp(-gf))
+    else:  # the interpreter (no libdevice there): NumPy's exp and division, as torch's CPU silu
+        a = gf / (1.0 + tl.exp(-gf))
+    a = a.to(g.dtype)  # F.silu's output, rounded as torch rounds it
     tl.store(o_ptr + row * s_o + cols, (a.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=m)
 
 
@@ -155,6 +165,14 @@ def _store_kv_kernel(k_ptr, v_ptr, slot_ptr, c_ptr, s_kt, s_vt, s_cb, s_cv, s_cs
 # elements matched the torch ops to the bit on an H200 (2026-11-27). Without fusion its PTX rounds each product
 # (mul.rn.bf16, add.rn.bf16; tests/vajra/model/test_kernels_compile.py checks). The interpreter takes no options.
 ROUND_AS_TORCH = {"enable_fp_fusion": False}
+
+# SiLU's launch options. torch's CUDA silu is x / (1 + expf(-x)) in fp32, built by nvcc: CUDA's expf (a range
+# reduction by FMAs around ex2.approx), whose last product nvcc contracts with the + 1 into one FMA (its default
+# --fmad=true), then an IEEE division. Triton's tl.exp is ex2.approx of x * log2(e), and its "/" an approximate
+# division (div.full.f32). The kernel calls libdevice's expf (CUDA's expf, the same code) and div_rn, launched
+# with FP fusion on so that the same contraction happens: its sm_90 PTX then has the instruction sequence that
+# nvcc gives torch's expression (tests/vajra/model/test_kernels_compile.py compares the two; not yet run on a GPU).
+SILU_AS_TORCH = {"enable_fp_fusion": True}
 
 
 def _launch_options(**options) -> dict:
@@ -238,8 +256,9 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, inter), dtype=gu.dtype, device=gu.device)
     if t:
         block = 1024
+        compiled = not interpreted()
         _silu_mul_kernel[(t, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0), BLOCK=block,
-                                                         **_launch_options())
+                                                         LIBDEVICE=compiled, **(SILU_AS_TORCH if compiled else {}))
     return out
 
 

@@ -124,7 +124,8 @@ for cc in (80, 89, 90):
             compile(FO._rope_split_kernel, cc, {"qkv_ptr": "*fp32" if partial else act, "cos_ptr": act,
                                                 "sin_ptr": act, "q_ptr": act, "k_ptr": act, "v_ptr": act},
                     dict(HALF=half, BH=4, PARTIAL=partial), **FO.ROUND_AS_TORCH)
-        compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024), **FO.ROUND_AS_TORCH)
+        compile(FO._silu_mul_kernel, cc, {"gu_ptr": act, "o_ptr": act}, dict(BLOCK=1024, LIBDEVICE=True),
+                **FO.SILU_AS_TORCH)
         for cache, fp8 in ((act, False), ("*u8", True)):
             compile(FO._store_kv_kernel, cc, {"k_ptr": act, "v_ptr": act, "slot_ptr": "*i64", "c_ptr": cache,
                                               "k_scale": "fp32", "v_scale": "fp32"},
@@ -222,3 +223,101 @@ def test_w8a16_decode_tile_streams_fp8_without_an_fp32_detour_on_sm90():
     counts = dict(line.split(": ") for line in out.splitlines() if ": " in line)
     assert int(counts["cvt.rn.f16x2.e4m3x2"]) > 0 and int(counts["cp.async.cg.shared.global"]) > 0, out
     assert counts["cvt.f32.f16"] == "0" and counts["cvt.rn.bf16x2.f32"] == "0" and counts["ld.global.b8"] == "0", out
+
+
+SILU_PTX = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.vajra import fused_ops as FO
+
+fn = FO._silu_mul_kernel
+for act in ("fp32", "bf16"):
+    for name, libdevice, options in (("launched", True, FO.SILU_AS_TORCH), ("tl.exp", False, FO.ROUND_AS_TORCH)):
+        consts = dict(BLOCK=1024, LIBDEVICE=libdevice)
+        types = {"gu_ptr": "*" + act, "o_ptr": "*" + act}
+        sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+        ptx = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        print(f"===== {act} {name}")
+        print(ptx, flush=True)
+print("ok silu ptx", flush=True)
+"""
+
+# torch's CUDA silu (aten/src/ATen/native/cuda/ActivationSiluKernel.cu: x_acc / (opmath_t(1) + exp(-x_acc)) in
+# fp32, exp(float) being CUDA's expf), then torch's a * u, as nvcc builds them (no fast math, --fmad=true)
+TORCH_SILU_CU = r"""
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, float* __restrict__ o, int inter) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < inter) {
+    float x = gu[i];
+    float a = x / (1.0f + expf(-x));
+    o[i] = a * gu[inter + i];
+  }
+}
+"""
+
+
+def fp32_arithmetic(ptx: str) -> "collections.Counter":
+    """The fp32 arithmetic instructions of a PTX listing, counted by opcode (ftz dropped: it acts on denormals,
+    which expf's reduction sends to ex2.approx.ftz in both builds; a subtraction from +0 counted as the negation
+    it is (Triton 3.6 spells -x so; the sign of a zero x does not reach expf's result); conversions between
+    other types, moves, loads and stores left out)."""
+    import collections
+    import re
+
+    zeros = set(re.findall(r"^\s*mov\.[bf]32\s+(%\w+),\s*0f00000000;", ptx, re.M))
+    ops = collections.Counter()
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@%p\d+\s+)?((neg|fma|add|sub|mul|div|ex2|rcp|cvt)\.[\w.]+)\s+([^;]*);", line)
+        if m:
+            operands = [o.strip() for o in m.group(3).split(",")]
+            if m.group(1) == "sub.f32" and operands[1] in zeros | {"0f00000000"}:
+                ops["neg.f32"] += 1
+                continue
+            parts = [p for p in m.group(1).split(".") if p != "ftz"]
+            types = [p for p in parts if re.fullmatch(r"[fsub]\d+|bf16", p)]
+            if types and all(t == "f32" for t in types):
+                ops[".".join(parts)] += 1
+    return ops
+
+
+def test_silu_kernel_computes_torchs_cuda_silu_instruction_for_instruction_on_sm90(tmp_path):
+    """SiLU * up as silu_mul launches it (libdevice's expf, div_rn, FP fusion on) has, per element, the fp32
+    instructions of torch's silu and product compiled by nvcc for sm_90: CUDA's expf with its last product
+    contracted into the + 1, an IEEE division (div.rn), and the product with up. The tl.exp build (the
+    interpreter's branch, as launched before) does not: ex2.approx of a product and an approximate division.
+    The same instructions on the same inputs give the same bits, so on a GPU SiLU matches torch to the bit
+    (tests/vajra/model/test_fused_ops.py asks for it; not yet run on a GPU)."""
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc")
+                                         if shutil.os.path.exists(p)), None)
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    (tmp_path / "silu.cu").write_text(TORCH_SILU_CU)
+    subprocess.run([nvcc, "-arch=sm_90", "--ptx", "-O3", "silu.cu", "-o", "silu.ptx"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120)
+    torch_ops = fp32_arithmetic((tmp_path / "silu.ptx").read_text())
+    assert torch_ops["div.rn.f32"] == 1 and torch_ops["ex2.approx.f32"] == 1, torch_ops
+    out = run_aot_script(SILU_PTX, "ok silu ptx")
+    builds = dict(chunk.split("\n", 1) for chunk in out.split("===== ")[1:])
+    for act in ("fp32", "bf16"):
+        for name in ("launched", "tl.exp"):
+            ops = fp32_arithmetic(builds[f"{act} {name}"])
+            if act == "bf16":  # LLVM narrows bf16(f32(a) * f32(u)) to mul.rn.bf16: the same bits, as the product
+                # of two bf16 values is exact in fp32 and then rounded once either way
+                ops["mul.f32"] += len(re.findall(r"^\s*mul(?:\.rn)?\.bf16\s", builds[f"{act} {name}"], re.M))
+            per_thread = ops["div.rn.f32"] or ops["div.full.f32"]  # Triton gives each thread several elements
+            same = per_thread > 0 and ops == collections_scaled(torch_ops, per_thread)
+            assert same == (name == "launched"), (act, name, dict(ops), dict(torch_ops))
+
+
+def collections_scaled(counter, k):
+    import collections
+
+    return collections.Counter({op: n * k for op, n in counter.items()})
