@@ -298,7 +298,12 @@ class Trainer:
             self.history.append({"phase": name, "steps": total, "lr": base_lr,
                                  "epochs": round(total / self.source.steps_per_epoch, 3)})
         rec = self.history[-1]
-        losses, correct, seen = [], 0, 0
+        # each step's loss goes into one buffer allocated up front (a list of detached losses kept small tensors
+        # alive between the steps' large activation buffers, and on the CPU glibc's heap grew by about an
+        # activation buffer a step)
+        first = self.step
+        loss_buf = torch.zeros(max(0, total - first), device=self.device)
+        correct, seen = 0, 0
         t_log = time.perf_counter()
         while self.step < total:
             fam.train()
@@ -320,25 +325,27 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_buf[self.step - first] = loss.detach()
             self.step += 1
-            losses.append(loss.detach())
             if self.step % 10 == 0 or self.step == total:  # a sampled training accuracy (one sync per 10 steps)
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += y.numel()
             if self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save(opt)
             if time.perf_counter() - t_log > 30 and self.rank == 0:
-                self.log(f"{name}: step {self.step}/{total} loss {float(torch.stack(losses[-50:]).mean()):.4f}")
+                recent = loss_buf[max(0, self.step - first - 50):self.step - first]
+                self.log(f"{name}: step {self.step}/{total} loss {float(recent.mean()):.4f}")
                 t_log = time.perf_counter()
-        if losses:  # every rank has run the same steps: average the figures over the ranks (DDP)
-            tail = torch.stack(losses[-max(1, min(50, len(losses) // 4 or 1)):]).float()
-            finite = bool(torch.isfinite(torch.stack(losses)).all())
+        losses = loss_buf[:self.step - first]
+        if len(losses):  # every rank has run the same steps: average the figures over the ranks (DDP)
+            tail = losses[-max(1, min(50, len(losses) // 4 or 1)):].float()
+            finite = bool(torch.isfinite(losses).all())
             loss_sum, n_finite, correct, seen = sdist.all_sum([float(tail.mean()), float(finite), correct, seen])
             ranks = sdist.world_size()
             rec["final_loss"] = loss_sum / ranks
             rec["loss_finite"] = n_finite == ranks
             rec["train_top1_sampled"] = correct / seen if seen else None
-        self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if losses else ""))
+        self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if len(losses) else ""))
         for p in fam.parameters():
             p.requires_grad_(True)
 
