@@ -21,9 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DATA_HELP = "Text corpus (.txt, split 90/10 into train/eval windows) or .jsonl with 'prompt' and 'reference'."
 TASK_HELP = ("Of a text corpus: continue (a window, then the text that follows) | recall (text ending in a passage, "
-             "then the passage's first tokens again; the reference is what follows them in the passage)")
-REPEAT_HELP = ("Share of pretraining windows that end in a passage followed by itself again (teaches in-context "
-               "copying, which --task recall measures).")
+             "its tokens shuffled, then the passage's first tokens again; the reference is what follows them in the "
+             "passage)")
+REPEAT_HELP = ("Share of pretraining windows that end in a passage (the text's tokens shuffled) followed by itself "
+               "again (teaches in-context copying, which --task recall measures).")
 
 
 def _device() -> str:
@@ -333,6 +334,7 @@ def tiny(
     seq_len: int = typer.Option(128, "--seq-len"),
     steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
+    lora_lr: float = typer.Option(1e-3, "--lora-lr", help="Stage-2 learning rate (LoRA and stitches)."),
     batch: int = typer.Option(16, "--batch", help="Stitch-training batch."),
     prompt_len: int = typer.Option(64, "--prompt-len"),
     cont_len: int = typer.Option(32, "--cont-len"),
@@ -352,14 +354,14 @@ def tiny(
     with _tiny_models_threads(_device()):
         rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
                     steps, lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len,
-                    goal_gap, seed, task, repeat_frac)
+                    goal_gap, seed, task, repeat_frac, lora_lr)
     rec.save()
     rec.print()
 
 
 def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len, steps,
           lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed,
-          task="continue", repeat_frac=0.0):
+          task="continue", repeat_frac=0.0, lora_lr=1e-3):
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
@@ -379,12 +381,13 @@ def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain
                            run=wd / "run",
                            stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment,
                            stitch_input=stitch_input, init="ls", loss="mse", batch=batch, prompt_len=prompt_len,
-                           cont_len=cont_len, lr=1e-3, lora_lr=1e-3, lora_r=8, lora_alpha=16,
+                           cont_len=cont_len, lr=1e-3, lora_lr=lora_lr, lora_r=8, lora_alpha=16,
                            lora_targets="q_proj,k_proj,v_proj,o_proj", ls_batches=4, ridge=1e-3, ckpt_every=0,
                            dtype="float32", lora_control=True, seed=seed))
     t2 = time.perf_counter()
     rec = evaluate(wd / "run", _device(), prompts, prompt_len, gen_len, batch, None, goal_gap, name="kvstitch-tiny")
-    rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {"steps": steps, "lora_steps": lora_steps}})
+    rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {"steps": steps, "lora_steps": lora_steps,
+                                                                       "lora_lr": lora_lr}})
     rec.metrics.update({"pretrain": pre.rows, "train": tr.rows,
                         "seconds": {"pretrain": t1 - t0, "train": t2 - t1, "eval": time.perf_counter() - t2}})
     for src in (pre, tr):

@@ -5,9 +5,13 @@ Tasks on a text corpus (``--task``): ``continue`` (a window's first ``prompt_len
 ones) or ``recall``: a window of text whose last part is a passage, then the passage's first ``cue`` tokens
 again; the reference is what follows the cue in the passage. The passage starts at a random offset in the
 window, so the distance back to it varies and a fixed-offset (positional) copy does not solve the task: it
-needs in-context copying by content (an induction circuit, two layers at least). The passage is only in the
-prompt, so a decoder can recall it only from the K/V cache it is handed: the stitched cache must carry the
-prompt's content. Lengths: the prompt stays ``prompt_len`` tokens (``prompt_len - cue`` of text, then the cue),
+needs in-context copying by content (an induction circuit, two layers at least). The passage is the text's
+tokens in a shuffled order (drawn per window), found nowhere in the corpus: a model that has memorized the
+training text cannot predict it from memory, nor a language model from the text's statistics, only by copying
+from the prompt. (With the text itself as the passage, a 4-layer model pretrained on repeated text memorized
+the text instead of learning to copy; one pretrained on repeated shuffled passages copies those and not natural
+text: BENCHMARKS.md.) The passage is only in the prompt, so a decoder can recall it only from the K/V cache it
+is handed: the stitched cache must carry the prompt's content. Lengths: the prompt stays ``prompt_len`` tokens (``prompt_len - cue`` of text, then the cue),
 ``cue = max(1, prompt_len // 8)``, and the passage holds at least the cue and the reference.
 
 Text corpora are tokenized once and split by position: the first ``1 - val_fraction`` of the
@@ -52,15 +56,15 @@ def recall_cue(prompt_len: int, cont_len: int) -> tuple[int, int]:
     return cue, room - cont_len
 
 
-def recall_window(ids: Any, start: int, offset: int, prompt_len: int, cont_len: int) -> tuple[Any, Any]:
-    """(prompt, reference) of the recall task: the text at ``start``, whose passage begins ``offset`` tokens in
-    (see the module docstring)."""
+def recall_window(ids: Any, start: int, offset: int, prompt_len: int, cont_len: int, g: Any) -> tuple[Any, Any]:
+    """(prompt, reference) of the recall task: the text at ``start``, whose passage begins ``offset`` tokens in,
+    the passage's tokens shuffled by a permutation drawn from the generator ``g`` (see the module docstring)."""
     import torch
 
     cue, _ = recall_cue(prompt_len, cont_len)
     text = ids[start: start + prompt_len - cue]
-    passage = text[offset:]
-    return torch.cat([text, passage[:cue]]), passage[cue: cue + cont_len]
+    passage = text[offset:][torch.randperm(len(text) - offset, generator=g)]
+    return torch.cat([text[:offset], passage, passage[:cue]]), passage[cue: cue + cont_len]
 
 
 def read_text(path: Path | str) -> str:
@@ -185,7 +189,7 @@ def train_batches(corpus: Corpus, batch: int, prompt_len: int, cont_len: int, se
         starts = torch.randint(0, corpus.split - n, (batch,), generator=g)
         if corpus.task == "recall":
             offsets = torch.randint(0, recall_cue(prompt_len, cont_len)[1] + 1, (batch,), generator=g)
-            p, c = zip(*(recall_window(corpus.ids, s, o, prompt_len, cont_len)
+            p, c = zip(*(recall_window(corpus.ids, s, o, prompt_len, cont_len, g)
                          for s, o in zip(starts.tolist(), offsets.tolist())))
             yield _with_bos(corpus, torch.stack(p)), torch.stack(c)
             continue
@@ -214,9 +218,9 @@ def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int)
     _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
     starts = [corpus.split + (span * i) // max(n_prompts, 1) for i in range(n_prompts)]
-    if corpus.task == "recall":  # the passage offsets: drawn once, the same for every eval of these lengths
+    if corpus.task == "recall":  # offsets and shuffles: drawn once, the same for every eval of these lengths
         g = torch.Generator().manual_seed(20261128)
         offsets = torch.randint(0, recall_cue(prompt_len, cont_len)[1] + 1, (n_prompts,), generator=g).tolist()
-        return [(_with_bos(corpus, p), c) for p, c in (recall_window(corpus.ids, s, o, prompt_len, cont_len)
+        return [(_with_bos(corpus, p), c) for p, c in (recall_window(corpus.ids, s, o, prompt_len, cont_len, g)
                                                         for s, o in zip(starts, offsets))]
     return [(_with_bos(corpus, corpus.ids[s: s + prompt_len]), corpus.ids[s + prompt_len: s + n]) for s in starts]

@@ -73,16 +73,17 @@ class Ctx:
 
             dist.barrier()
 
-    def mean(self, x: float) -> float:
-        """The mean of a Python float over the ranks (x itself with one rank)."""
+    def mean_tensor(self, t: Any) -> Any:
+        """The element-wise mean of a float tensor over the ranks (t itself with one rank); a collective: every
+        rank calls it at the same point."""
         if self.world == 1:
-            return x
+            return t
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([x], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
+        x = t.to(self.comm_device, dtype=torch.float64)
+        dist.all_reduce(x)
+        return (x / self.world).to(t.device, t.dtype)
 
     @property
     def comm_device(self) -> str:

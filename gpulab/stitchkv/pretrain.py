@@ -19,8 +19,13 @@ from gpulab.core.errors import InputError
 def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int, repeat_frac: float = 0.0):
     """Endless [batch, seq + 1] windows of ``ids[lo:hi]``; with ``repeat_frac`` > 0 that share of the rows
     (drawn per row) ends in a passage followed by itself again (a passage of a quarter to a half of the window,
-    drawn per row, so the distance back varies): text that teaches in-context copying by content (the recall
-    task of :mod:`gpulab.stitchkv.data`)."""
+    drawn per row, so the distance back varies): what teaches in-context copying by content (the recall task of
+    :mod:`gpulab.stitchkv.data`). The passage is the window's own text with its tokens shuffled (as the recall
+    task's passages are): text tokens in an order found nowhere in the text, so that only copying from the
+    context predicts its repeat. (Repeating the text itself taught no copying: a 4-layer model that had
+    memorized the training text predicted the repeat from memory; 6,000 CPU steps: training-text loss 0.92
+    against 4.66 on held-out text. Half shuffled, half natural passages formed no copying in 4,000 CPU steps;
+    shuffled ones alone: 99.5% of held-out shuffled repeats predicted after 4,000 steps, BENCHMARKS.md.)"""
     import torch
 
     if hi - lo < seq + 2:
@@ -37,7 +42,9 @@ def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int, repe
             lens = torch.randint(max(1, n // 4), n // 2 + 1, (batch,), generator=g)
             for r in torch.nonzero(rep).flatten().tolist():
                 h = int(lens[r])
-                w[r, n - h:] = w[r, n - 2 * h: n - h]
+                passage = w[r, n - 2 * h: n - h][torch.randperm(h, generator=g)]
+                w[r, n - 2 * h: n - h] = passage
+                w[r, n - h:] = passage
         yield w
 
 

@@ -172,10 +172,8 @@ def _restore_optim(st: dict[str, Any], opt: Any, scaler: Any) -> None:
         scaler.load_state_dict(st["scaler"])
 
 
-def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int, what: str, lr_flag: str,
-                    scaler: Any = None) -> None:
-    """Backward + update (loss-scaled with ``scaler``); the loss (mean over ranks) joins ``hist``; a
-    non-finite loss is a one-line error."""
+def _optimizer_step(opt: Any, loss: Any, scaler: Any = None) -> None:
+    """Backward + update (loss-scaled with ``scaler``)."""
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -184,9 +182,36 @@ def _optimizer_step(opt: Any, loss: Any, ctx: Any, hist: list[float], step: int,
         scaler.scale(loss).backward()
         scaler.step(opt)  # skipped (and the scale lowered) when a gradient overflowed
         scaler.update()
-    hist.append(ctx.mean(float(loss.detach())))
-    if not math.isfinite(hist[-1]):
-        raise InputError(f"{what} loss became {hist[-1]} at step {step}; lower {lr_flag}")
+
+
+class StepLosses:
+    """A stage's per-step losses (means over the ranks): kept on the device in one buffer allocated up front
+    and read back only at log lines, checkpoints and the stage's end. Reading each step's loss (a float() per
+    step) made the host wait for the GPU after every step, idling the GPU while the next step's kernels were
+    queued: these tiny models are bound by launches. The first non-finite loss read back is a one-line error
+    naming its step; the steps between it and the read are lost, never saved (a checkpoint reads first)."""
+
+    def __init__(self, ctx: Any, device: str, steps: int, done: list[float], what: str, lr_flag: str) -> None:
+        import torch
+
+        self.ctx, self.what, self.lr_flag = ctx, what, lr_flag
+        self.values = list(done)  # read back and checked
+        self.buf = torch.zeros(max(steps, len(done)), device=device)
+
+    def add(self, step: int, loss: Any) -> None:
+        self.buf[step] = loss.detach()
+
+    def read(self, upto: int) -> list[float]:
+        """The losses of steps < ``upto``, checked; a collective with several ranks: every rank calls it at the
+        same steps."""
+        lo = len(self.values)
+        if upto > lo:
+            new = self.ctx.mean_tensor(self.buf[lo:upto]).tolist()
+            for i, v in enumerate(new):
+                if not math.isfinite(v):
+                    raise InputError(f"{self.what} loss became {v} at step {lo + i}; lower {self.lr_flag}")
+            self.values.extend(new)
+        return self.values
 
 
 def validate_cfg(cfg: dict[str, Any]) -> None:
@@ -323,15 +348,20 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             bank.reset_random(cfg["seed"])
         wrapped = ddp(bank, ctx)
         it = batches(1, start)
+        losses = StepLosses(ctx, device, n_steps, hist, "warmup", "--lr")
         for step in range(start, n_steps):
             prompt, _ = next(it)
             loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
-            _optimizer_step(opt, loss, ctx, hist, step, "warmup", "--lr", scaler)
+            _optimizer_step(opt, loss, scaler)
+            losses.add(step, loss)
             if step % max(1, cfg["steps"] // 10) == 0:
-                log(f"warmup step {step}: {cfg['loss']} {hist[-1]:.5g}")
-            if every and (step + 1) % every == 0 and step + 1 < cfg["steps"] and ctx.is_main:
-                save_ckpt("warmup", {"step": step + 1, "bank": bank.state_dict(), **_optim_state(opt, scaler),
-                                     "hist": hist})
+                log(f"warmup step {step}: {cfg['loss']} {losses.read(step + 1)[-1]:.5g}")
+            if every and (step + 1) % every == 0 and step + 1 < cfg["steps"]:
+                hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
+                if ctx.is_main:
+                    save_ckpt("warmup", {"step": step + 1, "bank": bank.state_dict(), **_optim_state(opt, scaler),
+                                         "hist": list(hist)})
+        hist = losses.read(n_steps)
         num = den = 0.0
         with torch.no_grad():  # on validation prompts: never trained on (nor used by the least-squares fit)
             for prompt in held:
@@ -381,15 +411,21 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             log(f"lora: resuming at step {start}")
         wrapped = ddp(stitched_lm(bank, small), ctx)
         it = batches(2, start)
+        losses = StepLosses(ctx, device, cfg["lora_steps"], hist, "lora", "--lora-lr")
         for step in range(start, cfg["lora_steps"]):
             prompt, cont = next(it)
             loss = lm_loss_stitched(pair.large, small, bank, prompt, cont, module=wrapped)
-            _optimizer_step(opt, loss, ctx, hist, step, "lora", "--lora-lr", scaler)
+            _optimizer_step(opt, loss, scaler)
+            losses.add(step, loss)
             if step % max(1, cfg["lora_steps"] // 10) == 0:
-                log(f"lora step {step}: lm loss {hist[-1]:.4f}")
-            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"] and ctx.is_main:
-                save_ckpt("lora", {"step": step + 1, "bank": bank.state_dict(), "lora": get_peft_model_state_dict(small),
-                                   **_optim_state(opt, scaler), "hist": hist})
+                log(f"lora step {step}: lm loss {losses.read(step + 1)[-1]:.4f}")
+            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"]:
+                hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
+                if ctx.is_main:
+                    save_ckpt("lora", {"step": step + 1, "bank": bank.state_dict(),
+                                       "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
+                                       "hist": list(hist)})
+        hist = losses.read(cfg["lora_steps"])
         pin("lora")
         if ctx.is_main:
             save_stage2(small, bank, run / "lora")
@@ -493,15 +529,20 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
     wrapped = ddp(model, ctx)
     it = batches(2, start)  # the stage-2 batches, in the same order
     n, every = cfg["lora_steps"], cfg.get("ckpt_every") or 0
+    losses = StepLosses(ctx, device, n, hist, "lora-control", "--lora-lr")
     for step in range(start, n):
         prompt, cont = next(it)
         loss = lm_loss_own(wrapped, prompt, cont)
-        _optimizer_step(opt, loss, ctx, hist, step, "lora-control", "--lora-lr", scaler)
+        _optimizer_step(opt, loss, scaler)
+        losses.add(step, loss)
         if step % max(1, n // 10) == 0:
-            log(f"lora-control step {step}: lm loss {hist[-1]:.4f}")
-        if every and (step + 1) % every == 0 and step + 1 < n and ctx.is_main:
-            save_ckpt("lora_control", {"step": step + 1, "lora": get_peft_model_state_dict(model),
-                                       **_optim_state(opt, scaler), "hist": hist})
+            log(f"lora-control step {step}: lm loss {losses.read(step + 1)[-1]:.4f}")
+        if every and (step + 1) % every == 0 and step + 1 < n:
+            hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
+            if ctx.is_main:
+                save_ckpt("lora_control", {"step": step + 1, "lora": get_peft_model_state_dict(model),
+                                           **_optim_state(opt, scaler), "hist": list(hist)})
+    hist = losses.read(n)
     pin("lora_control")
     if ctx.is_main:
         with atomic.build_folder(run / "lora-control") as tmp:

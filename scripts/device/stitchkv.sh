@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # GPU checks of gpulab kvstitch (issue 8), inside a 100 s budget (BUDGET; all.sh kills the script at its
-# budget; give it 330 s or more for the seeds). Run from the repo root on a CUDA machine; results go to $OUT.
+# budget; give it 480 s or more for the recall seed). Run from the repo root on a CUDA machine; results go to $OUT.
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
 #   2. the recall experiment (experiments/kvstitch_recall.yaml: the task whose prompts only a handed-over cache
-#      can answer), seed 0 (not timed on a GPU yet: 2 x 6,000 pretraining and 3,400 stitch/LoRA steps of tiny
-#      models, bound by launches and host work; estimated 2-4 minutes at 10-20 ms a step; its whole log, with
-#      the seconds at each logged step, goes to $OUT/kvstitch-recall-seed0.log)
+#      can answer), seed 0 (not timed on a GPU yet: 2 x 4,000 pretraining steps, 200 warm-up steps, 12,800
+#      stage-2 steps and 12,800 of its LoRA control, tiny models bound by launches and host work; estimated 4-6
+#      minutes at 8-12 ms a step (the CPU took 35 ms a stage-2 step, 25 minutes for the pretraining); its whole
+#      log, with the seconds at each logged step, goes to $OUT/kvstitch-recall-seed0.log)
 #   3. kvstitch serve-disagg on seed 0's recall run (2 ranks sharing the GPU over gloo), if >= 40 s are left
-#   4. recall seeds 1 and 2, each only with >= 150 s left
+#   4. recall seeds 1 and 2, each only with >= 300 s left
 #   5. the continuation experiment (experiments/kvstitch_tiny.yaml), seeds 0-2, each only with >= 45 s left
 #      (one seed was 30-40 s on an H200)
 #   6. a table per task: ROUGE-L per variant and seed, gap recovered, NLL, TTFT/TPOT; the disaggregated run
@@ -44,8 +45,8 @@ run_seed() {  # time box, seed, task: one seed of the experiment file of that ta
   local task=$3
   if [ "$task" = recall ]; then
     set -- "$1" "$2" --workdir "$WORKDIR-recall" --task recall --repeat-frac 0.5 --large-size tiny-medium \
-      --small-size tiny-1layer --pretrain-steps 6000 --pretrain-lr 1e-3 --seq-len 112 --lora-steps 1600 \
-      --cont-len 24 --gen-len 24
+      --small-size tiny-1layer --pretrain-steps 4000 --pretrain-lr 1e-3 --seq-len 112 --lora-steps 12800 \
+      --lora-lr 3e-3 --alignment last-aligned --cont-len 24 --gen-len 24
   else
     set -- "$1" "$2" --workdir "$WORKDIR" --large-size tiny-large --small-size tiny-small --pretrain-steps 800 \
       --pretrain-lr 1e-3 --seq-len 128 --lora-steps 200 --cont-len 32 --gen-len 32
@@ -76,7 +77,7 @@ fi
 
 for SEED in 1 2; do
   LEFT=$(left)
-  if [ "$LEFT" -lt 150 ]; then echo "recall seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
+  if [ "$LEFT" -lt 300 ]; then echo "recall seed $SEED skipped: time box (${LEFT}s left)"; continue; fi
   run_seed "$LEFT" "$SEED" recall
 done
 for SEED in 0 1 2; do  # a seed took 30-40 s on an H200: start one only with 45 s left

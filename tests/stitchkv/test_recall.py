@@ -21,27 +21,41 @@ def _find(ids: torch.Tensor, piece: torch.Tensor, lo: int, hi: int) -> int:
     return -1
 
 
+def _source(ids: torch.Tensor, text: torch.Tensor, offset: int, lo: int, hi: int) -> int:
+    """Where in ids[lo:hi] ``text`` comes from: the corpus verbatim up to ``offset``, then the rest of the window
+    in another order (-1: nowhere)."""
+    n, tail = len(text), text[offset:].sort().values
+    for s in range(lo, hi - n + 1):
+        if torch.equal(ids[s: s + offset], text[:offset]) and torch.equal(ids[s + offset: s + n].sort().values, tail):
+            return s
+    return -1
+
+
 @pytest.mark.parametrize("prompt_len,cont_len", [(32, 8), (27, 5), (4, 2)])
 def test_recall_windows_repeat_a_passage_start_and_continue_it(corpus_file, tokenizer, prompt_len, cont_len):
     corpus = D.load_corpus(corpus_file, tokenizer, task="recall")
     cue, most = D.recall_cue(prompt_len, cont_len)
     assert cue == max(1, prompt_len // 8) and most == prompt_len - 2 * cue - cont_len
     windows = D.eval_windows(corpus, 12, prompt_len, cont_len)
-    assert [torch.equal(a, b) for (a, _), (b, _) in zip(windows, D.eval_windows(corpus, 12, prompt_len, cont_len))]
+    again = D.eval_windows(corpus, 12, prompt_len, cont_len)
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(windows, again))  # deterministic
     batches = next(D.train_batches(corpus, 12, prompt_len, cont_len, seed=3))
     cases = [(p, c, corpus.split, len(corpus.ids)) for p, c in windows]
     cases += [(p, c, 0, corpus.split) for p, c in zip(*batches)]
-    offsets = set()
+    offsets, shuffled = set(), 0
     for p, c, lo, hi in cases:
         assert len(p) == prompt_len and len(c) == cont_len
         text = p[: prompt_len - cue]
-        assert _find(corpus.ids, text, lo, hi) >= 0  # text of its own split (validation never trained)
         # the cue repeats the start of a passage at some offset; the reference is what follows it there
         found = [o for o in range(most + 1) if torch.equal(text[o: o + cue], p[prompt_len - cue:])
-                 and torch.equal(text[o + cue: o + cue + cont_len], c)]
+                 and torch.equal(text[o + cue: o + cue + cont_len], c)
+                 and _source(corpus.ids, text, o, lo, hi) >= 0]  # text of its own split (validation never trained)
         assert found, (p, c)
-        offsets.add(found[0])
+        o = found[0]
+        offsets.add(o)
+        shuffled += _find(corpus.ids, text[o:], lo, hi) < 0  # the passage: the text's tokens in another order
     assert most == 0 or len(offsets) > 1  # the distance back to the passage varies
+    assert shuffled > len(cases) * 3 // 4  # (a short passage can keep its order, or recur in the corpus)
 
 
 def test_recall_lengths_and_data_are_checked(corpus_file, tokenizer, tmp_path):
@@ -79,8 +93,13 @@ def test_repeat_windows_teach_copying():
     assert every.shape == (64, n)
     lens = [repeat_len(r) for r in every]
     assert None not in lens and len(set(lens)) > 3  # passages of several lengths: the distance back varies
+    moved = 0
     for row, h, orig in zip(every, lens, plain):
-        assert torch.equal(row[: n - h], orig[: n - h])  # text, then the passage again
+        assert torch.equal(row[: n - 2 * h], orig[: n - 2 * h])  # text, then the passage, then the passage again
+        passage = row[n - 2 * h: n - h]
+        assert torch.equal(passage.sort().values, orig[n - 2 * h: n - h].sort().values)  # the text's tokens ...
+        moved += not torch.equal(passage, orig[n - 2 * h: n - h])  # ... in another order (not memorizable)
+    assert moved > 60
     some = next(lm_batches(ids, 0, 1000, 64, seq, seed=5, repeat_frac=0.5))
     contiguous = (some[:, 1:] - some[:, :-1] == 1).all(1)
     repeated = torch.tensor([repeat_len(r) is not None for r in some])

@@ -192,7 +192,7 @@ def test_float16_weights_train_with_loss_scaling(pair_dirs, corpus_file, tmp_pat
     real_step, real_save, scalers, saved = T._optimizer_step, RF.atomic_torch_save, [], []
 
     def spy_step(*a, **k):
-        scalers.append(a[7] if len(a) > 7 else k.get("scaler"))
+        scalers.append(a[2] if len(a) > 2 else k.get("scaler"))  # (opt, loss, scaler)
         return real_step(*a, **k)
 
     monkeypatch.setattr(T, "_optimizer_step", spy_step)
@@ -380,3 +380,24 @@ def test_retraining_stage_2_removes_the_stale_lora_control(pair_dirs, corpus_fil
     T.train({**cfg, "stage": "lora", "lora_r": 2}, "cpu", log=lambda m: None)
     trained = yaml.safe_load((run / "run.yaml").read_text())["trained"]
     assert trained["lora_control"]["lora_r"] == 2 and (run / "lora-control" / "adapter").is_dir()
+
+
+def test_step_losses_are_read_back_in_blocks_and_checked():
+    from gpulab.stitchkv.distributed import Ctx
+
+    losses = T.StepLosses(Ctx(), "cpu", 6, [0.5], "lora", "--lora-lr")  # step 0 from a checkpoint
+    for step, v in ((1, 0.25), (2, 0.125)):
+        losses.add(step, torch.tensor(v))
+    assert losses.read(3) == [0.5, 0.25, 0.125]
+    losses.add(3, torch.tensor(0.0625))
+    losses.add(4, torch.tensor(float("inf")))
+    with pytest.raises(InputError, match=r"^lora loss became inf at step 4; lower --lora-lr$"):
+        losses.read(5)
+
+
+def test_a_diverging_loss_is_one_line_and_never_checkpointed(pair_dirs, corpus_file, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match=r"^warmup loss became (inf|nan) at step [1-9]; lower --lr$"):
+        T.train(cfg_for(pair_dirs, corpus_file, run, lr=1e30, steps=10, ckpt_every=2), "cpu", log=lambda m: None)
+    assert not (run / "checkpoint.pt").exists()  # its losses were checked before the save at step 2
+    assert not (run / "warmup").exists()
