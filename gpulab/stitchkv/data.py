@@ -11,8 +11,9 @@ training text cannot predict it from memory, nor a language model from the text'
 from the prompt. (With the text itself as the passage, a 4-layer model pretrained on repeated text memorized
 the text instead of learning to copy; one pretrained on repeated shuffled passages copies those and not natural
 text: BENCHMARKS.md.) The passage is only in the prompt, so a decoder can recall it only from the K/V cache it
-is handed: the stitched cache must carry the prompt's content. Lengths: the prompt stays ``prompt_len`` tokens (``prompt_len - cue`` of text, then the cue),
-``cue = max(1, prompt_len // 8)``, and the passage holds at least the cue and the reference.
+is handed: the stitched cache must carry the prompt's content. Lengths: the prompt stays ``prompt_len`` tokens
+(``prompt_len - cue`` of text, then the cue), ``cue = max(1, prompt_len // 8)``, and the passage holds at least
+the cue and the reference.
 
 Text corpora are tokenized once and split by position: the first ``1 - val_fraction`` of the
 tokens for training, the rest for evaluation, so evaluation prompts are never trained on.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of gpulab kvstitch (issue 8), inside a 100 s budget (BUDGET; all.sh kills the script at its
-# budget; give it 480 s or more for the recall seed). Run from the repo root on a CUDA machine; results go to $OUT.
+# budget; give it 480 s or more for the recall seed). Run from the repo root on a CUDA machine; results go
+# to $OUT.
 #   1. pytest -m gpu tests/stitchkv (CUDA-stream hand-over, identity stitches on CUDA, bf16, train+eval on CUDA)
 #   2. the recall experiment (experiments/kvstitch_recall.yaml: the task whose prompts only a handed-over cache
 #      can answer), seed 0 (not timed on a GPU yet: 2 x 4,000 pretraining steps, 200 warm-up steps, 12,800
