@@ -71,14 +71,14 @@ def _quiet_transformers() -> None:
 
 
 def _pretrain(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
-              seq_len: int, lr: float, seed: int, repeat_frac: float = 0.0):
+              seq_len: int, lr: float, seed: int, repeat_frac: float = 0.0, lr_flag: str = "--lr"):
     from gpulab.core.results import Record
     from gpulab.stitchkv.pretrain import pretrain_pair
 
     device = _device()
     with _tiny_models_threads(device, threads=None):
         res = pretrain_pair(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, device,
-                            repeat_frac=repeat_frac)
+                            repeat_frac=repeat_frac, lr_flag=lr_flag)
     rec = Record(name="kvstitch-pretrain", config={"data": str(data), "out": str(out), "large_size": large_size,
                                                    "small_size": small_size, "vocab": vocab, "steps": steps,
                                                    "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
@@ -335,6 +335,10 @@ def tiny(
     steps: int = typer.Option(200, "--steps", help="Stage-1 steps."),
     lora_steps: int = typer.Option(200, "--lora-steps", help="Stage-2 steps."),
     lora_lr: float = typer.Option(1e-3, "--lora-lr", help="Stage-2 learning rate (LoRA and stitches)."),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--lora-targets",
+                                     help="Small-model modules that get a LoRA (comma list)."),
     batch: int = typer.Option(16, "--batch", help="Stitch-training batch."),
     prompt_len: int = typer.Option(64, "--prompt-len"),
     cont_len: int = typer.Option(32, "--cont-len"),
@@ -352,42 +356,49 @@ def tiny(
 
         workdir = Path(options.get().out) / "kvstitch-tiny"
     with _tiny_models_threads(_device()):
-        rec = _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
-                    steps, lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len,
-                    goal_gap, seed, task, repeat_frac, lora_lr)
+        rec = _tiny(workdir, data, large_size=large_size, small_size=small_size, vocab=vocab,
+                    pretrain_steps=pretrain_steps, pretrain_batch=pretrain_batch, pretrain_lr=pretrain_lr,
+                    seq_len=seq_len, repeat_frac=repeat_frac, task=task, steps=steps, lora_steps=lora_steps,
+                    lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, batch=batch,
+                    prompt_len=prompt_len, cont_len=cont_len, alignment=alignment, stitch_input=stitch_input,
+                    prompts=prompts, gen_len=gen_len, goal_gap=goal_gap, seed=seed)
     rec.save()
     rec.print()
 
 
-def _tiny(workdir, data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len, steps,
-          lora_steps, batch, prompt_len, cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed,
-          task="continue", repeat_frac=0.0, lora_lr=1e-3):
+def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
+          repeat_frac, task, steps, lora_steps, lora_lr, lora_r, lora_alpha, lora_targets, batch, prompt_len,
+          cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
 
     import shutil
 
+    from gpulab.stitchkv.models import TINY_SIZES, tiny_llama
+    from gpulab.stitchkv.train import lora_targets as check_lora_targets, validate_cfg
+
     t0 = time.perf_counter()
     wd = workdir / f"seed{seed}"
-    from gpulab.stitchkv.data import check_task
-
-    check_task(task)  # before minutes of pretraining, and before the old run folder goes
+    cfg = _train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, task=task, run=wd / "run",
+                     stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment, stitch_input=stitch_input,
+                     init="ls", loss="mse", batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=1e-3,
+                     lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, ls_batches=4,
+                     ridge=1e-3, ckpt_every=0, dtype="float32", lora_control=True, seed=seed)
+    # the training options' errors before minutes of pretraining, and before the old run folder goes
+    validate_cfg(cfg)
+    if small_size in TINY_SIZES:  # an unknown size is _pretrain's error
+        check_lora_targets(tiny_llama(small_size, 8, 8, seed=0), cfg)
     shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
     pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
-                    seed, repeat_frac)
+                    seed, repeat_frac, lr_flag="--pretrain-lr")
     t1 = time.perf_counter()
-    tr = _train(_train_cfg(large=wd / "pair" / "large", small=wd / "pair" / "small", data=data, task=task,
-                           run=wd / "run",
-                           stage="all", steps=steps, lora_steps=lora_steps, alignment=alignment,
-                           stitch_input=stitch_input, init="ls", loss="mse", batch=batch, prompt_len=prompt_len,
-                           cont_len=cont_len, lr=1e-3, lora_lr=lora_lr, lora_r=8, lora_alpha=16,
-                           lora_targets="q_proj,k_proj,v_proj,o_proj", ls_batches=4, ridge=1e-3, ckpt_every=0,
-                           dtype="float32", lora_control=True, seed=seed))
+    tr = _train(cfg)
     t2 = time.perf_counter()
     rec = evaluate(wd / "run", _device(), prompts, prompt_len, gen_len, batch, None, goal_gap, name="kvstitch-tiny")
-    rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {"steps": steps, "lora_steps": lora_steps,
-                                                                       "lora_lr": lora_lr}})
+    rec.config.update({"seed": seed, "pretrain": pre.config, "train_stages": {
+        "steps": steps, "lora_steps": lora_steps, "lora_lr": lora_lr, "lora_r": lora_r, "lora_alpha": lora_alpha,
+        "lora_targets": lora_targets}})
     rec.metrics.update({"pretrain": pre.rows, "train": tr.rows,
                         "seconds": {"pretrain": t1 - t0, "train": t2 - t1, "eval": time.perf_counter() - t2}})
     for src in (pre, tr):

@@ -14,6 +14,7 @@ from typing import Any
 
 from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
+from gpulab.stitchkv.step_losses import StepLosses
 
 
 def lm_batches(ids: Any, lo: int, hi: int, batch: int, seq: int, seed: int, repeat_frac: float = 0.0):
@@ -61,7 +62,10 @@ def val_loss(model: Any, ids: Any, lo: int, hi: int, seq: int, device: str, n_wi
 
 
 def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int, lr: float, seed: int,
-             device: str, log: Any = print, name: str = "", repeat_frac: float = 0.0) -> list[float]:
+             device: str, log: Any = print, name: str = "", repeat_frac: float = 0.0,
+             lr_flag: str = "--lr") -> list[float]:
+    """AdamW (warm-up, cosine decay to 10%) on next-token prediction; the per-step losses, all finite (a
+    non-finite one is a one-line error naming the step and ``lr_flag``)."""
     import torch
     import torch.nn.functional as F
 
@@ -75,10 +79,7 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
-    # the losses go into one buffer allocated up front: a list of each step's detached loss kept thousands of
-    # small tensors alive between the steps' large activation buffers, and on the CPU glibc's heap then grew
-    # by about one logits tensor a step (10 MB a step at batch 32, 24 GB and an OOM kill after 2,000 steps)
-    hist = torch.zeros(steps, device=device)
+    losses = StepLosses(None, device, steps, [], f"pretrain {name}".strip(), lr_flag)
     it = lm_batches(ids, 0, split, batch, seq, seed, repeat_frac)
     use_bf16 = bf16_native(device)  # bf16 autocast where native, else the tiny models train in fp32
     t0 = time.perf_counter()
@@ -93,16 +94,17 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        hist[step] = loss.detach()
+        losses.add(step, loss)
         if step % max(1, steps // 5) == 0 or step == steps - 1:
-            log(f"pretrain {name} step {step}: loss {float(hist[step]):.4f} ({time.perf_counter() - t0:.1f} s)")
+            v = losses.read(step + 1)[step]
+            log(f"pretrain {name} step {step}: loss {v:.4f} ({time.perf_counter() - t0:.1f} s)")
     model.eval()
-    return hist.tolist()
+    return losses.read(steps)
 
 
 def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
                   seq: int, lr: float, seed: int, device: str, log: Any = print,
-                  repeat_frac: float = 0.0) -> dict[str, Any]:
+                  repeat_frac: float = 0.0, lr_flag: str = "--lr") -> dict[str, Any]:
     import torch
 
     from gpulab.stitchkv.data import read_text
@@ -126,7 +128,7 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     for role, size in (("large", large_size), ("small", small_size)):
         t1 = time.perf_counter()
         model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
-        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac)
+        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac, lr_flag)
         vl = val_loss(model, ids, split, len(ids), seq, device)  # on plain text windows
         save_model(model.to("cpu"), tok, out / role)
         sh = shape_of(model)

@@ -19,7 +19,6 @@ folder must be on a file system all ranks see). Logged losses are means over the
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from gpulab.stitchkv.run_folder import (
     PATH_FIELDS, check_run_config, load_checkpoint, read_run_yaml, record_stage, save_checkpoint, stage_plan,
     stage_settings, write_run_yaml,
 )
+from gpulab.stitchkv.step_losses import StepLosses
 from gpulab.stitchkv.store import first_line, load_bank, save_bank, save_stage2
 
 STAGES = ("warmup", "lora", "all")
@@ -182,36 +182,6 @@ def _optimizer_step(opt: Any, loss: Any, scaler: Any = None) -> None:
         scaler.scale(loss).backward()
         scaler.step(opt)  # skipped (and the scale lowered) when a gradient overflowed
         scaler.update()
-
-
-class StepLosses:
-    """A stage's per-step losses (means over the ranks): kept on the device in one buffer allocated up front
-    and read back only at log lines, checkpoints and the stage's end. Reading each step's loss (a float() per
-    step) made the host wait for the GPU after every step, idling the GPU while the next step's kernels were
-    queued: these tiny models are bound by launches. The first non-finite loss read back is a one-line error
-    naming its step; the steps between it and the read are lost, never saved (a checkpoint reads first)."""
-
-    def __init__(self, ctx: Any, device: str, steps: int, done: list[float], what: str, lr_flag: str) -> None:
-        import torch
-
-        self.ctx, self.what, self.lr_flag = ctx, what, lr_flag
-        self.values = list(done)  # read back and checked
-        self.buf = torch.zeros(max(steps, len(done)), device=device)
-
-    def add(self, step: int, loss: Any) -> None:
-        self.buf[step] = loss.detach()
-
-    def read(self, upto: int) -> list[float]:
-        """The losses of steps < ``upto``, checked; a collective with several ranks: every rank calls it at the
-        same steps."""
-        lo = len(self.values)
-        if upto > lo:
-            new = self.ctx.mean_tensor(self.buf[lo:upto]).tolist()
-            for i, v in enumerate(new):
-                if not math.isfinite(v):
-                    raise InputError(f"{self.what} loss became {v} at step {lo + i}; lower {self.lr_flag}")
-            self.values.extend(new)
-        return self.values
 
 
 def validate_cfg(cfg: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,21 @@ def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):
     assert pair.large.config.num_hidden_layers > pair.small.config.num_hidden_layers
     rec = yaml.safe_load(next((tmp_path / "res").glob("kvstitch-pretrain-*.yaml")).read_text())
     assert rec["ok"] and [r["model"] for r in rec["rows"]] == ["large", "small"]
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "tiny"])
+def test_a_diverging_pretraining_is_one_line_and_saves_no_model(corpus_file, tmp_path, capsys, cmd):
+    if cmd == "pretrain":
+        args = ["pretrain", "--pair-dir", str(tmp_path / "seed0" / "pair"), "--large-size", "nano-large",
+                "--small-size", "nano-small", "--vocab", "300", "--steps", "6", "--batch", "4", "--seq-len", "32",
+                "--lr", "1e30"]
+    else:
+        args = ["tiny", "--workdir", str(tmp_path), *TINY_ARGS, "--pretrain-steps", "6", "--pretrain-lr", "1e30"]
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", *args, "--data", str(corpus_file)], capsys)
+    flag = "--lr" if cmd == "pretrain" else "--pretrain-lr"
+    line = one_line_error(code, err, f"; lower {flag}")
+    assert re.search(r"pretrain large loss became (nan|inf|-inf) at step [1-5];", line), line
+    assert not (tmp_path / "seed0" / "pair").exists() and not (tmp_path / "res").exists()
 
 
 def test_pair_without_shared_tokenizer(pair_dirs, corpus_file, tmp_path, capsys):
@@ -211,3 +227,33 @@ def test_typo_in_an_option_does_not_pin_the_run_folder(pair_dirs, corpus_file, t
     assert not (tmp_path / "run").exists()
     code, _, err = run_cli(args, capsys)  # the corrected command trains in the same folder
     assert code == 0, err
+
+
+TINY_ARGS = ["--large-size", "nano-large", "--small-size", "nano-small", "--vocab", "300", "--pretrain-steps", "2",
+             "--pretrain-batch", "4", "--seq-len", "32", "--steps", "2", "--lora-steps", "2", "--batch", "4",
+             "--prompt-len", "16", "--cont-len", "8", "--prompts", "2", "--gen-len", "4"]
+
+
+@pytest.mark.parametrize("bad, needle", [(["--lora-targets", "q_proj,mlp_in"], "no module named 'mlp_in'"),
+                                         (["--lora-r", "0"], "--lora-r must be >= 1"),
+                                         (["--task", "nope"], "--task")])
+def test_tiny_rejects_bad_training_options_before_pretraining(corpus_file, tmp_path, capsys, bad, needle):
+    wd = tmp_path / "wd"
+    (wd / "seed0" / "run").mkdir(parents=True)  # an earlier run: a rejected command must leave it alone
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "tiny", "--workdir", str(wd),
+                            "--data", str(corpus_file), *TINY_ARGS, *bad], capsys)
+    one_line_error(code, err, needle)
+    assert (wd / "seed0" / "run").is_dir() and not (wd / "seed0" / "pair").exists()
+
+
+def test_tiny_puts_the_lora_on_the_modules_asked_for(corpus_file, tmp_path, capsys):
+    targets = "q_proj,v_proj,gate_proj,down_proj"
+    res, wd = tmp_path / "res", tmp_path / "wd"
+    code, _, err = run_cli(["--out", str(res), "kvstitch", "tiny", "--workdir", str(wd), "--data", str(corpus_file),
+                            *TINY_ARGS, "--lora-targets", targets, "--lora-r", "2", "--lora-alpha", "4"], capsys)
+    assert code == 0, err
+    for adapter in ("lora", "lora-control"):
+        conf = json.loads((wd / "seed0" / "run" / adapter / "adapter" / "adapter_config.json").read_text())
+        assert set(conf["target_modules"]) == set(targets.split(",")) and conf["r"] == 2 and conf["lora_alpha"] == 4
+    rec = yaml.safe_load(next(res.glob("kvstitch-tiny-*.yaml")).read_text())
+    assert rec["config"]["train_stages"]["lora_targets"] == targets

@@ -382,10 +382,13 @@ def test_retraining_stage_2_removes_the_stale_lora_control(pair_dirs, corpus_fil
     assert trained["lora_control"]["lora_r"] == 2 and (run / "lora-control" / "adapter").is_dir()
 
 
-def test_step_losses_are_read_back_in_blocks_and_checked():
+@pytest.mark.parametrize("one_process", ["ctx", "none"])
+def test_step_losses_are_read_back_in_blocks_and_checked(one_process):
     from gpulab.stitchkv.distributed import Ctx
+    from gpulab.stitchkv.step_losses import StepLosses
 
-    losses = T.StepLosses(Ctx(), "cpu", 6, [0.5], "lora", "--lora-lr")  # step 0 from a checkpoint
+    ctx = Ctx() if one_process == "ctx" else None
+    losses = StepLosses(ctx, "cpu", 6, [0.5], "lora", "--lora-lr")  # step 0 from a checkpoint
     for step, v in ((1, 0.25), (2, 0.125)):
         losses.add(step, torch.tensor(v))
     assert losses.read(3) == [0.5, 0.25, 0.125]
