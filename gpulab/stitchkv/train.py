@@ -184,6 +184,31 @@ def _optimizer_step(opt: Any, loss: Any, scaler: Any = None) -> None:
         scaler.update()
 
 
+def _run_steps(ctx: Any, device: str, stage: str, lr_flag: str, start: int, n: int, done: list[float], every: int,
+               step_loss: Any, opt: Any, scaler: Any, log: Any, log_line: Any, checkpoint: Any) -> list[float]:
+    """A stage's steps ``start``..``n - 1``: ``step_loss()`` (the next batch's loss), an optimizer step, a log
+    line every tenth of the stage (``log_line(loss)``) and every ``every`` steps a checkpoint
+    (``checkpoint(step, hist)``, rank 0 alone) of the losses read back and checked on every rank first (a
+    collective). ``done``: the losses of the steps before ``start`` (resumed); returns all ``n`` losses."""
+    losses = StepLosses(ctx, device, n, done, stage, lr_flag)
+    for step in range(start, n):
+        loss = step_loss()
+        _optimizer_step(opt, loss, scaler)
+        losses.add(step, loss)
+        if step % max(1, n // 10) == 0:
+            log(log_line(step, losses.read(step + 1)[-1]))
+        if every and (step + 1) % every == 0 and step + 1 < n:
+            hist = losses.read(step + 1)
+            if ctx.is_main:
+                checkpoint(step + 1, list(hist))
+    return losses.read(n)
+
+
+def _stage_result(steps: int, hist: list[float], t0: float, **extra: Any) -> dict[str, Any]:
+    return {"steps": steps, "loss_first": hist[0] if hist else None, "loss_last": hist[-1] if hist else None,
+            "loss_history": hist, **extra, "seconds": time.perf_counter() - t0}
+
+
 def validate_cfg(cfg: dict[str, Any]) -> None:
     """The checks of the training options that need no model (one-line errors)."""
     from gpulab.stitchkv.stitch import MODES
@@ -318,20 +343,12 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             bank.reset_random(cfg["seed"])
         wrapped = ddp(bank, ctx)
         it = batches(1, start)
-        losses = StepLosses(ctx, device, n_steps, hist, "warmup", "--lr")
-        for step in range(start, n_steps):
-            prompt, _ = next(it)
-            loss, _, _ = warmup_step_loss(pair.large, pair.small, bank, prompt, cfg["loss"], module=wrapped)
-            _optimizer_step(opt, loss, scaler)
-            losses.add(step, loss)
-            if step % max(1, cfg["steps"] // 10) == 0:
-                log(f"warmup step {step}: {cfg['loss']} {losses.read(step + 1)[-1]:.5g}")
-            if every and (step + 1) % every == 0 and step + 1 < cfg["steps"]:
-                hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
-                if ctx.is_main:
-                    save_ckpt("warmup", {"step": step + 1, "bank": bank.state_dict(), **_optim_state(opt, scaler),
-                                         "hist": list(hist)})
-        hist = losses.read(n_steps)
+        hist = _run_steps(
+            ctx, device, "warmup", "--lr", start, n_steps, hist, every,
+            lambda: warmup_step_loss(pair.large, pair.small, bank, next(it)[0], cfg["loss"], module=wrapped)[0],
+            opt, scaler, log, lambda step, v: f"warmup step {step}: {cfg['loss']} {v:.5g}",
+            lambda step, h: save_ckpt("warmup", {"step": step, "bank": bank.state_dict(),
+                                                 **_optim_state(opt, scaler), "hist": h}))
         num = den = 0.0
         with torch.no_grad():  # on validation prompts: never trained on (nor used by the least-squares fit)
             for prompt in held:
@@ -344,11 +361,8 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                 save_bank(bank, tmp)
             ckpt_p.unlink(missing_ok=True)
         ctx.barrier()  # stage 2 of every rank reads warmup/
-        results["warmup"] = {"steps": n_steps, "loss_first": hist[0] if hist else None,
-                             "loss_last": hist[-1] if hist else None, "loss_history": hist,
-                             "heldout_nmse": num / den if den > 0 else float("nan"),
-                             "heldout_prompts": sum(len(p) for p in held), "ls_r2": r2,
-                             "seconds": time.perf_counter() - t0}
+        results["warmup"] = _stage_result(n_steps, hist, t0, heldout_nmse=num / den if den > 0 else float("nan"),
+                                          heldout_prompts=sum(len(p) for p in held), ls_r2=r2)
 
     # ---------------------------------------------------------------- stage 2
     if plan.get("lora") == "skip":
@@ -381,29 +395,19 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             log(f"lora: resuming at step {start}")
         wrapped = ddp(stitched_lm(bank, small), ctx)
         it = batches(2, start)
-        losses = StepLosses(ctx, device, cfg["lora_steps"], hist, "lora", "--lora-lr")
-        for step in range(start, cfg["lora_steps"]):
-            prompt, cont = next(it)
-            loss = lm_loss_stitched(pair.large, small, bank, prompt, cont, module=wrapped)
-            _optimizer_step(opt, loss, scaler)
-            losses.add(step, loss)
-            if step % max(1, cfg["lora_steps"] // 10) == 0:
-                log(f"lora step {step}: lm loss {losses.read(step + 1)[-1]:.4f}")
-            if every and (step + 1) % every == 0 and step + 1 < cfg["lora_steps"]:
-                hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
-                if ctx.is_main:
-                    save_ckpt("lora", {"step": step + 1, "bank": bank.state_dict(),
-                                       "lora": get_peft_model_state_dict(small), **_optim_state(opt, scaler),
-                                       "hist": list(hist)})
-        hist = losses.read(cfg["lora_steps"])
+        hist = _run_steps(
+            ctx, device, "lora", "--lora-lr", start, cfg["lora_steps"], hist, every,
+            lambda: lm_loss_stitched(pair.large, small, bank, *next(it), module=wrapped),
+            opt, scaler, log, lambda step, v: f"lora step {step}: lm loss {v:.4f}",
+            lambda step, h: save_ckpt("lora", {"step": step, "bank": bank.state_dict(),
+                                               "lora": get_peft_model_state_dict(small),
+                                               **_optim_state(opt, scaler), "hist": h}))
         pin("lora")
         if ctx.is_main:
             save_stage2(small, bank, run / "lora")
             ckpt_p.unlink(missing_ok=True)
         ctx.barrier()
-        results["lora"] = {"steps": cfg["lora_steps"], "loss_first": hist[0] if hist else None,
-                           "loss_last": hist[-1] if hist else None, "loss_history": hist,
-                           "seconds": time.perf_counter() - t0}
+        results["lora"] = _stage_result(cfg["lora_steps"], hist, t0)
     if plan.get("lora_control") == "skip":
         log(f"lora-control: already done in {run / 'lora-control'}, skipped")
         results["lora_control"] = {"skipped": "already trained"}
@@ -498,26 +502,17 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
         log(f"lora-control: resuming at step {start}")
     wrapped = ddp(model, ctx)
     it = batches(2, start)  # the stage-2 batches, in the same order
-    n, every = cfg["lora_steps"], cfg.get("ckpt_every") or 0
-    losses = StepLosses(ctx, device, n, hist, "lora-control", "--lora-lr")
-    for step in range(start, n):
-        prompt, cont = next(it)
-        loss = lm_loss_own(wrapped, prompt, cont)
-        _optimizer_step(opt, loss, scaler)
-        losses.add(step, loss)
-        if step % max(1, n // 10) == 0:
-            log(f"lora-control step {step}: lm loss {losses.read(step + 1)[-1]:.4f}")
-        if every and (step + 1) % every == 0 and step + 1 < n:
-            hist = losses.read(step + 1)  # on every rank (a collective), and checked before it is saved
-            if ctx.is_main:
-                save_ckpt("lora_control", {"step": step + 1, "lora": get_peft_model_state_dict(model),
-                                           **_optim_state(opt, scaler), "hist": list(hist)})
-    hist = losses.read(n)
+    n = cfg["lora_steps"]
+    hist = _run_steps(
+        ctx, device, "lora-control", "--lora-lr", start, n, hist, cfg.get("ckpt_every") or 0,
+        lambda: lm_loss_own(wrapped, *next(it)), opt, scaler, log,
+        lambda step, v: f"lora-control step {step}: lm loss {v:.4f}",
+        lambda step, h: save_ckpt("lora_control", {"step": step, "lora": get_peft_model_state_dict(model),
+                                                   **_optim_state(opt, scaler), "hist": h}))
     pin("lora_control")
     if ctx.is_main:
         with atomic.build_folder(run / "lora-control") as tmp:
             model.save_pretrained(str(tmp / "adapter"))
         (run / "checkpoint.pt").unlink(missing_ok=True)
     ctx.barrier()
-    return {"steps": n, "loss_first": hist[0] if hist else None,
-            "loss_last": hist[-1] if hist else None, "loss_history": hist, "seconds": time.perf_counter() - t0}
+    return _stage_result(n, hist, t0)
