@@ -47,7 +47,8 @@ run_seed() {  # time box, seed, task: one seed of the experiment file of that ta
   if [ "$task" = recall ]; then
     set -- "$1" "$2" --workdir "$WORKDIR-recall" --task recall --repeat-frac 0.5 --large-size tiny-medium \
       --small-size tiny-1layer --pretrain-steps 4000 --pretrain-lr 1e-3 --seq-len 112 --lora-steps 12800 \
-      --lora-lr 3e-3 --alignment last-aligned --cont-len 24 --gen-len 24
+      --lora-lr 3e-3 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
+      --alignment last-aligned --cont-len 24 --gen-len 24
   else
     set -- "$1" "$2" --workdir "$WORKDIR" --large-size tiny-large --small-size tiny-small --pretrain-steps 800 \
       --pretrain-lr 1e-3 --seq-len 128 --lora-steps 200 --cont-len 32 --gen-len 32

@@ -22,7 +22,7 @@ import sys
 
 def log(line: str) -> None:
     with open(os.environ["DRYRUN_LOG"], "a") as f:
-        f.write(line.replace("\n", " ")[:400] + "\n")
+        f.write(line.replace("\n", " ")[:4000] + "\n")
 
 
 def fail(what: str) -> None:

@@ -175,3 +175,41 @@ def test_dry_run_catches_slips(tmp_path):
     assert [c.split()[0] for c in calls] == ["FAIL", "FAIL", "FAIL", "FAIL", "ok"], calls
     assert "--no-such-option" in calls[0] and "many" in calls[1] and "collection exits 5" in calls[2]
     assert "<heredoc>" in calls[3]
+
+
+def _options(words: list[str]) -> dict[str, str]:
+    """``--name value`` pairs (and bare flags, as "true") of a command line, by option name with underscores."""
+    opts, i = {}, 0
+    while i < len(words):
+        if words[i].startswith("--"):
+            has_value = i + 1 < len(words) and not words[i + 1].startswith("--")
+            opts[words[i][2:].replace("-", "_")] = words[i + 1] if has_value else "true"
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    return opts
+
+
+def _same(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def test_kvstitch_device_recall_run_is_the_experiment_file(tmp_path):
+    """stitchkv.sh runs the recall experiment with its own `kvstitch tiny` options (a time box per seed): every
+    setting of experiments/kvstitch_recall.yaml must be what the GPU run uses, or its figure is of another
+    experiment."""
+    import yaml
+
+    proc, calls = dry_run(ROOT / "scripts" / "device" / "stitchkv.sh", tmp_path)
+    tiny = [c.split(": ", 1)[1].split() for c in calls if c.startswith("ok gpulab kvstitch tiny:")]
+    recall = [_options(w) for w in tiny if _options(w).get("task") == "recall"]
+    assert recall, calls
+    run = yaml.safe_load((ROOT / "experiments" / "kvstitch_recall.yaml").read_text())["runs"][0]
+    params = {k: v for k, v in run["params"].items() if k not in ("workdir", "data", "seed")}
+    for opts in recall:
+        differ = {k: (v, opts.get(k)) for k, v in params.items() if not _same(v, opts.get(k))}
+        assert not differ, f"experiment file vs stitchkv.sh: {differ}"
+    assert {o["seed"] for o in recall} == {str(s) for s in run["params"]["seed"]}
