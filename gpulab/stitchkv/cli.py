@@ -369,12 +369,10 @@ def tiny(
 def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretrain_batch, pretrain_lr, seq_len,
           repeat_frac, task, steps, lora_steps, lora_lr, lora_r, lora_alpha, lora_targets, batch, prompt_len,
           cont_len, alignment, stitch_input, prompts, gen_len, goal_gap, seed):
+    import shutil
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
-
-    import shutil
-
     from gpulab.stitchkv.models import TINY_SIZES, tiny_llama
     from gpulab.stitchkv.train import lora_targets as check_lora_targets, validate_cfg
 
