@@ -71,14 +71,14 @@ def _quiet_transformers() -> None:
 
 
 def _pretrain(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
-              seq_len: int, lr: float, seed: int, repeat_frac: float = 0.0, lr_flag: str = "--lr"):
+              seq_len: int, lr: float, seed: int, repeat_frac: float = 0.0, flag_prefix: str = ""):
     from gpulab.core.results import Record
     from gpulab.stitchkv.pretrain import pretrain_pair
 
     device = _device()
     with _tiny_models_threads(device, threads=None):
         res = pretrain_pair(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, device,
-                            repeat_frac=repeat_frac, lr_flag=lr_flag)
+                            repeat_frac=repeat_frac, flag_prefix=flag_prefix)
     rec = Record(name="kvstitch-pretrain", config={"data": str(data), "out": str(out), "large_size": large_size,
                                                    "small_size": small_size, "vocab": vocab, "steps": steps,
                                                    "batch": batch, "seq_len": seq_len, "lr": lr, "seed": seed,
@@ -373,7 +373,8 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
     import time
 
     from gpulab.stitchkv.evaluate import evaluate
-    from gpulab.stitchkv.models import TINY_SIZES, tiny_llama
+    from gpulab.stitchkv.models import tiny_llama
+    from gpulab.stitchkv.pretrain import check_options as check_pretrain_options
     from gpulab.stitchkv.train import lora_targets as check_lora_targets, validate_cfg
 
     t0 = time.perf_counter()
@@ -383,13 +384,14 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
                      init="ls", loss="mse", batch=batch, prompt_len=prompt_len, cont_len=cont_len, lr=1e-3,
                      lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, ls_batches=4,
                      ridge=1e-3, ckpt_every=0, dtype="float32", lora_control=True, seed=seed)
-    # the training options' errors before minutes of pretraining, and before the old run folder goes
+    # the options' errors before minutes of pretraining, and before the old run folder goes
+    check_pretrain_options(data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
+                           repeat_frac, flag_prefix="pretrain-")
     validate_cfg(cfg)
-    if small_size in TINY_SIZES:  # an unknown size is _pretrain's error
-        check_lora_targets(tiny_llama(small_size, 8, 8, seed=0), cfg)
+    check_lora_targets(tiny_llama(small_size, 8, 8, seed=0), cfg)
     shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
     pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
-                    seed, repeat_frac, lr_flag="--pretrain-lr")
+                    seed, repeat_frac, flag_prefix="pretrain-")
     t1 = time.perf_counter()
     tr = _train(cfg)
     t2 = time.perf_counter()

@@ -170,13 +170,17 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def check_vocab(vocab_size: int) -> None:
+    if vocab_size < 260:
+        raise InputError(f"--vocab must be >= 260 (256 bytes + specials), got {vocab_size}")
+
+
 def train_tokenizer(text: str, vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer trained on ``text`` in code (no download), as a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 260:
-        raise InputError(f"--vocab must be >= 260 (256 bytes + specials), got {vocab_size}")
+    check_vocab(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

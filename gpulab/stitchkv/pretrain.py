@@ -102,21 +102,37 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
     return losses.read(steps)
 
 
-def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
-                  seq: int, lr: float, seed: int, device: str, log: Any = print,
-                  repeat_frac: float = 0.0, lr_flag: str = "--lr") -> dict[str, Any]:
-    import torch
-
+def check_options(data: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int, seq: int,
+                  lr: float, repeat_frac: float, flag_prefix: str = "") -> None:
+    """One-line errors for pretraining options that cannot work; ``flag_prefix`` names the options in them
+    (kvstitch tiny's are --pretrain-steps, --pretrain-batch, --pretrain-lr)."""
     from gpulab.stitchkv.data import read_text
-    from gpulab.stitchkv.models import TINY_SIZES, save_model, shape_of, tiny_llama, train_tokenizer
+    from gpulab.stitchkv.models import TINY_SIZES, check_vocab
 
+    read_text(data)  # a missing or unreadable file
+    check_vocab(vocab)
     for s in (large_size, small_size):
         if s not in TINY_SIZES:
             raise InputError(f"unknown model size {s!r} (known: {', '.join(TINY_SIZES)})")
+    flag = f"--{flag_prefix}"
     if steps < 1 or batch < 1 or seq < 2:
-        raise InputError(f"--steps and --batch must be >= 1 and --seq-len >= 2 (got {steps}, {batch}, {seq})")
+        raise InputError(f"{flag}steps and {flag}batch must be >= 1 and --seq-len >= 2 (got {steps}, {batch}, {seq})")
+    if not lr > 0:
+        raise InputError(f"{flag}lr must be > 0, got {lr}")
     if not 0.0 <= repeat_frac <= 1.0:
         raise InputError(f"--repeat-frac must be in [0, 1], got {repeat_frac}")
+
+
+def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int,
+                  seq: int, lr: float, seed: int, device: str, log: Any = print,
+                  repeat_frac: float = 0.0, flag_prefix: str = "") -> dict[str, Any]:
+    import torch
+
+    from gpulab.stitchkv.data import read_text
+    from gpulab.stitchkv.models import save_model, shape_of, tiny_llama, train_tokenizer
+
+    check_options(data, large_size, small_size, vocab, steps, batch, seq, lr, repeat_frac, flag_prefix)
+    flag = f"--{flag_prefix}"
     text = read_text(data)
     cut = int(len(text) * 0.9)
     t0 = time.perf_counter()
@@ -128,7 +144,7 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     for role, size in (("large", large_size), ("small", small_size)):
         t1 = time.perf_counter()
         model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
-        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac, lr_flag)
+        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac, f"{flag}lr")
         vl = val_loss(model, ids, split, len(ids), seq, device)  # on plain text windows
         save_model(model.to("cpu"), tok, out / role)
         sh = shape_of(model)

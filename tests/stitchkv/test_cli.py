@@ -107,6 +107,15 @@ def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):
     assert rec["ok"] and [r["model"] for r in rec["rows"]] == ["large", "small"]
 
 
+@pytest.mark.parametrize("bad, needle", [(["--lr", "-1"], "--lr must be > 0, got -1.0"),
+                                         (["--batch", "0"], "--steps and --batch must be >= 1")])
+def test_pretrain_rejects_bad_options(corpus_file, tmp_path, capsys, bad, needle):
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "pretrain", "--data", str(corpus_file),
+                            "--pair-dir", str(tmp_path / "pair"), "--vocab", "300", *bad], capsys)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "pair").exists()
+
+
 @pytest.mark.parametrize("cmd", ["pretrain", "tiny"])
 def test_a_diverging_pretraining_is_one_line_and_saves_no_model(corpus_file, tmp_path, capsys, cmd):
     if cmd == "pretrain":
@@ -236,8 +245,13 @@ TINY_ARGS = ["--large-size", "nano-large", "--small-size", "nano-small", "--voca
 
 @pytest.mark.parametrize("bad, needle", [(["--lora-targets", "q_proj,mlp_in"], "no module named 'mlp_in'"),
                                          (["--lora-r", "0"], "--lora-r must be >= 1"),
-                                         (["--task", "nope"], "--task")])
-def test_tiny_rejects_bad_training_options_before_pretraining(corpus_file, tmp_path, capsys, bad, needle):
+                                         (["--task", "nope"], "--task"),
+                                         (["--pretrain-steps", "0"], "--pretrain-steps and --pretrain-batch must"),
+                                         (["--pretrain-lr", "0"], "--pretrain-lr must be > 0"),
+                                         (["--vocab", "100"], "--vocab must be >= 260"),
+                                         (["--small-size", "huge"], "unknown model size 'huge'"),
+                                         (["--data", "no/such.txt"], "--data file not found")])
+def test_tiny_rejects_bad_options_before_pretraining(corpus_file, tmp_path, capsys, bad, needle):
     wd = tmp_path / "wd"
     (wd / "seed0" / "run").mkdir(parents=True)  # an earlier run: a rejected command must leave it alone
     code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "tiny", "--workdir", str(wd),
