@@ -372,6 +372,7 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
     import shutil
     import time
 
+    from gpulab.stitchkv.data import read_text
     from gpulab.stitchkv.evaluate import evaluate
     from gpulab.stitchkv.models import tiny_llama
     from gpulab.stitchkv.pretrain import check_options as check_pretrain_options
@@ -385,7 +386,8 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
                      lora_lr=lora_lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, ls_batches=4,
                      ridge=1e-3, ckpt_every=0, dtype="float32", lora_control=True, seed=seed)
     # the options' errors before minutes of pretraining, and before the old run folder goes
-    check_pretrain_options(data, large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
+    read_text(data)  # a missing or unreadable file
+    check_pretrain_options(large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
                            repeat_frac, flag_prefix="pretrain-")
     validate_cfg(cfg)
     check_lora_targets(tiny_llama(small_size, 8, 8, seed=0), cfg)

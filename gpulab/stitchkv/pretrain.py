@@ -102,14 +102,12 @@ def train_lm(model: Any, ids: Any, split: int, steps: int, batch: int, seq: int,
     return losses.read(steps)
 
 
-def check_options(data: Path, large_size: str, small_size: str, vocab: int, steps: int, batch: int, seq: int,
-                  lr: float, repeat_frac: float, flag_prefix: str = "") -> None:
+def check_options(large_size: str, small_size: str, vocab: int, steps: int, batch: int, seq: int, lr: float,
+                  repeat_frac: float, flag_prefix: str = "") -> None:
     """One-line errors for pretraining options that cannot work; ``flag_prefix`` names the options in them
     (kvstitch tiny's are --pretrain-steps, --pretrain-batch, --pretrain-lr)."""
-    from gpulab.stitchkv.data import read_text
     from gpulab.stitchkv.models import TINY_SIZES, check_vocab
 
-    read_text(data)  # a missing or unreadable file
     check_vocab(vocab)
     for s in (large_size, small_size):
         if s not in TINY_SIZES:
@@ -131,8 +129,7 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     from gpulab.stitchkv.data import read_text
     from gpulab.stitchkv.models import save_model, shape_of, tiny_llama, train_tokenizer
 
-    check_options(data, large_size, small_size, vocab, steps, batch, seq, lr, repeat_frac, flag_prefix)
-    flag = f"--{flag_prefix}"
+    check_options(large_size, small_size, vocab, steps, batch, seq, lr, repeat_frac, flag_prefix)
     text = read_text(data)
     cut = int(len(text) * 0.9)
     t0 = time.perf_counter()
@@ -144,7 +141,8 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     for role, size in (("large", large_size), ("small", small_size)):
         t1 = time.perf_counter()
         model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
-        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac, f"{flag}lr")
+        hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac,
+                        f"--{flag_prefix}lr")
         vl = val_loss(model, ids, split, len(ids), seq, device)  # on plain text windows
         save_model(model.to("cpu"), tok, out / role)
         sh = shape_of(model)

@@ -187,7 +187,7 @@ def _optimizer_step(opt: Any, loss: Any, scaler: Any = None) -> None:
 def _run_steps(ctx: Any, device: str, stage: str, lr_flag: str, start: int, n: int, done: list[float], every: int,
                step_loss: Any, opt: Any, scaler: Any, log: Any, log_line: Any, checkpoint: Any) -> list[float]:
     """A stage's steps ``start``..``n - 1``: ``step_loss()`` (the next batch's loss), an optimizer step, a log
-    line every tenth of the stage (``log_line(loss)``) and every ``every`` steps a checkpoint
+    line every tenth of the stage (``log_line(step, loss)``) and every ``every`` steps a checkpoint
     (``checkpoint(step, hist)``, rank 0 alone) of the losses read back and checked on every rank first (a
     collective). ``done``: the losses of the steps before ``start`` (resumed); returns all ``n`` losses."""
     losses = StepLosses(ctx, device, n, done, stage, lr_flag)
