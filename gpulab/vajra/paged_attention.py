@@ -4,8 +4,9 @@ One program per (sequence, query head, tile of BM query rows): flash-attention s
 over the sequence's keys, which are gathered page by page through its block table (any page
 size: each key position looks up its page). Query row r of a sequence with ``q`` new tokens and
 ``c`` cached tokens sits at position ``c - q + r`` and attends to keys at positions <= its own, so
-prefill chunks, decodes and mixed batches are one kernel. FP8 caches are decoded in registers
-(``stored * k_scale``). GQA: query head h reads KV head ``h // (Hq / Hkv)``.
+prefill chunks, decodes and mixed batches are one kernel. FP8 caches enter the products as their stored
+values (exactly in fp16 for 16-bit queries, fp32 otherwise), the k scale folded into the scores' scale and
+the v scale applied to the output. GQA: query head h reads KV head ``h // (Hq / Hkv)``.
 
 Decode-only batches (one new token per sequence) go to :func:`paged_decode_attention` instead, a
 flash-decoding kernel: one program per (sequence, KV head, KV split) whose rows are the query heads
@@ -46,18 +47,48 @@ def make_metadata(query_lens: torch.Tensor, context_lens: torch.Tensor,
 
 
 @triton.jit
+def _fp8_math_q(q, F16: tl.constexpr):
+    """The query in the dtype of an FP8 tile's math: fp16 for 16-bit queries (F16; a bf16 query converts
+    exactly where |q| < 65504, and is clamped there beyond fp16's range), else unchanged (fp32, IEEE)."""
+    if F16:
+        return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    else:
+        return q
+
+
+@triton.jit
+def _e4m3_to_f16_ptx(x):
+    """e4m3 values -> fp16 (exact) by sm_89+'s cvt.rn.f16x2.e4m3x2, four bytes per call. Not pure on purpose:
+    Triton hoists a pure conversion of a dot operand into the operand's shared-memory read, which for V (its
+    reduced dimension strided in memory) became one byte load per value; opaque here, V converts in 16-byte
+    rows and reaches the MMA as fp16 through ldmatrix.trans."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
-                 s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
+                 s_cb, s_ckv, s_cs, s_ch, s_bt, s_scale,
                  PAGE: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, EBITS: tl.constexpr,
-                 MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+                 MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, V_PTX: tl.constexpr):
     """One online-softmax step over a tile of key positions ``kpos`` of sequence ``seq`` (KV head ``kvh``):
-    gather K/V through the block table (FP8 decoded in registers), scores masked by ``ok``, updated
-    (m_i, l_i, acc) in base 2."""
+    gather K/V through the block table, scores ``q . k * s_scale`` masked by ``ok``, updated (m_i, l_i, acc)
+    in base 2. FP8 K/V enter the products as their stored values, converted exactly to q's dtype (fp16 or
+    fp32, see _fp8_math_q): the caller folds k_scale into ``s_scale`` and multiplies the output by v_scale,
+    so a tile costs one conversion per value and no multiply."""
     blk = tl.load(bt_ptr + seq * s_bt + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
     kp = (c_ptr + blk * s_cb + (kpos % PAGE) * s_cs + kvh * s_ch)[:, None] + d[None, :]
     if FP8:
-        k = (_load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * k_scale).to(q.dtype)
-        v = (_load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS) * v_scale).to(q.dtype)
+        if NATIVE:
+            k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
+            if V_PTX:
+                v = _e4m3_to_f16_ptx(tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0))
+            else:
+                v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
+        else:
+            k = _load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
+            v = _load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
     else:
         k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
         v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
@@ -65,7 +96,7 @@ def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(ok, s * sm_scale_log2, float("-inf"))
+    s = tl.where(ok, s * s_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -83,7 +114,8 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
                        sm_scale_log2, k_scale, v_scale,
                        GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
-                       EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+                       EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr,
+                       F16: tl.constexpr, V_PTX: tl.constexpr):
     seq = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -97,6 +129,11 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
         d = tl.arange(0, D)
         kvh = h // GROUP
         q = tl.load(q_ptr + (q_start + rows)[:, None] * s_qt + h * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        if FP8:
+            q = _fp8_math_q(q, F16)
+            s_scale = sm_scale_log2 * k_scale
+        else:
+            s_scale = sm_scale_log2
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
@@ -106,11 +143,22 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
             kmask = kpos < kv_end
             ok = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
             m_i, l_i, acc = _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
-                                         s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
-                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE)
+                                         s_cb, s_ckv, s_cs, s_ch, s_bt, s_scale,
+                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE, V_PTX)
+        if FP8:
+            acc = acc * v_scale
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(o_ptr + (q_start + rows)[:, None] * s_ot + h * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=rmask[:, None])
+
+
+def _fp8_math_in_fp16(fp8: bool, q: torch.Tensor) -> bool:
+    """Whether an FP8 cache's tiles multiply in fp16 (16-bit queries). e4m3 and e5m2 values are exact in fp16,
+    and on sm_89+ a pair converts in one instruction. The bf16 math this replaced took e4m3 -> fp16 -> fp32, a
+    multiply by the scale and a repack to bf16 for every value: in the sm_90 SASS of the decode tile, 894
+    instructions per 64-key step, against 436 for a bf16 cache (twice the bytes); now 433 (see
+    tests/vajra/model/test_kernels_compile.py)."""
+    return fp8 and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _check_shapes(what: str, q: torch.Tensor, cache: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -126,7 +174,7 @@ def _check_shapes(what: str, q: torch.Tensor, cache: torch.Tensor) -> tuple[int,
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, meta: AttnMetadata,
                     scale: float, k_scale: float = 1.0, v_scale: float = 1.0, BM: int | None = None,
-                    BN: int = 32, native: bool | None = None) -> torch.Tensor:
+                    BN: int = 32, native: bool | None = None, v_ptx: bool | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; cache [num_blocks, 2, page, Hkv, D]; block_tables int32 [B, max_blocks]."""
     t, hq, d, page, hkv = _check_shapes("paged attention", q, cache)
     if q.stride(2) != 1:  # the kernel steps over D with stride 1 (q and out)
@@ -148,7 +196,8 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
                              c.stride(0), c.stride(1), c.stride(2), c.stride(3), bt.stride(0),
                              float(scale) * 1.4426950408889634, float(k_scale), float(v_scale),
                              GROUP=hq // hkv, PAGE=page, D=d, BM=BM, BN=BN, FP8=fp8, NATIVE=native,
-                             EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32)
+                             EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32,
+                             F16=_fp8_math_in_fp16(fp8, q), V_PTX=_v_ptx(q, cache, native, v_ptx))
     return out
 
 
@@ -189,7 +238,7 @@ def _paged_decode_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, cl_ptr, po_ptr, pml_ptr,
                          GROUP: tl.constexpr, BH: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
                          BN: tl.constexpr, UNIT: tl.constexpr, DIRECT: tl.constexpr, FP8: tl.constexpr,
                          NATIVE: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, F16: tl.constexpr, V_PTX: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -203,6 +252,11 @@ def _paged_decode_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, cl_ptr, po_ptr, pml_ptr,
     d = tl.arange(0, D)
     if k_lo < k_hi:
         q = tl.load(q_ptr + seq * s_qt + h[:, None] * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        if FP8:
+            q = _fp8_math_q(q, F16)
+            s_scale = sm_scale_log2 * k_scale
+        else:
+            s_scale = sm_scale_log2
         m_i = tl.full([BH], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BH], dtype=tl.float32)
         acc = tl.zeros([BH, D], dtype=tl.float32)
@@ -210,8 +264,10 @@ def _paged_decode_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, cl_ptr, po_ptr, pml_ptr,
             kpos = start + tl.arange(0, BN)
             kmask = kpos < k_hi
             m_i, l_i, acc = _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, kmask[None, :], d, m_i, l_i, acc,
-                                         s_cb, s_ckv, s_cs, s_ch, s_bt, sm_scale_log2, k_scale, v_scale,
-                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE)
+                                         s_cb, s_ckv, s_cs, s_ch, s_bt, s_scale,
+                                         PAGE, FP8, NATIVE, EBITS, MBITS, BIAS, IEEE, V_PTX)
+        if FP8:
+            acc = acc * v_scale
         if DIRECT:
             out = acc / tl.maximum(l_i, 1e-30)[:, None]
             tl.store(o_ptr + seq * s_ot + h[:, None] * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -288,7 +344,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, page: int,
 def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                            num_splits: int | None = None, BN: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None, native: bool | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, native: bool | None = None,
+                           v_ptx: bool | None = None) -> torch.Tensor:
     """Decode-only batch: q [B, Hq, D] (token i = the one new token of sequence i, whose K/V is already
     in the cache at position context_lens[i] - 1) -> out [B, Hq, D]. cache [num_blocks, 2, page, Hkv, D];
     block_tables int32 [B, max_blocks]; context_lens int32 [B] (on the device; never read on the host)."""
@@ -341,9 +398,89 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
         s_pb, s_ph, s_ps, num_splits,
         float(scale) * 1.4426950408889634, float(k_scale), float(v_scale),
         GROUP=group, BH=bh, PAGE=page, D=d, BN=BN, UNIT=unit, DIRECT=direct, FP8=fp8, NATIVE=native,
-        EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32, **kw)
+        EBITS=eb, MBITS=mb_, BIAS=bias, IEEE=q.dtype == torch.float32, F16=_fp8_math_in_fp16(fp8, q),
+        V_PTX=_v_ptx(q, cache, native, v_ptx), **kw)
     if not direct:
         _decode_merge_kernel[(b, hq)](out, cl, po, pml, out.stride(0), out.stride(1), s_pb, s_ph, s_ps,
                                       num_splits, PAGE=page, D=d, UNIT=unit,
                                       SP=triton.next_power_of_2(num_splits))
     return out
+
+
+# ---------------------------------------------------------------------------- the V conversion's probe
+#
+# V's e4m3 -> fp16 conversion by inline PTX (_e4m3_to_f16_ptx) relies on how Triton packs four bytes into one
+# register for inline assembly. A GPU checks it once per (device, dtype, heads, head_dim), outside any CUDA-graph
+# capture: both kernels at the tiles they serve with, on a few short sequences whose softmax is peaked (a
+# misplaced byte moves whole output values), against the SDPA reference in fp32. Where the check fails, or has
+# not run when a capture starts, the kernels convert V with Triton's own cast (correct, more instructions).
+
+_V_PTX_PROBLEMS: dict[tuple, str | None] = {}
+
+
+def _device_key(device) -> str:
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
+
+
+def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | None) -> bool:
+    if not (native and cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if v_ptx is not None:
+        return bool(v_ptx)
+    key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2])  # a tensor's device has its index
+    if key not in _V_PTX_PROBLEMS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        fp8_v_ptx_problem(*key)
+    return _V_PTX_PROBLEMS[key] is None
+
+
+def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
+                      head_dim: int) -> str | None:
+    """Why V's inline-PTX conversion must not serve an e4m3 cache on ``device`` with ``dtype`` queries of this
+    head layout (None: it serves), checked once and remembered; "no native e4m3" where the GPU has none."""
+    key = (_device_key(device), dtype, num_heads, num_kv_heads, head_dim)
+    if key in _V_PTX_PROBLEMS:
+        return _V_PTX_PROBLEMS[key]
+    from gpulab.vajra import reference as ref
+
+    why = None
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        page, lens = 16, [1, 3, 37]
+        blocks = [(n + page - 1) // page for n in lens]
+        cache = (torch.randn(sum(blocks), 2, page, num_kv_heads, head_dim, generator=g) * 40).to(
+            torch.float8_e4m3fn).to(device)
+        if not native_fp8(cache):
+            why = "no native e4m3 on this GPU"
+        else:
+            bt = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+            first = 0
+            for i, nb in enumerate(blocks):  # each sequence's pages in reverse order
+                bt[i, :nb] = torch.arange(first + nb - 1, first - 1, -1)
+                first += nb
+            bt, cl = bt.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+            # the 1-token sequence's output, and each prompt's first row, is one key's V: a misplaced byte shows whole
+            q = (torch.randn(len(lens), num_heads, head_dim, generator=g) * 2).to(device=device, dtype=dtype)
+            scale, ks, vs = head_dim ** -0.5, 0.05, 0.02
+
+            def problem(got, qq, qlens, what):
+                want = ref.paged_attention(qq.float(), cache, qlens, cl, bt, scale, ks, vs)
+                err = float((got.float() - want).abs().max())
+                return None if err <= 0.05 * float(want.abs().max()) else \
+                    f"{what}: max error {err:.3g} against the reference"
+
+            why = problem(paged_decode_attention(q, cache, bt, cl, scale, ks, vs, v_ptx=True), q,
+                          torch.ones_like(cl), "decode kernel")
+            meta = make_metadata(cl, cl)  # prefill: every sequence's whole prompt
+            for bm in (16, 64):  # the prefill kernel's two query tiles
+                qs = (torch.randn(sum(lens), num_heads, head_dim, generator=g) * 2).to(device=device, dtype=dtype)
+                why = why or problem(paged_attention(qs, cache, bt, meta, scale, ks, vs, BM=bm, v_ptx=True), qs, cl,
+                                     f"prefill kernel (BM {bm})")
+    except Exception as e:  # noqa: BLE001 - a compiler or launch error: Triton's own conversion serves
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    _V_PTX_PROBLEMS[key] = why
+    return why

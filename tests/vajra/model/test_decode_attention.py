@@ -101,6 +101,56 @@ def test_decode_kernel_rejects_bad_input():
         paged_decode_attention(q, cache, bt, cl, 0.25, num_splits=0)
 
 
+@pytest.mark.parametrize("dt", [E4, E5])
+def test_fp8_cache_with_16_bit_queries_multiplies_in_fp16(dt):
+    """16-bit queries over an FP8 cache: both kernels multiply the stored values in fp16 (the k scale folded
+    into the scores', the v scale into the output). Under the interpreter in fp16 (raw bytes), within
+    flash-attention's bound: twice the error of the SDPA reference run in fp16 on the same inputs."""
+    from gpulab.vajra.paged_attention import _fp8_math_in_fp16, make_metadata, paged_attention, paged_decode_attention
+
+    q, cache, cl, bt, ks, vs = _decode_case([1, 16, 45], 16, hkv=2, group=4, d=16, dt=dt)
+    q16 = (q * 3).half()  # a spread of scores: the softmax is not flat
+    assert _fp8_math_in_fp16(True, q16) and not _fp8_math_in_fp16(True, q16.float())
+    want32 = _reference(q16.float(), cache, cl, bt, ks, vs)
+    want_lp = _reference(q16, cache, cl, bt, ks, vs)
+    for splits in (1, 3):
+        got = paged_decode_attention(q16, cache, bt, cl, 16 ** -0.5, ks, vs, num_splits=splits, native=False)
+        assert got.dtype == torch.float16
+        _lp_bound(got, want32, want_lp, slack=2e-4)
+    g = torch.Generator().manual_seed(5)
+    qp = (torch.randn(int(cl.sum()), 8, 16, generator=g) * 3).half()  # prefill: every sequence's whole context
+    got = paged_attention(qp, cache, bt, make_metadata(cl, cl), 16 ** -0.5, ks, vs, native=False)
+    want32 = R.paged_attention(qp.float(), cache, cl, cl, bt, 16 ** -0.5, ks, vs)
+    _lp_bound(got, want32, R.paged_attention(qp, cache, cl, cl, bt, 16 ** -0.5, ks, vs), slack=2e-4)
+
+
+def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
+    """The probe that guards V's inline-PTX conversion (GPU only) compares both kernels with the reference on
+    sequences whose first rows see one key each: run here with stand-ins for the kernels (the interpreter's
+    path), it passes the true kernels and refuses ones whose output columns are rotated by one (as a
+    misplaced byte would leave them); a refused conversion is not used."""
+    from gpulab.vajra import paged_attention as P
+
+    real_decode, real_varlen = P.paged_decode_attention, P.paged_attention
+    for broken, want in ((None, None), ("decode", "decode kernel: max error"), ("varlen", "prefill kernel (BM 16)")):
+        def fake(real, name):
+            def run(*a, **k):
+                out = real(*a, **{**k, "native": False})
+                return out.roll(1, -1) if name == broken else out
+            return run
+
+        monkeypatch.setattr(P, "_V_PTX_PROBLEMS", {})
+        monkeypatch.setattr(P, "native_fp8", lambda t: True)
+        monkeypatch.setattr(P, "paged_decode_attention", fake(real_decode, "decode"))
+        monkeypatch.setattr(P, "paged_attention", fake(real_varlen, "varlen"))
+        why = P.fp8_v_ptx_problem("cpu", torch.float16, 4, 2, 16)
+        assert (why is None) if want is None else why.startswith(want), why
+        q, cache = torch.zeros(1, 4, 16, dtype=torch.float16), torch.zeros(1, 2, 16, 2, 16, dtype=torch.uint8).view(E4)
+        assert P._v_ptx(q, cache, True, None) == (want is None)
+        assert not P._v_ptx(q, cache.view(torch.uint8).view(E5), True, None)  # e5m2: Triton's cast
+        assert not P._v_ptx(q.float(), cache, True, None)  # fp32 queries: fp32 math
+
+
 def _backend_step(ql, cl, page=4, hq=8, hkv=2, d=16, dt=torch.float32, decode_only=True, seed=0):
     """One attention call through TritonAttention (it writes this step's K/V over the last ``ql[i]``
     positions of each sequence, then attends), and the reference on the updated cache."""
@@ -229,3 +279,33 @@ def test_gpu_decode_kernel_cuda_graph_replay_new_lengths():
         torch.cuda.synchronize()
         want32 = _reference(q.float(), cache, cl, bt, ks, vs)
         _lp_bound(out, want32, _reference(q, cache, cl, bt, ks, vs))
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_v_ptx_conversion_passes_its_probe_and_matches_tritons_cast():
+    """On a GPU with native e4m3 (sm_89+): the inline-PTX conversion of V passes the probe at Llama-3.1-8B's head
+    layout, and both kernels give the same outputs with it as with Triton's own cast (both exact conversions),
+    each within flash-attention's bound of the fp32 reference."""
+    from gpulab.vajra import paged_attention as P
+    from gpulab.vajra.fp8_kernels import native_fp8_for
+
+    if not native_fp8_for(torch.cuda.get_device_capability(), E4):
+        pytest.skip("no native e4m3 on this GPU (the raw-byte path serves)")
+    assert P.fp8_v_ptx_problem("cuda", torch.bfloat16, 32, 8, 128) is None
+    lens = [1, 16, 333, 2048]
+    q, cache, cl, bt, ks, vs = _decode_case(lens, 16, hkv=8, group=4, d=128, dt=E4, device="cuda")
+    qb = (q * 2).to(torch.bfloat16)
+    want32 = _reference(qb.float(), cache, cl, bt, ks, vs)
+    outs = [P.paged_decode_attention(qb, cache, bt, cl, 128 ** -0.5, ks, vs, v_ptx=flag) for flag in (True, False)]
+    assert float((outs[0].float() - outs[1].float()).abs().max()) <= 1e-2 * float(want32.abs().max())
+    for got in outs:
+        _lp_bound(got, want32, _reference(qb, cache, cl, bt, ks, vs))
+    qp = (torch.randn(sum(lens), 32, 128, device="cuda") * 2).to(torch.bfloat16)
+    meta = P.make_metadata(cl, cl)
+    want32 = R.paged_attention(qp.float(), cache, cl, cl, bt, 128 ** -0.5, ks, vs)
+    want_lp = R.paged_attention(qp, cache, cl, cl, bt, 128 ** -0.5, ks, vs)
+    for bm in (16, 64):
+        outs = [P.paged_attention(qp, cache, bt, meta, 128 ** -0.5, ks, vs, BM=bm, v_ptx=flag) for flag in (True, False)]
+        assert float((outs[0].float() - outs[1].float()).abs().max()) <= 1e-2 * float(want32.abs().max())
+        for got in outs:
+            _lp_bound(got, want32, want_lp)

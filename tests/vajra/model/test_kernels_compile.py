@@ -66,11 +66,14 @@ for cc in (80, 89, 90):
         compile(W._w8a16_kernel, cc, {"x_ptr": "*bf16", "w_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
                 dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=False, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
                      **fmt(dt)), num_warps=4, num_stages=4)
+        v_ptx = native and dt == torch.float8_e4m3fn  # V's e4m3 -> fp16 by inline PTX where served
         compile(A._paged_decode_kernel, cc, decode_types("*bf16", qp),
                 dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False, FP8=True, NATIVE=native,
-                     IEEE=False, **fmt(dt)))
-        compile(A._paged_attn_kernel, cc, attn_types("*bf16", qp),
-                dict(GROUP=4, PAGE=16, D=128, BM=64, BN=32, FP8=True, NATIVE=native, IEEE=False, **fmt(dt)))
+                     IEEE=False, F16=True, V_PTX=v_ptx, **fmt(dt)))
+        for bm in (16, 64):
+            compile(A._paged_attn_kernel, cc, attn_types("*bf16", qp),
+                    dict(GROUP=4, PAGE=16, D=128, BM=bm, BN=32, FP8=True, NATIVE=native, IEEE=False, F16=True,
+                         V_PTX=v_ptx, **fmt(dt)))
         print("ok fp8", cc, dt, "native" if native else "raw bytes", flush=True)
 
 E4 = fmt(torch.float8_e4m3fn)
@@ -102,11 +105,12 @@ print("ok w8a16", flush=True)
 # direct (one split) and split with the merge
 for act, d, bm in (("*bf16", 128, 16), ("*bf16", 128, 64), ("*fp16", 64, 64)):
     compile(A._paged_attn_kernel, 90, attn_types(act, act),
-            dict(GROUP=4, PAGE=16, D=d, BM=bm, BN=32, FP8=False, NATIVE=False, IEEE=False, **E4))
+            dict(GROUP=4, PAGE=16, D=d, BM=bm, BN=32, FP8=False, NATIVE=False, IEEE=False, F16=False, V_PTX=False,
+                 **E4))
 for act, d, direct, group in (("*bf16", 128, True, 4), ("*bf16", 128, False, 8), ("*fp16", 64, False, 4)):
     compile(A._paged_decode_kernel, 90, decode_types(act, act),
             dict(GROUP=group, BH=16, PAGE=16, D=d, BN=64, UNIT=4, DIRECT=direct, FP8=False, NATIVE=False,
-                 IEEE=False, **E4))
+                 IEEE=False, F16=False, V_PTX=False, **E4))
 compile(A._decode_merge_kernel, 90, {"o_ptr": "*bf16", "cl_ptr": "*i32", "po_ptr": "*fp32", "pml_ptr": "*fp32"},
         dict(PAGE=16, D=128, UNIT=4, SP=32))
 # the fused decoder-layer kernels at Llama-3.1-8B (hidden 4096, head_dim 128) and 1B (head_dim 64) shapes, and
@@ -223,6 +227,64 @@ def test_w8a16_decode_tile_streams_fp8_without_an_fp32_detour_on_sm90():
     counts = dict(line.split(": ") for line in out.splitlines() if ": " in line)
     assert int(counts["cvt.rn.f16x2.e4m3x2"]) > 0 and int(counts["cp.async.cg.shared.global"]) > 0, out
     assert counts["cvt.f32.f16"] == "0" and counts["cvt.rn.bf16x2.f32"] == "0" and counts["ld.global.b8"] == "0", out
+
+
+FP8_ATTENTION_PTX = r"""
+import re
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpulab.vajra import paged_attention as A
+from gpulab.vajra.fp8_kernels import FORMATS
+
+eb, mb, bias = FORMATS[torch.float8_e4m3fn]
+common = {"q_ptr": "*bf16", "o_ptr": "*bf16", "c_ptr": "*fp8e4nv", "bt_ptr": "*i32", "cl_ptr": "*i32",
+          "sm_scale_log2": "fp32", "k_scale": "fp32", "v_scale": "fp32"}
+tiles = {"decode": (A._paged_decode_kernel, dict(common, po_ptr="*fp32", pml_ptr="*fp32"),
+                    dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False)),
+         "prefill16": (A._paged_attn_kernel, dict(common, qs_ptr="*i32", ql_ptr="*i32"),
+                       dict(GROUP=4, PAGE=16, D=128, BM=16, BN=32)),
+         "prefill64": (A._paged_attn_kernel, dict(common, qs_ptr="*i32", ql_ptr="*i32"),
+                       dict(GROUP=4, PAGE=16, D=128, BM=64, BN=32))}
+for name, (fn, types, consts) in tiles.items():
+    consts = dict(consts, FP8=True, NATIVE=True, IEEE=False, F16=True, V_PTX=True, EBITS=eb, MBITS=mb, BIAS=bias)
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a.startswith("s_")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4}).asm["ptx"]
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
+    wgmma = "wgmma.mma_async.sync.aligned.m64n32k16.f32.{0}.{0}"
+    for op in ("cvt.rn.f16x2.e4m3x2", "cvt.f32.f16", "cvt.rn.bf16x2.f32", "ld.shared.b8", mma.format("f16"),
+               mma.format("bf16"), wgmma.format("f16"), wgmma.format("bf16")):
+        n = len(re.findall(re.escape(op) + r"(?![.\w])", ptx))
+        print(f"{name} {op}: {n}", flush=True)
+print("ok fp8 attention ptx", flush=True)
+"""
+
+
+def test_fp8_attention_tiles_multiply_the_stored_values_in_fp16_on_sm90():
+    """The decode and both prefill tiles over an e4m3 cache with bf16 queries, as sm_90 runs them: K and V
+    go e4m3 -> fp16 by cvt.rn.f16x2.e4m3x2 and nothing else (no fp32 step, no repack to bf16: the scales are
+    folded out of the tile), the MMAs take fp16, and V arrives without byte loads from shared memory (Triton's
+    own cast of the transposed operand read each value with its own ld.shared.b8). In SASS (ptxas and
+    nvdisasm of Triton 3.8, 2026-11-29) the decode tile's 64-key step went from 894 instructions to 433, the
+    bf16 cache's 436 for twice the bytes; the prefill tiles from 516 to 289 (BM 16) and 556 to 400 (BM 64)."""
+    out = run_aot_script(FP8_ATTENTION_PTX, "ok fp8 attention ptx")
+    counts = {k: int(v) for k, v in (line.rsplit(": ", 1) for line in out.splitlines() if ": " in line)}
+    # bf16 conversions: only the output rows' (prefill: BM x 128 values over 128 threads, two a conversion;
+    # the decode tile writes fp32 partials)
+    for tile, out_cvts in (("decode", 0), ("prefill16", 8), ("prefill64", 32)):
+        assert counts[f"{tile} cvt.rn.f16x2.e4m3x2"] > 0, out
+        assert counts[f"{tile} cvt.f32.f16"] == 0 and counts[f"{tile} ld.shared.b8"] == 0, (tile, out)
+        assert counts[f"{tile} cvt.rn.bf16x2.f32"] == out_cvts, (tile, out)
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.{0}.{0}.f32"
+    wgmma = "wgmma.mma_async.sync.aligned.m64n32k16.f32.{0}.{0}"
+    for tile, op in (("decode", mma), ("prefill16", mma), ("prefill64", wgmma)):
+        assert counts[f"{tile} {op.format('f16')}"] > 0 and counts[f"{tile} {op.format('bf16')}"] == 0, (tile, out)
 
 
 SILU_PTX = r"""
