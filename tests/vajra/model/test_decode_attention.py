@@ -218,6 +218,8 @@ def test_kernel_bench_attention_rows_under_interpreter(out_dir):
     impls = {row["impl"] for row in rec["rows"] if row["gemm"] == "attn decode"}
     assert impls == {"triton-decode", "triton-varlen", "triton-decode fp8"}
     assert rec["ok"]
+    for key, us in rec["metrics"]["attn_decode_us"].items():  # the FP8 cache's speed-up, one per configuration
+        assert rec["summary"][f"attn_{key}_fp8_kv_speedup"] == round(us["triton-decode"] / us["triton-decode fp8"], 3)
 
 
 # ---------------------------------------------------------------------------------------- GPU only
