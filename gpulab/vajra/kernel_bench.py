@@ -457,7 +457,8 @@ def _attention_kernels(rec, dev, size, wanted, reps, left):
                     rec.metrics[f"attn_{key}_{other}_over_triton_decode"] = ratio
                     if other == "flashinfer":
                         rec.summary[f"attn_{key}_flashinfer_over_triton_decode"] = ratio
-            if r.get("triton-decode fp8") and r.get("triton-decode"):  # what an FP8 cache buys the decode kernel (half the bytes: 2 at best)
+            # what an FP8 cache buys the decode kernel (half the bytes: 2 at best)
+            if r.get("triton-decode fp8") and r.get("triton-decode"):
                 rec.summary[f"attn_{key}_fp8_kv_speedup"] = round(r["triton-decode"] / r["triton-decode fp8"], 3)
 
 
