@@ -104,6 +104,7 @@ def bench(
         _attention_kernels(rec, dev, size, backends, reps, left)
     best_w8a16 = {}
     w8a16_m1 = []  # (weight bytes, ms) of the W8A16 rows at M=1, for the goal's fraction of the copy bandwidth
+    w8a16_cast_m1 = []  # ... of the same GEMMs with Triton's e4m3 -> bf16 cast instead of the PTX recipe
     for gname, (n, k) in (gemm_shapes.items() if gemms else ()):
         if left() < (25 if decode and cuda and size == "full" else 0):  # keep time for the decode step
             skipped.append(gname)
@@ -121,9 +122,12 @@ def bench(
             impls = {"dense": lambda: F.linear(x, wd)}
             if cuda:
                 from gpulab.vajra import fp8_kernels as K
+                from gpulab.vajra.fp8_ptx import ptx_usable
                 from gpulab.vajra.w8a16 import w8a16_matmul
 
                 impls["w8a16"] = lambda: w8a16_matmul(x, q, s, "channel")
+                if m == 1 and act == torch.bfloat16 and ptx_usable(x.device, "bf16"):  # the same with Triton's cast
+                    impls["w8a16 triton-cast"] = lambda: w8a16_matmul(x, q, s, "channel", ptx=False)
                 impls["dequant-jit"] = lambda: F.linear(x, K.dequantize(q, s, None, out_dtype=act))
                 if not w8a8_why and n % 16 == 0 and k % 16 == 0:
                     def w8a8():
@@ -150,6 +154,8 @@ def bench(
                        "weight GB/s": round(wbytes / t.median / 1e6, 1), "timed": how}
                 if name == "w8a16" and m == 1:
                     w8a16_m1.append((wbytes, t.median))
+                if name == "w8a16 triton-cast":
+                    w8a16_cast_m1.append((wbytes, t.median))
                 if copy_gbs:
                     row["of copy"] = round(wbytes / t.median / 1e6 / copy_gbs, 3)
                 rec.rows.append(row)
@@ -183,6 +189,9 @@ def bench(
             frac = sum(b for b, _ in w8a16_m1) / sum(ms for _, ms in w8a16_m1) / 1e6 / copy_gbs
             rec.summary["w8a16_m1_mean_fraction_of_copy"] = round(frac, 3)
             rec.metrics["goal_w8a16_ge_0.8_of_copy"] = bool(frac >= 0.8)
+    if w8a16_cast_m1 and len(w8a16_cast_m1) == len(w8a16_m1):  # > 1: the PTX recipe (the default) is faster
+        rec.summary["w8a16_m1_ptx_speedup_over_triton_cast"] = round(
+            sum(ms for _, ms in w8a16_cast_m1) / sum(ms for _, ms in w8a16_m1), 3)
     if decode and cuda and size == "full":
         if left() < 20:  # loading the dummy 8B model and the Triton builds take ~15 s
             rec.notes.append(f"--budget-s {budget_s:g}: decode step skipped (out of time)")

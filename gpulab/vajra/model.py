@@ -73,6 +73,12 @@ class LlamaModel:
                     self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")
             fused_ops = device.type == "cuda" and not why
         self.fused_ops = bool(fused_ops)
+        if device.type == "cuda" and dtype == torch.bfloat16 and quant:  # W8A16's e4m3 -> bf16, probed before
+            from gpulab.vajra.fp8_ptx import conversion_problem  # any CUDA-graph capture
+
+            why = conversion_problem(device, "bf16")
+            if why and not why.startswith("sm_"):
+                self.notes.append(f"FP8 weights: W8A16 converts them by Triton's cast, not by PTX ({why})")
 
     # The fused kernels (fused_ops.py) serve together: the attention backend's K/V store follows the model's choice,
     # also when a bench swaps the backend or turns the kernels off.

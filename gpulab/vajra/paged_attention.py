@@ -21,6 +21,7 @@ import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
+from gpulab.vajra.fp8_ptx import device_key, e4m3_to_f16_ptx, ptx_usable
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -57,17 +58,6 @@ def _fp8_math_q(q, F16: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_to_f16_ptx(x):
-    """e4m3 values -> fp16 (exact) by sm_89+'s cvt.rn.f16x2.e4m3x2, four bytes per call. Not pure on purpose:
-    Triton hoists a pure conversion of a dot operand into the operand's shared-memory read, which for V (its
-    reduced dimension strided in memory) became one byte load per value; opaque here, V converts in 16-byte
-    rows and reaches the MMA as fp16 through ldmatrix.trans."""
-    return tl.inline_asm_elementwise(
-        asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-
-
-@triton.jit
 def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
                  s_cb, s_ckv, s_cs, s_ch, s_bt, s_scale,
                  PAGE: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, EBITS: tl.constexpr,
@@ -83,7 +73,7 @@ def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
         if NATIVE:
             k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
             if V_PTX:
-                v = _e4m3_to_f16_ptx(tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0))
+                v = e4m3_to_f16_ptx(tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0))
             else:
                 v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
         else:
@@ -409,20 +399,13 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
 
 # ---------------------------------------------------------------------------- the V conversion's probe
 #
-# V's e4m3 -> fp16 conversion by inline PTX (_e4m3_to_f16_ptx) relies on how Triton packs four bytes into one
+# V's e4m3 -> fp16 conversion by inline PTX (fp8_ptx.e4m3_to_f16_ptx) relies on how Triton packs four bytes into one
 # register for inline assembly. A GPU checks it once per (device, dtype, heads, head_dim), outside any CUDA-graph
-# capture: both kernels at the tiles they serve with, on a few short sequences whose softmax is peaked (a
-# misplaced byte moves whole output values), against the SDPA reference in fp32. Where the check fails, or has
+# capture: both kernels at the tiles they serve with, on a few short sequences (a 1-token one, and each prompt's
+# first row, sees one key: a misplaced byte moves whole output values), against the SDPA reference in fp32. Where the check fails, or has
 # not run when a capture starts, the kernels convert V with Triton's own cast (correct, more instructions).
 
 _V_PTX_PROBLEMS: dict[tuple, str | None] = {}
-
-
-def _device_key(device) -> str:
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return str(d)
 
 
 def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | None) -> bool:
@@ -430,6 +413,8 @@ def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | Non
         return False
     if v_ptx is not None:
         return bool(v_ptx)
+    if not ptx_usable(q.device, "f16"):
+        return False
     key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2])  # a tensor's device has its index
     if key not in _V_PTX_PROBLEMS:
         if torch.cuda.is_current_stream_capturing():
@@ -442,7 +427,7 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
                       head_dim: int) -> str | None:
     """Why V's inline-PTX conversion must not serve an e4m3 cache on ``device`` with ``dtype`` queries of this
     head layout (None: it serves), checked once and remembered; "no native e4m3" where the GPU has none."""
-    key = (_device_key(device), dtype, num_heads, num_kv_heads, head_dim)
+    key = (device_key(device), dtype, num_heads, num_kv_heads, head_dim)
     if key in _V_PTX_PROBLEMS:
         return _V_PTX_PROBLEMS[key]
     from gpulab.vajra import reference as ref

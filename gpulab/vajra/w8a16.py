@@ -13,6 +13,7 @@ import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
+from gpulab.vajra.fp8_ptx import e4m3_to_bf16_ptx, ptx_usable
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -36,7 +37,8 @@ def block_k_tile(block) -> int | None:
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k_per_split,
                   SBR: tl.constexpr, SBC: tl.constexpr, SCALE_MODE: tl.constexpr, PARTIAL: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE: tl.constexpr,
-                  EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr):
+                  EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr,
+                  PTX_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -51,8 +53,10 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om, s_ss, k
         x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         w_ptrs = w_ptr + rn[None, :] * s_wn + rk[:, None]
         wmask = (rn[None, :] < N) & kmask[:, None]
-        if NATIVE:  # FP8 straight to x's dtype (exact): on sm_90 e4m3 -> bf16 is 1.5 conversions a weight, where
-            # the detour through fp32 took 2 (conversions run at 16 a clock per SM: a bound near the copy rate)
+        if PTX_BF16:  # e4m3 -> bf16 by integer ops and a bf16 multiply (fp8_ptx): no conversion instruction
+            w = e4m3_to_bf16_ptx(tl.load(w_ptrs, mask=wmask, other=0.0))
+        elif NATIVE:  # Triton's cast, straight to x's dtype (exact): on sm_90 e4m3 -> bf16 is 1.5 conversions a
+            # weight (e4m3 -> fp16 -> bf16), conversions issue at 16 a clock per SM: a bound near the copy rate
             w = tl.load(w_ptrs, mask=wmask, other=0.0).to(x.dtype)
         else:
             w = _load_fp8(w_ptrs, wmask, NATIVE, EBITS, MBITS, BIAS).to(x.dtype)
@@ -109,8 +113,12 @@ def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> d
 
 
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy: str, block=None,
-                 config: dict | None = None, native: bool | None = None, reduce: bool = True) -> torch.Tensor:
+                 config: dict | None = None, native: bool | None = None, reduce: bool = True,
+                 ptx: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ dequant(q [N, K])^T -> [M, N] in x's dtype.
+
+    ``ptx``: e4m3 weights with bf16 activations (natively loaded) convert by the PTX recipe of fp8_ptx where
+    its probe passed (None), or as told; Triton's cast otherwise.
 
     ``reduce=False``: where the work is split over K, the fp32 partial sums [SPLIT, M, N] as they are, for a
     consumer that sums them itself (the fused kernels of fused_ops.py); [M, N] otherwise."""
@@ -124,6 +132,8 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
     x = x.contiguous()
     q = q.contiguous()
     native = native_fp8(q) if native is None else native
+    ptx_bf16 = native and q.dtype == torch.float8_e4m3fn and x.dtype == torch.bfloat16 and \
+        (ptx_usable(x.device, "bf16") if ptx is None else bool(ptx))
     cfg = dict(choose_config(m, n, k, q.device, block))
     if config:
         cfg.update(config)
@@ -152,7 +162,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
     _w8a16_kernel[grid](x, q if native else q.view(torch.uint8), s, out, m, n, k, x.stride(0), q.stride(0), n,
                         s_ss, k_per, SBR=sbr, SBC=sbc, SCALE_MODE=SCALE_MODES[strategy], PARTIAL=split > 1,
                         BM=bm, BN=bn, BK=bk, NATIVE=native, EBITS=eb, MBITS=mb, BIAS=bias,
-                        IEEE=x.dtype == torch.float32, **extra)
+                        IEEE=x.dtype == torch.float32, PTX_BF16=ptx_bf16, **extra)
     if split == 1 or not reduce:
         return out
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)

@@ -141,6 +141,7 @@ def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
 
         monkeypatch.setattr(P, "_V_PTX_PROBLEMS", {})
         monkeypatch.setattr(P, "native_fp8", lambda t: True)
+        monkeypatch.setattr(P, "ptx_usable", lambda device, target: True)  # the recipe's own probe (GPU only)
         monkeypatch.setattr(P, "paged_decode_attention", fake(real_decode, "decode"))
         monkeypatch.setattr(P, "paged_attention", fake(real_varlen, "varlen"))
         why = P.fp8_v_ptx_problem("cpu", torch.float16, 4, 2, 16)

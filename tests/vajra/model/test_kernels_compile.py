@@ -63,9 +63,10 @@ for cc in (80, 89, 90):
                 dict(SBR=1, SBC=1, BR=32, BC=128, NATIVE=native, **fmt(dt)))
         compile(F._requant_rows_kernel, cc, {"q_ptr": qp, "rs_ptr": "*fp32", "ns_ptr": "*fp32", "o_ptr": "*u8"},
                 dict(FMAX=float(torch.finfo(dt).max), BR=32, BC=128, NATIVE=native, **fmt(dt)))
-        compile(W._w8a16_kernel, cc, {"x_ptr": "*bf16", "w_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
-                dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=False, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
-                     **fmt(dt)), num_warps=4, num_stages=4)
+        for ptx in ((False, True) if native and dt == torch.float8_e4m3fn else (False,)):  # Triton's cast, PTX
+            compile(W._w8a16_kernel, cc, {"x_ptr": "*bf16", "w_ptr": qp, "s_ptr": "*fp32", "o_ptr": "*bf16"},
+                    dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=False, BM=16, BN=64, BK=128, NATIVE=native, IEEE=False,
+                         PTX_BF16=ptx, **fmt(dt)), num_warps=4, num_stages=4)
         v_ptx = native and dt == torch.float8_e4m3fn  # V's e4m3 -> fp16 by inline PTX where served
         compile(A._paged_decode_kernel, cc, decode_types("*bf16", qp),
                 dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False, FP8=True, NATIVE=native,
@@ -98,7 +99,7 @@ for act, mode, bm, bn, bk, split, block in (("*bf16", 0, 32, 64, 128, 2, (1, 1))
     compile(W._w8a16_kernel, 90, {"x_ptr": act, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                   "o_ptr": act if split == 1 else "*fp32"},
             dict(SBR=block[0], SBC=block[1], SCALE_MODE=mode, PARTIAL=split > 1, BM=bm, BN=bn, BK=bk, NATIVE=True,
-                 IEEE=False, **E4), num_warps=4, num_stages=4)
+                 IEEE=False, PTX_BF16=act == "*bf16", **E4), num_warps=4, num_stages=4)
 print("ok w8a16", flush=True)
 
 # paged attention with 16-bit caches: prefill tiles (BM 16 and 64), Llama-3.2-1B's head_dim 64; decode
@@ -201,32 +202,42 @@ from gpulab.vajra.fp8_kernels import FORMATS
 
 eb, mb, bias = FORMATS[torch.float8_e4m3fn]
 fn = W._w8a16_kernel
-consts = dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=True, BM=16, BN=64, BK=128, NATIVE=True, IEEE=False,
-              EBITS=eb, MBITS=mb, BIAS=bias)
 types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "o_ptr": "*fp32"}
-sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
-# what the JIT sees at 8B shapes: 16-byte aligned pointers, sizes and strides multiples of 16 (M is not specialized)
-aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a in ("N", "K", "s_xm", "s_wn", "s_om", "s_ss",
-                                                                 "k_per_split")]
-attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                     options={"num_warps": 4, "num_stages": 4}).asm["ptx"]
-for name in ("cvt.rn.f16x2.e4m3x2", "cvt.f32.f16", "cvt.rn.bf16x2.f32", "cp.async.cg.shared.global", "ld.global.b8"):
-    n = len(re.findall(re.escape(name) + r"(?![.\w])", ptx))
-    print(f"{name}: {n}", flush=True)
+for recipe in (False, True):  # Triton's cast; the PTX recipe of fp8_ptx
+    consts = dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=True, BM=16, BN=64, BK=128, NATIVE=True, IEEE=False,
+                  PTX_BF16=recipe, EBITS=eb, MBITS=mb, BIAS=bias)
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    # what the JIT sees at 8B shapes: 16-byte aligned pointers, sizes and strides multiples of 16 (M is not
+    # specialized)
+    aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a in ("N", "K", "s_xm", "s_wn", "s_om", "s_ss",
+                                                                     "k_per_split")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    ptx = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "num_stages": 4}).asm["ptx"]
+    for name in ("cvt.rn.f16x2.e4m3x2", "cvt.f32.f16", "cvt.rn.bf16x2.f32", "cvt.rn.bf16.f16", "cvt.bf16.f16",
+                 "fma.rn.bf16x2", "cp.async.cg.shared.global", "ld.global.b8"):
+        n = len(re.findall(re.escape(name) + r"(?![.\w])", ptx))
+        print(f"{'ptx' if recipe else 'cast'} {name}: {n}", flush=True)
 print("ok w8a16 ptx", flush=True)
 """
 
 
 def test_w8a16_decode_tile_streams_fp8_without_an_fp32_detour_on_sm90():
     """The W8A16 decode tiling (BM 16, BN 64, BK 128, split-K partials) for bf16 activations on sm_90: the weights
-    arrive by 16-byte cp.async (no byte loads) and go e4m3 -> f16 -> bf16 in registers, with no fp32 step
-    between (1.5 conversions a weight instead of 2; conversions run at 16 a clock per SM, a bound close to the
-    copy rate at batch 1)."""
+    arrive by 16-byte cp.async (no byte loads). Triton's cast takes them e4m3 -> f16 -> bf16 in registers with
+    no fp32 step (1.5 conversions a weight instead of 2; conversions issue at 16 a clock per SM, a bound close
+    to the copy rate at batch 1); the PTX recipe (the default where its probe passes) uses no conversion at
+    all: integer ops and one bf16 multiply per pair (sm_90 SASS of a 128 x 64 step, 2026-11-29: 287
+    instructions with 96 conversions, against 320 with none)."""
     out = run_aot_script(W8A16_PTX, "ok w8a16 ptx")
-    counts = dict(line.split(": ") for line in out.splitlines() if ": " in line)
-    assert int(counts["cvt.rn.f16x2.e4m3x2"]) > 0 and int(counts["cp.async.cg.shared.global"]) > 0, out
-    assert counts["cvt.f32.f16"] == "0" and counts["cvt.rn.bf16x2.f32"] == "0" and counts["ld.global.b8"] == "0", out
+    counts = {k: int(v) for k, v in (line.split(": ") for line in out.splitlines() if ": " in line)}
+    for recipe in ("cast", "ptx"):
+        assert counts[f"{recipe} cp.async.cg.shared.global"] > 0 and counts[f"{recipe} ld.global.b8"] == 0, out
+        assert counts[f"{recipe} cvt.f32.f16"] == 0 and counts[f"{recipe} cvt.rn.bf16x2.f32"] == 0, out
+    assert counts["cast cvt.rn.f16x2.e4m3x2"] > 0 and counts["cast cvt.bf16.f16"] > 0, out
+    assert counts["cast fma.rn.bf16x2"] == 0, out
+    assert counts["ptx fma.rn.bf16x2"] > 0, out
+    assert counts["ptx cvt.rn.f16x2.e4m3x2"] == counts["ptx cvt.rn.bf16.f16"] == counts["ptx cvt.bf16.f16"] == 0, out
 
 
 FP8_ATTENTION_PTX = r"""
