@@ -255,12 +255,13 @@ class BlockManager:
 
 
 def num_blocks_for_memory(model: Any, block_size: int, kv_cache_dtype: Any, *, utilization: float,
-                          device: Any) -> int:
+                          device: Any, reserve_bytes: int = 0) -> int:
     """Blocks that fit in ``utilization`` of the GPU's memory, after what is already in use.
 
     ``utilization`` is the fraction of the total memory this process may hold (weights, activations
     and the cache together), as in vLLM's ``gpu_memory_utilization``. A margin for activations of
-    the largest step is kept by the caller's profiling step (it runs one max-size forward first).
+    the largest step is kept by the caller's profiling step (it runs one max-size step first), and
+    ``reserve_bytes`` for buffers that grow later and persist (the logits processor's).
     """
     import torch
 
@@ -274,7 +275,7 @@ def num_blocks_for_memory(model: Any, block_size: int, kv_cache_dtype: Any, *, u
     peak = torch.cuda.max_memory_allocated(dev)
     current = torch.cuda.memory_allocated(dev)
     used_by_others = (total - free) - torch.cuda.memory_reserved(dev)
-    budget = utilization * total - used_by_others - max(peak, current)
+    budget = utilization * total - used_by_others - max(peak, current) - reserve_bytes
     per_block = int(model.kv_bytes_per_block(block_size, kv_cache_dtype))
     blocks = int(budget // per_block)
     if blocks < 2:

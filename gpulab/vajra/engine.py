@@ -35,7 +35,8 @@ from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
 from gpulab.vajra.logits_processors import LogitsProcessor, adjusts_logits
-from gpulab.vajra.sampling import Sampler, SamplingParams, device_tensor, logprob_entries, logprob_tensors
+from gpulab.vajra.sampling import (MAX_LOGPROBS, Sampler, SamplingParams, device_tensor, logprob_entries,
+                                   logprob_tensors)
 from gpulab.vajra.scheduler import Scheduler, SchedulerOutput, Sequence
 
 CPU_DEFAULT_KV_BYTES = 256 << 20  # KV cache size on the CPU when no --num-blocks is given
@@ -120,6 +121,7 @@ class LLMEngine:
         self.max_blocks_per_seq = -(-self.max_model_len // bs)
         self.num_blocks = self._size_cache()
         self.kv = model.allocate_kv_cache(self.num_blocks, bs, self.config.kv_cache_dtype)
+        self.notes += [n for n in getattr(model, "notes", ()) if n not in self.notes]  # e.g. the FP8 cache's probe
         self.block_manager = BlockManager(self.num_blocks, bs, prefix_caching=self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=self.config.max_num_seqs,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -151,7 +153,13 @@ class LLMEngine:
             return max(2, min(CPU_DEFAULT_KV_BYTES // per_block, cfg.max_num_seqs * self.max_blocks_per_seq + 1))
         self._profile_peak_memory()
         return num_blocks_for_memory(self.model, cfg.block_size, cfg.kv_cache_dtype,
-                                     utilization=cfg.gpu_memory_utilization, device=self.device)
+                                     utilization=cfg.gpu_memory_utilization, device=self.device,
+                                     reserve_bytes=self.penalty_buffer_bytes())
+
+    def penalty_buffer_bytes(self) -> int:
+        """What the logits processor's buffers hold once every running sequence asks for penalties (float32 counts
+        and a bool mask per sequence and vocabulary entry): kept out of the KV cache's share, as they persist."""
+        return self.config.max_num_seqs * int(self.vocab_size) * 5
 
     def _profile_peak_memory(self) -> None:
         """Run one step of the largest size on a scratch cache, so that sizing leaves room for activations."""
@@ -178,7 +186,8 @@ class LLMEngine:
         dev = self.device
         batch = _forward_batch(ids, pos, lens, lens, slots, tables, dev, False)
         torch.cuda.reset_peak_memory_stats(dev)
-        self.model.forward(batch, kv)
+        with torch.inference_mode():
+            self._profile_step(batch, kv, len(ids))
         torch.cuda.synchronize(dev)
         del kv
         if self.prefill is not None:  # the provider's own forward (another model) runs on this GPU too, between steps
@@ -188,6 +197,27 @@ class LLMEngine:
             self.notes.append(f"KV cache sized after a {n}-token prompt through the prefill provider "
                               f"{getattr(self.prefill, 'name', '?')!r}; longer prompts may need more memory")
         torch.cuda.empty_cache()
+
+    def _profile_step(self, batch, kv, num_tokens: int) -> None:
+        """The most memory one step can take at once, for the KV cache's sizing: the largest forward, with a chunk
+        of prompt-logprob rows (their logits and log-softmax) where the model gives them, then the sampling of
+        max_num_seqs rows with every option that allocates (temperature, min-p, top-k, top-p, logprobs)."""
+        import torch
+
+        dev = self.device
+        if hasattr(self.model, "forward_rows"):
+            n = min(self.PROMPT_LOGITS_ROWS, num_tokens)
+            _, states = self.model.forward_rows(batch, kv, torch.arange(n, device=dev))
+            lg = self.model.logits(states)
+            logprob_tensors(lg, torch.zeros(n, dtype=torch.long, device=dev), [MAX_LOGPROBS] * n)
+            del lg, states
+        else:
+            self.model.forward(batch, kv)
+        rows = self.config.max_num_seqs
+        logits = torch.randn(rows, int(self.vocab_size), device=dev)
+        params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01) for _ in range(rows)]
+        tokens = Sampler(dev)(logits, params, list(range(rows)))  # a scratch sampler: no state left behind
+        logprob_tensors(logits, tokens, [MAX_LOGPROBS] * rows)
 
     def provider_profile_len(self) -> int:
         """Prompt tokens of the prefill provider's profiling run: a chunk of the longest prompt admitted
