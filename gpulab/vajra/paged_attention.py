@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
-from gpulab.vajra.fp8_ptx import device_key, e4m3_to_f16_ptx, ptx_usable
+from gpulab.vajra.fp8_ptx import conversion_problem, device_key, e4m3_to_f16_ptx, ptx_usable
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -441,6 +441,8 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
             torch.float8_e4m3fn).to(device)
         if not native_fp8(cache):
             why = "no native e4m3 on this GPU"
+        elif conversion_problem(device, "f16"):  # the recipe itself, every code (also what ptx_usable asks)
+            why = f"the e4m3 -> fp16 recipe: {conversion_problem(device, 'f16')}"
         else:
             bt = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
             first = 0

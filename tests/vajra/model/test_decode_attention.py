@@ -142,6 +142,7 @@ def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
         monkeypatch.setattr(P, "_V_PTX_PROBLEMS", {})
         monkeypatch.setattr(P, "native_fp8", lambda t: True)
         monkeypatch.setattr(P, "ptx_usable", lambda device, target: True)  # the recipe's own probe (GPU only)
+        monkeypatch.setattr(P, "conversion_problem", lambda device, target: None)
         monkeypatch.setattr(P, "paged_decode_attention", fake(real_decode, "decode"))
         monkeypatch.setattr(P, "paged_attention", fake(real_varlen, "varlen"))
         why = P.fp8_v_ptx_problem("cpu", torch.float16, 4, 2, 16)
@@ -150,6 +151,10 @@ def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
         assert P._v_ptx(q, cache, True, None) == (want is None)
         assert not P._v_ptx(q, cache.view(torch.uint8).view(E5), True, None)  # e5m2: Triton's cast
         assert not P._v_ptx(q.float(), cache, True, None)  # fp32 queries: fp32 math
+    # the kernels' probe first runs the recipe's own (every code; at load, so that a capture finds it done)
+    monkeypatch.setattr(P, "_V_PTX_PROBLEMS", {})
+    monkeypatch.setattr(P, "conversion_problem", lambda device, target: f"{target} recipe off")
+    assert P.fp8_v_ptx_problem("cpu", torch.float16, 4, 2, 16) == "the e4m3 -> fp16 recipe: f16 recipe off"
 
 
 def _backend_step(ql, cl, page=4, hq=8, hkv=2, d=16, dt=torch.float32, decode_only=True, seed=0):
