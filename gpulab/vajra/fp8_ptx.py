@@ -1,9 +1,10 @@
 """e4m3 -> fp16 / bf16 conversions by inline PTX for the GPU kernels, and the probe that lets them serve.
 
-Triton's own cast of an e4m3 value to bf16 on sm_90 is two conversion instructions (e4m3 -> fp16, four
-values per pair of instructions, then fp16 -> bf16, one per value); conversions issue at 16 per clock per SM,
-about what streaming FP8 weights at the copy bandwidth needs by itself. These recipes use none of the
-conversion unit for bf16 and one instruction per pair for fp16 (both exact, four bytes per call):
+Triton's own cast of e4m3 values to bf16 on sm_90 takes 1.5 conversion instructions a value (e4m3 -> fp16 two
+values at a time, then fp16 -> bf16 one at a time, in its SASS); conversions issue at 16 per clock per SM by
+NVIDIA's throughput table, about the rate at which streaming FP8 weights at the copy bandwidth needs them.
+These recipes use no conversion instruction for bf16 and one per pair of values for fp16 (both exact, four
+bytes per call):
 
 * fp16 (sm_89+): ``cvt.rn.f16x2.e4m3x2``, the byte in the upper half of its 16-bit source to the upper half.
 * bf16 (sm_80+): e4m3 (bias 7) and bf16 (bias 127) differ in their exponent bias by 120, so the bits
