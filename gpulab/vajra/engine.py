@@ -141,7 +141,7 @@ class LLMEngine:
         self._deferred: list[tuple[Sequence, int]] = []
         self._prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are not all taken yet
         self._adjusting: set[int] = set()  # sequences whose logits are processed (penalties, bias, min_tokens)
-        self.logits_processor = LogitsProcessor()
+        self.logits_processor = LogitsProcessor(max_rows=self.config.max_num_seqs)
 
     # --- set-up ------------------------------------------------------------------------------
     def _size_cache(self) -> int:
@@ -157,8 +157,9 @@ class LLMEngine:
                                      reserve_bytes=self.penalty_buffer_bytes())
 
     def penalty_buffer_bytes(self) -> int:
-        """What the logits processor's buffers hold once every running sequence asks for penalties (float32 counts
-        and a bool mask per sequence and vocabulary entry): kept out of the KV cache's share, as they persist."""
+        """What the logits processor's buffers hold once a sequence asks for penalties (float32 counts and a bool
+        mask per vocabulary entry, for max_num_seqs rows at once): kept out of the KV cache's share, as they
+        persist."""
         return self.config.max_num_seqs * int(self.vocab_size) * 5
 
     def _profile_peak_memory(self) -> None:
@@ -199,25 +200,29 @@ class LLMEngine:
         torch.cuda.empty_cache()
 
     def _profile_step(self, batch, kv, num_tokens: int) -> None:
-        """The most memory one step can take at once, for the KV cache's sizing: the largest forward, with a chunk
-        of prompt-logprob rows (their logits and log-softmax) where the model gives them, then the sampling of
-        max_num_seqs rows with every option that allocates (temperature, min-p, top-k, top-p, logprobs)."""
+        """The most memory one step can take at once, for the KV cache's sizing: the largest forward with every
+        token a prompt-logprob row (their hidden states, then their logits and log-softmax a chunk at a time),
+        where the model gives them; then max_num_seqs rows of logits, a processed copy of them (penalties, bias)
+        and their sampling with every option that allocates (temperature, min-p, top-k, top-p, logprobs)."""
         import torch
 
         dev = self.device
+        k = min(MAX_LOGPROBS, int(self.vocab_size))
         if hasattr(self.model, "forward_rows"):
-            n = min(self.PROMPT_LOGITS_ROWS, num_tokens)
-            _, states = self.model.forward_rows(batch, kv, torch.arange(n, device=dev))
-            lg = self.model.logits(states)
-            logprob_tensors(lg, torch.zeros(n, dtype=torch.long, device=dev), [MAX_LOGPROBS] * n)
-            del lg, states
+            _, states = self.model.forward_rows(batch, kv, torch.arange(num_tokens, device=dev))
+            for c0 in range(0, num_tokens, self.PROMPT_LOGITS_ROWS):
+                lg = self.model.logits(states[c0:c0 + self.PROMPT_LOGITS_ROWS])
+                logprob_tensors(lg, torch.zeros(lg.shape[0], dtype=torch.long, device=dev), [k] * lg.shape[0])
+                del lg
+            del states
         else:
             self.model.forward(batch, kv)
         rows = self.config.max_num_seqs
         logits = torch.randn(rows, int(self.vocab_size), device=dev)
+        processed = logits.clone()  # the logits processor's copy, alive beside the model's logits
         params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01) for _ in range(rows)]
-        tokens = Sampler(dev)(logits, params, list(range(rows)))  # a scratch sampler: no state left behind
-        logprob_tensors(logits, tokens, [MAX_LOGPROBS] * rows)
+        tokens = Sampler(dev)(processed, params, list(range(rows)))  # a scratch sampler: no state left behind
+        logprob_tensors(logits, tokens, [k] * rows)
 
     def provider_profile_len(self) -> int:
         """Prompt tokens of the prefill provider's profiling run: a chunk of the longest prompt admitted

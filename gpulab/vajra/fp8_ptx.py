@@ -91,10 +91,21 @@ def device_key(device) -> str:
     return str(d)
 
 
+PTX_OFF = "turned off by GPULAB_FP8_PTX=0"
+
+
+def ptx_disabled() -> bool:
+    """GPULAB_FP8_PTX=0: no recipe serves, and no probe compiles or launches one (an A/B run, or an escape hatch
+    should a recipe fault on some GPU)."""
+    return os.environ.get("GPULAB_FP8_PTX", "1") == "0"
+
+
 def conversion_problem(device, target: str) -> str | None:
     """Why the e4m3 -> ``target`` ("f16" or "bf16") recipe must not serve on ``device`` (None: it serves): every
-    code converted by it against torch's conversion, bit for bit (the NaN codes of the bf16 recipe apart), on
-    a few layouts of the bytes; checked once per device and remembered."""
+    code converted by it against torch's conversion, bit for bit (the NaN codes of the bf16 recipe apart), at
+    each of the four positions of a pack; checked once per device and remembered."""
+    if ptx_disabled():
+        return PTX_OFF
     key = (device_key(device), target)
     if key in _PROBLEMS:
         return _PROBLEMS[key]
@@ -108,10 +119,8 @@ def conversion_problem(device, target: str) -> str | None:
                 why = f"sm_{cc[0]}{cc[1]} has no {'cvt.rn.f16x2.e4m3x2' if target == 'f16' else 'fma.rn.bf16x2'}"
             else:
                 codes = torch.arange(256, dtype=torch.uint8)
-                # all codes in order, reversed, and in a shuffled run of 4096: each code at every position of a pack
-                g = torch.Generator().manual_seed(0)
-                src = torch.cat([codes, codes.flip(0), codes[torch.randint(0, 256, (4096,), generator=g)]])
-                src = src.to(key[0])
+                # every code at each of the four byte positions of a pack (256 is a multiple of 4), reversed too
+                src = torch.cat([codes.roll(r) for r in range(4)] + [codes.flip(0)]).to(key[0])
                 dst = torch.empty(src.shape, dtype=TARGETS[target], device=src.device)
                 _convert_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), TO_BF16=target == "bf16",
                                                                     BLOCK=1024)
@@ -132,7 +141,7 @@ def ptx_usable(device: torch.device, target: str) -> bool:
     """Whether a kernel on ``device`` may convert e4m3 -> ``target`` by the PTX recipe: its probe passed, and
     GPULAB_FP8_PTX is not 0 (which turns the recipes off, for an A/B run). The probe runs here on first use,
     except inside a CUDA-graph capture (Triton's cast serves that capture)."""
-    if os.environ.get("GPULAB_FP8_PTX", "1") == "0":
+    if ptx_disabled():
         return False
     key = (device_key(device), target)
     if key not in _PROBLEMS:

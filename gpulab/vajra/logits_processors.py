@@ -36,7 +36,10 @@ def adjusts_logits(params: Any) -> bool:
 class LogitsProcessor:
     """Applies each row's min_tokens bans, logit bias and penalties; holds the penalized sequences' counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int | None = None) -> None:
+        # rows of the first allocation: the engine's max_num_seqs (one allocation of a size its KV-cache sizing
+        # reserved); beyond it (preempted penalized sequences keep their rows) the buffers grow by doubling
+        self.first_rows = max(1, int(max_rows)) if max_rows else 8
         self.counts = None  # float32 [rows, vocab]: output-token counts of penalized sequences, one row each
         self.seen = None  # bool [rows, vocab]: their prompt tokens (repetition_penalty)
         self._row: dict[int, int] = {}  # seq_id -> its row
@@ -146,7 +149,7 @@ class LogitsProcessor:
             self.seen = torch.zeros(0, vocab, dtype=torch.bool, device=dev)
         if not self._free_rows:  # grow by doubling
             n = self.counts.shape[0]
-            grown = max(8, 2 * n)
+            grown = max(self.first_rows, 2 * n)
             self.counts = torch.cat([self.counts, self.counts.new_zeros(grown - n, vocab)])
             self.seen = torch.cat([self.seen, self.seen.new_zeros(grown - n, vocab)])
             self._free_rows = list(range(grown - 1, n - 1, -1))

@@ -142,17 +142,17 @@ class LlamaModel:
         triton_attention = getattr(self.attention, "name", "") == "triton"
         if dt == torch.float8_e4m3fn and self.device.type == "cuda" and triton_attention \
                 and self.dtype in (torch.float16, torch.bfloat16):
-            self._probe_fp8_attention()
+            self._probe_fp8_attention(block_size)
         return KVCache(layers=layers, block_size=block_size, num_blocks=num_blocks, dtype=dt,
                        layer_scales=self.kv_scales if fp8 else None)
 
-    def _probe_fp8_attention(self) -> None:
+    def _probe_fp8_attention(self, page: int) -> None:
         """The Triton attention's inline-PTX conversion of an e4m3 V, checked here (before any CUDA-graph capture)
         at the model's head layout; where it fails, Triton's own cast serves and a note says why."""
         from gpulab.vajra.paged_attention import fp8_v_ptx_problem
 
         c = self.cfg
-        why = fp8_v_ptx_problem(str(self.device), self.dtype, c.num_heads, c.num_kv_heads, c.head_dim)
+        why = fp8_v_ptx_problem(str(self.device), self.dtype, c.num_heads, c.num_kv_heads, c.head_dim, page)
         note = f"FP8 KV cache: the attention converts V by Triton's cast, not by PTX ({why})"
         if why and why != "no native e4m3 on this GPU" and note not in self.notes:
             self.notes.append(note)

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
-from gpulab.vajra.fp8_ptx import conversion_problem, device_key, e4m3_to_f16_ptx, ptx_usable
+from gpulab.vajra.fp8_ptx import (PTX_OFF, conversion_problem, device_key, e4m3_to_f16_ptx, ptx_disabled,
+                                   ptx_usable)
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -49,10 +50,16 @@ def make_metadata(query_lens: torch.Tensor, context_lens: torch.Tensor,
 
 @triton.jit
 def _fp8_math_q(q, F16: tl.constexpr):
-    """The query in the dtype of an FP8 tile's math: fp16 for 16-bit queries (F16; a bf16 query converts
-    exactly where |q| < 65504, and is clamped there beyond fp16's range), else unchanged (fp32, IEEE)."""
+    """The query in the dtype of an FP8 tile's math: fp16 for 16-bit queries (F16), else unchanged (fp32, IEEE).
+    A bf16 query converts exactly within fp16's normal range (2^-14 <= |q| <= 65504; below it fp16 subnormals
+    keep fewer bits); a finite one beyond is clamped to +-65504, NaN and infinities stay what they are."""
     if F16:
-        return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        if q.dtype == tl.bfloat16:
+            x = q.to(tl.float32)
+            big = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+            return tl.where(tl.abs(x) < float("inf"), big, x).to(tl.float16)
+        else:
+            return q.to(tl.float16)
     else:
         return q
 
@@ -399,11 +406,13 @@ def paged_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: t
 
 # ---------------------------------------------------------------------------- the V conversion's probe
 #
-# V's e4m3 -> fp16 conversion by inline PTX (fp8_ptx.e4m3_to_f16_ptx) relies on how Triton packs four bytes into one
-# register for inline assembly. A GPU checks it once per (device, dtype, heads, head_dim), outside any CUDA-graph
-# capture: both kernels at the tiles they serve with, on a few short sequences (a 1-token one, and each prompt's
-# first row, sees one key: a misplaced byte moves whole output values), against the SDPA reference in fp32. Where the check fails, or has
-# not run when a capture starts, the kernels convert V with Triton's own cast (correct, more instructions).
+# V's e4m3 -> fp16 conversion by inline PTX (fp8_ptx.e4m3_to_f16_ptx) relies on how Triton packs four bytes into
+# one register for inline assembly. A GPU checks it once per (device, dtype, heads, head_dim, page), outside any
+# CUDA-graph capture: the recipe over every code (fp8_ptx.conversion_problem), then both kernels at the tiles
+# they serve with (the decode kernel with one split and with two and the merge), on a few short sequences (a
+# 1-token one, and each prompt's first row, sees one key: a misplaced byte moves whole output values), against
+# the SDPA reference in fp32. Where a check fails, or has not run when a capture starts, or GPULAB_FP8_PTX=0,
+# the kernels convert V with Triton's own cast (correct, more instructions).
 
 _V_PTX_PROBLEMS: dict[tuple, str | None] = {}
 
@@ -415,7 +424,8 @@ def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | Non
         return bool(v_ptx)
     if not ptx_usable(q.device, "f16"):
         return False
-    key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2])  # a tensor's device has its index
+    key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2], cache.shape[2])  # a tensor's device
+    # has its index
     if key not in _V_PTX_PROBLEMS:
         if torch.cuda.is_current_stream_capturing():
             return False
@@ -423,11 +433,14 @@ def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | Non
     return _V_PTX_PROBLEMS[key] is None
 
 
-def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
-                      head_dim: int) -> str | None:
+def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                      page: int = 16) -> str | None:
     """Why V's inline-PTX conversion must not serve an e4m3 cache on ``device`` with ``dtype`` queries of this
-    head layout (None: it serves), checked once and remembered; "no native e4m3" where the GPU has none."""
-    key = (device_key(device), dtype, num_heads, num_kv_heads, head_dim)
+    head layout and page size (None: it serves), checked once and remembered; "no native e4m3" where the GPU
+    has none."""
+    if ptx_disabled():
+        return PTX_OFF
+    key = (device_key(device), dtype, num_heads, num_kv_heads, head_dim, page)
     if key in _V_PTX_PROBLEMS:
         return _V_PTX_PROBLEMS[key]
     from gpulab.vajra import reference as ref
@@ -435,7 +448,7 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
     why = None
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        page, lens = 16, [1, 3, 37]
+        lens = [1, 3, 37]
         blocks = [(n + page - 1) // page for n in lens]
         cache = (torch.randn(sum(blocks), 2, page, num_kv_heads, head_dim, generator=g) * 40).to(
             torch.float8_e4m3fn).to(device)
@@ -460,8 +473,10 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
                 return None if err <= 0.05 * float(want.abs().max()) else \
                     f"{what}: max error {err:.3g} against the reference"
 
-            why = problem(paged_decode_attention(q, cache, bt, cl, scale, ks, vs, v_ptx=True), q,
-                          torch.ones_like(cl), "decode kernel")
+            for splits in (1, 2):  # the kernel writing the output itself, and partials with the merge
+                why = why or problem(paged_decode_attention(q, cache, bt, cl, scale, ks, vs, num_splits=splits,
+                                                            v_ptx=True), q, torch.ones_like(cl),
+                                     f"decode kernel ({splits} split{'s' if splits > 1 else ''})")
             meta = make_metadata(cl, cl)  # prefill: every sequence's whole prompt
             for bm in (16, 64):  # the prefill kernel's two query tiles
                 qs = (torch.randn(sum(lens), num_heads, head_dim, generator=g) * 2).to(device=device, dtype=dtype)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from gpulab.vajra import reference as R
+from gpulab.vajra.paged_attention import _fp8_math_q
 
 from .helpers import paged_cache
 
@@ -132,7 +135,7 @@ def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
     from gpulab.vajra import paged_attention as P
 
     real_decode, real_varlen = P.paged_decode_attention, P.paged_attention
-    for broken, want in ((None, None), ("decode", "decode kernel: max error"), ("varlen", "prefill kernel (BM 16)")):
+    for broken, want in ((None, None), ("decode", "decode kernel (1 split): max error"), ("varlen", "prefill kernel (BM 16)")):
         def fake(real, name):
             def run(*a, **k):
                 out = real(*a, **{**k, "native": False})
@@ -317,3 +320,24 @@ def test_gpu_fp8_v_ptx_conversion_passes_its_probe_and_matches_tritons_cast():
         assert float((outs[0].float() - outs[1].float()).abs().max()) <= 1e-2 * float(want32.abs().max())
         for got in outs:
             _lp_bound(got, want32, want_lp)
+
+
+@triton.jit
+def _fp8_math_q_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, _fp8_math_q(tl.load(x_ptr + offs), True))
+
+
+def test_fp8_math_query_keeps_nan_and_infinities_and_clamps_beyond_fp16():
+    """A bf16 query enters an FP8 tile's fp16 math exactly within fp16's range, clamped to +-65504 beyond it;
+    NaN and infinities stay (the output is then NaN, as the reference's), never a finite stand-in."""
+    vals = [3.0, -0.15625, 1e5, -3e38, float("nan"), float("inf"), float("-inf"), 65504.0]
+    x = torch.tensor(vals, dtype=torch.float32).to(torch.bfloat16)
+    y = torch.empty(8, dtype=torch.float16)
+    try:
+        _fp8_math_q_kernel[(1,)](x, y, N=8)
+    except Exception as e:  # noqa: BLE001 - older interpreters have no bf16
+        pytest.skip(f"this Triton's interpreter runs no bf16 kernel ({type(e).__name__}: {str(e)[:100]})")
+    got = y.float().tolist()
+    assert got[:4] == [3.0, -0.15625, 65504.0, -65504.0] and got[7] == 65504.0
+    assert got[4] != got[4] and got[5] == float("inf") and got[6] == float("-inf")

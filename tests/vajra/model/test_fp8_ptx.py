@@ -119,6 +119,12 @@ def test_recipes_do_not_serve_without_a_gpu_or_when_turned_off(monkeypatch):
     assert P.ptx_usable(torch.device("cpu"), "f16")
     monkeypatch.setenv("GPULAB_FP8_PTX", "0")
     assert not P.ptx_usable(torch.device("cpu"), "f16")
+    # off means no probe either: nothing compiled or launched (an escape hatch should a recipe fault on a GPU)
+    monkeypatch.setattr(P, "_convert_kernel", None)
+    assert P.conversion_problem("cuda", "bf16") == P.PTX_OFF
+    from gpulab.vajra import paged_attention as A
+
+    assert A.fp8_v_ptx_problem("cuda", torch.bfloat16, 32, 8, 128) == P.PTX_OFF
 
 
 @pytest.mark.gpu

@@ -40,15 +40,25 @@ def test_profile_step_samples_every_row_with_every_option(tiny_llama, monkeypatc
     assert all(not p.greedy and p.top_k > 0 and p.top_p < 1 and p.min_p > 0 for p in params)
     assert seen["rows"] == (40, 40)  # the step's 40 tokens, every one a prompt-logprob row (fewer than 512)
     assert seen["logprobs"] == [(40, sampling.MAX_LOGPROBS), (6, sampling.MAX_LOGPROBS)]
-    assert not eng.sampler._generators
 
 
 def test_kv_sizing_keeps_the_penalty_buffers_out(tiny_llama, monkeypatch):
     """num_blocks_for_memory takes reserve_bytes off the budget; the engine reserves the logits processor's
     float32 counts and bool mask for max_num_seqs rows of the vocabulary."""
+    import types
+
     eng = load_engine(tiny_llama, device="cpu", attention_backend="torch",
                       config=EngineConfig(num_blocks=64, block_size=4, max_num_seqs=6))
-    assert eng.penalty_buffer_bytes() == 6 * eng.vocab_size * 5
+    proc = eng.logits_processor  # what it holds once max_num_seqs sequences ask for penalties: the reserve
+    params = sampling.SamplingParams(repetition_penalty=1.2)
+    for i in range(6):
+        proc._row_of(types.SimpleNamespace(seq_id=i, params=params, prompt_len=1, token_ids=[3]), eng.vocab_size,
+                     eng.device)
+    held = proc.counts.numel() * proc.counts.element_size() + proc.seen.numel() * proc.seen.element_size()
+    assert held == eng.penalty_buffer_bytes() == 6 * eng.vocab_size * 5
+    proc._row_of(types.SimpleNamespace(seq_id=6, params=params, prompt_len=1, token_ids=[3]), eng.vocab_size,
+                 eng.device)
+    assert proc.counts.shape[0] == 12  # beyond max_num_seqs (preempted sequences keep their rows): doubling
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 16 * gib))
