@@ -127,9 +127,10 @@ def test_bad_values_are_one_line_errors(params, msg):
 
 @pytest.mark.parametrize("blocks", [16, 200])
 def test_penalty_rows_survive_preemption_growth_and_reuse(blocks):
-    """More penalized sequences than the buffers' first rows (they grow), a cache small enough to preempt (the counts
-    stay with the sequence, whose outputs are recomputed, not resampled), and a second batch on rows the first freed
-    (cleared): each greedy output is still the reference's."""
+    """Twelve penalized sequences at a time on buffers of max_num_seqs rows (allocated at once: what the KV sizing
+    reserves), a cache small enough to preempt (the counts stay with the sequence, whose outputs are recomputed,
+    not resampled; a preempted sequence keeps its row, so the buffers may grow beyond), and a second batch on rows
+    the first freed (cleared): each greedy output is still the reference's."""
     rng = random.Random(5)
     eng = LLMEngine(FakeModel(VOCAB), None, EngineConfig(num_blocks=blocks, block_size=4, max_num_batched_tokens=16,
                                                          max_num_seqs=12))
@@ -143,5 +144,5 @@ def test_penalty_rows_survive_preemption_growth_and_reuse(blocks):
     if blocks == 16:
         assert eng.scheduler.num_preemptions > 0
     else:
-        assert eng.logits_processor.counts.shape[0] == 16  # 8 rows, doubled once for 12 sequences at a time
+        assert eng.logits_processor.counts.shape[0] == 12  # max_num_seqs rows, never grown
     assert not eng.logits_processor._row and not eng._adjusting
