@@ -152,9 +152,9 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
 def _fp8_math_in_fp16(fp8: bool, q: torch.Tensor) -> bool:
     """Whether an FP8 cache's tiles multiply in fp16 (16-bit queries). e4m3 and e5m2 values are exact in fp16,
     and on sm_89+ a pair converts in one instruction. The bf16 math this replaced took e4m3 -> fp16 -> fp32, a
-    multiply by the scale and a repack to bf16 for every value: in the sm_90 SASS of the decode tile, 894
-    instructions per 64-key step, against 436 for a bf16 cache (twice the bytes); now 433 (see
-    tests/vajra/model/test_kernels_compile.py)."""
+    multiply by the scale and a repack to bf16 for every value: in the sm_90 SASS of the decode tile, 903
+    instructions per 64-key step, against 444 for a bf16 cache (twice the bytes); now 430 with V's PTX
+    conversion (scripts/sass_counts.py, Triton 3.8)."""
     return fp8 and q.dtype in (torch.float16, torch.bfloat16)
 
 

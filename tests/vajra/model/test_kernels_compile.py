@@ -227,8 +227,8 @@ def test_w8a16_decode_tile_streams_fp8_without_an_fp32_detour_on_sm90():
     arrive by 16-byte cp.async (no byte loads). Triton's cast takes them e4m3 -> f16 -> bf16 in registers with
     no fp32 step (1.5 conversions a weight instead of 2; conversions issue at 16 a clock per SM, a bound close
     to the copy rate at batch 1); the PTX recipe (the default where its probe passes) uses no conversion at
-    all: integer ops and one bf16 multiply per pair (sm_90 SASS of a 128 x 64 step, 2026-11-29: 287
-    instructions with 96 conversions, against 320 with none)."""
+    all: integer ops and one bf16 multiply per pair (sm_90 SASS of a 128 x 64 step, 2026-11-29,
+    scripts/sass_counts.py: 287 instructions with 96 conversions, against 320 with none)."""
     out = run_aot_script(W8A16_PTX, "ok w8a16 ptx")
     counts = {k: int(v) for k, v in (line.split(": ") for line in out.splitlines() if ": " in line)}
     for recipe in ("cast", "ptx"):
@@ -282,8 +282,9 @@ def test_fp8_attention_tiles_multiply_the_stored_values_in_fp16_on_sm90():
     go e4m3 -> fp16 by cvt.rn.f16x2.e4m3x2 and nothing else (no fp32 step, no repack to bf16: the scales are
     folded out of the tile), the MMAs take fp16, and V arrives without byte loads from shared memory (Triton's
     own cast of the transposed operand read each value with its own ld.shared.b8). In SASS (ptxas and
-    nvdisasm of Triton 3.8, 2026-11-29) the decode tile's 64-key step went from 894 instructions to 433, the
-    bf16 cache's 436 for twice the bytes; the prefill tiles from 516 to 289 (BM 16) and 556 to 400 (BM 64)."""
+    nvdisasm of Triton 3.8, 2026-11-29; scripts/sass_counts.py) the decode tile's 64-key step went from 903
+    instructions to 430, the bf16 cache's 444 for twice the bytes; the prefill tiles from 516 to 289 (BM 16) and
+    556 to 400 (BM 64)."""
     out = run_aot_script(FP8_ATTENTION_PTX, "ok fp8 attention ptx")
     counts = {k: int(v) for k, v in (line.rsplit(": ", 1) for line in out.splitlines() if ": " in line)}
     # bf16 conversions: only the output rows' (prefill: BM x 128 values over 128 threads, two a conversion;

@@ -1,0 +1,128 @@
+"""Instruction counts of vajra's FP8 kernels as an H100 runs them, without a GPU: each kernel compiled ahead of time
+for sm_90 (Triton), assembled by the ptxas and disassembled by the nvdisasm that Triton ships, and the instructions
+of its main loop (the longest backward branch) counted by opcode. The figures BENCHMARKS.md quotes for the FP8
+attention and W8A16 tiles come from this script:
+
+    python scripts/sass_counts.py            # every tile, a table
+    python scripts/sass_counts.py --json     # the same as JSON
+
+A count is per thread per loop iteration (decode attention: one 64-key step; prefill: one 32-key step; W8A16:
+one 128 x 64 tile of K x N). It says what the SM must issue, not how fast the kernel runs.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gpulab.vajra import paged_attention as A  # noqa: E402
+from gpulab.vajra import w8a16 as W  # noqa: E402
+from gpulab.vajra.fp8_kernels import FORMATS  # noqa: E402
+
+E4 = dict(zip(("EBITS", "MBITS", "BIAS"), FORMATS[torch.float8_e4m3fn]))
+ATTN = {"q_ptr": "*bf16", "o_ptr": "*bf16", "bt_ptr": "*i32", "cl_ptr": "*i32", "sm_scale_log2": "fp32",
+        "k_scale": "fp32", "v_scale": "fp32", "qs_ptr": "*i32", "ql_ptr": "*i32", "po_ptr": "*fp32", "pml_ptr": "*fp32"}
+DECODE = dict(GROUP=4, BH=16, PAGE=16, D=128, BN=64, UNIT=4, DIRECT=False)
+PREFILL = dict(GROUP=4, PAGE=16, D=128, BN=32)
+FP8 = dict(FP8=True, NATIVE=True, IEEE=False, F16=True, **E4)
+BF16 = dict(FP8=False, NATIVE=False, IEEE=False, F16=False, V_PTX=False, **E4)
+W8 = dict(SBR=1, SBC=1, SCALE_MODE=1, PARTIAL=True, BM=16, BN=64, BK=128, NATIVE=True, IEEE=False, **E4)
+W8_TYPES = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "o_ptr": "*fp32"}
+
+# name -> (kernel, pointer types, constexprs, compile options)
+TILES = {
+    "decode, bf16 cache": (A._paged_decode_kernel, dict(ATTN, c_ptr="*bf16"), dict(DECODE, **BF16), {}),
+    "decode, fp8 cache, Triton's cast": (A._paged_decode_kernel, dict(ATTN, c_ptr="*fp8e4nv"),
+                                         dict(DECODE, V_PTX=False, **FP8), {}),
+    "decode, fp8 cache, PTX V": (A._paged_decode_kernel, dict(ATTN, c_ptr="*fp8e4nv"), dict(DECODE, V_PTX=True, **FP8),
+                                 {}),
+    "prefill BM16, fp8 cache, PTX V": (A._paged_attn_kernel, dict(ATTN, c_ptr="*fp8e4nv"),
+                                       dict(PREFILL, BM=16, V_PTX=True, **FP8), {}),
+    "prefill BM64, fp8 cache, PTX V": (A._paged_attn_kernel, dict(ATTN, c_ptr="*fp8e4nv"),
+                                       dict(PREFILL, BM=64, V_PTX=True, **FP8), {}),
+    "w8a16 M16 tile, Triton's cast": (W._w8a16_kernel, W8_TYPES, dict(W8, PTX_BF16=False),
+                                      {"num_warps": 4, "num_stages": 4}),
+    "w8a16 M16 tile, PTX bf16": (W._w8a16_kernel, W8_TYPES, dict(W8, PTX_BF16=True), {"num_warps": 4, "num_stages": 4}),
+}
+
+
+def tool(name: str) -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise SystemExit(f"this Triton ships no {name} ({path})")
+    return str(path)
+
+
+def ptx_of(fn, types: dict, consts: dict, options: dict) -> str:
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    # what the JIT sees at Llama-3.1-8B shapes: 16-byte aligned pointers, strides and sizes multiples of 16
+    aligned = [a for a in fn.arg_names if a.endswith("_ptr") or a.startswith("s_") or a in ("N", "K", "k_per_split")]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=options or {"num_warps": 4})
+    return k.asm["ptx"]
+
+
+def loop_counts(ptx: str) -> collections.Counter:
+    """Opcode counts between the label of the longest backward branch and the branch (the main loop)."""
+    with tempfile.TemporaryDirectory() as d:
+        src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        src.write_text(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        subprocess.run([tool("ptxas"), f"-arch={arch}", "-o", str(cubin), str(src)], check=True, capture_output=True)
+        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout.splitlines()
+    labels = {line.rstrip(":"): i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
+    best = None
+    for j, line in enumerate(sass):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), j) < j:
+            i = labels[m.group(1)]
+            if best is None or j - i > best[1] - best[0]:
+                best = (i, j)
+    if best is None:
+        raise ValueError("no loop found in the SASS")
+    c = collections.Counter()
+    for line in sass[best[0]:best[1] + 1]:
+        m = re.match(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)", line)
+        if m:
+            c[m.group(1)] += 1
+    return c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print {tile: {total, opcodes}} as JSON")
+    ap.add_argument("--only", default="", help="tiles whose name contains this text")
+    a = ap.parse_args()
+    out = {}
+    for name, (fn, types, consts, options) in TILES.items():
+        if a.only and a.only not in name:
+            continue
+        c = loop_counts(ptx_of(fn, types, consts, options))
+        out[name] = {"total": sum(c.values()), "opcodes": dict(c.most_common())}
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"Triton {triton.__version__}, sm_90, instructions per thread per loop iteration")
+    for name, r in out.items():
+        top = ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:8])
+        print(f"{name:36} {r['total']:5}  {top}")
+
+
+if __name__ == "__main__":
+    main()
