@@ -424,8 +424,8 @@ def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | Non
         return bool(v_ptx)
     if not ptx_usable(q.device, "f16"):
         return False
-    key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2], cache.shape[2])  # a tensor's device
-    # has its index
+    # (a tensor's device string carries its index, as device_key makes the probe's)
+    key = (str(q.device), q.dtype, q.shape[1], cache.shape[3], q.shape[2], cache.shape[2])
     if key not in _V_PTX_PROBLEMS:
         if torch.cuda.is_current_stream_capturing():
             return False
