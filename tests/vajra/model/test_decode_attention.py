@@ -135,11 +135,14 @@ def test_v_ptx_probe_refuses_a_kernel_that_misplaces_values(monkeypatch):
     from gpulab.vajra import paged_attention as P
 
     real_decode, real_varlen = P.paged_decode_attention, P.paged_attention
-    for broken, want in ((None, None), ("decode", "decode kernel (1 split): max error"), ("varlen", "prefill kernel (BM 16)")):
+    cases = ((None, None), ("decode", "decode kernel (1 split): max error"),
+             ("decode-split", "decode kernel (2 splits): max error"), ("varlen", "prefill kernel (BM 16)"))
+    for broken, want in cases:
         def fake(real, name):
             def run(*a, **k):
                 out = real(*a, **{**k, "native": False})
-                return out.roll(1, -1) if name == broken else out
+                split = name == "decode" and k.get("num_splits") == 2  # the partials-and-merge path only
+                return out.roll(1, -1) if broken in (name, name + "-split" if split else "-") else out
             return run
 
         monkeypatch.setattr(P, "_V_PTX_PROBLEMS", {})
