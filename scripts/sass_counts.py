@@ -5,6 +5,7 @@ attention and W8A16 tiles come from this script:
 
     python scripts/sass_counts.py            # every tile, a table
     python scripts/sass_counts.py --json     # the same as JSON
+    python scripts/sass_counts.py --sort     # also one shared-memory step of the bitonic sort (nvcc; whole kernel)
 
 A count is per thread per loop iteration (decode attention: one 64-key step; prefill: one 32-key step; W8A16:
 one 128 x 64 tile of K x N). It says what the SM must issue, not how fast the kernel runs.
@@ -104,10 +105,58 @@ def loop_counts(ptx: str) -> collections.Counter:
     return c
 
 
+SORT_STEP_KERNELS = r"""
+// one t14f4 shared-memory step of bitonic.cu as the tile kernels run it (p_hi, fp, flip at run time), and the same
+// step with the three as compile-time constants (p_hi 9, fp 4, no flip: the second step of a tile merge)
+extern "C" __global__ void __launch_bounds__(1024) step_runtime(u32* keys, int p_hi, int fp, int flip) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u32* sk = reinterpret_cast<u32*>(smem_raw);
+    tile_chunk<u32, false, 14, 4>(sk, nullptr, p_hi, fp, flip != 0);
+    keys[threadIdx.x] = sk[threadIdx.x];
+}
+extern "C" __global__ void __launch_bounds__(1024) step_constant(u32* keys) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u32* sk = reinterpret_cast<u32*>(smem_raw);
+    tile_chunk<u32, false, 14, 4>(sk, nullptr, 9, 4, false);
+    keys[threadIdx.x] = sk[threadIdx.x];
+}
+"""
+
+
+def sort_step_counts() -> dict:
+    """Whole-kernel SASS opcode counts of one bitonic tile step, runtime-parameterized and with constants (nvcc)."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise SystemExit("--sort needs nvcc on the PATH")
+    src = (Path(__file__).resolve().parents[1] / "gpulab" / "sort" / "bitonic.cu").read_text()
+    src = src[:src.index('extern "C" {')] + SORT_STEP_KERNELS
+    with tempfile.TemporaryDirectory() as d:
+        cu, cubin = Path(d) / "step.cu", Path(d) / "step.cubin"
+        cu.write_text(src)
+        subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-o", str(cubin), str(cu)], check=True,
+                       capture_output=True)
+        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout.splitlines()
+    out, cur = {}, None
+    for line in sass:
+        m = re.match(r"^//-+ \.text\.(\S+)\s+-+", line)
+        if m:
+            cur = out.setdefault(m.group(1), collections.Counter())
+            continue
+        m = re.match(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)", line)
+        if m and cur is not None:
+            cur[m.group(1)] += 1
+    return {f"sort t14f4 step, {name.split('_')[1]}": {"total": sum(c.values()), "opcodes": dict(c.most_common())}
+            for name, c in sorted(out.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print {tile: {total, opcodes}} as JSON")
     ap.add_argument("--only", default="", help="tiles whose name contains this text")
+    ap.add_argument("--sort", action="store_true", help="also one bitonic tile step (whole kernel, nvcc)")
     a = ap.parse_args()
     out = {}
     for name, (fn, types, consts, options) in TILES.items():
@@ -115,10 +164,12 @@ def main() -> None:
             continue
         c = loop_counts(ptx_of(fn, types, consts, options))
         out[name] = {"total": sum(c.values()), "opcodes": dict(c.most_common())}
+    if a.sort:
+        out.update(sort_step_counts())
     if a.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"Triton {triton.__version__}, sm_90, instructions per thread per loop iteration")
+    print(f"Triton {triton.__version__}, sm_90, instructions per thread per loop iteration (sort step: whole kernel)")
     for name, r in out.items():
         top = ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:8])
         print(f"{name:36} {r['total']:5}  {top}")
