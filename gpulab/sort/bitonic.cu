@@ -13,7 +13,7 @@
 //   bitonic_to_key_{32,64}    input bits -> order-preserving unsigned keys (+ values = base + index)
 //   bitonic_from_key_{32,64}  keys -> output bits (in place)
 //   bitonic_pass_k{32,64}_kv{0,1}_f{F}        one fused step over global memory
-//   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}   mode 0: sort a 2^T-key tile in shared memory
+//   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}[_c] mode 0: sort a 2^T-key tile in shared memory
 //                                              (stages 1..arg); mode 1: strides < 2^T of a merge.
 //                                              io bit 1: load input bits from `src` through to_key
 //                                              (values base + index); io bit 2: store output bits
@@ -187,8 +187,36 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
     __syncthreads();
 }
 
+// Constant steps (the "_c" tile kernels, a `c` after a configuration: schedule.Variant.const_steps): the same
+// steps with p_hi, fp and flip as compile-time constants, each step one out-of-line function, so that its key
+// indices come from folded shifts and masks (sm_90 SASS of a t14f4 step: 176 instructions, 64 of them its
+// compare-exchanges, against 1,128 for the runtime step over all its paths; scripts/sass_counts.py --sort).
+// Out of line: the whole schedule inlined built 5x slower and spilled registers.
+template <typename K, bool KV, int T, int F, int P, int FP, bool FLIP>
+__device__ __noinline__ void tile_step_c(K* sk, u32* sv) {
+    tile_chunk<K, KV, T, F>(sk, sv, P, FP, FLIP);
+}
+// the strides 2^P .. 1 in steps of at most F, the first one a flip if FLIP (schedule.chunks(P, 0, F, FLIP))
+template <typename K, bool KV, int T, int F, int P, bool FLIP>
+__device__ __forceinline__ void steps_c(K* sk, u32* sv) {
+    if constexpr (P >= 0) {
+        constexpr int FP = F < P + 1 ? F : P + 1;
+        tile_step_c<K, KV, T, F, P, FP, FLIP>(sk, sv);
+        steps_c<K, KV, T, F, P - FP, false>(sk, sv);
+    }
+}
+// stages M..min(arg, T) of a tile sort
+template <typename K, bool KV, int T, int F, int M>
+__device__ __forceinline__ void sort_stages_c(K* sk, u32* sv, int arg) {
+    if constexpr (M <= T) {
+        if (M > arg) return;
+        steps_c<K, KV, T, F, M - 1, true>(sk, sv);
+        sort_stages_c<K, KV, T, F, M + 1>(sk, sv, arg);
+    }
+}
+
 // mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
-template <typename K, bool KV, int T, int F>
+template <typename K, bool KV, int T, int F, bool CS = false>
 __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
                                           u32 vbase) {
@@ -211,7 +239,10 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
         }
     }
     __syncthreads();
-    if (mode == 0) {
+    if constexpr (CS) {
+        if (mode == 0) sort_stages_c<K, KV, T, F, 1>(sk, sv, arg);
+        else steps_c<K, KV, T, F, T - 1, false>(sk, sv);
+    } else if (mode == 0) {
         for (int m = 1; m <= arg; ++m) {       // schedule.tile_steps: chunks(m-1, 0, F, flip first)
             int p = m - 1;
             bool first = true;
@@ -285,4 +316,14 @@ BITONIC_TILES(64, u64, 0)
 BITONIC_TILES(64, u64, 1)
 // schedule.TILE_CONFIGS_K32_ONLY: a 2^15-key tile (132 KB of shared memory) fits only 32-bit keys without values
 BITONIC_TILE(32, u32, 0, 15, 4)
+// schedule.CONST_STEP_TILES: constant steps, for 32-bit keys without values (what `sort bench --tune` times)
+#define BITONIC_TILE_C(BITS, K, KV, T, F)                                                             \
+    __global__ void __launch_bounds__(TileShape<T, F>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_c( \
+        K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
+        u32 vbase) {                                                                                  \
+        tile_body<K, KV, T, F, true>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);      \
+    }
+BITONIC_TILE_C(32, u32, 0, 13, 4)
+BITONIC_TILE_C(32, u32, 0, 14, 4)
+BITONIC_TILE_C(32, u32, 0, 15, 4)
 }

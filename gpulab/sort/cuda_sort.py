@@ -20,9 +20,9 @@ import numpy as np
 
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
-from gpulab.sort.schedule import (GLOBAL_FUSES, TILE_CONFIGS, Launch, Variant, chunk_log_for, get_variant,
-                                   global_groups, next_pow2_log, schedule, split_schedule, tile_instantiated,
-                                   transforms_fused)
+from gpulab.sort.schedule import (CONST_STEP_TILES, GLOBAL_FUSES, TILE_CONFIGS, Launch, Variant, chunk_log_for,
+                                   get_variant, global_groups, next_pow2_log, schedule, split_schedule,
+                                   tile_instantiated, transforms_fused)
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
 TRANSFORM_BLOCK = 256
@@ -37,6 +37,8 @@ def kernel_names() -> list[str]:
             names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in GLOBAL_FUSES]
             names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS
                       if tile_instantiated(t, f, b // 8, bool(kv))]
+            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}_c" for t, f in CONST_STEP_TILES
+                      if tile_instantiated(t, f, b // 8, bool(kv), const_steps=True)]
     return names
 
 
@@ -80,14 +82,17 @@ def tile_smem_bytes(tile_log: int, key_bytes: int, kv: bool) -> int:
 
 def fit_variant(variant: Variant, key_bytes: int, kv: bool, max_smem: int) -> Variant:
     """The variant itself if bitonic.cu has its tile for these keys (and values) and the tile fits ``max_smem``
-    bytes of shared memory, else the largest such tile no larger than its own (its own tile fuse preferred)."""
+    bytes of shared memory, else the largest such tile no larger than its own (its own tile fuse preferred).
+    Constant steps stay where that tile has them for these keys, else the same steps run from runtime values
+    (the same schedule, so the same result)."""
     if variant.tile_log is None:
         return variant
     options = sorted((t for t in TILE_CONFIGS if t[0] <= variant.tile_log and tile_instantiated(*t, key_bytes, kv)),
                      key=lambda t: (t[0], t[1] == variant.tile_fuse, t[1]), reverse=True)
     for t, f in options:
         if tile_smem_bytes(t, key_bytes, kv) <= max_smem:
-            return Variant(variant.name, t, f, variant.global_fuse, variant.block)
+            const = variant.const_steps and tile_instantiated(t, f, key_bytes, kv, const_steps=True)
+            return Variant(variant.name, t, f, variant.global_fuse, variant.block, const)
     raise DeviceError(f"{variant.name}: no tile fits in {max_smem} bytes of shared memory")
 
 
@@ -171,7 +176,8 @@ class BitonicCuda:
                 mark(f"global_f{launch.fp}")
             else:
                 io = (1 if src is not None and fuse_in and i == 0 else 0) | (2 if dst is not None and i == last else 0)
-                f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}", smem)
+                f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}"
+                            + ("_c" if v.const_steps else ""), smem)
                 tiles = (n + (1 << v.tile_log) - 1) >> v.tile_log
                 mode = 0 if launch.kind == "tile_sort" else 1
                 f((tiles,), (v.tile_threads,),

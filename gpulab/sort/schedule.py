@@ -45,6 +45,7 @@ class Variant:
     tile_fuse: int        # strides fused per shared-memory step (2^tile_fuse keys per thread)
     global_fuse: int      # strides fused per global pass (2^global_fuse keys per thread)
     block: int = 256      # threads per block of the global passes
+    const_steps: bool = False  # the tile kernels with compile-time steps (bitonic.cu's "_c" kernels)
 
     @property
     def tile_threads(self) -> int:
@@ -54,8 +55,9 @@ class Variant:
 
     @property
     def config(self) -> str:
-        """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>."""
-        return f"t{self.tile_log or 0}f{self.tile_fuse}g{self.global_fuse}"
+        """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>, and a
+        ``c`` for constant tile steps."""
+        return f"t{self.tile_log or 0}f{self.tile_fuse}g{self.global_fuse}" + ("c" if self.const_steps else "")
 
 
 VARIANTS = {
@@ -71,8 +73,17 @@ TILE_CONFIGS = ((11, 1), (12, 3), (13, 3), (13, 4), (14, 4), (15, 4))
 TILE_CONFIGS_K32_ONLY = ((15, 4),)
 
 
-def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool) -> bool:
-    """Whether bitonic.cu has the tile kernel (tile_log, tile_fuse) for these keys (and values)."""
+# ... and with constant steps (each shared-memory step a function of its own with its stride bits as compile-time
+# constants: a third of the instructions in SASS, unmeasured in time), for 32-bit keys without values: the
+# configurations ``c`` that `sort bench --tune` times next to the same tiles with runtime steps
+CONST_STEP_TILES = ((13, 4), (14, 4), (15, 4))
+
+
+def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool, const_steps: bool = False) -> bool:
+    """Whether bitonic.cu has the tile kernel (tile_log, tile_fuse) for these keys (and values), with constant
+    steps if asked."""
+    if const_steps:
+        return (tile_log, tile_fuse) in CONST_STEP_TILES and key_bytes == 4 and not kv
     if (tile_log, tile_fuse) not in TILE_CONFIGS:
         return False
     return (tile_log, tile_fuse) not in TILE_CONFIGS_K32_ONLY or (key_bytes == 4 and not kv)
@@ -83,7 +94,8 @@ GLOBAL_FUSES = (1, 2, 3, 4, 5)
 # larger tile (one stage fewer over global memory, at 1024 threads and one block per SM) and more
 # strides per global pass (2^5 keys per thread) cut the passes over memory from 33 to 26 at 10M
 # keys; which of them is fastest is a measurement, not a model.
-TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5")
+TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5",
+                "t13f4g5c", "t14f4g5c", "t15f4g5c")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 
@@ -219,11 +231,15 @@ def get_variant(name: str) -> Variant:
     v = VARIANTS[base]
     if not config:
         return v
-    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)", config)
+    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)(c?)", config)
     if m is None:
-        raise InputError(f"bad configuration {config!r} in {name!r}: expected t<tile_log>f<tile_fuse>g<global_fuse>, "
-                         f"e.g. {base}@{v.config}")
-    t, f, g = (int(x) for x in m.groups())
+        raise InputError(f"bad configuration {config!r} in {name!r}: expected t<tile_log>f<tile_fuse>g<global_fuse>"
+                         f"[c], e.g. {base}@{v.config}")
+    t, f, g = (int(x) for x in m.groups()[:3])
+    const = m.group(4) == "c"
+    if const and (t, f) not in CONST_STEP_TILES:
+        raise InputError(f"{name}: no constant-step kernel for tile t{t}f{f}; with constant steps: "
+                         f"{', '.join(f't{a}f{b}' for a, b in CONST_STEP_TILES)}")
     tiles = ", ".join(f"t{a}f{b}" for a, b in TILE_CONFIGS)
     if t == 0 and f != 1:
         raise InputError(f"{name}: without a tile (t0) the tile fuse must be f1")
@@ -232,7 +248,7 @@ def get_variant(name: str) -> Variant:
     if g not in GLOBAL_FUSES:
         raise InputError(f"{name}: no kernel fusing g{g} global strides; instantiated: "
                          f"{', '.join(f'g{x}' for x in GLOBAL_FUSES)}")
-    return Variant(name, t or None, f, g, v.block)
+    return Variant(name, t or None, f, g, v.block, const)
 
 
 def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int, flip: bool,

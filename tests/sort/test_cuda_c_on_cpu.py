@@ -78,6 +78,10 @@ WHOLE = [
     ("bitonic-fused@t15f4g5", 3000, "float32", "desc", False),  # one partial tile carries both transforms
     ("bitonic-fused@t12f3g3", 10000, "uint32", "asc", True),
     ("bitonic-fused@t11f1g2", 5000, "int64", "asc", False),
+    ("bitonic-fused@t13f4g5c", 20000, "int32", "asc", False),  # constant steps: tile sorts and merges
+    ("bitonic-fused@t15f4g5c", 70000, "uint32", "desc", False),  # ... with two slots a thread
+    ("bitonic-fused@t14f4g5c", 3000, "float32", "asc", False),  # ... one partial tile: stages up to 12 of 14
+    ("bitonic-fused@t14f4g5c", 9000, "int64", "desc", True),  # no constant-step kernel here: runtime steps
 ]
 
 
@@ -90,6 +94,8 @@ def test_sort_cuda_c(cuda_c, variant, n, dtype, order, kv):
     if kv:
         assert np.array_equal(np.asarray(perm), ref.argsort(x, order)), variant
     assert n <= 1 or module.launches > 0
+    const = [name for name in bit._fns if name.endswith("_c")]
+    assert bool(const) == (variant.endswith("c") and dtype != "int64" and not kv), const
 
 
 @pytest.mark.parametrize("variant, n, dtype, chunks, order, kv", [

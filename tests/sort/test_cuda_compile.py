@@ -52,7 +52,10 @@ def test_every_launched_kernel_exists():
                     if launch.kind == "global":
                         assert f"bitonic_pass_k{bits}_kv{kv}_f{launch.fp}" in names
                     else:
-                        assert f"bitonic_tile_k{bits}_kv{kv}_t{v.tile_log}_f{v.tile_fuse}" in names
+                        suffix = "_c" if v.const_steps else ""
+                        assert f"bitonic_tile_k{bits}_kv{kv}_t{v.tile_log}_f{v.tile_fuse}{suffix}" in names
+                # constant steps where bitonic.cu has them (32-bit keys, no values), runtime steps elsewhere
+                assert v.const_steps == (named.const_steps and bits == 32 and not kv)
 
 
 def test_tile_shared_memory_fits_h100_and_a100():

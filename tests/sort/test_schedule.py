@@ -243,10 +243,17 @@ def test_configured_variants():
         S.get_variant(f"bitonic-fused@{c}")  # every tuning configuration has its kernels
     bad = [("bitonic-fused@14,4,5", "bad configuration '14,4,5'"), ("bitonic-fused@t16f4g5", "no kernel for tile t16f4"),
            ("bitonic-fused@t14f4g6", "no kernel fusing g6"), ("bitonic-global@t0f2g1", "tile fuse must be f1"),
-           ("bitonic-magic@t13f3g4", "unknown bitonic variant 'bitonic-magic'")]
+           ("bitonic-magic@t13f3g4", "unknown bitonic variant 'bitonic-magic'"),
+           ("bitonic-fused@t13f3g4c", "no constant-step kernel for tile t13f3"),
+           ("bitonic-fused@t14f4g5cc", "bad configuration")]
     for name, msg in bad:
         with pytest.raises(InputError, match=msg):
             S.get_variant(name)
+    c = S.get_variant("bitonic-fused@t14f4g5c")  # constant tile steps: the same schedule, other kernels
+    assert c.const_steps and c.config == "t14f4g5c" and not S.get_variant("bitonic-fused@t14f4g5").const_steps
+    assert S.schedule(10_000_000, c) == S.schedule(10_000_000, "bitonic-fused@t14f4g5")
+    assert S.tile_instantiated(14, 4, 4, False, const_steps=True)
+    assert not S.tile_instantiated(14, 4, 4, True, const_steps=True) and not S.tile_instantiated(14, 4, 8, False, True)
 
 
 def test_passes_over_memory_and_fused_transforms():
