@@ -323,6 +323,7 @@ BITONIC_TILE(32, u32, 0, 15, 4)
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F, true>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);      \
     }
+BITONIC_TILE_C(32, u32, 0, 13, 3)
 BITONIC_TILE_C(32, u32, 0, 13, 4)
 BITONIC_TILE_C(32, u32, 0, 14, 4)
 BITONIC_TILE_C(32, u32, 0, 15, 4)

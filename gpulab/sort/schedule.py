@@ -76,7 +76,7 @@ TILE_CONFIGS_K32_ONLY = ((15, 4),)
 # ... and with constant steps (each shared-memory step a function of its own with its stride bits as compile-time
 # constants: a third of the instructions in SASS, unmeasured in time), for 32-bit keys without values: the
 # configurations ``c`` that `sort bench --tune` times next to the same tiles with runtime steps
-CONST_STEP_TILES = ((13, 4), (14, 4), (15, 4))
+CONST_STEP_TILES = ((13, 3), (13, 4), (14, 4), (15, 4))
 
 
 def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool, const_steps: bool = False) -> bool:
@@ -95,7 +95,7 @@ GLOBAL_FUSES = (1, 2, 3, 4, 5)
 # strides per global pass (2^5 keys per thread) cut the passes over memory from 33 to 26 at 10M
 # keys; which of them is fastest is a measurement, not a model.
 TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5",
-                "t13f4g5c", "t14f4g5c", "t15f4g5c")
+                "t13f3g4c", "t13f4g5c", "t14f4g5c", "t15f4g5c")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 

@@ -79,6 +79,7 @@ WHOLE = [
     ("bitonic-fused@t12f3g3", 10000, "uint32", "asc", True),
     ("bitonic-fused@t11f1g2", 5000, "int64", "asc", False),
     ("bitonic-fused@t13f4g5c", 20000, "int32", "asc", False),  # constant steps: tile sorts and merges
+    ("bitonic-fused@t13f3g4c", 17000, "uint32", "desc", False),  # ... the default configuration's tile
     ("bitonic-fused@t15f4g5c", 70000, "uint32", "desc", False),  # ... with two slots a thread
     ("bitonic-fused@t14f4g5c", 3000, "float32", "asc", False),  # ... one partial tile: stages up to 12 of 14
     ("bitonic-fused@t14f4g5c", 9000, "int64", "desc", True),  # no constant-step kernel here: runtime steps

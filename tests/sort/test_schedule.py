@@ -244,7 +244,7 @@ def test_configured_variants():
     bad = [("bitonic-fused@14,4,5", "bad configuration '14,4,5'"), ("bitonic-fused@t16f4g5", "no kernel for tile t16f4"),
            ("bitonic-fused@t14f4g6", "no kernel fusing g6"), ("bitonic-global@t0f2g1", "tile fuse must be f1"),
            ("bitonic-magic@t13f3g4", "unknown bitonic variant 'bitonic-magic'"),
-           ("bitonic-fused@t13f3g4c", "no constant-step kernel for tile t13f3"),
+           ("bitonic-fused@t12f3g4c", "no constant-step kernel for tile t12f3"),
            ("bitonic-fused@t14f4g5cc", "bad configuration")]
     for name, msg in bad:
         with pytest.raises(InputError, match=msg):
