@@ -78,6 +78,19 @@ def ptx_of(fn, types: dict, consts: dict, options: dict) -> str:
     return k.asm["ptx"]
 
 
+# one SASS instruction line of nvdisasm -c: its address comment, an optional predicate, the opcode
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)")
+
+
+def disassemble(cubin: Path) -> list[str]:
+    return subprocess.run([tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def opcodes(lines: list[str]) -> collections.Counter:
+    return collections.Counter(m.group(1) for m in map(INSTRUCTION.match, lines) if m)
+
+
 def loop_counts(ptx: str) -> collections.Counter:
     """Opcode counts between the label of the longest backward branch and the branch (the main loop)."""
     with tempfile.TemporaryDirectory() as d:
@@ -85,8 +98,7 @@ def loop_counts(ptx: str) -> collections.Counter:
         src.write_text(ptx)
         arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
         subprocess.run([tool("ptxas"), f"-arch={arch}", "-o", str(cubin), str(src)], check=True, capture_output=True)
-        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
-                              text=True).stdout.splitlines()
+        sass = disassemble(cubin)
     labels = {line.rstrip(":"): i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
     best = None
     for j, line in enumerate(sass):
@@ -97,12 +109,7 @@ def loop_counts(ptx: str) -> collections.Counter:
                 best = (i, j)
     if best is None:
         raise ValueError("no loop found in the SASS")
-    c = collections.Counter()
-    for line in sass[best[0]:best[1] + 1]:
-        m = re.match(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)", line)
-        if m:
-            c[m.group(1)] += 1
-    return c
+    return opcodes(sass[best[0]:best[1] + 1])
 
 
 SORT_STEP_KERNELS = r"""
@@ -137,17 +144,15 @@ def sort_step_counts() -> dict:
         cu.write_text(src)
         subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-o", str(cubin), str(cu)], check=True,
                        capture_output=True)
-        sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
-                              text=True).stdout.splitlines()
-    out, cur = {}, None
+        sass = disassemble(cubin)
+    sections: dict[str, list[str]] = {}  # kernel -> its lines
     for line in sass:
         m = re.match(r"^//-+ \.text\.(\S+)\s+-+", line)
         if m:
-            cur = out.setdefault(m.group(1), collections.Counter())
-            continue
-        m = re.match(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)", line)
-        if m and cur is not None:
-            cur[m.group(1)] += 1
+            sections[m.group(1)] = []
+        elif sections:
+            sections[next(reversed(sections))].append(line)
+    out = {name: opcodes(lines) for name, lines in sections.items()}
     return {f"sort t14f4 step, {name.split('_')[1]}": {"total": sum(c.values()), "opcodes": dict(c.most_common())}
             for name, c in sorted(out.items())}
 
