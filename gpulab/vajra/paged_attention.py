@@ -76,19 +76,15 @@ def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
     so a tile costs one conversion per value and no multiply."""
     blk = tl.load(bt_ptr + seq * s_bt + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
     kp = (c_ptr + blk * s_cb + (kpos % PAGE) * s_cs + kvh * s_ch)[:, None] + d[None, :]
-    if FP8:
-        if NATIVE:
-            k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
-            if V_PTX:
-                v = e4m3_to_f16_ptx(tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0))
-            else:
-                v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
-        else:
-            k = _load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
-            v = _load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
-    else:
+    if FP8 and not NATIVE:  # raw bytes decoded by integer arithmetic (exact)
+        k = _load_fp8(kp, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
+        v = _load_fp8(kp + s_ckv, kmask[:, None], NATIVE, EBITS, MBITS, BIAS).to(q.dtype)
+    else:  # a 16-bit cache, or FP8 loaded natively: straight to q's dtype; V by PTX where it serves (e4m3)
         k = tl.load(kp, mask=kmask[:, None], other=0.0).to(q.dtype)
-        v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
+        if V_PTX:
+            v = e4m3_to_f16_ptx(tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0))
+        else:
+            v = tl.load(kp + s_ckv, mask=kmask[:, None], other=0.0).to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -454,8 +450,8 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
             torch.float8_e4m3fn).to(device)
         if not native_fp8(cache):
             why = "no native e4m3 on this GPU"
-        elif conversion_problem(device, "f16"):  # the recipe itself, every code (also what ptx_usable asks)
-            why = f"the e4m3 -> fp16 recipe: {conversion_problem(device, 'f16')}"
+        elif recipe := conversion_problem(device, "f16"):  # the recipe itself, every code (what ptx_usable asks)
+            why = f"the e4m3 -> fp16 recipe: {recipe}"
         else:
             bt = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
             first = 0
