@@ -209,12 +209,10 @@ class LLMEngine:
         dev = self.device
         k = min(MAX_LOGPROBS, int(self.vocab_size))
         if hasattr(self.model, "forward_rows"):
-            _, states = self.model.forward_rows(batch, kv, torch.arange(num_tokens, device=dev))
-            for c0 in range(0, num_tokens, self.PROMPT_LOGITS_ROWS):
-                lg = self.model.logits(states[c0:c0 + self.PROMPT_LOGITS_ROWS])
-                logprob_tensors(lg, torch.zeros(lg.shape[0], dtype=torch.long, device=dev), [k] * lg.shape[0])
-                del lg
-            del states
+            rows = torch.arange(num_tokens, device=dev)
+            _, states = self.model.forward_rows(batch, kv, rows)
+            pending = self._prompt_logprob_tensors(states, PromptRows(rows, [0] * num_tokens, [k] * num_tokens, []))
+            del states, pending
         else:
             self.model.forward(batch, kv)
         rows = self.config.max_num_seqs
