@@ -1,14 +1,19 @@
 // gpulab join: a CUDA hash join (open addressing, linear probing), many-to-many, exact output size.
 //
 // Memory: one allocation holds the table (cap + 1 slots of 16 bytes) followed by HJ_COUNTERS 64-bit
-// counters: [0] grouped rows reserved, [1] output pairs, [2] slots holding more than one build row,
+// counters: [0] grouped rows reserved, [1] output pairs, [2] build keys with more than one row,
 // [3] unused. The host empties all of it with ONE cudaMemsetAsync(0): a slot stores the key XOR the
 // empty marker (hj_enc), so an empty slot is all zero bytes (encoded key 0, count 0; `row` is only read
 // in slots with count >= 1, where the first inserter wrote it).
 //
-// Slots: SlotI64 {key, count, row}; SlotI32 {kc, row, pad} with kc = encoded key << 32 | count in one 64-bit
-// word, so that an int32 build row claims its slot and counts itself with ONE atomicCAS (0 -> key|1) and
-// a unique build key costs one atomic, not two; a repeated key adds 1 to kc (its count, the low half).
+// Slots: a unique build key costs ONE atomic, not two (claim, then count):
+//   SlotI32 {kc, row, pad} with kc = encoded key << 32 | count in one 64-bit word: an int32 build row claims
+//           its slot and counts itself with one atomicCAS (0 -> key|1); a repeated key adds 1 to kc (the
+//           count, the low half).
+//   SlotI64 {key, extra, row}: a 64-bit key and a count do not fit one CAS, so the claim counts its row
+//           implicitly: a claimed slot holds 1 + extra rows (hj_count), and `extra` takes atomicAdds only
+//           for a key's further rows. The marker slot `cap` is never claimed (its key field stays 0), so
+//           there `extra` is the whole count.
 //
 // Build (on the smaller table):
 //   hj_insert_*        one thread per build row: claim the key's slot with atomicCAS (or find it), count += 1;
@@ -42,7 +47,7 @@
 #define HJ_COUNTERS 4
 
 struct __align__(16) SlotI32 { unsigned long long kc; int row; int pad; };  // read whole by hj_find
-struct __align__(16) SlotI64 { long long key; int count; int row; };  // read whole by hj_find
+struct __align__(16) SlotI64 { long long key; int extra; int row; };  // read whole by hj_find
 
 __device__ __forceinline__ unsigned int hj_hash(int key) {
     unsigned int h = (unsigned int)key;  // murmur3 fmix32
@@ -71,59 +76,43 @@ __device__ __forceinline__ unsigned int hj_home(unsigned int h, unsigned int cap
 // The encoded key of a slot (0: empty) and its build-row count.
 __device__ __forceinline__ int hj_slot_key(unsigned long long kc) { return (int)(unsigned int)(kc >> 32); }
 __device__ __forceinline__ int hj_count(const SlotI32& slot) { return (int)(slot.kc & HJ_LOW32); }
-__device__ __forceinline__ int hj_count(const SlotI64& slot) { return slot.count; }
+// A claimed slot counts its claiming row implicitly (the key field is nonzero); the marker slot's key is 0.
+__device__ __forceinline__ int hj_count(const SlotI64& slot) { return slot.extra + (slot.key != 0ll ? 1 : 0); }
 __device__ __forceinline__ int hj_count_add(SlotI32* slot, int c) {
     return (int)(atomicAdd(&slot->kc, (unsigned long long)c) & HJ_LOW32);
 }
-__device__ __forceinline__ int hj_count_add(SlotI64* slot, int c) { return atomicAdd(&slot->count, c); }
+__device__ __forceinline__ int hj_count_add(SlotI64* slot, int c) { return atomicAdd(&slot->extra, c); }
 
-// Find or claim encoded key ek's slot from s on (linear probing) and count c build rows there; returns the
-// rows counted there before them. Each slot visited costs one atomicCAS and no read before it: the CAS
-// returns the slot's word either way, so a read first would add a dependent round trip to L2 on every visit
-// (the common case, a unique key meeting an empty slot, would pay two instead of one).
-__device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek, int c) {
+// Find or claim encoded key ek's slot from s on (linear probing) and count c build rows there. Returns the
+// rows of this key counted before the group's second row, so that its row of rank j >= 1 is the key's
+// (returned + j)-th; `claimed` says whether the group's first row (rank 0) claimed the slot, which makes it
+// the key's row 0, and otherwise it is row (returned + 0). Each slot visited costs one atomicCAS and no read
+// before it: the CAS returns the slot's word either way, so a read first would add a dependent round trip
+// to L2 on every visit (the common case, a unique key meeting an empty slot, would pay two instead of one).
+__device__ __forceinline__ int hj_claim(SlotI32* table, unsigned int cap, unsigned int& s, int ek, int c,
+                                        bool& claimed) {
     const unsigned long long mine = (unsigned long long)(unsigned int)ek << 32;
     while (true) {
         const unsigned long long cur = atomicCAS(&table[s].kc, 0ull, mine | (unsigned long long)c);
-        if (cur == 0ull) return 0;  // claimed, and counted
+        claimed = cur == 0ull;
+        if (claimed) return 0;  // claimed, and all c rows counted
         if (hj_slot_key(cur) == ek) return hj_count_add(&table[s], c);
         s = (s + 1 == cap) ? 0u : s + 1;
     }
 }
 
-// Linear probing over slots with a 64-bit key field (SlotI64, the aggregate's AggSlot): moves s to the slot
-// holding encoded key ek and returns true; an empty slot on the way ends a search (false), or, with `claim`,
-// is taken by atomicCAS (a lost race to the same key takes that slot too). A claim with CAS_FIRST visits each
-// slot with one atomicCAS and no read before it (as hj_claim: the CAS returns the slot's key either way; the
-// join's build side, mostly unique keys); without it a claim reads the key first (volatile: other threads are
-// claiming meanwhile) and tries the CAS only on an empty slot, so that the many rows of a hot key (the
-// aggregate's GROUP BY) pay no atomic for finding their slot, only for counting in it.
-template <typename Slot, bool CAS_FIRST>
-__device__ __forceinline__ bool hj_locate64(Slot* table, unsigned int cap, unsigned int& s, unsigned long long ek,
-                                            bool claim) {
+// SlotI64: the claiming CAS counts its own row (hj_count), so a unique key costs one atomic; the group's
+// other c - 1 rows, or all c rows of a group that found the key, go to `extra` by one atomicAdd. The key's
+// rows are numbered 0 (the claimer), then 1 + (extra before each add) onwards: exactly 0 .. count - 1.
+__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek, int c,
+                                        bool& claimed) {
     while (true) {
-        unsigned long long* key = (unsigned long long*)&table[s].key;
-        unsigned long long cur;
-        if (claim && CAS_FIRST) {
-            cur = atomicCAS(key, 0ull, ek);
-            if (cur == 0ull) return true;  // claimed
-        } else {
-            cur = claim ? *(volatile unsigned long long*)key : *key;
-            if (cur == 0ull) {
-                if (!claim) return false;
-                cur = atomicCAS(key, 0ull, ek);
-                if (cur == 0ull) return true;
-            }
-        }
-        if (cur == ek) return true;
-        if (cur == 0ull) return false;  // a search (no claim) met an empty slot
+        const unsigned long long cur = atomicCAS((unsigned long long*)&table[s].key, 0ull, (unsigned long long)ek);
+        claimed = cur == 0ull;
+        if (claimed) return c > 1 ? hj_count_add(&table[s], c - 1) : 0;  // rank j >= 1: row 1 + extra + j - 1
+        if (cur == (unsigned long long)ek) return 1 + hj_count_add(&table[s], c);
         s = (s + 1 == cap) ? 0u : s + 1;
     }
-}
-
-__device__ __forceinline__ int hj_claim(SlotI64* table, unsigned int cap, unsigned int& s, long long ek, int c) {
-    hj_locate64<SlotI64, true>(table, cap, s, (unsigned long long)ek, true);
-    return hj_count_add(&table[s], c);
 }
 
 // The slot holding encoded key ek from s on, its count (0 when the key is not in the table) and, with a count,
@@ -142,16 +131,16 @@ __device__ __forceinline__ int hj_find(const SlotI32* table, unsigned int cap, u
     }
 }
 
-// SlotI64 likewise: key, count and row in one 16-byte load. (Through hj_locate64 the key was read by a volatile
-// load, which skips L1, and the count by a second load: two trips to L2 for one slot, one after the other.)
+// SlotI64 likewise: key, extra and row in one 16-byte load (not the key and then the count: two trips to L2
+// for one slot, one after the other).
 __device__ __forceinline__ int hj_find(const SlotI64* table, unsigned int cap, unsigned int& s, long long ek,
                                        int& row) {
     while (true) {
         const longlong2 v = __ldg(reinterpret_cast<const longlong2*>(table + s));
         if (v.x == 0) return 0;
-        if (v.x == ek) {  // count: bytes 8-11 of the slot, row: 12-15 (little-endian)
+        if (v.x == ek) {  // extra: bytes 8-11 of the slot, row: 12-15 (little-endian); the claim's row is 1
             row = (int)((unsigned long long)v.y >> 32);
-            return (int)((unsigned long long)v.y & HJ_LOW32);
+            return 1 + (int)((unsigned long long)v.y & HJ_LOW32);
         }
         s = (s + 1 == cap) ? 0u : s + 1;
     }
@@ -178,6 +167,7 @@ __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slo
     const int leader = __ffs((int)peers) - 1;  // -1 for a lane past n (its shuffles below read any lane)
     unsigned int s = 0;
     int c0 = 0;
+    bool claimed = false;
     if (valid && lane == leader) {
         const int rows = __popc(peers);
         if (marker) {
@@ -185,13 +175,14 @@ __device__ __forceinline__ void hj_insert(const K* __restrict__ keys, int n, Slo
             c0 = hj_count_add(&table[cap], rows);
         } else {
             s = hj_home(hj_hash(k), cap);
-            c0 = hj_claim(table, cap, s, hj_enc(k), rows);  // hj_enc(k) != 0, since k != empty
+            c0 = hj_claim(table, cap, s, hj_enc(k), rows, claimed);  // hj_enc(k) != 0, since k != empty
         }
     }
     s = __shfl_sync(0xffffffffu, s, leader & 31);
     c0 = __shfl_sync(0xffffffffu, c0, leader & 31);
     if (!valid) return;
-    const int c = c0 + __popc(peers & ((1u << lane) - 1u));  // the rows of this key counted before this one
+    // the rows of this key counted before this one (0 .. count - 1, each once)
+    const int c = claimed ? 0 : c0 + __popc(peers & ((1u << lane) - 1u));
     if (c == 0) table[s].row = i;
     else if (c == 1) atomicAdd(&counters[2], 1ull);  // this key has a second build row: grouping needed
     build_slot[i] = (int)s;
@@ -329,13 +320,33 @@ __device__ __forceinline__ unsigned long long ha_enc(long long key) { return (un
 __device__ __forceinline__ int ha_dec(unsigned long long ek, int) { return hj_enc((int)(unsigned int)ek); }
 __device__ __forceinline__ long long ha_dec(unsigned long long ek, long long) { return hj_enc((long long)ek); }
 
+// Linear probing over AggSlots: moves s to the slot holding encoded key ek and returns true; an empty slot on
+// the way ends a search (false), or, with `claim`, is taken by atomicCAS (a lost race to the same key takes
+// that slot too). A claim reads the key first (volatile: other threads are claiming meanwhile) and tries the
+// CAS only on an empty slot, so that the many rows of a hot key (GROUP BY) pay no atomic for finding their
+// slot, only for counting in it (the join's insert, mostly unique keys, claims with the CAS first instead).
+__device__ __forceinline__ bool ha_locate(AggSlot* table, unsigned int cap, unsigned int& s, unsigned long long ek,
+                                          bool claim) {
+    while (true) {
+        unsigned long long* key = &table[s].key;
+        unsigned long long cur = claim ? *(volatile unsigned long long*)key : *key;
+        if (cur == 0ull) {
+            if (!claim) return false;  // a search met an empty slot
+            cur = atomicCAS(key, 0ull, ek);
+            if (cur == 0ull) return true;  // claimed
+        }
+        if (cur == ek) return true;
+        s = (s + 1 == cap) ? 0u : s + 1;
+    }
+}
+
 // The slot of key k (found or, on the build side, claimed); 0xFFFFFFFF for a probe key not on the build side.
 template <typename K>
 __device__ __forceinline__ unsigned int ha_slot(AggSlot* table, unsigned int cap, K k, K empty, bool claim) {
     if (k == empty) return cap;
     unsigned int s = hj_home(hj_hash(k), cap);
     // ha_enc(k) != 0, since k != empty
-    return hj_locate64<AggSlot, false>(table, cap, s, ha_enc(k), claim) ? s : 0xFFFFFFFFu;
+    return ha_locate(table, cap, s, ha_enc(k), claim) ? s : 0xFFFFFFFFu;
 }
 
 template <typename K>

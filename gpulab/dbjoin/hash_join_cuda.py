@@ -26,8 +26,8 @@ from gpulab.dbjoin.reference import JoinResult
 
 SOURCE_PATH = Path(__file__).with_name("hash_join.cu")
 BLOCK = 256
-SLOT_BYTES = 16  # SlotI32 {encoded key << 32 | count, row, pad} and SlotI64 {key, count, row}
-COUNTERS = 4  # uint64 after the slots (HJ_COUNTERS): [0] grouped rows, [1] output pairs, [2] duplicated keys
+SLOT_BYTES = 16  # SlotI32 {encoded key << 32 | count, row, pad} and SlotI64 {key, extra, row}
+COUNTERS = 4  # uint64 after the slots (HJ_COUNTERS): [0] grouped rows, [1] output pairs, [2] repeated build keys
 KERNEL_REGEX = "hj_"
 KERNELS = ("insert", "group_alloc", "group_scatter", "probe")  # hj_<name>_i32 / hj_<name>_i64
 

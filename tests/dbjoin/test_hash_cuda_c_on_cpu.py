@@ -46,14 +46,61 @@ def test_cuda_c_several_blocks(cuda_c, dt, dup, seed):
     assert module.get_function(f"hj_probe_{'i32' if dt == 'int32' else 'i64'}").launches >= 2
 
 
+@pytest.mark.parametrize("dt", ["int32", "int64"])
 @pytest.mark.parametrize("seed", range(4))
-def test_cuda_c_slot_races(cuda_c, seed):
+def test_cuda_c_slot_races(cuda_c, seed, dt):
     """Build keys that collide on few home slots, in one block: the CAS loop's lost races and re-probes."""
     rng = np.random.default_rng(seed)
-    build = rng.integers(-40, 40, 200).astype(np.int32)
-    probe = rng.integers(-50, 50, 300).astype(np.int32)
+    build = rng.integers(-40, 40, 200).astype(dt)
+    probe = rng.integers(-50, 50, 300).astype(dt)
     cuda_c(seed)
     _check(hjc.CudaHashJoin().join(probe, build), probe, build)
+
+
+def _decoded_table(plan):
+    """{key: (build-row count, first row)} of the plan's table after a run, decoded from its 16-byte slots as
+    hash_join.cu lays them out, and the duplicated-key counter (counters[2])."""
+    words = np.array(plan._table).view(np.uint64)
+    slots = words[: 2 * (plan.cap + 1)].reshape(-1, 2)
+    is64 = plan.suffix == "i64"
+    empty = np.iinfo(np.int64 if is64 else np.int32).min
+    found = {}
+    for s, (w0, w1) in enumerate(slots):
+        w0, w1 = int(w0), int(w1)
+        if is64:  # SlotI64 {encoded key, extra, row}: a claimed slot counts its claiming row implicitly
+            ek, count, row = w0, (w1 & 0xFFFFFFFF) + (w0 != 0), w1 >> 32
+            key = empty if s == plan.cap else int(np.uint64(ek ^ (1 << 63)).view(np.int64))
+        else:  # SlotI32 {encoded key << 32 | count, row, pad}
+            ek, count, row = w0 >> 32, w0 & 0xFFFFFFFF, w1 & 0xFFFFFFFF
+            key = empty if s == plan.cap else int(np.uint32(ek ^ (1 << 31)).view(np.int32))
+        if s != plan.cap and ek == 0:
+            assert count == 0, f"an empty slot {s} with a count"
+            continue
+        if count:
+            found[key] = (count, row)
+    return found, int(np.array(plan._counters)[2])
+
+
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+@pytest.mark.parametrize("seed", range(3))
+def test_cuda_c_table_counts_every_build_row_once(cuda_c, dt, seed):
+    """After the insert, each key's slot holds its exact number of build rows and one of its rows, and the
+    duplicated-key counter counts each repeated key exactly once: the claim's implicit row (int64 slots), groups
+    of a warp that share a key (one of which claims), later groups that find it, and the empty-marker key."""
+    rng = np.random.default_rng(seed)
+    lo = np.iinfo(dt).min
+    build = np.concatenate([rng.integers(-30, 30, 500), np.full(40, 7), np.full(5, lo), rng.integers(100, 900, 200)])
+    build = rng.permutation(build).astype(dt)
+    probe = rng.integers(-30, 30, 900).astype(dt)
+    cuda_c(seed)
+    plan = hjc.HashJoinPlan(probe, build)
+    _check(_host(plan.run()), probe, build)
+    found, duplicated = _decoded_table(plan)
+    keys, counts = np.unique(build, return_counts=True)
+    assert {k: c for k, (c, _) in found.items()} == dict(zip(keys.tolist(), counts.tolist()))
+    for k, (_, row) in found.items():
+        assert build[row] == k, f"key {k}: its slot names build row {row}, which holds {build[row]}"
+    assert duplicated == int((counts > 1).sum())
 
 
 # (build keys, probe keys, retries, final capacity). The first probe's capacity is the probe row count.
