@@ -192,12 +192,13 @@ class Sampler:
 
 def apply_min_p(logits, min_p: list[float]):
     """Mask logits whose probability is below ``min_p`` times their row's largest with -inf (the most likely token
-    always stays)."""
+    always stays). Compared in log space, where the softmax's normalizer cancels: p_i < min_p * p_max exactly
+    when logit_i - logit_max < log(min_p) (min_p = 0: log 0 = -inf masks nothing), so no softmax over the
+    vocabulary is needed."""
     import torch
 
-    probs = torch.softmax(logits, dim=-1)
-    cut = device_tensor(min_p, torch.float32, logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < cut, float("-inf"))
+    log_mp = torch.log(device_tensor(min_p, torch.float32, logits.device))[:, None]
+    return logits.masked_fill(logits - logits.max(dim=-1, keepdim=True).values < log_mp, float("-inf"))
 
 
 def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):
