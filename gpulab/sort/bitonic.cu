@@ -146,12 +146,16 @@ __device__ __forceinline__ void pass_body(K* __restrict__ keys, u32* __restrict_
 // Shared-memory index with one pad word per 32 (breaks bank conflicts of strided groups).
 __device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
 
-// Tile threads: 2^(T-F) slots of 2^F keys, at most 1024 threads a block; a thread runs SLOTS = 2^(T-F) / 1024
-// slots one after the other (t15f4: 2048 slots on 1024 threads, each thread's registers those of one slot).
-template <int T, int F>
+// Tile threads: 2^(T-F) slots of 2^F keys, at most MAX_THREADS a block; a thread runs SLOTS = SLOT_COUNT /
+// THREADS slots one after the other (t15f4: 2048 slots on 1024 threads, each thread's registers those of one
+// slot). MAX_THREADS is 1024, but 512 for key-value slots of 16 keys (F >= 4): at 1024 threads a thread has 64
+// registers, too few for 16 keys and 16 values, and ptxas spilled (t14f4 on sm_90: 72 bytes with 32-bit keys,
+// 1.5 KB with 64-bit ones); 512 threads of two slots each have 128 (schedule.Variant.tile_threads).
+template <int T, int F, bool KV>
 struct TileShape {
     static constexpr u32 SLOT_COUNT = (1u << T) >> F;
-    static constexpr u32 THREADS = SLOT_COUNT < 1024u ? SLOT_COUNT : 1024u;
+    static constexpr u32 MAX_THREADS = (KV && F >= 4) ? 512u : 1024u;
+    static constexpr u32 THREADS = SLOT_COUNT < MAX_THREADS ? SLOT_COUNT : MAX_THREADS;
     static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
 };
 
@@ -160,8 +164,8 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
     constexpr int R = 1 << F;
     const int p_lo = p_hi - fp + 1;
 #pragma unroll 1
-    for (u32 slot = 0; slot < TileShape<T, F>::SLOTS; ++slot) {
-        const u32 me = threadIdx.x + slot * TileShape<T, F>::THREADS;
+    for (u32 slot = 0; slot < TileShape<T, F, KV>::SLOTS; ++slot) {
+        const u32 me = threadIdx.x + slot * TileShape<T, F, KV>::THREADS;
         K k[R];
         u32 v[R];
         // the index of register e (recomputed at the store: an array of R indices would cost R registers)
@@ -221,7 +225,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
                                           u32 vbase) {
     constexpr u32 TILE = 1u << T;
-    constexpr u32 THREADS = TileShape<T, F>::THREADS;
+    constexpr u32 THREADS = TileShape<T, F, KV>::THREADS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     K* sk = reinterpret_cast<K*>(smem_raw);
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
@@ -301,7 +305,7 @@ BITONIC_PASSES(64, u64, 0)
 BITONIC_PASSES(64, u64, 1)
 
 #define BITONIC_TILE(BITS, K, KV, T, F)                                                               \
-    __global__ void __launch_bounds__(TileShape<T, F>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F( \
+    __global__ void __launch_bounds__(TileShape<T, F, KV>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F( \
         K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);            \
@@ -318,7 +322,7 @@ BITONIC_TILES(64, u64, 1)
 BITONIC_TILE(32, u32, 0, 15, 4)
 // schedule.CONST_STEP_TILES: constant steps, for 32-bit keys without values (what `sort bench --tune` times)
 #define BITONIC_TILE_C(BITS, K, KV, T, F)                                                             \
-    __global__ void __launch_bounds__(TileShape<T, F>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_c( \
+    __global__ void __launch_bounds__(TileShape<T, F, KV>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_c( \
         K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F, true>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);      \

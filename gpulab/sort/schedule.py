@@ -47,11 +47,12 @@ class Variant:
     block: int = 256      # threads per block of the global passes
     const_steps: bool = False  # the tile kernels with compile-time steps (bitonic.cu's "_c" kernels)
 
-    @property
-    def tile_threads(self) -> int:
-        """Threads of a tile block: one per 2^tile_fuse keys, at most 1024 (bitonic.cu's TileShape: beyond
-        that a thread runs several slots of 2^tile_fuse keys in turn)."""
-        return min((1 << self.tile_log) >> self.tile_fuse, 1024) if self.tile_log else 0
+    def tile_threads(self, kv: bool) -> int:
+        """Threads of a tile block: one per 2^tile_fuse keys, at most 1024, or 512 for key-value slots of 16
+        keys (bitonic.cu's TileShape: beyond that a thread runs several slots of 2^tile_fuse keys in turn, so
+        that 16 keys and 16 values fit 128 registers without spills)."""
+        cap = 512 if kv and self.tile_fuse >= 4 else 1024
+        return min((1 << self.tile_log) >> self.tile_fuse, cap) if self.tile_log else 0
 
     @property
     def config(self) -> str:
