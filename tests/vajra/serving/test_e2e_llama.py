@@ -52,12 +52,68 @@ def test_fp8_kv_cache_and_triton_backend_run(tiny_llama, hf_greedy):
     assert eng.block_manager.num_used == 0
 
 
+def _greedy_runs(eng, prompts, n):
+    """Per prompt, [(token, its logprob, {id: logprob} of the 2 most likely)] of a greedy run of n tokens,
+    collected step by step (a request's outputs carry only the step's new tokens)."""
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+    ids = [eng.add_request(p, sp).request_id for p in prompts]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id] += [(t, lp, dict(top)) for t, (lp, top) in zip(o.new_token_ids, o.logprobs)]
+    return [got[i] for i in ids]
+
+
+def same_greedy_or_near_tie(a, b, tol):
+    """Two greedy runs of the same prompts in low precision: each sequence's tokens agree, with logprobs within
+    ``tol``, up to its end or to a first difference that is a near-tie in both runs (each run's token within
+    ``tol`` of the other's in its own top 2); after that the sequences go separate ways and are not compared.
+    Returns (flipped sequences, largest logprob difference), or raises AssertionError naming the position."""
+    flips, worst = 0, 0.0
+    for s, (x, y) in enumerate(zip(a, b)):
+        assert len(x) == len(y), f"sequence {s}: {len(x)} against {len(y)} tokens"
+        for j, ((tx, lx, topx), (ty, ly, topy)) in enumerate(zip(x, y)):
+            if tx == ty:
+                worst = max(worst, abs(lx - ly))
+                assert abs(lx - ly) <= tol, f"sequence {s}, token {j}: logprob {lx:.4f} against {ly:.4f}"
+                continue
+            near = ty in topx and tx in topy and lx - topx[ty] <= tol and ly - topy[tx] <= tol
+            assert near, f"sequence {s}, token {j}: {tx} ({lx:.4f}) against {ty} ({ly:.4f}), not a near-tie " \
+                         f"(top 2: {topx} and {topy})"
+            flips += 1
+            break
+    return flips, worst
+
+
+def test_near_tie_comparison_accepts_flips_of_ties_only():
+    a = [[(5, -0.70, {5: -0.70, 9: -0.72}), (3, -0.1, {3: -0.1, 4: -3.0})], [(1, -0.2, {1: -0.2, 2: -2.0})] * 2]
+    assert same_greedy_or_near_tie(a, a, 0.05) == (0, 0.0)
+    flipped = [[(9, -0.69, {9: -0.69, 5: -0.71}), (7, -0.5, {7: -0.5, 3: -1.0})], a[1]]
+    assert same_greedy_or_near_tie(a, flipped, 0.05) == (1, 0.0)  # later tokens of a flipped sequence: free
+    with pytest.raises(AssertionError, match="sequence 0, token 0: 5 .* against 9 .* not a near-tie"):
+        same_greedy_or_near_tie(a, flipped, 0.01)
+    drift = [a[0], [(1, -0.2, {1: -0.2, 2: -2.0}), (1, -0.3, {1: -0.3, 2: -2.0})]]
+    with pytest.raises(AssertionError, match="sequence 1, token 1: logprob -0.2000 against -0.3000"):
+        same_greedy_or_near_tie(a, drift, 0.05)
+
+
+def test_greedy_runs_collect_every_token_with_its_logprobs(tiny_llama, hf_greedy):
+    eng = load_engine(tiny_llama, device="cpu", attention_backend="torch",
+                      config=EngineConfig(num_blocks=64, block_size=4, max_num_seqs=4))
+    runs = _greedy_runs(eng, PROMPTS, N_OUT)
+    assert [[t for t, _, _ in r] for r in runs] == hf_greedy
+    assert all(len(top) == 2 and lp == max(top.values()) for r in runs for _, lp, top in r)
+    assert same_greedy_or_near_tie(runs, runs, 0.0) == (0, 0.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # flashinfer has no head_dim-16 kernels (tiny model)
 def test_gpu_cuda_graphs_match_eager(tiny_llama, backend):
-    """On a GPU: decode through CUDA graphs gives the same greedy tokens as eager decode (bf16)."""
-    prompts = PROMPTS * 3
-    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    """On a GPU: decode through CUDA graphs gives the greedy tokens of eager decode (bf16), but for a near-tie
+    flipped by bf16 rounding (the two paths may run GEMMs of other shapes: cuBLAS picks kernels by batch size),
+    after which that sequence is no longer compared; the logprobs agree within bf16 rounding. 16 sequences,
+    the largest captured batch, so that both paths mostly run the same shapes."""
+    prompts = PROMPTS * 4
     res = {}
     for graphs in (False, True):
         eng = load_engine(tiny_llama, device="cuda", attention_backend=backend, dtype="bf16",
@@ -66,10 +122,11 @@ def test_gpu_cuda_graphs_match_eager(tiny_llama, backend):
             assert eng.graphs is not None, eng.notes
         if graphs and backend == "torch":
             assert eng.graphs is None and any("not capturable" in n for n in eng.notes), eng.notes
-        res[graphs] = [o.output_token_ids for o in eng.generate(prompts, sp)]
+        res[graphs] = _greedy_runs(eng, prompts, 24)
         assert eng.block_manager.num_used == 0
-    same = sum(a == b for x, y in zip(res[False], res[True]) for a, b in zip(x, y))
-    assert same == sum(len(x) for x in res[False])
+    flips, worst = same_greedy_or_near_tie(res[False], res[True], tol=0.05)
+    assert flips <= len(prompts) // 4, f"{flips} of {len(prompts)} sequences flipped a near-tie"
+    print(f"graphs vs eager ({backend}): {flips} near-tie flips, largest logprob difference {worst:.4f}")
 
 
 @pytest.mark.parametrize("budget", [256, 5])
