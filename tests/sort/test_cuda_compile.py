@@ -143,3 +143,14 @@ def test_sort_host_argument_checks():
     for args, msg in bad:
         with pytest.raises(InputError, match=msg.replace("(", r"\(")):
             check_host_args(*args)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvrtc_compiles_every_kernel(arch):
+    """NVRTC (what cupy.RawModule runs on the GPU machine) builds bitonic.cu with gpulab's options too."""
+    from ..cuda_on_cpu.nvrtc import nvrtc_cubin
+
+    cubin = nvrtc_cubin(SOURCE.read_text(), "bitonic.cu", arch)
+    assert cubin[:4] == b"\x7fELF"
+    missing = [n for n in kernel_names() if n.encode() + b"\0" not in cubin]
+    assert not missing, f"sm_{arch}: {missing}"
