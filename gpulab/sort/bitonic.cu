@@ -231,15 +231,35 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
     const u32 base = blockIdx.x * TILE;
     const bool load_input = (io & 1) != 0, store_output = (io & 2) != 0;
-    for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
-        const u32 g = base + i;
-        const bool in = g < n;
-        if (load_input) {
-            sk[spad(i)] = in ? to_key(src[g], code, desc) : key_max(K(0));
-            if (KV) sv[spad(i)] = in ? vbase + g : (g | PAD_BIT);
-        } else {
-            sk[spad(i)] = in ? keys[g] : key_max(K(0));
-            if (KV) sv[spad(i)] = in ? vals[g] : (g | PAD_BIT);
+    // TILE / THREADS keys a thread, loaded in batches of up to 8: all loads of a batch are issued before any
+    // transform or shared-memory store (a loop `i += THREADS` was unrolled by 4 with remainder code, and the
+    // input transform's branches kept the first launch's loads one at a time), so one round trip to memory
+    // serves eight keys where a block is alone on its SM (four 64-bit keys with values: eight spilled at 64 registers)
+    constexpr u32 PER_THREAD = TILE / THREADS;
+    constexpr u32 BATCH_MAX = (sizeof(K) == 8 && KV) ? 4u : 8u;
+    constexpr u32 BATCH = PER_THREAD < BATCH_MAX ? PER_THREAD : BATCH_MAX;
+#pragma unroll 1
+    for (u32 r0 = 0; r0 < PER_THREAD; r0 += BATCH) {
+        K kb[BATCH];
+        u32 vb[BATCH];
+#pragma unroll
+        for (u32 j = 0; j < BATCH; ++j) {
+            const u32 g = base + threadIdx.x + (r0 + j) * THREADS;
+            const bool in = g < n;
+            if (load_input) {
+                kb[j] = in ? src[g] : K(0);
+                if (KV) vb[j] = in ? vbase + g : (g | PAD_BIT);
+            } else {
+                kb[j] = in ? keys[g] : key_max(K(0));
+                if (KV) vb[j] = in ? vals[g] : (g | PAD_BIT);
+            }
+        }
+#pragma unroll
+        for (u32 j = 0; j < BATCH; ++j) {
+            const u32 i = threadIdx.x + (r0 + j) * THREADS;
+            if (load_input) kb[j] = base + i < n ? to_key(kb[j], code, desc) : key_max(K(0));
+            sk[spad(i)] = kb[j];
+            if (KV) sv[spad(i)] = vb[j];
         }
     }
     __syncthreads();
@@ -265,7 +285,9 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
             p -= fp;
         }
     }
-    for (u32 i = threadIdx.x; i < TILE; i += THREADS) {
+#pragma unroll 8
+    for (u32 r = 0; r < PER_THREAD; ++r) {
+        const u32 i = threadIdx.x + r * THREADS;
         const u32 g = base + i;
         if (g < n) {
             if (store_output) dst[g] = from_key(sk[spad(i)], code, desc);
