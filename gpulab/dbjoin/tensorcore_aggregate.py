@@ -126,7 +126,7 @@ class TensorCoreAggregate:
         counter = torch.zeros(1, dtype=torch.int64, device=dev)
         tc_agg_kernel[(1 << r,)](L.lo, L.hi, l_key, l_pay, L.start, L.count, Rt.lo, Rt.hi, r_pay, Rt.start,
                                  Rt.count, out_key, out_count, out_suml, out_sumr, counter, r, kused,
-                                 KP=64 if has_hi else 32, HAS_HI=has_hi, BM=self.block, DT=self._dtype(),
+                                 HAS_HI=has_hi, BM=self.block, DT=self._dtype(),
                                  ADT=self._dtype(self.agg_dtype), WITH_SUMS=sums, AGG_DOT=self.agg_dot)
         n = int(counter.item())
         if sums:

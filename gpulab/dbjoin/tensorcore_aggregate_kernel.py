@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from gpulab.core.triton_compat import patch_interpreter
-from gpulab.dbjoin.tensorcore_kernel import _tile_codes
+from gpulab.dbjoin.tensorcore_kernel import _code_product, _tile_codes, _tile_words
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
 
@@ -77,7 +77,7 @@ def _match_sums(eq, pay, valid, WITH_SUMS: tl.constexpr, ADT: tl.constexpr, AGG_
 @triton.jit(do_not_specialize=["R", "KUSED"])
 def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r_start, r_cnt,
                   out_key, out_count, out_suml, out_sumr, counter,
-                  R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
+                  R, KUSED, HAS_HI: tl.constexpr,
                   BM: tl.constexpr, DT: tl.constexpr, ADT: tl.constexpr, WITH_SUMS: tl.constexpr,
                   AGG_DOT: tl.constexpr):
     """One program per partition; DT: the key codes' type, ADT: the aggregate product's (DT, or fp16 where
@@ -103,14 +103,16 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
     for mt in range(0, n_lt):
         om = mt * BM + tl.arange(0, BM)
         mm = om < ln
-        a = _tile_codes(l_lo + ls, l_hi + ls, om, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        a_lo, a_hi = _tile_words(l_lo + ls, l_hi + ls, om, mm, HAS_HI)
+        ca_lo, ca_hi = _tile_codes(a_lo, a_hi, mm, R, HAS_HI, True, DT)
         c_r = tl.zeros([BM], tl.int64)
         s_r = tl.zeros([BM], tl.int64)
         for nt in range(0, n_rt):
             on = nt * BM + tl.arange(0, BM)
             nm = on < rn
-            b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
-            e = tl.dot(a, b) == KUSED
+            b_lo, b_hi = _tile_words(r_lo + rs, r_hi + rs, on, nm, HAS_HI)
+            cb_lo, cb_hi = _tile_codes(b_lo, b_hi, nm, R, HAS_HI, False, DT)
+            e = _code_product(ca_lo, ca_hi, cb_lo, cb_hi, HAS_HI) == KUSED
             pay = tl.load(r_pay + rs + on, mask=nm, other=0)
             c, s = _match_sums(e, pay, nm, WITH_SUMS, ADT, AGG_DOT)
             c_r += c
@@ -122,8 +124,9 @@ def tc_agg_kernel(l_lo, l_hi, l_key, l_pay, l_start, l_cnt, r_lo, r_hi, r_pay, r
             for nt in range(0, n_lt):
                 on = nt * BM + tl.arange(0, BM)
                 nm = on < ln
-                b = _tile_codes(l_lo + ls, l_hi + ls, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
-                eq = tl.dot(a, b) == KUSED
+                b_lo, b_hi = _tile_words(l_lo + ls, l_hi + ls, on, nm, HAS_HI)
+                cb_lo, cb_hi = _tile_codes(b_lo, b_hi, nm, R, HAS_HI, False, DT)
+                eq = _code_product(ca_lo, ca_hi, cb_lo, cb_hi, HAS_HI) == KUSED
                 earlier += tl.sum((eq & (on[None, :] < om[:, None])).to(tl.int32), axis=1)
                 pay = tl.load(l_pay + ls + on, mask=nm, other=0)
                 c, s = _match_sums(eq, pay, nm, WITH_SUMS, ADT, AGG_DOT)

@@ -9,14 +9,15 @@
    torch reference (CPU) mixes in torch and sorts stably by partition id.
 3. Kernel (Triton, one program per partition): for each BM x BN tile of (left rows, right rows) of its
    partition, expand the remaining K = 32 - R (+ 32 for int64) mixed bits into +-1 codes in registers,
-   ``tl.dot`` them (fp16/bf16/int8 on the GPU, fp32 in the interpreter) and mark the entries equal to
-   K: a dot product of +-1 codes reaches K exactly when all K bits agree. R and K are runtime
-   arguments, so one compiled kernel serves every table size. Padded rows get all-zero codes
-   (dot 0 < K). Matches are appended to the output with one atomicAdd per tile, while they fit in
-   ``capacity``: a tile where no left row has two matches is written one entry per left row (a scan of BM
-   counts; the matched right row picked out by a masked sum), likewise per right row, and only a tile with
-   duplicates on both sides scans and stores all BM x BN entries. The counter ends at the exact size, and
-   the host re-runs the kernel with that capacity when the first guess (max of the table sizes) was short.
+   ``tl.dot`` them (fp16/bf16/int8 on the GPU, fp32 in the interpreter; one product per 32-bit word,
+   accumulated) and mark the entries equal to K: a dot product of +-1 codes reaches K exactly when all K
+   bits agree. R and K are runtime arguments, so one compiled kernel serves every table size. Padded rows
+   get all-zero codes (dot 0 < K). Matches are appended to the output with one atomicAdd per tile, while
+   they fit in ``capacity``: a tile where no left row has two matches is written one entry per left row (a
+   scan of BM counts; the matched right row picked out by a masked sum), likewise per right row, and only a
+   tile with duplicates on both sides is written entry by entry, in slices of 16 left rows. The counter ends
+   at the exact size, and the host re-runs the kernel with that capacity when the first guess (max of the
+   table sizes) was short.
 
 The products are block-diagonal by construction: only rows of one partition meet, so the work is
 about P tiles of BM x BN x K instead of a dense N x M product.
@@ -217,7 +218,6 @@ class TensorCoreJoin:
         has_hi = left_key.dtype == torch.int64
         r = choose_bits(nl, nr, self.rows_per_partition)
         kused = (32 - r) + (32 if has_hi else 0)
-        kp = 64 if has_hi else 32  # constexpr; R and K are runtime arguments (one compile per key width)
         L = partition(left_key, r)
         mark("partition_left")
         Rt = partition(right_key, r)
@@ -229,7 +229,7 @@ class TensorCoreJoin:
         def launch(capacity: int, out_l, out_r, count_flag: bool, phase: str = "join") -> int:
             counter.zero_()
             kernel[(1 << r,)](L.lo, L.hi, L.row, L.start, L.count, Rt.lo, Rt.hi, Rt.row, Rt.start, Rt.count,
-                              out_l, out_r, capacity, counter, R=r, KUSED=kused, KP=kp, HAS_HI=has_hi,
+                              out_l, out_r, capacity, counter, R=r, KUSED=kused, HAS_HI=has_hi,
                               BM=self.block, BN=self.block, DT=self._dtype(), COUNT_ONLY=count_flag)
             mark(phase)
             return int(counter.item())

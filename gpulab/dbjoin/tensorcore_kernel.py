@@ -11,44 +11,63 @@ patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpula
 
 
 @triton.jit
-def _codes(lo, hi, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr, ROWS_FIRST: tl.constexpr):
-    """+-1 codes of the K used mixed bits (0 for padding rows and bits): [rows, KP] or [KP, rows]."""
-    j = tl.arange(0, KP)
-    NLO = 32 - R
-    from_lo = j < NLO
-    shift = tl.where(from_lo, j + R, j - NLO) & 31
-    use = j < KUSED
+def _word_codes(word, valid, R, SKIP: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """+-1 codes of one 32-bit mixed word per row, [rows, 32] or [32, rows]: its bits R..31 where SKIP (the low
+    word, whose low R bits are the partition id, equal within a partition), else all 32; 0 for the other code
+    columns and for padding rows."""
+    j = tl.arange(0, 32)
+    if SKIP:
+        shift = (j + R) & 31
+        use = j < 32 - R
+    else:
+        shift = j
+        use = j < 32
     if ROWS_FIRST:
-        word = lo[:, None]
-        if HAS_HI:
-            word = tl.where(from_lo[None, :], lo[:, None], hi[:, None])
-        bit = (word >> shift[None, :]) & 1
+        bit = (word[:, None] >> shift[None, :]) & 1
         ok = use[None, :] & valid[:, None]
     else:
-        word = lo[None, :]
-        if HAS_HI:
-            word = tl.where(from_lo[:, None], lo[None, :], hi[None, :])
-        bit = (word >> shift[:, None]) & 1
+        bit = (word[None, :] >> shift[:, None]) & 1
         ok = use[:, None] & valid[None, :]
     return tl.where(ok, bit * 2 - 1, 0)
 
 
 @triton.jit
-def _tile_codes(lo_ptr, hi_ptr, offs, valid, R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
-                ROWS_FIRST: tl.constexpr):
-    """Load one tile's mixed keys (low word, and high word for 64-bit keys) and return their +-1 codes."""
+def _tile_words(lo_ptr, hi_ptr, offs, valid, HAS_HI: tl.constexpr):
+    """One tile's mixed words (low, and high for 64-bit keys; the low one again for 32-bit keys)."""
     lo = tl.load(lo_ptr + offs, mask=valid, other=0)
     hi = lo
     if HAS_HI:
         hi = tl.load(hi_ptr + offs, mask=valid, other=0)
-    return _codes(lo, hi, valid, R, KUSED, KP, HAS_HI, ROWS_FIRST)
+    return lo, hi
+
+
+@triton.jit
+def _tile_codes(lo, hi, valid, R, HAS_HI: tl.constexpr, ROWS_FIRST: tl.constexpr, DT: tl.constexpr):
+    """The +-1 codes of a tile's words in DT, one 32-column block per word: (low word's, high word's); the
+    second is the first again for 32-bit keys."""
+    c_lo = _word_codes(lo, valid, R, True, ROWS_FIRST).to(DT)
+    c_hi = c_lo
+    if HAS_HI:
+        c_hi = _word_codes(hi, valid, R, False, ROWS_FIRST).to(DT)
+    return c_lo, c_hi
+
+
+@triton.jit
+def _code_product(a_lo, a_hi, b_lo, b_hi, HAS_HI: tl.constexpr):
+    """codes(left) . codes(right)^T as one product per 32-bit word, accumulated: K = KUSED exactly where all coded
+    bits agree. Split by word (not one K = 64 product) so that half the codes are live at a time: the sm_90 build
+    of the join kernel needed 255 registers (and spilled) with 64-wide codes at BM = 64, 108 split."""
+    acc = tl.dot(a_lo, b_lo)
+    if HAS_HI:
+        acc = tl.dot(a_hi, b_hi, acc)
+    return acc
 
 # Runtime sizes are not specialized (no recompiles for R == 1, sizes divisible by 16, ...): one compile per
 # constexpr combination, so the timed calls never hit the compiler.
 @triton.jit(do_not_specialize=["capacity", "R", "KUSED"])
 def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start, r_cnt,
                    out_l, out_r, capacity, counter,
-                   R, KUSED, KP: tl.constexpr, HAS_HI: tl.constexpr,
+                   R, KUSED, HAS_HI: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr, COUNT_ONLY: tl.constexpr):
     p = tl.program_id(0)
     ls = tl.load(l_start + p)
@@ -60,29 +79,32 @@ def tc_join_kernel(l_lo, l_hi, l_row, l_start, l_cnt, r_lo, r_hi, r_row, r_start
     for mt in range(0, n_mt):
         om = mt * BM + tl.arange(0, BM)
         mm = om < ln
-        a = _tile_codes(l_lo + ls, l_hi + ls, om, mm, R, KUSED, KP, HAS_HI, True).to(DT)
+        a_lo, a_hi = _tile_words(l_lo + ls, l_hi + ls, om, mm, HAS_HI)
+        ca_lo, ca_hi = _tile_codes(a_lo, a_hi, mm, R, HAS_HI, True, DT)
         a_row = tl.load(l_row + ls + om, mask=mm, other=0)
         for nt in range(0, n_nt):
             on = nt * BN + tl.arange(0, BN)
             nm = on < rn
-            b = _tile_codes(r_lo + rs, r_hi + rs, on, nm, R, KUSED, KP, HAS_HI, False).to(DT)
-            acc = tl.dot(a, b)
-            match = (acc == KUSED).to(tl.int32)
+            b_lo, b_hi = _tile_words(r_lo + rs, r_hi + rs, on, nm, HAS_HI)
+            cb_lo, cb_hi = _tile_codes(b_lo, b_hi, nm, R, HAS_HI, False, DT)
+            match = (_code_product(ca_lo, ca_hi, cb_lo, cb_hi, HAS_HI) == KUSED).to(tl.int32)
             rc = tl.sum(match, axis=1)  # matches of each left row in this tile
             n = tl.sum(rc, axis=0)
             if n > 0:
                 base = tl.atomic_add(counter, n.to(tl.int64))
                 if not COUNT_ONLY:
                     b_row = tl.load(r_row + rs + on, mask=nm, other=0)
-                    _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, BM, BN)
+                    _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, l_lo + ls, l_hi + ls, l_row + ls,
+                          mt * BM, ln, b_lo, b_hi, nm, HAS_HI, BM, BN)
 
 
 @triton.jit
-def _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, BM: tl.constexpr, BN: tl.constexpr):
+def _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, l_lo, l_hi, l_row, row0, ln, b_lo, b_hi, nm,
+          HAS_HI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Write one tile's matches (match[i, j] = 1: left row a_row[i] joins right row b_row[j]) at base onwards.
     The usual tile (one side's keys unique in it: at most one match per row, or per column) is written one
     entry per row (or column), its right (left) row id picked out by a masked sum, with a scan of BM (BN)
-    counts; only a tile with duplicates on both sides pays the scan and the masked stores of all BM x BN."""
+    counts; only a tile with duplicates on both sides writes entry by entry (:func:`_emit_dense`)."""
     # (each branch names its own values: Triton needs a name bound in both branches to keep one shape)
     if tl.max(rc, axis=0) <= 1:
         pos_r = base + (tl.cumsum(rc, axis=0) - rc).to(tl.int64)
@@ -97,13 +119,36 @@ def _emit(match, rc, a_row, b_row, base, out_l, out_r, capacity, BM: tl.constexp
             tl.store(out_l + pos_c, tl.sum(match * a_row[:, None], axis=0), mask=ok_c)
             tl.store(out_r + pos_c, b_row, mask=ok_c)
         else:
-            flat = tl.reshape(match, (BM * BN,))
-            pos = base + (tl.cumsum(flat, axis=0) - flat).to(tl.int64)
-            lrow = tl.reshape(a_row[:, None] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
-            rrow = tl.reshape(b_row[None, :] + tl.zeros((BM, BN), tl.int32), (BM * BN,))
-            ok = (flat > 0) & (pos < capacity)
-            tl.store(out_l + pos, lrow, mask=ok)
-            tl.store(out_r + pos, rrow, mask=ok)
+            _emit_dense(l_lo, l_hi, l_row, row0, ln, b_lo, b_hi, nm, b_row, base, out_l, out_r, capacity, HAS_HI,
+                        BM, BN)
+
+
+@triton.jit
+def _emit_dense(l_lo, l_hi, l_row, row0, ln, b_lo, b_hi, nm, b_row, base, out_l, out_r, capacity,
+                HAS_HI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The matches of a tile with duplicate keys on both sides, row by row in slices of 16 left rows: the same
+    matrix as the product's (within a partition, all coded bits agree exactly where the mixed words are equal),
+    recomputed as word equality from the left words reloaded, so that no BM x BN scan and no second copy of the
+    codes is live: as one flattened BM x BN scan this rare branch set the register count of the whole kernel
+    (255 with spills on sm_90 at BM = 64). Entry (i, j) goes to base + the matches of the rows before i + those
+    before j in row i."""
+    SL: tl.constexpr = 16
+    sbase = base
+    for s0 in range(0, BM, SL):
+        om = row0 + s0 + tl.arange(0, SL)
+        mm = om < ln
+        eq = (tl.load(l_lo + om, mask=mm, other=0)[:, None] == b_lo[None, :]) & mm[:, None] & nm[None, :]
+        if HAS_HI:
+            eq = eq & (tl.load(l_hi + om, mask=mm, other=0)[:, None] == b_hi[None, :])
+        m = eq.to(tl.int32)
+        rcs = tl.sum(m, axis=1)
+        rel = (tl.cumsum(rcs, axis=0) - rcs)[:, None] + (tl.cumsum(m, axis=1) - m)
+        room = tl.minimum(tl.maximum(capacity - sbase, 0), SL * BN).to(tl.int32)  # entries that still fit
+        ok = (m > 0) & (rel < room)
+        a_row = tl.load(l_row + om, mask=mm, other=0)
+        tl.store(out_l + sbase + rel, tl.broadcast_to(a_row[:, None], (SL, BN)), mask=ok)
+        tl.store(out_r + sbase + rel, tl.broadcast_to(b_row[None, :], (SL, BN)), mask=ok)
+        sbase += tl.sum(rcs, axis=0).to(tl.int64)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ for cc in (90, 80):
             ("fp16", False, 128, True, None), ("bf16", True, 32, True, None), ("int8", True, 64, True, None),
             ("int8", False, 16, False, None), ("fp32", True, 64, False, None), ("fp16", True, 64, True, "dot")]:
         tc = TensorCoreAggregate(code, block, mode="sum" if sums else "count", agg_product=product)
-        consts = {"KP": 64 if has_hi else 32, "HAS_HI": has_hi, "BM": block, "DT": DT[code],
+        consts = {"HAS_HI": has_hi, "BM": block, "DT": DT[code],
                   "ADT": DT[tc.agg_dtype], "WITH_SUMS": sums, "AGG_DOT": tc.agg_dot}
         s = dict(sig, l_key="*i64" if has_hi else "*i32", **{k: "constexpr" for k in consts})
         s = {a: s[a] for a in tc_agg_kernel.arg_names}  # in parameter order: Triton 3.2 reads it by position

@@ -22,13 +22,13 @@ target = GPUTarget("cuda", 90, 32)
 for code, has_hi, block, count_only in [("fp16", False, 64, False), ("fp16", False, 128, False),
                                         ("bf16", True, 32, False),
                                         ("int8", True, 16, False), ("fp32", True, 64, True)]:
-    consts = {"KP": 64 if has_hi else 32, "HAS_HI": has_hi, "BM": block, "BN": block, "DT": DT[code],
+    consts = {"HAS_HI": has_hi, "BM": block, "BN": block, "DT": DT[code],
               "COUNT_ONLY": count_only}
     s = dict(sig, **{k: "constexpr" for k in consts})
     triton.compile(ASTSource(tc_join_kernel, s, consts), target=target)
     print("ok", code, has_hi, block, count_only, flush=True)
 for code, block in (("bf16", 32), ("int8", 16)):  # A100 (sm_80): bf16 and int8 tensor-core dots
-    consts = {"KP": 64, "HAS_HI": True, "BM": block, "BN": block, "DT": DT[code], "COUNT_ONLY": False}
+    consts = {"HAS_HI": True, "BM": block, "BN": block, "DT": DT[code], "COUNT_ONLY": False}
     triton.compile(ASTSource(tc_join_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts),
                    target=GPUTarget("cuda", 80, 32))
     print("ok sm_80", code, flush=True)
@@ -62,13 +62,13 @@ DESKTOP_SMEM = 101376  # sm_86 / sm_89 (RTX 30xx/40xx, L40S): 99 KB per block; A
 sig = {n: "*i32" for n in ("l_lo", "l_hi", "l_row", "l_start", "l_cnt", "r_lo", "r_hi", "r_row", "r_start", "r_cnt",
                            "out_l", "out_r")}
 sig.update(capacity="i64", counter="*i64", R="i32", KUSED="i32")
-consts = {"KP": 64, "HAS_HI": True, "BM": 128, "BN": 128, "DT": tl.float32, "COUNT_ONLY": False}
+consts = {"HAS_HI": True, "BM": 128, "BN": 128, "DT": tl.float32, "COUNT_ONLY": False}
 k = triton.compile(ASTSource(tc_join_kernel, dict(sig, **{c: "constexpr" for c in consts}), consts),
                    target=GPUTarget("cuda", 89, 32))
 assert k.metadata.shared <= DESKTOP_SMEM, ("tc_join", k.metadata.shared)
 asig = {n: "*i32" for n in ("l_lo", "l_hi", "l_pay", "l_start", "l_cnt", "r_lo", "r_hi", "r_pay", "r_start", "r_cnt")}
 asig.update({n: "*i64" for n in ("out_key", "out_count", "out_suml", "out_sumr", "counter")}, R="i32", KUSED="i32")
-consts = {"KP": 64, "HAS_HI": True, "BM": 128, "DT": tl.float32, "ADT": tl.float32, "WITH_SUMS": True,
+consts = {"HAS_HI": True, "BM": 128, "DT": tl.float32, "ADT": tl.float32, "WITH_SUMS": True,
           "AGG_DOT": False}  # as TensorCoreAggregate("fp32", 128).agg_dot
 asig = dict(asig, l_key="*i64", **{c: "constexpr" for c in consts})
 asig = {a: asig[a] for a in tc_agg_kernel.arg_names}  # in parameter order: Triton 3.2 reads it by position
