@@ -34,6 +34,7 @@ class BenchConfig:
     load_factor: float = 0.5
     tc_dtype: str = "fp16"
     tc_block: int = 64
+    tc_blocks_more: tuple[int, ...] = ()  # further tile sizes: the tensorcore join timed again as tensorcore@<B>
     max_interpret_rows: int = 4096
     ncu: bool = False
     aggregate: str = "none"  # none | count | sum: the join-aggregate (agg_bench.run_aggregate)
@@ -49,6 +50,23 @@ def parse_impls(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """``--tc-block``: one tile size or a comma-separated list of them (each checked), in order, once each."""
+    from gpulab.dbjoin.tensorcore_join import check_block
+
+    out = []
+    for t in (t.strip() for t in str(text).split(",")):
+        try:
+            b = int(t)
+        except ValueError:
+            raise InputError(f"--tc-block must be 16, 32, 64 or 128 (or a list of them), got {text!r}") from None
+        check_block(b)
+        out.append(b)
+    if not out:
+        raise InputError("--tc-block needs a tile size: 16, 32, 64 or 128")
+    return tuple(dict.fromkeys(out))
+
+
 def validate(cfg: BenchConfig, device: str) -> None:
     """One-line errors for bad option values (also those of impls not in --impl) and for --ncu without a
     GPU, before any table is loaded or timed."""
@@ -62,7 +80,8 @@ def validate(cfg: BenchConfig, device: str) -> None:
     if cfg.max_interpret_rows < 0:
         raise InputError(f"--max-interpret-rows must be >= 0, got {cfg.max_interpret_rows}")
     check_load_factor(cfg.load_factor)
-    check_block(cfg.tc_block)
+    for b in (cfg.tc_block, *cfg.tc_blocks_more):
+        check_block(b)
     if cfg.ncu and device != "cuda":
         raise DeviceError("--ncu needs a CUDA GPU, and none is visible")
 
@@ -215,7 +234,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
         "source": {"left": str(cfg.left), "right": str(cfg.right)} if cfg.left else
         {"generated": True, "match_rate": cfg.match_rate, "dup": cfg.dup, "seed": cfg.seed},
         "impls": impls, "reps": reps, "warmup": warmup, "device": device, "load_factor": cfg.load_factor,
-        "tc_dtype": cfg.tc_dtype, "tc_block": cfg.tc_block,
+        "tc_dtype": cfg.tc_dtype, "tc_block": cfg.tc_block, "tc_blocks_more": list(cfg.tc_blocks_more),
     }
     rec = results.Record(name="join-bench", config=config)
     rec.metrics["left"] = _key_stats(lk)
@@ -337,16 +356,20 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             dtype, interp = plan
             from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
 
-            tc = TensorCoreJoin(dtype, cfg.tc_block)
-            call = CountedCalls(lambda: tc.join(lk_t, rk_t, cfg.count_only))
-            add_row(impl, device, call, r=1 if interp else reps, w=0 if interp else warmup,
-                    extra=tensorcore_extra(dtype, interp))
-            rec.rows[-1]["partitions"] = tc.last_partitions
-            rec.rows[-1]["retries_per_call"] = call.per_call(tc.retries)
-            rec.metrics["tensorcore_retries"] = tc.retries
-            phases = {} if (interp or under_ncu) else tc.phase_times_ms(lk_t, rk_t, cfg.count_only, min(reps, 10))
-            if phases:
-                rec.rows[-1]["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
+            for block in (cfg.tc_block, *cfg.tc_blocks_more):  # --tc-block 64,32: the first is `tensorcore`
+                name = impl if block == cfg.tc_block else f"{impl}@{block}"
+                tc = TensorCoreJoin(dtype, block)
+                call = CountedCalls(lambda tc=tc: tc.join(lk_t, rk_t, cfg.count_only))
+                add_row(name, device, call, r=1 if interp else reps, w=0 if interp else warmup,
+                        extra=dict(tensorcore_extra(dtype, interp), tc_block=block))
+                rec.rows[-1]["partitions"] = tc.last_partitions
+                rec.rows[-1]["retries_per_call"] = call.per_call(tc.retries)
+                rec.metrics[f"{name}_retries"] = tc.retries
+                phases = {} if (interp or under_ncu) else tc.phase_times_ms(lk_t, rk_t, cfg.count_only,
+                                                                            min(reps, 10))
+                if phases:
+                    rec.rows[-1]["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
+            if any("phases_us" in r for r in rec.rows if r["impl"].startswith(impl)):
                 rec.notes.append("tensorcore: phases_us splits one call into partition_left, partition_right "
                                  "and join (join_retry: the re-run with the exact capacity), a CUDA event after "
                                  "each; a phase includes the host's launch gaps before it (median of up to 10)")

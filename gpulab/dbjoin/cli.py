@@ -32,7 +32,9 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls first."),
     load_factor: float = typer.Option(0.5, "--load-factor", help="Hash table fill (build rows / slots)."),
     tc_dtype: str = typer.Option("fp16", "--tc-dtype", help="Tensor-core code type: fp16 | bf16 | int8 | fp32."),
-    tc_block: int = typer.Option(64, "--tc-block", help="Tensor-core tile size (BM = BN): 16, 32, 64 or 128."),
+    tc_block: str = typer.Option("64", "--tc-block",
+                                 help="Tensor-core tile size (BM = BN): 16, 32, 64 or 128; a list (64,32) also "
+                                      "times the tensorcore join with each further size (rows tensorcore@32)."),
     max_interpret_rows: int = typer.Option(4096, "--max-interpret-rows",
                                            help="Without a GPU, run the Triton join under the interpreter only "
                                                 "up to this many rows."),
@@ -60,9 +62,15 @@ def bench(
 
         raise InputError(f"--aggregate must be none, count or sum, got {aggregate!r}")
     impls = B.parse_impls(impl)
+    tc_blocks = B.parse_blocks(tc_block)
+    if len(tc_blocks) > 1 and aggregate != "none":
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--tc-block takes one tile size with --aggregate, got {tc_block!r}")
     cfg = B.BenchConfig(rows=rows, right_rows=right_rows, match_rate=match_rate, dup=dup, seed=seed,
                         key_dtype=key_dtype, left=left, right=right, impls=impls, count_only=count_only, reps=reps,
-                        warmup=warmup, load_factor=load_factor, tc_dtype=tc_dtype, tc_block=tc_block,
+                        warmup=warmup, load_factor=load_factor, tc_dtype=tc_dtype, tc_block=tc_blocks[0],
+                        tc_blocks_more=tc_blocks[1:],
                         max_interpret_rows=max_interpret_rows, ncu=ncu, aggregate=aggregate)
     argv = []
     if options.get().device != "auto":
@@ -71,7 +79,7 @@ def bench(
              str(seed), "--key-dtype", key_dtype, "--impl", ",".join(i for i in impls if i in ("hash", "tensorcore",
                                                                                                  "torch")) or "hash",
              "--reps", "1", "--warmup", "1", "--load-factor", str(load_factor), "--tc-dtype", tc_dtype,
-             "--tc-block", str(tc_block)]
+             "--tc-block", ",".join(map(str, tc_blocks))]
     if right_rows is not None:
         argv += ["--right-rows", str(right_rows)]
     if left is not None and right is not None:

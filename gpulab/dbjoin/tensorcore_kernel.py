@@ -59,7 +59,7 @@ def _code_product(a_lo, a_hi, b_lo, b_hi, HAS_HI: tl.constexpr):
     of the join kernel needed 255 registers (and spilled) with 64-wide codes at BM = 64, 108 split."""
     acc = tl.dot(a_lo, b_lo)
     if HAS_HI:
-        acc = tl.dot(a_hi, b_hi, acc)
+        acc = tl.dot(a_hi, b_hi, acc, out_dtype=acc.dtype)  # int32 for int8 codes (Triton 3.6 assumes fp32)
     return acc
 
 # Runtime sizes are not specialized (no recompiles for R == 1, sizes divisible by 16, ...): one compile per

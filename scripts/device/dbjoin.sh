@@ -7,8 +7,10 @@
 #     (fp16/bf16/int8/fp32) == pandas.merge on every corner case (sentinel keys, duplicates, empty tables, int64
 #     high/low bits) and at 100k-1M rows; then the tensor-core aggregate ($OUT/pytest-gpu-aggregate.txt)
 #  2. the seed's comparison: 1M x 1M, unique build keys, 50% matches, int32 (GPU impls + torch; pandas and
-#     hash-cpu in a step of their own at --reps 3) and int64 (GPU + torch); hash-graph = the hash join prepared
-#     once (buffers + one captured CUDA graph, outside the timing) and replayed
+#     hash-cpu in a step of their own at --reps 3) and int64 (GPU + torch, and the tensor-core join at tiles of
+#     64 and 32: 135 and 80 sm_90 registers with Triton 3.8, 240 and 111 with the device's 3.6, i.e. two or
+#     four programs an SM there); hash-graph = the hash join prepared once (buffers + one captured CUDA graph,
+#     outside the timing) and replayed
 #  3. the hash table's fill: hash-graph at load factors 0.35 and 0.75 next to the default 0.5 (a larger table
 #     costs a longer memset, a fuller one longer probe runs), and a Zipf-duplicate count-only point of the
 #     "where do tensor cores win" map
@@ -47,9 +49,9 @@ step 14 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique -
 echo "== bench 1M x 1M, unique, match 0.5, int32 (pandas, hash-cpu; --reps 3)"
 step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
     --impl pandas,hash-cpu --reps 3 >/dev/null || { echo "exit $?"; rc=1; }
-echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch)"
-step 14 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
-    --impl hash,hash-graph,tensorcore,torch --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch; tensorcore also at BM 32: tensorcore@32)"
+step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
+    --impl hash,hash-graph,tensorcore,torch --tc-block 64,32 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 for lf in 0.35 0.75; do
   echo "== hash-graph, load factor $lf (1M x 1M, unique, match 0.5, int32)"
   step 9 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
@@ -84,11 +86,11 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>{w}}"
     # median/p10/p90: CUDA-event time of the whole host call; replay_gpu: GPU-only time of one graph replay
     # (hash-graph; replays queued back to back); prepare: building the plan (host wall, not in median)
-    print(f"{'impl':12} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} "
+    print(f"{'impl':14} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} "
           f"{'replay_gpu_us':>13} {'prepare_ms':>10} correct")
     for r in d["rows"]:
         us = lambda k: r[k] * 1e3 if isinstance(r.get(k), (int, float)) else None
-        print(f"{r['impl']:12} {f(us('median_ms'),10)} {f(us('p10_ms'))} {f(us('p90_ms'))} "
+        print(f"{r['impl']:14} {f(us('median_ms'),10)} {f(us('p10_ms'))} {f(us('p90_ms'))} "
               f"{f(r.get('mrows_per_s'))} {f(r.get('frac_of_copy_bound'))} {f(us('replay_gpu_median_ms'),13)} "
               f"{f(r.get('prepare_ms'),10)} {r.get('skipped') or r.get('correct')}"
               + ("" if r.get("graph", True) else "  (no graph: capture failed, see notes)"))

@@ -38,6 +38,34 @@ def test_bench_small_all_impls(out_dir):
         assert "skipped" in rows["hash-graph"] and any(n.startswith("hash-graph: skipped") for n in data["notes"])
 
 
+def test_bench_tensorcore_at_several_tile_sizes(out_dir):
+    """--tc-block 32,16: the tensorcore join at the first size (row `tensorcore`) and again at each further one
+    (row `tensorcore@16`), each checked against pandas and in the summary."""
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "300", "--dup", "zipf:0.7", "--key-dtype", "int64",
+            "--impl", "tensorcore,pandas", "--reps", "1", "--warmup", "0", "--tc-block", "32,16"])
+    data = _result(out_dir)
+    assert data["ok"] is True and data["config"]["tc_block"] == 32 and data["config"]["tc_blocks_more"] == [16]
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"tensorcore", "tensorcore@16", "pandas"}
+    if "skipped" not in rows["tensorcore"]:
+        assert rows["tensorcore"]["tc_block"] == 32 and rows["tensorcore@16"]["tc_block"] == 16
+        assert rows["tensorcore@16"]["partitions"] > rows["tensorcore"]["partitions"]  # fewer rows per partition
+        for name in ("tensorcore", "tensorcore@16"):
+            assert rows[name]["correct"] is True and data["checks"][name]["passed"]
+            assert rows[name]["output_rows"] == data["metrics"]["output_rows"]
+
+
+@pytest.mark.parametrize("value, why", [("64,48", "--tc-block must be 16, 32, 64 or 128, got 48"),
+                                        ("64,x", "--tc-block must be 16, 32, 64 or 128 (or a list of them), got"),
+                                        ("", "--tc-block must be 16, 32, 64 or 128 (or a list of them), got")])
+def test_bench_tile_size_list_errors(out_dir, value, why):
+    with pytest.raises(InputError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--tc-block", value])
+    with pytest.raises(InputError, match="--tc-block takes one tile size with --aggregate"):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--aggregate", "sum",
+                "--tc-block", "64,32"])
+
+
 def test_bench_hash_graph_skipped_without_gpu(out_dir):
     """Without cupy or a GPU, hash-graph (like hash) is one row with a one-line reason; the rest still runs."""
     from gpulab.core import options
