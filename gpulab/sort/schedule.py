@@ -64,7 +64,10 @@ class Variant:
 VARIANTS = {
     "bitonic-global": Variant("bitonic-global", None, 1, 1),
     "bitonic-shared": Variant("bitonic-shared", 11, 1, 1),
-    "bitonic-fused": Variant("bitonic-fused", 13, 3, 4),
+    # 2^14-key tiles, 16 keys a thread in a shared-memory step, 5 strides per global pass: the fastest
+    # configuration measured (H200, 2026-11-27: 1.376 ms at 10M int32 against 1.726 for the 8192-key t13f3g4, the
+    # default until 2026-11-29); smaller GPUs fall back to the largest tile that fits (fit_variant)
+    "bitonic-fused": Variant("bitonic-fused", 14, 4, 5),
 }
 # Instantiated in bitonic.cu (tile_log, tile_fuse): the fused variant falls back to a smaller
 # tile where the device's opt-in shared memory is too small for its own.
@@ -92,10 +95,10 @@ def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool, c
 
 
 GLOBAL_FUSES = (1, 2, 3, 4, 5)
-# The configurations of bitonic-fused that ``sort bench --tune`` times next to the default: a
-# larger tile (one stage fewer over global memory, at 1024 threads and one block per SM) and more
-# strides per global pass (2^5 keys per thread) cut the passes over memory from 33 to 26 at 10M
-# keys; which of them is fastest is a measurement, not a model.
+# The configurations of bitonic-fused that ``sort bench --tune`` times next to the default (the one equal to it
+# is bitonic-fused's own row): 8192- to 32768-key tiles, 4 or 5 strides per global pass (26 passes over memory
+# at 10M keys for t14f4g5, 33 for t13f3g4), runtime or constant tile steps; which is fastest on a card is a
+# measurement, not a model.
 TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5",
                 "t13f3g4c", "t13f4g5c", "t14f4g5c", "t15f4g5c")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)

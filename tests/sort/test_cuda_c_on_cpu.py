@@ -116,7 +116,7 @@ def test_sort_host_cuda_c(cuda_c, variant, n, dtype, chunks, order, kv):
         assert np.array_equal(perm.astype(np.int64), ref.argsort(x, order))
 
 
-REAL = ["bitonic-global", "bitonic-shared", "bitonic-fused", "bitonic-fused@t14f4g5"]
+REAL = ["bitonic-global", "bitonic-shared", "bitonic-fused", "bitonic-fused@t13f3g4"]
 
 
 def check_cuda_c(bit, x, variant, order, kv):

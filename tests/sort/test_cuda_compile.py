@@ -84,12 +84,13 @@ class _Dev:
                                       99 * 1024,   # RTX 30xx/40xx, L40S: every key type keeps the 8192-key tile
                                       64 * 1024])  # T4 (sm_75): the 4096-key fallback except for 32-bit keys alone
 def test_effective_variant_per_device(max_smem):
+    """The 8192-key configuration (bitonic-fused's default before 2026-11-29) per device."""
     from gpulab.sort.cuda_sort import BitonicCuda
 
     dev = _Dev(max_smem)
     for key_bytes in (4, 8):
         for kv in (False, True):
-            v = BitonicCuda.effective_variant(dev, S.get_variant("bitonic-fused"), key_bytes, kv)
+            v = BitonicCuda.effective_variant(dev, S.get_variant("bitonic-fused@t13f3g4"), key_bytes, kv)
             want = 13 if max_smem >= 99 * 1024 or (key_bytes, kv) == (4, False) else 12
             assert v.tile_log == want, (max_smem, key_bytes, kv)
             assert tile_smem_bytes(v.tile_log, key_bytes, kv) <= max_smem
@@ -111,7 +112,7 @@ T15_FALLBACK = {227 * 1024: [(15, 4)] + [(14, 4)] * 3,
                 64 * 1024: [(13, 4)] + [(12, 3)] * 3}
 
 
-@pytest.mark.parametrize("name, table", [("bitonic-fused@t14f4g5", T14_FALLBACK),
+@pytest.mark.parametrize("name, table", [("bitonic-fused@t14f4g5", T14_FALLBACK), ("bitonic-fused", T14_FALLBACK),
                                          ("bitonic-fused@t15f4g5", T15_FALLBACK)])
 @pytest.mark.parametrize("max_smem", list(T14_FALLBACK))
 def test_effective_variant_falls_back_from_the_largest_tile(max_smem, name, table):

@@ -82,7 +82,7 @@ def test_fused_10m_int32(cuda):
 HOST_CASES = [
     ("bitonic-fused", 70001, "int32", 8, "asc", True),
     ("bitonic-fused", 70001, "float32", 4, "desc", True),
-    ("bitonic-fused", 8193, "uint32", 2, "asc", False),
+    ("bitonic-fused", 16385, "uint32", 2, "asc", False),
     ("bitonic-fused", 1_000_003, "int64", 64, "asc", True),
     ("bitonic-fused", 5000, "int32", 1, "desc", True),
     ("bitonic-shared", 5000, "float32", 4, "asc", True),

@@ -158,7 +158,7 @@ def test_effective_variant_keeps_its_own_tile_and_falls_back_to_smaller_tiles():
     from gpulab.sort.cuda_sort import BitonicCuda, tile_smem_bytes
 
     bit = BitonicCuda.__new__(BitonicCuda)  # no GPU needed: only max_smem matters
-    fused = S.get_variant("bitonic-fused")  # t13f3: (13, 4) is instantiated too, its own fuse comes first
+    fused = S.get_variant("bitonic-fused@t13f3g4")  # (13, 4) is instantiated too, its own fuse comes first
     bit.max_smem = 227 * 1024
     v = bit.effective_variant(fused, 4, True)
     assert (v.tile_log, v.tile_fuse, v.global_fuse) == (13, 3, 4)
