@@ -113,12 +113,19 @@ def loop_counts(ptx: str) -> collections.Counter:
 
 
 SORT_STEP_KERNELS = r"""
-// one t14f4 shared-memory step of bitonic.cu as the tile kernels run it (p_hi, fp, flip at run time), and the same
-// step with the three as compile-time constants (p_hi 9, fp 4, no flip: the second step of a tile merge)
+// one t14f4 shared-memory step of bitonic.cu with p_hi, fp and flip at run time (tile_chunk as the tile kernels
+// called it until 2026-11-29), the same step as they run it now (tile_step_p: fp and flip compile-time constants,
+// p_hi at run time) and with all three as constants (p_hi 9, fp 4, no flip: the second step of a tile merge)
 extern "C" __global__ void __launch_bounds__(1024) step_runtime(u32* keys, int p_hi, int fp, int flip) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u32* sk = reinterpret_cast<u32*>(smem_raw);
     tile_chunk<u32, false, 14, 4>(sk, nullptr, p_hi, fp, flip != 0);
+    keys[threadIdx.x] = sk[threadIdx.x];
+}
+extern "C" __global__ void __launch_bounds__(1024) step_shape(u32* keys, int p_hi) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u32* sk = reinterpret_cast<u32*>(smem_raw);
+    tile_step_p<u32, false, 14, 4, 4, false>(sk, nullptr, p_hi);
     keys[threadIdx.x] = sk[threadIdx.x];
 }
 extern "C" __global__ void __launch_bounds__(1024) step_constant(u32* keys) {
@@ -131,7 +138,8 @@ extern "C" __global__ void __launch_bounds__(1024) step_constant(u32* keys) {
 
 
 def sort_step_counts() -> dict:
-    """Whole-kernel SASS opcode counts of one bitonic tile step, runtime-parameterized and with constants (nvcc)."""
+    """Whole-kernel SASS opcode counts of one bitonic tile step: runtime-parameterized, with its shape (fused
+    strides, flip) constant, and all constant (nvcc)."""
     import shutil
 
     nvcc = shutil.which("nvcc")

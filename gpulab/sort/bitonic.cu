@@ -148,13 +148,14 @@ __device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
 
 // Tile threads: 2^(T-F) slots of 2^F keys, at most MAX_THREADS a block; a thread runs SLOTS = SLOT_COUNT /
 // THREADS slots one after the other (t15f4: 2048 slots on 1024 threads, each thread's registers those of one
-// slot). MAX_THREADS is 1024, but 512 for key-value slots of 16 keys (F >= 4): at 1024 threads a thread has 64
-// registers, too few for 16 keys and 16 values, and ptxas spilled (t14f4 on sm_90: 72 bytes with 32-bit keys,
-// 1.5 KB with 64-bit ones); 512 threads of two slots each have 128 (schedule.Variant.tile_threads).
-template <int T, int F, bool KV>
+// slot). MAX_THREADS is 1024, but 512 where a slot holds 128 bytes or more (16 keys with values, or 16 64-bit
+// keys: 32 registers of data): at 1024 threads a thread has 64 registers, too few for them, and ptxas spilled
+// (t14f4 on sm_90: 72 bytes with 32-bit keys and values, 1.5 KB with 64-bit ones); 512 threads of two slots
+// each have 128 (schedule.Variant.tile_threads).
+template <int T, int F, bool KV, int KEY_BYTES = 4>
 struct TileShape {
     static constexpr u32 SLOT_COUNT = (1u << T) >> F;
-    static constexpr u32 MAX_THREADS = (KV && F >= 4) ? 512u : 1024u;
+    static constexpr u32 MAX_THREADS = ((KEY_BYTES + (KV ? 4 : 0)) << F) >= 128 ? 512u : 1024u;
     static constexpr u32 THREADS = SLOT_COUNT < MAX_THREADS ? SLOT_COUNT : MAX_THREADS;
     static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
 };
@@ -164,8 +165,8 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
     constexpr int R = 1 << F;
     const int p_lo = p_hi - fp + 1;
 #pragma unroll 1
-    for (u32 slot = 0; slot < TileShape<T, F, KV>::SLOTS; ++slot) {
-        const u32 me = threadIdx.x + slot * TileShape<T, F, KV>::THREADS;
+    for (u32 slot = 0; slot < TileShape<T, F, KV, sizeof(K)>::SLOTS; ++slot) {
+        const u32 me = threadIdx.x + slot * TileShape<T, F, KV, sizeof(K)>::THREADS;
         K k[R];
         u32 v[R];
         // the index of register e (recomputed at the store: an array of R indices would cost R registers)
@@ -194,7 +195,8 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
 // Constant steps (the "_c" tile kernels, a `c` after a configuration: schedule.Variant.const_steps): the same
 // steps with p_hi, fp and flip as compile-time constants, each step one out-of-line function, so that its key
 // indices come from folded shifts and masks (sm_90 SASS of a t14f4 step: 176 instructions, 64 of them its
-// compare-exchanges, against 1,128 for the runtime step over all its paths; scripts/sass_counts.py --sort).
+// compare-exchanges; 216 for tile_step_p below, whose p_hi is a runtime value; 1,128 for tile_chunk with all
+// three at run time; scripts/sass_counts.py --sort).
 // Out of line: the whole schedule inlined built 5x slower and spilled registers.
 template <typename K, bool KV, int T, int F, int P, int FP, bool FLIP>
 __device__ __noinline__ void tile_step_c(K* sk, u32* sv) {
@@ -219,13 +221,32 @@ __device__ __forceinline__ void sort_stages_c(K* sk, u32* sv, int arg) {
     }
 }
 
+// Runtime steps with their fused-stride count and flip as compile-time constants: one out-of-line function per
+// (FP, FLIP), only p_hi at run time, so the register network and the index arithmetic of a step are those of
+// its own shape (tile_chunk with all three at run time compiled every shape's compare-exchanges into one step).
+template <typename K, bool KV, int T, int F, int FP, bool FLIP>
+__device__ __noinline__ void tile_step_p(K* sk, u32* sv, int p_hi) {
+    tile_chunk<K, KV, T, F>(sk, sv, p_hi, FP, FLIP);
+}
+template <typename K, bool KV, int T, int F, int FP = F>
+__device__ __forceinline__ void tile_step(K* sk, u32* sv, int p_hi, int fp, bool flip) {
+    if constexpr (FP >= 1) {
+        if (fp == FP) {
+            if (flip) tile_step_p<K, KV, T, F, FP, true>(sk, sv, p_hi);
+            else tile_step_p<K, KV, T, F, FP, false>(sk, sv, p_hi);
+        } else {
+            tile_step<K, KV, T, F, FP - 1>(sk, sv, p_hi, fp, flip);
+        }
+    }
+}
+
 // mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
 template <typename K, bool KV, int T, int F, bool CS = false>
 __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
                                           u32 vbase) {
     constexpr u32 TILE = 1u << T;
-    constexpr u32 THREADS = TileShape<T, F, KV>::THREADS;
+    constexpr u32 THREADS = TileShape<T, F, KV, sizeof(K)>::THREADS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     K* sk = reinterpret_cast<K*>(smem_raw);
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
@@ -272,7 +293,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
             bool first = true;
             while (p >= 0) {
                 const int fp = min(F, p + 1);
-                tile_chunk<K, KV, T, F>(sk, sv, p, fp, first);
+                tile_step<K, KV, T, F>(sk, sv, p, fp, first);
                 p -= fp;
                 first = false;
             }
@@ -281,7 +302,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
         int p = T - 1;                          // chunks(T-1, 0, F, no flip)
         while (p >= 0) {
             const int fp = min(F, p + 1);
-            tile_chunk<K, KV, T, F>(sk, sv, p, fp, false);
+            tile_step<K, KV, T, F>(sk, sv, p, fp, false);
             p -= fp;
         }
     }
@@ -327,7 +348,7 @@ BITONIC_PASSES(64, u64, 0)
 BITONIC_PASSES(64, u64, 1)
 
 #define BITONIC_TILE(BITS, K, KV, T, F)                                                               \
-    __global__ void __launch_bounds__(TileShape<T, F, KV>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F( \
+    __global__ void __launch_bounds__(TileShape<T, F, KV, sizeof(K)>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F( \
         K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);            \
@@ -344,7 +365,7 @@ BITONIC_TILES(64, u64, 1)
 BITONIC_TILE(32, u32, 0, 15, 4)
 // schedule.CONST_STEP_TILES: constant steps, for 32-bit keys without values (what `sort bench --tune` times)
 #define BITONIC_TILE_C(BITS, K, KV, T, F)                                                             \
-    __global__ void __launch_bounds__(TileShape<T, F, KV>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_c( \
+    __global__ void __launch_bounds__(TileShape<T, F, KV, sizeof(K)>::THREADS) bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_c( \
         K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
         u32 vbase) {                                                                                  \
         tile_body<K, KV, T, F, true>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);      \

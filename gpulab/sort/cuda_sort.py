@@ -180,7 +180,7 @@ class BitonicCuda:
                             + ("_c" if v.const_steps else ""), smem)
                 tiles = (n + (1 << v.tile_log) - 1) >> v.tile_log
                 mode = 0 if launch.kind == "tile_sort" else 1
-                f((tiles,), (v.tile_threads(kv),),
+                f((tiles,), (v.tile_threads(kv, bits // 8),),
                   (keys, vals, (src if io & 1 else keys).view(keys.dtype), (dst if io & 2 else keys).view(keys.dtype),
                    u32n, np.int32(mode), np.int32(launch.stage), np.int32(io), np.int32(code), np.int32(desc),
                    np.uint32(base)), shared_mem=smem)

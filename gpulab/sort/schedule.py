@@ -47,11 +47,11 @@ class Variant:
     block: int = 256      # threads per block of the global passes
     const_steps: bool = False  # the tile kernels with compile-time steps (bitonic.cu's "_c" kernels)
 
-    def tile_threads(self, kv: bool) -> int:
-        """Threads of a tile block: one per 2^tile_fuse keys, at most 1024, or 512 for key-value slots of 16
-        keys (bitonic.cu's TileShape: beyond that a thread runs several slots of 2^tile_fuse keys in turn, so
-        that 16 keys and 16 values fit 128 registers without spills)."""
-        cap = 512 if kv and self.tile_fuse >= 4 else 1024
+    def tile_threads(self, kv: bool, key_bytes: int = 4) -> int:
+        """Threads of a tile block: one per 2^tile_fuse keys, at most 1024, or 512 where a slot holds 128 bytes
+        of keys and values or more (bitonic.cu's TileShape: beyond that a thread runs several slots of
+        2^tile_fuse keys in turn, so that e.g. 16 keys and 16 values fit 128 registers without spills)."""
+        cap = 512 if ((key_bytes + (4 if kv else 0)) << self.tile_fuse) >= 128 else 1024
         return min((1 << self.tile_log) >> self.tile_fuse, cap) if self.tile_log else 0
 
     @property
@@ -78,9 +78,10 @@ TILE_CONFIGS_K32_ONLY = ((15, 4),)
 
 
 # ... and with constant steps, for 32-bit keys without values: each shared-memory step a function of its own with
-# its stride bits as compile-time constants (176 SASS instructions a t14f4 step against 1,128 for the runtime step
-# over all its paths; unmeasured in time), the configurations ``c`` that `sort bench --tune` times next to the same
-# tiles with runtime steps
+# its stride bits as compile-time constants (176 SASS instructions a t14f4 step against 216 for the steps of the
+# other tile kernels, whose stride alone is a runtime value, and 1,128 with the step's shape at run time too, as
+# until 2026-11-29; unmeasured in time), the configurations ``c`` that `sort bench --tune` times next to the same
+# tiles with runtime strides
 CONST_STEP_TILES = ((13, 3), (13, 4), (14, 4), (15, 4))
 
 

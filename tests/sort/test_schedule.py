@@ -269,12 +269,15 @@ def test_passes_over_memory_and_fused_transforms():
     assert S.transforms_fused([]) == (False, False)
 
 
-def test_tile_threads_give_key_value_slots_of_16_keys_128_registers():
-    """bitonic.cu's TileShape: one thread per slot of 2^tile_fuse keys, at most 1024, and at most 512 for
-    key-value slots of 16 keys (which spilled at 1024 threads' 64 registers)."""
+def test_tile_threads_give_slots_over_64_bytes_128_registers():
+    """bitonic.cu's TileShape: one thread per slot of 2^tile_fuse keys, at most 1024, and at most 512 where a
+    slot holds 128 bytes or more (16 keys with values, or 16 64-bit keys: they spilled at 1024 threads' 64
+    registers)."""
     v = S.get_variant
     assert v("bitonic-fused@t14f4g5").tile_threads(False) == 1024
     assert v("bitonic-fused@t14f4g5").tile_threads(True) == 512
+    assert v("bitonic-fused@t14f4g5").tile_threads(False, 8) == 512
+    assert v("bitonic-fused@t13f3g4").tile_threads(True, 8) == 1024  # 8 64-bit keys and values: 96 bytes
     assert v("bitonic-fused@t15f4g5").tile_threads(False) == 1024
     assert v("bitonic-fused@t13f4g5").tile_threads(True) == 512  # 512 slots
     assert v("bitonic-fused@t13f3g4").tile_threads(True) == 1024
