@@ -119,19 +119,19 @@ SORT_STEP_KERNELS = r"""
 extern "C" __global__ void __launch_bounds__(1024) step_runtime(u32* keys, int p_hi, int fp, int flip) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u32* sk = reinterpret_cast<u32*>(smem_raw);
-    tile_chunk<u32, false, 14, 4>(sk, nullptr, p_hi, fp, flip != 0);
+    tile_chunk<u32, false, 14, 4, 1024>(sk, nullptr, p_hi, fp, flip != 0);
     keys[threadIdx.x] = sk[threadIdx.x];
 }
 extern "C" __global__ void __launch_bounds__(1024) step_shape(u32* keys, int p_hi) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u32* sk = reinterpret_cast<u32*>(smem_raw);
-    tile_step_p<u32, false, 14, 4, 4, false>(sk, nullptr, p_hi);
+    tile_step_p<u32, false, 14, 4, 1024, 4, false>(sk, nullptr, p_hi);
     keys[threadIdx.x] = sk[threadIdx.x];
 }
 extern "C" __global__ void __launch_bounds__(1024) step_constant(u32* keys) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u32* sk = reinterpret_cast<u32*>(smem_raw);
-    tile_chunk<u32, false, 14, 4>(sk, nullptr, 9, 4, false);
+    tile_chunk<u32, false, 14, 4, 1024>(sk, nullptr, 9, 4, false);
     keys[threadIdx.x] = sk[threadIdx.x];
 }
 """

@@ -152,21 +152,22 @@ __device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
 // keys: 32 registers of data): at 1024 threads a thread has 64 registers, too few for them, and ptxas spilled
 // (t14f4 on sm_90: 72 bytes with 32-bit keys and values, 1.5 KB with 64-bit ones); 512 threads of two slots
 // each have 128 (schedule.Variant.tile_threads).
-template <int T, int F, bool KV, int KEY_BYTES = 4>
+template <int T, int F, bool KV, int KEY_BYTES = 4, int W = 1024>
 struct TileShape {
     static constexpr u32 SLOT_COUNT = (1u << T) >> F;
-    static constexpr u32 MAX_THREADS = ((KEY_BYTES + (KV ? 4 : 0)) << F) >= 128 ? 512u : 1024u;
+    static constexpr u32 MAX_THREADS = (((KEY_BYTES + (KV ? 4 : 0)) << F) >= 128 || W < 1024) ? (W < 512 ? W : 512u)
+                                                                                             : 1024u;
     static constexpr u32 THREADS = SLOT_COUNT < MAX_THREADS ? SLOT_COUNT : MAX_THREADS;
     static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
 };
 
-template <typename K, bool KV, int T, int F>
+template <typename K, bool KV, int T, int F, int W>
 __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, bool flip) {
     constexpr int R = 1 << F;
     const int p_lo = p_hi - fp + 1;
 #pragma unroll 1
-    for (u32 slot = 0; slot < TileShape<T, F, KV, sizeof(K)>::SLOTS; ++slot) {
-        const u32 me = threadIdx.x + slot * TileShape<T, F, KV, sizeof(K)>::THREADS;
+    for (u32 slot = 0; slot < TileShape<T, F, KV, sizeof(K), W>::SLOTS; ++slot) {
+        const u32 me = threadIdx.x + slot * TileShape<T, F, KV, sizeof(K), W>::THREADS;
         K k[R];
         u32 v[R];
         // the index of register e (recomputed at the store: an array of R indices would cost R registers)
@@ -198,55 +199,55 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
 // compare-exchanges; 216 for tile_step_p below, whose p_hi is a runtime value; 1,128 for tile_chunk with all
 // three at run time; scripts/sass_counts.py --sort).
 // Out of line: the whole schedule inlined built 5x slower and spilled registers.
-template <typename K, bool KV, int T, int F, int P, int FP, bool FLIP>
+template <typename K, bool KV, int T, int F, int W, int P, int FP, bool FLIP>
 __device__ __noinline__ void tile_step_c(K* sk, u32* sv) {
-    tile_chunk<K, KV, T, F>(sk, sv, P, FP, FLIP);
+    tile_chunk<K, KV, T, F, W>(sk, sv, P, FP, FLIP);
 }
 // the strides 2^P .. 1 in steps of at most F, the first one a flip if FLIP (schedule.chunks(P, 0, F, FLIP))
-template <typename K, bool KV, int T, int F, int P, bool FLIP>
+template <typename K, bool KV, int T, int F, int W, int P, bool FLIP>
 __device__ __forceinline__ void steps_c(K* sk, u32* sv) {
     if constexpr (P >= 0) {
         constexpr int FP = F < P + 1 ? F : P + 1;
-        tile_step_c<K, KV, T, F, P, FP, FLIP>(sk, sv);
-        steps_c<K, KV, T, F, P - FP, false>(sk, sv);
+        tile_step_c<K, KV, T, F, W, P, FP, FLIP>(sk, sv);
+        steps_c<K, KV, T, F, W, P - FP, false>(sk, sv);
     }
 }
 // stages M..min(arg, T) of a tile sort
-template <typename K, bool KV, int T, int F, int M>
+template <typename K, bool KV, int T, int F, int W, int M>
 __device__ __forceinline__ void sort_stages_c(K* sk, u32* sv, int arg) {
     if constexpr (M <= T) {
         if (M > arg) return;
-        steps_c<K, KV, T, F, M - 1, true>(sk, sv);
-        sort_stages_c<K, KV, T, F, M + 1>(sk, sv, arg);
+        steps_c<K, KV, T, F, W, M - 1, true>(sk, sv);
+        sort_stages_c<K, KV, T, F, W, M + 1>(sk, sv, arg);
     }
 }
 
 // Runtime steps with their fused-stride count and flip as compile-time constants: one out-of-line function per
 // (FP, FLIP), only p_hi at run time, so the register network and the index arithmetic of a step are those of
 // its own shape (tile_chunk with all three at run time compiled every shape's compare-exchanges into one step).
-template <typename K, bool KV, int T, int F, int FP, bool FLIP>
+template <typename K, bool KV, int T, int F, int W, int FP, bool FLIP>
 __device__ __noinline__ void tile_step_p(K* sk, u32* sv, int p_hi) {
-    tile_chunk<K, KV, T, F>(sk, sv, p_hi, FP, FLIP);
+    tile_chunk<K, KV, T, F, W>(sk, sv, p_hi, FP, FLIP);
 }
-template <typename K, bool KV, int T, int F, int FP = F>
+template <typename K, bool KV, int T, int F, int W, int FP = F>
 __device__ __forceinline__ void tile_step(K* sk, u32* sv, int p_hi, int fp, bool flip) {
     if constexpr (FP >= 1) {
         if (fp == FP) {
-            if (flip) tile_step_p<K, KV, T, F, FP, true>(sk, sv, p_hi);
-            else tile_step_p<K, KV, T, F, FP, false>(sk, sv, p_hi);
+            if (flip) tile_step_p<K, KV, T, F, W, FP, true>(sk, sv, p_hi);
+            else tile_step_p<K, KV, T, F, W, FP, false>(sk, sv, p_hi);
         } else {
-            tile_step<K, KV, T, F, FP - 1>(sk, sv, p_hi, fp, flip);
+            tile_step<K, KV, T, F, W, FP - 1>(sk, sv, p_hi, fp, flip);
         }
     }
 }
 
 // mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
-template <typename K, bool KV, int T, int F, bool CS = false>
+template <typename K, bool KV, int T, int F, bool CS = false, int W = 1024>
 __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
                                           u32 vbase) {
     constexpr u32 TILE = 1u << T;
-    constexpr u32 THREADS = TileShape<T, F, KV, sizeof(K)>::THREADS;
+    constexpr u32 THREADS = TileShape<T, F, KV, sizeof(K), W>::THREADS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     K* sk = reinterpret_cast<K*>(smem_raw);
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
@@ -285,15 +286,15 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
     }
     __syncthreads();
     if constexpr (CS) {
-        if (mode == 0) sort_stages_c<K, KV, T, F, 1>(sk, sv, arg);
-        else steps_c<K, KV, T, F, T - 1, false>(sk, sv);
+        if (mode == 0) sort_stages_c<K, KV, T, F, W, 1>(sk, sv, arg);
+        else steps_c<K, KV, T, F, W, T - 1, false>(sk, sv);
     } else if (mode == 0) {
         for (int m = 1; m <= arg; ++m) {       // schedule.tile_steps: chunks(m-1, 0, F, flip first)
             int p = m - 1;
             bool first = true;
             while (p >= 0) {
                 const int fp = min(F, p + 1);
-                tile_step<K, KV, T, F>(sk, sv, p, fp, first);
+                tile_step<K, KV, T, F, W>(sk, sv, p, fp, first);
                 p -= fp;
                 first = false;
             }
@@ -302,7 +303,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
         int p = T - 1;                          // chunks(T-1, 0, F, no flip)
         while (p >= 0) {
             const int fp = min(F, p + 1);
-            tile_step<K, KV, T, F>(sk, sv, p, fp, false);
+            tile_step<K, KV, T, F, W>(sk, sv, p, fp, false);
             p -= fp;
         }
     }
@@ -374,4 +375,15 @@ BITONIC_TILE_C(32, u32, 0, 13, 3)
 BITONIC_TILE_C(32, u32, 0, 13, 4)
 BITONIC_TILE_C(32, u32, 0, 14, 4)
 BITONIC_TILE_C(32, u32, 0, 15, 4)
+// schedule.TILE_THREAD_CAPS: the same tile with at most W threads a block (each running several slots), for 32-bit
+// keys without values: two 512-thread blocks an SM where one 1024-thread block is alone (what `sort bench --tune`
+// times as t14f4g5w512: whether two blocks, one loading while the other sorts, beat one)
+#define BITONIC_TILE_W(BITS, K, KV, T, F, W)                                                          \
+    __global__ void __launch_bounds__(TileShape<T, F, KV, sizeof(K), W>::THREADS)                      \
+    bitonic_tile_k##BITS##_kv##KV##_t##T##_f##F##_w##W(                                                \
+        K* keys, u32* vals, const K* src, K* dst, u32 n, int mode, int arg, int io, int code, int desc,  \
+        u32 vbase) {                                                                                  \
+        tile_body<K, KV, T, F, false, W>(keys, vals, src, dst, n, mode, arg, io, code, desc, vbase);  \
+    }
+BITONIC_TILE_W(32, u32, 0, 14, 4, 512)
 }

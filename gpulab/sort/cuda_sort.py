@@ -20,8 +20,8 @@ import numpy as np
 
 from gpulab.core.errors import DeviceError, InputError
 from gpulab.sort import keys as K
-from gpulab.sort.schedule import (CONST_STEP_TILES, GLOBAL_FUSES, TILE_CONFIGS, Launch, Variant, chunk_log_for,
-                                   get_variant, global_groups, next_pow2_log, schedule, split_schedule,
+from gpulab.sort.schedule import (CONST_STEP_TILES, GLOBAL_FUSES, TILE_CONFIGS, TILE_THREAD_CAPS, Launch, Variant,
+                                   chunk_log_for, get_variant, global_groups, next_pow2_log, schedule, split_schedule,
                                    tile_instantiated, transforms_fused)
 
 SOURCE = Path(__file__).with_name("bitonic.cu")
@@ -39,6 +39,8 @@ def kernel_names() -> list[str]:
                       if tile_instantiated(t, f, b // 8, bool(kv))]
             names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}_c" for t, f in CONST_STEP_TILES
                       if tile_instantiated(t, f, b // 8, bool(kv), const_steps=True)]
+            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}_w{w}" for (t, f), ws in TILE_THREAD_CAPS.items()
+                      for w in ws if tile_instantiated(t, f, b // 8, bool(kv), threads_max=w)]
     return names
 
 
@@ -83,8 +85,8 @@ def tile_smem_bytes(tile_log: int, key_bytes: int, kv: bool) -> int:
 def fit_variant(variant: Variant, key_bytes: int, kv: bool, max_smem: int) -> Variant:
     """The variant itself if bitonic.cu has its tile for these keys (and values) and the tile fits ``max_smem``
     bytes of shared memory, else the largest such tile no larger than its own (its own tile fuse preferred).
-    Constant steps stay where that tile has them for these keys, else the same steps run from runtime values
-    (the same schedule, so the same result)."""
+    Constant steps and a thread cap stay where that tile has them for these keys, else the same steps run from
+    runtime strides, with the tile's own thread count (the same schedule, so the same result)."""
     if variant.tile_log is None:
         return variant
     options = sorted((t for t in TILE_CONFIGS if t[0] <= variant.tile_log and tile_instantiated(*t, key_bytes, kv)),
@@ -92,7 +94,9 @@ def fit_variant(variant: Variant, key_bytes: int, kv: bool, max_smem: int) -> Va
     for t, f in options:
         if tile_smem_bytes(t, key_bytes, kv) <= max_smem:
             const = variant.const_steps and tile_instantiated(t, f, key_bytes, kv, const_steps=True)
-            return Variant(variant.name, t, f, variant.global_fuse, variant.block, const)
+            w = variant.tile_threads_max
+            w = w if w < 1024 and tile_instantiated(t, f, key_bytes, kv, threads_max=w) else 1024
+            return Variant(variant.name, t, f, variant.global_fuse, variant.block, const, w)
     raise DeviceError(f"{variant.name}: no tile fits in {max_smem} bytes of shared memory")
 
 
@@ -177,7 +181,8 @@ class BitonicCuda:
             else:
                 io = (1 if src is not None and fuse_in and i == 0 else 0) | (2 if dst is not None and i == last else 0)
                 f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}"
-                            + ("_c" if v.const_steps else ""), smem)
+                            + ("_c" if v.const_steps else "")
+                            + (f"_w{v.tile_threads_max}" if v.tile_threads_max < 1024 else ""), smem)
                 tiles = (n + (1 << v.tile_log) - 1) >> v.tile_log
                 mode = 0 if launch.kind == "tile_sort" else 1
                 f((tiles,), (v.tile_threads(kv, bits // 8),),

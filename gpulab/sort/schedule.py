@@ -46,19 +46,21 @@ class Variant:
     global_fuse: int      # strides fused per global pass (2^global_fuse keys per thread)
     block: int = 256      # threads per block of the global passes
     const_steps: bool = False  # the tile kernels with compile-time steps (bitonic.cu's "_c" kernels)
+    tile_threads_max: int = 1024  # at most this many threads a tile block (bitonic.cu's "_w<W>" kernels below 1024)
 
     def tile_threads(self, kv: bool, key_bytes: int = 4) -> int:
         """Threads of a tile block: one per 2^tile_fuse keys, at most 1024, or 512 where a slot holds 128 bytes
         of keys and values or more (bitonic.cu's TileShape: beyond that a thread runs several slots of
         2^tile_fuse keys in turn, so that e.g. 16 keys and 16 values fit 128 registers without spills)."""
         cap = 512 if ((key_bytes + (4 if kv else 0)) << self.tile_fuse) >= 128 else 1024
-        return min((1 << self.tile_log) >> self.tile_fuse, cap) if self.tile_log else 0
+        return min((1 << self.tile_log) >> self.tile_fuse, cap, self.tile_threads_max) if self.tile_log else 0
 
     @property
     def config(self) -> str:
-        """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>, and a
-        ``c`` for constant tile steps."""
-        return f"t{self.tile_log or 0}f{self.tile_fuse}g{self.global_fuse}" + ("c" if self.const_steps else "")
+        """The variant's parameters as written after ``@`` in a name: t<tile_log>f<tile_fuse>g<global_fuse>, a
+        ``c`` for constant tile steps, and w<W> for at most W threads a tile block (below 1024)."""
+        return (f"t{self.tile_log or 0}f{self.tile_fuse}g{self.global_fuse}" + ("c" if self.const_steps else "")
+                + (f"w{self.tile_threads_max}" if self.tile_threads_max < 1024 else ""))
 
 
 VARIANTS = {
@@ -83,11 +85,19 @@ TILE_CONFIGS_K32_ONLY = ((15, 4),)
 # until 2026-11-29; unmeasured in time), the configurations ``c`` that `sort bench --tune` times next to the same
 # tiles with runtime strides
 CONST_STEP_TILES = ((13, 3), (13, 4), (14, 4), (15, 4))
+# ... and with fewer threads a block (runtime strides, 32-bit keys without values): (tile_log, tile_fuse) -> the
+# thread caps instantiated. t14f4 at 512 threads: two blocks an SM (59 registers) where the 1024-thread block is
+# alone on its SM, so one block's loads can overlap the other's shared-memory steps (`w512` in a configuration)
+TILE_THREAD_CAPS = {(14, 4): (512,)}
 
 
-def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool, const_steps: bool = False) -> bool:
+def tile_instantiated(tile_log: int, tile_fuse: int, key_bytes: int, kv: bool, const_steps: bool = False,
+                      threads_max: int = 1024) -> bool:
     """Whether bitonic.cu has the tile kernel (tile_log, tile_fuse) for these keys (and values), with constant
-    steps if asked."""
+    steps or a thread cap below 1024 if asked."""
+    if threads_max < 1024:
+        return (not const_steps and threads_max in TILE_THREAD_CAPS.get((tile_log, tile_fuse), ())
+                and key_bytes == 4 and not kv)
     if const_steps:
         return (tile_log, tile_fuse) in CONST_STEP_TILES and key_bytes == 4 and not kv
     if (tile_log, tile_fuse) not in TILE_CONFIGS:
@@ -101,7 +111,7 @@ GLOBAL_FUSES = (1, 2, 3, 4, 5)
 # at 10M keys for t14f4g5, 33 for t13f3g4), runtime or constant tile steps; which is fastest on a card is a
 # measurement, not a model.
 TUNE_CONFIGS = ("t13f3g4", "t13f3g5", "t13f4g4", "t13f4g5", "t14f4g4", "t14f4g5", "t15f4g4", "t15f4g5",
-                "t13f3g4c", "t13f4g5c", "t14f4g5c", "t15f4g5c")
+                "t13f3g4c", "t13f4g5c", "t14f4g5c", "t15f4g5c", "t14f4g5w512")
 PAD_BIT = 1 << 31  # set in the value of a padding key (PAD_BIT in bitonic.cu)
 
 
@@ -237,12 +247,17 @@ def get_variant(name: str) -> Variant:
     v = VARIANTS[base]
     if not config:
         return v
-    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)(c?)", config)
+    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)(c?)(?:w(\d+))?", config)
     if m is None:
         raise InputError(f"bad configuration {config!r} in {name!r}: expected t<tile_log>f<tile_fuse>g<global_fuse>"
-                         f"[c], e.g. {base}@{v.config}")
+                         f"[c][w<threads>], e.g. {base}@{v.config}")
     t, f, g = (int(x) for x in m.groups()[:3])
     const = m.group(4) == "c"
+    w = int(m.group(5)) if m.group(5) else 1024
+    if w != 1024 and (const or w not in TILE_THREAD_CAPS.get((t, f), ())):
+        caps = ", ".join(f"t{a}f{b}w{c}" for (a, b), cs in TILE_THREAD_CAPS.items() for c in cs)
+        raise InputError(f"{name}: no tile kernel of at most {w} threads for t{t}f{f}{'c' if const else ''}; "
+                         f"instantiated: {caps}")
     if const and (t, f) not in CONST_STEP_TILES:
         raise InputError(f"{name}: no constant-step kernel for tile t{t}f{f}; with constant steps: "
                          f"{', '.join(f't{a}f{b}' for a, b in CONST_STEP_TILES)}")
@@ -254,7 +269,7 @@ def get_variant(name: str) -> Variant:
     if g not in GLOBAL_FUSES:
         raise InputError(f"{name}: no kernel fusing g{g} global strides; instantiated: "
                          f"{', '.join(f'g{x}' for x in GLOBAL_FUSES)}")
-    return Variant(name, t or None, f, g, v.block, const)
+    return Variant(name, t or None, f, g, v.block, const, w)
 
 
 def _step(keys: np.ndarray, vals: np.ndarray | None, n: int, p_hi: int, fp: int, flip: bool,

@@ -83,6 +83,8 @@ WHOLE = [
     ("bitonic-fused@t15f4g5c", 70000, "uint32", "desc", False),  # ... with two slots a thread
     ("bitonic-fused@t14f4g5c", 3000, "float32", "asc", False),  # ... one partial tile: stages up to 12 of 14
     ("bitonic-fused@t14f4g5c", 9000, "int64", "desc", True),  # no constant-step kernel here: runtime steps
+    ("bitonic-fused@t14f4g5w512", 40000, "int32", "asc", False),  # 512 threads a tile block, two slots each
+    ("bitonic-fused@t14f4g5w512", 9000, "float32", "desc", True),  # no w512 kernel with values: the plain tile
 ]
 
 
@@ -97,6 +99,8 @@ def test_sort_cuda_c(cuda_c, variant, n, dtype, order, kv):
     assert n <= 1 or module.launches > 0
     const = [name for name in bit._fns if name.endswith("_c")]
     assert bool(const) == (variant.endswith("c") and dtype != "int64" and not kv), const
+    capped = [name for name in bit._fns if name.endswith("_w512")]
+    assert bool(capped) == (variant.endswith("w512") and dtype != "int64" and not kv), capped
 
 
 @pytest.mark.parametrize("variant, n, dtype, chunks, order, kv", [

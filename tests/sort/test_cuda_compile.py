@@ -113,6 +113,7 @@ T15_FALLBACK = {227 * 1024: [(15, 4)] + [(14, 4)] * 3,
 
 
 @pytest.mark.parametrize("name, table", [("bitonic-fused@t14f4g5", T14_FALLBACK), ("bitonic-fused", T14_FALLBACK),
+                                         ("bitonic-fused@t14f4g5w512", T14_FALLBACK),
                                          ("bitonic-fused@t15f4g5", T15_FALLBACK)])
 @pytest.mark.parametrize("max_smem", list(T14_FALLBACK))
 def test_effective_variant_falls_back_from_the_largest_tile(max_smem, name, table):
@@ -123,6 +124,10 @@ def test_effective_variant_falls_back_from_the_largest_tile(max_smem, name, tabl
     assert [(v.tile_log, v.tile_fuse) for v in got] == table[max_smem]
     assert all(v.global_fuse == 5 and v.name == name for v in got)
     assert all(v.tile_threads(kv) <= 1024 for v, kv in zip(got, (False, True) * 2))
+    # a thread cap stays only where its kernel exists (t14f4, 32-bit keys without values)
+    want_w = [512 if name.endswith("w512") and (v.tile_log, v.tile_fuse, b, kv) == (14, 4, 4, False) else 1024
+              for v, (b, kv) in zip(got, [(b, kv) for b in (4, 8) for kv in (False, True)])]
+    assert [v.tile_threads_max for v in got] == want_w
 
 
 def test_sort_host_argument_checks():

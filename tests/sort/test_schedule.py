@@ -283,3 +283,22 @@ def test_tile_threads_give_slots_over_64_bytes_128_registers():
     assert v("bitonic-fused@t13f3g4").tile_threads(True) == 1024
     assert v("bitonic-shared").tile_threads(True) == 1024
     assert v("bitonic-global").tile_threads(True) == 0
+    assert v("bitonic-fused@t14f4g5w512").tile_threads(False) == 512
+
+
+def test_thread_capped_tile_configurations():
+    """w<W>: at most W threads a tile block, where bitonic.cu instantiates it (t14f4 at 512, 32-bit keys without
+    values); the same schedule as the plain tile."""
+    w = S.get_variant("bitonic-fused@t14f4g5w512")
+    assert (w.tile_log, w.tile_fuse, w.global_fuse, w.tile_threads_max, w.const_steps) == (14, 4, 5, 512, False)
+    assert w.config == "t14f4g5w512" and S.get_variant("bitonic-fused@t14f4g5").config == "t14f4g5"
+    assert S.schedule(10_000_000, w) == S.schedule(10_000_000, "bitonic-fused@t14f4g5")
+    assert S.tile_instantiated(14, 4, 4, False, threads_max=512)
+    assert not S.tile_instantiated(14, 4, 4, True, threads_max=512)
+    assert not S.tile_instantiated(14, 4, 8, False, threads_max=512)
+    assert not S.tile_instantiated(13, 3, 4, False, threads_max=512)
+    for bad in ("t13f3g4w512", "t14f4g5w256", "t14f4g5cw512"):
+        with pytest.raises(InputError, match=f"no tile kernel of at most .* threads for .*instantiated: t14f4w512"):
+            S.get_variant(f"bitonic-fused@{bad}")
+    with pytest.raises(InputError, match="bad configuration"):
+        S.get_variant("bitonic-fused@t14f4g5w")
