@@ -151,12 +151,12 @@ __device__ __forceinline__ u32 spad(u32 i) { return i + (i >> 5); }
 // slot). MAX_THREADS is 1024, but 512 where a slot holds 128 bytes or more (16 keys with values, or 16 64-bit
 // keys: 32 registers of data): at 1024 threads a thread has 64 registers, too few for them, and ptxas spilled
 // (t14f4 on sm_90: 72 bytes with 32-bit keys and values, 1.5 KB with 64-bit ones); 512 threads of two slots
-// each have 128 (schedule.Variant.tile_threads).
+// each have 128 (schedule.Variant.tile_threads). A kernel may cap it lower (W: the "_w" kernels).
 template <int T, int F, bool KV, int KEY_BYTES = 4, int W = 1024>
 struct TileShape {
     static constexpr u32 SLOT_COUNT = (1u << T) >> F;
-    static constexpr u32 MAX_THREADS = (((KEY_BYTES + (KV ? 4 : 0)) << F) >= 128 || W < 1024) ? (W < 512 ? W : 512u)
-                                                                                             : 1024u;
+    static constexpr u32 BY_SLOT = ((KEY_BYTES + (KV ? 4 : 0)) << F) >= 128 ? 512u : 1024u;
+    static constexpr u32 MAX_THREADS = (u32)W < BY_SLOT ? (u32)W : BY_SLOT;
     static constexpr u32 THREADS = SLOT_COUNT < MAX_THREADS ? SLOT_COUNT : MAX_THREADS;
     static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
 };
