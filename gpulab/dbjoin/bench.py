@@ -62,8 +62,6 @@ def parse_blocks(text: str) -> tuple[int, ...]:
             raise InputError(f"--tc-block must be 16, 32, 64 or 128 (or a list of them), got {text!r}") from None
         check_block(b)
         out.append(b)
-    if not out:
-        raise InputError("--tc-block needs a tile size: 16, 32, 64 or 128")
     return tuple(dict.fromkeys(out))
 
 
