@@ -56,7 +56,8 @@ def _tile_codes(lo, hi, valid, R, HAS_HI: tl.constexpr, ROWS_FIRST: tl.constexpr
 def _code_product(a_lo, a_hi, b_lo, b_hi, HAS_HI: tl.constexpr):
     """codes(left) . codes(right)^T as one product per 32-bit word, accumulated: K = KUSED exactly where all coded
     bits agree. Split by word (not one K = 64 product) so that half the codes are live at a time: the sm_90 build
-    of the join kernel needed 255 registers (and spilled) with 64-wide codes at BM = 64, 108 split."""
+    of the join kernel (int64 keys, BM = 64) needed 255 registers and spilled with 64-wide codes, 135 split
+    (Triton 3.8)."""
     acc = tl.dot(a_lo, b_lo)
     if HAS_HI:
         acc = tl.dot(a_hi, b_hi, acc, out_dtype=acc.dtype)  # int32 for int8 codes (Triton 3.6 assumes fp32)
