@@ -161,8 +161,14 @@ struct TileShape {
     static constexpr u32 SLOTS = SLOT_COUNT / THREADS;
 };
 
-template <typename K, bool KV, int T, int F, int W>
-__device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, bool flip) {
+// One step (fp strides from 2^p_hi down, a flip first if asked) over a tile: each thread loads the 2^F keys of
+// its slot(s) from shared memory, or, FROM_G, from the tile's place in global memory (padding past n), runs the
+// network in registers, stores them to shared memory and waits at a barrier. A merge's first step loads from
+// global memory (merge_steps): its keys pass through shared memory once fewer than if the tile were copied in
+// first. (Merges never load input bits: a sort's first launch is a tile sort, schedule.transforms_fused.)
+template <typename K, bool KV, int T, int F, int W, bool FROM_G>
+__device__ __forceinline__ void tile_chunk_io(K* sk, u32* sv, int p_hi, int fp, bool flip, const K* keys,
+                                              const u32* vals, u32 base, u32 n) {
     constexpr int R = 1 << F;
     const int p_lo = p_hi - fp + 1;
 #pragma unroll 1
@@ -170,27 +176,91 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
         const u32 me = threadIdx.x + slot * TileShape<T, F, KV, sizeof(K), W>::THREADS;
         K k[R];
         u32 v[R];
-        // the index of register e (recomputed at the store: an array of R indices would cost R registers)
+        // the tile index of register e (recomputed at the store: an array of R indices would cost R registers)
         auto at = [&](int e) {
             const u32 h = (u32)e & ((1u << fp) - 1u);
             const u32 rest = (me << (F - fp)) | ((u32)e >> fp);
-            return spad(group_index(rest, h, p_lo, fp, flip));
+            return group_index(rest, h, p_lo, fp, flip);
         };
 #pragma unroll
         for (int e = 0; e < R; ++e) {
             const u32 i = at(e);
-            k[e] = sk[i];
-            if (KV) v[e] = sv[i];
+            if (FROM_G) {
+                const u32 g = base + i;
+                k[e] = g < n ? keys[g] : key_max(K(0));
+                if (KV) v[e] = g < n ? vals[g] : (g | PAD_BIT);
+            } else {
+                k[e] = sk[spad(i)];
+                if (KV) v[e] = sv[spad(i)];
+            }
         }
         network<K, KV, F>(k, v, fp, flip);
 #pragma unroll
         for (int e = 0; e < R; ++e) {
-            const u32 i = at(e);
+            const u32 i = spad(at(e));
             sk[i] = k[e];
             if (KV) sv[i] = v[e];
         }
     }
     __syncthreads();
+}
+
+// A step between shared memory and shared memory.
+template <typename K, bool KV, int T, int F, int W>
+__device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, bool flip) {
+    tile_chunk_io<K, KV, T, F, W, false>(sk, sv, p_hi, fp, flip, nullptr, nullptr, 0u, 0u);
+}
+
+// A merge launch (mode 1): the strides 2^(T-1) .. 1 of a stage above T, no flip, all known at compile time
+// (schedule.chunks(T-1, 0, F, False)): each step one out-of-line function with its stride and shape constant, the
+// first loading the tile from global memory (its groups span the tile, but a warp's lanes read consecutive keys).
+// The last step stays in shared memory: its groups are a thread's consecutive keys, so a warp's lanes would store
+// 2^F keys apart, each sector in 2^F partial writes, where tile_body's store phase writes them coalesced.
+template <typename K, bool KV, int T, int F, int W, int P, int FP, bool FIRST>
+__device__ __noinline__ void merge_step(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
+    tile_chunk_io<K, KV, T, F, W, FIRST>(sk, sv, P, FP, false, keys, vals, base, n);
+}
+template <typename K, bool KV, int T, int F, int W, int P, bool FIRST>
+__device__ __forceinline__ void merge_steps(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
+    constexpr int FP = F < P + 1 ? F : P + 1;
+    merge_step<K, KV, T, F, W, P, FP, FIRST>(sk, sv, keys, vals, base, n);
+    if constexpr (P - FP >= 0) merge_steps<K, KV, T, F, W, P - FP, false>(sk, sv, keys, vals, base, n);
+}
+
+// A tile sort's load (mode 0): TILE / THREADS keys a thread, in batches of up to 8: all loads of a batch are issued
+// before any transform or shared-memory store (a loop `i += THREADS` was unrolled by 4 with remainder code, and
+// the input transform's branches kept the first launch's loads one at a time), so one round trip to memory serves
+// eight keys where a block is alone on its SM (four 64-bit keys with values: eight spilled at 64 registers).
+template <typename K, bool KV, int T, int THREADS>
+__device__ __forceinline__ void tile_load(K* sk, u32* sv, const K* keys, const u32* vals, const K* src, u32 base,
+                                          u32 n, bool load_input, int code, int desc, u32 vbase) {
+    constexpr u32 PER_THREAD = (1u << T) / THREADS;
+    constexpr u32 BATCH_MAX = (sizeof(K) == 8 && KV) ? 4u : 8u;
+    constexpr u32 BATCH = PER_THREAD < BATCH_MAX ? PER_THREAD : BATCH_MAX;
+#pragma unroll 1
+    for (u32 r0 = 0; r0 < PER_THREAD; r0 += BATCH) {
+        K kb[BATCH];
+        u32 vb[BATCH];
+#pragma unroll
+        for (u32 j = 0; j < BATCH; ++j) {
+            const u32 g = base + threadIdx.x + (r0 + j) * THREADS;
+            const bool in = g < n;
+            if (load_input) {
+                kb[j] = in ? src[g] : K(0);
+                if (KV) vb[j] = in ? vbase + g : (g | PAD_BIT);
+            } else {
+                kb[j] = in ? keys[g] : key_max(K(0));
+                if (KV) vb[j] = in ? vals[g] : (g | PAD_BIT);
+            }
+        }
+#pragma unroll
+        for (u32 j = 0; j < BATCH; ++j) {
+            const u32 i = threadIdx.x + (r0 + j) * THREADS;
+            if (load_input) kb[j] = base + i < n ? to_key(kb[j], code, desc) : key_max(K(0));
+            sk[spad(i)] = kb[j];
+            if (KV) sv[spad(i)] = vb[j];
+        }
+    }
 }
 
 // Constant steps (the "_c" tile kernels, a `c` after a configuration: schedule.Variant.const_steps): the same
@@ -241,7 +311,8 @@ __device__ __forceinline__ void tile_step(K* sk, u32* sv, int p_hi, int fp, bool
     }
 }
 
-// mode 0: stages 1..arg of a tile sort; mode 1: the strides 2^(T-1)..1 of a merge stage > T.
+// mode 0: stages 1..arg of a tile sort (CS: constant steps); mode 1: the strides 2^(T-1)..1 of a merge stage > T
+// (merge_steps: constant steps in every kernel).
 template <typename K, bool KV, int T, int F, bool CS = false, int W = 1024>
 __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
@@ -253,58 +324,25 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
     u32* sv = reinterpret_cast<u32*>(sk + TILE + (TILE >> 5));
     const u32 base = blockIdx.x * TILE;
     const bool load_input = (io & 1) != 0, store_output = (io & 2) != 0;
-    // TILE / THREADS keys a thread, loaded in batches of up to 8: all loads of a batch are issued before any
-    // transform or shared-memory store (a loop `i += THREADS` was unrolled by 4 with remainder code, and the
-    // input transform's branches kept the first launch's loads one at a time), so one round trip to memory
-    // serves eight keys where a block is alone on its SM (four 64-bit keys with values: eight spilled at 64 registers)
     constexpr u32 PER_THREAD = TILE / THREADS;
-    constexpr u32 BATCH_MAX = (sizeof(K) == 8 && KV) ? 4u : 8u;
-    constexpr u32 BATCH = PER_THREAD < BATCH_MAX ? PER_THREAD : BATCH_MAX;
-#pragma unroll 1
-    for (u32 r0 = 0; r0 < PER_THREAD; r0 += BATCH) {
-        K kb[BATCH];
-        u32 vb[BATCH];
-#pragma unroll
-        for (u32 j = 0; j < BATCH; ++j) {
-            const u32 g = base + threadIdx.x + (r0 + j) * THREADS;
-            const bool in = g < n;
-            if (load_input) {
-                kb[j] = in ? src[g] : K(0);
-                if (KV) vb[j] = in ? vbase + g : (g | PAD_BIT);
-            } else {
-                kb[j] = in ? keys[g] : key_max(K(0));
-                if (KV) vb[j] = in ? vals[g] : (g | PAD_BIT);
-            }
-        }
-#pragma unroll
-        for (u32 j = 0; j < BATCH; ++j) {
-            const u32 i = threadIdx.x + (r0 + j) * THREADS;
-            if (load_input) kb[j] = base + i < n ? to_key(kb[j], code, desc) : key_max(K(0));
-            sk[spad(i)] = kb[j];
-            if (KV) sv[spad(i)] = vb[j];
-        }
-    }
-    __syncthreads();
-    if constexpr (CS) {
-        if (mode == 0) sort_stages_c<K, KV, T, F, W, 1>(sk, sv, arg);
-        else steps_c<K, KV, T, F, W, T - 1, false>(sk, sv);
-    } else if (mode == 0) {
-        for (int m = 1; m <= arg; ++m) {       // schedule.tile_steps: chunks(m-1, 0, F, flip first)
-            int p = m - 1;
-            bool first = true;
-            while (p >= 0) {
-                const int fp = min(F, p + 1);
-                tile_step<K, KV, T, F, W>(sk, sv, p, fp, first);
-                p -= fp;
-                first = false;
-            }
-        }
+    if (mode == 1) {  // a merge: its first step loads the tile from global memory
+        merge_steps<K, KV, T, F, W, T - 1, true>(sk, sv, keys, vals, base, n);
     } else {
-        int p = T - 1;                          // chunks(T-1, 0, F, no flip)
-        while (p >= 0) {
-            const int fp = min(F, p + 1);
-            tile_step<K, KV, T, F, W>(sk, sv, p, fp, false);
-            p -= fp;
+        tile_load<K, KV, T, THREADS>(sk, sv, keys, vals, src, base, n, load_input, code, desc, vbase);
+        __syncthreads();
+        if constexpr (CS) {
+            sort_stages_c<K, KV, T, F, W, 1>(sk, sv, arg);
+        } else {
+            for (int m = 1; m <= arg; ++m) {       // schedule.tile_steps: chunks(m-1, 0, F, flip first)
+                int p = m - 1;
+                bool first = true;
+                while (p >= 0) {
+                    const int fp = min(F, p + 1);
+                    tile_step<K, KV, T, F, W>(sk, sv, p, fp, first);
+                    p -= fp;
+                    first = false;
+                }
+            }
         }
     }
 #pragma unroll 8

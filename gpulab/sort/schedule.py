@@ -79,11 +79,10 @@ TILE_CONFIGS = ((11, 1), (12, 3), (13, 3), (13, 4), (14, 4), (15, 4))
 TILE_CONFIGS_K32_ONLY = ((15, 4),)
 
 
-# ... and with constant steps, for 32-bit keys without values: each shared-memory step a function of its own with
-# its stride bits as compile-time constants (176 SASS instructions a t14f4 step against 216 for the steps of the
-# other tile kernels, whose stride alone is a runtime value, and 1,128 with the step's shape at run time too, as
-# until 2026-11-29; unmeasured in time), the configurations ``c`` that `sort bench --tune` times next to the same
-# tiles with runtime strides
+# ... and with constant steps in the tile sort too, for 32-bit keys without values: each shared-memory step of a
+# sort's first launch a function of its own with its stride bits as compile-time constants (176 SASS instructions
+# a t14f4 step against 216 where the stride alone is a runtime value; every kernel's merges run constant steps),
+# the configurations ``c`` that `sort bench --tune` times next to the same tiles
 CONST_STEP_TILES = ((13, 3), (13, 4), (14, 4), (15, 4))
 # ... and with fewer threads a block (runtime strides, 32-bit keys without values): (tile_log, tile_fuse) -> the
 # thread caps instantiated. t14f4 at 512 threads: two blocks an SM (59 registers) where the 1024-thread block is
