@@ -72,6 +72,8 @@ WHOLE = [
     ("bitonic-shared", 3000, "uint32", "desc", False),
     ("bitonic-fused", 20000, "int32", "asc", False),
     ("bitonic-fused", 9000, "int64", "desc", True),
+    ("bitonic-fused", 40000, "int64", "asc", True),  # merges of 64-bit keys and values: 512 threads, two slots each
+    ("bitonic-fused", 40000, "int64", "desc", False),  # ... and of 64-bit keys alone (also 512 threads)
     ("bitonic-fused", 1, "float32", "asc", True),
     ("bitonic-fused@t14f4g5", 40000, "float32", "desc", True),
     ("bitonic-fused@t15f4g5", 70000, "int32", "asc", False),  # 2^15-key tiles: each thread runs two slots
