@@ -6,6 +6,7 @@ attention and W8A16 tiles come from this script:
     python scripts/sass_counts.py            # every tile, a table
     python scripts/sass_counts.py --json     # the same as JSON
     python scripts/sass_counts.py --sort     # also one shared-memory step of the bitonic sort (nvcc; whole kernel)
+    python scripts/sass_counts.py --join     # the tensor-core join kernels' registers and programs an SM
 
 A count is per thread per loop iteration (decode attention: one 64-key step; prefill: one 32-key step; W8A16:
 one 128 x 64 tile of K x N). It says what the SM must issue, not how fast the kernel runs.
@@ -165,12 +166,71 @@ def sort_step_counts() -> dict:
             for name, c in sorted(out.items())}
 
 
+def sm90_resources(fn, types: dict, consts: dict, num_warps: int = 4) -> dict:
+    """Registers, spill bytes, shared memory and the programs an sm_90 SM holds at once (by registers, shared
+    memory and threads) of one Triton kernel built ahead of time (ptxas -v of its PTX), and its SASS size."""
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        src.write_text(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        log = subprocess.run([tool("ptxas"), "-v", f"-arch={arch}", "-o", str(cubin), str(src)], check=True,
+                             capture_output=True, text=True).stderr
+        sass = sum(opcodes(disassemble(cubin)).values())
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    smem = int(k.metadata.shared)
+    threads = 32 * num_warps
+    per_sm = min(65536 // (-(-regs // 8) * 8 * threads), (227 * 1024) // max(smem, 1), 2048 // threads, 32)
+    return {"registers": regs, "spill_bytes": spill, "shared_bytes": smem, "programs_per_sm": per_sm,
+            "warps_per_sm": per_sm * num_warps, "sass": sass}
+
+
+def join_resources() -> dict:
+    """The tensor-core join and aggregate kernels at the tiles BENCHMARKS.md quotes (fp16 codes, 4 warps)."""
+    import triton.language as tl
+
+    from gpulab.dbjoin import tensorcore_aggregate_kernel as TA
+    from gpulab.dbjoin import tensorcore_kernel as TK
+
+    jt = {n: "*i32" for n in ("l_lo", "l_hi", "l_row", "l_start", "l_cnt", "r_lo", "r_hi", "r_row", "r_start",
+                              "r_cnt", "out_l", "out_r")}
+    jt.update(capacity="i64", counter="*i64", R="i32", KUSED="i32")
+    at = {n: "*i32" for n in ("l_lo", "l_hi", "l_pay", "l_start", "l_cnt", "r_lo", "r_hi", "r_pay", "r_start", "r_cnt")}
+    at.update({n: "*i64" for n in ("out_key", "out_count", "out_suml", "out_sumr", "counter", "l_key")}, R="i32",
+              KUSED="i32")
+    out = {}
+    for bm in (64, 32):
+        for hi in (True, False):
+            for count_only in (False, True):
+                name = f"tc_join BM{bm} {'int64' if hi else 'int32'}{', count only' if count_only else ''}"
+                out[name] = sm90_resources(TK.tc_join_kernel, jt, dict(HAS_HI=hi, BM=bm, BN=bm, DT=tl.float16,
+                                                                         COUNT_ONLY=count_only))
+    out["tc_agg BM64 int64 sum"] = sm90_resources(TA.tc_agg_kernel, at, dict(
+        HAS_HI=True, BM=64, DT=tl.float16, ADT=tl.float16, WITH_SUMS=True, AGG_DOT=False))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print {tile: {total, opcodes}} as JSON")
     ap.add_argument("--only", default="", help="tiles whose name contains this text")
     ap.add_argument("--sort", action="store_true", help="also one bitonic tile step (whole kernel, nvcc)")
+    ap.add_argument("--join", action="store_true",
+                    help="only the tensor-core join kernels' registers, spills and programs an SM (sm_90)")
     a = ap.parse_args()
+    if a.join:
+        res = join_resources()
+        if a.json:
+            print(json.dumps(res, indent=1))
+            return
+        print(f"Triton {triton.__version__}, sm_90, fp16 codes, 4 warps")
+        for name, r in res.items():
+            print(f"{name:32} {r['registers']:4} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']:6} B "
+                  f"shared: {r['programs_per_sm']} programs ({r['warps_per_sm']} warps) an SM; SASS {r['sass']}")
+        return
     out = {}
     for name, (fn, types, consts, options) in TILES.items():
         if a.only and a.only not in name:
