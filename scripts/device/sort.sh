@@ -6,7 +6,7 @@
 #     of bitonic-fused: --tune), and the chunked pipelined end to end of bitonic-shared/fused in 8
 #     chunks (transfers overlapped with the sort; < 1 s more)
 #  3. the 10M int32 key-value (argsort) bench with pageable transfers (fused, cupy, torch)
-#  4. Nsight Compute on the shared and fused variants (default t14f4g5, and t14f4g5c: constant steps) at 1M (skipped if ncu is
+#  4. Nsight Compute on the shared and fused variants (default t14f4g5, and t14f4g5w512: two tile blocks an SM) at 1M (skipped if ncu is
 #     absent; gets what is left)
 #  5. a short table of what was measured
 set -u
@@ -35,7 +35,7 @@ step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pag
 if command -v ncu >/dev/null 2>&1; then
   echo "== ncu (1M keys, shared + fused)"
   step 90 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 1 \
-      --impl bitonic-shared,bitonic-fused,bitonic-fused@t14f4g5c --ncu >/dev/null || echo "ncu run failed or timed out (exit $?, not fatal)"
+      --impl bitonic-shared,bitonic-fused,bitonic-fused@t14f4g5w512 --ncu >/dev/null || echo "ncu run failed or timed out (exit $?, not fatal)"
 fi
 
 echo "== summary"
