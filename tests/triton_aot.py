@@ -31,3 +31,25 @@ def run_aot_script(script: str, done_marker: str, timeout: int = 300) -> str:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert done_marker in proc.stdout
     return proc.stdout
+
+
+def run_sass_counts(*args: str, needs_nvcc: bool = False, timeout: int = 300) -> dict:
+    """``python scripts/sass_counts.py --json ARGS`` (sm_90 builds with the ptxas and nvdisasm that Triton ships, and
+    nvcc for the sort's step), parsed; skips where this Triton or this machine lacks what the script needs."""
+    import json
+    import shutil
+
+    triton = pytest.importorskip("triton")
+    from gpulab.core.device import package_version, version_release
+
+    if version_release(package_version("triton")) < (3, 2):
+        pytest.skip("the script passes ASTSource the signature form of Triton >= 3.2")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((tools / "ptxas").exists() and (tools / "nvdisasm").exists()):
+        pytest.skip("this Triton ships no ptxas/nvdisasm")
+    if needs_nvcc and shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_counts.py"), "--json", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
