@@ -23,7 +23,7 @@ def compile(fn, sig, consts, cc=90):
 for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
     ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
     lin = dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")})
-    for bm, bn, bk in ((16, 64, 32), (64, 128, 64)):
+    for bm, bn, bk in ((16, 64, 32), (64, 128, 64), (16, 16, 64), (16, 32, 64)):  # small batches: narrow N tiles
         compile(K._linear_kernel, lin, dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
                                             BLOCK_K=bk, GROUP_M=8))
     conv = dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
@@ -62,3 +62,19 @@ print("ok all")
 
 def test_l2_triton_kernels_compile_for_sm90():
     run_aot_script(SCRIPT, "ok all")
+
+
+def test_small_batch_linear_tiles_cover_the_sms(monkeypatch):
+    """kernels._blocks: on a GPU of 132 SMs a batch-8 layer of width 1536 gets 16-wide N tiles (96 programs, not
+    the 12 of 128-wide ones); N tiles halve only while the programs are fewer than the SMs; without an SM count as
+    before; under the interpreter always the small tiles."""
+    from gpulab.l2 import kernels as K
+
+    monkeypatch.setattr(K, "INTERPRET", True)
+    assert K._blocks(8, 1536, 1536, 132) == (16, 32, 32)
+    monkeypatch.setattr(K, "INTERPRET", False)
+    assert K._blocks(8, 1536, 1536, 132) == (16, 16, 64)
+    assert K._blocks(8, 1536, 1536, 0) == (16, 128, 64)
+    assert K._blocks(8, 1536, 1536, 40) == (16, 32, 64)  # 48 programs >= 40 SMs
+    assert K._blocks(256, 4096, 4096, 132) == (64, 64, 64)  # 4 x 32 = 128 programs < 132: one halving
+    assert K._blocks(512, 4096, 4096, 132) == (64, 128, 64)  # 8 x 32 = 256 programs: as they were
