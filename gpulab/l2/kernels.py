@@ -73,6 +73,17 @@ def _blocks(m: int, n: int, k: int, sms: int = 0) -> tuple[int, int, int]:
     return bm, bn, 64 if k >= 64 else 32
 
 
+def _conv_blocks(pixels: int, co: int, sms: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_CO, BLOCK_K) of a convolution: 128 output pixels a tile, fewer (down to 32) while the
+    programs do not cover ``sms`` SMs (a 28 x 28 image at batch 1 and 256 channels: 28 programs at 128)."""
+    if INTERPRET:
+        return 32, 16, 16
+    bp, bc = 128, 64 if co >= 64 else 32
+    while bp > 32 and triton.cdiv(pixels, bp) * triton.cdiv(co, bc) < sms:
+        bp //= 2
+    return bp, bc, 32
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
@@ -151,10 +162,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
     y = torch.empty((nb, co, ho, wo), device=x.device, dtype=x.dtype)
-    if INTERPRET:
-        bp, bc, bk = 32, 16, 16
-    else:
-        bp, bc, bk = 128, 64 if co >= 64 else 32, 32
+    bp, bc, bk = _conv_blocks(nb * ho * wo, co, _sm_count(x.device.index or 0) if x.is_cuda else 0)
     grid = (triton.cdiv(nb * ho * wo, bp), triton.cdiv(co, bc))
     _conv2d_kernel[grid](x, w, b if b is not None else w, y, nb, c, h, wd, co, ho, wo,
                          *x.stride(), *y.stride(), STRIDE=stride, PAD=padding, KH=kh, KW=kw,

@@ -27,9 +27,9 @@ for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
         compile(K._linear_kernel, lin, dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
                                             BLOCK_K=bk, GROUP_M=8))
     conv = dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
-    for bc in (32, 64):
+    for bp, bc in ((128, 32), (128, 64), (32, 64)):  # 32 pixels a tile: small images at small batches
         compile(K._conv2d_kernel, conv, dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee,
-                                             BLOCK_P=128, BLOCK_CO=bc, BLOCK_K=32))
+                                             BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=32))
     print("ok", dt, flush=True)
 # A100 (sm_80): the bf16 tensor-core tiles
 ptrs = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
@@ -78,3 +78,6 @@ def test_small_batch_linear_tiles_cover_the_sms(monkeypatch):
     assert K._blocks(8, 1536, 1536, 40) == (16, 32, 64)  # 48 programs >= 40 SMs
     assert K._blocks(256, 4096, 4096, 132) == (64, 64, 64)  # 4 x 32 = 128 programs < 132: one halving
     assert K._blocks(512, 4096, 4096, 132) == (64, 128, 64)  # 8 x 32 = 256 programs: as they were
+    assert K._conv_blocks(784, 256, 132) == (32, 64, 32)  # 28 x 28 at batch 1: 25 x 4 = 100 programs, the fewest
+    assert K._conv_blocks(8 * 784, 256, 132) == (128, 64, 32)  # batch 8: 49 x 4 = 196 programs
+    assert K._conv_blocks(784, 256, 0) == (128, 64, 32)
