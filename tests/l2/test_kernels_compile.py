@@ -23,11 +23,12 @@ def compile(fn, sig, consts, cc=90):
 for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
     ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
     lin = dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")})
-    for bm, bn, bk in ((16, 64, 32), (64, 128, 64), (16, 16, 64), (16, 32, 64)):  # small batches: narrow N tiles
+    # kernels._blocks: BLOCK_M 16-64, BLOCK_N 128 down to 16 for small batches (e.g. 32 x 16, 64 x 64)
+    for bm, bn, bk in ((16, 64, 32), (64, 128, 64), (16, 16, 64), (16, 32, 64), (32, 16, 64), (64, 64, 64)):
         compile(K._linear_kernel, lin, dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
                                             BLOCK_K=bk, GROUP_M=8))
     conv = dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
-    for bp, bc in ((128, 32), (128, 64), (32, 64)):  # 32 pixels a tile: small images at small batches
+    for bp, bc in ((128, 32), (128, 64), (64, 64), (32, 64), (32, 32)):  # kernels._conv_blocks: 128 pixels down to 32
         compile(K._conv2d_kernel, conv, dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee,
                                              BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=32))
     print("ok", dt, flush=True)
