@@ -37,6 +37,24 @@ def version_release(version: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in m.group(0).split(".")) if m else ()
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: Any) -> int:
+    """SMs of a CUDA device (a torch device or its name; no index: the current device), 0 for any other device.
+    A host-side property query, remembered per device: no device sync, so a kernel's grid may be sized with it
+    during a CUDA-graph capture."""
+    import torch
+
+    d = torch.device(device)
+    if d.type != "cuda":
+        return 0
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = int(torch.cuda.get_device_properties(index).multi_processor_count)
+    return _SM_COUNTS[index]
+
+
 def bf16_native(device: Any) -> bool:
     """Whether ``device`` (a torch device or its name) computes in bf16 natively: CUDA compute capability 8.0
     (Ampere) or newer. Older GPUs only emulate bf16, slowly (cuBLAS/cuDNN/flashinfer have no bf16 kernels

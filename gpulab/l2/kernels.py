@@ -10,13 +10,13 @@
 Tested on the CPU under ``TRITON_INTERPRET=1`` in fp32 against :mod:`gpulab.l2.reference`;
 on a GPU in fp16/bf16 by the ``@pytest.mark.gpu`` tests.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.device import sm_count
 from gpulab.core.triton_compat import patch_interpreter
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
@@ -84,11 +84,6 @@ def _conv_blocks(pixels: int, co: int, sms: int = 0) -> tuple[int, int, int]:
     return bp, bc, 32
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu: bool = False,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x @ w.T + b)`` for 2-D x [M, K] and w [N, K]."""
@@ -97,7 +92,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu
     m, k = x.shape
     n = w.shape[0]
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
-    bm, bn, bk = _blocks(m, n, k, _sm_count(x.device.index or 0) if x.is_cuda else 0)
+    bm, bn, bk = _blocks(m, n, k, sm_count(x.device))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _linear_kernel[grid](x, w, b if b is not None else w, y, m, n, k,
                          x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
@@ -162,7 +157,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d: input {h}x{wd} is smaller than the kernel {kh}x{kw}")
     y = torch.empty((nb, co, ho, wo), device=x.device, dtype=x.dtype)
-    bp, bc, bk = _conv_blocks(nb * ho * wo, co, _sm_count(x.device.index or 0) if x.is_cuda else 0)
+    bp, bc, bk = _conv_blocks(nb * ho * wo, co, sm_count(x.device))
     grid = (triton.cdiv(nb * ho * wo, bp), triton.cdiv(co, bc))
     _conv2d_kernel[grid](x, w, b if b is not None else w, y, nb, c, h, wd, co, ho, wo,
                          *x.stride(), *y.stride(), STRIDE=stride, PAD=padding, KH=kh, KW=kw,

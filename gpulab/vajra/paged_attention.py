@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.device import sm_count
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
 from gpulab.vajra.fp8_ptx import (PTX_OFF, conversion_problem, device_key, e4m3_to_f16_ptx, ptx_disabled,
@@ -303,16 +304,6 @@ def _decode_merge_kernel(o_ptr, cl_ptr, po_ptr, pml_ptr, s_ot, s_oh, s_pb, s_ph,
     tl.store(o_ptr + seq * s_ot + h * s_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:  # a host-side property query: no device sync (safe during graph capture)
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def _decode_bn(device: torch.device) -> int:
     return 64 if (device.type == "cuda" and not interpreted()) else 32
 
@@ -327,7 +318,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, page: int,
     cap = max(1, min(DECODE_MAX_SPLITS, -(-max_blocks // unit_pages)))
     if device.type != "cuda" or interpreted():
         return max(1, min(DECODE_CPU_SPLITS, cap))
-    want = -(-2 * _sm_count(device) // max(1, batch * num_kv_heads))
+    want = -(-2 * sm_count(device) // max(1, batch * num_kv_heads))
     s = 1
     while s * 2 <= min(want, cap):
         s *= 2

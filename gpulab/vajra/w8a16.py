@@ -5,12 +5,12 @@ work is split over N tiles and, when there are too few of them to fill the GPU, 
 partial sums in fp32, summed by torch). Per-tensor and per-channel scales are applied to the
 accumulator once at the end; block scales once per K tile (BK divides the scale block).
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from gpulab.core.device import sm_count
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
 from gpulab.vajra.fp8_ptx import e4m3_to_bf16_ptx, ptx_usable
@@ -91,11 +91,6 @@ def _sum_splits_kernel(p_ptr, o_ptr, MN, SPLIT, BLOCK: tl.constexpr):
     tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=m)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
 def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> dict:
     """A heuristic tile configuration: BM 16/32/64 by M, BN 64 (32 for very small N), BK 128 (see block_k_tile),
     split-K until there are about two programs per SM (never below 4 K tiles per split)."""
@@ -105,7 +100,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> d
     if bk is None:
         raise ValueError(f"w8a16: block scales of K size {block[1]} need a power-of-two divisor >= 16 as the K tile")
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = max(sm_count(device), 1)
     split = 1
     while tiles * split < 2 * sms and k // (bk * split * 2) >= 4:
         split *= 2

@@ -74,3 +74,22 @@ def test_version_release():
     assert version_release("3.6.0+git1") == (3, 6, 0) and version_release("4.57.0.dev0") == (4, 57, 0)
     assert version_release("5.0.0rc1") == (5, 0, 0) and version_release("2.14.1+cu130") == (2, 14, 1)
     assert version_release("") == () and version_release(None) == () and version_release("dev") == ()
+
+
+def test_sm_count_per_device_and_remembered(monkeypatch):
+    """core.device.sm_count: 0 off CUDA; a CUDA device's SMs, asked once per device index (the current device
+    where the device names none)."""
+    import types
+
+    import torch
+
+    from gpulab.core import device as D
+
+    assert D.sm_count("cpu") == 0 and D.sm_count(torch.device("cpu")) == 0
+    asked = []
+    monkeypatch.setattr(D, "_SM_COUNTS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: asked.append(i) or types.SimpleNamespace(multi_processor_count=100 + i))
+    assert D.sm_count("cuda") == D.sm_count("cuda:1") == 101 and D.sm_count(torch.device("cuda", 0)) == 100
+    assert asked == [1, 0]

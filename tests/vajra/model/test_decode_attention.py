@@ -84,7 +84,7 @@ def test_decode_num_splits_heuristic(monkeypatch):
     assert cpu == P.DECODE_CPU_SPLITS
     assert P.decode_num_splits(1, 8, 1, 16, torch.device("cpu")) == 1  # one page: one split
     monkeypatch.setattr(P, "interpreted", lambda: False)
-    monkeypatch.setattr(P, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(P, "sm_count", lambda device: 132)
     gpu = torch.device("cuda")
     got = {b: P.decode_num_splits(b, 8, 8192, 16, gpu, BN=64) for b in (1, 2, 4, 8, 16, 32, 33, 256)}
     assert got == {1: 32, 2: 16, 4: 8, 8: 4, 16: 2, 32: 2, 33: 1, 256: 1}
