@@ -164,7 +164,7 @@ struct TileShape {
 // One step (fp strides from 2^p_hi down, a flip first if asked) over a tile: each thread loads the 2^F keys of
 // its slot(s) from shared memory, or, FROM_G, from the tile's place in global memory (padding past n), runs the
 // network in registers, stores them to shared memory and waits at a barrier. A merge's first step loads from
-// global memory (merge_steps): its keys pass through shared memory once fewer than if the tile were copied in
+// global memory (const_steps): its keys pass through shared memory once fewer than if the tile were copied in
 // first. (Merges never load input bits: a sort's first launch is a tile sort, schedule.transforms_fused.)
 template <typename K, bool KV, int T, int F, int W, bool FROM_G>
 __device__ __forceinline__ void tile_chunk_io(K* sk, u32* sv, int p_hi, int fp, bool flip, const K* keys,
@@ -211,22 +211,6 @@ __device__ __forceinline__ void tile_chunk(K* sk, u32* sv, int p_hi, int fp, boo
     tile_chunk_io<K, KV, T, F, W, false>(sk, sv, p_hi, fp, flip, nullptr, nullptr, 0u, 0u);
 }
 
-// A merge launch (mode 1): the strides 2^(T-1) .. 1 of a stage above T, no flip, all known at compile time
-// (schedule.chunks(T-1, 0, F, False)): each step one out-of-line function with its stride and shape constant, the
-// first loading the tile from global memory (its groups span the tile, but a warp's lanes read consecutive keys).
-// The last step stays in shared memory: its groups are a thread's consecutive keys, so a warp's lanes would store
-// 2^F keys apart, each sector in 2^F partial writes, where tile_body's store phase writes them coalesced.
-template <typename K, bool KV, int T, int F, int W, int P, int FP, bool FIRST>
-__device__ __noinline__ void merge_step(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
-    tile_chunk_io<K, KV, T, F, W, FIRST>(sk, sv, P, FP, false, keys, vals, base, n);
-}
-template <typename K, bool KV, int T, int F, int W, int P, bool FIRST>
-__device__ __forceinline__ void merge_steps(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
-    constexpr int FP = F < P + 1 ? F : P + 1;
-    merge_step<K, KV, T, F, W, P, FP, FIRST>(sk, sv, keys, vals, base, n);
-    if constexpr (P - FP >= 0) merge_steps<K, KV, T, F, W, P - FP, false>(sk, sv, keys, vals, base, n);
-}
-
 // A tile sort's load (mode 0): TILE / THREADS keys a thread, in batches of up to 8: all loads of a batch are issued
 // before any transform or shared-memory store (a loop `i += THREADS` was unrolled by 4 with remainder code, and
 // the input transform's branches kept the first launch's loads one at a time), so one round trip to memory serves
@@ -263,23 +247,27 @@ __device__ __forceinline__ void tile_load(K* sk, u32* sv, const K* keys, const u
     }
 }
 
-// Constant steps (the "_c" tile kernels, a `c` after a configuration: schedule.Variant.const_steps): the same
-// steps with p_hi, fp and flip as compile-time constants, each step one out-of-line function, so that its key
-// indices come from folded shifts and masks (sm_90 SASS of a t14f4 step: 176 instructions, 64 of them its
+// Steps known at compile time, each one out-of-line function with its stride, shape and flip constant, so that
+// its key indices come from folded shifts and masks (sm_90 SASS of a t14f4 step: 176 instructions, 64 of them its
 // compare-exchanges; 216 for tile_step_p below, whose p_hi is a runtime value; 1,128 for tile_chunk with all
-// three at run time; scripts/sass_counts.py --sort).
-// Out of line: the whole schedule inlined built 5x slower and spilled registers.
-template <typename K, bool KV, int T, int F, int W, int P, int FP, bool FLIP>
-__device__ __noinline__ void tile_step_c(K* sk, u32* sv) {
-    tile_chunk<K, KV, T, F, W>(sk, sv, P, FP, FLIP);
+// three at run time; scripts/sass_counts.py --sort). Out of line: the whole schedule inlined built 5x slower
+// and spilled registers. They serve every kernel's merges (mode 1: the strides 2^(T-1) .. 1, no flip, the first
+// step loading the tile from global memory: its groups span the tile, but a warp's lanes read consecutive keys;
+// the last step stays in shared memory, where its lanes would store 2^F keys apart, each sector in 2^F partial
+// writes, and tile_body's store phase writes them coalesced) and the "_c" kernels' tile sorts (a `c` after a
+// configuration: schedule.Variant.const_steps).
+template <typename K, bool KV, int T, int F, int W, int P, int FP, bool FLIP, bool FROM_G>
+__device__ __noinline__ void const_step(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
+    tile_chunk_io<K, KV, T, F, W, FROM_G>(sk, sv, P, FP, FLIP, keys, vals, base, n);
 }
-// the strides 2^P .. 1 in steps of at most F, the first one a flip if FLIP (schedule.chunks(P, 0, F, FLIP))
-template <typename K, bool KV, int T, int F, int W, int P, bool FLIP>
-__device__ __forceinline__ void steps_c(K* sk, u32* sv) {
+// the strides 2^P .. 1 in steps of at most F (schedule.chunks(P, 0, F, FLIP)), the first one a flip if FLIP and
+// loading from global memory if FROM_G
+template <typename K, bool KV, int T, int F, int W, int P, bool FLIP, bool FROM_G>
+__device__ __forceinline__ void const_steps(K* sk, u32* sv, const K* keys, const u32* vals, u32 base, u32 n) {
     if constexpr (P >= 0) {
         constexpr int FP = F < P + 1 ? F : P + 1;
-        tile_step_c<K, KV, T, F, W, P, FP, FLIP>(sk, sv);
-        steps_c<K, KV, T, F, W, P - FP, false>(sk, sv);
+        const_step<K, KV, T, F, W, P, FP, FLIP, FROM_G>(sk, sv, keys, vals, base, n);
+        const_steps<K, KV, T, F, W, P - FP, false, false>(sk, sv, keys, vals, base, n);
     }
 }
 // stages M..min(arg, T) of a tile sort
@@ -287,7 +275,7 @@ template <typename K, bool KV, int T, int F, int W, int M>
 __device__ __forceinline__ void sort_stages_c(K* sk, u32* sv, int arg) {
     if constexpr (M <= T) {
         if (M > arg) return;
-        steps_c<K, KV, T, F, W, M - 1, true>(sk, sv);
+        const_steps<K, KV, T, F, W, M - 1, true, false>(sk, sv, nullptr, nullptr, 0u, 0u);
         sort_stages_c<K, KV, T, F, W, M + 1>(sk, sv, arg);
     }
 }
@@ -312,7 +300,7 @@ __device__ __forceinline__ void tile_step(K* sk, u32* sv, int p_hi, int fp, bool
 }
 
 // mode 0: stages 1..arg of a tile sort (CS: constant steps); mode 1: the strides 2^(T-1)..1 of a merge stage > T
-// (merge_steps: constant steps in every kernel).
+// (const_steps: constant steps in every kernel).
 template <typename K, bool KV, int T, int F, bool CS = false, int W = 1024>
 __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict__ vals, const K* __restrict__ src,
                                           K* __restrict__ dst, u32 n, int mode, int arg, int io, int code, int desc,
@@ -326,7 +314,7 @@ __device__ __forceinline__ void tile_body(K* __restrict__ keys, u32* __restrict_
     const bool load_input = (io & 1) != 0, store_output = (io & 2) != 0;
     constexpr u32 PER_THREAD = TILE / THREADS;
     if (mode == 1) {  // a merge: its first step loads the tile from global memory
-        merge_steps<K, KV, T, F, W, T - 1, true>(sk, sv, keys, vals, base, n);
+        const_steps<K, KV, T, F, W, T - 1, false, true>(sk, sv, keys, vals, base, n);
     } else {
         tile_load<K, KV, T, THREADS>(sk, sv, keys, vals, src, base, n, load_input, code, desc, vbase);
         __syncthreads();
