@@ -85,7 +85,7 @@ TILE_CONFIGS_K32_ONLY = ((15, 4),)
 # the configurations ``c`` that `sort bench --tune` times next to the same tiles
 CONST_STEP_TILES = ((13, 3), (13, 4), (14, 4), (15, 4))
 # ... and with fewer threads a block (runtime strides, 32-bit keys without values): (tile_log, tile_fuse) -> the
-# thread caps instantiated. t14f4 at 512 threads: two blocks an SM (59 registers) where the 1024-thread block is
+# thread caps instantiated. t14f4 at 512 threads: two blocks an SM (60 registers on sm_90) where the 1024-thread block is
 # alone on its SM, so one block's loads can overlap the other's shared-memory steps (`w512` in a configuration)
 TILE_THREAD_CAPS = {(14, 4): (512,)}
 

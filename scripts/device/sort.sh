@@ -16,7 +16,7 @@ source "$(dirname "$0")/lib.sh"
 GPULAB=("$PY" -m gpulab --out "$OUT")
 budget_start 152  # seconds for steps 1-4; the summary takes ~1 s (H200, 2026-11-27: steps 1-3 took ~60 s,
 #                    and the ncu step did not finish in the ~40 s then left; since 2026-11-29 the tests and --tune
-#                    cover 13 configurations instead of 6 and NVRTC builds bitonic.cu in ~10 s: caps 55 and 35)
+#                    cover 13 configurations instead of 6 and bitonic.cu builds ~35% longer: caps 55 and 35)
 rc=0
 
 echo "== pytest -m gpu tests/sort"
