@@ -29,18 +29,24 @@ TRANSFORM_BLOCK = 256
 MAX_STREAMS = 8  # of the pipelined sort; chunk i runs on stream i % 8 (CUDA's default of 8 hardware queues)
 
 
+def tile_kernel_name(bits: int, kv: bool, tile_log: int, tile_fuse: int, const_steps: bool = False,
+                     threads_max: int = 1024) -> str:
+    """bitonic.cu's tile kernel for these keys (and values), tile, constant steps and thread cap."""
+    return (f"bitonic_tile_k{bits}_kv{int(kv)}_t{tile_log}_f{tile_fuse}" + ("_c" if const_steps else "")
+            + (f"_w{threads_max}" if threads_max < 1024 else ""))
+
+
 def kernel_names() -> list[str]:
     """Every extern "C" kernel of bitonic.cu (the nvcc test checks they are all in the cubin)."""
     names = [f"bitonic_{d}_key_{b}" for d in ("to", "from") for b in (32, 64)]
     for b in (32, 64):
-        for kv in (0, 1):
-            names += [f"bitonic_pass_k{b}_kv{kv}_f{f}" for f in GLOBAL_FUSES]
-            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}" for t, f in TILE_CONFIGS
-                      if tile_instantiated(t, f, b // 8, bool(kv))]
-            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}_c" for t, f in CONST_STEP_TILES
-                      if tile_instantiated(t, f, b // 8, bool(kv), const_steps=True)]
-            names += [f"bitonic_tile_k{b}_kv{kv}_t{t}_f{f}_w{w}" for (t, f), ws in TILE_THREAD_CAPS.items()
-                      for w in ws if tile_instantiated(t, f, b // 8, bool(kv), threads_max=w)]
+        for kv in (False, True):
+            names += [f"bitonic_pass_k{b}_kv{int(kv)}_f{f}" for f in GLOBAL_FUSES]
+            names += [tile_kernel_name(b, kv, t, f) for t, f in TILE_CONFIGS if tile_instantiated(t, f, b // 8, kv)]
+            names += [tile_kernel_name(b, kv, t, f, const_steps=True) for t, f in CONST_STEP_TILES
+                      if tile_instantiated(t, f, b // 8, kv, const_steps=True)]
+            names += [tile_kernel_name(b, kv, t, f, threads_max=w) for (t, f), ws in TILE_THREAD_CAPS.items()
+                      for w in ws if tile_instantiated(t, f, b // 8, kv, threads_max=w)]
     return names
 
 
@@ -180,9 +186,8 @@ class BitonicCuda:
                 mark(f"global_f{launch.fp}")
             else:
                 io = (1 if src is not None and fuse_in and i == 0 else 0) | (2 if dst is not None and i == last else 0)
-                f = self.fn(f"bitonic_tile_k{bits}_kv{int(kv)}_t{v.tile_log}_f{v.tile_fuse}"
-                            + ("_c" if v.const_steps else "")
-                            + (f"_w{v.tile_threads_max}" if v.tile_threads_max < 1024 else ""), smem)
+                f = self.fn(tile_kernel_name(bits, kv, v.tile_log, v.tile_fuse, v.const_steps, v.tile_threads_max),
+                            smem)
                 tiles = (n + (1 << v.tile_log) - 1) >> v.tile_log
                 mode = 0 if launch.kind == "tile_sort" else 1
                 f((tiles,), (v.tile_threads(kv, bits // 8),),
