@@ -66,6 +66,17 @@ def _fp8_math_q(q, F16: tl.constexpr):
 
 
 @triton.jit
+def _tile_query(q, sm_scale_log2, k_scale, FP8: tl.constexpr, F16: tl.constexpr):
+    """A kernel's query and scores' scale for _attend_tile: over an FP8 cache the query in its math dtype
+    (_fp8_math_q) and k_scale folded into the scale; over a 16-bit cache both as they are."""
+    s_scale = sm_scale_log2
+    if FP8:
+        q = _fp8_math_q(q, F16)
+        s_scale = sm_scale_log2 * k_scale
+    return q, s_scale
+
+
+@triton.jit
 def _attend_tile(q, c_ptr, bt_ptr, seq, kvh, kpos, kmask, ok, d, m_i, l_i, acc,
                  s_cb, s_ckv, s_cs, s_ch, s_bt, s_scale,
                  PAGE: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr, EBITS: tl.constexpr,
@@ -123,11 +134,7 @@ def _paged_attn_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, qs_ptr, ql_ptr, cl_ptr,
         d = tl.arange(0, D)
         kvh = h // GROUP
         q = tl.load(q_ptr + (q_start + rows)[:, None] * s_qt + h * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        if FP8:
-            q = _fp8_math_q(q, F16)
-            s_scale = sm_scale_log2 * k_scale
-        else:
-            s_scale = sm_scale_log2
+        q, s_scale = _tile_query(q, sm_scale_log2, k_scale, FP8, F16)
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
@@ -246,11 +253,7 @@ def _paged_decode_kernel(q_ptr, o_ptr, c_ptr, bt_ptr, cl_ptr, po_ptr, pml_ptr,
     d = tl.arange(0, D)
     if k_lo < k_hi:
         q = tl.load(q_ptr + seq * s_qt + h[:, None] * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        if FP8:
-            q = _fp8_math_q(q, F16)
-            s_scale = sm_scale_log2 * k_scale
-        else:
-            s_scale = sm_scale_log2
+        q, s_scale = _tile_query(q, sm_scale_log2, k_scale, FP8, F16)
         m_i = tl.full([BH], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BH], dtype=tl.float32)
         acc = tl.zeros([BH, D], dtype=tl.float32)
