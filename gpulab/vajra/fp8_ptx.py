@@ -92,6 +92,13 @@ def device_key(device) -> str:
 
 
 PTX_OFF = "turned off by GPULAB_FP8_PTX=0"
+GPU_LACKS = "this GPU has no"  # how every reason starts that only says the GPU cannot run a recipe (not a failure)
+
+
+def gpu_lacks(why: str | None) -> bool:
+    """Whether a probe's reason only says that this GPU lacks what the recipe needs (callers note real failures,
+    not this)."""
+    return bool(why) and why.startswith(GPU_LACKS)
 
 
 def ptx_disabled() -> bool:
@@ -116,7 +123,7 @@ def conversion_problem(device, target: str) -> str | None:
         else:
             cc = torch.cuda.get_device_capability(torch.device(key[0]))
             if cc < ((8, 9) if target == "f16" else (8, 0)):
-                why = f"sm_{cc[0]}{cc[1]} has no {'cvt.rn.f16x2.e4m3x2' if target == 'f16' else 'fma.rn.bf16x2'}"
+                why = f"{GPU_LACKS} {'cvt.rn.f16x2.e4m3x2' if target == 'f16' else 'fma.rn.bf16x2'} (sm_{cc[0]}{cc[1]})"
             else:
                 codes = torch.arange(256, dtype=torch.uint8)
                 # every code at each of the four byte positions of a pack (256 is a multiple of 4), reversed too

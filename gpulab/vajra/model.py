@@ -74,10 +74,10 @@ class LlamaModel:
             fused_ops = device.type == "cuda" and not why
         self.fused_ops = bool(fused_ops)
         if device.type == "cuda" and dtype == torch.bfloat16 and quant:  # W8A16's e4m3 -> bf16, probed before
-            from gpulab.vajra.fp8_ptx import conversion_problem  # any CUDA-graph capture
+            from gpulab.vajra.fp8_ptx import conversion_problem, gpu_lacks  # any CUDA-graph capture
 
             why = conversion_problem(device, "bf16")
-            if why and not why.startswith("sm_"):
+            if why and not gpu_lacks(why):
                 self.notes.append(f"FP8 weights: W8A16 converts them by Triton's cast, not by PTX ({why})")
 
     # The fused kernels (fused_ops.py) serve together: the attention backend's K/V store follows the model's choice,
@@ -149,12 +149,13 @@ class LlamaModel:
     def _probe_fp8_attention(self, page: int) -> None:
         """The Triton attention's inline-PTX conversion of an e4m3 V, checked here (before any CUDA-graph capture)
         at the model's head layout; where it fails, Triton's own cast serves and a note says why."""
+        from gpulab.vajra.fp8_ptx import gpu_lacks
         from gpulab.vajra.paged_attention import fp8_v_ptx_problem
 
         c = self.cfg
         why = fp8_v_ptx_problem(str(self.device), self.dtype, c.num_heads, c.num_kv_heads, c.head_dim, page)
         note = f"FP8 KV cache: the attention converts V by Triton's cast, not by PTX ({why})"
-        if why and why != "no native e4m3 on this GPU" and note not in self.notes:
+        if why and not gpu_lacks(why) and note not in self.notes:
             self.notes.append(note)
 
     # --------------------------------------------------------------------------------- forward

@@ -22,7 +22,7 @@ import triton.language as tl
 from gpulab.core.device import sm_count
 from gpulab.core.triton_compat import patch_interpreter
 from gpulab.vajra.fp8_kernels import FORMATS, _load_fp8, interpreted, native_fp8
-from gpulab.vajra.fp8_ptx import (PTX_OFF, conversion_problem, device_key, e4m3_to_f16_ptx, ptx_disabled,
+from gpulab.vajra.fp8_ptx import (GPU_LACKS, PTX_OFF, conversion_problem, device_key, e4m3_to_f16_ptx, ptx_disabled,
                                    ptx_usable)
 
 patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpulab.core.triton_compat)
@@ -426,8 +426,8 @@ def _v_ptx(q: torch.Tensor, cache: torch.Tensor, native: bool, v_ptx: bool | Non
 def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                       page: int = 16) -> str | None:
     """Why V's inline-PTX conversion must not serve an e4m3 cache on ``device`` with ``dtype`` queries of this
-    head layout and page size (None: it serves), checked once and remembered; "no native e4m3" where the GPU
-    has none."""
+    head layout and page size (None: it serves), checked once and remembered; fp8_ptx.gpu_lacks(why) where the GPU
+    has no native e4m3."""
     if ptx_disabled():
         return PTX_OFF
     key = (device_key(device), dtype, num_heads, num_kv_heads, head_dim, page)
@@ -443,7 +443,7 @@ def fp8_v_ptx_problem(device: str, dtype: torch.dtype, num_heads: int, num_kv_he
         cache = (torch.randn(sum(blocks), 2, page, num_kv_heads, head_dim, generator=g) * 40).to(
             torch.float8_e4m3fn).to(device)
         if not native_fp8(cache):
-            why = "no native e4m3 on this GPU"
+            why = f"{GPU_LACKS} native e4m3"
         elif recipe := conversion_problem(device, "f16"):  # the recipe itself, every code (what ptx_usable asks)
             why = f"the e4m3 -> fp16 recipe: {recipe}"
         else:

@@ -127,6 +127,19 @@ def test_recipes_do_not_serve_without_a_gpu_or_when_turned_off(monkeypatch):
     assert A.fp8_v_ptx_problem("cuda", torch.bfloat16, 32, 8, 128) == P.PTX_OFF
 
 
+def test_a_gpu_without_the_instruction_is_said_apart_from_a_failure(monkeypatch):
+    """An sm_86 GPU has no cvt.rn.f16x2.e4m3x2: its reason is gpu_lacks (the model notes no failure), unlike the
+    reasons of a probe that ran and failed, or of the recipes turned off; nothing is compiled for it."""
+    monkeypatch.setattr(P, "_PROBLEMS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(P, "_convert_kernel", None)
+    why = P.conversion_problem("cuda", "f16")
+    assert why == f"{P.GPU_LACKS} cvt.rn.f16x2.e4m3x2 (sm_86)" and P.gpu_lacks(why)
+    assert not P.gpu_lacks(None) and not P.gpu_lacks(P.PTX_OFF) and not P.gpu_lacks("needs a CUDA GPU")
+    assert not P.gpu_lacks("3 of 1280 converted values differ from torch's e4m3 -> f16")
+
+
 @pytest.mark.gpu
 def test_gpu_ptx_recipes_pass_their_probe_and_w8a16_agrees_with_tritons_cast():
     from gpulab.vajra import reference as R
