@@ -223,21 +223,22 @@ class PrefetchKernels:
                                 d.CUstream(int(stream_handle)), args, 0), f"cuLaunchKernel({kind})")
 
 
-def compile_cubin(source: str, arch: int) -> bytes:
-    """NVRTC-compile CUDA C to a cubin for ``sm_<arch>``."""
+def compile_cubin(source: str, arch: int, name: str = "prefetch_l2.cu",
+                  options: tuple[str, ...] = ("-default-device",)) -> bytes:
+    """NVRTC-compile CUDA C (``name`` in messages) to a cubin for ``sm_<arch>`` with ``options``."""
     nvrtc = _nvrtc()
     try:
-        prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), b"prefetch_l2.cu", 0, [], []), "nvrtcCreateProgram")
+        prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
     except RuntimeError as e:  # libnvrtc not found
         raise DeviceError(f"NVRTC is not usable: {str(e).splitlines()[0]}") from None
-    opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-default-device"]
+    opts = [f"--gpu-architecture=sm_{arch}".encode(), *(o.encode() for o in options)]
     err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
     if int(err) != 0:
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
         log = _out_buffer(size)
         nvrtc.nvrtcGetProgramLog(prog, log)
         first = log.decode(errors="replace").strip().splitlines()[:1] or [getattr(err, "name", str(err))]
-        raise DeviceError(f"NVRTC could not compile prefetch_l2.cu for sm_{arch}: {first[0]}")
+        raise DeviceError(f"NVRTC could not compile {name} for sm_{arch}: {first[0]}")
     size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
     cubin = _out_buffer(size)
     _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
