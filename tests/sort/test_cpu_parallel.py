@@ -59,3 +59,54 @@ def test_bad_input_is_an_input_error(fn, bad, msg):
         fn(bad)
     with pytest.raises(InputError, match="order must be asc or desc"):
         fn(np.zeros(3, np.int32), "up")
+
+
+@pytest.mark.parametrize("nthreads", [2, 5, 16, 64])  # 8, 32, 64 and 256 buckets: splitter trees of 3 to 8 levels
+@pytest.mark.parametrize("dtype, order", [("float32", "asc"), ("float32", "desc"), ("uint32", "desc"),
+                                          ("int32", "asc"), ("int64", "desc")])
+def test_sample_sort_any_bucket_count(nthreads, dtype, order):
+    """The partition at bucket counts other than this machine's: the Eytzinger search must put every key in the
+    bucket of its rank, with NaN (a third of the float keys, so some splitters are NaN) in the last bucket, uint32
+    keys compared unsigned (half above 2^31) and int64 keys signed; descending through the mirrored layout."""
+    rng = np.random.default_rng(nthreads)
+    n = 70_001
+    if dtype == "float32":
+        x = rng.standard_normal(n).astype(np.float32)
+        x[rng.random(n) < 0.34] = np.nan
+        x[:6] = [-0.0, 0.0, np.inf, -np.inf, np.nan, 1.0]
+    elif dtype == "uint32":
+        x = rng.integers(0, 2**32, n, dtype=np.uint32)
+    elif dtype == "int32":
+        x = rng.integers(-5, 5, n).astype(np.int32)  # few unique: splitters repeat
+    else:
+        x = rng.integers(-2**62, 2**62, n, dtype=np.int64)
+    cpu_parallel.threads()  # builds the kernels
+    got = cpu_parallel.sample_sort(x, nthreads, desc=order == "desc")
+    assert ref.mismatch(got, ref.sort(x, order)) is None, (nthreads, dtype, order)
+
+
+def test_sort_takes_byte_swapped_arrays():
+    x = np.arange(70_001, dtype=np.int32)[::-1].astype(">i4")
+    assert ref.mismatch(cpu_parallel.sort(x), np.arange(70_001, dtype=np.int32)) is None
+    keys, rows = cpu_parallel.argsort(x.astype(">i4"))
+    assert ref.mismatch(rows, np.arange(70_000, -1, -1, dtype=np.int64)) is None
+
+
+@pytest.mark.parametrize("nthreads", [2, 16])
+def test_partition_balances_uniform_keys(nthreads):
+    """Splitters at the sample's quantiles: on uniform keys no bucket holds twice its share (a tree of wrongly
+    chosen splitters still sorts, so only this catches it), and the mirrored layout holds the same buckets."""
+    x = np.random.default_rng(3).integers(-2**31, 2**31, 200_000).astype(np.int32)
+    cpu_parallel.threads()
+    out, starts = cpu_parallel._jit["partition"](x, nthreads, False)
+    sizes = np.diff(starts)
+    assert len(sizes) == max(8, 4 * nthreads) and sizes.sum() == len(x)
+    assert sizes.max() < 2 * len(x) / len(sizes), sizes
+    for b in range(len(sizes) - 1):  # every key of bucket b is <= every key of bucket b + 1
+        assert out[starts[b]:starts[b + 1]].max() <= out[starts[b + 1]:starts[b + 2]].min()
+    mirrored, starts_m = cpu_parallel._jit["partition"](x, nthreads, True)
+    assert np.array_equal(starts_m, starts)
+    n = len(x)
+    for b in range(len(sizes)):
+        lo, hi = starts[b], starts[b + 1]
+        assert np.array_equal(np.sort(mirrored[n - hi:n - lo]), np.sort(out[lo:hi]))
