@@ -1,32 +1,81 @@
-"""``gpulab report DIR``: one table over many result files."""
+"""``gpulab report DIR``: one table over many result files (or over their rows), for reading or for plotting."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 app = typer.Typer(add_completion=False)
 
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def report_rows(data: dict[str, Any], file: str, per_row: bool) -> list[dict[str, Any]]:
+    """One row per result (its summary's scalar fields) or, ``per_row``, one per row of its table followed by the
+    result's config fields that the row lacks (a sweep's n, dtype...), each led by the result's file, name,
+    finish time, device and status. Nested values (lists, mappings) are left out."""
+    from gpulab.core import device
+
+    head = {"file": file, "name": data.get("name"), "finished_utc": data.get("finished_utc"),
+            "device": device.describe(data.get("device") or {}), "ok": data.get("ok")}
+    if not per_row:
+        row = dict(head)
+        for k, v in (data.get("summary") or {}).items():
+            if _scalar(v):
+                row.setdefault(k, v)
+        return [row]
+    out = []
+    for r in data.get("rows") or []:
+        if isinstance(r, dict):
+            row = dict(head)
+            for k, v in [*r.items(), *(data.get("config") or {}).items()]:
+                if _scalar(v):
+                    row.setdefault(k, v)
+            out.append(row)
+    return out
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV with every column any row has (empty where a row lacks it or holds None); numbers unrounded."""
+    import csv
+    import io
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    return buf.getvalue()
+
 
 @app.command()
 def report(
     folder: Path = typer.Argument(Path("results"), help="Folder (searched recursively) or a single result file."),
-    format: str = typer.Option("table", "--format", help="table | markdown"),
+    format: str = typer.Option("table", "--format", help="table | markdown | csv | json (csv and json keep "
+                                                          "numbers unrounded, for plots)"),
     name: str = typer.Option("", "--name", help="Only results whose name starts with this."),
+    rows_: bool = typer.Option(False, "--rows", help="One line per row of each result's table (e.g. each "
+                                                      "implementation of a bench) instead of one per result."),
 ) -> None:
     """Aggregate result YAML files: one row per file with its device, status and summary metrics."""
     from rich.console import Console
 
-    from gpulab.core import device, results
+    from gpulab.core import results
     from gpulab.core.errors import InputError
 
-    if format not in ("table", "markdown"):
-        raise InputError(f"--format must be table or markdown, got {format!r}")
+    if format not in FORMATS:
+        raise InputError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {format!r}")
     if not folder.exists():
         raise InputError(f"no such folder or file: {folder}")
     files = [folder] if folder.is_file() else sorted(folder.rglob("*.yaml"))
     rows = []
-    skipped = 0
+    skipped = matched = 0
     for f in files:
         try:
             data = results.load(f)
@@ -37,17 +86,21 @@ def report(
             continue
         if name and not str(data.get("name", "")).startswith(name):
             continue
-        row = {"file": f.name, "name": data.get("name"), "finished_utc": data.get("finished_utc"),
-               "device": device.describe(data.get("device") or {}), "ok": data.get("ok")}
-        for k, v in (data.get("summary") or {}).items():
-            if isinstance(v, (int, float, str, bool)) or v is None:
-                row.setdefault(k, v)
-        rows.append(row)
+        matched += 1
+        rows += report_rows(data, f.name, rows_)
+    if not matched:
+        raise InputError(f"no gpulab result files under {folder}" + (f" named {name}*" if name else ""))
     if not rows:
-        raise InputError(f"no gpulab result files under {folder}")
+        raise InputError(f"the {matched} matching result files under {folder} have no table rows")
     if format == "markdown":
         typer.echo(results.markdown_table(rows))
+    elif format == "csv":
+        typer.echo(csv_text(rows), nl=False)
+    elif format == "json":
+        import json
+
+        typer.echo(json.dumps(rows, indent=1, default=str))
     else:
-        Console().print(results.rows_table(rows, title=f"{len(rows)} results from {folder}"))
-        if skipped:
-            Console(stderr=True).print(f"skipped {skipped} YAML files that are not gpulab results")
+        Console().print(results.rows_table(rows, title=f"{len(rows)} {'rows' if rows_ else 'results'} from {folder}"))
+    if skipped and format == "table":
+        Console(stderr=True).print(f"skipped {skipped} YAML files that are not gpulab results")

@@ -1,0 +1,69 @@
+"""`gpulab report`: one line per result or per table row, as a table, markdown, CSV or JSON."""
+import csv
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gpulab.core import results
+from gpulab.core.report_cli import app, csv_text, report_rows
+
+DEVICE = {"backend": "cpu", "cpu": {"model": "Test CPU", "cores": 2}}
+
+
+def _save(tmp_path, name, n, medians):
+    rec = results.Record(name, config={"n": n, "impl": "a,b", "shape": [1, 2]}, device=DEVICE,
+                         rows=[{"impl": impl, "median_ms": ms, "extra": {"nested": 1}} for impl, ms in medians.items()],
+                         summary={"best": min(medians, key=medians.get) if medians else None,
+                                  "per_impl": dict(medians)})
+    rec.check("correct", True)
+    return rec.save(tmp_path)
+
+
+def test_report_rows_per_result_and_per_row(tmp_path):
+    data = results.load(_save(tmp_path, "sort-bench", 1000, {"a": 1.25, "b": 0.5}))
+    [one] = report_rows(data, "f.yaml", per_row=False)
+    assert one["best"] == "b" and "per_impl" not in one and one["ok"] is True and one["file"] == "f.yaml"
+    per = report_rows(data, "f.yaml", per_row=True)
+    assert [(r["impl"], r["median_ms"], r["n"]) for r in per] == [("a", 1.25, 1000), ("b", 0.5, 1000)]
+    assert all("extra" not in r and "shape" not in r for r in per)  # nested values left out
+    assert list(per[0])[:5] == ["file", "name", "finished_utc", "device", "ok"]
+
+
+def test_csv_keeps_numbers_and_blanks_missing():
+    text = csv_text([{"a": 1, "b": 0.123456789}, {"a": None, "c": "x,y"}])
+    got = list(csv.DictReader(io.StringIO(text)))
+    assert got == [{"a": "1", "b": "0.123456789", "c": ""}, {"a": "", "b": "", "c": "x,y"}]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "markdown", "table"])
+def test_report_cli_formats(tmp_path, fmt):
+    _save(tmp_path, "sort-bench", 1000, {"a": 1.25, "b": 0.5})
+    _save(tmp_path, "sort-bench", 2000, {"a": 2.5, "b": 1.0})
+    _save(tmp_path, "join-bench", 10, {"hash": 3.0})
+    (tmp_path / "other.yaml").write_text("x: 1\n")
+    r = CliRunner().invoke(app, [str(tmp_path), "--rows", "--name", "sort", "--format", fmt])
+    assert r.exit_code == 0, r.output
+    if fmt == "csv":
+        got = list(csv.DictReader(io.StringIO(r.output)))
+        assert sorted((int(x["n"]), x["impl"], float(x["median_ms"])) for x in got) == \
+            [(1000, "a", 1.25), (1000, "b", 0.5), (2000, "a", 2.5), (2000, "b", 1.0)]
+    elif fmt == "json":
+        got = json.loads(r.output)
+        assert len(got) == 4 and {x["name"] for x in got} == {"sort-bench"}
+    elif fmt == "markdown":
+        assert "join-bench" not in r.output and r.output.count("| sort-bench |") == 4
+    else:
+        assert "4 rows from" in r.output
+
+
+def test_report_cli_errors(tmp_path):
+    run = CliRunner().invoke
+    r = run(app, [str(tmp_path), "--format", "xml"])
+    assert r.exit_code != 0 and "--format must be table, markdown, csv or json, got 'xml'" in str(r.exception)
+    _save(tmp_path, "probe", 0, {})
+    r = run(app, [str(tmp_path), "--name", "sort"])
+    assert r.exit_code != 0 and "no gpulab result files under" in str(r.exception) and "named sort*" in str(r.exception)
+    r = run(app, [str(tmp_path), "--rows"])
+    assert r.exit_code != 0 and "have no table rows" in str(r.exception)
