@@ -108,13 +108,16 @@ def _cuda_runtime_props(index: int) -> dict[str, Any]:
 
 
 def _nvml_info(index: int) -> dict[str, Any]:
-    try:
-        import pynvml  # nvidia-ml-py
-    except Exception:
+    """Driver, clocks and power limit of torch's device ``index`` from NVML (found by its PCI address: NVML
+    ignores CUDA_VISIBLE_DEVICES), or {}."""
+    from gpulab.core import nvml
+
+    pynvml = nvml._pynvml()
+    if pynvml is None:
         return {}
     try:
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        h = nvml.handle_for(pynvml, index)
         drv = pynvml.nvmlSystemGetDriverVersion()
         out = {
             "driver": drv.decode() if isinstance(drv, bytes) else drv,

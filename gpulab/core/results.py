@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gpulab.core import atomic, files, options
+from gpulab.core import atomic, files, nvml, options
 from gpulab.core.errors import InputError
 
 SCHEMA = "gpulab.result/1"
@@ -101,6 +101,8 @@ class Record:
     started: _dt.datetime = field(default_factory=utc_now)
     finished: _dt.datetime | None = None
     argv: list[str] = field(default_factory=lambda: list(sys.argv[1:]))
+    # every NVML device's energy and clock-limit counters when the record was made (None without NVML)
+    nvml_start: Any = field(default_factory=lambda: nvml.snapshot(), repr=False)
 
     def check(self, name: str, passed: bool, detail: Any = None) -> bool:
         """Record a correctness check; returns ``passed`` so callers can branch on it."""
@@ -119,6 +121,9 @@ class Record:
         from gpulab.core.device import probe
 
         finished = self.finished or utc_now()
+        seconds = (finished - self.started).total_seconds()
+        gpu_counters = nvml.during(self.nvml_start, nvml.snapshot(), nvml.torch_pci(), seconds)
+        hot = nvml.thermal_note(gpu_counters, seconds)
         return {
             "schema": SCHEMA,
             "name": self.name,
@@ -128,11 +133,12 @@ class Record:
             "metrics": self.metrics,
             "rows": self.rows,
             "checks": self.checks,
-            "notes": self.notes,
+            "notes": self.notes + ([hot] if hot else []),
             "device": self.device if self.device is not None else probe(),
+            "gpu_counters": gpu_counters,  # energy, time held down by the power limit or by temperature (NVML)
             "started_utc": _iso(self.started),
             "finished_utc": _iso(finished),
-            "duration_s": round((finished - self.started).total_seconds(), 3),
+            "duration_s": round(seconds, 3),
             "argv": self.argv,
             "gpulab_version": __version__,
             "git": git_state(),
