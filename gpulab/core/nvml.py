@@ -19,6 +19,7 @@ from typing import Any
 PERF_POLICY_POWER = 0  # nvmlPerfPolicyType_t: NVML_PERF_POLICY_POWER
 PERF_POLICY_THERMAL = 1  # NVML_PERF_POLICY_THERMAL
 THERMAL_NOTE_FRACTION = 0.005  # a run held down by temperature for more of its time than this gets a note
+_nvml_open = None  # the pynvml module that snapshot() initialised (and keeps open)
 
 
 def _pynvml():
@@ -74,13 +75,16 @@ def _counters(nv, h) -> dict[str, int]:
 
 def snapshot() -> dict[tuple[int, int, int], dict[str, int]] | None:
     """Every NVML device's counters, keyed by PCI (domain, bus, device); None without NVML."""
+    global _nvml_open
     nv = _pynvml()
     if nv is None:
         return None
-    try:
-        nv.nvmlInit()
-    except Exception:
-        return None
+    if _nvml_open is not nv:  # initialised once a process and left open (NVML counts its inits): without the
+        try:                  # driver's persistence mode each init can cost the driver's start-up
+            nv.nvmlInit()
+        except Exception:
+            return None
+        _nvml_open = nv
     try:
         out = {}
         for i in range(nv.nvmlDeviceGetCount()):
@@ -89,11 +93,6 @@ def snapshot() -> dict[tuple[int, int, int], dict[str, int]] | None:
         return out
     except Exception:
         return None
-    finally:
-        try:
-            nv.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def during(start: dict | None, end: dict | None, pci: tuple[int, int, int] | None,

@@ -1,6 +1,7 @@
 """``gpulab report DIR``: one table over many result files (or over their rows), for reading or for plotting."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ def _scalar(v: Any) -> bool:
 def report_rows(data: dict[str, Any], file: str, per_row: bool) -> list[dict[str, Any]]:
     """One row per result (its summary's scalar fields) or, ``per_row``, one per row of its table followed by the
     result's config fields that the row lacks (a sweep's n, dtype...), each led by the result's file, name,
-    finish time, device and status. Nested values (lists, mappings) are left out."""
+    finish time, device and status (a row's own field of one of those names becomes ``row_<name>``). Nested values
+    (lists, mappings) are left out."""
     from gpulab.core import device
 
     head = {"file": file, "name": data.get("name"), "finished_utc": data.get("finished_utc"),
@@ -33,11 +35,22 @@ def report_rows(data: dict[str, Any], file: str, per_row: bool) -> list[dict[str
     for r in data.get("rows") or []:
         if isinstance(r, dict):
             row = dict(head)
-            for k, v in [*r.items(), *(data.get("config") or {}).items()]:
+            for k, v in r.items():  # a row's own name, device... (a model's, an implementation's) kept as row_*
+                if _scalar(v):
+                    row["row_" + k if k in head else k] = v
+            for k, v in (data.get("config") or {}).items():
                 if _scalar(v):
                     row.setdefault(k, v)
             out.append(row)
     return out
+
+
+def _json_value(v: Any) -> Any:
+    """NaN and infinities as null: JSON has no literal for them (json.dumps would write NaN, which strict parsers
+    reject)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -99,7 +112,7 @@ def report(
     elif format == "json":
         import json
 
-        typer.echo(json.dumps(rows, indent=1, default=str))
+        typer.echo(json.dumps([{k: _json_value(v) for k, v in r.items()} for r in rows], indent=1, allow_nan=False))
     else:
         Console().print(results.rows_table(rows, title=f"{len(rows)} {'rows' if rows_ else 'results'} from {folder}"))
     if skipped and format == "table":

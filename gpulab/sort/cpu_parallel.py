@@ -190,7 +190,8 @@ def threads() -> int:
 
 
 def _native(x: np.ndarray) -> np.ndarray:
-    """``x`` contiguous in native byte order (numba takes no other; a byte-swapped view would sort wrong)."""
+    """``x`` contiguous in native byte order (numba takes no other; a byte-swapped view would sort wrong). The
+    sorts return keys in native byte order, whatever the input's."""
     return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
 
 
@@ -249,6 +250,7 @@ def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
 
     K.check_array(x)  # first: a list has no .ndim (an AttributeError, not the one-line InputError)
     K.check_order(order)
+    x = _native(x)
     nthreads = threads()
     if x.shape[0] < 65536 or nthreads < 2:
         p = ref.argsort(x, order)

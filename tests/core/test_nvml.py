@@ -41,7 +41,9 @@ def test_snapshot_keys_every_device_by_pci(monkeypatch):
     snap = nvml.snapshot()
     assert snap == {PCI[0]: {"energy_mj": 1000, "power_limited_ns": 0, "thermal_limited_ns": 7},
                     PCI[1]: {"energy_mj": 5000, "power_limited_ns": 0, "thermal_limited_ns": 8}}
-    assert nv.calls == ["init", "shutdown"]
+    assert nv.calls == ["init"]  # NVML stays open for the next snapshot
+    nvml.snapshot()
+    assert nv.calls == ["init"]
 
 
 def test_unsupported_counters_are_left_out(monkeypatch):
@@ -83,9 +85,18 @@ def test_handle_and_info_follow_the_pci_address(monkeypatch):
 def test_torch_pci_never_starts_cuda(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert nvml.torch_pci() is None
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: False))
-    monkeypatch.setitem(sys.modules, "torch", fake)
-    assert nvml.torch_pci() is None
+    calls = []
+
+    def spy(name, value=None):
+        return lambda *a: calls.append(name) or value
+
+    cuda = types.SimpleNamespace(is_initialized=lambda: False, init=spy("init"), current_device=spy("current_device", 0),
+                                 get_device_properties=spy("get_device_properties"), is_available=spy("is_available"))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert nvml.torch_pci() is None and calls == []
+    cuda.is_initialized = lambda: True  # once torch has started CUDA: the current device's PCI address
+    cuda.get_device_properties = lambda i: types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x5E, pci_device_id=0)
+    assert nvml.torch_pci() == PCI[1] and calls == ["current_device"]
 
 
 @pytest.mark.parametrize("thermal_ns, noted", [(0, False), (4 * 10**9, True)])

@@ -67,3 +67,22 @@ def test_report_cli_errors(tmp_path):
     assert r.exit_code != 0 and "no gpulab result files under" in str(r.exception) and "named sort*" in str(r.exception)
     r = run(app, [str(tmp_path), "--rows"])
     assert r.exit_code != 0 and "have no table rows" in str(r.exception)
+
+
+def test_rows_keep_their_own_name_and_device(tmp_path):
+    """A row's name (a seam model) or device (a join implementation) must not be overwritten by the result's."""
+    rec = results.Record("seam-eval", device=DEVICE, rows=[{"name": "r18", "device": "cuda", "top1": 0.7}])
+    data = results.load(rec.save(tmp_path))
+    [row] = report_rows(data, "f.yaml", per_row=True)
+    assert row["name"] == "seam-eval" and row["row_name"] == "r18" and row["row_device"] == "cuda"
+    assert row["top1"] == 0.7
+
+
+def test_json_has_no_nan_literals(tmp_path):
+    rec = results.Record("b", device=DEVICE, rows=[{"impl": "x", "ms": float("nan"), "gbs": float("inf")}])
+    rec.save(tmp_path)
+    r = CliRunner().invoke(app, [str(tmp_path), "--rows", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert "NaN" not in r.output and "Infinity" not in r.output
+    [row] = json.loads(r.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert row["ms"] is None and row["gbs"] is None

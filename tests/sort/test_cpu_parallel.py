@@ -110,3 +110,11 @@ def test_partition_balances_uniform_keys(nthreads):
     for b in range(len(sizes)):
         lo, hi = starts[b], starts[b + 1]
         assert np.array_equal(np.sort(mirrored[n - hi:n - lo]), np.sort(out[lo:hi]))
+
+
+@pytest.mark.parametrize("n", [100, 70_001])  # below and above the parallel threshold
+def test_byte_swapped_input_gives_native_keys(n):
+    x = np.arange(n, dtype=np.int32)[::-1].astype(">i4")
+    want = np.arange(n, dtype=np.int32)
+    for got in (cpu_parallel.sort(x), cpu_parallel.argsort(x)[0]):
+        assert got.dtype == np.dtype("int32") and got.dtype.isnative and np.array_equal(got, want)
