@@ -12,6 +12,7 @@
 // Kernels (extern "C", instantiated at the bottom; the host walks schedule.schedule()):
 //   bitonic_to_key_{32,64}    input bits -> order-preserving unsigned keys (+ values = base + index)
 //   bitonic_from_key_{32,64}  keys -> output bits (in place)
+//   bitonic_widen_values      uint32 values -> the int64 permutation (SortPlan's graphs)
 //   bitonic_pass_k{32,64}_kv{0,1}_f{F}        one fused step over global memory
 //   bitonic_tile_k{32,64}_kv{0,1}_t{T}_f{F}[_c] mode 0: sort a 2^T-key tile in shared memory
 //                                              (stages 1..arg); mode 1: strides < 2^T of a merge.
@@ -359,6 +360,12 @@ __global__ void bitonic_from_key_32(const u32* keys, u32* out, u32 n, int code, 
 }
 __global__ void bitonic_from_key_64(const u64* keys, u64* out, u32 n, int code, int desc) {
     from_key_body<u64>(keys, out, n, code, desc);
+}
+// the values (row indices) as the int64 permutation the sorts return: a kernel of its own, so that a captured
+// sort (sort_plan.SortPlan) widens into a buffer it owns instead of allocating one
+__global__ void bitonic_widen_values(const u32* vals, long long* out, u32 n) {
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = (long long)vals[i];
 }
 
 #define BITONIC_PASS(BITS, K, KV, F)                                                                  \

@@ -35,11 +35,14 @@ def bench(
                                     "aligned chunks (a power of two), transfers overlapped with the sort (0: off)."),
     tune: bool = typer.Option(False, "--tune", help="Also time every tuning configuration of bitonic-fused "
                                                     "(bitonic-fused@t..f..g.. rows, each checked like the others)."),
+    graph: bool = typer.Option(False, "--graph", help="Time each bitonic sort as the replay of one CUDA graph of "
+                                                      "all its launches (sort_plan.SortPlan): without the host's "
+                                                      "cost per launch, which bounds sorts of small n."),
 ) -> None:
     """Sort one input with every implementation; write a result YAML and print the table."""
     from gpulab.sort.bench import BenchArgs, run
 
     rec = run(BenchArgs(n=n, dtype=dtype, dist=dist, impl=impl, order=order, transfer=transfer, reps=reps,
-                        kv=kv, seed=seed, ncu=ncu, overlap_chunks=overlap_chunks, tune=tune))
+                        kv=kv, seed=seed, ncu=ncu, overlap_chunks=overlap_chunks, tune=tune, graph=graph))
     rec.save()
     rec.print()

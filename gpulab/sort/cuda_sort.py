@@ -38,7 +38,7 @@ def tile_kernel_name(bits: int, kv: bool, tile_log: int, tile_fuse: int, const_s
 
 def kernel_names() -> list[str]:
     """Every extern "C" kernel of bitonic.cu (the nvcc test checks they are all in the cubin)."""
-    names = [f"bitonic_{d}_key_{b}" for d in ("to", "from") for b in (32, 64)]
+    names = [f"bitonic_{d}_key_{b}" for d in ("to", "from") for b in (32, 64)] + ["bitonic_widen_values"]
     for b in (32, 64):
         for kv in (False, True):
             names += [f"bitonic_pass_k{b}_kv{int(kv)}_f{f}" for f in GLOBAL_FUSES]
@@ -157,6 +157,11 @@ class BitonicCuda:
         n = int(keys.shape[0])
         self.fn(f"bitonic_from_key_{bits}")(transform_grid(n), (TRANSFORM_BLOCK,),
                                             (keys, out.view(keys.dtype), np.uint32(n), np.int32(code), np.int32(desc)))
+
+    def widen(self, vals, out) -> None:
+        """uint32 values -> ``out``, the int64 permutation (as many as ``out`` holds), on the current stream."""
+        n = int(out.shape[0])
+        self.fn("bitonic_widen_values")(transform_grid(n), (TRANSFORM_BLOCK,), (vals, out, np.uint32(n)))
 
     def launch_all(self, launches: list[Launch], keys, vals, v: Variant, kv: bool, code: int = 0, desc: bool = False,
                    src=None, dst=None, base: int = 0, mark=None) -> None:

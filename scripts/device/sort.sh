@@ -6,6 +6,7 @@
 #     of bitonic-fused: --tune), and the chunked pipelined end to end of bitonic-shared/fused in 8
 #     chunks (transfers overlapped with the sort; < 1 s more)
 #  3. the 10M int32 key-value (argsort) bench with pageable transfers (fused, cupy, torch)
+#  3b. 1M int32 twice: launched directly and as CUDA graph replays (--graph), where the host's launch rate bounds it
 #  4. Nsight Compute on the shared and fused variants (default t14f4g5, and t14f4g5w512: two tile blocks an SM) at 1M (skipped if ncu is
 #     absent; gets what is left)
 #  5. a short table of what was measured
@@ -32,6 +33,11 @@ step 35 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --transfer pinned -
 echo "== bench 10M int32 key-value (argsort), pageable"
 step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pageable --reps 10 \
     --impl bitonic-fused,cupy,torch >/dev/null || { echo "exit $?"; rc=1; }
+echo "== bench 1M int32: each sort launched directly, then as one CUDA graph (--graph: without the host's cost a launch)"
+step 8 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
+    >/dev/null || { echo "exit $?"; rc=1; }
+step 8 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
+    --graph >/dev/null || { echo "exit $?"; rc=1; }
 if command -v ncu >/dev/null 2>&1; then
   echo "== ncu (1M keys, shared + fused)"
   step 90 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 1 \
@@ -46,7 +52,8 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/sort-bench-*.yaml")):
     c = d["config"]
     gpu = (d["device"].get("gpu") or {}).get("name", "cpu")
     print(f"\n{path.split('/')[-1]}  {gpu}  n={c['n']} {c['dtype']} {c['dist']} {c['order']} kv={c['kv']} "
-          f"transfer={c['transfer']}  ok={d['ok']}  copy_ceiling={d['metrics'].get('copy_ceiling_gbs')}")
+          f"transfer={c['transfer']} graph={c.get('graph', False)}  ok={d['ok']}  "
+          f"copy_ceiling={d['metrics'].get('copy_ceiling_gbs')}")
     print(f"{'impl':22} {'median_ms':>10} {'p10':>9} {'p90':>9} {'Gkeys/s':>8} {'GB/s':>8} {'x numpy':>8} {'e2e_ms':>8} "
           f"{'passes':>6} {'roof_ms':>8} correct")
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) else f"{'-':>{w}}"

@@ -122,6 +122,27 @@ def test_sort_host_cuda_c(cuda_c, variant, n, dtype, chunks, order, kv):
         assert np.array_equal(perm.astype(np.int64), ref.argsort(x, order))
 
 
+@pytest.mark.parametrize("variant, n, dtype, order", [("bitonic-fused", 9000, "int64", "desc"),
+                                                      ("bitonic-shared", 3000, "float32", "asc")])
+def test_sort_plan_cuda_c(cuda_c, variant, n, dtype, order):
+    """SortPlan's captured sort with values: the tile kernels and bitonic_widen_values (uint32 values into the
+    plan's int64 permutation) from bitonic.cu, replayed twice over new contents of the bound buffer."""
+    from gpulab.sort.sort_plan import SortPlan
+
+    sched, module, bit = cuda_c(n)
+    rng = np.random.default_rng(n)
+    x = module.heap.asarray(inputs(n, dtype, rng))
+    plan = SortPlan(bit, x, variant, order, kv=True)
+    assert plan.graph is not None and "bitonic_widen_values" in bit._fns
+    for round_ in range(2):
+        if round_:
+            x[:] = inputs(n, dtype, rng)
+        out, perm = plan.run()
+        plan.stream.synchronize()
+        assert ref.mismatch(np.asarray(out), ref.sort(np.asarray(x), order)) is None, round_
+        assert np.array_equal(np.asarray(perm), ref.argsort(np.asarray(x), order)), round_
+
+
 REAL = ["bitonic-global", "bitonic-shared", "bitonic-fused", "bitonic-fused@t13f3g4"]
 
 

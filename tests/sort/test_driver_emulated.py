@@ -24,7 +24,7 @@ from gpulab.sort.cuda_sort import BitonicCuda, tile_smem_bytes
 CODE_NAME = {c: name for name, c in K.DTYPE_CODE.items()}
 U32, I32 = np.uint32, np.int32
 SIGNATURES = {"to": (U32, I32, I32, I32, U32), "from": (U32, I32, I32), "pass": (U32, I32, I32),
-              "tile": (U32, I32, I32, I32, I32, I32, U32)}
+              "tile": (U32, I32, I32, I32, I32, I32, U32), "widen": (U32,)}
 
 
 class DevArray(np.ndarray):
@@ -61,7 +61,28 @@ class Stream:
         self.queue.append(("wait", e))
 
     def synchronize(self):
+        assert not hasattr(self, "_live"), "synchronize() while capturing (an error in CUDA)"
         self.sched.drain()
+
+    def begin_capture(self):  # what is queued from now on is kept in a graph instead of run
+        assert not hasattr(self, "_live"), "already capturing"
+        self._live, self.queue = self.queue, []
+
+    def end_capture(self):
+        ops, self.queue = self.queue, self._live
+        del self._live
+        return Graph(ops)
+
+
+class Graph:
+    """A captured sequence of one stream's work; each launch queues it again on the given stream."""
+
+    def __init__(self, ops):
+        self.ops, self.launches = ops, 0
+
+    def launch(self, stream):
+        self.launches += 1
+        stream.queue.extend(self.ops)
 
 
 class Scheduler:
@@ -101,7 +122,8 @@ class Kernel:
         kind = self.name.split("_")[1]
         assert tuple(type(a) for a in args[-len(SIGNATURES[kind]):]) == SIGNATURES[kind], (self.name, args)
         assert all(isinstance(a, DevArray) for a in args[:-len(SIGNATURES[kind])]), self.name
-        run = {"to": self.to_key, "from": self.from_key, "pass": self.pass_step, "tile": self.tile}[kind]
+        run = {"to": self.to_key, "from": self.from_key, "pass": self.pass_step, "tile": self.tile,
+               "widen": self.widen}[kind]
         self.sched.enqueue(lambda: run(grid[0] * block[0], grid[0], shared_mem, *args))
 
     def to_key(self, threads, blocks, smem, x, keys, vals, n, code, desc, kv, base):
@@ -110,6 +132,10 @@ class Kernel:
         keys[:n] = K.to_ukey(np.asarray(x[:n]).view(name), bool(desc))
         if kv:
             vals[:n] = base + np.arange(n, dtype=np.uint32)
+
+    def widen(self, threads, blocks, smem, vals, out, n):
+        assert out.dtype == np.int64 and vals.dtype == np.uint32 and out.shape[0] == n <= vals.shape[0]
+        out[:n] = vals[:n]
 
     def from_key(self, threads, blocks, smem, keys, out, n, code, desc):
         assert keys.shape[0] == out.shape[0] == n

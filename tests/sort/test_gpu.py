@@ -160,3 +160,35 @@ def test_pass_times_follow_the_schedule(cuda):
         kind = f"global_f{launch.fp}" if launch.kind == "global" else launch.kind
         want[kind] = want.get(kind, 0) + 1
     assert {k: t["launches"] for k, t in times.items()} == want and all(t["ms"] > 0 for t in times.values())
+
+
+@pytest.mark.parametrize("variant, n, dtype, order, kv", [
+    ("bitonic-fused", 1_000_003, "int32", "asc", False), ("bitonic-fused", 70001, "float32", "desc", True),
+    ("bitonic-shared", 1 << 17, "int64", "asc", True), ("bitonic-global", 4097, "uint32", "desc", False)])
+def test_sort_plan_graph(cuda, variant, n, dtype, order, kv):
+    """SortPlan: CUDA accepts the capture, and every replay sorts what the bound buffer holds then."""
+    from gpulab.sort.sort_plan import SortPlan
+
+    cp, bit = cuda
+    rng = np.random.default_rng(n)
+    xc = cp.asarray(inputs(n, dtype, rng))
+    plan = SortPlan(bit, xc, variant, order, kv)
+    assert plan.graph is not None, plan.graph_error
+    for round_ in range(3):
+        if round_:
+            xc[:] = cp.asarray(inputs(n, dtype, rng)[::-1].copy())
+        k, p = plan.run()
+        x = cp.asnumpy(xc)
+        assert ref.mismatch(cp.asnumpy(k), ref.sort(x, order)) is None, round_
+        if kv:
+            assert np.array_equal(cp.asnumpy(p), ref.argsort(x, order)), round_
+
+
+def test_bench_gpu_graph(out_dir):
+    """sort bench --graph: the bitonic rows are graph replays, checked like the others, end to end too."""
+    rec = run(BenchArgs(n=1 << 20, reps=5, graph=True, transfer="pinned",
+                        impl="bitonic-shared,bitonic-fused,cupy"))
+    assert rec.ok, {k: v for k, v in rec.checks.items() if not v["passed"]}
+    rows = {r["impl"]: r for r in rec.rows}
+    assert rows["bitonic-fused"]["timed"] == "graph replay" and rows["bitonic-shared"]["timed"] == "graph replay"
+    assert rec.checks["bitonic-fused.e2e.correct"]["passed"]
