@@ -165,8 +165,15 @@ def _report(e: Exception, debug: bool) -> None:
 
 def invoke(args: list[str]) -> Any:
     """Run a gpulab command line in this process (used by ``gpulab run``); errors propagate."""
+    import sys
+
     command = typer.main.get_command(app)
-    return command.main(args=list(args), prog_name="gpulab", standalone_mode=False)
+    saved = sys.argv
+    sys.argv = ["gpulab", *args]  # the records of this command keep its own command line (Record.argv)
+    try:
+        return command.main(args=list(args), prog_name="gpulab", standalone_mode=False)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":  # python -m gpulab.cli, as python -m gpulab

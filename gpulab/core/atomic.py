@@ -113,7 +113,12 @@ def build_folder(folder: Path | str) -> Iterator[Path]:
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:  # the original goes back where it was
+                os.replace(old / folder.name, folder)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)

@@ -14,8 +14,12 @@ Format::
           impl: numpy,torch          # one value (a comma-separated option), not a sweep
         args: [MODEL_DIR]            # optional positional arguments
 
-Unknown keys, unknown commands, unknown options and values of the wrong type are one-line
-errors that name the key; nothing runs until the whole file validates.
+Unknown keys, unknown commands, unknown options, null values and values of the wrong type are one-line
+errors that name the key, and all of them are found before anything runs. A value that a command checks
+only when it runs (a range, a choice such as ``dist``) fails that run alone; the others still run unless
+``--stop-on-error``. An option that may be given several times (``generate --prompt``) takes a list as its
+values; a list of lists sweeps over them. The file is read as YAML 1.2 (``no`` is a string, ``010`` is ten,
+a key given twice is an error).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from gpulab.core.errors import InputError
 from gpulab.core.files import read_yaml_mapping
 
 TOP_KEYS = {"name", "description", "device", "runs"}
+MAX_INVOCATIONS = 10_000  # a sweep larger than this is taken for a typo (split a real one into files)
 RUN_KEYS = {"command", "name", "params", "args", "expect_ok"}
 
 
@@ -43,6 +48,8 @@ class Invocation:
 
 def load_file(path: Path | str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; give an experiment file (e.g. experiments/smoke.yaml)")
     data = read_yaml_mapping(p, f"experiment file not found: {p}",
                              f"{p}: an experiment file must be a mapping with a 'runs' list")
     unknown = set(data) - TOP_KEYS
@@ -56,13 +63,23 @@ def load_file(path: Path | str) -> dict[str, Any]:
     return data
 
 
-def expand(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Cartesian product over list-valued parameters (a sweep), in file order."""
+def expand(params: dict[str, Any], where: str = "experiment", repeatable: frozenset = frozenset()) -> list[dict[str, Any]]:
+    """Cartesian product over list-valued parameters (a sweep), in file order. A ``repeatable`` option's list
+    of plain values is one point (its values given together); its list of lists is the sweep."""
     keys = list(params)
-    axes = [v if isinstance(v, list) else [v] for v in params.values()]
+    axes = []
+    for k, v in params.items():
+        if k in repeatable and isinstance(v, list) and not any(isinstance(e, list) for e in v):
+            v = [v]
+        axes.append(v if isinstance(v, list) else [v])
     if any(len(a) == 0 for a in axes):
         empty = keys[[len(a) for a in axes].index(0)]
-        raise InputError(f"parameter '{empty}' is an empty list")
+        raise InputError(f"{where}: parameter '{empty}' is an empty list")
+    total = 1
+    for a in axes:
+        total *= len(a)
+    if total > MAX_INVOCATIONS:
+        raise InputError(f"{where}: the sweep has {total} points, more than {MAX_INVOCATIONS}; split it")
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
@@ -105,6 +122,14 @@ def _to_argv(cmd: click.Command, params: dict[str, Any], where: str) -> list[str
             known = sorted(p.name for p in cmd.params if _is_option(p) and p.name != "help")
             raise InputError(f"{where}: unknown parameter '{key}' (known: {', '.join(known)})")
         flag = max(opt.opts, key=len)
+        if value is None or (isinstance(value, list) and any(v is None for v in value)):
+            raise InputError(f"{where}: parameter '{key}' is null; give it a value or leave it out")
+        if getattr(opt, "multiple", False) and isinstance(value, list):
+            for v in value:
+                if isinstance(v, (dict, list)):
+                    raise InputError(f"{where}: parameter '{key}' takes single values, got a {type(v).__name__}")
+                argv += [flag, str(v).lower() if isinstance(v, bool) else str(v)]
+            continue
         if opt.is_flag:
             if not isinstance(value, bool):
                 raise InputError(f"{where}: parameter '{key}' must be true or false, got {value!r}")
@@ -126,7 +151,8 @@ def _validate(cmd: click.Command, args: list[str], params: dict[str, Any], where
         cmd.make_context(cmd.name or "command", list(args), resilient_parsing=False)
     except Exception as e:  # click's usage errors (Typer may vendor its own click)
         msg = e.format_message() if hasattr(e, "format_message") else str(e)
-        key = next((k for k in params if f"--{k.replace('_', '-')}" in msg or f"--{k}" in msg), None)
+        param = getattr(e, "param", None)  # the option click refused (not a key whose name is a prefix of it)
+        key = next((k for k in params if param is not None and _option_for(cmd, k) is param), None)
         raise InputError(f"{where}: {'parameter ' + repr(key) + ': ' if key else ''}{msg}") from None
 
 
@@ -153,20 +179,28 @@ def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
         params = run.get("params") or {}
         if not isinstance(params, dict):
             raise InputError(f"{where}: 'params' must be a mapping of option names to values")
+        bad_key = next((k for k in params if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise InputError(f"{where}: parameter names must be strings, got {bad_key!r}")
         args = run.get("args") or []
-        if not isinstance(args, list):
-            raise InputError(f"{where}: 'args' must be a list of positional arguments")
+        if not isinstance(args, list) or any(a is None or isinstance(a, (list, dict)) for a in args):
+            raise InputError(f"{where}: 'args' must be a list of positional arguments (single values, not null)")
         expect_ok = run.get("expect_ok", True)
         if not isinstance(expect_ok, bool):
             raise InputError(f"{where}: 'expect_ok' must be true or false")
         cmd = _resolve(root, words, where)
-        for combo in expand(params):
+        repeatable = frozenset(k for k in params if getattr(_option_for(cmd, k), "multiple", False))
+        for combo in expand(params, where, repeatable):
             tail = [*[str(a) for a in args], *_to_argv(cmd, combo, where)]
             _validate(cmd, tail, combo, where)
             argv = [*words, *tail]
             label = run.get("name") or command
-            if len(combo) and any(isinstance(v, list) for v in params.values()):
-                label += " [" + ", ".join(f"{k}={combo[k]}" for k, v in params.items() if isinstance(v, list)) + "]"
+            swept = [k for k, v in params.items() if isinstance(v, list) and (k not in repeatable
+                                                                             or any(isinstance(e, list) for e in v))]
+            if swept:
+                label += " [" + ", ".join(f"{k}={combo[k]}" for k in swept) + "]"
             invocations.append(Invocation(label=str(label), words=words, params=combo, argv=argv,
                                           expect_ok=expect_ok))
+            if len(invocations) > MAX_INVOCATIONS:
+                raise InputError(f"{source}: more than {MAX_INVOCATIONS} runs; split the experiment")
     return invocations

@@ -26,6 +26,7 @@ def run(
     from gpulab.core.errors import GpulabError
 
     data = exp.load_file(experiment)
+    results.check_out_folder(options.get().out)  # before any run: a sweep must not fail at its first save
     if "device" in data and options.get().device == "auto":
         options.set_options(device=data["device"])
     invocations = exp.plan(data, source=str(experiment))
@@ -34,14 +35,16 @@ def run(
     for inv in invocations:  # "{out}" in a value: the --out folder of this call (where its runs write)
         inv.argv = [a.replace("{out}", str(opts.out)) for a in inv.argv]
     if dry_run:
+        import shlex
+
         for inv in invocations:
-            console.print("gpulab " + " ".join(inv.argv))
+            typer.echo("gpulab " + shlex.join(inv.argv))  # as a shell would take it; no rich markup
         return
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})
     failures = 0
     global_args = ["--device", opts.device, "--out", str(opts.out)] + (["--debug"] if opts.debug else [])
-    for inv in invocations:
+    for i, inv in enumerate(invocations):
         console.rule(f"[bold]{escape(inv.label)}")
         before = len(results.written)
         t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def run(
             row["error"] = error
             console.print(f"[red]error:[/] {escape(error)}")
         summary.rows.append(row)
-        summary.check(inv.label, row["ok"], error)
+        summary.check(f"{i + 1}: {inv.label}", row["ok"], error)  # numbered: two runs may share a label
         if not row["ok"]:
             failures += 1
             if not keep_going:
@@ -91,4 +94,6 @@ def run(
     console.print(results.rows_table(table_rows, title=f"{data.get('name') or experiment}"))
     console.print(f"wrote {path}")
     if failures:
-        raise GpulabError(f"{failures} of {len(summary.rows)} runs failed (see {path})")
+        skipped = len(invocations) - len(summary.rows)
+        raise GpulabError(f"{failures} of {len(summary.rows)} runs failed"
+                          + (f", {skipped} not run (--stop-on-error)" if skipped else "") + f" (see {path})")

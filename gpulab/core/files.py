@@ -9,6 +9,63 @@ from typing import Any
 from gpulab.core.errors import InputError
 
 
+_STRICT = None
+
+
+def strict_loader():
+    """A yaml SafeLoader with YAML 1.2's plain scalars and no duplicate keys. PyYAML follows YAML 1.1, where
+    ``no``/``yes``/``on``/``off`` are booleans, ``010`` is octal 8 and ``1:30`` is 90: an experiment's
+    ``order: no`` or ``n: 010`` would be misread silently. Here only true/false are booleans, integers are
+    decimal (or 0x/0o), ``1:30`` stays a string, and a key given twice in one mapping is an error."""
+    global _STRICT
+    if _STRICT is not None:
+        return _STRICT
+    import re
+
+    import yaml
+
+    bool_tag, int_tag, float_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        dup = key in seen
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: the base class says so
+                        break
+                    if dup:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                            key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_yaml_int(self, node):
+            v = self.construct_scalar(node)
+            sign, digits = (-1, v[1:]) if v[0] == "-" else (1, v.lstrip("+"))
+            if digits[:2] in ("0x", "0X"):
+                return sign * int(digits[2:], 16)
+            if digits[:2] in ("0o", "0O"):
+                return sign * int(digits[2:], 8)
+            return sign * int(digits, 10)
+
+    StrictLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    StrictLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    StrictLoader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9]+|0[xX][0-9a-fA-F]+|0[oO][0-7]+)$"),
+                                       list("-+0123456789"))
+    StrictLoader.add_implicit_resolver(
+        float_tag, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    StrictLoader.add_constructor(int_tag, StrictLoader.construct_yaml_int)
+    _STRICT = StrictLoader
+    return StrictLoader
+
+
 def read_yaml_mapping(path: Path | str, missing: str, not_mapping: str | None = None) -> dict[str, Any]:
     """The YAML mapping in ``path``. ``missing``: the error when there is no such file;
     ``not_mapping``: the error when the document is not a mapping (default: "expected a mapping")."""
@@ -18,7 +75,7 @@ def read_yaml_mapping(path: Path | str, missing: str, not_mapping: str | None = 
     if not p.is_file():
         raise InputError(missing)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=strict_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

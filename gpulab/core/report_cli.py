@@ -12,6 +12,14 @@ app = typer.Typer(add_completion=False)
 FORMATS = ("table", "markdown", "csv", "json")
 
 
+def _well_formed(data: dict[str, Any]) -> bool:
+    """The parts a report reads have their types: summary and device mappings, rows a list of mappings."""
+    rows = data.get("rows") or []
+    gpu = (data.get("device") or {}).get("gpu") if isinstance(data.get("device") or {}, dict) else None
+    return (isinstance(data.get("summary") or {}, dict) and isinstance(data.get("device") or {}, dict)
+            and isinstance(gpu or {}, dict) and isinstance(rows, list) and all(isinstance(r, dict) for r in rows))
+
+
 def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float, str, bool)) or v is None
 
@@ -96,6 +104,11 @@ def report(
             if folder.is_file():
                 raise
             skipped += 1  # other YAML in the folder (configs, checkpoints' metadata)
+            continue
+        if not _well_formed(data):
+            if folder.is_file():
+                raise InputError(f"{f}: a result file whose summary, rows or device is not of the expected type")
+            skipped += 1
             continue
         if name and not str(data.get("name", "")).startswith(name):
             continue

@@ -154,7 +154,11 @@ class Record:
         while path.exists():  # another record of this name finished in the same microsecond: keep both
             path = folder / f"{self.name}-{stamp}-{k}.yaml"
             k += 1
-        atomic_write_yaml(path, self.as_dict())
+        try:
+            atomic_write_yaml(path, self.as_dict())
+        except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
+            raise InputError(f"--out {folder}: cannot write result files there ({type(e).__name__}: "
+                             f"{e.strerror or e})") from None
         written.append(path)
         failed_checks[path] = [k for k, c in self.checks.items() if not c["passed"]]
         return path
@@ -190,12 +194,27 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def check_out_folder(folder: Path | str) -> None:
+    """A one-line InputError unless ``folder`` is (or can be made) a folder this process can write in."""
+    import os
+
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {p}: cannot create the results folder ({type(e).__name__}: {e.strerror or e})") from None
+    if not p.is_dir():
+        raise InputError(f"--out {p}: not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise InputError(f"--out {p}: this process cannot write there")
+
+
 def rows_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None):
     from rich.markup import escape
     from rich.table import Table
 
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title) if title else title, show_lines=False)
     for c in cols:
         table.add_column(escape(c), overflow="fold")
     for r in rows:

@@ -120,3 +120,24 @@ def test_write_all_backup_never_overwrites_a_file_that_took_its_name(tmp_path, m
     atomic.write_all([(p, lambda tmp, p=p: Path(tmp).write_text("new " + p.stem), "") for p in (a, b)])
     assert (a.read_text(), b.read_text(), other.read_text()) == ("new a", "new b", "someone else's")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.txt.taken.old", "a.txt", "b.txt"]
+
+
+def test_build_folder_restores_the_original_when_the_swap_fails(tmp_path, monkeypatch):
+    folder = tmp_path / "family"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("old")
+    real = atomic.os.replace
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic.build_folder(folder) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (folder / "keep.txt").read_text() == "old" and not (folder / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["family"]  # no temporaries left beside it

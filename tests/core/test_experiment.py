@@ -19,10 +19,13 @@ def echo_command(monkeypatch):
     @app.command()
     def bench(n: int = typer.Option(1, "--n"), dtype: str = typer.Option("int32", "--dtype"),
               fast: bool = typer.Option(False, "--fast/--no-fast"), fail: bool = typer.Option(False, "--fail"),
-              exit_code: int = typer.Option(0, "--exit-code")):
+              exit_code: int = typer.Option(0, "--exit-code"), n_max: int = typer.Option(0, "--n-max"),
+              tag: list[str] = typer.Option([], "--tag")):
         if exit_code:
             raise typer.Exit(exit_code)
-        rec = results.Record(name="echo-bench", config={"n": n, "dtype": dtype, "fast": fast})
+        if dtype == "bogus":  # a value the command itself refuses, as sort bench does an unknown --dist
+            raise InputError("--dtype bogus is not a dtype")
+        rec = results.Record(name="echo-bench", config={"n": n, "dtype": dtype, "fast": fast, "tag": list(tag)})
         rec.summary = {"n": n, "dtype": dtype}
         rec.check("ok", not fail)
         rec.save()
@@ -121,3 +124,83 @@ def test_run_counts_a_command_that_exits_non_zero_through_typer_exit(echo_comman
     assert "1 of 2 runs failed" in capsys.readouterr().err
     (summary,) = [results.load(f) for f in out.glob("run-*.yaml")]
     assert [r["ok"] for r in summary["rows"]] == [True, False] and summary["rows"][1]["error"] == "exit 3"
+
+
+def _run(out, exp, *extra):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "run", str(exp), *extra])
+    return e.value.code
+
+
+def test_summary_fails_when_a_run_with_a_shared_label_fails(echo_command, tmp_path, capsys):
+    """Two runs with one label: the failed one must not be overwritten by the good one in the summary's checks."""
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"dtype": "bogus"}}, {"command": "echo"}]})
+    assert _run(out, exp) == 1
+    (summary,) = [results.load(f) for f in out.glob("run-*.yaml")]
+    assert summary["ok"] is False and len(summary["checks"]) == 2
+
+
+def test_records_of_a_run_keep_their_own_command_line(echo_command, tmp_path, capsys):
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"n": [5, 6]}}]})
+    assert _run(out, exp) == 0
+    argvs = sorted(results.load(f)["argv"] for f in out.glob("echo-bench-*.yaml"))
+    assert [a[-3:] for a in argvs] == [["echo", "--n", "5"], ["echo", "--n", "6"]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("runs:\n  - command: echo\n    params: {n: 1, n: 2}\n", "duplicate key 'n'"),
+    ("runs:\n  - command: echo\n    params: {dtype: null}\n", "parameter 'dtype' is null"),
+    ("runs:\n  - command: echo\n    params: {1: 2}\n", "parameter names must be strings"),
+    ("runs:\n  - command: echo\n    params: {n: []}\n", "runs\\[0\\]: parameter 'n' is an empty list"),
+    ("runs:\n  - command: echo\n    params: {n: 1, n_max: abc}\n", "parameter 'n_max'"),
+    ("runs:\n  - command: echo\n    args: [null]\n", "'args' must be a list"),
+    ("runs:\n  - command: echo\n    params: {n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype: [a, b, c, d, e, f, g, h, i, j],"
+     " tag: [[a], [b], [c], [d], [e], [f], [g], [h], [i], [j]], n_max: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
+     "the sweep has 11000 points"),
+])
+def test_more_validation_errors(echo_command, tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        experiment.plan(experiment.load_file(write(tmp_path, text)))
+
+
+def test_yaml_1_2_scalars(echo_command, tmp_path):
+    """n: 010 is ten and 'no' a string (PyYAML's YAML 1.1 would give 8 and False)."""
+    data = experiment.load_file(write(tmp_path, "runs:\n  - command: echo\n    params: {n: 010, dtype: no}\n"))
+    (inv,) = experiment.plan(data)
+    assert inv.argv == ["echo", "--n", "10", "--dtype", "no"]
+
+
+def test_repeatable_option_takes_a_list_and_sweeps_lists_of_lists(echo_command, tmp_path, capsys):
+    data = experiment.load_file(write(tmp_path, {"runs": [{"command": "echo", "params": {"tag": ["a", "b"]}},
+                                                          {"command": "echo", "params": {"tag": [["a"], ["b", "c"]]}}]}))
+    assert [i.argv for i in experiment.plan(data)] == [
+        ["echo", "--tag", "a", "--tag", "b"], ["echo", "--tag", "a"], ["echo", "--tag", "b", "--tag", "c"]]
+
+
+def test_dry_run_prints_markup_and_spaces_literally(echo_command, tmp_path, capsys):
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"dtype": "[/] a b"}}]})
+    assert _run(tmp_path / "res", exp, "--dry-run") == 0
+    assert capsys.readouterr().out.strip() == "gpulab echo --dtype '[/] a b'"
+
+
+def test_bad_out_folder_fails_before_any_run(echo_command, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    exp = write(tmp_path, {"runs": [{"command": "echo"}]})
+    for out in (blocker, blocker / "sub"):
+        assert _run(out, exp) == 1
+        err = capsys.readouterr().err
+        assert "--out" in err and str(blocker) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_is_not_an_experiment_file(tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        experiment.load_file(tmp_path)
+
+
+def test_stop_on_error_says_what_did_not_run(echo_command, tmp_path, capsys):
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"fail": [True, False, False]}}]})
+    assert _run(tmp_path / "res", exp, "--stop-on-error") == 1
+    assert "1 of 1 runs failed, 2 not run (--stop-on-error)" in capsys.readouterr().err

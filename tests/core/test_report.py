@@ -86,3 +86,15 @@ def test_json_has_no_nan_literals(tmp_path):
     assert "NaN" not in r.output and "Infinity" not in r.output
     [row] = json.loads(r.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert row["ms"] is None and row["gbs"] is None
+
+
+def test_malformed_result_parts_are_skipped(tmp_path):
+    good = _save(tmp_path, "sort-bench", 10, {"a": 1.0})
+    text = good.read_text()
+    for i, (old, new) in enumerate([("summary:", "summary: [1, 2]\nold_summary:"), ("rows:", "rows: 5\nold_rows:")]):
+        (tmp_path / f"bad{i}.yaml").write_text(text.replace(old, new, 1))
+    r = CliRunner().invoke(app, [str(tmp_path), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    assert len(r.output.strip().splitlines()) == 2  # the header and the one good result
+    r = CliRunner().invoke(app, [str(tmp_path / "bad1.yaml")])
+    assert r.exit_code != 0 and "not of the expected type" in str(r.exception)
