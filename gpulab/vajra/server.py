@@ -72,8 +72,14 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        try:  # JSON's \ud800 escapes make lone surrogates, which no tokenizer or response can encode
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request has a string that is not valid Unicode (a lone UTF-16 surrogate)") from None
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise APIError(400, "'model' is required", param="model")
@@ -265,6 +271,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 kind = "internal_error" if isinstance(e, EngineFailed) else "invalid_request_error"
                 payload = {"error": {"message": str(e), "type": kind, "param": None, "code": None}}
                 yield f"data: {json.dumps(payload)}\n\n"
+                yield "data: [DONE]\n\n"  # the stream still ends as every stream does (as vLLM's)
             finally:
                 await gen.aclose()
 
@@ -300,7 +307,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts, sent = completion_prompts(engine, body)
+        # tokenizing a long prompt takes seconds: off the event loop, which serves every other stream
+        prompts, sent = await asyncio.to_thread(completion_prompts, engine, body)
         n = parse_n(body, len(prompts))
         sp = parse_sampling(body, 16, engine.vocab_size)
         for ids in prompts:
@@ -334,7 +342,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
-        ids = chat_prompt(engine, body)
+        ids = await asyncio.to_thread(chat_prompt, engine, body)
         n = parse_n(body)
         # no max_tokens: up to the context length, or what the KV cache can hold when that is less
         room = min(engine.max_model_len, engine.block_manager.capacity_blocks * engine.block_manager.block_size)

@@ -164,6 +164,78 @@ def test_engine_failure_reaches_every_request(tokenizer):
     ae.shutdown()
 
 
+def test_stream_that_fails_midway_still_ends_with_done(tokenizer):
+    """An engine failure after some tokens: the stream carries the error, then `data: [DONE]` (clients wait for it)."""
+    class FailsLater(FakeModel):
+        calls = 0
+
+        def forward(self, batch, kv):
+            FailsLater.calls += 1
+            if FailsLater.calls > 4:
+                raise RuntimeError("boom")
+            return super().forward(batch, kv)
+
+    eng = LLMEngine(FailsLater(tokenizer.vocab_size), tokenizer, EngineConfig(num_blocks=50, block_size=8))
+    ae = AsyncEngine(eng).start()
+    with ServerThread(build_app(ae, NAME)) as srv:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=30,
+                          json={"model": NAME, "prompt": "hi", "max_tokens": 20, "ignore_eos": True,
+                                "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    ae.shutdown()
+    assert any('"choices"' in line for line in lines[:-2]), lines  # tokens came first
+    assert "boom" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-3:]
+
+
+def test_bodies_no_tokenizer_can_take_are_400(server):
+    """Lone surrogates (JSON's \\ud800 escapes) and nesting deeper than the JSON parser goes: 400, not 500."""
+    url = server.url + "/v1/completions"
+    head = {"content-type": "application/json"}
+    for raw in (b'{"model": "tiny", "prompt": "\\ud800", "max_tokens": 3}',
+                b'{"model": "\\udc00", "prompt": "hi"}',
+                b'{"model": "tiny", "prompt": ["ok", "\\udc00"], "max_tokens": 3}'):
+        r = httpx.post(url, content=raw, headers=head)
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], (raw, r.text)
+    r = httpx.post(server.url + "/v1/chat/completions", headers=head,
+                   content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert r.status_code == 400, r.text
+    deep = b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(url, content=deep, headers=head)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_slow_tokenization_does_not_stall_other_clients(tokenizer):
+    """Tokenizing a huge prompt runs off the event loop: /health answers meanwhile."""
+    import threading
+    import time
+
+    eng = LLMEngine(FakeModel(tokenizer.vocab_size), tokenizer, EngineConfig(num_blocks=50, block_size=8))
+    real = eng.tokenizer.encode
+
+    def slow_encode(text, *a, **k):
+        if text.startswith("SLOW"):
+            time.sleep(2.0)
+        return real(text, *a, **k)
+
+    eng.tokenizer.encode = slow_encode
+    ae = AsyncEngine(eng).start()
+    try:
+        with ServerThread(build_app(ae, NAME)) as srv:
+            t = threading.Thread(target=lambda: httpx.post(srv.url + "/v1/completions", timeout=30,
+                                                           json={"model": NAME, "prompt": "SLOW hi", "max_tokens": 2}))
+            t.start()
+            time.sleep(0.3)  # the slow request is being tokenized now
+            t0 = time.perf_counter()
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+            waited = time.perf_counter() - t0
+            t.join()
+        assert waited < 1.0, waited
+    finally:
+        eng.tokenizer.encode = real
+        ae.shutdown()
+
+
 def test_non_streamed_request_aborted_when_client_leaves(tokenizer):
     """A client that gives up on a non-streamed request frees its sequence (the server polls for the disconnect)
     instead of generating to max_tokens; a chat request without max_tokens fits the (small) KV cache."""
