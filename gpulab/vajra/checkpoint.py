@@ -58,6 +58,9 @@ class CheckpointReader:
                 raise InputError(f"{self.dir}: no *.safetensors files (and no model.safetensors.index.json)")
             for p in files:
                 for name in self._open(p).keys():
+                    if name in self.where:  # which one is meant? (a stale shard left beside the new ones)
+                        raise InputError(f"{self.dir}: tensor {name!r} is in both {self.where[name].name} and {p.name} "
+                                         "(and there is no model.safetensors.index.json to say which is meant)")
                     self.where[name] = p
 
     def _open(self, p: Path):
@@ -127,6 +130,37 @@ class QuantScheme:
         return False
 
 
+def _obj(v: Any, what: str, where: str) -> dict[str, Any]:
+    """A JSON object (None: empty), or a one-line error naming it."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise InputError(f"{where}: {what} must be an object, got {type(v).__name__}")
+    return v
+
+
+def _bits(d: dict[str, Any], what: str, where: str) -> int:
+    v = d.get("num_bits", 0)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise InputError(f"{where}: {what}.num_bits must be an integer, got {v!r}")
+    return v
+
+
+def _ignore_list(v: Any, key: str, where: str) -> list[str]:
+    """The modules left unquantized: names, or ``re:`` patterns (checked to compile here, once)."""
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise InputError(f"{where}: {key} must be a list of module names or 're:' patterns, got {v!r}"[:300])
+    for e in v:
+        if e.startswith("re:"):
+            try:
+                re.compile(e[3:])
+            except re.error as err:
+                raise InputError(f"{where}: {key} entry {e!r} is not a valid regular expression ({err})") from None
+    return list(v)
+
+
 def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") -> QuantScheme | None:
     if not qc:
         return None
@@ -142,8 +176,9 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
             raise InputError(f"{where}: compressed-tensors config has no config_groups")
         schemes = []
         for gname, g in groups.items():
-            w = (g or {}).get("weights") or {}
-            if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8:
+            g = _obj(g, f"config group {gname!r}", where)
+            w = _obj(g.get("weights"), f"config group {gname!r}: weights", where)
+            if w.get("type") != "float" or _bits(w, f"config_groups.{gname}.weights", where) != 8:
                 raise InputError(f"{where}: config group {gname!r}: weights must be 8-bit float, got "
                                  f"{w.get('num_bits')}-bit {w.get('type')!r}")
             if w.get("symmetric", True) is False:
@@ -156,14 +191,17 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
             if strat == "block":
                 bs = w.get("block_structure")
                 if isinstance(bs, str):  # older "128x128"
-                    bs = [int(v) for v in bs.lower().split("x")]
+                    try:
+                        bs = [int(v) for v in bs.lower().split("x")]
+                    except ValueError:
+                        pass  # refused just below, with the value
                 if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(v, int) and v > 0 for v in bs)):
                     raise InputError(f"{where}: config group {gname!r}: block strategy needs block_structure [n, k], got {bs!r}")
                 block = (int(bs[0]), int(bs[1]))
-            a = (g or {}).get("input_activations")
+            a = _obj(g.get("input_activations"), f"config group {gname!r}: input_activations", where)
             act = None
             if a:
-                if a.get("type") != "float" or int(a.get("num_bits", 0)) != 8:
+                if a.get("type") != "float" or _bits(a, f"config_groups.{gname}.input_activations", where) != 8:
                     raise InputError(f"{where}: config group {gname!r}: input activations must be 8-bit float")
                 if a.get("dynamic"):
                     if a.get("strategy", "token") not in ("token", "tensor", "group"):
@@ -174,6 +212,8 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
                         raise InputError(f"{where}: config group {gname!r}: static activations must be per tensor")
                     act = "static"
             targets = g.get("targets", ["Linear"])
+            if not isinstance(targets, list):
+                raise InputError(f"{where}: config group {gname!r}: targets must be a list, got {targets!r}")
             if not any(t == "Linear" or "proj" in str(t) for t in targets):
                 raise InputError(f"{where}: config group {gname!r}: targets {targets!r} name no Linear layers")
             schemes.append((strat, block, act))
@@ -183,8 +223,8 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
         if strat == "block" and act == "static":
             raise InputError(f"{where}: block-wise weights with static activation scales are not supported "
                              "(vLLM refuses them too: block-wise FP8 takes dynamic activations)")
-        ignore = qc.get("ignore") or []
-        return QuantScheme("compressed-tensors", strat, block, act, list(ignore))
+        ignore = _ignore_list(qc.get("ignore"), "ignore", where)
+        return QuantScheme("compressed-tensors", strat, block, act, ignore)
     if method == "fp8":
         act = qc.get("activation_scheme", "dynamic")
         if act not in ("dynamic", "static"):
@@ -193,7 +233,8 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
         if fmt != "e4m3":
             raise InputError(f"{where}: fp8 fmt {fmt!r} is not supported (e4m3)")
         wbs = qc.get("weight_block_size")
-        ignore = list(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or [])
+        key = "ignored_layers" if qc.get("ignored_layers") is not None else "modules_to_not_convert"
+        ignore = _ignore_list(qc.get(key), key, where)
         if wbs is not None:
             if not (isinstance(wbs, (list, tuple)) and len(wbs) == 2 and all(isinstance(v, int) and v > 0 for v in wbs)):
                 raise InputError(f"{where}: weight_block_size must be [n, k], got {wbs!r}")

@@ -65,6 +65,33 @@ def _positive_int(v: Any, key: str, where: str) -> int:
     return v
 
 
+def _flag(cfg: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+    """A JSON boolean (null: the default): bool("false") would be True."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise InputError(f"{where}: '{key}' must be true or false, got {v!r}")
+    return v
+
+
+def _number(cfg: dict[str, Any], key: str, where: str, default: float, positive: bool = True) -> float:
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (positive and not v > 0):
+        raise InputError(f"{where}: '{key}' must be a {'positive ' if positive else ''}number, got {v!r}")
+    return float(v)
+
+
+def _mapping(v: Any, key: str, where: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise InputError(f"{where}: '{key}' must be an object, got {type(v).__name__}")
+    return v
+
+
 def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig:
     """Validate a config.json dict and return a :class:`LlamaConfig` (one-line errors)."""
     if not isinstance(cfg, dict):
@@ -82,9 +109,10 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
         raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     head_dim = cfg.get("head_dim") or hidden // heads
     head_dim = _positive_int(head_dim, "head_dim", where)
-    rope = cfg.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None)
+    rope = _mapping(cfg.get("rope_parameters"), "rope_parameters", where)
+    theta = _number(rope, "rope_theta", where, _number(cfg, "rope_theta", where, 10000.0))
+    scaling = (_mapping(cfg.get("rope_scaling"), "rope_scaling", where)
+               or (rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None))
     if scaling:
         rt = scaling.get("rope_type", scaling.get("type", "default"))
         if rt not in ("default", "llama3", "linear"):
@@ -97,7 +125,13 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
             if not isinstance(f, (int, float)) or isinstance(f, bool) or not f > 0:
                 raise InputError(f"{where}: rope scaling {rt!r} needs a 'factor' > 0, got {f!r}")
     eos = cfg.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
+        raise InputError(f"{where}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    eos_ids = tuple(eos_list)
+    mpe = cfg.get("max_position_embeddings")
+    max_pos = 4096 if mpe is None else _positive_int(mpe, "max_position_embeddings", where)
+    bias = _flag(cfg, "attention_bias", where)
     qc = cfg.get("quantization_config") or cfg.get("compression_config")
     return LlamaConfig(
         vocab_size=_positive_int(_req(cfg, "vocab_size", where), "vocab_size", where),
@@ -107,14 +141,14 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_number(cfg, "rms_norm_eps", where, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", False)) or mt == "qwen2",
-        o_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=_flag(cfg, "tie_word_embeddings", where),
+        qkv_bias=bias or mt == "qwen2",
+        o_bias=bias and mt != "qwen2",
+        mlp_bias=_flag(cfg, "mlp_bias", where),
         eos_token_ids=eos_ids,
         torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         model_type=mt,

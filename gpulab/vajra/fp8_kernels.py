@@ -45,12 +45,24 @@ def decode_fp8(b, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr):
     normal = bits.to(tl.float32, bitcast=True)
     sub = m.to(tl.float32) * (2.0 ** (1 - BIAS - MBITS))
     sub = tl.where(sign == 1, -sub, sub)
-    return tl.where(e == 0, sub, normal)
+    out = tl.where(e == 0, sub, normal)
+    if EBITS == 4:  # e4m3fn: S.1111.111 is NaN, the format's only special value (no infinities)
+        out = tl.where((e == 15) & (m == 7), float("nan"), out)
+    else:  # e5m2 (IEEE-like): an all-ones exponent is +-inf (m == 0) or NaN
+        inf = tl.where(sign == 1, float("-inf"), float("inf"))
+        out = tl.where(e == 31, tl.where(m == 0, inf, float("nan")), out)
+    return out
+
+
+@triton.jit
+def clamp_fp8(v, FMAX: tl.constexpr):
+    """v clamped to [-FMAX, FMAX], NaN kept NaN (as torch.clamp; a min/max pair may turn it into a bound)."""
+    return tl.where(v != v, v, tl.minimum(tl.maximum(v, -FMAX), FMAX))
 
 
 @triton.jit
 def encode_fp8(x, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr):
-    """float32 values already clamped to the finite range -> int32 bytes, round to nearest even."""
+    """float32 values already clamped to the finite range (or NaN) -> int32 bytes, round to nearest even."""
     u = x.to(tl.int32, bitcast=True)
     sign = (u >> 31) & 1
     a = u & 0x7FFFFFFF
@@ -65,6 +77,7 @@ def encode_fp8(x, EBITS: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr):
     up = (rem > half) | ((rem == half) & ((q & 1) == 1))
     q = q + up.to(tl.int32)
     code = tl.where(e32 >= 128 - BIAS, code_n, q)
+    code = tl.where(x != x, 0x7F, code)  # NaN: S.1111.111 in e4m3fn, a NaN in e5m2 too (torch writes 0x7F)
     return code | (sign << 7)
 
 
@@ -98,7 +111,7 @@ def _cast_kernel(x_ptr, s_ptr, o_ptr, N, K, s_x, s_o, s_sr, s_sc, FMAX: tl.const
     mask = (rows < N) & (cols < K)
     x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(s_ptr + (rows // SBR) * s_sr + (cols // SBC) * s_sc, mask=mask, other=1.0)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX)
+    y = clamp_fp8(tl.math.div_rn(x, s), FMAX)
     tl.store(o_ptr + rows * s_o + cols, encode_fp8(y, EBITS, MBITS, BIAS).to(tl.uint8), mask=mask)
 
 
@@ -117,7 +130,7 @@ def _quant_rows_kernel(x_ptr, o_ptr, s_ptr, K, s_x, s_o, FMAX: tl.constexpr, MIN
     for c0 in range(0, K, BC):
         cols = c0 + tl.arange(0, BC)
         x = tl.load(x_ptr + row * s_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX)
+        y = clamp_fp8(tl.math.div_rn(x, s), FMAX)
         tl.store(o_ptr + row * s_o + cols, encode_fp8(y, EBITS, MBITS, BIAS).to(tl.uint8), mask=cols < K)
 
 
@@ -136,7 +149,7 @@ def _quant_block_kernel(x_ptr, o_ptr, s_ptr, N, K, s_x, s_o, s_s, FMAX: tl.const
     x = tl.load(x_ptr + rows * s_x + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FMAX), MIN_SCALE)
     tl.store(s_ptr + bi * s_s + bj, s)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX)
+    y = clamp_fp8(tl.math.div_rn(x, s), FMAX)
     tl.store(o_ptr + rows * s_o + cols, encode_fp8(y, EBITS, MBITS, BIAS).to(tl.uint8), mask=mask)
 
 
@@ -150,7 +163,7 @@ def _requant_rows_kernel(q_ptr, rs_ptr, ns_ptr, o_ptr, N, K, s_q, s_o, FMAX: tl.
     v = _load_fp8(q_ptr + rows * s_q + cols, mask, NATIVE, EBITS, MBITS, BIAS)
     rs = tl.load(rs_ptr + rows, mask=rows < N, other=1.0)
     ns = tl.load(ns_ptr)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(v * rs, ns), -FMAX), FMAX)
+    y = clamp_fp8(tl.math.div_rn(v * rs, ns), FMAX)
     tl.store(o_ptr + rows * s_o + cols, encode_fp8(y, EBITS, MBITS, BIAS).to(tl.uint8), mask=mask)
 
 

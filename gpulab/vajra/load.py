@@ -17,7 +17,8 @@ from gpulab.core import options
 from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
 from gpulab.vajra.attention import make_backend
-from gpulab.vajra.checkpoint import CheckpointReader, QuantScheme, QuantWeight, parse_quant_config, read_linear
+from gpulab.vajra.checkpoint import (FLOAT_NAMES, CheckpointReader, QuantScheme, QuantWeight, parse_quant_config,
+                                     read_linear)
 from gpulab.vajra.config import LlamaConfig, read_config
 from gpulab.vajra.linear import LINEAR_BACKENDS, Linear, fuse, quantize
 from gpulab.vajra.model import KV_DTYPES, DecoderLayer, LlamaModel
@@ -136,10 +137,17 @@ def read_kv_scales(reader: CheckpointReader, num_layers: int) -> list[tuple[floa
         return float(t.max())
 
     p = "model.layers.{}.self_attn."
-    if reader.has(p.format(0) + "k_scale"):
+    has_kv = [reader.has(p.format(i) + "k_scale") for i in range(num_layers)]
+    has_one = [reader.has(p.format(i) + "kv_scale") for i in range(num_layers)]
+    if all(has_kv):
         names = [(p.format(i) + "k_scale", p.format(i) + "v_scale") for i in range(num_layers)]
-    elif reader.has(p.format(0) + "kv_scale"):
+    elif all(has_one):
         names = [(p.format(i) + "kv_scale",) * 2 for i in range(num_layers)]
+    elif any(has_kv) or any(has_one):  # some layers calibrated, others not: which scale would the others use?
+        some = next(i for i in range(num_layers) if has_kv[i] or has_one[i])
+        lacks = next(i for i in range(num_layers) if not (has_kv[i] or has_one[i]) or has_kv[i] != has_kv[some])
+        raise InputError(f"K/V cache scales: layer {some} has them but layer {lacks} has none (or the other kind); "
+                         "a calibrated checkpoint has k_scale/v_scale (or kv_scale) in every layer")
     else:
         return None
     return [(scale(k), scale(v)) for k, v in names]
@@ -167,9 +175,18 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
     def vec(name: str, n: int, norm: bool = False) -> torch.Tensor:
         if dummy is not None:
             return dummy.norm(n, act_dtype) if norm else torch.zeros(n, dtype=act_dtype, device=dev)
-        t = reader.get(name, dev)
+        t = dense(name)
         _check_shape(name, t, (n,))
         return t.to(act_dtype)
+
+    def dense(name: str) -> torch.Tensor:
+        """A tensor that is not a linear layer's weight (embedding, norm, bias, dense lm_head): it must be stored
+        as a float; FP8 or integer bytes read as numbers would load silently wrong."""
+        dt = reader.dtype_name(name)
+        if dt not in FLOAT_NAMES:
+            raise InputError(f"tensor {name!r}: unsupported dtype {dt} (only linear layers may be FP8; this one must "
+                             f"be {', '.join(FLOAT_NAMES)})")
+        return reader.get(name, dev)
 
     def bias(module: str, n: int, want: bool):
         name = f"{module}.bias"
@@ -191,7 +208,7 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
     if dummy is not None:
         embed = dummy.dense((cfg.vocab_size, H), act_dtype)
     else:
-        embed = reader.get("model.embed_tokens.weight", dev).to(act_dtype)
+        embed = dense("model.embed_tokens.weight").to(act_dtype)
         _check_shape("model.embed_tokens.weight", embed, (cfg.vocab_size, H))
     layers = []
     for i in range(cfg.num_layers):
@@ -225,7 +242,7 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
     else:
         # lm_head stays in the activation dtype (usually in the ignore list; FP8 is dequantized)
         head = read_linear(reader, "lm_head", scheme, dev, act_dtype) if reader.dtype_name("lm_head.weight").startswith("F8") \
-            else reader.get("lm_head.weight", dev).to(act_dtype)
+            else dense("lm_head.weight").to(act_dtype)
         _check_shape("lm_head.weight", head, (cfg.vocab_size, H))
         head_w = head if isinstance(head, torch.Tensor) else Linear(head, None, act_dtype, "dequant").w
     lm_head = Linear(head_w, None, act_dtype)

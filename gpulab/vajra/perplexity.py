@@ -169,6 +169,11 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
     bos_id = bos_ids.pop() if bos is not False else None
     if bos and bos_id is None:
         raise InputError(f"--bos: {models[0]}'s tokenizer has no BOS token (use --no-bos)")
+    for m in models:  # an id past a model's vocabulary: an index error on the CPU, a device assert on a GPU
+        vocab = read_model_config(m).get("vocab_size")
+        top = max([*ids, *([bos_id] if bos_id is not None else [])], default=-1)
+        if isinstance(vocab, int) and top >= vocab:
+            raise InputError(f"{m}: the tokenizer gives token id {top}, outside the model's vocabulary [0, {vocab})")
     windows = make_windows(ids, context, max_tokens, bos_id)
     if not windows:
         raise InputError(f"--text {text_file}: {len(ids)} token(s), too few to score (a window needs 2)")

@@ -175,7 +175,9 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
 
     cfg = read_config(src)
     if cfg.quantization_config:
-        raise InputError(f"{src}: already quantized ({cfg.quantization_config.get('quant_method')}); give a bf16/fp16 checkpoint")
+        qc = cfg.quantization_config
+        method = qc.get('quant_method') if isinstance(qc, dict) else qc
+        raise InputError(f"{src}: already quantized ({method!r}); give a bf16/fp16 checkpoint")
     reader = CheckpointReader(src)
     device = options.resolve_device(what="gpulab quantize")
     amax = calibrate(src, calib_text, calib_samples, calib_len, device) if activations == "static" else {}

@@ -315,3 +315,76 @@ def test_rope_scaling_without_factor_and_sliding_windows(base, tmp_path):
         load_model(d, max_model_len=32)
     assert_one_line(e, "max_model_len 32 is longer than the model's sliding window (16)")
 
+
+
+@pytest.mark.parametrize("name, dtype", [("model.embed_tokens.weight", torch.int8),
+                                         ("model.embed_tokens.weight", torch.float8_e4m3fn),
+                                         ("model.norm.weight", torch.int32)])
+def test_non_linear_tensors_must_be_floats(base, tmp_path, name, dtype):
+    """An embedding or norm stored as integers or FP8 was read as plain numbers (loaded, silently wrong)."""
+    d = _copy(base, "q", tmp_path)
+    _rewrite(d, lambda t: t.__setitem__(name, t[name].to(dtype)))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, f"tensor '{name}': unsupported dtype")
+
+
+def test_a_tensor_in_two_shards_without_an_index(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(base, "src", tmp_path)
+    (d / "model.safetensors.index.json").unlink(missing_ok=True)
+    shard = next(d.glob("*.safetensors"))
+    t = load_file(str(shard))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_file({name: torch.zeros_like(t[name])}, str(d / "zz-stale.safetensors"))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, f"tensor '{name}' is in both")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false"),
+    ({"attention_bias": 1}, "'attention_bias' must be true or false"),
+    ({"max_position_embeddings": "abc"}, "'max_position_embeddings' must be a positive integer"),
+    ({"rms_norm_eps": "x"}, "'rms_norm_eps' must be a positive number"),
+    ({"eos_token_id": [None]}, "'eos_token_id' must be a token id"),
+    ({"rope_scaling": "llama3"}, "'rope_scaling' must be an object"),
+    ({"rope_parameters": [1]}, "'rope_parameters' must be an object"),
+])
+def test_config_values_of_the_wrong_type(base, tmp_path, edit, message):
+    d = _copy(base, "src", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, message)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q["config_groups"].__setitem__("group_0", [1]), "config group 'group_0' must be an object"),
+    (lambda q: q["config_groups"]["group_0"].__setitem__("input_activations", "dynamic"),
+     "input_activations must be an object"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].__setitem__("num_bits", "eight"), "num_bits must be an integer"),
+    (lambda q: q.__setitem__("ignore", ["re:("]), "is not a valid regular expression"),
+    (lambda q: q.__setitem__("ignore", "lm_head"), "ignore must be a list"),
+])
+def test_quantization_config_of_the_wrong_shape(base, tmp_path, edit, message):
+    d = _copy(base, "q", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, message)
+
+
+def test_kv_scales_in_some_layers_only(tmp_path):
+    root = tmp_path
+    _, src = make_tiny(root / "src", num_hidden_layers=2)
+    d = _copy(root, "src", tmp_path / "c")
+    _rewrite(d, lambda t: t.update({"model.layers.1.self_attn.k_scale": torch.tensor(0.1),
+                                     "model.layers.1.self_attn.v_scale": torch.tensor(0.1)}))
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert_one_line(e, "layer 1 has them but layer 0 has none")

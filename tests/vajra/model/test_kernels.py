@@ -22,8 +22,22 @@ def test_decode_every_fp8_byte(dt):
     allb = torch.arange(256, dtype=torch.uint8).view(dt).reshape(2, 128).to(DEV)
     got = K.dequantize(allb, torch.tensor(1.0, device=DEV), native=False)
     want = allb.float()
-    fin = torch.isfinite(want)
+    # every byte, NaN and infinity codes included (a checkpoint holding them must not load as finite numbers)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(want).any())
+    fin = ~torch.isnan(want)
     assert torch.equal(got[fin], want[fin])
+
+
+@pytest.mark.parametrize("dt", [E4, E5])
+def test_cast_keeps_nan_and_saturates_infinities(dt):
+    from gpulab.vajra import fp8_kernels as K
+
+    x = torch.tensor([[float("nan"), float("inf"), float("-inf"), 1.0, -float("nan"), 3e38]], device=DEV)
+    got = K.cast(x, torch.tensor(1.0, device=DEV), dtype=dt).float()
+    fmax = torch.finfo(dt).max
+    want = torch.clamp(x, -fmax, fmax).to(dt).float()  # torch.clamp keeps NaN
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and int(torch.isnan(got).sum()) == 2
+    assert torch.equal(got[~torch.isnan(got)], want[~torch.isnan(want)])
 
 
 @pytest.mark.parametrize("dt", [E4, E5])

@@ -175,6 +175,13 @@ def test_bad_input(tiny_llama, text_file, tmp_path):
     assert run([tmp_path / "nobos"]).config["bos"] is None  # the default: BOS where there is one
     with pytest.raises(InputError, match="different BOS tokens"):
         run([tiny_llama, tmp_path / "eosbos"])
+    small = tmp_path / "smallvocab"  # the tokenizer's ids reach past the model's vocabulary
+    shutil.copytree(tiny_llama, small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 8
+    (small / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"outside the model's vocabulary \[0, 8\)"):
+        run([small])
 
 
 @pytest.mark.gpu
