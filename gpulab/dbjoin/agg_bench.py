@@ -123,6 +123,7 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
         rec.summary["tensorcore_over_torch"] = by["tensorcore-agg"]["median_ms"] / by["torch-agg"]["median_ms"]
     if device == "cuda" and "tensorcore-agg" in by and "hash-agg" in by:
         rec.summary["tensorcore_over_hash"] = by["tensorcore-agg"]["median_ms"] / by["hash-agg"]["median_ms"]
+    B.require_checked(rec, impls)
     rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
     if device == "cuda":
         rec.notes.append("GPU times are CUDA-event times of the whole call from the host: partitioning, gathers, "

@@ -197,6 +197,14 @@ def tensorcore_plan(name: str, device: str, cfg: Any, rec: Any, rows: int) -> tu
     return dtype, mode == "interpret"
 
 
+def require_checked(rec, impls: list[str]) -> None:
+    """A one-line error when no implementation ran and was checked: a record of nothing would read as correct."""
+    if any(r.get("correct") is not None for r in rec.rows):
+        return
+    why = "; ".join(f"{r['impl']}: {r['skipped']}" for r in rec.rows if r.get("skipped"))
+    raise DeviceError(f"none of --impl {','.join(impls)} ran here" + (f" ({why})" if why else ""))
+
+
 def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
     """Build the record (not yet saved); ``cfg.aggregate`` count|sum runs the join-aggregate instead."""
     from gpulab.core import options
@@ -386,6 +394,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
         rec.summary["hash_over_hash_graph"] = by["hash"]["median_ms"] / by["hash-graph"]["median_ms"]
     if by.get("hash-graph", {}).get("replay_gpu_median_ms") is not None:
         rec.summary["hash-graph_replay_gpu_ms"] = by["hash-graph"]["replay_gpu_median_ms"]
+    require_checked(rec, impls)
     rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
     if device == "cuda":
         rec.notes.append("GPU times (median_ms, p10_ms, p90_ms) are CUDA-event times of the whole call from the "

@@ -69,8 +69,12 @@ def compare(result: JoinResult, reference: JoinResult, left_key: np.ndarray | No
     """(passed, detail): same count and, when both carry pairs, the same multiset of pairs."""
     if result.count != reference.count:
         return False, f"count {result.count} != reference {reference.count}"
-    if result.left is None or reference.left is None:
+    if reference.left is None:
         return True, f"count {result.count} matches"
+    if result.left is None or result.right is None:  # pairs were asked for: a count alone does not pass
+        return False, f"only a count ({result.count}) was returned, not the pairs"
+    if len(result.left) != result.count or len(result.right) != result.count:
+        return False, f"{len(result.left)} left and {len(result.right)} right rows returned, but count says {result.count}"
     a = canonical(*result.numpy_pairs())
     b = canonical(*reference.numpy_pairs())
     if len(a) != result.count:

@@ -198,7 +198,9 @@ def load_table(path: Path | str) -> Table:
             raise InputError(f"{where}: not a valid .npz file (not a zip archive)")
         try:
             with np.load(p, allow_pickle=False) as z:
-                cols = {k: z[k] for k in z.files}
+                cols = {k: z[k] for k in z.files if k in ("key", "payload")}  # other arrays are not read
+                for k in z.files:
+                    cols.setdefault(k, None)  # named in a "missing column" error
         except ValueError as e:
             raise InputError(f"{where}: unreadable .npz ({str(e).splitlines()[0]})") from None
         except Exception as e:  # zipfile.BadZipFile, OSError, EOFError
@@ -207,18 +209,30 @@ def load_table(path: Path | str) -> Table:
     if suffix == ".csv":
         import pandas as pd
 
+        import csv
+        import warnings
+
         try:
-            df = pd.read_csv(p)
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                header = next(csv.reader(f), [])
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise InputError(f"{where}: malformed CSV ({str(e).splitlines()[0]})") from None
+        dup = next((c for i, c in enumerate(header) if c in header[:i]), None)
+        if dup is not None:  # pandas would rename the second one 'key.1'
+            raise InputError(f"{where}: column '{dup}' appears twice in the header")
+        try:
+            with warnings.catch_warnings():
+                # index_col=False: rows longer than the header are an error (pandas would make the first column
+                # the index and shift the others onto the header's names)
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                df = pd.read_csv(p, index_col=False)
         except pd.errors.EmptyDataError:
             raise InputError(f"{where}: empty CSV file (expected a header 'key,payload')") from None
-        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{where}: malformed CSV ({str(e).splitlines()[0]})") from None
-        if not isinstance(df.index, pd.RangeIndex):  # rows longer than the header: pandas made an index of them
-            raise InputError(f"{where}: malformed CSV (rows have more fields than the header's {len(df.columns)})")
-        dup = next((c for c in df.columns if isinstance(c, str) and re.fullmatch(r".+\.\d+", c)
-                    and c.rsplit(".", 1)[0] in df.columns), None)
-        if dup is not None:  # pandas renames a repeated header 'key' to 'key.1'
-            raise InputError(f"{where}: column '{dup.rsplit('.', 1)[0]}' appears twice in the header")
+        except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, ValueError) as e:
+            msg = str(e).splitlines()[0]
+            if "Length of header" in msg or "Expected" in msg:
+                msg = f"rows have more fields than the header's {len(header)}: {msg}"
+            raise InputError(f"{where}: malformed CSV ({msg})") from None
         if df.empty:  # a header and no rows: an empty table (pandas types its columns as object)
             df = df.astype(np.int64)
         t = _columns(_frame_columns(df, where), where)
@@ -238,6 +252,8 @@ def load_table(path: Path | str) -> Table:
             df = pd.read_parquet(p)
         except Exception as e:
             raise InputError(f"{where}: unreadable parquet file ({str(e).splitlines()[0]})") from None
+        if df.index.name in ("key", "payload") and df.index.name not in df.columns:
+            df = df.reset_index()  # pandas wrote the column as the frame's index (to_parquet of df.set_index("key"))
         return _columns(_frame_columns(df, where), where)
     raise InputError(f"{where}: unknown table format '{p.suffix}' (use {', '.join(FORMATS)})")
 

@@ -226,3 +226,13 @@ def test_experiment_file_validates():
         assert set(impls) <= set(IMPLS) | {""}, run["name"]
         if "aggregate" not in run["params"]:  # hash-graph has no aggregate form
             assert ("hash" in impls) == ("hash-graph" in impls), run["name"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the run where no implementation can run")
+@pytest.mark.parametrize("args", [["--impl", "hash,tensorcore", "--rows", "5000", "--count-only"],
+                                  ["--impl", "hash", "--rows", "100", "--aggregate", "sum"]])
+def test_a_bench_that_checked_nothing_is_an_error(out_dir, args):
+    """Every implementation skipped (no GPU; the interpreter's row cap): not a record that reads as correct."""
+    with pytest.raises(DeviceError, match="none of --impl .* ran here"):
+        invoke(["--device", "cpu", "--out", str(out_dir), "join", "bench", "--reps", "1", *args])
+    assert not list(Path(out_dir).glob("join-*.yaml"))

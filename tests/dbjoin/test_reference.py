@@ -40,3 +40,20 @@ def test_compare_detects_wrong_pairs():
     # pairs in any order are equal
     order = np.array([3, 1, 0, 2])
     assert reference.compare(JoinResult(4, ref.left[order], ref.right[order]), ref, lk, rk)[0]
+
+
+def test_compare_needs_the_pairs_when_pairs_were_asked_for():
+    import numpy as np
+
+    from gpulab.dbjoin.reference import JoinResult, compare, pandas_join
+
+    lk, rk = np.array([1, 1, 2]), np.array([1, 2, 2])
+    ref = pandas_join(lk, rk)
+    ok, why = compare(JoinResult(ref.count), ref, lk, rk)
+    assert not ok and "only a count" in why
+    ok, why = compare(JoinResult(ref.count, ref.left[:2], None), ref, lk, rk)
+    assert not ok
+    ok, why = compare(JoinResult(ref.count, ref.left[:2], ref.right[:2]), ref, lk, rk)
+    assert not ok and "count says" in why
+    assert compare(JoinResult(ref.count), pandas_join(lk, rk, True))[0]  # count only: a count is the answer
+    assert compare(ref, ref, lk, rk)[0]

@@ -132,3 +132,21 @@ def test_align_key_dtypes():
     b = Table(np.array([2**40], np.int64), np.array([0], np.int32))
     x, y = tables.align_key_dtypes(a, b)
     assert x.key.dtype == y.key.dtype == np.int64
+
+
+@pytest.mark.parametrize("text", ["key,payload\n1,2,3\n4,5,6\n", "key,payload\n0,10,20\n1,11,21\n",
+                                  "key,payload\n5,10,20\n"])
+def test_csv_rows_longer_than_the_header_never_shift_columns(tmp_path, text):
+    """Every row one field too long: pandas made the first column the index (a RangeIndex when it counts 0, 1,
+    ...) and loaded the others under the header's names."""
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(InputError, match="rows have more fields than the header's 2"):
+        tables.load_table(tmp_path / "t.csv")
+
+
+def test_headers_and_extra_columns(tmp_path):
+    (tmp_path / "v.csv").write_text("key,payload,v,v.1\n1,2,3,4\n")  # 'v.1' is a name of its own, not a repeat
+    t = tables.load_table(tmp_path / "v.csv")
+    assert t.key.tolist() == [1] and t.payload.tolist() == [2]
+    np.savez(tmp_path / "obj.npz", key=np.arange(2), payload=np.arange(2), notes=np.array(["a", None], dtype=object))
+    assert tables.load_table(tmp_path / "obj.npz").key.tolist() == [0, 1]  # other arrays are not read
