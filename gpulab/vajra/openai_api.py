@@ -94,6 +94,26 @@ def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
     return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
 
 
+def check_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """Features of the OpenAI API this server does not have are 400s, not silently ignored: a client that asks
+    for tool calls, a JSON response format or an insertion suffix would otherwise take plain text for an answer."""
+    if not chat and body.get("suffix") not in (None, ""):
+        raise APIError(400, "'suffix' (insertion) is not supported by this server", param="suffix")
+    if not chat:
+        return
+    for key in ("tools", "functions"):
+        if body.get(key) not in (None, []):
+            raise APIError(400, f"tool calling ('{key}') is not supported by this server", param=key)
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in (None, "none"):
+            raise APIError(400, f"'{key}' is not supported by this server (tool calling)", param=key)
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        raise APIError(400, f"response_format {str(kind)[:40]!r} is not supported by this server (only 'text')",
+                       param="response_format")
+
+
 def parse_echo(body: dict[str, Any], chat: bool) -> bool:
     """``echo`` (completions only): the prompt's text before the completion, and with ``logprobs`` its tokens'."""
     echo = _get(body, "echo", (bool,), False)

@@ -29,7 +29,8 @@ from gpulab.vajra.async_engine import AsyncEngine, EngineFailed
 from gpulab.vajra.detokenizer import IncrementalDetokenizer
 from gpulab.vajra.engine import LLMEngine, RequestOutput
 from gpulab.vajra.openai_api import (APIError, chat_prompt, choice_params, completion_prompts, echo_texts,
-                                     finite_logprob, parse_echo, parse_n, parse_sampling, parse_stream_options)
+                                     check_unsupported, finite_logprob, parse_echo, parse_n, parse_sampling,
+                                     parse_stream_options)
 from gpulab.vajra.sampling import SamplingParams
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -307,6 +308,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
+        check_unsupported(body, chat=False)
         # tokenizing a long prompt takes seconds: off the event loop, which serves every other stream
         prompts, sent = await asyncio.to_thread(completion_prompts, engine, body)
         n = parse_n(body, len(prompts))
@@ -342,6 +344,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await read_body(request)
+        check_unsupported(body, chat=True)
         ids = await asyncio.to_thread(chat_prompt, engine, body)
         n = parse_n(body)
         # no max_tokens: up to the context length, or what the KV cache can hold when that is less

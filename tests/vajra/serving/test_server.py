@@ -164,6 +164,22 @@ def test_engine_failure_reaches_every_request(tokenizer):
     ae.shutdown()
 
 
+def test_unsupported_features_are_400_not_ignored(server):
+    msgs = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for path, extra, param in (("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+                               ("/v1/chat/completions", {"messages": msgs, "tools": [tool]}, "tools"),
+                               ("/v1/chat/completions", {"messages": msgs, "tool_choice": "auto"}, "tool_choice"),
+                               ("/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_object"}},
+                                "response_format")):
+        r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
+    for extra in ({"tools": [], "tool_choice": "none"}, {"response_format": {"type": "text"}}):  # asks for nothing
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "max_tokens": 2, "messages": msgs,
+                                                                  **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
 def test_stream_that_fails_midway_still_ends_with_done(tokenizer):
     """An engine failure after some tokens: the stream carries the error, then `data: [DONE]` (clients wait for it)."""
     class FailsLater(FakeModel):
