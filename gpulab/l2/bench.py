@@ -127,10 +127,7 @@ class PolicyRunner:
         self.side = torch.cuda.Stream()
         n_max = max(len(r.layers) for r in requests)
         self.events = [torch.cuda.Event() for _ in range(n_max)]
-        budget = P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"])
-        self.schedules = [P.group_by_layer(P.prefetch_schedule([l.region.nbytes for l in r.layers],
-                                                               l2_budget_bytes=budget, lookahead=cfg.lookahead),
-                                           len(r.layers)) for r in requests]
+        self._schedules: dict[tuple[int, int], list] = {}  # (budget, request) -> prefetch ops by layer
         self.prefetch_kind, self._kernels = None, None
         self.persist_plan = None
         self.last_persist = None  # the latest PersistingL2: what the driver granted, the hitRatio installed
@@ -182,7 +179,7 @@ class PolicyRunner:
         req = self.requests[req_index]
         if not P.uses_prefetch(policy):
             return run_layers(req.x, req.layers)
-        sched = self.schedules[req_index]
+        sched = self.schedule(req_index, policy)
         if not any(sched):
             return run_layers(req.x, req.layers)
 
@@ -199,6 +196,22 @@ class PolicyRunner:
         y = run_layers(req.x, req.layers, before)
         self.main.wait_stream(self.side)
         return y
+
+    def schedule(self, req_index: int, policy: str) -> list:
+        """The request's prefetch ops by layer, within the budget: a fraction of the L2, or under persist+prefetch
+        of the L2 left beside the persisting set-aside (what the driver granted)."""
+        aside = 0
+        if P.uses_persist(policy):
+            granted = self.last_persist.granted_bytes if self.last_persist is not None else None
+            aside = granted if granted is not None else self.plan_persist().set_aside_bytes
+        budget = P.prefetch_budget_bytes(self.cfg.prefetch_budget, self.limits["l2_bytes"], set_aside_bytes=aside)
+        key = (budget, req_index)
+        if key not in self._schedules:
+            layers = self.requests[req_index].layers
+            self._schedules[key] = P.group_by_layer(
+                P.prefetch_schedule([l.region.nbytes for l in layers], l2_budget_bytes=budget,
+                                    lookahead=self.cfg.lookahead), len(layers))
+        return self._schedules[key]
 
     def infer_graph(self, req_index: int, policy: str):
         """Replay this request's CUDA graph for the policy, capturing it on first use (while the policy
@@ -441,7 +454,7 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     for p in policies:
         rec.rows.append({"policy": p, "impl": cfg.impl, "median_ms": None, "p90_ms": None, "n": 0,
                          "status": "skipped: needs a CUDA GPU"})
-    rec.notes.append("L2 policies (persist, prefetch, auto) need a CUDA GPU with persisting L2; none is visible, "
+    rec.notes.append("the L2 policies need a CUDA GPU (persist also needs persisting L2 support); none is visible, "
                      "so only the CPU baseline was measured (use --device cuda on a GPU machine)")
     rec.summary.update({"device": "cpu", "cpu_median_ms": t.median, "policies": "need a GPU"})
 
@@ -496,9 +509,15 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
             rec.metrics["persist_plan"].update(granted_set_aside_bytes=runner.last_persist.granted_bytes,
                                                installed_hit_ratio=round(runner.last_persist.installed_hit_ratio, 6))
     if any(P.uses_prefetch(p) for p in candidates):
+        plain = [runner.schedule(i, "prefetch") for i in range(len(runner.requests))]
         rec.metrics["prefetch"] = {"kernel": runner.prefetch_kind, "lookahead": cfg.lookahead,
                                    "budget_bytes": P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"]),
-                                   "ops_per_inference": [sum(len(s) for s in sch) for sch in runner.schedules]}
+                                   "ops_per_inference": [sum(len(s) for s in sch) for sch in plain]}
+        if "persist+prefetch" in candidates:  # beside the set-aside: the budget of the combined policy
+            aside = (runner.last_persist.granted_bytes if runner.last_persist is not None
+                     and runner.last_persist.granted_bytes is not None else runner.plan_persist().set_aside_bytes)
+            rec.metrics["prefetch"]["budget_bytes_with_persist"] = P.prefetch_budget_bytes(
+                cfg.prefetch_budget, limits["l2_bytes"], set_aside_bytes=aside)
 
     reps = -(-cfg.reps // len(reqs)) * len(reqs)  # whole passes over the request stream
     if ncu.under_ncu() and len(base_policies) == 1:

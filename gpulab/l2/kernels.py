@@ -84,6 +84,12 @@ def _conv_blocks(pixels: int, co: int, sms: int = 0) -> tuple[int, int, int]:
     return bp, bc, 32
 
 
+def _check_bias(b: torch.Tensor | None, n: int, what: str) -> None:
+    """A bias of another length would be read past its end (or leave outputs without one): refused."""
+    if b is not None and (b.dim() != 1 or b.shape[0] != n or not b.is_contiguous()):
+        raise ValueError(f"{what}: bias {tuple(b.shape)} does not match {n} outputs (a contiguous [{n}] is needed)")
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu: bool = False,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x @ w.T + b)`` for 2-D x [M, K] and w [N, K]."""
@@ -91,6 +97,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu
         raise ValueError(f"linear: x {tuple(x.shape)} and w {tuple(w.shape)} do not match")
     m, k = x.shape
     n = w.shape[0]
+    _check_bias(b, n, "linear")
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"linear: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected ({m}, {n}) "
+                         f"{x.dtype} on {x.device}")
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     bm, bn, bk = _blocks(m, n, k, sm_count(x.device))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -152,6 +162,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stri
         raise ValueError("conv2d: the weight must be contiguous ([CO, C*KH*KW] rows)")
     nb, c, h, wd = x.shape
     co, _, kh, kw = w.shape
+    _check_bias(b, co, "conv2d")
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (wd + 2 * padding - kw) // stride + 1
     if ho <= 0 or wo <= 0:

@@ -194,11 +194,13 @@ def prefetch_schedule(
     return ops
 
 
-def prefetch_budget_bytes(fraction: float, l2_bytes: int, align: int = 256) -> int:
+def prefetch_budget_bytes(fraction: float, l2_bytes: int, align: int = 256, set_aside_bytes: int = 0) -> int:
     """``fraction`` of the L2 as a prefetch budget, rounded down to ``align`` bytes (at least ``align``):
     then every piece that :func:`prefetch_schedule` cuts from 256-byte aligned layer ranges starts and ends
-    256-byte aligned (the read prefetch views it as int32 words, the bulk prefetch needs 16 bytes)."""
-    return max(align, int(fraction * l2_bytes) // align * align)
+    256-byte aligned (the read prefetch views it as int32 words, the bulk prefetch needs 16 bytes). With a
+    persisting set-aside (persist+prefetch) the fraction is of the L2 left to normal lines: prefetching more than
+    that evicts the layer that is running."""
+    return max(align, int(fraction * max(l2_bytes - set_aside_bytes, 0)) // align * align)
 
 
 def group_by_layer(ops: Iterable[PrefetchOp], n_layers: int) -> list[list[PrefetchOp]]:
@@ -241,22 +243,26 @@ def relative_noise(round_medians: Sequence[float], floor: float = 0.01) -> float
 def choose_auto(round_medians: dict[str, Sequence[float]], floor: float = 0.01) -> AutoChoice:
     """Pick the policy for ``auto`` from per-round median latencies (ms) of each candidate.
 
-    The candidate with the lowest median of round medians wins only if it beats ``default`` by more
-    than the noise (the spread of default's rounds, and of the candidate's own rounds); otherwise
-    ``default`` is kept. So auto is never chosen slower than default beyond measured noise.
+    A candidate qualifies when it beats ``default`` by more than the noise (the spread of default's rounds,
+    and of the candidate's own rounds); the qualifying candidate with the lowest median of round medians
+    wins, and without one ``default`` is kept. So auto is never chosen slower than default beyond measured
+    noise, and a noisy fastest candidate does not hide a steady one that also wins.
     """
     if "default" not in round_medians or not round_medians["default"]:
         raise InputError("auto needs measurements of 'default'")
     med = {p: statistics.median(v) for p, v in round_medians.items() if len(v)}
     base = med["default"]
     noise = relative_noise(round_medians["default"], floor)
-    best = min(med, key=lambda p: (med[p], p != "default"))
-    if best == "default":
+    faster = sorted((p for p in med if p != "default" and med[p] < base), key=lambda p: (med[p], p))
+    if not faster:
         return AutoChoice("default", noise, 0.0, "no policy was faster than default")
+    for p in faster:
+        gain = (base - med[p]) / base if base > 0 else 0.0
+        threshold = max(noise, relative_noise(round_medians[p], floor))
+        if gain > threshold + 1e-9:  # a gain that only rounding puts above the threshold does not count
+            return AutoChoice(p, noise, gain, f"{p} is {gain:.1%} faster than default (noise {threshold:.1%})")
+    best = faster[0]
     gain = (base - med[best]) / base if base > 0 else 0.0
-    own = relative_noise(round_medians[best], floor)
-    threshold = max(noise, own)
-    if gain > threshold:
-        return AutoChoice(best, noise, gain, f"{best} is {gain:.1%} faster than default (noise {threshold:.1%})")
-    return AutoChoice("default", noise, 0.0,
-                      f"best candidate {best} gains {gain:.1%}, within noise {threshold:.1%}: kept default")
+    threshold = max(noise, relative_noise(round_medians[best], floor))
+    return AutoChoice("default", noise, 0.0, f"no candidate beats default beyond the noise (the fastest, {best}, "
+                                             f"gains {gain:.1%} within noise {threshold:.1%}): kept default")

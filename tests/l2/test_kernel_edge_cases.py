@@ -62,7 +62,7 @@ LIMITS = {"l2_bytes": 40_000, "persisting_l2_max_bytes": 1 * MIB, "access_policy
           "compute_capability": 90}
 
 
-def test_prefetch_budget_is_a_fraction_of_the_whole_l2(fake_cuda):
+def test_prefetch_budget_is_a_fraction_of_the_l2_left_to_normal_lines(fake_cuda):
     cfg = RunConfig(prefetch_budget=0.5, lookahead=2)
     limits = dict(LIMITS, persisting_l2_max_bytes=10_000)
     r = _runner(cfg, limits)
@@ -70,7 +70,12 @@ def test_prefetch_budget_is_a_fraction_of_the_whole_l2(fake_cuda):
     budget = P.prefetch_budget_bytes(0.5, 40_000)
     assert budget == 19_968
     want = P.group_by_layer(P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=2), len(sizes))
-    assert r.schedules == [want]
+    assert r.schedule(0, "prefetch") == want
+    # persist+prefetch: the fraction is of the L2 left beside the persisting set-aside (10,000 bytes planned)
+    aside = r.plan_persist().set_aside_bytes
+    beside = P.group_by_layer(P.prefetch_schedule(sizes, l2_budget_bytes=P.prefetch_budget_bytes(
+        0.5, 40_000, set_aside_bytes=aside), lookahead=2), len(sizes))
+    assert aside > 0 and r.schedule(0, "persist+prefetch") == beside != want
     assert sum(op.nbytes for ops in want for op in ops) > 0
 
 
@@ -124,7 +129,7 @@ def test_read_prefetch_reads_exactly_the_scheduled_bytes(fake_cuda, monkeypatch,
     assert torch.equal(y, run_layers(req.x, req.layers))
     base = r.model.arena.base_ptr
     want = [(base + req.layers[op.target_layer].region.offset + op.offset, op.nbytes)
-            for ops in r.schedules[0] for op in ops]
+            for ops in r.schedule(0, "prefetch") for op in ops]
     assert touched == want and len(want) >= 4
     # every prefetched byte lies in a later layer's range, and no range is read twice
     spans = sorted(want)
@@ -150,3 +155,16 @@ def test_linear_k_tail_does_not_read_the_next_row(m, k):
     assert torch.isfinite(got[finite_rows]).all()
     assert torch.allclose(got[finite_rows], ref[finite_rows], rtol=1e-4, atol=1e-4)
     assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+
+
+def test_kernel_wrappers_refuse_mismatched_bias_and_out():
+    from gpulab.l2 import kernels
+
+    """A bias of another length was read past its end and an `out` of another shape written past its end."""
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.linear(x, w, torch.randn(2))
+    with pytest.raises(ValueError, match="out is"):
+        kernels.linear(x, w, out=torch.empty(3, 3))
+    with pytest.raises(ValueError, match="bias"):
+        kernels.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(4))

@@ -185,3 +185,19 @@ def test_prefetch_budget_is_256_byte_aligned():
         ops = P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead)
         assert len(ops) >= 3 and all(op.offset % 256 == 0 and op.nbytes % 256 == 0 for op in ops)
     assert P.prefetch_budget_bytes(1e-9, 50 * MIB) == 256  # never an empty budget
+
+
+def test_choose_auto_takes_a_steady_winner_behind_a_noisy_fastest():
+    c = P.choose_auto({"default": [1.0, 1.0, 1.0], "persist": [0.5, 0.5, 1.6], "prefetch": [0.7, 0.7, 0.7]})
+    assert c.policy == "prefetch" and abs(c.gain - 0.3) < 1e-9
+    # a gain equal to the noise floor does not pass through float rounding
+    assert P.choose_auto({"default": [1.0, 1.0, 1.0], "persist": [0.99, 0.99, 0.99]}).policy == "default"
+    c = P.choose_auto({"default": [1.0, 1.0, 1.0], "persist": [0.5, 0.5, 1.6]})
+    assert c.policy == "default" and "persist" in c.reason
+
+
+def test_prefetch_budget_beside_a_persisting_set_aside():
+    mib = 1 << 20
+    assert P.prefetch_budget_bytes(0.5, 50 * mib) == 25 * mib
+    assert P.prefetch_budget_bytes(0.5, 50 * mib, set_aside_bytes=32 * mib) == 9 * mib
+    assert P.prefetch_budget_bytes(0.5, 50 * mib, set_aside_bytes=60 * mib) == 256  # at least one aligned piece

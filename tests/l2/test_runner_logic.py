@@ -55,8 +55,8 @@ def _runner(sizes, budget, lookahead=1):
     r.requests = [Request(torch.zeros(2), layers)]
     r.main, r.side = _Stream("main", log), _Stream("side", log)
     r.events = [_Event(i, log) for i in range(len(sizes))]
-    r.schedules = [P.group_by_layer(P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead),
-                                    len(sizes))]
+    plan = [P.group_by_layer(P.prefetch_schedule(sizes, l2_budget_bytes=budget, lookahead=lookahead), len(sizes))]
+    r.schedule = lambda i, policy: plan[i]
     r.prefetch_kind, r._kernels = "prefetch_l2", _Kernels(log)
     return r, log
 
