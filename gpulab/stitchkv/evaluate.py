@@ -297,13 +297,24 @@ def control_mismatch(cfg: dict[str, Any], have_lora: bool) -> str | None:
     return None
 
 
+MIN_CI_PROMPTS = 8  # fewer prompts give a bootstrap interval of no width (one prompt) or no meaning: none is claimed
+
+
+def _ci(items: dict[str, list[float]], stat) -> dict[str, Any]:
+    """The paired-bootstrap interval over prompts, or lo/hi None below MIN_CI_PROMPTS prompts (then no gap is
+    called significant, and no recovered share is claimed)."""
+    r = paired_bootstrap(items, stat)
+    n = len(next(iter(items.values()), []))
+    return r if n >= MIN_CI_PROMPTS else {**r, "lo": None, "hi": None}
+
+
 def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_len: int, batch: int,
              data: Path | None = None, goal_gap: float | None = None, name: str = "kvstitch-eval",
              log: Any = print) -> Record:
     import torch
 
     from gpulab.stitchkv import data as D
-    from gpulab.stitchkv.models import load_pair
+    from gpulab.stitchkv.models import check_window, load_pair
     from gpulab.stitchkv.store import load_bank, load_stage2, run_config, trained_stages
 
     run = Path(run)
@@ -317,6 +328,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
     plen = prompt_len or int(cfg.get("prompt_len", 32))
+    check_window(pair, plen + gen_len)
     src = data or cfg["data"]
     task = "continue" if Path(str(src)).suffix == ".jsonl" else cfg.get("task", "continue")  # .jsonl: its records
     corpus = D.load_corpus(src, pair.tokenizer, task=task)
@@ -393,9 +405,9 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
                 gaps[f"{v}:{metric}"] = gap_fraction(by["small"][metric], by["large"][metric], by[v][metric])
     # paired bootstrap over prompts (95%): is the small-to-large ROUGE-L gap real, and how much does the
     # stitched model recover?
-    ci = {"large_minus_small": paired_bootstrap(items, lambda m: m["large"] - m["small"]),
-          f"{best}_minus_small": paired_bootstrap(items, lambda m: m[best] - m["small"]),
-          "gap_recovered": paired_bootstrap(items, lambda m: gap_fraction(m["small"], m["large"], m[best]))}
+    ci = {"large_minus_small": _ci(items, lambda m: m["large"] - m["small"]),
+          f"{best}_minus_small": _ci(items, lambda m: m[best] - m["small"]),
+          "gap_recovered": _ci(items, lambda m: gap_fraction(m["small"], m["large"], m[best]))}
     rec.metrics = {"gap_recovered": gaps, "rougeL_ci95": ci, "samples": samples, "references": ref_texts[:3],
                    "ref_nll_by_position": {v: [round(x, 5) for x in c] for v, c in curves.items()}}
     gap_l = gaps.get(f"{best}:rougeL")
@@ -423,13 +435,14 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
                                                                           - st_row["ref_nll_after"])
         if None not in (ctl["ref_nll_tok1"], st_row["ref_nll_tok1"]):
             rec.summary["stitch_gain_nll_tok1_over_lora_control"] = ctl["ref_nll_tok1"] - st_row["ref_nll_tok1"]
-        ci["stitched-lora_minus_small-lora"] = paired_bootstrap(items, lambda m: m["stitched-lora"] - m["small-lora"])
+        ci["stitched-lora_minus_small-lora"] = _ci(items, lambda m: m["stitched-lora"] - m["small-lora"])
     rec.metrics["kv_handover_vs_large"] = by[best]["kv_vs_large"]
     sm, lg, st = by["small"]["rougeL"], by["large"]["rougeL"], by[best]["rougeL"]
     rec.metrics["interpolates_rougeL"] = interpolates(sm, lg, st)
     if not significant:
         lo, hi = gap_ci["lo"], gap_ci["hi"]
-        span = f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else "undefined"
+        span = (f"[{lo:+.4f}, {hi:+.4f}]" if lo is not None else
+                f"undefined with fewer than {MIN_CI_PROMPTS} prompts" if len(ref_texts) < MIN_CI_PROMPTS else "undefined")
         rec.notes.append(f"the small-to-large ROUGE-L gap ({lg - sm:+.4f}; 95% paired-bootstrap interval {span} over "
                          f"{len(ref_texts)} prompts) is not clearly above 0: gap_recovered_rougeL is left out (the "
                          "raw ratio, not meaningful, is in metrics.gap_recovered; more --prompts, or a pair that "

@@ -47,6 +47,20 @@ def output_cache(out: Any) -> Any:
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
 
 
+def check_window(pair: Any, length: int) -> None:
+    """A sliding-window model keeps only its window's last keys in its own cache, while a stitched cache keeps
+    every prompt position: the two differ once a sequence reaches the window, so that is refused."""
+    for role, m in (("large", pair.large), ("small", pair.small)):
+        c = base_model(m).config
+        w = getattr(c, "sliding_window", None)
+        if not w or (getattr(c, "model_type", "") == "qwen2" and not getattr(c, "use_sliding_window", False)):
+            continue
+        if length >= int(w):
+            raise InputError(f"the --{role} model attends over a sliding window of {w} tokens, and these sequences "
+                             f"reach {length}: stitched caches are only exact within the window (shorten the "
+                             "prompt and continuation)")
+
+
 def shape_of(model: Any) -> dict[str, int]:
     """Layer count, hidden size, KV heads and head_dim of a causal LM."""
     cfg = base_model(model).config
@@ -84,6 +98,11 @@ def load_tokenizer(folder: Path, role: str) -> Any:
         raise InputError(f"--{role} {folder}: no usable tokenizer ({msg[0] if msg else type(e).__name__})") from None
 
 
+TOKENIZER_PROBES = ("Hello, world!", " a leading space", "To be, or not to be: that is the question.",
+                    "na\u00efve caf\u00e9 \u2014 \u6771\u4eac 123.45", "\tTabs\nnewlines  and  double  spaces",
+                    "ALLCAPS lowercase MiXeD", "emoji \U0001F642 #@$% 0xFF")
+
+
 def check_shared_tokenizer(tok_large: Any, tok_small: Any, large: Path, small: Path) -> None:
     """A pair must tokenize identically: same vocabulary (token -> id) and special tokens."""
     vl, vs = tok_large.get_vocab(), tok_small.get_vocab()
@@ -99,6 +118,12 @@ def check_shared_tokenizer(tok_large: Any, tok_small: Any, large: Path, small: P
     if bos_prefix(tok_large) != bos_prefix(tok_small):  # the served (small) model's tokenizer starts the prompts
         raise InputError(f"{large} and {small} do not share a tokenizer (one starts an encoded text with its BOS "
                          "token, the other does not)")
+    for text in TOKENIZER_PROBES:  # same vocabulary, other merges, normalizer or pre-tokenizer: other ids
+        a = tok_large.encode(text, add_special_tokens=False)
+        b = tok_small.encode(text, add_special_tokens=False)
+        if a != b:
+            raise InputError(f"{large} and {small} do not share a tokenizer (same vocabulary, but they encode "
+                             f"{text!r} differently: {a[:8]} vs {b[:8]})")
 
 
 @dataclass

@@ -89,13 +89,43 @@ def load_adapter(small: Any, folder: Path, device: Any, missing: str) -> Any:
 STAGES = ("auto", "warmup", "lora")  # --stage of the commands that use a trained run
 
 
+FINGERPRINT_FIELDS = {"large": "large_id", "small": "small_id"}  # run.yaml: a model folder -> what it held
+
+
+def model_fingerprint(folder: Path | str) -> str:
+    """What a model folder holds, cheaply: a hash of its config.json and tokenizer files and of its weight files'
+    names and sizes. A run folder is tied to its pair by these, not only by the paths: another model copied
+    into the same path is refused instead of being served with stitches trained for the old one."""
+    import hashlib
+
+    d = Path(folder)
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        p = d / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"-") + b"\0")
+    for p in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_fingerprints(cfg: dict[str, Any], where: str) -> None:
+    """The pair's folders still hold the models the run recorded (run folders of older versions record none)."""
+    for key, id_key in FINGERPRINT_FIELDS.items():
+        want = cfg.get(id_key)
+        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key]) != want:
+            raise InputError(f"{where}: the --{key} folder {cfg[key]} no longer holds the model this run was trained "
+                             "with (its config, tokenizer or weight files changed); use a new --run folder")
+
+
 def run_config(run: Path) -> dict[str, Any]:
-    """A run folder's run.yaml (what `gpulab kvstitch train` wrote)."""
+    """A run folder's run.yaml (what `gpulab kvstitch train` wrote), its models checked against their
+    fingerprints."""
     p = run / "run.yaml"
     cfg = read_yaml_mapping(p, f"--run {run}: no run.yaml (not a 'gpulab kvstitch train' folder)")
     for k in ("large", "small", "data"):
         if k not in cfg:
             raise InputError(f"{p}: missing key '{k}'")
+    check_fingerprints(cfg, str(p))
     return cfg
 
 

@@ -30,7 +30,7 @@ from gpulab.stitchkv.run_folder import (
     stage_settings, write_run_yaml,
 )
 from gpulab.stitchkv.step_losses import StepLosses
-from gpulab.stitchkv.store import first_line, load_bank, save_bank, save_stage2
+from gpulab.stitchkv.store import FINGERPRINT_FIELDS, first_line, load_bank, model_fingerprint, save_bank, save_stage2
 
 STAGES = ("warmup", "lora", "all")
 LOSSES = ("mse", "l1")
@@ -244,7 +244,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
 
     from gpulab.stitchkv import data as D
     from gpulab.stitchkv.distributed import Ctx, ddp
-    from gpulab.stitchkv.models import load_pair, shape_of
+    from gpulab.stitchkv.models import check_window, load_pair, shape_of
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
     validate_cfg(cfg)
@@ -266,11 +266,16 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     next(D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], 0))  # the data holds a window
     if stage2:
         lora_targets(pair.small, cfg)
+    check_window(pair, cfg["prompt_len"] + (cfg.get("cont_len") or 0) + 1)
+    if cfg.get("init") == "identity" and stage in ("warmup", "all"):  # before run.yaml pins the folder
+        with torch.device("meta"):
+            make_bank(ls, ss, align, cfg["stitch_input"]).identity_()
     if stage == "lora" and not (run / "warmup" / "stitch.safetensors").is_file():
         raise InputError(f"{run}: stage 'lora' needs the warm-up stitches first (run --stage warmup or all)")
     ckpt_p = run / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_p)
     cfg.update({k: str(Path(cfg[k]).resolve()) for k in PATH_FIELDS})
+    cfg.update({id_key: model_fingerprint(cfg[key]) for key, id_key in FINGERPRINT_FIELDS.items()})
     cfg["prompt_bos"] = list(corpus.bos)  # what every prompt starts with (the tokenizer's BOS, if it adds one)
     old = read_run_yaml(run)
     plan = stage_plan(run, stage, cfg, ckpt, old.get("trained", {}))
@@ -459,6 +464,12 @@ def lora_targets(small: Any, cfg: dict[str, Any]) -> list[str]:
     missing = [t for t in targets if t not in names]
     if missing:
         raise InputError(f"--lora-targets: the small model has no module named {missing[0]!r}")
+    tied = [t for t in targets if t in ("lm_head", "embed_tokens")]
+    if tied and getattr(small.config, "tie_word_embeddings", False):
+        # merging the adapter (kvstitch export) would write the lm_head change into the shared matrix, and so
+        # into the input embeddings too: the exported model would not be the one that was evaluated
+        raise InputError(f"--lora-targets {tied[0]}: the small model ties lm_head to its input embeddings, so an "
+                         "adapter there cannot be merged faithfully; leave it out of --lora-targets")
     return targets
 
 

@@ -246,3 +246,35 @@ def test_jsonl_training_prompts_keep_the_end_of_a_long_prompt(tokenizer, tmp_pat
         assert tuple(p[0].tolist()) in heads and r[0].tolist() == heads[tuple(p[0].tolist())]
     (p, r), = D.eval_windows(c, 1, 3, 2)[:1]
     assert p.tolist() == enc(recs[c.split]["prompt"])[-3:] and r.tolist() == enc(recs[c.split]["reference"])[:2]
+
+
+def test_sliding_window_pairs_refuse_sequences_past_the_window():
+    from types import SimpleNamespace as NS
+
+    from gpulab.core.errors import InputError
+    from gpulab.stitchkv.models import check_window
+
+    plain = NS(config=NS(model_type="llama"))
+    mistral = NS(config=NS(model_type="mistral", sliding_window=16))
+    qwen_off = NS(config=NS(model_type="qwen2", sliding_window=16, use_sliding_window=False))
+    check_window(NS(large=plain, small=mistral), 15)
+    check_window(NS(large=qwen_off, small=plain), 100)  # Qwen2 declares a window it does not use
+    with pytest.raises(InputError, match="--small model attends over a sliding window of 16 tokens"):
+        check_window(NS(large=plain, small=mistral), 16)
+
+
+def test_tokenizers_with_one_vocabulary_that_encode_differently(pair_dirs, tmp_path):
+    """Same vocabulary and special tokens, another pre-tokenizer: a real mismatch the vocabulary check missed."""
+    import json
+    import shutil
+
+    from gpulab.core.errors import InputError
+    from gpulab.stitchkv.models import load_pair
+
+    other = tmp_path / "small"
+    shutil.copytree(pair_dirs[1], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["add_prefix_space"] = True
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InputError, match="same vocabulary, but they encode"):
+        load_pair(pair_dirs[0], other, device="cpu")

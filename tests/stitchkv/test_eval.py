@@ -158,3 +158,14 @@ def test_prompts_start_with_bos_like_the_served_model_s(tmp_path, pair_dirs):
     assert E.prompt_bos_note(cfg, [tok.bos_token_id]) is None
     assert "trained before kvstitch started prompts" in E.prompt_bos_note({}, [tok.bos_token_id])
     assert E.prompt_bos_note({}, []) is None
+
+
+def test_no_interval_is_claimed_below_eight_prompts():
+    from gpulab.stitchkv.evaluate import MIN_CI_PROMPTS, _ci
+
+    items = {"small": [0.1] * 3, "large": [0.9] * 3}
+    r = _ci(items, lambda m: m["large"] - m["small"])
+    assert MIN_CI_PROMPTS == 8 and r["lo"] is None and r["hi"] is None and abs(r["value"] - 0.8) < 1e-12
+    items = {"small": [0.1, 0.2] * 4, "large": [0.9, 0.8] * 4}
+    r = _ci(items, lambda m: m["large"] - m["small"])
+    assert r["lo"] is not None and r["lo"] > 0

@@ -404,3 +404,37 @@ def test_a_diverging_loss_is_one_line_and_never_checkpointed(pair_dirs, corpus_f
         T.train(cfg_for(pair_dirs, corpus_file, run, lr=1e30, steps=10, ckpt_every=2), "cpu", log=lambda m: None)
     assert not (run / "checkpoint.pt").exists()  # its losses were checked before the save at step 2
     assert not (run / "warmup").exists()
+
+
+def test_run_folder_refuses_another_model_in_the_same_path(pair_dirs, corpus_file, tmp_path):
+    """The run is tied to what the folders hold (config, tokenizer, weight files), not only to their paths."""
+    import json
+    import shutil
+
+    large, small = (tmp_path / "large", tmp_path / "small")
+    shutil.copytree(pair_dirs[0], large)
+    shutil.copytree(pair_dirs[1], small)
+    run = tmp_path / "run"
+    cfg = cfg_for((large, small), corpus_file, run, steps=1)
+    T.train(dict(cfg), "cpu", log=lambda m: None)
+    assert S.run_config(run)["small_id"] == S.model_fingerprint(small)
+    c = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**c, "rms_norm_eps": 1e-5}))  # another model, same path
+    with pytest.raises(InputError, match="no longer holds the model this run was trained with"):
+        T.train(dict(cfg), "cpu", log=lambda m: None)
+    with pytest.raises(InputError, match="--small folder .* no longer holds the model"):
+        S.run_config(run)  # eval, export and serving read the run through it
+
+
+def test_identity_init_of_unequal_widths_fails_before_the_run_folder_is_pinned(pair_dirs, corpus_file, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="identity stitches need equal widths"):
+        T.train(cfg_for(pair_dirs, corpus_file, run, steps=1, init="identity"), "cpu", log=lambda m: None)
+    assert not (run / "run.yaml").exists()
+
+
+def test_lora_on_a_tied_lm_head_is_refused(models):
+    small = models[1]
+    small.config.tie_word_embeddings = True  # the fixture builds a fresh pair per test
+    with pytest.raises(InputError, match="ties lm_head to its input embeddings"):
+        T.lora_targets(small, {"lora_targets": "q_proj,lm_head"})
