@@ -128,26 +128,35 @@ def variant_dir(model_dir: Path, precision: str, load_format: str, tmp: Path) ->
     return d, ""
 
 
+def prompt_texts(p: Path) -> list[str]:
+    """The prompts of a --prompts-file: one a line, plain text or JSON ``{"prompt": "..."}``."""
+    if not p.is_file():
+        raise InputError(f"prompts file not found: {p}")
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise InputError(f"{p}: no prompts (one per line, plain text or JSON {{\"prompt\": ...}})")
+    out = []
+    for i, ln in enumerate(lines):
+        text = ln
+        if ln.lstrip().startswith("{"):
+            try:
+                text = json.loads(ln)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):  # 5, null or a list would reach the tokenizer
+                raise InputError(f"{p}: line {i + 1} is not JSON with a 'prompt' string")
+        out.append(text)
+    return out
+
+
 def make_prompts(args: dict[str, Any], vocab: int, tokenizer) -> list[list[int]]:
     rng = random.Random(args["seed"])
     if args.get("prompts_file"):
         p = Path(args["prompts_file"])
-        if not p.is_file():
-            raise InputError(f"prompts file not found: {p}")
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise InputError(f"{p}: no prompts (one per line, plain text or JSON {{\"prompt\": ...}})")
+        texts = prompt_texts(p)
         if tokenizer is None:
             raise InputError(f"{p}: text prompts need the model folder's tokenizer")
-        out = []
-        for i, ln in enumerate(lines):
-            text = ln
-            if ln.lstrip().startswith("{"):
-                try:
-                    text = json.loads(ln)["prompt"]
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(f"{p}: line {i + 1} is not JSON with a 'prompt' string") from None
-            out.append(tokenizer.encode(text)[: args["input_len"]])
+        out = [tokenizer.encode(text)[: args["input_len"]] for text in texts]
         return [out[i % len(out)] for i in range(args["num_prompts"])]
     # --prefix-len: every prompt begins with the same random tokens (a shared system prompt), then its own
     shared = [rng.randrange(vocab) for _ in range(args.get("prefix_len") or 0)]
@@ -498,6 +507,8 @@ def run(model_dir: Path, args: dict[str, Any]):
         raise InputError(f"--prefix-len must be in 0..--input-len ({args['input_len']}), got {prefix_len}")
     if prefix_len and args.get("prompts_file"):
         raise InputError("--prefix-len shapes the random prompts; it does not apply to --prompts-file")
+    if args.get("prompts_file"):
+        prompt_texts(Path(args["prompts_file"]))  # a malformed file fails now, not after each model has loaded
 
     why = [w for w in (variant_problem(model_dir, p, args["load_format"]) for _, p, _ in compare) if w]
     if len(why) == len(compare):  # no precision asked for can run from this folder
@@ -517,6 +528,15 @@ def run(model_dir: Path, args: dict[str, Any]):
                        gpu_memory_utilization=args["gpu_memory_utilization"], kv_cache_dtype=args["kv_cache_dtype"],
                        cuda_graphs=args["cuda_graphs"],
                        enable_prefix_caching=bool(args.get("enable_prefix_caching"))).validate()
+    from gpulab.core.files import read_model_config
+
+    limit = read_model_config(model_dir).get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool):  # found now, not after the main run
+        for what, n in (("--input-len + --output-len", args["input_len"] + args["output_len"]),
+                        ("--input-len + --decode-steps", args["input_len"] + args["decode_steps"])):
+            if n > limit:
+                raise InputError(f"{what} = {n} is longer than the model's context ({limit} tokens, "
+                                 "max_position_embeddings)")
     columns = ROW_COLUMNS + (["prefix_hit_rate"] if cfg.enable_prefix_caching else [])
     per_variant: dict[str, dict[str, Any]] = {}
     prompts = None

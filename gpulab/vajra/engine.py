@@ -78,6 +78,11 @@ class EngineConfig:
             raise InputError(f"--kv-cache-dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InputError(f"--max-model-len must be >= 2, got {self.max_model_len}")
+        if self.max_prefill_chunk is not None and (not isinstance(self.max_prefill_chunk, int)
+                                                   or self.max_prefill_chunk < 1):
+            raise InputError(f"max_prefill_chunk must be None or an integer >= 1, got {self.max_prefill_chunk!r}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise InputError(f"watermark must be in [0, 1), got {self.watermark}")
         return self
 
 
@@ -233,11 +238,22 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise InputError("this model folder has no tokenizer: give prompts as token ids")
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        import numbers
+
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise InputError(f"a prompt is a string or a list of integer token ids, got {type(prompt).__name__}") from None
+        bad = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        if bad is not None:  # 1.7 or "3" would have become a token id silently
+            raise InputError(f"a prompt's token ids must be integers, got {bad!r}")
+        return [int(t) for t in ids]
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InputError when the request can never be served (the server answers 400)."""
         params.validate(self.vocab_size)
+        if params.stop and self.tokenizer is None:  # stop strings are found in the text: there is none
+            raise InputError("stop strings need the model folder's tokenizer (give stop token ids instead)")
         if params.prompt_logprobs is not None and (self.prefill is not None
                                                    or not hasattr(self.model, "forward_rows")):
             raise InputError("prompt logprobs (echo with logprobs) need the prompt run through this model; "
@@ -564,7 +580,10 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
-        ids = [self.add_request(p, sp).request_id for p, sp in zip(prompts, params)]
+        encoded = [self.encode(p) for p in prompts]
+        for p_ids, sp in zip(encoded, params):  # all checked before any is queued: a bad one leaves none behind
+            self.check_request(p_ids, sp)
+        ids = [self.add_request(p_ids, sp).request_id for p_ids, sp in zip(encoded, params)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for o in self.step():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gpulab.cli import invoke
-from gpulab.core.errors import GpulabError
+from gpulab.core.errors import GpulabError, InputError
 
 
 def test_serve_bench_writes_yaml(out_dir, tiny_assets):
@@ -288,3 +288,27 @@ def test_spec_hbm_matches_whole_device_names():
     assert spec_hbm("NVIDIA H100 80GB HBM3") == 3.35e12 and spec_hbm("NVIDIA H200") == 4.8e12
     assert spec_hbm("NVIDIA H100 PCIe") == 2.0e12 and spec_hbm("NVIDIA L40S") == 0.864e12
     assert spec_hbm("NVIDIA GH200 480GB") is None and spec_hbm("") is None  # not the H200's 4.8 TB/s
+
+
+@pytest.mark.parametrize("line", ['{"prompt": 5}', '{"prompt": null}', '{"prompt": ["a", "b"]}'])
+def test_serve_bench_bad_prompts_file_fails_before_any_model_loads(out_dir, tiny_assets, tmp_path, monkeypatch, line):
+    from gpulab.vajra import bench
+
+    pf = tmp_path / "p.txt"
+    pf.write_text(line + "\n")
+    monkeypatch.setattr(bench, "run_variant", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(InputError, match="line 1 is not JSON with a 'prompt' string"):
+        invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "8",
+                "--output-len", "2", "--num-prompts", "2", "--no-hf-baseline", "--decode-steps", "2",
+                "--prompts-file", str(pf)])
+
+
+def test_serve_bench_lengths_past_the_context_fail_first(out_dir, tiny_assets, monkeypatch):
+    from gpulab.vajra import bench
+
+    monkeypatch.setattr(bench, "run_variant", lambda *a, **k: pytest.fail("a model was loaded"))
+    for extra, what in ((["--output-len", "2", "--decode-steps", "600"], "--input-len \\+ --decode-steps = 608"),
+                        (["--output-len", "600", "--decode-steps", "2"], "--input-len \\+ --output-len = 608")):
+        with pytest.raises(InputError, match=what):
+            invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "8",
+                    "--num-prompts", "2", "--no-hf-baseline", *extra])

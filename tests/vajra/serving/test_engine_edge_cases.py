@@ -480,3 +480,22 @@ def test_streamed_completion_ending_on_eos_sends_its_finish_reason(tokenizer):
     finally:
         ae.shutdown()
     assert eng.block_manager.num_used == 0
+
+
+def test_engine_input_checks_from_review():
+    vocab = 64
+    eng = LLMEngine(FakeModel(vocab, max_model_len=64), None, EngineConfig(num_blocks=40, block_size=4))
+    with pytest.raises(InputError, match="stop strings need the model folder's tokenizer"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=3, stop=["a"]))
+    with pytest.raises(InputError, match="token ids must be integers, got 1.7"):
+        eng.add_request([1.7, 2], SamplingParams(max_tokens=3))
+    with pytest.raises(InputError, match="got '3'"):
+        eng.add_request([1, "3"], SamplingParams(max_tokens=3))
+    # generate checks every prompt before queueing any: a bad third prompt leaves nothing behind
+    with pytest.raises(InputError, match="maximum context length"):
+        eng.generate([[1, 2], [3, 4], [5] * 70], SamplingParams(max_tokens=2))
+    assert eng.num_unfinished == 0 and eng.block_manager.num_used == 0
+    for bad, match in ((dict(max_prefill_chunk=-1), "max_prefill_chunk"), (dict(max_prefill_chunk=0), "max_prefill"),
+                       (dict(watermark=-0.5), "watermark"), (dict(watermark=1.0), "watermark")):
+        with pytest.raises(InputError, match=match):
+            EngineConfig(**bad).validate()
