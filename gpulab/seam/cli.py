@@ -86,6 +86,11 @@ def train(
     from gpulab.seam.train import TrainConfig, Trainer, dist_env
 
     folder = _family(family)
+    from gpulab.core.results import check_out_folder
+
+    check_out_folder(options.get().out)  # both written at the end of a long training: checked before it
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--family {folder}: not a folder")
     root, fmt = sdata.resolve_data(data)
     names = _csv(anchors)
     if len(names) != 2:
@@ -131,6 +136,10 @@ def train(
                           anchor_steps=anchor_steps, stitch_steps=stitch_steps, lr=lr, stitch_lr=stitch_lr,
                           weight_decay=weight_decay, mode=mode, calib_images=calib_images, lstsq_ridge=lstsq_ridge,
                           amp=amp, seed=seed, checkpoint_every=checkpoint_every, weights=_parse_weights(weights))
+        cfg.validate()  # the options first, then what they ask of the data
+        if fmt == "cifar10" and data_info["train_images"] < batch_size:  # as the image folders: batches would
+            raise InputError(f"{data_info['train_images']} training images, fewer than one batch "  # repeat images
+                             f"(--batch-size {batch_size})")
         exists = (folder / "family.yaml").exists() or (folder / "checkpoint.pt").exists()
         if exists and not (resume or overwrite):
             raise InputError(f"{folder} already holds a family; pass --resume to continue it or --overwrite")
@@ -139,16 +148,14 @@ def train(
         log = (lambda s: typer.echo(s, err=True)) if rank == 0 else (lambda s: None)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, folder, source, device, log=log)
+        trainer.data_info = data_info
         if resume:
             trainer.resume()
             log(f"resumed at phase {trainer.phase_index}, step {trainer.step}")
         # every rank has checked the folder (and read the checkpoint) before rank 0 removes or writes anything
         pg.barrier()
-        if rank == 0 and not resume:
-            for stale in ("family.yaml", "weights.safetensors", "eval.yaml", "checkpoint.pt"):
-                (folder / stale).unlink(missing_ok=True)
-            for stale in [*folder.glob("select-*.yaml"), *folder.glob("select-*.png")]:  # of the old family
-                stale.unlink(missing_ok=True)
+        if rank == 0 and not resume:  # the old family stays until the new one is saved (a crash keeps it)
+            (folder / "checkpoint.pt").unlink(missing_ok=True)
         pg.barrier()
         trainer.run()
         seconds = time.perf_counter() - t0
@@ -168,6 +175,8 @@ def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, worl
 
     family_data = {**data_info, "classes": class_names} if class_names is not None else data_info
     store.save_family(folder, trainer.family, trainer.summary_info(family_data))
+    for stale in [folder / "eval.yaml", *folder.glob("select-*.yaml"), *folder.glob("select-*.png")]:
+        stale.unlink(missing_ok=True)  # of the family just replaced
     rec = results.Record(name="seam-train", config={**cfg.as_dict(), "family": str(folder), "data": data_info,
                                                       "device": device, "world_size": world})
     fam = trainer.family

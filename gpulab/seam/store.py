@@ -13,6 +13,7 @@ InputError naming the file and the problem.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def load_family(folder: Path, device: str = "cpu") -> tuple[StitchedFamily, dict
     for k, v in own.items():
         if sd[k].shape != v.shape:
             raise InputError(f"{wpath}: '{k}' has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+        if sd[k].is_floating_point() != v.is_floating_point():  # int32 bytes read as weights
+            raise InputError(f"{wpath}: '{k}' is {sd[k].dtype}, expected a {v.dtype} tensor")
     extra = [k for k in sd if k not in own]
     if extra:
         raise InputError(f"{wpath}: unexpected tensor '{extra[0]}' (weights of another family?)")
@@ -110,7 +113,11 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def save_eval(folder: Path, data: dict[str, Any]) -> Path:
-    return atomic_write_yaml(Path(folder) / "eval.yaml", {"schema": EVAL_SCHEMA, **data})
+    """eval.yaml; the selections made from the earlier one (select-*.yaml, .png) are removed: they described it."""
+    path = atomic_write_yaml(Path(folder) / "eval.yaml", {"schema": EVAL_SCHEMA, **data})
+    for stale in [*Path(folder).glob("select-*.yaml"), *Path(folder).glob("select-*.png")]:
+        stale.unlink(missing_ok=True)
+    return path
 
 
 def load_eval(path: Path) -> dict[str, Any]:
@@ -133,10 +140,12 @@ def load_eval(path: Path) -> dict[str, Any]:
         for f in EVAL_FIELDS:
             if m.get(f) is None:
                 raise InputError(f"{path}: model {m.get('name', f'#{i}')!s} is missing '{f}'")
-        for f in ("top1", "flops", "params"):
+        for f in ("top1", "flops", "params", *(k for k in m if k.startswith("latency_") and k.endswith("_ms"))):
             v = m[f]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
-                raise InputError(f"{path}: model {m['name']}: '{f}' must be a non-negative number, got {v!r}")
+            if v is None and f.startswith("latency_"):
+                continue  # not measured at that batch size
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{path}: model {m['name']}: '{f}' must be a finite non-negative number, got {v!r}")
         if m["top1"] > 1:
             raise InputError(f"{path}: model {m['name']}: 'top1' is a fraction in [0, 1], got {m['top1']}")
         if m["kind"] not in ("anchor", "stitch", "baseline"):
@@ -146,5 +155,17 @@ def load_eval(path: Path) -> dict[str, Any]:
         names.add(m["name"])
     if sum(m["kind"] == "anchor" for m in models) != 2:
         raise InputError(f"{path}: expected exactly 2 anchors, found {sum(m['kind'] == 'anchor' for m in models)}")
+    if (path.parent / "family.yaml").is_file():  # beside its family: every member evaluated, nothing else
+        spec = read_family_info(path.parent)["spec_obj"]
+        with torch.device("meta"):  # the member names only: no weights allocated
+            want = {m.name: m.kind for m in StitchedFamily(spec).members()}
+        have = {m["name"]: m["kind"] for m in models}
+        lost = sorted(set(want) - set(have))
+        if lost:
+            raise InputError(f"{path}: {len(lost)} of the family's models are not in it (e.g. {lost[0]}); run "
+                             "`gpulab seam eval` again")
+        other = sorted(n for n in have if want.get(n) != have[n])
+        if other:
+            raise InputError(f"{path}: model {other[0]} is not a {have[other[0]]} of the family in family.yaml")
     data["path"] = str(path)
     return data

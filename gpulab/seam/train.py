@@ -153,10 +153,15 @@ def phases(cfg: TrainConfig, new_heads: frozenset[str] | set[str] = frozenset())
 
 
 def phase_steps(cfg: TrainConfig, phase: str, steps_per_epoch: int) -> int:
+    """A phase's steps: given, or its epochs' worth (at least one step for epochs > 0: 0.1 epoch of 4 batches must
+    not round to an untrained phase)."""
+    def of(epochs: float) -> int:
+        return max(1, int(round(epochs * steps_per_epoch))) if epochs > 0 else 0
+
     if phase.startswith("anchor:"):
-        return cfg.anchor_steps if cfg.anchor_steps is not None else int(round(cfg.anchor_epochs * steps_per_epoch))
+        return cfg.anchor_steps if cfg.anchor_steps is not None else of(cfg.anchor_epochs)
     if phase == "stitch":
-        return cfg.stitch_steps if cfg.stitch_steps is not None else int(round(cfg.stitch_epochs * steps_per_epoch))
+        return cfg.stitch_steps if cfg.stitch_steps is not None else of(cfg.stitch_epochs)
     return 0
 
 
@@ -186,6 +191,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.lstsq: dict[str, dict[str, float]] = {}
         self.phase_index, self.step, self.opt_state = 0, 0, None
+        self.data_info: dict[str, Any] | None = None  # the training data (format, path, images): a resume needs the same
 
     # -- checkpoints ------------------------------------------------------------------------
     def plan(self) -> list[list]:
@@ -198,7 +204,7 @@ class Trainer:
                 "step": self.step,
                 "model": {k: v.detach().cpu() for k, v in self.family.state_dict().items()},
                 "optimizer": opt.state_dict() if opt is not None else None,
-                "history": self.history, "lstsq": self.lstsq, "notes": self.notes}
+                "history": self.history, "lstsq": self.lstsq, "notes": self.notes, "data": self.data_info}
 
     def save(self, opt: torch.optim.Optimizer | None) -> None:
         """Rank 0 writes the checkpoint; under DDP every rank waits until it is on disk."""
@@ -225,6 +231,17 @@ class Trainer:
             what = (f"phase {new_plan[i][0]} has {old_plan[i][1]} steps, now {new_plan[i][1]}" if i is not None
                     else f"{len(old_plan)} phases, now {len(new_plan)}")
             raise InputError(f"{self.folder}/checkpoint.pt: planned {what} (other training data?); {again}")
+        old_data = ck.get("data")
+        if old_data is not None and self.data_info is not None and old_data != self.data_info:
+            key = next(k for k in sorted({*old_data, *self.data_info}) if old_data.get(k) != self.data_info.get(k))
+            raise InputError(f"{self.folder}/checkpoint.pt: was trained on data with {key} {old_data.get(key)!r}, "
+                             f"now {self.data_info.get(key)!r}; {again}")
+        plan = new_plan
+        pi, step = ck["phase_index"], ck["step"]
+        if not (isinstance(pi, int) and isinstance(step, int) and 0 <= pi <= len(plan)
+                and step >= 0 and (pi == len(plan) or step <= plan[pi][1])):
+            raise InputError(f"{self.folder}/checkpoint.pt: phase {pi!r}, step {step!r} is not a point of this "
+                             f"training's {len(plan)} phases; {again}")
         try:
             self.family.load_state_dict(ck["model"])
         except RuntimeError as e:

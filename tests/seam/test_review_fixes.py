@@ -1,0 +1,113 @@
+"""Inputs a review found accepted: partial or corrupt evaluations, resumes on other data, untrained phases, paths
+that fail only after the training, and selections left describing an older evaluation."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import yaml
+
+from gpulab.core.errors import InputError
+from gpulab.seam import store
+from gpulab.seam.train import TrainConfig, phase_steps
+
+from .helpers import tiny_spec
+from .test_pipeline import TRAIN, trained  # noqa: F401 - trained is a module fixture
+
+
+def _copy(fam, tmp_path):
+    d = tmp_path / "fam"
+    shutil.copytree(fam, d)
+    return d
+
+
+def _edit_eval(d, fn):
+    ev = yaml.safe_load((d / "eval.yaml").read_text())
+    fn(ev["models"])
+    (d / "eval.yaml").write_text(yaml.safe_dump(ev))
+
+
+def test_an_evaluation_missing_models_of_its_family_is_refused(trained, tmp_path):
+    d = _copy(trained[2], tmp_path)
+    _edit_eval(d, lambda ms: ms.__setitem__(slice(None), [m for m in ms if m["kind"] != "baseline"]))
+    with pytest.raises(InputError, match="of the family's models are not in it \\(e.g. r18\\)"):
+        store.load_eval(d)
+
+
+@pytest.mark.parametrize("field, value", [("latency_b1_ms", float("nan")), ("latency_b1_ms", -5.0),
+                                          ("flops", float("inf"))])
+def test_latencies_and_flops_must_be_finite_and_non_negative(trained, tmp_path, field, value):
+    d = _copy(trained[2], tmp_path)
+    _edit_eval(d, lambda ms: ms[0].__setitem__(field, value))
+    with pytest.raises(InputError, match=f"'{field}' must be a finite non-negative number"):
+        store.load_eval(d)
+
+
+def test_weights_of_another_dtype_are_refused(trained, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(trained[2], tmp_path)
+    sd = load_file(str(d / "weights.safetensors"))
+    k = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() == 2)
+    sd[k] = sd[k].to(torch.int32)
+    save_file(sd, str(d / "weights.safetensors"))
+    with pytest.raises(InputError, match=f"'{k}' is torch.int32"):
+        store.load_family(d)
+
+
+def test_positive_epochs_give_at_least_one_step():
+    cfg = TrainConfig(spec=tiny_spec(), batch_size=16, anchor_epochs=0.1, stitch_epochs=0.1)
+    assert phase_steps(cfg, "anchor:resnet34", 4) == 1 and phase_steps(cfg, "stitch", 4) == 1
+    cfg = TrainConfig(spec=tiny_spec(), batch_size=16, anchor_epochs=0.0, stitch_epochs=2.0)
+    assert phase_steps(cfg, "anchor:resnet34", 4) == 0 and phase_steps(cfg, "stitch", 4) == 8
+
+
+def test_train_paths_and_data_are_checked_before_training(trained, tmp_path):
+    from gpulab.cli import invoke
+
+    _, data, _ = trained
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="--out .*afile"):
+        invoke(["--out", str(blocker / "out"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(data),
+                *TRAIN])
+    with pytest.raises(InputError, match="--family .*afile: not a folder"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(blocker), "--data", str(data), *TRAIN])
+    big = [*TRAIN[:TRAIN.index("--batch-size")], "--batch-size", "64", *TRAIN[TRAIN.index("--batch-size") + 2:]]
+    with pytest.raises(InputError, match="48 training images, fewer than one batch \\(--batch-size 64\\)"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(data),
+                *big])
+
+
+def test_resume_on_other_data_is_refused(trained, tmp_path):
+    from gpulab.cli import invoke
+
+    _, data, fam = trained
+    d = _copy(fam, tmp_path)
+    common = ["--out", str(tmp_path / "r"), "seam", "train", "--family", str(d), "--resume", *TRAIN]
+    with pytest.raises(InputError, match="was trained on data with train_images 48, now 32"):
+        invoke([*common, "--data", str(data), "--train-images", "32"])
+
+
+def test_a_checkpoint_pointing_past_its_plan_is_refused(trained, tmp_path):
+    import torch
+
+    from gpulab.cli import invoke
+
+    _, data, fam = trained
+    d = _copy(fam, tmp_path)
+    ck = torch.load(str(d / "checkpoint.pt"), weights_only=False)
+    ck["phase_index"] = 99
+    torch.save(ck, str(d / "checkpoint.pt"))
+    with pytest.raises(InputError, match="phase 99, step .* is not a point of this training"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(d), "--resume", "--data", str(data),
+                *TRAIN])
+
+
+def test_a_new_evaluation_removes_the_old_selections(trained, tmp_path):
+    d = _copy(trained[2], tmp_path)
+    assert list(d.glob("select-*"))
+    store.save_eval(d, yaml.safe_load((d / "eval.yaml").read_text()))
+    assert not list(d.glob("select-*")) and math.isfinite(len(store.load_eval(d)["models"]))
