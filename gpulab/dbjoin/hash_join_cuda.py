@@ -323,31 +323,9 @@ class HashJoinPlan:
         self.graph = None
         if not self.use_graph:
             return
-        s = self.stream
-        err: Exception | None = None
-        graph = None
-        with s:
-            try:
-                s.begin_capture()
-            except Exception as e:  # noqa: BLE001 - reported through graph_error
-                err = e
-            else:
-                try:
-                    self._enqueue()
-                except Exception as e:  # noqa: BLE001
-                    err = e
-                try:  # always end the capture, also after a failed launch (that raises "invalidated")
-                    graph = s.end_capture()
-                except Exception as e:  # noqa: BLE001
-                    err = err or e
-        if err is not None or graph is None:
-            self.graph_error = f"{type(err).__name__}: {err}" if err is not None else "no graph was captured"
-            return
-        upload = getattr(graph, "upload", None)
-        if upload is not None:
-            upload(s)  # instantiate the work on the device now rather than at the first launch
-        self.graph = graph
-        self.graph_error = None
+        from gpulab.core.cupy_graph import capture
+
+        self.graph, self.graph_error = capture(self.stream, self._enqueue)
 
     def _launch(self) -> int:
         if self.graph is not None:

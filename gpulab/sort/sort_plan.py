@@ -60,32 +60,9 @@ class SortPlan:
                 self.driver.widen(self.vals, self.perm)
 
     def _capture(self) -> None:
-        s = self.stream
-        err: Exception | None = None
-        graph = None
-        with s:
-            try:
-                s.begin_capture()
-            except Exception as e:  # noqa: BLE001 - reported through graph_error
-                err = e
-            else:
-                try:
-                    self._enqueue()
-                except Exception as e:  # noqa: BLE001
-                    err = e
-                try:  # always end the capture, also after a failed launch (that raises "invalidated")
-                    graph = s.end_capture()
-                except Exception as e:  # noqa: BLE001
-                    err = err or e
-        if err is not None or graph is None:
-            self.graph = None
-            self.graph_error = f"{type(err).__name__}: {err}" if err is not None else "no graph was captured"
-            return
-        upload = getattr(graph, "upload", None)
-        if upload is not None:
-            upload(s)  # instantiate the work on the device now rather than at the first replay
-        self.graph = graph
-        self.graph_error = None
+        from gpulab.core.cupy_graph import capture
+
+        self.graph, self.graph_error = capture(self.stream, self._enqueue)
 
     def run(self) -> tuple[Any, Any]:
         """Queue one sort of what ``x`` holds on the plan's stream: (sorted keys, int64 permutation or None)."""
