@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gpulab.core.errors import InputError
+from gpulab.vajra.config import json_object
 
 FP8_NAMES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FLOAT_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -130,15 +131,6 @@ class QuantScheme:
         return False
 
 
-def _obj(v: Any, what: str, where: str) -> dict[str, Any]:
-    """A JSON object (None: empty), or a one-line error naming it."""
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise InputError(f"{where}: {what} must be an object, got {type(v).__name__}")
-    return v
-
-
 def _bits(d: dict[str, Any], what: str, where: str) -> int:
     v = d.get("num_bits", 0)
     if not isinstance(v, int) or isinstance(v, bool):
@@ -176,8 +168,8 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
             raise InputError(f"{where}: compressed-tensors config has no config_groups")
         schemes = []
         for gname, g in groups.items():
-            g = _obj(g, f"config group {gname!r}", where)
-            w = _obj(g.get("weights"), f"config group {gname!r}: weights", where)
+            g = json_object(g, f"config group {gname!r}", where)
+            w = json_object(g.get("weights"), f"config group {gname!r}: weights", where)
             if w.get("type") != "float" or _bits(w, f"config_groups.{gname}.weights", where) != 8:
                 raise InputError(f"{where}: config group {gname!r}: weights must be 8-bit float, got "
                                  f"{w.get('num_bits')}-bit {w.get('type')!r}")
@@ -198,7 +190,7 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
                 if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(v, int) and v > 0 for v in bs)):
                     raise InputError(f"{where}: config group {gname!r}: block strategy needs block_structure [n, k], got {bs!r}")
                 block = (int(bs[0]), int(bs[1]))
-            a = _obj(g.get("input_activations"), f"config group {gname!r}: input_activations", where)
+            a = json_object(g.get("input_activations"), f"config group {gname!r}: input_activations", where)
             act = None
             if a:
                 if a.get("type") != "float" or _bits(a, f"config_groups.{gname}.input_activations", where) != 8:

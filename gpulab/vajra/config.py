@@ -84,11 +84,12 @@ def _number(cfg: dict[str, Any], key: str, where: str, default: float, positive:
     return float(v)
 
 
-def _mapping(v: Any, key: str, where: str) -> dict[str, Any]:
+def json_object(v: Any, what: str, where: str) -> dict[str, Any]:
+    """A JSON object of a config (None: empty), or a one-line error naming ``what`` in ``where``."""
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise InputError(f"{where}: '{key}' must be an object, got {type(v).__name__}")
+        raise InputError(f"{where}: {what} must be an object, got {type(v).__name__}")
     return v
 
 
@@ -109,9 +110,9 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
         raise InputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     head_dim = cfg.get("head_dim") or hidden // heads
     head_dim = _positive_int(head_dim, "head_dim", where)
-    rope = _mapping(cfg.get("rope_parameters"), "rope_parameters", where)
+    rope = json_object(cfg.get("rope_parameters"), "'rope_parameters'", where)
     theta = _number(rope, "rope_theta", where, _number(cfg, "rope_theta", where, 10000.0))
-    scaling = (_mapping(cfg.get("rope_scaling"), "rope_scaling", where)
+    scaling = (json_object(cfg.get("rope_scaling"), "'rope_scaling'", where)
                or (rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None))
     if scaling:
         rt = scaling.get("rope_type", scaling.get("type", "default"))
