@@ -7,6 +7,7 @@ them, so it imports no torch; ``gpulab sort ...`` imports ``gpulab.sort.cli`` on
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -97,7 +98,7 @@ app = typer.Typer(
 def root(
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu", envvar="GPULAB_DEVICE"),
     out: Path = typer.Option(Path("results"), "--out", help="Folder for result YAML files.", envvar="GPULAB_OUT"),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.", envvar="GPULAB_DEBUG"),
 ) -> None:
     if device not in options.DEVICE_CHOICES:
         raise typer.BadParameter(f"must be one of {', '.join(options.DEVICE_CHOICES)}", param_hint="--device")
@@ -111,7 +112,8 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: known errors become one line and exit 1; usage errors exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or options.get().debug
+    # this call's own flag or the environment (not what an earlier call in this process left set)
+    debug = "--debug" in args or os.environ.get("GPULAB_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     from gpulab.core import results
 

@@ -67,12 +67,12 @@ def bf16_native(device: Any) -> bool:
 def cpu_info() -> dict[str, Any]:
     model = None
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", errors="replace") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and ":" in line:
                     model = line.split(":", 1)[1].strip()
                     break
-    except OSError:
+    except Exception:  # the probe never fails
         pass
     try:
         usable = len(os.sched_getaffinity(0))

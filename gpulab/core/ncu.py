@@ -101,7 +101,8 @@ def parse_csv_raw(text: str) -> list[KernelRecord]:
     data = rows[2:] if units_row is not None else rows[1:]
     records: list[KernelRecord] = []
     for row in data:
-        if len(row) != len(header):
+        # another process's (or an appended run's) header and units rows are not launches
+        if len(row) != len(header) or row == header or (units_row is not None and row == units_row) or not row[0]:
             continue
         cells = dict(zip(header, row))
         metrics: dict[str, float | None] = {}
@@ -174,11 +175,12 @@ def summarize_by_kernel(records: Iterable[KernelRecord], short_names: bool = Tru
     A metric none of the launches has a number for (n/a, or text such as ``launch__func_cache_config``) is None.
     """
     groups: dict[str, list[KernelRecord]] = {}
-    for r in records:
-        groups.setdefault(short_kernel_name(r.kernel) if short_names else r.kernel, []).append(r)
+    for r in records:  # by the full name: kernels whose short names agree (templates of one function) stay apart
+        groups.setdefault(r.kernel, []).append(r)
+    labels = _labels(list(groups), short_names)
     out = []
-    for name, rs in groups.items():
-        row: dict[str, Any] = {"kernel": name, "launches": len(rs)}
+    for full, rs in groups.items():
+        row: dict[str, Any] = {"kernel": labels[full], "launches": len(rs)}
         keys = {k for r in rs for k in r.metrics}
         for k in sorted(keys):
             unit = next((r.units[k] for r in rs if r.units.get(k)), "")
@@ -203,14 +205,25 @@ def summarize_by_kernel(records: Iterable[KernelRecord], short_names: bool = Tru
     return out
 
 
+def _labels(names: list[str], short: bool) -> dict[str, str]:
+    """Row labels: the short name, with ``#2``, ``#3``... where several full names share it."""
+    if not short:
+        return {n: n for n in names}
+    out, seen = {}, {}
+    for n in names:
+        s = short_kernel_name(n)
+        seen[s] = seen.get(s, 0) + 1
+        out[n] = s if seen[s] == 1 else f"{s} #{seen[s]}"
+    return out
+
+
 def short_kernel_name(name: str) -> str:
-    """'void ns::foo<int, 4>(int*, ...)' -> 'ns::foo'."""
+    """'void ns::foo<int, 4>(int*, ...)' -> 'ns::foo'; '(anonymous namespace)' and '<unnamed>' are part of a
+    qualified name, not where its template arguments or parameters begin."""
     n = re.sub(r"^void\s+", "", name.strip())
-    depth, cut = 0, len(n)
-    for i, ch in enumerate(n):
-        if ch in "<(" and depth == 0:
-            cut = i
-            break
+    masked = n.replace("(anonymous namespace)", "\0" * len("(anonymous namespace)")).replace(
+        "<unnamed>", "\0" * len("<unnamed>"))
+    cut = next((i for i, ch in enumerate(masked) if ch in "<("), len(n))
     return n[:cut] or name
 
 
@@ -292,12 +305,21 @@ def profile(target: list[str], *, timeout_s: float = 900, env: dict[str, str] | 
                 proc.communicate()
                 raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
         text = open(log).read() if os.path.exists(log) else ""
+        own = [ln for ln in (stderr or "").splitlines() if ln.startswith("error: ")]
+        if proc.returncode != 0 and own:  # the profiled command's own one-line error, not ncu's "returned 1"
+            records = parse_csv_raw(text or stdout)
+            got = f" after {len(records)} profiled kernel(s)" if records else ""
+            raise ToolError(f"the profiled command failed under ncu (exit {proc.returncode}){got}: {own[-1][7:]}")
         check_output_for_errors(stdout + stderr + text)
         records = parse_csv_raw(text or stdout)
         if proc.returncode != 0:  # also with rows: the profiled program may have failed after some kernels
             tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             got = f" after {len(records)} profiled kernel(s)" if records else ""
             raise ToolError(f"ncu run failed (exit {proc.returncode}){got}: {tail[0]}")
+        if not records:
+            why = re.search(r"==WARNING==\s*(No kernels were profiled[^\n]*)", stdout + stderr + text)
+            raise ToolError("ncu profiled no kernels" + (f" ({why.group(1).strip()})" if why else "")
+                            + ": the kernel filter matched none of the command's launches")
         return records
 
 

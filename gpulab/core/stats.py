@@ -20,6 +20,9 @@ def paired_bootstrap(scores: Mapping[str, Sequence[float]], stat: Callable[[dict
     names = list(scores)
     if not names:
         raise ValueError("paired_bootstrap: no variants")
+    if len({len(scores[k]) for k in names}) != 1:
+        raise ValueError("paired_bootstrap: every variant needs the same, non-zero number of item scores, got "
+                         + ", ".join(f"{k}: {len(scores[k])}" for k in names))
     mat = np.asarray([np.asarray(scores[k], dtype=np.float64) for k in names])
     if mat.ndim != 2 or mat.shape[1] == 0:
         raise ValueError("paired_bootstrap: every variant needs the same, non-zero number of item scores")

@@ -47,6 +47,8 @@ def quantile(sorted_values: list[float], q: float) -> float:
 def summarize(samples_ms: list[float], unit: str = "ms") -> Timing:
     if not samples_ms:
         raise ValueError("no samples to summarize")
+    if any(v != v for v in samples_ms):  # sorted() puts NaN anywhere: the percentiles would depend on the order
+        raise ValueError("a timing sample is NaN")
     s = sorted(samples_ms)
     return Timing(
         median=quantile(s, 0.5),
@@ -197,7 +199,8 @@ def marked_times(run: Callable[[Callable[[str], None]], Any], event: Callable[[]
         for name, e in marks:
             per[name] = per.get(name, 0.0) + elapsed_ms(prev, e)
             prev = e
-        counts = {name: sum(1 for m, _ in marks if m == name) for name in per}
+        for name in per:  # the most marks of a name in one run (a retry may add launches to some runs only)
+            counts[name] = max(counts.get(name, 0), sum(1 for m, _ in marks if m == name))
         for name, ms in per.items():
             totals.setdefault(name, []).append(ms)
     return {name: {"launches": counts[name], "ms": summarize(t).median} for name, t in totals.items()}

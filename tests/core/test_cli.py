@@ -146,3 +146,33 @@ def test_probe_ceilings_on_the_cpu_says_what_it_skipped(tmp_path):
     data = results.load(next(tmp_path.glob("probe-*.yaml")))
     assert data["metrics"]["ceilings"]["copy_gbs"] > 0
     assert any("need a CUDA GPU" in n for n in data["notes"])
+
+
+def test_debug_is_this_calls_own_or_the_environments(tmp_path, monkeypatch, capsys):
+    """An earlier --debug call in the process must not make a later call print a traceback; GPULAB_DEBUG works."""
+    from gpulab.core import options
+
+    missing = str(tmp_path / "nope.yaml")
+    monkeypatch.delenv("GPULAB_DEBUG", raising=False)
+    with pytest.raises(Exception) as e:
+        cli.main(["--debug", "run", missing])
+    assert not isinstance(e.value, SystemExit)  # the traceback path: the exception itself
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", missing])
+    assert e.value.code == 1 and "error: experiment file not found" in capsys.readouterr().err
+    monkeypatch.setenv("GPULAB_DEBUG", "1")
+    with pytest.raises(Exception) as e:
+        cli.main(["run", missing])
+    assert not isinstance(e.value, SystemExit) and options.get().debug is True
+
+
+def test_summaries_refuse_nan_and_marked_times_counts_every_run():
+    from gpulab.core import timing
+
+    with pytest.raises(ValueError, match="NaN"):
+        timing.summarize([1.0, float("nan"), 3.0])
+    runs = iter([["a"], ["a", "b"], ["a"]])  # "b" only in the middle run (a retry)
+    clock = iter(range(100))
+    got = timing.marked_times(lambda mark: [mark(n) for n in next(runs)], lambda: next(clock),
+                              lambda a, b: float(b - a), lambda: None, reps=2)
+    assert got["b"]["launches"] == 1 and got["a"]["launches"] == 1

@@ -173,3 +173,45 @@ exit 1
 ''')
     with pytest.raises(ToolError, match=r"ncu run failed \(exit 1\) after 3 profiled kernel\(s\): CUDA error"):
         ncu.profile(["python", "-c", "pass"])
+
+
+def test_kernels_with_one_short_name_stay_apart():
+    """Two template instances (fill and add: one short name) and two kernels in an anonymous namespace are four
+    rows, not two sums of unrelated kernels."""
+    def rec(i, name, dur):
+        return ncu.KernelRecord(id=i, kernel=name, metrics={"gpu__time_duration.sum": dur}, units={}, launch={})
+
+    fill = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)"
+    add = "void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>(int)"
+    soft = "void at::native::(anonymous namespace)::softmax_warp_forward<float>(float*)"
+    rnd = "void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float>(int)"
+    rows = ncu.summarize_by_kernel([rec(0, fill, 10.0), rec(1, add, 500.0), rec(2, fill, 10.0), rec(3, soft, 7.0),
+                                    rec(4, rnd, 9.0)])
+    assert [(r["kernel"], r["launches"], r["gpu__time_duration.sum"]) for r in rows] == [
+        ("at::native::vectorized_elementwise_kernel", 2, 20.0),
+        ("at::native::vectorized_elementwise_kernel #2", 1, 500.0),
+        ("at::native::(anonymous namespace)::softmax_warp_forward", 1, 7.0),
+        ("at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel", 1, 9.0)]
+
+
+def test_a_second_header_block_is_not_parsed_as_launches():
+    recs = ncu.parse_csv_raw(SAMPLE + "\n" + SAMPLE)
+    assert len(recs) == 6 and all(r.kernel and r.kernel != "Kernel Name" for r in recs)
+
+
+def test_profile_reports_the_commands_own_error(tmp_path, monkeypatch):
+    """ncu logs "The application returned an error code (1)"; the profiled gpulab command said why."""
+    _fake_ncu(tmp_path, monkeypatch, '''
+while [ $# -gt 0 ]; do [ "$1" = --log-file ] && log=$2; shift; done
+echo "==ERROR== The application returned an error code (1)." > "$log"
+echo "error: out of GPU memory: tried to allocate 80 GiB" >&2
+exit 1
+''')
+    with pytest.raises(ToolError, match="the profiled command failed under ncu \\(exit 1\\): out of GPU memory"):
+        ncu.profile(["python", "-c", "pass"])
+
+
+def test_profile_with_no_kernels_is_an_error(tmp_path, monkeypatch):
+    _fake_ncu(tmp_path, monkeypatch, 'echo "==WARNING== No kernels were profiled."\nexit 0\n')
+    with pytest.raises(ToolError, match="ncu profiled no kernels \\(No kernels were profiled.\\)"):
+        ncu.profile(["python", "-c", "pass"])
