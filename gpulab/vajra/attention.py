@@ -178,12 +178,21 @@ class FlashInferAttention(TorchAttention):
         return state.run(q.contiguous(), cache_layer)
 
 
+def triton_head_dim_ok(d: int) -> bool:
+    """Whether the Triton paged-attention kernels take this head_dim (powers of two from 16)."""
+    return d >= 16 and not d & (d - 1)
+
+
 def make_backend(name: str, *, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float, act_dtype: torch.dtype):
     if name not in ATTENTION_BACKENDS:
         raise InputError(f"attention backend {name!r} is unknown (choose from {', '.join(ATTENTION_BACKENDS)})")
     if name == "auto":  # triton on a GPU: its decode steps can be captured in CUDA graphs, flashinfer's not yet
-        name = "triton" if device.type == "cuda" else "torch"
+        # (its kernels tile head_dim by powers of two: 80, 96 or 100 (open_llama_3b) take the torch reference)
+        name = "triton" if device.type == "cuda" and triton_head_dim_ok(head_dim) else "torch"
+    if name == "triton" and not triton_head_dim_ok(head_dim):
+        raise InputError(f"attention backend 'triton' needs a head_dim that is a power of two >= 16, this model's "
+                         f"is {head_dim} (use --attention-backend torch or flashinfer)")
     args = (num_heads, num_kv_heads, head_dim)
     if name == "torch":
         return TorchAttention(*args, scale=scale)

@@ -9,7 +9,9 @@ to stream. The K/V store into the paged cache was another five to ten (block and
 index_put scatters, FP8 scaling); ``store_kv`` is one. With these kernels a layer runs about eleven.
 
 Each kernel rounds where the unfused torch ops round (bf16 / fp16 after every op), so the two paths
-agree to the last bit in most elements (all under the CPU interpreter; on an H200 in bf16 the norm's nearly
+agree to the last bit in most elements (under the CPU interpreter in fp32 RoPE and the K/V store in all, the
+norm and SiLU within an ulp: their sums and exp are not in torch's order (about 15% of elements differ by one
+ulp); on an H200 in bf16 the norm's nearly
 all, RoPE's 77%: the likely cause, Triton's contraction of its multiply-adds into FMAs, is now off (see
 ROUND_AS_TORCH), and SiLU computes torch's expf and division (see SILU_AS_TORCH); neither rerun on a GPU yet;
 the probe and tests compare within bf16 rounding); the torch ops in

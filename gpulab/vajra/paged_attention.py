@@ -170,7 +170,15 @@ def _check_shapes(what: str, q: torch.Tensor, cache: torch.Tensor) -> tuple[int,
         raise ValueError(f"{what}: q {list(q.shape)} does not fit the cache {list(cache.shape)}")
     if d & (d - 1) or d < 16:
         raise ValueError(f"{what}: head_dim must be a power of two >= 16, got {d}")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{what}: the cache's last dimension must be contiguous (strides {list(cache.stride())})")
     return t, hq, d, page, hkv
+
+
+def _check_tables(what: str, block_tables: torch.Tensor, n_seqs: int) -> None:
+    """One block-table row per sequence (a shape check: no host sync, so CUDA graphs stay capturable)."""
+    if block_tables.dim() != 2 or block_tables.shape[0] < n_seqs:
+        raise ValueError(f"{what}: block tables {list(block_tables.shape)} for {n_seqs} sequences")
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, meta: AttnMetadata,
@@ -182,6 +190,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Te
         q = q.contiguous()
     out = torch.empty_like(q)
     b = meta.query_lens.shape[0]
+    _check_tables("paged attention", block_tables, b)
     if b == 0 or meta.max_query_len == 0:
         return out
     fp8 = cache.dtype in FORMATS

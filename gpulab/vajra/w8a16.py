@@ -138,6 +138,10 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
     s_ss = 0
     if strategy == "block":
         sbr, sbc = block
+        want = (triton.cdiv(n, sbr), triton.cdiv(k, sbc))
+        if s.dim() != 2 or tuple(s.shape) != want:  # the kernel would read past a smaller one
+            raise ValueError(f"w8a16: block scales {list(s.shape)} for a {n}x{k} weight in {sbr}x{sbc} blocks, "
+                             f"expected {list(want)}")
         if sbc % bk:
             raise ValueError(f"w8a16: BK {bk} must divide the scale block's K size {sbc}")
         s_ss = s.stride(0)

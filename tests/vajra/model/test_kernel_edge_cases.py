@@ -410,3 +410,30 @@ def test_quant_scheme_ignore_list(module, ignore, want):
     from gpulab.vajra.checkpoint import QuantScheme
 
     assert QuantScheme("compressed-tensors", "channel", ignore=ignore).is_ignored(module) is want
+
+
+def test_head_dims_the_triton_kernels_do_not_tile():
+    """auto takes the torch reference for head_dim 80/96/100; an explicit triton is a one-line error at load."""
+    import torch
+
+    from gpulab.core.errors import InputError
+    from gpulab.vajra.attention import TorchAttention, make_backend
+
+    kw = dict(num_heads=4, num_kv_heads=2, scale=0.1, act_dtype=torch.float32)
+    for d in (80, 96, 100):
+        b = make_backend("auto", device=torch.device("cuda"), head_dim=d, **kw)
+        assert type(b) is TorchAttention
+        with pytest.raises(InputError, match=f"power of two >= 16, this model's is {d}"):
+            make_backend("triton", device=torch.device("cpu"), head_dim=d, **kw)
+
+
+def test_w8a16_refuses_block_scales_of_the_wrong_shape():
+    import torch
+
+    from gpulab.vajra import w8a16
+
+    x = torch.randn(4, 256)
+    q = torch.randn(64, 256).to(torch.float8_e4m3fn)
+    for shape in ((2, 1), (1, 2)):
+        with pytest.raises(ValueError, match="block scales"):
+            w8a16.w8a16_matmul(x, q, torch.ones(shape), "block", (32, 128))
