@@ -36,6 +36,7 @@ GPU_ONLY = (*BITONIC, "cupy")
 DISTS = ("uniform", "sorted", "reversed", "few-unique", "all-equal")
 TRANSFERS = ("none", "pageable", "pinned")
 OVERLAP = ("bitonic-shared", "bitonic-fused")  # the variants that --overlap-chunks pipelines
+MODEL_SMEM = 227 * 1024  # opt-in shared memory a block (H100/H200) for the CPU model's choice of tile
 MODEL_MAX_N = 1 << 16
 
 
@@ -65,6 +66,12 @@ def is_gpu_only(impl: str) -> bool:
     return is_bitonic(impl) or impl in GPU_ONLY
 
 
+def _canonical(name: str) -> str:
+    """A configured name that is its variant's default configuration is the variant's own name."""
+    base, _, config = name.partition("@")
+    return base if config and base in S.VARIANTS and S.VARIANTS[base].config == config else name
+
+
 def validate(a: BenchArgs) -> BenchArgs:
     if a.n < 0:
         raise InputError(f"--n must be >= 0, got {a.n}")
@@ -80,6 +87,8 @@ def validate(a: BenchArgs) -> BenchArgs:
         raise InputError(f"--transfer must be one of {', '.join(TRANSFERS)}, got {a.transfer!r}")
     if a.reps < 1:
         raise InputError(f"--reps must be >= 1, got {a.reps}")
+    if a.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {a.seed}")
     if a.impl is None or a.impl.strip() in ("", "all"):
         a.impls = list(IMPLS)
     else:
@@ -93,11 +102,14 @@ def validate(a: BenchArgs) -> BenchArgs:
         for name in names:
             if "@" in name:
                 S.get_variant(name)  # a one-line InputError for a configuration without kernels
-        a.impls = list(dict.fromkeys(names))
+        # one row a configuration: bitonic-fused and bitonic-fused@t14f4g5 are the same sort
+        a.impls = list(dict.fromkeys(_canonical(n) for n in names))
     if a.tune:
         default = S.VARIANTS["bitonic-fused"].config
         a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != default]))
     validate_overlap(a)
+    if a.graph and not any(is_bitonic(i) for i in a.impls):
+        raise InputError(f"--graph times the bitonic sorts as CUDA graphs; --impl {','.join(a.impls)} names none")
     if a.ncu and not ncu_impls(a):
         raise InputError(f"--ncu profiles the GPU implementations ({', '.join(GPU_ONLY)}); "
                          f"--impl {','.join(a.impls)} names none")
@@ -147,7 +159,7 @@ def validate_overlap(a: BenchArgs) -> None:
         raise InputError(f"--overlap-chunks must be a power of two (or 0: off), got {k}")
     if a.transfer == "none":
         raise InputError(f"--overlap-chunks {k} needs --transfer pageable or pinned")
-    impls = [i for i in a.impls if i in OVERLAP]
+    impls = [i for i in a.impls if i.partition("@")[0] in OVERLAP]
     if not impls:
         raise InputError(f"--overlap-chunks {k} needs {' or '.join(OVERLAP)} in --impl")
     for impl in impls:
@@ -232,7 +244,7 @@ def _row_metrics(t: timing.Timing, n: int, nbytes: int, copy_gbs: float | None) 
 
 def _overlap_model(rec: results.Record, a: BenchArgs, x: np.ndarray, want_keys, want_perm) -> None:
     """Without a GPU: the chunked schedule of each OVERLAP variant as a numpy model, against numpy."""
-    done = [i for i in a.impls if i in OVERLAP] if a.n <= MODEL_MAX_N else []
+    done = [i for i in a.impls if i.partition("@")[0] in OVERLAP] if a.n <= MODEL_MAX_N else []
     for impl in done:
         kk, pp = S.run_chunked_model(K.to_ukey(x, a.order == "desc"), impl, S.chunk_log_for(a.n, a.overlap_chunks),
                                      kv=a.kv)
@@ -377,12 +389,18 @@ def run(a: BenchArgs) -> results.Record:
                 why = "no CUDA GPU" if device != "cuda" else "cupy is not installed"
                 row.update(status="skipped")
                 if is_bitonic(impl) and a.n <= MODEL_MAX_N:
+                    from gpulab.sort.cuda_sort import fit_variant
                     from gpulab.sort.schedule import run_model
 
-                    kk, pp = run_model(K.to_ukey(x, a.order == "desc"), impl, kv=a.kv)
+                    # the configuration the kernels would run: a tile bitonic.cu has for these keys (and values),
+                    # as the driver picks it on a GPU with an H100's 227 KB of opt-in shared memory
+                    v = fit_variant(S.get_variant(impl), key_bytes, a.kv, MODEL_SMEM)
+                    kk, pp = run_model(K.to_ukey(x, a.order == "desc"), v, kv=a.kv)
                     ok = check(f"{impl}.model", K.from_ukey(kk, a.dtype, a.order == "desc"), pp)
-                    row.update(status="model only", correct=ok, config=S.get_variant(impl).config,
-                               passes=S.passes_over_memory(a.n, impl))
+                    row.update(status="model only", correct=ok, config=v.config, passes=S.passes_over_memory(a.n, v))
+                    if v.config != S.get_variant(impl).config:
+                        rec.notes.append(f"{impl}: bitonic.cu has no {S.get_variant(impl).config} tile for these keys; "
+                                         f"the driver runs {v.config}, which the model ran")
                     rec.notes.append(f"{impl}: not timed ({why}); its exact launch schedule ran as a numpy "
                                      f"model here and was compared with numpy")
                 else:
@@ -433,6 +451,9 @@ def run(a: BenchArgs) -> results.Record:
         if numpy_ms and row.get("median_ms"):
             row["speedup_vs_numpy"] = numpy_ms / row["median_ms"]
 
+    if a.graph and device != "cuda":
+        rec.notes.append("--graph: no CUDA graph was captured or timed (no CUDA GPU)")
+
     # -- transfers: host -> device -> host, timed separately and end to end per GPU implementation
     if a.transfer != "none":
         if device != "cuda":
@@ -471,7 +492,7 @@ def run(a: BenchArgs) -> results.Record:
                 if problem is None and a.kv:
                     problem = ref.mismatch(host_perm.numpy(), want_perm)
                 rec.check(f"{row['impl']}.e2e.correct", problem is None, problem)
-                if a.overlap_chunks and row["impl"] in OVERLAP:
+                if a.overlap_chunks and row["impl"].partition("@")[0] in OVERLAP:
                     _overlap(rec, row, bitonic, host_in, a, want_keys, want_perm, reps)
             if a.overlap_chunks and a.kv:
                 rec.notes.append("--overlap-chunks with --kv: the pipelined run copies the permutation back as uint32 "

@@ -40,6 +40,9 @@ def check_array(x) -> np.ndarray:
     if x.ndim != 1:
         raise InputError(f"expected a 1-D array, got {x.ndim}-D with shape {tuple(x.shape)}")
     dtype_name(x)
+    if not np.dtype(x.dtype).isnative:  # the key transforms read the raw bits: swapped bytes sort as other numbers
+        raise InputError(f"a byte-swapped ({np.dtype(x.dtype).str}) array; convert it first: "
+                         "x.astype(x.dtype.newbyteorder('='))")
     if x.shape[0] >= 2**31:
         raise InputError(f"n must be < 2**31, got {x.shape[0]}")
     return x

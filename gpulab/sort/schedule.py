@@ -246,7 +246,10 @@ def get_variant(name: str) -> Variant:
     v = VARIANTS[base]
     if not config:
         return v
-    m = re.fullmatch(r"t(\d+)f(\d+)g(\d+)(c?)(?:w(\d+))?", config)
+    # ASCII digits without leading zeros, and w only below 1024 (the default): one spelling for each configuration
+    m = re.fullmatch(r"t(0|[1-9][0-9]*)f([1-9][0-9]*)g([1-9][0-9]*)(c?)(?:w([1-9][0-9]*))?", config)
+    if m is not None and m.group(5) == "1024":
+        m = None
     if m is None:
         raise InputError(f"bad configuration {config!r} in {name!r}: expected t<tile_log>f<tile_fuse>g<global_fuse>"
                          f"[c][w<threads>], e.g. {base}@{v.config}")
@@ -263,6 +266,9 @@ def get_variant(name: str) -> Variant:
     tiles = ", ".join(f"t{a}f{b}" for a, b in TILE_CONFIGS)
     if t == 0 and f != 1:
         raise InputError(f"{name}: without a tile (t0) the tile fuse must be f1")
+    if base == "bitonic-global" and t:
+        raise InputError(f"{name}: bitonic-global runs in global memory only (t0); a tile is bitonic-shared or "
+                         "bitonic-fused")
     if t and (t, f) not in TILE_CONFIGS:
         raise InputError(f"{name}: no kernel for tile t{t}f{f}; instantiated: {tiles} (or t0f1: none)")
     if g not in GLOBAL_FUSES:

@@ -134,7 +134,11 @@ def test_bench_tune(out_dir, capsys):
     for impl, row in rows.items():
         if impl != "numpy":
             assert row["correct"] is True and row["passes"] == 1  # 3001 keys: one tile sort
-            assert row["config"] == S.get_variant(impl).config
+            # the tile bitonic.cu has for 32-bit keys with values (t15 and w512 are for keys alone)
+            from gpulab.sort.bench import MODEL_SMEM
+            from gpulab.sort.cuda_sort import fit_variant
+
+            assert row["config"] == fit_variant(S.get_variant(impl), 4, True, MODEL_SMEM).config
     if data["device"]["backend"] == "cpu":
         assert "bitonic-fused@t15f4g5.model.correct" in data["checks"]
 
@@ -268,3 +272,31 @@ def test_pass_split_gives_each_pass_kind_its_bandwidth():
     assert split["global_f4"]["gbs"] == 1600.0 and split["global_f4"]["of_copy"] == 0.4
     assert split["from_key"] == {"launches": 1, "ms": 0.05}  # a transform: no pass bandwidth
     assert "of_copy" not in _pass_split(times, 80_000_000, None)["tile_sort"]
+
+
+def test_review_bench_option_checks(out_dir):
+    """--graph without a bitonic sort, a negative seed, configured names that spell the default, configurations
+    spelled twice, and bitonic-global given a tile."""
+    from gpulab.core.errors import InputError
+    from gpulab.sort.bench import BenchArgs, validate
+
+    with pytest.raises(InputError, match="--graph times the bitonic sorts"):
+        validate(BenchArgs(n=10, impl="numpy", graph=True))
+    with pytest.raises(InputError, match="--seed must be >= 0"):
+        validate(BenchArgs(n=10, impl="numpy", seed=-1))
+    a = validate(BenchArgs(n=10, impl="bitonic-fused,bitonic-fused@t14f4g5,numpy"))
+    assert a.impls == ["bitonic-fused", "numpy"]
+    for bad in ("bitonic-fused@t014f4g5", "bitonic-fused@t14f4g5w1024", "bitonic-fused@t\u0661\u0664f4g5",
+                "bitonic-global@t14f4g5"):
+        with pytest.raises(InputError):
+            validate(BenchArgs(n=10, impl=bad))
+
+
+def test_overlap_takes_configured_names_and_the_cpu_model_runs_the_tile_the_kernels_have(out_dir):
+    from gpulab.sort.bench import BenchArgs, run, validate
+
+    validate(BenchArgs(n=40000, impl="bitonic-fused@t13f3g4", transfer="pinned", overlap_chunks=2))
+    rec = run(BenchArgs(n=65536, dtype="int64", kv=True, impl="bitonic-fused@t15f4g5", reps=1))
+    (row,) = rec.rows
+    assert row["config"] != "t15f4g5" and row["correct"] is True
+    assert any("has no t15f4g5 tile" in n for n in rec.notes)
