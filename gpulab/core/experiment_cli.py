@@ -26,7 +26,6 @@ def run(
     from gpulab.core.errors import GpulabError
 
     data = exp.load_file(experiment)
-    results.check_out_folder(options.get().out)  # before any run: a sweep must not fail at its first save
     if "device" in data and options.get().device == "auto":
         options.set_options(device=data["device"])
     invocations = exp.plan(data, source=str(experiment))
@@ -40,6 +39,7 @@ def run(
         for inv in invocations:
             typer.echo("gpulab " + shlex.join(inv.argv))  # as a shell would take it; no rich markup
         return
+    results.check_out_folder(opts.out)  # before any run: a sweep must not fail at its first save
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})
     failures = 0

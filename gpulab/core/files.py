@@ -31,6 +31,8 @@ def strict_loader():
             if isinstance(node, yaml.MappingNode):
                 seen = set()
                 for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges, it is no key
+                        continue
                     key = self.construct_object(key_node, deep=True)
                     try:
                         dup = key in seen
@@ -64,6 +66,30 @@ def strict_loader():
     StrictLoader.add_constructor(int_tag, StrictLoader.construct_yaml_int)
     _STRICT = StrictLoader
     return StrictLoader
+
+
+_DUMPER = None
+
+
+def safe_dumper():
+    """A yaml SafeDumper that quotes every string which YAML 1.1 *or* 1.2 would read as something else: PyYAML's
+    own dumper follows 1.1 only and leaves "008", "1e5" or "0o17" plain, which :func:`strict_loader` (1.2) reads
+    back as numbers (a class folder named "008", a fingerprint of digits)."""
+    global _DUMPER
+    if _DUMPER is not None:
+        return _DUMPER
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+    for first, resolvers in strict_loader().yaml_implicit_resolvers.items():
+        for tag, rx in resolvers:
+            if (tag, rx) not in Dumper.yaml_implicit_resolvers.setdefault(first, []):
+                Dumper.yaml_implicit_resolvers[first].append((tag, rx))
+    _DUMPER = Dumper
+    return Dumper
 
 
 def read_yaml_mapping(path: Path | str, missing: str, not_mapping: str | None = None) -> dict[str, Any]:

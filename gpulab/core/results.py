@@ -81,7 +81,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def yaml_text(data: Any) -> str:
     """``data`` as gpulab writes YAML (plain types, keys in order, 120 columns)."""
-    return yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=120)
+    return yaml.dump(plain(data), Dumper=files.safe_dumper(), sort_keys=False, allow_unicode=True, width=120)
 
 
 def atomic_write_yaml(path: Path, data: Any) -> Path:

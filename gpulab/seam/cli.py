@@ -121,7 +121,7 @@ def train(
         if fmt == "cifar10":
             x, y = sdata.load_cifar10(root, "train", train_images or None)
             source = sdata.TensorSource(x, y, batch_size, seed, device, train=True, rank=rank, world=world)
-            data_info = {"format": fmt, "path": str(root), "train_images": int(x.shape[0])}
+            data_info = {"format": fmt, "path": str(Path(root).resolve()), "train_images": int(x.shape[0])}
         else:
             source = sdata.FolderSource(root, "train", batch_size, seed, device, workers=workers, rank=rank,
                                         world=world, image_size=spec.image_size)
@@ -129,7 +129,7 @@ def train(
                 source.limit(train_images)
             spec.num_classes = len(source.ds.classes)
             class_names = list(source.ds.classes)  # kept in family.yaml: eval checks val/ against them
-            data_info = {"format": fmt, "path": str(root), "train_images": len(source.ds),
+            data_info = {"format": fmt, "path": str(Path(root).resolve()), "train_images": len(source.ds),
                          "image_size": spec.image_size}
         spec.validate("options")
         cfg = TrainConfig(spec=spec, batch_size=batch_size, anchor_epochs=anchor_epochs, stitch_epochs=stitch_epochs,
@@ -263,8 +263,9 @@ def eval_(
         if len(src.ds.classes) != fam.spec.num_classes:
             raise InputError(f"{root}/val has {len(src.ds.classes)} classes, the family {fam.spec.num_classes}")
         trained = (info.get("data") or {}).get("classes")  # families trained before this was kept have none
-        if isinstance(trained, list) and trained != list(src.ds.classes):
-            i = next(i for i, (a, b) in enumerate(zip(trained, src.ds.classes)) if a != b)
+        # as strings: a family.yaml of an older version may hold a class folder "008" read back as the number 8
+        if isinstance(trained, list) and [str(c) for c in trained] != list(src.ds.classes):
+            i = next(i for i, (a, b) in enumerate(zip(trained, src.ds.classes)) if str(a) != b)
             raise InputError(f"{root}/val: class {i} is '{src.ds.classes[i]}', the family was trained with "
                              f"'{trained[i]}' (labels would not match)")
         if test_images:

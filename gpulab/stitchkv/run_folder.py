@@ -79,7 +79,7 @@ def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: 
             if not _same(k, old.get(k), cfg.get(k)):
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
         for key, id_key in FINGERPRINT_FIELDS.items():  # same paths, other models in them
-            if old.get(id_key) is not None and old.get(id_key) != cfg.get(id_key):
+            if old.get(id_key) is not None and str(old.get(id_key)) != str(cfg.get(id_key)):
                 raise InputError(f"{run}: the --{key} folder {cfg.get(key)} no longer holds the model this run was "
                                  "trained with (its config, tokenizer or weight files changed); use a new --run folder")
     for name, how in plan.items():

@@ -112,7 +112,7 @@ def check_fingerprints(cfg: dict[str, Any], where: str) -> None:
     """The pair's folders still hold the models the run recorded (run folders of older versions record none)."""
     for key, id_key in FINGERPRINT_FIELDS.items():
         want = cfg.get(id_key)
-        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key]) != want:
+        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key]) != str(want):
             raise InputError(f"{where}: the --{key} folder {cfg[key]} no longer holds the model this run was trained "
                              "with (its config, tokenizer or weight files changed); use a new --run folder")
 

@@ -225,7 +225,7 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
         if fmt != "e4m3":
             raise InputError(f"{where}: fp8 fmt {fmt!r} is not supported (e4m3)")
         wbs = qc.get("weight_block_size")
-        key = "ignored_layers" if qc.get("ignored_layers") is not None else "modules_to_not_convert"
+        key = "ignored_layers" if qc.get("ignored_layers") else "modules_to_not_convert"
         ignore = _ignore_list(qc.get(key), key, where)
         if wbs is not None:
             if not (isinstance(wbs, (list, tuple)) and len(wbs) == 2 and all(isinstance(v, int) and v > 0 for v in wbs)):

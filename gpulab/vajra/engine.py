@@ -240,6 +240,8 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         import numbers
 
+        if hasattr(prompt, "tolist"):  # a tensor or numpy array of ids
+            prompt = prompt.tolist()
         try:
             ids = list(prompt)
         except TypeError:

@@ -183,7 +183,7 @@ def _build(cfg: LlamaConfig, scheme, dev, act_dtype, attention, kv_cache_dtype, 
         """A tensor that is not a linear layer's weight (embedding, norm, bias, dense lm_head): it must be stored
         as a float; FP8 or integer bytes read as numbers would load silently wrong."""
         dt = reader.dtype_name(name)
-        if dt not in FLOAT_NAMES:
+        if dt not in FLOAT_NAMES and dt != "F64":
             raise InputError(f"tensor {name!r}: unsupported dtype {dt} (only linear layers may be FP8; this one must "
                              f"be {', '.join(FLOAT_NAMES)})")
         return reader.get(name, dev)

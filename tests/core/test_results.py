@@ -78,3 +78,16 @@ def test_markdown_table_and_fmt():
     assert lines[3] == "| - | x\\|y |"
     assert results.fmt(float("nan")) == "nan"
     assert results.fmt(1e-5) == "1.000e-05"
+
+
+def test_what_gpulab_writes_it_reads_back_as_written(tmp_path):
+    """The writer quotes every string that YAML 1.1 or 1.2 would read as another type (the reader is 1.2):
+    a class folder "008", a fingerprint of digits, "1e-3", "no"; and anchors with '<<' merges still load."""
+    from gpulab.core import files
+
+    data = {"classes": ["000", "007", "008", "009", "010"], "id": "0581203945812039", "x": "12e345678",
+            "lr": "1e-3", "oct": "0o17", "w": "no", "t": "1:30", "n": 5, "f": 0.5, "b": True, "none": None}
+    p = results.atomic_write_yaml(tmp_path / "r.yaml", data)
+    assert files.read_yaml_mapping(p, "missing") == data
+    (tmp_path / "m.yaml").write_text("a: &p {x: 1}\nb:\n  <<: *p\n  y: 2\n")
+    assert files.read_yaml_mapping(tmp_path / "m.yaml", "missing")["b"] == {"x": 1, "y": 2}

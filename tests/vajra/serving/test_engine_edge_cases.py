@@ -499,3 +499,13 @@ def test_engine_input_checks_from_review():
                        (dict(watermark=-0.5), "watermark"), (dict(watermark=1.0), "watermark")):
         with pytest.raises(InputError, match=match):
             EngineConfig(**bad).validate()
+
+
+def test_tensor_and_numpy_prompts_are_token_ids():
+    import numpy as np
+
+    eng = LLMEngine(FakeModel(64, max_model_len=64), None, EngineConfig(num_blocks=40, block_size=4))
+    a = eng.add_request(torch.tensor([1, 2, 3]), SamplingParams(max_tokens=2))
+    b = eng.add_request(np.array([4, 5], dtype=np.int64), SamplingParams(max_tokens=2))
+    assert a.token_ids[:3] == [1, 2, 3] and b.token_ids[:2] == [4, 5]
+    assert all(type(t) is int for t in a.token_ids + b.token_ids)
