@@ -122,8 +122,9 @@ class FlashInferAttention(TorchAttention):
         if device.type != "cuda":
             raise DeviceError("attention backend 'flashinfer' needs a CUDA GPU")
         if self.d not in self.HEAD_DIMS:
+            other = "triton" if triton_head_dim_ok(self.d) else "torch"
             raise InputError(f"attention backend 'flashinfer' supports head_dim {', '.join(map(str, self.HEAD_DIMS))}, "
-                             f"not {self.d} (use --attention-backend triton)")
+                             f"not {self.d} (use --attention-backend {other})")
         if act_dtype not in self.ACT_DTYPES:
             raise InputError(f"attention backend 'flashinfer' needs bf16 or fp16 activations, not "
                              f"{str(act_dtype).replace('torch.', '')} (use --attention-backend triton)")

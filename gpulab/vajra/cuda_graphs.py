@@ -44,8 +44,12 @@ class DecodeGraphRunner:
         attention = getattr(engine.model, "attention", None)
         if attention is not None and not getattr(attention, "graph_capturable", True):
             # its per-step metadata syncs with the host: a capture would only fail (and cost warm-up forwards)
+            from gpulab.vajra.attention import triton_head_dim_ok
+
+            hint = (" (use --attention-backend triton for graphs)" if triton_head_dim_ok(getattr(attention, "d", 0))
+                    else f" (the Triton kernels, which are, do not take head_dim {getattr(attention, 'd', '?')})")
             engine.notes.append(f"CUDA graphs off: attention backend {getattr(attention, 'name', '?')!r} "
-                                "is not capturable (use --attention-backend triton for graphs)")
+                                f"is not capturable{hint}")
             return None
         try:
             runner = cls(engine, cls.capture_sizes(engine.config.max_num_seqs))

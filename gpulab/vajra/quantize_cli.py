@@ -78,8 +78,9 @@ def calibrate(src: Path, text_file: Path, samples: int, seq_len: int, device: st
     ids = tok.encode(text_file.read_text(errors="replace")).ids
     if len(ids) < 2:
         raise InputError(f"--calib-text {text_file}: fewer than 2 tokens")
-    # triton on a GPU: auto would pick flashinfer, whose prefill module is a ~75 s JIT build for one pass
-    model = load_model(src, device=device, attention_backend="torch" if device == "cpu" else "triton")
+    # auto: triton on a GPU where its kernels take the head_dim (not flashinfer, whose prefill module is a ~75 s
+    # JIT build for one pass), else the torch reference
+    model = load_model(src, device=device, attention_backend="auto")
     seq_len = min(seq_len, len(ids), model.info.max_model_len)
     amax: dict[str, float] = {}
 
