@@ -296,3 +296,11 @@ def reset() -> None:
     _State.launches = []
     _State.fail_capture_at = None
     _State.cuda_c = None
+
+
+def ascontiguousarray(a):
+    """cupy's: the array itself when C-contiguous, else a contiguous copy (a pool allocation)."""
+    if isinstance(a, ndarray) and a.flags.c_contiguous:
+        return a
+    _refuse_while_capturing("a pool allocation (cupy.ascontiguousarray)")
+    return np.ascontiguousarray(a).view(ndarray)

@@ -135,3 +135,25 @@ def test_non_integer_keys_are_refused_before_widening(cuda_c):
     cuda_c(0)
     with pytest.raises(InputError, match="keys must be int32 or int64, got float32 and int32"):
         hjc.CudaHashJoin().join(np.zeros(3, np.float32), np.zeros(3, np.int32))
+
+
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_cuda_c_strided_device_keys(cuda_c, dt):
+    """A strided cupy view (every other key): the kernels read raw pointers, so the join must take a contiguous
+    copy, or it joins the memory behind the view (0 pairs here instead of 3)."""
+    import cupy as cp  # the fake, installed by the fixture
+
+    cuda_c(200)
+    lk = cp.asarray(np.arange(40, dtype=dt))[::2]  # keys 0, 2, ..., 38
+    rk = cp.asarray(np.array([20, 30, 38, 7], dtype=dt))
+    host_l = np.arange(0, 40, 2, dtype=dt)
+    _check(hjc.CudaHashJoin().join(lk, rk), host_l, np.asarray(rk))
+    assert hjc.CudaHashJoin().join(lk, rk, count_only=True).count == 3
+
+
+def test_join_keys_must_be_one_dimensional(cuda_c):
+    from gpulab.core.errors import InputError
+
+    cuda_c(50)
+    with pytest.raises(InputError, match="left join keys must be 1-D, got shape \\[3, 2\\]"):
+        hjc.CudaHashJoin().join(np.zeros((3, 2), np.int32), np.zeros(4, np.int32))

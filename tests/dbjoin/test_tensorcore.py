@@ -243,3 +243,13 @@ def test_an_output_that_cannot_fit_is_a_one_line_error(monkeypatch):
     keys = torch.zeros(8, dtype=torch.int32)  # 8 x 8 equal keys: 64 pairs, more than the first guess of 8
     with pytest.raises(InputError, match="has 64 pairs"):
         T.TensorCoreJoin("fp32", block=16, rows_per_partition=8).join(keys, keys)
+
+
+def test_tensorcore_keys_must_be_one_dimensional():
+    import torch
+
+    from gpulab.core.errors import InputError
+    from gpulab.dbjoin.tensorcore_join import check_key_dtypes
+
+    with pytest.raises(InputError, match="right join keys must be 1-D"):
+        check_key_dtypes(torch.zeros(3, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32))
