@@ -11,6 +11,8 @@ from pathlib import Path
 
 from gpulab.core.errors import InputError
 
+EXPORT_MARKER = "kvstitch-export.yaml"  # beside the exported model: which run and stage it is the decode model of
+
 
 def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = False) -> str:
     """Write the run's decode model to ``out``; returns the stage exported."""
@@ -22,10 +24,17 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
     stage = pick_stage(run, stage)
     if out.exists() and not overwrite:
         raise InputError(f"--out {out} exists (use --overwrite to replace it)")
-    if out.resolve() in (Path(cfg["small"]).resolve(), Path(cfg["large"]).resolve(), run.resolve()):
-        raise InputError(f"--out {out} is the run's own model or run folder; choose a new folder")
+    o = out.resolve()
+    for what, p in (("small model", cfg["small"]), ("large model", cfg["large"]), ("run", run)):
+        p = Path(p).resolve()
+        if o == p or o in p.parents:  # --overwrite would delete it with the folder
+            raise InputError(f"--out {out} is or holds the run's {what} folder ({p}); choose a new folder")
+    if out.exists() and (out / "config.json").is_file() is False and any(out.iterdir()):
+        raise InputError(f"--out {out} holds files that are not a model folder; --overwrite replaces only a "
+                         "model folder (choose a new or empty folder)")
     small, _ = load_small(cfg, run, stage, "cpu")
     if stage == "lora":
         small = small.merge_and_unload()
-    save_model(small, load_tokenizer(Path(cfg["small"]), "small"), out)
+    marker = {"run": str(run.resolve()), "stage": stage, "small_id": cfg.get("small_id")}
+    save_model(small, load_tokenizer(Path(cfg["small"]), "small"), out, extra={EXPORT_MARKER: marker})
     return stage

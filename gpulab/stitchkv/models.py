@@ -231,12 +231,16 @@ def tiny_llama(size: str | dict[str, int], vocab_size: int, max_len: int, seed: 
     return LlamaForCausalLM(cfg)
 
 
-def save_model(model: Any, tokenizer: Any, folder: Path) -> Path:
-    """save_pretrained into a temporary sibling folder, then rename (no half-written model folders)."""
+def save_model(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    """save_pretrained into a temporary sibling folder, then rename (no half-written model folders); ``extra``:
+    file name -> mapping written beside the model as YAML (e.g. the export's marker)."""
     from gpulab.core import atomic
+    from gpulab.core.results import yaml_text
 
     folder = Path(folder)
     with atomic.build_folder(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for name, data in (extra or {}).items():
+            (tmp / name).write_text(yaml_text(data))
     return folder

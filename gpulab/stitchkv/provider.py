@@ -41,9 +41,29 @@ class StitchPrefill:
         from gpulab.stitchkv.models import load_model
 
         cfg = run_config(run)
+        self.cfg = cfg
         self.run, self.stage, self.device = run, pick_stage(run, stage), device
         self.large = load_model(cfg["large"], "large", device, cfg.get("dtype", "float32"))
         self.small, self.bank = load_small(cfg, run, self.stage, device)
+
+    def check_model(self, model_dir: Path | str) -> None:
+        """The folder the engine serves must be this run's decode model for this stage: the folder
+        ``gpulab kvstitch export`` wrote for it (its marker names the run and stage), or for stage 'warmup' the run's
+        small model itself. Another pair's or stage's model decodes a cache it was not trained with, silently."""
+        from gpulab.core.files import read_yaml_mapping
+        from gpulab.stitchkv.export import EXPORT_MARKER
+
+        d = Path(model_dir)
+        marker = d / EXPORT_MARKER
+        if marker.is_file():
+            m = read_yaml_mapping(marker, f"{marker} not found")
+            if Path(str(m.get("run"))).resolve() != self.run.resolve() or m.get("stage") != self.stage:
+                raise InputError(f"{d} is the exported decode model of run {m.get('run')} stage {m.get('stage')!r}, "
+                                 f"not of {self.run} stage {self.stage!r}; serve that run's export (gpulab kvstitch "
+                                 f"export --run {self.run})")
+        elif d.resolve() == Path(self.cfg["small"]).resolve() and self.stage == "lora":
+            raise InputError(f"{d} is run {self.run}'s small model without its stage-2 LoRA; serve the folder "
+                             f"`gpulab kvstitch export --run {self.run}` writes (or @warmup)")
 
     def __call__(self, prompt_ids: list[int]) -> StitchedPrompt:
         import torch

@@ -659,5 +659,8 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
         from gpulab.vajra.prefill import load_provider
 
         provider = load_provider(prefill, device=str(device))
+        check = getattr(provider, "check_model", None)  # a provider may say which model folders fit its cache
+        if callable(check):
+            check(d)
     model = load_model(d, **kwargs)
     return LLMEngine(model, tok, config, prefill=provider)

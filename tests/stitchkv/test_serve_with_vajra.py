@@ -97,8 +97,16 @@ def test_export_and_provider_errors(tiny_run, tmp_path):
     with pytest.raises(InputError, match="exists"):
         export_small(tiny_run, out)
     export_small(tiny_run, out, overwrite=True)
-    with pytest.raises(InputError, match="own model or run folder"):
+    with pytest.raises(InputError, match="is or holds the run's run folder"):
         export_small(tiny_run, tiny_run, overwrite=True)
+    with pytest.raises(InputError, match="is or holds the run's run folder"):  # a parent: --overwrite deleted it
+        export_small(tiny_run, tiny_run.parent, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="holds files that are not a model folder"):
+        export_small(tiny_run, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
     with pytest.raises(InputError, match="run folder not found"):
         load(str(tmp_path / "nope"))
     with pytest.raises(InputError, match="--stage must be one of"):
@@ -135,3 +143,23 @@ def test_provider_arg_with_at_signs_in_the_path(tmp_path):
         parse_arg(f"{at}@stage3")
     with pytest.raises(InputError, match="run folder not found"):
         parse_arg(str(tmp_path / "nope@lora"))
+
+
+def test_the_served_folder_must_be_this_runs_decode_model(tiny_run, tmp_path):
+    """Another stage's export, or the run's small model without its LoRA, decodes a cache it was not trained
+    with: refused at load, with what to serve instead."""
+    from gpulab.stitchkv.export import export_small
+    from gpulab.stitchkv.store import run_config
+    from gpulab.vajra.engine import EngineConfig, load_engine
+
+    warm = tmp_path / "small-warmup"
+    export_small(tiny_run, warm, "warmup")
+    cfg = EngineConfig(num_blocks=32, block_size=4)
+    with pytest.raises(InputError, match="exported decode model of run .* stage 'warmup', not of .* stage 'lora'"):
+        load_engine(warm, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@lora", config=cfg)
+    small = run_config(tiny_run)["small"]
+    with pytest.raises(InputError, match="small model without its stage-2 LoRA"):
+        load_engine(small, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@lora", config=cfg)
+    eng = load_engine(small, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@warmup",
+                      config=cfg)  # the warm-up stage decodes with the small model as it is
+    assert eng.prefill.stage == "warmup"
