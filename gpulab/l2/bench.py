@@ -314,7 +314,7 @@ class PolicyRunner:
         run_one = self.infer_graph if self.cfg.graph else self.infer
         with self.installed(policy), self.torch.cuda.stream(self.main):
             ys = [run_one(i, policy).clone() for i in range(len(self.requests))]
-        self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize()  # inside: the policy is torn down after its kernels ran
         return ys
 
 

@@ -105,6 +105,23 @@ def _window_value(base_ptr: int, num_bytes: int, hit_ratio: float, persisting: b
     return value
 
 
+def synchronize_device() -> None:
+    _check(_rt().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+
+
+def _window_attr(cudart: Any) -> Any:
+    """The access-policy-window stream attribute id: cuda-python 12.6+ names it in cudaStreamAttrID as a launch
+    attribute; older releases as cudaStreamAttributeAccessPolicyWindow (an AttributeError there, not a
+    DeviceError, would have escaped the installability check)."""
+    for holder, name in ((getattr(cudart, "cudaStreamAttrID", None), "cudaLaunchAttributeAccessPolicyWindow"),
+                         (getattr(cudart, "cudaLaunchAttributeID", None), "cudaLaunchAttributeAccessPolicyWindow"),
+                         (getattr(cudart, "cudaStreamAttrID", None), "cudaStreamAttributeAccessPolicyWindow"),
+                         (cudart, "cudaStreamAttributeAccessPolicyWindow")):
+        if holder is not None and hasattr(holder, name):
+            return getattr(holder, name)
+    raise DeviceError("this cuda-python has no access-policy-window stream attribute")
+
+
 def set_access_policy_window(stream_handle: int, base_ptr: int, num_bytes: int, hit_ratio: float) -> None:
     """Install a persisting window on a stream (``torch.cuda.Stream.cuda_stream``): later kernels on it
     mark ``hit_ratio`` of the accesses to ``[base_ptr, base_ptr + num_bytes)`` persisting."""
@@ -112,7 +129,7 @@ def set_access_policy_window(stream_handle: int, base_ptr: int, num_bytes: int, 
         raise DeviceError(f"hitRatio must be in [0, 1], got {hit_ratio}")
     cudart = _rt()
     _check(cudart.cudaStreamSetAttribute(cudart.cudaStream_t(int(stream_handle)),
-                                         cudart.cudaStreamAttrID.cudaLaunchAttributeAccessPolicyWindow,
+                                         _window_attr(cudart),
                                          _window_value(base_ptr, num_bytes, hit_ratio, True)),
            "cudaStreamSetAttribute(accessPolicyWindow)")
 
@@ -121,7 +138,7 @@ def clear_access_policy_window(stream_handle: int) -> None:
     """Remove the window (num_bytes = 0, normal properties)."""
     cudart = _rt()
     _check(cudart.cudaStreamSetAttribute(cudart.cudaStream_t(int(stream_handle)),
-                                         cudart.cudaStreamAttrID.cudaLaunchAttributeAccessPolicyWindow,
+                                         _window_attr(cudart),
                                          _window_value(0, 0, 0.0, False)),
            "cudaStreamSetAttribute(accessPolicyWindow, cleared)")
 
@@ -129,7 +146,7 @@ def clear_access_policy_window(stream_handle: int) -> None:
 def get_access_policy_window(stream_handle: int) -> dict[str, Any]:
     cudart = _rt()
     value = _check(cudart.cudaStreamGetAttribute(cudart.cudaStream_t(int(stream_handle)),
-                                                 cudart.cudaStreamAttrID.cudaLaunchAttributeAccessPolicyWindow),
+                                                 _window_attr(cudart)),
                    "cudaStreamGetAttribute(accessPolicyWindow)")
     w = value.accessPolicyWindow
     return {"base_ptr": int(w.base_ptr), "num_bytes": int(w.num_bytes), "hit_ratio": float(w.hitRatio),
@@ -174,6 +191,10 @@ class PersistingL2:
 
     def __exit__(self, *exc: Any) -> None:
         errors = []
+        try:  # the queued kernels first: a reset while they run would let them mark lines persisting again
+            synchronize_device()
+        except DeviceError as e:
+            errors.append(e)
         for s in self.streams:
             try:
                 clear_access_policy_window(s)

@@ -98,12 +98,13 @@ def test_persisting_window_on_both_streams_over_the_arena(fake_cuda, monkeypatch
     monkeypatch.setattr(cuda_l2, "set_access_policy_window",
                         lambda s, base, n, ratio: state["windows"].__setitem__(s, (base, n, ratio)))
     monkeypatch.setattr(cuda_l2, "clear_access_policy_window", lambda s: state["windows"].pop(s))
-    monkeypatch.setattr(cuda_l2, "reset_persisting_lines", lambda: None)
+    monkeypatch.setattr(cuda_l2, "reset_persisting_lines", lambda: state.setdefault("order", []).append("reset"))
+    monkeypatch.setattr(cuda_l2, "synchronize_device", lambda: state.setdefault("order", []).append("sync"))
     with r.installed("persist"):
         assert state["limit"] == plan.set_aside_bytes
         want = (arena.base_ptr + plan.window_offset, plan.window_bytes, plan.hit_ratio)
         assert state["windows"] == {r.main.cuda_stream: want, r.side.cuda_stream: want}
-    assert state == {"limit": 0, "windows": {}}
+    assert state == {"limit": 0, "windows": {}, "order": ["sync", "reset"]}
     with r.installed("default"):
         assert state["windows"] == {}
 

@@ -137,12 +137,15 @@ def test_persisting_window_hit_ratio_fits_the_granted_set_aside(monkeypatch):
     monkeypatch.setattr(cuda_l2, "set_access_policy_window",
                         lambda s, base, n, ratio: state["windows"].__setitem__(s, (base, n, ratio)))
     monkeypatch.setattr(cuda_l2, "clear_access_policy_window", lambda s: state["windows"].pop(s))
-    monkeypatch.setattr(cuda_l2, "reset_persisting_lines", lambda: None)
+    monkeypatch.setattr(cuda_l2, "reset_persisting_lines", lambda: state.setdefault("order", []).append("reset"))
+    monkeypatch.setattr(cuda_l2, "synchronize_device", lambda: state.setdefault("order", []).append("sync"))
     mib = 1 << 20
     with cuda_l2.PersistingL2(32 * mib, 4096, 32 * mib, 1.0, [7, 8]) as ctx:
         assert ctx.granted_bytes == 24 * mib and ctx.installed_hit_ratio == 0.75
         assert state["windows"] == {7: (4096, 32 * mib, 0.75), 8: (4096, 32 * mib, 0.75)}
-    assert state == {"limit": 0, "windows": {}}
+    # the queued kernels are waited for before the persisting lines are reset: a reset under running kernels
+    # would let them mark lines persisting again, for the next policy measured
+    assert state == {"limit": 0, "windows": {}, "order": ["sync", "reset"]}
     with cuda_l2.PersistingL2(16 * mib, 4096, 64 * mib, 0.25, [7]) as ctx:  # granted in full: the ratio asked
         assert ctx.granted_bytes == 16 * mib and ctx.installed_hit_ratio == 0.25
 
