@@ -110,7 +110,10 @@ class Corpus:
         return "jsonl" if self.pairs is not None else "text"
 
 
-def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = 0.1, min_ref: int = 1,
+VAL_FRACTION = 0.1  # the last tenth of a text corpus (or of a .jsonl file's records) is the evaluation split
+
+
+def load_corpus(path: Path | str, tokenizer: Any, val_fraction: float = VAL_FRACTION, min_ref: int = 1,
                 task: str = "continue") -> Corpus:
     """``min_ref``: the fewest reference tokens a .jsonl record may have (stage 2 needs 2: its loss
     predicts continuation tokens 2..C from token 1). ``task``: how a text corpus is cut (TASKS)."""
@@ -218,6 +221,10 @@ def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int)
     n = _window_len(corpus, prompt_len, cont_len)
     _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
+    fit = span // n + 1  # windows that do not overlap: overlapping ones would be scored as independent prompts
+    if n_prompts > fit:
+        raise InputError(f"--prompts {n_prompts}: the validation split holds {span + n} tokens, room for {fit} "
+                         f"windows of {n} tokens that do not overlap; use at most {fit} prompts (or shorter ones)")
     starts = [corpus.split + (span * i) // max(n_prompts, 1) for i in range(n_prompts)]
     if corpus.task == "recall":  # offsets and shuffles: drawn once, the same for every eval of these lengths
         g = torch.Generator().manual_seed(20261128)

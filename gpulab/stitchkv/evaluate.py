@@ -72,26 +72,30 @@ class _FallbackRouge:
         return out
 
 
-def rouge_backend() -> str:
-    """Which ROUGE implementation :func:`rouge_scores` uses here (recorded with the results)."""
+def _rouge_scorer() -> tuple[Any, Any, str]:
+    """(scorer, fmeasure(score, key), name): rouge-score with stemming where it imports whole (rouge_scorer needs
+    nltk and absl too), else the built-in equivalent; one choice for the scores and the name recorded with them."""
     try:
-        import rouge_score  # noqa: F401
+        from rouge_score import rouge_scorer
 
-        return "rouge-score"
-    except ImportError:
-        return "built-in (" + ("nltk Porter stemmer" if _FallbackRouge().stem else "no stemming: nltk missing") + ")"
+        return (rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True),
+                lambda s, k: s[k].fmeasure, "rouge-score")
+    except ImportError:  # e.g. the GPU test machine: same tokenizer and F-measures, built in
+        fb = _FallbackRouge()
+        return fb, (lambda s, k: s[k]), "built-in (" + ("nltk Porter stemmer" if fb.stem else
+                                                         "no stemming: nltk missing") + ")"
+
+
+def rouge_backend() -> str:
+    """Which ROUGE implementation :func:`rouge_items` uses here (recorded with the results)."""
+    return _rouge_scorer()[2]
 
 
 def rouge_items(preds: list[str], refs: list[str]) -> dict[str, list[float]]:
     """Per-item ROUGE-1/2/L F-measures (rouge-score with stemming, or the built-in equivalent)."""
-    try:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-        fmeasure = lambda s, k: s[k].fmeasure  # noqa: E731
-    except ImportError:  # e.g. the GPU test machine: same tokenizer and F-measures, built in
-        scorer = _FallbackRouge()
-        fmeasure = lambda s, k: s[k]  # noqa: E731
+    if len(preds) != len(refs):
+        raise ValueError(f"rouge_items: {len(preds)} predictions for {len(refs)} references")
+    scorer, fmeasure, _ = _rouge_scorer()
     out: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
     for p, r in zip(preds, refs):
         s = scorer.score(r, p)

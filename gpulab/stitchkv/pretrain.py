@@ -126,7 +126,7 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
                   repeat_frac: float = 0.0, flag_prefix: str = "") -> dict[str, Any]:
     import torch
 
-    from gpulab.stitchkv.data import read_text
+    from gpulab.stitchkv.data import VAL_FRACTION, read_text
     from gpulab.stitchkv.models import save_model, shape_of, tiny_llama, train_tokenizer
 
     check_options(large_size, small_size, vocab, steps, batch, seq, lr, repeat_frac, flag_prefix)
@@ -135,7 +135,9 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     t0 = time.perf_counter()
     tok = train_tokenizer(text[:cut], vocab)
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    split = len(tok(text[:cut], add_special_tokens=False)["input_ids"])
+    # never past the evaluation's split (load_corpus: 90% of the tokens): where the last tenth of the text has
+    # fewer tokens per character than the rest, 90% of the characters would reach into the eval windows
+    split = min(len(tok(text[:cut], add_special_tokens=False)["input_ids"]), int(len(ids) * (1 - VAL_FRACTION)))
     tok_s = time.perf_counter() - t0
     rows = []
     for role, size in (("large", large_size), ("small", small_size)):

@@ -46,7 +46,10 @@ def quant_config(fmt: str, strategy: str, block, activations: str, ignore: list[
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False,
                "block_structure": list(block) if block else None, "group_size": None, "observer": "minmax"}
     acts = None
-    if activations == "dynamic":
+    if activations == "dynamic" and strategy == "block":  # as compressed-tensors' FP8_BLOCK preset (and vLLM, which
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",  # quantizes 1 x block_k)
+                "group_size": int(block[1]), "dynamic": True}
+    elif activations == "dynamic":
         acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
     elif activations == "static":
         acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
@@ -126,7 +129,9 @@ def quantize(
     activations: str = typer.Option("dynamic", "--activations", help="dynamic (per token) | static (per tensor, calibrated) | none"),
     block: str = typer.Option("128x128", "--block", help="Block shape (out x in) for fp8-block."),
     fmt: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | fp8 (vLLM's layout)"),
-    scale_shape: str = typer.Option("2d", "--scale-shape", help="Per-channel scales of shape (out, 1) (2d) or (out,) (1d)."),
+    scale_shape: str = typer.Option("2d", "--scale-shape", help="Per-channel scales of shape (out, 1) (2d, what "
+                                    "vLLM and transformers load) or (out,) (1d: only gpulab's loader reads it; for "
+                                    "testing loaders)."),
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="Text for static activation scales."),
     calib_samples: int = typer.Option(16, "--calib-samples", help="Calibration sequences."),
     calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence."),
@@ -163,6 +168,36 @@ def quantize(
     run(src, dst, strategy, blk, activations, fmt, scale_shape, calib_text, calib_samples, calib_len, shard_mb)
 
 
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def shared_tensor_scales(reader, device) -> dict[str, "torch.Tensor"]:
+    """module -> the per-tensor scale its fused group shares: max(amax of the group's weights) / 448."""
+    import torch
+
+    from gpulab.vajra import reference as ref
+
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(m.group(1)) for n in reader.names() if (m := LINEAR_RE.match(n))})
+    for i in layers:
+        for block, parts in FUSED_GROUPS:
+            mods = [f"model.layers.{i}.{block}.{p}" for p in parts if reader.has(f"model.layers.{i}.{block}.{p}.weight")]
+            if len(mods) < 2:
+                continue
+            amax = max(float(reader.get(f"{m}.weight", device).float().abs().amax()) for m in mods)
+            s = torch.clamp(ref.true_div(torch.tensor(amax, device=device), ref.fp8_max()), min=ref._min_scale(
+                torch.float8_e4m3fn)).reshape(())
+            out.update({m: s for m in mods})
+    return out
+
+
+def block_misfits(reader, blk) -> list[str]:
+    """Linear weights whose rows or columns are not whole blocks (vLLM refuses fused layers of such parts)."""
+    bn, bk = blk
+    return [n for n in reader.names() if LINEAR_RE.match(n)
+            and (reader.shape(n)[0] % bn or reader.shape(n)[1] % bk)]
+
+
 def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, scale_shape: str,
         calib_text: Path | None, calib_samples: int, calib_len: int, shard_mb: int):
     import torch
@@ -186,6 +221,18 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
     rec = results.Record(name="vajra-quantize", config={
         "src": str(src), "dst": str(dst), "strategy": strategy, "block": list(blk) if blk else None,
         "activations": activations, "format": fmt, "scale_shape": scale_shape, "device": device})
+    if scale_shape == "1d" and strategy == "channel":
+        rec.notes.append("--scale-shape 1d: per-channel scales of shape (out,), which gpulab's loader reads and vLLM "
+                         "and transformers refuse (they expect (out, 1)): a checkpoint for testing loaders")
+    # per tensor: the shards that one fused layer will run (q/k/v, gate/up) share one scale, the largest, so that
+    # vLLM serves them without requantizing and transformers (which keeps each scale) computes the same weights
+    group_scale = shared_tensor_scales(reader, device) if strategy == "tensor" else {}
+    if strategy == "block":
+        ragged = block_misfits(reader, blk)
+        if ragged:
+            rec.notes.append(f"fp8-block {blk[0]}x{blk[1]}: {ragged[0]} (and {len(ragged) - 1} more) is not a "
+                             "whole number of blocks: gpulab and transformers load this checkpoint, vLLM refuses "
+                             "fused layers whose parts are not multiples of block_n and K not a multiple of block_k")
     with atomic.build_folder(dst) as tmp:
         shard: dict[str, torch.Tensor] = {}
         shard_bytes, shards, weight_map = 0, [], {}
@@ -225,7 +272,11 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
                 continue
             module = name[: -len(".weight")]
             wf = w.float()
-            q, s = quantize_t(wf, strategy, blk)
+            if module in group_scale:  # the fused layer's shared per-tensor scale (a tensor of its own on disk)
+                s = group_scale[module].clone()
+                q = ref.cast_fp8(wf, s)
+            else:
+                q, s = quantize_t(wf, strategy, blk)
             deq = ref.dequantize(q, s, blk)
             sfull = ref.scale_for(s, tuple(wf.shape), blk)
             bound = wf.abs() * E4M3_REL_STEP + sfull * E4M3_SUBNORMAL_HALF
@@ -256,8 +307,9 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
         results.atomic_write_text(tmp / "config.json", json.dumps(raw, indent=2) + "\n")
         results.atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(
             {"metadata": {"total_size": bytes_out}, "weight_map": weight_map}, indent=2) + "\n")
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "model.safetensors.index.json"):
+        for f in src.iterdir():  # tokenizer and generation files; never another copy of the weights
+            if (f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+                    and f.name not in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")):
                 shutil.copy2(f, tmp / f.name)
     rec.metrics.update({"tensors_quantized": n_quant, "shards": len(shards), "bytes_in": bytes_in,
                         "bytes_out": bytes_out, "max_abs_err_over_amax": worst})

@@ -388,3 +388,31 @@ def test_kv_scales_in_some_layers_only(tmp_path):
     with pytest.raises(InputError) as e:
         load_model(d)
     assert_one_line(e, "layer 1 has them but layer 0 has none")
+
+
+def test_quantized_checkpoints_other_runtimes_load_alike(tmp_path):
+    """fp8-tensor: q/k/v (and gate/up) share one scale, so vLLM need not requantize and transformers computes the
+    same fused weights; fp8-block with dynamic activations declares per-group activations (compressed-tensors'
+    FP8_BLOCK preset); the source's other weight files are not copied; what other runtimes refuse gets a note."""
+    import yaml
+    from safetensors.torch import load_file
+
+    _, src = make_tiny(tmp_path / "src", num_hidden_layers=1)
+    torch.save({}, src / "pytorch_model.bin")  # a second copy of the weights some folders ship
+    out = tmp_path / "res"
+    quantize_cli(src, tmp_path / "qt", out, "--scheme", "fp8-tensor")
+    sd = load_file(str(next((tmp_path / "qt").glob("*.safetensors"))))
+    p = "model.layers.0."
+    qkv = {float(sd[f"{p}self_attn.{m}_proj.weight_scale"]) for m in "qkv"}
+    gu = {float(sd[f"{p}mlp.{m}_proj.weight_scale"]) for m in ("gate", "up")}
+    assert len(qkv) == 1 and len(gu) == 1
+    assert not (tmp_path / "qt" / "pytorch_model.bin").exists()
+    quantize_cli(src, tmp_path / "qb", out, "--scheme", "fp8-block", "--block", "32x48")
+    acts = json.loads((tmp_path / "qb" / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["input_activations"]
+    assert acts["strategy"] == "group" and acts["group_size"] == 48 and acts["dynamic"] is True
+    rec = yaml.safe_load(sorted(out.glob("vajra-quantize-*.yaml"))[-1].read_text())
+    assert any("not a whole number of blocks" in n for n in rec["notes"])  # 64 columns in 48-column blocks
+    quantize_cli(src, tmp_path / "q1", out, "--scheme", "fp8-channel", "--scale-shape", "1d")
+    rec = yaml.safe_load(sorted(out.glob("vajra-quantize-*.yaml"))[-1].read_text())
+    assert any("vLLM and transformers refuse" in n for n in rec["notes"])
