@@ -278,3 +278,28 @@ def test_tokenizers_with_one_vocabulary_that_encode_differently(pair_dirs, tmp_p
     (other / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(InputError, match="same vocabulary, but they encode"):
         load_pair(pair_dirs[0], other, device="cpu")
+
+
+def test_evaluation_windows_may_not_overlap():
+    from gpulab.core.errors import InputError
+    from gpulab.stitchkv.data import Corpus, eval_windows
+
+    corpus = Corpus(path=None, ids=torch.arange(1000), split=900)  # 100 validation tokens
+    assert len(eval_windows(corpus, 4, 16, 8)) == 4  # 4 windows of 24 tokens fit
+    with pytest.raises(InputError, match="room for 4 windows of 24 tokens"):
+        eval_windows(corpus, 5, 16, 8)
+
+
+def test_pretraining_stops_at_the_evaluation_split(corpus_file, tmp_path):
+    """90% of the characters can be more than 90% of the tokens: pretraining never reaches the eval windows."""
+    from gpulab.stitchkv.data import VAL_FRACTION
+    from gpulab.stitchkv.pretrain import pretrain_pair
+
+    head = corpus_file.read_text()[:20000]
+    word = "zqzqzqzqzqzq "  # frequent in the head: the tokenizer learns it whole, so the tail is few tokens long
+    head = "".join(ln + " " + word for ln in head.splitlines())
+    f = tmp_path / "t.txt"
+    f.write_text(head + word * (len(head) // (9 * len(word))))  # the last tenth of the characters
+    info = pretrain_pair(f, tmp_path / "pair", "nano-large", "nano-small", 300, steps=1, batch=2, seq=16, lr=1e-3, seed=0,
+                         device="cpu", log=lambda m: None)
+    assert info["train_tokens"] <= int(info["tokens"] * (1 - VAL_FRACTION))

@@ -31,3 +31,11 @@ def test_rouge_scores_without_rouge_score_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # import fails -> built-in scorer
     got = rouge_scores(["the king is dead", "long live"], ["the king was dead", "long live the queen"])
     assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_rouge_items_refuses_unequal_lists_and_names_the_scorer_that_ran():
+    from gpulab.stitchkv.evaluate import _rouge_scorer, rouge_backend, rouge_items
+
+    with pytest.raises(ValueError, match="2 predictions for 3 references"):
+        rouge_items(["a", "b"], ["a", "b", "c"])
+    assert rouge_backend() == _rouge_scorer()[2]
