@@ -221,7 +221,7 @@ def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int)
     n = _window_len(corpus, prompt_len, cont_len)
     _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
-    fit = span // n + 1  # windows that do not overlap: overlapping ones would be scored as independent prompts
+    fit = max(span // n, 1)  # starts span/n_prompts apart: no overlap (overlapping ones would count twice)
     if n_prompts > fit:
         raise InputError(f"--prompts {n_prompts}: the validation split holds {span + n} tokens, room for {fit} "
                          f"windows of {n} tokens that do not overlap; use at most {fit} prompts (or shorter ones)")

@@ -29,7 +29,7 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
         p = Path(p).resolve()
         if o == p or o in p.parents:  # --overwrite would delete it with the folder
             raise InputError(f"--out {out} is or holds the run's {what} folder ({p}); choose a new folder")
-    if out.exists() and (out / "config.json").is_file() is False and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or (not (out / "config.json").is_file() and any(out.iterdir()))):
         raise InputError(f"--out {out} holds files that are not a model folder; --overwrite replaces only a "
                          "model folder (choose a new or empty folder)")
     small, _ = load_small(cfg, run, stage, "cpu")

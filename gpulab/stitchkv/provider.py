@@ -61,9 +61,16 @@ class StitchPrefill:
                 raise InputError(f"{d} is the exported decode model of run {m.get('run')} stage {m.get('stage')!r}, "
                                  f"not of {self.run} stage {self.stage!r}; serve that run's export (gpulab kvstitch "
                                  f"export --run {self.run})")
-        elif d.resolve() == Path(self.cfg["small"]).resolve() and self.stage == "lora":
-            raise InputError(f"{d} is run {self.run}'s small model without its stage-2 LoRA; serve the folder "
-                             f"`gpulab kvstitch export --run {self.run}` writes (or @warmup)")
+        else:
+            from gpulab.stitchkv.store import model_fingerprint
+
+            own = self.cfg.get("small_id") is not None and model_fingerprint(d) == str(self.cfg["small_id"])
+            if (own or d.resolve() == Path(self.cfg["small"]).resolve()) and self.stage == "lora":
+                raise InputError(f"{d} is run {self.run}'s small model without its stage-2 LoRA; serve the folder "
+                                 f"`gpulab kvstitch export --run {self.run}` writes (or @warmup)")
+            if self.stage == "warmup" and self.cfg.get("small_id") is not None and not own:
+                raise InputError(f"{d} is not run {self.run}'s small model (its config, tokenizer or weights differ); "
+                                 "stage 'warmup' decodes with that model itself, or with its export")
 
     def __call__(self, prompt_ids: list[int]) -> StitchedPrompt:
         import torch

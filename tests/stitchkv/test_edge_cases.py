@@ -285,9 +285,11 @@ def test_evaluation_windows_may_not_overlap():
     from gpulab.stitchkv.data import Corpus, eval_windows
 
     corpus = Corpus(path=None, ids=torch.arange(1000), split=900)  # 100 validation tokens
-    assert len(eval_windows(corpus, 4, 16, 8)) == 4  # 4 windows of 24 tokens fit
-    with pytest.raises(InputError, match="room for 4 windows of 24 tokens"):
-        eval_windows(corpus, 5, 16, 8)
+    wins = eval_windows(corpus, 3, 16, 8)  # 3 windows of 24 tokens, starts at least 24 apart
+    starts = [int(p[0]) for p, _ in wins]
+    assert len(wins) == 3 and all(b - a >= 24 for a, b in zip(starts, starts[1:]))
+    with pytest.raises(InputError, match="room for 3 windows of 24 tokens"):
+        eval_windows(corpus, 4, 16, 8)
 
 
 def test_pretraining_stops_at_the_evaluation_split(corpus_file, tmp_path):

@@ -163,3 +163,26 @@ def test_the_served_folder_must_be_this_runs_decode_model(tiny_run, tmp_path):
     eng = load_engine(small, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@warmup",
                       config=cfg)  # the warm-up stage decodes with the small model as it is
     assert eng.prefill.stage == "warmup"
+
+
+def test_another_small_model_is_refused_for_the_warmup_stage(tiny_run, tmp_path):
+    """Without an export marker, stage warmup must serve the run's own small model (by its fingerprint)."""
+    import json
+    import shutil
+
+    from gpulab.stitchkv.store import run_config
+    from gpulab.vajra.engine import EngineConfig, load_engine
+
+    other = tmp_path / "other-small"
+    shutil.copytree(run_config(tiny_run)["small"], other)
+    c = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**c, "rms_norm_eps": 1e-5}))  # another model
+    with pytest.raises(InputError, match="is not run .*'s small model"):
+        load_engine(other, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@warmup",
+                    config=EngineConfig(num_blocks=32, block_size=4))
+    f = tmp_path / "afile"
+    f.write_text("x")
+    from gpulab.stitchkv.export import export_small
+
+    with pytest.raises(InputError, match="not a model folder"):
+        export_small(tiny_run, f, overwrite=True)
