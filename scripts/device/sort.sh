@@ -8,7 +8,7 @@
 #  3. the 10M int32 key-value (argsort) bench with pageable transfers (fused, cupy, torch)
 #  3b. 1M int32 twice: launched directly and as CUDA graph replays (--graph), where the host's launch rate bounds it
 #  4. Nsight Compute on the shared and fused variants (default t14f4g5, and t14f4g5w512: two tile blocks an SM) at 1M (skipped if ncu is
-#     absent; gets what is left: 32 s at least, more where steps 1-3b finish early; not fatal)
+#     absent; gets what is left: 27 s at least, more where steps 1-3b finish early; not fatal)
 #  5. a short table of what was measured
 set -u
 OUT="${OUT:-results/device-sort}"
@@ -17,7 +17,7 @@ source "$(dirname "$0")/lib.sh"
 GPULAB=("$PY" -m gpulab --out "$OUT")
 budget_start 152  # seconds for steps 1-4; the summary takes ~1 s (H200, 2026-11-27: steps 1-3 took ~60 s,
 #                    and the ncu step did not finish in the ~40 s then left; since 2026-11-29 the tests and --tune
-#                    cover 13 configurations instead of 6 and bitonic.cu builds ~35% longer: caps 55 and 35)
+#                    cover 13 configurations instead of 6 and bitonic.cu builds ~35% longer: caps 55 and 42)
 rc=0
 
 echo "== pytest -m gpu tests/sort"
@@ -27,16 +27,16 @@ tail -15 "$OUT/pytest-gpu.txt"
 [ "$prc" -eq 0 ] || { echo "pytest exit $prc (124: timed out)"; rc=1; }
 
 echo "== bench 10M int32, pinned (all implementations + --tune; bitonic-shared/fused also pipelined in 8 chunks)"
-step 35 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --transfer pinned --reps 20 --overlap-chunks 8 --tune \
+step 42 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --transfer pinned --reps 20 --overlap-chunks 8 --tune \
     >/dev/null \
     || { echo "exit $?"; rc=1; }
 echo "== bench 10M int32 key-value (argsort), pageable"
 step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pageable --reps 10 \
     --impl bitonic-fused,cupy,torch >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M int32: each sort launched directly, then as one CUDA graph (--graph: without the host's cost a launch)"
-step 8 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
+step 7 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
     >/dev/null || { echo "exit $?"; rc=1; }
-step 8 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused \
+step 7 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused \
     --graph >/dev/null || { echo "exit $?"; rc=1; }
 if command -v ncu >/dev/null 2>&1; then
   echo "== ncu (1M keys, shared + fused)"

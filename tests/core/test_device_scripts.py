@@ -31,16 +31,19 @@ def test_all_sh_budgets_each_script(tmp_path):
     (dev / "slow.sh").write_text("sleep 30\n")
     env = {k: v for k, v in os.environ.items() if k not in ("BUDGET_S", "SCRIPT_BUDGET")}
     env.update(BUDGET="40", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PREFLIGHT="0")
-    proc = subprocess.run(["bash", "scripts/device/all.sh", "probe:7", "slow:2", "probe:60", "missing"],
+    proc = subprocess.run(["bash", "scripts/device/all.sh", "probe:7", "slow:2", "probe:100", "probe:50", "missing"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    log = (tmp_path / "work" / "probe" / "log.txt").read_text()
-    assert "script=7 steps=4" in log  # its own 7 s, less 3 s for its summary; not the call's BUDGET=40
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("probe: exit 0")
     assert summary[1].startswith("slow: exit 124") and "timed out" in summary[1]
-    assert summary[2].startswith("probe: skipped (needs 60s")
-    assert summary[3] == "missing: no script"
+    assert summary[2].startswith("probe: skipped (needs 100s")  # less than half of its seconds left
+    assert summary[3].startswith("probe: exit 0")  # given 50 by name, ~31 left: it runs in those
+    assert summary[4] == "missing: no script"
+    import re
+
+    got = re.search(r"script=(\d+) steps=(\d+)", (tmp_path / "work" / "probe" / "log.txt").read_text())
+    assert got and 25 <= int(got.group(1)) <= 40 and int(got.group(2)) == int(got.group(1)) - 3
     assert (tmp_path / "out" / "gpulab-device.tgz").stat().st_size > 0
 
 
