@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "join": ("gpulab.dbjoin.cli:app", "Hash join on tensor cores (Triton) against a CUDA hash table."),
     "sort": ("gpulab.sort.cli:app", "CUDA bitonic sorts, transfers and CPU/library baselines."),
     "run": ("gpulab.core.experiment_cli:app", "Run an experiment file (experiments/*.yaml); lists expand to sweeps."),
-    "report": ("gpulab.core.report_cli:app", "Aggregate result YAML files into one table (rich or markdown)."),
+    "report": ("gpulab.core.report_cli:app", "Aggregate result YAML files into one table (table, markdown, csv or json)."),
 }
 
 

@@ -455,7 +455,7 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         rec.rows.append({"policy": p, "impl": cfg.impl, "median_ms": None, "p90_ms": None, "n": 0,
                          "status": "skipped: needs a CUDA GPU"})
     rec.notes.append("the L2 policies need a CUDA GPU (persist also needs persisting L2 support); none is visible, "
-                     "so only the CPU baseline was measured (use --device cuda on a GPU machine)")
+                     "so only the CPU baseline was measured (on a GPU machine: gpulab --device cuda l2 run ...)")
     rec.summary.update({"device": "cpu", "cpu_median_ms": t.median, "policies": "need a GPU"})
 
 

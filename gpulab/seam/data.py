@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gpulab.core.errors import InputError
-from gpulab.core.paths import shared_data
+from gpulab.core.paths import data_hint, shared_data
 
 DEFAULT_CIFAR = shared_data("cifar10")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -31,7 +31,7 @@ def resolve_data(path: Path | str | None) -> tuple[Path, str]:
     """The data folder and its format: ``cifar10`` (npz files) or ``imagefolder`` (train/ and val/)."""
     p = Path(path) if path else DEFAULT_CIFAR
     if not p.is_dir():
-        raise InputError(f"data folder not found: {p}")
+        raise InputError(f"data folder not found: {p}{data_hint(p)}")
     if (p / "test.npz").is_file() or (p / "train-0.npz").is_file():
         return p, "cifar10"
     if (p / "train").is_dir() and (p / "val").is_dir():

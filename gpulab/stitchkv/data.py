@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gpulab.core.errors import InputError
-from gpulab.core.paths import shared_data
+from gpulab.core.paths import data_hint, shared_data
 
 DEFAULT_DATA = shared_data("tinyshakespeare.txt")
 TASKS = ("continue", "recall")
@@ -71,7 +71,7 @@ def recall_window(ids: Any, start: int, offset: int, prompt_len: int, cont_len: 
 def read_text(path: Path | str) -> str:
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"--data file not found: {p}")
+        raise InputError(f"--data file not found: {p}{data_hint(p)}")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -152,7 +152,9 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         if isinstance(limit, int) and context > limit:
             raise InputError(f"--context {context} is longer than {m}'s max_position_embeddings ({limit})")
     if not text_file.is_file():
-        raise InputError(f"--text {text_file}: file not found")
+        from gpulab.core.paths import data_hint
+
+        raise InputError(f"--text {text_file}: file not found{data_hint(text_file)}")
     text = text_file.read_text(errors="replace")
     ids = None
     bos_ids = set()

@@ -91,3 +91,12 @@ def test_what_gpulab_writes_it_reads_back_as_written(tmp_path):
     assert files.read_yaml_mapping(p, "missing") == data
     (tmp_path / "m.yaml").write_text("a: &p {x: 1}\nb:\n  <<: *p\n  y: 2\n")
     assert files.read_yaml_mapping(tmp_path / "m.yaml", "missing")["b"] == {"x": 1, "y": 2}
+
+
+def test_data_hint_points_at_gpulab_data(monkeypatch, tmp_path):
+    from gpulab.core import paths
+
+    monkeypatch.setenv("GPULAB_DATA", str(tmp_path / "nowhere"))
+    hint = paths.data_hint(paths.shared_data("tinyshakespeare.txt"))
+    assert "GPULAB_DATA is set to it" in hint and "set GPULAB_DATA to the folder" in hint
+    assert paths.data_hint(tmp_path / "elsewhere.txt") == ""  # a path the user gave: no hint
