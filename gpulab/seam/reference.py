@@ -34,7 +34,7 @@ def lstsq_reference(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> tup
 
 
 def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers of one forward pass, per batch."""
+    """Multiply-accumulates of the Conv2d and Linear layers of one forward pass, summed over the batch."""
     total = 0
 
     def conv_hook(m: nn.Conv2d, inp: Any, out: torch.Tensor) -> None:
