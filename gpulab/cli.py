@@ -7,7 +7,6 @@ them, so it imports no torch; ``gpulab sort ...`` imports ``gpulab.sort.cli`` on
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: known errors become one line and exit 1; usage errors exit 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     # this call's own flag or the environment (not what an earlier call in this process left set)
-    debug = "--debug" in args or os.environ.get("GPULAB_DEBUG", "") not in ("", "0")
+    debug = "--debug" in args or options.debug_from_env()
     command = typer.main.get_command(app)
     from gpulab.core import results
 

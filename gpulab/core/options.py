@@ -21,10 +21,15 @@ class GlobalOptions:
     debug: bool = False
 
 
+def debug_from_env() -> bool:
+    """GPULAB_DEBUG set to anything but empty or 0."""
+    return os.environ.get("GPULAB_DEBUG", "") not in ("", "0")
+
+
 _current = GlobalOptions(
     device=os.environ.get("GPULAB_DEVICE", "auto"),
     out=Path(os.environ.get("GPULAB_OUT", "results")),
-    debug=os.environ.get("GPULAB_DEBUG", "") not in ("", "0"),
+    debug=debug_from_env(),
 )
 
 
