@@ -2,6 +2,7 @@
 unreadable or malformed is a one-line :class:`InputError` naming the file and the problem."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -9,17 +10,12 @@ from typing import Any
 from gpulab.core.errors import InputError
 
 
-_STRICT = None
-
-
+@functools.lru_cache(maxsize=1)
 def strict_loader():
     """A yaml SafeLoader with YAML 1.2's plain scalars and no duplicate keys. PyYAML follows YAML 1.1, where
     ``no``/``yes``/``on``/``off`` are booleans, ``010`` is octal 8 and ``1:30`` is 90: an experiment's
     ``order: no`` or ``n: 010`` would be misread silently. Here only true/false are booleans, integers are
     decimal (or 0x/0o), ``1:30`` stays a string, and a key given twice in one mapping is an error."""
-    global _STRICT
-    if _STRICT is not None:
-        return _STRICT
     import re
 
     import yaml
@@ -64,20 +60,14 @@ def strict_loader():
         float_tag, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
                               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
     StrictLoader.add_constructor(int_tag, StrictLoader.construct_yaml_int)
-    _STRICT = StrictLoader
     return StrictLoader
 
 
-_DUMPER = None
-
-
+@functools.lru_cache(maxsize=1)
 def safe_dumper():
     """A yaml SafeDumper that quotes every string which YAML 1.1 *or* 1.2 would read as something else: PyYAML's
     own dumper follows 1.1 only and leaves "008", "1e5" or "0o17" plain, which :func:`strict_loader` (1.2) reads
     back as numbers (a class folder named "008", a fingerprint of digits)."""
-    global _DUMPER
-    if _DUMPER is not None:
-        return _DUMPER
     import yaml
 
     class Dumper(yaml.SafeDumper):
@@ -88,7 +78,6 @@ def safe_dumper():
         for tag, rx in resolvers:
             if (tag, rx) not in Dumper.yaml_implicit_resolvers.setdefault(first, []):
                 Dumper.yaml_implicit_resolvers[first].append((tag, rx))
-    _DUMPER = Dumper
     return Dumper
 
 
