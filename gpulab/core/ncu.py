@@ -305,16 +305,14 @@ def profile(target: list[str], *, timeout_s: float = 900, env: dict[str, str] | 
                 proc.communicate()
                 raise ToolError(f"ncu run timed out after {timeout_s:.0f} s") from None
         text = open(log).read() if os.path.exists(log) else ""
+        records = parse_csv_raw(text or stdout)
+        got = f" after {len(records)} profiled kernel(s)" if records else ""
         own = [ln for ln in (stderr or "").splitlines() if ln.startswith("error: ")]
         if proc.returncode != 0 and own:  # the profiled command's own one-line error, not ncu's "returned 1"
-            records = parse_csv_raw(text or stdout)
-            got = f" after {len(records)} profiled kernel(s)" if records else ""
             raise ToolError(f"the profiled command failed under ncu (exit {proc.returncode}){got}: {own[-1][7:]}")
         check_output_for_errors(stdout + stderr + text)
-        records = parse_csv_raw(text or stdout)
         if proc.returncode != 0:  # also with rows: the profiled program may have failed after some kernels
             tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
-            got = f" after {len(records)} profiled kernel(s)" if records else ""
             raise ToolError(f"ncu run failed (exit {proc.returncode}){got}: {tail[0]}")
         if not records:
             why = re.search(r"==WARNING==\s*(No kernels were profiled[^\n]*)", stdout + stderr + text)
