@@ -14,10 +14,10 @@ FORMATS = ("table", "markdown", "csv", "json")
 
 def _well_formed(data: dict[str, Any]) -> bool:
     """The parts a report reads have their types: summary and device mappings, rows a list of mappings."""
-    rows = data.get("rows") or []
-    gpu = (data.get("device") or {}).get("gpu") if isinstance(data.get("device") or {}, dict) else None
-    return (isinstance(data.get("summary") or {}, dict) and isinstance(data.get("device") or {}, dict)
-            and isinstance(gpu or {}, dict) and isinstance(rows, list) and all(isinstance(r, dict) for r in rows))
+    rows, device = data.get("rows") or [], data.get("device") or {}
+    return (isinstance(data.get("summary") or {}, dict) and isinstance(device, dict)
+            and isinstance(device.get("gpu") or {}, dict) and isinstance(rows, list)
+            and all(isinstance(r, dict) for r in rows))
 
 
 def _scalar(v: Any) -> bool:
