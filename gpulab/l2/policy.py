@@ -256,13 +256,11 @@ def choose_auto(round_medians: dict[str, Sequence[float]], floor: float = 0.01) 
     faster = sorted((p for p in med if p != "default" and med[p] < base), key=lambda p: (med[p], p))
     if not faster:
         return AutoChoice("default", noise, 0.0, "no policy was faster than default")
-    for p in faster:
-        gain = (base - med[p]) / base if base > 0 else 0.0
-        threshold = max(noise, relative_noise(round_medians[p], floor))
+    scored = [(p, (base - med[p]) / base if base > 0 else 0.0, max(noise, relative_noise(round_medians[p], floor)))
+              for p in faster]  # (policy, gain over default, noise threshold)
+    for p, gain, threshold in scored:
         if gain > threshold + 1e-9:  # a gain that only rounding puts above the threshold does not count
             return AutoChoice(p, noise, gain, f"{p} is {gain:.1%} faster than default (noise {threshold:.1%})")
-    best = faster[0]
-    gain = (base - med[best]) / base if base > 0 else 0.0
-    threshold = max(noise, relative_noise(round_medians[best], floor))
+    best, gain, threshold = scored[0]
     return AutoChoice("default", noise, 0.0, f"no candidate beats default beyond the noise (the fastest, {best}, "
                                              f"gains {gain:.1%} within noise {threshold:.1%}): kept default")
