@@ -197,13 +197,15 @@ class PolicyRunner:
         self.main.wait_stream(self.side)
         return y
 
+    def persist_aside_bytes(self) -> int:
+        """The persisting set-aside: what the driver granted when a persisting policy was installed, else the plan."""
+        granted = self.last_persist.granted_bytes if self.last_persist is not None else None
+        return granted if granted is not None else self.plan_persist().set_aside_bytes
+
     def schedule(self, req_index: int, policy: str) -> list:
         """The request's prefetch ops by layer, within the budget: a fraction of the L2, or under persist+prefetch
         of the L2 left beside the persisting set-aside (what the driver granted)."""
-        aside = 0
-        if P.uses_persist(policy):
-            granted = self.last_persist.granted_bytes if self.last_persist is not None else None
-            aside = granted if granted is not None else self.plan_persist().set_aside_bytes
+        aside = self.persist_aside_bytes() if P.uses_persist(policy) else 0
         budget = P.prefetch_budget_bytes(self.cfg.prefetch_budget, self.limits["l2_bytes"], set_aside_bytes=aside)
         key = (budget, req_index)
         if key not in self._schedules:
@@ -514,10 +516,8 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
                                    "budget_bytes": P.prefetch_budget_bytes(cfg.prefetch_budget, limits["l2_bytes"]),
                                    "ops_per_inference": [sum(len(s) for s in sch) for sch in plain]}
         if "persist+prefetch" in candidates:  # beside the set-aside: the budget of the combined policy
-            aside = (runner.last_persist.granted_bytes if runner.last_persist is not None
-                     and runner.last_persist.granted_bytes is not None else runner.plan_persist().set_aside_bytes)
             rec.metrics["prefetch"]["budget_bytes_with_persist"] = P.prefetch_budget_bytes(
-                cfg.prefetch_budget, limits["l2_bytes"], set_aside_bytes=aside)
+                cfg.prefetch_budget, limits["l2_bytes"], set_aside_bytes=runner.persist_aside_bytes())
 
     reps = -(-cfg.reps // len(reqs)) * len(reqs)  # whole passes over the request stream
     if ncu.under_ncu() and len(base_policies) == 1:
