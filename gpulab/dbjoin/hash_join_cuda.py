@@ -142,16 +142,13 @@ def _prepare_keys(left_key: Any, right_key: Any):
     """(suffix, swap, build, probe): cupy key arrays of one dtype, the build side the smaller one."""
     import cupy as cp
 
-    from gpulab.dbjoin.tables import MAX_ROWS
+    from gpulab.dbjoin.tables import check_key_shape
 
     lk, rk = _as_cupy(left_key), _as_cupy(right_key)
     if lk.dtype not in (cp.int32, cp.int64) or rk.dtype not in (cp.int32, cp.int64):  # before mixed widths widen
         raise InputError(f"keys must be int32 or int64, got {lk.dtype} and {rk.dtype}")
-    for side, k in (("left", lk), ("right", rk)):
-        if k.ndim != 1:
-            raise InputError(f"{side} join keys must be 1-D, got shape {list(k.shape)}")
-        if len(k) > MAX_ROWS:  # the kernels take row counts and indices as int32
-            raise InputError(f"{side} join keys: at most {MAX_ROWS} rows, got {len(k)}")
+    check_key_shape("left", lk)
+    check_key_shape("right", rk)
     if lk.dtype != rk.dtype:
         lk, rk = lk.astype(cp.int64), rk.astype(cp.int64)
     suffix = "i32" if lk.dtype == cp.int32 else "i64"

@@ -26,6 +26,15 @@ FORMATS = (".npz", ".csv", ".parquet")
 MAX_ROWS = 2**31 - 1  # row indices are int32 in every implementation
 
 
+def check_key_shape(side: str, key: Any) -> None:
+    """A join key array (numpy, cupy or torch) is 1-D with at most :data:`MAX_ROWS` rows (the kernels take row
+    counts and indices as int32: more would wrap)."""
+    if len(key.shape) != 1:
+        raise InputError(f"{side} join keys must be 1-D, got shape {list(key.shape)}")
+    if key.shape[0] > MAX_ROWS:
+        raise InputError(f"{side} join keys: at most {MAX_ROWS} rows, got {key.shape[0]}")
+
+
 @dataclass
 class Table:
     key: np.ndarray  # int32 or int64, shape (n,)

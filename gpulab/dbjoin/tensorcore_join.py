@@ -134,15 +134,12 @@ def check_key_dtypes(left_key, right_key) -> None:
     """Join keys are int32 or int64 tensors (a float key would be truncated by the encoding: 1.5 would join 1)."""
     import torch
 
-    from gpulab.dbjoin.tables import MAX_ROWS
+    from gpulab.dbjoin.tables import check_key_shape
 
     for side, k in (("left", left_key), ("right", right_key)):
         if k.dtype not in (torch.int32, torch.int64):
             raise InputError(f"{side} join keys must be int32 or int64, got {str(k.dtype).replace('torch.', '')}")
-        if k.dim() != 1:  # the CPU partition would refuse it with torch's words, the GPU's flatten it
-            raise InputError(f"{side} join keys must be 1-D, got shape {list(k.shape)}")
-        if k.numel() > MAX_ROWS:  # row indices are int32: more would wrap
-            raise InputError(f"{side} join keys: at most {MAX_ROWS} rows, got {k.numel()}")
+        check_key_shape(side, k)  # the CPU partition would refuse 2-D keys with torch's words, the GPU's flatten them
 
 
 def partition(key, bits: int, fused: bool | None = None) -> Partitioned:

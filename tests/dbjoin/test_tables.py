@@ -150,3 +150,15 @@ def test_headers_and_extra_columns(tmp_path):
     assert t.key.tolist() == [1] and t.payload.tolist() == [2]
     np.savez(tmp_path / "obj.npz", key=np.arange(2), payload=np.arange(2), notes=np.array(["a", None], dtype=object))
     assert tables.load_table(tmp_path / "obj.npz").key.tolist() == [0, 1]  # other arrays are not read
+
+
+def test_check_key_shape_bounds_rows_and_dimensions():
+    class Shaped:  # a key array's shape without allocating 2**31 rows
+        def __init__(self, *shape):
+            self.shape = shape
+
+    tables.check_key_shape("left", Shaped(tables.MAX_ROWS))
+    with pytest.raises(InputError, match=f"right join keys: at most {tables.MAX_ROWS} rows, got {tables.MAX_ROWS + 1}"):
+        tables.check_key_shape("right", Shaped(tables.MAX_ROWS + 1))
+    with pytest.raises(InputError, match="left join keys must be 1-D, got shape \\[2, 3\\]"):
+        tables.check_key_shape("left", np.zeros((2, 3), np.int32))
