@@ -24,7 +24,8 @@ from typing import Any
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import atomic_write_yaml
-from gpulab.stitchkv.store import FINGERPRINT_FIELDS, atomic_torch_save, first_line, trained_stages
+from gpulab.stitchkv.store import (FINGERPRINT_FIELDS, atomic_torch_save, first_line, stale_model_error,
+                                   trained_stages)
 
 KEY_FIELDS = ("large", "small", "alignment", "stitch_input")  # the whole run folder is pinned to these
 PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run from another directory
@@ -78,10 +79,9 @@ def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: 
         for k in KEY_FIELDS:
             if not _same(k, old.get(k), cfg.get(k)):
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
-        for key, id_key in FINGERPRINT_FIELDS.items():  # same paths, other models in them
+        for key, id_key in FINGERPRINT_FIELDS.items():  # same paths, other models in them (cfg: their fingerprints now)
             if old.get(id_key) is not None and str(old.get(id_key)) != str(cfg.get(id_key)):
-                raise InputError(f"{run}: the --{key} folder {cfg.get(key)} no longer holds the model this run was "
-                                 "trained with (its config, tokenizer or weight files changed); use a new --run folder")
+                raise stale_model_error(str(run), key, cfg.get(key))
     for name, how in plan.items():
         was = old.get("trained", {}).get(name)
         if how not in ("resume", "skip") or not isinstance(was, dict):

@@ -108,13 +108,18 @@ def model_fingerprint(folder: Path | str) -> str:
     return h.hexdigest()[:16]
 
 
+def stale_model_error(where: str, key: str, folder: Any) -> InputError:
+    """The error for a run whose --``key`` model folder now holds another model than the run recorded."""
+    return InputError(f"{where}: the --{key} folder {folder} no longer holds the model this run was trained "
+                      "with (its config, tokenizer or weight files changed); use a new --run folder")
+
+
 def check_fingerprints(cfg: dict[str, Any], where: str) -> None:
     """The pair's folders still hold the models the run recorded (run folders of older versions record none)."""
     for key, id_key in FINGERPRINT_FIELDS.items():
         want = cfg.get(id_key)
         if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key]) != str(want):
-            raise InputError(f"{where}: the --{key} folder {cfg[key]} no longer holds the model this run was trained "
-                             "with (its config, tokenizer or weight files changed); use a new --run folder")
+            raise stale_model_error(where, key, cfg[key])
 
 
 def run_config(run: Path) -> dict[str, Any]:
