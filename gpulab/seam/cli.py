@@ -175,8 +175,8 @@ def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, worl
 
     family_data = {**data_info, "classes": class_names} if class_names is not None else data_info
     store.save_family(folder, trainer.family, trainer.summary_info(family_data))
-    for stale in [folder / "eval.yaml", *folder.glob("select-*.yaml"), *folder.glob("select-*.png")]:
-        stale.unlink(missing_ok=True)  # of the family just replaced
+    (folder / "eval.yaml").unlink(missing_ok=True)  # of the family just replaced, and the selections made from it
+    store.remove_selections(folder)
     rec = results.Record(name="seam-train", config={**cfg.as_dict(), "family": str(folder), "data": data_info,
                                                       "device": device, "world_size": world})
     fam = trainer.family

@@ -115,9 +115,14 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
 def save_eval(folder: Path, data: dict[str, Any]) -> Path:
     """eval.yaml; the selections made from the earlier one (select-*.yaml, .png) are removed: they described it."""
     path = atomic_write_yaml(Path(folder) / "eval.yaml", {"schema": EVAL_SCHEMA, **data})
+    remove_selections(folder)
+    return path
+
+
+def remove_selections(folder: Path) -> None:
+    """Delete what `gpulab seam select` wrote into the family folder (select-*.yaml, .png)."""
     for stale in [*Path(folder).glob("select-*.yaml"), *Path(folder).glob("select-*.png")]:
         stale.unlink(missing_ok=True)
-    return path
 
 
 def load_eval(path: Path) -> dict[str, Any]:
