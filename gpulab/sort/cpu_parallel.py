@@ -189,12 +189,6 @@ def threads() -> int:
     return int(_jit["get_num_threads"]())
 
 
-def _native(x: np.ndarray) -> np.ndarray:
-    """``x`` contiguous in native byte order (numba takes no other; a byte-swapped view would sort wrong). The
-    sorts return keys in native byte order, whatever the input's."""
-    return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-
-
 def sample_sort(k: np.ndarray, nthreads: int, desc: bool = False) -> np.ndarray:
     """Sorted copy of ``k`` (ascending; with ``desc`` its reverse): numba partition, then numpy sorts of the
     buckets in threads (a descending bucket sorts through a reversed view of its mirrored region)."""
@@ -225,7 +219,7 @@ def _ordered_keys(x: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray, bo
     name = K.dtype_name(x)
     if not _jit:
         _build()
-    x = _native(x)
+    x = np.ascontiguousarray(x)  # check_array refused byte-swapped arrays: numba reads native ones only
     if name == "int64":
         return x, _jit["key64"](x.view(np.uint64), desc), desc, None
     code = K.DTYPE_CODE[name]
@@ -238,10 +232,9 @@ def sort(x: np.ndarray, order: str = "asc") -> np.ndarray:
     pass is needed."""
     K.check_array(x)
     desc = K.check_order(order)
-    K.dtype_name(x)
     if not _jit:
         _build()
-    return sample_sort(_native(x), threads(), desc)
+    return sample_sort(np.ascontiguousarray(x), threads(), desc)
 
 
 def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +243,7 @@ def argsort(x: np.ndarray, order: str = "asc") -> tuple[np.ndarray, np.ndarray]:
 
     K.check_array(x)  # first: a list has no .ndim (an AttributeError, not the one-line InputError)
     K.check_order(order)
-    x = _native(x)
+    x = np.ascontiguousarray(x)
     nthreads = threads()
     if x.shape[0] < 65536 or nthreads < 2:
         p = ref.argsort(x, order)
