@@ -62,6 +62,11 @@ def is_bitonic(impl: str) -> bool:
     return impl.partition("@")[0] in BITONIC
 
 
+def is_overlap(impl: str) -> bool:
+    """An implementation whose chunked copy/sort pipeline --overlap-chunks runs."""
+    return impl.partition("@")[0] in OVERLAP
+
+
 def is_gpu_only(impl: str) -> bool:
     return is_bitonic(impl) or impl in GPU_ONLY
 
@@ -159,7 +164,7 @@ def validate_overlap(a: BenchArgs) -> None:
         raise InputError(f"--overlap-chunks must be a power of two (or 0: off), got {k}")
     if a.transfer == "none":
         raise InputError(f"--overlap-chunks {k} needs --transfer pageable or pinned")
-    impls = [i for i in a.impls if i.partition("@")[0] in OVERLAP]
+    impls = [i for i in a.impls if is_overlap(i)]
     if not impls:
         raise InputError(f"--overlap-chunks {k} needs {' or '.join(OVERLAP)} in --impl")
     for impl in impls:
@@ -244,7 +249,7 @@ def _row_metrics(t: timing.Timing, n: int, nbytes: int, copy_gbs: float | None) 
 
 def _overlap_model(rec: results.Record, a: BenchArgs, x: np.ndarray, want_keys, want_perm) -> None:
     """Without a GPU: the chunked schedule of each OVERLAP variant as a numpy model, against numpy."""
-    done = [i for i in a.impls if i.partition("@")[0] in OVERLAP] if a.n <= MODEL_MAX_N else []
+    done = [i for i in a.impls if is_overlap(i)] if a.n <= MODEL_MAX_N else []
     for impl in done:
         kk, pp = S.run_chunked_model(K.to_ukey(x, a.order == "desc"), impl, S.chunk_log_for(a.n, a.overlap_chunks),
                                      kv=a.kv)
@@ -504,7 +509,7 @@ def run(a: BenchArgs) -> results.Record:
                 if problem is None and a.kv:
                     problem = ref.mismatch(host_perm.numpy(), want_perm)
                 rec.check(f"{row['impl']}.e2e.correct", problem is None, problem)
-                if a.overlap_chunks and row["impl"].partition("@")[0] in OVERLAP:
+                if a.overlap_chunks and is_overlap(row["impl"]):
                     _overlap(rec, row, bitonic, host_in, a, want_keys, want_perm, reps)
             if a.overlap_chunks and a.kv:
                 rec.notes.append("--overlap-chunks with --kv: the pipelined run copies the permutation back as uint32 "
