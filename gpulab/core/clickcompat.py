@@ -2,3 +2,11 @@
 import typer.core as _typer_core
 
 click = getattr(_typer_core, "_click", None) or getattr(_typer_core, "click")
+
+
+def given_options(ctx, names: dict[str, str]) -> list[str]:
+    """The options among ``names`` (parameter name -> its flag) that the user set, on the command line or from
+    the environment; options left at their defaults are not listed."""
+    source = click.core.ParameterSource
+    return [flag for name, flag in names.items()
+            if ctx.get_parameter_source(name) in (source.COMMANDLINE, source.ENVIRONMENT)]

@@ -13,8 +13,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Hash join on tensor cores (Triton) against a CUDA hash table.")
 
 
+# The options that shape generated tables; with --left/--right they have nothing to act on.
+_GENERATION_OPTIONS = {"rows": "--rows", "right_rows": "--right-rows", "match_rate": "--match-rate", "dup": "--dup",
+                       "seed": "--seed", "key_dtype": "--key-dtype"}
+
+
 @app.command()
 def bench(
+    ctx: typer.Context,
     rows: int = typer.Option(100_000, "--rows", help="Rows of the left (probe) table when generating."),
     right_rows: Optional[int] = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows."),
     match_rate: float = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table."),
@@ -49,6 +55,15 @@ def bench(
     from gpulab.dbjoin import bench as B
     from gpulab.dbjoin.tensorcore_join import CODE_DTYPES
 
+    if left is not None and right is not None:
+        from gpulab.core.clickcompat import given_options
+
+        ignored = given_options(ctx, _GENERATION_OPTIONS)
+        if ignored:
+            from gpulab.core.errors import InputError
+
+            raise InputError(f"{', '.join(ignored)} shape generated tables and do not apply with --left/--right "
+                             "(a file's key column keeps its own dtype)")
     if key_dtype not in ("int32", "int64"):
         from gpulab.core.errors import InputError
 
@@ -75,15 +90,16 @@ def bench(
     argv = []
     if options.get().device != "auto":
         argv += ["--device", options.get().device]
-    argv += ["join", "bench", "--rows", str(rows), "--match-rate", str(match_rate), "--dup", dup, "--seed",
-             str(seed), "--key-dtype", key_dtype, "--impl", ",".join(i for i in impls if i in ("hash", "tensorcore",
-                                                                                                 "torch")) or "hash",
+    argv += ["join", "bench", "--impl", ",".join(i for i in impls if i in ("hash", "tensorcore", "torch")) or "hash",
              "--reps", "1", "--warmup", "1", "--load-factor", str(load_factor), "--tc-dtype", tc_dtype,
              "--tc-block", ",".join(map(str, tc_blocks))]
-    if right_rows is not None:
-        argv += ["--right-rows", str(right_rows)]
     if left is not None and right is not None:
         argv += ["--left", str(left.resolve()), "--right", str(right.resolve())]
+    else:
+        argv += ["--rows", str(rows), "--match-rate", str(match_rate), "--dup", dup, "--seed", str(seed),
+                 "--key-dtype", key_dtype]
+        if right_rows is not None:
+            argv += ["--right-rows", str(right_rows)]
     if count_only:
         argv.append("--count-only")
     if aggregate != "none":

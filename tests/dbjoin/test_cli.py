@@ -95,6 +95,19 @@ def test_bench_files_and_count_only(out_dir, tmp_path):
     assert all(r["output_rows"] == 150 for r in data["rows"])
 
 
+@pytest.mark.parametrize("option", [["--rows", "300"], ["--seed", "3"], ["--dup", "zipf:1.1"], ["--key-dtype", "int64"],
+                                    ["--match-rate", "0.2"], ["--right-rows", "5"]])
+def test_bench_files_refuse_generation_options(out_dir, tmp_path, option):
+    invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "20"])
+    files = ["--left", str(tmp_path / "l.npz"), "--right", str(tmp_path / "r.npz")]
+    with pytest.raises(InputError, match=f"^{option[0]} shape generated tables and do not apply with --left/--right"):
+        invoke(["--out", str(out_dir), "join", "bench", *files, *option, "--impl", "pandas", "--reps", "1"])
+    assert not list(Path(out_dir).glob("*.yaml"))
+    # the same option left at its default value (not given) is no error
+    invoke(["--out", str(out_dir), "join", "bench", *files, "--impl", "pandas", "--reps", "1", "--warmup", "0"])
+    assert _result(out_dir)["ok"]
+
+
 def test_bench_empty_table(out_dir):
     invoke(["--out", str(out_dir), "join", "bench", "--rows", "50", "--right-rows", "0", "--match-rate", "0", "--impl",
             "hash-cpu,torch,pandas,tensorcore", "--reps", "1", "--warmup", "0"])
@@ -153,6 +166,31 @@ def test_ncu_without_gpu_fails_before_any_work(out_dir, monkeypatch):
         with pytest.raises(DeviceError, match="--ncu needs a CUDA GPU"):
             invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--ncu", *extra])
     assert not Path(out_dir).exists() or not list(Path(out_dir).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("files", [False, True])
+def test_ncu_child_argv_reproduces_the_config(out_dir, tmp_path, monkeypatch, files):
+    """The command line handed to ncu's child parses into the same tables and join settings."""
+    from gpulab.dbjoin import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda cfg, argv_for_ncu=None: seen.append((cfg, argv_for_ncu)) or pytest.skip())
+    if files:
+        invoke(["join", "gen", str(tmp_path / "l.npz"), str(tmp_path / "r.npz"), "--rows", "20"])
+        args = ["--left", str(tmp_path / "l.npz"), "--right", str(tmp_path / "r.npz")]
+    else:
+        args = ["--rows", "77", "--right-rows", "33", "--match-rate", "0.25", "--dup", "zipf:1.2", "--seed", "5",
+                "--key-dtype", "int64"]
+    args += ["--impl", "hash,tensorcore", "--count-only", "--load-factor", "0.25", "--tc-block", "64,32"]
+    for argv in (["join", "bench", *args], None):
+        try:
+            invoke(argv if argv is not None else seen[-1][1])
+        except pytest.skip.Exception:
+            pass
+    (first, _), (child, _) = seen
+    fields = ("rows", "right_rows", "match_rate", "dup", "seed", "key_dtype", "left", "right", "count_only",
+              "load_factor", "tc_block", "tc_blocks_more")
+    assert {f: getattr(child, f) for f in fields} == {f: getattr(first, f) for f in fields}
 
 
 @pytest.mark.parametrize("names,match", [
