@@ -111,6 +111,7 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.prefill = prefill  # PrefillProvider or None
+        self._last_prefilled: tuple[list[int], Any] | None = None  # (prompt ids, the provider's result)
         self.config = (config or EngineConfig()).validate()
         _check_prefix_caching(self.config, prefill)
         self.device = torch.device(getattr(model, "device", "cpu"))
@@ -287,7 +288,7 @@ class LLMEngine:
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         seq = Sequence(next(self._seq_ids), rid, ids, params, arrival_time=arrival)
         if self.prefill is not None:  # its time counts in the request's TTFT (arrival is before it)
-            seq.imported = self._check_prefilled(self.prefill(ids), len(ids))
+            seq.imported = self._prefilled(ids)
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
                                            params.min_tokens)
         self._by_request[rid] = seq
@@ -297,6 +298,16 @@ class LLMEngine:
             self._adjusting.add(seq.seq_id)
         self.scheduler.add(seq)
         return seq
+
+    def _prefilled(self, ids: list[int]) -> Any:
+        """The provider's K/V and logits of a prompt. Requests added one after another with the same prompt
+        (the ``n`` choices of one API request) share one result: the engine only reads it. The shared result
+        is forgotten at the next step."""
+        if self._last_prefilled is not None and self._last_prefilled[0] == ids:
+            return self._last_prefilled[1]
+        pre = self._check_prefilled(self.prefill(ids), len(ids))
+        self._last_prefilled = (list(ids), pre)
+        return pre
 
     def _check_prefilled(self, pre: Any, n: int) -> Any:
         """A provider's PrefilledPrompt must fit this model: one (K, V) per layer, [n, Hkv, D] each, and
@@ -371,6 +382,7 @@ class LLMEngine:
         import torch
 
         t0 = time.perf_counter()
+        self._last_prefilled = None
         sched = self.scheduler.schedule()
         if sched.empty:
             return self._drain()

@@ -44,6 +44,27 @@ def test_imported_prompts_decode_like_the_plain_engine(tiny_llama, plain_tokens,
         assert eng.scheduler.num_preemptions > 0
 
 
+def test_one_prefill_for_the_choices_of_a_prompt(tiny_llama, plain_tokens):
+    """Requests added back to back with one prompt (an API request's n choices) share the provider's result;
+    a different prompt, or the same one after a step, is prefilled again."""
+    provider = HFPrefill(str(tiny_llama))
+    eng = _engine(tiny_llama, provider)
+    seqs = [eng.add_request(PROMPTS[0], GREEDY, request_id=f"a{i}") for i in range(3)]
+    assert provider.calls == 1 and seqs[0].imported is seqs[2].imported
+    eng.add_request(PROMPTS[1], GREEDY, request_id="b")
+    eng.add_request(PROMPTS[0], GREEDY, request_id="a3")
+    assert provider.calls == 3
+    eng.step()
+    eng.add_request(PROMPTS[1], GREEDY, request_id="b1")
+    assert provider.calls == 4
+    outs = {}
+    while eng.has_unfinished():
+        outs.update({o.request_id: o.output_token_ids for o in eng.step() if o.finished})
+    assert [outs[f"a{i}"] for i in range(4)] == [plain_tokens[0]] * 4
+    assert outs["b"] == outs["b1"] == plain_tokens[1]
+    assert eng.block_manager.num_used == 0
+
+
 def test_first_token_only_and_sampling_params(tiny_llama, plain_tokens):
     eng = _engine(tiny_llama, HFPrefill(str(tiny_llama)))
     outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
