@@ -12,6 +12,7 @@ string split over two tokens never reaches the client. With ``min_tokens`` (as v
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +40,28 @@ class Tokenizer:
             return self._fast.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (OpenAI's logprobs ``bytes``). A token that holds part of a UTF-8 character
+        decodes alone to U+FFFD; its bytes are read from its vocabulary piece instead: byte-level BPE's printable
+        stand-ins for bytes (GPT-2, Llama 3) or a byte-fallback piece ``<0xNN>`` (SentencePiece). A piece that is
+        neither, or whose bytes do not decode to what the tokenizer decodes, gives the decoded text's bytes."""
+        text = self.decode([token], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self._fast.id_to_token(token) if self._fast is not None else self.hf.convert_ids_to_tokens(token)
+        if isinstance(piece, str):
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            table = _byte_level_decoder()
+            if piece and all(c in table for c in piece):
+                raw = bytes(table[c] for c in piece)
+                if raw.decode("utf-8", errors="replace") == text:
+                    return raw
+        return text.encode("utf-8")
+
     @property
     def eos_token_id(self) -> Optional[int]:
         return self.hf.eos_token_id
@@ -56,6 +79,21 @@ class Tokenizer:
             raise InputError(f"the chat template rejected the messages: {str(e).splitlines()[0]}") from None
         # the template already holds the BOS token when the model wants one
         return self.encode(text, add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's map from the printable character that stands for a byte to the byte (GPT-2's table:
+    printable Latin-1 bytes stand for themselves, the others for U+0100 onwards in byte order)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
 
 
 def load_tokenizer(model_dir: Path | str) -> Tokenizer:

@@ -137,7 +137,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
     def chat_logprobs(items) -> dict[str, Any]:
         def one(t: int, v: float) -> dict[str, Any]:
             s = tok_str(t)
-            return {"token": s, "logprob": finite_logprob(v), "bytes": list(s.encode("utf-8"))}
+            raw = s.encode("utf-8") if engine.tokenizer is None else engine.tokenizer.token_bytes(t)
+            return {"token": s, "logprob": finite_logprob(v), "bytes": list(raw)}
 
         return {"content": [{**one(t, e[0]), "top_logprobs": [one(i, v) for i, v in e[1]]} for t, e, _ in items]}
 

@@ -87,6 +87,41 @@ def test_incremental_detok_matches_full_decode(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_token_bytes_of_a_byte_level_vocabulary(tokenizer):
+    """Each token's raw bytes; the bytes of a text's tokens add up to its UTF-8, also where a token holds part of a
+    character (decoded alone it is U+FFFD); the byte-level table agrees with the tokenizers library's."""
+    from tokenizers import pre_tokenizers
+
+    from gpulab.vajra.detokenizer import _byte_level_decoder
+
+    assert sorted(_byte_level_decoder()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    text = "Ça va — 東京 🙂 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode("utf-8")
+    partial = [t for t in ids if "\ufffd" in tokenizer.decode([t], skip_special_tokens=False)]
+    assert partial and all(tokenizer.token_bytes(t) != "\ufffd".encode() for t in partial)
+    whole = next(t for t in ids if "\ufffd" not in tokenizer.decode([t]))
+    assert tokenizer.token_bytes(whole) == tokenizer.decode([whole]).encode("utf-8")
+
+
+def test_token_bytes_of_byte_fallback_pieces():
+    """A SentencePiece-style vocabulary: '<0xNN>' pieces are one byte each."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from gpulab.vajra.detokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "▁a": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    rust.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust))
+    ids = [2 + b for b in "€".encode()]
+    assert tok.decode(ids) == "€" and "\ufffd" in tok.decode(ids[:1])
+    assert [tok.token_bytes(t) for t in ids] == [bytes([b]) for b in "€".encode()]
+    assert tok.token_bytes(1) == b" a"
+
+
 def test_stop_strings_never_leak_in_stream(tokenizer):
     text = "one two three four five six"
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -331,7 +331,9 @@ def test_chat_logprobs(server, tokenizer):
     content = r.choices[0].logprobs.content
     assert len(content) == len(out) == r.usage.completion_tokens
     for e, t, ref in zip(content, out, _ref_logprobs(tokenizer, ids, out)):
-        assert e.token == tokenizer.decode([t], skip_special_tokens=False) and e.bytes == list(e.token.encode())
+        assert e.token == tokenizer.decode([t], skip_special_tokens=False) and e.bytes == list(tokenizer.token_bytes(t))
+        for top in e.top_logprobs:
+            assert bytes(top.bytes).decode("utf-8", errors="replace") == top.token
         assert e.logprob == pytest.approx(float(ref[t]), abs=1e-5)
         assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
