@@ -87,7 +87,9 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         if model != model_name:
             raise APIError(404, f"The model '{model}' does not exist (this server serves '{model_name}')",
                            param="model", code="model_not_found")
-        if not isinstance(body.get("stream", False), bool):
+        if body.get("stream") is None:  # OpenAI's stream is nullable: null is the default, false
+            body["stream"] = False
+        if not isinstance(body["stream"], bool):
             raise APIError(400, "'stream' must be true or false", param="stream")
         return body
 
@@ -101,15 +103,20 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             raise APIError(503, f"the engine is not running ({async_engine.error!r})", "service_unavailable")
 
     def tok_str(t: int) -> str:
-        return f"token_id:{t}" if engine.tokenizer is None else engine.tokenizer.decode([t], skip_special_tokens=False)
-
-    def lp_items(o: RequestOutput, offset: int) -> list[tuple[int, Any, int]]:
-        """(token id, (logprob, top), text offset) of an output's tokens; offset: characters sent before it."""
-        return [(t, e, offset) for t, e in zip(o.new_token_ids, o.logprobs or ())]
+        """A token's text in logprobs; a token that holds part of a UTF-8 character is written as its bytes,
+        ``bytes:\\xe6`` (as OpenAI's), so that such tokens stay apart (top_logprobs is keyed by it)."""
+        if engine.tokenizer is None:
+            return f"token_id:{t}"
+        s = engine.tokenizer.decode([t], skip_special_tokens=False)
+        if "\ufffd" in s:
+            raw = engine.tokenizer.token_bytes(t)
+            if raw != s.encode("utf-8"):
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return s
 
     def top_dict(top, token: int, logprob: float) -> dict[str, float]:
         """{token text: logprob}, best first, and the chosen token's when it is not among them (K + 1 entries at
-        most, as OpenAI's completions); tokens with one text (e.g. partial UTF-8) keep the best value."""
+        most, as OpenAI's completions); two tokens with one text (a vocabulary may hold both) keep the best value."""
         d: dict[str, float] = {}
         for i, v in top:
             d.setdefault(tok_str(i), finite_logprob(v))
@@ -179,13 +186,21 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
     class Choice:
         """One choice's output as it arrives: the text each output adds (echo's prompt text before the first)
-        and the logprob items not handed out yet, each with the offset of the text sent before it."""
+        and the logprob items not handed out yet. A generated token's text offset is where its text begins in
+        the choice's text: the length of the text of the tokens before it (a token that completes a character
+        begins where that character does), at most the text returned. Its item is handed out once text beyond
+        that offset has been sent (the detokenizer holds back a stop string's possible start and incomplete
+        characters), or at the end."""
 
-        def __init__(self, echo_text: Optional[str], ids: list[int]):
+        def __init__(self, echo_text: Optional[str], ids: list[int], params: SamplingParams):
             self.echo_text, self.ids = echo_text, ids
             self.last: Optional[RequestOutput] = None
             self.items: list = []
-            self.sent = 0
+            self.pending: list = []  # generated tokens' items whose text has not been sent yet
+            self.sent = 0  # characters of the choice's text sent (echo included)
+            self.base = 0  # where the generated text begins (after echo's prompt text)
+            self.detok = None if params.logprobs is None else IncrementalDetokenizer(
+                engine.tokenizer, ids, skip_special_tokens=params.skip_special_tokens)
 
         def add(self, o: RequestOutput) -> str:
             head = ""
@@ -193,10 +208,17 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 head = self.echo_text
                 if o.prompt_logprobs is not None:
                     self.items = prompt_items(self.ids, o.prompt_logprobs, len(head))
-                self.sent = len(head)
+                self.sent = self.base = len(head)
             self.last = o
-            self.items += lp_items(o, self.sent)
+            if self.detok is not None:
+                for t, e in zip(o.new_token_ids, o.logprobs or ()):
+                    self.pending.append((t, e, self.base + len(self.detok.text)))
+                    self.detok.add(t)
             self.sent += len(o.delta_text)
+            k = len(self.pending) if o.finished else \
+                next((j for j, (_, _, off) in enumerate(self.pending) if off >= self.sent), len(self.pending))
+            self.items += [(t, e, min(off, self.sent)) for t, e, off in self.pending[:k]]
+            del self.pending[:k]
             return head + o.delta_text
 
         def take_items(self) -> list:
@@ -241,7 +263,7 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         the bodies; fmt_logprobs turns logprob items into the API's object; echo: choice index -> prompt text to
         put before the choice's first output (with its tokens' logprobs when asked)."""
         gen = merged(rid, subs)
-        choices = {i: Choice(None if echo is None else echo[i], ids) for i, ids, _ in subs}
+        choices = {i: Choice(None if echo is None else echo[i], ids, sp) for i, ids, sp in subs}
         fmt = fmt_logprobs if subs[0][2].logprobs is not None else None
         if not stream:
             try:
@@ -301,10 +323,20 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             out.update({k: st[k] for k in ("prefix_tokens_queried", "prefix_tokens_hit", "prefix_hit_rate")})
         return out
 
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "gpulab",
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "gpulab", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            return err(404, f"The model '{model_id}' does not exist (this server serves '{model_name}')",
+                       param="model", code="model_not_found")
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

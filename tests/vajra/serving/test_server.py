@@ -36,6 +36,12 @@ def ref_text(tokenizer, prompt_ids, n):
     return tokenizer.decode(out), out
 
 
+def api_token(tokenizer, t):
+    """A token's text in logprobs: its decode, or 'bytes:\\x..' when it holds part of a character."""
+    s = tokenizer.decode([t], skip_special_tokens=False)
+    return s if "\ufffd" not in s else "bytes:" + "".join(f"\\x{b:02x}" for b in tokenizer.token_bytes(t))
+
+
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -303,7 +309,7 @@ def test_completion_logprobs(server, tokenizer):
     assert r.choices[0].text == want and len(lp.tokens) == len(out) == r.usage.completion_tokens
     refs = _ref_logprobs(tokenizer, ids, out)
     for i, (t, ref) in enumerate(zip(out, refs)):
-        assert lp.tokens[i] == tokenizer.decode([t], skip_special_tokens=False)
+        assert lp.tokens[i] == api_token(tokenizer, t)
         assert lp.token_logprobs[i] == pytest.approx(float(ref[t]), abs=1e-5)
         top = sorted(lp.top_logprobs[i].values(), reverse=True)
         assert 1 <= len(top) <= 3 and top[0] == pytest.approx(lp.token_logprobs[i], abs=1e-6)  # greedy
@@ -321,6 +327,63 @@ def test_completion_logprobs(server, tokenizer):
     assert [list(d.items()) for d in lp.top_logprobs] == [[(t, v)] for t, v in zip(lp.tokens, lp.token_logprobs)]
 
 
+def _text_before(tokenizer, out, j):
+    """The text of out[:j] up to its last whole character: the longest out[:k], k <= j, whose decode does not end
+    in an incomplete one (U+FFFD)."""
+    k = j
+    while k and tokenizer.decode(out[:k]).endswith("\ufffd"):
+        k -= 1
+    return tokenizer.decode(out[:k])
+
+
+@pytest.mark.parametrize("stop", [None, "stop"])
+def test_completion_text_offsets_and_partial_characters(server, tokenizer, stop):
+    """Each token's text_offset is where its text begins in the returned text (not the length of what had been
+    streamed by then), at most the text's length; also behind a stop string's held-back text and for tokens that
+    hold part of a character (written 'bytes:\\x..', so that they stay apart in top_logprobs)."""
+    c = client(server)
+    prompt = "Line 1: thou"  # its greedy output holds bytes of incomplete characters (tokens 5, 9 and 11)
+    ids = tokenizer.encode(prompt)
+    want, out = ref_text(tokenizer, ids, 12)
+    partial = [j for j, t in enumerate(out) if "\ufffd" in tokenizer.decode([t], skip_special_tokens=False)]
+    assert partial == [5, 9, 11]
+    kw = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    if stop:
+        kw["stop"] = stop = want[8:11]  # a string that ends in token 7 or later: held back while it may begin
+    r = c.completions.create(**kw)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text == (want if not stop else want[:want.index(stop)])
+    assert lp.text_offset == [min(len(text), len(_text_before(tokenizer, out, j))) for j in range(len(lp.tokens))]
+    assert len(set(lp.text_offset)) > 3
+    for j, t in enumerate(out[:len(lp.tokens)]):
+        assert lp.tokens[j] == api_token(tokenizer, t)
+        assert lp.tokens[j].startswith("bytes:\\x") == (j in partial)
+        assert len(lp.top_logprobs[j]) >= 3  # K alternatives with distinct keys
+    chunks = [ch.choices[0] for ch in c.completions.create(**kw, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == text
+    assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp.text_offset
+    assert [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens] == lp.tokens
+    sent = 0
+    for ch in chunks:  # a chunk's tokens begin in the text sent so far, its own included
+        sent += len(ch.text)
+        assert all(o <= sent for o in (ch.logprobs.text_offset if ch.logprobs else []))
+
+
+def test_models_retrieve_and_null_stream(server):
+    c = client(server)
+    m = c.models.retrieve(NAME)
+    assert m.id == NAME and m.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, "stream": None, **body}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, "stream": "yes", **body}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
 def test_chat_logprobs(server, tokenizer):
     c = client(server)
     msgs = [{"role": "user", "content": "Who art thou?"}]
@@ -331,9 +394,11 @@ def test_chat_logprobs(server, tokenizer):
     content = r.choices[0].logprobs.content
     assert len(content) == len(out) == r.usage.completion_tokens
     for e, t, ref in zip(content, out, _ref_logprobs(tokenizer, ids, out)):
-        assert e.token == tokenizer.decode([t], skip_special_tokens=False) and e.bytes == list(tokenizer.token_bytes(t))
+        assert e.token == api_token(tokenizer, t) and e.bytes == list(tokenizer.token_bytes(t))
         for top in e.top_logprobs:
-            assert bytes(top.bytes).decode("utf-8", errors="replace") == top.token
+            raw = bytes(top.bytes)
+            assert top.token == (raw.decode() if "\ufffd" not in raw.decode(errors="replace") else
+                                 "bytes:" + "".join(f"\\x{b:02x}" for b in raw))
         assert e.logprob == pytest.approx(float(ref[t]), abs=1e-5)
         assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
         assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
