@@ -143,9 +143,9 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
     logprobs = _parse_logprobs(body, chat)
     echo = parse_echo(body, chat)
     # max_completion_tokens (chat's newer name) wins; a null one falls back to max_tokens, not to the default
-    max_tokens = body.get("max_completion_tokens")
+    max_tokens, max_name = body.get("max_completion_tokens"), "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = body.get("max_tokens")
+        max_tokens, max_name = body.get("max_tokens"), "max_tokens"
     if max_tokens is None:
         max_tokens = default_max_tokens
     stop = body.get("stop")
@@ -175,8 +175,11 @@ def parse_sampling(body: dict[str, Any], default_max_tokens: int, vocab: int, ch
     try:
         sp.validate(vocab)
     except InputError as e:
-        param = str(e).split(" ", 1)[0]
-        raise APIError(400, str(e), param=param if param in body or param == "max_tokens" else None) from None
+        msg = str(e)
+        param = msg.split(" ", 1)[0]
+        if param == "max_tokens":  # say it by the name the request used
+            param, msg = max_name, max_name + msg[len("max_tokens"):]
+        raise APIError(400, msg, param=param if param in body or param == max_name else None) from None
     return sp
 
 

@@ -24,6 +24,8 @@ def test_null_max_completion_tokens_falls_back_to_max_tokens():
     assert parse_sampling({"max_completion_tokens": 7, "max_tokens": 5}, 999, VOCAB, chat=True).max_tokens == 7
     assert parse_sampling({"max_tokens": None}, 999, VOCAB, chat=True).max_tokens == 999
     _bad({"max_completion_tokens": None, "max_tokens": -1}, "max_tokens", chat=True)
+    e = _bad({"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens", chat=True)
+    assert e.message.startswith("max_completion_tokens must be an integer >= 1")
 
 
 def test_logit_bias_key_too_long_for_int_is_a_400():
