@@ -101,6 +101,8 @@ class RequestOutput:
     logprobs: Optional[list] = None
     # with SamplingParams.prompt_logprobs, on a sequence's first output: the same per prompt token after the first
     prompt_logprobs: Optional[list] = None
+    # what ended a sequence with finish_reason "stop" (as vLLM's): the stop string, the stop token id; None for EOS
+    stop_reason: Optional[str | int] = None
 
 
 class LLMEngine:
@@ -547,14 +549,17 @@ class LLMEngine:
                 else None)
         if reason != "stop":  # as vLLM: the EOS or stop token id that ends a sequence is not in its text
             seq.detok.add(tok)
-        if reason != "stop" and seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
+        if reason == "stop":
+            seq.stop_reason = tok if tok in seq.params.stop_token_ids and tok not in self.eos_token_ids else None
+        elif seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
             reason = "stop"  # a stop string in the text (also on the token that reached the length)
+            seq.stop_reason = seq.detok.stopped
         if reason is not None:
             seq.detok.flush()
             self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,
-                             seq.output_token_ids if reason else [], lps, plps)
+                             seq.output_token_ids if reason else [], lps, plps, seq.stop_reason)
 
     def _drain(self) -> list[RequestOutput]:
         """The outputs of the deferred tokens, in order (abort drops a sequence's)."""

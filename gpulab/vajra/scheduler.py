@@ -54,7 +54,7 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
-    stop_reason: Optional[object] = None
+    stop_reason: Optional[str | int] = None  # the stop string or stop token id that ended it (None for EOS)
     num_preemptions: int = 0
     first_scheduled_time: Optional[float] = None
     token_times: list[float] = field(default_factory=list)  # wall time of each output token
@@ -190,9 +190,7 @@ class Scheduler:
             target = seq.num_computed + 1
             if not self.bm.has_room(seq.seq_id, target):  # usually the last block still has a free slot
                 while not self.bm.can_allocate(seq.seq_id, target):
-                    victim = self.running[-1]
-                    if victim.seq_id in done:  # only unscheduled sequences can be preempted
-                        victim = seq
+                    victim = self.running[-1]  # at index >= i: not scheduled in this step (seq itself, at worst)
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is seq:
@@ -238,6 +236,8 @@ class Scheduler:
                 imported.append(seq)
                 if seq.remaining == 0:  # first admission: the first output token comes from the import
                     continue
+            # a waiting sequence needs a block of its own whatever it matches (its last token is computed, never into
+            # a shared block): newly registered blocks cannot make it fit, only freed ones can
             state = (seq.seq_id, self.bm.num_free, bool(self.running))
             if state == self._blocked:  # it did not fit last time and nothing has changed since
                 break

@@ -359,7 +359,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
         def chunk(i: Optional[int], o: Optional[RequestOutput], use=None, lp=None, text=None):
             choices = [] if o is None else [{"index": i, "text": o.delta_text if text is None else text,
-                                             "logprobs": lp, "finish_reason": o.finish_reason}]
+                                             "logprobs": lp, "finish_reason": o.finish_reason,
+                                             "stop_reason": o.stop_reason}]
             c = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices}
             if use is not None:
                 c["usage"] = use
@@ -367,8 +368,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
 
         def final(choices, use):
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
-                                for i, text, o, lp in choices],
+                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": o.finish_reason,
+                                 "stop_reason": o.stop_reason} for i, text, o, lp in choices],
                     "usage": use}
 
         return await run(request, rid, subs, prompt_of, body.get("stream", False), chunk, final, include_usage,
@@ -396,7 +397,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             else:
                 text = o.delta_text if text is None else text
                 delta = {"content": text} if text else {}
-                choices = [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason}]
+                choices = [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason}]
             c = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                  "choices": choices}
             if use is not None:
@@ -411,7 +413,8 @@ def build_app(async_engine: AsyncEngine, model_name: str):
         def final(choices, use):
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                                 "logprobs": lp, "finish_reason": o.finish_reason} for i, text, o, lp in choices],
+                                 "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                                for i, text, o, lp in choices],
                     "usage": use}
 
         return await run(request, rid, subs, prompt_of, body.get("stream", False), chunk, final, include_usage,

@@ -401,10 +401,16 @@ def test_engine_min_tokens_and_stop_strings_and_the_ending_token_id(tokenizer):
 
     o = gen(stop=[stop])
     assert o.finish_reason == "stop" and len(o.output_token_ids) <= k0 and stop not in o.text
+    assert o.stop_reason == stop  # what ended it, as vLLM's stop_reason
     o = gen(stop=[stop], min_tokens=12)
     assert o.output_token_ids == ref and o.finish_reason == "length" and o.text == texts[12] and stop in o.text
+    assert o.stop_reason is None
     stop_id = ref[5]
     k = ref.index(stop_id)
     o = gen(stop_token_ids=[stop_id])
-    assert o.output_token_ids == ref[:k + 1] and o.finish_reason == "stop"
+    assert o.output_token_ids == ref[:k + 1] and o.finish_reason == "stop" and o.stop_reason == stop_id
     assert o.text == tokenizer.decode(ref[:k])
+    eng = LLMEngine(FakeModel(vocab, max_model_len=256, eos=(stop_id,)), tokenizer,
+                    EngineConfig(num_blocks=64, block_size=8))
+    (o,) = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_id]))
+    assert o.finish_reason == "stop" and o.stop_reason is None  # EOS (also a stop id): None, as vLLM's

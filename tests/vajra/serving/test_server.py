@@ -353,6 +353,7 @@ def test_completion_text_offsets_and_partial_characters(server, tokenizer, stop)
     r = c.completions.create(**kw)
     text, lp = r.choices[0].text, r.choices[0].logprobs
     assert text == (want if not stop else want[:want.index(stop)])
+    assert r.model_dump()["choices"][0]["stop_reason"] == stop  # vLLM's field: the stop string, or None
     assert lp.text_offset == [min(len(text), len(_text_before(tokenizer, out, j))) for j in range(len(lp.tokens))]
     assert len(set(lp.text_offset)) > 3
     for j, t in enumerate(out[:len(lp.tokens)]):
@@ -361,6 +362,7 @@ def test_completion_text_offsets_and_partial_characters(server, tokenizer, stop)
         assert len(lp.top_logprobs[j]) >= 3  # K alternatives with distinct keys
     chunks = [ch.choices[0] for ch in c.completions.create(**kw, stream=True) if ch.choices]
     assert "".join(ch.text for ch in chunks) == text
+    assert chunks[-1].model_dump()["stop_reason"] == stop
     assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp.text_offset
     assert [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens] == lp.tokens
     sent = 0
