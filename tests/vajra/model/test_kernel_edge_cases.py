@@ -72,6 +72,19 @@ def test_store_kv_rounds_every_tie_like_write_kv(dt):
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dt", [E4, E5])
+def test_quantize_rows_amax_spans_every_column_chunk(dt):
+    """Rows wider than one 1024-column chunk (every real hidden size): the kernel loops over chunks and a row's
+    scale comes from its amax over all of them (a kernel that keeps only the last chunk's amax saturates the row)."""
+    from gpulab.vajra import fp8_kernels as K
+
+    x = torch.randn(3, 2500, generator=torch.Generator().manual_seed(0))
+    x[0, 5], x[1, 1500], x[2, 2400] = 300.0, -80.0, 50.0  # each row's amax in the first, a middle, the last chunk
+    q, s = K.quantize_rows(x.to(DEV), dt)
+    qr, sr = R.quantize_rows(x, dt)
+    assert torch.equal(s.cpu(), sr) and torch.equal(_bytes(q).cpu(), _bytes(qr))
+
+
 @pytest.mark.parametrize("rows", [1, 7, 33])
 def test_requantize_onto_a_smaller_scale_saturates(rows):
     """requantize_rows onto a scale below some rows' own: those rows saturate at +-448 exactly as the reference

@@ -300,6 +300,23 @@ def test_prompt_logprobs_need_the_models_rows(tokenizer):
     SamplingParams(logprobs=12).validate(12)
 
 
+
+def test_min_p_applies_to_the_tempered_distribution():
+    """min_p compares probabilities after the temperature (as vLLM): a token kept or dropped only by that order."""
+    logits = torch.tensor([[0.0, -1.5, -20.0]])
+    # token 1 against token 0: e^-1.5 = 0.22 untempered; e^-0.75 = 0.47 at T = 2; e^-3 = 0.05 at T = 0.5
+    for temperature, min_p, want in ((2.0, 0.3, {0, 1}), (0.5, 0.2, {0})):
+        sp = SamplingParams(temperature=temperature, min_p=min_p, seed=0).validate(3)
+        sampler = Sampler("cpu")
+        assert {sampler(logits, [sp], [0]).item() for _ in range(200)} == want
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p_exactly():
+    """Exact ties of the cumulative mass with top_p (probabilities exact in float): the token after them goes."""
+    logits = torch.tensor([[0.0, 0.0, -30.0, -30.0], [0.0, 0.0, 0.0, 0.0]])  # 0.5, 0.5 / 4 x 0.25
+    out = apply_top_k_top_p(logits.clone(), [-1, -1], [0.5, 0.5])
+    assert torch.isfinite(out).sum(1).tolist() == [1, 2]
+
 @pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-7])
 def test_tiny_temperature_is_greedy(temperature):
     """A temperature too small for float32 (1e-300 is 0.0 there: logits / 0 are inf and NaN) is greedy, as vLLM's
