@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from gpulab.core import options
-from gpulab.core.errors import GpulabError
+from gpulab.core.errors import GpulabError, Interrupted
 
 # name -> (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -108,8 +108,26 @@ def _error(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: known errors become one line and exit 1; usage errors exit 2."""
+    """Console entry point: known errors become one line and exit 1; usage errors exit 2; Ctrl-C exits 130."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     # this call's own flag or the environment (not what an earlier call in this process left set)
     debug = "--debug" in args or options.debug_from_env()
@@ -119,7 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     before = len(results.written)
     try:
         rv = command.main(args=args, prog_name="gpulab", standalone_mode=False)
+        if rv == 130 and not isinstance(rv, bool):  # Typer's return for a KeyboardInterrupt it caught
+            raise Interrupted()
         _exit_if_checks_failed(results.written[before:], results.failed_checks)
+    except Interrupted:
+        if debug:
+            raise
+        _error("interrupted")
+        sys.exit(130)
     except Exception as e:
         kind = type(e).__name__
         if kind == "Abort":
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         _report(e, debug)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT with another handler than ours (not the main thread)
         _error("interrupted")
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -18,3 +18,11 @@ class DeviceError(GpulabError):
 
 class ToolError(GpulabError):
     """An external tool (ncu, nvcc) is missing or failed."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) while a command runs; the CLI prints ``error: interrupted`` and exits 130.
+
+    Not a KeyboardInterrupt, which Typer turns into an exit code of 130 returned like any result (click: an
+    Abort, an Exception): a sweep of ``gpulab run`` would take it for one failed run and go on. Not an
+    Exception either, so that no ``except Exception`` on the way swallows it."""

@@ -23,7 +23,7 @@ def run(
     from gpulab.cli import invoke
     from gpulab.core import experiment as exp
     from gpulab.core import options, results
-    from gpulab.core.errors import GpulabError
+    from gpulab.core.errors import GpulabError, Interrupted
 
     data = exp.load_file(experiment)
     if "device" in data and options.get().device == "auto":
@@ -51,6 +51,8 @@ def run(
         error = None
         try:
             code = invoke(global_args + inv.argv)
+            if code == 130 and not isinstance(code, bool):  # Typer's return for a KeyboardInterrupt: stop the sweep
+                raise Interrupted()
             if isinstance(code, int) and not isinstance(code, bool) and code != 0:  # typer.Exit(code)
                 error = f"exit {code}"
         except SystemExit as e:  # a command that exits non-zero itself

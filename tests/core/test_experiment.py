@@ -20,7 +20,16 @@ def echo_command(monkeypatch):
     def bench(n: int = typer.Option(1, "--n"), dtype: str = typer.Option("int32", "--dtype"),
               fast: bool = typer.Option(False, "--fast/--no-fast"), fail: bool = typer.Option(False, "--fail"),
               exit_code: int = typer.Option(0, "--exit-code"), n_max: int = typer.Option(0, "--n-max"),
-              tag: list[str] = typer.Option([], "--tag")):
+              tag: list[str] = typer.Option([], "--tag"), interrupt: str = typer.Option("", "--interrupt")):
+        if interrupt == "signal":  # Ctrl-C: SIGINT to this process, taken at the next bytecode
+            import os
+            import signal
+            import time
+
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        if interrupt == "keyboard":  # a KeyboardInterrupt that no handler of gpulab's turned into its own
+            raise KeyboardInterrupt
         if exit_code:
             raise typer.Exit(exit_code)
         if dtype == "bogus":  # a value the command itself refuses, as sort bench does an unknown --dist
@@ -124,6 +133,26 @@ def test_run_counts_a_command_that_exits_non_zero_through_typer_exit(echo_comman
     assert "1 of 2 runs failed" in capsys.readouterr().err
     (summary,) = [results.load(f) for f in out.glob("run-*.yaml")]
     assert [r["ok"] for r in summary["rows"]] == [True, False] and summary["rows"][1]["error"] == "exit 3"
+
+
+@pytest.mark.parametrize("how", ["signal", "keyboard"])
+def test_ctrl_c_stops_a_sweep_and_a_command_with_exit_130(echo_command, tmp_path, capsys, how):
+    """Ctrl-C in a sweep's second run stops the sweep there (Typer turns a KeyboardInterrupt into exit code 130,
+    which the sweep took for one failed run before going on): no later run, no summary, 'error: interrupted'."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"interrupt": ["", how, ""], "n": 1}}]})
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "run", str(exp)])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+    assert len(list(out.glob("echo-bench-*.yaml"))) == 1 and not list(out.glob("run-*.yaml"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "echo", "--interrupt", how])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+    assert signal.getsignal(signal.SIGINT) is handler  # pytest's own handler is back
 
 
 def _run(out, exp, *extra):
