@@ -93,3 +93,14 @@ def test_sm_count_per_device_and_remembered(monkeypatch):
                         lambda i: asked.append(i) or types.SimpleNamespace(multi_processor_count=100 + i))
     assert D.sm_count("cuda") == D.sm_count("cuda:1") == 101 and D.sm_count(torch.device("cuda", 0)) == 100
     assert asked == [1, 0]
+
+
+def test_copy_bandwidth_counts_read_and_write(monkeypatch):
+    """C4: a copy of N bytes moves 2N (read + write); the ceiling every frac_copy divides by is 2N / t."""
+    from types import SimpleNamespace
+
+    from gpulab.core import ceilings
+
+    monkeypatch.setattr(ceilings, "benchmark", lambda fn, **kw: SimpleNamespace(median=2.0))  # ms
+    nbytes = 4 << 20
+    assert ceilings.copy_bandwidth_gbs("cpu", nbytes=nbytes, reps=1) == pytest.approx(2 * nbytes / 2e-3 / 1e9)

@@ -215,3 +215,15 @@ def test_profile_with_no_kernels_is_an_error(tmp_path, monkeypatch):
     _fake_ncu(tmp_path, monkeypatch, 'echo "==WARNING== No kernels were profiled."\nexit 0\n')
     with pytest.raises(ToolError, match="ncu profiled no kernels \\(No kernels were profiled.\\)"):
         ncu.profile(["python", "-c", "pass"])
+
+
+def test_binary_prefixed_units_are_powers_of_two():
+    """C1: KiB/MiB/GiB scale by 1024 (ncu prints binary units for some memory metrics), not by 1e3/1e6."""
+    from gpulab.core import ncu
+
+    text = ('"ID","Kernel Name","a.sum","b.sum","c.sum"\n'
+            '"","","KiB","MiB","GiB"\n'
+            '"0","k","2","3","1"\n')
+    r = ncu.parse_csv_raw(text)[0]
+    assert r.metrics == {"a.sum": 2048.0, "b.sum": 3 * 2**20, "c.sum": 2.0**30}
+    assert set(r.units.values()) == {"byte"}

@@ -274,3 +274,17 @@ def test_a_bench_that_checked_nothing_is_an_error(out_dir, args):
     with pytest.raises(DeviceError, match="none of --impl .* ran here"):
         invoke(["--device", "cpu", "--out", str(out_dir), "join", "bench", "--reps", "1", *args])
     assert not list(Path(out_dir).glob("join-*.yaml"))
+
+
+def test_timed_row_mrows_per_s_is_decimal_millions(monkeypatch):
+    """DB7: mrows_per_s = input rows / median seconds / 1e6 (decimal), and the checked output is fn's own."""
+    from types import SimpleNamespace
+
+    from gpulab.core import timing
+    from gpulab.dbjoin import bench
+
+    monkeypatch.setattr(timing, "benchmark", lambda fn, **kw: SimpleNamespace(median=2.0, p10=1.5, p90=3.0))
+    out, row = bench.timed_row("x", "cpu", lambda: "result", reps=3, warmup=1, rows_in=3_000_000)
+    assert out == "result"
+    assert row["mrows_per_s"] == pytest.approx(3_000_000 / 2e-3 / 1e6)
+    assert (row["median_ms"], row["p10_ms"], row["p90_ms"]) == (2.0, 1.5, 3.0)

@@ -162,3 +162,35 @@ def test_check_key_shape_bounds_rows_and_dimensions():
         tables.check_key_shape("right", Shaped(tables.MAX_ROWS + 1))
     with pytest.raises(InputError, match="left join keys must be 1-D, got shape \\[2, 3\\]"):
         tables.check_key_shape("left", np.zeros((2, 3), np.int32))
+
+
+def test_generate_zipf_skews_the_missing_left_keys_too():
+    """DB1: under zipf the left rows without a match are skewed too (docstring), not distinct pool keys."""
+    from gpulab.dbjoin import tables
+
+    left, right = tables.generate(2000, 1500, 0.5, "zipf:1.2", 1, "int64")
+    miss = left.key[~np.isin(left.key, right.key)]
+    assert len(miss) == 1000
+    assert len(np.unique(miss)) < 0.8 * len(miss)  # Zipf(1.2) over 1000 ranks repeats its hot keys
+
+
+def test_npz_uint32_keys_above_int32_keep_their_values(tmp_path):
+    """DB2: a uint32 key column is widened to int64 (values >= 2**31 must not wrap to negatives)."""
+    from gpulab.dbjoin import tables
+
+    key = np.array([0, 2**31, 2**32 - 1], np.uint32)
+    np.savez(tmp_path / "t.npz", key=key, payload=np.array([1, 2, 3], np.int32))
+    t = tables.load_table(tmp_path / "t.npz")
+    assert t.key.dtype == np.int64 and t.key.tolist() == [0, 2**31, 2**32 - 1]
+
+
+def test_csv_key_just_above_int32_stays_int64(tmp_path):
+    """DB3: CSV keys are narrowed to int32 only when they all fit: 2**31 does not."""
+    from gpulab.dbjoin import tables
+
+    p = tmp_path / "t.csv"
+    p.write_text("key,payload\n2147483648,1\n-2147483648,2\n")
+    t = tables.load_table(p)
+    assert t.key.dtype == np.int64 and t.key.tolist() == [2**31, -(2**31)]
+    p.write_text("key,payload\n2147483647,1\n-2147483648,2\n")
+    assert tables.load_table(p).key.dtype == np.int32

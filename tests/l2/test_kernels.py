@@ -63,3 +63,16 @@ def test_pollute_rewrites_every_word():
     w = torch.arange(1000, dtype=torch.int32)
     K.pollute(w)
     assert torch.equal(w, torch.arange(1, 1001, dtype=torch.int32))
+
+
+def test_linear_more_row_tiles_than_one_group():
+    """L1: the grouped (GROUP_M = 8) program order with a last, partial group of row tiles: M = 150 is 10 row
+    tiles of 16 in the interpreter (every test shape above had at most 3, all in the first group)."""
+    import torch
+
+    from gpulab.l2 import kernels as K
+    from gpulab.l2 import reference as R
+
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(150, 20, generator=g), torch.randn(40, 20, generator=g), torch.randn(40, generator=g)
+    assert torch.allclose(K.linear(x, w, b), R.linear(x, w, b), atol=1e-4, rtol=1e-4)

@@ -114,3 +114,51 @@ def test_subnet_config_validation():
     assert len(set(sample_subnets(6, seed=3))) == 6
     assert sample_subnets(4, seed=3) == sample_subnets(4, seed=3)
     assert make_divisible(24 * 6) == 144 and make_divisible(3) == 8
+
+
+def test_every_block_after_the_first_of_a_stage_is_residual(net):
+    """L3: blocks j > 0 of a stage add their input (MobileNetV3 inverted residual); block 0 does not. With one
+    block's projection zeroed (on the real activations), a residual block is the identity, block 0 gives zeros."""
+    import torch
+
+    from gpulab.l2.supernet import SubnetConfig
+
+    x = net.x
+    checked = 0
+    for layer in net.subnet_layers(SubnetConfig.largest()):
+        if layer.name not in ("stem", "head"):
+            names = [f"{layer.name}.project.w", f"{layer.name}.project.b"]
+            saved = [net.arena[n].clone() for n in names]
+            for n in names:
+                net.arena[n].zero_()
+            try:
+                y0 = layer.fn(x)
+            finally:
+                for n, t in zip(names, saved):
+                    net.arena[n].copy_(t)
+            if int(layer.name.split("b")[-1]) > 0:
+                assert torch.equal(y0, x), layer.name
+                checked += 1
+            else:
+                assert torch.count_nonzero(y0) == 0, layer.name
+        x = layer.fn(x)
+    assert checked > 0
+
+
+def test_subnet_width_and_kernel_follow_its_config(net):
+    """L4: a block's expanded width is make_divisible(in * expand) of the subnet's own expand ratio, and its
+    depthwise kernel is k x k; smaller subnets hold fewer parameter bytes."""
+    from gpulab.l2.supernet import STAGES, SubnetConfig, make_divisible
+
+    for cfg in net.subnets:
+        w = net.subnet_weights(cfg)
+        for s in range(len(STAGES)):
+            for j in range(cfg.depths[s]):
+                blk = net.block_names[s][j]
+                cin = w[f"{blk}.expand.w"].shape[1]
+                mid = make_divisible(cin * cfg.expands[s][j])
+                k = cfg.kernels[s][j]
+                assert w[f"{blk}.expand.w"].shape[0] == mid and w[f"{blk}.project.w"].shape[1] == mid, blk
+                assert tuple(w[f"{blk}.dw.w"].shape) == (mid, 1, k, k), blk
+    big = net.subnet_param_bytes(SubnetConfig.largest())
+    assert all(net.subnet_param_bytes(c) < big for c in net.subnets if c != SubnetConfig.largest())

@@ -142,3 +142,22 @@ def test_selection_and_pareto_front_against_brute_force(seed):
                               and (o["flops"], o["top1"]) != (m["flops"], m["top1"]) for o in models)}
     assert [(m["flops"], m["top1"]) for m in front] == sorted(undominated)  # one per point, ascending cost
     assert all(r["chosen"] in {m["name"] for m in front} for r in rows if r["chosen"])
+
+
+def test_within_noise_upper_edge_uses_the_upper_anchor():
+    """SE3: the upper edge widens by the noise of (stitch, upper anchor), the lower by (stitch, lower anchor)."""
+    from gpulab.seam.evaluate import diff_noise_95, interpolation
+
+    n = 100
+    ms = [{"name": "a", "kind": "anchor", "top1": 0.50, "flops": 10},
+          {"name": "b", "kind": "anchor", "top1": 0.90, "flops": 20},
+          {"name": "hi", "kind": "stitch", "top1": 0.99, "flops": 15},
+          {"name": "lo", "kind": "stitch", "top1": 0.38, "flops": 15}]
+    # 0.99 is above 0.90 by more than noise(0.99, 0.90) but less than noise(0.99, 0.50)
+    assert diff_noise_95(0.99, 0.90, n) < 0.09 < diff_noise_95(0.99, 0.50, n)
+    # 0.38 is below 0.50 by less than noise(0.38, 0.50) but more than noise(0.38, 0.90)
+    assert diff_noise_95(0.38, 0.90, n) < 0.12 < diff_noise_95(0.38, 0.50, n)
+    interpolation(ms, n_test=n)
+    by = {m["name"]: m for m in ms}
+    assert by["hi"]["interpolates_within_noise"] is False
+    assert by["lo"]["interpolates_within_noise"] is True

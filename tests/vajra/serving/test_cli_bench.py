@@ -312,3 +312,48 @@ def test_serve_bench_lengths_past_the_context_fail_first(out_dir, tiny_assets, m
         with pytest.raises(InputError, match=what):
             invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "8",
                     "--num-prompts", "2", "--no-hf-baseline", *extra])
+
+
+def test_decode_batch1_kv_bytes_are_at_the_mean_context():
+    """V1: a batch-1 decode of `steps` tokens after `input_len` reads the KV of input_len + steps / 2 tokens on
+    average per step (what roofline_ms adds to the weight bytes)."""
+    from types import SimpleNamespace
+
+    from gpulab.vajra import bench
+
+    class Engine:
+        def __init__(self):
+            self.step_log, self.left = [], 0
+            self.model = SimpleNamespace(info=SimpleNamespace(num_layers=2),
+                                         kv_bytes_per_block=lambda bs, dt: 100 * bs)
+            self.config = SimpleNamespace(kv_cache_dtype="fp8")
+
+        def add_request(self, ids, sp):
+            self.left = sp.max_tokens
+
+        def has_unfinished(self):
+            return self.left > 0
+
+        def step(self):
+            self.left -= 1
+            self.step_log.append({"ms": 2.0, "host_ms": 0.5, "decode_only": True})
+            return []
+
+    d = bench.decode_batch1(Engine(), input_len=10, steps=4, vocab=50, seed=0)
+    assert d["kv_bytes_read"] == pytest.approx(100 * (10 + 4 / 2))
+    assert d["decode_b1_ms"] == 2.0 and d["decode_b1_steps"] == 4
+
+
+def test_serve_bench_roofline_is_bytes_over_the_copy_ceiling(out_dir, tiny_assets, monkeypatch):
+    """V2: roofline_ms = (weight bytes + KV bytes read) / (copy GB/s * 1e9) in ms; roofline_frac = it / decode."""
+    from gpulab.core import ceilings
+
+    monkeypatch.setattr(ceilings, "copy_bandwidth_gbs", lambda *a, **k: 50.0)
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "24",
+            "--output-len", "3", "--num-prompts", "2", "--num-blocks", "48", "--decode-steps", "4",
+            "--compare", "bf16", "--no-hf-baseline"])
+    rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
+    v = rec["metrics"]["variants"]["vajra-bf16"]
+    moved = v["weight_bytes"] + v["kv_bytes_read"]
+    assert v["roofline_ms"] == pytest.approx(moved / 50e9 * 1e3, rel=1e-9)
+    assert v["roofline_frac"] == pytest.approx(v["roofline_ms"] / v["decode_b1_ms"], rel=1e-9)
