@@ -96,12 +96,14 @@ app = typer.Typer(
 @app.callback()
 def root(
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu", envvar="GPULAB_DEVICE"),
-    out: Path = typer.Option(Path("results"), "--out", help="Folder for result YAML files.", envvar="GPULAB_OUT"),
+    out: str = typer.Option("results", "--out", help="Folder for result YAML files.", envvar="GPULAB_OUT"),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.", envvar="GPULAB_DEBUG"),
 ) -> None:
     if device not in options.DEVICE_CHOICES:
         raise typer.BadParameter(f"must be one of {', '.join(options.DEVICE_CHOICES)}", param_hint="--device")
-    options.set_options(device=device, out=out, debug=debug)
+    if not out.strip():  # Path("") is the current folder: result files would land there unasked
+        raise typer.BadParameter("must name a folder, got an empty string", param_hint="--out")
+    options.set_options(device=device, out=Path(out), debug=debug)
 
 
 def _error(message: str) -> None:

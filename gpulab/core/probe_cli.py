@@ -11,6 +11,10 @@ def probe(
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure copy GB/s, bf16/fp8 TFLOP/s, H2D GB/s."),
 ) -> None:
     """Probe the device (GPU, compute capability, SMs, memory, L2, persisting L2, versions)."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.core import ceilings as ceil
     from gpulab.core import device as dev
     from gpulab.core import options, results

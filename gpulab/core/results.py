@@ -156,7 +156,7 @@ class Record:
             k += 1
         try:
             atomic_write_yaml(path, self.as_dict())
-        except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
+        except OSError as e:  # not a folder, no permission, no space left...
             raise InputError(f"--out {folder}: cannot write result files there ({type(e).__name__}: "
                              f"{e.strerror or e})") from None
         written.append(path)
@@ -195,18 +195,29 @@ def fmt(value: Any) -> str:
 
 
 def check_out_folder(folder: Path | str) -> None:
-    """A one-line InputError unless ``folder`` is (or can be made) a folder this process can write in."""
+    """A one-line InputError unless ``folder`` is a folder this process can write in, or one it can create (the
+    check creates nothing: a command that then fails on its input leaves no empty results folder behind)."""
     import os
 
     p = Path(folder)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {p}: cannot create the results folder ({type(e).__name__}: {e.strerror or e})") from None
-    if not p.is_dir():
-        raise InputError(f"--out {p}: not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise InputError(f"--out {p}: this process cannot write there")
+    if p.exists():
+        if not p.is_dir():
+            raise InputError(f"--out {p}: not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"--out {p}: this process cannot write there")
+        return
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"--out {p}: cannot create the results folder ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {p}: cannot create the results folder (this process cannot write in {parent})")
+
+
+def check_out() -> None:
+    """Before a command's work: fail now when its --out folder cannot take the result files it will write."""
+    check_out_folder(options.get().out)
 
 
 def rows_table(rows: list[dict[str, Any]], title: str | None = None, columns: list[str] | None = None):

@@ -51,6 +51,10 @@ def bench(
                                        "impls hash (CUDA), tensorcore, torch, pandas."),
 ) -> None:
     """Time every join implementation on one pair of tables; check each against pandas.merge; write YAML."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.core import options
     from gpulab.dbjoin import bench as B
     from gpulab.dbjoin.tensorcore_join import CODE_DTYPES

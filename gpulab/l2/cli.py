@@ -46,6 +46,10 @@ def run_cmd(
     ncu_flag: bool = typer.Option(False, "--ncu", help="also profile DRAM bytes and L2 hit rate per policy (ncu)"),
 ) -> None:
     """Latency per inference (median, p90) under each L2 policy, speedup over default; YAML + table."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.l2.bench import RunConfig, run
 
     cfg = RunConfig(workload=workload, policies=tuple(policy.split(",")), batch=batch, width=width,

@@ -224,6 +224,10 @@ def eval_(
     workers: int = typer.Option(8, "--workers", help="Data-loader workers (ImageNet-style folders)."),
 ) -> None:
     """Evaluate every model of a family (top-1, FLOPs, params, latency); which stitches interpolate."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     import torch
 
     from gpulab.core import options, results
@@ -235,6 +239,7 @@ def eval_(
     from gpulab.seam.measure import autocast_for
 
     folder = _family(family)
+    store.check_writable(folder)
     if test_images < 0:
         raise InputError(f"--test-images must be >= 0, got {test_images}")
     if batch_size < 1 or latency_reps < 1:
@@ -277,8 +282,6 @@ def eval_(
     rows, checks = evaluate(fam, batches, device, autocast, amp, latency=latency, latency_reps=latency_reps,
                             latency_batches=lat_batches, sample=verify_flops, log=lambda s: typer.echo(s, err=True))
     interp = interpolation(rows, n_test)
-    store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp_on,
-                             "test_images": n_test, "interpolation": interp, "models": rows})
     rec = results.Record(name="seam-eval", config={"family": str(folder), "data": str(root), "test_images": n_test,
                                                      "device": device, "amp": amp, "latency": latency,
                                                      "latency_reps": latency_reps, "spec": fam.spec.as_dict()})
@@ -316,7 +319,9 @@ def eval_(
         rec.notes.append("latency not measured (--no-latency)")
     elif device == "cpu":
         rec.notes.append("latency measured on the CPU (no GPU visible): not a GPU figure")
-    path = rec.save()
+    path = rec.save()  # first: a record that cannot be written leaves the family's eval.yaml and selections as they were
+    store.save_eval(folder, {"family": str(folder), "device": device, "amp": amp_on,
+                             "test_images": n_test, "interpolation": interp, "models": rows})
     rec.print()
     typer.echo(f"wrote {path} and {folder / 'eval.yaml'}")
 
@@ -331,6 +336,10 @@ def select_(
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the Pareto plot (PNG)."),
 ) -> None:
     """Pick the lightest model meeting an accuracy constraint; compare with the baselines; Pareto plot."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.core import results
     from gpulab.core.results import atomic_write_yaml
     from gpulab.seam import select as sel
@@ -339,6 +348,7 @@ def select_(
     folder = _family(family)
     ev = store.load_eval(folder)
     out_dir = Path(ev["path"]).parent  # --family may name the eval.yaml itself: write beside it
+    store.check_writable(out_dir)
     models = ev["models"]
     levels = sel.parse_accuracies(accuracy)
     rows, key = sel.select(models, levels, metric)
@@ -364,12 +374,12 @@ def select_(
     infeasible = [r["accuracy"] for r in rows if r["chosen"] is None]
     if infeasible:
         rec.notes.append(f"no model meets accuracy {', '.join(f'{100 * a:.2f}%' for a in infeasible)}")
-    out_yaml = out_dir / f"select-{metric}.yaml"
+    out_yaml, png = out_dir / f"select-{metric}.yaml", out_dir / f"select-{metric}.png"
+    if plot:
+        rec.metrics["plot"] = str(png)
+    path = rec.save()  # first: a record that cannot be written leaves the family folder as it was
     atomic_write_yaml(out_yaml, {"metric": metric, "key": key, "selections": rows, "pareto_front": rec.metrics["pareto_front"]})
     if plot:
-        png = sel.plot(models, key, metric, rows, out_dir / f"select-{metric}.png",
-                       title=f"{out_dir.name}: {len(models)} models, metric {metric}")
-        rec.metrics["plot"] = str(png)
-    path = rec.save()
+        sel.plot(models, key, metric, rows, png, title=f"{out_dir.name}: {len(models)} models, metric {metric}")
     rec.print()
     typer.echo(f"wrote {path}, {out_yaml}" + (f", {rec.metrics['plot']}" if plot else ""))

@@ -119,6 +119,15 @@ def save_eval(folder: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def check_writable(folder: Path) -> None:
+    """Before an eval or a selection: its outputs go into the family folder, which this process must be able to
+    write (found at the end of a long evaluation, the results would be lost)."""
+    import os
+
+    if Path(folder).is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: this process cannot write in the family folder")
+
+
 def remove_selections(folder: Path) -> None:
     """Delete what `gpulab seam select` wrote into the family folder (select-*.yaml, .png)."""
     for stale in [*Path(folder).glob("select-*.yaml"), *Path(folder).glob("select-*.png")]:

@@ -40,6 +40,10 @@ def bench(
                                                       "cost per launch, which bounds sorts of small n."),
 ) -> None:
     """Sort one input with every implementation; write a result YAML and print the table."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.sort.bench import BenchArgs, run
 
     rec = run(BenchArgs(n=n, dtype=dtype, dist=dist, impl=impl, order=order, transfer=transfer, reps=reps,

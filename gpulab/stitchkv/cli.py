@@ -112,6 +112,10 @@ def pretrain(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train a tiny large/small Llama pair from scratch with one shared tokenizer."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     _quiet_transformers()
     rec = _pretrain(data, out, large_size, small_size, vocab, steps, batch, seq_len, lr, seed, repeat_frac)
     rec.save()
@@ -190,6 +194,10 @@ def train(
 
     Under ``torchrun --nproc-per-node N``: DDP over the stitches and the LoRA parameters (nccl on GPUs,
     gloo on the CPU), each rank its 1/N of every --batch, rank 0 alone writes checkpoints and the record."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     _quiet_transformers()
     from gpulab.stitchkv import distributed
 
@@ -225,6 +233,10 @@ def eval_cmd(
     goal_gap: Optional[float] = typer.Option(None, "--goal-gap", help="Add a check: stitched ROUGE-L recovers >= this fraction of the gap."),
 ) -> None:
     """ROUGE-1/2/L, reference NLL, TTFT/TPOT and KV bytes: small, large, stitched (stage 1, stage 2)."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     _quiet_transformers()
     from gpulab.stitchkv.evaluate import evaluate
 
@@ -266,6 +278,10 @@ def serve_disagg(
 
     One record, from rank 0, with ROUGE and the hand-over bytes/time. Run it under ``torchrun --nproc-per-node 2`` (one GPU per rank: nccl; otherwise gloo); without torchrun it
     starts the 2 ranks itself on this machine."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     _quiet_transformers()
     import os
 
@@ -350,6 +366,10 @@ def tiny(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """pretrain a tiny pair -> train both stages -> eval, in one command (one record, kvstitch-tiny)."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     _quiet_transformers()
     if workdir is None:
         from gpulab.core import options

@@ -197,6 +197,10 @@ def bench(
     engine: dict = None,
 ) -> None:
     """Serving benchmark: TTFT/TPOT/ITL/e2e, tok/s, batch-1 decode vs roofline; FP8 vs BF16 vs HF generate."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     import math
 
     _check_model_dir(model_dir)

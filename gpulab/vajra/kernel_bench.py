@@ -54,6 +54,10 @@ def bench(
                                       help="Time the decode attention kernels alone (one layer, several batch "
                                            "sizes and context lengths; runs first)."),
 ) -> None:
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     import time
 
     import torch

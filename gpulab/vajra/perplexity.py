@@ -265,6 +265,10 @@ def perplexity(
                                        "every text token (default: when the tokenizer has one)."),
 ) -> None:
     """Perplexity of each model on a text, and each against the first (NLL difference, top-1 agreement)."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     from gpulab.core.paths import shared_data
 
     rec = run(list(models), text or shared_data("tinyshakespeare.txt"), context, max_tokens, batch, load_format,

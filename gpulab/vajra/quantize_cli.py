@@ -139,6 +139,10 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
 ) -> None:
     """Quantize SRC's decoder linear weights to FP8 and write DST."""
+    from gpulab.core.results import check_out
+
+    check_out()  # before any work: an --out that cannot take the result fails now
+
     if scheme not in SCHEMES:
         raise InputError(f"--scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if activations not in ("dynamic", "static", "none"):

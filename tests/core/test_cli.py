@@ -176,3 +176,33 @@ def test_summaries_refuse_nan_and_marked_times_counts_every_run():
     got = timing.marked_times(lambda mark: [mark(n) for n in next(runs)], lambda: next(clock),
                               lambda a, b: float(b - a), lambda: None, reps=2)
     assert got["b"]["launches"] == 1 and got["a"]["launches"] == 1
+
+
+@pytest.mark.parametrize("argv,work", [
+    (["sort", "bench", "--n", "10", "--impl", "numpy"], "gpulab.sort.bench:run"),
+    (["join", "bench", "--rows", "10", "--impl", "pandas"], "gpulab.dbjoin.bench:run"),
+    (["l2", "run", "--workload", "mlp", "--policy", "default"], "gpulab.l2.bench:run"),
+    (["probe"], "gpulab.core.device:probe"),
+])
+def test_an_out_folder_that_cannot_take_results_fails_before_the_work(tmp_path, monkeypatch, capsys, argv, work):
+    """A record-writing command checks --out first (it found out at its save, after all the work); the check
+    creates nothing."""
+    import importlib
+
+    module, attr = work.split(":")
+    monkeypatch.setattr(importlib.import_module(module), attr, lambda *a, **k: pytest.fail("worked first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--out", str(out), *argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and err.startswith(f"error: --out {out}") and "\n" not in err
+    results.check_out_folder(tmp_path / "new" / "deeper")  # creatable: fine, and not created by the check
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_empty_out_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", "", "probe"])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err

@@ -111,3 +111,43 @@ def test_a_new_evaluation_removes_the_old_selections(trained, tmp_path):
     assert list(d.glob("select-*"))
     store.save_eval(d, yaml.safe_load((d / "eval.yaml").read_text()))
     assert not list(d.glob("select-*")) and math.isfinite(len(store.load_eval(d)["models"]))
+
+
+def test_a_failed_eval_or_select_leaves_the_family_folder_as_it_was(trained, tmp_path, monkeypatch):
+    """The record is written first: when it cannot be (an unwritable --out, a full disk), eval.yaml and the
+    selections made from it stay as they were (eval removed the selections before its record failed)."""
+    from gpulab.cli import invoke
+    from gpulab.core import results
+    from gpulab.core.errors import InputError as Refused
+
+    root, data, fam = trained
+    d = _copy(fam, tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.name.startswith(("eval", "select-"))}
+    assert {"eval.yaml", "select-flops.yaml", "select-flops.png"} <= set(before)
+
+    def refuse(self, out=None):
+        raise Refused("--out x: cannot write result files there (OSError: No space left on device)")
+
+    monkeypatch.setattr(results.Record, "save", refuse)
+    out = ["--out", str(tmp_path / "res")]
+    with pytest.raises(Refused, match="No space left"):
+        invoke([*out, "seam", "eval", "--family", str(d), "--data", str(data), "--no-latency"])
+    with pytest.raises(Refused, match="No space left"):
+        invoke([*out, "seam", "select", "--family", str(d), "--metric", "params"])
+    after = {p.name: p.read_bytes() for p in d.iterdir() if p.name.startswith(("eval", "select-"))}
+    assert after == before
+
+
+def test_an_unwritable_family_folder_is_refused_before_the_work(trained, tmp_path, monkeypatch):
+    import os
+
+    from gpulab.cli import invoke
+
+    root, data, fam = trained
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (str(p) == str(fam) and mode & os.W_OK) and real(p, mode, **k))
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(InputError, match="cannot write in the family folder"):
+        invoke(["--out", str(tmp_path / "res"), "seam", "eval", "--family", str(fam), "--data", str(data)])
+    with pytest.raises(InputError, match="cannot write in the family folder"):
+        invoke(["--out", str(tmp_path / "res"), "seam", "select", "--family", str(fam)])
