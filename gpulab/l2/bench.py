@@ -374,15 +374,30 @@ def summarize_ncu(recs: list, reps: int) -> dict[str, Any]:
             "by_kernel": ncu.summarize_by_kernel(recs)}
 
 
+# options that apply to some workloads only, and to the policies that persist or prefetch only ('auto' weighs
+# both): given elsewhere they would be ignored, so `gpulab l2 run` refuses them there
+WORKLOAD_OPTIONS = {"width": ("mlp", "cnn"), "layers": ("mlp", "cnn"), "impl": ("mlp", "cnn"), "image": ("cnn", "ofa"),
+                    "width_mult": ("ofa",), "subnets": ("ofa",)}
+POLICY_OPTIONS = {"set_aside_mib": "persist", "window_mib": "persist", "prefetch_kernel": "prefetch",
+                  "lookahead": "prefetch", "prefetch_budget": "prefetch"}
+
+
+def option_applies(name: str, workload: str, policies: list[str]) -> bool:
+    if name in WORKLOAD_OPTIONS:
+        return workload in WORKLOAD_OPTIONS[name]
+    if name in POLICY_OPTIONS:
+        uses = P.uses_persist if POLICY_OPTIONS[name] == "persist" else P.uses_prefetch
+        return any(p == "auto" or uses(p) for p in policies)
+    return True
+
+
 def _ncu_dram(cfg: RunConfig, pol: str, reps: int) -> dict[str, Any]:
-    args = ["l2", "run", "--workload", cfg.workload, "--policy", pol, "--batch", str(cfg.batch),
-            "--width-mult", str(cfg.width_mult), "--subnets", str(cfg.subnets), "--dtype", cfg.dtype,
-            "--impl", cfg.impl, "--reps", str(reps), "--rounds", "1", "--warmup", "2",
-            "--pollute-mib", str(cfg.pollute_mib), "--prefetch-kernel", cfg.prefetch_kernel,
-            "--lookahead", str(cfg.lookahead), "--graph" if cfg.graph else "--no-graph", "--prefetch-budget", str(cfg.prefetch_budget), "--seed", str(cfg.seed)]
-    for name in ("width", "layers", "image", "set_aside_mib", "window_mib"):
+    args = ["l2", "run", "--workload", cfg.workload, "--policy", pol, "--batch", str(cfg.batch), "--dtype", cfg.dtype,
+            "--reps", str(reps), "--rounds", "1", "--warmup", "2", "--pollute-mib", str(cfg.pollute_mib),
+            "--graph" if cfg.graph else "--no-graph", "--seed", str(cfg.seed)]
+    for name in (*WORKLOAD_OPTIONS, *POLICY_OPTIONS):  # those of this workload and policy, as they were given
         v = getattr(cfg, name)
-        if v is not None:
+        if v is not None and option_applies(name, cfg.workload, [pol]):
             args += ["--" + name.replace("_", "-"), str(v)]
     recs = ncu.profile_gpulab(args, metrics=NCU_METRICS, cache_control="none", replay_mode="application",
                               nvtx_include="l2-measure/")

@@ -17,8 +17,29 @@ def _group() -> None:
     """L2 persistence and next-layer prefetch policies for DNN inference."""
 
 
+def _check_options_apply(ctx: typer.Context, workload: str, policy: str) -> None:
+    """An option given for another workload, or for policies that are not run, would be ignored (and recorded
+    in the config as if it had been used): a one-line error instead."""
+    from gpulab.core.clickcompat import given_options
+    from gpulab.core.errors import InputError
+    from gpulab.l2 import policy as P
+    from gpulab.l2.bench import POLICY_OPTIONS, WORKLOAD_OPTIONS, option_applies
+
+    if workload not in ("mlp", "cnn", "ofa"):
+        return  # RunConfig.validate says so
+    policies = P.parse_policies(policy)
+    for name in (*WORKLOAD_OPTIONS, *POLICY_OPTIONS):
+        flag = "--" + name.replace("_", "-")
+        if not option_applies(name, workload, policies) and given_options(ctx, {name: flag}):
+            if name in WORKLOAD_OPTIONS:
+                raise InputError(f"{flag} applies to --workload {' or '.join(WORKLOAD_OPTIONS[name])}, not {workload}")
+            raise InputError(f"{flag} applies to the policies that {POLICY_OPTIONS[name]} (not to "
+                             f"{', '.join(policies)})")
+
+
 @app.command("run")
 def run_cmd(
+    ctx: typer.Context,
     workload: str = typer.Option("mlp", "--workload", help="mlp | cnn | ofa (weight-shared OFA-style supernet)"),
     policy: str = typer.Option("default,persist,prefetch,auto", "--policy",
                                help="comma list of default, persist, prefetch, persist+prefetch, auto (or all)"),
@@ -29,7 +50,8 @@ def run_cmd(
     image: Optional[int] = typer.Option(None, "--image", help="cnn/ofa image side (default 28 / 224)"),
     subnets: int = typer.Option(8, "--subnets", help="ofa: subnets in the request stream (the last is the largest)"),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32 (the CPU uses float32)"),
-    impl: str = typer.Option("triton", "--impl", help="mlp/cnn kernels: triton (hand-written) | torch"),
+    impl: str = typer.Option("triton", "--impl", help="mlp/cnn kernels: triton (hand-written) | torch (ofa runs "
+                                                      "torch's ops)"),
     reps: int = typer.Option(30, "--reps", help="timed inferences per policy per round"),
     rounds: int = typer.Option(5, "--rounds", help="interleaved measurement rounds (auto needs >= 2)"),
     warmup: int = typer.Option(3, "--warmup", help="untimed inferences before each round"),
@@ -52,6 +74,7 @@ def run_cmd(
 
     from gpulab.l2.bench import RunConfig, run
 
+    _check_options_apply(ctx, workload, policy)
     cfg = RunConfig(workload=workload, policies=tuple(policy.split(",")), batch=batch, width=width,
                     width_mult=width_mult, layers=layers, image=image, subnets=subnets, dtype=dtype, impl=impl,
                     reps=reps, rounds=rounds, warmup=warmup, pollute_mib=pollute_mib, set_aside_mib=set_aside_mib,

@@ -62,9 +62,9 @@ def test_device_cuda_without_gpu_is_one_line_error(out_dir, capsys):
     (["--lookahead", "0"], "--lookahead must be >= 1"),
     (["--pollute-mib", "-1"], "--pollute-mib must be >= 0"),
     (["--pollute-mib", "nan"], "--pollute-mib must be >= 0"),
-    (["--width-mult", "nan"], "--width-mult must be in"),
-    (["--width-mult", "inf"], "--width-mult must be in"),
-    (["--width-mult", "1e30"], "--width-mult must be in (0, 16]"),
+    (["--workload", "ofa", "--width-mult", "nan"], "--width-mult must be in"),
+    (["--workload", "ofa", "--width-mult", "inf"], "--width-mult must be in"),
+    (["--workload", "ofa", "--width-mult", "1e30"], "--width-mult must be in (0, 16]"),
     (["--set-aside-mib", "-1"], "--set-aside-mib must be > 0"),
     (["--set-aside-mib", "nan"], "--set-aside-mib must be > 0"),
     (["--window-mib", "0"], "--window-mib must be > 0"),
@@ -99,3 +99,60 @@ def test_rounds_1_without_auto_is_fine_and_one_subnet_is_the_largest():
     three = build_workload(RunConfig(workload="ofa", width_mult=0.25, image=32, batch=1, subnets=3), "cpu",
                            torch.float32)
     assert len(three.subnets) == 3 and three.subnets[-1] == SubnetConfig.largest()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--workload", "mlp", "--image", "5"], "--image applies to --workload cnn or ofa, not mlp"),
+    (["--workload", "mlp", "--subnets", "3"], "--subnets applies to --workload ofa, not mlp"),
+    (["--workload", "cnn", "--width-mult", "2"], "--width-mult applies to --workload ofa, not cnn"),
+    (["--workload", "ofa", "--width", "7"], "--width applies to --workload mlp or cnn, not ofa"),
+    (["--workload", "ofa", "--layers", "3"], "--layers applies to --workload mlp or cnn, not ofa"),
+    (["--workload", "ofa", "--impl", "triton"], "--impl applies to --workload mlp or cnn, not ofa"),
+    (["--policy", "default,prefetch", "--window-mib", "4"], "--window-mib applies to the policies that persist"),
+    (["--policy", "persist", "--lookahead", "2"], "--lookahead applies to the policies that prefetch"),
+    (["--policy", "default", "--prefetch-kernel", "read"], "--prefetch-kernel applies to the policies that prefetch"),
+])
+def test_options_that_would_be_ignored_are_refused(args, msg, out_dir, capsys):
+    """An option of another workload, or of a policy not run, was ignored and written into the config as used."""
+    code, _, err = _run(["--out", str(out_dir), "l2", "run", *args], capsys)
+    assert code == 1 and err.startswith(f"error: {msg}") and err.count("\n") == 1
+    assert not out_dir.exists() or not list(out_dir.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(workload="mlp", width=96, layers=3, impl="torch", set_aside_mib=4.0, window_mib=8.0, lookahead=2,
+         prefetch_kernel="read", prefetch_budget=0.25),
+    dict(workload="cnn", width=16, layers=2, image=12, lookahead=3),
+    dict(workload="ofa", width_mult=0.5, image=64, subnets=3, window_mib=2.0, prefetch_budget=0.75),
+])
+@pytest.mark.parametrize("pol", ["default", "persist", "prefetch", "persist+prefetch"])
+def test_ncu_child_command_line_reproduces_the_run(cfg, pol, monkeypatch):
+    """The command line each ncu child runs parses (no option refused as not applying) into the same run for its
+    policy: the workload's own options and those of the policy, as given."""
+    from gpulab.core import ncu
+    from gpulab.l2 import bench
+
+    full = bench.RunConfig(batch=3, dtype="float32", pollute_mib=2.0, graph=True, seed=4, **cfg)
+    full.validate()
+    seen = {}
+
+    class Parsed(Exception):
+        pass
+
+    def parsed(c):
+        seen["cfg"] = c
+        raise Parsed
+
+    monkeypatch.setattr(ncu, "profile_gpulab", lambda args, **k: seen.update(args=args) or [])
+    monkeypatch.setattr(bench, "summarize_ncu", lambda recs, reps: {})
+    bench._ncu_dram(full, pol, reps=2)
+    monkeypatch.setattr(bench, "run", parsed)
+    with pytest.raises(Parsed):
+        invoke(seen["args"])
+    child = seen["cfg"]
+    child.validate()
+    for name in ("workload", "batch", "dtype", "pollute_mib", "graph", "seed", *bench.WORKLOAD_OPTIONS,
+                 *bench.POLICY_OPTIONS):
+        if bench.option_applies(name, full.workload, [pol]):
+            assert getattr(child, name) == getattr(full, name), name
+    assert child.policies == (pol,) and child.rounds == 1 and child.reps == 2
