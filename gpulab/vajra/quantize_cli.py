@@ -123,6 +123,7 @@ def calibrate(src: Path, text_file: Path, samples: int, seq_len: int, device: st
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     src: Path = typer.Argument(..., help="A bf16/fp16/fp32 Hugging Face Llama-family folder."),
     dst: Path = typer.Argument(..., help="Output folder (must not exist unless --overwrite)."),
     scheme: str = typer.Option(..., "--scheme", help="fp8-tensor | fp8-channel | fp8-block"),
@@ -163,6 +164,16 @@ def quantize(
                          "block-wise FP8 with static activation scales is not a format vLLM reads")
     if activations == "static" and calib_text is None:
         raise InputError("--activations static needs --calib-text FILE for calibration")
+    from gpulab.core.clickcompat import given_options
+
+    # options of another scheme or of static activations would be ignored: say so instead
+    for names, applies, what in (({"block": "--block"}, scheme == "fp8-block", "--scheme fp8-block"),
+                                 ({"scale_shape": "--scale-shape"}, scheme == "fp8-channel", "--scheme fp8-channel"),
+                                 ({"calib_text": "--calib-text", "calib_samples": "--calib-samples",
+                                   "calib_len": "--calib-len"}, activations == "static", "--activations static")):
+        unused = [] if applies else given_options(ctx, names)
+        if unused:
+            raise InputError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {what}")
     strategy = SCHEMES[scheme]
     blk = parse_block(block) if strategy == "block" else None
     if dst.exists() and not overwrite:

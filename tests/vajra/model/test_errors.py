@@ -222,6 +222,14 @@ def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
     assert "not a format vLLM reads" in run(base / "src", tmp_path / "t", "--scheme", "fp8-block", "--activations",
                                             "static", "--calib-text", base / "src" / "config.json")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+    # options of another scheme, or of static activations, were ignored
+    assert run(base / "src", tmp_path / "s", "--scheme", "fp8-tensor", "--block", "16x16") == \
+        "error: --block applies only to --scheme fp8-block"
+    assert run(base / "src", tmp_path / "s", "--scheme", "fp8-block", "--scale-shape", "1d") == \
+        "error: --scale-shape applies only to --scheme fp8-channel"
+    assert run(base / "src", tmp_path / "s", "--scheme", "fp8-channel", "--calib-samples", "3", "--calib-len", "8") \
+        == "error: --calib-samples, --calib-len apply only to --activations static"
+    assert not (tmp_path / "s").exists()
 
 
 def test_flashinfer_needs_half_precision_activations(monkeypatch):
