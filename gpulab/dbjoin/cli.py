@@ -81,6 +81,19 @@ def bench(
 
         raise InputError(f"--aggregate must be none, count or sum, got {aggregate!r}")
     impls = B.parse_impls(impl)
+    from gpulab.core.clickcompat import given_options
+
+    hash_impls = [i for i in impls if i in ("hash", "hash-graph", "hash-cpu")]
+    for names, applies, what in (({"load_factor": "--load-factor"}, hash_impls, "the hash implementations"),
+                                 ({"tc_dtype": "--tc-dtype", "tc_block": "--tc-block",
+                                   "max_interpret_rows": "--max-interpret-rows"}, "tensorcore" in impls,
+                                  "--impl tensorcore")):
+        unused = [] if applies else given_options(ctx, names)
+        if unused:
+            from gpulab.core.errors import InputError
+
+            raise InputError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {what} "
+                             f"(not in --impl {','.join(impls)})")
     tc_blocks = B.parse_blocks(tc_block)
     if len(tc_blocks) > 1 and aggregate != "none":
         from gpulab.core.errors import InputError
@@ -94,9 +107,12 @@ def bench(
     argv = []
     if options.get().device != "auto":
         argv += ["--device", options.get().device]
-    argv += ["join", "bench", "--impl", ",".join(i for i in impls if i in ("hash", "tensorcore", "torch")) or "hash",
-             "--reps", "1", "--warmup", "1", "--load-factor", str(load_factor), "--tc-dtype", tc_dtype,
-             "--tc-block", ",".join(map(str, tc_blocks))]
+    profiled = [i for i in impls if i in ("hash", "tensorcore", "torch")] or ["hash"]
+    argv += ["join", "bench", "--impl", ",".join(profiled), "--reps", "1", "--warmup", "1"]
+    if "hash" in profiled:
+        argv += ["--load-factor", str(load_factor)]
+    if "tensorcore" in profiled:
+        argv += ["--tc-dtype", tc_dtype, "--tc-block", ",".join(map(str, tc_blocks))]
     if left is not None and right is not None:
         argv += ["--left", str(left.resolve()), "--right", str(right.resolve())]
     else:

@@ -60,9 +60,9 @@ def test_bench_tensorcore_at_several_tile_sizes(out_dir):
                                         ("", "--tc-block must be 16, 32, 64 or 128 (or a list of them), got")])
 def test_bench_tile_size_list_errors(out_dir, value, why):
     with pytest.raises(InputError, match=why.replace("(", r"\(").replace(")", r"\)")):
-        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--tc-block", value])
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "tensorcore", "--tc-block", value])
     with pytest.raises(InputError, match="--tc-block takes one tile size with --aggregate"):
-        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "pandas", "--aggregate", "sum",
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "10", "--impl", "tensorcore", "--aggregate", "sum",
                 "--tc-block", "64,32"])
 
 
@@ -124,11 +124,16 @@ def test_bench_empty_table(out_dir):
     (["--reps", "0", "--impl", "pandas"], InputError, "--reps"),
     (["--match-rate", "2", "--impl", "pandas"], InputError, "--match-rate"),
     (["--seed", "-1", "--impl", "pandas"], InputError, "--seed must be >= 0, got -1"),
-    # option values of impls not in --impl are still checked, before any work
-    (["--load-factor", "0", "--impl", "pandas"], InputError, "--load-factor must be within"),
-    (["--load-factor", "nan", "--impl", "pandas", "--aggregate", "sum"], InputError, "--load-factor"),
-    (["--tc-block", "48", "--impl", "pandas"], InputError, "--tc-block must be 16, 32, 64 or 128"),
+    (["--load-factor", "0", "--impl", "hash-cpu"], InputError, "--load-factor must be within"),
+    (["--load-factor", "nan", "--impl", "hash,pandas", "--aggregate", "sum"], InputError, "--load-factor"),
+    (["--tc-block", "48", "--impl", "tensorcore"], InputError, "--tc-block must be 16, 32, 64 or 128"),
     (["--max-interpret-rows", "-1", "--impl", "tensorcore"], InputError, "--max-interpret-rows must be >= 0"),
+    # options of implementations not in --impl would be ignored
+    (["--load-factor", "0.3", "--impl", "pandas,tensorcore"], InputError,
+     "^--load-factor applies only to the hash implementations \\(not in --impl pandas,tensorcore\\)"),
+    (["--tc-block", "32,16", "--tc-dtype", "int8", "--impl", "pandas"], InputError,
+     "^--tc-dtype, --tc-block apply only to --impl tensorcore"),
+    (["--max-interpret-rows", "5", "--impl", "hash-cpu"], InputError, "^--max-interpret-rows applies only"),
 ])
 def test_bench_bad_input(out_dir, args, exc, match):
     with pytest.raises(exc, match=match):
