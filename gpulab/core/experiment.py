@@ -58,6 +58,9 @@ def load_file(path: Path | str) -> dict[str, Any]:
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise InputError(f"{p}: 'runs' must be a non-empty list")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise InputError(f"{p}: '{key}' must be a string, got {type(data[key]).__name__}")
     if "device" in data and data["device"] not in ("auto", "cuda", "cpu"):
         raise InputError(f"{p}: 'device' must be auto, cuda or cpu, got {data['device']!r}")
     return data
@@ -116,11 +119,15 @@ def _option_for(cmd: click.Command, key: str) -> click.Parameter | None:
 
 def _to_argv(cmd: click.Command, params: dict[str, Any], where: str) -> list[str]:
     argv: list[str] = []
+    seen: dict[str, str] = {}  # option -> the key that gave it
     for key, value in params.items():
         opt = _option_for(cmd, key)
         if opt is None:
             known = sorted(p.name for p in cmd.params if _is_option(p) and p.name != "help")
             raise InputError(f"{where}: unknown parameter '{key}' (known: {', '.join(known)})")
+        if opt.name in seen:  # overlap-chunks and overlap_chunks: the last would win, silently
+            raise InputError(f"{where}: parameter '{key}' is given twice (also as '{seen[opt.name]}')")
+        seen[opt.name] = key
         flag = max(opt.opts, key=len)
         if value is None or (isinstance(value, list) and any(v is None for v in value)):
             raise InputError(f"{where}: parameter '{key}' is null; give it a value or leave it out")
@@ -185,6 +192,8 @@ def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
         args = run.get("args") or []
         if not isinstance(args, list) or any(a is None or isinstance(a, (list, dict)) for a in args):
             raise InputError(f"{where}: 'args' must be a list of positional arguments (single values, not null)")
+        if "name" in run and (not isinstance(run["name"], str) or not run["name"].strip()):
+            raise InputError(f"{where}: 'name' must be a non-empty string, got {run['name']!r}")
         expect_ok = run.get("expect_ok", True)
         if not isinstance(expect_ok, bool):
             raise InputError(f"{where}: 'expect_ok' must be true or false")

@@ -185,6 +185,11 @@ def test_records_of_a_run_keep_their_own_command_line(echo_command, tmp_path, ca
     ("runs:\n  - command: echo\n    params: {n: []}\n", "runs\\[0\\]: parameter 'n' is an empty list"),
     ("runs:\n  - command: echo\n    params: {n: 1, n_max: abc}\n", "parameter 'n_max'"),
     ("runs:\n  - command: echo\n    args: [null]\n", "'args' must be a list"),
+    ("runs:\n  - command: echo\n    params: {n-max: 1, n_max: 2}\n", "parameter 'n_max' is given twice \\(also as 'n-max'\\)"),
+    ("runs:\n  - command: echo\n    name: 5\n", "runs\\[0\\]: 'name' must be a non-empty string, got 5"),
+    ("runs:\n  - command: echo\n    name: [a, b]\n    params: {n: [1, 2]}\n", "'name' must be a non-empty string"),
+    ("name: {a: 1}\nruns:\n  - command: echo\n", "'name' must be a string, got dict"),
+    ("description: [1]\nruns:\n  - command: echo\n", "'description' must be a string, got list"),
     ("runs:\n  - command: echo\n    params: {n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype: [a, b, c, d, e, f, g, h, i, j],"
      " tag: [[a], [b], [c], [d], [e], [f], [g], [h], [i], [j]], n_max: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
      "the sweep has 11000 points"),
