@@ -121,3 +121,22 @@ def read_model_config(folder: Path | str, label: str = "model") -> dict[str, Any
     if not isinstance(data, dict):
         raise InputError(f"{label} {f}: config.json must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_utf8_text(path: Path | str, what: str) -> str:
+    """The UTF-8 text in ``path``; ``what`` names it in the errors (e.g. ``"--text notes.txt"``): a missing file,
+    a folder, or bytes that are not UTF-8 (a binary file given by mistake) are one-line InputErrors."""
+    from gpulab.core.paths import data_hint
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{what}: is a folder, not a text file")
+    if not p.is_file():
+        raise InputError(f"{what}: file not found{data_hint(p)}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what}: not UTF-8 text (byte {e.start} of the file: {e.object[e.start:e.start + 1]!r})") \
+            from None
+    except OSError as e:
+        raise InputError(f"{what}: unreadable ({type(e).__name__}: {e.strerror or e})") from None

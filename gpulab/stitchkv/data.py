@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gpulab.core.errors import InputError
-from gpulab.core.paths import data_hint, shared_data
+from gpulab.core.paths import shared_data
 
 DEFAULT_DATA = shared_data("tinyshakespeare.txt")
 TASKS = ("continue", "recall")
@@ -69,13 +69,10 @@ def recall_window(ids: Any, start: int, offset: int, prompt_len: int, cont_len: 
 
 
 def read_text(path: Path | str) -> str:
+    from gpulab.core.files import read_utf8_text
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--data file not found: {p}{data_hint(p)}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--data {p}: not readable UTF-8 text ({type(e).__name__})") from None
+    text = read_utf8_text(p, f"--data {p}")
     if len(text.strip()) == 0:
         raise InputError(f"--data {p}: the file is empty")
     return text

@@ -130,9 +130,9 @@ def variant_dir(model_dir: Path, precision: str, load_format: str, tmp: Path) ->
 
 def prompt_texts(p: Path) -> list[str]:
     """The prompts of a --prompts-file: one a line, plain text or JSON ``{"prompt": "..."}``."""
-    if not p.is_file():
-        raise InputError(f"prompts file not found: {p}")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    from gpulab.core.files import read_utf8_text
+
+    lines = [ln for ln in read_utf8_text(p, f"--prompts-file {p}").splitlines() if ln.strip()]
     if not lines:
         raise InputError(f"{p}: no prompts (one per line, plain text or JSON {{\"prompt\": ...}})")
     out = []

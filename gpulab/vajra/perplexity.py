@@ -151,11 +151,9 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         limit = cfg.get("max_position_embeddings")
         if isinstance(limit, int) and context > limit:
             raise InputError(f"--context {context} is longer than {m}'s max_position_embeddings ({limit})")
-    if not text_file.is_file():
-        from gpulab.core.paths import data_hint
+    from gpulab.core.files import read_utf8_text
 
-        raise InputError(f"--text {text_file}: file not found{data_hint(text_file)}")
-    text = text_file.read_text(errors="replace")
+    text = read_utf8_text(text_file, f"--text {text_file}")
     ids = None
     bos_ids = set()
     for m in models:

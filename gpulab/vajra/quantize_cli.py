@@ -70,15 +70,16 @@ def calibrate(src: Path, text_file: Path, samples: int, seq_len: int, device: st
     tok_file = src / "tokenizer.json"
     if not tok_file.is_file():
         raise InputError(f"{src}: static activation scales need SRC's tokenizer.json to tokenize --calib-text")
-    if not text_file.is_file():
-        raise InputError(f"--calib-text {text_file}: file not found")
+    from gpulab.core.files import read_utf8_text
+
+    text = read_utf8_text(text_file, f"--calib-text {text_file}")
     from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_file(str(tok_file))
     except Exception as e:
         raise InputError(f"{tok_file}: not a readable tokenizer ({str(e).splitlines()[0]})") from None
-    ids = tok.encode(text_file.read_text(errors="replace")).ids
+    ids = tok.encode(text).ids
     if len(ids) < 2:
         raise InputError(f"--calib-text {text_file}: fewer than 2 tokens")
     # auto: triton on a GPU where its kernels take the head_dim (not flashinfer, whose prefill module is a ~75 s

@@ -69,3 +69,39 @@ def test_model_config(tmp_path):
     assert_one_line(e, "must be a JSON object, got list")
     (d / "config.json").write_text('{"model_type": "llama"}')
     assert read_model_config(d) == {"model_type": "llama"}
+
+
+def test_utf8_text(tmp_path):
+    from gpulab.core.files import read_utf8_text
+
+    f = tmp_path / "t.txt"
+    f.write_text("Ça va — 東京\n", encoding="utf-8")
+    assert read_utf8_text(f, "--text t.txt") == "Ça va — 東京\n"
+    f.write_bytes(b"ok\n\xb0\x00binary")
+    for path, part in ((f, "not UTF-8 text (byte 3"), (tmp_path, "is a folder"), (tmp_path / "no", "file not found")):
+        with pytest.raises(InputError) as e:
+            read_utf8_text(path, f"--text {path}")
+        assert_one_line(e, f"--text {path}: {part}")
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve-bench", "experiments/assets/tiny-llama", "--load-format", "dummy", "--prompts-file", "{bin}"],
+    ["perplexity", "experiments/assets/tiny-llama", "--text", "{bin}"],
+    ["kvstitch", "pretrain", "--data", "{bin}", "--pair-dir", "{tmp}/p"],
+])
+def test_text_inputs_that_are_not_utf8_are_one_line_errors(tmp_path, capsys, argv):
+    """A binary file given as text was read with replacement characters (perplexity), or failed with a bare
+    UnicodeDecodeError that did not name the file (serve-bench)."""
+    from pathlib import Path
+
+    from gpulab.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xb0\xff")
+    args = [a.replace("{bin}", str(binary)).replace("{tmp}", str(tmp_path)) for a in argv]
+    args = [str(root / a) if a.startswith("experiments/") else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--out", str(tmp_path / "res"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "\n" not in err and f"{binary}: not UTF-8 text" in err, err

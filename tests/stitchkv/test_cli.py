@@ -164,7 +164,7 @@ def test_missing_and_malformed_model_folders(pair_dirs, corpus_file, tmp_path, c
 def test_bad_data_and_run_folders(pair_dirs, tmp_path, capsys):
     code, _, err = run_cli(["kvstitch", "train", "--large", str(pair_dirs[0]), "--small", str(pair_dirs[1]),
                             "--data", str(tmp_path / "missing.txt"), "--run", str(tmp_path / "run")], capsys)
-    one_line_error(code, err, "--data file not found")
+    one_line_error(code, err, f"--data {tmp_path / 'missing.txt'}: file not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "reference": "the king"}\n{"prompt": 3}\n')
     code, _, err = run_cli(["kvstitch", "train", "--large", str(pair_dirs[0]), "--small", str(pair_dirs[1]),
@@ -250,7 +250,7 @@ TINY_ARGS = ["--large-size", "nano-large", "--small-size", "nano-small", "--voca
                                          (["--pretrain-lr", "0"], "--pretrain-lr must be > 0"),
                                          (["--vocab", "100"], "--vocab must be >= 260"),
                                          (["--small-size", "huge"], "unknown model size 'huge'"),
-                                         (["--data", "no/such.txt"], "--data file not found")])
+                                         (["--data", "no/such.txt"], "--data no/such.txt: file not found")])
 def test_tiny_rejects_bad_options_before_pretraining(corpus_file, tmp_path, capsys, bad, needle):
     wd = tmp_path / "wd"
     (wd / "seed0" / "run").mkdir(parents=True)  # an earlier run: a rejected command must leave it alone
