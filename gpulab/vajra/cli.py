@@ -121,6 +121,9 @@ def serve(
         raise InputError(f"--port must be in 1..65535, got {port}")
     _engine_config(engine, max_model_len)  # bad engine options fail before the server's packages are needed
     run_server = _server()
+    from gpulab.vajra.server import check_bind
+
+    check_bind(host, port)  # before the model loads: a wrong host or a busy port is found now
     block_size = engine["block_size"]
     engine = _load(model_dir, engine, max_model_len, prefill)
     name = served_model_name or model_dir.resolve().name

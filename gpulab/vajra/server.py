@@ -456,6 +456,24 @@ class ServerThread:
         self.sock.close()
 
 
+def check_bind(host: str, port: int) -> None:
+    """Before a model is loaded: the address must resolve and the port be free (uvicorn found out only after
+    the load, and printed its own log lines and exit code)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e})") \
+            from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise InputError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+
+
 def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (the ``gpulab serve`` command)."""
     import uvicorn

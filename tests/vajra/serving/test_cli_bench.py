@@ -272,6 +272,26 @@ def test_serve_without_the_web_packages_is_one_line(tiny_assets, monkeypatch, mi
         invoke(["--device", "cpu", "serve", str(tiny_assets), "--max-num-seqs", "0"])
 
 
+def test_serve_checks_its_address_before_loading_the_model(tiny_assets, monkeypatch):
+    """An address that does not resolve, or a busy port, is a one-line error before the model loads (uvicorn found
+    it after the load and exited 3 with its own log lines)."""
+    import socket
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from gpulab.vajra import cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(InputError, match="^--host 256.1.1.1: not an address of this machine"):
+        invoke(["--device", "cpu", "serve", str(tiny_assets), "--host", "256.1.1.1", "--port", "8123"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InputError, match=f"^--host 127.0.0.1 --port {port}: cannot bind"):
+            invoke(["--device", "cpu", "serve", str(tiny_assets), "--port", str(port)])
+
+
 def test_help_imports_nothing_heavy():
     code = ("import sys; from gpulab.cli import main\n"
             "sys.argv=['gpulab','serve-bench','--help']\n"
