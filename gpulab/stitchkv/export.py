@@ -23,14 +23,14 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
     cfg = run_config(run)
     stage = pick_stage(run, stage)
     if out.exists() and not overwrite:
-        raise InputError(f"--out {out} exists (use --overwrite to replace it)")
+        raise InputError(f"--out-dir {out} exists (use --overwrite to replace it)")
     o = out.resolve()
     for what, p in (("small model", cfg["small"]), ("large model", cfg["large"]), ("run", run)):
         p = Path(p).resolve()
         if o == p or o in p.parents:  # --overwrite would delete it with the folder
-            raise InputError(f"--out {out} is or holds the run's {what} folder ({p}); choose a new folder")
+            raise InputError(f"--out-dir {out} is or holds the run's {what} folder ({p}); choose a new folder")
     if out.exists() and (not out.is_dir() or (not (out / "config.json").is_file() and any(out.iterdir()))):
-        raise InputError(f"--out {out} holds files that are not a model folder; --overwrite replaces only a "
+        raise InputError(f"--out-dir {out} holds files that are not a model folder; --overwrite replaces only a "
                          "model folder (choose a new or empty folder)")
     small, _ = load_small(cfg, run, stage, "cpu")
     if stage == "lora":
