@@ -187,6 +187,10 @@ def _report(e: Exception, debug: bool) -> None:
         _error(f"out of GPU memory: {first} (try smaller sizes, e.g. --batch or --n; rerun with --debug for the "
                "traceback)")
         sys.exit(1)
+    if isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in first:  # host memory
+        _error(f"out of host memory: {first or type(e).__name__} (try smaller sizes; rerun with --debug for the "
+               "traceback)")
+        sys.exit(1)
     _error(f"{type(e).__name__}: {first} (rerun with --debug for the traceback)")
     sys.exit(1)
 

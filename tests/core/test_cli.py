@@ -110,6 +110,21 @@ def test_out_of_gpu_memory_is_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith("error: out of GPU memory: CUDA out of memory. Tried to allocate")
 
 
+@pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 80000000000 bytes."),
+                                 MemoryError()])
+def test_out_of_host_memory_is_one_line(monkeypatch, capsys, exc):
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(cli.typer.main, "get_command", lambda app: type("C", (), {"main": staticmethod(boom)})())
+    with pytest.raises(SystemExit) as e:
+        cli.main(["l2", "run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: out of host memory: ")
+    assert "try smaller sizes" in err
+
+
 def test_resolve_device_errors(monkeypatch):
     from gpulab.core import options
     from gpulab.core.errors import DeviceError
