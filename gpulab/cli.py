@@ -110,7 +110,15 @@ def _error(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
 
 
+_MAIN_PID: list[int] = []  # the process whose main() installed the SIGINT handler
+
+
 def _raise_interrupted(signum, frame) -> None:
+    import os
+    import signal
+
+    if _MAIN_PID and os.getpid() != _MAIN_PID[-1]:  # a forked child (a DataLoader worker): its own code expects
+        signal.default_int_handler(signum, frame)  # a KeyboardInterrupt (raised here), its parent reports it
     raise Interrupted()
 
 
@@ -119,14 +127,18 @@ def main(argv: list[str] | None = None) -> None:
     import signal
     import threading
 
+    import os
+
     previous = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         previous = signal.signal(signal.SIGINT, _raise_interrupted)
+        _MAIN_PID.append(os.getpid())
     try:
         _main(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+            _MAIN_PID.pop()
 
 
 def _main(argv: list[str] | None) -> None:
@@ -144,7 +156,9 @@ def _main(argv: list[str] | None) -> None:
         _exit_if_checks_failed(results.written[before:], results.failed_checks)
     except Interrupted:
         if debug:
-            raise
+            import traceback
+
+            traceback.print_exc()
         _error("interrupted")
         sys.exit(130)
     except Exception as e:

@@ -91,14 +91,24 @@ def write_all(items: list[tuple[Path | str, Callable[[str], object], str]]) -> l
     return [path for _, path in staged]
 
 
-def write_text(path: Path | str, text: str) -> Path:
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """A writer for :func:`write_with` / :func:`write_all` that writes ``data`` (synced to the disk)."""
     def writer(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
-    return write_with(path, writer)
+    return writer
+
+
+def text_writer(text: str) -> Callable[[str], None]:
+    """A writer of ``text`` as UTF-8 (see :func:`bytes_writer`)."""
+    return bytes_writer(text.encode("utf-8"))
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return write_with(path, text_writer(text))
 
 
 @contextmanager

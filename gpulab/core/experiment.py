@@ -58,8 +58,8 @@ def load_file(path: Path | str) -> dict[str, Any]:
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise InputError(f"{p}: 'runs' must be a non-empty list")
-    for key in ("name", "description"):
-        if key in data and not isinstance(data[key], str):
+    for key in ("name", "description"):  # left empty (null): as if absent
+        if data.get(key) is not None and not isinstance(data[key], str):
             raise InputError(f"{p}: '{key}' must be a string, got {type(data[key]).__name__}")
     if "device" in data and data["device"] not in ("auto", "cuda", "cpu"):
         raise InputError(f"{p}: 'device' must be auto, cuda or cpu, got {data['device']!r}")
@@ -192,7 +192,7 @@ def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
         args = run.get("args") or []
         if not isinstance(args, list) or any(a is None or isinstance(a, (list, dict)) for a in args):
             raise InputError(f"{where}: 'args' must be a list of positional arguments (single values, not null)")
-        if "name" in run and (not isinstance(run["name"], str) or not run["name"].strip()):
+        if run.get("name") is not None and (not isinstance(run["name"], str) or not run["name"].strip()):
             raise InputError(f"{where}: 'name' must be a non-empty string, got {run['name']!r}")
         expect_ok = run.get("expect_ok", True)
         if not isinstance(expect_ok, bool):

@@ -66,8 +66,8 @@ def bench(
         if ignored:
             from gpulab.core.errors import InputError
 
-            raise InputError(f"{', '.join(ignored)} shape generated tables and do not apply with --left/--right "
-                             "(a file's key column keeps its own dtype)")
+            raise InputError(f"{', '.join(ignored)}: for generated tables only (with --left/--right the tables "
+                             "come from the files)")
     if key_dtype not in ("int32", "int64"):
         from gpulab.core.errors import InputError
 

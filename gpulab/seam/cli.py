@@ -340,8 +340,8 @@ def select_(
 
     check_out()  # before any work: an --out that cannot take the result fails now
 
-    from gpulab.core import results
-    from gpulab.core.results import atomic_write_yaml
+    from gpulab.core import atomic, results
+    from gpulab.core.results import yaml_text
     from gpulab.seam import select as sel
     from gpulab.seam import store
 
@@ -375,11 +375,13 @@ def select_(
     if infeasible:
         rec.notes.append(f"no model meets accuracy {', '.join(f'{100 * a:.2f}%' for a in infeasible)}")
     out_yaml, png = out_dir / f"select-{metric}.yaml", out_dir / f"select-{metric}.png"
-    if plot:
+    outputs = [(out_yaml, atomic.text_writer(yaml_text({"metric": metric, "key": key, "selections": rows,
+                                                          "pareto_front": rec.metrics["pareto_front"]})), "")]
+    if plot:  # drawn before anything is written: a plot that fails leaves no record pointing at it
+        outputs.append((png, atomic.bytes_writer(sel.plot_png(models, key, metric, rows, title=f"{out_dir.name}: "
+                                                               f"{len(models)} models, metric {metric}")), ""))
         rec.metrics["plot"] = str(png)
     path = rec.save()  # first: a record that cannot be written leaves the family folder as it was
-    atomic_write_yaml(out_yaml, {"metric": metric, "key": key, "selections": rows, "pareto_front": rec.metrics["pareto_front"]})
-    if plot:
-        sel.plot(models, key, metric, rows, png, title=f"{out_dir.name}: {len(models)} models, metric {metric}")
+    atomic.write_all(outputs)
     rec.print()
     typer.echo(f"wrote {path}, {out_yaml}" + (f", {rec.metrics['plot']}" if plot else ""))

@@ -102,15 +102,12 @@ def select(models: list[dict[str, Any]], accuracies: list[float], metric: str) -
     return rows, key
 
 
-def plot(models: list[dict[str, Any]], key: str, metric: str, rows: list[dict[str, Any]], path: Path,
-         title: str) -> Path:
-    """Pareto plot (matplotlib Agg, no display): members, anchors, baselines, front, selections."""
+def plot_png(models: list[dict[str, Any]], key: str, metric: str, rows: list[dict[str, Any]], title: str) -> bytes:
+    """Pareto plot as PNG bytes (matplotlib Agg, no display): members, anchors, baselines, front, selections."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from gpulab.core import atomic
 
     label, scale = UNITS[metric]
     fig = Figure(figsize=(7.5, 5.0), dpi=120)
@@ -147,11 +144,4 @@ def plot(models: list[dict[str, Any]], key: str, metric: str, rows: list[dict[st
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    data = buf.getvalue()
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic.write_with(Path(path), write)
-    return Path(path)
+    return buf.getvalue()

@@ -461,26 +461,36 @@ def check_bind(host: str, port: int) -> None:
     the load, and printed its own log lines and exit code)."""
     import socket
 
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise InputError(f"--host {host}: not an address of this machine ({getattr(e, 'strerror', None) or e})") \
-            from None
-    with socket.socket(family, kind, proto) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it (a hostname binds IPv4)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
         try:
-            s.bind(addr)
-        except OSError as e:
-            raise InputError(f"--host {host} --port {port}: cannot bind ({e.strerror or e})") from None
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise InputError(f"--host {host}: not an address of this machine ({e.strerror or e})") from None
+        except (OSError, UnicodeError) as e:
+            raise InputError(f"--host {host} --port {port}: cannot bind ({getattr(e, 'strerror', None) or e})") \
+                from None
 
 
 def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (the ``gpulab serve`` command)."""
     import uvicorn
 
+    import signal
+
     ae = AsyncEngine(engine).start()
     app = build_app(ae, model_name)
+    # Ctrl-C stops the server cleanly, as uvicorn does it: its own handling runs under Python's default handler
+    # (gpulab's turns SIGINT into an error, which would escape a server that had already shut down)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:  # a stop, not a failure
+        pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         ae.shutdown()

@@ -152,7 +152,33 @@ def test_ctrl_c_stops_a_sweep_and_a_command_with_exit_130(echo_command, tmp_path
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(out), "echo", "--interrupt", how])
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "error: interrupted"
+    with pytest.raises(SystemExit) as e:  # --debug: the traceback, and still 130
+        cli.main(["--debug", "--out", str(out), "echo", "--interrupt", how])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "Traceback" in err and err.endswith("error: interrupted")
     assert signal.getsignal(signal.SIGINT) is handler  # pytest's own handler is back
+
+
+def test_ctrl_c_in_a_forked_child_is_a_keyboard_interrupt(monkeypatch):
+    """A child forked while gpulab's handler is installed (a DataLoader worker) gets the KeyboardInterrupt its own
+    code expects; the main process gets gpulab's Interrupted."""
+    import os
+    import signal
+
+    from gpulab.core.errors import Interrupted
+
+    monkeypatch.setattr(cli, "_MAIN_PID", [os.getpid()])
+    with pytest.raises(Interrupted):
+        cli._raise_interrupted(signal.SIGINT, None)
+    monkeypatch.setattr(cli, "_MAIN_PID", [os.getpid() + 1])  # as seen from a child
+    with pytest.raises(KeyboardInterrupt):
+        cli._raise_interrupted(signal.SIGINT, None)
+
+
+def test_empty_name_and_description_are_absent(echo_command, tmp_path):
+    data = experiment.load_file(write(tmp_path, "name:\ndescription:\nruns:\n  - command: echo\n    name:\n"))
+    (inv,) = experiment.plan(data)
+    assert inv.label == "echo"
 
 
 def _run(out, exp, *extra):

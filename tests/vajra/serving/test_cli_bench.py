@@ -290,6 +290,12 @@ def test_serve_checks_its_address_before_loading_the_model(tiny_assets, monkeypa
         port = busy.getsockname()[1]
         with pytest.raises(InputError, match=f"^--host 127.0.0.1 --port {port}: cannot bind"):
             invoke(["--device", "cpu", "serve", str(tiny_assets), "--port", str(port)])
+        # a hostname binds IPv4 as uvicorn does (not getaddrinfo's first answer, which may be ::1 for localhost)
+        with pytest.raises(InputError, match=f"^--host localhost --port {port}: cannot bind"):
+            invoke(["--device", "cpu", "serve", str(tiny_assets), "--host", "localhost", "--port", str(port)])
+    from gpulab.vajra.server import check_bind
+
+    check_bind("", 0)  # every interface, as uvicorn takes it
 
 
 def test_help_imports_nothing_heavy():

@@ -592,3 +592,31 @@ def reference_biased(tokenizer, prompt, sp):
         if t == tokenizer.eos_token_id:
             break
     return out
+
+
+def test_ctrl_c_stops_serve_as_a_normal_end(tokenizer, monkeypatch):
+    """uvicorn handles SIGINT under Python's default handler and ends serve() normally; gpulab's own handler
+    (which turns SIGINT into an error) is set aside while it serves and put back after."""
+    import signal
+
+    import uvicorn
+
+    from gpulab.vajra import server
+
+    seen = []
+
+    def run(app, **kw):
+        seen.append(signal.getsignal(signal.SIGINT))
+        raise KeyboardInterrupt  # what uvicorn.run lets out of a stop by Ctrl-C
+
+    def gpulab_handler(signum, frame):
+        raise AssertionError("not while serving")
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    previous = signal.signal(signal.SIGINT, gpulab_handler)
+    try:
+        eng = LLMEngine(FakeModel(tokenizer.vocab_size, max_model_len=64), tokenizer, EngineConfig(num_blocks=16))
+        server.serve(eng, NAME, port=0)
+        assert seen == [signal.default_int_handler] and signal.getsignal(signal.SIGINT) is gpulab_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
