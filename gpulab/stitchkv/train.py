@@ -460,6 +460,9 @@ def lora_targets(small: Any, cfg: dict[str, Any]) -> list[str]:
     targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
     if not targets:
         raise InputError("--lora-targets names no module")
+    twice = next((t for i, t in enumerate(targets) if t in targets[:i]), None)
+    if twice is not None:
+        raise InputError(f"--lora-targets names {twice!r} twice")
     names = {n.split(".")[-1] for n, _ in small.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:

@@ -244,6 +244,7 @@ TINY_ARGS = ["--large-size", "nano-large", "--small-size", "nano-small", "--voca
 
 
 @pytest.mark.parametrize("bad, needle", [(["--lora-targets", "q_proj,mlp_in"], "no module named 'mlp_in'"),
+                                         (["--lora-targets", "q_proj,v_proj,q_proj"], "names 'q_proj' twice"),
                                          (["--lora-r", "0"], "--lora-r must be >= 1"),
                                          (["--task", "nope"], "--task"),
                                          (["--pretrain-steps", "0"], "--pretrain-steps and --pretrain-batch must"),
