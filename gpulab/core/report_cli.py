@@ -113,7 +113,8 @@ def report(
         if name and not str(data.get("name", "")).startswith(name):
             continue
         matched += 1
-        rows += report_rows(data, f.name, rows_)
+        # its path below the folder: records of the same name in two subfolders (a sweep per card) stay apart
+        rows += report_rows(data, f.name if folder.is_file() else str(f.relative_to(folder)), rows_)
     if not matched:
         raise InputError(f"no gpulab result files under {folder}" + (f" named {name}*" if name else ""))
     if not rows:

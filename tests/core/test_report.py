@@ -98,3 +98,18 @@ def test_malformed_result_parts_are_skipped(tmp_path):
     assert len(r.output.strip().splitlines()) == 2  # the header and the one good result
     r = CliRunner().invoke(app, [str(tmp_path / "bad1.yaml")])
     assert r.exit_code != 0 and "not of the expected type" in str(r.exception)
+
+
+def test_files_of_one_name_in_two_subfolders_stay_apart(tmp_path):
+    """The file column is the path below the folder: records copied from two machines (h100/, h200/) under the
+    same name were two rows with one file name."""
+    import shutil
+
+    one = _save(tmp_path / "h100", "sort-bench", 1000, {"a": 1.0})
+    (tmp_path / "h200").mkdir()
+    shutil.copy(one, tmp_path / "h200" / one.name)
+    r = CliRunner().invoke(app, [str(tmp_path), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(x["file"] for x in json.loads(r.output)) == [f"h100/{one.name}", f"h200/{one.name}"]
+    r = CliRunner().invoke(app, [str(one), "--format", "json"])  # one file given: its name
+    assert [x["file"] for x in json.loads(r.output)] == [one.name]
