@@ -171,3 +171,30 @@ def test_summarize_ncu_weights_the_hit_rate_by_sectors():
     s = summarize_ncu(recs, reps=2)
     assert s["l2_hit_rate_pct"] == 45.0 and s["l2_hit_rate_weighting"] == "kernels"
     assert summarize_ncu([], reps=1)["l2_hit_rate_pct"] is None
+
+
+def _bare_runner():
+    """A PolicyRunner without a device: six 256 KiB layers, a 1 MiB L2, a persist plan of 512 KiB."""
+    from types import SimpleNamespace
+
+    r = PolicyRunner.__new__(PolicyRunner)
+    r.cfg = RunConfig(lookahead=1, prefetch_budget=0.5)
+    r.limits = {"l2_bytes": 1 << 20}
+    layers, off = [], 0
+    for i in range(6):
+        layers.append(Layer(f"l{i}", lambda x: x, Region(f"l{i}", off, 256 << 10)))
+        off += 256 << 10
+    r.requests = [Request(torch.zeros(2), layers)]
+    r._schedules = {}
+    r.persist_plan = SimpleNamespace(set_aside_bytes=512 << 10)
+    r.last_persist = None
+    return r
+
+
+def test_persist_aside_is_what_the_driver_granted_else_the_plan():
+    from types import SimpleNamespace
+
+    r = _bare_runner()
+    assert r.persist_aside_bytes() == 512 << 10
+    r.last_persist = SimpleNamespace(granted_bytes=384 << 10)
+    assert r.persist_aside_bytes() == 384 << 10

@@ -151,3 +151,26 @@ def test_an_unwritable_family_folder_is_refused_before_the_work(trained, tmp_pat
         invoke(["--out", str(tmp_path / "res"), "seam", "eval", "--family", str(fam), "--data", str(data)])
     with pytest.raises(InputError, match="cannot write in the family folder"):
         invoke(["--out", str(tmp_path / "res"), "seam", "select", "--family", str(fam)])
+
+
+def test_warmup_starts_above_zero_and_reaches_base_at_its_end():
+    from gpulab.seam.train import lr_at
+
+    base, warm = 0.1, 5
+    assert lr_at(0, 100, base, warm) == pytest.approx(base / warm)  # no wasted zero-lr first step
+    assert [lr_at(s, 100, base, warm) for s in range(warm)] == pytest.approx([base * (s + 1) / warm for s in range(warm)])
+    assert lr_at(warm, 100, base, warm) == pytest.approx(base)
+    assert lr_at(100, 100, base, warm) == pytest.approx(0.0)
+
+
+def test_weight_decay_skips_biases_and_norm_weights():
+    import torch
+
+    from gpulab.seam.train import make_sgd
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 5, 5))
+    opt = make_sgd(list(net.parameters()), lr=0.1, wd=5e-4)
+    decayed = {id(p) for grp in opt.param_groups if grp["weight_decay"] > 0 for p in grp["params"]}
+    for name, p in net.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name

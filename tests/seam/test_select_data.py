@@ -181,3 +181,13 @@ def test_interpolation_within_noise():
     assert noisy["anchor_band"] == pytest.approx(0.01)
     assert noisy["anchor_band_noise_95"] == pytest.approx(diff_noise_95(0.90, 0.91, 10000))
     assert 0.0081 < noisy["anchor_band_noise_95"] < 0.0083  # 1.96 * sqrt((0.09 + 0.0819) / 1e4)
+
+
+def test_normalize_maps_0_and_255_to_the_ends_of_the_unit_range():
+    from gpulab.seam.data import CIFAR_MEAN, CIFAR_STD, normalize
+
+    x = torch.stack([torch.zeros(3, 2, 2, dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)])
+    got = normalize(x)
+    for c in range(3):
+        assert torch.allclose(got[0, c], torch.full((2, 2), (0.0 - CIFAR_MEAN[c]) / CIFAR_STD[c]), atol=1e-6)
+        assert torch.allclose(got[1, c], torch.full((2, 2), (1.0 - CIFAR_MEAN[c]) / CIFAR_STD[c]), atol=1e-6)

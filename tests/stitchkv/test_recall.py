@@ -131,3 +131,16 @@ def test_train_and_eval_on_the_recall_task(pair_dirs, corpus_file, tmp_path, cap
     code, _, err = run_cli(["--out", str(res), "kvstitch", "eval", "--run", str(run), "--prompts", "3",
                             "--gen-len", "13"], capsys)
     one_line_error(code, err, "at most 12 tokens to recall")
+
+
+def test_train_windows_stay_inside_the_train_split():
+    """Every training window (prompt and continuation) lies in ids[:split]: none reaches into the eval split."""
+    from pathlib import Path
+
+    ids = torch.arange(1000)
+    for task in ("continue", "recall"):
+        corpus = D.Corpus(path=Path("x.txt"), ids=ids, split=900, task=task)
+        it = D.train_batches(corpus, 64, 16, 4, seed=0)
+        for _ in range(30):
+            p, c = next(it)
+            assert int(p.max()) < 900 and int(c.max()) < 900, task

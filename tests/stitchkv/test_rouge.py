@@ -39,3 +39,21 @@ def test_rouge_items_refuses_unequal_lists_and_names_the_scorer_that_ran():
     with pytest.raises(ValueError, match="2 predictions for 3 references"):
         rouge_items(["a", "b"], ["a", "b", "c"])
     assert rouge_backend() == _rouge_scorer()[2]
+
+
+def test_fallback_rouge_stems_only_words_longer_than_three():
+    """rouge-score stems a token only when len > 3: 'its' stays 'its', so it does not match 'it'."""
+    r = _FallbackRouge()
+    assert r.stem is not None
+    assert r.score("its", "it")["rouge1"] == 0.0
+    assert r.score("cats", "cat")["rouge1"] == 1.0
+
+
+def test_fallback_rouge_three_letter_words_match_rouge_score():
+    from rouge_score import rouge_scorer
+
+    ref, pred = "its dogs was here", "it dog wa here"
+    want = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(ref, pred)
+    got = _FallbackRouge().score(ref, pred)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert abs(got[k] - want[k].fmeasure) < 1e-12, k

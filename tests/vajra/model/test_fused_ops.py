@@ -232,3 +232,20 @@ def test_probe_reports_a_wrong_or_failing_kernel(monkeypatch):
     monkeypatch.setattr(FO, "silu_mul", R.silu_mul)
     assert FO.fused_ops_problem(DEV, torch.float32) == "RuntimeError: PassManager::run failed"
     FO.fused_ops_problem.cache_clear()
+
+
+@pytest.mark.parametrize("cache", ["act", torch.float8_e4m3fn])
+def test_store_kv_with_a_non_power_of_two_row_touches_only_its_slots(cache):
+    g = torch.Generator().manual_seed(5)
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    t, hkv, d, bs, blocks = 5, 3, 16, 4, 4
+    k = (torch.randn(t, hkv, d, generator=g) * 3).to(dt).to(DEV)
+    v = (torch.randn(t, hkv, d, generator=g) * 3).to(dt).to(DEV)
+    slots = torch.tensor([0, 5, 3, 10, 14], device=DEV)  # within blocks and at a block's last slot
+    cdt = dt if cache == "act" else cache
+    a = torch.full((blocks, 2, bs, hkv, d), 7, dtype=torch.uint8, device=DEV).view(cdt) if cache != "act" \
+        else torch.full((blocks, 2, bs, hkv, d), 7.0, dtype=dt, device=DEV)
+    b = a.view(torch.uint8).clone().view(cdt) if cache != "act" else a.clone()
+    FO.store_kv(a, k, v, slots, 0.5, 0.25)
+    R.write_kv(b, k, v, slots, 0.5, 0.25)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

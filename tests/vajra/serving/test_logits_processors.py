@@ -9,7 +9,7 @@ import torch
 
 from gpulab.core.errors import InputError
 from gpulab.vajra.engine import EngineConfig, LLMEngine
-from gpulab.vajra.logits_processors import adjusts_logits, process_logits
+from gpulab.vajra.logits_processors import LogitsProcessor, adjusts_logits, process_logits
 from gpulab.vajra.sampling import SamplingParams
 from gpulab.vajra.scheduler import Sequence
 
@@ -146,3 +146,30 @@ def test_penalty_rows_survive_preemption_growth_and_reuse(blocks):
     else:
         assert eng.logits_processor.counts.shape[0] == 12  # max_num_seqs rows, never grown
     assert not eng.logits_processor._row and not eng._adjusting
+
+
+def test_a_reused_row_forgets_the_previous_sequences_prompt():
+    """A row cleared by forget() and reused must not keep the earlier sequence's prompt tokens as 'seen'."""
+    lp = LogitsProcessor(max_rows=1)
+    logits = torch.full((1, VOCAB), 2.0)
+    a = _seq(0, [5, 6], [], repetition_penalty=2.0)
+    lp(logits, [a], frozenset())
+    lp.forget(0)
+    b = _seq(1, [7], [], repetition_penalty=2.0)
+    got = lp(logits, [b], frozenset())
+    assert torch.equal(got, process_logits(logits, [b], frozenset()))
+    assert float(got[0, 5]) == 2.0 and float(got[0, 7]) == 1.0
+
+
+def test_counts_catch_up_on_several_tokens_between_calls():
+    """A sequence whose counts fall several tokens behind is brought up to date exactly once per token."""
+    lp = LogitsProcessor()
+    logits = torch.zeros(1, VOCAB)
+    s = _seq(0, [1], [], frequency_penalty=1.0)
+    lp(logits, [s], frozenset())
+    s.token_ids += [3, 4]  # two tokens since the last call
+    lp(logits, [s], frozenset())
+    s.token_ids += [4]
+    got = lp(logits, [s], frozenset())
+    assert torch.equal(got, process_logits(logits, [s], frozenset()))
+    assert float(got[0, 3]) == -1.0 and float(got[0, 4]) == -2.0

@@ -431,3 +431,30 @@ def test_engine_min_tokens_and_stop_strings_and_the_ending_token_id(tokenizer):
                     EngineConfig(num_blocks=64, block_size=8))
     (o,) = eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_id]))
     assert o.finish_reason == "stop" and o.stop_reason is None  # EOS (also a stop id): None, as vLLM's
+
+
+def _metaspace_tokenizer(words):
+    from types import SimpleNamespace
+
+    from gpulab.vajra.detokenizer import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{"\u2581" + w: i + 1 for i, w in enumerate(words)}}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return Tokenizer(SimpleNamespace(backend_tokenizer=tok)), vocab
+
+
+def test_streamed_text_keeps_every_space_past_the_window_trim():
+    words = [f"w{i}" for i in range(40)]
+    tok, vocab = _metaspace_tokenizer(words)
+    ids = [vocab["\u2581" + w] for w in words]
+    assert tok.decode(ids[:1]) == "w0" and tok.decode(ids[:2]) == "w0 w1"
+    d = IncrementalDetokenizer(tok, [ids[0]])
+    streamed = ""
+    for t in ids[1:]:
+        d.add(t)
+        streamed += d.take(False)
+    streamed += d.take(True)
+    assert streamed == " " + " ".join(words[1:])
