@@ -107,6 +107,7 @@ class TrainConfig:
 
 # Settings that a resumed run may change: they do not change what is trained.
 RESUME_FREE = ("checkpoint_every",)
+TAIL_STEPS = 50  # a phase's final_loss: the mean loss of its last min(50, steps / 4) steps
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = (),
@@ -315,13 +316,23 @@ class Trainer:
             self.history.append({"phase": name, "steps": total, "lr": base_lr,
                                  "epochs": round(total / self.source.steps_per_epoch, 3)})
         rec = self.history[-1]
+        # the phase's figures over its steps before a resume, as its last checkpoint kept them
+        before = rec.pop("_partial", None) or {"tail": [], "finite": True, "correct": 0, "seen": 0, "seconds": 0.0}
         # each step's loss goes into one buffer allocated up front (a list of detached losses kept small tensors
         # alive between the steps' large activation buffers, and on the CPU glibc's heap grew by about an
         # activation buffer a step)
         first = self.step
         loss_buf = torch.zeros(max(0, total - first), device=self.device)
         correct, seen = 0, 0
-        t_log = time.perf_counter()
+        t_log = t_start = time.perf_counter()
+
+        def so_far() -> dict[str, Any]:  # the figures of the phase's steps up to now (this run and before it)
+            losses = loss_buf[:self.step - first]
+            return {"tail": (before["tail"] + losses[-TAIL_STEPS:].tolist())[-TAIL_STEPS:],
+                    "finite": before["finite"] and bool(torch.isfinite(losses).all()),
+                    "correct": before["correct"] + correct, "seen": before["seen"] + seen,
+                    "seconds": before["seconds"] + time.perf_counter() - t_start}
+
         while self.step < total:
             fam.train()
             if members is not None and cfg.mode == "frozen":
@@ -348,21 +359,26 @@ class Trainer:
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += y.numel()
             if self.step % cfg.checkpoint_every == 0 and self.step < total:
+                rec["_partial"] = so_far()  # in the checkpoint: a resumed phase reports all of its steps
                 self.save(opt)
+                del rec["_partial"]
             if time.perf_counter() - t_log > 30 and self.rank == 0:
                 recent = loss_buf[max(0, self.step - first - 50):self.step - first]
                 self.log(f"{name}: step {self.step}/{total} loss {float(recent.mean()):.4f}")
                 t_log = time.perf_counter()
-        losses = loss_buf[:self.step - first]
-        if len(losses):  # every rank has run the same steps: average the figures over the ranks (DDP)
-            tail = losses[-max(1, min(50, len(losses) // 4 or 1)):].float()
-            finite = bool(torch.isfinite(losses).all())
-            loss_sum, n_finite, correct, seen = sdist.all_sum([float(tail.mean()), float(finite), correct, seen])
+        done = so_far()
+        if before["seconds"]:  # run() adds this run's time
+            rec["seconds"] = round(before["seconds"], 2)
+        if total:  # every rank has run the same steps: average the figures over the ranks (DDP; a resumed phase's
+            # steps before the resume are rank 0's, whose checkpoint kept them)
+            tail = done["tail"][-max(1, min(TAIL_STEPS, total // 4)):]
+            loss_sum, n_finite, correct, seen = sdist.all_sum([sum(tail) / len(tail), float(done["finite"]),
+                                                              done["correct"], done["seen"]])
             ranks = sdist.world_size()
             rec["final_loss"] = loss_sum / ranks
             rec["loss_finite"] = n_finite == ranks
             rec["train_top1_sampled"] = correct / seen if seen else None
-        self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if len(losses) else ""))
+        self.log(f"{name}: {total} steps done" + (f", final loss {rec.get('final_loss'):.4f}" if total else ""))
         for p in fam.parameters():
             p.requires_grad_(True)
 

@@ -74,8 +74,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, trained):
 
     _, data, _ = trained
     x, y = sdata.load_cifar10(data, "train")
-    cfg = TrainConfig(spec=tiny_spec(cuts="aligned"), batch_size=8, anchor_steps=3, stitch_steps=5,
-                      calib_images=8, checkpoint_every=2, amp=False)
+    cfg = TrainConfig(spec=tiny_spec(cuts="aligned"), batch_size=8, anchor_steps=3, stitch_steps=16,
+                      calib_images=8, checkpoint_every=4, amp=False)
 
     def run(folder, stop_at=None):
         src = sdata.TensorSource(x, y, 8, 0, "cpu")
@@ -95,16 +95,23 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, trained):
 
     full = run(tmp_path / "a")
     full.run()
-    broken = run(tmp_path / "b", stop_at=3 + 3 + 3)  # dies at stitch step 3 (checkpoint at step 2)
+    broken = run(tmp_path / "b", stop_at=3 + 3 + 13)  # dies at stitch step 13 (checkpoint at step 12)
     with pytest.raises(KeyboardInterrupt):
         broken.run()
     resumed = run(tmp_path / "b")
     resumed.resume()
-    assert resumed.step == 2 and resumed.opt_state is not None
+    assert resumed.step == 12 and resumed.opt_state is not None
     resumed.run()
     a, b = full.family.state_dict(), resumed.family.state_dict()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    # the resumed phase reports all of its steps, as the uninterrupted one (it reported those after the resume)
+    for h, g in zip(full.history, resumed.history, strict=True):
+        assert h["phase"] == g["phase"] and "_partial" not in g
+        for key in ("final_loss", "train_top1_sampled", "loss_finite"):
+            want = h.get(key)
+            assert (g.get(key) is None) if want is None else g.get(key) == pytest.approx(want, rel=1e-6), \
+                (h["phase"], key, want, g.get(key))
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, trained, capsys):
