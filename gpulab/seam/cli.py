@@ -151,6 +151,10 @@ def train(
         trainer.data_info = data_info
         if resume:
             trainer.resume()
+            if trainer.phase_index == len(trainer.plan()) and (folder / "family.yaml").is_file():
+                # nothing left to train: the family, its evaluation and selections stay as they are
+                log(f"{folder}: the training is complete; nothing to resume (no record written)")
+                return
             log(f"resumed at phase {trainer.phase_index}, step {trainer.step}")
         # every rank has checked the folder (and read the checkpoint) before rank 0 removes or writes anything
         pg.barrier()
@@ -201,8 +205,9 @@ def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, worl
     if world > 1:
         rec.notes.append(f"DDP over {world} ranks: BatchNorm statistics are per rank ({cfg.batch_size // world} "
                          f"images), losses and sampled accuracy are averaged over the ranks")
-    if fmt == "cifar10" and data_info["train_images"] < 50000:
-        rec.notes.append(f"trained on the first {data_info['train_images']} of 50000 CIFAR-10 training images")
+    if fmt == "cifar10" and data_info["train_images"] < 50000:  # --train-images, or a folder holding fewer
+        rec.notes.append(f"trained on {data_info['train_images']} CIFAR-10 training images; the full training set "
+                         "has 50000")
     path = rec.save()
     rec.print()
     return path
@@ -253,7 +258,10 @@ def eval_(
     device = options.resolve_device(what="seam eval")
     fam, info = store.load_family(folder, device)
     root, fmt = sdata.resolve_data(data or (info.get("data") or {}).get("path"))
-    if device == "cuda":
+    trained_on = info.get("data") or {}
+    if trained_on.get("format") not in (None, fmt):  # other normalization, other labels: a meaningless top-1
+        raise InputError(f"{root}: {fmt} data, the family was trained on {trained_on['format']} data "
+                         f"({trained_on.get('path')}); evaluate it on data of that kind")
         fam.to(memory_format=torch.channels_last)
     if fmt == "cifar10":
         if fam.spec.num_classes != 10:
@@ -313,8 +321,9 @@ def eval_(
         rec.notes.append(f"the anchors' top-1 differ by {interp['anchor_band']:.4f}, within the 95% noise of a "
                          f"difference on {n_test} images ({interp['anchor_band_noise_95']:.4f}): whether a stitch "
                          "lands strictly between them is largely chance (see interpolate_fraction_within_noise)")
-    if n_test < 10000 and fmt == "cifar10":
-        rec.notes.append(f"top-1 on the first {n_test} of 10000 CIFAR-10 test images")
+    if n_test < 10000 and fmt == "cifar10":  # the folder may hold fewer than CIFAR-10's 10000
+        rec.notes.append(f"top-1 on {n_test} CIFAR-10 test images" + (" (the first of the folder's)" if test_images
+                                                                       else "") + "; the full test set has 10000")
     if not latency:
         rec.notes.append("latency not measured (--no-latency)")
     elif device == "cpu":
@@ -383,5 +392,7 @@ def select_(
         rec.metrics["plot"] = str(png)
     path = rec.save()  # first: a record that cannot be written leaves the family folder as it was
     atomic.write_all(outputs)
+    if not plot:  # an earlier selection's plot would sit beside this selection's YAML
+        png.unlink(missing_ok=True)
     rec.print()
     typer.echo(f"wrote {path}, {out_yaml}" + (f", {rec.metrics['plot']}" if plot else ""))

@@ -222,6 +222,8 @@ class FolderSource:
     def limit(self, n: int) -> None:
         """Keep ``n`` images spread over the whole split (ImageFolder lists them class by class, so the
         first ``n`` would cover only the first classes): a fixed-seed subset, in folder order."""
+        if n > len(self.ds):  # as load_cifar10: the count asked for is not there
+            raise InputError(f"{self.ds.root}: asked for {n} images, the folder holds {len(self.ds)}")
         if 0 < n < len(self.ds):
             keep = sorted(torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
             self.ds.samples = [self.ds.samples[i] for i in keep]

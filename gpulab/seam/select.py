@@ -63,7 +63,7 @@ def pareto_front(models: list[dict[str, Any]], key: str) -> list[dict[str, Any]]
 
 
 def parse_accuracies(text: str) -> list[float]:
-    """'93.5,94' (percent) -> [0.935, 0.94]; empty -> []."""
+    """'93.5,94' (percent) -> [0.935, 0.94], each level once, in the order given; empty -> []."""
     out = []
     for part in [t.strip() for t in text.split(",") if t.strip()]:
         try:
@@ -72,7 +72,10 @@ def parse_accuracies(text: str) -> list[float]:
             raise InputError(f"--accuracy: {part!r} is not a number (percent, e.g. 93.5)") from None
         if not 0 < v <= 100:
             raise InputError(f"--accuracy must be a percentage in (0, 100], got {part}")
-        out.append(v / 100.0)
+        if v < 1:  # the tables print top-1 as a fraction: 0.935 there is 93.5 here
+            raise InputError(f"--accuracy is in percent: {part} would be {v}% (for {100 * v:g}% give {100 * v:g})")
+        if v / 100.0 not in out:  # a repeated level would count twice in lighter_fraction
+            out.append(v / 100.0)
     return out
 
 

@@ -174,3 +174,49 @@ def test_weight_decay_skips_biases_and_norm_weights():
     decayed = {id(p) for grp in opt.param_groups if grp["weight_decay"] > 0 for p in grp["params"]}
     for name, p in net.named_parameters():
         assert (id(p) in decayed) == (p.ndim > 1), name
+
+
+def test_eval_on_data_of_another_kind_than_the_training_is_refused(trained, tmp_path):
+    """A CIFAR-trained family scored on an image folder (ImageNet normalization, folder labels) gave a meaningless
+    top-1 without a word."""
+    from gpulab.cli import invoke
+
+    from .helpers import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs")
+    with pytest.raises(InputError, match="imagefolder data, the family was trained on cifar10 data"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(trained[2]), "--data", str(folder),
+                "--no-latency", "--workers", "0"])
+
+
+def test_more_images_than_an_image_folder_holds_is_refused(tmp_path):
+    from gpulab.seam.data import FolderSource
+
+    from .helpers import write_image_folder
+
+    src = FolderSource(write_image_folder(tmp_path / "imgs"), "val", 2, 0, "cpu", train=False, workers=0,
+                       image_size=32)
+    with pytest.raises(InputError, match=f"asked for 1000 images, the folder holds {len(src.ds)}"):
+        src.limit(1000)
+
+
+def test_resuming_a_finished_family_changes_nothing(trained, tmp_path, capsys):
+    """--resume of a complete training wrote a new record and deleted eval.yaml and the selections."""
+    from gpulab.cli import invoke
+
+    root, data, fam = trained
+    d = _copy(fam, tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    out = tmp_path / "r"
+    invoke(["--out", str(out), "seam", "train", "--family", str(d), "--data", str(data), "--resume", *TRAIN])
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before and not out.exists()
+    assert "the training is complete; nothing to resume" in capsys.readouterr().err
+
+
+def test_select_without_a_plot_removes_the_earlier_plot(trained, tmp_path):
+    from gpulab.cli import invoke
+
+    d = _copy(trained[2], tmp_path)
+    assert (d / "select-flops.png").is_file()
+    invoke(["--out", str(tmp_path / "r"), "seam", "select", "--family", str(d), "--metric", "flops", "--no-plot"])
+    assert (d / "select-flops.yaml").is_file() and not (d / "select-flops.png").exists()

@@ -81,9 +81,12 @@ def test_metric_and_accuracy_validation():
         sel.select(timed, [0.89], "latency")
     assert sel.select(timed, [0.89], "flops")[0][0]["chosen"] == "s3"  # other metrics are unaffected
     assert sel.parse_accuracies("93.5, 92") == [0.935, 0.92]
+    assert sel.parse_accuracies("10,10,93.5,10") == [0.1, 0.935]  # a repeated level once (lighter_fraction)
     for bad in ("0", "101", "abc"):
         with pytest.raises(InputError):
             sel.parse_accuracies(bad)
+    with pytest.raises(InputError, match=r"^--accuracy is in percent: 0.105 would be 0.105% \(for 10.5% give 10.5\)"):
+        sel.parse_accuracies("0.105")  # a fraction, as the tables print top-1
 
 
 def test_select_cli_on_a_synthetic_family(tmp_path):
