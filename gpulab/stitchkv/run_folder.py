@@ -72,9 +72,10 @@ def stage_settings(cfg: dict[str, Any], records_per_step: int | None = None) -> 
 
 
 def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: dict[str, str],
-                     settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                     settings: dict[str, dict[str, Any]], ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse a run folder of another pair, and a stage resumed or skipped (``plan``) whose saved state was
-    trained with other settings; returns run.yaml's new content (old + this run's options)."""
+    trained with other settings (a resumed stage's are in its checkpoint, a finished one's in run.yaml's
+    ``trained``); returns run.yaml's new content (old + this run's options)."""
     if old:
         for k in KEY_FIELDS:
             if not _same(k, old.get(k), cfg.get(k)):
@@ -84,6 +85,8 @@ def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: 
                 raise stale_model_error(str(run), key, cfg.get(key))
     for name, how in plan.items():
         was = old.get("trained", {}).get(name)
+        if how == "resume" and ckpt is not None and isinstance(ckpt.get("settings"), dict):
+            was = ckpt["settings"]  # what the interrupted run trained with (run.yaml: the stage's last result)
         if how not in ("resume", "skip") or not isinstance(was, dict):
             continue
         for k, v in settings[name].items():
@@ -95,11 +98,18 @@ def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: 
     return {**old, **cfg, "trained": dict(old.get("trained", {}))}
 
 
-def record_stage(content: dict[str, Any], name: str, settings: dict[str, Any]) -> None:
-    """Record in run.yaml's ``content`` the settings stage ``name`` is trained with."""
-    content["trained"][name] = dict(settings)
+def stage_record(content: dict[str, Any], name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings stage ``name`` is trained with, as run.yaml's ``trained`` and its checkpoints keep them."""
+    out = dict(settings)
     if name == "lora":  # stage 2 starts from these stitches: a later retrain of the warm-up makes it stale
-        content["trained"][name]["from_warmup"] = content["trained"].get("warmup")
+        out["from_warmup"] = content["trained"].get("warmup")
+    return out
+
+
+def record_stage(content: dict[str, Any], name: str, settings: dict[str, Any]) -> None:
+    """Record in run.yaml's ``content`` the settings stage ``name``'s saved result was trained with (once the
+    result is in its folder: an interrupted retrain leaves the record of the result that is there)."""
+    content["trained"][name] = stage_record(content, name, settings)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

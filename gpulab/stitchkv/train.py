@@ -27,7 +27,7 @@ from gpulab.core import atomic
 from gpulab.core.errors import InputError
 from gpulab.stitchkv.run_folder import (
     PATH_FIELDS, check_run_config, load_checkpoint, read_run_yaml, record_stage, save_checkpoint, stage_plan,
-    stage_settings, write_run_yaml,
+    stage_record, stage_settings, write_run_yaml,
 )
 from gpulab.stitchkv.step_losses import StepLosses
 from gpulab.stitchkv.store import FINGERPRINT_FIELDS, first_line, load_bank, model_fingerprint, save_bank, save_stage2
@@ -281,21 +281,37 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     plan = stage_plan(run, stage, cfg, ckpt, old.get("trained", {}))
     held = heldout_prompts(corpus, cfg) if plan.get("warmup") in ("train", "resume") else []
     settings = stage_settings(cfg, world if corpus.kind == "jsonl" else None)
-    saved = check_run_config(run, old, cfg, plan, settings)
+    saved = check_run_config(run, old, cfg, plan, settings, ckpt)
+    at = ckpt.get("stage") if ckpt else None
+    if at is not None and plan.get(at) != "resume":
+        if at == "warmup" and "warmup" not in plan:  # --stage lora would build on the old stitches and lose it
+            raise InputError(f"{run}/checkpoint.pt holds an interrupted warm-up (step {ckpt.get('step')}); finish "
+                             "it with --stage warmup (or all), or delete checkpoint.pt to keep the stitches there")
+        log(f"checkpoint.pt of an interrupted {at} (step {ckpt.get('step')}) is replaced: this call trains "
+            f"{', '.join(n for n, how in plan.items() if how == 'train')} from scratch")
     if ctx.is_main:
         write_run_yaml(run, saved)
     ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder
     cfg = saved
 
     def pin(name: str) -> None:
-        """Record ``name``'s settings in run.yaml before its checkpoint or result is saved (rank 0 writes)."""
+        """Record in run.yaml the settings of ``name``'s result, once it is in its folder (rank 0 writes)."""
         record_stage(saved, name, settings[name])
         if ctx.is_main:
             write_run_yaml(run, saved)
 
-    def save_ckpt(name: str, state: dict[str, Any]) -> None:
+    def save_ckpt(name: str, state: dict[str, Any]) -> None:  # the settings it is trained with go with it
+        save_checkpoint(ckpt_p, name, {**state, "settings": stage_record(saved, name, settings[name])})
+
+    def finish(name: str, write_folder: Any) -> None:
+        """Stage ``name``'s result into its folder, then its record in run.yaml, then its checkpoint is gone:
+        killed in between, the checkpoint resumes the stage and writes both again."""
+        if ctx.is_main:
+            write_folder()
         pin(name)
-        save_checkpoint(ckpt_p, name, state)
+        if ctx.is_main:
+            ckpt_p.unlink(missing_ok=True)
+        ctx.barrier()
 
     torch.manual_seed(cfg["seed"])
     results: dict[str, Any] = {"align": align, "large_shape": ls, "small_shape": ss, "notes": []}
@@ -360,12 +376,11 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
                 _, pred, target = warmup_step_loss(pair.large, pair.small, bank, prompt.to(device), cfg["loss"])
                 n, d = nmse_parts(pred, target)
                 num, den = num + n, den + d
-        pin("warmup")
-        if ctx.is_main:
+        def write_warmup() -> None:
             with atomic.build_folder(run / "warmup") as tmp:  # weights and stitch.yaml appear together
                 save_bank(bank, tmp)
-            ckpt_p.unlink(missing_ok=True)
-        ctx.barrier()  # stage 2 of every rank reads warmup/
+
+        finish("warmup", write_warmup)  # stage 2 of every rank reads warmup/ after it
         results["warmup"] = _stage_result(n_steps, hist, t0, heldout_nmse=num / den if den > 0 else float("nan"),
                                           heldout_prompts=sum(len(p) for p in held), ls_r2=r2)
 
@@ -407,18 +422,14 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
             lambda step, h: save_ckpt("lora", {"step": step, "bank": bank.state_dict(),
                                                "lora": get_peft_model_state_dict(small),
                                                **_optim_state(opt, scaler), "hist": h}))
-        pin("lora")
-        if ctx.is_main:
-            save_stage2(small, bank, run / "lora")
-            ckpt_p.unlink(missing_ok=True)
-        ctx.barrier()
+        finish("lora", lambda: save_stage2(small, bank, run / "lora"))
         results["lora"] = _stage_result(cfg["lora_steps"], hist, t0)
     if plan.get("lora_control") == "skip":
         log(f"lora-control: already done in {run / 'lora-control'}, skipped")
         results["lora_control"] = {"skipped": "already trained"}
     elif "lora_control" in plan:
         results["lora_control"] = train_lora_control(cfg, batches, ctx, device, log, run, resumed("lora_control"),
-                                                     save_ckpt, pin)
+                                                     save_ckpt, finish)
     return results
 
 
@@ -488,14 +499,14 @@ def lm_loss_own(model: Any, prompt: Any, cont: Any) -> Any:
 
 
 def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str, log: Any, run: Path,
-                       st: dict[str, Any] | None, save_ckpt: Any, pin: Any) -> dict[str, Any]:
+                       st: dict[str, Any] | None, save_ckpt: Any, finish: Any) -> dict[str, Any]:
     """The control of stage 2: the same LoRA (targets, rank, lr, steps, batches) on a fresh copy of the small
     model, trained on the same continuations from its own prompt cache, without stitches. Stage 2 also
     fine-tunes the small model on the corpus, so a stitched model that beats small-only may owe that to the
     LoRA training alone; ``kvstitch eval`` compares stitched-lora with this small-lora control.
 
-    Checkpointed like stage 2 (``save_ckpt(stage, state)``; ``st``: a checkpoint to resume); ``pin(stage)``
-    records its settings in run.yaml before its result is saved to ``run/lora-control``."""
+    Checkpointed like stage 2 (``save_ckpt(stage, state)``; ``st``: a checkpoint to resume); ``finish(stage,
+    write)`` saves its result to ``run/lora-control`` and then records its settings in run.yaml."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -523,10 +534,9 @@ def train_lora_control(cfg: dict[str, Any], batches: Any, ctx: Any, device: str,
         lambda step, v: f"lora-control step {step}: lm loss {v:.4f}",
         lambda step, h: save_ckpt("lora_control", {"step": step, "lora": get_peft_model_state_dict(model),
                                                    **_optim_state(opt, scaler), "hist": h}))
-    pin("lora_control")
-    if ctx.is_main:
+    def write_control() -> None:
         with atomic.build_folder(run / "lora-control") as tmp:
             model.save_pretrained(str(tmp / "adapter"))
-        (run / "checkpoint.pt").unlink(missing_ok=True)
-    ctx.barrier()
+
+    finish("lora_control", write_control)
     return _stage_result(n, hist, t0)

@@ -438,3 +438,37 @@ def test_lora_on_a_tied_lm_head_is_refused(models):
     small.config.tie_word_embeddings = True  # the fixture builds a fresh pair per test
     with pytest.raises(InputError, match="ties lm_head to its input embeddings"):
         T.lora_targets(small, {"lora_targets": "q_proj,lm_head"})
+
+
+def test_an_interrupted_retrain_keeps_the_record_of_the_result_that_is_there(pair_dirs, corpus_file, tmp_path,
+                                                                             monkeypatch):
+    """run.yaml's `trained` describes what the stage folders hold: a warm-up retrain killed after a checkpoint
+    recorded its new settings at once, so a later --stage all took the old stitches for the new ones and
+    skipped them; the checkpoint carries its own settings, checked when it resumes. --stage lora does not build
+    on the old stitches while a warm-up retrain is pending."""
+    import yaml
+
+    run = tmp_path / "run"
+    cfg = cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=2)
+    T.train(cfg, "cpu", log=lambda m: None)
+    stitches = (run / "warmup" / "stitch.safetensors").read_bytes()
+    trained = yaml.safe_load((run / "run.yaml").read_text())["trained"]
+    retrain = {**cfg, "stage": "warmup", "steps": 6, "lr": 1e-2, "ckpt_every": 2}
+    real = _die_on_call(monkeypatch, "warmup_step_loss", 5)  # after the step-4 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        T.train(retrain, "cpu", log=lambda m: None)
+    monkeypatch.setattr(T, "warmup_step_loss", real)
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ck["stage"] == "warmup" and ck["settings"]["steps"] == 6 and ck["settings"]["lr"] == 1e-2
+    assert yaml.safe_load((run / "run.yaml").read_text())["trained"] == trained  # the old stitches' record
+    assert (run / "warmup" / "stitch.safetensors").read_bytes() == stitches
+    with pytest.raises(InputError, match="checkpoint.pt holds an interrupted warm-up \\(step 4\\); finish it"):
+        T.train({**cfg, "stage": "lora"}, "cpu", log=lambda m: None)
+    with pytest.raises(InputError, match="warmup was trained with steps=6, not 2; .*delete checkpoint.pt"):
+        T.train(cfg, "cpu", log=lambda m: None)  # the pending retrain is not skipped as finished
+    logs = []
+    T.train({**retrain, "stage": "all"}, "cpu", log=logs.append)  # resumes it, then retrains stage 2 from it
+    assert any("warmup: resuming at step 4" in m for m in logs)
+    now = yaml.safe_load((run / "run.yaml").read_text())["trained"]
+    assert now["warmup"]["steps"] == 6 and now["lora"]["from_warmup"] == now["warmup"]
+    assert not (run / "checkpoint.pt").exists()
