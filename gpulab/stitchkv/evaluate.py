@@ -319,7 +319,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
 
     from gpulab.stitchkv import data as D
     from gpulab.stitchkv.models import check_window, load_pair
-    from gpulab.stitchkv.store import load_bank, load_stage2, run_config, trained_stages
+    from gpulab.stitchkv.store import load_bank, load_stage2, run_config, stage2_stale, trained_stages
 
     run = Path(run)
     cfg = run_config(run)
@@ -401,7 +401,10 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     large_bytes = by["large"]["kv_bytes_per_seq"]
     for r in rec.rows:
         r["kv_vs_large"] = r["kv_bytes_per_seq"] / large_bytes if large_bytes else None
-    best = "stitched-lora" if "stitched-lora" in by else "stitched-warmup"
+    stale = stage2_stale(cfg) if "stitched-lora" in by else None
+    if stale:  # its row stays (what lora/ holds), but it is not this run's result
+        rec.notes.append(f"{stale}; the stitched result below is the warm-up's")
+    best = "stitched-lora" if "stitched-lora" in by and not stale else "stitched-warmup"
     gaps = {}
     for metric in ("rougeL", "ref_nll", "ref_nll_tok1", "ref_nll_after"):
         for v in ("stitched-warmup", "stitched-lora", "small-lora"):

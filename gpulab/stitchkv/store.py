@@ -134,13 +134,26 @@ def run_config(run: Path) -> dict[str, Any]:
     return cfg
 
 
+def stage2_stale(cfg: dict[str, Any]) -> str | None:
+    """Why the run's stage-2 result no longer follows from its warm-up (None: it does, or the run folder is of a
+    version that did not record it): the warm-up was retrained after stage 2 started from its stitches."""
+    trained = cfg.get("trained") if isinstance(cfg.get("trained"), dict) else {}
+    lora, warm = trained.get("lora"), trained.get("warmup")
+    if isinstance(lora, dict) and "from_warmup" in lora and warm is not None and lora["from_warmup"] != warm:
+        return ("stage 2 (lora/) was trained from earlier warm-up stitches: the warm-up was retrained since "
+                "(retrain stage 2 with --stage lora)")
+    return None
+
+
 def pick_stage(run: Path, stage: str) -> str:
-    """--stage resolved against what the run trained ('auto': lora if trained, else warmup)."""
+    """--stage resolved against what the run trained ('auto': lora if trained and it follows from the warm-up
+    there, else warmup)."""
     if stage not in STAGES:
         raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     have_w, have_l = trained_stages(run)
     if stage == "auto":
-        stage = "lora" if have_l else "warmup"
+        stale = have_l and stage2_stale(read_yaml_mapping(run / "run.yaml", f"--run {run}: no run.yaml"))
+        stage = "lora" if have_l and not stale else "warmup"
     if stage == "warmup" and not have_w:
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     if stage == "lora" and not have_l:

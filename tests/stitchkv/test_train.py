@@ -472,3 +472,17 @@ def test_an_interrupted_retrain_keeps_the_record_of_the_result_that_is_there(pai
     now = yaml.safe_load((run / "run.yaml").read_text())["trained"]
     assert now["warmup"]["steps"] == 6 and now["lora"]["from_warmup"] == now["warmup"]
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_stage_2_of_an_older_warm_up_is_not_the_runs_result(pair_dirs, corpus_file, tmp_path):
+    """After --stage warmup retrains the stitches, lora/ was trained from the old ones: 'auto' (eval's result,
+    export, the prefill provider) takes the warm-up; an explicit --stage lora still may."""
+    run = tmp_path / "run"
+    cfg = cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=2)
+    T.train(cfg, "cpu", log=lambda m: None)
+    assert S.pick_stage(run, "auto") == "lora" and S.stage2_stale(S.run_config(run)) is None
+    T.train({**cfg, "stage": "warmup", "steps": 3}, "cpu", log=lambda m: None)
+    assert "the warm-up was retrained since" in S.stage2_stale(S.run_config(run))
+    assert S.pick_stage(run, "auto") == "warmup" and S.pick_stage(run, "lora") == "lora"
+    T.train({**cfg, "steps": 3}, "cpu", log=lambda m: None)  # --stage all retrains stage 2 from the new stitches
+    assert S.pick_stage(run, "auto") == "lora" and S.stage2_stale(S.run_config(run)) is None
