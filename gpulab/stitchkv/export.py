@@ -17,7 +17,7 @@ EXPORT_MARKER = "kvstitch-export.yaml"  # beside the exported model: which run a
 def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = False) -> str:
     """Write the run's decode model to ``out``; returns the stage exported."""
     from gpulab.stitchkv.models import load_tokenizer, save_model
-    from gpulab.stitchkv.store import load_small, pick_stage, run_config
+    from gpulab.stitchkv.store import load_small, pick_stage, run_config, stage_fingerprint
 
     run, out = Path(run), Path(out)
     cfg = run_config(run)
@@ -35,6 +35,7 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
     small, _ = load_small(cfg, run, stage, "cpu")
     if stage == "lora":
         small = small.merge_and_unload()
-    marker = {"run": str(run.resolve()), "stage": stage, "small_id": cfg.get("small_id")}
+    marker = {"run": str(run.resolve()), "stage": stage, "small_id": cfg.get("small_id"),
+              "stage_id": stage_fingerprint(run, stage)}
     save_model(small, load_tokenizer(Path(cfg["small"]), "small"), out, extra={EXPORT_MARKER: marker})
     return stage

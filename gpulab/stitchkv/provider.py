@@ -61,6 +61,11 @@ class StitchPrefill:
                 raise InputError(f"{d} is the exported decode model of run {m.get('run')} stage {m.get('stage')!r}, "
                                  f"not of {self.run} stage {self.stage!r}; serve that run's export (gpulab kvstitch "
                                  f"export --run {self.run})")
+            from gpulab.stitchkv.store import stage_fingerprint
+
+            if m.get("stage_id") is not None and m["stage_id"] != stage_fingerprint(self.run, self.stage):
+                raise InputError(f"{d} was exported before run {self.run}'s stage {self.stage!r} was retrained; "
+                                 f"export it again (gpulab kvstitch export --run {self.run} --overwrite)")
         else:
             from gpulab.stitchkv.store import model_fingerprint
 

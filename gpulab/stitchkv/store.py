@@ -108,6 +108,18 @@ def model_fingerprint(folder: Path | str) -> str:
     return h.hexdigest()[:16]
 
 
+def stage_fingerprint(run: Path, stage: str) -> str:
+    """A hash of what a stage's folder holds (its stitches; for 'lora' also the adapter): an export records it,
+    so that a stage retrained after the export is not served with the exported (older) decode model."""
+    import hashlib
+
+    folder = Path(run) / stage
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def stale_model_error(where: str, key: str, folder: Any) -> InputError:
     """The error for a run whose --``key`` model folder now holds another model than the run recorded."""
     return InputError(f"{where}: the --{key} folder {folder} no longer holds the model this run was trained "

@@ -113,6 +113,30 @@ def test_export_and_provider_errors(tiny_run, tmp_path):
         load(f"{tiny_run}@stage3")
 
 
+def test_an_export_made_before_its_stage_was_retrained_is_refused(pair_dirs, corpus_file, tiny_run, tmp_path):
+    """The export records what its stage folder held; retrained since, the run's stitches would be decoded by the
+    older LoRA-merged model, silently."""
+    import shutil
+
+    from gpulab.stitchkv import train as T
+    from gpulab.stitchkv.export import export_small
+    from gpulab.stitchkv.provider import load
+    from tests.stitchkv.test_train import cfg_for
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = tmp_path / "small"
+    export_small(run, out)
+    provider = load(str(run))
+    provider.check_model(out)  # fine
+    T.train(cfg_for(pair_dirs, corpus_file, run, stage="lora", steps=1, lora_steps=2, lora_lr=5e-2), "cpu",
+            log=lambda m: None)
+    with pytest.raises(InputError, match="was exported before run .* stage 'lora' was retrained; export it again"):
+        load(str(run)).check_model(out)
+    export_small(run, out, overwrite=True)
+    load(str(run)).check_model(out)
+
+
 def test_generate_cli_with_the_stitchkv_provider(tiny_run, tmp_path, capsys):
     out = tmp_path / "small"
     invoke(["kvstitch", "export", "--run", str(tiny_run), "-o", str(out)])
