@@ -69,7 +69,8 @@ class StitchPrefill:
         else:
             from gpulab.stitchkv.store import model_fingerprint
 
-            own = self.cfg.get("small_id") is not None and model_fingerprint(d) == str(self.cfg["small_id"])
+            want = self.cfg.get("small_id")
+            own = want is not None and model_fingerprint(d, like=str(want)) == str(want)
             if (own or d.resolve() == Path(self.cfg["small"]).resolve()) and self.stage == "lora":
                 raise InputError(f"{d} is run {self.run}'s small model without its stage-2 LoRA; serve the folder "
                                  f"`gpulab kvstitch export --run {self.run}` writes (or @warmup)")

@@ -92,20 +92,34 @@ STAGES = ("auto", "warmup", "lora")  # --stage of the commands that use a traine
 FINGERPRINT_FIELDS = {"large": "large_id", "small": "small_id"}  # run.yaml: a model folder -> what it held
 
 
-def model_fingerprint(folder: Path | str) -> str:
-    """What a model folder holds, cheaply: a hash of its config.json and tokenizer files and of its weight files'
-    names and sizes. A run folder is tied to its pair by these, not only by the paths: another model copied
-    into the same path is refused instead of being served with stitches trained for the old one."""
+FINGERPRINT_VERSION = "v2-"  # v2 also samples the weights; an id without the prefix is of v1 (names and sizes)
+_SAMPLE = 1 << 16  # bytes read at the start, middle and end of each weight file
+
+
+def model_fingerprint(folder: Path | str, like: str | None = None) -> str:
+    """What a model folder holds, cheaply: a hash of its config.json and tokenizer files, of its weight files'
+    names and sizes, and of 64 KiB at the start, middle and end of each weight file (a model retrained in place
+    has the same names and sizes; its weights differ everywhere). A run folder is tied to its pair by these, not
+    only by the paths: another model in the same path is refused instead of being served with stitches trained
+    for the old one. ``like``: an id recorded earlier; one of version 1 (before the weights were sampled) is
+    recomputed that way, so that older run folders still match their unchanged models."""
     import hashlib
 
     d = Path(folder)
+    v1 = like is not None and not str(like).startswith(FINGERPRINT_VERSION)
     h = hashlib.sha256()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         p = d / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"-") + b"\0")
     for p in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
-        h.update(f"{p.name}:{p.stat().st_size}".encode() + b"\0")
-    return h.hexdigest()[:16]
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode() + b"\0")
+        if not v1:
+            with open(p, "rb") as f:
+                for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                    f.seek(at)
+                    h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:16] if v1 else FINGERPRINT_VERSION + h.hexdigest()[:16]
 
 
 def stage_fingerprint(run: Path, stage: str) -> str:
@@ -130,7 +144,7 @@ def check_fingerprints(cfg: dict[str, Any], where: str) -> None:
     """The pair's folders still hold the models the run recorded (run folders of older versions record none)."""
     for key, id_key in FINGERPRINT_FIELDS.items():
         want = cfg.get(id_key)
-        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key]) != str(want):
+        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key], like=str(want)) != str(want):
             raise stale_model_error(where, key, cfg[key])
 
 

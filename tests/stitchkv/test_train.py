@@ -486,3 +486,37 @@ def test_stage_2_of_an_older_warm_up_is_not_the_runs_result(pair_dirs, corpus_fi
     assert S.pick_stage(run, "auto") == "warmup" and S.pick_stage(run, "lora") == "lora"
     T.train({**cfg, "steps": 3}, "cpu", log=lambda m: None)  # --stage all retrains stage 2 from the new stitches
     assert S.pick_stage(run, "auto") == "lora" and S.stage2_stale(S.run_config(run)) is None
+
+
+def test_a_model_retrained_in_place_is_refused_and_older_ids_still_match(pair_dirs, corpus_file, tmp_path):
+    """Weights rewritten in place keep their file names and sizes (a pair pretrained again): the fingerprint
+    samples the weights too. A run folder of the first version (names and sizes only) still matches its unchanged
+    models, and is recorded anew."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    large, small = (tmp_path / "large", tmp_path / "small")
+    shutil.copytree(pair_dirs[0], large)
+    shutil.copytree(pair_dirs[1], small)
+    run = tmp_path / "run"
+    cfg = cfg_for((large, small), corpus_file, run, steps=1)
+    T.train(dict(cfg), "cpu", log=lambda m: None)
+    ids = {k: S.run_config(run)[k] for k in ("large_id", "small_id")}
+    assert all(v.startswith(S.FINGERPRINT_VERSION) for v in ids.values())
+    # an older run.yaml: ids of version 1, which the same models still give
+    old = yaml.safe_load((run / "run.yaml").read_text())
+    old.update({k: S.model_fingerprint(d, like="0" * 16) for k, d in (("large_id", large), ("small_id", small))})
+    (run / "run.yaml").write_text(yaml.safe_dump(old))
+    S.run_config(run)
+    T.train(dict(cfg), "cpu", log=lambda m: None)  # skipped as finished; the ids are recorded as version 2
+    assert {k: S.run_config(run)[k] for k in ids} == ids
+    (w,) = small.glob("*.safetensors")
+    tensors = load_file(w)
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in tensors.items()}, w, metadata={"format": "pt"})
+    assert S.model_fingerprint(small, like="0" * 16) == old["small_id"]  # names and sizes alone: the same
+    with pytest.raises(InputError, match="--small folder .* no longer holds the model"):
+        S.run_config(run)
+    with pytest.raises(InputError, match="no longer holds the model this run was trained with"):
+        T.train(dict(cfg), "cpu", log=lambda m: None)
