@@ -19,12 +19,41 @@ from typing import Iterator
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs...), read from /proc; [] where there is none (not Linux)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for e in entries:
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group that ``proc`` leads (a no-op once it is gone)."""
+    """SIGKILL the process group that ``proc`` leads and every process below it (a no-op once they are gone):
+    torchrun starts its ranks in sessions of their own, which its group does not hold."""
+    below = descendants(proc.pid)  # before the kill: then they would be the init process's
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @contextmanager

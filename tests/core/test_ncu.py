@@ -227,3 +227,40 @@ def test_binary_prefixed_units_are_powers_of_two():
     r = ncu.parse_csv_raw(text)[0]
     assert r.metrics == {"a.sum": 2048.0, "b.sum": 3 * 2**20, "c.sum": 2.0**30}
     assert set(r.units.values()) == {"byte"}
+
+
+def test_kill_group_also_kills_children_in_sessions_of_their_own(tmp_path):
+    """torchrun starts its ranks in new sessions: killing its group left both ranks running (kvstitch
+    serve-disagg interrupted)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from gpulab.core.child import descendants, kill_group
+
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    assert grandchild in descendants(proc.pid) and os.getpgid(grandchild) != proc.pid
+    kill_group(proc)
+    proc.wait(timeout=10)
+    for _ in range(100):  # reaped by init once killed
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the grandchild in its own session is still running")
