@@ -205,6 +205,16 @@ def _window_len(corpus: Corpus, prompt_len: int, cont_len: int) -> int:
     return prompt_len + cont_len
 
 
+def eval_room(corpus: Corpus, prompt_len: int, cont_len: int) -> int:
+    """How many held-out windows of these lengths the validation split holds without overlap (records of a
+    .jsonl corpus)."""
+    if corpus.kind == "jsonl":
+        return len(corpus.pairs) - corpus.split
+    n = _window_len(corpus, prompt_len, cont_len)
+    _need(corpus, n, "validation")
+    return max((len(corpus.ids) - corpus.split - n) // n, 1)
+
+
 def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int) -> list[tuple[Any, Any]]:
     """Evenly spaced held-out (prompt [P], reference [C]) windows (deterministic; prompts after the corpus's
     BOS, as in :func:`train_batches`)."""

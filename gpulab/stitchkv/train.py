@@ -61,14 +61,15 @@ def nmse(pred: list[tuple[Any, Any]], target: list[tuple[Any, Any]]) -> float:
 
 
 def heldout_prompts(corpus: Any, cfg: dict[str, Any]) -> list[Any]:
-    """Up to --batch prompts of the validation split (never trained on), in equal-length batches: what the
-    warm-up's held-out NMSE is measured on."""
+    """Up to --batch prompts of the validation split (never trained on; as many as it holds), in equal-length
+    batches: what the warm-up's held-out NMSE is measured on."""
     import torch
 
     from gpulab.stitchkv import data as D
 
     groups: dict[int, list[Any]] = {}
-    for p, _ in D.eval_windows(corpus, cfg["batch"], cfg["prompt_len"], 1):
+    n = min(cfg["batch"], D.eval_room(corpus, cfg["prompt_len"], 1))  # --batch is not an eval option: never refused
+    for p, _ in D.eval_windows(corpus, n, cfg["prompt_len"], 1):
         groups.setdefault(len(p), []).append(p)
     return [torch.stack(g) for g in groups.values()]
 

@@ -313,6 +313,19 @@ def test_heldout_nmse_is_measured_on_the_validation_split(pair_dirs, corpus_file
     assert res["warmup"]["heldout_prompts"] == 4
 
 
+def test_a_batch_larger_than_the_validation_split_measures_what_it_holds(pair_dirs, corpus_file, tmp_path):
+    """--batch sets the held-out NMSE's prompt count; a validation split with room for fewer was refused as if
+    '--prompts' (not a train option) had been asked for too many."""
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_pair
+
+    corpus = D.load_corpus(corpus_file, load_pair(*pair_dirs).tokenizer)
+    room = D.eval_room(corpus, 16, 1)
+    res = T.train(cfg_for(pair_dirs, corpus_file, tmp_path / "run", steps=1, batch=room + 3), "cpu",
+                  log=lambda m: None)
+    assert res["warmup"]["heldout_prompts"] == room
+
+
 def test_run_yaml_holds_absolute_paths(pair_dirs, corpus_file, tmp_path, monkeypatch):
     import os
 
