@@ -151,7 +151,7 @@ def train(
         trainer.data_info = data_info
         if resume:
             trainer.resume()
-            if trainer.phase_index == len(trainer.plan()) and (folder / "family.yaml").is_file():
+            if trainer.phase_index == len(trainer.plan()) and _family_is_checkpoints(folder, trainer):
                 # nothing left to train: the family, its evaluation and selections stay as they are
                 log(f"{folder}: the training is complete; nothing to resume (no record written)")
                 return
@@ -169,6 +169,20 @@ def train(
         pg.barrier()  # the other ranks leave once rank 0's family folder and record are on disk
     if rank == 0:
         typer.echo(f"wrote {path} and {folder}/")
+
+
+def _family_is_checkpoints(folder: Path, trainer) -> bool:
+    """family.yaml holds the training that the (finished) checkpoint holds: the same settings and history (a run
+    killed after its last checkpoint but before the family was written leaves an older family there)."""
+    from gpulab.core.files import read_yaml_mapping
+    from gpulab.core.results import yaml_text
+
+    p = folder / "family.yaml"
+    if not p.is_file():
+        return False
+    info = read_yaml_mapping(p, f"{p} not found")
+    return (yaml_text(info.get("train")) == yaml_text(trainer.cfg.as_dict())
+            and yaml_text(info.get("history")) == yaml_text(trainer.history))
 
 
 def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, world: int, seconds: float, fmt: str,
@@ -262,6 +276,7 @@ def eval_(
     if trained_on.get("format") not in (None, fmt):  # other normalization, other labels: a meaningless top-1
         raise InputError(f"{root}: {fmt} data, the family was trained on {trained_on['format']} data "
                          f"({trained_on.get('path')}); evaluate it on data of that kind")
+    if device == "cuda":
         fam.to(memory_format=torch.channels_last)
     if fmt == "cifar10":
         if fam.spec.num_classes != 10:

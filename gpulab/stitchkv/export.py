@@ -35,7 +35,8 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
     small, _ = load_small(cfg, run, stage, "cpu")
     if stage == "lora":
         small = small.merge_and_unload()
-    marker = {"run": str(run.resolve()), "stage": stage, "small_id": cfg.get("small_id"),
-              "stage_id": stage_fingerprint(run, stage)}
+    marker = {"run": str(run.resolve()), "stage": stage, "small_id": cfg.get("small_id")}
+    if stage == "lora":  # the LoRA merged into it: a retrained stage 2 needs a new export (a warm-up's is the small model)
+        marker["stage_id"] = stage_fingerprint(run, stage)
     save_model(small, load_tokenizer(Path(cfg["small"]), "small"), out, extra={EXPORT_MARKER: marker})
     return stage

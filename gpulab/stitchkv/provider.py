@@ -63,7 +63,8 @@ class StitchPrefill:
                                  f"export --run {self.run})")
             from gpulab.stitchkv.store import stage_fingerprint
 
-            if m.get("stage_id") is not None and m["stage_id"] != stage_fingerprint(self.run, self.stage):
+            if self.stage == "lora" and m.get("stage_id") is not None \
+                    and m["stage_id"] != stage_fingerprint(self.run, self.stage):
                 raise InputError(f"{d} was exported before run {self.run}'s stage {self.stage!r} was retrained; "
                                  f"export it again (gpulab kvstitch export --run {self.run} --overwrite)")
         else:

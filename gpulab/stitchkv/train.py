@@ -288,8 +288,10 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
         if at == "warmup" and "warmup" not in plan:  # --stage lora would build on the old stitches and lose it
             raise InputError(f"{run}/checkpoint.pt holds an interrupted warm-up (step {ckpt.get('step')}); finish "
                              "it with --stage warmup (or all), or delete checkpoint.pt to keep the stitches there")
-        log(f"checkpoint.pt of an interrupted {at} (step {ckpt.get('step')}) is replaced: this call trains "
-            f"{', '.join(n for n, how in plan.items() if how == 'train')} from scratch")
+        fresh = [n for n, how in plan.items() if how == "train"]
+        if fresh:  # their first checkpoint replaces it
+            log(f"checkpoint.pt of an interrupted {at} (step {ckpt.get('step')}) will be replaced: this call trains "
+                f"{', '.join(fresh)} from scratch")
     if ctx.is_main:
         write_run_yaml(run, saved)
     ctx.barrier()  # run.yaml written, nothing of this run saved yet: every rank sees the same folder

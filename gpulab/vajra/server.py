@@ -461,11 +461,21 @@ def check_bind(host: str, port: int) -> None:
     the load, and printed its own log lines and exit code)."""
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it (a hostname binds IPv4)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # IPv4 for a name ('localhost': 127.0.0.1 first)
+    addr: Any = (host, port)
+    if family == socket.AF_INET and host:
+        try:
+            socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):  # a name of IPv6 addresses only ('ip6-localhost')
+            try:
+                family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            except (socket.gaierror, UnicodeError) as e:
+                raise InputError(f"--host {host}: not an address of this machine "
+                                 f"({getattr(e, 'strerror', None) or e})") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
         try:
-            s.bind((host, port))
+            s.bind(addr)
         except socket.gaierror as e:
             raise InputError(f"--host {host}: not an address of this machine ({e.strerror or e})") from None
         except (OSError, UnicodeError) as e:

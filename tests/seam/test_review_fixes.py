@@ -220,3 +220,58 @@ def test_select_without_a_plot_removes_the_earlier_plot(trained, tmp_path):
     assert (d / "select-flops.png").is_file()
     invoke(["--out", str(tmp_path / "r"), "seam", "select", "--family", str(d), "--metric", "flops", "--no-plot"])
     assert (d / "select-flops.yaml").is_file() and not (d / "select-flops.png").exists()
+
+
+def test_eval_on_a_gpu_puts_the_family_in_channels_last(trained, tmp_path, monkeypatch):
+    """The inputs are channels_last on a GPU: the family must be too (an NCHW family reformats its weights in every
+    convolution, and the latencies change). Checked without a GPU: the device and the family are stand-ins."""
+    import torch
+
+    from gpulab.cli import invoke
+    from gpulab.core import options
+    from gpulab.seam import data as sdata
+
+    root, data, fam = trained
+    info = store.load_family(fam, "cpu")[1]
+    calls = []
+
+    real = store.load_family(fam, "cpu")[0]
+
+    class Family:
+        spec = real.spec
+
+        def to(self, **kw):
+            calls.append(kw)
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(options, "resolve_device", lambda **k: "cuda")
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: (Family(), info))
+    monkeypatch.setattr(sdata, "load_cifar10", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(fam), "--data", str(data)])
+    assert calls == [{"memory_format": torch.channels_last}]
+
+
+def test_resume_writes_a_finished_training_the_family_does_not_hold_yet(trained, tmp_path, monkeypatch):
+    """Killed after its last checkpoint but before the family was written, a training leaves the older family in
+    the folder: --resume writes the new one (it took the older family for the finished training)."""
+    from gpulab.cli import invoke
+
+    root, data, fam = trained
+    d = _copy(fam, tmp_path)
+    common = ["--out", str(tmp_path / "r"), "seam", "train", "--family", str(d), "--data", str(data), *TRAIN,
+              "--seed", "7"]
+    real = store.save_family
+
+    def lost(*a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(store, "save_family", lost)
+    with pytest.raises(OSError, match="No space left"):
+        invoke([*common, "--overwrite"])
+    monkeypatch.setattr(store, "save_family", real)
+    assert yaml.safe_load((d / "family.yaml").read_text())["train"]["seed"] != 7
+    invoke([*common, "--resume"])
+    assert yaml.safe_load((d / "family.yaml").read_text())["train"]["seed"] == 7

@@ -135,6 +135,11 @@ def test_an_export_made_before_its_stage_was_retrained_is_refused(pair_dirs, cor
         load(str(run)).check_model(out)
     export_small(run, out, overwrite=True)
     load(str(run)).check_model(out)
+    # a warm-up's export is the small model itself: a retrained warm-up does not make it stale
+    warm = tmp_path / "warm"
+    export_small(run, warm, "warmup")
+    T.train(cfg_for(pair_dirs, corpus_file, run, stage="warmup", steps=2), "cpu", log=lambda m: None)
+    load(f"{run}@warmup").check_model(warm)
 
 
 def test_generate_cli_with_the_stitchkv_provider(tiny_run, tmp_path, capsys):

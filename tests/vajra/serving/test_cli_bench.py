@@ -296,6 +296,17 @@ def test_serve_checks_its_address_before_loading_the_model(tiny_assets, monkeypa
     from gpulab.vajra.server import check_bind
 
     check_bind("", 0)  # every interface, as uvicorn takes it
+    real = socket.getaddrinfo
+
+    def ipv6_only(host, port, family=0, *a, **k):  # a name of IPv6 addresses only ('ip6-localhost')
+        if host == "ip6-only.test":
+            if family == socket.AF_INET:
+                raise socket.gaierror(-2, "Name or service not known")
+            return real("::1", port, socket.AF_INET6, *a, **k)
+        return real(host, port, family, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_only)
+    check_bind("ip6-only.test", 0)
 
 
 def test_help_imports_nothing_heavy():
