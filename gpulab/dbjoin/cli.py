@@ -81,19 +81,13 @@ def bench(
 
         raise InputError(f"--aggregate must be none, count or sum, got {aggregate!r}")
     impls = B.parse_impls(impl)
-    from gpulab.core.clickcompat import given_options
+    from gpulab.core.clickcompat import refuse_unused
 
-    hash_impls = [i for i in impls if i in ("hash", "hash-graph", "hash-cpu")]
-    for names, applies, what in (({"load_factor": "--load-factor"}, hash_impls, "the hash implementations"),
-                                 ({"tc_dtype": "--tc-dtype", "tc_block": "--tc-block",
-                                   "max_interpret_rows": "--max-interpret-rows"}, "tensorcore" in impls,
-                                  "--impl tensorcore")):
-        unused = [] if applies else given_options(ctx, names)
-        if unused:
-            from gpulab.core.errors import InputError
-
-            raise InputError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {what} "
-                             f"(not in --impl {','.join(impls)})")
+    not_in = f" (not in --impl {','.join(impls)})"
+    refuse_unused(ctx, {"load_factor": "--load-factor"}, any(i in ("hash", "hash-graph", "hash-cpu") for i in impls),
+                  "the hash implementations", not_in)
+    refuse_unused(ctx, {"tc_dtype": "--tc-dtype", "tc_block": "--tc-block", "max_interpret_rows": "--max-interpret-rows"},
+                  "tensorcore" in impls, "--impl tensorcore", not_in)
     tc_blocks = B.parse_blocks(tc_block)
     if len(tc_blocks) > 1 and aggregate != "none":
         from gpulab.core.errors import InputError

@@ -165,16 +165,13 @@ def quantize(
                          "block-wise FP8 with static activation scales is not a format vLLM reads")
     if activations == "static" and calib_text is None:
         raise InputError("--activations static needs --calib-text FILE for calibration")
-    from gpulab.core.clickcompat import given_options
+    from gpulab.core.clickcompat import refuse_unused
 
     # options of another scheme or of static activations would be ignored: say so instead
-    for names, applies, what in (({"block": "--block"}, scheme == "fp8-block", "--scheme fp8-block"),
-                                 ({"scale_shape": "--scale-shape"}, scheme == "fp8-channel", "--scheme fp8-channel"),
-                                 ({"calib_text": "--calib-text", "calib_samples": "--calib-samples",
-                                   "calib_len": "--calib-len"}, activations == "static", "--activations static")):
-        unused = [] if applies else given_options(ctx, names)
-        if unused:
-            raise InputError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {what}")
+    refuse_unused(ctx, {"block": "--block"}, scheme == "fp8-block", "--scheme fp8-block")
+    refuse_unused(ctx, {"scale_shape": "--scale-shape"}, scheme == "fp8-channel", "--scheme fp8-channel")
+    refuse_unused(ctx, {"calib_text": "--calib-text", "calib_samples": "--calib-samples", "calib_len": "--calib-len"},
+                  activations == "static", "--activations static")
     strategy = SCHEMES[scheme]
     blk = parse_block(block) if strategy == "block" else None
     if dst.exists() and not overwrite:

@@ -419,9 +419,8 @@ def test_a_diverging_loss_is_one_line_and_never_checkpointed(pair_dirs, corpus_f
     assert not (run / "warmup").exists()
 
 
-def test_run_folder_refuses_another_model_in_the_same_path(pair_dirs, corpus_file, tmp_path):
-    """The run is tied to what the folders hold (config, tokenizer, weight files), not only to their paths."""
-    import json
+def _trained_on_a_copy_of_the_pair(pair_dirs, corpus_file, tmp_path):
+    """(large, small, run, cfg): a warm-up of one step on copies of the pair that a test may change."""
     import shutil
 
     large, small = (tmp_path / "large", tmp_path / "small")
@@ -430,6 +429,14 @@ def test_run_folder_refuses_another_model_in_the_same_path(pair_dirs, corpus_fil
     run = tmp_path / "run"
     cfg = cfg_for((large, small), corpus_file, run, steps=1)
     T.train(dict(cfg), "cpu", log=lambda m: None)
+    return large, small, run, cfg
+
+
+def test_run_folder_refuses_another_model_in_the_same_path(pair_dirs, corpus_file, tmp_path):
+    """The run is tied to what the folders hold (config, tokenizer, weight files), not only to their paths."""
+    import json
+
+    large, small, run, cfg = _trained_on_a_copy_of_the_pair(pair_dirs, corpus_file, tmp_path)
     assert S.run_config(run)["small_id"] == S.model_fingerprint(small)
     c = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**c, "rms_norm_eps": 1e-5}))  # another model, same path
@@ -505,17 +512,10 @@ def test_a_model_retrained_in_place_is_refused_and_older_ids_still_match(pair_di
     """Weights rewritten in place keep their file names and sizes (a pair pretrained again): the fingerprint
     samples the weights too. A run folder of the first version (names and sizes only) still matches its unchanged
     models, and is recorded anew."""
-    import shutil
-
     import yaml
     from safetensors.torch import load_file, save_file
 
-    large, small = (tmp_path / "large", tmp_path / "small")
-    shutil.copytree(pair_dirs[0], large)
-    shutil.copytree(pair_dirs[1], small)
-    run = tmp_path / "run"
-    cfg = cfg_for((large, small), corpus_file, run, steps=1)
-    T.train(dict(cfg), "cpu", log=lambda m: None)
+    large, small, run, cfg = _trained_on_a_copy_of_the_pair(pair_dirs, corpus_file, tmp_path)
     ids = {k: S.run_config(run)[k] for k in ("large_id", "small_id")}
     assert all(v.startswith(S.FINGERPRINT_VERSION) for v in ids.values())
     # an older run.yaml: ids of version 1, which the same models still give
