@@ -36,9 +36,12 @@ def run(
     if dry_run:
         import shlex
 
+        device = [] if opts.device == "auto" else ["--device", opts.device]  # the file's device, or the call's
         for inv in invocations:
-            typer.echo("gpulab " + shlex.join(inv.argv))  # as a shell would take it; no rich markup
+            typer.echo("gpulab " + shlex.join([*device, *inv.argv]))  # as a shell would take it; no rich markup
         return
+    if opts.device == "cuda":  # `device: cuda` (or --device cuda) with no GPU: every run would fail, one by one
+        options.resolve_device(what=f"{experiment}: device cuda")
     results.check_out_folder(opts.out)  # before any run: a sweep must not fail at its first save
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})

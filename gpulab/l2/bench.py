@@ -448,8 +448,11 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         idx["i"] = (i + 1) % len(reqs)
         return run_layers(reqs[i].x, reqs[i].layers)
 
-    t = timing.benchmark(fn, device="cpu", warmup=min(cfg.warmup, 2), reps=max(len(reqs), min(cfg.reps, 10)),
-                         max_seconds=5.0)
+    # a baseline of a few samples at least, at most 10 (the CPU run checks and sizes things; it measures no policy)
+    reps, warmup = max(len(reqs), min(max(cfg.reps, 3), 10)), min(cfg.warmup, 2)
+    t = timing.benchmark(fn, device="cpu", warmup=warmup, reps=reps, max_seconds=5.0)
+    rec.notes.append(f"the CPU baseline ran {t.reps} timed and {warmup} untimed inferences (--reps {cfg.reps}, "
+                     f"--warmup {cfg.warmup}, --rounds {cfg.rounds} are for the GPU policies)")
     rec.rows.append({"policy": "cpu-baseline", "impl": "torch", "median_ms": t.median, "p90_ms": t.p90,
                      "n": t.reps, "status": "measured (CPU: no L2 policy)"})
     macs = workload_macs(cfg, model)

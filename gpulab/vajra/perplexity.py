@@ -164,7 +164,7 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
                              "perplexities are comparable only under one tokenizer")
         ids = mine
         bos_ids.add(getattr(tok.hf, "bos_token_id", None))
-    if len(bos_ids) > 1:
+    if len(bos_ids) > 1 and bos is not False:  # --no-bos: no BOS is used, only the text's ids must agree
         raise InputError(f"the models' tokenizers have different BOS tokens ({sorted(map(str, bos_ids))})")
     bos_id = bos_ids.pop() if bos is not False else None
     if bos and bos_id is None:

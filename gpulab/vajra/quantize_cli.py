@@ -178,6 +178,11 @@ def quantize(
         raise InputError(f"{dst} exists (pass --overwrite to replace it)")
     if src.resolve() == dst.resolve():
         raise InputError("SRC and DST are the same folder")
+    if src.resolve().is_relative_to(dst.resolve()):  # --overwrite would delete the source with the folder
+        raise InputError(f"DST {dst} holds SRC {src}; choose a new folder for the checkpoint")
+    if overwrite and dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file())):
+        raise InputError(f"DST {dst} holds files that are not a model folder; --overwrite replaces only a model "
+                         "folder (choose a new or empty folder)")
     run(src, dst, strategy, blk, activations, fmt, scale_shape, calib_text, calib_samples, calib_len, shard_mb)
 
 

@@ -264,3 +264,18 @@ def test_stop_on_error_says_what_did_not_run(echo_command, tmp_path, capsys):
     exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"fail": [True, False, False]}}]})
     assert _run(tmp_path / "res", exp, "--stop-on-error") == 1
     assert "1 of 1 runs failed, 2 not run (--stop-on-error)" in capsys.readouterr().err
+
+
+def test_a_cuda_experiment_without_a_gpu_fails_before_any_run(echo_command, tmp_path, capsys, monkeypatch):
+    """`device: cuda` with no GPU: one error up front (every run failed, one by one); --dry-run shows the device."""
+    from gpulab.core import options
+
+    monkeypatch.setattr(options, "cuda_available", lambda: False)
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"device": "cuda", "runs": [{"command": "echo", "params": {"n": [1, 2]}}]})
+    assert _run(out, exp) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda was asked for, but no CUDA GPU is visible") and "\n" not in err
+    assert not out.exists() or not list(out.glob("*.yaml"))
+    assert _run(out, exp, "--dry-run") == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("gpulab --device cuda echo")

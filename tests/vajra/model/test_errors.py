@@ -230,6 +230,16 @@ def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
     assert run(base / "src", tmp_path / "s", "--scheme", "fp8-channel", "--calib-samples", "3", "--calib-len", "8") \
         == "error: --calib-samples, --calib-len apply only to --activations static"
     assert not (tmp_path / "s").exists()
+    # a DST that holds SRC, or that is not a model folder, would be deleted by --overwrite
+    par = tmp_path / "par"
+    shutil.copytree(base / "src", par / "src")
+    (par / "notes.txt").write_text("keep")
+    assert "holds SRC" in run(par / "src", par, "--scheme", "fp8-tensor", "--overwrite")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep")
+    assert "not a model folder" in run(base / "src", notes, "--scheme", "fp8-tensor", "--overwrite")
+    assert (par / "src" / "config.json").is_file() and (notes / "notes.txt").read_text() == "keep"
 
 
 def test_flashinfer_needs_half_precision_activations(monkeypatch):

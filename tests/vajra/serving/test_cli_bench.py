@@ -394,3 +394,27 @@ def test_serve_bench_roofline_is_bytes_over_the_copy_ceiling(out_dir, tiny_asset
     moved = v["weight_bytes"] + v["kv_bytes_read"]
     assert v["roofline_ms"] == pytest.approx(moved / 50e9 * 1e3, rel=1e-9)
     assert v["roofline_frac"] == pytest.approx(v["roofline_ms"] / v["decode_b1_ms"], rel=1e-9)
+
+
+def test_the_hf_floor_serves_every_prompt_at_its_own_length(tiny_llama):
+    """Prompts of several lengths (a prompts file): the floor ran only those at least as long as the first, cut to
+    its length, while hf_batch claimed all of them. Left-padded and masked, each gives the tokens it gives alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gpulab.vajra.bench import hf_floor
+
+    prompts = [[1, 5, 9, 13, 17, 21], [1, 7], [1, 3, 4, 8, 2, 6, 11, 12, 30]]
+    got = hf_floor(tiny_llama, "auto", "cpu", prompts, 4)
+    assert got["num_prompts"] == 3 and got["output_tok_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    n = max(map(len, prompts))
+    batch = torch.tensor([[0] * (n - len(p)) + p for p in prompts])
+    mask = (torch.arange(n)[None] >= torch.tensor([n - len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        for i, p in enumerate(prompts):
+            alone = model.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   pad_token_id=0)
+            assert out[i, n:].tolist() == alone[0, len(p):].tolist(), i

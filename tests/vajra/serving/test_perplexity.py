@@ -175,6 +175,9 @@ def test_bad_input(tiny_llama, text_file, tmp_path):
     assert run([tmp_path / "nobos"]).config["bos"] is None  # the default: BOS where there is one
     with pytest.raises(InputError, match="different BOS tokens"):
         run([tiny_llama, tmp_path / "eosbos"])
+    # --no-bos uses no BOS: tokenizers that differ only in theirs score the same ids
+    rec = run([tiny_llama, tmp_path / "nobos"], bos=False)
+    assert rec.metrics[tiny_llama.name]["tokens"] == rec.metrics["nobos"]["tokens"] > 0
     small = tmp_path / "smallvocab"  # the tokenizer's ids reach past the model's vocabulary
     shutil.copytree(tiny_llama, small)
     cfg = json.loads((small / "config.json").read_text())
