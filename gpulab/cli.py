@@ -117,9 +117,13 @@ def _raise_interrupted(signum, frame) -> None:
     import os
     import signal
 
-    if _MAIN_PID and os.getpid() != _MAIN_PID[-1]:  # a forked child (a DataLoader worker): its own code expects
-        signal.default_int_handler(signum, frame)  # a KeyboardInterrupt (raised here), its parent reports it
-    raise Interrupted()
+    if _MAIN_PID and os.getpid() != _MAIN_PID[-1]:  # a forked child (a DataLoader worker): what its own code
+        if signum == signal.SIGINT:  # expects, a KeyboardInterrupt (raised here) or the default end; its parent
+            signal.default_int_handler(signum, frame)  # reports the signal
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,15 +133,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import os
 
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:  # a signal ignored by whoever started us stays ignored
+                previous[s] = signal.signal(s, _raise_interrupted)
         _MAIN_PID.append(os.getpid())
     try:
         _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():
             _MAIN_PID.pop()
 
 
@@ -154,13 +161,15 @@ def _main(argv: list[str] | None) -> None:
         if rv == 130 and not isinstance(rv, bool):  # Typer's return for a KeyboardInterrupt it caught
             raise Interrupted()
         _exit_if_checks_failed(results.written[before:], results.failed_checks)
-    except Interrupted:
+    except Interrupted as e:
+        import signal
+
         if debug:
             import traceback
 
             traceback.print_exc()
-        _error("interrupted")
-        sys.exit(130)
+        _error("terminated" if e.signum == signal.SIGTERM else "interrupted")
+        sys.exit(128 + e.signum)
     except Exception as e:
         kind = type(e).__name__
         if kind == "Abort":

@@ -21,8 +21,14 @@ class ToolError(GpulabError):
 
 
 class Interrupted(BaseException):
-    """Ctrl-C (SIGINT) while a command runs; the CLI prints ``error: interrupted`` and exits 130.
+    """Ctrl-C (SIGINT) or SIGTERM (``timeout``, a job scheduler) while a command runs; the CLI prints ``error:
+    interrupted`` (or ``terminated``) and exits 128 + the signal's number, after the ``finally`` blocks on the way
+    have removed what was half-written (a SIGTERM left a temporary folder of partial shards behind).
 
     Not a KeyboardInterrupt, which Typer turns into an exit code of 130 returned like any result (click: an
     Abort, an Exception): a sweep of ``gpulab run`` would take it for one failed run and go on. Not an
     Exception either, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int = 2) -> None:  # 2: SIGINT
+        super().__init__(signum)
+        self.signum = signum

@@ -493,14 +493,16 @@ def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int
     app = build_app(ae, model_name)
     # Ctrl-C stops the server cleanly, as uvicorn does it: its own handling runs under Python's default handler
     # (gpulab's turns SIGINT into an error, which would escape a server that had already shut down)
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too: a process manager's stop ends serving normally
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, signal.default_int_handler)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # a stop, not a failure
         pass
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         ae.shutdown()

@@ -28,6 +28,13 @@ def echo_command(monkeypatch):
 
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
+        if interrupt == "term":  # SIGTERM (timeout, a job scheduler)
+            import os
+            import signal
+            import time
+
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
         if interrupt == "keyboard":  # a KeyboardInterrupt that no handler of gpulab's turned into its own
             raise KeyboardInterrupt
         if exit_code:
@@ -279,3 +286,19 @@ def test_a_cuda_experiment_without_a_gpu_fails_before_any_run(echo_command, tmp_
     assert not out.exists() or not list(out.glob("*.yaml"))
     assert _run(out, exp, "--dry-run") == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("gpulab --device cuda echo")
+
+
+def test_sigterm_ends_a_sweep_as_terminated_and_cleans_up(echo_command, tmp_path, capsys):
+    """SIGTERM ended the process at once (the default): `finally` blocks never ran, so a folder being built stayed
+    behind half-written. Now it is gpulab's Interrupted: 'error: terminated', exit 143, handlers restored."""
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out = tmp_path / "res"
+    exp = write(tmp_path, {"runs": [{"command": "echo", "params": {"interrupt": ["", "term", ""], "n": 1}}]})
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(out), "run", str(exp)])
+    assert e.value.code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "error: terminated"
+    assert len(list(out.glob("echo-bench-*.yaml"))) == 1 and not list(out.glob("run-*.yaml"))
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
