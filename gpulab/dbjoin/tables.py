@@ -147,6 +147,8 @@ def generate(rows: int, right_rows: int | None = None, match_rate: float = 0.5, 
 # ------------------------------------------------------------------------------------------------------ files
 def _as_key(values: np.ndarray, where: str) -> np.ndarray:
     dt = values.dtype
+    if len(values) == 0 and dt.kind in "fb":  # np.array([]) is float64: an empty column has no type to check
+        return values.astype(np.int32)
     if dt.kind == "i":
         return values.astype(np.int32) if dt.itemsize <= 4 else values.astype(np.int64)
     if dt.kind == "u":
@@ -159,7 +161,7 @@ def _as_key(values: np.ndarray, where: str) -> np.ndarray:
 
 
 def _as_payload(values: np.ndarray, where: str) -> np.ndarray:
-    if values.dtype.kind not in "iu":
+    if values.dtype.kind not in "iu" and not (len(values) == 0 and values.dtype.kind in "fb"):
         raise InputError(f"{where}: column 'payload' must be integer (int32), got {values.dtype}")
     if len(values) and (int(values.min()) < -(2**31) or int(values.max()) > 2**31 - 1):
         raise InputError(f"{where}: column 'payload' has values outside the int32 range")

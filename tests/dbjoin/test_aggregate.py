@@ -278,3 +278,23 @@ def test_payloads_fit_int32_or_are_refused(lib):
                        ([True], "bool", "right payloads must be integers, got bool")):
         with pytest.raises(InputError, match=msg):
             check_int32_payload(arr(v, dt), "right")
+
+
+def test_pandas_is_not_checked_against_itself_when_it_is_the_reference(monkeypatch, tmp_path):
+    """A join too large to list: the reference is pandas' groupby-then-merge plan, the pandas-agg row's own; the
+    row was 'checked' against itself. Now it is timed and marked as the reference; torch's row is still checked."""
+    from gpulab.cli import invoke
+    from gpulab.dbjoin import agg_bench
+
+    monkeypatch.setattr(agg_bench, "LITERAL_MAX_PAIRS", 10)  # this small join counts as too large
+    out = tmp_path / "res"
+    invoke(["--out", str(out), "join", "bench", "--rows", "300", "--dup", "zipf:1.1", "--aggregate", "sum",
+            "--impl", "torch,pandas", "--reps", "1", "--warmup", "0"])
+    import yaml
+
+    (f,) = out.glob("join-*.yaml")
+    rec = yaml.safe_load(f.read_text())
+    rows = {r["impl"]: r for r in rec["rows"]}
+    assert rows["pandas-agg"]["correct"] is None and "pandas-agg" not in rec["checks"]
+    assert rows["torch-agg"]["correct"] is True and rec["checks"]["torch-agg"]["passed"]
+    assert any("pandas-agg is the reference here" in n for n in rec["notes"])

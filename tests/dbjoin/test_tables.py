@@ -194,3 +194,13 @@ def test_csv_key_just_above_int32_stays_int64(tmp_path):
     assert t.key.dtype == np.int64 and t.key.tolist() == [2**31, -(2**31)]
     p.write_text("key,payload\n2147483647,1\n-2147483648,2\n")
     assert tables.load_table(p).key.dtype == np.int32
+
+
+def test_an_empty_npz_table_of_float_columns_is_an_empty_table(tmp_path):
+    """np.array([]) is float64: an empty .npz table was refused as 'must be integer', a header-only CSV accepted."""
+    np.savez(tmp_path / "e.npz", key=np.array([]), payload=np.array([]))
+    t = tables.load_table(tmp_path / "e.npz")
+    assert len(t) == 0 and t.key.dtype == np.int32 and t.payload.dtype == np.int32
+    np.savez(tmp_path / "f.npz", key=np.array([1.5]), payload=np.array([1]))
+    with pytest.raises(InputError, match="column 'key' must be integer"):
+        tables.load_table(tmp_path / "f.npz")
