@@ -26,6 +26,7 @@ def run(
     from gpulab.core.errors import GpulabError, Interrupted
 
     data = exp.load_file(experiment)
+    device_arg = options.get().device  # the call's own --device (or GPULAB_DEVICE), before the file's
     if "device" in data and options.get().device == "auto":
         options.set_options(device=data["device"])
     invocations = exp.plan(data, source=str(experiment))
@@ -41,7 +42,8 @@ def run(
             typer.echo("gpulab " + shlex.join([*device, *inv.argv]))  # as a shell would take it; no rich markup
         return
     if opts.device == "cuda":  # `device: cuda` (or --device cuda) with no GPU: every run would fail, one by one
-        options.resolve_device(what=f"{experiment}: device cuda")
+        from_file = data.get("device") == "cuda" and device_arg == "auto"
+        options.resolve_device(what=f"{experiment}: device cuda" if from_file else "gpulab run")
     results.check_out_folder(opts.out)  # before any run: a sweep must not fail at its first save
     summary = results.Record(name="run", config={"experiment": str(experiment), "name": data.get("name"),
                                                   "invocations": [" ".join(i.argv) for i in invocations]})

@@ -92,7 +92,7 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
         elif impl == "pandas" and not literal:  # it is the reference itself: timed, not checked against itself
             _, row = B.timed_row(name, "cpu", lambda: A.pandas_aggregate(lk, lp, rk, rp, mode, how="pre"),
                                  min(reps, 5), min(warmup, 1), nl + nr)
-            row.update({"groups": len(ref), "correct": None})
+            row.update({"groups": len(ref), "correct": None, "reference": True})
             rec.rows.append(row)
             rec.notes.append(f"{name} is the reference here (the join is too large to list, so no plan checks it): "
                              "timed, not checked")
@@ -131,7 +131,8 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
     if device == "cuda" and "tensorcore-agg" in by and "hash-agg" in by:
         rec.summary["tensorcore_over_hash"] = by["tensorcore-agg"]["median_ms"] / by["hash-agg"]["median_ms"]
     B.require_checked(rec, impls)
-    rec.summary["correct"] = all(r.get("correct") for r in rec.rows if r.get("correct") is not None)
+    checked = [r["correct"] for r in rec.rows if r.get("correct") is not None]
+    rec.summary["correct"] = all(checked) if checked else None  # none checked (only the reference ran): unknown
     if device == "cuda":
         rec.notes.append("GPU times are CUDA-event times of the whole call from the host: partitioning, gathers, "
                          "output allocation, the kernel and the one read of the group count included")

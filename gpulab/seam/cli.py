@@ -180,9 +180,15 @@ def _family_is_checkpoints(folder: Path, trainer) -> bool:
     p = folder / "family.yaml"
     if not p.is_file():
         return False
+    import yaml
+
+    from gpulab.seam.train import RESUME_FREE, first_difference
+
     info = read_yaml_mapping(p, f"{p} not found")
-    return (yaml_text(info.get("train")) == yaml_text(trainer.cfg.as_dict())
-            and yaml_text(info.get("history")) == yaml_text(trainer.history))
+    train = info.get("train") if isinstance(info.get("train"), dict) else {}
+    same_cfg = first_difference(yaml.safe_load(yaml_text(train)), yaml.safe_load(yaml_text(trainer.cfg.as_dict())),
+                                skip=RESUME_FREE) is None
+    return same_cfg and yaml_text(info.get("history")) == yaml_text(trainer.history)
 
 
 def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, world: int, seconds: float, fmt: str,

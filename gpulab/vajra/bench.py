@@ -414,7 +414,10 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
     model.eval()
     # every prompt at its own length: left-padded to the longest, the padding masked (as a static batch is served)
     n = max(len(p) for p in prompts)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    pad = cfg.pad_token_id  # any id in the vocabulary does (its positions are masked); -1 or None is none
+    if not isinstance(pad, int) or not 0 <= pad < cfg.vocab_size:
+        eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) and cfg.eos_token_id else cfg.eos_token_id
+        pad = eos if isinstance(eos, int) and 0 <= eos < cfg.vocab_size else 0
     batch = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=pad)

@@ -286,6 +286,10 @@ def test_a_cuda_experiment_without_a_gpu_fails_before_any_run(echo_command, tmp_
     assert not out.exists() or not list(out.glob("*.yaml"))
     assert _run(out, exp, "--dry-run") == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("gpulab --device cuda echo")
+    plain = write(tmp_path, {"runs": [{"command": "echo"}]})  # the call's --device, not the file's: not named
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cuda", "--out", str(out), "run", str(plain)])
+    assert "(gpulab run)" in capsys.readouterr().err
 
 
 def test_sigterm_ends_a_sweep_as_terminated_and_cleans_up(echo_command, tmp_path, capsys):

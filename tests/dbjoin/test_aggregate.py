@@ -298,3 +298,8 @@ def test_pandas_is_not_checked_against_itself_when_it_is_the_reference(monkeypat
     assert rows["pandas-agg"]["correct"] is None and "pandas-agg" not in rec["checks"]
     assert rows["torch-agg"]["correct"] is True and rec["checks"]["torch-agg"]["passed"]
     assert any("pandas-agg is the reference here" in n for n in rec["notes"])
+    invoke(["--out", str(out / "alone"), "join", "bench", "--rows", "300", "--dup", "zipf:1.1", "--aggregate", "sum",
+            "--impl", "pandas", "--reps", "1", "--warmup", "0"])  # the reference alone ran: not "none ran here"
+    (f,) = (out / "alone").glob("join-*.yaml")
+    alone = yaml.safe_load(f.read_text())
+    assert alone["summary"]["correct"] is None and alone["rows"][0]["reference"] is True

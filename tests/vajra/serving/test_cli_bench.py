@@ -418,3 +418,13 @@ def test_the_hf_floor_serves_every_prompt_at_its_own_length(tiny_llama):
             alone = model.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                    pad_token_id=0)
             assert out[i, n:].tolist() == alone[0, len(p):].tolist(), i
+    # a pad id outside the vocabulary (-1 in some converted configs) is not fed to the model
+    import json
+    import shutil
+
+    odd = tiny_llama.parent / "pad-minus-one"
+    if not odd.exists():
+        shutil.copytree(tiny_llama, odd)
+        cfg = json.loads((odd / "config.json").read_text())
+        (odd / "config.json").write_text(json.dumps({**cfg, "pad_token_id": -1}))
+    assert hf_floor(odd, "auto", "cpu", prompts, 2)["num_prompts"] == 3
