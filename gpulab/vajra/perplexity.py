@@ -232,6 +232,10 @@ def run(models: list[Path], text_file: Path, context: int, max_tokens: int, batc
         if "nll_vs_first" in m_rec:
             rec.summary[f"nll_vs_first_{label}"] = round(m_rec["nll_vs_first"], 5)
             rec.summary[f"top1_agreement_{label}"] = round(m_rec["top1_agreement"], 4)
+    fp8 = [label for label, m_rec in rec.metrics.items() if str(m_rec["quant"]).startswith("fp8")]
+    if fp8 and device == "cpu":  # the CPU dequantizes FP8 weights and computes in fp32 (no W8A8 there)
+        rec.notes.append(f"{', '.join(fp8)}: on the CPU FP8 weights are dequantized and activations are not "
+                         "quantized, so the NLL differences are of the weights alone (input scales are not exercised)")
     if len(windows) < 2 and len(models) > 1:
         rec.notes.append("one window: no interval for the NLL differences (the bootstrap resamples windows)")
     elif len(windows) < 10 and len(models) > 1:

@@ -119,6 +119,8 @@ def test_fp8_against_its_source(tiny_llama, text_file, out_dir, tmp_path):
     assert again["nll_vs_first"] == 0.0 and again["top1_agreement"] == 1.0 and again["nll_vs_first_ci95"] == [0.0, 0.0]
     assert rec["summary"][f"ppl_{tiny_llama.name}"] == pytest.approx(src["ppl"], rel=1e-4)
     assert rec["summary"]["nll_vs_first_fp8"] == pytest.approx(fp8["nll_vs_first"], abs=1e-5)
+    # the CPU measures the FP8 weights alone: the record says so
+    assert any(n.startswith("fp8: on the CPU FP8 weights are dequantized") for n in rec["notes"])
 
 
 def _tok(model_dir):
