@@ -128,24 +128,18 @@ def _raise_interrupted(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: known errors become one line and exit 1; usage errors exit 2; Ctrl-C exits 130."""
-    import signal
-    import threading
-
     import os
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) is not signal.SIG_IGN:  # a signal ignored by whoever started us stays ignored
-                previous[s] = signal.signal(s, _raise_interrupted)
-        _MAIN_PID.append(os.getpid())
-    try:
-        _main(argv)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        if threading.current_thread() is threading.main_thread():
-            _MAIN_PID.pop()
+    from gpulab.core.child import handling
+
+    with handling(_raise_interrupted) as installed:
+        if installed:
+            _MAIN_PID.append(os.getpid())
+        try:
+            _main(argv)
+        finally:
+            if installed:
+                _MAIN_PID.pop()
 
 
 def _main(argv: list[str] | None) -> None:
@@ -157,9 +151,7 @@ def _main(argv: list[str] | None) -> None:
 
     before = len(results.written)
     try:
-        rv = command.main(args=args, prog_name="gpulab", standalone_mode=False)
-        if rv == 130 and not isinstance(rv, bool):  # Typer's return for a KeyboardInterrupt it caught
-            raise Interrupted()
+        rv = _call(command, args)
         _exit_if_checks_failed(results.written[before:], results.failed_checks)
     except Interrupted as e:
         import signal
@@ -226,9 +218,18 @@ def invoke(args: list[str]) -> Any:
     saved = sys.argv
     sys.argv = ["gpulab", *args]  # the records of this command keep its own command line (Record.argv)
     try:
-        return command.main(args=list(args), prog_name="gpulab", standalone_mode=False)
+        return _call(command, args)
     finally:
         sys.argv = saved
+
+
+def _call(command: click.Command, args: list[str]) -> Any:
+    """Run the command line; what the command returns. Typer turns a KeyboardInterrupt it caught into a return
+    value of 130: that is an interrupt here too (a sweep of ``gpulab run`` would take it for one failed run)."""
+    rv = command.main(args=list(args), prog_name="gpulab", standalone_mode=False)
+    if rv == 130 and not isinstance(rv, bool):
+        raise Interrupted()
+    return rv
 
 
 if __name__ == "__main__":  # python -m gpulab.cli, as python -m gpulab

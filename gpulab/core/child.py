@@ -57,6 +57,22 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
+def handling(handler, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[bool]:
+    """While inside: ``handler`` for each of ``signals`` that is not ignored (a signal that whoever started this
+    process ignores stays ignored), the earlier handlers after. Yields whether the handlers were installed: only
+    the main thread can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield True
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
+@contextmanager
 def killed_with_parent(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
     """While inside: a terminating signal to this process kills ``proc``'s group first (``proc`` must lead its
     own group: ``start_new_session=True``). Outside the main thread (where Python cannot set handlers) it does

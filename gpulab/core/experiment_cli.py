@@ -23,7 +23,7 @@ def run(
     from gpulab.cli import invoke
     from gpulab.core import experiment as exp
     from gpulab.core import options, results
-    from gpulab.core.errors import GpulabError, Interrupted
+    from gpulab.core.errors import GpulabError
 
     data = exp.load_file(experiment)
     device_arg = options.get().device  # the call's own --device (or GPULAB_DEVICE), before the file's
@@ -55,9 +55,7 @@ def run(
         t0 = time.perf_counter()
         error = None
         try:
-            code = invoke(global_args + inv.argv)
-            if code == 130 and not isinstance(code, bool):  # Typer's return for a KeyboardInterrupt: stop the sweep
-                raise Interrupted()
+            code = invoke(global_args + inv.argv)  # an interrupt raises (Interrupted): the sweep stops
             if isinstance(code, int) and not isinstance(code, bool) and code != 0:  # typer.Exit(code)
                 error = f"exit {code}"
         except SystemExit as e:  # a command that exits non-zero itself

@@ -485,24 +485,21 @@ def check_bind(host: str, port: int) -> None:
 
 def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (the ``gpulab serve`` command)."""
+    import signal
+
     import uvicorn
 
-    import signal
+    from gpulab.core.child import handling
 
     ae = AsyncEngine(engine).start()
     app = build_app(ae, model_name)
-    # Ctrl-C stops the server cleanly, as uvicorn does it: its own handling runs under Python's default handler
-    # (gpulab's turns SIGINT into an error, which would escape a server that had already shut down)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):  # SIGTERM too: a process manager's stop ends serving normally
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                previous[s] = signal.signal(s, signal.default_int_handler)
+    # Ctrl-C (and SIGTERM, a process manager's stop) stops the server cleanly, as uvicorn does it: its own handling
+    # runs under Python's default handler (gpulab's turns the signal into an error, which would escape a server
+    # that had already shut down)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        with handling(signal.default_int_handler):
+            uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # a stop, not a failure
         pass
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         ae.shutdown()
