@@ -225,10 +225,9 @@ def eval_windows(corpus: Corpus, n_prompts: int, prompt_len: int, cont_len: int)
     if corpus.kind == "jsonl":
         val = corpus.pairs[corpus.split:][:n_prompts]
         return [(torch.tensor(corpus.bos + p[-prompt_len:]), torch.tensor(r[:cont_len])) for p, r, _ in val]
+    fit = eval_room(corpus, prompt_len, cont_len)  # starts span/n_prompts apart: none overlap (they would count twice)
     n = _window_len(corpus, prompt_len, cont_len)
-    _need(corpus, n, "validation")
     span = len(corpus.ids) - corpus.split - n
-    fit = max(span // n, 1)  # starts span/n_prompts apart: no overlap (overlapping ones would count twice)
     if n_prompts > fit:
         raise InputError(f"--prompts {n_prompts}: the validation split holds {span + n} tokens, room for {fit} "
                          f"windows of {n} tokens that do not overlap; use at most {fit} prompts (or shorter ones)")

@@ -60,7 +60,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
         raise InputError(f"--prompts and --batch must be >= 1 and --gen-len >= 2 (got {prompts}, {gen_len}, {batch})")
     if prompt_len is not None and prompt_len < 1:
         raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
-    stage = pick_stage(run, stage)
+    stage = pick_stage(run, stage, cfg)
     if not check_data:
         return cfg, stage
     corpus = D.load_corpus(cfg["data"], load_tokenizer(Path(cfg["large"]), "large"), task=cfg.get("task", "continue"))

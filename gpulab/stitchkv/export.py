@@ -21,7 +21,7 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
 
     run, out = Path(run), Path(out)
     cfg = run_config(run)
-    stage = pick_stage(run, stage)
+    stage = pick_stage(run, stage, cfg)
     if out.exists() and not overwrite:
         raise InputError(f"--out-dir {out} exists (use --overwrite to replace it)")
     o = out.resolve()

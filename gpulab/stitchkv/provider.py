@@ -42,7 +42,7 @@ class StitchPrefill:
 
         cfg = run_config(run)
         self.cfg = cfg
-        self.run, self.stage, self.device = run, pick_stage(run, stage), device
+        self.run, self.stage, self.device = run, pick_stage(run, stage, cfg), device
         self.large = load_model(cfg["large"], "large", device, cfg.get("dtype", "float32"))
         self.small, self.bank = load_small(cfg, run, self.stage, device)
 
@@ -68,10 +68,10 @@ class StitchPrefill:
                 raise InputError(f"{d} was exported before run {self.run}'s stage {self.stage!r} was retrained; "
                                  f"export it again (gpulab kvstitch export --run {self.run} --overwrite)")
         else:
-            from gpulab.stitchkv.store import model_fingerprint
+            from gpulab.stitchkv.store import holds_model
 
             want = self.cfg.get("small_id")
-            own = want is not None and model_fingerprint(d, like=str(want)) == str(want)
+            own = want is not None and holds_model(d, want)
             if (own or d.resolve() == Path(self.cfg["small"]).resolve()) and self.stage == "lora":
                 raise InputError(f"{d} is run {self.run}'s small model without its stage-2 LoRA; serve the folder "
                                  f"`gpulab kvstitch export --run {self.run}` writes (or @warmup)")

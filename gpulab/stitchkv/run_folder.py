@@ -24,8 +24,8 @@ from typing import Any
 from gpulab.core.errors import InputError
 from gpulab.core.files import read_yaml_mapping
 from gpulab.core.results import atomic_write_yaml
-from gpulab.stitchkv.store import (FINGERPRINT_FIELDS, FINGERPRINT_VERSION, atomic_torch_save, first_line,
-                                   model_fingerprint, stale_model_error, trained_stages)
+from gpulab.stitchkv.store import (FINGERPRINT_FIELDS, atomic_torch_save, first_line, holds_model, stale_model_error,
+                                   trained_stages)
 
 KEY_FIELDS = ("large", "small", "alignment", "stitch_input")  # the whole run folder is pinned to these
 PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run from another directory
@@ -82,10 +82,9 @@ def check_run_config(run: Path, old: dict[str, Any], cfg: dict[str, Any], plan: 
                 raise InputError(f"{run} was trained with {k}={old.get(k)!r}, not {cfg.get(k)!r}; use a new --run folder")
         for key, id_key in FINGERPRINT_FIELDS.items():  # same paths, other models in them (cfg: their fingerprints now)
             was = old.get(id_key)
-            if was is not None and str(was) != str(cfg.get(id_key)):
-                # an id of the fingerprint's first version: the same model gives the same id computed that way
-                if str(was).startswith(FINGERPRINT_VERSION) or model_fingerprint(cfg[key], like=str(was)) != str(was):
-                    raise stale_model_error(str(run), key, cfg.get(key))
+            # (cfg holds the id just computed; a recorded id of the first version is recomputed that way)
+            if was is not None and str(was) != str(cfg.get(id_key)) and not holds_model(cfg[key], was):
+                raise stale_model_error(str(run), key, cfg.get(key))
     for name, how in plan.items():
         was = old.get("trained", {}).get(name)
         if how == "resume" and ckpt is not None and isinstance(ckpt.get("settings"), dict):

@@ -122,6 +122,11 @@ def model_fingerprint(folder: Path | str, like: str | None = None) -> str:
     return h.hexdigest()[:16] if v1 else FINGERPRINT_VERSION + h.hexdigest()[:16]
 
 
+def holds_model(folder: Path | str, recorded: Any) -> bool:
+    """Whether ``folder`` still holds the model whose fingerprint was recorded (of either version)."""
+    return model_fingerprint(folder, like=str(recorded)) == str(recorded)
+
+
 def stage_fingerprint(run: Path, stage: str) -> str:
     """A hash of what a stage's folder holds (its stitches; for 'lora' also the adapter): an export records it,
     so that a stage retrained after the export is not served with the exported (older) decode model."""
@@ -144,7 +149,7 @@ def check_fingerprints(cfg: dict[str, Any], where: str) -> None:
     """The pair's folders still hold the models the run recorded (run folders of older versions record none)."""
     for key, id_key in FINGERPRINT_FIELDS.items():
         want = cfg.get(id_key)
-        if want is not None and cfg.get(key) is not None and model_fingerprint(cfg[key], like=str(want)) != str(want):
+        if want is not None and cfg.get(key) is not None and not holds_model(cfg[key], want):
             raise stale_model_error(where, key, cfg[key])
 
 
@@ -171,15 +176,14 @@ def stage2_stale(cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def pick_stage(run: Path, stage: str) -> str:
+def pick_stage(run: Path, stage: str, cfg: dict[str, Any]) -> str:
     """--stage resolved against what the run trained ('auto': lora if trained and it follows from the warm-up
-    there, else warmup)."""
+    there, else warmup); ``cfg``: the run's run.yaml (:func:`run_config`)."""
     if stage not in STAGES:
         raise InputError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     have_w, have_l = trained_stages(run)
     if stage == "auto":
-        stale = have_l and stage2_stale(read_yaml_mapping(run / "run.yaml", f"--run {run}: no run.yaml"))
-        stage = "lora" if have_l and not stale else "warmup"
+        stage = "lora" if have_l and not stage2_stale(cfg) else "warmup"
     if stage == "warmup" and not have_w:
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     if stage == "lora" and not have_l:

@@ -500,12 +500,15 @@ def test_stage_2_of_an_older_warm_up_is_not_the_runs_result(pair_dirs, corpus_fi
     run = tmp_path / "run"
     cfg = cfg_for(pair_dirs, corpus_file, run, stage="all", steps=2, lora_steps=2)
     T.train(cfg, "cpu", log=lambda m: None)
-    assert S.pick_stage(run, "auto") == "lora" and S.stage2_stale(S.run_config(run)) is None
+    rc = S.run_config(run)
+    assert S.pick_stage(run, "auto", rc) == "lora" and S.stage2_stale(rc) is None
     T.train({**cfg, "stage": "warmup", "steps": 3}, "cpu", log=lambda m: None)
-    assert "the warm-up was retrained since" in S.stage2_stale(S.run_config(run))
-    assert S.pick_stage(run, "auto") == "warmup" and S.pick_stage(run, "lora") == "lora"
+    rc = S.run_config(run)
+    assert "the warm-up was retrained since" in S.stage2_stale(rc)
+    assert S.pick_stage(run, "auto", rc) == "warmup" and S.pick_stage(run, "lora", rc) == "lora"
     T.train({**cfg, "steps": 3}, "cpu", log=lambda m: None)  # --stage all retrains stage 2 from the new stitches
-    assert S.pick_stage(run, "auto") == "lora" and S.stage2_stale(S.run_config(run)) is None
+    rc = S.run_config(run)
+    assert S.pick_stage(run, "auto", rc) == "lora" and S.stage2_stale(rc) is None
 
 
 def test_a_model_retrained_in_place_is_refused_and_older_ids_still_match(pair_dirs, corpus_file, tmp_path):
