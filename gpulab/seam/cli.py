@@ -174,18 +174,18 @@ def train(
 def _family_is_checkpoints(folder: Path, trainer) -> bool:
     """family.yaml holds the training that the (finished) checkpoint holds: the same settings and history (a run
     killed after its last checkpoint but before the family was written leaves an older family there)."""
+    import yaml
+
     from gpulab.core.files import read_yaml_mapping
     from gpulab.core.results import yaml_text
+    from gpulab.seam.train import RESUME_FREE, first_difference
 
     p = folder / "family.yaml"
     if not p.is_file():
         return False
-    import yaml
-
-    from gpulab.seam.train import RESUME_FREE, first_difference
-
     info = read_yaml_mapping(p, f"{p} not found")
     train = info.get("train") if isinstance(info.get("train"), dict) else {}
+    # both as YAML reads them back (tuples as lists), the settings a resume may change left out
     same_cfg = first_difference(yaml.safe_load(yaml_text(train)), yaml.safe_load(yaml_text(trainer.cfg.as_dict())),
                                 skip=RESUME_FREE) is None
     return same_cfg and yaml_text(info.get("history")) == yaml_text(trainer.history)
