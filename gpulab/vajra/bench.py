@@ -249,7 +249,8 @@ def drive(engine, prompts: list[list[int]], output_len: int, request_rate: float
 
 RECHUNK_TOPK = 5  # logprobs asked per token in the rechunk passes (the first token's top-5 are compared)
 RECHUNK_INFO_TOKENS = 16  # bf16/fp16: tokens the rechunked pass generates (position-wise agreement, information)
-RECHUNK_DLOGPROB_TOL = 0.25  # nats: bf16/fp16 bound on the first token's top-5 logprob differences (a first guess)
+RECHUNK_DLOGPROB_TOL = 0.25  # nats: bf16/fp16 bound on the first token's top-5 logprob differences (set before any
+#                              GPU run; BF16 serving on an H200 on 2026-11-29 showed 0.094)
 
 
 def first_tokens(engine, prompts, params) -> list[tuple[list[int], Any]]:
@@ -306,37 +307,59 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
     a quarter of the token budget per step (at most half the shortest of them, so that each one is prefilled in
     several chunks), logprobs asked.
 
-    In fp32 (the CPU, or fp32 on a GPU) the rule is exact: all ``output_len`` greedy tokens, position by position,
-    equal the run's. In bf16/fp16 the numerics depend on the batch (the rerun has k sequences, the run had n: other
-    GEMM shapes, other CUDA graphs, other rounding), and a deep random-weight model is chaotic: one flipped
-    near-tie makes every later position differ, so position-wise agreement says nothing about chunked prefill.
-    There the first output token, which depends on the prompt alone, is compared: a reference pass of the same
-    k prompts at the full budget (max_tokens=1; both passes differ only in chunking and batch composition), and
-    per prompt the first tokens agree or flip on a near-tie (:func:`compare_first_tokens`), with the first
-    token's top-5 logprobs within RECHUNK_DLOGPROB_TOL. The rechunked pass generates RECHUNK_INFO_TOKENS tokens
-    only (the GPU time stays small); their position-wise agreement with the run is recorded as information."""
+    In fp32 (the CPU, or fp32 on a GPU where no linear changes backend with the step size) the rule is exact: all
+    ``output_len`` greedy tokens, position by position, equal the run's. In bf16/fp16 the numerics depend on the
+    batch (the rerun has k sequences, the run had n: other GEMM shapes, other CUDA graphs, other rounding), and a
+    deep random-weight model is chaotic: one flipped near-tie makes every later position differ, so position-wise
+    agreement says nothing about chunked prefill. There the first output token, which depends on the prompt alone,
+    is compared between two passes of the same k prompts that differ only in chunking (and so in batch
+    composition): the full budget and the small one, one token each (no decode steps in between). Per prompt
+    the first tokens agree or flip on a near-tie (:func:`compare_first_tokens`), with the first token's top-5
+    logprobs within RECHUNK_DLOGPROB_TOL.
+
+    Both compared passes pin every ``auto`` linear to the backend it takes at the full budget
+    (:func:`linear.pinned_backends`). Unpinned, an FP8 linear switches with the step's token count (W8A16 with
+    bf16 activations at <= 64 tokens, W8A8 with FP8 activations above), so a prompt whose last chunk shares a
+    small step gets its first token at another activation precision: a difference of the serving numerics
+    (``--linear-backend`` fixes it), not of chunking. A third pass serves the prompts as the engine does,
+    unpinned, at the small budget, RECHUNK_INFO_TOKENS tokens: its position-wise agreement with the run, and its
+    first tokens against the reference, are recorded as information (``auto_backends_*``)."""
     import torch
 
+    from gpulab.vajra.linear import pinned_backends, varies_with_m
     from gpulab.vajra.sampling import SamplingParams
 
     k = min(8, len(prompts))
     ps = prompts[:k]
-    exact = engine.model.info.dtype == torch.float32
     budget = cfg.max_num_batched_tokens
+    linears = list(engine.model.linears().values())
+    switching = any(varies_with_m(lin) for lin in linears)
+    exact = engine.model.info.dtype == torch.float32 and not switching
     small = max(1, min(budget // 4, min(len(p) for p in ps) // 2))
     n_again = output_len if exact else min(output_len, RECHUNK_INFO_TOKENS)
     sp = dict(temperature=0.0, ignore_eos=True, logprobs=RECHUNK_TOPK)
-    engine.scheduler.max_num_batched_tokens = small
-    try:
-        again = first_tokens(engine, ps, SamplingParams(max_tokens=n_again, **sp))
-    finally:
-        engine.scheduler.max_num_batched_tokens = budget
-    engine.reset_prefix_cache()  # the reference pass prefills the prompts again, in its own chunks
-    ref = first_tokens(engine, ps, SamplingParams(max_tokens=1, **sp))
-    engine.reset_prefix_cache()
+
+    def served(n_tokens: int, step_budget: int):
+        engine.scheduler.max_num_batched_tokens = step_budget
+        try:
+            return first_tokens(engine, ps, SamplingParams(max_tokens=n_tokens, **sp))
+        finally:
+            engine.scheduler.max_num_batched_tokens = budget
+            engine.reset_prefix_cache()  # the next pass prefills the prompts again, in its own chunks
+
+    again = served(n_again, small)
+    pinned: list[str] = []
+    if exact:
+        ref = served(1, budget)
+        chunked = again
+    else:
+        with pinned_backends(linears, budget) as pinned:
+            chunked = served(1, small)
+            ref = served(1, budget)
     pairs = [(a, b) for (toks, _), out in zip(again, res["outputs"][:k]) for a, b in zip(toks, out)]
     positionwise = sum(a == b for a, b in pairs) / max(1, len(pairs))
-    cmp = compare_first_tokens([(t[0], e) for t, e in ref], [(t[0], e) for t, e in again])
+    firsts = lambda run: [(t[0], e) for t, e in run]  # noqa: E731
+    cmp = compare_first_tokens(firsts(ref), firsts(chunked))
     main_first = sum(out[:1] == t[:1] for (t, _), out in zip(ref, res["outputs"][:k])) / k
     res.update({"rechunk_prompts": k, "rechunk_budget": small, "rechunk_token_agreement": positionwise,
                 "rechunk_token_agreement_tokens": n_again,
@@ -348,18 +371,30 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
                   {"agreement": positionwise, "prompts": k, "tokens": n_again, "budgets": [budget, small],
                    "first_token_max_abs_dlogprob": cmp["max_abs_dlogprob"], "rule": "exact (fp32)"})
         return
+    auto = compare_first_tokens(firsts(ref), firsts(again))
+    res.update({"rechunk_auto_backends_first_token_agreement": auto["agreement"],
+                "rechunk_auto_backends_first_token_max_abs_dlogprob": auto["max_abs_dlogprob"]})
     dt = str(engine.model.info.dtype).replace("torch.", "")
     detail = {"first_token_agreement": cmp["agreement"], "first_token_max_abs_dlogprob": cmp["max_abs_dlogprob"],
-              "prompts": k, "budgets": [budget, small],
+              "prompts": k, "budgets": [budget, small], "linear_backends_pinned": pinned,
               "positionwise_agreement_information_only": positionwise, "positionwise_tokens": n_again,
               "main_run_first_token_agreement_information_only": main_first,
-              "rule": (f"{dt} numerics depend on the batch: per prompt the first output token "
-                       "agrees between the full-budget and the rechunked pass, or flips on a near-tie (each run's "
-                       "top-2 gap within the two tokens' |d logprob|); and max |d logprob| over the first token's "
-                       f"top-{RECHUNK_TOPK} ids in both <= {RECHUNK_DLOGPROB_TOL} nats (a first guess, not yet "
-                       "calibrated on a GPU)")}
+              "auto_backends_first_token_agreement_information_only": auto["agreement"],
+              "auto_backends_first_token_max_abs_dlogprob_information_only": auto["max_abs_dlogprob"],
+              "rule": (f"{dt} numerics depend on the batch: per prompt the first output token agrees between two "
+                       "passes that differ only in chunking (full budget, small budget; linear backends pinned "
+                       "to the full budget's, one token each), or flips on a near-tie (each run's top-2 gap within "
+                       "the two tokens' |d logprob|); and max |d logprob| over the first token's "
+                       f"top-{RECHUNK_TOPK} ids in both <= {RECHUNK_DLOGPROB_TOL} nats (set before any GPU run; "
+                       "bf16 serving on an H200, 2026-11-29: 0.094)")}
     if cmp["flips"]:
         detail["flips"] = cmp["flips"]
+    if switching:
+        detail["auto_backends_note"] = (
+            "unpinned (as served), an FP8 linear runs W8A16 with bf16 activations in steps of <= 64 tokens and "
+            "W8A8 with FP8 activations (or dequant-jit) above, so a prompt whose last chunk shares a small step "
+            "gets its first token at another activation precision; the auto_backends_* figures compare that pass "
+            "with the reference: information, not checked (--linear-backend pins one backend)")
     rec.check(f"vajra-{precision}: first-token logprobs independent of chunking", cmp["passed"], detail)
 
 
@@ -444,7 +479,8 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
 
     t_variant = time.perf_counter()
     engine = load_engine(vdir, device=device, config=cfg, load_format=args["load_format"],
-                         attention_backend=args["attention_backend"])
+                         attention_backend=args["attention_backend"],
+                         linear_backend=args.get("linear_backend", "auto"))
     try:
         rec.notes += [f"vajra-{name}: {n}" for n in engine.notes]
         vocab = engine.vocab_size
@@ -525,7 +561,9 @@ def run(model_dir: Path, args: dict[str, Any]):
         raise InputError("; ".join(why))
     rec = results.Record(name="serve-bench", config={"model_dir": str(model_dir), "device": device, **args})
     if device != "cuda":
-        rec.notes.append("no GPU: CPU run at small size (fp32 activations; FP8 weights dequantized on the CPU); "
+        how = ("FP8 weights dequantized on the CPU" if args.get("linear_backend", "auto") in ("auto", "dequant")
+               else f"FP8 weights through the {args['linear_backend']} backend")
+        rec.notes.append(f"no GPU: CPU run at small size (fp32 activations; {how}); "
                          "CUDA graphs, Triton/FlashInfer attention and the H100 goals are not measured here")
     bw = ceilings.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device == "cuda" else (64 << 20))
     rec.metrics["copy_bandwidth_gbs"] = bw
@@ -635,8 +673,8 @@ def run(model_dir: Path, args: dict[str, Any]):
                 rec.summary[ratio_key(a, b)] = round(ra["output_tok_s"] / rb["output_tok_s"], 3) if fair else None
                 ratios.append(ratio_key(a, b))
     if ratios and device != "cuda":
-        rec.notes.append(f"{', '.join(ratios)}: none on the CPU, where FP8 weights are dequantized and both entries "
-                         "compute in fp32")
+        rec.notes.append(f"{', '.join(ratios)}: none on the CPU (no GPU kernels: the ratio would not say what FP8 "
+                         "serving is worth)")
     elif any(rec.summary[k] is None for k in ratios):
         rec.notes.append("FP8-over-BF16 ratios are left out where an entry was time-boxed (its tok/s covers the box "
                          "only) or the request rate is finite (tok/s then follows the arrivals)")

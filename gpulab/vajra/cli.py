@@ -30,6 +30,11 @@ _ENGINE_OPTIONS = {
     "gpu_memory_utilization": (float, typer.Option(0.90, help="Fraction of GPU memory for weights + cache.")),
     "kv_cache_dtype": (str, typer.Option("auto", help="auto | fp8")),
     "attention_backend": (str, typer.Option("auto", help="auto (triton on a GPU, torch on the CPU) | flashinfer | triton | torch")),
+    "linear_backend": (str, typer.Option(
+        "auto", help="FP8 linear layers: auto (per step: W8A16, bf16 activations, up to 64 tokens; above, W8A8 with "
+                     "FP8 activations where the GPU has FP8 tensor cores, else dequant-jit; dequant on the CPU) | "
+                     "w8a8 | w8a16 | dequant-jit | dequant. One backend keeps a token's numerics independent of how "
+                     "many tokens share its step.")),
     "cuda_graphs": (bool, typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps.")),
     "enable_prefix_caching": (bool, typer.Option(False, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                  help="Reuse the KV-cache blocks of prompts' shared beginnings.")),
@@ -51,7 +56,9 @@ def _engine_options(max_num_seqs: int, load_format: str):
 
         @functools.wraps(fn)
         def command(**kw):
-            return fn(engine={n: kw.pop(n) for n in options}, **kw)
+            engine = {n: kw.pop(n) for n in options}
+            _check_linear_backend(engine["linear_backend"])  # a misspelt name fails before anything is read
+            return fn(engine=engine, **kw)
 
         command.__signature__ = inspect.Signature(own + extra, return_annotation=None)
         command.__annotations__ = {**typing.get_type_hints(fn), **{n: t for n, (t, _) in options.items()}}
@@ -59,6 +66,12 @@ def _engine_options(max_num_seqs: int, load_format: str):
         return command
 
     return wrap
+
+
+def _check_linear_backend(name: str) -> None:
+    backends = ("auto", "dequant", "w8a8", "w8a16", "dequant-jit")  # linear.LINEAR_BACKENDS (which imports torch)
+    if name not in backends:
+        raise InputError(f"--linear-backend must be {', '.join(backends[:-1])} or {backends[-1]}, got {name!r}")
 
 
 def _engine_config(engine: dict, max_model_len=None):
@@ -81,7 +94,8 @@ def _load(model_dir: Path, engine: dict, max_model_len=None, prefill: Optional[s
 
     cfg = _engine_config(engine, max_model_len)
     return load_engine(model_dir, device=options.resolve_device(), config=cfg, load_format=engine["load_format"],
-                       attention_backend=engine["attention_backend"], prefill=prefill)
+                       attention_backend=engine["attention_backend"], linear_backend=engine["linear_backend"],
+                       prefill=prefill)
 
 
 def _server():

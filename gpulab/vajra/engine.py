@@ -658,6 +658,11 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
     if attention_backend not in ATTENTION_BACKENDS:
         raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
                          f"got {attention_backend!r}")
+    from gpulab.vajra.linear import LINEAR_BACKENDS
+
+    if linear_backend not in LINEAR_BACKENDS:
+        raise InputError(f"--linear-backend must be {', '.join(LINEAR_BACKENDS[:-1])} or {LINEAR_BACKENDS[-1]}, "
+                         f"got {linear_backend!r}")
     config.validate()
     _check_prefix_caching(config, prefill)  # before any weight is read
     tok = None

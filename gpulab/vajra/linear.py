@@ -17,9 +17,10 @@ Backends for an FP8 weight (``QuantWeight``):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -286,3 +287,24 @@ class Linear:
         out_dtype = x.dtype if (x.device.type == "cpu" or x.dtype == torch.bfloat16) else torch.bfloat16
         y = scaled_mm(xq, qw.q.t(), sa.float(), sb.float(), out_dtype)
         return y.to(x.dtype)
+
+
+def varies_with_m(lin: Linear) -> bool:
+    """Does ``auto`` give ``lin`` another backend for small steps than for large ones (an FP8 weight on a GPU:
+    W8A16 with bf16 activations at <= W8A16_MAX_M tokens, W8A8 with FP8 activations or dequant-jit above)?"""
+    return lin.choose(1) != lin.choose(W8A16_MAX_M + 1)
+
+
+@contextlib.contextmanager
+def pinned_backends(linears: Iterable[Linear], m: int) -> Iterator[list[str]]:
+    """Inside: every ``auto`` linear runs the backend ``auto`` picks for a step of ``m`` tokens, whatever a step's
+    token count, so that the numerics of a token no longer depend on how many tokens share its step (eager calls
+    only: a CUDA graph keeps the kernels it captured). Yields the sorted backends pinned; restores ``auto``."""
+    pinned = [lin for lin in linears if lin.backend == "auto"]
+    for lin in pinned:
+        lin.backend = lin.choose(m)
+    try:
+        yield sorted({lin.backend for lin in pinned})
+    finally:
+        for lin in pinned:
+            lin.backend = "auto"

@@ -34,13 +34,13 @@ echo "== bench 10M int32 key-value (argsort), pageable"
 step 14 "${GPULAB[@]}" sort bench --n 10000000 --dtype int32 --kv --transfer pageable --reps 10 \
     --impl bitonic-fused,cupy,torch >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M int32: each sort launched directly, then as one CUDA graph (--graph: without the host's cost a launch)"
-step 7 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
+step 10 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused,cupy,torch \
     >/dev/null || { echo "exit $?"; rc=1; }
-step 7 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused \
+step 10 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 20 --impl bitonic-shared,bitonic-fused \
     --graph >/dev/null || { echo "exit $?"; rc=1; }
 if command -v ncu >/dev/null 2>&1; then
   echo "== ncu (1M keys, shared + fused)"
-  step 90 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 1 \
+  step 150 "${GPULAB[@]}" sort bench --n 1048576 --dtype int32 --reps 1 \
       --impl bitonic-shared,bitonic-fused,bitonic-fused@t14f4g5w512 --ncu >/dev/null || echo "ncu run failed or timed out (exit $?, not fatal)"
 fi
 

@@ -36,7 +36,7 @@ table_step "kernel bench (8B shapes)" 65 "$OUT/vajra_model_bench.txt" \
   "$PY" -m gpulab.vajra.kernel_bench --out "$OUT" --size full --reps 20 --no-tilings \
   --attention "$att" --budget-s $kb_budget
 if [ "$att" = "triton,flashinfer" ]; then
-  table_step "flashinfer decode fp8 KV" 30 "$OUT/vajra_model_flashinfer_fp8.txt" \
+  table_step "flashinfer decode fp8 KV" 45 "$OUT/vajra_model_flashinfer_fp8.txt" \
     "$PY" -m pytest -q -m gpu tests/vajra/model -k "flashinfer_decode and fp8"
 fi
 

@@ -74,7 +74,10 @@ def test_rechunk_check_prefills_in_other_chunks(tiny_llama, dtype):
         assert ok, detail
         assert res["rechunk_first_token_max_abs_dlogprob"] <= bench.RECHUNK_DLOGPROB_TOL
         assert detail["first_token_agreement"] == 1.0 and "positionwise_agreement_information_only" in detail
-        assert "not yet calibrated on a GPU" in detail["rule"] and detail["positionwise_tokens"] == 5
+        assert "pinned" in detail["rule"] and detail["positionwise_tokens"] == 5
+        # no linear here changes backend with the step size: nothing pinned, no note about it
+        assert detail["linear_backends_pinned"] == [] and "auto_backends_note" not in detail
+        assert detail["auto_backends_first_token_agreement_information_only"] == 1.0
 
 
 def test_rechunk_check_bf16_generates_few_tokens(tiny_llama, monkeypatch):
@@ -93,5 +96,78 @@ def test_rechunk_check_bf16_generates_few_tokens(tiny_llama, monkeypatch):
     res = {"outputs": [[0] * 1000 for _ in prompts]}
     monkeypatch.setattr(bench, "first_tokens", spy)
     bench.rechunk_check(Rec(), eng, eng.config, prompts, res, 1000, "bf16")
-    assert asked == [bench.RECHUNK_INFO_TOKENS, 1]
+    assert asked == [bench.RECHUNK_INFO_TOKENS, 1, 1]
     assert res["rechunk_token_agreement_tokens"] == bench.RECHUNK_INFO_TOKENS and res["rechunk_budget"] == 4
+
+
+class SwitchingLinear:
+    """What the rechunk check sees of an FP8 linear under ``auto`` on a GPU: W8A16 for steps of <= 64 tokens,
+    W8A8 above (linear.Linear.choose)."""
+
+    def __init__(self):
+        self.backend = "auto"
+
+    def choose(self, m):
+        if self.backend != "auto":
+            return self.backend
+        return "w8a16" if m <= 64 else "w8a8"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rechunk_check_pins_switching_backends(tiny_llama, monkeypatch, dtype):
+    """Where a linear switches backend with the step's token count (FP8 weights on a GPU), the two compared passes
+    run with every such linear pinned to the full budget's backend (so that a prompt whose last chunk shares a
+    small step is not computed at another activation precision); the information pass runs as served (auto); the
+    backends are auto again afterwards. fp32 gets the same rule then (not the exact one)."""
+    eng = load_engine(tiny_llama, device="cpu", attention_backend="torch", dtype=dtype,
+                      config=EngineConfig(num_blocks=96, block_size=4, max_num_batched_tokens=96, max_num_seqs=16))
+    lins = [SwitchingLinear() for _ in range(3)]
+    monkeypatch.setattr(eng.model, "linears", lambda: {f"l{i}": lin for i, lin in enumerate(lins)})
+    seen = []
+    real = bench.first_tokens
+
+    def spy(engine, ps, params):
+        seen.append((params.max_tokens, engine.scheduler.max_num_batched_tokens, {lin.backend for lin in lins}))
+        return real(engine, ps, params)
+
+    monkeypatch.setattr(bench, "first_tokens", spy)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(eng.vocab_size) for _ in range(20)] for _ in range(4)]
+    res = {"outputs": [o.output_token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=3,
+                                                                                        temperature=0.0,
+                                                                                        ignore_eos=True))]}
+    rec = Rec()
+    bench.rechunk_check(rec, eng, eng.config, prompts, res, 3, dtype)
+    n_info = min(3, bench.RECHUNK_INFO_TOKENS)
+    assert seen == [(n_info, 10, {"auto"}), (1, 10, {"w8a8"}), (1, 96, {"w8a8"})]
+    assert all(lin.backend == "auto" for lin in lins) and eng.scheduler.max_num_batched_tokens == 96
+    [(name, (ok, detail))] = rec.checks.items()
+    assert name == f"vajra-{dtype}: first-token logprobs independent of chunking" and ok, detail
+    assert detail["linear_backends_pinned"] == ["w8a8"] and "64 tokens" in detail["auto_backends_note"]
+    assert res["rechunk_auto_backends_first_token_agreement"] == 1.0
+
+
+@pytest.mark.gpu
+def test_gpu_rechunk_check_pins_fp8_backends(tiny_assets, tmp_path):
+    """FP8 weights on a GPU, where ``auto`` really switches (W8A16 up to 64 tokens, W8A8 or dequant-jit above):
+    with a budget of 256 the rechunked pass's steps take 50 tokens, the reference's 256. The compared passes run
+    pinned to the full budget's backend and agree within the bf16 rule; the pass as served is information. (The
+    H200 run of 2026-11-29 failed this check on the 8B model before the passes were pinned.)"""
+    from gpulab.vajra import linear
+
+    d, why = bench.variant_dir(tiny_assets, "fp8", "dummy", tmp_path)
+    assert d is not None, why
+    eng = load_engine(d, device="cuda", load_format="dummy", attention_backend="triton", dtype="bf16",
+                      config=EngineConfig(num_blocks=256, block_size=16, max_num_batched_tokens=256, max_num_seqs=16))
+    lins = list(eng.model.linears().values())
+    assert any(linear.varies_with_m(lin) for lin in lins), [lin.backend for lin in lins]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(eng.vocab_size) for _ in range(100)] for _ in range(8)]
+    res = {"outputs": [o.output_token_ids for o in eng.generate(
+        prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))]}
+    rec = Rec()
+    bench.rechunk_check(rec, eng, eng.config, prompts, res, 4, "fp8")
+    [(name, (ok, detail))] = rec.checks.items()
+    assert name == "vajra-fp8: first-token logprobs independent of chunking" and ok, detail
+    assert res["rechunk_budget"] == 50 and detail["linear_backends_pinned"] in (["w8a8"], ["dequant-jit"])
+    assert "auto_backends_note" in detail and all(lin.backend == "auto" for lin in lins if lin.qw is not None)

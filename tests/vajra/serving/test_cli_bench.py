@@ -253,6 +253,8 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
      "presence_penalty must be a number in"),
     (["generate", "{assets}", "--prompt", "x", "--attention-backend", "xformers"],
      "--attention-backend must be auto, torch, triton or flashinfer, got 'xformers'"),
+    (["serve-bench", "{assets}", "--linear-backend", "int4"],
+     "--linear-backend must be auto, dequant, w8a8, w8a16 or dequant-jit, got 'int4'"),
 ])
 def test_bad_input_is_one_line(tiny_assets, argv, msg):
     argv = [a.replace("{assets}", str(tiny_assets)) for a in argv]
@@ -428,3 +430,23 @@ def test_the_hf_floor_serves_every_prompt_at_its_own_length(tiny_llama):
         cfg = json.loads((odd / "config.json").read_text())
         (odd / "config.json").write_text(json.dumps({**cfg, "pad_token_id": -1}))
     assert hf_floor(odd, "auto", "cpu", prompts, 2)["num_prompts"] == 3
+
+
+def test_serve_bench_linear_backend_reaches_every_fp8_linear(out_dir, tiny_assets, monkeypatch):
+    """--linear-backend w8a8 on the CPU: every FP8 linear runs W8A8 (torch._scaled_mm runs on the CPU), not the
+    dequantized weights; the record says so, and the chunking check is exact (fp32: nothing switches with the
+    step's token count)."""
+    from gpulab.vajra import linear
+
+    calls = []
+    real = linear.Linear._w8a8
+    monkeypatch.setattr(linear.Linear, "_w8a8", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+    invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "24",
+            "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
+            "--compare", "fp8", "--no-hf-baseline", "--linear-backend", "w8a8", "--load-format", "dummy"])
+    [f] = out_dir.glob("serve-bench-*.yaml")
+    rec = yaml.safe_load(f.read_text())
+    assert rec["ok"] and rec["config"]["linear_backend"] == "w8a8"
+    assert 1 in calls and max(calls) > 1  # decode steps and prefill chunks alike
+    assert any("through the w8a8 backend" in n for n in rec["notes"])
+    assert rec["checks"]["vajra-fp8: greedy tokens independent of chunking"]["passed"]
