@@ -40,17 +40,26 @@ patch_interpreter()  # Triton 3.0-3.6's interpreter with NumPy >= 2.4 (see gpula
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, h_ptr, N, s_x, s_d, s_xo, s_h, eps, SPLIT, s_split,
-                         HAS_DELTA: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, PARTIAL: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr,
+                         EVEN: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=m, other=0.0)
     if HAS_DELTA:  # the residual stream in its own dtype, as x + delta in torch
         if PARTIAL:  # delta as split-K partial sums (fp32): summed, then rounded as the separate reduction would
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in range(0, SPLIT):
-                acc += tl.load(d_ptr + i * s_split + row * s_d + cols, mask=m, other=0.0)
-            d = acc.to(xo_ptr.dtype.element_ty)
+            # (one [SPLIT, BLOCK] load: its PTX issues every partial's loads before the first add; ptxas then
+            # interleaves them with the adds, keeping ~3 loads in flight a thread against ~1.6 for a loop over the
+            # partials (sm_90 SASS). At batch 1 one program does the whole row, and these round trips to the L2 are
+            # the likely cause of the 5 us an 8B norm took on an H200; unmeasured since. The sum is a tree, not the
+            # sequential order of the separate reduction: within fp32 rounding of it)
+            sp = tl.arange(0, SPLIT_P2)
+            if EVEN:
+                parts = tl.load(d_ptr + sp[:, None] * s_split + row * s_d + cols[None, :])
+            else:
+                parts = tl.load(d_ptr + sp[:, None] * s_split + row * s_d + cols[None, :],
+                                mask=(sp[:, None] < SPLIT) & m[None, :], other=0.0)
+            d = tl.sum(parts, axis=0).to(xo_ptr.dtype.element_ty)
         else:
             d = tl.load(d_ptr + row * s_d + cols, mask=m, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
@@ -214,10 +223,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, e
         xo = torch.empty_like(x)
     if t:
         block = triton.next_power_of_2(n)
+        partial = delta is not None and delta.dim() == 3
+        # split-K partials of a wide row: 16 warps, so that each thread has half the loads to wait for (unmeasured)
+        warps = 4 if block <= 2048 else 16 if partial else 8
         _add_rms_norm_kernel[(t,)](x, delta if delta is not None else x, w, xo, h, n, x.stride(0), d.stride(0),
                                    xo.stride(0), h.stride(0), float(eps), split, s_split,
-                                   HAS_DELTA=delta is not None, PARTIAL=delta is not None and delta.dim() == 3,
-                                   BLOCK=block, **_launch_options(num_warps=4 if block <= 2048 else 8))
+                                   HAS_DELTA=delta is not None, PARTIAL=partial, BLOCK=block,
+                                   SPLIT_P2=triton.next_power_of_2(split),
+                                   EVEN=partial and n == block and split & (split - 1) == 0,
+                                   **_launch_options(num_warps=warps))
     return xo, h
 
 

@@ -83,6 +83,21 @@ def test_consumers_sum_split_k_partials(dt):
         close(a, b, dt)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("t,n,split", [(1, 128, 8), (2, 128, 5), (3, 96, 1), (1, 4096, 8), (2, 100, 2)])
+def test_add_rms_norm_sums_partials_of_any_split(dt, t, n, split):
+    """The norm's one-load sum over the partials (unmasked where the row is a power of two wide and the split a power
+    of two; masked otherwise): the residual x + sum(partials) and its norm, as reducing first."""
+    g = torch.Generator().manual_seed(t * 1000 + n + split)
+    x, w = rnd(g, t, n, dt=dt), rnd(g, n, dt=dt)
+    parts = rnd(g, split, t, n)
+    xo, h = FO.add_rms_norm(x, parts, w, 1e-6)
+    want_xo, want_h = R.add_rms_norm(x, parts.sum(0).to(dt), w, 1e-6)
+    close(xo, want_xo, dt)
+    close(h, want_h, dt)
+    assert not torch.equal(xo, x)  # the partials were added
+
+
 def test_w8a16_partials_feed_the_fused_norm():
     """The W8A16 kernel with reduce=False hands its split-K partials over; summed by add_rms_norm they give what
     the reduced GEMM output gives."""

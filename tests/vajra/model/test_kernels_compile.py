@@ -123,7 +123,8 @@ for cc in (80, 89, 90):
                                            (act, False, False, 2048)):
             compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": d_ptr, "w_ptr": act, "xo_ptr": act,
                                                   "h_ptr": act, "eps": "fp32"},
-                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block), num_warps=8 if block > 2048 else 4,
+                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block, SPLIT_P2=8 if partial else 1, EVEN=partial),
+                    num_warps=(16 if partial else 8) if block > 2048 else 4,
                     **FO.ROUND_AS_TORCH)
         for half, partial in ((64, False), (64, True), (32, False)):
             compile(FO._rope_split_kernel, cc, {"qkv_ptr": "*fp32" if partial else act, "cos_ptr": act,
