@@ -318,12 +318,14 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
     logprobs within RECHUNK_DLOGPROB_TOL.
 
     Both compared passes pin every ``auto`` linear to the backend it takes at the full budget
-    (:func:`linear.pinned_backends`). Unpinned, an FP8 linear switches with the step's token count (W8A16 with
-    bf16 activations at <= 64 tokens, W8A8 with FP8 activations above), so a prompt whose last chunk shares a
-    small step gets its first token at another activation precision: a difference of the serving numerics
-    (``--linear-backend`` fixes it), not of chunking. A third pass serves the prompts as the engine does,
-    unpinned, at the small budget, RECHUNK_INFO_TOKENS tokens: its position-wise agreement with the run, and its
-    first tokens against the reference, are recorded as information (``auto_backends_*``)."""
+    (:func:`linear.pinned_backends`) and run eagerly (no CUDA graph, whose kernels were captured under auto).
+    Unpinned, an FP8 linear switches with the step's token count (W8A16 with bf16 activations at <= 64 tokens,
+    W8A8 with FP8 activations above where the checkpoint quantizes activations, else dequant-jit), so a prompt whose
+    last chunk shares a small step can get its first token at another activation precision: a property of the
+    serving numerics (``--linear-backend`` fixes the activation precision), not of chunking. A third pass serves
+    the prompts as the engine does, unpinned, at the small budget, RECHUNK_INFO_TOKENS tokens: its position-wise
+    agreement with the run, and its first tokens against the reference, are recorded as information
+    (``auto_backends_*``); so is the main run's first-token agreement with the (pinned) reference."""
     import torch
 
     from gpulab.vajra.linear import pinned_backends, varies_with_m
@@ -353,9 +355,15 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
         ref = served(1, budget)
         chunked = again
     else:
-        with pinned_backends(linears, budget) as pinned:
-            chunked = served(1, small)
-            ref = served(1, budget)
+        # CUDA graphs off meanwhile: a prompt's last chunk of one token, alone in its step, is a "decode-only"
+        # step, and a graph replays the kernels it captured under auto, not the pinned ones
+        graphs, engine.graphs = engine.graphs, None
+        try:
+            with pinned_backends(linears, budget) as pinned:
+                chunked = served(1, small)
+                ref = served(1, budget)
+        finally:
+            engine.graphs = graphs
     pairs = [(a, b) for (toks, _), out in zip(again, res["outputs"][:k]) for a, b in zip(toks, out)]
     positionwise = sum(a == b for a, b in pairs) / max(1, len(pairs))
     firsts = lambda run: [(t[0], e) for t, e in run]  # noqa: E731
@@ -390,11 +398,15 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
     if cmp["flips"]:
         detail["flips"] = cmp["flips"]
     if switching:
+        from gpulab.vajra.linear import W8A16_MAX_M
+
+        pairs = sorted({(lin.choose(1), lin.choose(W8A16_MAX_M + 1)) for lin in linears if varies_with_m(lin)})
         detail["auto_backends_note"] = (
-            "unpinned (as served), an FP8 linear runs W8A16 with bf16 activations in steps of <= 64 tokens and "
-            "W8A8 with FP8 activations (or dequant-jit) above, so a prompt whose last chunk shares a small step "
-            "gets its first token at another activation precision; the auto_backends_* figures compare that pass "
-            "with the reference: information, not checked (--linear-backend pins one backend)")
+            f"unpinned (as served), FP8 linears run {' / '.join(f'{a} up to {W8A16_MAX_M} tokens a step, {b} above' for a, b in pairs)}"
+            " (w8a8 quantizes the activations to FP8, w8a16 and dequant-jit keep them in the model's dtype), so a "
+            "prompt whose last chunk shares a small step is computed by another backend; the auto_backends_* "
+            "figures compare that pass with the reference: information, not checked (--linear-backend fixes one "
+            "backend)")
     rec.check(f"vajra-{precision}: first-token logprobs independent of chunking", cmp["passed"], detail)
 
 

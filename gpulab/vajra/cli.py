@@ -33,8 +33,9 @@ _ENGINE_OPTIONS = {
     "linear_backend": (str, typer.Option(
         "auto", help="FP8 linear layers: auto (per step: W8A16, bf16 activations, up to 64 tokens; above, W8A8 with "
                      "FP8 activations where the GPU has FP8 tensor cores, else dequant-jit; dequant on the CPU) | "
-                     "w8a8 | w8a16 | dequant-jit | dequant. One backend keeps a token's numerics independent of how "
-                     "many tokens share its step.")),
+                     "w8a8 | w8a16 | dequant-jit | dequant. One backend keeps a token's activation precision "
+                     "independent of how many tokens share its step (the rounding still depends on the kernels' "
+                     "tiling).")),
     "cuda_graphs": (bool, typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="CUDA graphs for decode steps.")),
     "enable_prefix_caching": (bool, typer.Option(False, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                  help="Reuse the KV-cache blocks of prompts' shared beginnings.")),

@@ -298,8 +298,9 @@ def varies_with_m(lin: Linear) -> bool:
 @contextlib.contextmanager
 def pinned_backends(linears: Iterable[Linear], m: int) -> Iterator[list[str]]:
     """Inside: every ``auto`` linear runs the backend ``auto`` picks for a step of ``m`` tokens, whatever a step's
-    token count, so that the numerics of a token no longer depend on how many tokens share its step (eager calls
-    only: a CUDA graph keeps the kernels it captured). Yields the sorted backends pinned; restores ``auto``."""
+    token count, so that a token's activation precision no longer depends on how many tokens share its step (its
+    rounding still may: a backend's tiling and split-K follow the step's size). Eager calls only: a CUDA graph
+    replays the kernels it captured. Yields the sorted backends pinned; restores ``auto``."""
     pinned = [lin for lin in linears if lin.backend == "auto"]
     for lin in pinned:
         lin.backend = lin.choose(m)

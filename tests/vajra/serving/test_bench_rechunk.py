@@ -147,6 +147,50 @@ def test_rechunk_check_pins_switching_backends(tiny_llama, monkeypatch, dtype):
     assert res["rechunk_auto_backends_first_token_agreement"] == 1.0
 
 
+def test_rechunk_check_compared_passes_replay_no_cuda_graph(tiny_llama, monkeypatch):
+    """One prompt of 21 tokens at a budget of 40: the small budget is 10, so its chunks are 10, 10 and 1, and the
+    last one, alone in its step, is a decode-only step that a CUDA graph (captured under auto) would replay. The
+    compared passes run with the graphs off; the information pass and the engine afterwards have them back."""
+    eng = load_engine(tiny_llama, device="cpu", attention_backend="torch", dtype="bf16",
+                      config=EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=40, max_num_seqs=4))
+    lins = [SwitchingLinear() for _ in range(2)]
+    monkeypatch.setattr(eng.model, "linears", lambda: {f"l{i}": lin for i, lin in enumerate(lins)})
+
+    class Graphs:  # a runner that never fits: every step runs eagerly, and a call to run() would be a bug
+        runs = 0
+
+        def fits(self, n):
+            return False
+
+        def run(self, batch):  # pragma: no cover
+            Graphs.runs += 1
+
+    graphs = Graphs()
+    eng.graphs = graphs
+    seen, decode_only = [], []
+    real, real_schedule = bench.first_tokens, eng.scheduler.schedule
+
+    def spy(engine, ps, params):
+        seen.append((params.max_tokens, engine.graphs is graphs, lins[0].backend))
+        return real(engine, ps, params)
+
+    def schedule():
+        out = real_schedule()
+        decode_only.append((lins[0].backend, out.num_tokens, out.is_decode_only))
+        return out
+
+    monkeypatch.setattr(bench, "first_tokens", spy)
+    monkeypatch.setattr(eng.scheduler, "schedule", schedule)
+    prompt = [[5 + (i * 7) % 90 for i in range(21)]]
+    res = {"outputs": [[0, 0, 0]]}
+    rec = Rec()
+    bench.rechunk_check(rec, eng, eng.config, prompt, res, 3, "bf16")
+    assert res["rechunk_budget"] == 10
+    assert seen == [(3, True, "auto"), (1, False, "w8a16"), (1, False, "w8a16")]  # budget 40 <= 64: w8a16
+    assert ("w8a16", 1, True) in decode_only  # the lone last chunk: a decode-only step, run eagerly while pinned
+    assert eng.graphs is graphs and Graphs.runs == 0
+
+
 @pytest.mark.gpu
 def test_gpu_rechunk_check_pins_fp8_backends(tiny_assets, tmp_path):
     """FP8 weights on a GPU, where ``auto`` really switches (W8A16 up to 64 tokens, W8A8 or dequant-jit above):
