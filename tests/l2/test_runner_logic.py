@@ -1,4 +1,5 @@
 """The prefetch ordering of PolicyRunner.infer, with recording stand-ins for streams, events and kernels."""
+import pytest
 import torch
 
 from gpulab.l2 import policy as P
@@ -198,3 +199,39 @@ def test_persist_aside_is_what_the_driver_granted_else_the_plan():
     assert r.persist_aside_bytes() == 512 << 10
     r.last_persist = SimpleNamespace(granted_bytes=384 << 10)
     assert r.persist_aside_bytes() == 384 << 10
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_ncu_rows_retry_a_graph_run_eagerly(monkeypatch, graph):
+    """--ncu per policy: a --graph child that profiled no kernel inside the NVTX range is run again launched eagerly
+    (noted); a policy with no kernel either way, or whose child fails, is a failed check and no row. Without --graph
+    nothing is retried."""
+    from gpulab.core import results
+    from gpulab.core.errors import GpulabError
+    from gpulab.l2 import bench
+
+    calls = []
+
+    def child(cfg, pol, reps, graph=None):
+        g = cfg.graph if graph is None else graph
+        calls.append((pol, reps, g))
+        if pol == "failing":
+            raise GpulabError("ncu exited 1")
+        return {"policy": pol, "graph": g, "kernels_per_inference": 0 if (g or pol == "empty") else 3}
+
+    monkeypatch.setattr(bench, "_ncu_dram", child)
+    cfg = RunConfig(workload="mlp", width=96, layers=3, graph=graph)
+    rec = results.Record(name="l2-test", config={})
+    rows = bench.ncu_rows(rec, cfg, ["default", "persist", "empty", "failing"], n_reqs=3)
+    retried = [(p, 3, False) for p in ("default", "persist", "empty")]
+    if graph:
+        assert calls == [c for p in ("default", "persist", "empty") for c in ((p, 3, True), (p, 3, False))] + [
+            ("failing", 3, True)]
+        assert [r["policy"] for r in rows] == ["default", "persist"] and all(not r["graph"] for r in rows)
+        assert sum("launched eagerly (--no-graph)" in n for n in rec.notes) == 2
+        assert "with --graph or without" in rec.checks["ncu[empty]"]["detail"]
+    else:
+        assert calls == retried + [("failing", 3, False)]
+        assert [r["policy"] for r in rows] == ["default", "persist"] and not rec.notes
+        assert "with --graph" not in rec.checks["ncu[empty]"]["detail"]
+    assert not rec.checks["ncu[empty]"]["passed"] and rec.checks["ncu[failing]"]["detail"] == "ncu exited 1"
