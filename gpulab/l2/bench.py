@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from gpulab.core import ncu, options, results, timing
@@ -505,8 +505,12 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
     for p in policies:
         rec.rows.append({"policy": p, "impl": cfg.impl, "median_ms": None, "p90_ms": None, "n": 0,
                          "status": "skipped: needs a CUDA GPU"})
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    given = ["--" + n.replace("_", "-") for n in POLICY_OPTIONS if getattr(cfg, n) != defaults[n]]
     rec.notes.append("the L2 policies need a CUDA GPU (persist also needs persisting L2 support); none is visible, "
-                     "so only the CPU baseline was measured (on a GPU machine: gpulab --device cuda l2 run ...)")
+                     "so only the CPU baseline was measured (on a GPU machine: gpulab --device cuda l2 run ...)"
+                     + (f"; {', '.join(given)} {'is' if len(given) == 1 else 'are'} for them, unused here"
+                        if given else ""))
     rec.summary.update({"device": "cpu", "cpu_median_ms": t.median, "policies": "need a GPU"})
 
 

@@ -43,6 +43,23 @@ def test_cpu_run_writes_record(argv, out_dir, capsys):
     assert "need a GPU" in out or "needs a CUDA GPU" in out
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+def test_cpu_run_notes_the_policy_options_it_does_not_use(out_dir, capsys):
+    """On the CPU no policy runs: options set for them (not at their defaults) are named in the note as unused."""
+    base = ["--out", str(out_dir), "l2", "run", "--workload", "mlp", "--width", "16", "--layers", "2", "--reps", "3"]
+    code, _, err = _run([*base, "--policy", "persist,prefetch", "--set-aside-mib", "4", "--lookahead", "2"], capsys)
+    assert code == 0, err
+    [f] = out_dir.glob("l2-*.yaml")
+    [note] = [n for n in yaml.safe_load(f.read_text())["notes"] if "need a CUDA GPU" in n]
+    assert note.endswith("; --set-aside-mib, --lookahead are for them, unused here")
+    f.unlink()
+    code, _, err = _run([*base, "--policy", "persist"], capsys)
+    assert code == 0, err
+    [f] = out_dir.glob("l2-*.yaml")
+    [note] = [n for n in yaml.safe_load(f.read_text())["notes"] if "need a CUDA GPU" in n]
+    assert "unused here" not in note
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="no GPU must be visible")
 def test_device_cuda_without_gpu_is_one_line_error(out_dir, capsys):
     code, out, err = _run(["--device", "cuda", "--out", str(out_dir), "l2", "run"], capsys)
