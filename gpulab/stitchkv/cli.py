@@ -397,7 +397,7 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
     import time
 
     from gpulab.stitchkv.data import read_text
-    from gpulab.stitchkv.evaluate import evaluate
+    from gpulab.stitchkv.evaluate import check_eval_options, evaluate
     from gpulab.stitchkv.models import tiny_llama
     from gpulab.stitchkv.pretrain import check_options as check_pretrain_options
     from gpulab.stitchkv.train import lora_targets as check_lora_targets, validate_cfg
@@ -415,6 +415,7 @@ def _tiny(workdir, data, *, large_size, small_size, vocab, pretrain_steps, pretr
                            repeat_frac, flag_prefix="pretrain-")
     validate_cfg(cfg)
     check_lora_targets(tiny_llama(small_size, 8, 8, seed=0), cfg)
+    check_eval_options(prompts, prompt_len, gen_len, batch)
     shutil.rmtree(wd / "run", ignore_errors=True)  # a fresh pair: stitches of an earlier pair must not be resumed
     pre = _pretrain(data, wd / "pair", large_size, small_size, vocab, pretrain_steps, pretrain_batch, seq_len, pretrain_lr,
                     seed, repeat_frac, flag_prefix="pretrain-")

@@ -312,6 +312,16 @@ def _ci(items: dict[str, list[float]], stat) -> dict[str, Any]:
     return r if n >= MIN_CI_PROMPTS else {**r, "lo": None, "hi": None}
 
 
+def check_eval_options(prompts: int, prompt_len: int | None, gen_len: int, batch: int) -> None:
+    """The evaluation's own options (whether the text holds ``prompts`` windows needs the pair's tokenizer, later)."""
+    if prompts < 1:
+        raise InputError(f"--prompts must be >= 1, got {prompts}")
+    if gen_len < 1 or batch < 1:
+        raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
+    if prompt_len is not None and prompt_len < 1:
+        raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
+
+
 def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_len: int, batch: int,
              data: Path | None = None, goal_gap: float | None = None, name: str = "kvstitch-eval",
              log: Any = print) -> Record:
@@ -323,10 +333,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
 
     run = Path(run)
     cfg = run_config(run)
-    if gen_len < 1 or batch < 1:
-        raise InputError(f"--gen-len and --batch must be >= 1 (got {gen_len}, {batch})")
-    if prompt_len is not None and prompt_len < 1:
-        raise InputError(f"--prompt-len must be >= 1 (0: the run's), got {prompt_len}")
+    check_eval_options(prompts, prompt_len, gen_len, batch)
     have_w, have_l = trained_stages(run)
     if not have_w:
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")

@@ -251,7 +251,9 @@ TINY_ARGS = ["--large-size", "nano-large", "--small-size", "nano-small", "--voca
                                          (["--pretrain-lr", "0"], "--pretrain-lr must be > 0"),
                                          (["--vocab", "100"], "--vocab must be >= 260"),
                                          (["--small-size", "huge"], "unknown model size 'huge'"),
-                                         (["--data", "no/such.txt"], "--data no/such.txt: file not found")])
+                                         (["--data", "no/such.txt"], "--data no/such.txt: file not found"),
+                                         (["--prompts", "0"], "--prompts must be >= 1"),
+                                         (["--gen-len", "0"], "--gen-len and --batch must be >= 1")])
 def test_tiny_rejects_bad_options_before_pretraining(corpus_file, tmp_path, capsys, bad, needle):
     wd = tmp_path / "wd"
     (wd / "seed0" / "run").mkdir(parents=True)  # an earlier run: a rejected command must leave it alone
