@@ -700,4 +700,10 @@ def run(model_dir: Path, args: dict[str, Any]):
                          "it measures the engine and its concurrency together, not the engine alone")
     if not per_variant:
         rec.check("at least one vajra variant ran", False, "; ".join(rec.notes))
+    if device == "cuda":  # W8A8's accumulation after the probe (GPULAB_FP8_FAST_ACCUM), which the figures depend on
+        import torch
+
+        from gpulab.vajra.linear import fast_accum_in_use
+
+        rec.config["fp8_fast_accum"] = fast_accum_in_use(torch.device("cuda"))
     return rec

@@ -43,11 +43,36 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# FP8 GEMMs on a GPU accumulate with the tensor cores' fast accumulation (``use_fast_accum``: no periodic promotion
+# of the partial sums to fp32, as the FP8 GEMM kernels of inference engines run on Hopper); GPULAB_FP8_FAST_ACCUM=0
+# turns it off for a whole run (an A/B: serve-kernels also times W8A8 both ways at M >= 64). Where a torch build
+# refuses it for a scale kind, the probe falls back to plain accumulation for that device and kind.
+FAST_ACCUM = os.environ.get("GPULAB_FP8_FAST_ACCUM", "1") != "0"
+_NO_FAST_ACCUM: set[tuple[str, bool]] = set()  # (device, row-wise) where the probe found fast accumulation refused
+
+
+def _fast_accum(device: torch.device, rowwise: bool, fast: bool | None) -> bool:
+    if device.type != "cuda":
+        return False
+    if fast is not None:
+        return fast
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return FAST_ACCUM and (f"cuda:{index}", rowwise) not in _NO_FAST_ACCUM
+
+
+def fast_accum_in_use(device: torch.device, rowwise: bool = True) -> bool:
+    """Does W8A8 on ``device`` accumulate fast (after the probe; False on the CPU)?"""
+    return _fast_accum(device, rowwise, None)
+
+
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, fast_accum: bool | None = None) -> torch.Tensor:
     """``torch._scaled_mm`` across the supported torch versions: 2.4 returns ``(out, amax)``, 2.5 and later
-    the output alone."""
-    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    the output alone. ``fast_accum``: the tensor cores' fast accumulation (None: on a GPU unless
+    GPULAB_FP8_FAST_ACCUM=0 or the probe found it refused; never on the CPU)."""
+    rowwise = scale_a.dim() > 0 or scale_b.dim() > 0  # tensor-wise scales are 0-d (as the probe's)
+    kw = {"use_fast_accum": True} if _fast_accum(a.device, rowwise, fast_accum) else {}
+    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, **kw)
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
@@ -55,22 +80,31 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
 def _scaled_mm_probe(device: str, rowwise: bool) -> str | None:
     """Run ``torch._scaled_mm`` once on 16 x 32 zeros on ``device``: None when it works with tensor-wise
     (or row-wise) scales, else the reason. Some torch builds lack the row-wise kernel for sm_89 (L40S, RTX 40);
-    some torch releases have no CPU kernel at all (2.4 and 2.7 seen) and 2.11's takes per-tensor scales only."""
+    some torch releases have no CPU kernel at all (2.4 and 2.7 seen) and 2.11's takes per-tensor scales only.
+    On a GPU it first tries fast accumulation (see FAST_ACCUM), then, refused, plain accumulation, which this
+    device and scale kind then keep."""
     dev = torch.device(device)
     a = torch.zeros(16, 32, device=dev).to(torch.float8_e4m3fn)
     sa = torch.ones(16, 1, device=dev) if rowwise else torch.ones((), device=dev)
     sb = torch.ones(1, 16, device=dev) if rowwise else torch.ones((), device=dev)
     out_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    try:
-        y = scaled_mm(a, a.t(), sa, sb, out_dtype)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if tuple(y.shape) != (16, 16):
-            raise RuntimeError(f"unexpected output shape {tuple(y.shape)}")
-    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
-        msg = str(e).strip().splitlines()
-        return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:240].strip() if msg else type(e).__name__})"
-    return None
+    tries = [True, False] if dev.type == "cuda" and FAST_ACCUM else [None]
+    for i, fast in enumerate(tries):
+        try:
+            y = scaled_mm(a, a.t(), sa, sb, out_dtype, fast_accum=fast)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if tuple(y.shape) != (16, 16):
+                raise RuntimeError(f"unexpected output shape {tuple(y.shape)}")
+        except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
+            if i + 1 < len(tries):
+                continue
+            msg = str(e).strip().splitlines()
+            return f"torch._scaled_mm with {'row' if rowwise else 'tensor'}-wise scales fails here ({msg[0][:240].strip() if msg else type(e).__name__})"
+        if fast is False:
+            _NO_FAST_ACCUM.add((device, rowwise))
+        return None
+    return None  # pragma: no cover
 
 
 def w8a8_unavailable(device: torch.device, rowwise: bool) -> str | None:

@@ -164,6 +164,88 @@ def test_scaled_mm_without_cpu_kernel_is_a_device_error(monkeypatch):
         L._scaled_mm_probe.cache_clear()
 
 
+def test_fast_accumulation_only_on_a_gpu_and_as_switched(monkeypatch):
+    """W8A8 on a GPU asks _scaled_mm for fast accumulation (FAST_ACCUM, GPULAB_FP8_FAST_ACCUM=0 off), never on the
+    CPU; an explicit fast_accum wins; a (device, scale kind) whose probe found it refused keeps plain accumulation."""
+    from gpulab.vajra import linear as L
+
+    cuda0, cpu = torch.device("cuda:0"), torch.device("cpu")
+    monkeypatch.setattr(L, "_NO_FAST_ACCUM", set())
+    monkeypatch.setattr(L, "FAST_ACCUM", True)
+    assert L._fast_accum(cuda0, True, None) and not L._fast_accum(cpu, True, None) and not L._fast_accum(cpu, True, True)
+    assert not L._fast_accum(cuda0, True, False)
+    L._NO_FAST_ACCUM.add(("cuda:0", True))
+    assert not L._fast_accum(cuda0, True, None) and L._fast_accum(cuda0, False, None)
+    monkeypatch.setattr(L, "FAST_ACCUM", False)
+    assert not L._fast_accum(cuda0, False, None) and L._fast_accum(cuda0, False, True)
+    seen = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: seen.append(kw) or torch.zeros(a.shape[0], b.shape[1]))
+    monkeypatch.setattr(L, "_fast_accum", lambda dev, rowwise, fast: seen.append(("rowwise", rowwise)) or True)
+    a8 = torch.zeros(4, 16).to(torch.float8_e4m3fn)
+    L.scaled_mm(a8, a8.t(), torch.ones(4, 1), torch.ones(1, 4), torch.float32)
+    L.scaled_mm(a8, a8.t(), torch.ones(()), torch.ones(()), torch.float32)
+    assert seen[0] == ("rowwise", True) and seen[1]["use_fast_accum"] is True and seen[2] == ("rowwise", False)
+
+
+@pytest.mark.parametrize("refused", ["fast", "both", "switched-off"])
+def test_probe_falls_back_to_plain_accumulation(monkeypatch, refused):
+    """On a GPU the probe tries fast accumulation first; refused, plain accumulation, which then serves that device
+    and scale kind; both refused: W8A8 is unavailable (the reason). With FAST_ACCUM off it tries plain only."""
+    import types
+
+    from gpulab.vajra import linear as L
+
+    calls = []
+
+    def fake_scaled_mm(a, b, sa, sb, out_dtype, fast_accum=None):
+        calls.append(fast_accum)
+        if fast_accum or refused == "both":
+            raise RuntimeError("use_fast_accum is not supported for this scaling\nmore")
+        return torch.zeros(16, 16)
+
+    fake_torch = types.SimpleNamespace(
+        device=torch.device, float8_e4m3fn=torch.float8_e4m3fn, bfloat16=torch.bfloat16, float32=torch.float32,
+        zeros=lambda *a, device=None: torch.zeros(*a), ones=lambda *a, device=None: torch.ones(*a),
+        cuda=types.SimpleNamespace(synchronize=lambda dev: None))
+    monkeypatch.setattr(L, "torch", fake_torch)
+    monkeypatch.setattr(L, "scaled_mm", fake_scaled_mm)
+    monkeypatch.setattr(L, "_NO_FAST_ACCUM", set())
+    monkeypatch.setattr(L, "FAST_ACCUM", refused != "switched-off")
+    L._scaled_mm_probe.cache_clear()
+    try:
+        why = L._scaled_mm_probe("cuda:0", True)
+    finally:
+        L._scaled_mm_probe.cache_clear()
+    if refused == "fast":
+        assert why is None and calls == [True, False] and L._NO_FAST_ACCUM == {("cuda:0", True)}
+    elif refused == "both":
+        assert calls == [True, False] and why.startswith("torch._scaled_mm with row-wise scales fails here (use_fast")
+        assert "\n" not in why and not L._NO_FAST_ACCUM
+    else:
+        assert why is None and calls == [None] and not L._NO_FAST_ACCUM
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_fast_accumulation_matches_the_reference():
+    """Fast accumulation (the default on a GPU) and plain accumulation both match the fake-quant reference at a
+    decode batch of 256 over K = 4096, and each other within bf16 rounding."""
+    from gpulab.vajra import linear as L
+
+    if L.w8a8_unavailable(torch.device("cuda"), True) is not None:
+        pytest.skip("no W8A8 on this GPU")
+    if (f"cuda:{torch.cuda.current_device()}", True) in L._NO_FAST_ACCUM:
+        pytest.skip("this torch refuses fast accumulation with row-wise scales (the probe fell back)")
+    g = torch.Generator().manual_seed(3)
+    wq, ws = R.quantize(torch.randn(512, 4096, generator=g) * 0.02, "channel")
+    xq, xs = R.quantize(torch.randn(256, 4096, generator=g), "token")
+    want = (xq.float() * xs[:, None]) @ (wq.float() * ws.reshape(-1, 1)).t()
+    ys = [L.scaled_mm(xq.cuda(), wq.cuda().t(), xs.cuda()[:, None], ws.cuda()[None, :], torch.bfloat16,
+                      fast_accum=f).float().cpu() for f in (True, False)]
+    for y in ys:
+        assert float((y - want).norm() / want.norm()) < 1e-2
+    assert float((ys[0] - ys[1]).norm() / ys[1].norm()) < 1e-2
+
+
 # ----------------------------------------------------------------------------------------------- flashinfer
 
 
