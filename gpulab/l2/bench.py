@@ -412,19 +412,22 @@ def ncu_rows(rec: results.Record, cfg: RunConfig, pols: list[str], n_reqs: int) 
     rows = []
     for p in pols:
         n = -(-2 // n_reqs) * n_reqs  # whole rounds of the requests, two inferences at least
+        retried = False
         try:
             r = _ncu_dram(cfg, p, reps=n)
             # no kernel in the NVTX range would read as zero DRAM bytes. With --graph that can be ncu not
             # attributing a graph's kernel nodes to the range pushed around its launch: the same kernels and
             # windows are profiled once more launched eagerly (a stream's window, where a node carries its own)
             if r["kernels_per_inference"] == 0 and cfg.graph:
+                retried = True
                 r = _ncu_dram(cfg, p, reps=n, graph=False)
                 if r["kernels_per_inference"] > 0:
                     rec.notes.append(f"ncu[{p}]: no kernel of the CUDA-graph run was attributed to the "
                                      "l2-measure NVTX range; its DRAM figures come from the same run launched "
                                      "eagerly (--no-graph)")
         except GpulabError as e:
-            rec.check(f"ncu[{p}]", False, str(e))
+            rec.check(f"ncu[{p}]", False, (f"the CUDA-graph run profiled no kernel inside the l2-measure NVTX "
+                                           f"range, and the eager run failed: {e}") if retried else str(e))
             continue
         if r["kernels_per_inference"] > 0:
             rows.append(r)
@@ -433,6 +436,32 @@ def ncu_rows(rec: results.Record, cfg: RunConfig, pols: list[str], n_reqs: int) 
                                            + (", with --graph or without" if cfg.graph else "")
                                            + ": no DRAM bytes to report")
     return rows
+
+
+def attach_ncu_rows(rec: results.Record, rows: list[dict[str, Any]]) -> None:
+    """The ncu figures into the record: metrics["ncu"], and per policy row its DRAM MiB, L2 hit rate and DRAM reads
+    against default's (only between children launched alike: a graph node's access-policy window against a
+    stream's is another run). The auto row shows the figures of the policy it chose."""
+    rec.metrics["ncu"] = rows
+    d = next((r for r in rows if r["policy"] == "default"), None)
+    for r in rows:
+        for row in rec.rows:
+            if r["policy"] in (row["policy"], row.get("chose")):
+                row["dram_read_mib"] = r["dram_read_bytes_per_inference"] / MIB
+                row["dram_write_mib"] = r["dram_write_bytes_per_inference"] / MIB
+                row["l2_hit_pct"] = r["l2_hit_rate_pct"]
+                if not d or d["dram_read_bytes_per_inference"] <= 0:
+                    continue
+                if r.get("graph") != d.get("graph"):
+                    note = (f"ncu[{r['policy']}]: dram_read_vs_default left out (profiled "
+                            f"{'as a CUDA graph' if r.get('graph') else 'launched eagerly'}, default "
+                            f"{'as a CUDA graph' if d.get('graph') else 'launched eagerly'})")
+                    if note not in rec.notes:
+                        rec.notes.append(note)
+                    continue
+                # the goal pairs a latency gain with a drop in DRAM reads: reads against default's
+                row["dram_read_vs_default"] = round(
+                    r["dram_read_bytes_per_inference"] / d["dram_read_bytes_per_inference"], 4)
 
 
 def run(cfg: RunConfig) -> results.Record:
@@ -614,18 +643,8 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
 
     if cfg.ncu and not ncu.under_ncu():
         rows = ncu_rows(rec, cfg, P.ncu_policies(policies, rec.summary.get("auto_choice")), len(reqs))
-        rec.metrics["ncu"] = rows
+        attach_ncu_rows(rec, rows)
         d = next((r for r in rows if r["policy"] == "default"), None)
-        for r in rows:
-            for row in rec.rows:  # the auto row shows the figures of the policy it chose
-                if r["policy"] in (row["policy"], row.get("chose")):
-                    row["dram_read_mib"] = r["dram_read_bytes_per_inference"] / MIB
-                    row["dram_write_mib"] = r["dram_write_bytes_per_inference"] / MIB
-                    row["l2_hit_pct"] = r["l2_hit_rate_pct"]
-                    if d and d["dram_read_bytes_per_inference"] > 0:
-                        # the goal pairs a latency gain with a drop in DRAM reads: reads against default's
-                        row["dram_read_vs_default"] = round(
-                            r["dram_read_bytes_per_inference"] / d["dram_read_bytes_per_inference"], 4)
         best_row = next((row for row in rec.rows if row["policy"] == rec.summary["best_policy"]), None)
         if best_row is not None and "dram_read_vs_default" in best_row:
             rec.summary["best_dram_read_vs_default"] = best_row["dram_read_vs_default"]

@@ -484,6 +484,18 @@ def hf_floor(model_dir: Path, load_format: str, device: str, prompts: list[list[
             "num_prompts": int(out.shape[0]), "e2e_mean_ms": dt * 1e3, "act_dtype": str(dtype).replace("torch.", "")}
 
 
+def w8a8_accumulation(model) -> bool | None:
+    """Whether this model's W8A8 GEMMs accumulate fast (see linear.FAST_ACCUM), None where no linear can run W8A8
+    (BF16 weights, no FP8 tensor cores, block scales, a backend asked for that is not w8a8, the CPU)."""
+    from gpulab.vajra.linear import fast_accum_in_use
+
+    lins = list(model.linears().values()) if hasattr(model, "linears") else []
+    w8 = next((lin for lin in lins if lin.qw is not None and lin.w8a8_ok and lin.backend in ("auto", "w8a8")), None)
+    if w8 is None or w8.qw.q.device.type != "cuda":
+        return None
+    return fast_accum_in_use(w8.qw.q.device, rowwise=not (w8.qw.act == "static" and w8.qw.strategy == "tensor"))
+
+
 def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: str, prompts, share, bw, spec_bw):
     """Load, warm up and serve one --compare entry; checks go to ``rec``. Returns (its row, the prompts)."""
     from gpulab.vajra.engine import load_engine
@@ -495,6 +507,7 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
                          linear_backend=args.get("linear_backend", "auto"))
     try:
         rec.notes += [f"vajra-{name}: {n}" for n in engine.notes]
+        w8a8_fast_accum = w8a8_accumulation(engine.model)
         vocab = engine.vocab_size
         if prompts is None:
             prompts = make_prompts(args, vocab, engine.tokenizer)
@@ -528,6 +541,7 @@ def run_variant(rec, args: dict[str, Any], device: str, vdir: Path, cfg, name: s
         wbytes = engine.model.weight_bytes() if hasattr(engine.model, "weight_bytes") else None
         row = {"impl": f"vajra-{name}", "act_dtype": str(engine.model.info.dtype).replace("torch.", ""),
                "kv_cache": cfg.kv_cache_dtype, "cuda_graphs": engine.graphs is not None,
+               "w8a8_fast_accum": w8a8_fast_accum,
                "num_blocks": engine.num_blocks, **{k2: v for k2, v in res.items() if k2 != "outputs"}, **dec}
         if wbytes:
             moved = wbytes + dec["kv_bytes_read"]
@@ -700,10 +714,4 @@ def run(model_dir: Path, args: dict[str, Any]):
                          "it measures the engine and its concurrency together, not the engine alone")
     if not per_variant:
         rec.check("at least one vajra variant ran", False, "; ".join(rec.notes))
-    if device == "cuda":  # W8A8's accumulation after the probe (GPULAB_FP8_FAST_ACCUM), which the figures depend on
-        import torch
-
-        from gpulab.vajra.linear import fast_accum_in_use
-
-        rec.config["fp8_fast_accum"] = fast_accum_in_use(torch.device("cuda"))
     return rec

@@ -308,10 +308,12 @@ def store_kv(layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping
 
 @functools.lru_cache(maxsize=8)
 def fused_ops_problem(device: str, dtype: torch.dtype, hidden: int = 96, heads: int = 4, kv_heads: int = 2,
-                      head_dim: int = 16, kv_dtype: torch.dtype | None = None) -> str | None:
+                      head_dim: int = 16, kv_dtype: torch.dtype | None = None,
+                      splits: tuple[int, ...] = (2,)) -> str | None:
     """Why the fused kernels cannot serve on ``device`` in ``dtype`` (None: they can): each runs once on three
     tokens and is compared with the unfused torch ops. With the model's sizes (and KV-cache dtype) the probe
-    builds the very kernels the model then runs, not extra ones."""
+    builds the very kernels the model then runs, not extra ones; ``splits``: the numbers of W8A16 split-K partials
+    the residual add + norm will sum (each a kernel variant of its own)."""
     from gpulab.vajra import reference as ref
 
     try:
@@ -325,8 +327,11 @@ def fused_ops_problem(device: str, dtype: torch.dtype, hidden: int = 96, heads: 
 
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         x, d, w = rnd(3, hidden), rnd(3, hidden), rnd(hidden)
-        parts = torch.randn(2, 3, hidden, generator=g).to(device)
-        for delta, want_delta in ((d, d), (parts, parts.sum(0).to(dtype)), (None, None)):
+        cases = [(d, d), (None, None)]
+        for split in splits:
+            parts = torch.randn(split, 3, hidden, generator=g).to(device)
+            cases.append((parts, parts.sum(0).to(dtype)))
+        for delta, want_delta in cases:
             if any(map(differ, add_rms_norm(x, delta, w, 1e-5), ref.add_rms_norm(x, want_delta, w, 1e-5))):
                 return "add_rms_norm differs from the torch ops"
         width = (heads + 2 * kv_heads) * head_dim

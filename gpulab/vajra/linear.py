@@ -45,7 +45,7 @@ def fp8_tensor_cores(device: torch.device) -> bool:
 
 # FP8 GEMMs on a GPU accumulate with the tensor cores' fast accumulation (``use_fast_accum``: no periodic promotion
 # of the partial sums to fp32, as the FP8 GEMM kernels of inference engines run on Hopper); GPULAB_FP8_FAST_ACCUM=0
-# turns it off for a whole run (an A/B: serve-kernels also times W8A8 both ways at M >= 64). Where a torch build
+# turns it off for a whole run (an A/B: serve-kernels also times W8A8 both ways at M > 64). Where a torch build
 # refuses it for a scale kind, the probe falls back to plain accumulation for that device and kind.
 FAST_ACCUM = os.environ.get("GPULAB_FP8_FAST_ACCUM", "1") != "0"
 _NO_FAST_ACCUM: set[tuple[str, bool]] = set()  # (device, row-wise) where the probe found fast accumulation refused

@@ -68,7 +68,8 @@ class LlamaModel:
                     from gpulab.vajra.fused_ops import fused_ops_problem
 
                     why = fused_ops_problem(str(device), dtype, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                                            cfg.head_dim, self._kv_dtype(kv_cache_dtype))
+                                            cfg.head_dim, self._kv_dtype(kv_cache_dtype),
+                                            splits=self._norm_partial_splits(device))
                 if why:
                     self.notes.append(f"fused RMSNorm/RoPE/SiLU kernels off ({why}): the unfused torch ops serve")
             fused_ops = device.type == "cuda" and not why
@@ -79,6 +80,19 @@ class LlamaModel:
             why = conversion_problem(device, "bf16")
             if why and not gpu_lacks(why):
                 self.notes.append(f"FP8 weights: W8A16 converts them by Triton's cast, not by PTX ({why})")
+
+    def _norm_partial_splits(self, device: torch.device) -> tuple[int, ...]:
+        """The numbers of W8A16 split-K partials the fused residual add + norm may sum in this model: those of the
+        o and down projections at W8A16's batch sizes (the most), and every power of two below (larger batches,
+        or w8a16 asked for at any batch, split less). Each is a kernel variant the fused-ops probe builds."""
+        from gpulab.vajra.linear import w8a16_fits
+        from gpulab.vajra.w8a16 import partial_splits
+
+        top = 2
+        for lin in ((self.layers[0].o, self.layers[0].down) if self.layers else ()):
+            if lin.qw is not None and lin.backend in ("auto", "w8a16") and w8a16_fits(lin.qw):
+                top = max(top, partial_splits(lin.out_features, lin.in_features, device, lin.qw.block))
+        return tuple(sorted({top} | {1 << i for i in range(1, top.bit_length()) if 1 << i <= top}))
 
     # The fused kernels (fused_ops.py) serve together: the attention backend's K/V store follows the model's choice,
     # also when a bench swaps the backend or turns the kernels off.

@@ -107,6 +107,19 @@ def choose_config(m: int, n: int, k: int, device: torch.device, block=None) -> d
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 4}
 
 
+def split_count(k: int, split: int, bk: int) -> int:
+    """The K splits a launch really has: ``split`` asked, each a whole number of BK tiles (the last may be short)."""
+    k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    return triton.cdiv(k, k_per)
+
+
+def partial_splits(n: int, k: int, device, block=None) -> int:
+    """How many split-K partials a W8A16 call with at most W8A16's batch (M <= 64: one row of M tiles) hands a fused
+    consumer for an [n, k] weight on ``device`` (1: none; larger M splits less)."""
+    cfg = choose_config(1, n, k, device, block)
+    return split_count(k, cfg["SPLIT_K"], cfg["BK"])
+
+
 def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy: str, block=None,
                  config: dict | None = None, native: bool | None = None, reduce: bool = True,
                  ptx: bool | None = None) -> torch.Tensor:
@@ -150,7 +163,7 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, strategy
     else:
         s = s.reshape(1)
     k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    split = triton.cdiv(k, k_per)
+    split = split_count(k, split, bk)  # (= cdiv(k, k_per))
     out_dtype = x.dtype
     if split == 1:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)

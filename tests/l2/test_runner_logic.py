@@ -235,3 +235,42 @@ def test_ncu_rows_retry_a_graph_run_eagerly(monkeypatch, graph):
         assert [r["policy"] for r in rows] == ["default", "persist"] and not rec.notes
         assert "with --graph" not in rec.checks["ncu[empty]"]["detail"]
     assert not rec.checks["ncu[empty]"]["passed"] and rec.checks["ncu[failing]"]["detail"] == "ncu exited 1"
+
+
+def test_attach_ncu_rows_compares_dram_reads_only_between_runs_launched_alike():
+    """DRAM reads against default's only where both children were launched the same way (graph or eager); the
+    auto row shows the figures of the policy it chose."""
+    from gpulab.core import results
+    from gpulab.l2 import bench
+
+    def ncu_row(pol, graph, read):
+        return {"policy": pol, "graph": graph, "dram_read_bytes_per_inference": read,
+                "dram_write_bytes_per_inference": 1.0, "l2_hit_rate_pct": 50.0}
+
+    rec = results.Record(name="l2-test", config={})
+    rec.rows = [{"policy": p} for p in ("default", "persist", "prefetch")] + [{"policy": "auto", "chose": "persist"}]
+    bench.attach_ncu_rows(rec, [ncu_row("default", True, 200.0), ncu_row("persist", True, 100.0),
+                                ncu_row("prefetch", False, 50.0)])
+    by = {r["policy"]: r for r in rec.rows}
+    assert by["default"]["dram_read_vs_default"] == 1.0 and by["persist"]["dram_read_vs_default"] == 0.5
+    assert "dram_read_vs_default" not in by["prefetch"] and by["prefetch"]["dram_read_mib"] == 50.0 / bench.MIB
+    assert by["auto"]["dram_read_vs_default"] == 0.5
+    assert rec.notes == ["ncu[prefetch]: dram_read_vs_default left out (profiled launched eagerly, default as a CUDA "
+                         "graph)"]
+
+
+def test_ncu_rows_eager_retry_failing_says_why_it_ran(monkeypatch):
+    from gpulab.core import results
+    from gpulab.core.errors import GpulabError
+    from gpulab.l2 import bench
+
+    def child(cfg, pol, reps, graph=None):
+        if graph is False:
+            raise GpulabError("ncu exited 9")
+        return {"policy": pol, "graph": True, "kernels_per_inference": 0}
+
+    monkeypatch.setattr(bench, "_ncu_dram", child)
+    rec = results.Record(name="l2-test", config={})
+    assert bench.ncu_rows(rec, RunConfig(workload="mlp", width=96, layers=3, graph=True), ["default"], 1) == []
+    assert rec.checks["ncu[default]"]["detail"] == ("the CUDA-graph run profiled no kernel inside the l2-measure NVTX "
+                                                    "range, and the eager run failed: ncu exited 9")

@@ -264,3 +264,47 @@ def test_store_kv_with_a_non_power_of_two_row_touches_only_its_slots(cache):
     FO.store_kv(a, k, v, slots, 0.5, 0.25)
     R.write_kv(b, k, v, slots, 0.5, 0.25)
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("n,k", [(64, 256), (96, 1024), (32, 4096)])
+def test_partial_splits_is_what_w8a16_hands_over(n, k):
+    """w8a16.partial_splits (what the fused-ops probe builds norm variants for) is the number of partials
+    w8a16_matmul(reduce=False) returns at W8A16's batch sizes."""
+    from gpulab.vajra import fp8_kernels as K
+    from gpulab.vajra.w8a16 import partial_splits, w8a16_matmul
+
+    g = torch.Generator().manual_seed(n + k)
+    q, s = K.quantize(rnd(g, n, k, scale=0.05), "channel")
+    for m in (1, 64):
+        parts = w8a16_matmul(rnd(g, m, k), q, s, "channel", native=False, reduce=False)
+        got = parts.shape[0] if parts.dim() == 3 else 1
+        assert got == partial_splits(n, k, q.device)
+
+
+def test_fused_ops_probe_runs_every_split_it_is_given(monkeypatch):
+    """The probe sums partials at each split the model may hand the norm (each a kernel variant), and the model asks
+    for its o/down projections' split and the powers of two below it."""
+    from types import SimpleNamespace
+
+    from gpulab.vajra import model as M
+    from gpulab.vajra import w8a16 as W
+
+    seen = []
+    real = FO.add_rms_norm
+    monkeypatch.setattr(FO, "add_rms_norm", lambda x, d, w, eps: seen.append(None if d is None else tuple(d.shape))
+                        or real(x, d, w, eps))
+    assert FO.fused_ops_problem(DEV, torch.float32, hidden=128, splits=(2, 3, 8)) is None
+    assert [s for s in seen if s and len(s) == 3] == [(2, 3, 128), (3, 3, 128), (8, 3, 128)]
+
+    class Lin:
+        def __init__(self, n, k, backend="auto"):
+            self.out_features, self.in_features, self.backend = n, k, backend
+            self.qw = SimpleNamespace(strategy="channel", block=None)
+
+    monkeypatch.setattr(W, "partial_splits", lambda n, k, device, block=None: {(64, 64): 4, (64, 256): 8}[(n, k)])
+    fake = SimpleNamespace(layers=[SimpleNamespace(o=Lin(64, 64), down=Lin(64, 256))])
+    assert M.LlamaModel._norm_partial_splits(fake, torch.device("cpu")) == (2, 4, 8)
+    fake.layers[0].down.backend = "w8a8"  # never split by W8A16
+    assert M.LlamaModel._norm_partial_splits(fake, torch.device("cpu")) == (2, 4)
+    fake.layers = []
+    assert M.LlamaModel._norm_partial_splits(fake, torch.device("cpu")) == (2,)

@@ -450,3 +450,31 @@ def test_serve_bench_linear_backend_reaches_every_fp8_linear(out_dir, tiny_asset
     assert 1 in calls and max(calls) > 1  # decode steps and prefill chunks alike
     assert any("through the w8a8 backend" in n for n in rec["notes"])
     assert rec["checks"]["vajra-fp8: greedy tokens independent of chunking"]["passed"]
+
+
+def test_w8a8_accumulation_is_said_only_where_w8a8_runs(monkeypatch):
+    """serve-bench's row says whether W8A8 accumulates fast only for a model where some linear can run W8A8 on a
+    GPU (None otherwise), asking about that linear's scale kind."""
+    from types import SimpleNamespace
+
+    from gpulab.vajra import bench
+    from gpulab.vajra import linear as L
+
+    asked = []
+    monkeypatch.setattr(L, "fast_accum_in_use", lambda dev, rowwise=True: asked.append((dev.type, rowwise)) or True)
+
+    def lin(dev="cuda", ok=True, backend="auto", act="dynamic", strategy="channel", quant=True):
+        qw = SimpleNamespace(q=SimpleNamespace(device=SimpleNamespace(type=dev)), act=act, strategy=strategy)
+        return SimpleNamespace(qw=qw if quant else None, w8a8_ok=ok, backend=backend)
+
+    def model(*lins):
+        return SimpleNamespace(linears=lambda: {str(i): x for i, x in enumerate(lins)})
+
+    assert bench.w8a8_accumulation(model(lin(quant=False))) is None  # BF16 weights
+    assert bench.w8a8_accumulation(model(lin(ok=False))) is None  # no FP8 tensor cores / probe refused
+    assert bench.w8a8_accumulation(model(lin(backend="w8a16"))) is None  # --linear-backend w8a16
+    assert bench.w8a8_accumulation(model(lin(dev="cpu"))) is None and asked == []
+    assert bench.w8a8_accumulation(model(lin(quant=False), lin(act="static", strategy="tensor"))) is True
+    assert bench.w8a8_accumulation(model(lin())) is True
+    assert asked == [("cuda", False), ("cuda", True)]
+    assert bench.w8a8_accumulation(SimpleNamespace()) is None  # a model without linears()
