@@ -216,3 +216,41 @@ def test_kvstitch_device_recall_run_is_the_experiment_file(tmp_path):
         differ = {k: (v, opts.get(k)) for k, v in params.items() if not _same(v, opts.get(k))}
         assert not differ, f"experiment file vs stitchkv.sh: {differ}"
     assert {o["seed"] for o in recall} == {str(s) for s in run["params"]["seed"]}
+
+
+def test_kvstitch_resumable_recall_run_is_the_experiment_file(tmp_path):
+    """stitchkv_recall.sh runs the recall experiment as kvstitch pretrain + train + eval (resumable across calls):
+    together their options must be experiments/kvstitch_recall.yaml's `kvstitch tiny` settings; a second run of
+    the script finds every step done (marker files) and runs none of them again."""
+    import yaml
+
+    script = ROOT / "scripts" / "device" / "stitchkv_recall.sh"
+    proc, calls = dry_run(script, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    words = {}
+    for c in calls:
+        for cmd in ("pretrain", "train", "eval", "serve-disagg"):
+            if c.startswith(f"ok gpulab kvstitch {cmd}:"):
+                words[cmd] = _options(c.split(": ", 1)[1].split())
+    assert set(words) == {"pretrain", "train", "eval", "serve-disagg"}, calls
+    pre, tr, ev = words["pretrain"], words["train"], words["eval"]
+    # kvstitch tiny's options, as each command spells them
+    got = {"large_size": pre["large_size"], "small_size": pre["small_size"], "vocab": pre["vocab"],
+           "pretrain_steps": pre["steps"], "pretrain_batch": pre["batch"], "pretrain_lr": pre["lr"],
+           "seq_len": pre["seq_len"], "repeat_frac": pre["repeat_frac"], "task": tr["task"], "steps": tr["steps"],
+           "lora_steps": tr["lora_steps"], "lora_lr": tr["lora_lr"], "lora_targets": tr["lora_targets"],
+           "alignment": tr["alignment"], "batch": tr["batch"], "prompt_len": tr["prompt_len"],
+           "cont_len": tr["cont_len"], "prompts": ev["prompts"], "gen_len": ev["gen_len"], "goal_gap": ev["goal_gap"]}
+    run = yaml.safe_load((ROOT / "experiments" / "kvstitch_recall.yaml").read_text())["runs"][0]
+    params = {k: v for k, v in run["params"].items() if k not in ("workdir", "data", "seed")}
+    assert set(params) == set(got), set(params) ^ set(got)
+    differ = {k: (v, got[k]) for k, v in params.items() if not _same(v, got[k])}
+    assert not differ, f"experiment file vs stitchkv_recall.sh: {differ}"
+    assert ev["batch"] == tr["batch"] and ev["prompt_len"] == tr["prompt_len"]  # tiny evaluates with its own
+    assert pre["seed"] == tr["seed"] == "0" and tr["stage"] == "all" and "ckpt_every" in tr
+    assert tr["large"].endswith("seed0/pair/large") and ev["run"] == tr["run"] == words["serve-disagg"]["run_dir"]
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "kvstitch-recall").symlink_to(tmp_path / "kvstitch-recall")  # the same work folder: all done
+    proc, calls = dry_run(script, again)
+    assert proc.returncode == 0 and not [c for c in calls if c.startswith("ok gpulab kvstitch")], calls
