@@ -77,8 +77,11 @@ for arg in "${names[@]}"; do
   echo "================ $n (exit $rc)"; tail -15 "$WORK/$n/log.txt"
   # packed after every script: a call killed at its time limit still returns what the finished scripts wrote
   printf '%s\n' "${summary[@]}" > "$OUT/summary.txt"
-  tar czf "$OUT/gpulab-device.tgz" -C "$WORK" . 2>/dev/null
+  tar czf "$OUT/gpulab-device.tgz.part" -C "$WORK" . 2>/dev/null && mv "$OUT/gpulab-device.tgz.part" "$OUT/gpulab-device.tgz"
 done
 echo "================ summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-tar czf "$OUT/gpulab-device.tgz" -C "$WORK" . && ls -la "$OUT"
+# (to a temporary name first: cut off by the call's limit, the copy packed after the last script stays whole)
+tar czf "$OUT/gpulab-device.tgz.part" -C "$WORK" . && mv "$OUT/gpulab-device.tgz.part" "$OUT/gpulab-device.tgz"
+rm -f "$OUT/gpulab-device.tgz.part"
+ls -la "$OUT"

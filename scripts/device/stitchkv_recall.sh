@@ -10,21 +10,23 @@
 # over. Here each seed (RECALL_SEEDS, default 0) goes through the same three steps as `kvstitch tiny`, each skipped
 # when an earlier call finished it (a marker file in the seed's folder):
 #   0. (once) pytest -m gpu tests/stitchkv (40 s at most),
-#   1. kvstitch pretrain (the pair; not resumable: it needs a call with >= 60 s left),
+#   1. kvstitch pretrain (the pair; not resumable: it starts only with >= 200 s left),
 #   2. kvstitch train --stage all (stitches, LoRA + stitches, the LoRA control): resumes from its checkpoint
-#      (every 400 steps; a resumed run skips the batches it trained on, so it sees the same data in the same
-#      order; tiny runs without checkpoints), leaving the evaluation 45 s,
-#   3. kvstitch eval --goal-gap 0.5 (ROUGE-L of small, large, stitched, stitched-lora, lora-control),
-# then, with >= 40 s left, kvstitch serve-disagg on seed 0's run (never run on a GPU). The settings are the
+#      (every 200 steps; a resumed run skips the batches it trained on and gives the same weights as a run
+#      without a stop, checked on the CPU; tiny runs without checkpoints), leaving the evaluation 45 s,
+#   3. kvstitch eval --goal-gap 0.5 (ROUGE-L of small, large, stitched, stitched-lora, lora-control; done once its
+#      record is written, whether or not the goal's check passed),
+# then, with >= 90 s left, kvstitch serve-disagg on seed 0's run (never run on a GPU). The text is copied into the
+# work folder once (a run pins its data's path). The settings are the
 # experiment file's (tests/core/test_device_scripts.py checks that), at one seed per call pair. Each step's log
-# (with the seconds at each logged step) goes to $OUT/recall-seed<S>-<step>.log.
+# (each line stamped with the call's seconds so far) goes to $OUT/recall-seed<S>-<step>.log.
 set -u
 OUT="${OUT:-results/device-stitchkv-recall}"
 mkdir -p "$OUT"
 source "$(dirname "$0")/lib.sh"  # PY: the Python to use
 BUDGET="${SCRIPT_BUDGET:-${BUDGET:-565}}"
 T0=$(date +%s)
-left() { echo $(( BUDGET - 5 - ($(date +%s) - T0) )); }  # 5 s kept for the table
+left() { echo $(( BUDGET - 15 - ($(date +%s) - T0) )); }  # 15 s kept: a step's kill grace (5 s) and the table
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 WORK="${KVSTITCH_WORK:-/tmp/kvstitch-tiny}-recall"
 DATA="${KVSTITCH_DATA:-}"
@@ -34,27 +36,33 @@ if [ -z "$DATA" ]; then
   done
 fi
 [ -n "$DATA" ] || { echo "tinyshakespeare.txt not found (.devdata, shared/data, ../shared/data)"; exit 1; }
+mkdir -p "$WORK"
+# the run pins its data's path (run.yaml): one copy in the work folder stays where it is for every later call
+[ -f "$WORK/tinyshakespeare.txt" ] || cp "$DATA" "$WORK/tinyshakespeare.txt"
+DATA="$WORK/tinyshakespeare.txt"
 G=("$PY" -m gpulab --device cuda --out "$OUT")
 TARGETS=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 status=0
 
-step() {  # name, seed, seconds, command...: runs it under `timeout`, its output to the step's log
+step() {  # name, seed, seconds, command...: runs it under `timeout`, its output to the step's log, each line
+  # stamped with the call's seconds so far (the steps' own lines carry no time: the rate sizes the next call)
   local name=$1 seed=$2 secs=$3; shift 3
   echo "== seed $seed: $name (${secs}s at most; $(( $(date +%s) - T0 ))s so far)"
-  timeout -k 5 "$secs" "$@" 2>&1 | tee -a "$OUT/recall-seed$seed-$name.log" | grep -vE "step [0-9]+:" | tail -12
+  timeout -k 5 "$secs" "$@" 2>&1 | while IFS= read -r line; do printf '%4ds %s\n' $(( $(date +%s) - T0 )) "$line"; done \
+    | tee -a "$OUT/recall-seed$seed-$name.log" | grep -vE "step [0-9]+:" | tail -12
   local rc=${PIPESTATUS[0]}
   grep -E "step [0-9]+:" "$OUT/recall-seed$seed-$name.log" | tail -2  # how far its steps got, and when
   echo "seed $seed: $name exit $rc"
   return "$rc"
 }
 
-mkdir -p "$WORK"
-if [ ! -f "$WORK/gpu-tests.done" ]; then  # kvstitch's GPU tests, once (the code changed since their 2026-11-27 run)
+if [ ! -f "$WORK/gpu-tests.tried" ]; then  # kvstitch's GPU tests, once (the code changed since their 2026-11-27 run)
   echo "== pytest -m gpu tests/stitchkv"
   timeout -k 5 40 "$PY" -m pytest -q -m gpu tests/stitchkv -p no:cacheprovider > "$OUT/pytest-gpu.txt" 2>&1
   rc=$?
   tail -8 "$OUT/pytest-gpu.txt"
-  if [ "$rc" -eq 0 ]; then touch "$WORK/gpu-tests.done"; else echo "pytest exit $rc (124: timed out)"; status=1; fi
+  touch "$WORK/gpu-tests.tried"  # not again in a later call, passed or not (their output is in this call's $OUT)
+  [ "$rc" -eq 0 ] || { echo "pytest exit $rc (124: timed out)"; status=1; }
 fi
 
 for S in ${RECALL_SEEDS:-0}; do
@@ -62,7 +70,8 @@ for S in ${RECALL_SEEDS:-0}; do
   mkdir -p "$wd"
   if [ ! -f "$wd/pretrain.done" ]; then
     L=$(left)
-    if [ "$L" -lt 60 ]; then echo "seed $S: pretraining waits for a call with 60 s (${L}s left)"; status=1; break; fi
+    # not resumable: started without the time for it, a cut pretraining would waste the call
+    if [ "$L" -lt 200 ]; then echo "seed $S: pretraining waits for a call with 200 s (${L}s left)"; status=1; break; fi
     if step pretrain "$S" "$L" "${G[@]}" kvstitch pretrain --data "$DATA" --pair-dir "$wd/pair" \
         --large-size tiny-medium --small-size tiny-1layer --vocab 1024 --steps 4000 --batch 32 --seq-len 112 \
         --lr 1e-3 --repeat-frac 0.5 --seed "$S"; then
@@ -77,33 +86,41 @@ for S in ${RECALL_SEEDS:-0}; do
     if step train "$S" "$L" "${G[@]}" kvstitch train --large "$wd/pair/large" --small "$wd/pair/small" \
         --data "$DATA" --task recall --run "$wd/run" --stage all --steps 200 --lora-steps 12800 \
         --alignment last-aligned --batch 16 --prompt-len 64 --cont-len 24 --lora-lr 3e-3 --lora-targets "$TARGETS" \
-        --ckpt-every 400 --seed "$S"; then
+        --ckpt-every 200 --seed "$S"; then
       touch "$wd/train.done"
     else
-      echo "seed $S: training stopped; it resumes from $wd/run/checkpoint.pt in the next call"; status=1; break
+      rc=$?
+      if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "seed $S: training stopped at its time box; it resumes from $wd/run/checkpoint.pt in the next call"
+      else
+        echo "seed $S: training failed (exit $rc; see $OUT/recall-seed$S-train.log): a rerun would fail alike"
+      fi
+      status=1; break
     fi
   fi
   if [ ! -f "$wd/eval.done" ]; then
     L=$(left)
     if [ "$L" -lt 20 ]; then echo "seed $S: evaluation waits for the next call (${L}s left)"; status=1; break; fi
-    if step eval "$S" "$L" "${G[@]}" kvstitch eval --run "$wd/run" --prompts 256 --prompt-len 64 --gen-len 24 \
-        --batch 16 --goal-gap 0.5; then
-      touch "$wd/eval.done"
-    else
-      status=1; break
-    fi
+    before=$(ls "$OUT"/kvstitch-eval-*.yaml 2>/dev/null | wc -l)
+    step eval "$S" "$L" "${G[@]}" kvstitch eval --run "$wd/run" --prompts 256 --prompt-len 64 --gen-len 24 \
+        --batch 16 --goal-gap 0.5
+    rc=$?
+    # its record written, the evaluation is done, also where its goal check failed (exit 1 after the save)
+    if [ "$(ls "$OUT"/kvstitch-eval-*.yaml 2>/dev/null | wc -l)" -gt "$before" ]; then touch "$wd/eval.done"; fi
+    [ "$rc" -eq 0 ] || { status=1; [ -f "$wd/eval.done" ] || break; }
   fi
 done
 
 # the disaggregated run over torch.distributed on seed 0's run: 2 ranks on the one GPU (gloo, the cache staged
 # through host memory); its own --timeout (+30 s of grace inside) ends before this step's `timeout`
 L=$(left)
-if [ -f "$WORK/seed0/train.done" ] && [ ! -f "$WORK/seed0/disagg.done" ] && [ "$L" -ge 40 ]; then
+# (90 s at least: its --timeout is also each collective's, and rank 1 waits while rank 0 loads the pair)
+if [ -f "$WORK/seed0/train.done" ] && [ ! -f "$WORK/seed0/disagg.done" ] && [ "$L" -ge 90 ]; then
   step disagg 0 "$L" "${G[@]}" kvstitch serve-disagg --run-dir "$WORK/seed0/run" --prompts 32 --gen-len 24 \
     --batch 16 --timeout $(( L - 35 )) && touch "$WORK/seed0/disagg.done"
 fi
 
-echo "== recall experiment ($(( $(date +%s) - T0 )) s of $BUDGET s; done: $(cd "$WORK" && ls -- */*.done 2>/dev/null | tr '\n' ' '))"
+echo "== recall experiment ($(( $(date +%s) - T0 )) s of $BUDGET s; done: $(cd "$WORK" && find . -name '*.done' -o -name '*.tried' | sort | tr '\n' ' '))"
 "$PY" - "$OUT" <<'PYEOF'
 import glob, sys
 import yaml

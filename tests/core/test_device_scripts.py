@@ -221,7 +221,7 @@ def test_kvstitch_device_recall_run_is_the_experiment_file(tmp_path):
 def test_kvstitch_resumable_recall_run_is_the_experiment_file(tmp_path):
     """stitchkv_recall.sh runs the recall experiment as kvstitch pretrain + train + eval (resumable across calls):
     together their options must be experiments/kvstitch_recall.yaml's `kvstitch tiny` settings; a second run of
-    the script finds every step done (marker files) and runs none of them again."""
+    the script skips the steps whose marker files the first left."""
     import yaml
 
     script = ROOT / "scripts" / "device" / "stitchkv_recall.sh"
@@ -249,8 +249,64 @@ def test_kvstitch_resumable_recall_run_is_the_experiment_file(tmp_path):
     assert ev["batch"] == tr["batch"] and ev["prompt_len"] == tr["prompt_len"]  # tiny evaluates with its own
     assert pre["seed"] == tr["seed"] == "0" and tr["stage"] == "all" and "ckpt_every" in tr
     assert tr["large"].endswith("seed0/pair/large") and ev["run"] == tr["run"] == words["serve-disagg"]["run_dir"]
+    # a later call in the same work folder: the GPU tests, the pretraining, the training and serve-disagg are done
+    # (marker files); the evaluation is done only once its record is written, which the stand-in does not write
     again = tmp_path / "again"
     again.mkdir()
-    (again / "kvstitch-recall").symlink_to(tmp_path / "kvstitch-recall")  # the same work folder: all done
+    (again / "kvstitch-recall").symlink_to(tmp_path / "kvstitch-recall")
     proc, calls = dry_run(script, again)
-    assert proc.returncode == 0 and not [c for c in calls if c.startswith("ok gpulab kvstitch")], calls
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert [c.split(":")[0] for c in calls if c.startswith("ok gpulab") or c.startswith("ok pytest")] == [
+        "ok gpulab kvstitch eval"], calls
+
+
+def test_kvstitch_recall_script_across_calls(tmp_path):
+    """stitchkv_recall.sh over three calls with a stand-in Python that acts out the outcomes: call 1's training is
+    cut by its time box (124: resumes, no marker); call 2 trains to the end and the evaluation writes its record but
+    fails its goal check (exit 1 after the save: done, not repeated); call 3 has nothing left to run but
+    serve-disagg's retry. The GPU tests run in call 1 only, failed or not."""
+    bin_dir, out, work = tmp_path / "bin", tmp_path / "out", tmp_path / "kv"
+    bin_dir.mkdir()
+    out.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "text.txt").write_text("text\n")
+    (bin_dir / "py").write_text(f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls.log
+case "$*" in
+  *"-m pytest"*) exit 1 ;;
+  *"kvstitch train"*) if [ -f {state}/cut ]; then echo "lora step 99: lm loss 1.0"; exit 0; fi
+                      touch {state}/cut; echo "lora step 40: lm loss 2.0"; exit 124 ;;
+  *"kvstitch eval"*) touch "$OUT/kvstitch-eval-20261129T000000.yaml"; echo "checks failed"; exit 1 ;;
+  *"serve-disagg"*) exit 1 ;;
+  -) cat > /dev/null; exit 0 ;;
+esac
+exit 0
+""")
+    (bin_dir / "py").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("BUDGET", "BUDGET_S", "PYTHON")}
+    env.update(PY=str(bin_dir / "py"), OUT=str(out), SCRIPT_BUDGET="320", KVSTITCH_DATA=str(tmp_path / "text.txt"),
+               KVSTITCH_WORK=str(work))
+
+    def call():
+        (tmp_path / "calls.log").write_text("")
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "device" / "stitchkv_recall.sh")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        calls = (tmp_path / "calls.log").read_text().splitlines()
+        named = [next((w for w in ("pytest", "pretrain", "train", "eval", "serve-disagg") if
+                       f"kvstitch {w}" in c or f"-m {w}" in c), "other") for c in calls]
+        return proc, [w for w in named if w != "other"]  # (the summary's heredoc)
+
+    proc, ran = call()
+    assert ran == ["pytest", "pretrain", "train"] and proc.returncode == 1
+    assert "stopped at its time box; it resumes" in proc.stdout and "lora step 40" in proc.stdout
+    seed = work.parent / (work.name + "-recall") / "seed0"
+    assert (seed / "pretrain.done").exists() and not (seed / "train.done").exists()
+    log = (out / "recall-seed0-train.log").read_text()
+    assert log.startswith(("   0s ", "   1s ", "   2s ")) and "lora step 40" in log  # stamped lines
+    proc, ran = call()
+    assert ran == ["train", "eval", "serve-disagg"] and proc.returncode == 1
+    assert (seed / "train.done").exists() and (seed / "eval.done").exists()
+    proc, ran = call()
+    assert ran == ["serve-disagg"]
+    assert (work.parent / (work.name + "-recall") / "tinyshakespeare.txt").read_text() == "text\n"
