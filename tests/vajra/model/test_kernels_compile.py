@@ -119,11 +119,11 @@ compile(A._decode_merge_kernel, 90, {"o_ptr": "*bf16", "cl_ptr": "*i32", "po_ptr
 from gpulab.vajra import fused_ops as FO
 for cc in (80, 89, 90):
     for act in ("*bf16", "*fp16"):
-        for d_ptr, has, partial, block in ((act, True, False, 4096), ("*fp32", True, True, 4096),
-                                           (act, False, False, 2048)):
+        for d_ptr, has, partial, block, even in ((act, True, False, 4096, False), ("*fp32", True, True, 4096, True),
+                                                 ("*fp32", True, True, 4096, False), (act, False, False, 2048, False)):
             compile(FO._add_rms_norm_kernel, cc, {"x_ptr": act, "d_ptr": d_ptr, "w_ptr": act, "xo_ptr": act,
                                                   "h_ptr": act, "eps": "fp32"},
-                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block, SPLIT_P2=8 if partial else 1, EVEN=partial),
+                    dict(HAS_DELTA=has, PARTIAL=partial, BLOCK=block, SPLIT_P2=8 if partial else 1, EVEN=even),
                     num_warps=(16 if partial else 8) if block > 2048 else 4,
                     **FO.ROUND_AS_TORCH)
         for half, partial in ((64, False), (64, True), (32, False)):
