@@ -220,6 +220,7 @@ def train(
         if ctx.is_main:
             rec.save()
             rec.print()
+        ctx.close(sync=True)  # every rank leaves together, once rank 0 has written the record
     finally:
         ctx.close()
 

@@ -226,7 +226,10 @@ def serve(run: Path, stage: str, prompts: int, prompt_len: int | None, gen_len: 
     try:
         if ctx.rank == DECODE:
             _decode_rank(ctx, cfg, run, stage)
+            ctx.close(sync=True)  # (both ranks leave the group together: see Ctx.close)
             return None
-        return _prefill_rank(ctx, cfg, run, stage, prompts, prompt_len, gen_len, batch, check, log)
+        rec = _prefill_rank(ctx, cfg, run, stage, prompts, prompt_len, gen_len, batch, check, log)
+        ctx.close(sync=True)
+        return rec
     finally:
         ctx.close()

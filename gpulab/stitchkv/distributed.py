@@ -89,11 +89,17 @@ class Ctx:
     def comm_device(self) -> str:
         return self.device if self.backend == "nccl" else "cpu"
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Leave the process group (once). ``sync``: first wait for every rank at a barrier, on a path where all
+        of them get there (the end of a finished command): a rank that tears its connections down while another
+        still works (rank 0 writing the record) can end in a gloo abort (SIGABRT) after the work was done. Error
+        paths close without it (a barrier there could wait for a rank that will never come)."""
         if self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if sync and self.world > 1:
+                    dist.barrier()
                 dist.destroy_process_group()
             self.owns_group = False
 

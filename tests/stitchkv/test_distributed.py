@@ -278,3 +278,27 @@ def test_disagg_handover_bytes_of_jsonl_prompts_of_different_lengths(pair_dirs, 
     assert rec["checks"]["handover_bytes_equal_stitched_cache"]["passed"], rec["checks"]
     # (K, V) x 2 layers x 1 KV head x head_dim 16 x each prompt's tokens x 4 B, + one int64 first token per prompt
     assert rec["metrics"]["handover_bytes_total"] == 2 * 2 * 1 * 16 * sum(lens) * 4 + 5 * 8
+
+
+def test_close_waits_for_every_rank_before_leaving_the_group(monkeypatch):
+    """A finished command's ranks leave the group together (barrier, then destroy: a rank tearing its gloo
+    connections down while rank 0 still writes the record could abort); an error path leaves without the barrier,
+    and a second close does nothing."""
+    import torch.distributed as dist
+
+    from gpulab.stitchkv.distributed import Ctx
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: seen.append("destroy"))
+    ctx = Ctx(rank=1, world=2, backend="gloo", owns_group=True)
+    ctx.close(sync=True)
+    ctx.close()
+    assert seen == ["barrier", "destroy"]
+    seen.clear()
+    Ctx(rank=0, world=2, backend="gloo", owns_group=True).close()
+    assert seen == ["destroy"]
+    seen.clear()
+    Ctx(rank=0, world=1, owns_group=False).close(sync=True)
+    assert seen == []
