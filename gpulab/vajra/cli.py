@@ -58,7 +58,9 @@ def _engine_options(max_num_seqs: int, load_format: str):
         @functools.wraps(fn)
         def command(**kw):
             engine = {n: kw.pop(n) for n in options}
-            _check_linear_backend(engine["linear_backend"])  # a misspelt name fails before anything is read
+            from gpulab.vajra.linear import check_backend_option
+
+            check_backend_option(engine["linear_backend"])  # a misspelt name fails before anything is read
             return fn(engine=engine, **kw)
 
         command.__signature__ = inspect.Signature(own + extra, return_annotation=None)
@@ -67,12 +69,6 @@ def _engine_options(max_num_seqs: int, load_format: str):
         return command
 
     return wrap
-
-
-def _check_linear_backend(name: str) -> None:
-    backends = ("auto", "dequant", "w8a8", "w8a16", "dequant-jit")  # linear.LINEAR_BACKENDS (which imports torch)
-    if name not in backends:
-        raise InputError(f"--linear-backend must be {', '.join(backends[:-1])} or {backends[-1]}, got {name!r}")
 
 
 def _engine_config(engine: dict, max_model_len=None):

@@ -658,11 +658,9 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
     if attention_backend not in ATTENTION_BACKENDS:
         raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
                          f"got {attention_backend!r}")
-    from gpulab.vajra.linear import LINEAR_BACKENDS
+    from gpulab.vajra.linear import check_backend_option
 
-    if linear_backend not in LINEAR_BACKENDS:
-        raise InputError(f"--linear-backend must be {', '.join(LINEAR_BACKENDS[:-1])} or {LINEAR_BACKENDS[-1]}, "
-                         f"got {linear_backend!r}")
+    check_backend_option(linear_backend)
     config.validate()
     _check_prefix_caching(config, prefill)  # before any weight is read
     tok = None

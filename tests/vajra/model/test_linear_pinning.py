@@ -42,12 +42,11 @@ def test_pinned_backends_fix_the_choice_and_restore_auto(monkeypatch, m, backend
     assert lin.backend == "auto"
 
 
-def test_cli_knows_the_linear_backends():
-    """The CLI checks --linear-backend without importing torch: its list is linear.LINEAR_BACKENDS."""
+def test_linear_backend_option_is_checked_against_the_backends():
+    """--linear-backend (the CLI, before anything is read, and load_engine) takes linear.LINEAR_BACKENDS only."""
     from gpulab.core.errors import InputError
-    from gpulab.vajra import cli
 
     for name in linear.LINEAR_BACKENDS:
-        cli._check_linear_backend(name)
+        linear.check_backend_option(name)
     with pytest.raises(InputError, match="--linear-backend must be auto, dequant, w8a8, w8a16 or dequant-jit"):
-        cli._check_linear_backend("w4a16")
+        linear.check_backend_option("w4a16")
