@@ -398,11 +398,11 @@ def rechunk_check(rec, engine, cfg, prompts, res, output_len: int, precision: st
     if cmp["flips"]:
         detail["flips"] = cmp["flips"]
     if switching:
-        from gpulab.vajra.linear import W8A16_MAX_M
+        from gpulab.vajra.linear import W8A16_MAX_M, small_and_large_backends
 
-        pairs = sorted({(lin.choose(1), lin.choose(W8A16_MAX_M + 1)) for lin in linears if varies_with_m(lin)})
+        switches = sorted({small_and_large_backends(lin) for lin in linears if varies_with_m(lin)})
         detail["auto_backends_note"] = (
-            f"unpinned (as served), FP8 linears run {' / '.join(f'{a} up to {W8A16_MAX_M} tokens a step, {b} above' for a, b in pairs)}"
+            f"unpinned (as served), FP8 linears run {' / '.join(f'{a} up to {W8A16_MAX_M} tokens a step, {b} above' for a, b in switches)}"
             " (w8a8 quantizes the activations to FP8, w8a16 and dequant-jit keep them in the model's dtype), so a "
             "prompt whose last chunk shares a small step is computed by another backend; the auto_backends_* "
             "figures compare that pass with the reference: information, not checked (--linear-backend fixes one "

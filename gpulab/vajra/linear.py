@@ -330,10 +330,16 @@ class Linear:
         return y.to(x.dtype)
 
 
+def small_and_large_backends(lin: Linear) -> tuple[str, str]:
+    """The backends ``lin`` runs in steps of at most W8A16_MAX_M tokens and in larger ones."""
+    return lin.choose(1), lin.choose(W8A16_MAX_M + 1)
+
+
 def varies_with_m(lin: Linear) -> bool:
     """Does ``auto`` give ``lin`` another backend for small steps than for large ones (an FP8 weight on a GPU:
     W8A16 with bf16 activations at <= W8A16_MAX_M tokens, W8A8 with FP8 activations or dequant-jit above)?"""
-    return lin.choose(1) != lin.choose(W8A16_MAX_M + 1)
+    small, large = small_and_large_backends(lin)
+    return small != large
 
 
 @contextlib.contextmanager
