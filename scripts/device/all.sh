@@ -49,6 +49,9 @@ PYEOF
   fi
   cat "$OUT/preflight.txt"
 fi
+# packs $WORK into $OUT/gpulab-device.tgz under a temporary name first: cut off by the call's limit, the copy
+# packed before stays whole
+pack() { tar czf "$OUT/gpulab-device.tgz.part" -C "$WORK" . && mv "$OUT/gpulab-device.tgz.part" "$OUT/gpulab-device.tgz"; }
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(core sort dbjoin l2 seam stitchkv vajra_model vajra_engine)
 summary=()
@@ -77,11 +80,10 @@ for arg in "${names[@]}"; do
   echo "================ $n (exit $rc)"; tail -15 "$WORK/$n/log.txt"
   # packed after every script: a call killed at its time limit still returns what the finished scripts wrote
   printf '%s\n' "${summary[@]}" > "$OUT/summary.txt"
-  tar czf "$OUT/gpulab-device.tgz.part" -C "$WORK" . 2>/dev/null && mv "$OUT/gpulab-device.tgz.part" "$OUT/gpulab-device.tgz"
+  pack 2>/dev/null
 done
 echo "================ summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
-# (to a temporary name first: cut off by the call's limit, the copy packed after the last script stays whole)
-tar czf "$OUT/gpulab-device.tgz.part" -C "$WORK" . && mv "$OUT/gpulab-device.tgz.part" "$OUT/gpulab-device.tgz"
+pack
 rm -f "$OUT/gpulab-device.tgz.part"
 ls -la "$OUT"

@@ -47,3 +47,13 @@ table_step() {
   echo "== $name: $what"; tail -n "$TAIL_LINES" "$log"
   return $rc
 }
+
+# The kvstitch scripts' text: $KVSTITCH_DATA, else tinyshakespeare.txt in .devdata/, shared/data/ or
+# ../shared/data/ (prints nothing where none is found)
+kvstitch_data() {
+  if [ -n "${KVSTITCH_DATA:-}" ]; then echo "$KVSTITCH_DATA"; return; fi
+  local d
+  for d in .devdata/tinyshakespeare.txt shared/data/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt; do
+    if [ -f "$d" ]; then echo "$d"; return; fi
+  done
+}

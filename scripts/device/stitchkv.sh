@@ -25,12 +25,7 @@ T0=$(date +%s)
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 WORKDIR="${KVSTITCH_WORK:-/tmp/kvstitch-tiny}"  # the runs (checkpoints); only the YAML goes to $OUT
 left() { echo $(( BUDGET - 8 - ($(date +%s) - T0) )); }  # 8 s kept for the table
-DATA="${KVSTITCH_DATA:-}"
-if [ -z "$DATA" ]; then
-  for d in .devdata/tinyshakespeare.txt shared/data/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt; do
-    if [ -f "$d" ]; then DATA="$d"; break; fi
-  done
-fi
+DATA=$(kvstitch_data)
 
 echo "== pytest -m gpu tests/stitchkv"
 timeout -k 5 40 "$PY" -m pytest -q -m gpu tests/stitchkv -p no:cacheprovider 2>&1 | tail -15

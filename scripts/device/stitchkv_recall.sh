@@ -29,12 +29,7 @@ T0=$(date +%s)
 left() { echo $(( BUDGET - 15 - ($(date +%s) - T0) )); }  # 15 s kept: a step's kill grace (5 s) and the table
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 WORK="${KVSTITCH_WORK:-/tmp/kvstitch-tiny}-recall"
-DATA="${KVSTITCH_DATA:-}"
-if [ -z "$DATA" ]; then
-  for d in .devdata/tinyshakespeare.txt shared/data/tinyshakespeare.txt ../shared/data/tinyshakespeare.txt; do
-    if [ -f "$d" ]; then DATA="$d"; break; fi
-  done
-fi
+DATA=$(kvstitch_data)
 [ -n "$DATA" ] || { echo "tinyshakespeare.txt not found (.devdata, shared/data, ../shared/data)"; exit 1; }
 mkdir -p "$WORK"
 # the run pins its data's path (run.yaml): one copy in the work folder stays where it is for every later call
