@@ -60,12 +60,32 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+# The tiles under the interpreter, where numpy runs one program at a time: its time follows the tile steps (each
+# program's K loop iterations, summed), about 1.5-3 ms each on the 2-core CPU machine, not the MACs (batch 1
+# costs a 16-row tile as batch 16 does)
+INTERPRET_LINEAR_BLOCKS = (16, 32, 32)  # BLOCK_M, BLOCK_N, BLOCK_K
+INTERPRET_CONV_BLOCKS = (32, 16, 16)  # BLOCK_P, BLOCK_CO, BLOCK_K
+
+
+def interpreter_steps_linear(m: int, n: int, k: int) -> int:
+    """Tile steps of :func:`linear` on [m, k] x [n, k] under the interpreter."""
+    bm, bn, bk = INTERPRET_LINEAR_BLOCKS
+    return triton.cdiv(m, bm) * triton.cdiv(n, bn) * triton.cdiv(k, bk)
+
+
+def interpreter_steps_conv(pixels: int, co: int, k: int) -> int:
+    """Tile steps of :func:`conv2d` under the interpreter: ``pixels`` output pixels (batch included), ``co``
+    output channels, ``k`` = input channels x kernel height x width."""
+    bp, bc, bk = INTERPRET_CONV_BLOCKS
+    return triton.cdiv(pixels, bp) * triton.cdiv(co, bc) * triton.cdiv(k, bk)
+
+
 def _blocks(m: int, n: int, k: int, sms: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of a linear layer. With ``sms`` (the GPU's SM count), small batches get narrower
     N tiles, down to 16, until the programs cover the SMs: at batch 8 and width 1536, 128-wide tiles made 12
     programs, a GEMV on 12 of an H100's 132 SMs (16 wide: 96)."""
     if INTERPRET:  # small tiles: the interpreter is numpy, one program at a time
-        return 16, 32, 32
+        return INTERPRET_LINEAR_BLOCKS
     bm = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
     bn = 128 if n >= 128 else 64
     while bn > 16 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < sms:
@@ -77,7 +97,7 @@ def _conv_blocks(pixels: int, co: int, sms: int = 0) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_CO, BLOCK_K) of a convolution: 128 output pixels a tile, fewer (down to 32) while the
     programs do not cover ``sms`` SMs (a 28 x 28 image at batch 1 and 256 channels: 28 programs at 128)."""
     if INTERPRET:
-        return 32, 16, 16
+        return INTERPRET_CONV_BLOCKS
     bp, bc = 128, 64 if co >= 64 else 32
     while bp > 32 and triton.cdiv(pixels, bp) * triton.cdiv(co, bc) < sms:
         bp //= 2

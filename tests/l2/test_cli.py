@@ -173,3 +173,52 @@ def test_ncu_child_command_line_reproduces_the_run(cfg, pol, monkeypatch):
         if bench.option_applies(name, full.workload, [pol]):
             assert getattr(child, name) == getattr(full, name), name
     assert child.policies == (pol,) and child.rounds == 1 and child.reps == 2
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(workload="mlp", width=40, layers=3, batch=17),
+    dict(workload="cnn", width=12, layers=2, batch=2, image=6),
+])
+def test_interpreter_steps_count_the_kernels_tile_steps(cfg, monkeypatch):
+    """The CPU check's size limit counts what the interpreter's time follows: each launched program's K-loop
+    iterations, summed over one inference (counted here from the launches themselves, kernels stubbed out)."""
+    import torch
+
+    from gpulab.l2 import bench, kernels
+    from gpulab.l2.models import run_layers
+
+    counted = []
+
+    class Spy:
+        def __init__(self, block_k_name, k_of):
+            self.block_k_name, self.k_of = block_k_name, k_of
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                programs = 1
+                for g in grid:
+                    programs *= g
+                counted.append(programs * -(-self.k_of(args) // kw[self.block_k_name]))
+            return launch
+
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # the interpreter's tiles, also where a GPU is visible
+    monkeypatch.setattr(kernels, "_linear_kernel", Spy("BLOCK_K", lambda a: a[6]))  # (x, w, b, y, m, n, k, ...)
+    monkeypatch.setattr(kernels, "_conv2d_kernel", Spy("BLOCK_K", lambda a: a[5] * 9))  # C, 3x3 kernels
+    rc = bench.RunConfig(**cfg)
+    model = bench.build_workload(rc, "cpu", torch.float32)
+    for r in model.requests("triton"):
+        run_layers(r.x, r.layers)
+    assert sum(counted) == bench.interpreter_steps(rc, model) > 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+def test_cpu_run_skips_the_interpreter_check_by_tile_steps_not_macs(out_dir, capsys):
+    """Batch 1 at width 2048: few MACs (8.4e6) but 8,192 tile steps (the interpreter pads the row to a 16-row
+    tile): skipped with a note naming the steps, where a MACs limit had let it run for ~15 s."""
+    code, _, err = _run(["--out", str(out_dir), "l2", "run", "--workload", "mlp", "--width", "2048", "--layers", "2",
+                         "--batch", "1", "--reps", "3"], capsys)
+    assert code == 0, err
+    [f] = out_dir.glob("l2-*.yaml")
+    rec = yaml.safe_load(f.read_text())
+    assert "triton_interpreter_vs_torch" not in rec["checks"]
+    assert any("8192 tile steps are too many for the interpreter" in n for n in rec["notes"])
