@@ -52,8 +52,8 @@ def run_aggregate(cfg, argv_for_ncu: list[str] | None = None):
         "rows": nl, "right_rows": nr, "key_dtype": str(lk.dtype), "aggregate": mode,
         "source": {"left": str(cfg.left), "right": str(cfg.right)} if cfg.left else
         {"generated": True, "match_rate": cfg.match_rate, "dup": cfg.dup, "seed": cfg.seed},
-        "impls": impls, "reps": reps, "warmup": warmup, "device": device, "tc_dtype": cfg.tc_dtype,
-        "tc_block": cfg.tc_block,
+        "impls": impls, "reps": reps, "warmup": warmup, "device": device, "load_factor": cfg.load_factor,
+        "tc_dtype": cfg.tc_dtype, "tc_block": cfg.tc_block,
     }
     rec = results.Record(name="join-agg-bench", config=config)
     rec.metrics["left"] = B._key_stats(lk)

@@ -84,8 +84,10 @@ def bench(
     from gpulab.core.clickcompat import refuse_unused
 
     not_in = f" (not in --impl {','.join(impls)})"
-    refuse_unused(ctx, {"load_factor": "--load-factor"}, any(i in ("hash", "hash-graph", "hash-cpu") for i in impls),
-                  "the hash implementations", not_in)
+    # with --aggregate only `hash` has an aggregate form (hash-graph and hash-cpu are skipped)
+    hash_impls = ("hash",) if aggregate != "none" else ("hash", "hash-graph", "hash-cpu")
+    refuse_unused(ctx, {"load_factor": "--load-factor"}, any(i in hash_impls for i in impls),
+                  "--impl hash with --aggregate" if aggregate != "none" else "the hash implementations", not_in)
     refuse_unused(ctx, {"tc_dtype": "--tc-dtype", "tc_block": "--tc-block", "max_interpret_rows": "--max-interpret-rows"},
                   "tensorcore" in impls, "--impl tensorcore", not_in)
     tc_blocks = B.parse_blocks(tc_block)

@@ -111,7 +111,9 @@ def validate(a: BenchArgs) -> BenchArgs:
         a.impls = list(dict.fromkeys(_canonical(n) for n in names))
     if a.tune:
         default = S.VARIANTS["bitonic-fused"].config
-        a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS if c != default]))
+        # the default configuration is bitonic-fused's own row, timed even when --impl leaves it out
+        a.impls = list(dict.fromkeys(a.impls + [f"bitonic-fused@{c}" if c != default else "bitonic-fused"
+                                                for c in S.TUNE_CONFIGS]))
     validate_overlap(a)
     if a.graph and not any(is_bitonic(i) for i in a.impls):
         raise InputError(f"--graph times the bitonic sorts as CUDA graphs; --impl {','.join(a.impls)} names none")

@@ -134,6 +134,9 @@ def test_bench_empty_table(out_dir):
     (["--tc-block", "32,16", "--tc-dtype", "int8", "--impl", "pandas"], InputError,
      "^--tc-dtype, --tc-block apply only to --impl tensorcore"),
     (["--max-interpret-rows", "5", "--impl", "hash-cpu"], InputError, "^--max-interpret-rows applies only"),
+    # with --aggregate only `hash` has a hash form: hash-cpu and hash-graph are skipped, so would ignore it
+    (["--load-factor", "0.3", "--impl", "hash-cpu,hash-graph,pandas", "--aggregate", "sum"], InputError,
+     "^--load-factor applies only to --impl hash with --aggregate \\(not in --impl hash-cpu,hash-graph,pandas\\)"),
 ])
 def test_bench_bad_input(out_dir, args, exc, match):
     with pytest.raises(exc, match=match):
@@ -293,3 +296,11 @@ def test_timed_row_mrows_per_s_is_decimal_millions(monkeypatch):
     assert out == "result"
     assert row["mrows_per_s"] == pytest.approx(3_000_000 / 2e-3 / 1e6)
     assert (row["median_ms"], row["p10_ms"], row["p90_ms"]) == (2.0, 1.5, 3.0)
+
+
+def test_aggregate_record_names_the_load_factor(out_dir):
+    """The hash aggregate is timed at --load-factor: the result's config records it, as the join's does."""
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "50", "--aggregate", "count", "--impl", "hash,torch",
+            "--load-factor", "0.3", "--reps", "1", "--warmup", "0"])
+    (f,) = Path(out_dir).glob("join-agg-bench-*.yaml")
+    assert yaml.safe_load(f.read_text())["config"]["load_factor"] == 0.3

@@ -143,6 +143,18 @@ def test_bench_tune(out_dir, capsys):
         assert "bitonic-fused@t15f4g5.model.correct" in data["checks"]
 
 
+def test_tune_times_every_configuration_even_without_bitonic_fused_in_impl():
+    """--tune with an --impl that omits bitonic-fused still times the default configuration (TUNE_CONFIGS holds
+    it, as bitonic-fused's own row): otherwise fused_best_config is the best of the others only."""
+    from gpulab.sort import schedule as S
+
+    a = validate(BenchArgs(n=3001, impl="numpy", tune=True))
+    default = S.get_variant("bitonic-fused").config
+    assert default in S.TUNE_CONFIGS
+    assert set(a.impls) == {"numpy", "bitonic-fused"} | {f"bitonic-fused@{c}" for c in S.TUNE_CONFIGS
+                                                          if c != default}
+
+
 def test_ncu_without_gpu(capsys, out_dir):
     import torch
 
