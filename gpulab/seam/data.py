@@ -54,6 +54,8 @@ def _read_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels) if limit is None else min(limit, len(labels))
     if len(offsets) != len(labels) + 1:
         raise InputError(f"{path}: 'offsets' has {len(offsets)} entries, expected {len(labels) + 1}")
+    if len(labels) == 0:  # else torch's max() of no labels fails below, naming nothing
+        raise InputError(f"{path}: no images")
     images = np.empty((n, 32, 32, 3), dtype=np.uint8)
     for i in range(n):
         try:

@@ -117,6 +117,8 @@ def check_options(large_size: str, small_size: str, vocab: int, steps: int, batc
         raise InputError(f"{flag}steps and {flag}batch must be >= 1 and --seq-len >= 2 (got {steps}, {batch}, {seq})")
     if not lr > 0:
         raise InputError(f"{flag}lr must be > 0, got {lr}")
+    if not math.isfinite(lr):  # one step at an infinite rate makes every weight NaN
+        raise InputError(f"{flag}lr must be a finite number, got {lr}")
     if not 0.0 <= repeat_frac <= 1.0:
         raise InputError(f"--repeat-frac must be in [0, 1], got {repeat_frac}")
 

@@ -32,7 +32,8 @@ PATH_FIELDS = ("large", "small", "data", "run")  # stored absolute: eval may run
 _SHARED = ("data", "task", "seed", "batch", "prompt_len", "prompt_bos", "dtype")  # prompt_bos: data.bos_prefix
 # what shapes each stage's result: a stage resumed from its checkpoint or skipped as finished must match
 STAGE_FIELDS = {
-    "warmup": (*_SHARED, "steps", "lr", "init", "loss", "ls_batches", "ridge"),
+    # cont_len: the warm-up reads prompts only, but its windows' starts are drawn over prompt + continuation
+    "warmup": (*_SHARED, "cont_len", "steps", "lr", "init", "loss", "ls_batches", "ridge"),
     "lora": (*_SHARED, "cont_len", "lora_steps", "lora_lr", "stitch_lr", "lora_r", "lora_alpha", "lora_targets"),
     "lora_control": (*_SHARED, "cont_len", "lora_steps", "lora_lr", "lora_r", "lora_alpha", "lora_targets"),
 }

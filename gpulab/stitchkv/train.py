@@ -19,6 +19,7 @@ folder must be on a file system all ranks see). Logged losses are means over the
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -225,13 +226,19 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
     for k in ("lr", "lora_lr", "lora_alpha"):
         if not cfg[k] > 0:
             raise InputError(f"--{k.replace('_', '-')} must be > 0, got {cfg[k]}")
+        if not math.isfinite(cfg[k]):  # an infinite rate makes every trained weight NaN after one step
+            raise InputError(f"--{k.replace('_', '-')} must be a finite number, got {cfg[k]}")
     if cfg["stage"] in ("lora", "all") and cfg["cont_len"] < 2:
         raise InputError(f"--cont-len must be >= 2 for stage 2 (its loss predicts continuation tokens 2..C from "
                          f"token 1), got {cfg['cont_len']}")
     if cfg.get("stitch_lr") is not None and not cfg["stitch_lr"] > 0:
         raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
+    if cfg.get("stitch_lr") is not None and not math.isfinite(cfg["stitch_lr"]):
+        raise InputError(f"--stitch-lr must be a finite number, got {cfg['stitch_lr']}")
     if not cfg["ridge"] >= 0:
         raise InputError(f"--ridge must be >= 0, got {cfg['ridge']}")
+    if not math.isfinite(cfg["ridge"]):
+        raise InputError(f"--ridge must be a finite number, got {cfg['ridge']}")
     from gpulab.stitchkv.data import check_task
 
     check_task(cfg.get("task", "continue"))

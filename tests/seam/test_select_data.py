@@ -153,6 +153,24 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
         load_cifar10(data, "train", 100)
 
 
+def test_a_split_without_images_is_a_one_line_error(tmp_path):
+    """An npz of zero images (a truncated export) was a RuntimeError from torch's max() of no labels."""
+    import numpy as np
+
+    from gpulab.cli import invoke
+
+    empty = {"jpeg": np.zeros(0, np.uint8), "offsets": np.zeros(1, np.int64), "labels": np.zeros(0, np.uint8)}
+    for name in ("train-0.npz", "test.npz"):
+        np.savez(tmp_path / name, **empty)
+    for split, name in (("train", "train-0.npz"), ("test", "test.npz")):
+        with pytest.raises(InputError, match=f"{name}: no images"):
+            load_cifar10(tmp_path, split)
+    with pytest.raises(InputError, match="train-0.npz: no images") as e:
+        invoke(["--out", str(tmp_path / "res"), "seam", "train", "--family", str(tmp_path / "fam"), "--data",
+                str(tmp_path), "--width", "2"])
+    assert "\n" not in str(e.value) and not (tmp_path / "fam").exists()
+
+
 @pytest.mark.skipif(not (DEFAULT_CIFAR / "test.npz").is_file(), reason="shared CIFAR-10 copy not present")
 def test_shared_cifar10_loads():
     x, y = load_cifar10(DEFAULT_CIFAR, "test", 16)

@@ -108,7 +108,9 @@ def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, needle", [(["--lr", "-1"], "--lr must be > 0, got -1.0"),
-                                         (["--batch", "0"], "--steps and --batch must be >= 1")])
+                                         (["--batch", "0"], "--steps and --batch must be >= 1"),
+                                         # one step at an infinite rate saved an all-NaN pair
+                                         (["--lr", "inf", "--steps", "1"], "--lr must be a finite number")])
 def test_pretrain_rejects_bad_options(corpus_file, tmp_path, capsys, bad, needle):
     code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "pretrain", "--data", str(corpus_file),
                             "--pair-dir", str(tmp_path / "pair"), "--vocab", "300", *bad], capsys)

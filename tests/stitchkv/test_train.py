@@ -121,6 +121,11 @@ def test_rerun_all_skips_finished_warmup(pair_dirs, corpus_file, tmp_path):
     (dict(ckpt_every=-1), "--ckpt-every"), (dict(stitch_input="states"), "--stitch-input"),
     (dict(stitch_lr=0.0), "--stitch-lr"), (dict(stage="all", cont_len=1), "--cont-len must be >= 2 for stage 2"),
     (dict(prompt_len=0), "--prompt-len must be >= 1"),
+    # an infinite rate or ridge trained and saved all-NaN stitches and adapters (the first loss is still finite)
+    (dict(lr=float("inf")), "--lr must be a finite number"),
+    (dict(stage="all", lora_lr=float("inf")), "--lora-lr must be a finite number"),
+    (dict(stage="all", stitch_lr=float("inf")), "--stitch-lr must be a finite number"),
+    (dict(ridge=float("inf")), "--ridge must be a finite number"),
 ])
 def test_bad_training_options(pair_dirs, corpus_file, tmp_path, over, match):
     with pytest.raises(InputError, match=match):
@@ -263,6 +268,30 @@ def test_resume_or_skip_with_other_settings_is_refused(pair_dirs, corpus_file, t
     with pytest.raises(InputError, match="lora was trained with lora_alpha=8, not 4; .*--stage lora to retrain it"):
         T.train({**cfg, "lora_alpha": 4}, "cpu", log=lambda m: None)  # finished, skipped: also pinned
     T.train({**cfg, "stage": "lora", "lora_alpha": 4}, "cpu", log=lambda m: None)  # an explicit retrain may change it
+
+
+def test_warmup_resumed_with_another_cont_len_is_refused(pair_dirs, corpus_file, tmp_path, monkeypatch):
+    """The warm-up's windows span prompt and continuation (train_batches draws their starts from
+    ``split - prompt_len - cont_len``), so a warm-up resumed with another --cont-len trained on other prompts after
+    the resume than the uninterrupted run: refused like every other setting that shapes it."""
+    from gpulab.stitchkv import data as D
+    from gpulab.stitchkv.models import load_tokenizer
+
+    corpus = D.load_corpus(corpus_file, load_tokenizer(pair_dirs[0], "large"))
+    p8, _ = next(D.train_batches(corpus, 4, 16, 8, 0))
+    p12, _ = next(D.train_batches(corpus, 4, 16, 12, 0))
+    assert not torch.equal(p8, p12)  # the warm-up's prompts depend on cont_len
+    run = tmp_path / "run"
+    cfg = cfg_for(pair_dirs, corpus_file, run, steps=4, ckpt_every=2)
+    real = _die_on_call(monkeypatch, "warmup_step_loss", 4)  # after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, "cpu", log=lambda m: None)
+    monkeypatch.setattr(T, "warmup_step_loss", real)
+    with pytest.raises(InputError, match=re.escape("warmup was trained with cont_len=8, not 12")):
+        T.train({**cfg, "cont_len": 12}, "cpu", log=lambda m: None)
+    logs = []
+    T.train(cfg, "cpu", log=logs.append)  # the same settings resume
+    assert any("warmup: resuming at step 2" in m for m in logs)
 
 
 def test_rerun_all_skips_finished_stage_2_and_resumes_the_control(pair_dirs, corpus_file, tmp_path, monkeypatch):
