@@ -556,6 +556,8 @@ class LLMEngine:
             seq.stop_reason = seq.detok.stopped
         if reason is not None:
             seq.detok.flush()
+            if reason == "length" and seq.detok.stopped is not None:  # the held-back tail held a stop string
+                reason, seq.stop_reason = "stop", seq.detok.stopped  # (flush looks past min_tokens only)
             self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,

@@ -509,3 +509,31 @@ def test_tensor_and_numpy_prompts_are_token_ids():
     b = eng.add_request(np.array([4, 5], dtype=np.int64), SamplingParams(max_tokens=2))
     assert a.token_ids[:3] == [1, 2, 3] and b.token_ids[:2] == [4, 5]
     assert all(type(t) is int for t in a.token_ids + b.token_ids)
+
+
+def test_stop_string_completed_by_the_held_back_tail_at_the_length_limit_finishes_with_stop():
+    """A byte-level token that ends in part of a character (" " + the first byte of a CJK character) is held back
+    until the end; at max_tokens the flush adds its text, and a stop string found there cuts the text: the
+    finish reason is then "stop" with that stop string (it said "length" beside the cut text)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gpulab.vajra.detokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    space, e6 = "Ġ", "æ"  # the byte-level forms of b" " and b"\xe6"
+    vocab[space + e6] = len(vocab)
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[(space, e6)]))
+    rust.decoder = decoders.ByteLevel()
+    tok = Tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust))
+    t = vocab[space + e6]
+    assert tok.decode([t]) == " \ufffd"
+    eng = LLMEngine(FakeModel(len(vocab), max_model_len=64), tok, EngineConfig(num_blocks=16, block_size=4))
+    prompt = [vocab["a"], vocab["b"]]
+    [out] = generate(eng, [prompt], greedy(1, stop=[" "], logit_bias={t: 100.0}))
+    assert out.output_token_ids == [t]
+    assert (out.finish_reason, out.stop_reason, out.text) == ("stop", " ", "")
+    [out] = generate(eng, [prompt], greedy(1, stop=["zz"], logit_bias={t: 100.0}))  # no stop string: length
+    assert (out.finish_reason, out.stop_reason, out.text) == ("length", None, " \ufffd")
