@@ -220,8 +220,9 @@ def apply_top_k_top_p(logits, top_k: list[int], top_p: list[float]):
         ps = device_tensor(top_p, torch.float32, logits.device)
         probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
         cum = torch.cumsum(probs, dim=-1)
-        # drop a token when the mass before it already reaches top_p
-        mask |= (cum - probs) >= ps[:, None]
+        # drop a token when the mass before it already reaches top_p (rows at 1.0 keep all: float32 sums over a
+        # large vocabulary can reach 1.0 before the last tokens)
+        mask |= ((cum - probs) >= ps[:, None]) & (ps[:, None] < 1.0)
     mask[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)

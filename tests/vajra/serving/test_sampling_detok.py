@@ -317,6 +317,16 @@ def test_top_p_drops_a_token_once_the_mass_before_it_reaches_top_p_exactly():
     out = apply_top_k_top_p(logits.clone(), [-1, -1], [0.5, 0.5])
     assert torch.isfinite(out).sum(1).tolist() == [1, 2]
 
+
+def test_a_row_at_top_p_one_keeps_its_whole_vocabulary_beside_a_row_with_a_nucleus():
+    """A row with top_p = 1.0 in a batch where another row has a nucleus: its float32 cumulative sum over a
+    Llama-3-sized vocabulary reaches 1.0 before the last tokens (seed 1: ~170 of them), which were dropped."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 128256, generator=g) * 2
+    out = apply_top_k_top_p(logits.clone(), [0, 0], [0.5, 1.0])
+    assert torch.isfinite(out[1]).all() and torch.equal(out[1], logits[1])
+    assert torch.isinf(out[0]).sum() > 100_000
+
 @pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-7])
 def test_tiny_temperature_is_greedy(temperature):
     """A temperature too small for float32 (1e-300 is 0.0 there: logits / 0 are inf and NaN) is greedy, as vLLM's
