@@ -277,19 +277,24 @@ def build_app(async_engine: AsyncEngine, model_name: str):
             done = [(i, text, last, fmt(items) if fmt else None) for i, (text, last, items) in sorted(got.items())]
             return JSONResponse(make_final(done, total_usage(subs, prompt_of, {c[0]: c[2] for c in done})))
 
+        def event(c: dict) -> str:
+            if include_usage:  # as OpenAI's: every chunk before the usage chunk says "usage": null
+                c.setdefault("usage", None)
+            return f"data: {json.dumps(c)}\n\n"
+
         async def sse():
             try:
                 if first_chunk is not None:
                     for i, _, _ in subs:
-                        yield f"data: {json.dumps(first_chunk(i))}\n\n"
+                        yield event(first_chunk(i))
                 async for i, o in gen:
                     text = choices[i].add(o)
                     if text or o.finished:  # a token whose text is held back: its logprobs wait too
                         lp = fmt(choices[i].take_items()) if fmt else None
-                        yield f"data: {json.dumps(make_chunk(i, o, None, lp, text))}\n\n"
+                        yield event(make_chunk(i, o, None, lp, text))
                 lasts = {i: c.last for i, c in choices.items() if c.last is not None}
                 if include_usage and lasts:
-                    yield f"data: {json.dumps(make_chunk(None, None, total_usage(subs, prompt_of, lasts)))}\n\n"
+                    yield event(make_chunk(None, None, total_usage(subs, prompt_of, lasts)))
                 yield "data: [DONE]\n\n"
             except (EngineFailed, InputError) as e:  # InputError: raced validation, a prefill provider's check
                 kind = "internal_error" if isinstance(e, EngineFailed) else "invalid_request_error"

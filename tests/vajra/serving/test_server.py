@@ -76,6 +76,29 @@ def test_chat_and_chat_stream(server, tokenizer):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("length", "stop")
 
 
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "My lord,"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_stream_with_include_usage_puts_usage_null_on_every_other_chunk(server, path, body):
+    """OpenAI's wire format: with include_usage every chunk has a usage field, null but in the last (before
+    [DONE]), which has the counts and no choices; without it no chunk has the field."""
+    import json
+
+    def chunks(opts):
+        out = []
+        with httpx.stream("POST", server.url + path, json={"model": NAME, "max_tokens": 4, "temperature": 0,
+                                                           "stream": True, **body, **opts}, timeout=30) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    out.append(json.loads(line[6:]))
+        return out
+
+    got = chunks({"stream_options": {"include_usage": True}})
+    assert len(got) >= 2 and all("usage" in c for c in got)
+    assert all(c["usage"] is None for c in got[:-1]) and got[-1]["usage"]["completion_tokens"] == 4
+    assert got[-1]["choices"] == []
+    assert not any("usage" in c for c in chunks({}))
+
+
 def test_errors_are_openai_style(server):
     c = client(server)
     with pytest.raises(openai.NotFoundError) as e:
