@@ -501,6 +501,9 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         rec.notes.append(f"--dtype {cfg.dtype} is for the GPU; the CPU run uses float32")
     if cfg.graph:
         rec.notes.append("--graph is for the GPU (CUDA graphs); the CPU run launches eagerly")
+    if cfg.pollute_mib:
+        rec.notes.append(f"--pollute-mib {cfg.pollute_mib:g} is for the GPU (other traffic between inferences); "
+                         "the CPU run has none")
     model = build_workload(cfg, "cpu", torch.float32)
     rec.metrics["workload"] = model.describe()
     reqs = model.requests("torch")

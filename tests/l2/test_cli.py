@@ -222,3 +222,20 @@ def test_cpu_run_skips_the_interpreter_check_by_tile_steps_not_macs(out_dir, cap
     rec = yaml.safe_load(f.read_text())
     assert "triton_interpreter_vs_torch" not in rec["checks"]
     assert any("8192 tile steps are too many for the interpreter" in n for n in rec["notes"])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+def test_cpu_run_notes_that_pollution_did_not_run(out_dir, capsys):
+    """--pollute-mib (other traffic between inferences, a CUDA kernel) does not run on the CPU: like --graph and
+    --dtype it is noted as unused there, not recorded in the config as if it had run."""
+    base = ["--out", str(out_dir), "l2", "run", "--workload", "mlp", "--width", "16", "--layers", "2", "--reps", "3"]
+    code, _, err = _run([*base, "--policy", "default", "--pollute-mib", "64"], capsys)
+    assert code == 0, err
+    [f] = out_dir.glob("l2-*.yaml")
+    notes = yaml.safe_load(f.read_text())["notes"]
+    assert any(n.startswith("--pollute-mib 64 is for the GPU") for n in notes), notes
+    f.unlink()
+    code, _, err = _run([*base, "--policy", "default"], capsys)
+    assert code == 0, err
+    [f] = out_dir.glob("l2-*.yaml")
+    assert not any("--pollute-mib" in n for n in yaml.safe_load(f.read_text())["notes"])
