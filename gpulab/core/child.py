@@ -92,6 +92,8 @@ def killed_with_parent(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
             os.kill(os.getpid(), signum)
 
     for s in SIGNALS:
+        if signal.getsignal(s) is signal.SIG_IGN:  # ignored (nohup's SIGHUP): this process goes on, so does proc
+            continue
         previous[s] = signal.getsignal(s)
         signal.signal(s, handler)
     try:

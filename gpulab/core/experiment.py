@@ -183,13 +183,13 @@ def plan(data: dict[str, Any], source: str = "experiment") -> list[Invocation]:
         words = command.split()
         if words[0] in ("run",):
             raise InputError(f"{where}: an experiment cannot run 'gpulab run'")
-        params = run.get("params") or {}
+        params = {} if run.get("params") is None else run["params"]  # left empty (null): none
         if not isinstance(params, dict):
             raise InputError(f"{where}: 'params' must be a mapping of option names to values")
         bad_key = next((k for k in params if not isinstance(k, str)), None)
         if bad_key is not None:
             raise InputError(f"{where}: parameter names must be strings, got {bad_key!r}")
-        args = run.get("args") or []
+        args = [] if run.get("args") is None else run["args"]
         if not isinstance(args, list) or any(a is None or isinstance(a, (list, dict)) for a in args):
             raise InputError(f"{where}: 'args' must be a list of positional arguments (single values, not null)")
         if run.get("name") is not None and (not isinstance(run["name"], str) or not run["name"].strip()):

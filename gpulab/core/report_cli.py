@@ -13,11 +13,15 @@ FORMATS = ("table", "markdown", "csv", "json")
 
 
 def _well_formed(data: dict[str, Any]) -> bool:
-    """The parts a report reads have their types: summary and device mappings, rows a list of mappings."""
+    """The parts a report reads have their types: summary, config and device mappings, rows a list of mappings;
+    the keys of summary, config and rows (a report's columns) strings."""
     rows, device = data.get("rows") or [], data.get("device") or {}
-    return (isinstance(data.get("summary") or {}, dict) and isinstance(device, dict)
-            and isinstance(device.get("gpu") or {}, dict) and isinstance(rows, list)
-            and all(isinstance(r, dict) for r in rows))
+    summary, config = data.get("summary") or {}, data.get("config") or {}
+    return (isinstance(summary, dict) and isinstance(config, dict)
+            and isinstance(device, dict) and isinstance(device.get("gpu") or {}, dict)
+            and isinstance(device.get("cpu") or {}, dict) and isinstance(rows, list)
+            and all(isinstance(r, dict) for r in rows)
+            and all(isinstance(k, str) for m in (summary, config, *rows) for k in m))
 
 
 def _scalar(v: Any) -> bool:
@@ -107,7 +111,8 @@ def report(
             continue
         if not _well_formed(data):
             if folder.is_file():
-                raise InputError(f"{f}: a result file whose summary, rows or device is not of the expected type")
+                raise InputError(f"{f}: a result file whose summary, config, rows or device is not of the expected "
+                                 "type")
             skipped += 1
             continue
         if name and not str(data.get("name", "")).startswith(name):

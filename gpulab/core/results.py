@@ -255,7 +255,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     cols = columns or list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c)).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+                                       for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -125,6 +125,11 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
             f = scaling.get("factor")
             if not isinstance(f, (int, float)) or isinstance(f, bool) or not f > 0:
                 raise InputError(f"{where}: rope scaling {rt!r} needs a 'factor' > 0, got {f!r}")
+            if rt == "llama3":  # read as numbers when the model is built: a string there was a traceback
+                for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    if key in scaling and scaling[key] is None:
+                        raise InputError(f"{where}: '{key}' must be a positive number, got None")
+                    _number(scaling, key, where, 1.0)
     eos = cfg.get("eos_token_id")
     eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
@@ -168,7 +173,12 @@ def _sliding_window(cfg: dict[str, Any], mt: str, where: str) -> int | None:
         return None
     if mt == "qwen2":
         layers = cfg.get("num_hidden_layers", 0)
-        if not cfg.get("use_sliding_window", False) or cfg.get("max_window_layers", layers) >= layers:
+        if not _flag(cfg, "use_sliding_window", where):
+            return None
+        mwl = cfg.get("max_window_layers", layers)
+        if not isinstance(mwl, int) or isinstance(mwl, bool) or mwl < 0:
+            raise InputError(f"{where}: 'max_window_layers' must be a non-negative integer, got {mwl!r}")
+        if mwl >= layers:
             return None
     elif mt not in ("mistral",):
         return None

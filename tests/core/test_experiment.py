@@ -306,3 +306,21 @@ def test_sigterm_ends_a_sweep_as_terminated_and_cleans_up(echo_command, tmp_path
     assert len(list(out.glob("echo-bench-*.yaml"))) == 1 and not list(out.glob("run-*.yaml"))
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
+
+
+@pytest.mark.parametrize("text, message", [
+    ("runs:\n  - command: echo\n    args: 0\n", "'args' must be a list"),
+    ("runs:\n  - command: echo\n    args: ''\n", "'args' must be a list"),
+    ("runs:\n  - command: echo\n    params: []\n", "'params' must be a mapping"),
+    ("runs:\n  - command: echo\n    params: false\n", "'params' must be a mapping"),
+])
+def test_falsy_params_or_args_of_the_wrong_type_are_errors(echo_command, tmp_path, text, message):
+    """`args: 0` was taken for no arguments (dropped silently) because of `run.get("args") or []`."""
+    with pytest.raises(InputError, match=message):
+        experiment.plan(experiment.load_file(write(tmp_path, text)))
+
+
+def test_empty_params_and_args_are_absent(echo_command, tmp_path):
+    text = "runs:\n  - command: echo\n    params:\n    args:\n"
+    (inv,) = experiment.plan(experiment.load_file(write(tmp_path, text)))
+    assert inv.argv == ["echo"]

@@ -264,3 +264,28 @@ def test_kill_group_also_kills_children_in_sessions_of_their_own(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("the grandchild in its own session is still running")
+
+
+def test_killed_with_parent_leaves_an_ignored_signal_ignored():
+    """Under nohup (SIGHUP ignored) a hangup must not kill the profiled group while the parent itself goes on:
+    the parent then failed with 'ncu run failed (exit -9)'."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from gpulab.core.child import killed_with_parent
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        with killed_with_parent(proc):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+            assert proc.poll() is None  # still running
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        proc.kill()
+        proc.wait()
+        signal.signal(signal.SIGHUP, old)

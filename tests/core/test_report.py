@@ -113,3 +113,33 @@ def test_files_of_one_name_in_two_subfolders_stay_apart(tmp_path):
     assert sorted(x["file"] for x in json.loads(r.output)) == [f"h100/{one.name}", f"h200/{one.name}"]
     r = CliRunner().invoke(app, [str(one), "--format", "json"])  # one file given: its name
     assert [x["file"] for x in json.loads(r.output)] == [one.name]
+
+
+def test_config_or_cpu_of_the_wrong_type_is_skipped(tmp_path):
+    """A result file whose config is not a mapping (or whose device's cpu is not one) is skipped like the other
+    malformed parts: it made the whole report fail with an AttributeError."""
+    good = _save(tmp_path, "sort-bench", 10, {"a": 1.0})
+    text = good.read_text()
+    (tmp_path / "bad0.yaml").write_text(text.replace("config:", "config: [1, 2]\nold_config:", 1))
+    (tmp_path / "bad1.yaml").write_text(text.replace("device:", "device:\n  cpu: some cpu\nold_device:", 1))
+    for rows in ([], ["--rows"]):
+        r = CliRunner().invoke(app, [str(tmp_path), "--format", "csv", *rows])
+        assert r.exit_code == 0, r.output
+        assert len(r.output.strip().splitlines()) == 2  # the header and the one good result (one row)
+    r = CliRunner().invoke(app, [str(tmp_path / "bad0.yaml"), "--rows"])
+    assert r.exit_code != 0 and "not of the expected type" in str(r.exception)
+
+
+def test_keys_that_are_not_strings_are_skipped(tmp_path):
+    """A result whose summary, config or a row has a key that is not a string (gpulab writes only strings): the
+    table and markdown formats failed on the whole folder with a TypeError."""
+    good = _save(tmp_path, "sort-bench", 10, {"a": 1.0})
+    text = good.read_text()
+    (tmp_path / "bad0.yaml").write_text(text.replace("summary:", "summary:\n  5: 1\nold_summary:", 1))
+    (tmp_path / "bad1.yaml").write_text(text.replace("config:", "config:\n  5: 1\nold_config:", 1))
+    (tmp_path / "bad2.yaml").write_text(text.replace("rows:", "rows:\n- 5: 1\nold_rows:", 1))
+    for fmt in ("table", "markdown", "csv"):
+        for rows in ([], ["--rows"]):
+            r = CliRunner().invoke(app, [str(tmp_path), "--format", fmt, *rows])
+            assert r.exit_code == 0, (fmt, rows, r.exception)
+            assert "bad" not in r.output

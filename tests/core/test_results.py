@@ -100,3 +100,11 @@ def test_data_hint_points_at_gpulab_data(monkeypatch, tmp_path):
     hint = paths.data_hint(paths.shared_data("tinyshakespeare.txt"))
     assert "GPULAB_DATA is set to it" in hint and "set GPULAB_DATA to the folder" in hint
     assert paths.data_hint(tmp_path / "elsewhere.txt") == ""  # a path the user gave: no hint
+
+
+def test_markdown_table_keeps_a_multiline_value_in_its_row():
+    """A newline in a value ended the table's row in the middle of a cell (the rest became a stray line)."""
+    md = results.markdown_table([{"a": "x\ny", "b": 1}, {"a": "z\r\nw", "b": 2}])
+    lines = md.splitlines()
+    assert len(lines) == 4 and all(ln.startswith("|") and ln.endswith("|") for ln in lines)
+    assert lines[2] == "| x<br>y | 1 |" and lines[3] == "| z<br>w | 2 |"

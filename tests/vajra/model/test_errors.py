@@ -369,6 +369,16 @@ def test_a_tensor_in_two_shards_without_an_index(base, tmp_path):
     ({"eos_token_id": [None]}, "'eos_token_id' must be a token id"),
     ({"rope_scaling": "llama3"}, "'rope_scaling' must be an object"),
     ({"rope_parameters": [1]}, "'rope_parameters' must be an object"),
+    # llama3 RoPE's other numbers were only read when the model was built: a ValueError/TypeError traceback
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"}}, "'low_freq_factor' must be"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": [8192]}},
+     "'original_max_position_embeddings' must be"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": None}}, "'high_freq_factor' must be"),
+    # Qwen2's window fields: max_window_layers null was a TypeError traceback; "false" read as true
+    ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True, "max_window_layers": None},
+     "'max_window_layers' must be"),
+    ({"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": "false", "max_window_layers": 0},
+     "'use_sliding_window' must be true or false"),
 ])
 def test_config_values_of_the_wrong_type(base, tmp_path, edit, message):
     d = _copy(base, "src", tmp_path)
