@@ -133,7 +133,7 @@ class PolicyRunner:
         self.side = torch.cuda.Stream()
         n_max = max(len(r.layers) for r in requests)
         self.events = [torch.cuda.Event() for _ in range(n_max)]
-        self._schedules: dict[tuple[int, int], list] = {}  # (budget, request) -> prefetch ops by layer
+        self._schedules: dict[tuple, list] = {}  # (budget, request, resident bytes) -> prefetch ops by layer
         self.prefetch_kind, self._kernels = None, None
         self.persist_plan = None
         self.last_persist = None  # the latest PersistingL2: what the driver granted, the hitRatio installed
@@ -208,17 +208,30 @@ class PolicyRunner:
         granted = self.last_persist.granted_bytes if self.last_persist is not None else None
         return granted if granted is not None else self.plan_persist().set_aside_bytes
 
+    def resident(self, req_index: int, policy: str) -> tuple[int, ...] | None:
+        """Under a persisting window installed with hitRatio 1 (it fits what the driver granted), the bytes at the
+        start of each of the request's layers that the window holds in L2: prefetching them again only spends
+        the budget of normal lines. None otherwise (with a lower hitRatio only some of the window's lines persist)."""
+        lp = self.last_persist
+        if not P.uses_persist(policy) or lp is None or (lp.installed_hit_ratio or 0.0) < 1.0:
+            return None
+        plan = self.plan_persist()
+        return tuple(P.resident_prefix(l.region, plan.window_offset, plan.window_bytes)
+                     for l in self.requests[req_index].layers)
+
     def schedule(self, req_index: int, policy: str) -> list:
         """The request's prefetch ops by layer, within the budget: a fraction of the L2, or under persist+prefetch
-        of the L2 left beside the persisting set-aside (what the driver granted)."""
+        of the L2 left beside the persisting set-aside (what the driver granted), skipping what the persisting
+        window holds (:meth:`resident`)."""
         aside = self.persist_aside_bytes() if P.uses_persist(policy) else 0
         budget = P.prefetch_budget_bytes(self.cfg.prefetch_budget, self.limits["l2_bytes"], set_aside_bytes=aside)
-        key = (budget, req_index)
+        resident = self.resident(req_index, policy)
+        key = (budget, req_index, resident)
         if key not in self._schedules:
             layers = self.requests[req_index].layers
             self._schedules[key] = P.group_by_layer(
                 P.prefetch_schedule([l.region.nbytes for l in layers], l2_budget_bytes=budget,
-                                    lookahead=self.cfg.lookahead), len(layers))
+                                    lookahead=self.cfg.lookahead, resident_bytes=resident), len(layers))
         return self._schedules[key]
 
     def infer_graph(self, req_index: int, policy: str):
@@ -608,6 +621,9 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
         if "persist+prefetch" in candidates:  # beside the set-aside: the budget of the combined policy
             rec.metrics["prefetch"]["budget_bytes_with_persist"] = P.prefetch_budget_bytes(
                 cfg.prefetch_budget, limits["l2_bytes"], set_aside_bytes=runner.persist_aside_bytes())
+            # the weights the persisting window holds (hitRatio 1), which persist+prefetch does not prefetch again
+            rec.metrics["prefetch"]["resident_bytes_with_persist"] = [
+                sum(runner.resident(i, "persist+prefetch") or ()) for i in range(len(runner.requests))]
 
     reps = -(-cfg.reps // len(reqs)) * len(reqs)  # whole passes over the request stream
     if ncu.under_ncu() and len(base_policies) == 1:

@@ -157,6 +157,7 @@ def prefetch_schedule(
     *,
     l2_budget_bytes: int,
     lookahead: int = 1,
+    resident_bytes: Sequence[int] | None = None,
 ) -> list[PrefetchOp]:
     """Which ranges to prefetch while each layer runs.
 
@@ -166,6 +167,10 @@ def prefetch_schedule(
     than what is left is prefetched in part (its first bytes). Layer 0 is never prefetched (nothing
     runs before it to hide the transfer). No byte is prefetched twice; with ``lookahead > 1`` a layer
     may be prefetched in pieces, while different earlier layers run.
+
+    ``resident_bytes``: per layer, how many of its first bytes a persisting window already holds in L2
+    (:func:`resident_prefix`): those are neither prefetched nor counted in flight (they sit in the
+    set-aside, outside the budget of normal lines).
     """
     if lookahead < 1:
         raise InputError(f"--lookahead must be >= 1, got {lookahead}")
@@ -175,11 +180,14 @@ def prefetch_schedule(
     if any(b < 0 for b in sizes):
         raise InputError("layer sizes must be >= 0 bytes")
     n = len(sizes)
+    if resident_bytes is not None and len(resident_bytes) != n:
+        raise InputError(f"resident_bytes has {len(resident_bytes)} entries for {n} layers")
+    resident = [0] * n if resident_bytes is None else [min(max(int(r), 0), b) for r, b in zip(resident_bytes, sizes)]
     ops: list[PrefetchOp] = []
-    done = [0] * n  # bytes of each layer already scheduled for prefetch
+    done = list(resident)  # bytes of each layer in L2 before it runs: resident, then scheduled for prefetch
     for i in range(n - 1):
-        # In L2 while layer i runs: layer i itself, plus prefetched bytes of layers after i.
-        in_flight = sizes[i] + sum(done[j] for j in range(i + 1, n))
+        # In normal L2 lines while layer i runs: layer i itself, plus prefetched bytes of layers after i.
+        in_flight = sizes[i] - resident[i] + sum(done[j] - resident[j] for j in range(i + 1, n))
         for j in range(i + 1, min(n, i + 1 + lookahead)):
             want = sizes[j] - done[j]
             room = l2_budget_bytes - in_flight
@@ -192,6 +200,18 @@ def prefetch_schedule(
             done[j] += take
             in_flight += take
     return ops
+
+
+def resident_prefix(region: Region, window_offset: int, window_bytes: int, align: int = 256) -> int:
+    """How many of ``region``'s first bytes lie in the persisting window [window_offset, window_offset +
+    window_bytes) of the same arena, rounded down to ``align`` bytes (so that what is left to prefetch starts
+    aligned); 0 unless the window begins at or before the region (only a prefix is ever skipped)."""
+    if window_bytes <= 0 or window_offset > region.offset:
+        return 0
+    covered = min(window_offset + window_bytes - region.offset, region.nbytes)
+    if covered >= region.nbytes:
+        return region.nbytes
+    return max(covered, 0) // align * align
 
 
 def prefetch_budget_bytes(fraction: float, l2_bytes: int, align: int = 256, set_aside_bytes: int = 0) -> int:

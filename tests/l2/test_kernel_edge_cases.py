@@ -169,3 +169,29 @@ def test_kernel_wrappers_refuse_mismatched_bias_and_out():
         kernels.linear(x, w, out=torch.empty(3, 3))
     with pytest.raises(ValueError, match="bias"):
         kernels.conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(4))
+
+
+def test_persist_prefetch_skips_the_weights_the_window_holds(fake_cuda):
+    """persist+prefetch with the window installed at hitRatio 1 (it fits the set-aside granted): the layers it
+    holds are not prefetched again (that spent the normal lines' budget on persisting bytes); at a lower hitRatio
+    only some of its lines persist, and the plain schedule stays. Plain prefetch never skips."""
+    from types import SimpleNamespace
+
+    cfg = RunConfig(prefetch_budget=0.5, lookahead=1, set_aside_mib=0.02)
+    r = _runner(cfg, dict(LIMITS, l2_bytes=100_000))  # a budget that fits a whole layer (9.4 KB) beside another
+    layers = r.requests[0].layers
+    plan = r.plan_persist()
+    assert plan.hit_ratio == 1.0 and plan.window_bytes == int(0.02 * MIB) < r.model.arena.total_bytes
+    plain = r.schedule(0, "persist+prefetch")  # nothing installed yet: no window to rely on
+    r.last_persist = SimpleNamespace(granted_bytes=plan.set_aside_bytes, installed_hit_ratio=1.0)
+    resident = r.resident(0, "persist+prefetch")
+    assert resident == tuple(P.resident_prefix(l.region, 0, plan.window_bytes) for l in layers)
+    assert resident[0] == layers[0].region.nbytes and 0 < sum(resident) < sum(l.region.nbytes for l in layers)
+    skipping = r.schedule(0, "persist+prefetch")
+    held = {j for j, (l, b) in enumerate(zip(layers, resident)) if b == l.region.nbytes}
+    assert held and not any(op.target_layer in held for ops in skipping for op in ops)
+    assert all(op.offset >= resident[op.target_layer] for ops in skipping for op in ops)
+    assert any(op.target_layer in held for ops in plain for op in ops) and skipping != plain
+    assert r.resident(0, "prefetch") is None
+    r.last_persist = SimpleNamespace(granted_bytes=plan.set_aside_bytes, installed_hit_ratio=0.5)
+    assert r.resident(0, "persist+prefetch") is None and r.schedule(0, "persist+prefetch") == plain

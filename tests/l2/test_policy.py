@@ -131,6 +131,57 @@ def test_prefetch_schedule_basic():
     assert P.prefetch_schedule([8], l2_budget_bytes=10) == []
 
 
+def test_prefetch_schedule_skips_what_a_persisting_window_holds():
+    """Resident bytes (a layer's first bytes in the persisting window) are not prefetched and do not count in
+    flight: layers 0-1 and the first 2 bytes of layer 2 persist; only the rest is prefetched, and since layer 1
+    takes no normal lines while it runs, all 6 remaining bytes of layer 2 fit a budget of 6."""
+    def plan(**kw):
+        return [(o.at_layer, o.target_layer, o.offset, o.nbytes)
+                for o in P.prefetch_schedule([4, 4, 8, 4], l2_budget_bytes=6, lookahead=1, **kw)]
+
+    # while layer 2 runs its 6 normal bytes fill the budget: layer 3 gets nothing
+    assert plan(resident_bytes=[4, 4, 2, 0]) == [(1, 2, 2, 6)]
+    assert plan() == [(0, 1, 0, 2), (1, 2, 0, 2)]  # without the window: the weights of 0 and 1 take the budget
+    # everything resident: nothing to prefetch; nothing resident: the plain schedule
+    assert P.prefetch_schedule([4, 4, 4], l2_budget_bytes=100, resident_bytes=[4, 4, 4]) == []
+    assert P.prefetch_schedule([4, 4, 4], l2_budget_bytes=100, resident_bytes=[0, 0, 0]) == \
+        P.prefetch_schedule([4, 4, 4], l2_budget_bytes=100)
+    for wrong in ([0, 0], [0, 0, 0, 0]):
+        with pytest.raises(InputError, match=f"resident_bytes has {len(wrong)} entries for 3 layers"):
+            P.prefetch_schedule([4, 4, 4], l2_budget_bytes=100, resident_bytes=wrong)
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_prefetch_schedule_with_resident_bytes_properties(lookahead):
+    """Over many sizes, residents and budgets: pieces start after the resident prefix and follow one another,
+    resident bytes are never prefetched, and the normal lines in flight stay within the budget."""
+    for sizes in itertools.product([0, 3, 8], repeat=4):
+        for fracs in itertools.product([0.0, 0.5, 1.0], repeat=4):
+            res = [int(s * f) for s, f in zip(sizes, fracs)]
+            for budget in (4, 9, 30):
+                ops = P.prefetch_schedule(list(sizes), l2_budget_bytes=budget, lookahead=lookahead,
+                                          resident_bytes=res)
+                done = list(res)
+                for op in ops:
+                    assert 0 < op.target_layer - op.at_layer <= lookahead and op.nbytes > 0
+                    assert op.offset == done[op.target_layer]
+                    done[op.target_layer] += op.nbytes
+                assert all(d <= s for d, s in zip(done, sizes))
+                for i in range(4):
+                    normal = sizes[i] - res[i] + sum(op.nbytes for op in ops if op.at_layer <= i < op.target_layer)
+                    if any(op.at_layer == i for op in ops):
+                        assert normal <= max(budget, sizes[i] - res[i])
+
+
+def test_resident_prefix_of_a_region_in_the_window():
+    r = P.Region("fc1", offset=1024, nbytes=2048)
+    assert P.resident_prefix(r, 0, 4096) == 2048  # inside the window
+    assert P.resident_prefix(r, 0, 1024) == 0  # the window ends where the region starts
+    assert P.resident_prefix(r, 0, 1024 + 700) == 512  # straddles: rounded down to 256 bytes
+    assert P.resident_prefix(r, 2048, 4096) == 0  # the window starts inside: not a prefix, none skipped
+    assert P.resident_prefix(r, 0, 0) == 0
+
+
 @pytest.mark.parametrize("lookahead", [1, 2, 3])
 def test_prefetch_schedule_properties(lookahead):
     for sizes in itertools.product([0, 3, 7, 20], repeat=4):
