@@ -120,13 +120,14 @@ def cuda_hash_unavailable(device: str) -> str | None:
 
 def timed_row(impl: str, where: str, fn: Callable[[], Any], reps: int, warmup: int,
               rows_in: int) -> tuple[Any, dict[str, Any]]:
-    """Run ``fn`` once untimed (that output is the one checked), then time it; returns (output, table row)."""
+    """Run ``fn`` once untimed (that output is the one checked), then time it; returns (output, table row). The
+    row says how many timed runs it has (``reps``: the CPU baselines take fewer than the config's --reps)."""
     from gpulab.core import timing
 
     result = fn()
     t = timing.benchmark(fn, device=where, warmup=max(warmup - 1, 0), reps=reps)
     return result, {"impl": impl, "device": where, "median_ms": t.median, "p10_ms": t.p10, "p90_ms": t.p90,
-                    "mrows_per_s": rows_in / (t.median * 1e-3) / 1e6 if t.median > 0 else None}
+                    "reps": t.reps, "mrows_per_s": rows_in / (t.median * 1e-3) / 1e6 if t.median > 0 else None}
 
 
 class CountedCalls:

@@ -291,9 +291,10 @@ def test_timed_row_mrows_per_s_is_decimal_millions(monkeypatch):
     from gpulab.core import timing
     from gpulab.dbjoin import bench
 
-    monkeypatch.setattr(timing, "benchmark", lambda fn, **kw: SimpleNamespace(median=2.0, p10=1.5, p90=3.0))
+    monkeypatch.setattr(timing, "benchmark", lambda fn, **kw: SimpleNamespace(median=2.0, p10=1.5, p90=3.0,
+                                                                              reps=kw["reps"]))
     out, row = bench.timed_row("x", "cpu", lambda: "result", reps=3, warmup=1, rows_in=3_000_000)
-    assert out == "result"
+    assert out == "result" and row["reps"] == 3
     assert row["mrows_per_s"] == pytest.approx(3_000_000 / 2e-3 / 1e6)
     assert (row["median_ms"], row["p10_ms"], row["p90_ms"]) == (2.0, 1.5, 3.0)
 
@@ -304,3 +305,12 @@ def test_aggregate_record_names_the_load_factor(out_dir):
             "--load-factor", "0.3", "--reps", "1", "--warmup", "0"])
     (f,) = Path(out_dir).glob("join-agg-bench-*.yaml")
     assert yaml.safe_load(f.read_text())["config"]["load_factor"] == 0.3
+
+
+def test_each_row_says_how_many_timed_runs_it_has(out_dir):
+    """pandas takes at most 5 timed runs, hash-cpu at most 10, the others --reps: each row records its own."""
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "200", "--reps", "12", "--warmup", "1",
+            "--impl", "pandas,hash-cpu,torch"])
+    (f,) = Path(out_dir).glob("join-bench-*.yaml")
+    rows = {r["impl"]: r for r in yaml.safe_load(f.read_text())["rows"]}
+    assert (rows["pandas"]["reps"], rows["hash-cpu"]["reps"], rows["torch"]["reps"]) == (5, 10, 12)
