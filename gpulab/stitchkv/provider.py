@@ -82,8 +82,16 @@ class StitchPrefill:
     def __call__(self, prompt_ids: list[int]) -> StitchedPrompt:
         import torch
 
+        from gpulab.stitchkv.models import base_model
         from gpulab.stitchkv.stitch import cache_tensors, stitched_cache
 
+        if len(prompt_ids) == 0:
+            raise InputError("the prompt is empty")
+        for role, m in (("large", self.large), ("small", self.small)):  # the engine may check only the small one
+            ctx = getattr(base_model(m).config, "max_position_embeddings", None)
+            if ctx is not None and len(prompt_ids) > int(ctx):
+                raise InputError(f"the prompt has {len(prompt_ids)} tokens; the {role} model's context is {ctx} "
+                                 "tokens (--prefill stitchkv)")
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         with torch.no_grad():
             logits, cache = stitched_cache(self.large, self.small, self.bank, prompt)

@@ -215,3 +215,104 @@ def test_another_small_model_is_refused_for_the_warmup_stage(tiny_run, tmp_path)
 
     with pytest.raises(InputError, match="not a model folder"):
         export_small(tiny_run, f, overwrite=True)
+
+
+def test_provider_refuses_empty_prompts_and_prompts_past_a_models_context(tiny_run, tmp_path):
+    """The provider is called by any engine (the module:function contract), not only behind vajra's own checks:
+    an empty prompt, or one longer than the large (prefill) model's context, is a one-line InputError, never a
+    raw IndexError or a prefill at positions the large model was never trained on."""
+    from gpulab.stitchkv.export import export_small
+    from gpulab.stitchkv.models import base_model
+    from gpulab.stitchkv.provider import load
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    provider = load(str(tiny_run))
+    with pytest.raises(InputError, match="^the prompt is empty$"):
+        provider([])
+    ctx = base_model(provider.large).config.max_position_embeddings
+    assert len(provider(list(range(ctx))).kv[0][0]) == ctx  # a prompt that fills the context is fine
+    with pytest.raises(InputError, match=rf"^the prompt has {ctx + 1} tokens; the large model's context is {ctx}"):
+        provider(list(range(4, 4 + ctx + 1)))
+    # a large model with a shorter context than the served small one: vajra checks only the small model's
+    out = tmp_path / "small"
+    export_small(tiny_run, out)
+    eng = load_engine(out, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}",
+                      config=EngineConfig(num_blocks=64, block_size=4))
+    base_model(eng.prefill.large).config.max_position_embeddings = 8
+    with pytest.raises(InputError, match="the prompt has 10 tokens; the large model's context is 8"):
+        eng.add_request(list(range(2, 12)), SamplingParams(max_tokens=4))
+    assert not eng.has_unfinished() and eng.block_manager.num_used == 0
+
+
+def _by_hand(run, stage, ids, n_out):
+    """Reference written out: the large model's prefill, the (hidden-mode) stitches and the small model's RoPE
+    (its own base, positions 0..P-1) applied by hand, then the small model's greedy decode from that cache,
+    the first token from the large model's last-position logits. (logits of each output position, tokens)."""
+    from gpulab.stitchkv.models import base_model, cache_kwarg, load_model, output_cache
+    from gpulab.stitchkv.stitch import build_cache
+    from gpulab.stitchkv.store import load_small, run_config
+
+    cfg = run_config(run)
+    large = load_model(cfg["large"], "large", "cpu")
+    small, bank = load_small(cfg, run, stage, "cpu")
+    assert bank.mode == "hidden"
+    c = base_model(small).config
+    hd, p = c.hidden_size // c.num_attention_heads, len(ids)
+    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or c.rope_theta
+    assert theta == 500.0  # the small model's base (the large model's is 10000)
+    ang = torch.arange(p).float()[:, None] * (1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    with torch.no_grad():
+        out = large(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        kv = []
+        for l, a in enumerate(bank.align):
+            y = bank.maps[l](large.model.layers[a].input_layernorm(out.hidden_states[a]))
+            attn = base_model(small).model.layers[l].self_attn
+            k = attn.k_proj(y).view(1, p, -1, hd).transpose(1, 2)
+            v = attn.v_proj(y).view(1, p, -1, hd).transpose(1, 2)
+            kv.append((k * cos + torch.cat([-k[..., hd // 2:], k[..., :hd // 2]], -1) * sin, v))
+        cache, logits = build_cache(kv), [out.logits[0, -1]]
+        toks = [int(logits[0].argmax())]
+        for _ in range(n_out - 1):
+            o = small(input_ids=torch.tensor([[toks[-1]]]), use_cache=True, **{cache_kwarg(small): cache})
+            cache = output_cache(o)
+            logits.append(o.logits[0, -1])
+            toks.append(int(logits[-1].argmax()))
+    return logits, toks
+
+
+@pytest.mark.parametrize("stage", ["lora", "warmup"])
+def test_served_logits_equal_a_reference_written_out_by_hand(tiny_run, tmp_path, stage):
+    """Prompts of different lengths in one batch, and one prompt twice (n choices share one prefill): every
+    logits row vajra samples from equals the by-hand reference's at that output position."""
+    from gpulab.stitchkv.export import export_small
+    from gpulab.vajra.engine import EngineConfig, load_engine
+    from gpulab.vajra.sampling import SamplingParams
+
+    out = tmp_path / "small"
+    export_small(tiny_run, out, stage)
+    eng = load_engine(out, device="cpu", attention_backend="torch", prefill=f"stitchkv={tiny_run}@{stage}",
+                      config=EngineConfig(num_blocks=64, block_size=4, max_num_seqs=4))
+    seen: dict[int, list] = {}
+
+    class Rec(_Recording):
+        def __call__(self, logits, params, ids):
+            for row, sid in enumerate(ids):
+                seen.setdefault(sid, []).append(logits[row].clone())
+            return self.sampler(logits, params, ids)
+
+    eng.sampler = Rec(eng.sampler, [])
+    prompts = [eng.encode(t) for t in ("the king and the queen", "my lord speak",
+                                       "thou art not the day of love and death blood heart")]
+    prompts.append(prompts[0])
+    assert len({len(p) for p in prompts}) == 3
+    params = SamplingParams(max_tokens=N_OUT, temperature=0.0, ignore_eos=True)
+    seqs = [eng.add_request(p, params) for p in prompts]
+    while eng.has_unfinished():
+        eng.step()
+    for seq, ids in zip(seqs, prompts):
+        want, toks = _by_hand(tiny_run, stage, ids, N_OUT)
+        assert seq.output_token_ids == toks and len(seen[seq.seq_id]) == N_OUT
+        for got, w in zip(seen[seq.seq_id], want):
+            torch.testing.assert_close(got, w.float(), rtol=1e-4, atol=1e-4 * float(w.abs().max()))
