@@ -52,7 +52,7 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
     asked for): done before any process is started, so that a bad option is a one-line error, not one per
     rank followed by the process group's and torchrun's own errors."""
     from gpulab.stitchkv import data as D
-    from gpulab.stitchkv.models import load_tokenizer
+    from gpulab.stitchkv.models import check_lengths, load_config, load_tokenizer
 
     run = Path(run)
     cfg = run_config(run)
@@ -63,8 +63,10 @@ def validate(run: Path, stage: str, prompts: int, gen_len: int, batch: int,
     stage = pick_stage(run, stage, cfg)
     if not check_data:
         return cfg, stage
+    plen = prompt_len or int(cfg.get("prompt_len", 32))
+    check_lengths([(role, load_config(Path(cfg[role]), role)) for role in ("large", "small")], plen + gen_len)
     corpus = D.load_corpus(cfg["data"], load_tokenizer(Path(cfg["large"]), "large"), task=cfg.get("task", "continue"))
-    D.eval_windows(corpus, prompts, prompt_len or int(cfg.get("prompt_len", 32)), gen_len)
+    D.eval_windows(corpus, prompts, plen, gen_len)
     return cfg, stage
 
 

@@ -328,7 +328,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     import torch
 
     from gpulab.stitchkv import data as D
-    from gpulab.stitchkv.models import check_window, load_pair
+    from gpulab.stitchkv.models import check_length, load_pair
     from gpulab.stitchkv.store import load_bank, load_stage2, run_config, stage2_stale, trained_stages
 
     run = Path(run)
@@ -339,7 +339,7 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
         raise InputError(f"--run {run}: no trained stitches (run 'gpulab kvstitch train' first)")
     pair = load_pair(cfg["large"], cfg["small"], device=device, dtype=cfg.get("dtype", "float32"))
     plen = prompt_len or int(cfg.get("prompt_len", 32))
-    check_window(pair, plen + gen_len)
+    check_length(pair, plen + gen_len)
     src = data or cfg["data"]
     task = "continue" if Path(str(src)).suffix == ".jsonl" else cfg.get("task", "continue")  # .jsonl: its records
     corpus = D.load_corpus(src, pair.tokenizer, task=task)

@@ -47,11 +47,16 @@ def output_cache(out: Any) -> Any:
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
 
 
-def check_window(pair: Any, length: int) -> None:
-    """A sliding-window model keeps only its window's last keys in its own cache, while a stitched cache keeps
-    every prompt position: the two differ once a sequence reaches the window, so that is refused."""
-    for role, m in (("large", pair.large), ("small", pair.small)):
-        c = base_model(m).config
+def check_lengths(configs: list[tuple[str, Any]], length: int) -> None:
+    """Sequences of ``length`` tokens against each (role, model config): past the context
+    (max_position_embeddings) a model runs at positions it was never trained on; and a sliding-window model keeps
+    only its window's last keys in its own cache, while a stitched cache keeps every prompt position, so the two
+    differ once a sequence reaches the window. Both are refused."""
+    for role, c in configs:
+        ctx = getattr(c, "max_position_embeddings", None)
+        if isinstance(ctx, int) and not isinstance(ctx, bool) and length > ctx:
+            raise InputError(f"the --{role} model's context is {ctx} tokens, and these sequences reach {length} "
+                             "(shorten the prompt and continuation)")
         w = getattr(c, "sliding_window", None)
         if not w or (getattr(c, "model_type", "") == "qwen2" and not getattr(c, "use_sliding_window", False)):
             continue
@@ -59,6 +64,19 @@ def check_window(pair: Any, length: int) -> None:
             raise InputError(f"the --{role} model attends over a sliding window of {w} tokens, and these sequences "
                              f"reach {length}: stitched caches are only exact within the window (shorten the "
                              "prompt and continuation)")
+
+
+def check_length(pair: Any, length: int) -> None:
+    """:func:`check_lengths` for a loaded pair."""
+    check_lengths([(role, base_model(m).config) for role, m in (("large", pair.large), ("small", pair.small))],
+                  length)
+
+
+def load_config(folder: Path, role: str) -> Any:
+    """A model folder's config.json, without its weights, as attributes (a key it leaves out is None: no check)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**read_model_config(folder, f"--{role}"))
 
 
 def shape_of(model: Any) -> dict[str, int]:

@@ -252,7 +252,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
 
     from gpulab.stitchkv import data as D
     from gpulab.stitchkv.distributed import Ctx, ddp
-    from gpulab.stitchkv.models import check_window, load_pair, shape_of
+    from gpulab.stitchkv.models import check_length, load_pair, shape_of
     from gpulab.stitchkv.stitch import alignment, make_bank, least_squares_init
 
     validate_cfg(cfg)
@@ -274,7 +274,7 @@ def train(cfg: dict[str, Any], device: str, log: Any = print, dist_ctx: Any = No
     next(D.train_batches(corpus, cfg["batch"], cfg["prompt_len"], cfg["cont_len"], 0))  # the data holds a window
     if stage2:
         lora_targets(pair.small, cfg)
-    check_window(pair, cfg["prompt_len"] + (cfg.get("cont_len") or 0) + 1)
+    check_length(pair, cfg["prompt_len"] + (cfg.get("cont_len") or 0) + 1)
     if cfg.get("init") == "identity" and stage in ("warmup", "all"):  # before run.yaml pins the folder
         with torch.device("meta"):
             make_bank(ls, ss, align, cfg["stitch_input"]).identity_()

@@ -252,15 +252,15 @@ def test_sliding_window_pairs_refuse_sequences_past_the_window():
     from types import SimpleNamespace as NS
 
     from gpulab.core.errors import InputError
-    from gpulab.stitchkv.models import check_window
+    from gpulab.stitchkv.models import check_length
 
     plain = NS(config=NS(model_type="llama"))
     mistral = NS(config=NS(model_type="mistral", sliding_window=16))
     qwen_off = NS(config=NS(model_type="qwen2", sliding_window=16, use_sliding_window=False))
-    check_window(NS(large=plain, small=mistral), 15)
-    check_window(NS(large=qwen_off, small=plain), 100)  # Qwen2 declares a window it does not use
+    check_length(NS(large=plain, small=mistral), 15)
+    check_length(NS(large=qwen_off, small=plain), 100)  # Qwen2 declares a window it does not use
     with pytest.raises(InputError, match="--small model attends over a sliding window of 16 tokens"):
-        check_window(NS(large=plain, small=mistral), 16)
+        check_length(NS(large=plain, small=mistral), 16)
 
 
 def test_tokenizers_with_one_vocabulary_that_encode_differently(pair_dirs, tmp_path):
@@ -305,3 +305,30 @@ def test_pretraining_stops_at_the_evaluation_split(corpus_file, tmp_path):
     info = pretrain_pair(f, tmp_path / "pair", "nano-large", "nano-small", 300, steps=1, batch=2, seq=16, lr=1e-3, seed=0,
                          device="cpu", log=lambda m: None)
     assert info["train_tokens"] <= int(info["tokens"] * (1 - VAL_FRACTION))
+
+
+def test_sequences_past_a_models_context_are_refused():
+    """A model runs past its context (max_position_embeddings) at positions it was never trained on: refused,
+    for either model, from loaded models and from config.json alone (serve-disagg checks before loading)."""
+    from types import SimpleNamespace as NS
+
+    from gpulab.core.errors import InputError
+    from gpulab.stitchkv.models import check_length, check_lengths
+
+    big, small = NS(config=NS(model_type="llama", max_position_embeddings=64)), NS(config=NS(model_type="llama",
+                                                                                           max_position_embeddings=32))
+    check_length(NS(large=big, small=small), 32)
+    with pytest.raises(InputError, match="the --small model's context is 32 tokens, and these sequences reach 33"):
+        check_length(NS(large=big, small=small), 33)
+    check_lengths([("large", NS())], 10**6)  # a config without the key: nothing to check
+
+
+def test_serve_disagg_refuses_sequences_past_a_models_context_before_loading(tiny_run):
+    """serve-disagg's validate reads both config.json files: --prompt-len + --gen-len past a context (256 tokens
+    here) is a one-line error before any process starts (it ran at untrained positions)."""
+    from gpulab.core.errors import InputError
+    from gpulab.stitchkv import disagg
+
+    disagg.validate(tiny_run, "auto", 1, 4, 1, prompt_len=8)
+    with pytest.raises(InputError, match="the --large model's context is 256 tokens, and these sequences reach 257"):
+        disagg.validate(tiny_run, "auto", 1, 4, 1, prompt_len=253)

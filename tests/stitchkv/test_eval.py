@@ -95,12 +95,14 @@ def test_one_token_prompts_evaluate(tiny_run, tmp_path, capsys, models):
 def test_serve_disagg_checks_the_data_before_starting_ranks(tiny_run, tmp_path, capsys):
     from gpulab.stitchkv import disagg
 
-    with pytest.raises(InputError, match="fewer than one window"):
-        disagg.validate(tiny_run, "auto", 2, 4, 2, 100000)
-    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "serve-disagg", "--run", str(tiny_run),
-                            "--prompt-len", "100000", "--timeout", "30"], capsys)
-    one_line_error(code, err, "fewer than one window")
-    assert "gloo" not in err and "torchrun" not in err and not (tmp_path / "res").exists()
+    with pytest.raises(InputError, match="--prompts 100000: the validation split holds"):
+        disagg.validate(tiny_run, "auto", 100000, 4, 2, 8)
+    for opts, message in ((["--prompts", "100000", "--prompt-len", "8"], "--prompts 100000: the validation split"),
+                          (["--prompt-len", "100000"], "model's context is 256 tokens, and these sequences reach")):
+        code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "serve-disagg", "--run", str(tiny_run),
+                                *opts, "--timeout", "30"], capsys)
+        one_line_error(code, err, message)
+        assert "gloo" not in err and "torchrun" not in err and not (tmp_path / "res").exists()
 
 
 def _bos_pair(root):
