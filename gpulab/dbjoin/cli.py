@@ -29,10 +29,11 @@ def bench(
     key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
     left: Optional[Path] = typer.Option(None, "--left", help="Left table file (.npz/.csv/.parquet: columns key, payload)."),
     right: Optional[Path] = typer.Option(None, "--right", help="Right table file (same format as --left)."),
-    impl: str = typer.Option("hash,hash-graph,hash-cpu,tensorcore,torch,pandas", "--impl",
+    impl: str = typer.Option("hash,hash-graph,hash-cpu,tensorcore,tensorcore-graph,torch,pandas", "--impl",
                              help="Comma-separated: hash (CUDA C), hash-graph (the same prepared once and "
                                   "replayed as one CUDA graph), hash-cpu (numba model of it), tensorcore "
-                                  "(Triton), torch (sort+searchsorted), pandas (merge)."),
+                                  "(Triton), tensorcore-graph (the same as one CUDA graph), torch "
+                                  "(sort+searchsorted), pandas (merge)."),
     count_only: bool = typer.Option(False, "--count-only", help="Count the output pairs instead of writing them."),
     reps: int = typer.Option(20, "--reps", help="Timed repetitions per implementation."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls first."),
@@ -89,8 +90,13 @@ def bench(
     refuse_unused(ctx, {"load_factor": "--load-factor"}, any(i in hash_impls for i in impls),
                   "--impl hash with --aggregate" if aggregate != "none" else "the hash implementations", not_in)
     refuse_unused(ctx, {"tc_dtype": "--tc-dtype", "tc_block": "--tc-block", "max_interpret_rows": "--max-interpret-rows"},
-                  "tensorcore" in impls, "--impl tensorcore", not_in)
+                  any(i in ("tensorcore", "tensorcore-graph") for i in impls), "--impl tensorcore", not_in)
     tc_blocks = B.parse_blocks(tc_block)
+    if len(tc_blocks) > 1 and "tensorcore" not in impls:
+        from gpulab.core.errors import InputError
+
+        raise InputError(f"--tc-block {tc_block} times the tensorcore join at each size; without --impl tensorcore "
+                         "it takes one size")
     if len(tc_blocks) > 1 and aggregate != "none":
         from gpulab.core.errors import InputError
 

@@ -92,12 +92,31 @@ def triton_cdiv(a: int, b: int) -> int:
     return max((a + b - 1) // b, 1)
 
 
-def partition_counting(key, bits: int) -> Partitioned:
+@dataclass
+class PartitionSpace:
+    """The buffers of one table's counting-sort partition, allocated once (a prepared plan reuses them, so that
+    the partition can be captured in a CUDA graph): the layout (:class:`Partitioned`) and the atomic cursors."""
+    out: Partitioned
+    cursor: Any  # int32 per partition
+
+    @classmethod
+    def allocate(cls, n: int, bits: int, has_hi: bool, dev) -> "PartitionSpace":
+        import torch
+
+        i32 = dict(dtype=torch.int32, device=dev)
+        parts = 1 << bits
+        hi = torch.empty(n, **i32) if has_hi else torch.zeros(1, **i32)
+        return cls(Partitioned(torch.empty(n, **i32), hi, torch.empty(n, **i32), torch.empty(parts, **i32),
+                               torch.empty(parts, **i32)), torch.empty(parts, **i32))
+
+
+def partition_counting(key, bits: int, space: PartitionSpace | None = None) -> Partitioned:
     """Mix and partition one table by a counting sort in two Triton passes over the keys: atomic counts per
     partition, their exclusive scan, then each row scattered to the next place of its partition (atomic
     cursors): two reads of the keys, in place of a full radix sort of the partition ids (torch.argsort) with
     its histogram and gathers (by estimate several times the device time; not measured yet). The order
-    within a partition is arbitrary."""
+    within a partition is arbitrary. ``space``: buffers to write (allocated here without); no allocation
+    and no host sync then, so a CUDA graph can capture it."""
     import torch
 
     from gpulab.dbjoin.tensorcore_kernel import tc_hist_kernel, tc_scatter_kernel
@@ -105,18 +124,18 @@ def partition_counting(key, bits: int) -> Partitioned:
     key = key.contiguous()  # the kernels read key + offs: a strided view would be read wrongly
     n = key.numel()
     has_hi = key.dtype == torch.int64
-    dev = key.device
+    if space is None:
+        space = PartitionSpace.allocate(n, bits, has_hi, key.device)
+    p = space.out
     pmask = (1 << bits) - 1
     grid = (triton_cdiv(n, MIX_BLOCK),)
-    counts = torch.zeros(1 << bits, dtype=torch.int32, device=dev)
-    tc_hist_kernel[grid](key, counts, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
-    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    cursor = starts.clone()
-    lo = torch.empty(n, dtype=torch.int32, device=dev)
-    hi = torch.empty(n, dtype=torch.int32, device=dev) if has_hi else torch.zeros(1, dtype=torch.int32, device=dev)
-    row = torch.empty(n, dtype=torch.int32, device=dev)
-    tc_scatter_kernel[grid](key, cursor, lo, hi, row, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
-    return Partitioned(lo, hi, row, starts, counts)
+    p.count.zero_()
+    tc_hist_kernel[grid](key, p.count, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
+    torch.cumsum(p.count, 0, dtype=torch.int32, out=p.start)
+    p.start.sub_(p.count)
+    space.cursor.copy_(p.start)
+    tc_scatter_kernel[grid](key, space.cursor, p.lo, p.hi, p.row, n, pmask, HAS_HI=has_hi, BLOCK=MIX_BLOCK)
+    return p
 
 
 def _check_pairs_fit(total: int, dev) -> None:
@@ -203,6 +222,15 @@ class TensorCoreJoin:
 
         return {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "int8": tl.int8}[self.code_dtype]
 
+    def launch_join(self, L: Partitioned, Rt: Partitioned, r: int, has_hi: bool, capacity: int, out_l, out_r,
+                    counter, count_only: bool) -> None:
+        """Zero ``counter`` and launch the join kernel over the two partitioned tables (no host sync)."""
+        kused = (32 - r) + (32 if has_hi else 0)
+        counter.zero_()
+        _compile()[(1 << r,)](L.lo, L.hi, L.row, L.start, L.count, Rt.lo, Rt.hi, Rt.row, Rt.start, Rt.count,
+                              out_l, out_r, capacity, counter, R=r, KUSED=kused, HAS_HI=has_hi,
+                              BM=self.block, BN=self.block, DT=self._dtype(), COUNT_ONLY=count_only)
+
     def join(self, left_key, right_key, count_only: bool = False, mark=None) -> JoinResult:
         """The join; ``mark(phase)``, if given, is called after each phase's launches ("partition_left",
         "partition_right", "join", and "join_retry" when the first output capacity was short) and before the
@@ -220,20 +248,15 @@ class TensorCoreJoin:
             left_key, right_key = left_key.to(torch.int64), right_key.to(torch.int64)
         has_hi = left_key.dtype == torch.int64
         r = choose_bits(nl, nr, self.rows_per_partition)
-        kused = (32 - r) + (32 if has_hi else 0)
         L = partition(left_key, r)
         mark("partition_left")
         Rt = partition(right_key, r)
         mark("partition_right")
         self.last_partitions = 1 << r
-        kernel = _compile()
         counter = torch.zeros(1, dtype=torch.int64, device=dev)
 
         def launch(capacity: int, out_l, out_r, count_flag: bool, phase: str = "join") -> int:
-            counter.zero_()
-            kernel[(1 << r,)](L.lo, L.hi, L.row, L.start, L.count, Rt.lo, Rt.hi, Rt.row, Rt.start, Rt.count,
-                              out_l, out_r, capacity, counter, R=r, KUSED=kused, HAS_HI=has_hi,
-                              BM=self.block, BN=self.block, DT=self._dtype(), COUNT_ONLY=count_flag)
+            self.launch_join(L, Rt, r, has_hi, capacity, out_l, out_r, counter, count_flag)
             mark(phase)
             return int(counter.item())
 

@@ -10,7 +10,7 @@
 #     hash-cpu in a step of their own at --reps 3) and int64 (GPU + torch, and the tensor-core join at tiles of
 #     64 and 32: 135 and 80 sm_90 registers with Triton 3.8, 240 and 111 with the device's 3.6, i.e. two or
 #     four programs an SM there); hash-graph = the hash join prepared once (buffers + one captured CUDA graph,
-#     outside the timing) and replayed
+#     outside the timing) and replayed; tensorcore-graph = the tensor-core join likewise (TensorCorePlan)
 #  3. the hash table's fill: hash-graph at load factors 0.35 and 0.75 next to the default 0.5 (a larger table
 #     costs a longer memset, a fuller one longer probe runs), and a Zipf-duplicate count-only point of the
 #     "where do tensor cores win" map
@@ -23,7 +23,8 @@
 # then failed fast on a poisoned context (25 s); run in full they compile ~15 Triton kernel variants (2-3.5 s each
 # here, AOT), hence 60 s, and -v keeps the passed tests in the file when the cap cuts pytest off. On 2026-11-29
 # (H200) the joins' process reached 60 s at its 74th test (all passing) and the 1M aggregate step its 15 s: 80 and
-# 25 s now, and 190 s for the script.
+# 25 s now, and 190 s for the script. Session 27 added tensorcore-graph (its GPU tests and a 1M row in the two
+# seed steps, ~1 s of capture each): 88, 16 and 20 s.
 set -u
 OUT="${OUT:-results/device-dbjoin}"
 mkdir -p "$OUT"
@@ -33,7 +34,7 @@ budget_start 187  # seconds for steps 1-5; the summary takes ~1 s
 rc=0
 
 echo "== pytest -m gpu tests/dbjoin (joins and hash aggregate)"
-step 80 "$PY" -m pytest -v -rfE --durations=10 -m gpu tests/dbjoin -k "not tensorcore_aggregate" \
+step 88 "$PY" -m pytest -v -rfE --durations=10 -m gpu tests/dbjoin -k "not tensorcore_aggregate" \
     > "$OUT/pytest-gpu.txt" 2>&1
 prc=$?
 tail -15 "$OUT/pytest-gpu.txt"
@@ -46,14 +47,14 @@ tail -15 "$OUT/pytest-gpu-aggregate.txt"
 [ "$prc" -eq 0 ] || { echo "pytest (aggregate) exit $prc (124: timed out)"; rc=1; }
 
 echo "== bench 1M x 1M, unique, match 0.5, int32 (GPU impls + torch)"
-step 14 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
-    --impl hash,hash-graph,tensorcore,torch --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+step 16 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
+    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M x 1M, unique, match 0.5, int32 (pandas, hash-cpu; --reps 3)"
 step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
     --impl pandas,hash-cpu --reps 3 >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch; tensorcore also at BM 32: tensorcore@32)"
-step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
-    --impl hash,hash-graph,tensorcore,torch --tc-block 64,32 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+step 20 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
+    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 64,32 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 for lf in 0.35 0.75; do
   echo "== hash-graph, load factor $lf (1M x 1M, unique, match 0.5, int32)"
   step 9 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
@@ -86,12 +87,13 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{
           f"copy_bound_us={m.get('copy_bound_us') and round(m['copy_bound_us'], 1)}")
     f = lambda v, w=9: f"{v:{w}.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>{w}}"
     # median/p10/p90: CUDA-event time of the whole host call; replay_gpu: GPU-only time of one graph replay
-    # (hash-graph; replays queued back to back); prepare: building the plan (host wall, not in median)
-    print(f"{'impl':14} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} "
+    # (hash-graph, tensorcore-graph; replays queued back to back); prepare: building the plan (host wall, not in
+    # median)
+    print(f"{'impl':17} {'median_us':>10} {'p10_us':>9} {'p90_us':>9} {'Mrows/s':>9} {'frac_copy':>9} "
           f"{'replay_gpu_us':>13} {'prepare_ms':>10} correct")
     for r in d["rows"]:
         us = lambda k: r[k] * 1e3 if isinstance(r.get(k), (int, float)) else None
-        print(f"{r['impl']:14} {f(us('median_ms'),10)} {f(us('p10_ms'))} {f(us('p90_ms'))} "
+        print(f"{r['impl']:17} {f(us('median_ms'),10)} {f(us('p10_ms'))} {f(us('p90_ms'))} "
               f"{f(r.get('mrows_per_s'))} {f(r.get('frac_of_copy_bound'))} {f(us('replay_gpu_median_ms'),13)} "
               f"{f(r.get('prepare_ms'),10)} {r.get('skipped') or r.get('correct')}"
               + ("" if r.get("graph", True) else "  (no graph: capture failed, see notes)"))
@@ -101,6 +103,7 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/join-bench-*.yaml") + glob.glob(f"{
         if n.startswith("ncu ") or "capture failed" in n:
             print("  " + n)
 print("\ngoals (H100, 1M x 1M unique 50%): hash-graph <= 30 us (median_us; replay_gpu_us is its GPU-only part), "
-      "tensorcore <= 250 us; hash = the eager form (allocates and launches per call)")
+      "tensorcore <= 250 us (tensorcore-graph: the same as one CUDA graph, replay_gpu_us its GPU-only part); "
+      "hash = the eager form (allocates and launches per call)")
 PYEOF
 exit $rc

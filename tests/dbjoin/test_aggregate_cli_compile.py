@@ -22,7 +22,8 @@ def test_bench_aggregate_small(out_dir, mode, dtype, dup):
     data = _result(out_dir)
     assert data["ok"] is True and data["config"]["aggregate"] == mode
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"hash-agg", "hash-graph-agg", "hash-cpu-agg", "tensorcore-agg", "torch-agg", "pandas-agg"}
+    assert set(rows) == {"hash-agg", "hash-graph-agg", "hash-cpu-agg", "tensorcore-agg", "tensorcore-graph-agg",
+                         "torch-agg", "pandas-agg"}
     assert "skipped" in rows["hash-agg"] and "skipped" in rows["hash-graph-agg"] and "skipped" in rows["hash-cpu-agg"]
     for impl in ("tensorcore-agg", "torch-agg", "pandas-agg"):
         assert rows[impl]["correct"] is True and rows[impl]["groups"] == data["metrics"]["groups"]

@@ -24,7 +24,7 @@ def test_bench_small_all_impls(out_dir):
     data = _result(out_dir)
     assert data["ok"] is True
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"hash", "hash-graph", "hash-cpu", "tensorcore", "torch", "pandas"}
+    assert set(rows) == {"hash", "hash-graph", "hash-cpu", "tensorcore", "tensorcore-graph", "torch", "pandas"}
     ref = data["metrics"]["output_rows"]
     for impl in ("hash-cpu", "tensorcore", "torch", "pandas"):
         if "skipped" not in rows[impl]:
@@ -36,6 +36,19 @@ def test_bench_small_all_impls(out_dir):
     if not os.environ.get("CUDA_VISIBLE_DEVICES") and not data["device"]["gpu"]:
         assert "skipped" in rows["hash"] and any(n.startswith("hash: skipped") for n in data["notes"])
         assert "skipped" in rows["hash-graph"] and any(n.startswith("hash-graph: skipped") for n in data["notes"])
+        assert "needs a CUDA GPU" in rows["tensorcore-graph"]["skipped"]
+
+
+def test_tensorcore_graph_options(out_dir):
+    """tensorcore-graph takes the tensor-core options (one tile size: a list times only `tensorcore`)."""
+    with pytest.raises(InputError, match="^--tc-block 64,32 times the tensorcore join at each size; without "
+                                         "--impl tensorcore it takes one size"):
+        invoke(["--out", str(out_dir), "join", "bench", "--rows", "50", "--impl", "tensorcore-graph,pandas",
+                "--tc-block", "64,32"])
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "50", "--impl", "tensorcore-graph,pandas",
+            "--tc-block", "32", "--tc-dtype", "fp16", "--reps", "1", "--warmup", "0"])
+    rows = {r["impl"]: r for r in _result(out_dir)["rows"]}
+    assert set(rows) == {"tensorcore-graph", "pandas"}
 
 
 def test_bench_tensorcore_at_several_tile_sizes(out_dir):

@@ -253,3 +253,79 @@ def test_tensorcore_keys_must_be_one_dimensional():
 
     with pytest.raises(InputError, match="right join keys must be 1-D"):
         check_key_dtypes(torch.zeros(3, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32))
+
+
+@interpreted
+@pytest.mark.parametrize("dt,name", [c for c in CASE_IDS if c[1] in ("dup-both-negative", "zipf", "sentinel",
+                                                                     "all-match", "no-match", "left-empty")])
+def test_tensorcore_plan_equals_pandas(dt, name):
+    """The prepared plan (tensorcore-graph; launched eagerly here, as off CUDA or when capture fails): exact on
+    every run, its output grown to the count when max(rows) was short (all-match: one retry, then none)."""
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+    from gpulab.dbjoin.tensorcore_plan import TensorCorePlan
+
+    lk, rk = CASES[dt][name]
+    dev = "cuda" if HAS_CUDA else "cpu"
+    lt, rt = torch.from_numpy(lk).to(dev), torch.from_numpy(rk).to(dev)
+    plan = TensorCorePlan(TensorCoreJoin("fp32", block=16, rows_per_partition=8), lt, rt, use_graph=False)
+    assert plan.graph is None and plan.graph_error is None
+    for _ in range(2):
+        _check(plan.run(), lk, rk)
+    want_retries = int(reference.output_size(lk, rk) > max(len(lk), len(rk)))
+    assert plan.retries == want_retries and (name != "all-match" or want_retries == 1)
+    count = TensorCorePlan(TensorCoreJoin("fp32", block=16, rows_per_partition=8), lt, rt, count_only=True,
+                           use_graph=False)
+    assert count.run().count == reference.output_size(lk, rk) and count.retries == 0
+    assert plan.replay_times_ms(3) == []  # no graph: nothing to replay
+
+
+@interpreted
+def test_tensorcore_plan_mixed_key_types_and_partition_buffers_reused():
+    """int32 left and int64 right keys are joined as int64 (converted once, at prepare); each run repartitions
+    into the same buffers (no allocation), and the partition equals a freshly allocated one."""
+    from gpulab.dbjoin.tensorcore_join import PartitionSpace, TensorCoreJoin, partition_counting
+    from gpulab.dbjoin.tensorcore_plan import TensorCorePlan
+
+    lk, rk = CASES["int32"]["dup-both-negative"][0], CASES["int64"]["dup-both-negative"][1]
+    dev = "cuda" if HAS_CUDA else "cpu"
+    plan = TensorCorePlan(TensorCoreJoin("fp32", block=16, rows_per_partition=8), torch.from_numpy(lk).to(dev),
+                          torch.from_numpy(rk).to(dev), use_graph=False)
+    assert plan.has_hi
+    ptrs = [t.data_ptr() for t in (plan.left.out.lo, plan.left.cursor, plan.right.out.row, plan.right.out.count)]
+    _check(plan.run(), lk.astype(np.int64), rk)
+    _check(plan.run(), lk.astype(np.int64), rk)
+    assert [t.data_ptr() for t in (plan.left.out.lo, plan.left.cursor, plan.right.out.row,
+                                   plan.right.out.count)] == ptrs
+    key = torch.from_numpy(rk).to(dev)
+    a = partition_counting(key, 3, PartitionSpace.allocate(len(rk), 3, True, key.device))
+    b = partition_counting(key, 3)
+    assert torch.equal(a.count, b.count) and torch.equal(a.start, b.start)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["int32", "int64"])
+def test_tensorcore_plan_gpu_graph(dt):
+    """On a GPU the plan is one CUDA graph: exact on every replay (after the retry that grows a short output),
+    its replays timed by CUDA events, count-only too."""
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+    from gpulab.dbjoin.tensorcore_plan import TensorCorePlan
+
+    for name in ("dup-both-negative", "all-match", "sentinel"):
+        lk, rk = CASES[dt][name]
+        plan = TensorCorePlan(TensorCoreJoin("fp16", block=64), torch.from_numpy(lk).cuda(),
+                              torch.from_numpy(rk).cuda())
+        assert plan.graph is not None, plan.graph_error
+        for _ in range(3):
+            _check(plan.run(), lk, rk)
+        times = plan.replay_times_ms(5)
+        assert len(times) == 5 and all(t > 0 for t in times)
+        _check(plan.run(), lk, rk)  # the outputs after the timed replays
+    if dt == "int64":
+        return  # 1M rows once (int32): the GPU tests' process has a time cap on the device
+    left, right = tables.generate(1_000_000, None, 0.5, "unique", 0, dt)
+    lt, rt = torch.from_numpy(left.key).cuda(), torch.from_numpy(right.key).cuda()
+    plan = TensorCorePlan(TensorCoreJoin("fp16", block=64), lt, rt)
+    _check(plan.run(), left.key, right.key)
+    assert plan.retries == 0
+    cnt = TensorCorePlan(TensorCoreJoin("int8", block=64), lt, rt, count_only=True)
+    assert cnt.run().count == reference.output_size(left.key, right.key)
