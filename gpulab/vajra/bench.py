@@ -419,14 +419,15 @@ def decode_batch1(engine, input_len: int, steps: int, vocab: int, seed: int) -> 
     rng = random.Random(seed + 2)
     ids = [rng.randrange(vocab) for _ in range(input_len)]
     engine.step_log = []
-    engine.add_request(ids, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    # steps + 1 tokens: the first comes from the prefill's step, each of the other ``steps`` from a decode step
+    engine.add_request(ids, SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     dec = [s["ms"] for s in engine.step_log if s["decode_only"]]
     host = [s["host_ms"] for s in engine.step_log if s["decode_only"]]
     info = engine.model.info
     kv_token = engine.model.kv_bytes_per_block(1, engine.config.kv_cache_dtype)
-    ctx = input_len + steps / 2
+    ctx = input_len + (steps + 1) / 2  # decode step j (1..steps) reads the K/V of input_len + j tokens
     return {"decode_b1_ms": pct(dec, 0.5) if dec else float("nan"), "decode_b1_steps": len(dec),
             "decode_b1_host_ms": pct(host, 0.5) if host else float("nan"),
             "kv_bytes_read": kv_token * ctx, "num_layers": info.num_layers}
@@ -607,7 +608,7 @@ def run(model_dir: Path, args: dict[str, Any]):
     limit = read_model_config(model_dir).get("max_position_embeddings")
     if isinstance(limit, int) and not isinstance(limit, bool):  # found now, not after the main run
         for what, n in (("--input-len + --output-len", args["input_len"] + args["output_len"]),
-                        ("--input-len + --decode-steps", args["input_len"] + args["decode_steps"])):
+                        ("--input-len + --decode-steps + 1", args["input_len"] + args["decode_steps"] + 1)):
             if n > limit:
                 raise InputError(f"{what} = {n} is longer than the model's context ({limit} tokens, "
                                  "max_position_embeddings)")

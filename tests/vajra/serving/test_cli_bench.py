@@ -346,7 +346,7 @@ def test_serve_bench_lengths_past_the_context_fail_first(out_dir, tiny_assets, m
     from gpulab.vajra import bench
 
     monkeypatch.setattr(bench, "run_variant", lambda *a, **k: pytest.fail("a model was loaded"))
-    for extra, what in ((["--output-len", "2", "--decode-steps", "600"], "--input-len \\+ --decode-steps = 608"),
+    for extra, what in ((["--output-len", "2", "--decode-steps", "600"], "--input-len \\+ --decode-steps \\+ 1 = 609"),
                         (["--output-len", "600", "--decode-steps", "2"], "--input-len \\+ --output-len = 608")):
         with pytest.raises(InputError, match=what):
             invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "8",
@@ -354,8 +354,8 @@ def test_serve_bench_lengths_past_the_context_fail_first(out_dir, tiny_assets, m
 
 
 def test_decode_batch1_kv_bytes_are_at_the_mean_context():
-    """V1: a batch-1 decode of `steps` tokens after `input_len` reads the KV of input_len + steps / 2 tokens on
-    average per step (what roofline_ms adds to the weight bytes)."""
+    """V1: `steps` batch-1 decode steps after an `input_len` prefill read the KV of input_len + (steps + 1) / 2
+    tokens on average per step (what roofline_ms adds to the weight bytes)."""
     from types import SimpleNamespace
 
     from gpulab.vajra import bench
@@ -373,13 +373,13 @@ def test_decode_batch1_kv_bytes_are_at_the_mean_context():
         def has_unfinished(self):
             return self.left > 0
 
-        def step(self):
+        def step(self):  # the first step is the prefill (it makes the first token)
+            self.step_log.append({"ms": 2.0, "host_ms": 0.5, "decode_only": bool(self.step_log)})
             self.left -= 1
-            self.step_log.append({"ms": 2.0, "host_ms": 0.5, "decode_only": True})
             return []
 
     d = bench.decode_batch1(Engine(), input_len=10, steps=4, vocab=50, seed=0)
-    assert d["kv_bytes_read"] == pytest.approx(100 * (10 + 4 / 2))
+    assert d["kv_bytes_read"] == pytest.approx(100 * (10 + 5 / 2))
     assert d["decode_b1_ms"] == 2.0 and d["decode_b1_steps"] == 4
 
 
@@ -487,3 +487,20 @@ def test_w8a8_accumulation_is_said_only_where_w8a8_runs(monkeypatch):
     assert bench.w8a8_accumulation(model(lin())) is True
     assert asked == [("cuda", False), ("cuda", True)]
     assert bench.w8a8_accumulation(SimpleNamespace()) is None  # a model without linears()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_decode_batch1_times_the_decode_steps_asked_for(steps):
+    """--decode-steps N times N decode steps at batch 1 (the prefill's step, which makes the first token, is not
+    one of them): --decode-steps 1 gives a figure, not NaN; the KV bytes are at those steps' mean context (the
+    step making token j + 1 reads the prompt's K/V and the j tokens before it)."""
+    from gpulab.vajra import bench
+    from gpulab.vajra.engine import EngineConfig, LLMEngine
+
+    from .fake_model import FakeModel
+
+    eng = LLMEngine(FakeModel(97, max_model_len=128), None, EngineConfig(num_blocks=200))
+    d = bench.decode_batch1(eng, input_len=10, steps=steps, vocab=97, seed=0)
+    assert d["decode_b1_steps"] == steps and math.isfinite(d["decode_b1_ms"])
+    ctx = sum(10 + j for j in range(1, steps + 1)) / steps
+    assert d["kv_bytes_read"] == pytest.approx(eng.model.kv_bytes_per_block(1) * ctx)
