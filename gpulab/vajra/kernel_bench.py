@@ -276,6 +276,13 @@ def _decode_step(rec, copy_gbs, reps, wanted=("triton", "flashinfer")):
             rec.check(f"decode step attn={be} ran", False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
 
+def decode_b1_goal_met(metrics: dict) -> bool:
+    """Issue 6's batch-1 goal (<= 3.4 ms a graph step) on the fastest attention backend timed so far (each
+    backend's step is ``decode_b1_<backend>_graph_ms``): the flag does not depend on the order of --attention."""
+    steps = [v for k, v in metrics.items() if k.startswith("decode_b1_") and k.endswith("_graph_ms")]
+    return bool(steps) and min(steps) <= 3.4
+
+
 def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
     import torch
 
@@ -312,7 +319,7 @@ def _decode_rows(rec, model, be, backend, wbytes, ctx, copy_gbs, reps):
                 timings[f"attn={label}, graph"] = tg.median
                 if batch_size == 1:
                     rec.metrics[f"decode_b1_{be}_graph_ms"] = round(tg.median, 4)
-                    rec.metrics["goal_decode_b1_graph_le_3.4ms"] = bool(tg.median <= 3.4)
+                    rec.metrics["goal_decode_b1_graph_le_3.4ms"] = decode_b1_goal_met(rec.metrics)
                 del g
             except Exception as e:  # noqa: BLE001 - keep the eager row
                 torch.cuda.synchronize()

@@ -109,3 +109,17 @@ def test_summarize_kernels_sums_device_time_by_kernel():
     s = summarize_kernels(events, top=2)
     assert s["kernels"] == 4 and s["kernel_us"] == 75.5
     assert s["top"] == {"w8a16_gemv": {"launches": 2, "us": 70.0}, "rope_" + "x" * 75: {"launches": 1, "us": 3.5}}
+
+
+def test_the_batch_1_goal_flag_takes_the_fastest_backend_whatever_the_order():
+    """goal_decode_b1_graph_le_3.4ms was the last backend's: `--attention triton,flashinfer` and
+    `flashinfer,triton` gave different flags for the same times."""
+    from gpulab.vajra.kernel_bench import decode_b1_goal_met
+
+    for order in (("triton", 3.3), ("flashinfer", 3.9)), (("flashinfer", 3.9), ("triton", 3.3)):
+        metrics = {"decode_b1_ms_other": 1.0}
+        for be, ms in order:
+            metrics[f"decode_b1_{be}_graph_ms"] = ms
+        assert decode_b1_goal_met(metrics) is True
+    assert decode_b1_goal_met({"decode_b1_triton_graph_ms": 3.5}) is False
+    assert decode_b1_goal_met({}) is False
