@@ -360,6 +360,9 @@ def load_pretrained(model: ScaledResNet, path, allow_new_head: bool = True) -> l
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         sd.update({k: own[k] for k in ("fc.weight", "fc.bias")})
         notes.append(f"{NEW_HEAD_NOTE}{path}: head has another class count; fc re-initialised")
+    # saved before BatchNorm counted its batches (PyTorch < 0.4.1, the older torchvision model-zoo files among them):
+    # no num_batches_tracked, which torch's own loader fills in (with a fixed momentum it changes no output)
+    sd.update({k: own[k] for k in own if k.endswith(".num_batches_tracked") and k not in sd})
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:

@@ -147,3 +147,27 @@ def test_bad_specs_are_one_line_errors():
         StitchedFamily(tiny_spec(stem="tiny"))
     with pytest.raises(InputError, match="width"):
         StitchedFamily(tiny_spec(width=0))
+
+
+def test_weights_saved_without_batchnorm_counters_load(tmp_path):
+    """State dicts saved before BatchNorm had ``num_batches_tracked`` (PyTorch < 0.4.1, the older torchvision
+    model-zoo ResNets among them) lack the counters; torch's own loader accepts them, and so must --weights. Any
+    other missing key is still refused."""
+    torch.manual_seed(0)
+    src = ScaledResNet("resnet18", 8, 1000, "imagenet")
+    src.train()
+    with torch.no_grad():
+        src(torch.randn(4, 3, 32, 32))  # running statistics away from their initial values
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "legacy.pth"
+    torch.save(sd, path)
+    ours = ScaledResNet("resnet18", 8, 1000, "imagenet")
+    assert load_pretrained(ours, path) == []
+    mine = ours.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in sd.items())
+    ten = ScaledResNet("resnet18", 8, 10, "imagenet")  # with a head of another class count too
+    assert load_pretrained(ten, path) and torch.equal(ten.conv1.weight, src.conv1.weight)
+    del sd["bn1.running_mean"]
+    torch.save(sd, path)
+    with pytest.raises(InputError, match="missing key 'bn1.running_mean'"):
+        load_pretrained(ours, path)
