@@ -433,11 +433,12 @@ class LLMEngine:
                 outs.append(o)
         outs += [self._finish_scored(seq) for seq in scored]
         if self.step_log is not None:
-            # host_ms: scheduling + batch building + token bookkeeping, the CPU work the device waits for
-            # (ms - host_ms: the model call and sampling); drain_ms: detokenization done while the device runs
+            # ms: the whole step; host_ms: scheduling + batch building + token bookkeeping, the CPU work the
+            # device waits for (ms - host_ms: the model call and sampling, with the drain); drain_ms:
+            # detokenization done while the device runs
             done = time.perf_counter()
             self.step_log.append({"tokens": sched.num_tokens, "seqs": len(sched.scheduled),
-                                  "decode_only": sched.is_decode_only, "ms": (now - t0) * 1e3,
+                                  "decode_only": sched.is_decode_only, "ms": (done - t0) * 1e3,
                                   "host_ms": ((t_built - t0) + (done - now)) * 1e3, "drain_ms": drain_ms,
                                   "preempted": len(sched.preempted)})
         return outs

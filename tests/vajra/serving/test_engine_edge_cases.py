@@ -537,3 +537,27 @@ def test_stop_string_completed_by_the_held_back_tail_at_the_length_limit_finishe
     assert (out.finish_reason, out.stop_reason, out.text) == ("stop", " ", "")
     [out] = generate(eng, [prompt], greedy(1, stop=["zz"], logit_bias={t: 100.0}))  # no stop string: length
     assert (out.finish_reason, out.stop_reason, out.text) == ("length", None, " \ufffd")
+
+
+def test_step_log_ms_is_the_whole_step(monkeypatch):
+    """A step's logged ms runs from its first clock read to its last: it left out the bookkeeping after the
+    token timestamps, which host_ms counts, so ms - host_ms was not the model's time and the batch-1 decode step
+    (serve-bench's decode_b1_ms, "host work included") read short."""
+    from gpulab.vajra import engine as E
+
+    eng = LLMEngine(FakeModel(VOCAB, max_model_len=64), None, EngineConfig(num_blocks=16, block_size=4))
+    eng.add_request([1, 2, 3], greedy(3))
+    eng.step_log = []
+    calls = []
+
+    def clock():
+        calls.append(float(len(calls)))
+        return calls[-1]
+
+    monkeypatch.setattr(E.time, "perf_counter", clock)
+    while eng.has_unfinished():
+        start = len(calls)
+        eng.step()
+        step = eng.step_log[-1]
+        assert step["ms"] == pytest.approx((calls[-1] - calls[start]) * 1e3)
+        assert step["ms"] >= step["host_ms"] + step["drain_ms"]
