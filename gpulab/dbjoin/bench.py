@@ -155,6 +155,19 @@ def tensorcore_extra(dtype: str, interp: bool) -> dict[str, Any]:
     return {"code_dtype": dtype, "partitions": None, **({"timed": "interpreter"} if interp else {})}
 
 
+def add_replay_columns(row: dict[str, Any], replay_ms: list[float], copy_bound_us: float | None) -> None:
+    """A graph plan's GPU-only replay times (ms, CUDA events between replays queued back to back) as the row's
+    replay_gpu_* columns, and their median's fraction of the copy bound; nothing without replays."""
+    if not replay_ms:
+        return
+    from gpulab.core import timing
+
+    t = timing.summarize(replay_ms)
+    row.update({"replay_gpu_median_ms": t.median, "replay_gpu_p10_ms": t.p10, "replay_gpu_p90_ms": t.p90})
+    if copy_bound_us:
+        row["replay_frac_of_copy_bound"] = copy_bound_us / (t.median * 1e3)
+
+
 def headline_times(rec, by: dict[str, dict[str, Any]]) -> None:
     """Each timed row's median in the summary as <impl>_ms; a Triton-interpreter time (CPU) is not the kernel's,
     so it is <impl>_interpreter_ms."""
@@ -329,15 +342,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             add_row(impl, "cuda", plan.run, extra={"table_slots": slots, "graph": plan.graph is not None,
                                                    "prepare_ms": prepare_ms})
             row = rec.rows[-1]
-            replay = plan.replay_times_ms(reps)
-            if replay:
-                from gpulab.core import timing
-
-                t = timing.summarize(replay)
-                row.update({"replay_gpu_median_ms": t.median, "replay_gpu_p10_ms": t.p10,
-                            "replay_gpu_p90_ms": t.p90})
-                if copy_gbs:
-                    row["replay_frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
+            add_replay_columns(row, plan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))
             phases = {} if under_ncu else plan.phase_times_ms(min(reps, 10))  # ncu: profile only the timed runs
             if phases:  # where a replay's time goes: the same launches without the graph, an event per phase
                 row["phases_us"] = {p: ms * 1e3 for p, ms in phases.items()}
@@ -400,15 +405,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                                                          partitions=tplan.partitions, graph=tplan.graph is not None,
                                                          prepare_ms=prepare_ms))
             row = rec.rows[-1]
-            replay = tplan.replay_times_ms(reps)
-            if replay:
-                from gpulab.core import timing
-
-                t = timing.summarize(replay)
-                row.update({"replay_gpu_median_ms": t.median, "replay_gpu_p10_ms": t.p10,
-                            "replay_gpu_p90_ms": t.p90})
-                if copy_gbs:
-                    row["replay_frac_of_copy_bound"] = rec.metrics["copy_bound_us"] / (t.median * 1e3)
+            add_replay_columns(row, tplan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))
             rec.metrics["tensorcore_graph_retries"] = tplan.retries
             rec.notes.append(
                 "tensorcore-graph: the tensor-core join as a prepared plan (TensorCorePlan): buffers allocated and "

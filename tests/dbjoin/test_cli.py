@@ -327,3 +327,20 @@ def test_each_row_says_how_many_timed_runs_it_has(out_dir):
     (f,) = Path(out_dir).glob("join-bench-*.yaml")
     rows = {r["impl"]: r for r in yaml.safe_load(f.read_text())["rows"]}
     assert (rows["pandas"]["reps"], rows["hash-cpu"]["reps"], rows["torch"]["reps"]) == (5, 10, 12)
+
+
+def test_replay_columns_of_a_graph_plan():
+    """hash-graph's and tensorcore-graph's replay_gpu_* columns: quantiles of the replay times, the median's
+    fraction of the copy bound when there is one; nothing without replays (no graph)."""
+    from gpulab.dbjoin.bench import add_replay_columns
+
+    row = {}
+    add_replay_columns(row, [0.1, 0.3, 0.2], 50.0)
+    assert row["replay_gpu_median_ms"] == pytest.approx(0.2) and row["replay_frac_of_copy_bound"] == pytest.approx(0.25)
+    assert row["replay_gpu_p10_ms"] < row["replay_gpu_median_ms"] < row["replay_gpu_p90_ms"]
+    row = {}
+    add_replay_columns(row, [0.2], None)
+    assert "replay_frac_of_copy_bound" not in row and row["replay_gpu_median_ms"] == 0.2
+    row = {}
+    add_replay_columns(row, [], 50.0)
+    assert row == {}
