@@ -24,7 +24,8 @@
 # here, AOT), hence 60 s, and -v keeps the passed tests in the file when the cap cuts pytest off. On 2026-11-29
 # (H200) the joins' process reached 60 s at its 74th test (all passing) and the 1M aggregate step its 15 s: 80 and
 # 25 s now, and 190 s for the script. Session 27 added tensorcore-graph (its GPU tests and a 1M row in the two
-# seed steps, ~1 s of capture each): 88, 16 and 20 s.
+# seed steps, ~1 s of capture each): 88, 16 and 20 s; its run (H200) had the join kernel faster at BM 32 than 64
+# (int64: 563 vs 764 us), so the int32 step also times BM 32 and 16 (tensorcore@32, @16): 22 s.
 set -u
 OUT="${OUT:-results/device-dbjoin}"
 mkdir -p "$OUT"
@@ -46,9 +47,9 @@ prc=$?
 tail -15 "$OUT/pytest-gpu-aggregate.txt"
 [ "$prc" -eq 0 ] || { echo "pytest (aggregate) exit $prc (124: timed out)"; rc=1; }
 
-echo "== bench 1M x 1M, unique, match 0.5, int32 (GPU impls + torch)"
-step 16 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
-    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+echo "== bench 1M x 1M, unique, match 0.5, int32 (GPU impls + torch; tensorcore also at BM 32 and 16)"
+step 22 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
+    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 64,32,16 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M x 1M, unique, match 0.5, int32 (pandas, hash-cpu; --reps 3)"
 step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
     --impl pandas,hash-cpu --reps 3 >/dev/null || { echo "exit $?"; rc=1; }

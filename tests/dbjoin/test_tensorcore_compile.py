@@ -20,7 +20,7 @@ sig = {n: "*i32" for n in ("l_lo", "l_hi", "l_row", "l_start", "l_cnt", "r_lo", 
 sig.update(capacity="i64", counter="*i64", R="i32", KUSED="i32")
 target = GPUTarget("cuda", 90, 32)
 for code, has_hi, block, count_only in [("fp16", False, 64, False), ("fp16", False, 128, False),
-                                        ("bf16", True, 32, False),
+                                        ("fp16", False, 16, False), ("bf16", True, 32, False),
                                         ("int8", True, 16, False), ("fp32", True, 64, True)]:
     consts = {"HAS_HI": has_hi, "BM": block, "BN": block, "DT": DT[code],
               "COUNT_ONLY": count_only}
