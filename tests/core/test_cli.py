@@ -166,17 +166,18 @@ def test_probe_ceilings_on_the_cpu_says_what_it_skipped(tmp_path):
 def test_debug_is_this_calls_own_or_the_environments(tmp_path, monkeypatch, capsys):
     """An earlier --debug call in the process must not make a later call print a traceback; GPULAB_DEBUG works."""
     from gpulab.core import options
+    from gpulab.core.errors import InputError
 
     missing = str(tmp_path / "nope.yaml")
     monkeypatch.delenv("GPULAB_DEBUG", raising=False)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(InputError, match="experiment file not found") as e:
         cli.main(["--debug", "run", missing])
     assert not isinstance(e.value, SystemExit)  # the traceback path: the exception itself
     with pytest.raises(SystemExit) as e:
         cli.main(["run", missing])
     assert e.value.code == 1 and "error: experiment file not found" in capsys.readouterr().err
     monkeypatch.setenv("GPULAB_DEBUG", "1")
-    with pytest.raises(Exception) as e:
+    with pytest.raises(InputError, match="experiment file not found") as e:
         cli.main(["run", missing])
     assert not isinstance(e.value, SystemExit) and options.get().debug is True
 

@@ -117,8 +117,10 @@ def test_device_attributes_are_left_out(rows):
     ("device__attribute_max_shared_memory_per_block", 49152), ("device__attribute_l2_cache_size", 62_914_560),
     ("nvlink__max_count", 18),
 ])
-def test_device_attributes_on_request_are_the_gpus(recs, attribute, value):
-    for row in ncu.summarize_by_kernel(recs, machine=True):
+def test_device_attributes_on_request_are_the_gpus(recs, rows, attribute, value):
+    machine = ncu.summarize_by_kernel(recs, machine=True)
+    assert [r["kernel"] for r in machine] == list(rows)  # the same kernels: the loop below is not over nothing
+    for row in machine:
         assert row[attribute] == value, row["kernel"]
 
 

@@ -47,7 +47,7 @@ def test_setup_runs_outside_timed_region(monkeypatch):
 
 
 def test_benchmark_rejects_zero_reps():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reps must be >= 1"):  # not summarize's "no samples" after 0 reps
         timing.benchmark(lambda: None, reps=0)
 
 

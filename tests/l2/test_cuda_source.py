@@ -33,11 +33,18 @@ def test_nvcc_cubin(arch, tmp_path):
         assert name.encode() in data
 
 
+def _nvrtc_missing(e: DeviceError) -> bool:
+    """compile_cubin's one-line errors for a machine without cuda-python or libnvrtc (not a compile failure)."""
+    return "is not available" in str(e) or "is not usable" in str(e)
+
+
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 def test_nvrtc_cubin(arch):
     try:
         cubin = cuda_l2.compile_cubin(cuda_l2.SOURCE.read_text(), arch)
-    except Exception as e:  # libnvrtc missing on this machine
+    except DeviceError as e:  # cuda-python or libnvrtc missing on this machine (any other error fails)
+        if not _nvrtc_missing(e):
+            raise
         pytest.skip(f"NVRTC unavailable: {e}")
     assert cubin[:4] == b"\x7fELF"
     assert all(n.encode() in cubin for n in cuda_l2.PREFETCH_KERNELS)
@@ -48,11 +55,9 @@ def test_nvrtc_error_is_one_line():
     try:
         cuda_l2.compile_cubin("extern \"C\" __global__ void k() { this is not C++; }", 80)
     except DeviceError as e:
-        if "is not available" in str(e):  # no cuda-python (the cuda12/cuda13 extra)
+        if _nvrtc_missing(e):  # no cuda-python (the cuda12/cuda13 extra) or no libnvrtc
             pytest.skip(str(e))
         assert "\n" not in str(e) and "sm_80" in str(e)
-    except Exception as e:
-        pytest.skip(f"NVRTC unavailable: {e}")
     else:
         pytest.fail("bad source compiled")
 

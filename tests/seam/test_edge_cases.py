@@ -124,6 +124,7 @@ def test_selection_and_pareto_front_against_brute_force(seed):
     levels = [0.55, 0.6, 0.75, 0.9, 0.95]
     rows, key = sel.select(models, levels, "flops")
     baselines = [m for m in models if m["kind"] in ("anchor", "baseline")]
+    assert [r["accuracy"] for r in rows] == levels  # one row per level: the zip below drops none
     for a, r in zip(levels, rows):
         best = lightest_meeting(models, a, key)
         base = lightest_meeting(baselines, a, key)
