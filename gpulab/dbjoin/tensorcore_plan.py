@@ -33,6 +33,7 @@ class TensorCorePlan:
         self.use_graph = self.dev.type == "cuda" if use_graph is None else use_graph
         nl, nr = left_key.numel(), right_key.numel()
         self.empty = nl == 0 or nr == 0
+        self.partitions = 0
         if self.empty:
             return
         if left_key.dtype != right_key.dtype:  # one key type, converted once here

@@ -329,3 +329,15 @@ def test_tensorcore_plan_gpu_graph(dt):
     assert plan.retries == 0
     cnt = TensorCorePlan(TensorCoreJoin("int8", block=64), lt, rt, count_only=True)
     assert cnt.run().count == reference.output_size(left.key, right.key)
+
+
+def test_tensorcore_plan_of_an_empty_table_has_its_bench_columns():
+    """An empty side (join bench --right-rows 0): the plan runs to no pairs and still has the attributes the
+    tensorcore-graph row reads (partitions: 0, as the eager join's last_partitions), not an AttributeError."""
+    from gpulab.dbjoin.tensorcore_join import TensorCoreJoin
+    from gpulab.dbjoin.tensorcore_plan import TensorCorePlan
+
+    plan = TensorCorePlan(TensorCoreJoin("fp32", block=16), torch.arange(5, dtype=torch.int32),
+                          torch.empty(0, dtype=torch.int32), use_graph=False)
+    assert plan.run().count == 0 and plan.replay_times_ms(3) == []
+    assert plan.partitions == 0 and plan.graph is None and plan.retries == 0
