@@ -89,8 +89,11 @@ def bench(
     hash_impls = ("hash",) if aggregate != "none" else ("hash", "hash-graph", "hash-cpu")
     refuse_unused(ctx, {"load_factor": "--load-factor"}, any(i in hash_impls for i in impls),
                   "--impl hash with --aggregate" if aggregate != "none" else "the hash implementations", not_in)
-    refuse_unused(ctx, {"tc_dtype": "--tc-dtype", "tc_block": "--tc-block", "max_interpret_rows": "--max-interpret-rows"},
+    refuse_unused(ctx, {"tc_dtype": "--tc-dtype", "tc_block": "--tc-block"},
                   any(i in ("tensorcore", "tensorcore-graph") for i in impls), "--impl tensorcore", not_in)
+    # the interpreter runs only `tensorcore` (tensorcore-graph needs a GPU)
+    refuse_unused(ctx, {"max_interpret_rows": "--max-interpret-rows"}, "tensorcore" in impls, "--impl tensorcore",
+                  not_in)
     tc_blocks = B.parse_blocks(tc_block)
     if len(tc_blocks) > 1 and "tensorcore" not in impls:
         from gpulab.core.errors import InputError

@@ -147,6 +147,7 @@ def test_bench_empty_table(out_dir):
     (["--tc-block", "32,16", "--tc-dtype", "int8", "--impl", "pandas"], InputError,
      "^--tc-dtype, --tc-block apply only to --impl tensorcore"),
     (["--max-interpret-rows", "5", "--impl", "hash-cpu"], InputError, "^--max-interpret-rows applies only"),
+    (["--max-interpret-rows", "5", "--impl", "tensorcore-graph"], InputError, "^--max-interpret-rows applies only"),
     # with --aggregate only `hash` has a hash form: hash-cpu and hash-graph are skipped, so would ignore it
     (["--load-factor", "0.3", "--impl", "hash-cpu,hash-graph,pandas", "--aggregate", "sum"], InputError,
      "^--load-factor applies only to --impl hash with --aggregate \\(not in --impl hash-cpu,hash-graph,pandas\\)"),
