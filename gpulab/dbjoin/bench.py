@@ -342,6 +342,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             add_row(impl, "cuda", plan.run, extra={"table_slots": slots, "graph": plan.graph is not None,
                                                    "prepare_ms": prepare_ms})
             row = rec.rows[-1]
+            row["graph"] = plan.graph is not None  # after the timed runs: a retry captures again
             add_replay_columns(row, plan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))
             phases = {} if under_ncu else plan.phase_times_ms(min(reps, 10))  # ncu: profile only the timed runs
             if phases:  # where a replay's time goes: the same launches without the graph, an event per phase
@@ -405,6 +406,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
                                                          partitions=tplan.partitions, graph=tplan.graph is not None,
                                                          prepare_ms=prepare_ms))
             row = rec.rows[-1]
+            row["graph"] = tplan.graph is not None  # after the timed runs: a retry captures again
             add_replay_columns(row, tplan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))
             rec.metrics["tensorcore_graph_retries"] = tplan.retries
             rec.notes.append(

@@ -71,6 +71,7 @@ class TensorCorePlan:
         self.graph = None
         if not self.use_graph:
             return
+        self.graph_error = None  # this capture's own outcome (a retry captures again)
         try:
             side = torch.cuda.Stream(self.dev)
             side.wait_stream(torch.cuda.current_stream(self.dev))
