@@ -550,6 +550,8 @@ class LLMEngine:
                 else None)
         if reason != "stop":  # as vLLM: the EOS or stop token id that ends a sequence is not in its text
             seq.detok.add(tok)
+            if reason == "length":  # the text ends here: its held-back tail too, where a stop string may end
+                seq.detok.flush()
         if reason == "stop":
             seq.stop_reason = tok if tok in seq.params.stop_token_ids and tok not in self.eos_token_ids else None
         elif seq.detok.stopped is not None and seq.num_output >= seq.params.min_tokens:
@@ -557,8 +559,6 @@ class LLMEngine:
             seq.stop_reason = seq.detok.stopped
         if reason is not None:
             seq.detok.flush()
-            if reason == "length" and seq.detok.stopped is not None:  # the held-back tail held a stop string
-                reason, seq.stop_reason = "stop", seq.detok.stopped  # (flush looks past min_tokens only)
             self._end(seq, reason)
         return RequestOutput(seq.request_id, seq.detok.take(reason is not None), [tok], reason is not None, reason,
                              seq.prompt_len, seq.num_output, seq.detok.text,
