@@ -339,8 +339,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             prepare_ms = (time.perf_counter() - t0) * 1e3
             # timed like `hash`; the checked output is the first run's, whose arrays are views of the plan's
             # buffers: every later replay rewrites the same pairs there (same count), so the check holds
-            add_row(impl, "cuda", plan.run, extra={"table_slots": slots, "graph": plan.graph is not None,
-                                                   "prepare_ms": prepare_ms})
+            add_row(impl, "cuda", plan.run, extra={"table_slots": slots, "prepare_ms": prepare_ms})
             row = rec.rows[-1]
             row["graph"] = plan.graph is not None  # after the timed runs: a retry captures again
             add_replay_columns(row, plan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))
@@ -403,8 +402,7 @@ def run(cfg: BenchConfig, argv_for_ncu: list[str] | None = None):
             tplan = TensorCorePlan(TensorCoreJoin(plan[0], cfg.tc_block), lk_t, rk_t, count_only=cfg.count_only)
             prepare_ms = (time.perf_counter() - t0) * 1e3
             add_row(impl, device, tplan.run, extra=dict(tensorcore_extra(plan[0], False), tc_block=cfg.tc_block,
-                                                         partitions=tplan.partitions, graph=tplan.graph is not None,
-                                                         prepare_ms=prepare_ms))
+                                                         partitions=tplan.partitions, prepare_ms=prepare_ms))
             row = rec.rows[-1]
             row["graph"] = tplan.graph is not None  # after the timed runs: a retry captures again
             add_replay_columns(row, tplan.replay_times_ms(reps), rec.metrics.get("copy_bound_us"))

@@ -231,10 +231,11 @@ def validate_cfg(cfg: dict[str, Any]) -> None:
     if cfg["stage"] in ("lora", "all") and cfg["cont_len"] < 2:
         raise InputError(f"--cont-len must be >= 2 for stage 2 (its loss predicts continuation tokens 2..C from "
                          f"token 1), got {cfg['cont_len']}")
-    if cfg.get("stitch_lr") is not None and not cfg["stitch_lr"] > 0:
-        raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
-    if cfg.get("stitch_lr") is not None and not math.isfinite(cfg["stitch_lr"]):
-        raise InputError(f"--stitch-lr must be a finite number, got {cfg['stitch_lr']}")
+    if cfg.get("stitch_lr") is not None:
+        if not cfg["stitch_lr"] > 0:
+            raise InputError(f"--stitch-lr must be > 0, got {cfg['stitch_lr']}")
+        if not math.isfinite(cfg["stitch_lr"]):
+            raise InputError(f"--stitch-lr must be a finite number, got {cfg['stitch_lr']}")
     if not cfg["ridge"] >= 0:
         raise InputError(f"--ridge must be >= 0, got {cfg['ridge']}")
     if not math.isfinite(cfg["ridge"]):
