@@ -30,6 +30,8 @@ PREFETCH_KINDS = {"auto": None, "ptx": "prefetch_l2", "evict_last": "prefetch_l2
                   "bulk": "prefetch_l2_bulk", "read": "read"}
 INTERPRETER_MAX_STEPS = 4000  # Triton-interpreter checks on the CPU only up to this many tile steps (~6-13 s)
 MIB = 1 << 20
+WORKLOADS = ("mlp", "cnn", "ofa", "matformer")
+KERNEL_WORKLOADS = ("mlp", "cnn", "matformer")  # on the hand-written Triton kernels (--impl triton|torch)
 
 
 @dataclass
@@ -58,8 +60,8 @@ class RunConfig:
     ncu: bool = False
 
     def validate(self) -> None:
-        if self.workload not in ("mlp", "cnn", "ofa"):
-            raise InputError(f"unknown --workload '{self.workload}' (known: mlp, cnn, ofa)")
+        if self.workload not in WORKLOADS:
+            raise InputError(f"unknown --workload '{self.workload}' (known: {', '.join(WORKLOADS)})")
         for name in ("batch", "reps", "rounds", "subnets", "lookahead"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -97,14 +99,19 @@ def build_workload(cfg: RunConfig, device: str, dtype):
         return MLP(cfg.width or 2048, cfg.layers or 8, cfg.batch, dtype, device, seed=cfg.seed)
     if cfg.workload == "cnn":
         return ConvNet(cfg.width or 256, cfg.layers or 8, cfg.batch, cfg.image or 28, dtype, device, seed=cfg.seed)
-    # the stream ends with the largest subnet (the one subnet of --subnets 1)
+    # a stream of subnets that ends with the largest (the one subnet of --subnets 1)
+    if cfg.workload == "matformer":
+        from gpulab.l2.matformer import MatConfig, MatFormerSupernet, sample_configs
+        n_layers = cfg.layers or 8
+        subs = sample_configs(cfg.subnets - 1, n_layers, cfg.seed) + [MatConfig.largest(n_layers)]
+        return MatFormerSupernet(cfg.width or 1024, n_layers, subs, cfg.batch, dtype, device, seed=cfg.seed)
     subs = (sample_subnets(cfg.subnets - 1, cfg.seed) if cfg.subnets > 1 else []) + [SubnetConfig.largest()]
     return OFASupernet(cfg.width_mult, subs, cfg.batch, cfg.image or 224, dtype, device, seed=cfg.seed)
 
 
 def interpreter_steps(cfg: RunConfig, model) -> int:
-    """Tile steps of one inference of the mlp/cnn workload through the Triton kernels under the interpreter
-    (what the CPU check's time follows; 0 for other workloads)."""
+    """Tile steps of the Triton kernels under the interpreter when the CPU check runs the workload's requests once
+    each (what its time follows; 0 for ofa, which runs torch's ops)."""
     from gpulab.l2.kernels import interpreter_steps_conv, interpreter_steps_linear
 
     if cfg.workload == "mlp":
@@ -113,6 +120,10 @@ def interpreter_steps(cfg: RunConfig, model) -> int:
         c, pixels = model.channels, model.batch * model.image ** 2  # 3x3 convs, stride 1, padding 1
         convs = sum(interpreter_steps_conv(pixels, c, (3 if i == 0 else c) * 9) for i in range(model.n_layers))
         return convs + interpreter_steps_linear(model.batch, model.classes, c)
+    if cfg.workload == "matformer":  # per layer, each used band's up ([band, width]) and down ([width, band]) product
+        w = model.width
+        return sum(interpreter_steps_linear(model.batch, hi - lo, w) + interpreter_steps_linear(model.batch, w, hi - lo)
+                   for sub in model.subnets for g in sub.granularity for lo, hi in model.bands[:g + 1])
     return 0
 
 
@@ -357,6 +368,21 @@ def installable(runner: Any, candidates: list[str], requested: list[str], notes:
     return keep
 
 
+def request_weight_bytes(model) -> float:
+    """The weight bytes one inference reads, averaged over the request stream (a subnet reads its slices only)."""
+    d = model.describe()
+    subs = d.get("subnet_weight_bytes")
+    return statistics.fmean(subs) if subs else float(d["weight_bytes"])
+
+
+def add_weight_rates(rows: list[dict], weight_bytes: float) -> None:
+    """Each row's weight bytes per second at its median (GB/s): against the copy rate, how far an inference is
+    from reading its weights at DRAM speed (an L2 policy can only help where the weight reads take the time)."""
+    for row in rows:
+        if row.get("median_ms"):
+            row["weight_gbps"] = round(weight_bytes / (row["median_ms"] * 1e-3) / 1e9, 2)
+
+
 def _row(policy: str, samples: list[float], base_med: float | None, extra: dict | None = None) -> dict:
     t = timing.summarize(samples)
     row = {"policy": policy, "median_ms": t.median, "p90_ms": t.p90, "p10_ms": t.p10, "n": t.reps,
@@ -395,8 +421,8 @@ def summarize_ncu(recs: list, reps: int) -> dict[str, Any]:
 
 # options that apply to some workloads only, and to the policies that persist or prefetch only ('auto' weighs
 # both): given elsewhere they would be ignored, so `gpulab l2 run` refuses them there
-WORKLOAD_OPTIONS = {"width": ("mlp", "cnn"), "layers": ("mlp", "cnn"), "impl": ("mlp", "cnn"), "image": ("cnn", "ofa"),
-                    "width_mult": ("ofa",), "subnets": ("ofa",)}
+WORKLOAD_OPTIONS = {"width": KERNEL_WORKLOADS, "layers": KERNEL_WORKLOADS, "impl": KERNEL_WORKLOADS,
+                    "image": ("cnn", "ofa"), "width_mult": ("ofa",), "subnets": ("ofa", "matformer")}
 POLICY_OPTIONS = {"set_aside_mib": "persist", "window_mib": "persist", "prefetch_kernel": "prefetch",
                   "lookahead": "prefetch", "prefetch_budget": "prefetch"}
 
@@ -537,7 +563,7 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
                      f"--warmup {cfg.warmup}, --rounds {cfg.rounds} are for the GPU policies)")
     rec.rows.append({"policy": "cpu-baseline", "impl": "torch", "median_ms": t.median, "p90_ms": t.p90,
                      "n": t.reps, "status": "measured (CPU: no L2 policy)"})
-    if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
+    if cfg.workload in KERNEL_WORKLOADS and cfg.impl == "triton":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             rec.notes.append("Triton kernels not checked: TRITON_INTERPRET is off and there is no GPU")
         elif (why := interpreter_problem()):
@@ -586,7 +612,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
 
     # correctness: the kernels against torch, every policy against default (bit-identical)
     base = runner.outputs("default")
-    if cfg.workload in ("mlp", "cnn") and cfg.impl == "triton":
+    if cfg.workload in KERNEL_WORKLOADS and cfg.impl == "triton":
         ref = [run_layers(r.x, r.layers) for r in model.requests("torch")]
     else:
         ref32 = build_workload(cfg, "cuda", torch.float32)
@@ -649,6 +675,8 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
                   {"auto_ms": a_med, "default_ms": d_med, "noise": tol, "chose": choice.policy})
         rec.summary["auto_choice"] = choice.policy
         rec.summary["auto_speedup"] = round(d_med / a_med, 4) if a_med > 0 else None
+    add_weight_rates(rec.rows, request_weight_bytes(model))
+    rec.summary["default_weight_gbps"] = next(r for r in rec.rows if r["policy"] == "default").get("weight_gbps")
     best = min((r for r in rec.rows if r["policy"] != "auto"), key=lambda r: r["median_ms"])
     rec.summary.update({"default_ms": round(base_med, 5), "best_policy": best["policy"],
                         "best_speedup": round(base_med / best["median_ms"], 4)})

@@ -23,16 +23,18 @@ def _check_options_apply(ctx: typer.Context, workload: str, policy: str) -> None
     from gpulab.core.clickcompat import given_options
     from gpulab.core.errors import InputError
     from gpulab.l2 import policy as P
-    from gpulab.l2.bench import POLICY_OPTIONS, WORKLOAD_OPTIONS, option_applies
+    from gpulab.l2.bench import POLICY_OPTIONS, WORKLOAD_OPTIONS, WORKLOADS, option_applies
 
-    if workload not in ("mlp", "cnn", "ofa"):
+    if workload not in WORKLOADS:
         return  # RunConfig.validate says so
     policies = P.parse_policies(policy)
     for name in (*WORKLOAD_OPTIONS, *POLICY_OPTIONS):
         flag = "--" + name.replace("_", "-")
         if not option_applies(name, workload, policies) and given_options(ctx, {name: flag}):
             if name in WORKLOAD_OPTIONS:
-                raise InputError(f"{flag} applies to --workload {' or '.join(WORKLOAD_OPTIONS[name])}, not {workload}")
+                *first, last = WORKLOAD_OPTIONS[name]
+                names = f"{', '.join(first)} or {last}" if first else last
+                raise InputError(f"{flag} applies to --workload {names}, not {workload}")
             raise InputError(f"{flag} applies to the policies that {POLICY_OPTIONS[name]} (not to "
                              f"{', '.join(policies)})")
 
@@ -40,18 +42,22 @@ def _check_options_apply(ctx: typer.Context, workload: str, policy: str) -> None
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
-    workload: str = typer.Option("mlp", "--workload", help="mlp | cnn | ofa (weight-shared OFA-style supernet)"),
+    workload: str = typer.Option("mlp", "--workload",
+                                 help="mlp | cnn | ofa (weight-shared OFA-style supernet) | matformer (weight-shared "
+                                      "nested-FFN supernet, decode-sized batches)"),
     policy: str = typer.Option("default,persist,prefetch,auto", "--policy",
                                help="comma list of default, persist, prefetch, persist+prefetch, auto (or all)"),
     batch: int = typer.Option(8, "--batch", help="inputs per inference"),
-    width: Optional[int] = typer.Option(None, "--width", help="mlp width / cnn channels (default 2048 / 256)"),
+    width: Optional[int] = typer.Option(None, "--width", help="mlp width / cnn channels / matformer model width "
+                                                                   "(default 2048 / 256 / 1024)"),
     width_mult: float = typer.Option(1.0, "--width-mult", help="ofa width multiplier (1.0 ~ 10 MiB fp16 weights)"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="mlp/cnn layers (default 8)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="mlp/cnn/matformer layers (default 8)"),
     image: Optional[int] = typer.Option(None, "--image", help="cnn/ofa image side (default 28 / 224)"),
-    subnets: int = typer.Option(8, "--subnets", help="ofa: subnets in the request stream (the last is the largest)"),
+    subnets: int = typer.Option(8, "--subnets", help="ofa/matformer: subnets in the request stream (the last is the "
+                                                     "largest)"),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32 (the CPU uses float32)"),
-    impl: str = typer.Option("triton", "--impl", help="mlp/cnn kernels: triton (hand-written) | torch (ofa runs "
-                                                      "torch's ops)"),
+    impl: str = typer.Option("triton", "--impl", help="mlp/cnn/matformer kernels: triton (hand-written) | torch "
+                                                      "(ofa runs torch's ops)"),
     reps: int = typer.Option(30, "--reps", help="timed inferences per policy per round"),
     rounds: int = typer.Option(5, "--rounds", help="interleaved measurement rounds (auto needs >= 2)"),
     warmup: int = typer.Option(3, "--warmup", help="untimed inferences before each round"),

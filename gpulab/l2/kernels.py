@@ -25,9 +25,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-                   sxm, sxk, swn, swk, sym, syn,
-                   HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, a_ptr, y_ptr, M, N, K,
+                   sxm, sxk, swn, swk, sam, san, sym, syn,
+                   HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -56,6 +56,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
         acc += bias[None, :].to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    if HAS_ADD:  # a residual, or the partial sum of earlier K bands (may be y itself: each program reads its tile first)
+        acc += tl.load(a_ptr + rm[:, None] * sam + rn[None, :] * san, mask=(rm[:, None] < M) & (rn[None, :] < N),
+                       other=0.0).to(tl.float32)
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -111,8 +114,9 @@ def _check_bias(b: torch.Tensor | None, n: int, what: str) -> None:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu: bool = False,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(x @ w.T + b)`` for 2-D x [M, K] and w [N, K]."""
+           out: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(x @ w.T + b) + add`` for 2-D x [M, K] and w [N, K] (``add`` [M, N], added in fp32 after the activation;
+    it may be ``out`` itself, to accumulate a product over K bands held apart)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: x {tuple(x.shape)} and w {tuple(w.shape)} do not match")
     m, k = x.shape
@@ -121,12 +125,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"linear: out is {tuple(out.shape)} {out.dtype} on {out.device}, expected ({m}, {n}) "
                          f"{x.dtype} on {x.device}")
+    if add is not None and (tuple(add.shape) != (m, n) or add.device != x.device):
+        raise ValueError(f"linear: add is {tuple(add.shape)} on {add.device}, expected ({m}, {n}) on {x.device}")
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    a = add if add is not None else y
     bm, bn, bk = _blocks(m, n, k, sm_count(x.device))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _linear_kernel[grid](x, w, b if b is not None else w, y, m, n, k,
-                         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-                         HAS_BIAS=b is not None, RELU=relu, IEEE=x.dtype == torch.float32,
+    _linear_kernel[grid](x, w, b if b is not None else w, a, y, m, n, k,
+                         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1),
+                         y.stride(0), y.stride(1),
+                         HAS_BIAS=b is not None, RELU=relu, HAS_ADD=add is not None, IEEE=x.dtype == torch.float32,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
     return y
 

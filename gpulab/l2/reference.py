@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, relu: bool = False,
+           out: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     y = F.linear(x.float(), w.float(), None if b is None else b.float())
-    return (torch.relu(y) if relu else y).to(x.dtype)
+    y = torch.relu(y) if relu else y
+    if add is not None:
+        y = y + add.float()
+    y = y.to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride: int = 1, padding: int = 0,

@@ -27,6 +27,7 @@ def test_help_imports_no_torch():
     ["--workload", "mlp", "--width", "32", "--layers", "2", "--batch", "3", "--policy", "all"],
     ["--workload", "cnn", "--width", "8", "--layers", "2", "--batch", "2", "--image", "8"],
     ["--workload", "ofa", "--width-mult", "0.25", "--image", "32", "--batch", "1", "--subnets", "3"],
+    ["--workload", "matformer", "--width", "16", "--layers", "2", "--batch", "2", "--subnets", "3", "--policy", "all"],
 ])
 def test_cpu_run_writes_record(argv, out_dir, capsys):
     code, out, err = _run(["--out", str(out_dir), "l2", "run", *argv, "--reps", "3"], capsys)
@@ -38,7 +39,7 @@ def test_cpu_run_writes_record(argv, out_dir, capsys):
     assert rec["rows"][0]["policy"] == "cpu-baseline" and rec["rows"][0]["median_ms"] > 0
     assert all(r["status"].startswith("skipped") for r in rec["rows"][1:])
     assert any("need a CUDA GPU" in n for n in rec["notes"])
-    if "mlp" in argv or "cnn" in argv:
+    if "ofa" not in argv:
         assert rec["checks"]["triton_interpreter_vs_torch"]["passed"]
     assert "need a GPU" in out or "needs a CUDA GPU" in out
 
@@ -116,15 +117,22 @@ def test_rounds_1_without_auto_is_fine_and_one_subnet_is_the_largest():
     three = build_workload(RunConfig(workload="ofa", width_mult=0.25, image=32, batch=1, subnets=3), "cpu",
                            torch.float32)
     assert len(three.subnets) == 3 and three.subnets[-1] == SubnetConfig.largest()
+    from gpulab.l2.matformer import MatConfig
+    one = build_workload(RunConfig(workload="matformer", width=8, layers=3, batch=1, subnets=1), "cpu", torch.float32)
+    assert one.subnets == [MatConfig.largest(3)]
+    three = build_workload(RunConfig(workload="matformer", width=8, layers=3, batch=1, subnets=3), "cpu", torch.float32)
+    assert len(three.subnets) == 3 and three.subnets[-1] == MatConfig.largest(3)
 
 
 @pytest.mark.parametrize("args,msg", [
     (["--workload", "mlp", "--image", "5"], "--image applies to --workload cnn or ofa, not mlp"),
-    (["--workload", "mlp", "--subnets", "3"], "--subnets applies to --workload ofa, not mlp"),
+    (["--workload", "mlp", "--subnets", "3"], "--subnets applies to --workload ofa or matformer, not mlp"),
     (["--workload", "cnn", "--width-mult", "2"], "--width-mult applies to --workload ofa, not cnn"),
-    (["--workload", "ofa", "--width", "7"], "--width applies to --workload mlp or cnn, not ofa"),
-    (["--workload", "ofa", "--layers", "3"], "--layers applies to --workload mlp or cnn, not ofa"),
-    (["--workload", "ofa", "--impl", "triton"], "--impl applies to --workload mlp or cnn, not ofa"),
+    (["--workload", "ofa", "--width", "7"], "--width applies to --workload mlp, cnn or matformer, not ofa"),
+    (["--workload", "ofa", "--layers", "3"], "--layers applies to --workload mlp, cnn or matformer, not ofa"),
+    (["--workload", "ofa", "--impl", "triton"], "--impl applies to --workload mlp, cnn or matformer, not ofa"),
+    (["--workload", "matformer", "--image", "32"], "--image applies to --workload cnn or ofa, not matformer"),
+    (["--workload", "matformer", "--width-mult", "2"], "--width-mult applies to --workload ofa, not matformer"),
     (["--policy", "default,prefetch", "--window-mib", "4"], "--window-mib applies to the policies that persist"),
     (["--policy", "persist", "--lookahead", "2"], "--lookahead applies to the policies that prefetch"),
     (["--policy", "default", "--prefetch-kernel", "read"], "--prefetch-kernel applies to the policies that prefetch"),
@@ -141,6 +149,7 @@ def test_options_that_would_be_ignored_are_refused(args, msg, out_dir, capsys):
          prefetch_kernel="read", prefetch_budget=0.25),
     dict(workload="cnn", width=16, layers=2, image=12, lookahead=3),
     dict(workload="ofa", width_mult=0.5, image=64, subnets=3, window_mib=2.0, prefetch_budget=0.75),
+    dict(workload="matformer", width=64, layers=3, subnets=5, impl="torch", set_aside_mib=1.0, lookahead=2),
 ])
 @pytest.mark.parametrize("pol", ["default", "persist", "prefetch", "persist+prefetch"])
 def test_ncu_child_command_line_reproduces_the_run(cfg, pol, monkeypatch):
@@ -178,6 +187,7 @@ def test_ncu_child_command_line_reproduces_the_run(cfg, pol, monkeypatch):
 @pytest.mark.parametrize("cfg", [
     dict(workload="mlp", width=40, layers=3, batch=17),
     dict(workload="cnn", width=12, layers=2, batch=2, image=6),
+    dict(workload="matformer", width=40, layers=3, batch=17, subnets=4),
 ])
 def test_interpreter_steps_count_the_kernels_tile_steps(cfg, monkeypatch):
     """The CPU check's size limit counts what the interpreter's time follows: each launched program's K-loop
@@ -202,7 +212,7 @@ def test_interpreter_steps_count_the_kernels_tile_steps(cfg, monkeypatch):
             return launch
 
     monkeypatch.setattr(kernels, "INTERPRET", True)  # the interpreter's tiles, also where a GPU is visible
-    monkeypatch.setattr(kernels, "_linear_kernel", Spy("BLOCK_K", lambda a: a[6]))  # (x, w, b, y, m, n, k, ...)
+    monkeypatch.setattr(kernels, "_linear_kernel", Spy("BLOCK_K", lambda a: a[7]))  # (x, w, b, add, y, m, n, k, ...)
     monkeypatch.setattr(kernels, "_conv2d_kernel", Spy("BLOCK_K", lambda a: a[5] * 9))  # C, 3x3 kernels
     rc = bench.RunConfig(**cfg)
     model = bench.build_workload(rc, "cpu", torch.float32)

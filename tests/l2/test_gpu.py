@@ -111,6 +111,17 @@ def test_triton_kernels_on_gpu(dtype):
     b = torch.randn(260, device="cuda", generator=g).to(dtype)
     y, r = K.linear(x, w, b, relu=True).float(), R.linear(x, w, b, relu=True).float()
     assert float((y - r).abs().max()) <= 2e-2 * float(r.abs().max())
+    # the matformer bands: a strided output column slice, a residual, and an in-place accumulation over K bands
+    res = torch.randn(70, 260, device="cuda", generator=g).to(dtype)
+    hid = torch.zeros(70, 300, device="cuda", dtype=dtype)
+    K.linear(x, w, b, relu=True, out=hid[:, 20:280], add=res)
+    r = R.linear(x, w, b, relu=True, add=res).float()
+    assert float((hid[:, 20:280].float() - r).abs().max()) <= 2e-2 * float(r.abs().max())
+    assert not hid[:, :20].any() and not hid[:, 280:].any()
+    acc = K.linear(x[:, :100], w[:, :100])
+    K.linear(x[:, 100:], w[:, 100:], out=acc, add=acc)
+    r = R.linear(x, w).float()
+    assert float((acc.float() - r).abs().max()) <= 2e-2 * float(r.abs().max())
     x = torch.randn(3, 40, 15, 17, device="cuda", generator=g).to(dtype)
     w = (torch.randn(72, 40, 3, 3, device="cuda", generator=g) / 19).to(dtype)
     y, r = K.conv2d(x, w, b[:72], stride=1, padding=1, relu=True).float(), R.conv2d(x, w, b[:72], 1, 1, True).float()
@@ -126,7 +137,9 @@ def test_triton_kernels_on_gpu(dtype):
     ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3", "--graph"],
     ["--workload", "cnn", "--width", "64", "--layers", "3", "--batch", "4", "--image", "16"],
     ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3"],
-], ids=["mlp_eager", "mlp_graph", "ofa_graph", "cnn_eager", "ofa_eager"])
+    ["--workload", "matformer", "--width", "512", "--layers", "3", "--batch", "4", "--subnets", "4", "--graph",
+     "--pollute-mib", "64"],
+], ids=["mlp_eager", "mlp_graph", "ofa_graph", "cnn_eager", "ofa_eager", "matformer_graph"])
 def test_gpu_run_all_policies(argv, out_dir):
     from gpulab.cli import invoke
     invoke(["--device", "cuda", "--out", str(out_dir), "l2", "run", *argv, "--policy", "all", "--reps", "6", "--rounds", "2"])

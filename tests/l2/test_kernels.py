@@ -76,3 +76,27 @@ def test_linear_more_row_tiles_than_one_group():
     g = torch.Generator().manual_seed(7)
     x, w, b = torch.randn(150, 20, generator=g), torch.randn(40, 20, generator=g), torch.randn(40, generator=g)
     assert torch.allclose(K.linear(x, w, b), R.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_adds_after_the_activation_into_a_strided_output(relu):
+    """The matformer workload's bands: up-projections write column slices of one hidden buffer (a strided out), the
+    first down band adds the residual, the later ones add into their own output (add is out)."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(5, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    res = torch.randn(5, 40, generator=g)
+    hid = torch.zeros(5, 70)
+    y = K.linear(x, w, b, relu=relu, out=hid[:, 20:60], add=res)
+    assert y.data_ptr() == hid[:, 20:60].data_ptr()
+    want = (torch.relu(x @ w.T + b) if relu else x @ w.T + b) + res
+    assert _close(hid[:, 20:60], want) and float(hid[:, :20].abs().max()) == 0 and float(hid[:, 60:].abs().max()) == 0
+    assert _close(R.linear(x, w, b, relu=relu, add=res), want)
+    # accumulate two K bands of one product in place: y = x[:, :10] @ w[:, :10].T + x[:, 10:] @ w[:, 10:].T
+    acc = K.linear(x[:, :10], w[:, :10])
+    K.linear(x[:, 10:], w[:, 10:], out=acc, add=acc)
+    assert _close(acc, x @ w.T)
+    ref = R.linear(x[:, :10], w[:, :10])
+    R.linear(x[:, 10:], w[:, 10:], out=ref, add=ref)
+    assert _close(ref, x @ w.T)
+    with pytest.raises(ValueError, match="add is"):
+        K.linear(x, w, add=torch.zeros(5, 39))

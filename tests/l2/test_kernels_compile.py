@@ -20,23 +20,31 @@ def compile(fn, sig, consts, cc=90):
                           target=GPUTarget("cuda", cc, 32))
 
 
+def conv_ptrs(ptrs):  # the conv kernel has no added operand
+    return {k: v for k, v in ptrs.items() if k != "a_ptr"}
+
+
 for dt, ieee in (("fp16", False), ("bf16", False), ("fp32", True)):
-    ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
-    lin = dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")})
+    ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "a_ptr", "y_ptr")}
+    lin = dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sam", "san", "sym", "syn")})
     # kernels._blocks: BLOCK_M 16-64, BLOCK_N 128 down to 16 for small batches (e.g. 32 x 16, 64 x 64)
-    for bm, bn, bk in ((16, 64, 32), (64, 128, 64), (16, 16, 64), (16, 32, 64), (32, 16, 64), (64, 64, 64)):
-        compile(K._linear_kernel, lin, dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
-                                            BLOCK_K=bk, GROUP_M=8))
-    conv = dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
+    # (the matformer workload's bands: no bias and an added residual or partial sum)
+    for i, (bm, bn, bk) in enumerate(((16, 64, 32), (64, 128, 64), (16, 16, 64), (16, 32, 64), (32, 16, 64),
+                                      (64, 64, 64))):
+        compile(K._linear_kernel, lin, dict(HAS_BIAS=i % 2 == 0, RELU=i % 2 == 0, HAS_ADD=i % 2 == 1, IEEE=ieee,
+                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
+    conv = dict(conv_ptrs(ptrs), **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()})
     for bp, bc in ((128, 32), (128, 64), (64, 64), (32, 64), (32, 32)):  # kernels._conv_blocks: 128 pixels down to 32
         compile(K._conv2d_kernel, conv, dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee,
                                              BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=32))
     print("ok", dt, flush=True)
 # A100 (sm_80): the bf16 tensor-core tiles
-ptrs = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
-compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym", "syn")}),
-        dict(HAS_BIAS=True, RELU=True, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), cc=80)
-compile(K._conv2d_kernel, dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
+ptrs = {n: "*bf16" for n in ("x_ptr", "w_ptr", "b_ptr", "a_ptr", "y_ptr")}
+compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sam", "san", "sym",
+                                                                "syn")}),
+        dict(HAS_BIAS=True, RELU=True, HAS_ADD=False, IEEE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        cc=80)
+compile(K._conv2d_kernel, dict(conv_ptrs(ptrs), **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
         dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=False, BLOCK_P=128, BLOCK_CO=64,
              BLOCK_K=32), cc=80)
 print("ok sm_80", flush=True)
@@ -45,12 +53,13 @@ print("ok sm_80", flush=True)
 DESKTOP_SMEM = 101376
 for cc in (86, 89):
     for dt, ieee in (("fp32", True), ("fp16", False)):
-        ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}
-        k = compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sym",
-                                                                        "syn")}),
-                    dict(HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), cc=cc)
+        ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "a_ptr", "y_ptr")}
+        k = compile(K._linear_kernel, dict(ptrs, **{n: "i32" for n in ("M", "N", "K", "sxm", "sxk", "swn", "swk", "sam",
+                                                                        "san", "sym", "syn")}),
+                    dict(HAS_BIAS=True, RELU=True, HAS_ADD=True, IEEE=ieee, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+                         GROUP_M=8), cc=cc)
         assert k.metadata.shared <= DESKTOP_SMEM, ("linear", cc, dt, k.metadata.shared)
-        k = compile(K._conv2d_kernel, dict(ptrs, **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
+        k = compile(K._conv2d_kernel, dict(conv_ptrs(ptrs), **{n: "i32" for n in "NB C H W CO HO WO sxn sxc sxh sxw syn syc syh syw".split()}),
                     dict(STRIDE=1, PAD=1, KH=3, KW=3, HAS_BIAS=True, RELU=True, IEEE=ieee, BLOCK_P=128, BLOCK_CO=64,
                          BLOCK_K=32), cc=cc)
         assert k.metadata.shared <= DESKTOP_SMEM, ("conv2d", cc, dt, k.metadata.shared)

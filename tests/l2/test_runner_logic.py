@@ -274,3 +274,19 @@ def test_ncu_rows_eager_retry_failing_says_why_it_ran(monkeypatch):
     assert bench.ncu_rows(rec, RunConfig(workload="mlp", width=96, layers=3, graph=True), ["default"], 1) == []
     assert rec.checks["ncu[default]"]["detail"] == ("the CUDA-graph run profiled no kernel inside the l2-measure NVTX "
                                                     "range, and the eager run failed: ncu exited 9")
+
+
+def test_weight_rate_of_each_row_is_the_stream_mean_over_its_median():
+    """weight_gbps: the weight bytes an inference reads (averaged over the subnets of the stream; the whole arena for
+    a plain model) over the row's median latency."""
+    from gpulab.l2.bench import add_weight_rates, build_workload, request_weight_bytes
+
+    mlp = build_workload(RunConfig(workload="mlp", width=64, layers=2, batch=1), "cpu", torch.float32)
+    assert request_weight_bytes(mlp) == mlp.arena.total_bytes
+    mf = build_workload(RunConfig(workload="matformer", width=16, layers=2, batch=1, subnets=3), "cpu", torch.float32)
+    per = [mf.subnet_weight_bytes(c) for c in mf.subnets]
+    assert request_weight_bytes(mf) == pytest.approx(sum(per) / 3) and len(set(per)) > 1
+    rows = [{"policy": "default", "median_ms": 2.0}, {"policy": "persist", "median_ms": 1.0},
+            {"policy": "auto", "median_ms": None}]
+    add_weight_rates(rows, 4e6)
+    assert rows[0]["weight_gbps"] == 2.0 and rows[1]["weight_gbps"] == 4.0 and "weight_gbps" not in rows[2]
