@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device check of gpulab l2 (one H100/H200, budget 200 s: the step limits below add up to 194 s), run from the
+# Device check of gpulab l2 (one H100/H200, budget 250 s: the step limits below add up to 244 s), run from the
 # repo root: bash scripts/device/l2.sh
 # 1. the GPU tests (cuda-python L2 calls, window on captured graph nodes, prefetch kernels, Triton kernels in
 #    fp16/bf16/fp32, every policy on each workload with and without CUDA graphs; the small ofa+graph case is
@@ -38,8 +38,9 @@ step mlp 14 "${G[@]}" --workload mlp --width 1536 --layers 6 --batch 8 --policy 
 step ofa 20 "${G[@]}" --workload ofa --width-mult 1.0 --image 224 --batch 1 --subnets 8 --policy all \
   --reps 32 --rounds 3 --pollute-mib 128 --graph
 # DRAM bytes and L2 hit rate per policy (one ncu child per policy, --cache-control none), one pass over the 8
-# subnets; application replay reruns the whole program per metric pass (the mlp's two policies took 56 s on an H200)
-step ncu 100 "${G[@]}" "${MF[@]}" --policy default,persist --reps 8 --rounds 1 --ncu
+# subnets; application replay reruns the whole program per metric pass (on an H200 the mlp's two policies took 56 s,
+# the matformer's 120 s)
+step ncu 150 "${G[@]}" "${MF[@]}" --policy default,persist --reps 8 --rounds 1 --ncu
 
 echo "== steps"
 printf '%s\n' "${steps[@]}"
