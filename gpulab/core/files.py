@@ -140,3 +140,14 @@ def read_utf8_text(path: Path | str, what: str) -> str:
             from None
     except OSError as e:
         raise InputError(f"{what}: unreadable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def blocking_file(path: Path | str, include_self: bool = False) -> Path | None:
+    """The file (not a folder) that stands where ``path``'s folders would be created: its nearest existing parent
+    (or ``path`` itself, with ``include_self``) when that is not a folder, else None. A command that writes under
+    ``path`` at the end of its work checks this first, for a one-line error instead of an OSError after it."""
+    p = Path(path).absolute()
+    for q in ((p,) if include_self else ()) + tuple(p.parents):
+        if q.exists():
+            return None if q.is_dir() else q
+    return None

@@ -86,11 +86,14 @@ def train(
     from gpulab.seam.train import TrainConfig, Trainer, dist_env
 
     folder = _family(family)
+    from gpulab.core.files import blocking_file
     from gpulab.core.results import check_out_folder
 
     check_out_folder(options.get().out)  # both written at the end of a long training: checked before it
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--family {folder}: not a folder")
+    if (above := blocking_file(folder)) is not None:  # refused here, not as an OSError on the first write
+        raise InputError(f"--family {folder}: {above} is not a folder")
     root, fmt = sdata.resolve_data(data)
     names = _csv(anchors)
     if len(names) != 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpulab.core.errors import InputError
+from gpulab.core.files import blocking_file
 
 EXPORT_MARKER = "kvstitch-export.yaml"  # beside the exported model: which run and stage it is the decode model of
 
@@ -29,6 +30,8 @@ def export_small(run: Path, out: Path, stage: str = "auto", overwrite: bool = Fa
         p = Path(p).resolve()
         if o == p or o in p.parents:  # --overwrite would delete it with the folder
             raise InputError(f"--out-dir {out} is or holds the run's {what} folder ({p}); choose a new folder")
+    if (above := blocking_file(out)) is not None:  # refused before the merge, not an OSError at the save after it
+        raise InputError(f"--out-dir {out}: {above} is not a folder")
     if out.exists() and (not out.is_dir() or (not (out / "config.json").is_file() and any(out.iterdir()))):
         raise InputError(f"--out-dir {out} holds files that are not a model folder; --overwrite replaces only a "
                          "model folder (choose a new or empty folder)")

@@ -14,6 +14,7 @@ from typing import Any
 
 from gpulab.core.device import bf16_native
 from gpulab.core.errors import InputError
+from gpulab.core.files import blocking_file
 from gpulab.stitchkv.step_losses import StepLosses
 
 
@@ -132,6 +133,8 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     from gpulab.stitchkv.models import save_model, shape_of, tiny_llama, train_tokenizer
 
     check_options(large_size, small_size, vocab, steps, batch, seq, lr, repeat_frac, flag_prefix)
+    if (q := blocking_file(out, include_self=True)) is not None:  # refused now, not at the first save
+        raise InputError(f"{out}: {q} is not a folder (the pair's models are written there)")
     text = read_text(data)
     cut = int(len(text) * 0.9)
     t0 = time.perf_counter()
@@ -141,18 +144,20 @@ def pretrain_pair(data: Path, out: Path, large_size: str, small_size: str, vocab
     # fewer tokens per character than the rest, 90% of the characters would reach into the eval windows
     split = min(len(tok(text[:cut], add_special_tokens=False)["input_ids"]), int(len(ids) * (1 - VAL_FRACTION)))
     tok_s = time.perf_counter() - t0
-    rows = []
+    rows, trained = [], []
     for role, size in (("large", large_size), ("small", small_size)):
         t1 = time.perf_counter()
         model = tiny_llama(size, len(tok), max(2 * seq, 512), seed=seed + (0 if role == "large" else 1))
         hist = train_lm(model, ids, split, steps, batch, seq, lr, seed, device, log, role, repeat_frac,
                         f"--{flag_prefix}lr")
         vl = val_loss(model, ids, split, len(ids), seq, device)  # on plain text windows
-        save_model(model.to("cpu"), tok, out / role)
+        trained.append((role, model.to("cpu")))
         sh = shape_of(model)
         rows.append({"model": role, "size": size, "params": sum(p.numel() for p in model.parameters()),
                      "layers": sh["layers"], "hidden": sh["hidden"], "kv_heads": sh["kv_heads"],
                      "head_dim": sh["head_dim"], "steps": steps, "train_loss_last": hist[-1],
                      "val_loss": vl, "seconds": time.perf_counter() - t1})
+    for role, model in trained:  # both trained before either is saved: a failure in the small one's training
+        save_model(model, tok, out / role)  # leaves no new large/ beside the old small/
     return {"rows": rows, "vocab": len(tok), "tokens": int(len(ids)), "train_tokens": split,
             "tokenizer_seconds": tok_s, "large": str(out / "large"), "small": str(out / "small")}

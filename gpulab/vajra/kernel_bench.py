@@ -54,8 +54,11 @@ def bench(
                                       help="Time the decode attention kernels alone (one layer, several batch "
                                            "sizes and context lengths; runs first)."),
 ) -> None:
+    from gpulab.core import options
     from gpulab.core.results import check_out
 
+    if out is not None:  # this command's own --out: checked like the global one
+        options.set_options(out=out)
     check_out()  # before any work: an --out that cannot take the result fails now
 
     import time
@@ -63,13 +66,11 @@ def bench(
     import torch
     import torch.nn.functional as F
 
-    from gpulab.core import ceilings, options, results
+    from gpulab.core import ceilings, results
     from gpulab.core.errors import InputError
     from gpulab.vajra import reference as R
     from gpulab.vajra.linear import W8A16_MAX_M, scaled_mm, w8a8_unavailable
 
-    if out is not None:
-        options.set_options(out=out)
     dev = options.resolve_device(what="vajra kernel bench")
     if size == "auto":
         size = "full" if dev == "cuda" else "small"
@@ -82,6 +83,8 @@ def bench(
         raise InputError(f"--tokens must be positive integers separated by commas, got {tokens!r}") from None
     if reps <= 0:
         raise InputError(f"--reps must be > 0, got {reps}")
+    if not budget_s >= 0:  # NaN too: no comparison with it holds, so it ran without a budget
+        raise InputError(f"--budget-s must be a number of seconds >= 0 (0: none), got {budget_s}")
     backends = [b.strip() for b in attention.split(",") if b.strip()]
     if any(b not in ("triton", "flashinfer") for b in backends):
         raise InputError(f"--attention takes triton and/or flashinfer, got {attention!r}")

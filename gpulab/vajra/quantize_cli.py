@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from gpulab.core.errors import InputError
+from gpulab.core.files import blocking_file
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Write a compressed-tensors FP8 checkpoint from a bf16/fp16 one.")
@@ -180,6 +181,8 @@ def quantize(
         raise InputError("SRC and DST are the same folder")
     if src.resolve().is_relative_to(dst.resolve()):  # --overwrite would delete the source with the folder
         raise InputError(f"DST {dst} holds SRC {src}; choose a new folder for the checkpoint")
+    if (above := blocking_file(dst)) is not None:  # refused before the work, not an OSError when DST is created
+        raise InputError(f"DST {dst}: {above} is not a folder")
     if overwrite and dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "config.json").is_file())):
         raise InputError(f"DST {dst} holds files that are not a model folder; --overwrite replaces only a model "
                          "folder (choose a new or empty folder)")

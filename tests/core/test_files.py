@@ -105,3 +105,14 @@ def test_text_inputs_that_are_not_utf8_are_one_line_errors(tmp_path, capsys, arg
         main(["--device", "cpu", "--out", str(tmp_path / "res"), *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "\n" not in err and f"{binary}: not UTF-8 text" in err, err
+
+
+def test_blocking_file_names_the_file_where_folders_would_be_created(tmp_path):
+    from gpulab.core.files import blocking_file
+
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert blocking_file(f / "a" / "b") == f
+    assert blocking_file(tmp_path / "new" / "x") is None
+    assert blocking_file(f) is None and blocking_file(f, include_self=True) == f
+    assert blocking_file(tmp_path, include_self=True) is None

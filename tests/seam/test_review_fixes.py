@@ -75,6 +75,9 @@ def test_train_paths_and_data_are_checked_before_training(trained, tmp_path):
                 *TRAIN])
     with pytest.raises(InputError, match="--family .*afile: not a folder"):
         invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(blocker), "--data", str(data), *TRAIN])
+    with pytest.raises(InputError, match="--family .*afile/sub: .*afile is not a folder"):  # not a NotADirectoryError
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(blocker / "sub"), "--data", str(data),
+                *TRAIN])
     big = [*TRAIN[:TRAIN.index("--batch-size")], "--batch-size", "64", *TRAIN[TRAIN.index("--batch-size") + 2:]]
     with pytest.raises(InputError, match="48 training images, fewer than one batch \\(--batch-size 64\\)"):
         invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(data),

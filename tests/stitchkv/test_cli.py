@@ -133,6 +133,49 @@ def test_a_diverging_pretraining_is_one_line_and_saves_no_model(corpus_file, tmp
     assert not (tmp_path / "seed0" / "pair").exists() and not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("cmd", ["pretrain", "tiny"])
+def test_a_pair_folder_under_a_file_is_refused_before_pretraining(corpus_file, tmp_path, capsys, monkeypatch, cmd):
+    """--pair-dir (or tiny's --workdir) that is a file, or lies under one: a one-line error before the pretraining,
+    not an OSError at the first model's save after it."""
+    from gpulab.stitchkv import pretrain as P
+
+    monkeypatch.setattr(P, "train_lm", lambda *a, **k: pytest.fail("pretrained first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for where in (blocker, blocker / "sub"):
+        if cmd == "pretrain":
+            args = ["pretrain", "--pair-dir", str(where), "--large-size", "nano-large", "--small-size", "nano-small",
+                    "--vocab", "300", "--steps", "2", "--batch", "4", "--seq-len", "32"]
+        else:
+            args = ["tiny", "--workdir", str(where), *TINY_ARGS]
+        code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", *args, "--data", str(corpus_file)],
+                               capsys)
+        one_line_error(code, err, f"{blocker} is not a folder")
+    assert blocker.read_text() == "x" and not (tmp_path / "res").exists()
+
+
+def test_a_pretraining_that_fails_on_the_small_model_leaves_the_pair_folder_as_it_was(corpus_file, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """The large model was saved before the small one trained: a failure (divergence, Ctrl-C) in the small one's
+    pretraining left a new large/ beside the old small/ (or alone), a pair that looks whole."""
+    from gpulab.core.errors import InputError as IE
+    from gpulab.stitchkv import pretrain as P
+
+    real = P.train_lm
+
+    def small_fails(model, ids, split, steps, batch, seq, lr, seed, device, log, name, *a, **k):
+        if name == "small":
+            raise IE("pretrain small loss became nan at step 1; lower --lr")
+        return real(model, ids, split, steps, batch, seq, lr, seed, device, log, name, *a, **k)
+
+    monkeypatch.setattr(P, "train_lm", small_fails)
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "pretrain", "--data", str(corpus_file),
+                            "--pair-dir", str(tmp_path / "pair"), "--large-size", "nano-large", "--small-size",
+                            "nano-small", "--vocab", "300", "--steps", "2", "--batch", "4", "--seq-len", "32"], capsys)
+    one_line_error(code, err, "pretrain small loss became nan")
+    assert not (tmp_path / "pair").exists() or not any((tmp_path / "pair").iterdir())
+
+
 def test_pair_without_shared_tokenizer(pair_dirs, corpus_file, tmp_path, capsys):
     other_tok = train_tokenizer("completely different text, other merges. " * 200 + "xyz qrs tuv\n" * 50, vocab_size=300)
     save_model(tiny_llama(SMALL, len(other_tok), 128, seed=3), other_tok, tmp_path / "other")

@@ -107,6 +107,8 @@ def test_export_and_provider_errors(tiny_run, tmp_path):
     with pytest.raises(InputError, match="holds files that are not a model folder"):
         export_small(tiny_run, other, overwrite=True)
     assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(InputError, match="^--out-dir .*notes.txt/small: .*notes.txt is not a folder"):  # not an
+        export_small(tiny_run, other / "notes.txt" / "small")  # OSError after the merge
     with pytest.raises(InputError, match="run folder not found"):
         load(str(tmp_path / "nope"))
     with pytest.raises(InputError, match="--stage must be one of"):

@@ -240,6 +240,9 @@ def test_quantize_cli_errors_are_one_line(base, tmp_path, capsys):
     (notes / "notes.txt").write_text("keep")
     assert "not a model folder" in run(base / "src", notes, "--scheme", "fp8-tensor", "--overwrite")
     assert (par / "src" / "config.json").is_file() and (notes / "notes.txt").read_text() == "keep"
+    # a DST under a file: refused before the calibration and quantization, not an OSError when DST is created
+    assert f"{notes / 'notes.txt'} is not a folder" in run(base / "src", notes / "notes.txt" / "q", "--scheme",
+                                                           "fp8-tensor")
 
 
 def test_flashinfer_needs_half_precision_activations(monkeypatch):

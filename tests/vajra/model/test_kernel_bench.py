@@ -123,3 +123,32 @@ def test_the_batch_1_goal_flag_takes_the_fastest_backend_whatever_the_order():
         assert decode_b1_goal_met(metrics) is True
     assert decode_b1_goal_met({"decode_b1_triton_graph_ms": 3.5}) is False
     assert decode_b1_goal_met({}) is False
+
+
+def test_its_own_out_option_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
+    """serve-kernels --out DIR (the command's own option, not gpulab's global one) that cannot take the record
+    fails before the kernels are timed, not at the save after them."""
+    from gpulab import cli
+
+    monkeypatch.setattr(KB, "_attention_kernels", lambda *a, **k: pytest.fail("worked first"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "results"), "serve-kernels", "--out", str(blocker / "sub"),
+                  "--size", "small", "--tokens", "1", "--reps", "1", "--no-decode", "--no-gemms"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith(f"error: --out {blocker / 'sub'}") and "\n" not in err
+
+
+@pytest.mark.parametrize("budget", ["-1", "nan"])
+def test_a_budget_that_is_no_number_of_seconds_is_refused(out_dir, budget):
+    """--budget-s takes seconds, 0 for none (as serve-bench refuses what is not a number of seconds): a negative
+    one ran without a budget, NaN without one too (no comparison with it holds)."""
+    from typer.testing import CliRunner
+
+    from gpulab.core.errors import InputError
+
+    r = CliRunner().invoke(KB.app, ["--size", "small", "--tokens", "1", "--reps", "1", "--no-decode",
+                                    "--no-attn-kernels", "--no-gemms", "--budget-s", budget])
+    assert isinstance(r.exception, InputError) and "--budget-s" in str(r.exception)
+    assert not list(out_dir.glob("vajra-kernels-*.yaml"))
