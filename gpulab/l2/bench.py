@@ -83,11 +83,11 @@ class RunConfig:
             raise InputError(f"--prefetch-budget must be in (0, 1] (a fraction of the L2), got {self.prefetch_budget}")
         if self.prefetch_kernel not in PREFETCH_KINDS:
             raise InputError(f"unknown --prefetch-kernel '{self.prefetch_kernel}' (known: {', '.join(PREFETCH_KINDS)})")
-        if self.impl not in ("triton", "torch"):
-            raise InputError(f"unknown --impl '{self.impl}' (known: triton, torch)")
+        from gpulab.l2.models import IMPLS, dtype_of
+        if self.impl not in IMPLS:
+            raise InputError(f"unknown --impl '{self.impl}' (known: {', '.join(IMPLS)})")
         if self.workload == "ofa" and self.impl == "triton":
             self.impl = "torch"  # the supernet runs on torch/cuDNN ops
-        from gpulab.l2.models import dtype_of
         dtype_of(self.dtype)
 
 
@@ -578,6 +578,10 @@ def _run_cpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
             rec.check("triton_interpreter_vs_torch", err < 1e-4, {"max_rel_err": err})
             rec.notes.append(f"Triton kernels ran under the interpreter ({time.perf_counter() - t0:.2f} s, "
                              "correctness only, not timed)")
+    elif cfg.workload in KERNEL_WORKLOADS and cfg.impl == "cublas":  # the same ops torch runs on the CPU
+        ven = [run_layers(r.x, r.layers) for r in model.requests("cublas")]
+        err = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(ven, ref))
+        rec.check("vendor_ops_vs_torch", err < 1e-4, {"max_rel_err": err})
     for p in policies:
         rec.rows.append({"policy": p, "impl": cfg.impl, "median_ms": None, "p90_ms": None, "n": 0,
                          "status": "skipped: needs a CUDA GPU"})
@@ -612,7 +616,7 @@ def _run_gpu(cfg: RunConfig, policies: list[str], rec: results.Record) -> None:
 
     # correctness: the kernels against torch, every policy against default (bit-identical)
     base = runner.outputs("default")
-    if cfg.workload in KERNEL_WORKLOADS and cfg.impl == "triton":
+    if cfg.workload in KERNEL_WORKLOADS and cfg.impl != "torch":  # the torch reference in the same dtype
         ref = [run_layers(r.x, r.layers) for r in model.requests("torch")]
     else:
         ref32 = build_workload(cfg, "cuda", torch.float32)

@@ -56,8 +56,9 @@ def run_cmd(
     subnets: int = typer.Option(8, "--subnets", help="ofa/matformer: subnets in the request stream (the last is the "
                                                      "largest)"),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32 (the CPU uses float32)"),
-    impl: str = typer.Option("triton", "--impl", help="mlp/cnn/matformer kernels: triton (hand-written) | torch "
-                                                      "(ofa runs torch's ops)"),
+    impl: str = typer.Option("triton", "--impl", help="mlp/cnn/matformer kernels: triton (hand-written) | cublas "
+                                                      "(cuBLAS/cuDNN through torch) | torch (the fp32 reference; ofa "
+                                                      "runs torch's ops)"),
     reps: int = typer.Option(30, "--reps", help="timed inferences per policy per round"),
     rounds: int = typer.Option(5, "--rounds", help="interleaved measurement rounds (auto needs >= 2)"),
     warmup: int = typer.Option(3, "--warmup", help="untimed inferences before each round"),

@@ -18,6 +18,9 @@ from gpulab.l2.policy import Region
 
 ALIGN = 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the kernels of the mlp, cnn and matformer workloads: the hand-written Triton ones, the fp32 torch reference, and
+# cuBLAS/cuDNN through torch in the model's dtype
+IMPLS = ("triton", "torch", "cublas")
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -106,7 +109,10 @@ def _impl(impl: str):
     if impl == "torch":
         from gpulab.l2 import reference
         return reference
-    raise InputError(f"unknown --impl '{impl}' (known: triton, torch)")
+    if impl == "cublas":
+        from gpulab.l2 import vendor_ops
+        return vendor_ops
+    raise InputError(f"unknown --impl '{impl}' (known: {', '.join(IMPLS)})")
 
 
 class MLP:

@@ -15,7 +15,7 @@ WORK=${WORK:-/tmp/gpulab-work}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT" "$WORK"
 t0=$(date +%s)  # the budget counts the wheel install and the preflight too
-declare -A SECONDS_FOR=([core]=40 [demo]=120 [sort]=155 [dbjoin]=205 [dbjoin_map]=95 [l2]=250 [seam]=120 [stitchkv]=100
+declare -A SECONDS_FOR=([core]=40 [demo]=120 [sort]=155 [dbjoin]=205 [dbjoin_map]=95 [l2]=270 [seam]=120 [stitchkv]=100
                         [vajra_model]=210 [vajra_engine]=200 [stitchkv_recall]=565)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -28,6 +28,8 @@ def test_help_imports_no_torch():
     ["--workload", "cnn", "--width", "8", "--layers", "2", "--batch", "2", "--image", "8"],
     ["--workload", "ofa", "--width-mult", "0.25", "--image", "32", "--batch", "1", "--subnets", "3"],
     ["--workload", "matformer", "--width", "16", "--layers", "2", "--batch", "2", "--subnets", "3", "--policy", "all"],
+    ["--workload", "matformer", "--width", "16", "--layers", "2", "--batch", "2", "--subnets", "3", "--impl", "cublas"],
+    ["--workload", "cnn", "--width", "8", "--layers", "2", "--batch", "2", "--image", "8", "--impl", "cublas"],
 ])
 def test_cpu_run_writes_record(argv, out_dir, capsys):
     code, out, err = _run(["--out", str(out_dir), "l2", "run", *argv, "--reps", "3"], capsys)
@@ -39,7 +41,9 @@ def test_cpu_run_writes_record(argv, out_dir, capsys):
     assert rec["rows"][0]["policy"] == "cpu-baseline" and rec["rows"][0]["median_ms"] > 0
     assert all(r["status"].startswith("skipped") for r in rec["rows"][1:])
     assert any("need a CUDA GPU" in n for n in rec["notes"])
-    if "ofa" not in argv:
+    if "cublas" in argv:
+        assert rec["checks"]["vendor_ops_vs_torch"]["passed"] and "triton_interpreter_vs_torch" not in rec["checks"]
+    elif "ofa" not in argv:
         assert rec["checks"]["triton_interpreter_vs_torch"]["passed"]
     assert "need a GPU" in out or "needs a CUDA GPU" in out
 

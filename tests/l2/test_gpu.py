@@ -139,7 +139,11 @@ def test_triton_kernels_on_gpu(dtype):
     ["--workload", "ofa", "--width-mult", "0.5", "--image", "64", "--batch", "2", "--subnets", "3"],
     ["--workload", "matformer", "--width", "512", "--layers", "3", "--batch", "4", "--subnets", "4", "--graph",
      "--pollute-mib", "64"],
-], ids=["mlp_eager", "mlp_graph", "ofa_graph", "cnn_eager", "ofa_eager", "matformer_graph"])
+    ["--workload", "matformer", "--width", "256", "--layers", "2", "--batch", "2", "--subnets", "3", "--graph",
+     "--impl", "cublas"],
+    ["--workload", "cnn", "--width", "32", "--layers", "2", "--batch", "2", "--image", "12", "--impl", "cublas"],
+], ids=["mlp_eager", "mlp_graph", "ofa_graph", "cnn_eager", "ofa_eager", "matformer_graph", "matformer_cublas_graph",
+        "cnn_cublas_eager"])
 def test_gpu_run_all_policies(argv, out_dir):
     from gpulab.cli import invoke
     invoke(["--device", "cuda", "--out", str(out_dir), "l2", "run", *argv, "--policy", "all", "--reps", "6", "--rounds", "2"])

@@ -100,3 +100,27 @@ def test_linear_adds_after_the_activation_into_a_strided_output(relu):
     assert _close(ref, x @ w.T)
     with pytest.raises(ValueError, match="add is"):
         K.linear(x, w, add=torch.zeros(5, 39))
+
+
+@pytest.mark.parametrize("relu,bias", [(False, True), (True, True), (False, False)])
+def test_vendor_ops_match_the_reference(relu, bias):
+    """--impl cublas: torch's own GEMM/conv in the model's dtype, with the Triton kernels' signature (an added
+    operand that may be the output itself, a strided output)."""
+    from gpulab.l2 import vendor_ops as V
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(6, 20, generator=g), torch.randn(12, 20, generator=g)
+    b = torch.randn(12, generator=g) if bias else None
+    add = torch.randn(6, 12, generator=g)
+    assert _close(V.linear(x, w, b, relu=relu), R.linear(x, w, b, relu=relu))
+    assert _close(V.linear(x, w, b, relu=relu, add=add), R.linear(x, w, b, relu=relu, add=add))
+    buf = torch.zeros(6, 30)
+    V.linear(x, w, b, relu=relu, out=buf[:, 10:22], add=add)
+    assert _close(buf[:, 10:22], R.linear(x, w, b, relu=relu, add=add)) and not buf[:, :10].any()
+    acc = V.linear(x[:, :7], w[:, :7])
+    V.linear(x[:, 7:], w[:, 7:], out=acc, add=acc)
+    assert _close(acc, x @ w.T)
+    xc, wc = torch.randn(2, 3, 9, 9, generator=g), torch.randn(5, 3, 3, 3, generator=g)
+    assert _close(V.conv2d(xc, wc, None, 2, 1, relu), R.conv2d(xc, wc, None, 2, 1, relu))
+    with pytest.raises(ValueError):
+        V.linear(torch.randn(3, 5), torch.randn(4, 6))
