@@ -33,7 +33,7 @@ class BenchConfig:
     warmup: int = 3
     load_factor: float = 0.5
     tc_dtype: str = "fp16"
-    tc_block: int = 64
+    tc_block: int = 32  # the join's default (default_block)
     tc_blocks_more: tuple[int, ...] = ()  # further tile sizes: the tensorcore join timed again as tensorcore@<B>
     max_interpret_rows: int = 4096
     ncu: bool = False
@@ -48,6 +48,16 @@ def parse_impls(text: str) -> list[str]:
         if n not in IMPLS:
             raise InputError(f"unknown implementation '{n}' in --impl (known: {', '.join(IMPLS)})")
     return list(dict.fromkeys(names))
+
+
+# --tc-block when not given. The join: 32, faster than 64 in both H200 runs that timed both (2026-11-29, sessions 27
+# and 28: int64 900 against 1,357-1,379 us a call, int32 1,095 against 1,315; at 64 the join kernel needs 202
+# registers a thread, 12.5% occupancy). The aggregate: 64 (Triton < 3.3 cannot compile it below 64; 32 is unmeasured).
+DEFAULT_JOIN_BLOCK, DEFAULT_AGG_BLOCK = 32, 64
+
+
+def default_block(aggregate: str) -> int:
+    return DEFAULT_AGG_BLOCK if aggregate != "none" else DEFAULT_JOIN_BLOCK
 
 
 def parse_blocks(text: str) -> tuple[int, ...]:

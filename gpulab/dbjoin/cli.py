@@ -39,9 +39,10 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls first."),
     load_factor: float = typer.Option(0.5, "--load-factor", help="Hash table fill (build rows / slots)."),
     tc_dtype: str = typer.Option("fp16", "--tc-dtype", help="Tensor-core code type: fp16 | bf16 | int8 | fp32."),
-    tc_block: str = typer.Option("64", "--tc-block",
-                                 help="Tensor-core tile size (BM = BN): 16, 32, 64 or 128; a list (64,32) also "
-                                      "times the tensorcore join with each further size (rows tensorcore@32)."),
+    tc_block: Optional[str] = typer.Option(None, "--tc-block",
+                                           help="Tensor-core tile size (BM = BN): 16, 32, 64 or 128 (default 32 for "
+                                                "the join, 64 for --aggregate); a list (32,64) also times the "
+                                                "tensorcore join with each further size (rows tensorcore@64)."),
     max_interpret_rows: int = typer.Option(4096, "--max-interpret-rows",
                                            help="Without a GPU, run the Triton join under the interpreter only "
                                                 "up to this many rows."),
@@ -94,7 +95,7 @@ def bench(
     # the interpreter runs only `tensorcore` (tensorcore-graph needs a GPU)
     refuse_unused(ctx, {"max_interpret_rows": "--max-interpret-rows"}, "tensorcore" in impls, "--impl tensorcore",
                   not_in)
-    tc_blocks = B.parse_blocks(tc_block)
+    tc_blocks = B.parse_blocks(tc_block) if tc_block is not None else [B.default_block(aggregate)]
     if len(tc_blocks) > 1 and "tensorcore" not in impls:
         from gpulab.core.errors import InputError
 

@@ -27,7 +27,9 @@
 # seed steps, ~1 s of capture each): 88, 16 and 20 s; its run (H200) had the join kernel faster at BM 32 than 64
 # (int64: 563 vs 764 us), so the int32 step also times BM 32 and 16 (tensorcore@32, @16): 22 s.
 # Session 28 (H200): the whole script took 197 s with ncu completing (27 s), and the load-factor steps wrote their
-# records just past their 9 s caps: 12 s each, 200 s for steps 1-5.
+# records just past their 9 s caps: 12 s each, 200 s for steps 1-5. BM 32 was faster than 64 in both runs (int32
+# 1,095 vs 1,315 us; int64 900 vs 1,379): 32 became the join's default, the first of each list (tensorcore-graph
+# runs at the first).
 set -u
 OUT="${OUT:-results/device-dbjoin}"
 mkdir -p "$OUT"
@@ -49,15 +51,15 @@ prc=$?
 tail -15 "$OUT/pytest-gpu-aggregate.txt"
 [ "$prc" -eq 0 ] || { echo "pytest (aggregate) exit $prc (124: timed out)"; rc=1; }
 
-echo "== bench 1M x 1M, unique, match 0.5, int32 (GPU impls + torch; tensorcore also at BM 32 and 16)"
+echo "== bench 1M x 1M, unique, match 0.5, int32 (GPU impls + torch; tensorcore at BM 32, the default, and at 64, 16)"
 step 22 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
-    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 64,32,16 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 32,64,16 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 echo "== bench 1M x 1M, unique, match 0.5, int32 (pandas, hash-cpu; --reps 3)"
 step 18 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \
     --impl pandas,hash-cpu --reps 3 >/dev/null || { echo "exit $?"; rc=1; }
-echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch; tensorcore also at BM 32: tensorcore@32)"
+echo "== bench 1M x 1M, unique, match 0.5, int64 (GPU impls + torch; tensorcore at BM 32, and at 64: tensorcore@64)"
 step 20 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int64 \
-    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 64,32 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
+    --impl hash,hash-graph,tensorcore,tensorcore-graph,torch --tc-block 32,64 --reps 30 >/dev/null || { echo "exit $?"; rc=1; }
 for lf in 0.35 0.75; do
   echo "== hash-graph, load factor $lf (1M x 1M, unique, match 0.5, int32)"
   step 12 "${GPULAB[@]}" join bench --rows 1000000 --match-rate 0.5 --dup unique --key-dtype int32 \

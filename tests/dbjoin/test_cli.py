@@ -51,6 +51,19 @@ def test_tensorcore_graph_options(out_dir):
     assert set(rows) == {"tensorcore-graph", "pandas"}
 
 
+@pytest.mark.parametrize("aggregate, block", [("none", 32), ("sum", 64)])
+def test_tile_size_default_is_the_join_s_32_and_the_aggregate_s_64(aggregate, block, out_dir):
+    """Without --tc-block: the join at 32 (faster than 64 on the H200 twice), the aggregate at 64 (older Tritons
+    cannot compile it below 64)."""
+    from gpulab.dbjoin import bench as B
+
+    assert B.default_block(aggregate) == block and B.BenchConfig().tc_block == B.DEFAULT_JOIN_BLOCK == 32
+    invoke(["--out", str(out_dir), "join", "bench", "--rows", "64", "--impl", "tensorcore,pandas", "--reps", "1",
+            "--warmup", "0", "--aggregate", aggregate])
+    rec = next(Path(out_dir).glob("join-*bench-*.yaml"))  # join-bench or join-agg-bench
+    assert yaml.safe_load(rec.read_text())["config"]["tc_block"] == block
+
+
 def test_bench_tensorcore_at_several_tile_sizes(out_dir):
     """--tc-block 32,16: the tensorcore join at the first size (row `tensorcore`) and again at each further one
     (row `tensorcore@16`), each checked against pandas and in the summary."""
@@ -345,3 +358,12 @@ def test_replay_columns_of_a_graph_plan():
     row = {}
     add_replay_columns(row, [], 50.0)
     assert row == {}
+
+
+def test_every_gen_option_has_help():
+    import typer
+
+    from gpulab.dbjoin.cli import app
+
+    gen = typer.main.get_command(app).commands["gen"]
+    assert [p.name for p in gen.params if not getattr(p, "help", None)] == []
