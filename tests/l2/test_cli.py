@@ -253,3 +253,15 @@ def test_cpu_run_notes_that_pollution_did_not_run(out_dir, capsys):
     assert code == 0, err
     [f] = out_dir.glob("l2-*.yaml")
     assert not any("--pollute-mib" in n for n in yaml.safe_load(f.read_text())["notes"])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+def test_cpu_run_checks_every_request_of_the_stream_even_with_repeated_subnets(out_dir, capsys):
+    """The matformer stream of seed 0 at 2 layers and 3 subnets draws the largest subnet (XL-XL) before the appended
+    one: each request gets its own finite check."""
+    code, _, err = _run(["--out", str(out_dir), "l2", "run", "--workload", "matformer", "--width", "16", "--layers",
+                         "2", "--batch", "2", "--subnets", "3", "--reps", "3"], capsys)
+    assert code == 0, err
+    rec = yaml.safe_load(next(out_dir.glob("l2-*.yaml")).read_text())
+    finite = [k for k in rec["checks"] if k.startswith("finite[")]
+    assert len(finite) == 3 and "finite[XL-XL#0]" in finite and "finite[XL-XL#2]" in finite, finite
