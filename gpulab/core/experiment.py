@@ -13,6 +13,8 @@ Format::
           dtype: int32
           impl: numpy,torch          # one value (a comma-separated option), not a sweep
         args: [MODEL_DIR]            # optional positional arguments
+        expect_ok: false             # optional (default true): the run is expected to fail, an error or a
+                                     # failed check; the summary counts it ok when it fails, failed when not
 
 Unknown keys, unknown commands, unknown options, null values and values of the wrong type are one-line
 errors that name the key, and all of them are found before anything runs. A value that a command checks

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -81,7 +81,8 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 @app.command()
 def report(
-    folder: Path = typer.Argument(Path("results"), help="Folder (searched recursively) or a single result file."),
+    folder: Optional[Path] = typer.Argument(None, help="Folder (searched recursively) or a single result file "
+                                                       "(default: gpulab's --out folder)."),
     format: str = typer.Option("table", "--format", help="table | markdown | csv | json (csv and json keep "
                                                           "numbers unrounded, for plots)"),
     name: str = typer.Option("", "--name", help="Only results whose name starts with this."),
@@ -91,9 +92,11 @@ def report(
     """Aggregate result YAML files: one row per file with its device, status and summary metrics."""
     from rich.console import Console
 
-    from gpulab.core import results
+    from gpulab.core import options, results
     from gpulab.core.errors import InputError
 
+    if folder is None:  # where this call's results go (--out, GPULAB_OUT; in `gpulab run`, the run's --out)
+        folder = options.get().out
     if format not in FORMATS:
         raise InputError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {format!r}")
     if not folder.exists():

@@ -139,12 +139,12 @@ def bench(
 def gen(
     left_path: Path = typer.Argument(..., help="Output file of the left table (.npz, .csv, .parquet)."),
     right_path: Path = typer.Argument(..., help="Output file of the right table."),
-    rows: int = typer.Option(1000, "--rows"),
-    right_rows: Optional[int] = typer.Option(None, "--right-rows"),
-    match_rate: float = typer.Option(0.5, "--match-rate"),
-    dup: str = typer.Option("unique", "--dup"),
-    seed: int = typer.Option(0, "--seed"),
-    key_dtype: str = typer.Option("int32", "--key-dtype"),
+    rows: int = typer.Option(1000, "--rows", help="Rows of the left (probe) table."),
+    right_rows: Optional[int] = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows."),
+    match_rate: float = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table."),
+    dup: str = typer.Option("unique", "--dup", help="Key duplicates: unique | zipf:S (Zipf-skewed on both sides)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the generated tables."),
+    key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
 ) -> None:
     """Write a generated pair of tables (the same ones `bench` would generate) to files."""
     from gpulab.core import atomic

@@ -100,6 +100,8 @@ def train(
         raise InputError(f"--anchors needs two architectures, got {anchors!r}")
     if train_images < 0:
         raise InputError(f"--train-images must be >= 0, got {train_images}")
+    if workers < 0:  # refused with CIFAR-10 too, not only where an image folder's loader takes it
+        raise InputError(f"--workers must be >= 0, got {workers}")
     if image_size < 0:
         raise InputError(f"--image-size must be >= 0, got {image_size}")
     if fmt == "cifar10" and image_size not in (0, 32):
@@ -238,6 +240,7 @@ def _train_record(trainer, folder: Path, cfg, data_info: dict, device: str, worl
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP),
     data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
     test_images: int = typer.Option(0, "--test-images", help="Use N test images (0: all; CIFAR-10: the first N, "
@@ -272,6 +275,15 @@ def eval_(
         raise InputError(f"--test-images must be >= 0, got {test_images}")
     if batch_size < 1 or latency_reps < 1:
         raise InputError("--batch-size and --latency-reps must be >= 1")
+    if verify_flops < -1:
+        raise InputError(f"--verify-flops must be >= -1 (-1: all), got {verify_flops}")
+    if workers < 0:
+        raise InputError(f"--workers must be >= 0, got {workers}")
+    from gpulab.core.clickcompat import refuse_unused
+
+    # --no-latency times nothing: its batch sizes and repetitions would be ignored
+    refuse_unused(ctx, {"latency_batches": "--latency-batches", "latency_reps": "--latency-reps"}, latency,
+                  "--latency")
     try:
         lat_batches = tuple(int(b) for b in _csv(latency_batches))
     except ValueError:

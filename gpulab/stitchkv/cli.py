@@ -160,6 +160,7 @@ def _train(cfg: dict, ctx=None):
 
 @app.command()
 def train(
+    click_ctx: typer.Context,
     large: Path = typer.Option(..., "--large", help="Large (prefill) model folder, Hugging Face format."),
     small: Path = typer.Option(..., "--small", help="Small (decode) model folder; must share the tokenizer."),
     data: Path = typer.Option(shared_data("tinyshakespeare.txt"), "--data", help=DATA_HELP),
@@ -201,6 +202,13 @@ def train(
     from gpulab.core.results import check_out
 
     check_out()  # before any work: an --out that cannot take the result fails now
+    from gpulab.core.clickcompat import refuse_unused
+
+    # a warm-up trains no LoRA: stage 2's options would be ignored (a later --stage lora takes its own)
+    refuse_unused(click_ctx, {"lora_steps": "--lora-steps", "lora_lr": "--lora-lr", "stitch_lr": "--stitch-lr",
+                              "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+                              "lora_control": "--lora-control" if lora_control else "--no-lora-control"},
+                  stage != "warmup", "--stage lora or all")
 
     _quiet_transformers()
     from gpulab.stitchkv import distributed

@@ -85,7 +85,9 @@ def parse_compare(text: str, default_kv: str) -> list[tuple[str, str, str]]:
         if precision not in ("fp8", "bf16") or (plus and kv not in ("fp8", "auto")):
             raise InputError(f"--compare takes fp8 and/or bf16, each optionally with +kvfp8 (an FP8 KV cache) or "
                              f"+kvauto, got {text!r}")
-        out.setdefault(entry, (entry, precision, kv if plus else default_kv))
+        if entry in out:  # run once, it would be silently dropped from the comparison asked for
+            raise InputError(f"--compare gives {entry} twice")
+        out[entry] = (entry, precision, kv if plus else default_kv)
     if not out:
         raise InputError(f"--compare takes fp8 and/or bf16, got {text!r}")
     return list(out.values())

@@ -191,6 +191,7 @@ def generate(
 @bench_app.command()
 @_engine_options(max_num_seqs=256, load_format="dummy")
 def bench(
+    ctx: typer.Context,
     model_dir: Path = _MODEL,
     input_len: int = typer.Option(1000, help="Prompt tokens per request (random ids unless --prompts-file)."),
     output_len: int = typer.Option(1000, help="Generated tokens per request (EOS ignored)."),
@@ -222,6 +223,9 @@ def bench(
         raise InputError("--request-rate must be a number > 0 or inf")
     if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
         raise InputError(f"--budget-s must be a number of seconds > 0, got {budget_s}")
+    from gpulab.core.clickcompat import refuse_unused
+
+    refuse_unused(ctx, {"hf_num_prompts": "--hf-num-prompts"}, hf_baseline, "--hf-baseline")
     from gpulab.vajra.bench import run
 
     args = dict(input_len=input_len, output_len=output_len, num_prompts=num_prompts, request_rate=request_rate,

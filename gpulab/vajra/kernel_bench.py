@@ -54,6 +54,8 @@ def bench(
                                       help="Time the decode attention kernels alone (one layer, several batch "
                                            "sizes and context lengths; runs first)."),
 ) -> None:
+    """Benchmark vajra's kernels: FP8 GEMMs (W8A8/W8A16/bf16) at Llama-3.1-8B shapes, the decode attention
+    kernels, and a batch-1 decode step against the weight-streaming roofline (CPU baselines without a GPU)."""
     from gpulab.core import options
     from gpulab.core.results import check_out
 
@@ -88,6 +90,8 @@ def bench(
     backends = [b.strip() for b in attention.split(",") if b.strip()]
     if any(b not in ("triton", "flashinfer") for b in backends):
         raise InputError(f"--attention takes triton and/or flashinfer, got {attention!r}")
+    if not (gemms or attn_kernels or decode):  # the record would hold no measurement
+        raise InputError("--no-gemms, --no-attn-kernels and --no-decode leave nothing to measure")
     t_start = time.perf_counter()
 
     def left() -> float:

@@ -143,3 +143,28 @@ def test_keys_that_are_not_strings_are_skipped(tmp_path):
             r = CliRunner().invoke(app, [str(tmp_path), "--format", fmt, *rows])
             assert r.exit_code == 0, (fmt, rows, r.exception)
             assert "bad" not in r.output
+
+
+@pytest.mark.parametrize("how", ["option", "env", "experiment"])
+def test_report_reads_the_out_folder_by_default(out_dir, tmp_path, monkeypatch, capsys, how):
+    """Without a FOLDER, report reads where the call's results go (--out, GPULAB_OUT; in an experiment file the
+    run's --out), not ./results: "no such folder or file: results" under GPULAB_OUT."""
+    from gpulab.cli import main
+
+    out = tmp_path / "elsewhere"
+    _save(out, "sort-bench", 1000, {"a": 1.25})
+    monkeypatch.chdir(tmp_path)  # no results/ here
+    if how == "option":
+        argv = ["--out", str(out), "report", "--format", "csv"]
+    elif how == "env":
+        monkeypatch.setenv("GPULAB_OUT", str(out))
+        argv = ["report", "--format", "csv"]
+    else:
+        exp = tmp_path / "exp.yaml"
+        exp.write_text("runs:\n  - command: report\n    params: {format: csv}\n")
+        argv = ["--out", str(out), "run", str(exp)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    got = capsys.readouterr()
+    assert e.value.code == 0, got.err
+    assert "sort-bench" in got.out and "no such folder" not in got.err

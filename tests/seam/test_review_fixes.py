@@ -279,3 +279,42 @@ def test_resume_writes_a_finished_training_the_family_does_not_hold_yet(trained,
     assert yaml.safe_load((d / "family.yaml").read_text())["train"]["seed"] != 7
     invoke([*common, "--resume"])
     assert yaml.safe_load((d / "family.yaml").read_text())["train"]["seed"] == 7
+
+
+@pytest.mark.parametrize("option", [["--latency-batches", "4"], ["--latency-reps", "3"]])
+def test_latency_options_without_latency_are_refused(tmp_path, monkeypatch, option):
+    """--no-latency measures no latency: a batch size or repetition count given with it was silently ignored."""
+    from gpulab.cli import invoke
+
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(InputError, match=f"^{option[0]} applies only to --latency$"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "f"), "--no-latency",
+                *option])
+
+
+def test_verify_flops_below_minus_one_is_refused(tmp_path, monkeypatch):
+    """The help documents -1 (all); -2 was taken for all as well."""
+    from gpulab.cli import invoke
+
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(InputError, match="--verify-flops must be >= -1 \\(-1: all\\), got -2"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "f"), "--verify-flops",
+                "-2"])
+
+
+def test_negative_workers_are_refused_with_cifar_too(tmp_path, monkeypatch):
+    """Only the image folders refused --workers -1; with CIFAR-10 (no loader workers) it passed unnoticed."""
+    from gpulab.cli import invoke
+    from gpulab.seam import train as strain
+
+    from .helpers import write_cifar
+
+    data = write_cifar(tmp_path / "cifar", n_train=16, n_test=8)
+    monkeypatch.setattr(strain.Trainer, "__init__", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(InputError, match="--workers must be >= 0, got -1"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(data),
+                *TRAIN, "--workers", "-1"])
+    with pytest.raises(InputError, match="--workers must be >= 0, got -1"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "f"), "--data", str(data),
+                "--workers", "-1"])

@@ -319,3 +319,16 @@ def test_tiny_puts_the_lora_on_the_modules_asked_for(corpus_file, tmp_path, caps
         assert set(conf["target_modules"]) == set(targets.split(",")) and conf["r"] == 2 and conf["lora_alpha"] == 4
     rec = yaml.safe_load(next(res.glob("kvstitch-tiny-*.yaml")).read_text())
     assert rec["config"]["train_stages"]["lora_targets"] == targets
+
+
+@pytest.mark.parametrize("option", [["--lora-r", "4"], ["--lora-alpha", "8"], ["--lora-steps", "3"],
+                                    ["--lora-lr", "1e-2"], ["--stitch-lr", "1e-2"], ["--lora-targets", "q_proj"],
+                                    ["--no-lora-control"]])
+def test_lora_options_of_a_warmup_are_refused(tmp_path, capsys, option):
+    """--stage warmup trains no LoRA: its options were silently ignored (and a later --stage lora, without them,
+    trains with the defaults)."""
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "train", "--large", str(tmp_path / "L"),
+                            "--small", str(tmp_path / "S"), "--run", str(tmp_path / "run"), "--stage", "warmup",
+                            *option], capsys)
+    one_line_error(code, err, f"{option[0]} applies only to --stage lora or all")
+    assert not (tmp_path / "run").exists()

@@ -152,3 +152,23 @@ def test_a_budget_that_is_no_number_of_seconds_is_refused(out_dir, budget):
                                     "--no-attn-kernels", "--no-gemms", "--budget-s", budget])
     assert isinstance(r.exception, InputError) and "--budget-s" in str(r.exception)
     assert not list(out_dir.glob("vajra-kernels-*.yaml"))
+
+
+def test_nothing_to_measure_is_refused(out_dir):
+    """--no-gemms --no-attn-kernels --no-decode wrote a record that measured nothing."""
+    from typer.testing import CliRunner
+
+    from gpulab.core.errors import InputError
+
+    r = CliRunner().invoke(KB.app, ["--size", "small", "--tokens", "1", "--reps", "1", "--no-decode",
+                                    "--no-attn-kernels", "--no-gemms"])
+    assert isinstance(r.exception, InputError), r.output
+    assert str(r.exception) == "--no-gemms, --no-attn-kernels and --no-decode leave nothing to measure"
+    assert not list(out_dir.glob("vajra-kernels-*.yaml"))
+
+
+def test_help_has_a_description():
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(KB.app, ["--help"])
+    assert r.exit_code == 0 and "Benchmark vajra's kernels" in r.output

@@ -64,9 +64,9 @@ def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatc
     monkeypatch.setattr(bench, "drive", flaky)
     invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
             "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
-            "--no-hf-baseline", "--compare", "fp8+kvfp8,bf16+kvauto,bf16,fp8+kvfp8"])
+            "--no-hf-baseline", "--compare", "fp8+kvfp8,bf16+kvauto,bf16"])  # (an entry given twice: refused)
     rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
-    assert calls == ["fp8", "auto", "auto"]  # the repeated entry runs once
+    assert calls == ["fp8", "auto", "auto"]
     assert [r["impl"] for r in rec["rows"]] == ["vajra-fp8+kvfp8", "vajra-bf16"]
     assert rec["metrics"]["variants"]["vajra-fp8+kvfp8"]["kv_cache"] == "fp8"
     assert rec["metrics"]["variants"]["vajra-bf16"]["kv_cache"] == "auto"
@@ -236,6 +236,10 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["generate", "/nonexistent/model", "--prompt", "x"], "model folder not found"),
     (["serve-bench", "{assets}", "--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["serve-bench", "{assets}", "--compare", "int4"], "--compare takes fp8"),
+    (["serve-bench", "{assets}", "--compare", "fp8,fp8"], "^--compare gives fp8 twice$"),
+    (["serve-bench", "{assets}", "--compare", "bf16+kvfp8, fp8,bf16+kvfp8"], "^--compare gives bf16\\+kvfp8 twice$"),
+    (["serve-bench", "{assets}", "--no-hf-baseline", "--hf-num-prompts", "2"],
+     "^--hf-num-prompts applies only to --hf-baseline$"),
     (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
     (["serve-bench", "{assets}", "--hf-num-prompts", "0"], "--hf-num-prompts must be >= 1"),
     (["serve-bench", "{assets}", "--budget-s", "0"], "--budget-s must be a number of seconds > 0"),
