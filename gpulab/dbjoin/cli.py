@@ -18,15 +18,23 @@ _GENERATION_OPTIONS = {"rows": "--rows", "right_rows": "--right-rows", "match_ra
                        "seed": "--seed", "key_dtype": "--key-dtype"}
 
 
+# the generation options that `bench` and `gen` share (one declaration: the same help and defaults)
+_RIGHT_ROWS = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows.")
+_MATCH_RATE = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table.")
+_DUP = typer.Option("unique", "--dup", help="Key duplicates: unique | zipf:S (Zipf-skewed on both sides).")
+_SEED = typer.Option(0, "--seed", help="Random seed of the generated tables.")
+_KEY_DTYPE = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range).")
+
+
 @app.command()
 def bench(
     ctx: typer.Context,
     rows: int = typer.Option(100_000, "--rows", help="Rows of the left (probe) table when generating."),
-    right_rows: Optional[int] = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows."),
-    match_rate: float = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table."),
-    dup: str = typer.Option("unique", "--dup", help="Key duplicates: unique | zipf:S (Zipf-skewed on both sides)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the generated tables."),
-    key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
+    right_rows: Optional[int] = _RIGHT_ROWS,
+    match_rate: float = _MATCH_RATE,
+    dup: str = _DUP,
+    seed: int = _SEED,
+    key_dtype: str = _KEY_DTYPE,
     left: Optional[Path] = typer.Option(None, "--left", help="Left table file (.npz/.csv/.parquet: columns key, payload)."),
     right: Optional[Path] = typer.Option(None, "--right", help="Right table file (same format as --left)."),
     impl: str = typer.Option("hash,hash-graph,hash-cpu,tensorcore,tensorcore-graph,torch,pandas", "--impl",
@@ -140,11 +148,11 @@ def gen(
     left_path: Path = typer.Argument(..., help="Output file of the left table (.npz, .csv, .parquet)."),
     right_path: Path = typer.Argument(..., help="Output file of the right table."),
     rows: int = typer.Option(1000, "--rows", help="Rows of the left (probe) table."),
-    right_rows: Optional[int] = typer.Option(None, "--right-rows", help="Rows of the right (build) table; default --rows."),
-    match_rate: float = typer.Option(0.5, "--match-rate", help="Fraction of left rows whose key is in the right table."),
-    dup: str = typer.Option("unique", "--dup", help="Key duplicates: unique | zipf:S (Zipf-skewed on both sides)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the generated tables."),
-    key_dtype: str = typer.Option("int32", "--key-dtype", help="int32 | int64 (generated keys span the whole range)."),
+    right_rows: Optional[int] = _RIGHT_ROWS,
+    match_rate: float = _MATCH_RATE,
+    dup: str = _DUP,
+    seed: int = _SEED,
+    key_dtype: str = _KEY_DTYPE,
 ) -> None:
     """Write a generated pair of tables (the same ones `bench` would generate) to files."""
     from gpulab.core import atomic
