@@ -40,8 +40,17 @@ def _parse_weights(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _refuse_workers(ctx, fmt: str) -> None:
+    """CIFAR-10 is batched from memory, without a data loader: --workers would be ignored."""
+    from gpulab.core.clickcompat import refuse_unused
+
+    refuse_unused(ctx, {"workers": "--workers"}, fmt != "cifar10", "image folders",
+                  " (CIFAR-10 is batched from memory, without loader workers)")
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     family: Optional[Path] = typer.Option(None, "--family", help=FAMILY_HELP),
     data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
     anchors: str = typer.Option("resnet34,resnet50", "--anchors", help="The two anchors, front,back."),
@@ -102,6 +111,7 @@ def train(
         raise InputError(f"--train-images must be >= 0, got {train_images}")
     if workers < 0:  # refused with CIFAR-10 too, not only where an image folder's loader takes it
         raise InputError(f"--workers must be >= 0, got {workers}")
+    _refuse_workers(ctx, fmt)
     if image_size < 0:
         raise InputError(f"--image-size must be >= 0, got {image_size}")
     if fmt == "cifar10" and image_size not in (0, 32):
@@ -293,6 +303,7 @@ def eval_(
     device = options.resolve_device(what="seam eval")
     fam, info = store.load_family(folder, device)
     root, fmt = sdata.resolve_data(data or (info.get("data") or {}).get("path"))
+    _refuse_workers(ctx, fmt)
     trained_on = info.get("data") or {}
     if trained_on.get("format") not in (None, fmt):  # other normalization, other labels: a meaningless top-1
         raise InputError(f"{root}: {fmt} data, the family was trained on {trained_on['format']} data "

@@ -177,7 +177,8 @@ def train(
     loss: str = typer.Option("mse", "--loss", help="Warm-up loss: mse | l1"),
     batch: int = typer.Option(16, "--batch"),
     prompt_len: int = typer.Option(64, "--prompt-len"),
-    cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss (>= 2)."),
+    cont_len: int = typer.Option(32, "--cont-len", help="Continuation tokens of the stage-2 LM loss (>= 2 with stage "
+                                 "2); the warm-up's prompts are drawn from windows of prompt + continuation too."),
     lr: float = typer.Option(1e-3, "--lr", help="Warm-up learning rate."),
     lora_lr: float = typer.Option(1e-3, "--lora-lr"),
     stitch_lr: Optional[float] = typer.Option(None, "--stitch-lr", help="Stage-2 learning rate of the stitches "
@@ -209,6 +210,11 @@ def train(
                               "lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
                               "lora_control": "--lora-control" if lora_control else "--no-lora-control"},
                   stage != "warmup", "--stage lora or all")
+    # stage 2 alone starts from the warm-up stitches in the run folder (it neither trains nor checks a warm-up):
+    # the warm-up's options would be ignored
+    refuse_unused(click_ctx, {"steps": "--steps", "lr": "--lr", "init": "--init", "loss": "--loss",
+                              "ls_batches": "--ls-batches", "ridge": "--ridge"},
+                  stage != "lora", "--stage warmup or all")
 
     _quiet_transformers()
     from gpulab.stitchkv import distributed

@@ -87,7 +87,12 @@ def parse_compare(text: str, default_kv: str) -> list[tuple[str, str, str]]:
                              f"+kvauto, got {text!r}")
         if entry in out:  # run once, it would be silently dropped from the comparison asked for
             raise InputError(f"--compare gives {entry} twice")
-        out[entry] = (entry, precision, kv if plus else default_kv)
+        kv = kv if plus else default_kv
+        same = [name for name, p, k in out.values() if (p, k) == (precision, kv)]
+        if same:  # fp8 and fp8+kvauto under --kv-cache-dtype auto: one set-up run twice under two names
+            raise InputError(f"--compare gives {same[0]} and {entry}: the same set-up ({precision} weights, KV cache "
+                             f"{kv}; an entry without +kv takes --kv-cache-dtype)")
+        out[entry] = (entry, precision, kv)
     if not out:
         raise InputError(f"--compare takes fp8 and/or bf16, got {text!r}")
     return list(out.values())

@@ -39,6 +39,7 @@ GEMMS_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "d
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     out: Path = typer.Option(None, "--out", help="Folder for the result YAML (default: gpulab's global --out)."),
     size: str = typer.Option("auto", "--size", help="full (8B shapes) | small | auto (full on a GPU)"),
     tokens: str = typer.Option("1,16,64,512", "--tokens", help="Token counts M for the GEMMs."),
@@ -92,6 +93,26 @@ def bench(
         raise InputError(f"--attention takes triton and/or flashinfer, got {attention!r}")
     if not (gemms or attn_kernels or decode):  # the record would hold no measurement
         raise InputError("--no-gemms, --no-attn-kernels and --no-decode leave nothing to measure")
+    # what this machine skips with a note: the attention kernels without a GPU or the interpreter, the decode step
+    # without a GPU or at --size small; with the GEMMs off as well, the record would measure nothing
+    attn_runs = attn_kernels
+    if attn_kernels and dev != "cuda":  # (triton is imported where the attention kernels would import it)
+        from gpulab.vajra.fp8_kernels import interpreted
+
+        attn_runs = interpreted()
+    decode_runs = decode and dev == "cuda" and size == "full"
+    if not (gemms or attn_runs or decode_runs):
+        why = [w for w, skipped in (("the decode attention kernels need a GPU (or TRITON_INTERPRET=1)", attn_kernels),
+                                    ("the decode step needs a GPU and --size full", decode)) if skipped]
+        off = [f for f, on in (("--no-gemms", gemms), ("--no-attn-kernels", attn_kernels), ("--no-decode", decode))
+               if not on]
+        raise InputError(f"{' and '.join(off)} leave{'s' if len(off) == 1 else ''} nothing to measure here: "
+                         f"{'; '.join(why)}")
+    from gpulab.core.clickcompat import refuse_unused
+
+    # given for a part that is off, they would be ignored
+    refuse_unused(ctx, {"tokens": "--tokens", **({"tilings": "--tilings"} if tilings else {})}, gemms, "--gemms")
+    refuse_unused(ctx, {"attention": "--attention"}, attn_kernels or decode, "--attn-kernels or --decode")
     t_start = time.perf_counter()
 
     def left() -> float:

@@ -35,7 +35,7 @@ import yaml
 from .helpers import write_cifar, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["--width", "2", "--cuts", "aligned", "--batch-size", "16", "--calib-images", "16", "--workers", "0",
+COMMON = ["--width", "2", "--cuts", "aligned", "--batch-size", "16", "--calib-images", "16",  # (CIFAR-10: no --workers)
           "--checkpoint-every", "2"]
 
 

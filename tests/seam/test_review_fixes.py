@@ -318,3 +318,26 @@ def test_negative_workers_are_refused_with_cifar_too(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="--workers must be >= 0, got -1"):
         invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "f"), "--data", str(data),
                 "--workers", "-1"])
+
+
+@pytest.mark.parametrize("workers", ["0", "4"])
+def test_workers_with_cifar_are_refused(tmp_path, monkeypatch, workers):
+    """CIFAR-10 is held in memory and batched without a data loader: --workers (its help: for image folders) was
+    accepted and ignored."""
+    from gpulab.cli import invoke
+    from gpulab.seam import train as strain
+
+    from .helpers import write_cifar
+
+    data = write_cifar(tmp_path / "cifar", n_train=16, n_test=8)
+    monkeypatch.setattr(strain.Trainer, "__init__", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(store, "load_family", lambda *a, **k: (None, {}))  # the family's data: the --data given
+    import gpulab.seam.evaluate as sevaluate
+
+    monkeypatch.setattr(sevaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(InputError, match="^--workers applies only to image folders"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "train", "--family", str(tmp_path / "f"), "--data", str(data),
+                *TRAIN, "--workers", workers])
+    with pytest.raises(InputError, match="^--workers applies only to image folders"):
+        invoke(["--out", str(tmp_path / "r"), "seam", "eval", "--family", str(tmp_path / "f"), "--data", str(data),
+                "--workers", workers])

@@ -332,3 +332,28 @@ def test_lora_options_of_a_warmup_are_refused(tmp_path, capsys, option):
                             *option], capsys)
     one_line_error(code, err, f"{option[0]} applies only to --stage lora or all")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", [["--steps", "3"], ["--lr", "1e-2"], ["--init", "random"], ["--loss", "l1"],
+                                    ["--ls-batches", "2"], ["--ridge", "0.1"]])
+def test_warmup_options_of_a_lora_stage_are_refused(tmp_path, capsys, option):
+    """--stage lora trains from the warm-up stitches already in the run folder (it never trains a warm-up, nor
+    compares these options with the recorded one): the warm-up's options were silently ignored."""
+    code, _, err = run_cli(["--out", str(tmp_path / "res"), "kvstitch", "train", "--large", str(tmp_path / "L"),
+                            "--small", str(tmp_path / "S"), "--run", str(tmp_path / "run"), "--stage", "lora",
+                            *option], capsys)
+    one_line_error(code, err, f"{option[0]} applies only to --stage warmup or all")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cont_len_help_names_the_warmup_too():
+    """--cont-len is a warm-up setting too (its windows span prompt + continuation; STAGE_FIELDS['warmup']):
+    the help called it the stage-2 loss's alone."""
+    import typer
+
+    from gpulab.stitchkv import cli
+    from gpulab.stitchkv.run_folder import STAGE_FIELDS
+
+    cmd = typer.main.get_command(cli.app).commands["train"]
+    help_text = next(p.help for p in cmd.params if p.name == "cont_len")
+    assert "cont_len" in STAGE_FIELDS["warmup"] and "warm-up" in help_text, help_text

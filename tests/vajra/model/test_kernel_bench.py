@@ -172,3 +172,45 @@ def test_help_has_a_description():
 
     r = CliRunner().invoke(KB.app, ["--help"])
     assert r.exit_code == 0 and "Benchmark vajra's kernels" in r.output
+
+
+def _cli_error(tmp_path, capsys, args):
+    from gpulab import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--device", "cpu", "--out", str(tmp_path / "results"), "serve-kernels", "--reps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").glob("vajra-kernels-*.yaml"))
+    return err
+
+
+@pytest.mark.parametrize("args", [["--no-gemms", "--no-attn-kernels"], ["--no-gemms", "--no-attn-kernels",
+                                                                        "--size", "small"]])
+def test_nothing_this_machine_can_measure_is_refused(tmp_path, capsys, monkeypatch, args):
+    """On the CPU (or at --size small) the decode step is skipped with a note: with the GEMMs and the attention
+    kernels off, the record measured nothing."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = _cli_error(tmp_path, capsys, args)
+    assert "leave nothing to measure" in err and "the decode step needs a GPU and --size full" in err, err
+
+
+def test_attention_kernels_alone_on_the_cpu_need_the_interpreter(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = _cli_error(tmp_path, capsys, ["--no-gemms", "--no-decode"])
+    assert "leave nothing to measure" in err and "TRITON_INTERPRET=1" in err, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--no-gemms", "--tilings"], "--tilings applies only to --gemms"),
+    (["--no-gemms", "--tokens", "1,4"], "--tokens applies only to --gemms"),
+    (["--no-attn-kernels", "--no-decode", "--attention", "triton"],
+     "--attention applies only to --attn-kernels or --decode"),
+])
+def test_options_of_parts_that_are_off_are_refused(tmp_path, capsys, monkeypatch, args, needle):
+    """--tilings and --tokens set the GEMM rows, --attention the attention kernels' and the decode step's
+    backends: with those parts off they were silently ignored."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the attention kernels would run: only the option is at fault
+    monkeypatch.setattr(KB, "_attention_kernels", lambda *a, **k: pytest.fail("refused after the work"))
+    err = _cli_error(tmp_path, capsys, ["--size", "small", *args])
+    assert needle in err, err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 
@@ -64,16 +65,16 @@ def test_serve_bench_kv_suffix_and_failed_entry(out_dir, tiny_assets, monkeypatc
     monkeypatch.setattr(bench, "drive", flaky)
     invoke(["--device", "cpu", "--out", str(out_dir), "serve-bench", str(tiny_assets), "--input-len", "16",
             "--output-len", "4", "--num-prompts", "3", "--num-blocks", "48", "--decode-steps", "2",
-            "--no-hf-baseline", "--compare", "fp8+kvfp8,bf16+kvauto,bf16"])  # (an entry given twice: refused)
+            "--no-hf-baseline", "--compare", "fp8+kvfp8,bf16+kvfp8,bf16"])  # (one set-up given twice: refused)
     rec = yaml.safe_load(next(out_dir.glob("serve-bench-*.yaml")).read_text())
-    assert calls == ["fp8", "auto", "auto"]
+    assert calls == ["fp8", "fp8", "auto"]
     assert [r["impl"] for r in rec["rows"]] == ["vajra-fp8+kvfp8", "vajra-bf16"]
     assert rec["metrics"]["variants"]["vajra-fp8+kvfp8"]["kv_cache"] == "fp8"
     assert rec["metrics"]["variants"]["vajra-bf16"]["kv_cache"] == "auto"
-    failed = rec["checks"]["vajra-bf16+kvauto: ran"]
+    failed = rec["checks"]["vajra-bf16+kvfp8: ran"]
     assert failed["passed"] is False and "RuntimeError: CUDA error: an illegal memory access" in str(failed)
     assert rec["ok"] is False and "fp8+kvfp8_over_bf16" in rec["summary"]
-    assert "fp8+kvfp8_over_bf16+kvauto" not in rec["summary"]
+    assert "fp8+kvfp8_over_bf16+kvfp8" not in rec["summary"]
 
 
 def test_serve_bench_entry_skipped_by_the_budget_is_a_failed_check(out_dir, tiny_assets):
@@ -140,6 +141,12 @@ def test_parse_compare():
     assert parse_compare("fp8, bf16", "auto") == [("fp8", "fp8", "auto"), ("bf16", "bf16", "auto")]
     assert parse_compare("fp8+kvfp8,fp8", "auto") == [("fp8+kvfp8", "fp8", "fp8"), ("fp8", "fp8", "auto")]
     assert parse_compare("bf16+kvauto", "fp8") == [("bf16+kvauto", "bf16", "auto")]
+    assert parse_compare("bf16+kvauto,bf16", "fp8") == [("bf16+kvauto", "bf16", "auto"), ("bf16", "bf16", "fp8")]
+    # two names for one set-up (an entry without +kv takes --kv-cache-dtype) ran it twice
+    for text, kv, twice in (("fp8,fp8+kvauto", "auto", "fp8 and fp8+kvauto"),
+                            ("bf16+kvfp8,fp8, bf16", "fp8", "bf16+kvfp8 and bf16")):
+        with pytest.raises(GpulabError, match=rf"^--compare gives {re.escape(twice)}: the same set-up"):
+            parse_compare(text, kv)
     for bad in ("fp8+kvint4", "int4", "fp8+", " , ", "fp8+kv"):
         with pytest.raises(GpulabError, match="--compare takes fp8 and/or bf16"):
             parse_compare(bad, "auto")
@@ -238,6 +245,8 @@ def test_generate_prints_greedy_text(tiny_llama, capsys):
     (["serve-bench", "{assets}", "--compare", "int4"], "--compare takes fp8"),
     (["serve-bench", "{assets}", "--compare", "fp8,fp8"], "^--compare gives fp8 twice$"),
     (["serve-bench", "{assets}", "--compare", "bf16+kvfp8, fp8,bf16+kvfp8"], "^--compare gives bf16\\+kvfp8 twice$"),
+    (["serve-bench", "{assets}", "--compare", "fp8,fp8+kvauto"],
+     "^--compare gives fp8 and fp8\\+kvauto: the same set-up"),
     (["serve-bench", "{assets}", "--no-hf-baseline", "--hf-num-prompts", "2"],
      "^--hf-num-prompts applies only to --hf-baseline$"),
     (["serve-bench", "{assets}", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype must be auto or fp8"),
