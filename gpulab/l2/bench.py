@@ -31,7 +31,7 @@ PREFETCH_KINDS = {"auto": None, "ptx": "prefetch_l2", "evict_last": "prefetch_l2
 INTERPRETER_MAX_STEPS = 4000  # Triton-interpreter checks on the CPU only up to this many tile steps (~6-13 s)
 MIB = 1 << 20
 WORKLOADS = ("mlp", "cnn", "ofa", "matformer")
-KERNEL_WORKLOADS = ("mlp", "cnn", "matformer")  # on the hand-written Triton kernels (--impl triton|torch)
+KERNEL_WORKLOADS = ("mlp", "cnn", "matformer")  # on the kernels that --impl picks (triton, cublas, torch)
 
 
 @dataclass
