@@ -110,11 +110,16 @@ def _is_option(p: Any) -> bool:
     return getattr(p, "param_type_name", "") == "option"
 
 
+def _names(opts: list[str], key: str) -> bool:
+    """Whether ``key`` (with - or _) spells one of ``opts``."""
+    norm = key.replace("-", "_")
+    return any(o.lstrip("-").replace("-", "_") == norm for o in opts)
+
+
 def _option_for(cmd: click.Command, key: str) -> click.Parameter | None:
     norm = key.replace("-", "_")
     for p in cmd.params:
-        if _is_option(p) and (p.name == norm or any(o.lstrip("-").replace("-", "_") == norm
-                                                                   for o in p.opts + p.secondary_opts)):
+        if _is_option(p) and (p.name == norm or _names(p.opts + p.secondary_opts, key)):
             return p
     return None
 
@@ -143,7 +148,9 @@ def _to_argv(cmd: click.Command, params: dict[str, Any], where: str) -> list[str
             if not isinstance(value, bool):
                 raise InputError(f"{where}: parameter '{key}' must be true or false, got {value!r}")
             if opt.secondary_opts:
-                argv.append(flag if value else max(opt.secondary_opts, key=len))
+                # a key that spells the negative form (no_amp of --amp/--no-amp) turns the option off when true
+                negative = not _names(opt.opts, key) and _names(opt.secondary_opts, key)
+                argv.append(flag if value != negative else max(opt.secondary_opts, key=len))
             elif value:
                 argv.append(flag)
             continue

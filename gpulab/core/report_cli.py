@@ -14,10 +14,12 @@ FORMATS = ("table", "markdown", "csv", "json")
 
 def _well_formed(data: dict[str, Any]) -> bool:
     """The parts a report reads have their types: summary, config and device mappings, rows a list of mappings;
-    the keys of summary, config and rows (a report's columns) strings."""
+    the keys of summary, config and rows (a report's columns) strings; name, finished_utc and ok (every line's
+    head) plain values (an unquoted timestamp reads as a datetime, which JSON cannot take)."""
     rows, device = data.get("rows") or [], data.get("device") or {}
     summary, config = data.get("summary") or {}, data.get("config") or {}
-    return (isinstance(summary, dict) and isinstance(config, dict)
+    return (all(_scalar(data.get(k)) for k in ("name", "finished_utc", "ok"))
+            and isinstance(summary, dict) and isinstance(config, dict)
             and isinstance(device, dict) and isinstance(device.get("gpu") or {}, dict)
             and isinstance(device.get("cpu") or {}, dict) and isinstance(rows, list)
             and all(isinstance(r, dict) for r in rows)
@@ -114,8 +116,8 @@ def report(
             continue
         if not _well_formed(data):
             if folder.is_file():
-                raise InputError(f"{f}: a result file whose summary, config, rows or device is not of the expected "
-                                 "type")
+                raise InputError(f"{f}: a result file whose name, finished_utc, ok, summary, config, rows or device is "
+                                 "not of the expected type")
             skipped += 1
             continue
         if name and not str(data.get("name", "")).startswith(name):

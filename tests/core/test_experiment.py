@@ -351,3 +351,12 @@ def test_expect_ok_false_counts_a_failing_run_as_the_expected_outcome(echo_comma
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(out), "run", str(exp)])
     assert e.value.code == 1 and "1 of 1 runs failed" in capsys.readouterr().err
+
+
+def test_a_flag_named_by_its_negative_spelling_keeps_its_meaning(echo_command, tmp_path):
+    """`no_fast: true` (the --no-fast spelling of --fast/--no-fast) gave --fast: the opposite of what was written."""
+    data = experiment.load_file(write(tmp_path, {"runs": [{"command": "echo", "params": {"no_fast": [True, False]}},
+                                                          {"command": "echo", "params": {"no-fast": True}},
+                                                          {"command": "echo", "params": {"fast": [True, False]}}]}))
+    assert [i.argv for i in experiment.plan(data)] == [
+        ["echo", "--no-fast"], ["echo", "--fast"], ["echo", "--no-fast"], ["echo", "--fast"], ["echo", "--no-fast"]]

@@ -168,3 +168,21 @@ def test_report_reads_the_out_folder_by_default(out_dir, tmp_path, monkeypatch, 
     got = capsys.readouterr()
     assert e.value.code == 0, got.err
     assert "sort-bench" in got.out and "no such folder" not in got.err
+
+
+def test_name_time_or_status_of_the_wrong_type_is_skipped(tmp_path):
+    """A result whose name, finished_utc or ok is not a plain value (an unquoted timestamp reads as a datetime):
+    --format json failed on the whole folder with 'TypeError: Object of type datetime is not JSON serializable'."""
+    good = _save(tmp_path, "sort-bench", 10, {"a": 1.0})
+    text = good.read_text()
+    stamp = results.load(good)["finished_utc"]
+    (tmp_path / "bad0.yaml").write_text(text.replace(f"finished_utc: '{stamp}'", f"finished_utc: {stamp}", 1))
+    (tmp_path / "bad1.yaml").write_text(text.replace("name: sort-bench", "name: [sort-bench]", 1))
+    (tmp_path / "bad2.yaml").write_text(text.replace("ok: true", "ok: {x: 1}", 1))
+    for fmt in ("json", "csv", "markdown"):
+        for rows in ([], ["--rows"]):
+            r = CliRunner().invoke(app, [str(tmp_path), "--format", fmt, *rows])
+            assert r.exit_code == 0, (fmt, rows, r.exception)
+            assert "bad" not in r.output
+    r = CliRunner().invoke(app, [str(tmp_path / "bad0.yaml"), "--format", "json"])
+    assert r.exit_code != 0 and "not of the expected type" in str(r.exception)
