@@ -4,9 +4,9 @@ tensor by tensor, and the FP8 quantization formats vajra understands.
 Formats (``quantization_config`` in config.json):
 
 * none: bf16/fp16/fp32 weights.
-* ``compressed-tensors`` with ``format: float-quantized``: FP8 (e4m3) weights with ``weight_scale``
-  per tensor, channel or block (``block_structure``); input activations dynamic per token, or
-  static per tensor with ``input_scale``; an ``ignore`` list (names or ``re:`` patterns).
+* ``compressed-tensors`` with ``format: float-quantized`` (or the older ``naive-quantized``): FP8 (e4m3)
+  weights with ``weight_scale`` per tensor, channel or block (``block_structure``); input activations dynamic
+  per token, or static per tensor with ``input_scale``; an ``ignore`` list (names or ``re:`` patterns).
 * vLLM's ``fp8``: ``weight_scale`` (per tensor) with ``activation_scheme`` dynamic|static
   (``input_scale``), or ``weight_scale_inv`` with ``weight_block_size`` (DeepSeek-V3 style).
 
@@ -29,6 +29,7 @@ from gpulab.vajra.config import json_object
 
 FP8_NAMES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FLOAT_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SCALE_NAMES = (*FLOAT_NAMES, "F64")  # scales are read as fp32 whatever float they are stored as
 
 
 class CheckpointReader:
@@ -161,8 +162,11 @@ def parse_quant_config(qc: dict[str, Any] | None, where: str = "config.json") ->
     method = qc.get("quant_method")
     if method == "compressed-tensors":
         fmt = qc.get("format")
-        if fmt != "float-quantized":
-            raise InputError(f"{where}: compressed-tensors format {fmt!r} is not supported (only 'float-quantized' FP8)")
+        # naive-quantized: what older llm-compressor wrote for FP8 (e.g. neuralmagic's Llama-3.1-8B-Instruct-FP8);
+        # the same tensors as float-quantized (vLLM and transformers read both); the group checks refuse int weights
+        if fmt not in ("float-quantized", "naive-quantized"):
+            raise InputError(f"{where}: compressed-tensors format {fmt!r} is not supported (only FP8: "
+                             "'float-quantized' or 'naive-quantized')")
         groups = qc.get("config_groups") or {}
         if not isinstance(groups, dict) or not groups:
             raise InputError(f"{where}: compressed-tensors config has no config_groups")
@@ -299,8 +303,8 @@ def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | Non
         raise InputError(f"tensor {sname!r}: shape {list(sshape)} does not fit {strategy} scales for weight "
                          f"[{n}, {k}] (expected {want})")
     sdt = reader.dtype_name(sname)
-    if sdt not in FLOAT_NAMES:
-        raise InputError(f"tensor {sname!r}: scales must be floating point, got {sdt}")
+    if sdt not in SCALE_NAMES:
+        raise InputError(f"tensor {sname!r}: scales must be floating point ({', '.join(SCALE_NAMES)}), got {sdt}")
     scale = reader.get(sname, device).float()
     scale = scale.reshape(()) if strategy == "tensor" else scale.reshape(n) if strategy == "channel" else scale
     if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
@@ -312,6 +316,9 @@ def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | Non
             raise InputError(f"tensor {iname!r} is missing (static activation scales were declared)")
         if math.prod(reader.shape(iname) or (1,)) != 1:
             raise InputError(f"tensor {iname!r}: expected one per-tensor scale, got shape {list(reader.shape(iname))}")
+        if reader.dtype_name(iname) not in SCALE_NAMES:
+            raise InputError(f"tensor {iname!r}: scales must be floating point ({', '.join(SCALE_NAMES)}), got "
+                             f"{reader.dtype_name(iname)}")
         input_scale = reader.get(iname, device).float().reshape(())
         if not (bool(torch.isfinite(input_scale)) and float(input_scale) > 0):  # 0 would turn x / 0 into NaN
             raise InputError(f"tensor {iname!r}: the input scale must be finite and > 0, got {float(input_scale)}")

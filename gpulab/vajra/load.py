@@ -128,8 +128,10 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: Any = None,
 
 def read_kv_scales(reader: CheckpointReader, num_layers: int) -> list[tuple[float, float]] | None:
     """Per layer (k_scale, v_scale) of a calibrated FP8 KV cache (``model.layers.N.self_attn.k_scale`` and
-    ``v_scale``, as llm-compressor writes them, or one ``kv_scale`` for both); None when the checkpoint has none.
-    Per-head scales [num_kv_heads] become their maximum (a coarser step, never a clipped value)."""
+    ``v_scale``, as llm-compressor writes them, or one ``kv_scale`` for both, or ``k_proj.output_scale`` and
+    ``v_proj.output_scale`` as AutoFP8 and older llm-compressor wrote them, which vLLM maps onto k/v_scale); None
+    when the checkpoint has none. Per-head scales [num_kv_heads] become their maximum (a coarser step, never a
+    clipped value)."""
     def scale(name: str) -> float:
         t = reader.get(name, torch.device("cpu")).float().reshape(-1)
         if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
@@ -139,15 +141,20 @@ def read_kv_scales(reader: CheckpointReader, num_layers: int) -> list[tuple[floa
     p = "model.layers.{}.self_attn."
     has_kv = [reader.has(p.format(i) + "k_scale") for i in range(num_layers)]
     has_one = [reader.has(p.format(i) + "kv_scale") for i in range(num_layers)]
+    has_out = [reader.has(p.format(i) + "k_proj.output_scale") for i in range(num_layers)]
     if all(has_kv):
         names = [(p.format(i) + "k_scale", p.format(i) + "v_scale") for i in range(num_layers)]
     elif all(has_one):
         names = [(p.format(i) + "kv_scale",) * 2 for i in range(num_layers)]
-    elif any(has_kv) or any(has_one):  # some layers calibrated, others not: which scale would the others use?
-        some = next(i for i in range(num_layers) if has_kv[i] or has_one[i])
-        lacks = next(i for i in range(num_layers) if not (has_kv[i] or has_one[i]) or has_kv[i] != has_kv[some])
+    elif all(has_out):
+        names = [(p.format(i) + "k_proj.output_scale", p.format(i) + "v_proj.output_scale") for i in range(num_layers)]
+    elif any(has_kv) or any(has_one) or any(has_out):  # some layers calibrated, others not: which would they use?
+        kind = [(has_kv[i], has_one[i], has_out[i]) for i in range(num_layers)]
+        some = next(i for i in range(num_layers) if any(kind[i]))
+        lacks = next(i for i in range(num_layers) if not any(kind[i]) or kind[i] != kind[some])
         raise InputError(f"K/V cache scales: layer {some} has them but layer {lacks} has none (or the other kind); "
-                         "a calibrated checkpoint has k_scale/v_scale (or kv_scale) in every layer")
+                         "a calibrated checkpoint has k_scale/v_scale (or kv_scale, or k_proj/v_proj "
+                         "output_scale) in every layer")
     else:
         return None
     return [(scale(k), scale(v)) for k, v in names]

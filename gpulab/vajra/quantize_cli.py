@@ -236,6 +236,9 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
         method = qc.get('quant_method') if isinstance(qc, dict) else qc
         raise InputError(f"{src}: already quantized ({method!r}); give a bf16/fp16 checkpoint")
     reader = CheckpointReader(src)
+    for name in reader.names():  # a malformed weight: one line naming it, before any work (not an IndexError)
+        if LINEAR_RE.match(name) and (len(shape := reader.shape(name)) != 2 or 0 in shape):
+            raise InputError(f"tensor {name!r}: expected a 2-D weight, got shape {list(shape)}")
     device = options.resolve_device(what="gpulab quantize")
     amax = calibrate(src, calib_text, calib_samples, calib_len, device) if activations == "static" else {}
     ignore = ["lm_head"]
@@ -293,6 +296,9 @@ def run(src: Path, dst: Path, strategy: str, blk, activations: str, fmt: str, sc
                 continue
             module = name[: -len(".weight")]
             wf = w.float()
+            if not bool(torch.isfinite(wf).all()):  # its scale would be NaN/inf (and NaN passes the error check)
+                raise InputError(f"tensor {name!r}: holds NaN or infinite values, which FP8 with a finite scale "
+                                 "cannot represent (a corrupt source?)")
             if module in group_scale:  # the fused layer's shared per-tensor scale (a tensor of its own on disk)
                 s = group_scale[module].clone()
                 q = ref.cast_fp8(wf, s)

@@ -447,3 +447,34 @@ def test_quantized_checkpoints_other_runtimes_load_alike(tmp_path):
     quantize_cli(src, tmp_path / "q1", out, "--scheme", "fp8-channel", "--scale-shape", "1d")
     rec = yaml.safe_load(sorted(out.glob("vajra-quantize-*.yaml"))[-1].read_text())
     assert any("vLLM and transformers refuse" in n for n in rec["notes"])
+
+
+@pytest.mark.parametrize("scheme, edit, message", [
+    # a linear weight that is not a 2-D matrix: an IndexError/RuntimeError without the tensor's name, or (per
+    # tensor) a checkpoint written that the loader then refuses
+    ("fp8-channel", lambda w: w.reshape(-1), "expected a 2-D weight, got shape [8192]"),
+    ("fp8-block", lambda w: w.reshape(-1), "expected a 2-D weight, got shape [8192]"),
+    ("fp8-tensor", lambda w: w.reshape(-1), "expected a 2-D weight, got shape [8192]"),
+    ("fp8-channel", lambda w: w[None], "expected a 2-D weight, got shape [1, 128, 64]"),
+    ("fp8-tensor", lambda w: w[:0], "expected a 2-D weight, got shape [0, 64]"),
+    # NaN/inf weights: NaN scales were written and the round-trip check passed (NaN compares false)
+    ("fp8-channel", lambda w: w.clone().fill_(float("nan")), "NaN or infinite"),
+    ("fp8-tensor", lambda w: w.clone().index_fill_(0, torch.tensor([3]), float("inf")), "NaN or infinite"),
+])
+def test_quantize_refuses_malformed_linear_weights(base, tmp_path, capsys, scheme, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    from gpulab.cli import main
+
+    d = _copy(base, "src", tmp_path)
+    shard = next(d.glob("*.safetensors"))
+    t = load_file(str(shard))
+    name = "model.layers.0.mlp.up_proj.weight"
+    t[name] = edit(t[name])
+    save_file(t, str(shard))
+    with pytest.raises(SystemExit) as ex:
+        main(["--device", "cpu", "--out", str(tmp_path / "r"), "quantize", str(d), str(tmp_path / "q"), "--scheme",
+              scheme])
+    err = capsys.readouterr().err.strip()
+    assert ex.value.code == 1 and err.count("\n") == 0 and f"tensor '{name}'" in err and message in err, err
+    assert not (tmp_path / "q").exists()
