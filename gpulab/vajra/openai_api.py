@@ -223,7 +223,7 @@ def chat_prompt(engine: LLMEngine, body: dict[str, Any]) -> list[int]:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
                 parts.append(part["text"])
-            c = "".join(parts)
+            c = "\n".join(parts)  # as vLLM's chat_utils: the parts are lines of one message
         if c is None:
             c = ""
         if not isinstance(c, str):

@@ -296,9 +296,15 @@ def build_app(async_engine: AsyncEngine, model_name: str):
                 if include_usage and lasts:
                     yield event(make_chunk(None, None, total_usage(subs, prompt_of, lasts)))
                 yield "data: [DONE]\n\n"
-            except (EngineFailed, InputError) as e:  # InputError: raced validation, a prefill provider's check
-                kind = "internal_error" if isinstance(e, EngineFailed) else "invalid_request_error"
-                payload = {"error": {"message": str(e), "type": kind, "param": None, "code": None}}
+            except Exception as e:  # noqa: BLE001 - InputError: raced validation, a prefill provider's check; any
+                # other error (a provider that failed on this prompt) is the 500 a non-streamed request would get
+                if isinstance(e, InputError):
+                    kind, message = "invalid_request_error", str(e)
+                elif isinstance(e, EngineFailed):
+                    kind, message = "internal_error", str(e)
+                else:
+                    kind, message = "internal_error", f"internal error: {type(e).__name__}: {e}"
+                payload = {"error": {"message": message, "type": kind, "param": None, "code": None}}
                 yield f"data: {json.dumps(payload)}\n\n"
                 yield "data: [DONE]\n\n"  # the stream still ends as every stream does (as vLLM's)
             finally:

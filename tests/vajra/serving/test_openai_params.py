@@ -106,3 +106,18 @@ def test_huge_json_integers_are_400s():
         _bad({key: -huge}, key)
     _bad({"logit_bias": {"3": huge}}, "logit_bias")
     assert parse_sampling({"seed": huge, "top_k": huge}, 16, VOCAB).top_k == huge  # ints that need no float
+
+
+def test_chat_text_parts_are_joined_by_newlines(tokenizer):
+    """A message's content given as text parts reaches the chat template as one string, the parts joined by "\\n"
+    (as vLLM's chat_utils): they were glued ("Summarize:" + "It rained." became "Summarize:It rained.")."""
+    from types import SimpleNamespace
+
+    from gpulab.vajra.openai_api import chat_prompt
+
+    engine = SimpleNamespace(tokenizer=tokenizer)
+    parts = [{"type": "text", "text": "Summarize:"}, {"type": "text", "text": "It rained."}]
+    got = chat_prompt(engine, {"messages": [{"role": "user", "content": parts}]})
+    assert got == tokenizer.apply_chat_template([{"role": "user", "content": "Summarize:\nIt rained."}])
+    one = chat_prompt(engine, {"messages": [{"role": "user", "content": parts[:1]}]})
+    assert one == tokenizer.apply_chat_template([{"role": "user", "content": "Summarize:"}])

@@ -232,6 +232,37 @@ def test_stream_that_fails_midway_still_ends_with_done(tokenizer):
     assert "boom" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]", lines[-3:]
 
 
+def test_stream_whose_request_fails_with_an_unexpected_error_still_ends_with_done(tokenizer):
+    """A prefill provider that fails on a prompt with an error other than InputError (e.g. out of memory) fails that
+    request alone: a stream sends the error and then `data: [DONE]` (it was cut off with neither: a broken chunked
+    body, httpx.RemoteProtocolError), a non-streamed request is an OpenAI-style 500, and the server keeps serving."""
+    import json
+
+    class Failing:
+        name = "failing"
+
+        def __call__(self, prompt_ids):
+            raise RuntimeError("provider out of memory")
+
+    eng = LLMEngine(FakeModel(tokenizer.vocab_size), tokenizer, EngineConfig(num_blocks=50, block_size=8),
+                    prefill=Failing())
+    ae = AsyncEngine(eng).start()
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 3}
+    try:
+        with ServerThread(build_app(ae, NAME)) as srv:
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+            assert r.status_code == 500 and "provider out of memory" in r.json()["error"]["message"], r.text
+            with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+                lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]", lines
+            err = json.loads(lines[-2][6:])["error"]
+            assert "provider out of memory" in err["message"] and err["type"] == "internal_error", lines
+            assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        ae.shutdown()
+    assert eng.block_manager.num_used == 0
+
+
 def test_bodies_no_tokenizer_can_take_are_400(server):
     """Lone surrogates (JSON's \\ud800 escapes) and nesting deeper than the JSON parser goes: 400, not 500."""
     url = server.url + "/v1/completions"
