@@ -93,6 +93,15 @@ def json_object(v: Any, what: str, where: str) -> dict[str, Any]:
     return v
 
 
+def eos_token_ids(cfg: dict[str, Any], where: str) -> tuple[int, ...]:
+    """``eos_token_id`` of a config.json or generation_config.json: one token id, a list of them, or absent."""
+    eos = cfg.get("eos_token_id")
+    eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
+        raise InputError(f"{where}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    return tuple(eos_list)
+
+
 def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig:
     """Validate a config.json dict and return a :class:`LlamaConfig` (one-line errors)."""
     if not isinstance(cfg, dict):
@@ -130,11 +139,7 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig
                     if key in scaling and scaling[key] is None:
                         raise InputError(f"{where}: '{key}' must be a positive number, got None")
                     _number(scaling, key, where, 1.0)
-    eos = cfg.get("eos_token_id")
-    eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
-        raise InputError(f"{where}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
-    eos_ids = tuple(eos_list)
+    eos_ids = eos_token_ids(cfg, where)
     mpe = cfg.get("max_position_embeddings")
     max_pos = 4096 if mpe is None else _positive_int(mpe, "max_position_embeddings", where)
     bias = _flag(cfg, "attention_bias", where)
@@ -190,6 +195,19 @@ def read_config(model_dir: Path | str) -> LlamaConfig:
     c = parse_config(read_model_config(p), where=str(p / "config.json"))
     if not c.name:
         c.name = p.name
+    # generation_config.json's eos_token_id stops generation too (as in transformers' generate and vLLM): a chat
+    # model's end-of-turn token is often listed there only, and without it a reply would run on to max_tokens
+    g = p / "generation_config.json"
+    if g.is_file():
+        import json
+
+        try:
+            gen = json.loads(g.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{g}: malformed generation_config.json ({str(e).splitlines()[0]})") from None
+        if not isinstance(gen, dict):
+            raise InputError(f"{g}: generation_config.json must be a JSON object, got {type(gen).__name__}")
+        c.eos_token_ids = tuple(dict.fromkeys(c.eos_token_ids + eos_token_ids(gen, str(g))))
     return c
 
 
