@@ -425,6 +425,19 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
     rec.metrics = {"gap_recovered": gaps, "rougeL_ci95": ci, "samples": samples, "references": ref_texts[:3],
                    "ref_nll_by_position": {v: [round(x, 5) for x in c] for v, c in curves.items()}}
     gap_l = gaps.get(f"{best}:rougeL")
+
+    def nll_gap(metric: str) -> float | None:
+        """The share of a reference-NLL gap recovered, only where the large model's NLL is below the small one's:
+        otherwise there is no gap, and the ratio would credit a move towards the worse model (metrics keeps it)."""
+        sm_v, lg_v = by["small"][metric], by["large"][metric]
+        return gaps.get(f"{best}:{metric}") if None not in (sm_v, lg_v) and lg_v < sm_v else None
+
+    no_nll_gap = [m for m in ("ref_nll", "ref_nll_tok1", "ref_nll_after")
+                  if None not in (by["small"][m], by["large"][m]) and not by["large"][m] < by["small"][m]]
+    if no_nll_gap:
+        rec.notes.append(f"the large model's reference NLL is not below the small model's ({', '.join(no_nll_gap)}): "
+                         "no gap to recover, the matching gap_recovered_nll* summaries are left out (the raw ratio, "
+                         "not meaningful, is in metrics.gap_recovered)")
     gap_ci = ci["large_minus_small"]
     significant = gap_ci["lo"] is not None and gap_ci["lo"] > 0
     rnd = lambda pair: [None if x is None else round(x, 5) for x in pair]  # noqa: E731
@@ -435,11 +448,11 @@ def evaluate(run: Path, device: str, prompts: int, prompt_len: int | None, gen_l
                    "gap_recovered_rougeL": gap_l if significant else None,
                    "gap_recovered_rougeL_ci95": rnd((ci["gap_recovered"]["lo"], ci["gap_recovered"]["hi"])),
                    "rougeL_large_minus_small_ci95": rnd((gap_ci["lo"], gap_ci["hi"])),
-                   "gap_significant": significant, "gap_recovered_nll": gaps.get(f"{best}:ref_nll"),
+                   "gap_significant": significant, "gap_recovered_nll": nll_gap("ref_nll"),
                    # token 1 comes from the large model's own prefill logits; the rest is what the small
                    # model makes of the handed-over cache (the stitches' actual contribution)
-                   "gap_recovered_nll_tok1": gaps.get(f"{best}:ref_nll_tok1"),
-                   "gap_recovered_nll_after_tok1": gaps.get(f"{best}:ref_nll_after")}
+                   "gap_recovered_nll_tok1": nll_gap("ref_nll_tok1"),
+                   "gap_recovered_nll_after_tok1": nll_gap("ref_nll_after")}
     if "small-lora" in by and best == "stitched-lora":
         # what the stitched cache adds beyond the LoRA training itself (> 0: stitching helps), after token 1:
         # token 1 of the stitched system is the large model's own prediction, a gain the cache has no part in

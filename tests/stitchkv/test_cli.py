@@ -91,9 +91,12 @@ def test_train_then_eval_end_to_end(pair_dirs, corpus_file, tmp_path, capsys):
         assert r["ref_nll"] == pytest.approx((r["ref_nll_tok1"] + 5 * r["ref_nll_after"]) / 6, rel=1e-6)
     for v in ("stitched-warmup", "stitched-lora"):
         assert rows[v]["ref_nll_tok1"] == pytest.approx(rows["large"]["ref_nll_tok1"], rel=1e-4)
-    assert rec["summary"]["gap_recovered_nll_tok1"] == pytest.approx(1.0, abs=1e-3)
-    assert rec["summary"]["gap_recovered_nll_after_tok1"] == pytest.approx(rec["metrics"]["gap_recovered"][
-        "stitched-lora:ref_nll_after"])
+    # a share of an NLL gap only where the large model's NLL is below the small one's (random tiny models: either)
+    for m, key, want in (("ref_nll_tok1", "gap_recovered_nll_tok1", 1.0),
+                         ("ref_nll_after", "gap_recovered_nll_after_tok1",
+                          rec["metrics"]["gap_recovered"]["stitched-lora:ref_nll_after"])):
+        gap = rows["large"][m] < rows["small"][m]
+        assert rec["summary"][key] == (pytest.approx(want, abs=1e-3) if gap else None), key
 
 
 def test_pretrain_writes_a_pair_that_loads(corpus_file, tmp_path, capsys):

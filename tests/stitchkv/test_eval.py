@@ -171,3 +171,30 @@ def test_no_interval_is_claimed_below_eight_prompts():
     items = {"small": [0.1, 0.2] * 4, "large": [0.9, 0.8] * 4}
     r = _ci(items, lambda m: m["large"] - m["small"])
     assert r["lo"] is not None and r["lo"] > 0
+
+
+def _fake_rows(monkeypatch, nll):
+    """eval's variants replaced by rows of the given reference NLL (every position alike) and ROUGE-L 0."""
+    def fake(name, pair, decoder, bank, batches, tok, ref_texts, n_new, device):
+        v = nll[name]
+        row = {"variant": name, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "ref_nll": v, "ref_nll_tok1": v,
+               "ref_nll_after": v, "ttft_ms": 1.0, "tpot_ms": 1.0, "kv_bytes_per_seq": 8}
+        return row, [], [0.0] * len(ref_texts), [v] * n_new
+
+    monkeypatch.setattr(E, "run_variant", fake)
+
+
+@pytest.mark.parametrize("large,want", [(2.0, 0.5), (3.5, None), (3.0, None)])
+def test_nll_gap_share_needs_a_large_model_that_is_better(tiny_run, monkeypatch, large, want):
+    """gap_recovered = (stitched - small) / (large - small): with a large model whose reference NLL is no lower
+    than the small one's there is no gap to recover, and the ratio credits a stitched system that got worse than
+    small-only (3.0 -> 3.4 against a large 3.5: '80% recovered'). The summary leaves such a share out, as it
+    does ROUGE-L's; metrics.gap_recovered keeps the raw ratio."""
+    _fake_rows(monkeypatch, {"small": 3.0, "large": large, "stitched-warmup": 3.0, "stitched-lora": 2.5 if large < 3.0
+                             else 3.4})
+    rec = E.evaluate(tiny_run, "cpu", 2, 8, 3, 2, log=lambda m: None)
+    for key in ("gap_recovered_nll", "gap_recovered_nll_tok1", "gap_recovered_nll_after_tok1"):
+        assert rec.summary[key] == (None if want is None else pytest.approx(want)), key
+    raw = rec.metrics["gap_recovered"].get("stitched-lora:ref_nll")
+    assert raw == (None if large == 3.0 else pytest.approx((3.4 - 3.0) / (large - 3.0) if large > 3.0 else 0.5))
+    assert (want is None) == any("reference NLL is not below" in n for n in rec.notes)
