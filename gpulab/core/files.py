@@ -114,12 +114,17 @@ def read_model_config(folder: Path | str, label: str = "model") -> dict[str, Any
     f = p / "config.json"
     if not f.is_file():
         raise InputError(f"{label} {p}: no config.json (not a Hugging Face model folder)")
+    return read_json_object(f, f"{label} {f}")
+
+
+def read_json_object(f: Path, where: str) -> dict[str, Any]:
+    """The JSON object in file ``f`` (e.g. a model folder's config.json); ``where`` starts each one-line error."""
     try:
         data = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{label} {f}: malformed config.json ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{where}: malformed {f.name} ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise InputError(f"{label} {f}: config.json must be a JSON object, got {type(data).__name__}")
+        raise InputError(f"{where}: {f.name} must be a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpulab.core.errors import InputError
-from gpulab.core.files import read_model_config
+from gpulab.core.files import read_json_object, read_model_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -199,14 +199,7 @@ def read_config(model_dir: Path | str) -> LlamaConfig:
     # model's end-of-turn token is often listed there only, and without it a reply would run on to max_tokens
     g = p / "generation_config.json"
     if g.is_file():
-        import json
-
-        try:
-            gen = json.loads(g.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{g}: malformed generation_config.json ({str(e).splitlines()[0]})") from None
-        if not isinstance(gen, dict):
-            raise InputError(f"{g}: generation_config.json must be a JSON object, got {type(gen).__name__}")
+        gen = read_json_object(g, str(g))
         c.eos_token_ids = tuple(dict.fromkeys(c.eos_token_ids + eos_token_ids(gen, str(g))))
     return c
 

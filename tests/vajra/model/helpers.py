@@ -175,3 +175,10 @@ def paged_cache(lens, page, hkv, d, dt=torch.float32, extra_cols=2, seed=0):
         R.write_kv(cache, torch.randn(lens[i], hkv, d, generator=g), torch.randn(lens[i], hkv, d, generator=g),
                    slots, ks, vs)
     return cache, torch.tensor(lens, dtype=torch.int32), bt, ks, vs, g
+
+
+def tiny_and_quantized(root: Path, dst_name: str, scheme: str) -> Path:
+    """A one-layer tiny model in ``root/src`` and its ``--scheme`` quantization in ``root/dst_name``; returns root."""
+    _, src = make_tiny(root / "src", num_hidden_layers=1)
+    quantize_cli(src, root / dst_name, root / "res", "--scheme", scheme)
+    return root

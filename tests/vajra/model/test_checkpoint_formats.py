@@ -9,17 +9,14 @@ import torch
 
 from gpulab.vajra.load import load_model
 
-from .helpers import Runner, make_tiny, quantize_cli
+from .helpers import Runner, tiny_and_quantized
 
 PROMPT = [1, 5, 9, 22, 7, 3]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmt")
-    _, src = make_tiny(root / "src", num_hidden_layers=1)
-    quantize_cli(src, root / "qt", root / "res", "--scheme", "fp8-tensor")
-    return root
+    return tiny_and_quantized(tmp_path_factory.mktemp("fmt"), "qt", "fp8-tensor")
 
 
 def _last_logits(d) -> torch.Tensor:

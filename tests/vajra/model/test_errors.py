@@ -11,15 +11,12 @@ from gpulab.core.errors import DeviceError, InputError
 from gpulab.vajra.load import load_model
 from tests.assertions import assert_one_line
 
-from .helpers import make_tiny, quantize_cli
+from .helpers import make_tiny, quantize_cli, tiny_and_quantized
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("err")
-    _, src = make_tiny(root / "src", num_hidden_layers=1)
-    quantize_cli(src, root / "q", root / "res", "--scheme", "fp8-channel")
-    return root
+    return tiny_and_quantized(tmp_path_factory.mktemp("err"), "q", "fp8-channel")
 
 
 def _copy(base, name, tmp_path):
