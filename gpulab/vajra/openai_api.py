@@ -94,9 +94,21 @@ def choice_params(sp: SamplingParams, n: int) -> list[SamplingParams]:
     return [sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + j) for j in range(n)]
 
 
+# vLLM's extensions to the request body that this server does not implement, with the value that asks for nothing
+# (a request that sets one otherwise gets a 400: guided JSON taken as free text, a beam search run as sampling...)
+VLLM_EXTENSIONS = {"guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+                   "structured_outputs": None, "prompt_logprobs": None, "use_beam_search": False,
+                   "include_stop_str_in_output": False}
+VLLM_CHAT_EXTENSIONS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template": None}
+
+
 def check_unsupported(body: dict[str, Any], chat: bool) -> None:
     """Features of the OpenAI API this server does not have are 400s, not silently ignored: a client that asks
-    for tool calls, a JSON response format or an insertion suffix would otherwise take plain text for an answer."""
+    for tool calls, a JSON response format or an insertion suffix would otherwise take plain text for an answer.
+    So are vLLM's extensions (:data:`VLLM_EXTENSIONS`) set to anything but their no-op value."""
+    for key, off in (VLLM_EXTENSIONS | (VLLM_CHAT_EXTENSIONS if chat else {})).items():
+        if key in body and body[key] is not None and body[key] != off:
+            raise APIError(400, f"'{key}' (a vLLM extension) is not supported by this server", param=key)
     if not chat and body.get("suffix") not in (None, ""):
         raise APIError(400, "'suffix' (insertion) is not supported by this server", param="suffix")
     if not chat:

@@ -209,6 +209,31 @@ def test_unsupported_features_are_400_not_ignored(server):
         assert r.status_code == 200, (extra, r.text)
 
 
+def test_vllm_extensions_that_are_not_implemented_are_400_not_ignored(server):
+    """guided decoding taken as free text, a beam search run as sampling, the stop string kept out of the text
+    though asked for: each would pass for an answer to what was asked. Set to their no-op values, they pass."""
+    msgs = [{"role": "user", "content": "hi"}]
+    asks = [("/v1/completions", {"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+            ("/v1/completions", {"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+            ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+            ("/v1/completions", {"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+            ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+            ("/v1/chat/completions", {"messages": msgs, "guided_regex": "a+"}, "guided_regex"),
+            ("/v1/chat/completions", {"messages": msgs, "add_generation_prompt": False}, "add_generation_prompt"),
+            ("/v1/chat/completions", {"messages": msgs, "continue_final_message": True}, "continue_final_message"),
+            ("/v1/chat/completions", {"messages": msgs, "chat_template": "{{ messages }}"}, "chat_template")]
+    for path, extra, param in asks:
+        r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, extra, r.text)
+        assert "vLLM extension" in r.json()["error"]["message"]
+    for path, extra in (("/v1/completions", {"prompt": "x", "use_beam_search": False, "guided_json": None,
+                                             "include_stop_str_in_output": False}),
+                        ("/v1/chat/completions", {"messages": msgs, "add_generation_prompt": True,
+                                                  "continue_final_message": False, "prompt_logprobs": None})):
+        r = httpx.post(server.url + path, json={"model": NAME, "max_tokens": 2, **extra})
+        assert r.status_code == 200, (extra, r.text)
+
+
 def test_stream_that_fails_midway_still_ends_with_done(tokenizer):
     """An engine failure after some tokens: the stream carries the error, then `data: [DONE]` (clients wait for it)."""
     class FailsLater(FakeModel):
