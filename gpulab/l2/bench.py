@@ -343,9 +343,19 @@ class PolicyRunner:
         return out
 
     def outputs(self, policy: str) -> list:
+        """Each request's output under ``policy``. A request that runs into buffers of its own (meta["buffers"],
+        shared by every policy's run and filled by the eager warm-ups before a graph is captured) has them set to
+        NaN before the checked run: what comes back is what this policy's run wrote, not what an earlier one left."""
         run_one = self.infer_graph if self.cfg.graph else self.infer
+        ys = []
         with self.installed(policy), self.torch.cuda.stream(self.main):
-            ys = [run_one(i, policy).clone() for i in range(len(self.requests))]
+            for i, req in enumerate(self.requests):
+                buffers = req.meta.get("buffers", ())
+                if buffers:
+                    run_one(i, policy)  # with --graph: warm-ups and capture first, so that the checked run replays
+                    for t in buffers:
+                        t.fill_(float("nan"))
+                ys.append(run_one(i, policy).clone())
             self.torch.cuda.synchronize()  # inside: the policy is torn down after its kernels ran
         return ys
 

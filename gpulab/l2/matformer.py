@@ -122,6 +122,10 @@ class MatFormerSupernet:
     def subnet_layers(self, cfg: MatConfig, impl: str) -> list[Layer]:
         """One request's steps: per layer, the up band products then the down band products of its granularity.
         Each layer has its own hidden and output buffers (allocated here, once: a CUDA graph replays into them)."""
+        return self._subnet_steps(cfg, impl)[0]
+
+    def _subnet_steps(self, cfg: MatConfig, impl: str) -> tuple[list[Layer], list[torch.Tensor]]:
+        """:meth:`subnet_layers`, and the buffers that its steps write."""
         k, a = _impl(impl), self.arena
 
         def up(w, b, h):  # h = relu(x @ w.T + b), columns of the hidden buffer; the layer input passes on
@@ -136,10 +140,12 @@ class MatFormerSupernet:
             return fn
 
         steps: list[Layer] = []
+        buffers: list[torch.Tensor] = []
         for i, g in enumerate(cfg.granularity):
             used = self.bands[:g + 1]
             hid = torch.empty(self.batch, used[-1][1], device=self.device, dtype=a.dtype)
             out = torch.empty(self.batch, self.width, device=self.device, dtype=a.dtype)
+            buffers += [hid, out]
             for j, (lo, hi) in enumerate(used):
                 steps.append(Layer(f"l{i}.up{j}", up(a[f"l{i}.up{j}.w"], a[f"l{i}.up{j}.b"], hid[:, lo:hi]),
                                    a.region(self._step_names(i, j, "up"), f"l{i}.up{j}")))
@@ -147,10 +153,13 @@ class MatFormerSupernet:
                 # W_down's band is stored [band, width]: its transpose [width, band] is linear's [N, K] weight
                 fn = down(a[f"l{i}.down{j}.w"].t(), hid[:, lo:hi], out, a[f"l{i}.down.b"] if j == 0 else None, j == 0)
                 steps.append(Layer(f"l{i}.down{j}", fn, a.region(self._step_names(i, j, "down"), f"l{i}.down{j}")))
-        return steps
+        return steps, buffers
 
     def requests(self, impl: str = "triton") -> list[Request]:
-        return [Request(self.x, self.subnet_layers(c, impl), label=c.label) for c in self.subnets]
+        """One request per subnet of the stream; its meta["buffers"] are the buffers its steps write, which every run
+        of the request (each policy's, eager or graph) reuses."""
+        return [Request(self.x, steps, label=c.label, meta={"buffers": buffers})
+                for c in self.subnets for steps, buffers in [self._subnet_steps(c, impl)]]
 
     def subnet_weight_bytes(self, cfg: MatConfig) -> int:
         return sum(self.arena.nbytes[n] for i, g in enumerate(cfg.granularity) for j in range(g + 1)

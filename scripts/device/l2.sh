@@ -30,7 +30,8 @@ step() {  # step NAME LIMIT_S CMD...
 step tests 40 "$PY" -m pytest -q -m gpu --tb=line -rfEs -p no:cacheprovider tests/l2 -k "not ofa_graph"
 G=("$PY" -m gpulab --device cuda --out "$OUT" l2 run)
 # the weight-shared workload of the goal: 8 nested-FFN layers of width 1024 (128 MiB of fp16 weights, past the L2),
-# a stream of 8 Mix'n'Match subnets at decode batch 8; the window holds the bands that every subnet reads
+# a stream of 8 Mix'n'Match subnets at decode batch 8; the window holds the most-read bands (16 MiB that every
+# subnet reads, then the next most-read)
 MF=(--workload matformer --width 1024 --layers 8 --batch 8 --subnets 8 --pollute-mib 128 --graph)
 step matf 20 "${G[@]}" "${MF[@]}" --policy all --reps 32 --rounds 3
 # the same on cuBLAS GEMMs (the Triton GEMVs read weights at 6% of the copy rate on an H200, 2026-11-29)

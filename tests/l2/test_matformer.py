@@ -99,3 +99,16 @@ def test_validation():
     s = sample_configs(50, 4, seed=3)
     assert s == sample_configs(50, 4, seed=3) and len(set(s)) > 40
     assert {g for c in s for g in c.granularity} == set(range(len(GRANULARITIES)))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "cublas"])
+def test_a_run_rewrites_every_buffer_it_reads(net, impl):
+    """meta["buffers"] (what PolicyRunner.outputs sets to NaN before a checked run): the buffers of the request's steps,
+    none of which a run reads before it writes it, so NaN left there by the check never reaches the output."""
+    for req in net.requests(impl):
+        want = run_layers(req.x, req.layers).clone()
+        bufs = req.meta["buffers"]
+        assert len(bufs) == 2 * net.n_layers
+        for t in bufs:
+            t.fill_(float("nan"))
+        assert torch.equal(run_layers(req.x, req.layers), want)

@@ -290,3 +290,37 @@ def test_weight_rate_of_each_row_is_the_stream_mean_over_its_median():
             {"policy": "auto", "median_ms": None}]
     add_weight_rates(rows, 4e6)
     assert rows[0]["weight_gbps"] == 2.0 and rows[1]["weight_gbps"] == 4.0 and "weight_gbps" not in rows[2]
+
+
+def test_policy_outputs_are_checked_from_buffers_their_own_run_wrote():
+    """The matformer's requests run into buffers of their own, shared by every policy's run (and filled by the eager
+    warm-ups before a graph is captured): a policy's checked output must come from its own run, not from what an
+    earlier run left there, or `{policy}_same_output_as_default` (and `kernels_vs_reference`) could not fail."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from gpulab.l2.matformer import MatConfig, MatFormerSupernet
+    from gpulab.l2.models import run_layers
+
+    m = MatFormerSupernet(16, 2, [MatConfig((1, 2)), MatConfig.largest(2)], 2, torch.float32, "cpu")
+    r = PolicyRunner.__new__(PolicyRunner)
+    r.cfg = RunConfig(workload="matformer", width=16, layers=2, batch=2, subnets=2)
+    r.requests = m.requests("torch")
+    r.main = None
+    r.installed = lambda policy: contextlib.nullcontext()
+    r.torch = SimpleNamespace(cuda=SimpleNamespace(stream=lambda s: contextlib.nullcontext(), synchronize=lambda: None))
+    ran = {}
+
+    def infer(i, policy):  # 'broken' launches nothing (a replay that ran no kernel): its output is the last run's
+        if policy == "broken":
+            return ran[i]
+        ran[i] = run_layers(r.requests[i].x, r.requests[i].layers)
+        return ran[i]
+
+    r.infer = infer
+    good = r.outputs("default")
+    assert all(bool(torch.isfinite(y).all()) for y in good)
+    again = r.outputs("default")
+    assert all(torch.equal(a, b) for a, b in zip(again, good))
+    broken = r.outputs("broken")
+    assert not any(torch.equal(a, b) for a, b in zip(broken, good))
