@@ -1,6 +1,12 @@
 """Errors that the CLI reports as one line (no traceback unless --debug)."""
 
 
+def series(items, conj: str = "or") -> str:
+    """``a, b or c`` (``conj``: "or" or "and") for a message naming choices or options; one item alone as it is."""
+    *first, last = [str(i) for i in items]
+    return f"{', '.join(first)} {conj} {last}" if first else last
+
+
 class GpulabError(Exception):
     """A known failure: bad input, a missing tool, no GPU where one is needed.
 

@@ -95,12 +95,12 @@ def report(
     from rich.console import Console
 
     from gpulab.core import options, results
-    from gpulab.core.errors import InputError
+    from gpulab.core.errors import InputError, series
 
     if folder is None:  # where this call's results go (--out, GPULAB_OUT; in `gpulab run`, the run's --out)
         folder = options.get().out
     if format not in FORMATS:
-        raise InputError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {format!r}")
+        raise InputError(f"--format must be {series(FORMATS)}, got {format!r}")
     if not folder.exists():
         raise InputError(f"no such folder or file: {folder}")
     files = [folder] if folder.is_file() else sorted(folder.rglob("*.yaml"))

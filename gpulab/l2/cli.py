@@ -21,7 +21,7 @@ def _check_options_apply(ctx: typer.Context, workload: str, policy: str) -> None
     """An option given for another workload, or for policies that are not run, would be ignored (and recorded
     in the config as if it had been used): a one-line error instead."""
     from gpulab.core.clickcompat import given_options
-    from gpulab.core.errors import InputError
+    from gpulab.core.errors import InputError, series
     from gpulab.l2 import policy as P
     from gpulab.l2.bench import POLICY_OPTIONS, WORKLOAD_OPTIONS, WORKLOADS, option_applies
 
@@ -32,9 +32,7 @@ def _check_options_apply(ctx: typer.Context, workload: str, policy: str) -> None
         flag = "--" + name.replace("_", "-")
         if not option_applies(name, workload, policies) and given_options(ctx, {name: flag}):
             if name in WORKLOAD_OPTIONS:
-                *first, last = WORKLOAD_OPTIONS[name]
-                names = f"{', '.join(first)} or {last}" if first else last
-                raise InputError(f"{flag} applies to --workload {names}, not {workload}")
+                raise InputError(f"{flag} applies to --workload {series(WORKLOAD_OPTIONS[name])}, not {workload}")
             raise InputError(f"{flag} applies to the policies that {POLICY_OPTIONS[name]} (not to "
                              f"{', '.join(policies)})")
 

@@ -258,6 +258,12 @@ class QuantWeight:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
 
+def _check_scale_dtype(reader: CheckpointReader, name: str) -> None:
+    """A weight or input scale stored as an integer (or FP8) type: a one-line error naming the tensor."""
+    if (dt := reader.dtype_name(name)) not in SCALE_NAMES:
+        raise InputError(f"tensor {name!r}: scales must be floating point ({', '.join(SCALE_NAMES)}), got {dt}")
+
+
 def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | None, device, dense_dtype: torch.dtype):
     """Read ``module.weight`` (+ scales) -> a dense tensor in ``dense_dtype`` or a :class:`QuantWeight`."""
     wname = f"{module}.weight"
@@ -302,9 +308,7 @@ def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | Non
     if not ok:
         raise InputError(f"tensor {sname!r}: shape {list(sshape)} does not fit {strategy} scales for weight "
                          f"[{n}, {k}] (expected {want})")
-    sdt = reader.dtype_name(sname)
-    if sdt not in SCALE_NAMES:
-        raise InputError(f"tensor {sname!r}: scales must be floating point ({', '.join(SCALE_NAMES)}), got {sdt}")
+    _check_scale_dtype(reader, sname)
     scale = reader.get(sname, device).float()
     scale = scale.reshape(()) if strategy == "tensor" else scale.reshape(n) if strategy == "channel" else scale
     if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
@@ -316,9 +320,7 @@ def read_linear(reader: CheckpointReader, module: str, scheme: QuantScheme | Non
             raise InputError(f"tensor {iname!r} is missing (static activation scales were declared)")
         if math.prod(reader.shape(iname) or (1,)) != 1:
             raise InputError(f"tensor {iname!r}: expected one per-tensor scale, got shape {list(reader.shape(iname))}")
-        if reader.dtype_name(iname) not in SCALE_NAMES:
-            raise InputError(f"tensor {iname!r}: scales must be floating point ({', '.join(SCALE_NAMES)}), got "
-                             f"{reader.dtype_name(iname)}")
+        _check_scale_dtype(reader, iname)
         input_scale = reader.get(iname, device).float().reshape(())
         if not (bool(torch.isfinite(input_scale)) and float(input_scale) > 0):  # 0 would turn x / 0 into NaN
             raise InputError(f"tensor {iname!r}: the input scale must be finite and > 0, got {float(input_scale)}")

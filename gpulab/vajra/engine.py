@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence as Seq
 
-from gpulab.core.errors import InputError
+from gpulab.core.errors import InputError, series
 from gpulab.vajra.block_manager import NULL_BLOCK, BlockManager, num_blocks_for_memory
 from gpulab.vajra.cuda_graphs import DecodeGraphRunner
 from gpulab.vajra.detokenizer import IncrementalDetokenizer, Tokenizer
@@ -659,8 +659,7 @@ def load_engine(model_dir: Path | str, *, device: str, config: EngineConfig, loa
     from gpulab.vajra.attention import ATTENTION_BACKENDS
 
     if attention_backend not in ATTENTION_BACKENDS:
-        raise InputError(f"--attention-backend must be {', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}, "
-                         f"got {attention_backend!r}")
+        raise InputError(f"--attention-backend must be {series(ATTENTION_BACKENDS)}, got {attention_backend!r}")
     from gpulab.vajra.linear import check_backend_option
 
     check_backend_option(linear_backend)

@@ -70,7 +70,7 @@ def bench(
     import torch.nn.functional as F
 
     from gpulab.core import ceilings, results
-    from gpulab.core.errors import InputError
+    from gpulab.core.errors import InputError, series
     from gpulab.vajra import reference as R
     from gpulab.vajra.linear import W8A16_MAX_M, scaled_mm, w8a8_unavailable
 
@@ -91,10 +91,9 @@ def bench(
     backends = [b.strip() for b in attention.split(",") if b.strip()]
     if any(b not in ("triton", "flashinfer") for b in backends):
         raise InputError(f"--attention takes triton and/or flashinfer, got {attention!r}")
-    if not (gemms or attn_kernels or decode):  # the record would hold no measurement
-        raise InputError("--no-gemms, --no-attn-kernels and --no-decode leave nothing to measure")
     # what this machine skips with a note: the attention kernels without a GPU or the interpreter, the decode step
-    # without a GPU or at --size small; with the GEMMs off as well, the record would measure nothing
+    # without a GPU or at --size small; with the GEMMs off as well (or everything off), the record would measure
+    # nothing
     attn_runs = attn_kernels
     if attn_kernels and dev != "cuda":  # (triton is imported where the attention kernels would import it)
         from gpulab.vajra.fp8_kernels import interpreted
@@ -106,8 +105,8 @@ def bench(
                                     ("the decode step needs a GPU and --size full", decode)) if skipped]
         off = [f for f, on in (("--no-gemms", gemms), ("--no-attn-kernels", attn_kernels), ("--no-decode", decode))
                if not on]
-        raise InputError(f"{' and '.join(off)} leave{'s' if len(off) == 1 else ''} nothing to measure here: "
-                         f"{'; '.join(why)}")
+        raise InputError(f"{series(off, 'and')} leave{'s' if len(off) == 1 else ''} nothing to measure"
+                         + (f" here: {'; '.join(why)}" if why else ""))
     from gpulab.core.clickcompat import refuse_unused
 
     # given for a part that is off, they would be ignored

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from gpulab.core.errors import DeviceError, InputError
+from gpulab.core.errors import DeviceError, InputError, series
 from gpulab.vajra import reference as ref
 from gpulab.vajra.checkpoint import QuantWeight
 
@@ -35,8 +35,7 @@ LINEAR_BACKENDS = ("auto", "dequant", "w8a8", "w8a16", "dequant-jit")
 def check_backend_option(name: str) -> None:
     """--linear-backend NAME: a one-line InputError unless it is one of LINEAR_BACKENDS."""
     if name not in LINEAR_BACKENDS:
-        raise InputError(f"--linear-backend must be {', '.join(LINEAR_BACKENDS[:-1])} or {LINEAR_BACKENDS[-1]}, "
-                         f"got {name!r}")
+        raise InputError(f"--linear-backend must be {series(LINEAR_BACKENDS)}, got {name!r}")
 W8A16_MAX_M = 64
 
 

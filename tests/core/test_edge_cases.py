@@ -183,3 +183,11 @@ def test_describe_gpu_and_cpu():
     assert describe({"backend": "cuda", "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}}) == \
         "NVIDIA H100 (sm_90)"
     assert describe({"backend": "cpu", "cpu": {"model": "Xeon", "usable_cores": 2}}) == "CPU: Xeon x2"
+
+
+def test_series_names_choices_as_a_sentence_does():
+    from gpulab.core.errors import series
+
+    assert series(("table", "markdown", "csv", "json")) == "table, markdown, csv or json"
+    assert series(["--no-gemms", "--no-decode"], "and") == "--no-gemms and --no-decode"
+    assert series(["mlp"]) == "mlp"
